@@ -1,0 +1,93 @@
+"""The appliance's one configuration file (/etc/cube/appliance.toml) with env overrides.
+
+Every key can be overridden by an environment variable `CUBE_<KEY>` (upper case),
+which is how tests and the installer point a service at private directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG_PATH = Path("/etc/cube/appliance.toml")
+
+
+@dataclass(frozen=True)
+class Config:
+    # Where things live.
+    state_dir: Path = Path("/var/lib/cube")  # SQLite store, templates, CA, per-sandbox dirs
+    cache_dir: Path = Path("/var/cache/cube")  # kernels, base images, layer cache (rebuildable)
+    run_dir: Path = Path("/run/cube")  # sockets, pid file
+
+    # Control plane and sandbox router.
+    api_host: str = "127.0.0.1"
+    api_port: int = 3000
+    tls_port: int = 3443  # Host-routed `<port>-<id>.<domain>` traffic, appliance CA
+    domain: str = "cube.local"
+    # Any non-empty API key is accepted. Only allowed while api_host is loopback.
+    local_dev: bool = False
+
+    # Sandboxes.
+    runtime: str = "auto"  # auto | uml | kvm
+    default_template: str = "code-interpreter"
+    default_timeout_s: int = 300
+    pool_size: int = -1  # warm instances per template; -1 = sized to memory
+    memory_budget_mb: int = -1  # memory all sandboxes may use; -1 = 75 % of MemTotal
+    uml_kernel: Path | None = None  # None = built kernel from cache_dir, else Debian's linux.uml
+    kvm_guest_kernel: Path | None = None
+    uid_base: int = 200000  # sandbox N runs as uid_base + slot
+
+    # Network (CubeVS).
+    host_network: str = "10.213.0.0/16"  # one /30 per sandbox slot for the host<->netns veth
+    allow_unenforced_network: bool = False  # start sandboxes even when eBPF cannot be loaded
+
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "cube.db"
+
+    @property
+    def templates_dir(self) -> Path:
+        return self.state_dir / "templates"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.state_dir / "sandboxes"
+
+
+def _coerce(value: str, annotation: str) -> object:
+    if "bool" in annotation:
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    if "int" in annotation:
+        return int(value)
+    if "Path" in annotation:
+        return Path(value) if value else None
+    return value
+
+
+def load_config(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read the TOML file (if present), then apply `CUBE_*` environment overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    path = path or Path(environ.get("CUBE_CONFIG", DEFAULT_CONFIG_PATH))
+    raw: dict[str, object] = {}
+    if path.exists():
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    values: dict[str, object] = {}
+    extra: dict[str, str] = {}
+    fields = {f.name: str(f.type) for f in dataclasses.fields(Config)}
+    for key, value in raw.items():
+        if key in fields and key != "extra":
+            values[key] = _coerce(str(value), fields[key]) if not isinstance(value, bool | int) else value
+        else:
+            extra[key] = str(value)
+    for name, annotation in fields.items():
+        env_value = environ.get(f"CUBE_{name.upper()}")
+        if env_value is not None and name != "extra":
+            values[name] = _coerce(env_value, annotation)
+    values["extra"] = extra
+    return Config(**values)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Templates: the root filesystem image and the metadata a sandbox is started from."""
