@@ -1,0 +1,1 @@
+"""`cube bench …`: measured reports. Each scenario module exposes a click command."""
