@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The test command: installs and starts everything the tests need, runs the
+# test suite, then the user's examples (shared/acceptance) against the running
+# appliance with the unmodified E2B SDK, and stops what it started.
+#
+#   bash tests/run.sh              everything
+#   bash tests/run.sh -k proxy     extra arguments go to pytest
+set -uo pipefail
+
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV=/opt/cube/venv
+cd "$SRC"
+
+bash installer/install.sh --dev || { echo "tests/run.sh: install failed" >&2; exit 1; }
+
+status=0
+"$VENV/bin/ruff" check appliance cffi_kvm tests image || status=1
+
+# The service the installer started is what the acceptance examples and the
+# e2e tests talk to.
+export CUBE_API_URL=http://127.0.0.1:3000
+export CUBE_API_KEY_FILE=/var/lib/cube/default-api-key
+
+"$VENV/bin/pytest" -p no:cacheprovider -q "$@" tests
+rc=$?
+# 5 = no tests collected (e.g. a -k that matched nothing): not a failure of the code.
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then status=1; fi
+
+ACCEPTANCE="$SRC/../shared/acceptance/seed_examples.py"
+if [ -f "$ACCEPTANCE" ] && [ "$#" -eq 0 ]; then
+  echo "== user examples (shared/acceptance) against http://127.0.0.1:3000"
+  E2B_API_URL=http://127.0.0.1:3000 E2B_SANDBOX_URL=http://127.0.0.1:3000 \
+    E2B_API_KEY="$(cat "$CUBE_API_KEY_FILE")" CUBE_TEMPLATE_ID=code-interpreter \
+    "$VENV/bin/python" "$ACCEPTANCE" || status=1
+fi
+
+# Leave nothing running: the installer's service is stopped again.
+if [ -f /run/cube/cube.pid ]; then
+  pid=$(cat /run/cube/cube.pid)
+  kill -TERM "$pid" 2>/dev/null
+  for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+fi
+exit $status
