@@ -1,0 +1,323 @@
+"""The `cube` (and `cubemastercli`) command line.
+
+Talks to the running service over HTTP (URL from config); credentials are the
+local admin token in the state dir, or `--api-key` / CUBE_API_KEY. Tables for
+people, `--json` for scripts. Other modules register their commands on the
+groups below (`tpl.add_command`, `bench.add_command`, `main.add_command`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from appliance.api.client import ApiClient
+from appliance.bench.api import api_bench
+from appliance.config import load_config
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    cells = [[str(row.get(c) if row.get(c) is not None else "") for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+
+
+def emit(data: Any, as_json: bool, columns: Sequence[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif isinstance(data, list):
+        print_table(data, columns)
+    else:
+        for key, value in data.items():
+            if not isinstance(value, list | dict):
+                click.echo(f"{key}: {value}")
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+api_key_option = click.option(
+    "--api-key", envvar="CUBE_API_KEY", default=None, help="API key (default: admin token)."
+)
+
+
+@click.group()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    envvar="CUBE_CONFIG",
+    default=None,
+    help="Config file (default /etc/cube/appliance.toml).",
+)
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """Cube appliance: self-hosted, E2B-compatible sandboxes."""
+    ctx.obj = load_config(config_path)
+
+
+@main.command()
+@click.pass_obj
+def serve(config: Any) -> None:
+    """Run the appliance: API, sandbox router, state store and cubelet."""
+    from appliance.cubelet.runtimes import RuntimeUnavailable
+    from appliance.master.service import serve_until_signalled
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        trio.run(serve_until_signalled, config)
+    except BaseExceptionGroup as group:
+        matching, _ = group.split(RuntimeUnavailable)
+        if matching is None:
+            raise
+        cause: BaseException = matching
+        while isinstance(cause, BaseExceptionGroup):
+            cause = cause.exceptions[0]
+        raise click.ClickException(str(cause)) from group
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def doctor(config: Any, as_json: bool) -> None:
+    """What this host supports, and which runtime sandboxes get and why."""
+    from appliance.cubelet.doctor import diagnose
+
+    diagnosis = diagnose(config)
+    if as_json:
+        click.echo(json.dumps(diagnosis.as_dict(), indent=2))
+    else:
+        rows = [
+            {"check": c.name, "ok": "yes" if c.ok else "NO", "detail": c.detail} for c in diagnosis.checks
+        ]
+        print_table(rows, ["check", "ok", "detail"])
+        click.echo(f"\nruntime: {diagnosis.runtime or 'none'} ({diagnosis.reason})")
+    if diagnosis.runtime is None:
+        raise SystemExit(1)
+
+
+# Sandboxes.
+
+
+@main.group()
+def sandbox() -> None:
+    """Inspect and kill sandboxes."""
+
+
+SANDBOX_COLUMNS = ["sandboxID", "templateID", "state", "startedAt", "endAt", "endReason"]
+
+
+@sandbox.command("list")
+@click.option("--all", "show_all", is_flag=True, help="Include sandboxes that have ended.")
+@json_option
+@api_key_option
+@click.pass_obj
+def sandbox_list(config: Any, show_all: bool, as_json: bool, api_key: str | None) -> None:
+    """Running and paused sandboxes (with --all, also ended ones and why)."""
+    params = {"all": "1"} if show_all else {}
+    rows = ApiClient.from_config(config, api_key).json("GET", "/cube/sandboxes", params=params)
+    emit(rows, as_json, SANDBOX_COLUMNS if show_all else SANDBOX_COLUMNS[:5])
+
+
+def _sandbox_id_argument(sandbox_id_option: str | None, sandbox_id_argument: str | None) -> str:
+    sandbox_id = sandbox_id_option or sandbox_id_argument
+    if not sandbox_id:
+        raise click.UsageError("give the sandbox id (--sandbox-id ID)")
+    return sandbox_id
+
+
+@sandbox.command("kill")
+@click.option("--sandbox-id", "sandbox_id_option", default=None)
+@click.argument("sandbox_id_argument", required=False)
+@api_key_option
+@click.pass_obj
+def sandbox_kill(
+    config: Any, sandbox_id_option: str | None, sandbox_id_argument: str | None, api_key: str | None
+) -> None:
+    """Kill a sandbox."""
+    sandbox_id = _sandbox_id_argument(sandbox_id_option, sandbox_id_argument)
+    ApiClient.from_config(config, api_key).call("DELETE", f"/sandboxes/{sandbox_id}")
+    click.echo(f"killed {sandbox_id}")
+
+
+@sandbox.command("info")
+@click.option("--sandbox-id", "sandbox_id_option", default=None)
+@click.argument("sandbox_id_argument", required=False)
+@json_option
+@api_key_option
+@click.pass_obj
+def sandbox_info(
+    config: Any,
+    sandbox_id_option: str | None,
+    sandbox_id_argument: str | None,
+    as_json: bool,
+    api_key: str | None,
+) -> None:
+    """A sandbox's record and its events (also for sandboxes that have ended)."""
+    sandbox_id = _sandbox_id_argument(sandbox_id_option, sandbox_id_argument)
+    info = ApiClient.from_config(config, api_key).json("GET", f"/cube/sandboxes/{sandbox_id}")
+    emit(info, as_json, [])
+    if not as_json:
+        click.echo("events:")
+        for event in info["events"]:
+            click.echo(f"  {event['at']}  {event['kind']:<8} {event['message']}")
+
+
+@sandbox.command("logs")
+@click.option("--sandbox-id", "sandbox_id_option", default=None)
+@click.argument("sandbox_id_argument", required=False)
+@click.option("--limit", default=1000, show_default=True)
+@json_option
+@api_key_option
+@click.pass_obj
+def sandbox_logs(
+    config: Any,
+    sandbox_id_option: str | None,
+    sandbox_id_argument: str | None,
+    limit: int,
+    as_json: bool,
+    api_key: str | None,
+) -> None:
+    """The sandbox's console output."""
+    sandbox_id = _sandbox_id_argument(sandbox_id_option, sandbox_id_argument)
+    logs = ApiClient.from_config(config, api_key).json(
+        "GET", f"/v2/sandboxes/{sandbox_id}/logs", params={"limit": limit}
+    )
+    if as_json:
+        click.echo(json.dumps(logs, indent=2))
+    else:
+        for entry in logs["logs"]:
+            click.echo(entry["message"])
+
+
+# Templates (build verbs are added by appliance.templates).
+
+
+@main.group()
+def tpl() -> None:
+    """List, inspect and delete templates."""
+
+
+TEMPLATE_COLUMNS = [
+    "templateID",
+    "aliases",
+    "cpuCount",
+    "memoryMB",
+    "runningSandboxes",
+    "warmInstances",
+    "createdAt",
+]
+
+
+@tpl.command("list")
+@json_option
+@api_key_option
+@click.pass_obj
+def tpl_list(config: Any, as_json: bool, api_key: str | None) -> None:
+    """Templates this appliance can start sandboxes from."""
+    rows = ApiClient.from_config(config, api_key).json("GET", "/templates")
+    if not as_json:
+        for row in rows:
+            row["aliases"] = ",".join(row["aliases"])
+    emit(rows, as_json, TEMPLATE_COLUMNS)
+
+
+@tpl.command("info")
+@click.option("--template-id", required=True)
+@json_option
+@api_key_option
+@click.pass_obj
+def tpl_info(config: Any, template_id: str, as_json: bool, api_key: str | None) -> None:
+    """One template."""
+    emit(ApiClient.from_config(config, api_key).json("GET", f"/templates/{template_id}"), as_json, [])
+
+
+@tpl.command("delete")
+@click.option("--template-id", required=True)
+@click.option("--force", is_flag=True, help="Kill the template's sandboxes first.")
+@api_key_option
+@click.pass_obj
+def tpl_delete(config: Any, template_id: str, force: bool, api_key: str | None) -> None:
+    """Delete a template (refused while sandboxes run, unless --force)."""
+    params = {"force": "true"} if force else {}
+    ApiClient.from_config(config, api_key).call("DELETE", f"/templates/{template_id}", params=params)
+    click.echo(f"deleted {template_id}")
+
+
+# API keys.
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys (needs the admin token)."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what the key is for.")
+@json_option
+@click.pass_obj
+def keys_create(config: Any, name: str, as_json: bool) -> None:
+    """Create a key; it is shown once."""
+    created = ApiClient.from_config(config).json("POST", "/cube/keys", json={"name": name})
+    if as_json:
+        click.echo(json.dumps(created, indent=2))
+    else:
+        click.echo(f"id {created['id']} ({created['name']})\n{created['key']}")
+
+
+@keys.command("list")
+@json_option
+@click.pass_obj
+def keys_list(config: Any, as_json: bool) -> None:
+    """Keys (never their secrets)."""
+    rows = ApiClient.from_config(config).json("GET", "/cube/keys")
+    emit(rows, as_json, ["id", "name", "prefix", "createdAt", "lastUsedAt", "revokedAt"])
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.pass_obj
+def keys_revoke(config: Any, key_id: str) -> None:
+    """Revoke a key by id."""
+    ApiClient.from_config(config).call("DELETE", f"/cube/keys/{key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+# CA.
+
+
+@main.group()
+def ca() -> None:
+    """The appliance's certificate authority."""
+
+
+@ca.command("path")
+@click.pass_obj
+def ca_path(config: Any) -> None:
+    """Print the CA certificate file (for SSL_CERT_FILE, appended to the system bundle)."""
+    from appliance.proxy.tls import ca_cert_path
+
+    path = ca_cert_path(config.state_dir)
+    if not path.exists():
+        raise click.ClickException(f"{path} does not exist yet; `cube serve` creates it on first start")
+    click.echo(str(path))
+
+
+# Benchmarks (other modules add theirs with bench.add_command).
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks; tables for people, --json-dir for the record."""
+
+
+bench.add_command(api_bench)

@@ -1,0 +1,582 @@
+"""The per-node agent: sandbox lifecycle, warm pools, timeouts, health, metrics.
+
+Every guest is a task in the cubelet's nursery (`_sandbox_task`), owning a
+lifetime `CancelScope` (cancel = kill) and, inside it, a deadline scope whose
+deadline is the E2B timeout (`set_timeout` moves it). The runtime's `run()` is a
+child of that task, so cancelling the lifetime tears the guest down.
+
+Warm pools hold booted instances per template that no one has claimed yet: the
+same task, with no deadline. Claiming one flips it to a sandbox, sets its
+deadline and sends the user's env vars, access token and clock to the guest
+agent's `/init`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+import trio
+
+from appliance.config import Config
+from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxRecord, Store
+from appliance.runtime.base import ENVD_PORT, BootSpec, GuestExited, Instance, Runtime
+from appliance.templates.manifest import TemplateManifest
+
+log = logging.getLogger(__name__)
+
+ENVD_VERSION = "0.6.4"
+POOLED = "pooled"
+HEALTH_INTERVAL_S = 5.0
+HEALTH_TIMEOUT_S = 2.0
+HEALTH_FAILURES_BEFORE_KILL = 3
+INIT_TIMEOUT_S = 10.0
+POOL_RETRY_DELAY_S = 5.0
+AUTO_POOL_CAP = 4  # pool_size = -1 sizes pools to memory, but never above this per template
+
+
+class SandboxNotFound(Exception):
+    def __init__(self, sandbox_id: str) -> None:
+        super().__init__(f"sandbox {sandbox_id} not found")
+        self.sandbox_id = sandbox_id
+
+
+class SandboxStartFailed(Exception):
+    """Booting or initialising a guest failed; the message is for the user."""
+
+
+class NetworkPolicyService(Protocol):
+    """What the cubelet needs from CubeVS to change a running sandbox's policy.
+
+    `policy` is an E2B body (`PUT /sandboxes/{id}/network`, or the create body's
+    `allow_internet_access` + `network`); a policy it refuses raises ValueError.
+    """
+
+    async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None: ...
+
+
+@dataclass(frozen=True)
+class SandboxRequest:
+    template: TemplateManifest
+    alias: str | None
+    timeout_s: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    on_timeout: str = "kill"
+    auto_resume: bool = False
+    allow_internet_access: bool = True
+    network: dict[str, object] = field(default_factory=dict)
+
+    def network_policy(self) -> dict[str, object]:
+        """The policy handed to CubeVS, in the create-body shape `NetworkPolicy.from_e2b` reads:
+        template defaults, overridden by the request's own settings."""
+        return {
+            "allow_internet_access": self.allow_internet_access,
+            "network": {**self.template.network_defaults, **self.network},
+        }
+
+
+@dataclass
+class LiveSandbox:
+    """A guest this node runs: pooled (unclaimed), running or paused."""
+
+    sandbox_id: str
+    template: TemplateManifest
+    slot: int
+    spec: BootSpec
+    state: str = POOLED
+    instance: Instance | None = None
+    record: SandboxRecord | None = None
+    lifetime: trio.CancelScope = field(default_factory=trio.CancelScope)
+    deadline: float = math.inf  # trio clock
+    deadline_scope: trio.CancelScope | None = None
+    end_reason: str = "killed"
+    health_failures: int = 0
+    gone: trio.Event = field(default_factory=trio.Event)
+
+    def set_deadline(self, deadline: float) -> None:
+        self.deadline = deadline
+        if self.deadline_scope is not None:
+            self.deadline_scope.deadline = deadline
+
+
+def rfc3339(unix_s: float) -> str:
+    return dt.datetime.fromtimestamp(unix_s, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def trio_deadline_for(end_at_unix: float) -> float:
+    return trio.current_time() + (end_at_unix - time.time())
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The first real error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def memory_budget_mb(config: Config) -> int:
+    if config.memory_budget_mb >= 0:
+        return config.memory_budget_mb
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 3 // 4 // 1024
+    return 0
+
+
+class Cubelet:
+    def __init__(
+        self,
+        config: Config,
+        runtime: Runtime,
+        store: Store,
+        network: NetworkPolicyService | None = None,
+        templates: Callable[[], dict[str, TemplateManifest]] | None = None,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.store = store
+        self.network = network
+        self._templates = templates or (lambda: {t.template_id: t for t in store.list_templates()})
+        self._live: dict[str, LiveSandbox] = {}
+        self._pools: dict[str, deque[LiveSandbox]] = {}
+        self._slots: set[int] = set()
+        self._pool_wakeup = trio.Event()
+        # Boots are CPU-bound (a kernel starting): more at once than cores only makes each slower.
+        self._boot_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self._nursery: trio.Nursery | None = None
+        self._guest_http = httpx.AsyncClient(timeout=httpx.Timeout(INIT_TIMEOUT_S), trust_env=False)
+        self.memory_budget_mb = memory_budget_mb(config)
+
+    # Service task.
+
+    async def run(self, *, task_status: trio.TaskStatus[Cubelet] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._pool_keeper)
+                nursery.start_soon(self._health_prober)
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self._guest_http.aclose()
+
+    async def shutdown(self, reason: str) -> None:
+        """Kill every guest (recording `reason`) and wait until they are gone."""
+        lives = list(self._live.values())
+        for live in lives:
+            live.end_reason = reason
+            live.lifetime.cancel()
+        for live in lives:
+            await live.gone.wait()
+
+    # Queries.
+
+    def live(self, sandbox_id: str) -> LiveSandbox | None:
+        live = self._live.get(sandbox_id)
+        return live if live is not None and live.state != POOLED else None
+
+    def pooled_count(self, template_id: str) -> int:
+        return len(self._pools.get(template_id, ()))
+
+    def live_count(self, template_id: str) -> int:
+        return sum(
+            1 for live in self._live.values() if live.template.template_id == template_id and live.record
+        )
+
+    def memory_committed_mb(self) -> int:
+        return sum(live.template.memory_mb for live in self._live.values())
+
+    def require(self, sandbox_id: str) -> LiveSandbox:
+        live = self.live(sandbox_id)
+        if live is None or live.record is None:
+            raise SandboxNotFound(sandbox_id)
+        return live
+
+    # Lifecycle.
+
+    async def create(self, request: SandboxRequest) -> SandboxRecord:
+        template = request.template
+        live = self._claim_pooled(template.template_id)
+        if live is not None:
+            try:
+                await self._activate_or_discard(live, request, source="warm pool")
+                return self._record_of(live)
+            except SandboxStartFailed as exc:
+                log.warning("warm instance %s failed to initialise (%s); booting cold", live.sandbox_id, exc)
+        live = await self._boot(template, request.network_policy())
+        await self._activate_or_discard(live, request, source="cold boot")
+        return self._record_of(live)
+
+    async def _activate_or_discard(self, live: LiveSandbox, request: SandboxRequest, *, source: str) -> None:
+        """Turn a booted guest into the user's sandbox; if that fails or is cancelled, the guest is killed."""
+        try:
+            await self._activate(live, request, source=source)
+        except BaseException:
+            live.end_reason = f"initialisation after {source} failed"
+            live.lifetime.cancel()
+            raise
+
+    @asynccontextmanager
+    async def temporary_guest(self, template: TemplateManifest) -> AsyncIterator[Instance]:
+        """A guest booted from `template` for the caller's own use (template build probes); never a
+        sandbox, never pooled; killed when the context exits. Raises SandboxStartFailed."""
+        live = await self._boot(
+            template, {"allow_internet_access": True, "network": dict(template.network_defaults)}
+        )
+        try:
+            assert live.instance is not None
+            yield live.instance
+        finally:
+            live.end_reason = "temporary guest released"
+            live.lifetime.cancel()
+            with trio.CancelScope(shield=True):
+                await live.gone.wait()
+
+    async def kill(self, sandbox_id: str, reason: str = "killed") -> bool:
+        live = self.live(sandbox_id)
+        if live is None:
+            return False
+        live.end_reason = reason
+        live.lifetime.cancel()
+        await live.gone.wait()
+        return True
+
+    def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
+        live = self.require(sandbox_id)
+        record = self._record_of(live)
+        record.end_at = time.time() + timeout_s
+        if live.state == RUNNING:
+            live.set_deadline(trio_deadline_for(record.end_at))
+        self.store.put_sandbox(record)
+        return record
+
+    async def pause(self, sandbox_id: str, reason: str = "paused by request") -> bool:
+        """Freeze the guest. False if it was already paused."""
+        live = self.require(sandbox_id)
+        if live.state == PAUSED:
+            return False
+        assert live.instance is not None
+        await live.instance.pause()
+        live.state = PAUSED
+        live.set_deadline(math.inf)
+        record = self._record_of(live)
+        record.state = PAUSED
+        self.store.put_sandbox(record)
+        self.store.add_event(sandbox_id, "paused", reason)
+        return True
+
+    async def connect(self, sandbox_id: str, timeout_s: int) -> tuple[SandboxRecord, bool]:
+        """Resume a paused sandbox, or extend a running one's timeout (never shorten it).
+
+        Returns the record and whether the sandbox was resumed.
+        """
+        live = self.require(sandbox_id)
+        record = self._record_of(live)
+        resumed = False
+        if live.state == PAUSED:
+            assert live.instance is not None
+            await live.instance.resume()
+            live.state = record.state = RUNNING
+            record.end_at = time.time() + timeout_s
+            self.store.add_event(sandbox_id, "resumed", "resumed by connect")
+            resumed = True
+        else:
+            record.end_at = max(record.end_at, time.time() + timeout_s)
+        live.set_deadline(trio_deadline_for(record.end_at))
+        self.store.put_sandbox(record)
+        return record, resumed
+
+    async def update_network(self, sandbox_id: str, policy: dict[str, object]) -> SandboxRecord:
+        live = self.require(sandbox_id)
+        if self.network is not None:
+            await self.network.update_policy(sandbox_id, policy)
+        record = self._record_of(live)
+        record.network = {k: v for k, v in policy.items() if k != "allowInternetAccess"}
+        if "allowInternetAccess" in policy:
+            record.allow_internet_access = bool(policy["allowInternetAccess"])
+        self.store.put_sandbox(record)
+        self.store.add_event(sandbox_id, "network", "network policy updated")
+        return record
+
+    async def metrics(self, sandbox_id: str) -> dict[str, object]:
+        """One sample in the E2B SandboxMetric shape: host-side memory, envd's view when it answers."""
+        live = self.require(sandbox_id)
+        assert live.instance is not None
+        now = time.time()
+        total = live.template.memory_mb * 1024 * 1024
+        sample: dict[str, object] = {
+            "timestamp": rfc3339(now),
+            "timestampUnix": int(now),
+            "cpuCount": live.template.cpu_count,
+            "cpuUsedPct": 0.0,
+            "memUsed": live.instance.memory_usage_bytes(),
+            "memTotal": total,
+            "memCache": 0,
+            "diskUsed": 0,
+            "diskTotal": live.template.writable_layer_mb * 1024 * 1024,
+        }
+        if live.state == RUNNING:
+            sample.update(await self._envd_metrics(live.instance))
+        return sample
+
+    # Internals.
+
+    def _record_of(self, live: LiveSandbox) -> SandboxRecord:
+        assert live.record is not None
+        return live.record
+
+    def _allocate_slot(self) -> int:
+        slot = 0
+        while slot in self._slots:
+            slot += 1
+        self._slots.add(slot)
+        return slot
+
+    async def _boot(self, template: TemplateManifest, network_policy: dict[str, object]) -> LiveSandbox:
+        assert self._nursery is not None, "cubelet is not running"
+        async with self._boot_limiter:
+            sandbox_id = secrets.token_hex(10)
+            slot = self._allocate_slot()
+            spec = BootSpec(
+                sandbox_id=sandbox_id,
+                template=template,
+                slot=slot,
+                sandbox_dir=self.config.sandboxes_dir / sandbox_id,
+                memory_mb=template.memory_mb,
+                cpu_count=template.cpu_count,
+                network_policy=network_policy,
+            )
+            live = LiveSandbox(sandbox_id=sandbox_id, template=template, slot=slot, spec=spec)
+            self._live[sandbox_id] = live
+            try:
+                # From here on `_sandbox_task` owns `live` and forgets it however it ends.
+                await self._nursery.start(self._sandbox_task, live)
+            except Exception as exc:  # BootFailed, GuestExited or anything the runtime raised while booting
+                cause = _innermost(exc)
+                log.warning("boot of %s failed: %r", sandbox_id, cause)
+                if isinstance(cause, GuestExited):
+                    raise SandboxStartFailed(f"guest exited while booting: {cause.reason}") from exc
+                raise SandboxStartFailed(str(cause)) from exc
+        return live
+
+    async def _sandbox_task(self, live: LiveSandbox, *, task_status: trio.TaskStatus[LiveSandbox]) -> None:
+        try:
+            with live.lifetime:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        live.instance = await nursery.start(self._guest, live)
+                        task_status.started(live)
+                        await self._watch_deadline(live)
+                except Exception as exc:
+                    if live.instance is None:
+                        raise  # a boot failure: the caller of _boot reports it
+                    # One sandbox's runtime failing must not take the node down: record it, it is dead.
+                    log.exception("sandbox %s failed", live.sandbox_id)
+                    live.end_reason = f"runtime failure: {_innermost(exc)!r}"
+        finally:
+            self._forget(live)
+
+    async def _guest(self, live: LiveSandbox, *, task_status: trio.TaskStatus[Instance]) -> None:
+        try:
+            await self.runtime.run(live.spec, task_status=task_status)
+            live.end_reason = "guest exited"
+        except GuestExited as exc:
+            if live.instance is None:
+                raise
+            live.end_reason = f"guest exited: {exc.reason}"
+        live.lifetime.cancel()
+
+    async def _watch_deadline(self, live: LiveSandbox) -> None:
+        while True:
+            with trio.CancelScope(deadline=live.deadline) as live.deadline_scope:
+                await trio.sleep_forever()
+            live.deadline_scope = None
+            if live.state != RUNNING or live.deadline > trio.current_time():
+                continue  # the deadline moved while the scope was being torn down
+            record = self._record_of(live)
+            if record.on_timeout == "pause":
+                await self.pause(live.sandbox_id, reason="timeout (auto-pause)")
+                continue  # a pause that raised ends the sandbox through _sandbox_task
+            live.end_reason = "timeout"
+            live.lifetime.cancel()
+            return
+
+    def _forget(self, live: LiveSandbox) -> None:
+        self._live.pop(live.sandbox_id, None)
+        self._slots.discard(live.slot)
+        pool = self._pools.get(live.template.template_id)
+        if pool is not None and live in pool:
+            pool.remove(live)
+            self._pool_wakeup.set()
+        if live.record is not None:
+            live.record.state = DEAD
+            live.record.ended_at = time.time()
+            live.record.end_reason = live.end_reason
+            self.store.put_sandbox(live.record)
+            self.store.add_event(live.sandbox_id, "dead", live.end_reason)
+        live.state = DEAD
+        live.gone.set()
+
+    async def _activate(self, live: LiveSandbox, request: SandboxRequest, *, source: str) -> None:
+        now = time.time()
+        live.record = SandboxRecord(
+            sandbox_id=live.sandbox_id,
+            template_id=request.template.template_id,
+            alias=request.alias,
+            client_id=secrets.token_hex(4),
+            state=RUNNING,
+            started_at=now,
+            end_at=now + request.timeout_s,
+            cpu_count=request.template.cpu_count,
+            memory_mb=request.template.memory_mb,
+            disk_size_mb=request.template.writable_layer_mb,
+            envd_access_token=secrets.token_urlsafe(24),
+            metadata=dict(request.metadata),
+            on_timeout=request.on_timeout,
+            auto_resume=request.auto_resume,
+            allow_internet_access=request.allow_internet_access,
+            network=dict(request.network),
+            console_log=str(live.instance.console_log) if live.instance else "",
+        )
+        try:
+            await self._init_guest(live, request, now)
+            if self.network is not None and source == "warm pool":
+                await self.network.update_policy(live.sandbox_id, request.network_policy())
+        except BaseException:
+            live.record = None
+            raise
+        live.state = RUNNING
+        live.set_deadline(trio_deadline_for(live.record.end_at))
+        self.store.put_sandbox(live.record)
+        self.store.add_event(live.sandbox_id, "created", f"{source}, template {request.template.template_id}")
+
+    async def _init_guest(self, live: LiveSandbox, request: SandboxRequest, now: float) -> None:
+        assert live.instance is not None and live.record is not None
+        host, port = live.instance.endpoint(ENVD_PORT)
+        body = {
+            "envVars": {**request.template.envs, **request.env_vars},
+            "accessToken": live.record.envd_access_token,
+            "timestamp": rfc3339(now),
+            "defaultUser": request.template.user,
+            "defaultWorkdir": request.template.workdir,
+        }
+        try:
+            response = await self._guest_http.post(f"http://{host}:{port}/init", json=body)
+        except httpx.HTTPError as exc:
+            raise SandboxStartFailed(f"guest agent /init failed: {exc!r}") from exc
+        if response.status_code >= 300:
+            raise SandboxStartFailed(f"guest agent /init answered {response.status_code}")
+
+    async def _envd_metrics(self, instance: Instance) -> dict[str, object]:
+        host, port = instance.endpoint(ENVD_PORT)
+        try:
+            response = await self._guest_http.get(f"http://{host}:{port}/metrics", timeout=1.0)
+            data = response.json() if response.status_code == 200 else {}
+        except (httpx.HTTPError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        mapping = {
+            "cpu_count": "cpuCount",
+            "cpu_used_pct": "cpuUsedPct",
+            "mem_used": "memUsed",
+            "mem_total": "memTotal",
+            "mem_cache": "memCache",
+            "disk_used": "diskUsed",
+            "disk_total": "diskTotal",
+        }
+        return {
+            ours: data[theirs]
+            for theirs, ours in mapping.items()
+            if isinstance(data.get(theirs), int | float)
+        }
+
+    # Warm pools.
+
+    def _claim_pooled(self, template_id: str) -> LiveSandbox | None:
+        pool = self._pools.get(template_id)
+        if not pool:
+            return None
+        live = pool.popleft()
+        self._pool_wakeup.set()
+        return live
+
+    def pool_target(self, template: TemplateManifest) -> int:
+        if self.config.pool_size >= 0:
+            return self.config.pool_size
+        return min(AUTO_POOL_CAP, self.memory_budget_mb // max(1, template.memory_mb))
+
+    async def _pool_keeper(self) -> None:
+        """Keep each template's pool at its target, within the memory budget; one boot at a time."""
+        while True:
+            self._pool_wakeup = trio.Event()
+            templates = self._templates()
+            for template_id, pool in list(self._pools.items()):
+                if template_id not in templates:
+                    for live in pool:
+                        live.end_reason = "template removed"
+                        live.lifetime.cancel()
+            booted = False
+            for template in templates.values():
+                pool = self._pools.setdefault(template.template_id, deque())
+                fits = self.memory_committed_mb() + template.memory_mb <= self.memory_budget_mb
+                if len(pool) < self.pool_target(template) and fits:
+                    try:
+                        default_policy = {
+                            "allow_internet_access": True,
+                            "network": dict(template.network_defaults),
+                        }
+                        live = await self._boot(template, default_policy)
+                    except SandboxStartFailed as exc:
+                        log.warning("warm pool boot for %s failed: %s", template.template_id, exc)
+                        self.store.add_event("", "pool", f"boot for {template.template_id} failed: {exc}")
+                        await trio.sleep(POOL_RETRY_DELAY_S)
+                        continue
+                    pool.append(live)
+                    booted = True
+            if not booted:
+                with trio.move_on_after(POOL_RETRY_DELAY_S):
+                    await self._pool_wakeup.wait()
+
+    def wake_pools(self) -> None:
+        self._pool_wakeup.set()
+
+    # Health.
+
+    async def _health_prober(self) -> None:
+        while True:
+            await trio.sleep(HEALTH_INTERVAL_S)
+            async with trio.open_nursery() as nursery:
+                for live in list(self._live.values()):
+                    if live.state in (RUNNING, POOLED) and live.instance is not None:
+                        nursery.start_soon(self._probe, live)
+
+    async def _probe(self, live: LiveSandbox) -> None:
+        assert live.instance is not None
+        host, port = live.instance.endpoint(ENVD_PORT)
+        try:
+            response = await self._guest_http.get(f"http://{host}:{port}/health", timeout=HEALTH_TIMEOUT_S)
+            healthy = response.status_code < 300
+        except httpx.HTTPError:
+            healthy = False
+        if healthy or live.state == PAUSED:
+            live.health_failures = 0
+            return
+        live.health_failures += 1
+        if live.health_failures >= HEALTH_FAILURES_BEFORE_KILL:
+            live.end_reason = "guest agent unresponsive"
+            live.lifetime.cancel()

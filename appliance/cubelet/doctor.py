@@ -1,0 +1,106 @@
+"""`cube doctor`: what this host offers sandboxes, and which runtime it gets and why."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from appliance.config import Config
+
+DEBIAN_UML = Path("/usr/bin/linux.uml")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def check_kvm(config: Config) -> tuple[Check, str | None, str]:
+    """(check, the runtime the host detector picks or None if it is unavailable, its reason)."""
+    try:
+        detect_host = importlib.import_module("appliance.runtime.detect").detect_host
+    except (ImportError, AttributeError):
+        exists = Path("/dev/kvm").exists()
+        detail = (
+            "/dev/kvm present (kind unknown: appliance.runtime.detect unavailable)"
+            if exists
+            else "no /dev/kvm"
+        )
+        return Check("kvm", exists, detail), None, ""
+    host = detect_host(config)
+    detail = f"{host.kvm}, /dev/kvm {'usable' if host.kvm_usable else 'not usable'}"
+    if host.kvm == "PVM":
+        detail += f", PVM guest kernel: {host.pvm_guest_kernel or 'not configured'}"
+    return Check("kvm", host.runtime == "kvm", detail), host.runtime, host.reason
+
+
+def check_uml(config: Config) -> Check:
+    candidates = [config.uml_kernel] if config.uml_kernel else []
+    candidates.append(DEBIAN_UML)
+    for candidate in candidates:
+        if candidate is not None and candidate.exists() and os.access(candidate, os.X_OK):
+            return Check("uml", True, str(candidate))
+    return Check("uml", False, "no linux.uml (apt install user-mode-linux)")
+
+
+def check_bcc() -> Check:
+    try:
+        importlib.import_module("bcc")
+    except Exception as exc:  # bcc raises assorted errors when libbcc is missing
+        return Check("bpf (bcc)", False, f"cannot import bcc: {exc} (apt install python3-bpfcc)")
+    return Check("bpf (bcc)", True, "bcc importable")
+
+
+def check_netns() -> Check:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return Check("netns", False, "unshare(1) not found")
+    result = subprocess.run([unshare, "--net", "true"], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return Check("netns", False, f"cannot create a network namespace: {result.stderr.strip()}")
+    return Check("netns", True, "network namespaces usable")
+
+
+def check_headers() -> Check:
+    build = Path("/lib/modules") / platform.release() / "build"
+    if build.exists():
+        return Check("kernel headers", True, f"{build} -> {build.resolve()}")
+    return Check("kernel headers", False, f"{build} missing (bcc cannot compile the network policy)")
+
+
+def check_cgroups() -> Check:
+    controllers = Path("/sys/fs/cgroup/cgroup.controllers")
+    if not controllers.exists():
+        return Check("cgroups v2", False, "no unified cgroup hierarchy at /sys/fs/cgroup")
+    present = controllers.read_text().split()
+    missing = [c for c in ("cpu", "memory") if c not in present]
+    detail = "controllers: " + " ".join(present)
+    return Check("cgroups v2", not missing, detail + (f" (missing {', '.join(missing)})" if missing else ""))
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    checks: list[Check]
+    runtime: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"checks": [asdict(c) for c in self.checks], "runtime": self.runtime, "reason": self.reason}
+
+
+def diagnose(config: Config) -> Diagnosis:
+    kvm, detected_runtime, detected_reason = check_kvm(config)
+    uml = check_uml(config)
+    checks = [kvm, uml, check_bcc(), check_netns(), check_headers(), check_cgroups()]
+    if detected_runtime is not None:
+        return Diagnosis(checks, None if detected_runtime == "none" else detected_runtime, detected_reason)
+    if config.runtime in ("auto", "uml") and uml.ok:
+        return Diagnosis(checks, "uml", "user-mode Linux is available (KVM kind unknown)")
+    return Diagnosis(checks, None, "neither KVM nor user-mode Linux is usable")

@@ -1,0 +1,170 @@
+"""`cube serve`: control plane, sandbox router, state store and local cubelet in one nursery tree.
+
+Start-up: refuse unsafe config, record the pid, open the store and report every
+sandbox the previous run left "running" as dead (guests die with the service:
+they are its children), make sure the admin token and TLS files exist, open the
+runtime, start the cubelet, then Hypercorn with the plain API port and the TLS
+port. Shutdown (SIGTERM/SIGINT or `RunningService.stop`): stop accepting, kill
+every sandbox recording why, tear the runtime down, remove the pid file.
+
+Other modules add control-plane routes through `blueprint_factories`: callables
+that get the `Services` (config, store, cubelet, templates) and return a Quart
+blueprint, served behind the same auth and JSON errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config as HypercornConfig
+from quart import Blueprint
+
+from appliance.api.app import Services, build_app
+from appliance.api.auth import Authenticator, check_local_dev_allowed, ensure_admin_token
+from appliance.config import Config
+from appliance.cubelet.cubelet import Cubelet
+from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
+from appliance.master.store import SqliteStore
+from appliance.master.templates import TemplateRegistry
+from appliance.proxy.router import ASGIApp, SandboxRouter
+from appliance.proxy.tls import ensure_tls_files
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "cube.pid"
+RESTART_REASON = "service restarted: it was running when the previous `cube serve` stopped"
+STOP_REASON = "service stopped"
+GRACEFUL_TIMEOUT_S = 2.0
+
+
+@dataclass
+class RunningService:
+    api_url: str
+    tls_url: str
+    cubelet: Cubelet
+    services: Services
+    stop: trio.Event = field(default_factory=trio.Event)
+    reported_dead_at_start: list[str] = field(default_factory=list)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _hypercorn_config(config: Config, certfile: Path, keyfile: Path) -> HypercornConfig:
+    hconfig = HypercornConfig()
+    hconfig.insecure_bind = [_hostport(config.api_host, config.api_port)]
+    hconfig.bind = [_hostport(config.api_host, config.tls_port)]
+    hconfig.certfile = str(certfile)
+    hconfig.keyfile = str(keyfile)
+    hconfig.graceful_timeout = GRACEFUL_TIMEOUT_S
+    hconfig.accesslog = None
+    hconfig.keep_alive_timeout = 75
+    return hconfig
+
+
+def _write_pid_file(run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / PID_FILE
+    if path.exists():
+        try:
+            other = int(path.read_text().strip())
+            os.kill(other, 0)
+        except (ValueError, ProcessLookupError):
+            pass
+        except PermissionError:
+            raise SystemExit(f"another cube serve (pid {path.read_text().strip()}) is running") from None
+        else:
+            if other != os.getpid():
+                raise SystemExit(f"another cube serve (pid {other}) is running; see {path}")
+    path.write_text(f"{os.getpid()}\n")
+    return path
+
+
+BlueprintFactory = Callable[[Services], Blueprint]
+
+
+async def run_service(
+    config: Config,
+    runtime_factory: RuntimeFactory = open_runtime,
+    blueprint_factories: Iterable[BlueprintFactory] = (),
+    *,
+    task_status: trio.TaskStatus[RunningService] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    check_local_dev_allowed(config)
+    for directory in (config.state_dir, config.templates_dir, config.sandboxes_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    pid_file = _write_pid_file(config.run_dir)
+    store = SqliteStore(config.db_path)
+    try:
+        reported_dead = store.mark_live_sandboxes_dead(RESTART_REASON)
+        if reported_dead:
+            log.warning("%d sandboxes from the previous run are gone: %s", len(reported_dead), reported_dead)
+        admin_token = ensure_admin_token(config.state_dir)
+        tls = ensure_tls_files(config.state_dir, config.domain)
+        registry = TemplateRegistry(config, store)
+        registry.refresh()
+        async with runtime_factory(config) as bundle, trio.open_nursery() as nursery:
+            cubelet = Cubelet(config, bundle.runtime, store, bundle.network, templates=registry.refresh)
+            await nursery.start(cubelet.run)
+            services = Services(
+                config=config,
+                store=store,
+                cubelet=cubelet,
+                templates=registry,
+                auth=Authenticator(config, store, admin_token),
+            )
+            blueprints = [make_blueprint(services) for make_blueprint in blueprint_factories]
+            control_plane = cast(ASGIApp, build_app(services, blueprints))
+            router = SandboxRouter(control_plane, cubelet, config.domain)
+            stop = trio.Event()
+            binds = await nursery.start(
+                partial(
+                    hypercorn.trio.serve,
+                    cast(Any, router),  # hypercorn's ASGI types are TypedDicts; ours are plain mappings
+                    _hypercorn_config(config, tls.server_cert, tls.server_key),
+                    shutdown_trigger=stop.wait,
+                )
+            )
+            api_url = next(b for b in binds if b.startswith("http://"))
+            tls_url = next(b for b in binds if b.startswith("https://"))
+            task_status.started(
+                RunningService(
+                    api_url, tls_url, cubelet, services, stop, reported_dead_at_start=reported_dead
+                )
+            )
+            await stop.wait()
+            with trio.CancelScope(shield=True):
+                await cubelet.shutdown(STOP_REASON)
+                await router.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+        pid_file.unlink(missing_ok=True)
+
+
+async def serve_until_signalled(
+    config: Config,
+    runtime_factory: RuntimeFactory = open_runtime,
+    blueprint_factories: Iterable[BlueprintFactory] = (),
+) -> None:
+    """Run until SIGTERM or SIGINT (caught from before start-up, so none is lost), then shut down."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            running: RunningService = await nursery.start(
+                run_service, config, runtime_factory, blueprint_factories
+            )
+            log.info("cube serve: API on %s, TLS on %s", running.api_url, running.tls_url)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                running.stop.set()
+                break

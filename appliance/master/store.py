@@ -1,0 +1,322 @@
+"""The state store: sandboxes, templates, API keys, idempotency keys, events.
+
+`Store` is the interface the rest of the service uses; `SqliteStore` is the
+single-node backend (one SQLite file in WAL mode, one connection owned by the
+Trio thread; statements are short local writes, so they run inline). A cluster
+backend (etcd) implements the same methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from appliance.templates.manifest import TemplateManifest
+
+RUNNING = "running"
+PAUSED = "paused"
+DEAD = "dead"
+LIVE_STATES = (RUNNING, PAUSED)
+
+
+@dataclass
+class SandboxRecord:
+    sandbox_id: str
+    template_id: str
+    alias: str | None
+    client_id: str
+    state: str
+    started_at: float  # unix seconds
+    end_at: float  # unix seconds; the E2B timeout deadline
+    cpu_count: int
+    memory_mb: int
+    disk_size_mb: int
+    envd_access_token: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    on_timeout: str = "kill"  # kill | pause
+    auto_resume: bool = False
+    allow_internet_access: bool = True
+    network: dict[str, object] = field(default_factory=dict)
+    console_log: str = ""
+    ended_at: float | None = None
+    end_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    key_id: str
+    name: str
+    prefix: str  # first characters of the key, shown in listings
+    created_at: float
+    revoked_at: float | None
+    last_used_at: float | None
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    sandbox_id: str
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SandboxQuery:
+    states: Sequence[str] = LIVE_STATES
+    metadata: dict[str, str] = field(default_factory=dict)
+    template_id: str | None = None
+    started_after: float | None = None
+    newest_first: bool = True
+    limit: int = 100
+    after: tuple[float, str] | None = None  # pagination cursor: (started_at, sandbox_id) of the last item
+
+
+class Store(Protocol):
+    def put_sandbox(self, record: SandboxRecord) -> None: ...
+    def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None: ...
+    def query_sandboxes(self, query: SandboxQuery) -> list[SandboxRecord]: ...
+    def mark_live_sandboxes_dead(self, reason: str) -> list[str]: ...
+
+    def put_template(self, manifest: TemplateManifest) -> None: ...
+    def list_templates(self) -> list[TemplateManifest]: ...
+    def delete_template(self, template_id: str) -> None: ...
+
+    def create_api_key(self, name: str) -> tuple[ApiKeyRecord, str]: ...
+    def list_api_keys(self) -> list[ApiKeyRecord]: ...
+    def revoke_api_key(self, key_id: str) -> bool: ...
+    def check_api_key(self, key: str) -> ApiKeyRecord | None: ...
+
+    def idempotent_sandbox(self, key: str) -> str | None: ...
+    def remember_idempotency_key(self, key: str, sandbox_id: str) -> None: ...
+
+    def add_event(self, sandbox_id: str, kind: str, message: str) -> None: ...
+    def events(self, sandbox_id: str | None = None, limit: int = 100) -> list[Event]: ...
+
+    def close(self) -> None: ...
+
+
+KEY_PREFIX = "cube_"
+IDEMPOTENCY_TTL_S = 24 * 3600
+LAST_USED_RESOLUTION_S = 60.0  # a key's last-use time is written at most this often
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    sandbox_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    template_id TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sandboxes_by_state ON sandboxes(state, started_at);
+CREATE TABLE IF NOT EXISTS templates (
+    template_id TEXT PRIMARY KEY,
+    manifest TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    prefix TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    last_used_at REAL
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY,
+    sandbox_id TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_sandbox ON events(sandbox_id, id);
+"""
+
+
+def hash_api_key(key: str) -> str:
+    """Keys are 128-bit random secrets, so one SHA-256 is enough (no password stretching needed)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _record_to_json(record: SandboxRecord) -> str:
+    return json.dumps(record.__dict__, sort_keys=True)
+
+
+def _record_from_json(text: str) -> SandboxRecord:
+    return SandboxRecord(**json.loads(text))
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # Sandboxes.
+
+    def put_sandbox(self, record: SandboxRecord) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO sandboxes(sandbox_id, state, template_id, started_at, record)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (record.sandbox_id, record.state, record.template_id, record.started_at, _record_to_json(record)),
+        )
+
+    def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:
+        row = self._db.execute("SELECT record FROM sandboxes WHERE sandbox_id = ?", (sandbox_id,)).fetchone()
+        return _record_from_json(row[0]) if row else None
+
+    def query_sandboxes(self, query: SandboxQuery) -> list[SandboxRecord]:
+        clauses = [f"state IN ({','.join('?' * len(query.states))})"]
+        params: list[object] = list(query.states)
+        if query.template_id is not None:
+            clauses.append("template_id = ?")
+            params.append(query.template_id)
+        if query.started_after is not None:
+            clauses.append("started_at > ?")
+            params.append(query.started_after)
+        op = "<" if query.newest_first else ">"
+        if query.after is not None:
+            clauses.append(f"(started_at, sandbox_id) {op} (?, ?)")
+            params.extend(query.after)
+        order = "DESC" if query.newest_first else "ASC"
+        sql = (
+            f"SELECT record FROM sandboxes WHERE {' AND '.join(clauses)}"
+            f" ORDER BY started_at {order}, sandbox_id {order}"
+        )
+        found: list[SandboxRecord] = []
+        for (text,) in self._db.execute(sql, params):
+            record = _record_from_json(text)
+            if all(record.metadata.get(k) == v for k, v in query.metadata.items()):
+                found.append(record)
+                if len(found) >= query.limit:
+                    break
+        return found
+
+    def mark_live_sandboxes_dead(self, reason: str) -> list[str]:
+        now = time.time()
+        marked: list[str] = []
+        rows = self._db.execute("SELECT record FROM sandboxes WHERE state != ?", (DEAD,)).fetchall()
+        for (text,) in rows:
+            record = _record_from_json(text)
+            record.state, record.ended_at, record.end_reason = DEAD, now, reason
+            self.put_sandbox(record)
+            self.add_event(record.sandbox_id, "dead", reason)
+            marked.append(record.sandbox_id)
+        return marked
+
+    # Templates (a mirror of the manifests on disk).
+
+    def put_template(self, manifest: TemplateManifest) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO templates(template_id, manifest) VALUES (?, ?)",
+            (manifest.template_id, manifest.to_json()),
+        )
+
+    def list_templates(self) -> list[TemplateManifest]:
+        rows = self._db.execute("SELECT manifest FROM templates ORDER BY template_id").fetchall()
+        return [TemplateManifest.from_json(text) for (text,) in rows]
+
+    def delete_template(self, template_id: str) -> None:
+        self._db.execute("DELETE FROM templates WHERE template_id = ?", (template_id,))
+
+    # API keys.
+
+    def create_api_key(self, name: str) -> tuple[ApiKeyRecord, str]:
+        key = KEY_PREFIX + secrets.token_hex(16)
+        record = ApiKeyRecord(
+            key_id=secrets.token_hex(4),
+            name=name,
+            prefix=key[: len(KEY_PREFIX) + 4],
+            created_at=time.time(),
+            revoked_at=None,
+            last_used_at=None,
+        )
+        self._db.execute(
+            "INSERT INTO api_keys(key_id, name, prefix, key_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+            (record.key_id, record.name, record.prefix, hash_api_key(key), record.created_at),
+        )
+        return record, key
+
+    def list_api_keys(self) -> list[ApiKeyRecord]:
+        rows = self._db.execute(
+            "SELECT key_id, name, prefix, created_at, revoked_at, last_used_at"
+            " FROM api_keys ORDER BY created_at"
+        ).fetchall()
+        return [ApiKeyRecord(*row) for row in rows]
+
+    def revoke_api_key(self, key_id: str) -> bool:
+        cursor = self._db.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+            (time.time(), key_id),
+        )
+        return cursor.rowcount > 0
+
+    def check_api_key(self, key: str) -> ApiKeyRecord | None:
+        row = self._db.execute(
+            "SELECT key_id, name, prefix, created_at, revoked_at, last_used_at FROM api_keys"
+            " WHERE key_hash = ? AND revoked_at IS NULL",
+            (hash_api_key(key),),
+        ).fetchone()
+        if row is None:
+            return None
+        record = ApiKeyRecord(*row)
+        now = time.time()
+        if record.last_used_at is None or now - record.last_used_at > LAST_USED_RESOLUTION_S:
+            self._db.execute("UPDATE api_keys SET last_used_at = ? WHERE key_id = ?", (now, record.key_id))
+        return record
+
+    # Idempotency keys for create.
+
+    def idempotent_sandbox(self, key: str) -> str | None:
+        row = self._db.execute(
+            "SELECT sandbox_id FROM idempotency_keys WHERE key = ? AND created_at > ?",
+            (key, time.time() - IDEMPOTENCY_TTL_S),
+        ).fetchone()
+        return row[0] if row else None
+
+    def remember_idempotency_key(self, key: str, sandbox_id: str) -> None:
+        self._db.execute(
+            "DELETE FROM idempotency_keys WHERE created_at < ?", (time.time() - IDEMPOTENCY_TTL_S,)
+        )
+        self._db.execute(
+            "INSERT OR REPLACE INTO idempotency_keys(key, sandbox_id, created_at) VALUES (?, ?, ?)",
+            (key, sandbox_id, time.time()),
+        )
+
+    # Events.
+
+    def add_event(self, sandbox_id: str, kind: str, message: str) -> None:
+        self._db.execute(
+            "INSERT INTO events(at, sandbox_id, kind, message) VALUES (?, ?, ?, ?)",
+            (time.time(), sandbox_id, kind, message),
+        )
+
+    def events(self, sandbox_id: str | None = None, limit: int = 100) -> list[Event]:
+        if sandbox_id is None:
+            rows: Iterable[tuple[float, str, str, str]] = self._db.execute(
+                "SELECT at, sandbox_id, kind, message FROM events ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT at, sandbox_id, kind, message FROM events"
+                " WHERE sandbox_id = ? ORDER BY id DESC LIMIT ?",
+                (sandbox_id, limit),
+            ).fetchall()
+        return [Event(*row) for row in reversed(list(rows))]

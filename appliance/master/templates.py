@@ -1,0 +1,69 @@
+"""Which templates exist: the manifests under config.templates_dir, mirrored into the store.
+
+The manifest files are the source of truth (template builds write them); the
+registry rescans them on demand and resolves names: a template id, one of its
+aliases, or one of the E2B SDK defaults that name no template in particular.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+from appliance.config import Config
+from appliance.master.store import Store
+from appliance.templates.manifest import MANIFEST_NAME, TemplateManifest
+
+log = logging.getLogger(__name__)
+
+# Names the SDKs send when the user names no template (PROTOCOL.md §2.2).
+SDK_DEFAULT_TEMPLATE_NAMES = frozenset({"base", "code-interpreter-v1"})
+
+
+class TemplateRegistry:
+    def __init__(self, config: Config, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._by_id: dict[str, TemplateManifest] = {}
+
+    def refresh(self) -> dict[str, TemplateManifest]:
+        found: dict[str, TemplateManifest] = {}
+        if self.config.templates_dir.is_dir():
+            for manifest_path in sorted(self.config.templates_dir.glob(f"*/{MANIFEST_NAME}")):
+                try:
+                    manifest = TemplateManifest.load(manifest_path.parent)
+                except (OSError, ValueError, TypeError, KeyError) as exc:
+                    log.warning("skipping unreadable template manifest %s: %s", manifest_path, exc)
+                    continue
+                found[manifest.template_id] = manifest
+        mirrored = {t.template_id: t for t in self.store.list_templates()}
+        for template_id in mirrored.keys() - found.keys():
+            self.store.delete_template(template_id)
+        for template_id, manifest in found.items():
+            if mirrored.get(template_id) != manifest:
+                self.store.put_template(manifest)
+        self._by_id = found
+        return dict(found)
+
+    def all(self) -> dict[str, TemplateManifest]:
+        return dict(self._by_id)
+
+    def resolve(self, name: str) -> TemplateManifest | None:
+        """A template by id or alias; the SDK default names map to config.default_template."""
+        self.refresh()
+        if name in SDK_DEFAULT_TEMPLATE_NAMES and name not in self._by_id:
+            name = self.config.default_template
+        if name in self._by_id:
+            return self._by_id[name]
+        for manifest in self._by_id.values():
+            if name in manifest.aliases:
+                return manifest
+        return None
+
+    def delete(self, template_id: str) -> None:
+        manifest = self._by_id.get(template_id)
+        root = self.config.templates_dir.resolve()
+        if manifest is not None and manifest.directory.resolve().is_relative_to(root):
+            shutil.rmtree(manifest.directory, ignore_errors=True)
+        self.store.delete_template(template_id)
+        self._by_id.pop(template_id, None)

@@ -1,0 +1,99 @@
+"""`cube serve` as a process would run it: signals, pid file, refused configurations."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+import trio
+from quart import Blueprint
+
+from appliance.api.app import Services
+from appliance.api.auth import check_local_dev_allowed
+from appliance.config import Config
+from appliance.master.service import serve_until_signalled
+
+if TYPE_CHECKING:
+    from conftest import FakeRuntime, ServiceHarness
+
+
+async def test_sigterm_shuts_down_gracefully(
+    service_config: Config, fake_runtime: FakeRuntime, fake_runtime_factory: Any
+) -> None:
+    config = dataclasses.replace(service_config, api_port=0, local_dev=True)
+    pid_file = config.run_dir / "cube.pid"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_until_signalled, config, fake_runtime_factory(fake_runtime))
+        with trio.fail_after(10):
+            while not pid_file.exists():  # written after the signal receiver is in place
+                await trio.sleep(0.05)
+        assert pid_file.read_text().strip() == str(os.getpid())
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert not pid_file.exists()
+
+
+async def test_sandboxes_die_with_the_service(
+    service_config: Config, fake_runtime: FakeRuntime, fake_runtime_factory: Any
+) -> None:
+    from appliance.master.service import run_service
+
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(run_service, service_config, fake_runtime_factory(fake_runtime))
+        token = (service_config.state_dir / "admin-token").read_text().strip()
+        async with httpx.AsyncClient(base_url=running.api_url, headers={"X-API-KEY": token}) as client:
+            created = await client.post("/v2/sandboxes", json={})
+            assert created.status_code == 201
+        assert len(fake_runtime.instances) == 1
+        running.stop.set()
+    assert fake_runtime.instances == {}
+    assert list(service_config.sandboxes_dir.iterdir()) == []
+
+
+def test_local_dev_is_refused_off_loopback() -> None:
+    with pytest.raises(SystemExit, match="loopback"):
+        check_local_dev_allowed(Config(local_dev=True, api_host="0.0.0.0"))
+    check_local_dev_allowed(Config(local_dev=True, api_host="127.0.0.1"))
+    check_local_dev_allowed(Config(local_dev=False, api_host="0.0.0.0"))
+
+
+def test_blueprints_from_other_modules_are_served_behind_auth(
+    service_config: Config, start_service: Callable[..., ServiceHarness]
+) -> None:
+    def make_blueprint(services: Services) -> Blueprint:
+        blueprint = Blueprint("extra", __name__)
+
+        @blueprint.get("/extra/templates")
+        async def extra() -> dict[str, object]:
+            return {"templates": sorted(services.templates.all())}
+
+        return blueprint
+
+    harness = start_service(service_config, None, [make_blueprint])
+    assert httpx.get(f"{harness.url}/extra/templates").status_code == 401
+    response = httpx.get(f"{harness.url}/extra/templates", headers={"X-API-KEY": harness.admin_token})
+    assert response.json() == {"templates": ["code-interpreter"]}
+
+
+def test_cube_serve_without_a_runtime_says_why(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    env = {
+        "CUBE_CONFIG": "/nonexistent",
+        "CUBE_STATE_DIR": str(tmp_path / "state"),
+        "CUBE_RUN_DIR": str(tmp_path / "run"),
+        "CUBE_RUNTIME": "no-such-runtime",
+        "CUBE_API_PORT": "0",
+        "CUBE_TLS_PORT": "0",
+    }
+    result = CliRunner(env=env).invoke(main, ["serve"])
+    assert result.exit_code == 1
+    assert "unknown runtime 'no-such-runtime'" in result.output
+    assert not (tmp_path / "run" / "cube.pid").exists()

@@ -1,0 +1,364 @@
+"""Shared fixtures: a runtime double whose guests are real HTTP servers on loopback,
+and `cube serve` run in a background thread for tests that drive it with the
+(synchronous) E2B SDK or plain HTTP.
+
+Fixtures (tests use only these; other conftest modules share the name `conftest`,
+so test modules must not import from this file, except under TYPE_CHECKING):
+- `fake_runtime`: a `FakeRuntime` (see below); inspect `.boots`, `.instances`.
+- `fake_runtime_factory`: turns a FakeRuntime into what `run_service` takes as runtime factory.
+- `service_config`: a `Config` with every directory under tmp_path, ports 0 (free),
+  one template `code-interpreter` (alias `ci`) installed, no warm pool.
+- `start_service`: `start_service(config, runtime=None, blueprint_factories=()) -> ServiceHarness`,
+  stopped at teardown.
+- `service`: a started `ServiceHarness` over `service_config` and `fake_runtime`.
+- `api_key`: a fresh API key made through the admin API.
+- `sdk_env`: E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY pointing the SDK at `service`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hypercorn.trio
+import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from appliance.config import Config
+from appliance.cubelet.runtimes import RuntimeBundle
+from appliance.master.service import RunningService, run_service
+from appliance.runtime.base import BootSpec, GuestExited, Instance
+from appliance.templates.manifest import TemplateManifest
+
+FAKE_MEMORY_BYTES = 64 * 1024 * 1024
+
+
+class FakeGuestApp:
+    """What a guest agent looks like from the host: /health, /init, /metrics, plus test endpoints.
+
+    /stream?n=N&delay=S   N lines, one per chunk, S seconds apart
+    /echo (POST)          streams the request body back chunk by chunk as it arrives
+    /digest (POST)        sha256 and size of the request body, answered after reading all of it
+    /headers              the request headers as JSON
+    /ws (WebSocket)       echoes messages
+    While paused, requests wait until resume (like a frozen UML guest).
+    """
+
+    def __init__(self) -> None:
+        self.init_calls: list[dict[str, Any]] = []
+        self.running = trio.Event()
+        self.running.set()
+        self.healthy = True
+        self.fail_init = False
+        self.open_streams = 0  # /stream responses in progress
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        await self.running.wait()
+        if scope["type"] == "websocket":
+            await receive()
+            await send({"type": "websocket.accept"})
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await send(
+                    {"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")}
+                )
+        path = scope["path"]
+        if path == "/health":
+            await self._reply(send, 204 if self.healthy else 503, b"")
+        elif path == "/init":
+            self.init_calls.append(json.loads(await _read_body(receive)))
+            await self._reply(send, 500 if self.fail_init else 204, b"")
+        elif path == "/metrics":
+            body = {"cpu_count": 1, "cpu_used_pct": 12.5, "mem_used": 1234, "mem_total": 4321}
+            await self._reply(send, 200, json.dumps(body).encode(), b"application/json")
+        elif path == "/digest":
+            body = await _read_body(receive)
+            digest = {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+            await self._reply(send, 200, json.dumps(digest).encode(), b"application/json")
+        elif path == "/headers":
+            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+            await self._reply(send, 200, json.dumps(headers).encode(), b"application/json")
+        elif path == "/stream":
+            query = dict(p.split("=") for p in scope["query_string"].decode().split("&") if "=" in p)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            self.open_streams += 1
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                    for i in range(int(query.get("n", "3"))):
+                        line = f"line {i}\n".encode()
+                        await send({"type": "http.response.body", "body": line, "more_body": True})
+                        await trio.sleep(float(query.get("delay", "0")))
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.open_streams -= 1
+        elif path == "/echo":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            while True:
+                message = await receive()
+                if message.get("body"):
+                    await send({"type": "http.response.body", "body": message["body"], "more_body": True})
+                if not message.get("more_body"):
+                    break
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        else:
+            await self._reply(send, 404, b"no such path")
+
+    async def _reply(self, send: Any, status: int, body: bytes, content_type: bytes = b"text/plain") -> None:
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _read_body(receive: Any) -> bytes:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+@dataclass
+class FakeInstance:
+    sandbox_id: str
+    console_log: Path
+    port: int
+    app: FakeGuestApp
+    paused_count: int = 0
+    crash: trio.Event = field(default_factory=trio.Event)
+
+    def endpoint(self, port: int) -> tuple[str, int]:
+        return ("127.0.0.1", 1 if port == FakeRuntime.CLOSED_PORT else self.port)
+
+    async def pause(self) -> None:
+        self.paused_count += 1
+        self.app.running = trio.Event()
+
+    async def resume(self) -> None:
+        self.app.running.set()
+
+    def memory_usage_bytes(self) -> int:
+        return FAKE_MEMORY_BYTES
+
+
+class FakeRuntime:
+    """A `Runtime` whose guests are FakeGuestApp servers on 127.0.0.1 (one per sandbox)."""
+
+    name = "fake"
+    CLOSED_PORT = 9  # a guest port the fake never serves: the proxy must say "port is not open"
+
+    def __init__(self) -> None:
+        self.boots = 0
+        self.instances: dict[str, FakeInstance] = {}
+        self.fail_next_boot = False
+        self.fail_init = False  # guests booted from now on answer /init with 500
+
+    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> None:
+        self.boots += 1
+        if self.fail_next_boot:
+            self.fail_next_boot = False
+            raise RuntimeError("fake boot failure")
+        spec.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        console = spec.sandbox_dir / "console.log"
+        console.write_text(f"booting {spec.sandbox_id}\nslot {spec.slot}\nguest agent ready\n")
+        app = FakeGuestApp()
+        app.fail_init = self.fail_init
+        hconfig = HypercornConfig()
+        hconfig.bind = ["127.0.0.1:0"]
+        hconfig.accesslog = None
+        hconfig.graceful_timeout = 0.1
+        try:
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(hypercorn.trio.serve, app, hconfig)
+                port = int(binds[0].rsplit(":", 1)[1])
+                instance = FakeInstance(spec.sandbox_id, console, port, app)
+                self.instances[spec.sandbox_id] = instance
+                task_status.started(instance)
+                await instance.crash.wait()
+                nursery.cancel_scope.cancel()
+            raise GuestExited(spec.sandbox_id, "kernel panic (simulated)")
+        finally:
+            self.instances.pop(spec.sandbox_id, None)
+            shutil.rmtree(spec.sandbox_dir, ignore_errors=True)
+
+
+def make_fake_runtime_factory(runtime: FakeRuntime) -> Any:
+    @asynccontextmanager
+    async def open_fake(config: Config) -> AsyncIterator[RuntimeBundle]:
+        yield RuntimeBundle(runtime=runtime, network=None)
+
+    return open_fake
+
+
+def _install_template(config: Config, template_id: str, aliases: tuple[str, ...] = ()) -> TemplateManifest:
+    manifest = TemplateManifest(
+        template_id=template_id,
+        directory=config.templates_dir / template_id,
+        aliases=aliases,
+        memory_mb=256,
+        envs={"TEMPLATE_VAR": "1"},
+        created_at="2026-01-01T00:00:00Z",
+    )
+    manifest.save()
+    return manifest
+
+
+class ServiceHarness:
+    """`run_service` in its own thread and Trio loop; the test thread stays free for blocking SDK calls."""
+
+    def __init__(self, config: Config, runtime: FakeRuntime, blueprint_factories: Sequence[Any] = ()) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.blueprint_factories = blueprint_factories
+        self.running: RunningService | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._thread_main, name="cube-serve-test", daemon=True)
+
+    @property
+    def url(self) -> str:
+        assert self.running is not None
+        return self.running.api_url
+
+    @property
+    def tls_url(self) -> str:
+        assert self.running is not None
+        return self.running.tls_url
+
+    @property
+    def admin_token(self) -> str:
+        return (self.config.state_dir / "admin-token").read_text().strip()
+
+    def start(self) -> ServiceHarness:
+        self._thread.start()
+        self._started.wait(timeout=30)
+        if self._error is not None:
+            raise self._error
+        assert self.running is not None, "service did not start"
+        return self
+
+    def stop(self) -> None:
+        """Stop the service and join its thread; stopping twice is harmless."""
+        if not self._thread.is_alive():
+            return
+        if self.running is not None:
+            trio.from_thread.run_sync(self.running.stop.set, trio_token=self._token)
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "service did not stop"
+        if self._error is not None:
+            raise self._error
+
+    def run_sync_in_service(self, fn: Any, *args: Any) -> Any:
+        """Call `fn(*args)` on the service's Trio thread (to look at cubelet state safely)."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def _thread_main(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._started.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self.running = await nursery.start(
+                run_service, self.config, make_fake_runtime_factory(self.runtime), self.blueprint_factories
+            )
+            self._started.set()
+
+
+@pytest.fixture
+def fake_runtime() -> FakeRuntime:
+    return FakeRuntime()
+
+
+@pytest.fixture
+def service_config(tmp_path: Path) -> Config:
+    config = Config(
+        state_dir=tmp_path / "state",
+        cache_dir=tmp_path / "cache",
+        run_dir=tmp_path / "run",
+        api_port=0,
+        tls_port=0,
+        domain="cube.test",
+        pool_size=0,
+        memory_budget_mb=4096,
+        default_template="code-interpreter",
+    )
+    _install_template(config, "code-interpreter", aliases=("ci",))
+    return config
+
+
+@pytest.fixture
+def fake_runtime_factory() -> Any:
+    return make_fake_runtime_factory
+
+
+@pytest.fixture
+def start_service() -> Iterator[Any]:
+    started: list[ServiceHarness] = []
+
+    def start(
+        config: Config, runtime: FakeRuntime | None = None, blueprint_factories: Sequence[Any] = ()
+    ) -> ServiceHarness:
+        harness = ServiceHarness(config, runtime or FakeRuntime(), blueprint_factories)
+        started.append(harness)
+        return harness.start()
+
+    yield start
+    for harness in started:
+        harness.stop()
+
+
+@pytest.fixture
+def service(service_config: Config, fake_runtime: FakeRuntime, start_service: Any) -> ServiceHarness:
+    harness: ServiceHarness = start_service(service_config, fake_runtime)
+    return harness
+
+
+@pytest.fixture
+def api_key(service: ServiceHarness) -> str:
+    response = httpx.post(
+        f"{service.url}/cube/keys", json={"name": "test"}, headers={"X-API-KEY": service.admin_token}
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["key"])
+
+
+@pytest.fixture
+def sdk_env(service: ServiceHarness, api_key: str, monkeypatch: pytest.MonkeyPatch) -> ServiceHarness:
+    monkeypatch.setenv("E2B_API_URL", service.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", service.url)
+    monkeypatch.setenv("E2B_API_KEY", api_key)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    return service

@@ -1,0 +1,189 @@
+"""The cubelet with the runtime double: deadlines, auto-pause, warm pools, crashes, health."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from appliance.config import Config
+from appliance.cubelet import cubelet as cubelet_module
+from appliance.cubelet.cubelet import Cubelet, SandboxRequest, SandboxStartFailed
+from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxQuery, SqliteStore
+from appliance.master.templates import TemplateRegistry
+
+if TYPE_CHECKING:
+    from conftest import FakeRuntime
+
+
+@asynccontextmanager
+async def running_cubelet(config: Config, runtime: FakeRuntime) -> AsyncIterator[Cubelet]:
+    store = SqliteStore(config.db_path)
+    registry = TemplateRegistry(config, store)
+    try:
+        async with trio.open_nursery() as nursery:
+            cubelet = Cubelet(config, runtime, store, templates=registry.refresh)
+            await nursery.start(cubelet.run)
+            yield cubelet
+            await cubelet.shutdown("test over")
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+def request_for(cubelet: Cubelet, **changes: object) -> SandboxRequest:
+    template = cubelet._templates()["code-interpreter"]
+    return dataclasses.replace(SandboxRequest(template=template, alias=None, timeout_s=300), **changes)
+
+
+async def wait_until(predicate: object, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():  # type: ignore[operator]
+            await trio.sleep(0.05)
+
+
+async def test_deadline_kills_and_set_timeout_moves_it(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        short = await cubelet.create(request_for(cubelet, timeout_s=1))
+        extended = await cubelet.create(request_for(cubelet, timeout_s=1))
+        cubelet.set_timeout(extended.sandbox_id, 30)
+        await wait_until(lambda: cubelet.live(short.sandbox_id) is None)
+        await trio.sleep(0.5)
+        assert cubelet.live(extended.sandbox_id) is not None
+        record = cubelet.store.get_sandbox(short.sandbox_id)
+        assert record is not None and record.state == DEAD and record.end_reason == "timeout"
+        assert short.sandbox_id not in fake_runtime.instances  # the guest was torn down
+        assert not (service_config.sandboxes_dir / short.sandbox_id).exists()
+
+
+async def test_auto_pause_on_timeout_and_resume(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        record = await cubelet.create(request_for(cubelet, timeout_s=1, on_timeout="pause"))
+        await wait_until(lambda: record.state == PAUSED)
+        assert fake_runtime.instances[record.sandbox_id].paused_count == 1
+        assert cubelet.live(record.sandbox_id) is not None  # paused, not killed
+        resumed, was_paused = await cubelet.connect(record.sandbox_id, 60)
+        assert was_paused and resumed.state == RUNNING
+        events = [e.kind for e in cubelet.store.events(record.sandbox_id)]
+        assert events == ["created", "paused", "resumed"]
+
+
+async def test_guest_crash_is_recorded(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        record = await cubelet.create(request_for(cubelet))
+        fake_runtime.instances[record.sandbox_id].crash.set()
+        await wait_until(lambda: cubelet.live(record.sandbox_id) is None)
+        stored = cubelet.store.get_sandbox(record.sandbox_id)
+        assert stored is not None and stored.state == DEAD
+        assert stored.end_reason == "guest exited: kernel panic (simulated)"
+
+
+async def test_unhealthy_guest_is_killed(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cubelet_module, "HEALTH_INTERVAL_S", 0.05)
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        record = await cubelet.create(request_for(cubelet))
+        fake_runtime.instances[record.sandbox_id].app.healthy = False
+        await wait_until(lambda: cubelet.live(record.sandbox_id) is None)
+        stored = cubelet.store.get_sandbox(record.sandbox_id)
+        assert stored is not None and stored.end_reason == "guest agent unresponsive"
+
+
+async def test_warm_pool_claim_inits_guest_and_tops_up(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    config = dataclasses.replace(service_config, pool_size=1)
+    async with running_cubelet(config, fake_runtime) as cubelet:
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
+        assert fake_runtime.boots == 1
+        pooled_id = cubelet._pools["code-interpreter"][0].sandbox_id
+        record = await cubelet.create(request_for(cubelet, env_vars={"A": "b"}))
+        assert record.sandbox_id == pooled_id  # claimed, not booted
+        init = fake_runtime.instances[record.sandbox_id].app.init_calls
+        assert len(init) == 1 and init[0]["envVars"] == {"TEMPLATE_VAR": "1", "A": "b"}
+        assert init[0]["accessToken"] == record.envd_access_token
+        assert init[0]["defaultUser"] == "user"
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
+        assert fake_runtime.boots == 2
+        # Pooled guests are not sandboxes: invisible to lookups and the store.
+        assert [r.sandbox_id for r in cubelet.store.query_sandboxes(SandboxQuery())] == [record.sandbox_id]
+
+
+async def test_pools_stay_within_the_memory_budget(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    # The template needs 256 MB: a 600 MB budget holds two guests, whatever pool_size says.
+    config = dataclasses.replace(service_config, pool_size=5, memory_budget_mb=600)
+    async with running_cubelet(config, fake_runtime) as cubelet:
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 2)
+        await cubelet.create(request_for(cubelet))
+        await trio.sleep(0.3)
+        assert cubelet.pooled_count("code-interpreter") == 1
+        assert cubelet.memory_committed_mb() <= 600
+
+
+async def test_slots_are_small_and_reused(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        first = await cubelet.create(request_for(cubelet))
+        second = await cubelet.create(request_for(cubelet))
+        first_slot = cubelet._live[first.sandbox_id].slot
+        assert {first_slot, cubelet._live[second.sandbox_id].slot} == {0, 1}
+        await cubelet.kill(first.sandbox_id)
+        third = await cubelet.create(request_for(cubelet))
+        assert cubelet._live[third.sandbox_id].slot == first_slot
+
+
+async def test_failed_guest_init_kills_the_guest(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        fake_runtime.fail_init = True
+        with pytest.raises(SandboxStartFailed, match="/init answered 500"):
+            await cubelet.create(request_for(cubelet))
+        await wait_until(lambda: not fake_runtime.instances)
+        assert cubelet.store.query_sandboxes(SandboxQuery()) == []
+
+
+async def test_warm_instance_that_fails_init_falls_back_to_cold_boot(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    config = dataclasses.replace(service_config, pool_size=1)
+    fake_runtime.fail_init = True
+    async with running_cubelet(config, fake_runtime) as cubelet:
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
+        broken = cubelet._pools["code-interpreter"][0].sandbox_id
+        fake_runtime.fail_init = False
+        record = await cubelet.create(request_for(cubelet))
+        assert record.sandbox_id != broken
+        await wait_until(lambda: broken not in fake_runtime.instances)
+
+
+async def test_temporary_guest_for_template_builds(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        template = cubelet._templates()["code-interpreter"]
+        async with cubelet.temporary_guest(template) as instance:
+            assert instance.sandbox_id in fake_runtime.instances
+            assert cubelet.live(instance.sandbox_id) is None  # not a sandbox
+        assert instance.sandbox_id not in fake_runtime.instances
+        assert cubelet.store.get_sandbox(instance.sandbox_id) is None
+
+
+async def test_a_failing_runtime_kills_one_sandbox_not_the_node(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        broken = await cubelet.create(request_for(cubelet, timeout_s=1, on_timeout="pause"))
+        healthy = await cubelet.create(request_for(cubelet))
+
+        async def pause_fails() -> None:
+            raise OSError("mconsole went away")
+
+        fake_runtime.instances[broken.sandbox_id].pause = pause_fails  # type: ignore[method-assign]
+        await wait_until(lambda: cubelet.live(broken.sandbox_id) is None)
+        stored = cubelet.store.get_sandbox(broken.sandbox_id)
+        assert stored is not None and "mconsole went away" in stored.end_reason
+        assert cubelet.live(healthy.sandbox_id) is not None
+        assert (await cubelet.create(request_for(cubelet))).state == RUNNING
