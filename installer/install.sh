@@ -146,8 +146,8 @@ if [ "$START" = 1 ]; then
     systemctl restart cube.service
   else
     # No systemd (containers, CI): run it as a daemon with the same command line.
-    setsid "$VENV/bin/cube" serve --pid-file "$RUNDIR/cube.pid" \
-      >>"$LOGDIR/cube.log" 2>&1 </dev/null &
+    # The service writes its own pid file ($RUNDIR/cube.pid).
+    setsid "$VENV/bin/cube" serve >>"$LOGDIR/cube.log" 2>&1 </dev/null &
   fi
   for _ in $(seq 1 300); do
     curl -fsS "http://127.0.0.1:3000/health" >/dev/null 2>&1 && break
@@ -158,7 +158,8 @@ if [ "$START" = 1 ]; then
 
   KEY_FILE="$STATE/default-api-key"
   if [ ! -s "$KEY_FILE" ]; then
-    (umask 077; "$VENV/bin/cube" keys create --name default --quiet > "$KEY_FILE")
+    (umask 077; "$VENV/bin/cube" keys create --name default --json \
+      | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["key"])' > "$KEY_FILE")
   fi
   say "Cube appliance is running"
   cat <<EOF

@@ -33,6 +33,7 @@ from appliance.api.auth import Authenticator, check_local_dev_allowed, ensure_ad
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
+from appliance.master import sdnotify
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.proxy.router import ASGIApp, SandboxRouter
@@ -164,7 +165,12 @@ async def serve_until_signalled(
                 run_service, config, runtime_factory, blueprint_factories
             )
             log.info("cube serve: API on %s, TLS on %s", running.api_url, running.tls_url)
+            sdnotify.notify("READY=1")
+            watchdog_s = sdnotify.watchdog_interval_s()
+            if watchdog_s is not None:
+                nursery.start_soon(sdnotify.ping_watchdog_until, running.stop, watchdog_s)
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1")
                 running.stop.set()
                 break
