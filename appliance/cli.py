@@ -19,6 +19,8 @@ import trio
 
 from appliance.api.client import ApiClient
 from appliance.bench.api import api_bench
+from appliance.bench.floor import floor_command
+from appliance.bench.net import net_bench
 from appliance.config import load_config
 
 
@@ -321,3 +323,5 @@ def bench() -> None:
 
 
 bench.add_command(api_bench)
+bench.add_command(floor_command)
+bench.add_command(net_bench)

@@ -54,11 +54,12 @@ async def measure_floor(runs: int = 20) -> dict[str, dict[str, float]]:
 
 @click.command("floor")
 @click.option("--runs", default=20, show_default=True, help="Starts measured per path.")
-@click.option("--out", "out_dir", default="bench-results", show_default=True, type=click.Path())
-def floor_command(runs: int, out_dir: str) -> None:
+@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write floor.json here.")
+def floor_command(runs: int, json_dir: Path | None) -> None:
     """Start cost of isolated code on this host without the appliance."""
     report = Report("floor")
     for name, stats in trio.run(measure_floor, runs).items():
         report.add(path=name, **stats)
     report.print_table()
-    click.echo(f"wrote {report.write_json(Path(out_dir))}")
+    if json_dir is not None:
+        click.echo(f"wrote {report.write_json(json_dir)}")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from appliance.runtime.detect import detect_host
+
 
 def percentiles(samples_s: Sequence[float]) -> dict[str, float]:
     """p50/p95/p99/max/mean in milliseconds of samples given in seconds."""
@@ -47,12 +49,7 @@ def host_kind() -> dict[str, object]:
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
-    try:
-        from appliance.runtime.detect import detect_host  # noqa: PLC0415 (optional module)
-
-        kind.update(detect_host().as_dict())
-    except ImportError:
-        kind["kvm"] = "unknown"
+    kind.update(detect_host().as_dict())
     return kind
 
 

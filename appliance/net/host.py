@@ -1,0 +1,100 @@
+"""Node-wide network set-up in the host netns (blocking; run in a thread).
+
+- IPv4 and IPv6 forwarding (off by default on Debian) so sandbox traffic can be routed;
+- nft tables `cube_<tag>` (ip and ip6) masquerading sandbox egress and keeping
+  other machines from opening connections to sandboxes or the resolver;
+- the resolver address (first address of host_network) on the loopback device,
+  labelled `lo:cube<tag>`; every sandbox reaches it as its gateway's port 53
+  (a dummy link would be tidier, but not every kernel has CONFIG_DUMMY);
+- the always-blocked destination set, including this host's own addresses.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from appliance.net import nft
+from appliance.net.addressing import Addressing
+from appliance.net.policy import Network
+
+ALWAYS_BLOCKED = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",  # link-local, including the 169.254.169.254 metadata service
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "::ffff:0:0/96",  # IPv4-mapped: would sidestep the IPv4 lists
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+)
+
+
+def _enable_ipv6_forwarding() -> None:
+    """Forward IPv6 without losing router advertisements.
+
+    With forwarding on, accept_ra=1 stops honouring RAs, and a host whose IPv6
+    default route came from one would lose it; accept_ra=2 keeps them.
+    """
+    conf = Path("/proc/sys/net/ipv6/conf")
+    for accept_ra in conf.glob("*/accept_ra"):
+        if accept_ra.parent.name != "all" and accept_ra.read_text().strip() == "1":
+            accept_ra.write_text("2")
+    (conf / "all" / "forwarding").write_text("1")
+
+
+def set_up(addressing: Addressing) -> None:
+    Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+    _enable_ipv6_forwarding()
+    nft.run(
+        nft.delete_tables(addressing.nft_table)
+        + nft.host_ruleset(
+            addressing.nft_table,
+            str(addressing.network),
+            str(addressing.network6),
+            addressing.resolver_ip,
+            addressing.veth_prefix + "*",
+        )
+    )
+    with IPRoute() as ipr:
+        try:
+            ipr.addr(
+                "add", index=1, address=addressing.resolver_ip, prefixlen=32, label=addressing.resolver_label
+            )
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+
+
+def tear_down(addressing: Addressing) -> None:
+    nft.run(nft.delete_tables(addressing.nft_table))
+    with IPRoute() as ipr:
+        try:
+            ipr.addr("del", index=1, address=addressing.resolver_ip, prefixlen=32)
+        except NetlinkError as e:
+            if e.code != errno.EADDRNOTAVAIL:
+                raise
+
+
+def blocked_networks(addressing: Addressing) -> list[Network]:
+    """Everything a guest may never reach unless its allow list names it."""
+    networks: list[Network] = [ipaddress.ip_network(n) for n in ALWAYS_BLOCKED]
+    networks.append(addressing.network)  # other sandboxes and the resolver's other ports
+    networks.append(addressing.network6)
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if address:
+                networks.append(ipaddress.ip_network(address))
+    return list(dict.fromkeys(networks))

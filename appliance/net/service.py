@@ -1,0 +1,348 @@
+"""CubeVS: the node's sandbox network service (one per `cube serve`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import shutil
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from appliance.config import Config
+from appliance.net import host, links, netns
+from appliance.net.addressing import TAP_NAME, Addressing, Plan
+from appliance.net.dns import Answer, Resolver, Upstream, host_upstreams
+from appliance.net.ebpf import FLAG_INTERNET, PIN_ROOT, PolicyProgram
+from appliance.net.policy import MAX_ENTRIES_PER_LIST, CompiledList, Network, NetworkPolicy, PolicyError
+from appliance.net.sweep import Records, sweep
+
+log = logging.getLogger(__name__)
+
+_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$")
+# Addresses learned from DNS answers stay in the maps at least this long and
+# this much past their TTL: guests and their libraries cache answers too.
+_LEARNED_MIN_S = 60.0
+_LEARNED_GRACE_S = 60.0
+_EXPIRY_CHECK_S = 5.0
+_LISTS = ("allow", "deny")
+
+
+class NetworkUnenforced(RuntimeError):
+    """eBPF enforcement is unavailable and the config does not allow running without it."""
+
+
+@dataclass(frozen=True)
+class SandboxNetwork:
+    sandbox_id: str
+    netns: str  # "cube-<sandbox_id>"
+    netns_path: str  # /run/netns/cube-<sandbox_id>; setns() into it, or `ip netns exec`
+    tap: str  # "tap0", inside the netns
+    host_ip: str  # host → host_ip:PORT reaches guest_ip:PORT
+    guest_ip: str  # 169.254.0.2/30, the same in every sandbox
+    gateway_ip: str  # 169.254.0.1, on tap0: the guest's default route
+    resolver_ip: str  # the guest's nameserver (its gateway; port 53 goes to the node resolver)
+    # IPv6 (the guest may use it or not): guest_ip6/126 via gateway_ip6, the same in every
+    # sandbox; host → [host_ip6]:PORT reaches the guest.
+    host_ip6: str
+    guest_ip6: str
+    gateway_ip6: str
+
+
+@dataclass
+class _Live:
+    plan: Plan
+    ifindex: int
+    policy: NetworkPolicy
+    allow: CompiledList
+    deny: CompiledList
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    # list name → address → (trio.current_time() at which it expires, the name it answered)
+    learned: dict[str, dict[Network, tuple[float, str]]] = field(
+        default_factory=lambda: {n: {} for n in _LISTS}
+    )
+    installed: dict[str, set[Network]] = field(default_factory=lambda: {n: set() for n in _LISTS})
+
+    def lists(self, list_name: str) -> CompiledList:
+        return self.allow if list_name == "allow" else self.deny
+
+    def desired(self, list_name: str) -> set[Network]:
+        return set(self.lists(list_name).networks) | set(self.learned[list_name])
+
+
+class CubeVS:
+    def __init__(
+        self,
+        config: Config,
+        addressing: Addressing,
+        records: Records,
+        program: PolicyProgram | None,
+        unenforced_reason: str,
+    ) -> None:
+        self.config = config
+        self.addressing = addressing
+        self._records = records
+        self._program = program
+        self.unenforced_reason = unenforced_reason
+        self._live: dict[str, _Live] = {}
+        self._by_host_ip: dict[str, _Live] = {}
+        self._blocked: list[Network] = []  # always-blocked destinations, set at start
+
+    @property
+    def enforced(self) -> bool:
+        return self._program is not None
+
+    # --- service lifetime -------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def start(
+        cls, config: Config, *, dns_upstreams: Sequence[str] | None = None
+    ) -> AsyncIterator[CubeVS]:
+        """Set up the host, load the programs, run the resolver; undo it all on exit.
+
+        `dns_upstreams` ("ip" or "ip:port") defaults to the host's /etc/resolv.conf.
+        """
+        addressing = Addressing(config.host_network)
+        records = Records(config.run_dir / "net")
+        upstreams = (
+            [Upstream.parse(u) for u in dns_upstreams] if dns_upstreams is not None else host_upstreams()
+        )
+
+        def prepare_host() -> list[Network]:
+            netns.prepare_netns_dir()
+            sweep(records)
+            host.set_up(addressing)
+            return host.blocked_networks(addressing)
+
+        service = cls(config, addressing, records, None, "not loaded yet")
+        try:
+            service._blocked = await trio.to_thread.run_sync(prepare_host)
+            service._program, service.unenforced_reason = await trio.to_thread.run_sync(
+                _load_program, addressing, service._blocked
+            )
+            if service._program is None:
+                log.warning("CubeVS: eBPF enforcement unavailable: %s", service.unenforced_reason)
+            async with trio.open_nursery() as nursery:
+                resolver = Resolver(addressing.resolver_ip, upstreams, service._learn)
+                await nursery.start(resolver.serve)
+                nursery.start_soon(service._expire_learned)
+                yield service
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(service._shut_down)
+
+    def _shut_down(self) -> None:
+        host.tear_down(self.addressing)
+        if self._program is not None:
+            self._program.close()
+        # Pins exist so a crashed service keeps enforcing; after a clean stop no
+        # sandbox network is left to enforce on.
+        shutil.rmtree(PIN_ROOT / self.addressing.tag, ignore_errors=True)
+
+    # --- sandbox networks -------------------------------------------------
+
+    @asynccontextmanager
+    async def sandbox_network(
+        self, sandbox_id: str, slot: int, tap_owner_uid: int, policy: NetworkPolicy
+    ) -> AsyncIterator[SandboxNetwork]:
+        if not self.enforced and not self.config.allow_unenforced_network:
+            raise NetworkUnenforced(
+                f"eBPF network enforcement is not active ({self.unenforced_reason}); "
+                "run `cube doctor`, or set allow_unenforced_network = true to run sandboxes without it"
+            )
+        if not _SANDBOX_ID.match(sandbox_id):
+            raise ValueError(f"sandbox id {sandbox_id!r} cannot name a network namespace")
+        if sandbox_id in self._live:
+            raise ValueError(f"sandbox {sandbox_id} already has a network")
+        allow, deny = policy.compiled()
+        plan = self.addressing.plan(sandbox_id, slot)
+        await trio.to_thread.run_sync(self._records.write, plan)
+        live: _Live | None = None
+        try:
+            ifindex = await trio.to_thread.run_sync(links.build, plan, tap_owner_uid)
+            live = _Live(plan, ifindex, policy, allow, deny)
+            self._live[sandbox_id] = live
+            self._by_host_ip[plan.host_ip] = live
+            if self._program is not None:
+                await trio.to_thread.run_sync(self._enforce, live)
+            yield SandboxNetwork(
+                sandbox_id=sandbox_id,
+                netns=plan.netns,
+                netns_path=str(netns.netns_path(plan.netns)),
+                tap=TAP_NAME,
+                host_ip=plan.host_ip,
+                guest_ip=plan.guest_ip,
+                gateway_ip=plan.gateway_ip,
+                resolver_ip=plan.gateway_ip,
+                host_ip6=plan.host_ip6,
+                guest_ip6=plan.guest_ip6,
+                gateway_ip6=plan.gateway_ip6,
+            )
+        finally:
+            with trio.CancelScope(shield=True):
+                if live is not None:
+                    self._live.pop(sandbox_id, None)
+                    self._by_host_ip.pop(plan.host_ip, None)
+                    async with live.lock:
+                        await trio.to_thread.run_sync(self._release, live)
+                else:
+                    await trio.to_thread.run_sync(links.remove, plan)
+                await trio.to_thread.run_sync(self._records.delete, sandbox_id)
+
+    def _enforce(self, live: _Live) -> None:
+        program = self._require_program()
+        self._sync(live, live.policy.allow_internet_access)
+        program.attach(live.ifindex)
+
+    def _release(self, live: _Live) -> None:
+        links.remove(live.plan)
+        if self._program is not None:
+            for list_name in _LISTS:
+                self._program.remove(list_name, live.ifindex, live.installed[list_name])
+            self._program.forget(live.ifindex)
+
+    def _require_program(self) -> PolicyProgram:
+        if self._program is None:
+            raise NetworkUnenforced(f"eBPF network enforcement is not active ({self.unenforced_reason})")
+        return self._program
+
+    def _sync(self, live: _Live, internet: bool) -> None:
+        """Make the maps match `live`'s lists; never more permissive than old or new in between."""
+        program = self._require_program()
+
+        def configure(flag: bool) -> None:
+            program.configure(live.ifindex, live.plan, internet=flag)
+
+        allow_now, deny_now = live.installed["allow"], live.installed["deny"]
+        allow_new, deny_new = live.desired("allow"), live.desired("deny")
+        current = program.sandboxes.get(program.sandboxes.Key(live.ifindex))
+        internet_now = bool(current is not None and current.flags & FLAG_INTERNET)
+        # Tighten first (fewer allows, more denies, internet only if old and new
+        # both allow it), then loosen: no packet sees a policy looser than both.
+        # `installed` follows every step, so a failure (maps full) leaves it true
+        # and the caller can sync back to the previous policy.
+        configure(internet and internet_now)
+        program.remove("allow", live.ifindex, allow_now - allow_new)
+        live.installed["allow"] = allow_now & allow_new
+        program.add("deny", live.ifindex, deny_new - deny_now)
+        live.installed["deny"] = deny_now | deny_new
+        program.add("allow", live.ifindex, allow_new - allow_now)
+        live.installed["allow"] = allow_new
+        program.remove("deny", live.ifindex, deny_now - deny_new)
+        live.installed["deny"] = deny_new
+        configure(internet)
+
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None:
+        """Replace a running sandbox's policy; in effect when this returns (well under 1 s).
+
+        Raises PolicyError (nothing changed) or KeyError (no such sandbox network).
+        """
+        live = self._live[sandbox_id]
+        allow, deny = policy.compiled()
+        async with live.lock:
+            old = (live.policy, live.allow, live.deny, live.learned)
+            live.policy, live.allow, live.deny = policy, allow, deny
+            # Learned addresses stay only for names the new lists still match.
+            live.learned = {
+                n: {a: (t, q) for a, (t, q) in old[3][n].items() if live.lists(n).matches_domain(q)}
+                for n in _LISTS
+            }
+            if self._program is None:
+                return
+            try:
+                await trio.to_thread.run_sync(self._sync, live, policy.allow_internet_access)
+            except Exception as e:
+                live.policy, live.allow, live.deny, live.learned = old
+                await trio.to_thread.run_sync(self._sync, live, live.policy.allow_internet_access)
+                raise PolicyError(f"policy could not be applied, previous policy kept: {e}") from e
+
+    def counters(self, sandbox_id: str) -> dict[str, int]:
+        """Packets and bytes the sandbox sent that were allowed / dropped (zeros if unenforced)."""
+        live = self._live[sandbox_id]
+        if self._program is None:
+            return dict.fromkeys(("allowed_packets", "allowed_bytes", "dropped_packets", "dropped_bytes"), 0)
+        return self._program.read_counters(live.ifindex)
+
+    async def set_policy_attached(self, sandbox_id: str, attached: bool) -> None:
+        """Detach or re-attach the policy program (for `cube bench net`'s with/without comparison)."""
+        live = self._live[sandbox_id]
+        program = self._require_program()
+        await trio.to_thread.run_sync(program.attach if attached else program.detach, live.ifindex)
+
+    # --- DNS-learned addresses ---------------------------------------------
+
+    async def _learn(self, client_ip: str, answer: Answer) -> None:
+        live = self._by_host_ip.get(client_ip)
+        if live is None or self._program is None:
+            return
+        async with live.lock:
+            if self._live.get(live.plan.sandbox_id) is not live:
+                return  # torn down meanwhile
+            changed = False
+            for list_name in _LISTS:
+                if live.lists(list_name).matches_domain(answer.qname):
+                    changed |= self._remember(live.learned[list_name], list_name, answer)
+            if changed:
+                await trio.to_thread.run_sync(self._sync, live, live.policy.allow_internet_access)
+
+    def _remember(self, learned: dict[Network, tuple[float, str]], list_name: str, answer: Answer) -> bool:
+        changed = False
+        for address, ttl in answer.addresses:
+            if list_name == "allow" and any(
+                address.version == blocked.version and address in blocked for blocked in self._blocked
+            ):
+                # A name may resolve to anything (DNS rebinding): reaching the
+                # metadata service, the host or a private range takes a CIDR entry.
+                continue
+            expiry = trio.current_time() + max(float(ttl), _LEARNED_MIN_S) + _LEARNED_GRACE_S
+            network = ipaddress.ip_network(address)
+            if network in learned:
+                expiry = max(expiry, learned[network][0])
+            learned[network] = (expiry, answer.qname)
+            changed = True
+        while len(learned) > MAX_ENTRIES_PER_LIST:
+            del learned[min(learned, key=lambda n: learned[n][0])]
+        return changed
+
+    async def _expire_learned(self) -> None:
+        while True:
+            await trio.sleep(_EXPIRY_CHECK_S)
+            for live in list(self._live.values()):
+                async with live.lock:
+                    if self._live.get(live.plan.sandbox_id) is not live:
+                        continue
+                    now = trio.current_time()
+                    expired = False
+                    for learned in live.learned.values():
+                        for network in [n for n, (t, _q) in learned.items() if t <= now]:
+                            del learned[network]
+                            expired = True
+                    if expired:
+                        await trio.to_thread.run_sync(self._sync, live, live.policy.allow_internet_access)
+
+
+def _load_program(addressing: Addressing, blocked: list[Network]) -> tuple[PolicyProgram | None, str]:
+    pin_dir = PIN_ROOT / addressing.tag
+    try:
+        try:
+            program = PolicyProgram(pin_dir)
+        except Exception:
+            if not pin_dir.exists():
+                raise
+            # Maps pinned by an older build may not match this program's layout.
+            # The sweep already removed the networks they served (programs still
+            # attached anywhere hold their maps by reference, not by pin).
+            log.warning("CubeVS: pinned maps in %s unusable; recreating them", pin_dir)
+            shutil.rmtree(pin_dir)
+            program = PolicyProgram(pin_dir)
+    except Exception as e:  # bcc missing, no headers, no bpffs, verifier: all mean "unenforced"
+        return None, f"{type(e).__name__}: {e}"
+    # The sweep removed every network a previous run left; their map entries go too.
+    program.forget_all()
+    program.set_blocked(blocked)
+    return program, ""

@@ -1,0 +1,354 @@
+"""A small world of network namespaces for CubeVS tests, and guests that live in it.
+
+Nothing here sends a packet anywhere but into namespaces this module created
+(or loopback): sandboxes use a test-only host_network, and a policy-routing
+rule sends everything they emit to a routing table that knows only the world's
+hosts and ends in `unreachable default`.
+
+    host netns ── ctn<id>i ── netns cubetest-net-<id>-inet  203.0.113.10, 2001:db8:cbe::10 ("internet")
+               ── ctn<id>m ── netns cubetest-net-<id>-meta  169.254.169.254, fd00:ec2::254 ("metadata")
+               ── ctn<id>l ── netns cubetest-net-<id>-lan   192.168.77.10, fd77::10 ("LAN")
+
+Guests stand in for real ones: `VethGuest` replaces the sandbox's tap0 by a veth
+into a guest netns holding 169.254.0.2 (kernel speed); `TapGuest` keeps tap0 and
+pumps its frames to a tap inside the guest netns (exercises the real tap). A UML
+guest can replace either: tests only use `Guest.netns_path` through the socket
+helpers below (`connects`, `send_udp`, `listen_tcp`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from appliance.net import netns
+from appliance.net.addressing import Addressing
+from appliance.net.service import SandboxNetwork
+
+UPSTREAM_RECORDS = {  # name → (address, TTL s)
+    "svc.example.test": ("203.0.113.10", 300),
+    "example.test": ("203.0.113.10", 300),
+    "metadata.example.test": ("169.254.169.254", 300),
+    "short.example.test": ("203.0.113.10", 1),
+}
+TAP_OWNER_UID = 200_777
+SERVICE_PORT = 7000
+INTERNET_IP = "203.0.113.10"
+METADATA_IP = "169.254.169.254"
+LAN_IP = "192.168.77.10"
+INTERNET_IP6 = "2001:db8:cbe::10"
+METADATA_IP6 = "fd00:ec2::254"
+LAN_IP6 = "fd77::10"
+
+
+def dns_response(query: bytes) -> bytes:
+    """A minimal authoritative answer: one A record or NXDOMAIN."""
+    (qid,) = struct.unpack_from("!H", query)
+    offset, labels = 12, []
+    while query[offset]:
+        labels.append(query[offset + 1 : offset + 1 + query[offset]].decode())
+        offset += 1 + query[offset]
+    question = query[12 : offset + 5]
+    record = UPSTREAM_RECORDS.get(".".join(labels).lower())
+    qtype = struct.unpack_from("!H", query, offset + 1)[0]
+    if record is None or qtype != 1:
+        return struct.pack("!6H", qid, 0x8183 if record is None else 0x8180, 1, 0, 0, 0) + question
+    address, ttl = record
+    answer = struct.pack("!HHHIH", 0xC00C, 1, 1, ttl, 4) + socket.inet_aton(address)
+    return struct.pack("!6H", qid, 0x8180, 1, 1, 0, 0) + question + answer
+
+
+def sh(*commands: str) -> None:
+    for command in commands:
+        subprocess.run(command, shell=True, check=True, capture_output=True, text=True)
+
+
+def sh_quiet(command: str) -> None:
+    subprocess.run(command, shell=True, check=False, capture_output=True, text=True)
+
+
+@dataclass
+class WorldHost:
+    role: str
+    netns: str
+    ip: str
+    ip6: str
+    host_link: str
+
+    @property
+    def path(self) -> str:
+        return str(netns.netns_path(self.netns))
+
+
+@dataclass
+class World:
+    tag: str  # short unique id
+    host_network: str  # the test CubeVS's host_network
+    table: int
+    hosts: dict[str, WorldHost] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, n: int) -> World:
+        tag = f"{os.getpid() % 0x10000:04x}"
+        world = cls(tag=tag, host_network=f"10.254.{n}.0/24", table=25000 + n)
+        network6 = Addressing(world.host_network).network6
+        roles = {
+            "inet": (INTERNET_IP, INTERNET_IP6),
+            "meta": (METADATA_IP, METADATA_IP6),
+            "lan": (LAN_IP, LAN_IP6),
+        }
+        try:
+            for i, (role, (ip, ip6)) in enumerate(roles.items()):
+                base = f"198.18.{n}"  # a /30 per world host: .4i+1 host side, .4i+2 world side
+                base6 = f"2001:db8:ff:{n:x}::"  # likewise, /126s
+                host = WorldHost(role, f"cubetest-net-{tag}-{role}", ip, ip6, f"ctn{tag}{role[0]}")
+                sh(
+                    f"ip netns add {host.netns}",
+                    f"ip link add {host.host_link} type veth peer name w0 netns {host.netns}",
+                    f"ip addr add {base}.{4 * i + 1}/30 dev {host.host_link}",
+                    f"ip link set {host.host_link} up",
+                    f"ip -n {host.netns} link set lo up",
+                    f"ip -n {host.netns} addr add {ip}/32 dev lo",
+                    f"ip -n {host.netns} addr add {base}.{4 * i + 2}/30 dev w0",
+                    f"ip -n {host.netns} link set w0 up",
+                    f"ip -n {host.netns} route add default via {base}.{4 * i + 1}",
+                    f"ip route add {ip}/32 via {base}.{4 * i + 2} table {world.table}",
+                    f"ip addr add {base6}{4 * i + 1:x}/126 dev {host.host_link} nodad",
+                    f"ip -n {host.netns} addr add {ip6}/128 dev lo",
+                    f"ip -n {host.netns} addr add {base6}{4 * i + 2:x}/126 dev w0 nodad",
+                    f"ip -n {host.netns} -6 route add default via {base6}{4 * i + 1:x}",
+                    f"ip -6 route add {ip6}/128 via {base6}{4 * i + 2:x} table {world.table}",
+                )
+                world.hosts[role] = host
+            sh(
+                f"ip route add throw {world.host_network} table {world.table}",
+                f"ip route add unreachable default table {world.table}",
+                f"ip rule add from {world.host_network} lookup {world.table} priority {world.table}",
+                f"ip -6 route add throw {network6} table {world.table}",
+                f"ip -6 route add unreachable default table {world.table}",
+                f"ip -6 rule add from {network6} lookup {world.table} priority {world.table}",
+            )
+        except BaseException:
+            world.destroy()
+            raise
+        return world
+
+    def destroy(self) -> None:
+        network6 = Addressing(self.host_network).network6
+        sh_quiet(f"ip rule del from {self.host_network} lookup {self.table} priority {self.table}")
+        sh_quiet(f"ip -6 rule del from {network6} lookup {self.table} priority {self.table}")
+        sh_quiet(f"ip route flush table {self.table}")
+        sh_quiet(f"ip -6 route flush table {self.table}")
+        for host in self.hosts.values():
+            sh_quiet(f"ip link del {host.host_link}")
+            sh_quiet(f"ip netns del {host.netns}")
+
+
+# --- sockets inside a namespace ----------------------------------------------
+
+
+def _socket_in(path: str, family: int, kind: int) -> socket.socket:
+    with netns.entered(path):
+        return socket.socket(family, kind)
+
+
+def _family(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+async def socket_in(
+    path: str, kind: int = socket.SOCK_STREAM, family: int = socket.AF_INET
+) -> trio.socket.SocketType:
+    """A socket that belongs to the netns at `path` (sockets keep their netns for life)."""
+    sock = await trio.to_thread.run_sync(_socket_in, path, family, kind)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+async def connects(path: str, ip: str, port: int = SERVICE_PORT, timeout: float = 1.0) -> bool:
+    """Does a TCP connect from netns `path` to ip:port complete within `timeout`?"""
+    with await socket_in(path, family=_family(ip)) as sock, trio.move_on_after(timeout):
+        try:
+            await sock.connect((ip, port))
+            return True
+        except OSError:
+            return False
+    return False
+
+
+async def send_udp(path: str, ip: str, payload: bytes, port: int = SERVICE_PORT) -> None:
+    with await socket_in(path, socket.SOCK_DGRAM, _family(ip)) as sock:
+        try:
+            await sock.sendto(payload, (ip, port))
+        except OSError:
+            pass  # unreachable is also "did not arrive"
+
+
+@dataclass
+class Server:
+    """TCP and UDP on one port inside a netns; remembers who reached it."""
+
+    tcp_peers: list[str] = field(default_factory=list)
+    udp_payloads: list[tuple[bytes, str]] = field(default_factory=list)
+
+    async def got_tcp(self, timeout: float = 1.0) -> bool:
+        """Has a TCP connection arrived (waiting up to `timeout` for one)?"""
+        with trio.move_on_after(timeout):
+            while not self.tcp_peers:
+                await trio.sleep(0.005)
+        return bool(self.tcp_peers)
+
+    async def got_udp(self, payload: bytes, timeout: float = 1.0) -> bool:
+        with trio.move_on_after(timeout):
+            while not any(p == payload for p, _ in self.udp_payloads):
+                await trio.sleep(0.005)
+        return any(p == payload for p, _ in self.udp_payloads)
+
+
+@asynccontextmanager
+async def serving(path: str, ip: str = "::", port: int = SERVICE_PORT) -> AsyncIterator[Server]:
+    """Serve on ip:port; the default "::" takes IPv4 and IPv6 (peers of both as plain strings)."""
+    server = Server()
+    tcp = await socket_in(path, family=_family(ip))
+    udp = await socket_in(path, socket.SOCK_DGRAM, _family(ip))
+    if ip == "::":
+        tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    await tcp.bind((ip, port))
+    tcp.listen(64)
+    await udp.bind((ip, port))
+
+    async def accept_loop() -> None:
+        while True:
+            conn, peer = await tcp.accept()
+            server.tcp_peers.append(peer[0].removeprefix("::ffff:"))
+            conn.close()
+
+    async def udp_loop() -> None:
+        while True:
+            data, peer = await udp.recvfrom(2048)
+            server.udp_payloads.append((data, peer[0].removeprefix("::ffff:")))
+
+    with tcp, udp:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_loop)
+            nursery.start_soon(udp_loop)
+            yield server
+            nursery.cancel_scope.cancel()
+
+
+# --- guests ------------------------------------------------------------------
+
+
+@dataclass
+class Guest:
+    netns: str
+
+    @property
+    def netns_path(self) -> str:
+        return str(netns.netns_path(self.netns))
+
+
+@asynccontextmanager
+async def veth_guest(net: SandboxNetwork, name: str) -> AsyncIterator[Guest]:
+    """Replace tap0 by a veth whose other end, in a new guest netns, holds the guest address."""
+    guest = Guest(f"cubetest-net-g-{name}")
+    ns = net.netns
+    try:
+        await trio.to_thread.run_sync(
+            lambda: sh(
+                f"ip netns add {guest.netns}",
+                f"ip -n {ns} link del {net.tap}",
+                f"ip -n {ns} link add {net.tap} type veth peer name eth0 netns {guest.netns}",
+                f"ip -n {ns} addr add {net.gateway_ip}/30 dev {net.tap}",
+                f"ip -n {ns} addr add {net.gateway_ip6}/126 dev {net.tap} nodad",
+                f"ip -n {ns} link set {net.tap} up",
+                f"ip -n {guest.netns} link set lo up",
+                f"ip -n {guest.netns} addr add {net.guest_ip}/30 dev eth0",
+                f"ip -n {guest.netns} link set eth0 up",
+                f"ip -n {guest.netns} route add default via {net.gateway_ip}",
+                f"ip -n {guest.netns} addr add {net.guest_ip6}/126 dev eth0 nodad",
+                f"ip -n {guest.netns} -6 route add default via {net.gateway_ip6}",
+            )
+        )
+        yield guest
+    finally:
+        await trio.to_thread.run_sync(sh_quiet, f"ip netns del {guest.netns}")
+
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+
+
+def _open_tap(path: str, name: str) -> int:
+    """Attach to tap `name` in the netns at `path`, creating a non-persistent one if missing.
+
+    /dev/net/tun binds to the netns of whoever opens it, so open it inside.
+    """
+    with netns.entered(path):
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def _pump(src: int, dst: int) -> None:
+    while True:
+        await trio.lowlevel.wait_readable(src)
+        try:
+            frame = os.read(src, 65536)
+        except BlockingIOError:
+            continue
+        try:
+            os.write(dst, frame)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EIO):
+                raise
+
+
+@asynccontextmanager
+async def tap_guest(net: SandboxNetwork, name: str) -> AsyncIterator[Guest]:
+    """Keep the sandbox's tap0 (as UML would use it) and wire it to a tap in a guest netns."""
+    guest = Guest(f"cubetest-net-g-{name}")
+    await trio.to_thread.run_sync(sh, f"ip netns add {guest.netns}")
+    sandbox_fd = guest_fd = -1
+    try:
+        sandbox_fd = await trio.to_thread.run_sync(_open_tap, net.netns_path, net.tap)
+        guest_fd = await trio.to_thread.run_sync(_open_tap, guest.netns_path, "eth0")
+        await trio.to_thread.run_sync(
+            lambda: sh(
+                f"ip -n {guest.netns} link set lo up",
+                f"ip -n {guest.netns} addr add {net.guest_ip}/30 dev eth0",
+                f"ip -n {guest.netns} link set eth0 up",
+                f"ip -n {guest.netns} route add default via {net.gateway_ip}",
+                f"ip -n {guest.netns} addr add {net.guest_ip6}/126 dev eth0 nodad",
+                f"ip -n {guest.netns} -6 route add default via {net.gateway_ip6}",
+            )
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, sandbox_fd, guest_fd)
+            nursery.start_soon(_pump, guest_fd, sandbox_fd)
+            yield guest
+            nursery.cancel_scope.cancel()
+    finally:
+        for fd in (sandbox_fd, guest_fd):
+            if fd >= 0:
+                os.close(fd)
+        await trio.to_thread.run_sync(sh_quiet, f"ip netns del {guest.netns}")
+
+
+# `async with sandbox(policy, guest="veth"|"tap") as (net, guest)` (the conftest fixture).
+SandboxFactory = Callable[..., AbstractAsyncContextManager[tuple[SandboxNetwork, Guest]]]

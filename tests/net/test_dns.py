@@ -1,0 +1,101 @@
+"""The node resolver: guests resolve through their gateway; domain allow lists follow the answers."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import trio
+from networld import INTERNET_IP, SandboxFactory, World, connects, dns_response, serving, socket_in
+
+from appliance.net import CubeVS, NetworkPolicy, service
+from appliance.net.dns import parse_answer
+
+
+def dns_query(name: str, qid: int = 0x1234) -> bytes:
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
+    return struct.pack("!6H", qid, 0x0100, 1, 0, 0, 0) + labels + b"\x00" + struct.pack("!HH", 1, 1)
+
+
+async def resolve_udp(guest_path: str, resolver_ip: str, name: str) -> list[str]:
+    with await socket_in(guest_path, socket.SOCK_DGRAM) as sock, trio.fail_after(3):
+        await sock.sendto(dns_query(name), (resolver_ip, 53))
+        answer = parse_answer(await sock.recv(4096))
+    assert answer is not None and answer.qname == name
+    return [str(address) for address, _ttl in answer.addresses]
+
+
+async def resolve_tcp(guest_path: str, resolver_ip: str, name: str) -> list[str]:
+    with await socket_in(guest_path) as sock, trio.fail_after(3):
+        await sock.connect((resolver_ip, 53))
+        query = dns_query(name)
+        await sock.send(struct.pack("!H", len(query)) + query)
+        data = b""
+        while len(data) < 2 or len(data) < 2 + struct.unpack("!H", data[:2])[0]:
+            chunk = await sock.recv(4096)
+            assert chunk
+            data += chunk
+    answer = parse_answer(data[2:])
+    assert answer is not None
+    return [str(address) for address, _ttl in answer.addresses]
+
+
+def test_parse_answer() -> None:
+    answer = parse_answer(dns_response(dns_query("svc.example.test")))
+    assert answer is not None and answer.qname == "svc.example.test"
+    assert [(str(a), ttl) for a, ttl in answer.addresses] == [(INTERNET_IP, 300)]
+    assert parse_answer(b"\x00\x01garbage") is None
+
+
+async def test_domain_allow_list_learns_answers(vs: CubeVS, world: World, sandbox: SandboxFactory) -> None:
+    policy = NetworkPolicy(allow_internet_access=False, allow_out=("*.example.test",))
+    async with (
+        sandbox(policy) as (net, guest),
+        serving(world.hosts["inet"].path),
+        serving(world.hosts["meta"].path),
+    ):
+        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+        assert await resolve_udp(guest.netns_path, net.resolver_ip, "svc.example.test") == [INTERNET_IP]
+        assert await connects(guest.netns_path, INTERNET_IP)
+        # A name that resolves to the metadata service does not open it.
+        assert await resolve_udp(guest.netns_path, net.resolver_ip, "metadata.example.test") == [
+            "169.254.169.254"
+        ]
+        assert not await connects(guest.netns_path, "169.254.169.254", timeout=0.5)
+        # Dropping the domain from the list drops what was learned for it.
+        await vs.update_policy(net.sandbox_id, NetworkPolicy(allow_internet_access=False))
+        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+
+
+async def test_tcp_queries_and_apex_is_not_a_wildcard_match(
+    vs: CubeVS, world: World, sandbox: SandboxFactory
+) -> None:
+    policy = NetworkPolicy(allow_internet_access=False, allow_out=("*.example.test",))
+    async with sandbox(policy) as (net, guest), serving(world.hosts["inet"].path):
+        assert await resolve_tcp(guest.netns_path, net.resolver_ip, "example.test") == [INTERNET_IP]
+        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+        assert await resolve_tcp(guest.netns_path, net.resolver_ip, "svc.example.test") == [INTERNET_IP]
+        assert await connects(guest.netns_path, INTERNET_IP)
+
+
+async def test_domain_deny_list(vs: CubeVS, world: World, sandbox: SandboxFactory) -> None:
+    policy = NetworkPolicy(deny_out=("svc.example.test",))
+    async with sandbox(policy) as (net, guest), serving(world.hosts["inet"].path):
+        assert await connects(guest.netns_path, INTERNET_IP)
+        await resolve_udp(guest.netns_path, net.resolver_ip, "svc.example.test")
+        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+
+
+async def test_learned_addresses_expire_with_their_ttl(
+    vs: CubeVS, world: World, sandbox: SandboxFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Production keeps answers >= 2 min; shrink the floors to see the TTL (1 s) itself.
+    monkeypatch.setattr(service, "_LEARNED_MIN_S", 0.0)
+    monkeypatch.setattr(service, "_LEARNED_GRACE_S", 0.0)
+    policy = NetworkPolicy(allow_internet_access=False, allow_out=("*.example.test",))
+    async with sandbox(policy) as (net, guest), serving(world.hosts["inet"].path):
+        assert await resolve_udp(guest.netns_path, net.resolver_ip, "short.example.test") == [INTERNET_IP]
+        assert await connects(guest.netns_path, INTERNET_IP)
+        await trio.sleep(1.0 + service._EXPIRY_CHECK_S + 0.5)
+        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
