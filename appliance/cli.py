@@ -22,6 +22,7 @@ from appliance.bench.api import api_bench
 from appliance.bench.floor import floor_command
 from appliance.bench.net import net_bench
 from appliance.config import load_config
+from appliance.templates.cli import BUILD_COMMANDS
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -256,6 +257,10 @@ def tpl_delete(config: Any, template_id: str, force: bool, api_key: str | None) 
 
 
 # API keys.
+
+
+for _build_command in BUILD_COMMANDS:
+    tpl.add_command(_build_command)
 
 
 @main.group()

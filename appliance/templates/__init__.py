@@ -1,1 +1,26 @@
-"""Templates: the root filesystem image and the metadata a sandbox is started from."""
+"""Templates: the root filesystem image and the metadata a sandbox is started from.
+
+Where things are:
+  manifest.py        TemplateManifest: what a built template is on disk
+  catalog.py         lookup by id/alias, versions, publish, delete, garbage collection
+  builds.py          TemplateBuilds: the build service (jobs run in its nursery)
+  jobs.py            BuildJob, phases, JSON persistence under <state_dir>/template-builds
+  api.py, cli.py     HTTP blueprint and `tpl create-from-image|watch|build`
+  requests.py        build requests and template settings, validated
+  sandbox_steps.py   what the service provides for BOOTING/PROBING/finalize and Dockerfile RUN
+From images:
+  reference.py       image references (registry, oci:, oci-archive:, docker-archive:)
+  registry.py, registry_auth.py   distribution v2 client, bearer/basic auth
+  manifests.py       manifests, indexes, configs, platform choice
+  archives.py        local layouts and archives
+  layer_cache.py     verified blobs by digest, resumable
+  pull.py            PULLING + UNPACKING for a job
+  unpack.py          applying layers (whiteouts, opaque dirs, ownership, xattrs, devices)
+Finishing:
+  guest_setup.py     agent, init, start script, accounts, DNS injected into every rootfs
+  ext4.py            rootfs.ext4 via mkfs.ext4 -d
+  probe.py           readiness probe
+Dockerfiles:
+  dockerfile.py, dockerignore.py, build_context.py, step_cache.py, dockerfile_build.py
+The default Debian-recipe template: default.py.
+"""

@@ -1,0 +1,258 @@
+"""The template build service: runs build jobs from image references and Dockerfiles.
+
+The service starts it in its nursery (`await nursery.start(builds.run)`); the
+API blueprint submits jobs and reads them. Each job builds into a fresh
+template directory that stays marked unfinished (invisible to lookups) until
+READY and is removed on failure, so a failed build leaves no partial template.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import trio
+
+from appliance.config import Config
+from appliance.runtime.base import BootFailed
+from appliance.templates.catalog import (
+    begin_template,
+    discard_template,
+    new_template_id,
+    publish_template,
+    remove_unfinished,
+)
+from appliance.templates.dockerfile_build import DockerfileBuildRequest, build_dockerfile_rootfs
+from appliance.templates.ext4 import build_ext4
+from appliance.templates.guest_setup import prepare_rootfs
+from appliance.templates.jobs import (
+    PHASE_PROGRESS,
+    BuildJob,
+    JobStore,
+    Phase,
+    first_leaf,
+    new_job_id,
+    utc_now,
+)
+from appliance.templates.layer_cache import LayerCache
+from appliance.templates.manifest import TemplateManifest
+from appliance.templates.probe import ProbeFailed, wait_until_ready
+from appliance.templates.pull import pull_image
+from appliance.templates.registry import insecure_registries
+from appliance.templates.requests import ImageBuildRequest, TemplateSettings
+from appliance.templates.sandbox_steps import TemplateSandboxes
+
+log = logging.getLogger(__name__)
+
+# Fills the empty rootfs directory (second argument) using the job's scratch
+# directory (third) and returns the manifest of the template to finish.
+RootfsBuilder = Callable[[BuildJob, Path, Path], Awaitable[TemplateManifest]]
+CONSOLE_TAIL_BYTES = 4096
+# Builds are disk- and CPU-heavy; on a small host they queue rather than compete.
+PARALLEL_BUILDS = 1
+
+
+def console_tail(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - CONSOLE_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class TemplateBuilds:
+    def __init__(self, config: Config, sandboxes: TemplateSandboxes) -> None:
+        self.config = config
+        self.sandboxes = sandboxes
+        self.store = JobStore(config.state_dir / "template-builds")
+        self.layer_cache = LayerCache(config.cache_dir / "layers")
+        self._limiter = trio.CapacityLimiter(PARALLEL_BUILDS)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.store.load()
+        for template_id in remove_unfinished(self.config):
+            log.info("removed unfinished template %s", template_id)
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(self._work_root(), ignore_errors=True))
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _work_root(self) -> Path:
+        return self.config.cache_dir / "build-work"
+
+    def context_root(self) -> Path:
+        """Where uploaded Dockerfile build contexts are unpacked (removed when their job ends)."""
+        path = self._work_root() / "contexts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def jobs(self) -> list[BuildJob]:
+        return sorted(self.store.jobs.values(), key=lambda j: j.created_at)
+
+    def job(self, job_id: str) -> BuildJob | None:
+        return self.store.get(job_id)
+
+    def _start(
+        self, kind: str, request: dict[str, object], settings: TemplateSettings, build: RootfsBuilder
+    ) -> BuildJob:
+        if self._nursery is None:
+            raise RuntimeError("the template build service is not running")
+        job = BuildJob(job_id=new_job_id(), kind=kind, request=request, template_id=new_template_id())
+        self.store.add(job)
+        self._nursery.start_soon(self._run_job, job, settings, build)
+        return job
+
+    def submit_image(self, request: ImageBuildRequest, public: dict[str, object]) -> BuildJob:
+        async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
+            image = await pull_image(
+                self.store,
+                job,
+                request.image,
+                rootfs,
+                work,
+                self.layer_cache,
+                request.credentials,
+                insecure_registries(self.config),
+            )
+            config = image.config
+            return self._manifest(
+                job,
+                request.settings,
+                source=image.digest,
+                envs=config.env_dict(),
+                start_cmd=request.settings.start_cmd(config.entrypoint, config.cmd),
+                workdir=config.workdir,
+                user=config.user,
+                image_ports=config.exposed_ports,
+            )
+
+        return self._start("image", public, request.settings, build)
+
+    def submit_dockerfile(self, request: DockerfileBuildRequest, public: dict[str, object]) -> BuildJob:
+        async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
+            try:
+                result = await build_dockerfile_rootfs(self, job, request, rootfs, work)
+            finally:
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(request.context, ignore_errors=True))
+            return self._manifest(
+                job,
+                request.settings,
+                source=result.cache_key,
+                envs=result.env,
+                start_cmd=request.settings.start_cmd(result.entrypoint, result.cmd),
+                workdir=result.workdir,
+                user=result.user,
+                image_ports=result.exposed_ports,
+            )
+
+        return self._start("dockerfile", public, request.settings, build)
+
+    def _manifest(
+        self,
+        job: BuildJob,
+        settings: TemplateSettings,
+        *,
+        source: str,
+        envs: dict[str, str],
+        start_cmd: tuple[str, ...],
+        workdir: str,
+        user: str,
+        image_ports: tuple[int, ...],
+    ) -> TemplateManifest:
+        return TemplateManifest(
+            template_id=job.template_id,
+            directory=self.config.templates_dir / job.template_id,
+            aliases=(settings.alias,) if settings.alias else (),
+            memory_mb=settings.memory_mb,
+            cpu_count=settings.cpu_count,
+            writable_layer_mb=settings.writable_layer_mb,
+            envs={**envs, **settings.envs},
+            start_cmd=start_cmd,
+            workdir=workdir or "/",
+            user=user or "root",
+            expose_ports=settings.ports(image_ports),
+            probe_port=settings.probe(image_ports),
+            probe_path=settings.probe_path,
+            network_defaults=settings.network_defaults,
+            source=source,
+            created_at=utc_now(),
+        )
+
+    async def _run_job(self, job: BuildJob, settings: TemplateSettings, build: RootfsBuilder) -> None:
+        work = self._work_root() / job.job_id
+        try:
+            async with self._limiter:
+                rootfs = work / "rootfs"
+                rootfs.mkdir(parents=True)
+                begin_template(self.config, job.template_id)
+                manifest = await build(job, rootfs, work)
+                manifest = await self._write_image(job, settings, rootfs, manifest)
+                # The unpacked tree is in rootfs.ext4 now: give its disk space back before booting.
+                await trio.to_thread.run_sync(shutil.rmtree, work)
+                await self._boot_and_publish(job, settings, manifest)
+        except Exception as error:  # every failure becomes the job's reason; nothing above sees it
+            discard_template(self.config, job.template_id)
+            leaf = first_leaf(error)
+            if isinstance(leaf, BootFailed):
+                self.store.fail(job, f"the template's sandbox did not boot: {leaf.reason}", leaf.console_tail)
+            else:
+                self.store.fail(job, str(leaf) or type(leaf).__name__, getattr(leaf, "console_tail", ""))
+        except BaseException:
+            discard_template(self.config, job.template_id)
+            self.store.fail(job, "the build was cancelled (service shutting down)")
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
+
+    async def _write_image(
+        self, job: BuildJob, settings: TemplateSettings, rootfs: Path, manifest: TemplateManifest
+    ) -> TemplateManifest:
+        """BUILDING: guest agent, init and start script into the tree, then rootfs.ext4 from it."""
+        self.store.set_phase(job, Phase.BUILDING, "injecting the guest agent and writing rootfs.ext4")
+        default_user = await trio.to_thread.run_sync(
+            prepare_rootfs,
+            rootfs,
+            manifest.start_cmd,
+            manifest.envs,
+            manifest.workdir,
+            manifest.user,
+            settings.dns,
+        )
+        size = await build_ext4(rootfs, manifest.rootfs, manifest.writable_layer_mb << 20)
+        self.store.log(job, f"rootfs.ext4: {size >> 20} MiB ({manifest.writable_layer_mb} MiB writable)")
+        # Processes and files default to the image's USER, by the account name the agent looks up.
+        return replace(manifest, user=default_user)
+
+    async def _boot_and_publish(
+        self, job: BuildJob, settings: TemplateSettings, manifest: TemplateManifest
+    ) -> None:
+        """BOOTING -> PROBING -> SNAPSHOTTING/POOLING -> READY."""
+        self.store.set_phase(job, Phase.BOOTING, "booting a sandbox from the template")
+        async with self.sandboxes.boot(manifest) as instance:
+            target = f"{manifest.probe_path or 'TCP'} on port {manifest.probe_port}"
+            self.store.set_phase(job, Phase.PROBING, f"probing {target}")
+            try:
+                took = await wait_until_ready(
+                    instance.endpoint(manifest.probe_port),
+                    manifest.probe_path,
+                    settings.probe_timeout_s,
+                    settings.probe_period_s,
+                )
+            except ProbeFailed as exc:
+                exc.console_tail = console_tail(instance.console_log)
+                raise
+            self.store.log(job, f"probe answered after {took:.1f}s")
+            self.store.set_phase(job, self.sandboxes.finalize_phase)
+            await self.sandboxes.finalize(manifest, instance)
+        superseded = publish_template(self.config, manifest, settings.alias)
+        if superseded:
+            self.store.log(job, f"alias {settings.alias} moved from {superseded} to {manifest.template_id}")
+        job.progress = PHASE_PROGRESS[Phase.READY]
+        self.store.set_phase(job, Phase.READY, f"template {manifest.template_id} is ready")

@@ -1,0 +1,248 @@
+"""What every image rootfs gets before it becomes a template: the guest agent, an init, DNS.
+
+The kernel starts /sbin/cube-init as PID 1. It mounts the kernel filesystems,
+configures the network interface (eth0 under kvm, vec0 with UML's vector
+transport; every guest has the same address, see runtime.base), starts
+the guest agent if the image has python3, then the image's own entrypoint+cmd
+(/opt/cube/start, generated here from the image config) with its env, workdir
+and user, and reaps orphans for as long as the machine runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+import appliance
+from appliance.runtime.base import GATEWAY_IP, GUEST_IP, GUEST_PREFIX
+from appliance.templates.unpack import resolve_in_root
+
+AGENT_DIR = "/opt/cube/agent"
+# The agent's pure-Python dependencies, copied from the host beside it: an image
+# with python3 rarely has trio or h11, and PYTHONPATH puts these first only for
+# the agent. (The code interpreter's pyzmq/ipykernel are compiled; images that
+# want it bring them, as the default template does.)
+AGENT_DEPENDENCIES = ("trio", "outcome", "sniffio", "sortedcontainers", "attr", "attrs", "idna", "h11")
+INIT_PATH = "/sbin/cube-init"
+START_PATH = "/opt/cube/start"
+DEFAULT_DNS = ("1.1.1.1", "8.8.8.8")
+SANDBOX_USER = "user"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_NETMASK = ".".join(str((0xFFFFFFFF << (32 - GUEST_PREFIX) >> (24 - 8 * i)) & 0xFF) for i in range(4))
+
+# Images differ in what they carry: iproute2, busybox ifconfig/route, or only
+# python3 (slim images). The last resort sets the address with ioctls.
+PYTHON_NET_SETUP = f"""
+import fcntl, socket, struct, sys
+iface = sys.argv[1].encode()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def addr(ip): return struct.pack("16sH2s4s8s", iface, socket.AF_INET, b"", socket.inet_aton(ip), b"")
+fcntl.ioctl(s, 0x8916, addr("{GUEST_IP}"))
+fcntl.ioctl(s, 0x891C, addr("{_NETMASK}"))
+for name in (b"lo", iface):
+    flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", name, 0))[:18])[1]
+    fcntl.ioctl(s, 0x8914, struct.pack("16sH", name, flags | 1))
+route = struct.pack("L16s16s16sH", 0, struct.pack("HH4s8s", socket.AF_INET, 0, bytes(4), b""),
+    struct.pack("HH4s8s", socket.AF_INET, 0, socket.inet_aton("{GATEWAY_IP}"), b""),
+    struct.pack("HH4s8s", socket.AF_INET, 0, bytes(4), b""), 0x3)
+fcntl.ioctl(s, 0x890B, route + bytes(80))
+""".strip()
+
+INIT_SCRIPT_TEMPLATE = f"""#!/bin/sh
+# Cube guest init for templates built from OCI images (PID 1).
+export PATH={DEFAULT_PATH}
+mount -t proc proc /proc 2>/dev/null
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts 2>/dev/null
+mount -t tmpfs tmpfs /dev/shm 2>/dev/null
+mount -t tmpfs tmpfs /run 2>/dev/null
+# The runtime passes these on the kernel command line (as the default template's init reads them).
+hostname "${{cube_hostname:-sandbox}}" 2>/dev/null
+[ -n "$cube_resolver" ] && echo "nameserver $cube_resolver" > /etc/resolv.conf
+iface=eth0
+for dev in /sys/class/net/*; do
+  case "${{dev##*/}}" in lo|sit*|tunl*|ip6tnl*|'*') ;; *) iface="${{dev##*/}}"; break ;; esac
+done
+if command -v ip >/dev/null 2>&1; then
+  ip link set lo up
+  ip addr add {GUEST_IP}/{GUEST_PREFIX} dev "$iface"
+  ip link set "$iface" up
+  ip route add default via {GATEWAY_IP}
+elif command -v ifconfig >/dev/null 2>&1 && command -v route >/dev/null 2>&1; then
+  ifconfig lo up
+  ifconfig "$iface" {GUEST_IP} netmask {_NETMASK} up
+  route add default gw {GATEWAY_IP}
+elif command -v python3 >/dev/null 2>&1; then
+  python3 -c '{PYTHON_NET_SETUP}' "$iface"
+else
+  echo "cube-init: no ip, ifconfig or python3 in the image: $iface left unconfigured" >&2
+fi
+if command -v python3 >/dev/null 2>&1; then
+  HOME=/root LANG=C.UTF-8 PYTHONPATH={AGENT_DIR} python3 -m appliance.guest --default-user @DEFAULT_USER@ &
+else
+  echo "cube-init: no python3 in the image: the guest agent does not run" >&2
+fi
+[ -x {START_PATH} ] && {START_PATH} &
+# PID 1 must keep running and reap the orphans reparented to it.
+while :; do wait; sleep 1; done
+"""
+
+
+def init_script(default_user: str) -> str:
+    return INIT_SCRIPT_TEMPLATE.replace("@DEFAULT_USER@", shlex.quote(default_user))
+
+
+def account_name(rootfs: Path, user_spec: str) -> str:
+    """The passwd name for an image USER (`1000:1000` -> `app`): the guest agent looks users up by name."""
+    uid, _, _ = lookup_ids(rootfs, user_spec or "root")
+    passwd = resolve_in_root(rootfs, "/etc/passwd")
+    for line in passwd.read_text(errors="replace").splitlines() if passwd.is_file() else ():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[2] == str(uid):
+            return fields[0]
+    return "root" if uid == 0 else str(uid)
+
+
+def ensure_sandbox_user(rootfs: Path) -> None:
+    """E2B clients run commands as `user` by default: give images without one such an account."""
+    passwd = resolve_in_root(rootfs, "/etc/passwd")
+    group = resolve_in_root(rootfs, "/etc/group")
+    users = (
+        [line.split(":") for line in passwd.read_text(errors="replace").splitlines()]
+        if passwd.is_file()
+        else []
+    )
+    if any(fields[0] == SANDBOX_USER for fields in users):
+        return
+    groups = (
+        [line.split(":") for line in group.read_text(errors="replace").splitlines()]
+        if group.is_file()
+        else []
+    )
+    taken = {f[2] for f in users if len(f) > 2} | {f[2] for f in groups if len(f) > 2}
+    number = next(n for n in range(1000, 65534) if str(n) not in taken)
+    passwd.parent.mkdir(parents=True, exist_ok=True)
+    if not users:
+        passwd.write_text("root:x:0:0:root:/root:/bin/sh\n")
+        group.write_text("root:x:0:\n")
+    with passwd.open("a") as f:
+        f.write(f"{SANDBOX_USER}:x:{number}:{number}::/home/{SANDBOX_USER}:/bin/sh\n")
+    with group.open("a") as f:
+        f.write(f"{SANDBOX_USER}:x:{number}:\n")
+    home = resolve_in_root(rootfs, f"/home/{SANDBOX_USER}")
+    home.mkdir(parents=True, exist_ok=True)
+    os.chown(home, number, number)
+    home.chmod(0o755)
+
+
+def lookup_ids(rootfs: Path, user_spec: str) -> tuple[int, int, str]:
+    """(uid, gid, home) for an image's USER (`name`, `uid`, `name:group`, `uid:gid`)."""
+    user, _, group = user_spec.partition(":")
+    uid, gid, home = None, None, "/"
+    passwd = resolve_in_root(rootfs, "/etc/passwd")
+    for line in passwd.read_text(errors="replace").splitlines() if passwd.is_file() else ():
+        fields = line.split(":")
+        if len(fields) >= 6 and (fields[0] == user or fields[2] == user):
+            uid, gid, home = int(fields[2]), int(fields[3]), fields[5] or "/"
+            break
+    if uid is None and user == "root":  # images without /etc/passwd (scratch, distroless)
+        uid, gid, home = 0, 0, "/root"
+    if uid is None:
+        if not user.isdigit():
+            raise ValueError(f"user {user!r} does not exist in the image's /etc/passwd")
+        uid = int(user)
+    if group:
+        gid = None
+        groups = resolve_in_root(rootfs, "/etc/group")
+        for line in groups.read_text(errors="replace").splitlines() if groups.is_file() else ():
+            fields = line.split(":")
+            if len(fields) >= 3 and (fields[0] == group or fields[2] == group):
+                gid = int(fields[2])
+                break
+        if gid is None:
+            if not group.isdigit():
+                raise ValueError(f"group {group!r} does not exist in the image's /etc/group")
+            gid = int(group)
+    return uid, gid if gid is not None else uid, home
+
+
+def start_script(
+    rootfs: Path, start_cmd: tuple[str, ...], envs: dict[str, str], workdir: str, user: str
+) -> str:
+    uid, gid, home = lookup_ids(rootfs, user or "root")
+    exports = {"PATH": DEFAULT_PATH, "HOME": home, **envs}
+    lines = ["#!/bin/sh", "# The image's entrypoint + cmd, as its config says to run it."]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in exports.items()]
+    lines.append(f"cd {shlex.quote(workdir or '/')} || exit 1")
+    argv = " ".join(shlex.quote(arg) for arg in start_cmd)
+    if uid == 0:
+        lines.append(f"exec {argv}")
+    else:
+        # Whichever way to drop privileges the image offers.
+        lines += [
+            "if command -v setpriv >/dev/null 2>&1; then",
+            f"  exec setpriv --reuid={uid} --regid={gid} --clear-groups -- {argv}",
+            "elif command -v python3 >/dev/null 2>&1; then",
+            "  exec python3 -c 'import os, sys; os.setgroups([]); os.setgid(int(sys.argv[1])); "
+            "os.setuid(int(sys.argv[2])); os.execvp(sys.argv[3], sys.argv[3:])' "
+            f"{gid} {uid} {argv}",
+            "else",
+            f"  exec chroot --userspec={uid}:{gid} / {argv}",
+            "fi",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _write(rootfs: Path, guest_path: str, text: str, mode: int) -> None:
+    target = resolve_in_root(rootfs, guest_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    target.write_text(text)
+    target.chmod(mode)
+
+
+def prepare_rootfs(
+    rootfs: Path,
+    start_cmd: tuple[str, ...],
+    envs: dict[str, str],
+    workdir: str,
+    user: str,
+    dns: tuple[str, ...],
+) -> str:
+    """Inject agent, init and start script; make the mount points, accounts and resolv.conf the init
+    expects. Returns the account name the agent uses by default (the image's USER, else root)."""
+    for mount_point in ("proc", "sys", "dev", "run", "tmp"):
+        resolve_in_root(rootfs, mount_point).mkdir(mode=0o755, exist_ok=True)
+    resolve_in_root(rootfs, "tmp").chmod(0o1777)
+    agent_dir = resolve_in_root(rootfs, AGENT_DIR)
+    if agent_dir.exists():
+        shutil.rmtree(agent_dir)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    package = Path(appliance.__file__).parent
+    shutil.copytree(package / "guest", agent_dir / "appliance" / "guest", ignore=skip)
+    shutil.copy2(package / "__init__.py", agent_dir / "appliance" / "__init__.py")
+    for name in AGENT_DEPENDENCIES:
+        module = importlib.import_module(name)
+        shutil.copytree(Path(str(module.__file__)).parent, agent_dir / name, ignore=skip)
+    ensure_sandbox_user(rootfs)
+    default_user = account_name(rootfs, user)
+    _write(rootfs, INIT_PATH, init_script(default_user), 0o755)
+    if start_cmd:
+        _write(rootfs, START_PATH, start_script(rootfs, start_cmd, envs, workdir, user), 0o755)
+    resolv = resolve_in_root(rootfs, "/etc/resolv.conf")
+    has_own = (
+        resolv.is_file() and not resolv.is_symlink() and "nameserver" in resolv.read_text(errors="replace")
+    )
+    if dns or not has_own:
+        _write(rootfs, "/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in dns or DEFAULT_DNS), 0o644)
+    hosts = resolve_in_root(rootfs, "/etc/hosts")
+    if not hosts.is_file() or "localhost" not in hosts.read_text(errors="replace"):
+        _write(rootfs, "/etc/hosts", "127.0.0.1 localhost sandbox\n::1 localhost\n", 0o644)
+    return default_user
