@@ -18,6 +18,7 @@ import click
 import trio
 
 from appliance.api.client import ApiClient
+from appliance.bench.agent import agent as agent_bench
 from appliance.bench.api import api_bench
 from appliance.bench.floor import floor_command
 from appliance.bench.net import net_bench
@@ -327,6 +328,7 @@ def bench() -> None:
     """Benchmarks; tables for people, --json-dir for the record."""
 
 
+bench.add_command(agent_bench)
 bench.add_command(api_bench)
 bench.add_command(floor_command)
 bench.add_command(net_bench)

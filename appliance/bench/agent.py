@@ -1,0 +1,122 @@
+"""`cube bench agent`: the guest agent on this host, measured through the unmodified E2B SDK.
+
+Reports run_code("1") and commands.run("true") round trips (p50/p99) and file
+write/read throughput for 1 MiB and 100 MiB files. The SDK runs in debug mode, which
+points it at localhost:49983/49999, so those ports must be free.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from appliance.bench.report import Report, percentiles
+
+READY_LINE = "CUBE-AGENT-READY"
+MIB = 1024 * 1024
+
+
+@contextmanager
+def running_agent() -> Iterator[Path]:
+    """Start `python -m appliance.guest` with a temporary home; stop it and remove the home after."""
+    home = Path(tempfile.mkdtemp(prefix="cube-bench-agent-"))
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HOME": str(home), "TMPDIR": str(home), "PYTHONPATH": str(repo)}
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "appliance.guest", "--host", "127.0.0.1"],
+        cwd=home,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip() == READY_LINE:
+                break
+        else:
+            raise click.ClickException(f"the agent exited with code {process.wait()} before it was ready")
+        click.echo(f"agent ready in {time.perf_counter() - started:.2f}s")
+        yield home
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def time_calls(call: Callable[[], object], samples: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        call()
+    durations = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        call()
+        durations.append(time.perf_counter() - started)
+    return durations
+
+
+def throughput(sandbox: object, path: str, size: int, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` write and read speed in MiB/s for one file of `size` bytes."""
+    payload = os.urandom(size)
+    write_s = read_s = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        sandbox.files.write(path, payload)  # type: ignore[attr-defined]
+        write_s = min(write_s, time.perf_counter() - started)
+        started = time.perf_counter()
+        data = sandbox.files.read(path, format="bytes")  # type: ignore[attr-defined]
+        read_s = min(read_s, time.perf_counter() - started)
+        if len(data) != size:
+            raise click.ClickException(f"read {len(data)} bytes back, wrote {size}")
+    return size / MIB / write_s, size / MIB / read_s
+
+
+@click.command("agent")
+@click.option("--samples", default=100, show_default=True, help="round trips per latency metric")
+@click.option(
+    "--json-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+    help="where agent.json is written",
+)
+def agent(samples: int, json_dir: Path) -> None:
+    """Guest agent latency and file throughput on this host (no VM), through the E2B SDK."""
+    os.environ["E2B_DEBUG"] = "true"
+    os.environ.pop("E2B_SANDBOX_URL", None)
+    from e2b_code_interpreter import Sandbox  # imported here: the SDK is a test/bench dependency
+
+    report = Report(name="agent")
+    with running_agent() as home:
+        sandbox = Sandbox.create()
+        for metric, call in (
+            ('run_code("1")', lambda: sandbox.run_code("1")),
+            ('commands.run("true")', lambda: sandbox.commands.run("true")),
+        ):
+            report.add(metric=metric, **percentiles(time_calls(call, samples)))
+        for label, size, repeats in (("1 MiB", MIB, 20), ("100 MiB", 100 * MIB, 3)):
+            write_rate, read_rate = throughput(sandbox, str(home / "bench.bin"), size, repeats)
+            report.add(metric=f"files.write {label}", mib_per_s=write_rate, n=repeats)
+            report.add(metric=f"files.read {label}", mib_per_s=read_rate, n=repeats)
+    report.notes.append("agent on the host as a plain process; SDK in debug mode over loopback HTTP/1.1")
+    report.notes.append("throughput: best of n, multipart upload (the SDK default), bytes download")
+    report.print_table()
+    click.echo(f"json: {report.write_json(json_dir)}")

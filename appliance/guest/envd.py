@@ -1,0 +1,187 @@
+"""envd's HTTP surface on port 49983: Connect RPCs, `/files`, `/health`, `/init`, `/envs`, `/metrics`."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from appliance.guest import ENVD_VERSION
+from appliance.guest.connect import CallContext, Router
+from appliance.guest.files_endpoint import FilesError, download, upload
+from appliance.guest.http import Request, Response
+from appliance.guest.state import AgentState
+from appliance.guest.users import user_from_basic_auth
+
+EnvListener = Callable[[dict[str, str]], Awaitable[None]]
+# Clock corrections smaller than this are noise (PROTOCOL: set it when off by more than 1 s).
+CLOCK_TOLERANCE_S = 1.0
+
+
+def file_signature(path: str, operation: str, user: str, token: str, expiration: str | None) -> str:
+    """The v1 signature the SDK puts on download/upload URLs (PROTOCOL.md §3.7)."""
+    raw = f"{path}:{operation}:{user}:{token}" + (f":{expiration}" if expiration else "")
+    digest = hashlib.sha256(raw.encode()).digest()
+    return "v1_" + base64.b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+class CpuSampler:
+    """CPU use between two /metrics calls, from /proc/stat."""
+
+    def __init__(self) -> None:
+        self._previous = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(value) for value in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    def used_percent(self) -> float:
+        total, idle = self._sample()
+        previous_total, previous_idle = self._previous
+        self._previous = (total, idle)
+        elapsed = total - previous_total
+        return round(100.0 * (1 - (idle - previous_idle) / elapsed), 2) if elapsed > 0 else 0.0
+
+
+class EnvdApp:
+    def __init__(self, state: AgentState, router: Router, on_env_vars: EnvListener) -> None:
+        self.state = state
+        self.router = router
+        self._on_env_vars = on_env_vars
+        self._cpu = CpuSampler()
+
+    async def handle(self, request: Request, response: Response) -> None:
+        try:
+            await self._route(request, response)
+        except FilesError as exc:
+            await response.send_json(exc.status, {"code": exc.status, "message": exc.message})
+
+    async def _route(self, request: Request, response: Response) -> None:
+        path = request.path
+        if path == "/files" and request.method in ("GET", "POST"):
+            if not self._files_authorized(request):
+                raise FilesError(401, "invalid or missing access token or signature")
+            user = self.state.user(request.query_value("username") or self._basic_user(request))
+            if request.method == "GET":
+                await download(request, response, user)
+            else:
+                await upload(request, response, user)
+            return
+        if not self.state.token_accepted(request.headers):
+            if self.router.handles(path):
+                body = {"code": "unauthenticated", "message": "invalid access token", "details": []}
+                await response.send_json(401, body)
+            else:
+                await response.send_json(401, {"code": 401, "message": "invalid access token"})
+            return
+        if self.router.handles(path):
+            context = CallContext(user=self.state.user(self._basic_user(request)), headers=request.headers)
+            await self.router.dispatch(request, response, context)
+        elif path.count("/") == 2 and path.split("/")[1].startswith(("process.", "filesystem.")):
+            body = {"code": "unimplemented", "message": f"unknown method {path}", "details": []}
+            await response.send_json(404, body)
+        elif path == "/health" and request.method == "GET":
+            await response.send(204)
+        elif path == "/init" and request.method == "POST":
+            await self._init(request, response)
+        elif path == "/envs" and request.method == "GET":
+            await response.send_json(200, self.state.env_vars)
+        elif path == "/metrics" and request.method == "GET":
+            await response.send_json(200, self._metrics())
+        else:
+            await response.send_json(404, {"code": 404, "message": f"no route for {request.method} {path}"})
+
+    @staticmethod
+    def _basic_user(request: Request) -> str | None:
+        return user_from_basic_auth(request.headers.get("authorization"))
+
+    def _files_authorized(self, request: Request) -> bool:
+        token = self.state.access_token
+        if token is None or self.state.token_accepted(request.headers):
+            return True
+        signature = request.query_value("signature")
+        if not signature:
+            return False
+        expiration = request.query_value("signature_expiration")
+        if expiration:
+            try:
+                if int(expiration) < time.time():
+                    return False
+            except ValueError:
+                return False
+        operation = "read" if request.method == "GET" else "write"
+        expected = file_signature(
+            request.query_value("path") or "",
+            operation,
+            request.query_value("username") or "",
+            token,
+            expiration,
+        )
+        return hmac.compare_digest(signature, expected)
+
+    async def _init(self, request: Request, response: Response) -> None:
+        try:
+            body = json.loads(await request.read_body() or b"{}")
+        except ValueError:
+            raise FilesError(400, "body must be JSON") from None
+        if not isinstance(body, dict):
+            raise FilesError(400, "body must be a JSON object")
+        env_vars = body.get("envVars") or {}
+        if not isinstance(env_vars, dict):
+            raise FilesError(400, "envVars must be an object")
+        if "accessToken" in body:
+            self.state.access_token = body["accessToken"] or None
+        if body.get("defaultUser"):
+            self.state.default_user = str(body["defaultUser"])
+        if body.get("defaultWorkdir"):
+            self.state.default_workdir = str(body["defaultWorkdir"])
+        if body.get("timestamp"):
+            _set_clock(str(body["timestamp"]))
+        if env_vars:
+            env_vars = {str(k): str(v) for k, v in env_vars.items()}
+            self.state.env_vars.update(env_vars)
+            await self._on_env_vars(env_vars)
+        await response.send(204)
+
+    def _metrics(self) -> dict[str, object]:
+        memory: dict[str, int] = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                memory[key] = int(rest.split()[0]) * 1024
+        disk = os.statvfs("/")
+        mem_total = memory.get("MemTotal", 0)
+        mem_used = mem_total - memory.get("MemAvailable", 0)
+        return {
+            "ts": int(time.time()),
+            "cpu_count": os.cpu_count(),
+            "cpu_used_pct": self._cpu.used_percent(),
+            "mem_total": mem_total,
+            "mem_used": mem_used,
+            "mem_total_mib": mem_total // (1024 * 1024),
+            "mem_used_mib": mem_used // (1024 * 1024),
+            "disk_total": disk.f_blocks * disk.f_frsize,
+            "disk_used": (disk.f_blocks - disk.f_bfree) * disk.f_frsize,
+            "envd_version": ENVD_VERSION,
+        }
+
+
+def _set_clock(timestamp: str) -> None:
+    """Best effort: a restored or long-paused guest's clock is stale; only root may fix it."""
+    try:
+        wanted = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return
+    if abs(wanted - time.time()) > CLOCK_TOLERANCE_S and os.geteuid() == 0:
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, wanted)
+        except OSError:
+            pass

@@ -1,0 +1,229 @@
+"""envd's `/files`: download and upload (multipart, octet-stream, gzip, X-Metadata-* headers)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import zlib
+from dataclasses import dataclass, field
+
+import trio
+
+from appliance.guest.connect import ConnectError
+from appliance.guest.filesystem_service import METADATA_XATTR_PREFIX, make_directories, resolve_path
+from appliance.guest.http import Request, Response
+from appliance.guest.multipart import (
+    MultipartError,
+    MultipartParser,
+    PartData,
+    PartEnd,
+    PartStart,
+    boundary_of,
+)
+from appliance.guest.users import User
+
+CHUNK = 1024 * 1024
+# Writes are batched to this size and, above it, done in a worker thread so big uploads
+# do not stall the event loop; small files stay on the loop (a thread hop costs more).
+WRITE_BATCH = 1024 * 1024
+METADATA_HEADER_PREFIX = "x-metadata-"
+
+HTTP_STATUS_FOR_ERRNO = {
+    errno.ENOENT: 404,
+    errno.EACCES: 403,
+    errno.EPERM: 403,
+    errno.EROFS: 403,
+    errno.EISDIR: 400,
+    errno.ENOTDIR: 400,
+    errno.EINVAL: 400,
+    errno.ENAMETOOLONG: 400,
+    errno.EEXIST: 400,
+    errno.ENOSPC: 507,
+    errno.EDQUOT: 507,
+}
+
+
+class FilesError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def files_error(exc: OSError, path: str) -> FilesError:
+    return FilesError(HTTP_STATUS_FOR_ERRNO.get(exc.errno or 0, 500), f"{exc.strerror or exc}: {path}")
+
+
+def _resolve(path: str | None, user: User) -> str:
+    if not path:
+        raise FilesError(400, "path is required")
+    try:
+        return resolve_path(path, user)
+    except ConnectError as exc:
+        raise FilesError(400, exc.message) from exc
+
+
+async def download(request: Request, response: Response, user: User) -> None:
+    path = _resolve(request.query_value("path"), user)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise files_error(exc, path) from exc
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise FilesError(400, f"path is a directory: {path}")
+        # Only an explicit `Accept-Encoding: gzip` (files.read(gzip=True)) gets compression:
+        # httpx offers "gzip, deflate" on every request, and compressing all reads costs CPU.
+        compress = request.headers.get("accept-encoding", "").strip().lower() == "gzip"
+        headers = [
+            ("Content-Type", "application/octet-stream"),
+            ("Content-Disposition", f'inline; filename="{os.path.basename(path)}"'),
+        ]
+        if compress:
+            headers.append(("Content-Encoding", "gzip"))
+        else:
+            headers.append(("Content-Length", str(info.st_size)))
+        await response.start(200, headers)
+        compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if compress else None
+        sent = 0
+        while True:
+            chunk = await _read(fd, info.st_size - sent)
+            if not chunk:
+                break
+            sent += len(chunk)
+            await response.write(compressor.compress(chunk) if compressor else chunk)
+            if not compressor and sent >= info.st_size:
+                break  # Content-Length promised exactly this much, even if the file grows
+        if compressor:
+            await response.write(compressor.flush())
+        await response.finish()
+    finally:
+        os.close(fd)
+
+
+async def _read(fd: int, expected_remaining: int) -> bytes:
+    if expected_remaining < CHUNK:
+        return os.read(fd, CHUNK)
+    return await trio.to_thread.run_sync(os.read, fd, CHUNK)
+
+
+@dataclass
+class FileSink:
+    """One destination file of an upload, written as data arrives."""
+
+    path: str
+    user: User
+    metadata: dict[str, str]
+    fd: int = -1
+    pending: list[bytes] = field(default_factory=list)
+    pending_size: int = 0
+
+    def open(self) -> None:
+        if os.path.isdir(self.path):
+            raise FilesError(400, f"path is a directory: {self.path}")
+        try:
+            make_directories(os.path.dirname(self.path), self.user)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise files_error(exc, self.path) from exc
+
+    async def write(self, data: bytes) -> None:
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size >= WRITE_BATCH:
+            await self.flush()
+
+    async def flush(self) -> None:
+        data = b"".join(self.pending)
+        self.pending.clear()
+        self.pending_size = 0
+        try:
+            if len(data) >= WRITE_BATCH:
+                await trio.to_thread.run_sync(_write_all, self.fd, data)
+            else:
+                _write_all(self.fd, data)
+        except OSError as exc:
+            raise files_error(exc, self.path) from exc
+
+    async def close(self) -> dict[str, object]:
+        await self.flush()
+        os.close(self.fd)
+        self.fd = -1
+        self.user.chown(self.path)
+        for key, value in self.metadata.items():
+            try:
+                os.setxattr(self.path, METADATA_XATTR_PREFIX + key, value.encode())
+            except OSError as exc:
+                raise files_error(exc, self.path) from exc
+        info: dict[str, object] = {"name": os.path.basename(self.path), "type": "file", "path": self.path}
+        if self.metadata:
+            info["metadata"] = self.metadata
+        return info
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+async def upload(request: Request, response: Response, user: User) -> None:
+    metadata = {
+        name[len(METADATA_HEADER_PREFIX) :]: value
+        for name, value in request.headers.items()
+        if name.startswith(METADATA_HEADER_PREFIX)
+    }
+    query_path = request.query_value("path")
+    content_type = request.headers.get("content-type", "")
+    decompressor = None
+    if request.headers.get("content-encoding", "").strip().lower() == "gzip":
+        decompressor = zlib.decompressobj(31)
+    written: list[dict[str, object]] = []
+    sink: FileSink | None = None
+    try:
+        if content_type.lower().startswith("multipart/form-data"):
+            boundary = boundary_of(content_type)
+            if not boundary:
+                raise FilesError(400, "multipart body without boundary")
+            parser = MultipartParser(boundary)
+            async for chunk in request.body_chunks():
+                if decompressor:
+                    chunk = decompressor.decompress(chunk)
+                for event in parser.feed(chunk):
+                    if isinstance(event, PartStart):
+                        # One file: ?path= names it. Several (write_files): each part's filename does.
+                        destination = query_path or event.filename
+                        sink = FileSink(_resolve(destination, user), user, metadata)
+                        sink.open()
+                    elif isinstance(event, PartData) and sink is not None:
+                        await sink.write(event.data)
+                    elif isinstance(event, PartEnd) and sink is not None:
+                        written.append(await sink.close())
+                        sink = None
+            parser.finish()
+        else:
+            sink = FileSink(_resolve(query_path, user), user, metadata)
+            sink.open()
+            async for chunk in request.body_chunks():
+                await sink.write(decompressor.decompress(chunk) if decompressor else chunk)
+            if decompressor:
+                await sink.write(decompressor.flush())
+            written.append(await sink.close())
+            sink = None
+    except MultipartError as exc:
+        raise FilesError(400, str(exc)) from exc
+    except zlib.error as exc:
+        raise FilesError(400, f"invalid gzip body: {exc}") from exc
+    finally:
+        if sink is not None:
+            sink.abort()
+    if not written:
+        raise FilesError(400, "no file in the request")
+    await response.send_json(200, written)

@@ -1,0 +1,112 @@
+"""What the code interpreter needs from a language kernel, and how kernel processes are spawned."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from appliance.guest.users import User
+
+# One NDJSON object of the /execute stream (PROTOCOL.md §4.1).
+Emit = Callable[[dict[str, object]], Awaitable[None]]
+KERNEL_START_TIMEOUT_S = 120.0
+
+
+class KernelStartError(Exception):
+    pass
+
+
+def start_failure(exc: BaseException) -> KernelStartError | None:
+    """The KernelStartError that `exc` amounts to, also when a nursery wrapped it in a group
+    (a deadline while starting counts as one); None if `exc` is anything else."""
+    if isinstance(exc, KernelStartError):
+        return exc
+    if isinstance(exc, trio.TooSlowError):
+        return KernelStartError("the kernel did not answer in time")
+    if isinstance(exc, BaseExceptionGroup):
+        failures, rest = exc.split((KernelStartError, trio.TooSlowError))
+        if failures is not None and rest is None:
+            leaves = failures.exceptions
+            while isinstance(leaves[0], BaseExceptionGroup):
+                leaves = leaves[0].exceptions
+            return start_failure(leaves[0])
+    return None
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Where and as whom a kernel runs."""
+
+    user: User
+    cwd: str
+    env: dict[str, str]
+    runtime_dir: str  # a private directory for connection files and sockets
+
+
+def output_event(stream: str, text: str) -> dict[str, object]:
+    return {"type": stream, "text": text, "timestamp": time.time_ns()}
+
+
+def died_event(language: str) -> dict[str, object]:
+    return {
+        "type": "error",
+        "name": "DeadKernelError",
+        "value": f"The {language} kernel died during execution; it is restarted on the next call.",
+        "traceback": "",
+    }
+
+
+async def spawn_kernel_process(argv: list[str], spec: KernelSpec, **streams: object) -> trio.Process:
+    """Start a kernel in its own session as the spec's user, so it and its children can be killed together."""
+    options: dict[str, object] = {
+        "cwd": spec.cwd,
+        "env": spec.env,
+        "start_new_session": True,
+        "stdin": subprocess.DEVNULL,
+        "stdout": subprocess.DEVNULL,
+        **streams,
+    }
+    if spec.user.needs_switch():
+        options.update(user=spec.user.uid, group=spec.user.gid, extra_groups=spec.user.groups())
+    try:
+        return await trio.lowlevel.open_process(argv, **options)  # type: ignore[arg-type]
+    except OSError as exc:
+        raise KernelStartError(f"cannot start {argv[0]}: {exc}") from exc
+
+
+def kill_process_group(process: trio.Process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class Kernel:
+    """A language kernel process; `run` owns it for its whole life (started → died or stopped)."""
+
+    language = ""
+
+    def __init__(self, spec: KernelSpec) -> None:
+        self.spec = spec
+        self.alive = False
+        self.cancel_scope = trio.CancelScope()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise NotImplementedError
+
+    async def execute(self, code: str, env_vars: dict[str, str], emit: Emit) -> None:
+        raise NotImplementedError
+
+    def update_env(self, env_vars: dict[str, str]) -> None:
+        """Apply sandbox env vars to the running kernel, ordered before any later execution."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.alive = False  # at once: the next execution must not pick this kernel
+        self.cancel_scope.cancel()

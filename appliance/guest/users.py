@@ -1,0 +1,77 @@
+"""The Linux users that processes and file operations act as."""
+
+from __future__ import annotations
+
+import base64
+import os
+import pwd
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+    def needs_switch(self) -> bool:
+        """Whether a child must change identity (lookup_user only names others when we are root)."""
+        return self.uid != os.geteuid()
+
+    def groups(self) -> list[int]:
+        try:
+            return os.getgrouplist(self.name, self.gid)
+        except OSError:
+            return [self.gid]
+
+    def chown(self, path: str) -> None:
+        """Give a file the agent created to this user (a no-op unless the agent is root)."""
+        if os.geteuid() == 0 and self.uid != 0:
+            try:
+                os.lchown(path, self.uid, self.gid)
+            except OSError:
+                pass
+
+
+def agent_user() -> User:
+    """The agent's own user; HOME from the environment wins, so tests can use a temp home."""
+    entry = pwd.getpwuid(os.geteuid())
+    return User(
+        name=entry.pw_name,
+        uid=entry.pw_uid,
+        gid=entry.pw_gid,
+        home=os.environ.get("HOME") or entry.pw_dir,
+        shell=entry.pw_shell or "/bin/sh",
+    )
+
+
+def lookup_user(name: str) -> User:
+    """The named user. The agent's own user stands in for one that does not exist (e.g. `user` on
+    a test host) and for every user when the agent is not root (it could not switch anyway)."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return agent_user()
+    if entry.pw_uid == os.geteuid() or os.geteuid() != 0:
+        return agent_user()
+    return User(
+        name=entry.pw_name,
+        uid=entry.pw_uid,
+        gid=entry.pw_gid,
+        home=entry.pw_dir,
+        shell=entry.pw_shell or "/bin/sh",
+    )
+
+
+def user_from_basic_auth(header: str | None) -> str | None:
+    """`Authorization: Basic base64("<user>:")` names the user (PROTOCOL.md §3.8)."""
+    if not header or not header.lower().startswith("basic "):
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip()).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    name = decoded.split(":", 1)[0]
+    return name or None
