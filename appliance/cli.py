@@ -77,6 +77,9 @@ def serve(config: Any) -> None:
     from appliance.master.service import serve_until_signalled
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: guest health probes and /init calls would
+    # drown the service log (and /init bodies must never be logged).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         trio.run(serve_until_signalled, config)
     except BaseExceptionGroup as group:
