@@ -20,10 +20,13 @@ import trio
 from appliance.api.client import ApiClient
 from appliance.bench.agent import agent as agent_bench
 from appliance.bench.api import api_bench
+from appliance.bench.create import create_bench
 from appliance.bench.floor import floor_command
 from appliance.bench.net import net_bench
 from appliance.config import load_config
+from appliance.runtime.uml.kernel import build_uml_kernel
 from appliance.templates.cli import BUILD_COMMANDS
+from appliance.templates.default import build_default
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -265,6 +268,15 @@ def tpl_delete(config: Any, template_id: str, force: bool, api_key: str | None) 
 
 for _build_command in BUILD_COMMANDS:
     tpl.add_command(_build_command)
+tpl.add_command(build_default)
+
+
+@main.group()
+def image() -> None:
+    """Build what sandboxes boot: kernels (cached in cache_dir, keyed by their inputs)."""
+
+
+image.add_command(build_uml_kernel)
 
 
 @main.group()
@@ -333,5 +345,6 @@ def bench() -> None:
 
 bench.add_command(agent_bench)
 bench.add_command(api_bench)
+bench.add_command(create_bench)
 bench.add_command(floor_command)
 bench.add_command(net_bench)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_CONFIG_PATH = Path("/etc/cube/appliance.toml")
+# The checkout's image/ directory (kernel config fragments, rootfs recipes). A
+# non-editable install has none beside the package: CUBE_IMAGE_DIR points it at one.
+IMAGE_DIR = Path(os.environ.get("CUBE_IMAGE_DIR") or Path(__file__).resolve().parents[1] / "image")
 
 
 @dataclass(frozen=True)

@@ -131,10 +131,10 @@ if [ ! -f "$ETC/appliance.toml" ]; then
 fi
 
 say "Building the sandbox kernel (cached in $CACHE/kernels)"
-"$VENV/bin/cube" image build-uml-kernel
+CUBE_IMAGE_DIR="$SRC/image" "$VENV/bin/cube" image build-uml-kernel
 
 say "Building the default template (cached in $CACHE/rootfs)"
-"$VENV/bin/cube" tpl build-default
+CUBE_IMAGE_DIR="$SRC/image" "$VENV/bin/cube" tpl build-default
 
 stop_service
 if [ "$START" = 1 ]; then

@@ -1,1 +1,8 @@
-"""runtime/uml"""
+"""The `uml` runtime: one sandbox = one confined user-mode Linux kernel process.
+
+Modules: `runtime` (UmlRuntime.run, the sandbox's lifetime), `command` (the
+confinement chain and the guest kernel's command line), `process` (spawning it
+from the Trio thread), `seccomp`, `cgroups`, `console` (console log, ready
+line), `mconsole` (pause/resume/halt/sysrq), `instance` (what the cubelet
+holds), `kernel` (building the sandbox UML kernel from linux-source).
+"""

@@ -1,0 +1,198 @@
+"""`cube bench create`: how fast sandboxes start, and what an idle one costs.
+
+Two measurements:
+- through the API (default): `POST /v2/sandboxes` → 201 latency p50/p95/p99 at
+  each concurrency, each sandbox deleted after its create (outside the timing).
+  Before each round the bench waits `--settle` seconds so warm pools refill:
+  with a pool that is the warm path; with `--settle 0` and rounds larger than
+  the pool, the tail of each round boots cold.
+- `--direct` (root, on the node): boots guests with the uml runtime itself,
+  bypassing the service: cold boot → agent-ready times, and idle memory per
+  sandbox as the MemAvailable drop over N guests held at once, divided by N.
+  It uses its own host_network and uid range, so it can run beside `cube serve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import httpx
+import trio
+
+from appliance.api.client import ApiClient
+from appliance.bench.report import Report, percentiles
+from appliance.config import Config
+
+BENCH_HOST_NETWORK = "10.232.0.0/22"
+BENCH_UID_OFFSET = 50_000  # above the service's slots
+IDLE_SETTLE_S = 5.0  # let guests finish their start-up before reading MemAvailable
+
+
+async def _create_round(
+    client: httpx.AsyncClient, template: str, concurrency: int, count: int
+) -> tuple[list[float], int]:
+    latencies: list[float] = []
+    errors = 0
+    remaining = count
+
+    async def worker() -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            try:
+                response = await client.post("/v2/sandboxes", json={"templateID": template, "timeout": 120})
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            if response.status_code != 201:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+            await client.delete(f"/sandboxes/{response.json()['sandboxID']}")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(worker)
+    return latencies, errors
+
+
+async def run_api_create_bench(
+    api: ApiClient, template: str, concurrencies: tuple[int, ...], per_round: int, settle_s: float
+) -> Report:
+    report = Report("create")
+    limits = httpx.Limits(max_connections=max(concurrencies) * 2)
+    async with httpx.AsyncClient(
+        base_url=api.base_url, headers=api.headers, limits=limits, timeout=120, trust_env=False
+    ) as client:
+        for concurrency in concurrencies:
+            await trio.sleep(settle_s)
+            latencies, errors = await _create_round(
+                client, template, concurrency, max(per_round, concurrency)
+            )
+            report.add(
+                path="api",
+                concurrency=concurrency,
+                errors=errors,
+                **{k: v for k, v in percentiles(latencies).items() if k != "mean_ms"},
+            )
+    report.notes.append(f"each round waited {settle_s:.0f} s first so warm pools refill")
+    return report
+
+
+def _mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+async def run_direct_bench(config: Config, template_name: str, cold_boots: int, held: int) -> Report:
+    """Boot guests with the uml runtime in this process; see the module docstring."""
+    from appliance.net.service import CubeVS
+    from appliance.runtime.base import BootSpec
+    from appliance.runtime.uml.instance import UmlInstance
+    from appliance.runtime.uml.runtime import UmlRuntime
+    from appliance.templates.catalog import resolve_template
+
+    template = resolve_template(config, template_name)
+    work = Path(tempfile.mkdtemp(prefix="cube-bench-create-"))
+    bench_config = dataclasses.replace(
+        config,
+        state_dir=work / "state",
+        run_dir=work / "run",
+        host_network=BENCH_HOST_NETWORK,
+        uid_base=config.uid_base + BENCH_UID_OFFSET,
+        allow_unenforced_network=True,
+    )
+    report = Report("create-direct")
+    try:
+        async with CubeVS.start(bench_config) as cubevs:
+            runtime = UmlRuntime(bench_config, cubevs)
+
+            def spec(slot: int) -> BootSpec:
+                sandbox_id = f"bench-{secrets.token_hex(4)}"
+                return BootSpec(
+                    sandbox_id=sandbox_id,
+                    template=template,
+                    slot=slot,
+                    sandbox_dir=bench_config.sandboxes_dir / sandbox_id,
+                    memory_mb=template.memory_mb,
+                    cpu_count=template.cpu_count,
+                )
+
+            boots: list[float] = []
+            for _ in range(cold_boots):
+                async with trio.open_nursery() as nursery:
+                    instance = await nursery.start(runtime.run, spec(0))
+                    assert isinstance(instance, UmlInstance)
+                    boots.append(instance.boot_seconds)
+                    nursery.cancel_scope.cancel()
+            report.add(
+                measure="cold boot to agent ready (sequential)",
+                **{k: v for k, v in percentiles(boots).items() if k != "mean_ms"},
+            )
+
+            if held:
+                before = _mem_available_bytes()
+                async with trio.open_nursery() as nursery:
+                    instances = [await nursery.start(runtime.run, spec(slot)) for slot in range(held)]
+                    await trio.sleep(IDLE_SETTLE_S)
+                    drop = before - _mem_available_bytes()
+                    charged = sum(i.memory_usage_bytes() for i in instances)
+                    nursery.cancel_scope.cancel()
+                report.add(
+                    measure=f"idle memory per sandbox (N={held})",
+                    mem_available_drop_mib=drop / held / (1 << 20),
+                    cgroup_charged_mib=charged / held / (1 << 20),
+                )
+            report.notes.append(f"kernel {runtime.kernel}, template {template.template_id}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+@click.command("create")
+@click.option(
+    "--concurrency", "concurrencies", multiple=True, type=int, default=(1, 10, 50), show_default=True
+)
+@click.option(
+    "--count", default=50, show_default=True, help="Creates per API round (at least the concurrency)."
+)
+@click.option("--settle", default=10.0, show_default=True, help="Seconds before each round (pool refill).")
+@click.option("--template", default=None, help="Template (default: the config's default_template).")
+@click.option("--direct", is_flag=True, help="Boot with the uml runtime in-process instead (root).")
+@click.option("--boots", default=10, show_default=True, help="--direct: sequential cold boots to time.")
+@click.option("--held", default=10, show_default=True, help="--direct: guests held at once for memory.")
+@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@click.pass_obj
+def create_bench(
+    config: Config,
+    concurrencies: tuple[int, ...],
+    count: int,
+    settle: float,
+    template: str | None,
+    direct: bool,
+    boots: int,
+    held: int,
+    json_dir: Path | None,
+    api_key: str | None,
+) -> None:
+    """Sandbox create latency (API, warm pools) or cold boot and idle memory (--direct)."""
+    template = template or config.default_template
+    if direct:
+        report = trio.run(run_direct_bench, config, template, boots, held)
+    else:
+        api = ApiClient.from_config(config, api_key)
+        report = trio.run(run_api_create_bench, api, template, concurrencies, count, settle)
+    report.print_table()
+    if json_dir is not None:
+        click.echo(f"wrote {report.write_json(json_dir)}")

@@ -1,0 +1,149 @@
+"""One cgroup leaf per sandbox (`cube/<sandbox_id>`) with its memory, CPU and process limits.
+
+cgroup v2 where its controllers are enabled (a pure v2 host, or the `unified`
+hierarchy of a hybrid host when it has them); otherwise v1's separate memory,
+cpu and pids hierarchies (hybrid hosts whose v2 hierarchy has no controllers,
+like the development machines). The launcher shell writes its own pid into
+every `procs_files()` entry before it starts anything else, so every process
+of the sandbox is charged and limited from its first page.
+
+Teardown kills whatever is left in the leaf and removes it: nothing of a
+sandbox outlives it, whichever way it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PARENT = "cube"
+CPU_PERIOD_US = 100_000
+# Each guest address space is a host process under UML: this bounds a fork bomb.
+PIDS_MAX = 4096
+_V1_CONTROLLERS = ("memory", "cpu", "pids")
+
+
+def _v2_root(root: Path) -> Path | None:
+    for candidate in (root, root / "unified"):
+        controllers = candidate / "cgroup.controllers"
+        if controllers.is_file() and {"memory", "cpu"} <= set(controllers.read_text().split()):
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class SandboxCgroup:
+    """The leaf directories of one sandbox (one for v2, one per controller for v1)."""
+
+    version: int
+    leaves: dict[str, Path]  # controller (or "unified") → leaf directory
+
+    def procs_files(self) -> list[Path]:
+        return [leaf / "cgroup.procs" for leaf in self.leaves.values()]
+
+    def memory_usage_bytes(self) -> int:
+        if self.version == 2:
+            return int((self.leaves["unified"] / "memory.current").read_text())
+        return int((self.leaves["memory"] / "memory.usage_in_bytes").read_text())
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for procs in self.procs_files():
+            try:
+                found.update(int(line) for line in procs.read_text().split())
+            except FileNotFoundError:
+                pass
+        return found
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process in the leaf until it is empty (blocking; call from a thread)."""
+        deadline = time.monotonic() + timeout
+        while pids := self.pids():
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes {sorted(pids)} survive SIGKILL in {self.leaves}")
+            time.sleep(0.005)
+
+    def remove(self) -> None:
+        """Kill what is left, then remove the leaves (blocking; call from a thread)."""
+        self.kill_all()
+        for leaf in self.leaves.values():
+            deadline = time.monotonic() + 5.0
+            while leaf.exists():
+                try:
+                    leaf.rmdir()
+                except OSError:
+                    # Killed tasks leave the cgroup a moment after they are reaped.
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.005)
+
+
+def sweep_empty_leaves(root: Path = CGROUP_ROOT) -> list[str]:
+    """Remove `cube/*` leaves without processes: what a killed service left behind
+    (its guests died with it). The kernel refuses to remove a leaf that still has
+    tasks, so live sandboxes, also those of another service on this host, stay."""
+    removed = []
+    for parent in root.glob(f"*/{PARENT}"):
+        for leaf in parent.iterdir():
+            if leaf.is_dir() and not (leaf / "cgroup.procs").read_text().strip():
+                try:
+                    leaf.rmdir()
+                    removed.append(f"{parent.parent.name}:{leaf.name}")
+                except OSError:
+                    pass  # gained a task meanwhile
+    return removed
+
+
+def create_cgroup(
+    sandbox_id: str, memory_limit_bytes: int, cpu_count: int, root: Path = CGROUP_ROOT
+) -> SandboxCgroup:
+    """Make the sandbox's leaf with its limits (blocking)."""
+    cpu_quota = max(1, cpu_count) * CPU_PERIOD_US
+    v2 = _v2_root(root)
+    if v2 is not None:
+        parent = v2 / PARENT
+        parent.mkdir(exist_ok=True)
+        # Controllers must be enabled on the way down for the leaf to have them.
+        for directory in (v2, parent):
+            (directory / "cgroup.subtree_control").write_text("+memory +cpu +pids")
+        leaf = parent / sandbox_id
+        leaf.mkdir()
+        cgroup = SandboxCgroup(2, {"unified": leaf})
+        try:
+            (leaf / "memory.max").write_text(str(memory_limit_bytes))
+            if (leaf / "memory.swap.max").exists():  # absent without swap accounting
+                (leaf / "memory.swap.max").write_text("0")
+            (leaf / "cpu.max").write_text(f"{cpu_quota} {CPU_PERIOD_US}")
+            (leaf / "pids.max").write_text(str(PIDS_MAX))
+        except BaseException:
+            cgroup.remove()
+            raise
+        return cgroup
+
+    leaves = {}
+    for controller in _V1_CONTROLLERS:
+        hierarchy = root / controller
+        if not hierarchy.is_dir():
+            raise RuntimeError(f"cgroup v1 controller {controller} is not mounted at {hierarchy}")
+        leaves[controller] = hierarchy / PARENT / sandbox_id
+    cgroup = SandboxCgroup(1, leaves)
+    try:
+        for leaf in leaves.values():
+            leaf.mkdir(parents=True)
+        (leaves["memory"] / "memory.limit_in_bytes").write_text(str(memory_limit_bytes))
+        (leaves["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+        (leaves["cpu"] / "cpu.cfs_quota_us").write_text(str(cpu_quota))
+        (leaves["pids"] / "pids.max").write_text(str(PIDS_MAX))
+    except BaseException:
+        cgroup.remove()
+        raise
+    return cgroup

@@ -1,0 +1,203 @@
+"""The command line that starts one confined UML guest, and the guest kernel's own command line.
+
+Confinement, outermost first (every step `exec`s the next, so the whole chain
+is one host pid until bwrap forks, and it is the service's child):
+
+1. `nsenter --net=<sandbox netns>`: the guest's tap lives there, nothing else.
+2. `unshare --mount --propagation private` + a root shell that joins the
+   sandbox's cgroup leaves first, then stages what the guest may see on a
+   private tmpfs (moved over /tmp): the vm directory, the base image and the kernel
+   (bind mounts, so the unprivileged uid needs no access to their real
+   parents, e.g. the 0700 state dir) and a /dev/net/tun node owned by the
+   sandbox uid (/dev/net/tun itself is root-only).
+3. `setpriv`: the sandbox uid, no groups, every capability dropped (bounding
+   and inheritable sets too), no_new_privs, SIGKILL when the service dies.
+4. `bwrap`: user/pid/ipc/uts/cgroup namespaces and a root that holds only the
+   kernel, its libraries, the read-only base image, the vm directory, a fresh
+   /dev and /proc, and a tmpfs for the guest's memory file; then the seccomp
+   deny-list (see seccomp.py). UML's built-in hostfs, where the kernel has it,
+   finds nothing of the host there.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+# Paths inside the confined root.
+KERNEL_INSIDE = "/cube/linux"
+MEMORY_DIR_INSIDE = "/cube/mem"
+# The staging tmpfs the launcher mounts over /tmp in its private mount namespace.
+STAGE = "/tmp"
+# The memory file is `mem=` plus UML's own small mappings; the rest is headroom.
+MEMORY_TMPFS_SLACK_MB = 64
+GUEST_INIT = "/sbin/cube-init"
+GUEST_NETDEV = "vec0"  # the vector device's name in the guest
+LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    kernel: Path
+    base_image: Path
+    vm_dir: Path  # owned by the sandbox uid: COW file, uml_dir, mconsole client sockets
+    stage_dir: Path  # an empty root-only directory: the launcher's staging mount point
+    memory_mb: int
+    uid: int
+    netns_path: str
+    tap: str
+    cgroup_procs: tuple[Path, ...]
+    seccomp_fd: int
+    resolver_ip: str
+    hostname: str = "sandbox"
+
+    @property
+    def cow_file(self) -> Path:
+        return self.vm_dir / "disk.cow"
+
+    @property
+    def uml_dir(self) -> Path:
+        return self.vm_dir / "uml"
+
+    @property
+    def umid(self) -> str:
+        return "guest"
+
+    @property
+    def mconsole_socket(self) -> Path:
+        return self.uml_dir / self.umid / "mconsole"
+
+
+# sun_path holds 107 bytes; the mconsole client binds `<vm_dir>/mc-XXXXXXXX` beside it.
+MAX_SOCKET_PATH = 107
+
+
+def check_paths(plan: LaunchPlan) -> None:
+    """UML silently runs without mconsole when its socket path is too long: refuse instead."""
+    longest = max(len(str(plan.mconsole_socket)), len(str(plan.vm_dir / "mc-00000000")))
+    if longest > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"sandbox directory {plan.vm_dir} is too deep for unix sockets "
+            f"({longest} > {MAX_SOCKET_PATH} bytes): use a shorter state_dir"
+        )
+
+
+def kernel_command_line(plan: LaunchPlan) -> list[str]:
+    return [
+        f"mem={plan.memory_mb}M",
+        # Copy-on-write over the shared read-only image; UML creates the sparse COW file.
+        f"ubd0={plan.cow_file},{plan.base_image}",
+        "root=/dev/ubda",
+        "rw",
+        f"init={GUEST_INIT}",
+        f"uml_dir={plan.uml_dir}",
+        f"umid={plan.umid}",
+        # Console output to fd 1 (the service's pipe into the console log), no input.
+        "con=null",
+        "con0=null,fd:1",
+        "ssl=null",
+        f"{GUEST_NETDEV}:transport=tap,ifname={plan.tap}",
+        "quiet",
+        # Unknown key=value words become the init's environment.
+        f"cube_hostname={plan.hostname}",
+        f"cube_resolver={plan.resolver_ip}",
+        f"cube_netdev={GUEST_NETDEV}",
+    ]
+
+
+@functools.cache
+def kernel_libraries(kernel: Path) -> tuple[str, ...]:
+    """The shared objects (and loader) the kernel binary needs, as `ldd` names them."""
+    out = subprocess.run(["ldd", str(kernel)], capture_output=True, text=True, check=False).stdout
+    if "not a dynamic executable" in out or not out:
+        return ()
+    return tuple(sorted(set(re.findall(r"(/\S+) \(0x", out))))
+
+
+def _stage_script(plan: LaunchPlan) -> str:
+    q = shlex.quote
+    stage = q(str(plan.stage_dir))
+    join_cgroups = "".join(f"echo $$ > {q(str(p))}\n" for p in plan.cgroup_procs)
+    # Built at stage_dir, where no source can be hidden under it, then moved over
+    # /tmp, where the sandbox uid can reach it (sources may live under /tmp too).
+    return (
+        "set -e\n" + join_cgroups + f"mount -t tmpfs -o mode=0711,size=64k cube-uml-stage {stage}\n"
+        f"mkdir {stage}/vm\n"
+        f"touch {stage}/base {stage}/linux\n"
+        f"mount --bind {q(str(plan.vm_dir))} {stage}/vm\n"
+        f"mount --bind {q(str(plan.base_image))} {stage}/base\n"
+        f"mount --bind {q(str(plan.kernel))} {stage}/linux\n"
+        f"mknod -m 600 {stage}/tun c 10 200\n"
+        f"chown {plan.uid}:{plan.uid} {stage}/tun\n"
+        f"mount --move {stage} {STAGE}\n"
+        'exec "$@"\n'
+    )
+
+
+def launcher_argv(plan: LaunchPlan) -> list[str]:
+    setpriv = [
+        "setpriv",
+        f"--reuid={plan.uid}",
+        f"--regid={plan.uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--pdeathsig=KILL",
+        "--",
+    ]
+    bwrap = [
+        "bwrap",
+        "--die-with-parent",
+        "--new-session",
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--unshare-cgroup",
+        "--hostname",
+        "cube-uml",
+        "--ro-bind",
+        f"{STAGE}/linux",
+        KERNEL_INSIDE,
+    ]
+    for library in kernel_libraries(plan.kernel):
+        bwrap += ["--ro-bind", library, library]
+    memory_bytes = (plan.memory_mb + MEMORY_TMPFS_SLACK_MB) << 20
+    bwrap += [
+        "--ro-bind", f"{STAGE}/base", str(plan.base_image),
+        "--bind", f"{STAGE}/vm", str(plan.vm_dir),
+        "--dev", "/dev",
+        "--dev-bind", f"{STAGE}/tun", "/dev/net/tun",
+        "--proc", "/proc",
+        "--size", str(memory_bytes), "--tmpfs", MEMORY_DIR_INSIDE,
+        "--chdir", MEMORY_DIR_INSIDE,
+        "--seccomp", str(plan.seccomp_fd),
+        KERNEL_INSIDE,
+        *kernel_command_line(plan),
+    ]  # fmt: skip
+    return [
+        "nsenter",
+        f"--net={plan.netns_path}",
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        _stage_script(plan),
+        "cube-uml-launch",
+        *setpriv,
+        *bwrap,
+    ]
+
+
+def launcher_environment() -> dict[str, str]:
+    """The whole environment of the chain: UML puts its memory file in $TMPDIR."""
+    return {"PATH": LAUNCH_PATH, "TMPDIR": MEMORY_DIR_INSIDE}

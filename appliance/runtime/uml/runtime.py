@@ -1,0 +1,257 @@
+"""The `uml` runtime: one sandbox = one confined user-mode Linux kernel process.
+
+`run()` owns everything of one sandbox, set up in this order and torn down in
+reverse however the task ends (ready and cancelled, boot failure, guest exit):
+network (CubeVS: netns, tap owned by the sandbox uid) → sandbox directory
+(console log; `vm/` with the COW disk and uml_dir, owned by the sandbox uid) →
+cgroup leaf → the launcher chain (command.py) with the console pump. Cancel =
+kill: every process in the cgroup gets SIGKILL. A graceful halt would buy
+nothing, the COW disk is deleted with the sandbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from appliance.config import Config
+from appliance.net.policy import NetworkPolicy
+from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance
+from appliance.runtime.detect import DEBIAN_UML, find_uml_kernel
+from appliance.runtime.uml.cgroups import SandboxCgroup, create_cgroup, sweep_empty_leaves
+from appliance.runtime.uml.command import LaunchPlan, check_paths, launcher_argv, launcher_environment
+from appliance.runtime.uml.console import ConsoleLog
+from appliance.runtime.uml.instance import UmlInstance
+from appliance.runtime.uml.mconsole import Mconsole
+from appliance.runtime.uml.process import spawn
+from appliance.runtime.uml.seccomp import compile_filter, filter_fd
+
+if TYPE_CHECKING:
+    from appliance.net.service import CubeVS, SandboxNetwork
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT_S = 60.0
+# Host memory a sandbox may use beyond its guest RAM: the UML binary, page
+# tables and kernel stacks of the host processes backing guest address spaces.
+HOST_OVERHEAD_MB = 128
+PROBE_INTERVAL_S = 0.01
+CONSOLE_LOG = "console.log"
+VM_DIR = "vm"
+STAGE_DIR = "stage"
+
+
+class UmlRuntime:
+    name = "uml"
+
+    def __init__(self, config: Config, cubevs: CubeVS) -> None:
+        kernel = find_uml_kernel(config)
+        if kernel is None:
+            raise RuntimeError(
+                "no UML kernel: run `cube image build-uml-kernel` (or apt-get install user-mode-linux)"
+            )
+        if kernel == DEBIAN_UML:
+            log.warning(
+                "uml runtime: using Debian's linux.uml (slower boot, hostfs built in); "
+                "run `cube image build-uml-kernel`"
+            )
+        self.config = config
+        self.kernel = kernel
+        self._cubevs = cubevs
+        self._seccomp = compile_filter()
+        if swept := sweep_empty_leaves():
+            log.info("uml runtime: removed %d stale cgroup leaves: %s", len(swept), ", ".join(swept))
+
+    async def run(
+        self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        uid = self.config.uid_base + spec.slot
+        policy = NetworkPolicy.from_e2b(spec.network_policy)
+        async with self._cubevs.sandbox_network(spec.sandbox_id, spec.slot, uid, policy) as net:
+            try:
+                await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, uid)
+                limit = (spec.memory_mb + HOST_OVERHEAD_MB) << 20
+                cgroup = await trio.to_thread.run_sync(create_cgroup, spec.sandbox_id, limit, spec.cpu_count)
+                try:
+                    await self._run_guest(spec, net, cgroup, uid, task_status)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(cgroup.remove)
+                        await trio.to_thread.run_sync(_wait_until_reaped, uid)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(shutil.rmtree, spec.sandbox_dir, True)
+
+    async def _run_guest(
+        self,
+        spec: BootSpec,
+        net: SandboxNetwork,
+        cgroup: SandboxCgroup,
+        uid: int,
+        task_status: trio.TaskStatus[Instance],
+    ) -> None:
+        vm_dir = spec.sandbox_dir / VM_DIR
+        seccomp_fd = filter_fd(self._seccomp)
+        try:
+            plan = LaunchPlan(
+                kernel=self.kernel,
+                base_image=spec.template.rootfs,
+                vm_dir=vm_dir,
+                stage_dir=spec.sandbox_dir / STAGE_DIR,
+                memory_mb=spec.memory_mb,
+                uid=uid,
+                netns_path=net.netns_path,
+                tap=net.tap,
+                cgroup_procs=tuple(cgroup.procs_files()),
+                seccomp_fd=seccomp_fd,
+                resolver_ip=net.resolver_ip,
+            )
+            try:
+                check_paths(plan)
+            except ValueError as exc:
+                raise BootFailed(spec.sandbox_id, str(exc)) from exc
+            started = trio.current_time()
+            process = spawn(launcher_argv(plan), launcher_environment(), seccomp_fd)
+        finally:
+            os.close(seccomp_fd)
+        console = ConsoleLog(spec.sandbox_dir / CONSOLE_LOG)
+        exited = trio.Event()
+
+        async def watch_exit() -> None:
+            await process.wait()
+            exited.set()
+
+        # Failures are raised after the nursery, so callers get them bare, not in a group.
+        failure: BootFailed | GuestExited
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    nursery.start_soon(console.pump, process.console)
+                    nursery.start_soon(watch_exit)
+                    with trio.move_on_after(BOOT_TIMEOUT_S) as boot_deadline:
+                        await _first_of(console.ready, exited)
+                        if not exited.is_set():
+                            await _wait_healthy(net.host_ip, ENVD_PORT, exited)
+                    if exited.is_set():
+                        await _drain(console)
+                        failure = BootFailed(
+                            spec.sandbox_id,
+                            f"the UML kernel exited (status {process.returncode}) before the agent was ready",
+                            console.tail(),
+                        )
+                    elif boot_deadline.cancelled_caught:
+                        failure = BootFailed(
+                            spec.sandbox_id,
+                            f"the agent was not ready within {BOOT_TIMEOUT_S:.0f} s",
+                            console.tail(),
+                        )
+                    else:
+                        instance = UmlInstance(
+                            sandbox_id=spec.sandbox_id,
+                            console_log=console.path,
+                            host_ip=net.host_ip,
+                            mconsole=Mconsole(plan.mconsole_socket, vm_dir, uid),
+                            cgroup=cgroup,
+                            console=console,
+                            boot_seconds=trio.current_time() - started,
+                        )
+                        task_status.started(instance)
+                        await exited.wait()
+                        await _drain(console)
+                        failure = GuestExited(
+                            spec.sandbox_id, f"UML exited with status {process.returncode}", console.tail()
+                        )
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(cgroup.kill_all)
+                        await process.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            await process.console.aclose()
+        raise failure
+
+
+def _prepare_sandbox_dir(sandbox_dir: Path, uid: int) -> None:
+    """The sandbox directory: root's (console log), with `vm/` for the guest's uid."""
+    shutil.rmtree(sandbox_dir, ignore_errors=True)  # a crashed service's leftovers
+    sandbox_dir.mkdir(parents=True, mode=0o700)
+    (sandbox_dir / STAGE_DIR).mkdir(mode=0o700)
+    vm_dir = sandbox_dir / VM_DIR
+    (vm_dir / "uml").mkdir(parents=True, mode=0o700)
+    for directory in (vm_dir, vm_dir / "uml"):
+        os.chown(directory, uid, uid)
+
+
+def _wait_until_reaped(uid: int, timeout: float = 5.0) -> None:
+    """Wait until no process of the sandbox uid is left, zombies included.
+
+    Killed tasks leave their cgroup when they exit but linger as zombies until
+    their parent reaps them: the guest's pid-namespace init, or (when that died
+    first) the host's init. The uid belongs to this sandbox alone, so its slot
+    is free for reuse only when this returns.
+    """
+    deadline = time.monotonic() + timeout
+    while _processes_of(uid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _processes_of(uid: int) -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    found.append(int(entry.name))
+            except FileNotFoundError:
+                pass
+    return found
+
+
+async def _first_of(*events: trio.Event) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
+
+
+async def _drain(console: ConsoleLog) -> None:
+    """Give the console pump a moment to copy the guest's last words."""
+    with trio.move_on_after(0.5):
+        await console.finished.wait()
+
+
+async def http_status(host: str, port: int, path: str = "/health", timeout: float = 1.0) -> int | None:
+    """Status code of `GET path`, or None when nothing answers (yet)."""
+    with trio.move_on_after(timeout):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+                await stream.send_all(request.encode())
+                head = b""
+                while b"\r\n" not in head:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        return None
+                    head += chunk
+                return int(head.split(b" ", 2)[1])
+        except (OSError, ValueError, IndexError, trio.BrokenResourceError):
+            return None
+    return None
+
+
+async def _wait_healthy(host: str, port: int, exited: trio.Event) -> None:
+    while not exited.is_set():
+        if await http_status(host, port) in (200, 204):
+            return
+        await trio.sleep(PROBE_INTERVAL_S)

@@ -1,0 +1,257 @@
+"""The default template `code-interpreter` (aliases `code-interpreter-v1`, `base`) from a Debian recipe.
+
+Two cached stages:
+1. mmdebstrap (bookworm minbase + `image/rootfs/packages.txt` + the guest
+   agent's `appliance/guest/DEBIAN_PACKAGES`, user `user`, pip allowed for
+   users) → `<cache_dir>/rootfs/<recipe hash>.tar`. Minutes; network.
+2. that tarball + the guest agent + `image/rootfs/cube-init` → an ext4 image
+   (`mkfs.ext4 -d`, no loop mounts) in `<templates_dir>/code-interpreter/`,
+   rebuilt when the recipe, the agent, the init or these steps change (the
+   manifest's `source` records the hashes). A minute or two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import trio
+
+import appliance
+from appliance.config import IMAGE_DIR, Config
+from appliance.templates.catalog import load_aliases, publish_template
+from appliance.templates.ext4 import build_ext4
+from appliance.templates.jobs import utc_now
+from appliance.templates.manifest import TemplateManifest
+
+RECIPE_DIR = IMAGE_DIR / "rootfs"
+AGENT_PACKAGES = Path(appliance.__file__).parent / "guest" / "DEBIAN_PACKAGES"
+TEMPLATE_ID = "code-interpreter"
+ALIASES = ("code-interpreter-v1", "base")
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+# A Python kernel with numpy/pandas/matplotlib imported stays well under this;
+# the rest is page cache for the guest.
+MEMORY_MB = 512
+CPU_COUNT = 1
+WRITABLE_LAYER_MB = 2048
+USER = "user"
+USER_UID = 1000
+AGENT_DIR = "opt/cube/agent"
+# CAs the host's administrator added (e.g. for a TLS-inspecting egress proxy):
+# sandboxes behind the same egress need them for pip, npm and curl to work.
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+INIT_PATH = "sbin/cube-init"
+
+Progress = Callable[[str, float | None], None]
+
+# Run inside the new root by mmdebstrap (`$1` is the root). Part of the recipe hash.
+CUSTOMIZE_HOOKS = (
+    f'chroot "$1" useradd --create-home --uid {USER_UID} --user-group --shell /bin/bash {USER}',
+    # pip may install for users (into ~/.local) and for root: a sandbox is disposable.
+    'rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
+    # site.py adds the user site directory only if it exists when Python starts: a
+    # kernel started before `pip install --user` must still import what it installs.
+    f'chroot "$1" runuser -u {USER} -- env HOME=/home/{USER} python3 -c '
+    '"import os, site; os.makedirs(site.getusersitepackages(), exist_ok=True)"',
+    'printf "sandbox\\n" > "$1/etc/hostname"',
+    'printf "127.0.0.1 localhost sandbox\\n::1 localhost\\n" > "$1/etc/hosts"',
+    'rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*',
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    suite: str
+    mirror: str
+    packages: tuple[str, ...]
+    hooks: tuple[str, ...]
+
+    def digest(self) -> str:
+        text = "\n".join([self.suite, self.mirror, *self.packages, "--", *self.hooks])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _package_list(path: Path) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def load_recipe() -> Recipe:
+    if not AGENT_PACKAGES.is_file():
+        raise RuntimeError(f"{AGENT_PACKAGES} is missing: the guest agent's Debian packages are unknown")
+    packages = sorted(set(_package_list(RECIPE_DIR / "packages.txt") + _package_list(AGENT_PACKAGES)))
+    return Recipe(SUITE, MIRROR, tuple(packages), CUSTOMIZE_HOOKS)
+
+
+def assembly_digest() -> str:
+    """Hash of what stage 2 depends on: the agent package, the init and this module's steps."""
+    package = Path(appliance.__file__).parent
+    labelled = {"init": RECIPE_DIR / "cube-init", "builder": Path(__file__)}
+    labelled |= {f"ca/{path.name}": path for path in host_cas()}
+    for path in [package / "__init__.py", *(package / "guest").rglob("*")]:
+        if path.is_file() and "__pycache__" not in path.parts:
+            labelled[str(path.relative_to(package))] = path
+    digest = hashlib.sha256()
+    for label in sorted(labelled):
+        digest.update(label.encode() + b"\0" + labelled[label].read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+async def bootstrap_tarball(recipe: Recipe, cache_dir: Path, progress: Progress) -> Path:
+    """The recipe's root filesystem as a tarball, from the cache or a fresh mmdebstrap run."""
+    tarball = cache_dir / "rootfs" / f"{recipe.digest()}.tar"
+    if tarball.exists():
+        progress("bootstrap cached", 1.0)
+        return tarball
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    partial = tarball.with_suffix(".tar.partial")
+    argv = [
+        "nice", "-n", "10", "mmdebstrap", "--variant=minbase", "--mode=root", "--format=tar",
+        "--aptopt=APT::Install-Recommends \"false\"",
+        # Documentation is dead weight in every sandbox's image.
+        "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
+        "--include=" + ",".join(recipe.packages),
+        *(f"--customize-hook={hook}" for hook in recipe.hooks),
+        recipe.suite, str(partial), recipe.mirror,
+    ]  # fmt: skip
+    log = tarball.with_suffix(".log")
+    progress("bootstrapping Debian (mmdebstrap)", None)
+    with log.open("wb") as sink:
+        result = await trio.run_process(argv, stdout=sink, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        partial.unlink(missing_ok=True)
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"mmdebstrap failed ({result.returncode}); see {log}:\n{tail}")
+    partial.rename(tarball)
+    progress("bootstrapped", 1.0)
+    return tarball
+
+
+def host_cas() -> list[Path]:
+    return sorted(HOST_CA_DIR.glob("*.crt")) if HOST_CA_DIR.is_dir() else []
+
+
+async def add_host_cas(root: Path) -> None:
+    """Trust the host's locally added CAs in the image too."""
+    cas = host_cas()
+    if not cas:
+        return
+    target = root / HOST_CA_DIR.relative_to("/")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in cas:
+        shutil.copy2(path, target / path.name)
+    await trio.run_process(["chroot", str(root), "update-ca-certificates"], stdout=subprocess.DEVNULL)
+
+
+def inject_agent(root: Path) -> None:
+    """Copy the guest agent (appliance/__init__.py + appliance/guest) and the init into the tree."""
+    package = Path(appliance.__file__).parent
+    target = root / AGENT_DIR / "appliance"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(package / "guest", target / "guest", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(package / "__init__.py", target / "__init__.py")
+    init = root / INIT_PATH
+    init.unlink(missing_ok=True)
+    shutil.copy2(RECIPE_DIR / "cube-init", init)
+    init.chmod(0o755)
+
+
+def default_manifest(directory: Path, source: str) -> TemplateManifest:
+    return TemplateManifest(
+        template_id=TEMPLATE_ID,
+        directory=directory,
+        aliases=ALIASES,
+        memory_mb=MEMORY_MB,
+        cpu_count=CPU_COUNT,
+        writable_layer_mb=WRITABLE_LAYER_MB,
+        workdir=f"/home/{USER}",
+        user=USER,
+        source=source,
+        created_at=utc_now(),
+    )
+
+
+async def build_default_template(config: Config, progress: Progress | None = None) -> TemplateManifest:
+    """Build (or find cached) the default template; returns its published manifest."""
+    report = progress or (lambda phase, fraction: None)
+    recipe = load_recipe()
+    source = f"recipe:{recipe.digest()}+assembly:{assembly_digest()}"
+    final = config.templates_dir / TEMPLATE_ID
+    if (final / "template.json").is_file() and (final / "rootfs.ext4").is_file():
+        existing = TemplateManifest.load(final)
+        if existing.source == source:
+            report("template cached", 1.0)
+            _publish_aliases(config, existing)
+            return existing
+
+    tarball = await bootstrap_tarball(recipe, config.cache_dir, report)
+    config.templates_dir.mkdir(parents=True, exist_ok=True)
+    # Stage next to the final directory (same filesystem: the swap is a rename).
+    staging = Path(tempfile.mkdtemp(prefix=f".{TEMPLATE_ID}.", dir=config.templates_dir))
+    staging.chmod(0o755)  # like every template directory (mkdtemp makes it 0700)
+    try:
+        tree = staging / "tree"
+        tree.mkdir()
+        report("unpacking root filesystem", None)
+        # As root with numeric owners, device nodes and permissions, exactly as mmdebstrap made them.
+        await trio.run_process(["tar", "-xpf", str(tarball), "--numeric-owner", "-C", str(tree)])
+        inject_agent(tree)
+        await add_host_cas(tree)
+        # Bytecode made now, by the image's own python3: otherwise every sandbox
+        # compiles the agent on its first start (slow under UML) into its COW disk.
+        await trio.run_process(
+            ["chroot", str(tree), "python3", "-m", "compileall", "-q", "-j0", "/" + AGENT_DIR],
+            stdout=subprocess.DEVNULL,
+        )
+        report("writing rootfs.ext4", None)
+        await build_ext4(tree, staging / "rootfs.ext4", WRITABLE_LAYER_MB << 20)
+        await trio.to_thread.run_sync(shutil.rmtree, tree)
+        # Running sandboxes keep the old image open; new ones use the new one.
+        if final.exists():
+            old = staging.with_name(staging.name + ".old")
+            final.rename(old)
+            shutil.rmtree(old)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest = default_manifest(final, source)
+    manifest.save()
+    _publish_aliases(config, manifest)
+    report("template ready", 1.0)
+    return manifest
+
+
+def _publish_aliases(config: Config, manifest: TemplateManifest) -> None:
+    aliases = load_aliases(config)
+    for alias in ALIASES:
+        entry = aliases.get(alias)
+        if entry is None or entry["template_id"] != manifest.template_id:
+            publish_template(config, manifest, alias)
+
+
+@click.command("build-default")
+@click.pass_obj
+def build_default(config: Config) -> None:
+    """Build the default template `code-interpreter` (cached by recipe and agent hash)."""
+    with click.progressbar(length=100, label="code-interpreter", show_eta=False) as bar:
+        phase = {"name": ""}
+
+        def show(name: str, fraction: float | None) -> None:
+            if name != phase["name"]:
+                bar.label = f"code-interpreter: {name}"
+                phase["name"] = name
+            if fraction is not None:
+                bar.update(int(fraction * 100) - bar.pos)
+            else:
+                bar.render_progress()
+
+        manifest = trio.run(build_default_template, config, show)
+    click.echo(f"template {manifest.template_id} ready: {manifest.rootfs}")

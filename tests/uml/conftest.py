@@ -1,0 +1,95 @@
+"""Fixtures for real UML guests (root only) from the real default template.
+
+- `default_template` (session): the built `code-interpreter` template of this
+  host's config; built (minutes, cached by recipe hash) if missing, skipped
+  with the reason when it cannot be built here.
+- `uml_config`: private state/run dirs, a test-only host_network and uid range,
+  so nothing collides with a running `cube serve`.
+- `runtime`: an `UmlRuntime` over a CubeVS started for the test, whose resolver
+  forwards to a dead loopback port (no test traffic leaves the host).
+- `boot`: `async with boot(slot) as (instance, spec):` one running sandbox,
+  killed at exit.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from appliance.config import Config, load_config
+from appliance.net.service import CubeVS
+from appliance.runtime.base import BootSpec
+from appliance.runtime.uml.instance import UmlInstance
+from appliance.runtime.uml.runtime import UmlRuntime
+from appliance.templates.manifest import TemplateManifest
+
+TEST_HOST_NETWORK = "10.231.0.0/24"
+TEST_UID_BASE = 310_000
+# Nothing listens here: guest DNS lookups fail fast instead of reaching the internet.
+DEAD_DNS_UPSTREAM = "127.0.0.1:9"
+
+Boot = Callable[..., AbstractAsyncContextManager[tuple[UmlInstance, BootSpec]]]
+
+
+@pytest.fixture(scope="session")
+def default_template() -> TemplateManifest:
+    if os.geteuid() != 0:
+        pytest.skip("UML runtime tests need root (namespaces, cgroups, taps)")
+    from appliance.templates.default import build_default_template
+
+    config = load_config()
+    try:
+        return trio.run(build_default_template, config)
+    except (OSError, RuntimeError) as exc:
+        pytest.skip(f"the default template is not built and cannot be built here: {exc}")
+
+
+@pytest.fixture
+def uml_config() -> Iterator[Config]:
+    # Short paths: unix socket paths (mconsole) must fit in 107 bytes; tmp_path is deep.
+    work = Path(tempfile.mkdtemp(prefix="cubetest-uml-"))
+    yield Config(
+        state_dir=work / "state",
+        run_dir=work / "run",
+        cache_dir=load_config().cache_dir,  # the built kernel
+        host_network=TEST_HOST_NETWORK,
+        uid_base=TEST_UID_BASE,
+        allow_unenforced_network=True,
+    )
+    shutil.rmtree(work)
+
+
+@pytest.fixture
+async def runtime(uml_config: Config) -> AsyncIterator[UmlRuntime]:
+    async with CubeVS.start(uml_config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
+        yield UmlRuntime(uml_config, cubevs)
+
+
+@pytest.fixture
+def boot(runtime: UmlRuntime, uml_config: Config, default_template: TemplateManifest) -> Boot:
+    @asynccontextmanager
+    async def booted(slot: int = 0) -> AsyncIterator[tuple[UmlInstance, BootSpec]]:
+        sandbox_id = "cubetest-uml-" + secrets.token_hex(4)
+        spec = BootSpec(
+            sandbox_id=sandbox_id,
+            template=default_template,
+            slot=slot,
+            sandbox_dir=uml_config.sandboxes_dir / sandbox_id,
+            memory_mb=default_template.memory_mb,
+            cpu_count=default_template.cpu_count,
+        )
+        async with trio.open_nursery() as nursery:
+            instance = await nursery.start(runtime.run, spec)
+            assert isinstance(instance, UmlInstance)
+            yield instance, spec
+            nursery.cancel_scope.cancel()
+
+    return booted

@@ -1,0 +1,169 @@
+"""Real UML guests from the real default template: boot, agent, isolation, teardown, pause.
+
+Traffic goes only to the sandboxes' host_ip addresses inside netns this test's
+CubeVS created (test-only host_network), and DNS to a dead loopback port.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+import trio
+from umlguest import execute_code, run_command
+
+from appliance.net.addressing import Addressing
+from appliance.runtime.base import ENVD_PORT, BootSpec, GuestExited
+from appliance.runtime.uml.cgroups import CGROUP_ROOT
+from appliance.runtime.uml.runtime import http_status
+
+if TYPE_CHECKING:
+    from conftest import Boot
+
+    from appliance.config import Config
+    from appliance.runtime.uml.runtime import UmlRuntime
+    from appliance.templates.manifest import TemplateManifest
+
+pytestmark = [pytest.mark.uml, pytest.mark.slow]
+
+
+def processes_of_uid(uid: int) -> list[str]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue  # exited while we looked
+        uid_line = next((line for line in text.splitlines() if line.startswith("Uid:")), "")
+        if str(uid) in uid_line.split()[1:]:
+            found.append(status.parent.name)
+    return found
+
+
+def leftovers(config: Config, spec: BootSpec) -> list[str]:
+    """Everything of a sandbox that must be gone once its run() has returned."""
+    uid = config.uid_base + spec.slot
+    plan = Addressing(config.host_network).plan(spec.sandbox_id, spec.slot)
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    found = [f"process {pid} of uid {uid}" for pid in processes_of_uid(uid)]
+    if plan.netns in netns.split():
+        found.append(f"netns {plan.netns}")
+    if f" {plan.host_veth}@" in links or f" {plan.host_veth}:" in links:
+        found.append(f"veth {plan.host_veth}")
+    found += [f"cgroup {p}" for p in CGROUP_ROOT.glob(f"*/cube/{spec.sandbox_id}")]
+    if spec.sandbox_dir.exists():
+        found.append(f"directory {spec.sandbox_dir}")
+    return found
+
+
+async def test_boot_runs_commands_and_python(boot: Boot) -> None:
+    async with boot() as (instance, _spec):
+        print(f"cold boot to agent ready: {instance.boot_seconds * 1000:.0f} ms")
+        host, port = instance.endpoint(ENVD_PORT)
+        assert port == ENVD_PORT
+        result = await run_command(host, "uname -s && id -un && pwd")
+        assert result.exit_code == 0, result
+        assert result.stdout.startswith("Linux\nuser\n"), result
+        events = await execute_code(host, "import numpy, pandas\nprint(numpy.arange(4).sum())")
+        assert "6\\n" in json.dumps(events), events
+        assert instance.memory_usage_bytes() > 16 << 20
+        assert "CUBE-AGENT-READY" in instance.console_log.read_text()
+
+
+async def test_sandboxes_cannot_see_each_other(boot: Boot) -> None:
+    async with boot(slot=0) as (first, _), boot(slot=1) as (second, _):
+        host_a, _ = first.endpoint(ENVD_PORT)
+        host_b, _ = second.endpoint(ENVD_PORT)
+        assert host_a != host_b
+        made = await run_command(
+            host_a, "echo private > /tmp/only-in-a && (nohup sleep 6061 >/dev/null 2>&1 &) && echo ok"
+        )
+        assert made.exit_code == 0 and made.stdout == "ok\n", made
+        assert (await run_command(host_a, "cat /tmp/only-in-a")).stdout == "private\n"
+        seen = await run_command(host_b, "ls -a /tmp; ps -eo args")
+        assert seen.exit_code == 0, seen
+        assert "only-in-a" not in seen.stdout and "sleep 6061" not in seen.stdout, seen.stdout
+        assert "sleep 6061" in (await run_command(host_a, "ps -eo args")).stdout
+
+
+async def test_guest_cannot_read_host_files_or_processes(boot: Boot, tmp_path: Path) -> None:
+    marker = tmp_path / "host-marker"
+    marker.write_text("host secret")
+    async with boot() as (instance, _spec):
+        host, _ = instance.endpoint(ENVD_PORT)
+        attempt = await run_command(
+            host,
+            "mkdir -p /mnt/host && mount -t hostfs none /mnt/host 2>&1; echo rc=$?; "
+            f"cat /mnt/host{marker} /mnt/host/etc/hostname 2>&1; ls /mnt/host 2>&1",
+            user="root",
+        )
+        assert "host secret" not in attempt.stdout, attempt
+        if "rc=0" in attempt.stdout:  # Debian's linux.uml has hostfs: it must find nothing of the host
+            assert "etc" not in attempt.stdout.split("rc=0", 1)[1].split(), attempt
+        processes = await run_command(host, "ps -eo args; cat /proc/1/cmdline")
+        assert "cube-init" in processes.stdout
+        assert "pytest" not in processes.stdout and "bwrap" not in processes.stdout, processes.stdout
+
+
+async def test_kill_leaves_nothing_behind(boot: Boot, uml_config: Config) -> None:
+    async with boot(slot=2) as (instance, spec):
+        assert processes_of_uid(uml_config.uid_base + 2)
+        assert spec.sandbox_dir.exists() and instance.console_log.exists()
+    assert leftovers(uml_config, spec) == []
+
+
+async def test_guest_exit_is_reported_and_cleaned_up(
+    runtime: UmlRuntime, uml_config: Config, default_template: TemplateManifest
+) -> None:
+    spec = BootSpec(
+        sandbox_id="cubetest-uml-exit",
+        template=default_template,
+        slot=3,
+        sandbox_dir=uml_config.sandboxes_dir / "cubetest-uml-exit",
+        memory_mb=default_template.memory_mb,
+        cpu_count=1,
+    )
+    errors: list[GuestExited] = []
+
+    async def run_recording(*, task_status: trio.TaskStatus[object]) -> None:
+        try:
+            await runtime.run(spec, task_status=task_status)
+        except GuestExited as exc:
+            errors.append(exc)
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            instance = await nursery.start(run_recording)
+            host, _ = instance.endpoint(ENVD_PORT)  # type: ignore[attr-defined]
+            # The init powers the guest off when its agent dies.
+            try:
+                await run_command(host, "kill -9 $(pgrep -f appliance.guest)", user="root", timeout=5)
+            except httpx.HTTPError:
+                pass  # the agent died mid-answer
+    assert len(errors) == 1 and "powering off" in errors[0].console_tail, errors
+    assert leftovers(uml_config, spec) == []
+
+
+async def test_pause_freezes_and_resume_unfreezes(boot: Boot) -> None:
+    async with boot() as (instance, _spec):
+        host, port = instance.endpoint(ENVD_PORT)
+        assert await http_status(host, port) == 204
+        await instance.pause()
+        assert await http_status(host, port, timeout=1.0) is None  # frozen: nobody answers
+        answered: list[int | None] = []
+
+        async def ask() -> None:
+            answered.append(await http_status(host, port, timeout=20.0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.sleep(0.5)
+            assert answered == []  # still waiting while paused
+            await instance.resume()
+        assert answered == [204]  # the request made while paused is answered after resume
+        assert (await run_command(host, "echo alive")).stdout == "alive\n"
