@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
-import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import trio
-from networld import TAP_OWNER_UID, Guest, SandboxFactory, World, dns_response, tap_guest, veth_guest
+from networld import TAP_OWNER_UID, Guest, SandboxFactory, World, dns_upstream_server, tap_guest, veth_guest
 
 from appliance.config import Config
 from appliance.net import CubeVS, NetworkPolicy, SandboxNetwork
@@ -35,29 +32,8 @@ def world() -> Iterator[World]:
 
 @pytest.fixture
 async def dns_upstream() -> AsyncIterator[str]:
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-
-    async def serve_udp() -> None:
-        while True:
-            query, peer = await sock.recvfrom(2048)
-            await sock.sendto(dns_response(query), peer)
-
-    async def serve_tcp(stream: trio.SocketStream) -> None:
-        async with stream:
-            header = await stream.receive_some(2)
-            query = await stream.receive_some(struct.unpack("!H", header)[0])
-            response = dns_response(query)
-            await stream.send_all(struct.pack("!H", len(response)) + response)
-
-    with sock:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve_udp)
-            nursery.start_soon(trio.serve_listeners, serve_tcp, listeners)
-            yield f"127.0.0.1:{port}"
-            nursery.cancel_scope.cancel()
+    async with dns_upstream_server() as upstream:
+        yield upstream
 
 
 @pytest.fixture

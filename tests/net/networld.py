@@ -198,6 +198,9 @@ class Server:
 
     tcp_peers: list[str] = field(default_factory=list)
     udp_payloads: list[tuple[bytes, str]] = field(default_factory=list)
+    # trio.current_time() of each arrival, in the order of the lists above.
+    tcp_times: list[float] = field(default_factory=list)
+    udp_times: list[float] = field(default_factory=list)
 
     async def got_tcp(self, timeout: float = 1.0) -> bool:
         """Has a TCP connection arrived (waiting up to `timeout` for one)?"""
@@ -231,12 +234,14 @@ async def serving(path: str, ip: str = "::", port: int = SERVICE_PORT) -> AsyncI
         while True:
             conn, peer = await tcp.accept()
             server.tcp_peers.append(peer[0].removeprefix("::ffff:"))
+            server.tcp_times.append(trio.current_time())
             conn.close()
 
     async def udp_loop() -> None:
         while True:
             data, peer = await udp.recvfrom(2048)
             server.udp_payloads.append((data, peer[0].removeprefix("::ffff:")))
+            server.udp_times.append(trio.current_time())
 
     with tcp, udp:
         async with trio.open_nursery() as nursery:
@@ -244,6 +249,38 @@ async def serving(path: str, ip: str = "::", port: int = SERVICE_PORT) -> AsyncI
             nursery.start_soon(udp_loop)
             yield server
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def dns_upstream_server() -> AsyncIterator[str]:
+    """A DNS server on 127.0.0.1 (UDP and TCP, one port) answering `UPSTREAM_RECORDS`; yields "ip:port"."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+
+    async def serve_udp() -> None:
+        while True:
+            query, peer = await sock.recvfrom(2048)
+            await sock.sendto(dns_response(query), peer)
+
+    async def serve_tcp(stream: trio.SocketStream) -> None:
+        async with stream:
+            header = await stream.receive_some(2)
+            query = await stream.receive_some(struct.unpack("!H", header)[0])
+            response = dns_response(query)
+            await stream.send_all(struct.pack("!H", len(response)) + response)
+
+    try:
+        with sock:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_udp)
+                nursery.start_soon(trio.serve_listeners, serve_tcp, listeners)
+                yield f"127.0.0.1:{port}"
+                nursery.cancel_scope.cancel()
+    finally:
+        for listener in listeners:
+            await listener.aclose()
 
 
 # --- guests ------------------------------------------------------------------
