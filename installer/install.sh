@@ -45,7 +45,7 @@ APT_PACKAGES=(
   # template and kernel builds
   mmdebstrap linux-source build-essential flex bison bc libelf-dev libssl-dev xz-utils
 )
-DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 xorriso)
+DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 xorriso busybox-static)
 
 stop_service() {
   if have_systemd && systemctl list-unit-files cube.service >/dev/null 2>&1; then

@@ -1,0 +1,288 @@
+"""`KvmRuntime`: one microVM per sandbox, behind runtime.base's Runtime interface.
+
+Per sandbox (all owned by the sandbox's nursery, torn down when `run` ends):
+CubeVS's netns with tap0 → virtio-net; the template's rootfs as a copy-on-write
+virtio-blk; virtio-vsock (host side `<sandbox_dir>/vsock.sock`); virtio-rng; the
+guest kernel (PVH or 64-bit entry) with the devices on its command line; vCPU
+threads; the console in `<sandbox_dir>/console.log`. Ready = the guest agent
+accepts TCP on its port through the sandbox's host address.
+
+Runs only where a guest kernel can run at full speed: VMX/SVM, or PVM with a PVM
+guest kernel configured (`detect_host` says which, and why not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from appliance.config import Config
+from appliance.net.netns import entered
+from appliance.net.policy import NetworkPolicy
+from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance
+from appliance.runtime.detect import detect_host
+from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
+from appliance.runtime.kvm.machine import Machine, MachineConfig
+from appliance.runtime.kvm.snapshot import STATE_FILE
+from appliance.runtime.kvm.vcpu import VcpuExit
+from appliance.runtime.virtio.blk.device import VirtioBlock
+from appliance.runtime.virtio.blk.disk import CowDisk
+from appliance.runtime.virtio.device import VirtioDevice
+from appliance.runtime.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, MmioTransport, cmdline_device
+from appliance.runtime.virtio.net.device import VirtioNet
+from appliance.runtime.virtio.net.tap import open_tap
+from appliance.runtime.virtio.rng.device import VirtioRng
+from appliance.runtime.virtio.vsock.device import VirtioVsock
+from cffi_kvm import Kvm
+
+MIB = 1 << 20
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_IRQS = (5, 6, 7, 9, 10, 11)  # ISA lines Linux leaves free (4 is the serial port)
+GUEST_CID = 3
+BOOT_TIMEOUT_S = 60
+KERNEL_CMDLINE = (
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd "
+    "root=/dev/vda rw init=/sbin/cube-init"
+)
+CONSOLE_TAIL_BYTES = 4096
+OVERLAY_NAME = "rootfs.overlay"
+TEMPLATE_SNAPSHOT_DIR = "kvm-snapshot"  # in the template's directory: state.json, memory, rootfs.overlay
+
+
+def find_guest_kernel(config: Config) -> Path | None:
+    """Configured kernel, else the newest microVM kernel image/kernel built into the cache."""
+    if config.kvm_guest_kernel is not None:
+        return config.kvm_guest_kernel if config.kvm_guest_kernel.exists() else None
+    built = sorted((config.cache_dir / "kernels").glob("microvm-*/vmlinux"), key=lambda p: p.stat().st_mtime)
+    return built[-1] if built else None
+
+
+def guest_mac(slot: int) -> bytes:
+    """Locally administered, unique per slot (the guest IP is the same everywhere, the MAC need not be)."""
+    return bytes([0x02, 0xCB, 0xE0, (slot >> 16) & 0xFF, (slot >> 8) & 0xFF, slot & 0xFF])
+
+
+def _open_tap_in(netns_path: str, tap_name: str) -> int:
+    with entered(netns_path):
+        return open_tap(tap_name)
+
+
+def _copy_sparse(source: Path, target: Path) -> None:
+    """Copy keeping holes (and sharing blocks where the filesystem can reflink)."""
+    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)], check=True)
+
+
+def _console_tail(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - CONSOLE_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@dataclass
+class KvmInstance:
+    sandbox_id: str
+    console_log: Path
+    host_ip: str
+    machine: Machine
+    disk_overlay: Path
+    _run_scope: trio.CancelScope | None = None
+    _resumed: trio.Event | None = None
+    _paused: trio.Event | None = None
+
+    def endpoint(self, port: int) -> tuple[str, int]:
+        return self.host_ip, port
+
+    async def pause(self) -> None:
+        if self._resumed is not None:
+            return
+        self._resumed, self._paused = trio.Event(), trio.Event()
+        if self._run_scope is not None:
+            self._run_scope.cancel()  # kicks the vCPUs out of KVM_RUN; threads are joined
+        await self._paused.wait()
+
+    async def resume(self) -> None:
+        if self._resumed is not None:
+            resumed, self._resumed = self._resumed, None
+            resumed.set()
+
+    async def snapshot(self, directory: Path) -> None:
+        """Pause, write the machine (vCPUs, devices, memory) and the disk overlay, resume.
+
+        Taken once the guest agent is ready, into the template's TEMPLATE_SNAPSHOT_DIR,
+        it makes every later sandbox of the template a restore instead of a boot.
+        """
+        await self.pause()
+        try:
+            await trio.to_thread.run_sync(self.machine.snapshot, directory)  # flushes the disk
+            await trio.to_thread.run_sync(_copy_sparse, self.disk_overlay, directory / OVERLAY_NAME)
+        finally:
+            await self.resume()
+
+    def memory_usage_bytes(self) -> int:
+        return self.machine.memory.resident_bytes()
+
+    async def run_until_exit(self) -> VcpuExit:
+        """Run the vCPUs; a pause stops them (nothing runs) until resume."""
+        while True:
+            self._run_scope = trio.CancelScope()
+            with self._run_scope:
+                outcome = await self.machine.run()
+            if not self._run_scope.cancelled_caught:
+                return outcome
+            assert self._paused is not None and self._resumed is not None
+            self._paused.set()
+            await self._resumed.wait()
+
+
+class KvmRuntime:
+    name = "kvm"
+
+    def __init__(self, config: Config, cubevs: Any) -> None:
+        self.config = config
+        self.cubevs = cubevs
+
+    async def run(
+        self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        host = detect_host(self.config)
+        kernel = find_guest_kernel(self.config)
+        if not host.kvm_usable or (host.kvm == "PVM" and host.pvm_guest_kernel is None):
+            raise BootFailed(spec.sandbox_id, f"the kvm runtime cannot run here: {host.reason}")
+        if kernel is None:
+            raise BootFailed(spec.sandbox_id, "no guest kernel: set kvm_guest_kernel or build image/kernel")
+        spec.sandbox_dir.mkdir(parents=True, exist_ok=True)
+        console_log = spec.sandbox_dir / "console.log"
+        policy = NetworkPolicy.from_e2b(spec.network_policy)
+        async with contextlib.AsyncExitStack() as resources:
+            net = await resources.enter_async_context(
+                self.cubevs.sandbox_network(spec.sandbox_id, spec.slot, os.geteuid(), policy)
+            )
+            tap_fd = await trio.to_thread.run_sync(_open_tap_in, net.netns_path, net.tap)
+            resources.callback(os.close, tap_fd)
+            console = resources.enter_context(console_log.open("ab", buffering=0))
+            kvm = resources.enter_context(Kvm())
+            overlay = spec.sandbox_dir / OVERLAY_NAME
+            template_snapshot = spec.template.directory / TEMPLATE_SNAPSHOT_DIR
+            from_snapshot = (template_snapshot / STATE_FILE).exists()
+            if from_snapshot:
+                # The guest's page cache matches the template's disk as it was at the snapshot.
+                await trio.to_thread.run_sync(_copy_sparse, template_snapshot / OVERLAY_NAME, overlay)
+            disk = resources.enter_context(contextlib.closing(CowDisk(overlay, base=spec.template.rootfs)))
+            network = resources.enter_context(contextlib.closing(VirtioNet(tap_fd, guest_mac(spec.slot))))
+            devices: list[tuple[str, VirtioDevice]] = [
+                ("virtio-blk", VirtioBlock(disk, disk_id=spec.template.template_id)),
+                ("virtio-net", network),
+                ("virtio-vsock", VirtioVsock(GUEST_CID, spec.sandbox_dir / "vsock.sock")),
+                ("virtio-rng", VirtioRng()),
+            ]
+            transports: list[MmioTransport] = []
+
+            def attach_devices(machine: Machine) -> None:
+                for index, (name, device) in enumerate(devices):
+                    transports.append(self._attach(machine, index, name, device))
+
+            if from_snapshot:
+                # Same devices, same names: Machine.restore applies their saved state.
+                machine = await trio.to_thread.run_sync(
+                    functools.partial(
+                        Machine.restore,
+                        kvm,
+                        template_snapshot,
+                        add_devices=attach_devices,
+                        console=console.write,
+                    )
+                )
+            else:
+                machine = Machine.new(
+                    kvm, MachineConfig(spec.memory_mb * MIB, spec.cpu_count), console=console.write
+                )
+                attach_devices(machine)
+
+            async def close_machine() -> None:
+                with trio.CancelScope(shield=True):  # runs while the sandbox is being cancelled
+                    await machine.aclose()
+
+            resources.push_async_callback(close_machine)
+            notify_fds: dict[int, list[int]] = {}
+            for transport in transports:
+                resources.callback(transport.close)
+                notify_fds[transport.base] = self._notify_eventfds(machine, transport)
+                for fd in notify_fds[transport.base]:
+                    resources.callback(os.close, fd)
+            if not from_snapshot:
+                cmdline = " ".join([KERNEL_CMDLINE, *(cmdline_device(t.base, t.irq) for t in transports)])
+                entry = await trio.to_thread.run_sync(load_linux, machine.memory, kernel, cmdline)
+                prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry, spec.cpu_count)
+            instance = KvmInstance(spec.sandbox_id, console_log, net.host_ip, machine, overlay)
+            exited: list[VcpuExit] = []
+            async with trio.open_nursery() as nursery:
+                for _name, device in devices:
+                    nursery.start_soon(device.run_io)
+                for transport in transports:
+                    nursery.start_soon(transport.serve_throttled)
+                    nursery.start_soon(transport.serve_notifications, notify_fds[transport.base])
+                nursery.start_soon(self._run_guest, instance, exited, nursery.cancel_scope.cancel)
+                await self._wait_ready(spec, instance, net.host_ip, exited)
+                task_status.started(instance)
+            # Reached only when the guest stopped by itself (cancelling `run` is the kill).
+            reason = exited[0].value if exited else "stopped"
+            raise GuestExited(spec.sandbox_id, reason, _console_tail(console_log))
+
+    @staticmethod
+    def _attach(machine: Machine, index: int, name: str, device: VirtioDevice) -> MmioTransport:
+        base, irq = VIRTIO_MMIO_BASE + index * MMIO_SIZE, VIRTIO_IRQS[index]
+        irq_fd = machine.irq_eventfd(irq)
+        transport = MmioTransport(
+            device, machine.memory, lambda: os.eventfd_write(irq_fd, 1), base=base, irq=irq
+        )
+        machine.add_mmio_device(name, transport, base, MMIO_SIZE)
+        return transport
+
+    @staticmethod
+    def _notify_eventfds(machine: Machine, transport: MmioTransport) -> list[int]:
+        """One eventfd per queue, signalled by KVM on QueueNotify writes of that queue's index."""
+        fds = []
+        for queue_index in range(len(transport.queues)):
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            machine.vm.ioeventfd(fd, transport.base + QUEUE_NOTIFY, 4, datamatch=queue_index)
+            fds.append(fd)
+        return fds
+
+    @staticmethod
+    async def _run_guest(instance: KvmInstance, exited: list[VcpuExit], stop_all: Callable[[], None]) -> None:
+        exited.append(await instance.run_until_exit())
+        stop_all()
+
+    async def _wait_ready(
+        self, spec: BootSpec, instance: KvmInstance, host_ip: str, exited: list[VcpuExit]
+    ) -> None:
+        port = spec.template.probe_port or ENVD_PORT
+        with trio.move_on_after(BOOT_TIMEOUT_S):
+            while not exited:
+                try:
+                    stream = await trio.open_tcp_stream(host_ip, port)
+                except OSError as e:
+                    if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ETIMEDOUT, None):
+                        raise
+                    await trio.sleep(0.05)
+                    continue
+                await stream.aclose()
+                return
+        why = (
+            f"guest stopped ({exited[0].value})"
+            if exited
+            else f"no answer on port {port} in {BOOT_TIMEOUT_S} s"
+        )
+        raise BootFailed(spec.sandbox_id, why, _console_tail(instance.console_log))

@@ -1,0 +1,1 @@
+"""virtio-blk: a copy-on-write disk over a read-only template image."""

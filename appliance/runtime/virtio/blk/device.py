@@ -1,0 +1,193 @@
+"""virtio-blk device model (virtio 1.x §5.2): read, write, flush, get-id, discard, write-zeroes."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict
+from typing import Any
+
+from appliance.runtime.virtio.blk.disk import CowDisk
+from appliance.runtime.virtio.blk.metrics import BlockMetrics
+from appliance.runtime.virtio.device import DEVICE_ID_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice
+from appliance.runtime.virtio.queue import DescriptorChain, QueueError, read_chain_bytes
+from appliance.runtime.virtio.rate_limiter import RateLimiter
+
+SECTOR = 512
+QUEUE_SIZE = 256
+SEG_MAX = QUEUE_SIZE - 2  # header and status take a descriptor each
+MAX_DISCARD_SECTORS = 1 << 22  # 2 GiB per segment
+
+VIRTIO_BLK_F_SEG_MAX = 1 << 2
+VIRTIO_BLK_F_RO = 1 << 5
+VIRTIO_BLK_F_BLK_SIZE = 1 << 6
+VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
+
+T_IN = 0
+T_OUT = 1
+T_FLUSH = 4
+T_GET_ID = 8
+T_DISCARD = 11
+T_WRITE_ZEROES = 13
+
+S_OK = 0
+S_IOERR = 1
+S_UNSUPP = 2
+
+ID_BYTES = 20
+
+
+class VirtioBlock(VirtioDevice):
+    device_type = DEVICE_ID_BLOCK
+    queue_max_sizes = (QUEUE_SIZE,)
+
+    def __init__(
+        self,
+        disk: CowDisk,
+        *,
+        read_only: bool = False,
+        disk_id: str = "cube",
+        rate_limiter: RateLimiter | None = None,
+    ) -> None:
+        super().__init__()
+        self.disk = disk
+        self.read_only = read_only
+        self.disk_id = disk_id.encode()[:ID_BYTES]
+        self.rate_limiter = rate_limiter
+        self.metrics = BlockMetrics()
+
+    def available_features(self) -> int:
+        features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
+        if self.read_only:
+            return features | VIRTIO_BLK_F_RO
+        return features | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+
+    def config_space(self) -> bytes:
+        return struct.pack(
+            "<QIIHBBIBBHIBBHIIIIIB3x",
+            self.disk.size // SECTOR,  # capacity
+            0,  # size_max (not offered)
+            SEG_MAX,
+            0,
+            0,
+            0,  # geometry
+            SECTOR,  # blk_size
+            0,
+            0,
+            0,
+            0,  # topology
+            0,
+            0,
+            1,  # writeback, unused, num_queues
+            MAX_DISCARD_SECTORS,
+            1,  # max_discard_seg
+            8,  # discard_sector_alignment (4 KiB: the overlay's block)
+            MAX_DISCARD_SECTORS,
+            1,  # max_write_zeroes_seg
+            0,  # write_zeroes_may_unmap
+        )
+
+    def process_queue(self, index: int) -> None:
+        assert self.memory is not None
+        queue = self.queues[index]
+        self.retry_after = None
+        served = False
+        while (chain := queue.pop(self.memory)) is not None:
+            if self.rate_limiter is not None:
+                cost = sum(d.length for d in chain.descriptors)
+                if not self.rate_limiter.consume(cost):
+                    # Put the chain back: it is served when the bucket refills.
+                    queue.state.next_avail = (queue.state.next_avail - 1) & 0xFFFF
+                    self.retry_after = self.rate_limiter.wait_time(cost)
+                    self.metrics.throttled_events += 1
+                    break
+            written = self._serve(chain)
+            queue.add_used(self.memory, chain.head, written)
+            served = True
+        if served:
+            self.interrupt(index)
+
+    def _serve(self, chain: DescriptorChain) -> int:
+        """Execute one request; returns the bytes written into the chain (data + status)."""
+        assert self.memory is not None
+        memory = self.memory
+        readable, writable = chain.readable(), chain.writable()
+        if not writable or writable[-1].length < 1:
+            self.metrics.invalid_requests += 1
+            return 0
+        status_addr = writable[-1].addr + writable[-1].length - 1
+        # Data-in buffers: every writable byte but the status byte.
+        data_in = [*writable[:-1]]
+        if writable[-1].length > 1:
+            last = writable[-1]
+            data_in.append(type(last)(last.addr, last.length - 1, last.flags))
+        try:
+            request = read_chain_bytes(memory, readable)
+            if len(request) < 16:
+                raise QueueError("virtio-blk request shorter than its header")
+            kind, _reserved, sector = struct.unpack_from("<IIQ", request)
+            payload = memoryview(request)[16:]
+            status, written = self._execute(kind, sector * SECTOR, payload, data_in)
+        except (OSError, ValueError, QueueError):
+            self.metrics.io_errors += 1
+            status, written = S_IOERR, 0
+        memory.write(status_addr, bytes([status]))
+        return written + 1
+
+    def _execute(self, kind: int, offset: int, payload: memoryview, data_in: list[Any]) -> tuple[int, int]:
+        assert self.memory is not None
+        memory, disk, m = self.memory, self.disk, self.metrics
+        if kind == T_IN:
+            position = offset
+            for d in data_in:
+                memory.write(d.addr, disk.read(position, d.length))
+                position += d.length
+            m.read_count += 1
+            m.read_bytes += position - offset
+            return S_OK, position - offset
+        if kind == T_OUT:
+            if self.read_only:
+                return S_IOERR, 0
+            disk.write(offset, payload)
+            m.write_count += 1
+            m.write_bytes += len(payload)
+            return S_OK, 0
+        if kind == T_FLUSH:
+            disk.flush()
+            m.flush_count += 1
+            return S_OK, 0
+        if kind == T_GET_ID:
+            ident = self.disk_id.ljust(ID_BYTES, b"\0")
+            position = 0
+            for d in data_in:
+                piece = ident[position : position + d.length]
+                memory.write(d.addr, piece)
+                position += len(piece)
+            return S_OK, position
+        if kind in (T_DISCARD, T_WRITE_ZEROES) and not self.read_only:
+            for start in range(0, len(payload) - 15, 16):
+                sector, count, _flags = struct.unpack_from("<QII", payload, start)
+                if kind == T_DISCARD:
+                    disk.discard(sector * SECTOR, count * SECTOR)
+                    m.discard_count += 1
+                else:
+                    disk.write_zeroes(sector * SECTOR, count * SECTOR)
+            return S_OK, 0
+        m.invalid_requests += 1
+        return S_UNSUPP, 0
+
+    def save(self) -> dict[str, Any]:
+        self.disk.flush()  # the overlay file is part of the snapshot
+        return {
+            **super().save(),
+            "overlay": str(self.disk.overlay_path),
+            "base": str(self.disk.base_path) if self.disk.base_path else None,
+            "size": self.disk.size,
+            "read_only": self.read_only,
+            "metrics": asdict(self.metrics),
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        super().restore(saved)
+        self.metrics = BlockMetrics(**saved["metrics"])

@@ -1,0 +1,95 @@
+"""The device side of virtio, independent of any transport.
+
+A transport (virtio-mmio for KVM guests, vhost-user for UML) negotiates features,
+sets up the queues, then calls `activate` with the guest memory, the queues and a
+callback that interrupts the driver; after that it calls `process_queue(i)`
+whenever the driver notifies queue i.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from appliance.runtime.virtio.memory import GuestMemoryAccess
+from appliance.runtime.virtio.queue import Queue
+
+VIRTIO_F_VERSION_1 = 1 << 32
+
+# Device ids (virtio 1.x §5).
+DEVICE_ID_NET = 1
+DEVICE_ID_BLOCK = 2
+DEVICE_ID_RNG = 4
+DEVICE_ID_VSOCK = 19
+
+InterruptCallback = Callable[[int], None]  # argument: the queue that has used buffers
+
+
+class VirtioDevice(ABC):
+    device_type: int = 0
+    queue_max_sizes: tuple[int, ...] = ()
+
+    def __init__(self) -> None:
+        self.acked_features = 0
+        self.ignored_config_writes = 0
+        # Set by a rate-limited device that left requests in a queue: seconds until the
+        # transport should call process_queue again. None = nothing is waiting.
+        self.retry_after: float | None = None
+        self.memory: GuestMemoryAccess | None = None
+        self.queues: list[Queue] = []
+        self._interrupt: InterruptCallback | None = None
+
+    # ---- negotiation --------------------------------------------------------------
+
+    def available_features(self) -> int:
+        return VIRTIO_F_VERSION_1
+
+    def ack_features(self, features: int) -> None:
+        self.acked_features = features & self.available_features()
+
+    def config_space(self) -> bytes:
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Most devices have a read-only config space: count what a driver tried to write."""
+        self.ignored_config_writes += 1
+
+    # ---- operation ----------------------------------------------------------------
+
+    def activate(self, memory: GuestMemoryAccess, queues: list[Queue], interrupt: InterruptCallback) -> None:
+        self.memory = memory
+        self.queues = queues
+        self._interrupt = interrupt
+
+    @property
+    def active(self) -> bool:
+        return self.memory is not None
+
+    def interrupt(self, queue_index: int) -> None:
+        assert self._interrupt is not None and self.memory is not None
+        if self.queues[queue_index].driver_wants_interrupt(self.memory):
+            self._interrupt(queue_index)
+
+    @abstractmethod
+    def process_queue(self, index: int) -> None:
+        """Handle every chain the driver made available on queue `index`."""
+
+    async def run_io(self) -> None:
+        """Host-side I/O while active (a tap to read, sockets to serve), run as a Trio task
+        by whoever activated the device. Devices that only answer the driver have none."""
+        return
+
+    def reset(self) -> None:
+        self.acked_features = 0
+        self.memory = None
+        self.queues = []
+        self._interrupt = None
+
+    # ---- persistence --------------------------------------------------------------
+
+    def save(self) -> dict[str, Any]:
+        return {"acked_features": self.acked_features}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.acked_features = int(saved["acked_features"])

@@ -1,0 +1,1 @@
+"""virtio-net over a tap device with the virtio-net header (checksum/TSO offloads)."""

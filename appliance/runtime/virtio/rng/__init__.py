@@ -1,0 +1,1 @@
+"""virtio-rng (entropy device): fills the guest's buffers from the host's getrandom()."""

@@ -1,0 +1,1 @@
+"""vhost-user backend: serves a virtio device model to a frontend over a Unix socket."""

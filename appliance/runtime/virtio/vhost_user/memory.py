@@ -1,0 +1,78 @@
+"""The frontend's memory as announced by VHOST_USER_SET_MEM_TABLE, mapped shared."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+REGION_FORMAT = "<QQQQ"  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
+REGION_SIZE = struct.calcsize(REGION_FORMAT)
+
+
+@dataclass
+class MappedRegion:
+    guest_phys_addr: int
+    size: int
+    user_addr: int
+    mapping: mmap.mmap
+    offset: int  # where the region starts inside `mapping`
+    view: memoryview
+
+
+class FrontendMemory:
+    """GuestMemoryAccess over the frontend's memory files (UML: its physmem file)."""
+
+    def __init__(self) -> None:
+        self.regions: list[MappedRegion] = []
+
+    @classmethod
+    def from_table(cls, payload: bytes, fds: list[int]) -> FrontendMemory:
+        count = struct.unpack_from("<I", payload)[0]
+        memory = cls()
+        try:
+            for i in range(count):
+                gpa, size, uaddr, offset = struct.unpack_from(REGION_FORMAT, payload, 8 + i * REGION_SIZE)
+                mapping = mmap.mmap(fds[i], offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                view = memoryview(mapping)[offset : offset + size]
+                memory.regions.append(MappedRegion(gpa, size, uaddr, mapping, offset, view))
+        except BaseException:
+            memory.close()
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mappings hold the files
+        return memory
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.view.release()
+            region.mapping.close()
+        self.regions = []
+
+    def user_to_guest(self, user_addr: int) -> int:
+        """Ring addresses arrive in the frontend's virtual address space."""
+        for r in self.regions:
+            if r.user_addr <= user_addr < r.user_addr + r.size:
+                return user_addr - r.user_addr + r.guest_phys_addr
+        raise ValueError(f"frontend address {user_addr:#x} is not in any memory region")
+
+    def slice(self, gpa: int, length: int) -> memoryview:
+        for r in self.regions:
+            if r.guest_phys_addr <= gpa and gpa + length <= r.guest_phys_addr + r.size:
+                start = gpa - r.guest_phys_addr
+                return r.view[start : start + length]
+        raise ValueError(f"guest range {gpa:#x}+{length:#x} is not in any memory region")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.slice(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.slice(gpa, len(data))[:] = data
+
+    def read_int(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.slice(gpa, size), "little")
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.slice(gpa, size)[:] = value.to_bytes(size, "little")

@@ -1,0 +1,1 @@
+"""virtio-vsock with Firecracker's host side: guest ports map to Unix sockets."""
