@@ -8,8 +8,9 @@ so test modules must not import from this file, except under TYPE_CHECKING):
 - `fake_runtime_factory`: turns a FakeRuntime into what `run_service` takes as runtime factory.
 - `service_config`: a `Config` with every directory under tmp_path, ports 0 (free),
   one template `code-interpreter` (alias `ci`) installed, no warm pool.
-- `start_service`: `start_service(config, runtime=None, blueprint_factories=()) -> ServiceHarness`,
-  stopped at teardown.
+- `start_service`: `start_service(config, runtime=None, blueprint_factories=(), runtime_factory=None)
+  -> ServiceHarness`, stopped at teardown; `runtime_factory` (what `run_service` takes, e.g. a real
+  runtime) replaces the FakeRuntime.
 - `service`: a started `ServiceHarness` over `service_config` and `fake_runtime`.
 - `api_key`: a fresh API key made through the admin API.
 - `sdk_env`: E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY pointing the SDK at `service`.
@@ -232,10 +233,17 @@ def _install_template(config: Config, template_id: str, aliases: tuple[str, ...]
 class ServiceHarness:
     """`run_service` in its own thread and Trio loop; the test thread stays free for blocking SDK calls."""
 
-    def __init__(self, config: Config, runtime: FakeRuntime, blueprint_factories: Sequence[Any] = ()) -> None:
+    def __init__(
+        self,
+        config: Config,
+        runtime: FakeRuntime,
+        blueprint_factories: Sequence[Any] = (),
+        runtime_factory: Any = None,
+    ) -> None:
         self.config = config
         self.runtime = runtime
         self.blueprint_factories = blueprint_factories
+        self.runtime_factory = runtime_factory or make_fake_runtime_factory(runtime)
         self.running: RunningService | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._started = threading.Event()
@@ -291,7 +299,7 @@ class ServiceHarness:
         self._token = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
             self.running = await nursery.start(
-                run_service, self.config, make_fake_runtime_factory(self.runtime), self.blueprint_factories
+                run_service, self.config, self.runtime_factory, self.blueprint_factories
             )
             self._started.set()
 
@@ -328,9 +336,12 @@ def start_service() -> Iterator[Any]:
     started: list[ServiceHarness] = []
 
     def start(
-        config: Config, runtime: FakeRuntime | None = None, blueprint_factories: Sequence[Any] = ()
+        config: Config,
+        runtime: FakeRuntime | None = None,
+        blueprint_factories: Sequence[Any] = (),
+        runtime_factory: Any = None,
     ) -> ServiceHarness:
-        harness = ServiceHarness(config, runtime or FakeRuntime(), blueprint_factories)
+        harness = ServiceHarness(config, runtime or FakeRuntime(), blueprint_factories, runtime_factory)
         started.append(harness)
         return harness.start()
 

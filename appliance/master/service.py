@@ -7,6 +7,11 @@ runtime, start the cubelet, then Hypercorn with the plain API port and the TLS
 port. Shutdown (SIGTERM/SIGINT or `RunningService.stop`): stop accepting, kill
 every sandbox recording why, tear the runtime down, remove the pid file.
 
+Template builds (`tpl create-from-image`, `tpl build`) always run here: the build
+service is a task in the nursery, its blueprint is registered, its sandbox steps
+boot guests through the cubelet, and a published template is picked up by the
+registry (and the warm pools) right away.
+
 Other modules add control-plane routes through `blueprint_factories`: callables
 that get the `Services` (config, store, cubelet, templates) and return a Quart
 blueprint, served behind the same auth and JSON errors.
@@ -33,11 +38,14 @@ from appliance.api.auth import Authenticator, check_local_dev_allowed, ensure_ad
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
+from appliance.cubelet.template_sandboxes import CubeletTemplateSandboxes
 from appliance.master import sdnotify
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
+from appliance.templates.api import create_blueprint as create_build_blueprint
+from appliance.templates.builds import TemplateBuilds
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +132,12 @@ async def run_service(
                 templates=registry,
                 auth=Authenticator(config, store, admin_token),
             )
-            blueprints = [make_blueprint(services) for make_blueprint in blueprint_factories]
+            builds = TemplateBuilds(
+                config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)
+            )
+            await nursery.start(builds.run)
+            blueprints = [create_build_blueprint(builds)]
+            blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]
             control_plane = cast(ASGIApp, build_app(services, blueprints))
             router = SandboxRouter(control_plane, cubelet, config.domain)
             stop = trio.Event()

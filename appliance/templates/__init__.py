@@ -8,6 +8,8 @@ Where things are:
   api.py, cli.py     HTTP blueprint and `tpl create-from-image|watch|build`
   requests.py        build requests and template settings, validated
   sandbox_steps.py   what the service provides for BOOTING/PROBING/finalize and Dockerfile RUN
+                     (the cubelet's implementation: appliance/cubelet/template_sandboxes.py)
+  guest_diff.py      run in a RUN step's guest: what the command changed, as a layer
 From images:
   reference.py       image references (registry, oci:, oci-archive:, docker-archive:)
   registry.py, registry_auth.py   distribution v2 client, bearer/basic auth

@@ -252,6 +252,9 @@ class TemplateBuilds:
             self.store.set_phase(job, self.sandboxes.finalize_phase)
             await self.sandboxes.finalize(manifest, instance)
         superseded = publish_template(self.config, manifest, settings.alias)
+        published = getattr(self.sandboxes, "published", None)
+        if published is not None:
+            published(manifest)  # the service's registry and warm pools pick it up now
         if superseded:
             self.store.log(job, f"alias {settings.alias} moved from {superseded} to {manifest.template_id}")
         job.progress = PHASE_PROGRESS[Phase.READY]

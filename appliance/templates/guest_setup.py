@@ -65,10 +65,15 @@ mount -t tmpfs tmpfs /run 2>/dev/null
 # The runtime passes these on the kernel command line (as the default template's init reads them).
 hostname "${{cube_hostname:-sandbox}}" 2>/dev/null
 [ -n "$cube_resolver" ] && echo "nameserver $cube_resolver" > /etc/resolv.conf
-iface=eth0
-for dev in /sys/class/net/*; do
-  case "${{dev##*/}}" in lo|sit*|tunl*|ip6tnl*|'*') ;; *) iface="${{dev##*/}}"; break ;; esac
-done
+# The device the runtime names (UML: vec0), else the first backed by a real device: built-in
+# tunnel drivers add fallback devices (erspan0, gre0, sit0...) that have no `device` link.
+iface="${{cube_netdev:-}}"
+if [ -z "$iface" ]; then
+  iface=eth0
+  for dev in /sys/class/net/*; do
+    if [ -e "$dev/device" ]; then iface="${{dev##*/}}"; break; fi
+  done
+fi
 if command -v ip >/dev/null 2>&1; then
   ip link set lo up
   ip addr add {GUEST_IP}/{GUEST_PREFIX} dev "$iface"
@@ -84,7 +89,12 @@ else
   echo "cube-init: no ip, ifconfig or python3 in the image: $iface left unconfigured" >&2
 fi
 if command -v python3 >/dev/null 2>&1; then
-  HOME=/root LANG=C.UTF-8 PYTHONPATH={AGENT_DIR} python3 -m appliance.guest --default-user @DEFAULT_USER@ &
+  # The code interpreter (port 49999) only where the image has ipykernel: elsewhere the port is the image's.
+  interpreter=--no-interpreter
+  python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("ipykernel") is None)' \\
+    2>/dev/null && interpreter=
+  HOME=/root LANG=C.UTF-8 PYTHONPATH={AGENT_DIR} python3 -m appliance.guest --default-user @DEFAULT_USER@ \\
+    $interpreter &
 else
   echo "cube-init: no python3 in the image: the guest agent does not run" >&2
 fi

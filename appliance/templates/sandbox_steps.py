@@ -12,6 +12,8 @@ satisfying `TemplateSandboxes`:
 - `finalize(manifest, instance)`: the runtime's fast-start artifact from the
   probed guest: a kvm snapshot into `manifest.directory` or uml warm-pool
   instances. `finalize_phase` says which (SNAPSHOTTING or POOLING).
+- `published(manifest)` (optional): called once the template is READY and
+  visible, so the service can refresh what it serves and warm pools for it.
 - `run_command(rootfs, command)`: a Dockerfile RUN: boot a sandbox whose
   root filesystem is the directory `rootfs` (writable, changes must end up in
   that directory when it returns), run `command` through the guest agent and

@@ -52,7 +52,9 @@ def test_init_and_start_scripts(scratch: Path) -> None:
     assert not (rootfs / "etc/resolv.conf").is_symlink()
     assert "localhost" in (rootfs / "etc/hosts").read_text()
     assert (rootfs / "tmp").stat().st_mode & 0o1777 == 0o1777
-    assert "python3 -m appliance.guest --default-user web &" in init.read_text()
+    init_text = init.read_text()
+    assert "python3 -m appliance.guest --default-user web \\\n    $interpreter &" in init_text
+    assert 'find_spec("ipykernel")' in init_text and 'iface="${cube_netdev:-}"' in init_text
     assert "user:x:1000:1000::/home/user:/bin/sh" in (rootfs / "etc/passwd").read_text()
     assert (rootfs / "home/user").stat().st_uid == 1000
 

@@ -1,0 +1,285 @@
+"""The cubelet's side of template builds: `TemplateSandboxes` (see appliance.templates.sandbox_steps).
+
+- `boot(manifest)`: a temporary guest of this node's runtime from the template's
+  rootfs.ext4 (the runtime gives it a throwaway writable layer), killed on exit.
+- `finalize`: kvm snapshots the probed guest into the template directory
+  (SNAPSHOTTING); uml has no snapshot, its fast start is the warm pool, which the
+  cubelet fills once the template is published (POOLING; `published` wakes it).
+- `run_command` (Dockerfile RUN): the step's rootfs directory, with the guest agent
+  added to a hardlinked copy, becomes a scratch ext4; a temporary guest boots from
+  it; `guest_diff.py` records the filesystem, the command runs through envd's
+  `process.Process/Start` as the step's user with its env and workdir (output
+  streamed line by line), then `guest_diff.py` streams back what changed as an OCI
+  layer, which the image unpacker applies to the directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import secrets
+import shutil
+import struct
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from appliance.config import Config
+from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
+from appliance.runtime.base import ENVD_PORT, BootFailed, GuestExited, Instance
+from appliance.templates import guest_diff
+from appliance.templates.ext4 import build_ext4
+from appliance.templates.guest_setup import AGENT_DIR, account_name, prepare_rootfs
+from appliance.templates.jobs import Phase
+from appliance.templates.manifest import TemplateManifest
+from appliance.templates.sandbox_steps import RunCommand, RunFailed
+from appliance.templates.unpack import apply_layer, resolve_in_root
+
+log = logging.getLogger(__name__)
+
+RUN_WRITABLE_MB = 4096  # sparse: costs host disk only as the command writes
+RUN_MEMORY_MB = 1024
+OUTPUT_TAIL_LINES = 40
+_ENVELOPE = struct.Struct(">BI")
+_END_STREAM = 0x02
+_STATE_FILE = "/run/cube-run-before.json"  # /run is a tmpfs in the guest: not part of the image
+_DIFF_SOURCE = Path(guest_diff.__file__).read_text()
+_KVM_SNAPSHOT_DIR = "kvm-snapshot"
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _as_boot_failed(exc: SandboxStartFailed) -> BootFailed:
+    cause = _innermost(exc.__cause__) if exc.__cause__ is not None else exc
+    if isinstance(cause, BootFailed):
+        return cause
+    tail = cause.console_tail if isinstance(cause, GuestExited) else ""
+    return BootFailed("template-build", str(exc), tail)
+
+
+class EnvdError(Exception):
+    pass
+
+
+class CubeletTemplateSandboxes:
+    def __init__(
+        self, config: Config, cubelet: Cubelet, on_published: Callable[[], object] | None = None
+    ) -> None:
+        self.config = config
+        self.cubelet = cubelet
+        self.runtime_name = getattr(cubelet.runtime, "name", "uml")
+        self.finalize_phase = Phase.SNAPSHOTTING if self.runtime_name == "kvm" else Phase.POOLING
+        self._on_published = on_published
+
+    # Template builds.
+
+    @asynccontextmanager
+    async def boot(self, manifest: TemplateManifest) -> AsyncIterator[Instance]:
+        try:
+            guest = self.cubelet.temporary_guest(manifest)
+            instance = await guest.__aenter__()
+        except SandboxStartFailed as exc:
+            raise _as_boot_failed(exc) from exc
+        try:
+            yield instance
+        finally:
+            with trio.CancelScope(shield=True):
+                await guest.__aexit__(None, None, None)
+
+    async def finalize(self, manifest: TemplateManifest, instance: Instance) -> None:
+        snapshot = getattr(instance, "snapshot", None)
+        if self.runtime_name == "kvm" and snapshot is not None:
+            try:
+                from appliance.runtime.kvm.runtime import TEMPLATE_SNAPSHOT_DIR
+            except ImportError:
+                TEMPLATE_SNAPSHOT_DIR = _KVM_SNAPSHOT_DIR
+            await snapshot(manifest.directory / TEMPLATE_SNAPSHOT_DIR)
+        # uml: the warm pool is filled by the cubelet once the template is published.
+
+    def published(self, manifest: TemplateManifest) -> None:
+        if self._on_published is not None:
+            self._on_published()
+        self.cubelet.wake_pools()
+
+    # Dockerfile RUN.
+
+    async def run_command(self, rootfs: Path, command: RunCommand) -> None:
+        # Under the build service's work root, which it empties when it starts (a crashed run's leftovers).
+        work = self.config.cache_dir / "build-work" / "run-guests" / secrets.token_hex(6)
+        try:
+            manifest = await self._guest_image(rootfs, work)
+            async with self.boot(manifest) as instance:
+                host, port = instance.endpoint(ENVD_PORT)
+                base = f"http://{host}:{port}"
+                excluded = [AGENT_DIR]
+                async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None), trust_env=False) as http:
+                    await self._checked(http, base, ["snapshot", _STATE_FILE, *excluded])
+                    await self._user_command(http, base, rootfs, command)
+                    layer = work / "changes.tar"
+                    with layer.open("wb") as out:
+                        code = await _start(
+                            http,
+                            base,
+                            "root",
+                            _python_argv(["diff", _STATE_FILE, *excluded]),
+                            {},
+                            "/",
+                            stdout=out.write,
+                            stderr=lambda data: None,
+                        )
+                    if code != 0:
+                        raise EnvdError(f"reading the RUN step's changes failed (exit status {code})")
+            await trio.to_thread.run_sync(apply_layer, rootfs, layer, None, "RUN step changes")
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
+
+    async def _guest_image(self, rootfs: Path, work: Path) -> TemplateManifest:
+        """rootfs.ext4 in `work` from `rootfs` plus the guest agent, leaving `rootfs` untouched."""
+        tree = work / "tree"
+        work.mkdir(parents=True)
+        result = await trio.run_process(
+            ["cp", "-al", f"{rootfs}/.", str(tree)], capture_stderr=True, check=False
+        )
+        if result.returncode != 0:
+            raise OSError(
+                f"copying the step's rootfs failed: {result.stderr.decode(errors='replace')[-300:]}"
+            )
+        await trio.to_thread.run_sync(_prepare_copy, tree)
+        manifest = TemplateManifest(
+            template_id="run-" + work.name,
+            directory=work,
+            memory_mb=RUN_MEMORY_MB,
+            writable_layer_mb=RUN_WRITABLE_MB,
+            user="root",
+            workdir="/",
+            probe_port=ENVD_PORT,
+        )
+        await build_ext4(tree, manifest.rootfs, RUN_WRITABLE_MB << 20)
+        await trio.to_thread.run_sync(shutil.rmtree, tree)
+        return manifest
+
+    async def _checked(self, http: httpx.AsyncClient, base: str, args: list[str]) -> None:
+        errors = bytearray()
+        code = await _start(http, base, "root", _python_argv(args), {}, "/", errors.extend, errors.extend)
+        if code != 0:
+            detail = errors.decode(errors="replace").strip()[-500:]
+            raise EnvdError(f"recording the rootfs before the RUN step failed (exit status {code}): {detail}")
+
+    async def _user_command(
+        self, http: httpx.AsyncClient, base: str, rootfs: Path, command: RunCommand
+    ) -> None:
+        user = await trio.to_thread.run_sync(account_name, rootfs, command.user or "root")
+        lines = _Lines(command.output)
+        code = await _start(
+            http, base, user, list(command.argv), command.env, command.workdir, lines.feed, lines.feed
+        )
+        lines.close()
+        if code != 0:
+            raise RunFailed(code, "\n".join(lines.tail))
+
+
+def _prepare_copy(tree: Path) -> None:
+    # prepare_rootfs appends to these: give the copy its own inodes first.
+    for name in ("/etc/passwd", "/etc/group"):
+        path = resolve_in_root(tree, name)
+        if path.is_file() and not path.is_symlink():
+            private = path.with_name(path.name + ".cube-copy")
+            shutil.copy2(path, private)
+            os.replace(private, path)
+    prepare_rootfs(tree, (), {}, "/", "root", ())
+
+
+def _python_argv(args: list[str]) -> list[str]:
+    return ["/bin/sh", "-c", 'exec python3 -c "$@"', "sh", _DIFF_SOURCE, *args]
+
+
+class _Lines:
+    """Splits streamed output into lines for the job log; keeps the last ones for a failure."""
+
+    def __init__(self, output: Callable[[str], None]) -> None:
+        self.output = output
+        self.pending = b""
+        self.tail: list[str] = []
+
+    def feed(self, data: bytes) -> None:
+        self.pending += data
+        *complete, self.pending = self.pending.split(b"\n")
+        for line in complete:
+            self._emit(line)
+
+    def close(self) -> None:
+        if self.pending:
+            self._emit(self.pending)
+            self.pending = b""
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace").rstrip("\r")
+        self.output(line)
+        self.tail = [*self.tail[-(OUTPUT_TAIL_LINES - 1) :], line]
+
+
+async def _start(
+    http: httpx.AsyncClient,
+    base: str,
+    user: str,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    stdout: Callable[[bytes], Any],
+    stderr: Callable[[bytes], Any],
+) -> int:
+    """envd `process.Process/Start` (Connect server stream, JSON); returns the exit status."""
+    body = json.dumps(
+        {"process": {"cmd": argv[0], "args": argv[1:], "envs": env, "cwd": cwd}, "stdin": False}
+    ).encode()
+    headers = {
+        "Content-Type": "application/connect+json",
+        "Connect-Protocol-Version": "1",
+        "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
+    }
+    exit_code: int | None = None
+    buffer = b""
+    async with http.stream(
+        "POST", f"{base}/process.Process/Start", content=_ENVELOPE.pack(0, len(body)) + body, headers=headers
+    ) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")[:500]
+            raise EnvdError(f"guest agent answered {response.status_code}: {text}")
+        async for chunk in response.aiter_bytes():
+            buffer += chunk
+            while len(buffer) >= _ENVELOPE.size:
+                flags, length = _ENVELOPE.unpack_from(buffer)
+                if len(buffer) < _ENVELOPE.size + length:
+                    break
+                message = json.loads(buffer[_ENVELOPE.size : _ENVELOPE.size + length] or b"{}")
+                buffer = buffer[_ENVELOPE.size + length :]
+                if flags & _END_STREAM:
+                    if message.get("error"):
+                        error = message["error"]
+                        raise EnvdError(f"guest agent: {error.get('message', error)}")
+                    continue
+                event = message.get("event") or {}
+                data = event.get("data") or {}
+                if data.get("stdout"):
+                    stdout(base64.b64decode(data["stdout"]))
+                if data.get("stderr"):
+                    stderr(base64.b64decode(data["stderr"]))
+                if "end" in event:
+                    end = event["end"] or {}
+                    exit_code = int(end.get("exitCode", end.get("exit_code", 0)) or 0)
+                    if not end.get("exited", True) and exit_code == 0:
+                        exit_code = -1  # killed by a signal
+    if exit_code is None:
+        raise EnvdError("the guest agent's stream ended without the command's exit status")
+    return exit_code
