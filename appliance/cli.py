@@ -19,9 +19,14 @@ import trio
 
 from appliance.api.client import ApiClient
 from appliance.bench.agent import agent as agent_bench
+from appliance.bench.all import all_bench
 from appliance.bench.api import api_bench
 from appliance.bench.create import create_bench
+from appliance.bench.density import density_bench
+from appliance.bench.exec import exec_bench
+from appliance.bench.files import files_bench
 from appliance.bench.floor import floor_command
+from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
 from appliance.config import load_config
 from appliance.runtime.uml.kernel import build_uml_kernel
@@ -344,7 +349,12 @@ def bench() -> None:
 
 
 bench.add_command(agent_bench)
+bench.add_command(all_bench)
 bench.add_command(api_bench)
 bench.add_command(create_bench)
+bench.add_command(density_bench)
+bench.add_command(exec_bench)
+bench.add_command(files_bench)
 bench.add_command(floor_command)
+bench.add_command(kvm_command)
 bench.add_command(net_bench)

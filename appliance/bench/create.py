@@ -7,8 +7,10 @@ Two measurements:
   with a pool that is the warm path; with `--settle 0` and rounds larger than
   the pool, the tail of each round boots cold.
 - `--direct` (root, on the node): boots guests with the uml runtime itself,
-  bypassing the service: cold boot → agent-ready times, and idle memory per
-  sandbox as the MemAvailable drop over N guests held at once, divided by N.
+  bypassing the service: cold boot → agent-ready (envd answers) and →
+  interpreter-ready (default Python kernel up) times, and idle memory per
+  sandbox (kernels started) as the MemAvailable drop over N guests held at
+  once, divided by N.
   It uses its own host_network and uid range, so it can run beside `cube serve`.
 """
 
@@ -31,6 +33,7 @@ from appliance.config import Config
 
 BENCH_HOST_NETWORK = "10.232.0.0/22"
 BENCH_UID_OFFSET = 50_000  # above the service's slots
+FULLY_READY_TIMEOUT_S = 120.0
 IDLE_SETTLE_S = 5.0  # let guests finish their start-up before reading MemAvailable
 
 
@@ -76,6 +79,7 @@ async def run_api_create_bench(
             latencies, errors = await _create_round(
                 client, template, concurrency, max(per_round, concurrency)
             )
+            report.samples[f"create c={concurrency}"] = latencies
             report.add(
                 path="api",
                 concurrency=concurrency,
@@ -86,7 +90,7 @@ async def run_api_create_bench(
     return report
 
 
-def _mem_available_bytes() -> int:
+def mem_available_bytes() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -94,7 +98,9 @@ def _mem_available_bytes() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-async def run_direct_bench(config: Config, template_name: str, cold_boots: int, held: int) -> Report:
+async def run_direct_bench(
+    config: Config, template_name: str, cold_boots: int, held: int, host_network: str = BENCH_HOST_NETWORK
+) -> Report:
     """Boot guests with the uml runtime in this process; see the module docstring."""
     from appliance.net.service import CubeVS
     from appliance.runtime.base import BootSpec
@@ -108,7 +114,7 @@ async def run_direct_bench(config: Config, template_name: str, cold_boots: int, 
         config,
         state_dir=work / "state",
         run_dir=work / "run",
-        host_network=BENCH_HOST_NETWORK,
+        host_network=host_network,
         uid_base=config.uid_base + BENCH_UID_OFFSET,
         allow_unenforced_network=True,
     )
@@ -129,23 +135,38 @@ async def run_direct_bench(config: Config, template_name: str, cold_boots: int, 
                 )
 
             boots: list[float] = []
+            interpreter_boots: list[float] = []
             for _ in range(cold_boots):
                 async with trio.open_nursery() as nursery:
                     instance = await nursery.start(runtime.run, spec(0))
                     assert isinstance(instance, UmlInstance)
                     boots.append(instance.boot_seconds)
+                    with trio.move_on_after(FULLY_READY_TIMEOUT_S):
+                        await instance.wait_fully_ready()
+                        interpreter_boots.append(instance.interpreter_seconds)
                     nursery.cancel_scope.cancel()
+            report.samples["cold boot → agent ready"] = boots
+            report.samples["cold boot → interpreter ready"] = interpreter_boots
             report.add(
                 measure="cold boot to agent ready (sequential)",
                 **{k: v for k, v in percentiles(boots).items() if k != "mean_ms"},
             )
+            report.add(
+                measure="cold boot to interpreter ready (same boots)",
+                errors=len(boots) - len(interpreter_boots),
+                **{k: v for k, v in percentiles(interpreter_boots).items() if k != "mean_ms"},
+            )
 
             if held:
-                before = _mem_available_bytes()
+                before = mem_available_bytes()
                 async with trio.open_nursery() as nursery:
                     instances = [await nursery.start(runtime.run, spec(slot)) for slot in range(held)]
+                    # Idle means the default Python kernel already started in every guest.
+                    with trio.fail_after(FULLY_READY_TIMEOUT_S):
+                        for instance in instances:
+                            await instance.wait_fully_ready()
                     await trio.sleep(IDLE_SETTLE_S)
-                    drop = before - _mem_available_bytes()
+                    drop = before - mem_available_bytes()
                     charged = sum(i.memory_usage_bytes() for i in instances)
                     nursery.cancel_scope.cancel()
                 report.add(

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -55,9 +56,15 @@ def host_kind() -> dict[str, object]:
 
 @dataclass
 class Report:
+    """`rows` make the table. For charts (bench.charts): `samples` are raw latencies in
+    seconds keyed by label (drawn as CDFs); `series` are x/y curves, each
+    {"x_label": str, "y_label": str, "x": [...], "y": {label: [...]}}."""
+
     name: str
     rows: list[dict[str, object]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    series: dict[str, dict[str, Any]] = field(default_factory=dict)
     host: dict[str, object] = field(default_factory=host_kind)
     started_at: float = field(default_factory=time.time)
 

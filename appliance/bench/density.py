@@ -1,0 +1,152 @@
+"""`cube bench density`: how many idle sandboxes this host holds, and what each costs.
+
+CubeSandbox's method: read MemAvailable, start N sandboxes and let them go idle,
+read it again; idle memory per sandbox = the drop / N. Sandboxes are started one at
+a time through the API (raw HTTP) until the service refuses one (memory budget),
+`--max` is reached, or MemAvailable would fall below `--reserve-mib`; the
+memory-vs-count curve is recorded on the way. Every sandbox started is killed at
+the end, whatever happened. The bench must run on the appliance's host (it reads
+this host's /proc/meminfo); warm pools refill in the background, so each reading
+waits for MemAvailable to settle, and the pool is full before and after.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from appliance.api.client import ApiClient
+from appliance.bench.create import mem_available_bytes
+from appliance.bench.live import (
+    SANDBOX_TIMEOUT_S,
+    http_client,
+    kill_all,
+    progress,
+    target,
+    wait_memory_settled,
+)
+from appliance.bench.report import Report, percentiles
+from appliance.config import Config
+
+MIB = 1 << 20
+
+
+def run_density_bench(
+    api: ApiClient, template: str, max_sandboxes: int, reserve_mib: int, settle_each: bool
+) -> Report:
+    report = Report("density")
+    live: list[str] = []
+    creates: list[float] = []
+    counts: list[int] = [0]
+    drops_mib: list[float] = [0.0]
+    charged_mib: list[float] = []
+    ended: list[str] = []  # sandboxes that died before the reading: the drop / N is then wrong
+    stop_reason = f"--max {max_sandboxes} reached"
+    with http_client(api) as client:
+        try:
+            click.echo("  density: waiting for MemAvailable to settle (warm pool full)", err=True)
+            before = wait_memory_settled(mem_available_bytes)
+            with progress(max_sandboxes, "density: start sandboxes") as bar:
+                for n in range(1, max_sandboxes + 1):
+                    if mem_available_bytes() < reserve_mib * MIB:
+                        stop_reason = f"MemAvailable below the {reserve_mib} MiB reserve"
+                        break
+                    started = time.perf_counter()
+                    response = client.post(
+                        "/v2/sandboxes", json={"templateID": template, "timeout": SANDBOX_TIMEOUT_S}
+                    )
+                    if response.status_code != 201:
+                        stop_reason = f"create #{n} refused: {response.status_code} {response.text[:200]}"
+                        break
+                    creates.append(time.perf_counter() - started)
+                    live.append(response.json()["sandboxID"])
+                    now = wait_memory_settled(mem_available_bytes) if settle_each else mem_available_bytes()
+                    counts.append(n)
+                    drops_mib.append((before - now) / MIB)
+                    bar.update(1)
+            held = len(live)
+            if held:
+                click.echo("  density: letting the guests go idle", err=True)
+                after = wait_memory_settled(mem_available_bytes, window_s=3.0, tolerance=8 * MIB)
+                drop_mib = (before - after) / MIB
+                counts.append(held)
+                drops_mib.append(drop_mib)
+                for sandbox_id in live:
+                    metrics = client.get(f"/sandboxes/{sandbox_id}/metrics")
+                    if metrics.status_code == 200 and metrics.json():
+                        charged_mib.append(metrics.json()[-1].get("memUsed", 0) / MIB)
+                    elif metrics.status_code == 404:
+                        ended.append(f"{sandbox_id}: {metrics.text[:120]}")
+        finally:
+            killed = len(live)
+            failed = kill_all(client, live)
+    if not held:
+        report.notes.append(f"no sandbox started: {stop_reason}")
+        return report
+    per_sandbox = drop_mib / held
+    report.add(
+        measure="idle memory per sandbox (MemAvailable drop / N)",
+        n=held,
+        mib=per_sandbox,
+        target="< 128 MiB",
+        met=per_sandbox < 128,
+    )
+    if charged_mib:
+        report.add(
+            measure="memory charged per sandbox (API metrics memUsed, mean)",
+            n=len(charged_mib),
+            mib=sum(charged_mib) / len(charged_mib),
+        )
+    report.add(measure="max live sandboxes reached", n=held, stopped_by=stop_reason)
+    report.add(
+        measure="projected max by memory (MemAvailable before / per-sandbox cost)",
+        n=int(before / MIB / per_sandbox),
+    )
+    report.add(measure="create while filling (POST → 201)", **percentiles(creates))
+    report.samples["create while filling"] = creates
+    report.series["memory"] = {
+        "x_label": "live sandboxes",
+        "y_label": "MemAvailable drop (MiB)",
+        "x": counts,
+        "y": {
+            "measured": drops_mib,
+            f"{per_sandbox:.0f} MiB x N": [per_sandbox * c for c in counts],
+        },
+    }
+    if ended:
+        report.notes.append(f"{len(ended)} of {held} sandboxes had ended before the reading, e.g. {ended[0]}")
+    report.notes.append(f"{killed - failed}/{killed} sandboxes killed at the end")
+    report.notes.append(
+        "MemAvailable is host-wide: anything else running on the host moves it (read with that in mind)"
+    )
+    return report
+
+
+@click.command("density")
+@click.option("--max", "max_sandboxes", default=20, show_default=True, help="Stop after this many.")
+@click.option("--reserve-mib", default=2048, show_default=True, help="Stop before MemAvailable goes below.")
+@click.option("--settle-each", is_flag=True, help="Wait for memory to settle after every create (slower).")
+@click.option("--template", default=None, help="Template (default: the config's default_template).")
+@click.option(
+    "--json-dir", type=click.Path(path_type=Path), default=None, help="Also write density.json here."
+)
+@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@click.pass_obj
+def density_bench(
+    config: Config,
+    max_sandboxes: int,
+    reserve_mib: int,
+    settle_each: bool,
+    template: str | None,
+    json_dir: Path | None,
+    api_key: str | None,
+) -> None:
+    """Idle memory per sandbox (MemAvailable drop / N) and max live sandboxes; kills them all after."""
+    report = run_density_bench(
+        target(config, api_key), template or config.default_template, max_sandboxes, reserve_mib, settle_each
+    )
+    report.print_table()
+    if json_dir is not None:
+        click.echo(f"wrote {report.write_json(json_dir)}")
