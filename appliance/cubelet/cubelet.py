@@ -6,9 +6,13 @@ deadline is the E2B timeout (`set_timeout` moves it). The runtime's `run()` is a
 child of that task, so cancelling the lifetime tears the guest down.
 
 Warm pools hold booted instances per template that no one has claimed yet: the
-same task, with no deadline. Claiming one flips it to a sandbox, sets its
-deadline and sends the user's env vars, access token and clock to the guest
-agent's `/init`.
+same task, with no deadline. A runtime hands an instance over once its guest agent
+answers (envd: commands and files work), which is when a cold create returns;
+the default Python kernel may still be starting then (executions wait for it).
+A pooled instance joins its pool only when fully ready (`wait_fully_ready`, for
+runtimes whose instances have it), so a warm create never waits for a kernel.
+Claiming one flips it to a sandbox, sets its deadline and sends the user's env
+vars, access token and clock to the guest agent's `/init`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ HEALTH_TIMEOUT_S = 2.0
 HEALTH_FAILURES_BEFORE_KILL = 3
 INIT_TIMEOUT_S = 10.0
 POOL_RETRY_DELAY_S = 5.0
+FULLY_READY_TIMEOUT_S = 60.0  # a pooled guest whose default kernel is not up by then is killed
 AUTO_POOL_CAP = 4  # pool_size = -1 sizes pools to memory, but never above this per template
 
 
@@ -541,6 +546,7 @@ class Cubelet:
                             "network": dict(template.network_defaults),
                         }
                         live = await self._boot(template, default_policy)
+                        await self._wait_fully_ready(live)
                     except SandboxStartFailed as exc:
                         log.warning("warm pool boot for %s failed: %s", template.template_id, exc)
                         self.store.add_event("", "pool", f"boot for {template.template_id} failed: {exc}")
@@ -551,6 +557,27 @@ class Cubelet:
             if not booted:
                 with trio.move_on_after(POOL_RETRY_DELAY_S):
                     await self._pool_wakeup.wait()
+
+    async def _wait_fully_ready(self, live: LiveSandbox) -> None:
+        """Until a booted guest's default kernel answers; killed (SandboxStartFailed) if it does not."""
+        wait = getattr(live.instance, "wait_fully_ready", None)
+        if wait is None:
+            return  # the runtime hands out instances only when fully ready
+        with trio.move_on_after(FULLY_READY_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+
+                async def until_gone() -> None:
+                    await live.gone.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until_gone)
+                await wait()
+                nursery.cancel_scope.cancel()
+        fully_ready = getattr(live.instance, "fully_ready", lambda: True)
+        if live.gone.is_set() or not fully_ready():
+            live.end_reason = "default kernel not ready in time"
+            live.lifetime.cancel()
+            raise SandboxStartFailed(f"guest {live.sandbox_id}: its default kernel did not become ready")
 
     def wake_pools(self) -> None:
         self._pool_wakeup.set()

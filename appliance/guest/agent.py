@@ -1,4 +1,13 @@
-"""The agent's main task: both servers, the default kernel, and the ready line for the host."""
+"""The agent's main task: both servers, the default kernel, and the ready lines for the host.
+
+Two console lines, in this order, each alone on its line:
+- `CUBE-AGENT-READY`: envd listens (commands, files, /init work) and so does the code
+  interpreter's port, whose executions wait for the default kernel.
+- `CUBE-INTERPRETER-READY`: the default Python kernel answers (or, with
+  --no-interpreter, right after the first line: there is nothing more to start).
+  Printed also when that kernel failed to start: the host's wait is over, and the
+  next execution retries it and reports the error.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ from appliance.guest.process_service import ProcessService
 from appliance.guest.state import AgentState
 
 READY_LINE = "CUBE-AGENT-READY"
+INTERPRETER_READY_LINE = "CUBE-INTERPRETER-READY"
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,15 @@ class AgentOptions:
 
 def log(message: str) -> None:
     print(f"cube-agent: {message}", file=sys.stderr, flush=True)
+
+
+def _uptime() -> str:
+    """Seconds since the (guest) kernel booted: where the boot time goes, in the console log."""
+    try:
+        with open("/proc/uptime") as f:
+            return f"{float(f.read().split()[0]):.2f} s"
+    except (OSError, ValueError, IndexError):
+        return "unknown"
 
 
 async def _no_kernels(env_vars: dict[str, str]) -> None:
@@ -54,14 +73,19 @@ async def run_agent(options: AgentOptions) -> None:
                 from appliance.guest.interpreter import Interpreter  # lazy: start-up time
 
                 interpreter = Interpreter(state, nursery, runtime_dir)
-                # The kernel boots while the servers start: it is the slowest part.
-                nursery.start_soon(_start_default_kernel, interpreter)
             envd = EnvdApp(state, router, interpreter.update_env if interpreter else _no_kernels)
             await nursery.start(serve, envd.handle, options.host, options.envd_port)
             if interpreter is not None:
                 await nursery.start(serve, interpreter.handle, options.host, options.interpreter_port)
-                await interpreter.default_ready.wait()
             print(READY_LINE, flush=True)
+            log(f"envd ready (system uptime {_uptime()})")
+            if interpreter is not None:
+                # Only now: on a guest's one vCPU, a kernel starting alongside would slow
+                # envd's own start-up for nothing. Executions wait for it (default_ready).
+                nursery.start_soon(_start_default_kernel, interpreter)
+                await interpreter.default_ready.wait()
+            print(INTERPRETER_READY_LINE, flush=True)
+            log(f"interpreter ready (system uptime {_uptime()})")
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
@@ -73,7 +97,7 @@ async def _start_default_kernel(interpreter: object) -> None:
     try:
         await interpreter.start_default()
     except InterpreterError as exc:
-        log(f"the default Python kernel did not start, so the agent is not ready: {exc}")
+        log(f"the default Python kernel did not start (the next execution retries): {exc}")
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -35,7 +34,8 @@ EVENT_TYPES = (
     (IN_ATTRIB, "EVENT_TYPE_CHMOD"),
 )
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The process's own symbols include libc's: find_library would run `ldconfig -p` (an exec).
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)

@@ -41,16 +41,26 @@ class Interpreter:
         self._runtime_dir = runtime_dir
         self._contexts: dict[str, Context] = {}
         self._default_contexts: dict[str, Context] = {}
+        self._starting: set[Kernel] = set()  # kernels whose process is not answering yet
+        # Set once the boot-time default Python kernel started, or failed to.
         self.default_ready = trio.Event()
 
     async def start_default(self) -> None:
-        """The default Python context, started at boot so the first run_code finds it warm."""
-        self._default_contexts["python"] = await self._create_context("python", None)
-        self.default_ready.set()
+        """The default Python context, started at boot so the first run_code finds it warm.
+
+        Raises InterpreterError when it cannot start; `default_ready` is set either way, and
+        the next execution without a context tries again.
+        """
+        try:
+            self._default_contexts["python"] = await self._create_context("python", None)
+        finally:
+            self.default_ready.set()
 
     async def update_env(self, env_vars: dict[str, str]) -> None:
-        for context in self._contexts.values():
-            context.kernel.update_env(env_vars)
+        # Kernels still starting (e.g. the default one while a cold sandbox gets its /init)
+        # keep the variables and apply them when they answer.
+        for kernel in [*self._starting, *(context.kernel for context in self._contexts.values())]:
+            kernel.update_env(env_vars)
 
     def _new_kernel(self, language: str, cwd: str) -> Kernel:
         user = self._state.user()
@@ -67,6 +77,7 @@ class Interpreter:
 
     async def _start_kernel(self, language: str, cwd: str) -> Kernel:
         kernel = self._new_kernel(language, cwd)
+        self._starting.add(kernel)
         try:
             await self._nursery.start(kernel.run)
         except (KernelStartError, BaseExceptionGroup) as exc:
@@ -74,6 +85,8 @@ class Interpreter:
             if failure is None:
                 raise
             raise InterpreterError(500, f"cannot start the {language} kernel: {failure}") from None
+        finally:
+            self._starting.discard(kernel)
         return kernel
 
     async def _create_context(self, language: str | None, cwd: str | None) -> Context:
@@ -96,6 +109,7 @@ class Interpreter:
         if canonical is None:
             raise InterpreterError(400, f"unsupported language {language!r}; use python or javascript")
         if canonical == "python":
+            # A sandbox is handed out before its default kernel answers: wait for it, don't fail.
             await self.default_ready.wait()
         if canonical not in self._default_contexts:
             self._default_contexts[canonical] = await self._create_context(canonical, None)

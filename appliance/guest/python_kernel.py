@@ -54,6 +54,24 @@ if TYPE_CHECKING:
     from appliance.guest.jupyter import Session, TrioSocket
 
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
+# `python3 -m ipykernel_launcher`, minus ipykernel's debugger: importing debugpy (pydevd) is
+# about a quarter of a kernel's start-up under UML, for a feature no E2B client uses.
+# `import debugpy` fails while sys.modules holds None for it; RESTORE_DEBUGPY undoes that
+# once the kernel answers, so user code can still import it.
+KERNEL_BOOTSTRAP = (
+    "import sys\n"
+    "if sys.path and sys.path[0] == '':\n"
+    "    del sys.path[0]\n"
+    "sys.modules['debugpy'] = None\n"
+    "from ipykernel import kernelapp\n"
+    "kernelapp.launch_new_instance()\n"
+)
+RESTORE_DEBUGPY = (
+    "import sys as _cube_sys\n"
+    "if 'debugpy' in _cube_sys.modules and _cube_sys.modules['debugpy'] is None:\n"
+    "    del _cube_sys.modules['debugpy']\n"
+    "del _cube_sys\n"
+)
 
 Routed = tuple[str, dict[str, object] | None]  # (socket name, message); ("died", None) when the kernel exits
 
@@ -132,11 +150,12 @@ class PythonKernel(Kernel):
         env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
         argv = [
             sys.executable,
-            "-m",
-            "ipykernel_launcher",
+            "-c",
+            KERNEL_BOOTSTRAP,
             "-f",
             connection_file,
-            "--HistoryManager.hist_file=:memory:",
+            # No history database (sqlite) and no thread saving to it: nothing reads it back.
+            "--HistoryManager.enabled=False",
         ]
         context = zmq.Context.instance()
         sockets: list[TrioSocket] = []
@@ -161,8 +180,9 @@ class PythonKernel(Kernel):
                     with trio.fail_after(KERNEL_START_TIMEOUT_S):
                         await self._handshake()
                     self.alive = self._started = True
+                    self._send_silently(RESTORE_DEBUGPY)
                     if self._pending_env:
-                        self.update_env(self._pending_env)
+                        self.update_env(dict(self._pending_env))  # a copy: update_env clears it
                     task_status.started()
         except (KernelStartError, trio.TooSlowError, BaseExceptionGroup) as exc:
             failure = start_failure(exc)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import hmac
 import os
+
+# Constant-time comparison without loading OpenSSL (hmac imports _hashlib): slow under UML.
+from _operator import _compare_digest as compare_digest
 from dataclasses import dataclass, field
 
 from appliance.guest.users import User, lookup_user
@@ -52,4 +54,4 @@ class AgentState:
     def token_accepted(self, headers: dict[str, str]) -> bool:
         if self.access_token is None:
             return True
-        return hmac.compare_digest(headers.get("x-access-token", ""), self.access_token)
+        return compare_digest(headers.get("x-access-token", ""), self.access_token)

@@ -187,3 +187,56 @@ async def test_a_failing_runtime_kills_one_sandbox_not_the_node(
         assert stored is not None and "mconsole went away" in stored.end_reason
         assert cubelet.live(healthy.sandbox_id) is not None
         assert (await cubelet.create(request_for(cubelet))).state == RUNNING
+
+
+class KernelGatedRuntime:
+    """The runtime double, with instances whose default kernel is up only once `kernel_up` is set
+    (what UmlInstance reports through CUBE-INTERPRETER-READY)."""
+
+    name = "fake"
+
+    def __init__(self, inner: FakeRuntime) -> None:
+        self.inner = inner
+        self.kernel_up = trio.Event()
+
+    async def run(self, spec: object, *, task_status: trio.TaskStatus[object]) -> None:
+        gate = self.kernel_up
+
+        class Status:
+            def started(self, instance: object) -> None:
+                instance.wait_fully_ready = gate.wait  # type: ignore[attr-defined]
+                instance.fully_ready = gate.is_set  # type: ignore[attr-defined]
+                task_status.started(instance)
+
+        await self.inner.run(spec, task_status=Status())  # type: ignore[arg-type]
+
+
+async def test_pool_holds_only_fully_ready_guests_and_cold_creates_do_not_wait(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    runtime = KernelGatedRuntime(fake_runtime)
+    config = dataclasses.replace(service_config, pool_size=1)
+    async with running_cubelet(config, runtime) as cubelet:  # type: ignore[arg-type]
+        await wait_until(lambda: fake_runtime.boots == 1)
+        await trio.sleep(0.3)
+        assert cubelet.pooled_count("code-interpreter") == 0  # booted, kernel still starting
+        # Not claimable yet: a create boots cold and returns once envd answers.
+        record = await cubelet.create(request_for(cubelet))
+        assert fake_runtime.boots == 2 and cubelet.live(record.sandbox_id) is not None
+        runtime.kernel_up.set()
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
+        pooled_id = cubelet._pools["code-interpreter"][0].sandbox_id
+        assert (await cubelet.create(request_for(cubelet))).sandbox_id == pooled_id
+
+
+async def test_pooled_guest_whose_kernel_never_starts_is_killed(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cubelet_module, "FULLY_READY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(cubelet_module, "POOL_RETRY_DELAY_S", 60)
+    runtime = KernelGatedRuntime(fake_runtime)
+    config = dataclasses.replace(service_config, pool_size=1)
+    async with running_cubelet(config, runtime) as cubelet:  # type: ignore[arg-type]
+        await wait_until(lambda: fake_runtime.boots == 1)
+        await wait_until(lambda: not fake_runtime.instances)  # killed after the timeout
+        assert cubelet.pooled_count("code-interpreter") == 0

@@ -47,16 +47,25 @@ class Agent:
         return httpx.post(f"{ENVD_URL}/init", json=body, headers=headers, timeout=10)
 
 
-def _wait_ready(process: subprocess.Popen[str]) -> None:
+def wait_for_line(process: subprocess.Popen[str], wanted: str, timeout: float = READY_TIMEOUT_S) -> list[str]:
+    """Read the agent's stdout until the line `wanted`; the lines read, `wanted` last."""
     assert process.stdout is not None
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
             raise RuntimeError(f"the agent exited early with code {process.wait()}")
-        if line.strip() == "CUBE-AGENT-READY":
-            return
-    raise RuntimeError("the agent did not print CUBE-AGENT-READY in time")
+        lines.append(line.strip())
+        if line.strip() == wanted:
+            return lines
+    raise RuntimeError(f"the agent did not print {wanted} in time")
+
+
+def _wait_ready(process: subprocess.Popen[str]) -> None:
+    # envd first, then the default kernel: the session's tests expect both.
+    wait_for_line(process, "CUBE-AGENT-READY")
+    wait_for_line(process, "CUBE-INTERPRETER-READY")
 
 
 def _require_free_ports() -> None:

@@ -1,7 +1,9 @@
 """The guest's console: UML writes it to a pipe, the service copies it to the console log.
 
 Reading the pipe (rather than polling a file) tells the runtime the moment the
-guest agent prints its ready line. The log file is capped so a chatty guest
+guest agent prints its ready lines: `CUBE-AGENT-READY` (envd answers: the sandbox
+may be handed out) then `CUBE-INTERPRETER-READY` (the default Python kernel is up:
+what a warm-pool instance waits for). The log file is capped so a chatty guest
 cannot fill the host's disk; the pipe is still drained past the cap, or the
 guest would block on its console.
 """
@@ -13,6 +15,7 @@ from pathlib import Path
 import trio
 
 READY_LINE = b"CUBE-AGENT-READY"
+INTERPRETER_READY_LINE = b"CUBE-INTERPRETER-READY"
 LOG_LIMIT_BYTES = 4 << 20
 TAIL_BYTES = 8192
 
@@ -22,6 +25,8 @@ class ConsoleLog:
         self.path = path
         self.limit = limit
         self.ready = trio.Event()
+        self.interpreter_ready = trio.Event()
+        self.interpreter_ready_at: float | None = None  # trio clock
         self.finished = trio.Event()  # the guest closed its console (its processes are gone)
         self._tail = bytearray()
         self._written = 0
@@ -43,9 +48,13 @@ class ConsoleLog:
             self.finished.set()
 
     def _note(self, chunk: bytes | bytearray) -> None:
-        # Search across the chunk boundary: the line may arrive split.
-        window = bytes(self._tail[-len(READY_LINE) :]) + chunk
+        # Search across the chunk boundary: a line may arrive split.
+        window = bytes(self._tail[-len(INTERPRETER_READY_LINE) :]) + chunk
         self._tail += chunk
         del self._tail[:-TAIL_BYTES]
         if not self.ready.is_set() and READY_LINE in window:
             self.ready.set()
+        if not self.interpreter_ready.is_set() and INTERPRETER_READY_LINE in window:
+            self.ready.set()  # the agent prints it second; never wait for a line already gone by
+            self.interpreter_ready_at = trio.current_time()
+            self.interpreter_ready.set()

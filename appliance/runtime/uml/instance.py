@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,23 @@ class UmlInstance:
     cgroup: SandboxCgroup
     console: ConsoleLog
     boot_seconds: float  # launch to agent answering /health
+    started_at: float  # trio clock at launch
+
+    @property
+    def interpreter_seconds(self) -> float:
+        """Launch to the default Python kernel answering; inf while it has not (yet)."""
+        at = self.console.interpreter_ready_at
+        return at - self.started_at if at is not None else math.inf
+
+    async def wait_fully_ready(self) -> None:
+        """Until the guest agent's default Python kernel answers (`CUBE-INTERPRETER-READY`).
+
+        The runtime hands an instance out once envd answers; warm pools wait for this too.
+        """
+        await self.console.interpreter_ready.wait()
+
+    def fully_ready(self) -> bool:
+        return self.console.interpreter_ready.is_set()
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return (self.host_ip, port)

@@ -4,7 +4,10 @@
 reverse however the task ends (ready and cancelled, boot failure, guest exit):
 network (CubeVS: netns, tap owned by the sandbox uid) → sandbox directory
 (console log; `vm/` with the COW disk and uml_dir, owned by the sandbox uid) →
-cgroup leaf → the launcher chain (command.py) with the console pump. Cancel =
+cgroup leaf → the launcher chain (command.py) with the console pump. The
+instance is handed over at the agent's first ready line (`CUBE-AGENT-READY`, then
+envd's /health); `UmlInstance.wait_fully_ready` waits for the second
+(`CUBE-INTERPRETER-READY`: the default Python kernel answers). Cancel =
 kill: every process in the cgroup gets SIGKILL. A graceful halt would buy
 nothing, the COW disk is deleted with the sandbox.
 """
@@ -160,6 +163,7 @@ class UmlRuntime:
                             cgroup=cgroup,
                             console=console,
                             boot_seconds=trio.current_time() - started,
+                            started_at=started,
                         )
                         task_status.started(instance)
                         await exited.wait()
