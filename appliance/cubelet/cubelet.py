@@ -18,6 +18,7 @@ vars, access token and clock to the guest agent's `/init`.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import logging
 import math
 import os
@@ -109,6 +110,12 @@ class LiveSandbox:
     health_failures: int = 0
     gone: trio.Event = field(default_factory=trio.Event)
 
+    def envd_headers(self) -> dict[str, str]:
+        """Auth for the host's own envd calls: once `/init` set a token, envd checks it on every call."""
+        if self.record is None or not self.record.envd_access_token:
+            return {}
+        return {"X-Access-Token": self.record.envd_access_token}
+
     def set_deadline(self, deadline: float) -> None:
         self.deadline = deadline
         if self.deadline_scope is not None:
@@ -157,6 +164,9 @@ class Cubelet:
         self._live: dict[str, LiveSandbox] = {}
         self._pools: dict[str, deque[LiveSandbox]] = {}
         self._slots: set[int] = set()
+        self._next_slot = 0
+        # One /30 of host_network per slot; the first /30 is the node resolver's.
+        self._slot_count = ipaddress.ip_network(config.host_network).num_addresses // 4 - 1
         self._pool_wakeup = trio.Event()
         # Boots are CPU-bound (a kernel starting): more at once than cores only makes each slower.
         self._boot_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
@@ -335,7 +345,7 @@ class Cubelet:
             "diskTotal": live.template.writable_layer_mb * 1024 * 1024,
         }
         if live.state == RUNNING:
-            sample.update(await self._envd_metrics(live.instance))
+            sample.update(await self._envd_metrics(live))
         return sample
 
     # Internals.
@@ -345,9 +355,19 @@ class Cubelet:
         return live.record
 
     def _allocate_slot(self) -> int:
-        slot = 0
+        """The next free slot after the last one handed out, wrapping around.
+
+        A slot picks the sandbox's host address, so handing a just-freed slot to the
+        next sandbox would let keep-alive connections (the cubelet's, the router's)
+        and conntrack entries made for the dead guest land on the new one. Rotating
+        keeps a freed address unused until every other slot has had its turn.
+        """
+        if len(self._slots) >= self._slot_count:
+            raise SandboxStartFailed(f"all {self._slot_count} sandbox network slots are in use")
+        slot = self._next_slot
         while slot in self._slots:
-            slot += 1
+            slot = (slot + 1) % self._slot_count
+        self._next_slot = (slot + 1) % self._slot_count
         self._slots.add(slot)
         return slot
 
@@ -486,10 +506,13 @@ class Cubelet:
         if response.status_code >= 300:
             raise SandboxStartFailed(f"guest agent /init answered {response.status_code}")
 
-    async def _envd_metrics(self, instance: Instance) -> dict[str, object]:
-        host, port = instance.endpoint(ENVD_PORT)
+    async def _envd_metrics(self, live: LiveSandbox) -> dict[str, object]:
+        assert live.instance is not None
+        host, port = live.instance.endpoint(ENVD_PORT)
         try:
-            response = await self._guest_http.get(f"http://{host}:{port}/metrics", timeout=1.0)
+            response = await self._guest_http.get(
+                f"http://{host}:{port}/metrics", headers=live.envd_headers(), timeout=1.0
+            )
             data = response.json() if response.status_code == 200 else {}
         except (httpx.HTTPError, ValueError):
             return {}
@@ -596,7 +619,9 @@ class Cubelet:
         assert live.instance is not None
         host, port = live.instance.endpoint(ENVD_PORT)
         try:
-            response = await self._guest_http.get(f"http://{host}:{port}/health", timeout=HEALTH_TIMEOUT_S)
+            response = await self._guest_http.get(
+                f"http://{host}:{port}/health", headers=live.envd_headers(), timeout=HEALTH_TIMEOUT_S
+            )
             healthy = response.status_code < 300
         except httpx.HTTPError:
             healthy = False

@@ -127,15 +127,24 @@ async def test_pools_stay_within_the_memory_budget(service_config: Config, fake_
         assert cubelet.memory_committed_mb() <= 600
 
 
-async def test_slots_are_small_and_reused(service_config: Config, fake_runtime: FakeRuntime) -> None:
-    async with running_cubelet(service_config, fake_runtime) as cubelet:
+async def test_freed_slots_rest_before_reuse(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    # A slot is the sandbox's host address: reusing it at once would hand the new
+    # guest the dead one's keep-alive connections. Slots rotate, then wrap.
+    config = dataclasses.replace(service_config, host_network="10.250.0.0/28")  # 4 /30s: 3 slots
+    async with running_cubelet(config, fake_runtime) as cubelet:
         first = await cubelet.create(request_for(cubelet))
         second = await cubelet.create(request_for(cubelet))
-        first_slot = cubelet._live[first.sandbox_id].slot
-        assert {first_slot, cubelet._live[second.sandbox_id].slot} == {0, 1}
+        assert [cubelet._live[s.sandbox_id].slot for s in (first, second)] == [0, 1]
         await cubelet.kill(first.sandbox_id)
         third = await cubelet.create(request_for(cubelet))
-        assert cubelet._live[third.sandbox_id].slot == first_slot
+        assert cubelet._live[third.sandbox_id].slot == 2
+        await cubelet.kill(second.sandbox_id)
+        fourth = await cubelet.create(request_for(cubelet))
+        assert cubelet._live[fourth.sandbox_id].slot == 0  # wrapped; slot 1 rests longest
+        fifth = await cubelet.create(request_for(cubelet))
+        assert cubelet._live[fifth.sandbox_id].slot == 1
+        with pytest.raises(SandboxStartFailed, match="slots are in use"):
+            await cubelet.create(request_for(cubelet))
 
 
 async def test_failed_guest_init_kills_the_guest(service_config: Config, fake_runtime: FakeRuntime) -> None:
