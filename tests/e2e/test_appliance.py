@@ -67,3 +67,26 @@ def test_bulk_files_round_trip_through_the_router(sandbox: Sandbox, size: int) -
     digest = sandbox.commands.run("sha256sum /tmp/blob").stdout.split()[0]
     assert digest == hashlib.sha256(data).hexdigest()
     assert sandbox.files.read("/tmp/blob", format="bytes") == data
+
+
+def test_sdk_lifecycle_on_real_sandboxes(sandbox: Sandbox) -> None:
+    # create (fixture) → list with a metadata filter → get_info → set_timeout → kill,
+    # all through the unmodified SDK against a real guest.
+    from e2b import SandboxQuery, SandboxState
+
+    tagged = Sandbox.create(template="code-interpreter", metadata={"suite": "e2e-lifecycle"}, timeout=120)
+    try:
+        listed = Sandbox.list(query=SandboxQuery(metadata={"suite": "e2e-lifecycle"})).next_items()
+        assert [s.sandbox_id for s in listed] == [tagged.sandbox_id]
+        before = tagged.get_info()
+        assert before.state == SandboxState.RUNNING and before.metadata == {"suite": "e2e-lifecycle"}
+        tagged.set_timeout(600)
+        after = tagged.get_info()
+        assert (after.end_at - before.end_at).total_seconds() > 400
+        assert tagged.commands.run("echo ok").stdout == "ok\n"
+    finally:
+        assert tagged.kill()
+    assert not tagged.is_running()
+    remaining = Sandbox.list(query=SandboxQuery(metadata={"suite": "e2e-lifecycle"})).next_items()
+    assert remaining == []
+    assert sandbox.is_running()  # killing one sandbox leaves the others alone
