@@ -182,6 +182,8 @@ def sandbox_info(
     info = ApiClient.from_config(config, api_key).json("GET", f"/cube/sandboxes/{sandbox_id}")
     emit(info, as_json, [])
     if not as_json:
+        if info.get("network"):
+            click.echo("network: " + ", ".join(f"{k}={v}" for k, v in info["network"].items()))
         click.echo("events:")
         for event in info["events"]:
             click.echo(f"  {event['at']}  {event['kind']:<8} {event['message']}")

@@ -502,6 +502,7 @@ def build_app(services: Services, blueprints: Iterable[Blueprint] = ()) -> Quart
         if record is None:
             raise ApiError(404, f"sandbox {sandbox_id} not found")
         body = admin_sandbox_body(record)
+        body["network"] = cubelet.network_counters(sandbox_id)
         body["events"] = [
             {"at": rfc3339(e.at), "kind": e.kind, "message": e.message} for e in store.events(sandbox_id)
         ]

@@ -70,6 +70,10 @@ class NetworkPolicyService(Protocol):
 
     async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None: ...
 
+    def counters(self, sandbox_id: str) -> dict[str, int]:
+        """Packets/bytes the sandbox's policy allowed and dropped; {} for an unknown sandbox."""
+        ...
+
 
 @dataclass(frozen=True)
 class SandboxRequest:
@@ -346,7 +350,16 @@ class Cubelet:
         }
         if live.state == RUNNING:
             sample.update(await self._envd_metrics(live))
+        counters = self.network_counters(sandbox_id)
+        if counters:
+            sample["network"] = counters  # an extra key: the SDKs keep unknown keys
         return sample
+
+    def network_counters(self, sandbox_id: str) -> dict[str, int]:
+        """The sandbox's egress policy counters from CubeVS ({} without it, or once the sandbox is gone)."""
+        if self.network is None or sandbox_id not in self._live:
+            return {}
+        return self.network.counters(sandbox_id)
 
     # Internals.
 

@@ -52,6 +52,12 @@ class CubeVSPolicies:
     async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None:
         await self._cubevs.update_policy(sandbox_id, self._policy_class.from_e2b(policy))
 
+    def counters(self, sandbox_id: str) -> dict[str, int]:
+        try:
+            return dict(self._cubevs.counters(sandbox_id))
+        except KeyError:
+            return {}
+
 
 def choose_runtime_name(config: Config) -> str:
     """`auto` asks the host detector (kvm only where a full guest kernel can run), else uml."""

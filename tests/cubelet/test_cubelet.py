@@ -12,7 +12,7 @@ import trio
 
 from appliance.config import Config
 from appliance.cubelet import cubelet as cubelet_module
-from appliance.cubelet.cubelet import Cubelet, SandboxRequest, SandboxStartFailed
+from appliance.cubelet.cubelet import Cubelet, NetworkPolicyService, SandboxRequest, SandboxStartFailed
 from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxQuery, SqliteStore
 from appliance.master.templates import TemplateRegistry
 
@@ -21,12 +21,14 @@ if TYPE_CHECKING:
 
 
 @asynccontextmanager
-async def running_cubelet(config: Config, runtime: FakeRuntime) -> AsyncIterator[Cubelet]:
+async def running_cubelet(
+    config: Config, runtime: FakeRuntime, network: NetworkPolicyService | None = None
+) -> AsyncIterator[Cubelet]:
     store = SqliteStore(config.db_path)
     registry = TemplateRegistry(config, store)
     try:
         async with trio.open_nursery() as nursery:
-            cubelet = Cubelet(config, runtime, store, templates=registry.refresh)
+            cubelet = Cubelet(config, runtime, store, network, templates=registry.refresh)
             await nursery.start(cubelet.run)
             yield cubelet
             await cubelet.shutdown("test over")
@@ -249,3 +251,28 @@ async def test_pooled_guest_whose_kernel_never_starts_is_killed(
         await wait_until(lambda: fake_runtime.boots == 1)
         await wait_until(lambda: not fake_runtime.instances)  # killed after the timeout
         assert cubelet.pooled_count("code-interpreter") == 0
+
+
+class CountingNetwork:
+    """Stands in for CubeVS's policy service: counts per sandbox like its eBPF maps do."""
+
+    def __init__(self) -> None:
+        self.policies: dict[str, dict[str, object]] = {}
+
+    async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None:
+        self.policies[sandbox_id] = policy
+
+    def counters(self, sandbox_id: str) -> dict[str, int]:
+        return {"allowed_packets": 7, "dropped_packets": 2} if sandbox_id in self.policies else {}
+
+
+async def test_network_counters_reach_metrics(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    network = CountingNetwork()
+    async with running_cubelet(service_config, fake_runtime, network) as cubelet:
+        sandbox = await cubelet.create(request_for(cubelet))
+        await cubelet.update_network(sandbox.sandbox_id, {"allow_internet_access": False})
+        sample = await cubelet.metrics(sandbox.sandbox_id)
+        assert sample["network"] == {"allowed_packets": 7, "dropped_packets": 2}
+        assert cubelet.network_counters(sandbox.sandbox_id)["dropped_packets"] == 2
+        await cubelet.kill(sandbox.sandbox_id)
+        assert cubelet.network_counters(sandbox.sandbox_id) == {}
