@@ -62,7 +62,10 @@ def test_client_going_away_ends_the_guest_stream(
     with httpx.stream(
         "GET", f"{service.url}/stream?n=1000&delay=0.05", headers=routed(sandbox_id)
     ) as response:
-        next(response.iter_raw())
+        # Hold the iterator: dropping it closes the response, which is the client going away.
+        chunks = response.iter_raw()
+        while not next(chunks):
+            pass
         assert guest.open_streams == 1
     deadline = time.monotonic() + 5
     while guest.open_streams and time.monotonic() < deadline:
