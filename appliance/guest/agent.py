@@ -16,19 +16,20 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
+from appliance.guest import INTERPRETER_READY_LINE, READY_LINE, http2
 from appliance.guest.connect import Router
 from appliance.guest.envd import EnvdApp
-from appliance.guest.filesystem_service import FilesystemService
-from appliance.guest.http import serve
-from appliance.guest.process_service import ProcessService
+from appliance.guest.http import Request, Response, serve
 from appliance.guest.state import AgentState
 
-READY_LINE = "CUBE-AGENT-READY"
-INTERPRETER_READY_LINE = "CUBE-INTERPRETER-READY"
+if TYPE_CHECKING:
+    from appliance.guest.interpreter import Interpreter
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,44 @@ def _uptime() -> str:
         return "unknown"
 
 
-async def _no_kernels(env_vars: dict[str, str]) -> None:
-    """With --no-interpreter, /init has no kernels to update."""
+class LazyInterpreter:
+    """The code interpreter's port, listening from the start; its modules load after the ready
+    line (start-up time), and requests that come earlier wait for them."""
+
+    def __init__(self) -> None:
+        self.interpreter: Interpreter | None = None
+        self.created = trio.Event()
+
+    def create(self, state: AgentState, nursery: trio.Nursery, runtime_dir: str) -> Interpreter:
+        from appliance.guest.interpreter import Interpreter
+
+        self.interpreter = Interpreter(state, nursery, runtime_dir)
+        self.created.set()
+        return self.interpreter
+
+    async def handle(self, request: Request, response: Response) -> None:
+        await self.created.wait()
+        assert self.interpreter is not None
+        await self.interpreter.handle(request, response)
+
+    async def update_env(self, env_vars: dict[str, str]) -> None:
+        """Kernels started later read the sandbox env vars from the state; only running ones need them."""
+        if self.interpreter is not None:
+            await self.interpreter.update_env(env_vars)
+
+
+def _lazy_services(state: AgentState, nursery: trio.Nursery) -> dict[str, Callable[[Router], None]]:
+    def process(router: Router) -> None:
+        from appliance.guest.process_service import ProcessService
+
+        ProcessService(state, nursery).register(router)
+
+    def filesystem(router: Router) -> None:
+        from appliance.guest.filesystem_service import FilesystemService
+
+        FilesystemService(nursery).register(router)
+
+    return {"/process.Process/": process, "/filesystem.Filesystem/": filesystem}
 
 
 async def run_agent(options: AgentOptions) -> None:
@@ -65,35 +102,34 @@ async def run_agent(options: AgentOptions) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            router = Router()
-            ProcessService(state, nursery).register(router)
-            FilesystemService(nursery).register(router)
-            interpreter = None
-            if options.interpreter:
-                from appliance.guest.interpreter import Interpreter  # lazy: start-up time
-
-                interpreter = Interpreter(state, nursery, runtime_dir)
+            router = Router(lazy_services=_lazy_services(state, nursery))
+            interpreter = LazyInterpreter() if options.interpreter else None
             envd = EnvdApp(state, router, interpreter.update_env if interpreter else _no_kernels)
             await nursery.start(serve, envd.handle, options.host, options.envd_port)
             if interpreter is not None:
                 await nursery.start(serve, interpreter.handle, options.host, options.interpreter_port)
             print(READY_LINE, flush=True)
             log(f"envd ready (system uptime {_uptime()})")
+            http2.available()  # says on stderr if h2c cannot be served
             if interpreter is not None:
                 # Only now: on a guest's one vCPU, a kernel starting alongside would slow
                 # envd's own start-up for nothing. Executions wait for it (default_ready).
-                nursery.start_soon(_start_default_kernel, interpreter)
-                await interpreter.default_ready.wait()
+                started = interpreter.create(state, nursery, runtime_dir)
+                nursery.start_soon(_start_default_kernel, started)
+                await started.default_ready.wait()
             print(INTERPRETER_READY_LINE, flush=True)
             log(f"interpreter ready (system uptime {_uptime()})")
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
-async def _start_default_kernel(interpreter: object) -> None:
-    from appliance.guest.interpreter import Interpreter, InterpreterError
+async def _no_kernels(env_vars: dict[str, str]) -> None:
+    """With --no-interpreter, /init has no kernels to update."""
 
-    assert isinstance(interpreter, Interpreter)
+
+async def _start_default_kernel(interpreter: Interpreter) -> None:
+    from appliance.guest.interpreter import InterpreterError
+
     try:
         await interpreter.start_default()
     except InterpreterError as exc:

@@ -83,8 +83,13 @@ class Router:
     unary: dict[str, UnaryHandler] = field(default_factory=dict)
     server_streams: dict[str, tuple[ServerStreamHandler, Message]] = field(default_factory=dict)
     client_streams: dict[str, ClientStreamHandler] = field(default_factory=dict)
+    # Services registered on their first call, by path prefix: their modules stay off the
+    # agent's start-up path (every import is slow under UML, and /health needs none of them).
+    lazy_services: dict[str, Callable[[Router], None]] = field(default_factory=dict)
 
     def handles(self, path: str) -> bool:
+        for prefix in [prefix for prefix in self.lazy_services if path.startswith(prefix)]:
+            self.lazy_services.pop(prefix)(self)
         return path in self.unary or path in self.server_streams or path in self.client_streams
 
     async def dispatch(self, request: Request, response: Response, context: CallContext) -> None:

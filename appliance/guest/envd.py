@@ -14,14 +14,15 @@ from datetime import datetime
 
 from appliance.guest import ENVD_VERSION
 from appliance.guest.connect import CallContext, Router
-from appliance.guest.files_endpoint import FilesError, download, upload
-from appliance.guest.http import Request, Response
+from appliance.guest.http import HttpError, Request, Response
 from appliance.guest.state import AgentState
 from appliance.guest.users import user_from_basic_auth
 
 EnvListener = Callable[[dict[str, str]], Awaitable[None]]
 # Clock corrections smaller than this are noise (PROTOCOL: set it when off by more than 1 s).
 CLOCK_TOLERANCE_S = 1.0
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
 
 
 def file_signature(path: str, operation: str, user: str, token: str, expiration: str | None) -> str:
@@ -64,15 +65,18 @@ class EnvdApp:
     async def handle(self, request: Request, response: Response) -> None:
         try:
             await self._route(request, response)
-        except FilesError as exc:
+        except HttpError as exc:
             await response.send_json(exc.status, {"code": exc.status, "message": exc.message})
 
     async def _route(self, request: Request, response: Response) -> None:
         path = request.path
         if path == "/files" and request.method in ("GET", "POST"):
             if not self._files_authorized(request):
-                raise FilesError(401, "invalid or missing access token or signature")
+                raise HttpError(401, "invalid or missing access token or signature")
             user = self.state.user(request.query_value("username") or self._basic_user(request))
+            # Imported on first use: not needed for the first /health (start-up time).
+            from appliance.guest.files_endpoint import download, upload
+
             if request.method == "GET":
                 await download(request, response, user)
             else:
@@ -134,12 +138,12 @@ class EnvdApp:
         try:
             body = json.loads(await request.read_body() or b"{}")
         except ValueError:
-            raise FilesError(400, "body must be JSON") from None
+            raise HttpError(400, "body must be JSON") from None
         if not isinstance(body, dict):
-            raise FilesError(400, "body must be a JSON object")
+            raise HttpError(400, "body must be a JSON object")
         env_vars = body.get("envVars") or {}
         if not isinstance(env_vars, dict):
-            raise FilesError(400, "envVars must be an object")
+            raise HttpError(400, "envVars must be an object")
         if "accessToken" in body:
             self.state.access_token = body["accessToken"] or None
         if body.get("defaultUser"):
@@ -148,6 +152,8 @@ class EnvdApp:
             self.state.default_workdir = str(body["defaultWorkdir"])
         if body.get("timestamp"):
             _set_clock(str(body["timestamp"]))
+        if body.get("rngSeed"):
+            _seed_rng(str(body["rngSeed"]))
         if env_vars:
             env_vars = {str(k): str(v) for k, v in env_vars.items()}
             self.state.env_vars.update(env_vars)
@@ -175,6 +181,27 @@ class EnvdApp:
             "disk_used": (disk.f_blocks - disk.f_bfree) * disk.f_frsize,
             "envd_version": ENVD_VERSION,
         }
+
+
+def _seed_rng(seed_hex: str) -> None:
+    """Best effort (needs root): a guest cloned from a snapshot starts with the template's
+    CRNG state; mixing in the sandbox's own seed and reseeding makes its randomness its own."""
+    try:
+        seed = bytes.fromhex(seed_hex)
+    except ValueError:
+        return
+    if not seed or os.geteuid() != 0:
+        return
+    import fcntl  # lazy: only /init needs it
+    import struct
+
+    try:
+        with open("/dev/urandom", "wb") as urandom:
+            # struct rand_pool_info {int entropy_count (bits); int buf_size; u32 buf[];}
+            fcntl.ioctl(urandom, RNDADDENTROPY, struct.pack("ii", 8 * len(seed), len(seed)) + seed)
+            fcntl.ioctl(urandom, RNDRESEEDCRNG)
+    except OSError:
+        pass
 
 
 def _set_clock(timestamp: str) -> None:

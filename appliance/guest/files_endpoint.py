@@ -12,7 +12,8 @@ import trio
 
 from appliance.guest.connect import ConnectError
 from appliance.guest.filesystem_service import METADATA_XATTR_PREFIX, make_directories, resolve_path
-from appliance.guest.http import Request, Response
+from appliance.guest.http import HttpError, Request, Response
+from appliance.guest.identity import as_user
 from appliance.guest.multipart import (
     MultipartError,
     MultipartParser,
@@ -44,36 +45,36 @@ HTTP_STATUS_FOR_ERRNO = {
 }
 
 
-class FilesError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def files_error(exc: OSError, path: str) -> FilesError:
-    return FilesError(HTTP_STATUS_FOR_ERRNO.get(exc.errno or 0, 500), f"{exc.strerror or exc}: {path}")
+def files_error(exc: OSError, path: str) -> HttpError:
+    return HttpError(HTTP_STATUS_FOR_ERRNO.get(exc.errno or 0, 500), f"{exc.strerror or exc}: {path}")
 
 
 def _resolve(path: str | None, user: User) -> str:
     if not path:
-        raise FilesError(400, "path is required")
+        raise HttpError(400, "path is required")
     try:
         return resolve_path(path, user)
     except ConnectError as exc:
-        raise FilesError(400, exc.message) from exc
+        raise HttpError(400, exc.message) from exc
 
 
-async def download(request: Request, response: Response, user: User) -> None:
-    path = _resolve(request.query_value("path"), user)
+def _open_for_reading(path: str) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise files_error(exc, path) from exc
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        os.close(fd)
+        raise HttpError(400, f"path is a directory: {path}")
+    return fd, info
+
+
+async def download(request: Request, response: Response, user: User) -> None:
+    path = _resolve(request.query_value("path"), user)
+    # Only opening needs the user's identity: reads from the open descriptor are not checked.
+    fd, info = await as_user(user, _open_for_reading, path)
     try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise FilesError(400, f"path is a directory: {path}")
         # Only an explicit `Accept-Encoding: gzip` (files.read(gzip=True)) gets compression:
         # httpx offers "gzip, deflate" on every request, and compressing all reads costs CPU.
         compress = request.headers.get("accept-encoding", "").strip().lower() == "gzip"
@@ -120,12 +121,16 @@ class FileSink:
     pending: list[bytes] = field(default_factory=list)
     pending_size: int = 0
 
-    def open(self) -> None:
+    async def open(self) -> None:
+        self.fd = await as_user(self.user, self._create)
+
+    def _create(self) -> int:
+        """As the user: what they create (parents included) is theirs, what they may not touch fails."""
         if os.path.isdir(self.path):
-            raise FilesError(400, f"path is a directory: {self.path}")
+            raise HttpError(400, f"path is a directory: {self.path}")
         try:
-            make_directories(os.path.dirname(self.path), self.user)
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            make_directories(os.path.dirname(self.path))
+            return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise files_error(exc, self.path) from exc
 
@@ -151,16 +156,19 @@ class FileSink:
         await self.flush()
         os.close(self.fd)
         self.fd = -1
-        self.user.chown(self.path)
+        if self.metadata:
+            await as_user(self.user, self._store_metadata)
+        info: dict[str, object] = {"name": os.path.basename(self.path), "type": "file", "path": self.path}
+        if self.metadata:
+            info["metadata"] = self.metadata
+        return info
+
+    def _store_metadata(self) -> None:
         for key, value in self.metadata.items():
             try:
                 os.setxattr(self.path, METADATA_XATTR_PREFIX + key, value.encode())
             except OSError as exc:
                 raise files_error(exc, self.path) from exc
-        info: dict[str, object] = {"name": os.path.basename(self.path), "type": "file", "path": self.path}
-        if self.metadata:
-            info["metadata"] = self.metadata
-        return info
 
     def abort(self) -> None:
         if self.fd >= 0:
@@ -191,7 +199,7 @@ async def upload(request: Request, response: Response, user: User) -> None:
         if content_type.lower().startswith("multipart/form-data"):
             boundary = boundary_of(content_type)
             if not boundary:
-                raise FilesError(400, "multipart body without boundary")
+                raise HttpError(400, "multipart body without boundary")
             parser = MultipartParser(boundary)
             async for chunk in request.body_chunks():
                 if decompressor:
@@ -201,7 +209,7 @@ async def upload(request: Request, response: Response, user: User) -> None:
                         # One file: ?path= names it. Several (write_files): each part's filename does.
                         destination = query_path or event.filename
                         sink = FileSink(_resolve(destination, user), user, metadata)
-                        sink.open()
+                        await sink.open()
                     elif isinstance(event, PartData) and sink is not None:
                         await sink.write(event.data)
                     elif isinstance(event, PartEnd) and sink is not None:
@@ -210,7 +218,7 @@ async def upload(request: Request, response: Response, user: User) -> None:
             parser.finish()
         else:
             sink = FileSink(_resolve(query_path, user), user, metadata)
-            sink.open()
+            await sink.open()
             async for chunk in request.body_chunks():
                 await sink.write(decompressor.decompress(chunk) if decompressor else chunk)
             if decompressor:
@@ -218,12 +226,12 @@ async def upload(request: Request, response: Response, user: User) -> None:
             written.append(await sink.close())
             sink = None
     except MultipartError as exc:
-        raise FilesError(400, str(exc)) from exc
+        raise HttpError(400, str(exc)) from exc
     except zlib.error as exc:
-        raise FilesError(400, f"invalid gzip body: {exc}") from exc
+        raise HttpError(400, f"invalid gzip body: {exc}") from exc
     finally:
         if sink is not None:
             sink.abort()
     if not written:
-        raise FilesError(400, "no file in the request")
+        raise HttpError(400, "no file in the request")
     await response.send_json(200, written)

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import trio
 
 from appliance.guest.connect import CallContext, ConnectError, Message, Router, Send
+from appliance.guest.identity import as_user
 from appliance.guest.inotify import DirectoryWatch, WatchEvent
 from appliance.guest.users import User
 
@@ -129,8 +130,8 @@ def entry_info(path: str) -> Message:
     return entry
 
 
-def make_directories(path: str, user: User) -> bool:
-    """mkdir -p, giving every directory it creates to the user; False if it already existed."""
+def make_directories(path: str) -> bool:
+    """mkdir -p (call it as the user: see identity.py); False if the directory already existed."""
     missing = []
     current = path
     while not os.path.lexists(current):
@@ -148,7 +149,6 @@ def make_directories(path: str, user: User) -> bool:
             os.mkdir(directory)
         except FileExistsError:
             continue
-        user.chown(directory)
     return True
 
 
@@ -177,6 +177,65 @@ def remove_path(path: str) -> None:
         shutil.rmtree(path)
     else:
         os.unlink(path)
+
+
+def _stat(path: str) -> Message:
+    try:
+        return entry_info(path)
+    except NotADirectoryError as exc:
+        # A file where a directory was expected: the path does not exist (`exists()` is False).
+        raise ConnectError("not_found", f"{exc.strerror}: {path}") from exc
+    except OSError as exc:
+        raise connect_error(exc, path) from exc
+
+
+def _make_dir(path: str) -> Message:
+    try:
+        if not make_directories(path):
+            raise ConnectError("already_exists", f"directory already exists: {path}")
+        return entry_info(path)
+    except OSError as exc:
+        raise connect_error(exc, path) from exc
+
+
+def _move(source: str, destination: str) -> Message:
+    try:
+        os.lstat(source)
+        make_directories(os.path.dirname(destination))
+        os.rename(source, destination)
+        return entry_info(destination)
+    except OSError as exc:
+        raise connect_error(exc, source) from exc
+
+
+def _existing_directory(path: str) -> None:
+    if not os.path.isdir(path):
+        os.lstat(path)  # not_found for a missing path, invalid_argument for a file
+        raise ConnectError("invalid_argument", f"path is not a directory: {path}")
+
+
+def _list_dir(path: str, depth: int) -> list[Message]:
+    try:
+        _existing_directory(path)
+        return list_directory(path, depth)
+    except OSError as exc:
+        raise connect_error(exc, path) from exc
+
+
+def _remove(path: str) -> None:
+    try:
+        os.lstat(path)
+        remove_path(path)
+    except OSError as exc:
+        raise connect_error(exc, path) from exc
+
+
+def _open_watch(path: str, recursive: bool) -> DirectoryWatch:
+    try:
+        _existing_directory(path)
+        return DirectoryWatch(path, recursive)
+    except OSError as exc:
+        raise connect_error(exc, path) from exc
 
 
 class Watcher:
@@ -227,68 +286,33 @@ class FilesystemService:
 
     async def stat(self, context: CallContext, message: Message) -> Message:
         path = resolve_path(message.get("path"), context.user)
-        try:
-            return {"entry": entry_info(path)}
-        except NotADirectoryError as exc:
-            # A file where a directory was expected: the path does not exist (`exists()` is False).
-            raise ConnectError("not_found", f"{exc.strerror}: {path}") from exc
-        except OSError as exc:
-            raise connect_error(exc, path) from exc
+        return {"entry": await as_user(context.user, _stat, path)}
 
     async def make_dir(self, context: CallContext, message: Message) -> Message:
         path = resolve_path(message.get("path"), context.user)
-        try:
-            created = make_directories(path, context.user)
-            if not created:
-                raise ConnectError("already_exists", f"directory already exists: {path}")
-            return {"entry": entry_info(path)}
-        except OSError as exc:
-            raise connect_error(exc, path) from exc
+        return {"entry": await as_user(context.user, _make_dir, path)}
 
     async def move(self, context: CallContext, message: Message) -> Message:
         source = resolve_path(message.get("source"), context.user)
         destination = resolve_path(message.get("destination"), context.user)
-        try:
-            os.lstat(source)
-            make_directories(os.path.dirname(destination), context.user)
-            os.rename(source, destination)
-            return {"entry": entry_info(destination)}
-        except OSError as exc:
-            raise connect_error(exc, source) from exc
+        return {"entry": await as_user(context.user, _move, source, destination)}
 
     async def list_dir(self, context: CallContext, message: Message) -> Message:
         path = resolve_path(message.get("path"), context.user)
         depth = int(message.get("depth") or 1)  # type: ignore[call-overload]
-        try:
-            if not os.path.isdir(path):
-                os.lstat(path)  # not_found for a missing path, invalid_argument for a file
-                raise ConnectError("invalid_argument", f"path is not a directory: {path}")
-            entries = await trio.to_thread.run_sync(list_directory, path, depth)
-        except OSError as exc:
-            raise connect_error(exc, path) from exc
-        return {"entries": entries}
+        return {"entries": await as_user(context.user, _list_dir, path, depth, thread=True)}
 
     async def remove(self, context: CallContext, message: Message) -> Message:
         path = resolve_path(message.get("path"), context.user)
-        try:
-            os.lstat(path)
-            await trio.to_thread.run_sync(remove_path, path)
-        except OSError as exc:
-            raise connect_error(exc, path) from exc
+        await as_user(context.user, _remove, path, thread=True)
         return {}
 
-    def _open_watch(self, message: Message, user: User) -> DirectoryWatch:
+    async def _open_watch(self, message: Message, user: User) -> DirectoryWatch:
         path = resolve_path(message.get("path"), user)
-        try:
-            if not os.path.isdir(path):
-                os.lstat(path)
-                raise ConnectError("invalid_argument", f"path is not a directory: {path}")
-            return DirectoryWatch(path, bool(message.get("recursive")))
-        except OSError as exc:
-            raise connect_error(exc, path) from exc
+        return await as_user(user, _open_watch, path, bool(message.get("recursive")))
 
     async def watch_dir(self, context: CallContext, message: Message, send: Send) -> None:
-        watch = self._open_watch(message, context.user)
+        watch = await self._open_watch(message, context.user)
         include_entry = bool(message.get("includeEntry") or message.get("include_entry"))
         try:
             await send({"start": {}})
@@ -298,7 +322,7 @@ class FilesystemService:
             watch.close()
 
     async def create_watcher(self, context: CallContext, message: Message) -> Message:
-        watch = self._open_watch(message, context.user)
+        watch = await self._open_watch(message, context.user)
         include_entry = bool(message.get("includeEntry") or message.get("include_entry"))
         watcher = Watcher(watch, include_entry)
         watcher_id = uuid.uuid4().hex

@@ -10,20 +10,46 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 import trio
+
+from appliance.guest import http2
 
 RECEIVE_SIZE = 256 * 1024
 # Unread request bodies larger than this are not drained; the connection is closed instead.
 DRAIN_LIMIT = 1024 * 1024
 
 
+class HttpError(Exception):
+    """Answer the request with this status and a JSON `{"code": status, "message": ...}` body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class ClientGone(Exception):
     """The client closed the connection or broke the protocol mid-request."""
+
+
+class Exchange(Protocol):
+    """One request/response exchange on a connection: HTTP/1.1 (h11) or an HTTP/2 stream."""
+
+    def body_chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def send_head(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    async def send_data(self, data: bytes) -> None: ...
+
+    async def send_end(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
 
 
 @dataclass
@@ -31,47 +57,46 @@ class Request:
     method: str
     path: str
     query: dict[str, list[str]]
-    headers: dict[str, str]
-    _connection: HttpConnection = field(repr=False)
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    _exchange: Exchange = field(repr=False)
 
     def query_value(self, name: str) -> str | None:
         values = self.query.get(name)
         return values[0] if values else None
 
-    async def body_chunks(self) -> AsyncIterator[bytes]:
+    def body_chunks(self) -> AsyncIterator[bytes]:
         """The request body as it arrives (h11 undoes chunked transfer encoding)."""
-        while True:
-            event = await self._connection.next_event()
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                return
-            else:
-                raise ClientGone(f"unexpected {type(event).__name__} in request body")
+        return self._exchange.body_chunks()
 
     async def read_body(self) -> bytes:
         return b"".join([chunk async for chunk in self.body_chunks()])
 
 
+def make_request(method: str, target: str, headers: dict[str, str], exchange: Exchange) -> Request:
+    parts = urlsplit(target)
+    query = parse_qs(parts.query, keep_blank_values=True)
+    return Request(method=method, path=parts.path, query=query, headers=headers, _exchange=exchange)
+
+
 class Response:
     """Writes one response: either whole (`send`) or streamed (`start`, `write`, `finish`)."""
 
-    def __init__(self, connection: HttpConnection) -> None:
-        self._connection = connection
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
         self.started = False
         self.finished = False
 
     async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
         self.started = True
-        await self._connection.send(h11.Response(status_code=status, headers=headers))
+        await self._exchange.send_head(status, headers)
 
     async def write(self, data: bytes) -> None:
         if data:
-            await self._connection.send(h11.Data(data=data))
+            await self._exchange.send_data(data)
 
     async def finish(self) -> None:
         self.finished = True
-        await self._connection.send(h11.EndOfMessage())
+        await self._exchange.send_end()
 
     async def client_gone(self) -> None:
         """Return once the client has closed the connection (call only after reading the body).
@@ -79,7 +104,7 @@ class Response:
         A long response with nothing to write for a while (a silent cell) otherwise only
         notices a departed client at its next write.
         """
-        await self._connection.wait_for_eof()
+        await self._exchange.wait_closed()
 
     async def send(
         self,
@@ -101,13 +126,37 @@ class Response:
         await self.send(status, json.dumps(value).encode(), "application/json")
 
 
+async def run_handler(handler: Handler, request: Request, response: Response) -> bool:
+    """Run the handler and complete its response; False if the response could not be completed
+    (a half-sent response cannot be repaired: the exchange must be dropped)."""
+    try:
+        await handler(request, response)
+    except Exception as exc:
+        if is_client_gone(exc):
+            raise ClientGone(str(exc)) from exc
+        traceback.print_exc(file=sys.stderr)
+        if response.started:
+            return False
+        await response.send_json(500, {"code": 500, "message": "internal error"})
+    if not response.finished:
+        if not response.started:
+            await response.send(204)
+        else:
+            await response.finish()
+    return True
+
+
 Handler = Callable[[Request, Response], Awaitable[None]]
 
 
 class HttpConnection:
-    def __init__(self, stream: trio.SocketStream) -> None:
+    """An HTTP/1.1 connection (h11); it is the Exchange of the request being served."""
+
+    def __init__(self, stream: trio.abc.Stream, received: bytes = b"") -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER)
+        if received:
+            self.h11.receive_data(received)
 
     async def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         while True:
@@ -123,7 +172,17 @@ class HttpConnection:
                 raise ClientGone(str(exc)) from exc
             self.h11.receive_data(data)
 
-    async def wait_for_eof(self) -> None:
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:
+                raise ClientGone(f"unexpected {type(event).__name__} in request body")
+
+    async def wait_closed(self) -> None:
         while True:
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
@@ -132,6 +191,15 @@ class HttpConnection:
             if not data:
                 return
             self.h11.receive_data(data)  # a pipelined next request: kept for the next cycle
+
+    async def send_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        await self.send(h11.Response(status_code=status, headers=headers))
+
+    async def send_data(self, data: bytes) -> None:
+        await self.send(h11.Data(data=data))
+
+    async def send_end(self) -> None:
+        await self.send(h11.EndOfMessage())
 
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -149,10 +217,20 @@ def is_client_gone(exc: BaseException) -> bool:
     return isinstance(exc, ClientGone)
 
 
-async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
-    connection = HttpConnection(stream)
+async def serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
     try:
-        while await _serve_one(connection, handler):
+        received = await _receive_preface(stream)
+        if received.startswith(http2.PREFACE):
+            await _serve_http2(stream, handler, received, upgrade=None)
+            return
+        connection = HttpConnection(stream, received)
+        while True:
+            served = await _serve_one(connection, handler)
+            if isinstance(served, Upgrade):
+                await _serve_http2(stream, handler, connection.h11.trailing_data[0], upgrade=served)
+                return
+            if not served:
+                return
             connection.h11.start_next_cycle()
     except Exception as exc:
         if not is_client_gone(exc):
@@ -161,42 +239,75 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
         await stream.aclose()
 
 
-async def _serve_one(connection: HttpConnection, handler: Handler) -> bool:
-    """Serve one request; True if the connection can carry another."""
-    event = await connection.next_event()
-    if not isinstance(event, h11.Request):
-        return False
-    target = urlsplit(event.target.decode("latin-1"))
+async def _receive_preface(stream: trio.abc.Stream) -> bytes:
+    """The first bytes of a connection: enough to tell HTTP/2's preface from an HTTP/1.1 request."""
+    received = b""
+    while len(received) < len(http2.PREFACE) and http2.PREFACE.startswith(received):
+        try:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ClientGone(str(exc)) from exc
+        if not data:
+            break
+        received += data
+    return received
+
+
+@dataclass
+class Upgrade:
+    """An HTTP/1.1 request that asked for h2c: it becomes stream 1 of the HTTP/2 connection."""
+
+    request: h11.Request
+    body: bytes
+    settings: str
+
+
+async def _serve_http2(
+    stream: trio.abc.Stream, handler: Handler, received: bytes, upgrade: Upgrade | None
+) -> None:
+    if not http2.available():
+        return  # prior knowledge without h2 installed: nothing we can answer
+    from appliance.guest.http2_server import serve_http2  # lazy: h2 and hpack cost start-up time
+
+    await serve_http2(stream, handler, received, upgrade)
+
+
+def _headers_of(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     headers: dict[str, str] = {}
-    for name, value in event.headers:
+    for name, value in raw:
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
-    request = Request(
-        method=event.method.decode("ascii"),
-        path=target.path,
-        query=parse_qs(target.query, keep_blank_values=True),
-        headers=headers,
-        _connection=connection,
-    )
+    return headers
+
+
+def _wants_h2c(headers: dict[str, str]) -> bool:
+    upgrade = [token.strip().lower() for token in headers.get("upgrade", "").split(",")]
+    return "h2c" in upgrade and "http2-settings" in headers and http2.available()
+
+
+async def _serve_one(connection: HttpConnection, handler: Handler) -> bool | Upgrade:
+    """Serve one request; True if the connection can carry another, an Upgrade to switch to h2c."""
+    event = await connection.next_event()
+    if not isinstance(event, h11.Request):
+        return False
+    headers = _headers_of(event.headers)
+    if _wants_h2c(headers):
+        # RFC 7540 §3.2: the whole request body comes first, over HTTP/1.1; then 101 and HTTP/2.
+        body = b"".join([chunk async for chunk in connection.body_chunks()])
+        await connection.send(
+            h11.InformationalResponse(
+                status_code=101, headers=[("Connection", "Upgrade"), ("Upgrade", "h2c")]
+            )
+        )
+        return Upgrade(event, body, headers["http2-settings"])
+    request = make_request(event.method.decode("ascii"), event.target.decode("latin-1"), headers, connection)
     response = Response(connection)
     if headers.get("expect", "").lower() == "100-continue":
         # curl waits (about a second) for this before sending a large body; h11 leaves it to us.
         await connection.send(h11.InformationalResponse(status_code=100, headers=[]))
-    try:
-        await handler(request, response)
-    except Exception as exc:
-        if is_client_gone(exc):
-            raise ClientGone(str(exc)) from exc
-        traceback.print_exc(file=sys.stderr)
-        if response.started:
-            return False  # a half-sent response cannot be repaired; h11 would reject more events
-        await response.send_json(500, {"code": 500, "message": "internal error"})
-    if not response.finished:
-        if not response.started:
-            await response.send(204)
-        else:
-            await response.finish()
+    if not await run_handler(handler, request, response):
+        return False  # h11 would reject more events after a half-sent response
     if connection.h11.their_state is h11.SEND_BODY:
         drained = 0
         async for chunk in request.body_chunks():
@@ -215,7 +326,7 @@ async def serve(
 ) -> None:
     """Listen on host:port and serve every connection in its own task until cancelled."""
 
-    async def on_connection(stream: trio.SocketStream) -> None:
+    async def on_connection(stream: trio.abc.Stream) -> None:
         await serve_connection(stream, handler)
 
     listeners = await trio.open_tcp_listeners(port, host=host)

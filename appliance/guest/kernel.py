@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import trio
 
@@ -87,8 +89,15 @@ def kill_process_group(process: trio.Process) -> None:
         pass
 
 
-class Kernel:
-    """A language kernel process; `run` owns it for its whole life (started → died or stopped)."""
+Reply = TypeVar("Reply")
+
+
+class Kernel(Generic[Reply]):
+    """A language kernel process; `run` owns it for its whole life (started → died or stopped).
+
+    Both kernels route replies the same way: each request waits on its own channel, keyed by
+    the request's id; a None on it means the kernel died.
+    """
 
     language = ""
 
@@ -96,6 +105,34 @@ class Kernel:
         self.spec = spec
         self.alive = False
         self.cancel_scope = trio.CancelScope()
+        self._waiters: dict[object, trio.MemorySendChannel[Reply | None]] = {}
+
+    def _wait_for(self, request_id: object) -> trio.MemoryReceiveChannel[Reply | None]:
+        """The replies to one request (unbounded: the router must never block on a slow reader)."""
+        send_channel, receive_channel = trio.open_memory_channel[Reply | None](math.inf)
+        self._waiters[request_id] = send_channel
+        return receive_channel
+
+    def _stop_waiting(self, request_id: object) -> None:
+        del self._waiters[request_id]
+
+    def _deliver(self, request_id: object, reply: Reply) -> None:
+        channel = self._waiters.get(request_id)
+        if channel is not None:
+            channel.send_nowait(reply)
+
+    def _notify_died(self) -> None:
+        for channel in self._waiters.values():
+            channel.send_nowait(None)
+
+    async def _reap(self, process: trio.Process | None) -> None:
+        """The end of `run`: waiters learn the kernel is gone, and its whole process group goes."""
+        self.alive = False
+        self._notify_died()
+        if process is not None:
+            kill_process_group(process)
+            with trio.CancelScope(shield=True):
+                await process.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         raise NotImplementedError

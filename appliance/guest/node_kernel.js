@@ -5,8 +5,9 @@
 "use strict";
 const fs = require("fs");
 const readline = require("readline");
+const repl = require("repl");
+const { PassThrough } = require("stream");
 const util = require("util");
-const vm = require("vm");
 
 const replies = fs.createWriteStream(null, { fd: Number(process.env.CUBE_REPLY_FD) });
 delete process.env.CUBE_REPLY_FD;
@@ -37,16 +38,48 @@ globalThis.console = {
 globalThis.require = require;
 globalThis.module = module;
 
-function compile(code) {
-  try {
-    return new vm.Script(code, { filename: "<cell>" });
-  } catch (error) {
-    // Top-level await is not valid in a script: run such cells as an async function body.
-    if (error instanceof SyntaxError && /await/.test(code)) {
-      return new vm.Script(`(async () => {\n${code}\n})()`, { filename: "<cell>" });
-    }
-    throw error;
+// Cells run through Node's own REPL evaluator: the value of the last expression comes back,
+// top-level `await` works (the REPL rewrites such cells, keeping their declarations global),
+// and `let`/`const`/`class` persist between cells, as in a notebook.
+const replOutput = new PassThrough();
+const evaluator = repl.start({
+  input: new PassThrough(),
+  output: replOutput,
+  prompt: "",
+  terminal: false,
+  useGlobal: true,
+});
+let pendingCell = null; // resolves the running cell when the REPL reports its error
+const NO_ERROR = Symbol("no error"); // lastError before a cell (`throw undefined` is possible)
+
+// A failing cell is not called back: the REPL hands the error to its domain, which stores it in
+// `lastError` and writes it to the REPL's output. That write is how we learn the cell failed.
+replOutput.on("data", () => {
+  if (pendingCell !== null && evaluator.lastError !== NO_ERROR) {
+    const settle = pendingCell;
+    pendingCell = null;
+    settle({ error: evaluator.lastError });
   }
+});
+
+function evaluate(code) {
+  return new Promise((settle) => {
+    evaluator.lastError = NO_ERROR;
+    pendingCell = settle;
+    evaluator.eval(code, evaluator.context, "<cell>", (error, value) => {
+      if (pendingCell !== settle) return;
+      pendingCell = null;
+      // An incomplete cell comes back as the REPL's Recoverable, wrapping the real SyntaxError.
+      settle(error ? { error: error.err instanceof Error ? error.err : error } : { value });
+    });
+  });
+}
+
+// The user's frames only: everything from the first frame of the REPL or this kernel on is ours.
+function userTraceback(error) {
+  const lines = String(error.stack || error).split("\n");
+  const ours = lines.findIndex((line) => /^\s+at .*(node:|REPLServer|node_kernel\.js)/.test(line));
+  return (ours === -1 ? lines : lines.slice(0, ours)).join("\n");
 }
 
 async function execute(request) {
@@ -58,8 +91,10 @@ async function execute(request) {
     process.env[key] = value;
   }
   try {
-    let value = compile(request.code).runInThisContext();
-    if (value && typeof value.then === "function") value = await value;
+    const outcome = await evaluate(request.code);
+    let value = outcome.value;
+    if (!("error" in outcome) && value && typeof value.then === "function") value = await value;
+    if ("error" in outcome) throw outcome.error;
     if (value !== undefined) {
       reply({ id: request.id, type: "result", text: util.inspect(value), is_main_result: true });
     }
@@ -70,7 +105,7 @@ async function execute(request) {
       type: "error",
       name: isError ? error.name : "Error",
       value: isError ? error.message : String(error),
-      traceback: isError && error.stack ? error.stack : String(error),
+      traceback: isError ? userTraceback(error) : String(error),
     });
   } finally {
     for (const [key, value] of Object.entries(saved)) {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -20,21 +19,19 @@ from appliance.guest.kernel import (
     KernelSpec,
     KernelStartError,
     died_event,
-    kill_process_group,
     output_event,
     spawn_kernel_process,
 )
 
 SCRIPT = Path(__file__).with_name("node_kernel.js")
-Reply = dict[str, object] | None  # None: the kernel died
+Reply = dict[str, object]  # one JSON line of node_kernel.js
 
 
-class NodeKernel(Kernel):
+class NodeKernel(Kernel[Reply]):
     language = "javascript"
 
     def __init__(self, spec: KernelSpec) -> None:
         super().__init__(spec)
-        self._waiters: dict[int, trio.MemorySendChannel[Reply]] = {}
         self._next_id = 0
         self._stdin: trio.abc.SendStream | None = None
         self._input_lock = trio.Lock()
@@ -72,15 +69,9 @@ class NodeKernel(Kernel):
                     await process.wait()
                     nursery.cancel_scope.cancel()
         finally:
-            self.alive = False
-            for channel in self._waiters.values():
-                channel.send_nowait(None)
             if read_fd >= 0:
                 os.close(read_fd)
-            if process is not None:
-                kill_process_group(process)
-                with trio.CancelScope(shield=True):
-                    await process.wait()
+            await self._reap(process)
 
     async def _route(self, replies: trio.lowlevel.FdStream) -> None:
         buffer = b""
@@ -89,17 +80,14 @@ class NodeKernel(Kernel):
             if not chunk:
                 if not self._ready.is_set():
                     raise KernelStartError("the JavaScript kernel exited while starting")
-                for channel in self._waiters.values():
-                    channel.send_nowait(None)  # the pipe closed: the kernel is gone
+                self._notify_died()  # the pipe closed: the kernel is gone
                 return
             *lines, buffer = (buffer + chunk).split(b"\n")
             for line in lines:
                 message = json.loads(line)
                 if message.get("type") == "ready":
                     self._ready.set()
-                channel = self._waiters.get(message.get("id"))
-                if channel is not None:
-                    channel.send_nowait(message)
+                self._deliver(message.get("id"), message)
 
     async def _send(self, request: dict[str, object]) -> None:
         assert self._stdin is not None
@@ -118,8 +106,7 @@ class NodeKernel(Kernel):
     async def execute(self, code: str, env_vars: dict[str, str], emit: Emit) -> None:
         self._next_id += 1
         request_id = self._next_id
-        send_channel, receive_channel = trio.open_memory_channel[Reply](math.inf)
-        self._waiters[request_id] = send_channel
+        receive_channel = self._wait_for(request_id)
         try:
             await self._send({"type": "execute", "id": request_id, "code": code, "env": env_vars})
             await self._relay(receive_channel, emit)
@@ -129,9 +116,9 @@ class NodeKernel(Kernel):
             self.stop()
             raise
         finally:
-            del self._waiters[request_id]
+            self._stop_waiting(request_id)
 
-    async def _relay(self, receive_channel: trio.MemoryReceiveChannel[Reply], emit: Emit) -> None:
+    async def _relay(self, receive_channel: trio.MemoryReceiveChannel[Reply | None], emit: Emit) -> None:
         """Turn the kernel's replies for one execution into /execute events, up to its `done`."""
         while True:
             message = await receive_channel.receive()

@@ -7,8 +7,8 @@ selected through MPLBACKEND, so figures arrive as PNG; pandas frames bring text/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import math
 import os
 import shutil
 import signal
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from appliance.guest import kernel_charts
 from appliance.guest.http import ClientGone
 from appliance.guest.kernel import (
     KERNEL_START_TIMEOUT_S,
@@ -27,11 +28,11 @@ from appliance.guest.kernel import (
     KernelSpec,
     KernelStartError,
     died_event,
-    kill_process_group,
     output_event,
     spawn_kernel_process,
     start_failure,
 )
+from appliance.guest.kernel_charts import CHART_MIME, KERNEL_MODULE_NAME
 
 # How long to wait for the iopub status echo of a kernel_info request before asking again:
 # a SUB socket only receives once its subscription reached the kernel.
@@ -49,6 +50,7 @@ MIME_FIELDS = {
     "text/latex": "latex",
     "application/json": "json",
     "application/javascript": "javascript",
+    CHART_MIME: "chart",
 }
 if TYPE_CHECKING:
     from appliance.guest.jupyter import Session, TrioSocket
@@ -73,7 +75,16 @@ RESTORE_DEBUGPY = (
     "del _cube_sys\n"
 )
 
-Routed = tuple[str, dict[str, object] | None]  # (socket name, message); ("died", None) when the kernel exits
+
+@functools.cache
+def chart_setup_code() -> str:
+    """Registers the figure → chart formatter in a kernel (kernel_charts.py, run from its source)."""
+    with open(kernel_charts.__file__) as f:
+        source = f.read()
+    return f"exec(compile({source!r}, 'cube-charts', 'exec'), {{'__name__': {KERNEL_MODULE_NAME!r}}})\n"
+
+
+Routed = tuple[str, dict[str, object]]  # (socket name, message)
 
 
 def result_event(data: dict[str, object], is_main_result: bool) -> dict[str, object]:
@@ -108,12 +119,11 @@ ENV_RESTORE_CODE = (
 )
 
 
-class PythonKernel(Kernel):
+class PythonKernel(Kernel[Routed]):
     language = "python"
 
     def __init__(self, spec: KernelSpec) -> None:
         super().__init__(spec)
-        self._waiters: dict[str, trio.MemorySendChannel[Routed]] = {}
         self._pending_env: dict[str, str] = {}
         self._process: trio.Process | None = None
         self._session: Session | None = None
@@ -180,7 +190,7 @@ class PythonKernel(Kernel):
                     with trio.fail_after(KERNEL_START_TIMEOUT_S):
                         await self._handshake()
                     self.alive = self._started = True
-                    self._send_silently(RESTORE_DEBUGPY)
+                    self._send_silently(RESTORE_DEBUGPY + chart_setup_code())
                     if self._pending_env:
                         self.update_env(dict(self._pending_env))  # a copy: update_env clears it
                     task_status.started()
@@ -190,12 +200,7 @@ class PythonKernel(Kernel):
                 raise
             raise failure from None
         finally:
-            self.alive = False
-            self._notify_died()
-            if self._process is not None:
-                kill_process_group(self._process)
-                with trio.CancelScope(shield=True):
-                    await self._process.wait()
+            await self._reap(self._process)
             for socket in sockets:
                 socket.close()
             shutil.rmtree(directory, ignore_errors=True)
@@ -207,27 +212,21 @@ class PythonKernel(Kernel):
         if self._started:
             scope.cancel()  # before that, the handshake sees the death and raises KernelStartError
 
-    def _notify_died(self) -> None:
-        for channel in self._waiters.values():
-            channel.send_nowait(("died", None))
-
     async def _route(self, socket: TrioSocket, name: str, session: Session) -> None:
         while True:
             message = session.parse(await socket.receive())
             if message is None:
                 continue
             parent = message["parent_header"]
-            channel = self._waiters.get(parent.get("msg_id")) if isinstance(parent, dict) else None
-            if channel is not None:
-                channel.send_nowait((name, message))
+            if isinstance(parent, dict):
+                self._deliver(parent.get("msg_id"), (name, message))
 
     def _request(
         self, msg_type: str, content: dict[str, object]
-    ) -> tuple[str, trio.MemoryReceiveChannel[Routed]]:
+    ) -> tuple[str, trio.MemoryReceiveChannel[Routed | None]]:
         assert self._session is not None and self._shell is not None
         msg_id, frames = self._session.build(msg_type, content)
-        send_channel, receive_channel = trio.open_memory_channel[Routed](math.inf)
-        self._waiters[msg_id] = send_channel
+        receive_channel = self._wait_for(msg_id)
         self._shell.send(frames)
         return msg_id, receive_channel
 
@@ -238,21 +237,24 @@ class PythonKernel(Kernel):
             try:
                 got_reply = got_iopub = False
                 while not got_reply:
-                    name, _message = await replies.receive()
-                    if name == "died":
+                    routed = await replies.receive()
+                    if routed is None:
                         raise KernelStartError("the Python kernel exited while starting")
+                    name = routed[0]
                     got_reply = got_reply or name == "shell"
                     got_iopub = got_iopub or name == "iopub"
                 with trio.move_on_after(IOPUB_HANDSHAKE_S):
                     while not got_iopub:
-                        name, _message = await replies.receive()
-                        got_iopub = name == "iopub"
+                        routed = await replies.receive()
+                        got_iopub = routed is not None and routed[0] == "iopub"
                 if got_iopub:
                     return
             finally:
-                del self._waiters[msg_id]
+                self._stop_waiting(msg_id)
 
-    def _execute_request(self, code: str, silent: bool) -> tuple[str, trio.MemoryReceiveChannel[Routed]]:
+    def _execute_request(
+        self, code: str, silent: bool
+    ) -> tuple[str, trio.MemoryReceiveChannel[Routed | None]]:
         content = {
             "code": code,
             "silent": silent,
@@ -268,7 +270,7 @@ class PythonKernel(Kernel):
     def _send_silently(self, code: str) -> None:
         """Shell requests run in order, so nobody needs to wait for a silent one's reply."""
         msg_id, _replies = self._execute_request(code, silent=True)
-        del self._waiters[msg_id]
+        self._stop_waiting(msg_id)
 
     def update_env(self, env_vars: dict[str, str]) -> None:
         if not self.alive:
@@ -292,24 +294,25 @@ class PythonKernel(Kernel):
                     await self._wait_for_reply(replies)
             raise
         finally:
-            del self._waiters[msg_id]
+            self._stop_waiting(msg_id)
             if env_vars and self.alive:
                 self._send_silently(ENV_RESTORE_CODE)
 
     @staticmethod
-    async def _wait_for_reply(replies: trio.MemoryReceiveChannel[Routed]) -> None:
+    async def _wait_for_reply(replies: trio.MemoryReceiveChannel[Routed | None]) -> None:
         while True:
-            name, message = await replies.receive()
-            if message is None or name == "shell":
+            routed = await replies.receive()
+            if routed is None or routed[0] == "shell":
                 return
 
-    async def _collect(self, replies: trio.MemoryReceiveChannel[Routed], emit: Emit) -> None:
+    async def _collect(self, replies: trio.MemoryReceiveChannel[Routed | None], emit: Emit) -> None:
         idle = replied = False
         while not (idle and replied):
-            name, message = await replies.receive()
-            if message is None:
+            routed = await replies.receive()
+            if routed is None:
                 await emit(died_event(self.language))
                 return
+            name, message = routed
             msg_type = message["header"]["msg_type"]  # type: ignore[index]
             content: dict[str, object] = message["content"]  # type: ignore[assignment]
             if name == "shell":

@@ -8,14 +8,8 @@ the slow part); tests that change its global state (/init) restore it.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
 import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from appliance.guest import INTERPRETER_READY_LINE, READY_LINE
+from appliance.guest.launcher import running_agent
+
 ENVD_URL = "http://127.0.0.1:49983"
 INTERPRETER_URL = "http://127.0.0.1:49999"
-READY_TIMEOUT_S = 60
-# The interpreter that runs the agent (and its kernels): the test venv's by default; point it at
-# the guest's python3, with CUBE_GUEST_PYTHONPATH naming where Debian's packages are, to test
-# against bookworm's versions (trio 0.22, h11 0.14, ipykernel 6.17).
-GUEST_PYTHON = os.environ.get("CUBE_GUEST_PYTHON", sys.executable)
-GUEST_PYTHONPATH = os.environ.get("CUBE_GUEST_PYTHONPATH")
 
 
 @dataclass
@@ -47,27 +37,6 @@ class Agent:
         return httpx.post(f"{ENVD_URL}/init", json=body, headers=headers, timeout=10)
 
 
-def wait_for_line(process: subprocess.Popen[str], wanted: str, timeout: float = READY_TIMEOUT_S) -> list[str]:
-    """Read the agent's stdout until the line `wanted`; the lines read, `wanted` last."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    lines: list[str] = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the agent exited early with code {process.wait()}")
-        lines.append(line.strip())
-        if line.strip() == wanted:
-            return lines
-    raise RuntimeError(f"the agent did not print {wanted} in time")
-
-
-def _wait_ready(process: subprocess.Popen[str]) -> None:
-    # envd first, then the default kernel: the session's tests expect both.
-    wait_for_line(process, "CUBE-AGENT-READY")
-    wait_for_line(process, "CUBE-INTERPRETER-READY")
-
-
 def _require_free_ports() -> None:
     for port in (49983, 49999):
         with socket.socket() as probe:
@@ -81,39 +50,13 @@ def _require_free_ports() -> None:
 @pytest.fixture(scope="session")
 def agent() -> Iterator[Agent]:
     _require_free_ports()
-    home = Path(tempfile.mkdtemp(prefix="cube-guest-test-"))
-    home.chmod(0o711)  # as /tmp is in the guest: kernels started as another user reach their dirs
-    python_path = os.pathsep.join(filter(None, [str(REPO), GUEST_PYTHONPATH]))
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": python_path, "TMPDIR": str(home)}
-    env.pop("E2B_DEBUG", None)
-    process = subprocess.Popen(
-        [GUEST_PYTHON, "-m", "appliance.guest", "--host", "127.0.0.1"],
-        cwd=home,
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _wait_ready(process)
-        scratch = home / "scratch"
+    with running_agent() as started:
+        # envd first, then the default kernel: the session's tests expect both.
+        started.wait_for_line(READY_LINE)
+        started.wait_for_line(INTERPRETER_READY_LINE)
+        scratch = started.home / "scratch"
         scratch.mkdir()
-        yield Agent(process, home, scratch)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        # Anything the agent started lives in its own session; make sure none of it survives.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if process.stdout is not None:
-            process.stdout.close()
-        shutil.rmtree(home, ignore_errors=True)
+        yield Agent(started.process, started.home, scratch)
 
 
 @pytest.fixture

@@ -8,22 +8,9 @@ import struct
 
 import h11
 import trio
+from connect_wire import envelope, parse_envelopes
 
 HOST, ENVD_PORT, INTERPRETER_PORT = "127.0.0.1", 49983, 49999
-
-
-def envelope(message: dict[str, object], flags: int = 0) -> bytes:
-    payload = json.dumps(message).encode()
-    return struct.pack(">BI", flags, len(payload)) + payload
-
-
-def parse_envelopes(body: bytes) -> list[tuple[int, dict[str, object]]]:
-    messages = []
-    while body:
-        flags, length = struct.unpack_from(">BI", body)
-        messages.append((flags, json.loads(body[5 : 5 + length])))
-        body = body[5 + length :]
-    return messages
 
 
 async def exchange(
@@ -157,4 +144,5 @@ async def test_execute_accepts_a_chunked_body(agent) -> None:
         "/execute", [("Content-Type", "application/json")], [body[:5], body[5:]], port=INTERPRETER_PORT
     )
     events = [json.loads(line) for line in stream.decode().splitlines()]
-    assert response.status_code == 200 and events[0]["text"] == "chunked\n"
+    stdout = "".join(event["text"] for event in events if event["type"] == "stdout")
+    assert response.status_code == 200 and stdout == "chunked\n", events

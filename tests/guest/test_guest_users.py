@@ -6,10 +6,15 @@ so `nobody` stands in (the agent must be root to switch, as it is in the guest).
 
 from __future__ import annotations
 
+import base64
 import os
 import pwd
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
+from e2b import SandboxException
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
@@ -28,10 +33,128 @@ def test_command_runs_as_the_named_user(sandbox, nobody) -> None:
     assert result.stdout.splitlines() == ["nobody", nobody.pw_dir, "/"]
 
 
-def test_files_written_for_a_user_are_theirs(sandbox, agent, nobody) -> None:
-    path = agent.scratch / "owned/by-nobody.txt"
+def _basic(user: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode()}
+
+
+@pytest.fixture
+def root_only(agent) -> Path:
+    """A directory `nobody` may enter but not write, holding a file only root may read."""
+    directory = agent.scratch / "root-only"
+    directory.mkdir(exist_ok=True)
+    (directory / "secret").write_text("root's secret")
+    (directory / "secret").chmod(0o600)
+    private = directory / "private"
+    private.mkdir(exist_ok=True)
+    private.chmod(0o700)
+    return directory
+
+
+@pytest.fixture
+def nobody_home(agent, nobody) -> Path:
+    """A directory that belongs to `nobody`."""
+    directory = agent.scratch / "nobody-home"
+    directory.mkdir(exist_ok=True)
+    os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+    return directory
+
+
+def test_files_written_for_a_user_are_theirs(sandbox, nobody_home, nobody) -> None:
+    path = nobody_home / "owned/by-nobody.txt"
     sandbox.files.write(str(path), "mine", user="nobody")
     assert path.stat().st_uid == nobody.pw_uid and path.parent.stat().st_uid == nobody.pw_uid
+    assert path.stat().st_gid == nobody.pw_gid
+    sandbox.files.write_files([{"path": str(nobody_home / "multi/a.txt"), "data": "A"}], user="nobody")
+    assert (nobody_home / "multi/a.txt").stat().st_uid == nobody.pw_uid
+    entry = sandbox.files.make_dir(str(nobody_home / "made"), user="nobody")
+    assert entry and (nobody_home / "made").stat().st_uid == nobody.pw_uid
+    assert sandbox.files.get_info(str(nobody_home / "made"), user="nobody").owner == "nobody"
+
+
+def test_a_user_cannot_read_what_only_root_may_and_root_can(sandbox, agent, root_only) -> None:
+    secret = str(root_only / "secret")
+    with pytest.raises(SandboxException, match="403"):
+        sandbox.files.read(secret, user="nobody")
+    assert sandbox.files.read(secret, user="root") == "root's secret"
+    raw = httpx.get(f"{agent.envd_url}/files", params={"path": secret, "username": "nobody"})
+    assert raw.status_code == 403 and raw.json()["code"] == 403
+    assert "Permission denied" in raw.json()["message"]
+    as_root = httpx.get(f"{agent.envd_url}/files", params={"path": secret}, headers=_basic("root"))
+    assert as_root.status_code == 200 and as_root.text == "root's secret"
+
+
+def test_a_user_cannot_write_or_remove_where_only_root_may(sandbox, agent, root_only) -> None:
+    target = root_only / "planted.txt"
+    with pytest.raises(SandboxException, match="403"):
+        sandbox.files.write(str(target), "no", user="nobody")
+    raw = httpx.post(
+        f"{agent.envd_url}/files",
+        params={"path": str(root_only / "private/new/file.txt"), "username": "nobody"},
+        content=b"no",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert raw.status_code == 403
+    assert not target.exists() and not (root_only / "private/new").exists()
+    with pytest.raises(SandboxException, match="PERMISSION_DENIED"):
+        sandbox.files.remove(str(root_only / "secret"), user="nobody")
+    assert (root_only / "secret").exists()
+    with pytest.raises(SandboxException, match="PERMISSION_DENIED"):
+        sandbox.files.rename(str(root_only / "secret"), str(root_only / "stolen"), user="nobody")
+    with pytest.raises(SandboxException, match="PERMISSION_DENIED"):
+        sandbox.files.make_dir(str(root_only / "mine"), user="nobody")
+    sandbox.files.write(str(target), "yes", user="root")
+    assert target.read_text() == "yes" and target.stat().st_uid == 0
+
+
+def test_filesystem_rpcs_act_as_the_user(sandbox, agent, root_only) -> None:
+    private = str(root_only / "private")
+    with pytest.raises(SandboxException, match="PERMISSION_DENIED"):
+        sandbox.files.list(private, user="nobody")
+    assert sandbox.files.list(private, user="root") == []
+    # Connect's code for it, over raw HTTP: permission_denied with HTTP 403.
+    raw = httpx.post(
+        f"{agent.envd_url}/filesystem.Filesystem/ListDir",
+        json={"path": private, "depth": 1},
+        headers={"Connect-Protocol-Version": "1", **_basic("nobody")},
+    )
+    assert raw.status_code == 403 and raw.json()["code"] == "permission_denied"
+    with pytest.raises(SandboxException, match="PERMISSION_DENIED"):
+        sandbox.files.watch_dir(private, user="nobody")
+    # Stat of an entry below an unreadable directory fails too, rather than leaking it.
+    (root_only / "private/hidden").write_text("x")
+    raw = httpx.post(
+        f"{agent.envd_url}/filesystem.Filesystem/Stat",
+        json={"path": f"{private}/hidden"},
+        headers={"Connect-Protocol-Version": "1", **_basic("nobody")},
+    )
+    assert raw.status_code == 403 and raw.json()["code"] == "permission_denied"
+    assert sandbox.files.exists(f"{private}/hidden", user="root")
+
+
+def test_concurrent_users_do_not_leak_identity(sandbox, agent, root_only, nobody_home, nobody) -> None:
+    """Root's and nobody's calls interleaved on the agent's worker threads keep their own identity."""
+    secret = str(root_only / "secret")
+
+    def as_root(i: int) -> str:
+        return httpx.get(f"{agent.envd_url}/files", params={"path": secret, "username": "root"}).text
+
+    def as_nobody(i: int) -> int:
+        path = str(nobody_home / f"c{i}.txt")
+        written = httpx.post(
+            f"{agent.envd_url}/files",
+            params={"path": path, "username": "nobody"},
+            content=b"x",
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert written.status_code == 200
+        return httpx.get(f"{agent.envd_url}/files", params={"path": secret, "username": "nobody"}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        roots = [pool.submit(as_root, i) for i in range(20)]
+        nobodies = [pool.submit(as_nobody, i) for i in range(20)]
+        assert {f.result() for f in roots} == {"root's secret"}
+        assert {f.result() for f in nobodies} == {403}
+    assert {(nobody_home / f"c{i}.txt").stat().st_uid for i in range(20)} == {nobody.pw_uid}
 
 
 def test_kernels_run_as_the_default_user(sandbox, agent, nobody) -> None:

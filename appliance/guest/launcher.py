@@ -1,0 +1,101 @@
+"""Host side: the guest agent as a plain process on this host, for tests and `cube bench agent`.
+
+Not used inside the guest (where init starts the agent); stdlib only, like the rest of
+the package. The one way the host starts and stops an agent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+# The directory holding the `appliance` package: the agent's PYTHONPATH.
+IMPORT_ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 60
+# The interpreter that runs the agent (and its kernels): the test venv's by default; point it at
+# the guest's python3, with CUBE_GUEST_PYTHONPATH naming where Debian's packages are, to test
+# against bookworm's versions (trio 0.22, h11 0.14, ipykernel 6.17).
+GUEST_PYTHON = os.environ.get("CUBE_GUEST_PYTHON", sys.executable)
+GUEST_PYTHONPATH = os.environ.get("CUBE_GUEST_PYTHONPATH")
+
+
+@dataclass
+class AgentProcess:
+    process: subprocess.Popen[str]
+    home: Path  # the agent's HOME, cwd and TMPDIR; removed when the agent stops
+    stderr_path: Path
+    started_at: float  # time.perf_counter() just before the process was started
+
+    def wait_for_line(self, wanted: str, timeout: float = READY_TIMEOUT_S) -> list[str]:
+        """Read the agent's stdout until the line `wanted`; the lines read, `wanted` last."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        lines: list[str] = []
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the agent exited early with code {self.process.wait()}: {self.stderr()}")
+            lines.append(line.strip())
+            if line.strip() == wanted:
+                return lines
+        raise RuntimeError(f"the agent did not print {wanted} in time")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_agent(
+    *agent_args: str,
+    python_args: tuple[str, ...] = ("-m", "appliance.guest"),
+    env: dict[str, str] | None = None,
+    echo_stderr: bool = True,
+) -> Iterator[AgentProcess]:
+    """The agent on 127.0.0.1 (other options in `agent_args`), in a private home; stopped with
+    SIGTERM on exit, and everything it started (its own session) killed. Its stderr goes to a
+    file, copied to ours at the end with `echo_stderr`."""
+    home = Path(tempfile.mkdtemp(prefix="cube-agent-home-"))
+    home.chmod(0o711)  # as /tmp is in the guest: kernels started as another user reach their dirs
+    python_path = os.pathsep.join(filter(None, [str(IMPORT_ROOT), GUEST_PYTHONPATH]))
+    full_env = {
+        **os.environ,
+        "HOME": str(home),
+        "PYTHONPATH": python_path,
+        "TMPDIR": str(home),
+        **(env or {}),
+    }
+    full_env.pop("E2B_DEBUG", None)
+    stderr_path = home / "agent.stderr"
+    with stderr_path.open("w") as stderr:
+        started_at = time.perf_counter()
+        process = subprocess.Popen(
+            [GUEST_PYTHON, *python_args, "--host", "127.0.0.1", *agent_args],
+            cwd=home, env=full_env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield AgentProcess(process, home, stderr_path, started_at)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if process.stdout is not None:
+            process.stdout.close()
+        if echo_stderr:
+            sys.stderr.write(stderr_path.read_text(errors="replace"))  # pytest shows it on failure
+        shutil.rmtree(home, ignore_errors=True)
