@@ -13,6 +13,7 @@ import trio
 from quart import Blueprint, Response, g, request
 from quart_trio import QuartTrio
 
+from appliance import __version__
 from appliance.api import validation as v
 from appliance.api.auth import Authenticator, Principal
 from appliance.api.errors import ApiError, error_response, install_error_handlers
@@ -134,6 +135,7 @@ def template_body(manifest: TemplateManifest, cubelet: Cubelet) -> dict[str, obj
         "envdVersion": ENVD_VERSION,
         "runningSandboxes": cubelet.live_count(manifest.template_id),
         "warmInstances": cubelet.pooled_count(manifest.template_id),
+        "warmPool": cubelet.pool_state(manifest.template_id, manifest),  # target / ready / booting
     }
 
 
@@ -191,7 +193,9 @@ def build_app(services: Services, blueprints: Iterable[Blueprint] = ()) -> Quart
 
     @app.get("/health")
     async def health() -> Response:
-        return json_response({"status": "ok", "uptimeSeconds": int(time.time() - services.started_at)})
+        return json_response(
+            {"status": "ok", "version": __version__, "uptimeSeconds": int(time.time() - services.started_at)}
+        )
 
     # Create.
 

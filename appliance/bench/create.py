@@ -2,10 +2,11 @@
 
 Two measurements:
 - through the API (default): `POST /v2/sandboxes` → 201 latency p50/p95/p99 at
-  each concurrency, each sandbox deleted after its create (outside the timing).
-  Before each round the bench waits `--settle` seconds so warm pools refill:
-  with a pool that is the warm path; with `--settle 0` and rounds larger than
-  the pool, the tail of each round boots cold.
+  each concurrency. A round runs in batches as big as the template's warm pool
+  (at least the concurrency); before each batch the bench waits until the pool
+  the service reports (`warmPool` of `GET /templates/{id}`) is full, and deletes
+  the batch's sandboxes after it (outside the timing). So a round measures the
+  warm path; a concurrency above the pool's target boots the excess cold.
 - `--direct` (root, on the node): boots guests with the uml runtime itself,
   bypassing the service: cold boot → agent-ready (envd answers) and →
   interpreter-ready (default Python kernel up) times, and idle memory per
@@ -28,19 +29,24 @@ import httpx
 import trio
 
 from appliance.api.client import ApiClient
+from appliance.bench.live import pool_state_of, target
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
 BENCH_HOST_NETWORK = "10.232.0.0/22"
 BENCH_UID_OFFSET = 50_000  # above the service's slots
 FULLY_READY_TIMEOUT_S = 120.0
-IDLE_SETTLE_S = 5.0  # let guests finish their start-up before reading MemAvailable
+IDLE_SETTLE_S = 5.0
+POOL_POLL_S = 0.5  # let guests finish their start-up before reading MemAvailable
 
 
-async def _create_round(
+async def _create_batch(
     client: httpx.AsyncClient, template: str, concurrency: int, count: int
 ) -> tuple[list[float], int]:
+    """`count` creates by `concurrency` workers; the sandboxes are deleted after the batch,
+    so no teardown competes with the creates being timed."""
     latencies: list[float] = []
+    created: list[str] = []
     errors = 0
     remaining = count
 
@@ -58,27 +64,63 @@ async def _create_round(
                 errors += 1
                 continue
             latencies.append(time.perf_counter() - started)
-            await client.delete(f"/sandboxes/{response.json()['sandboxID']}")
+            created.append(response.json()["sandboxID"])
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(worker)
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+    finally:
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for sandbox_id in created:
+                    nursery.start_soon(client.delete, f"/sandboxes/{sandbox_id}")
     return latencies, errors
 
 
+async def pool_state(client: httpx.AsyncClient, template: str) -> dict[str, int]:
+    """The template's warm pool as the service reports it: target, ready, booting."""
+    response = await client.get(f"/templates/{template}")
+    return pool_state_of(response.raise_for_status().json())
+
+
+async def wait_for_full_pool(client: httpx.AsyncClient, template: str, timeout_s: float) -> dict[str, int]:
+    """Poll until the pool holds its target (or `timeout_s` passed); the last state read."""
+    state = await pool_state(client, template)
+    with trio.move_on_after(timeout_s):
+        while state["ready"] < state["target"]:
+            await trio.sleep(POOL_POLL_S)
+            state = await pool_state(client, template)
+    return state
+
+
 async def run_api_create_bench(
-    api: ApiClient, template: str, concurrencies: tuple[int, ...], per_round: int, settle_s: float
+    api: ApiClient, template: str, concurrencies: tuple[int, ...], per_round: int, pool_wait_s: float
 ) -> Report:
+    """Each round: `per_round` creates (at least the concurrency) in batches as big as the pool
+    (at least the concurrency), each batch started on a full pool (waiting up to `pool_wait_s`):
+    a round measures the warm path unless its concurrency exceeds the pool, whose excess boots cold."""
     report = Report("create")
     limits = httpx.Limits(max_connections=max(concurrencies) * 2)
+    short_pools: list[str] = []
+    target = 0
     async with httpx.AsyncClient(
-        base_url=api.base_url, headers=api.headers, limits=limits, timeout=120, trust_env=False
+        base_url=api.base_url, headers=api.headers, limits=limits, timeout=180, trust_env=False
     ) as client:
         for concurrency in concurrencies:
-            await trio.sleep(settle_s)
-            latencies, errors = await _create_round(
-                client, template, concurrency, max(per_round, concurrency)
-            )
+            latencies: list[float] = []
+            errors = 0
+            remaining = max(per_round, concurrency)
+            while remaining > 0:
+                state = await wait_for_full_pool(client, template, pool_wait_s)
+                target = state["target"]
+                if state["ready"] < target:
+                    short_pools.append(f"c={concurrency}: {state['ready']}/{target} ready")
+                batch = min(remaining, max(concurrency, target))
+                got, failed = await _create_batch(client, template, concurrency, batch)
+                latencies += got
+                errors += failed
+                remaining -= batch
             report.samples[f"create c={concurrency}"] = latencies
             report.add(
                 path="api",
@@ -86,7 +128,12 @@ async def run_api_create_bench(
                 errors=errors,
                 **{k: v for k, v in percentiles(latencies).items() if k != "mean_ms"},
             )
-    report.notes.append(f"each round waited {settle_s:.0f} s first so warm pools refill")
+    report.notes.append(
+        f"batches of max(concurrency, pool target {target}), each on a full pool; "
+        "a concurrency above the pool target boots the excess cold"
+    )
+    if short_pools:
+        report.notes.append(f"pool not full after {pool_wait_s:.0f} s: " + "; ".join(short_pools))
     return report
 
 
@@ -187,7 +234,9 @@ async def run_direct_bench(
 @click.option(
     "--count", default=50, show_default=True, help="Creates per API round (at least the concurrency)."
 )
-@click.option("--settle", default=10.0, show_default=True, help="Seconds before each round (pool refill).")
+@click.option(
+    "--pool-wait", default=300.0, show_default=True, help="Longest wait for a full pool before a batch (s)."
+)
 @click.option("--template", default=None, help="Template (default: the config's default_template).")
 @click.option("--direct", is_flag=True, help="Boot with the uml runtime in-process instead (root).")
 @click.option("--boots", default=10, show_default=True, help="--direct: sequential cold boots to time.")
@@ -199,7 +248,7 @@ def create_bench(
     config: Config,
     concurrencies: tuple[int, ...],
     count: int,
-    settle: float,
+    pool_wait: float,
     template: str | None,
     direct: bool,
     boots: int,
@@ -212,8 +261,8 @@ def create_bench(
     if direct:
         report = trio.run(run_direct_bench, config, template, boots, held)
     else:
-        api = ApiClient.from_config(config, api_key)
-        report = trio.run(run_api_create_bench, api, template, concurrencies, count, settle)
+        api = target(config, api_key)
+        report = trio.run(run_api_create_bench, api, template, concurrencies, count, pool_wait)
     report.print_table()
     if json_dir is not None:
         click.echo(f"wrote {report.write_json(json_dir)}")

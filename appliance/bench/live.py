@@ -22,6 +22,7 @@ import httpx
 from appliance.api.client import ApiClient
 from appliance.config import Config
 
+POOL_QUIET_S = 6.0  # longer than the service's pool keeper's retry period (5 s)
 SANDBOX_TIMEOUT_S = 300  # E2B timeout of every bench sandbox: a crashed bench leaves nothing for long
 _SDK_VARIABLES = ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN", "E2B_DEBUG")
 
@@ -81,6 +82,25 @@ def kill_all(client: httpx.Client, sandbox_ids: list[str], parallel: int = 4) ->
         failed = sum(not ok for ok in pool.map(kill, list(sandbox_ids)))
     sandbox_ids.clear()
     return failed
+
+
+def pool_state_of(template_body: dict[str, Any]) -> dict[str, int]:
+    """A template's warm pool from its `GET /templates/{id}` body: target, ready, booting."""
+    state = template_body.get("warmPool") or {}
+    return {key: int(state.get(key, 0)) for key in ("target", "ready", "booting")}
+
+
+def wait_pool_idle(client: httpx.Client, template: str, limit_s: float = 600.0) -> dict[str, int]:
+    """Until the template's pool is full, or nothing boots for it twice in a row `POOL_QUIET_S`
+    apart (a pool the memory budget keeps short); the state then."""
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    while True:
+        state = pool_state_of(client.get(f"/templates/{template}").raise_for_status().json())
+        quiet = quiet + 1 if state["booting"] == 0 else 0
+        if state["ready"] >= state["target"] or quiet >= 2 or time.monotonic() > deadline:
+            return state
+        time.sleep(POOL_QUIET_S if state["booting"] == 0 else 1.0)
 
 
 def wait_memory_settled(

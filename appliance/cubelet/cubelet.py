@@ -17,6 +17,7 @@ vars, access token and clock to the guest agent's `/init`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import logging
@@ -28,6 +29,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import httpx
@@ -35,7 +37,7 @@ import trio
 
 from appliance.config import Config
 from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxRecord, Store
-from appliance.runtime.base import ENVD_PORT, BootSpec, GuestExited, Instance, Runtime
+from appliance.runtime.base import ENVD_PORT, BootSpec, BootStalled, GuestExited, Instance, Runtime
 from appliance.templates.manifest import TemplateManifest
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,11 @@ HEALTH_TIMEOUT_S = 2.0
 HEALTH_FAILURES_BEFORE_KILL = 3
 INIT_TIMEOUT_S = 10.0
 POOL_RETRY_DELAY_S = 5.0
-FULLY_READY_TIMEOUT_S = 60.0  # a pooled guest whose default kernel is not up by then is killed
-AUTO_POOL_CAP = 4  # pool_size = -1 sizes pools to memory, but never above this per template
+# A pooled guest whose default kernel is not up by then is killed (refills boot at a low CPU weight).
+FULLY_READY_TIMEOUT_S = 180.0
+# pool_size = -1 sizes each pool to the memory budget, but never above this: a pool deeper than
+# a burst of creates costs idle memory and boots the host's cores for nothing.
+AUTO_POOL_CAP = 16
 
 
 class SandboxNotFound(Exception):
@@ -112,6 +117,9 @@ class LiveSandbox:
     deadline_scope: trio.CancelScope | None = None
     end_reason: str = "killed"
     health_failures: int = 0
+    # Set when the sandbox ended for its users (killed, timed out, exited): it is no longer
+    # listed, found or claimed, but its slot, uid, network and memory stay taken until `gone`.
+    ended: bool = False
     gone: trio.Event = field(default_factory=trio.Event)
 
     def envd_headers(self) -> dict[str, str]:
@@ -139,6 +147,11 @@ def _innermost(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+def _default_policy(template: TemplateManifest) -> dict[str, object]:
+    """A pooled guest's network policy until it is claimed (the claim applies the request's)."""
+    return {"allow_internet_access": True, "network": dict(template.network_defaults)}
 
 
 def memory_budget_mb(config: Config) -> int:
@@ -173,7 +186,13 @@ class Cubelet:
         self._slot_count = ipaddress.ip_network(config.host_network).num_addresses // 4 - 1
         self._pool_wakeup = trio.Event()
         # Boots are CPU-bound (a kernel starting): more at once than cores only makes each slower.
+        # Creates that wait for a cold boot and pool refills each get that many.
         self._boot_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+        self._refill_concurrency = max(1, os.cpu_count() or 1)
+        self._refills: dict[str, int] = {}  # template → pooled guests booting
+        self._cold_boots = 0  # boots someone waits for, booting or waiting for the limiter
+        self._claims = 0  # warm creates initialising their guest right now
+        self._refill_retry_at: dict[str, float] = {}  # template → trio time after a failed refill
         self._nursery: trio.Nursery | None = None
         self._guest_http = httpx.AsyncClient(timeout=httpx.Timeout(INIT_TIMEOUT_S), trust_env=False)
         self.memory_budget_mb = memory_budget_mb(config)
@@ -197,8 +216,7 @@ class Cubelet:
         """Kill every guest (recording `reason`) and wait until they are gone."""
         lives = list(self._live.values())
         for live in lives:
-            live.end_reason = reason
-            live.lifetime.cancel()
+            self._terminate(live, reason)
         for live in lives:
             await live.gone.wait()
 
@@ -206,14 +224,25 @@ class Cubelet:
 
     def live(self, sandbox_id: str) -> LiveSandbox | None:
         live = self._live.get(sandbox_id)
-        return live if live is not None and live.state != POOLED else None
+        return live if live is not None and live.state != POOLED and not live.ended else None
 
     def pooled_count(self, template_id: str) -> int:
         return len(self._pools.get(template_id, ()))
 
+    def pool_state(self, template_id: str, template: TemplateManifest | None = None) -> dict[str, int]:
+        """The warm pool of a template: its target size, guests ready to claim, refills booting."""
+        template = template or self._templates().get(template_id)
+        return {
+            "target": self.pool_target(template) if template is not None else 0,
+            "ready": self.pooled_count(template_id),
+            "booting": self._refills.get(template_id, 0),
+        }
+
     def live_count(self, template_id: str) -> int:
         return sum(
-            1 for live in self._live.values() if live.template.template_id == template_id and live.record
+            1
+            for live in self._live.values()
+            if live.template.template_id == template_id and live.record and not live.ended
         )
 
     def memory_committed_mb(self) -> int:
@@ -231,11 +260,15 @@ class Cubelet:
         template = request.template
         live = self._claim_pooled(template.template_id)
         if live is not None:
+            self._claims += 1
             try:
                 await self._activate_or_discard(live, request, source="warm pool")
                 return self._record_of(live)
             except SandboxStartFailed as exc:
                 log.warning("warm instance %s failed to initialise (%s); booting cold", live.sandbox_id, exc)
+            finally:
+                self._claims -= 1
+                self._pool_wakeup.set()  # top the pool up
         live = await self._boot(template, request.network_policy())
         await self._activate_or_discard(live, request, source="cold boot")
         return self._record_of(live)
@@ -245,8 +278,7 @@ class Cubelet:
         try:
             await self._activate(live, request, source=source)
         except BaseException:
-            live.end_reason = f"initialisation after {source} failed"
-            live.lifetime.cancel()
+            self._terminate(live, f"initialisation after {source} failed")
             raise
 
     @asynccontextmanager
@@ -260,18 +292,21 @@ class Cubelet:
             assert live.instance is not None
             yield live.instance
         finally:
-            live.end_reason = "temporary guest released"
-            live.lifetime.cancel()
+            self._terminate(live, "temporary guest released")
             with trio.CancelScope(shield=True):
                 await live.gone.wait()
 
     async def kill(self, sandbox_id: str, reason: str = "killed") -> bool:
+        """End a sandbox now; False if there is no such sandbox.
+
+        It vanishes at once (not listed, not found, recorded dead); its teardown runs on
+        in the cubelet's nursery and holds its slot, uid, network and memory until done
+        (`LiveSandbox.gone`).
+        """
         live = self.live(sandbox_id)
         if live is None:
             return False
-        live.end_reason = reason
-        live.lifetime.cancel()
-        await live.gone.wait()
+        self._terminate(live, reason)
         return True
 
     def set_timeout(self, sandbox_id: str, timeout_s: int) -> SandboxRecord:
@@ -357,7 +392,8 @@ class Cubelet:
 
     def network_counters(self, sandbox_id: str) -> dict[str, int]:
         """The sandbox's egress policy counters from CubeVS ({} without it, or once the sandbox is gone)."""
-        if self.network is None or sandbox_id not in self._live:
+        live = self._live.get(sandbox_id)
+        if self.network is None or live is None or live.ended:
             return {}
         return self.network.counters(sandbox_id)
 
@@ -385,31 +421,95 @@ class Cubelet:
         return slot
 
     async def _boot(self, template: TemplateManifest, network_policy: dict[str, object]) -> LiveSandbox:
+        """A cold boot for a caller who waits for it (create, template builds); returns once the
+        guest agent answers. The boot keeps its place under `_boot_limiter` (and pool refills keep
+        waiting) until the guest's default kernel has started too: that start is as CPU-bound as
+        the boot, and boots queued behind it would otherwise run out their timeout on a busy host."""
         assert self._nursery is not None, "cubelet is not running"
-        async with self._boot_limiter:
-            sandbox_id = secrets.token_hex(10)
-            slot = self._allocate_slot()
-            spec = BootSpec(
-                sandbox_id=sandbox_id,
-                template=template,
-                slot=slot,
-                sandbox_dir=self.config.sandboxes_dir / sandbox_id,
-                memory_mb=template.memory_mb,
-                cpu_count=template.cpu_count,
-                network_policy=network_policy,
-            )
-            live = LiveSandbox(sandbox_id=sandbox_id, template=template, slot=slot, spec=spec)
-            self._live[sandbox_id] = live
+        self._cold_boots += 1  # waiting ones too: pool refills wait for them
+        booting = object()  # the limiter's borrower, handed from this task to `_finish_cold_boot`
+        handed_over = False
+        try:
+            await self._boot_limiter.acquire_on_behalf_of(booting)
             try:
-                # From here on `_sandbox_task` owns `live` and forgets it however it ends.
-                await self._nursery.start(self._sandbox_task, live)
-            except Exception as exc:  # BootFailed, GuestExited or anything the runtime raised while booting
-                cause = _innermost(exc)
-                log.warning("boot of %s failed: %r", sandbox_id, cause)
-                if isinstance(cause, GuestExited):
-                    raise SandboxStartFailed(f"guest exited while booting: {cause.reason}") from exc
-                raise SandboxStartFailed(str(cause)) from exc
+                try:
+                    live = self._new_live(template, network_policy)
+                    await self._start_guest(live)
+                except SandboxStartFailed as exc:
+                    if not isinstance(_innermost(exc.__cause__ or exc), BootStalled):
+                        raise
+                    log.warning("retrying the stalled boot of %s once", live.sandbox_id)
+                    live = self._new_live(template, network_policy)
+                    await self._start_guest(live)
+                self._nursery.start_soon(self._finish_cold_boot, live, booting)
+                handed_over = True
+            finally:
+                if not handed_over:
+                    self._boot_limiter.release_on_behalf_of(booting)
+        finally:
+            if not handed_over:
+                self._end_cold_boot()
         return live
+
+    async def _finish_cold_boot(self, live: LiveSandbox, booting: object) -> None:
+        try:
+            await self._until_fully_ready_or_gone(live)
+        finally:
+            self._boot_limiter.release_on_behalf_of(booting)
+            self._end_cold_boot()
+
+    def _end_cold_boot(self) -> None:
+        self._cold_boots -= 1
+        self._pool_wakeup.set()
+
+    def _new_live(
+        self,
+        template: TemplateManifest,
+        network_policy: dict[str, object],
+        *,
+        background: bool = False,
+        sandbox_id: str | None = None,
+        disk: Path | None = None,
+    ) -> LiveSandbox:
+        """A guest about to boot: it holds its slot and counts against the memory budget from now.
+        `sandbox_id` and `disk` continue a sandbox carried over a restart (see `restore`)."""
+        sandbox_id = sandbox_id or secrets.token_hex(10)
+        slot = self._allocate_slot()
+        spec = BootSpec(
+            sandbox_id=sandbox_id,
+            template=template,
+            slot=slot,
+            sandbox_dir=self.config.sandboxes_dir / sandbox_id,
+            memory_mb=template.memory_mb,
+            cpu_count=template.cpu_count,
+            network_policy=network_policy,
+            background=background,
+            disk=disk,
+        )
+        live = LiveSandbox(sandbox_id=sandbox_id, template=template, slot=slot, spec=spec)
+        self._live[sandbox_id] = live
+        return live
+
+    async def _start_guest(self, live: LiveSandbox) -> None:
+        """Boot `live`'s guest in the cubelet's nursery; returns once its agent answers."""
+        assert self._nursery is not None, "cubelet is not running"
+        try:
+            # From here on `_sandbox_task` owns `live` and forgets it however it ends.
+            await self._nursery.start(self._sandbox_task, live)
+        except BaseException as exc:
+            if not live.gone.is_set():
+                self._forget(live)  # cancelled before `_sandbox_task` ran
+            if not isinstance(exc, Exception):
+                raise
+            # BootFailed, GuestExited or anything the runtime raised while booting
+            cause = _innermost(exc)
+            tail = getattr(cause, "console_tail", "")[-800:]
+            log.warning(
+                "boot of %s failed: %r%s", live.sandbox_id, cause, f"; console tail:\n{tail}" if tail else ""
+            )
+            if isinstance(cause, GuestExited):
+                raise SandboxStartFailed(f"guest exited while booting: {cause.reason}") from exc
+            raise SandboxStartFailed(str(cause)) from exc
 
     async def _sandbox_task(self, live: LiveSandbox, *, task_status: trio.TaskStatus[LiveSandbox]) -> None:
         try:
@@ -436,7 +536,7 @@ class Cubelet:
             if live.instance is None:
                 raise
             live.end_reason = f"guest exited: {exc.reason}"
-        live.lifetime.cancel()
+        self._terminate(live, live.end_reason)
 
     async def _watch_deadline(self, live: LiveSandbox) -> None:
         while True:
@@ -449,13 +549,21 @@ class Cubelet:
             if record.on_timeout == "pause":
                 await self.pause(live.sandbox_id, reason="timeout (auto-pause)")
                 continue  # a pause that raised ends the sandbox through _sandbox_task
-            live.end_reason = "timeout"
-            live.lifetime.cancel()
+            self._terminate(live, "timeout")
             return
 
-    def _forget(self, live: LiveSandbox) -> None:
-        self._live.pop(live.sandbox_id, None)
-        self._slots.discard(live.slot)
+    def _terminate(self, live: LiveSandbox, reason: str) -> None:
+        """End the sandbox for its users now and start its teardown (which `_forget` completes)."""
+        if not live.ended:
+            live.end_reason = reason
+        self._end(live)
+        live.lifetime.cancel()
+
+    def _end(self, live: LiveSandbox) -> None:
+        """The sandbox is over for its users: out of its pool, recorded dead (once)."""
+        if live.ended:
+            return
+        live.ended = True
         pool = self._pools.get(live.template.template_id)
         if pool is not None and live in pool:
             pool.remove(live)
@@ -467,6 +575,13 @@ class Cubelet:
             self.store.put_sandbox(live.record)
             self.store.add_event(live.sandbox_id, "dead", live.end_reason)
         live.state = DEAD
+
+    def _forget(self, live: LiveSandbox) -> None:
+        """Its teardown is done: the slot (uid, network) and its memory are free again."""
+        self._end(live)
+        self._live.pop(live.sandbox_id, None)
+        self._slots.discard(live.slot)
+        self._pool_wakeup.set()
         live.gone.set()
 
     async def _activate(self, live: LiveSandbox, request: SandboxRequest, *, source: str) -> None:
@@ -502,6 +617,40 @@ class Cubelet:
         self.store.put_sandbox(live.record)
         self.store.add_event(live.sandbox_id, "created", f"{source}, template {request.template.template_id}")
 
+    async def restore(self, record: SandboxRecord, template: TemplateManifest, disk: Path) -> SandboxRecord:
+        """Boot a sandbox carried over a service restart (`cube upgrade`): same id, access token and
+        settings, on its kept disk. Its processes and memory did not survive; env vars given at
+        create time are not kept (the template's are set again). Raises SandboxStartFailed."""
+        now = time.time()
+        request = SandboxRequest(
+            template=template,
+            alias=record.alias,
+            timeout_s=max(1, int(record.end_at - now)),
+            metadata=record.metadata,
+            on_timeout=record.on_timeout,
+            auto_resume=record.auto_resume,
+            allow_internet_access=record.allow_internet_access,
+            network=record.network,
+        )
+        async with self._boot_limiter:
+            live = self._new_live(template, request.network_policy(), sandbox_id=record.sandbox_id, disk=disk)
+            await self._start_guest(live)
+        assert live.instance is not None
+        live.record = dataclasses.replace(
+            record, state=RUNNING, ended_at=None, end_reason="", console_log=str(live.instance.console_log)
+        )
+        try:
+            await self._init_guest(live, request, now)
+        except BaseException:
+            live.record = None
+            self._terminate(live, "initialisation after a restart failed")
+            raise
+        live.state = RUNNING
+        live.set_deadline(trio_deadline_for(live.record.end_at))
+        self.store.put_sandbox(live.record)
+        self.store.add_event(live.sandbox_id, "restored", "carried over a service restart (disk kept)")
+        return live.record
+
     async def _init_guest(self, live: LiveSandbox, request: SandboxRequest, now: float) -> None:
         assert live.instance is not None and live.record is not None
         host, port = live.instance.endpoint(ENVD_PORT)
@@ -509,6 +658,8 @@ class Cubelet:
             "envVars": {**request.template.envs, **request.env_vars},
             "accessToken": live.record.envd_access_token,
             "timestamp": rfc3339(now),
+            # Guests cloned from one snapshot share its CRNG state: each gets its own seed.
+            "rngSeed": secrets.token_hex(32),
             "defaultUser": request.template.user,
             "defaultWorkdir": request.template.workdir,
         }
@@ -552,9 +703,8 @@ class Cubelet:
         pool = self._pools.get(template_id)
         if not pool:
             return None
-        live = pool.popleft()
-        self._pool_wakeup.set()
-        return live
+        # The refill starts once the claims are done (`create`): a boot competes with their /init.
+        return pool.popleft()
 
     def pool_target(self, template: TemplateManifest) -> int:
         if self.config.pool_size >= 0:
@@ -562,40 +712,58 @@ class Cubelet:
         return min(AUTO_POOL_CAP, self.memory_budget_mb // max(1, template.memory_mb))
 
     async def _pool_keeper(self) -> None:
-        """Keep each template's pool at its target, within the memory budget; one boot at a time."""
-        while True:
-            self._pool_wakeup = trio.Event()
-            templates = self._templates()
-            for template_id, pool in list(self._pools.items()):
-                if template_id not in templates:
-                    for live in pool:
-                        live.end_reason = "template removed"
-                        live.lifetime.cancel()
-            booted = False
-            for template in templates.values():
-                pool = self._pools.setdefault(template.template_id, deque())
-                fits = self.memory_committed_mb() + template.memory_mb <= self.memory_budget_mb
-                if len(pool) < self.pool_target(template) and fits:
-                    try:
-                        default_policy = {
-                            "allow_internet_access": True,
-                            "network": dict(template.network_defaults),
-                        }
-                        live = await self._boot(template, default_policy)
-                        await self._wait_fully_ready(live)
-                    except SandboxStartFailed as exc:
-                        log.warning("warm pool boot for %s failed: %s", template.template_id, exc)
-                        self.store.add_event("", "pool", f"boot for {template.template_id} failed: {exc}")
-                        await trio.sleep(POOL_RETRY_DELAY_S)
-                        continue
-                    pool.append(live)
-                    booted = True
-            if not booted:
+        """Keep each template's pool at its target within the memory budget, booting up to
+        `_refill_concurrency` guests at once (fewer while creates boot cold); woken whenever a
+        guest is claimed or gone, or a cold boot ends."""
+        async with trio.open_nursery() as refills:
+            while True:
+                self._pool_wakeup = trio.Event()
+                templates = self._templates()
+                for template_id, pool in list(self._pools.items()):
+                    if template_id not in templates:
+                        for live in list(pool):
+                            self._terminate(live, "template removed")
+                for template in templates.values():
+                    self._pools.setdefault(template.template_id, deque())
+                    while self._wants_refill(template):
+                        live = self._new_live(template, _default_policy(template), background=True)
+                        self._refills[template.template_id] = self._refills.get(template.template_id, 0) + 1
+                        refills.start_soon(self._refill, live)
                 with trio.move_on_after(POOL_RETRY_DELAY_S):
                     await self._pool_wakeup.wait()
 
-    async def _wait_fully_ready(self, live: LiveSandbox) -> None:
-        """Until a booted guest's default kernel answers; killed (SandboxStartFailed) if it does not."""
+    def _wants_refill(self, template: TemplateManifest) -> bool:
+        template_id = template.template_id
+        booting = self._refills.get(template_id, 0)
+        return (
+            # Cold boots someone waits for go first: refills take the cores they leave.
+            sum(self._refills.values()) + self._cold_boots < self._refill_concurrency
+            # A burst of warm creates is served first: a boot started meanwhile slows every claim.
+            and self._claims == 0
+            and len(self._pools[template_id]) + booting < self.pool_target(template)
+            and trio.current_time() >= self._refill_retry_at.get(template_id, -math.inf)
+            # Everything alive counts, guests still tearing down too: pools never exceed the budget.
+            and self.memory_committed_mb() + template.memory_mb <= self.memory_budget_mb
+        )
+
+    async def _refill(self, live: LiveSandbox) -> None:
+        """Boot one pooled guest (already holding its slot and memory) and add it to its pool."""
+        template_id = live.template.template_id
+        try:
+            await self._start_guest(live)
+            await self._wait_fully_ready(live)
+            if not live.ended:
+                self._pools.setdefault(template_id, deque()).append(live)
+        except SandboxStartFailed as exc:
+            log.warning("warm pool boot for %s failed: %s", template_id, exc)
+            self.store.add_event("", "pool", f"boot for {template_id} failed: {exc}")
+            self._refill_retry_at[template_id] = trio.current_time() + POOL_RETRY_DELAY_S
+        finally:
+            self._refills[template_id] -= 1
+            self._pool_wakeup.set()
+
+    async def _until_fully_ready_or_gone(self, live: LiveSandbox) -> None:
+        """Until the guest's default kernel answers, the guest is gone, or FULLY_READY_TIMEOUT_S."""
         wait = getattr(live.instance, "wait_fully_ready", None)
         if wait is None:
             return  # the runtime hands out instances only when fully ready
@@ -609,10 +777,13 @@ class Cubelet:
                 nursery.start_soon(until_gone)
                 await wait()
                 nursery.cancel_scope.cancel()
+
+    async def _wait_fully_ready(self, live: LiveSandbox) -> None:
+        """Until a booted guest's default kernel answers; killed (SandboxStartFailed) if it does not."""
+        await self._until_fully_ready_or_gone(live)
         fully_ready = getattr(live.instance, "fully_ready", lambda: True)
         if live.gone.is_set() or not fully_ready():
-            live.end_reason = "default kernel not ready in time"
-            live.lifetime.cancel()
+            self._terminate(live, "default kernel not ready in time")
             raise SandboxStartFailed(f"guest {live.sandbox_id}: its default kernel did not become ready")
 
     def wake_pools(self) -> None:
@@ -643,5 +814,4 @@ class Cubelet:
             return
         live.health_failures += 1
         if live.health_failures >= HEALTH_FAILURES_BEFORE_KILL:
-            live.end_reason = "guest agent unresponsive"
-            live.lifetime.cancel()
+            self._terminate(live, "guest agent unresponsive")

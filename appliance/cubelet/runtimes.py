@@ -85,6 +85,9 @@ async def open_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
     else:
         raise RuntimeUnavailable(f"unknown runtime {config.runtime!r} in config; expected auto, uml or kvm")
     async with cubevs_class.start(config) as cubevs:
-        yield RuntimeBundle(
-            runtime=runtime_class(config, cubevs), network=CubeVSPolicies(cubevs, policy_class)
-        )
+        runtime = runtime_class(config, cubevs)
+        try:
+            yield RuntimeBundle(runtime=runtime, network=CubeVSPolicies(cubevs, policy_class))
+        finally:
+            if hasattr(runtime, "close"):
+                runtime.close()  # the kvm runtime's pooled VM shells

@@ -15,23 +15,20 @@
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import secrets
 import shutil
-import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
 
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
+from appliance.cubelet.envd_client import EnvdError, start_process
 from appliance.runtime.base import ENVD_PORT, BootFailed, GuestExited, Instance
 from appliance.templates import guest_diff
 from appliance.templates.ext4 import build_ext4
@@ -46,8 +43,6 @@ log = logging.getLogger(__name__)
 RUN_WRITABLE_MB = 4096  # sparse: costs host disk only as the command writes
 RUN_MEMORY_MB = 1024
 OUTPUT_TAIL_LINES = 40
-_ENVELOPE = struct.Struct(">BI")
-_END_STREAM = 0x02
 _STATE_FILE = "/run/cube-run-before.json"  # /run is a tmpfs in the guest: not part of the image
 _DIFF_SOURCE = Path(guest_diff.__file__).read_text()
 _KVM_SNAPSHOT_DIR = "kvm-snapshot"
@@ -65,10 +60,6 @@ def _as_boot_failed(exc: SandboxStartFailed) -> BootFailed:
         return cause
     tail = cause.console_tail if isinstance(cause, GuestExited) else ""
     return BootFailed("template-build", str(exc), tail)
-
-
-class EnvdError(Exception):
-    pass
 
 
 class CubeletTemplateSandboxes:
@@ -127,7 +118,7 @@ class CubeletTemplateSandboxes:
                     await self._user_command(http, base, rootfs, command)
                     layer = work / "changes.tar"
                     with layer.open("wb") as out:
-                        code = await _start(
+                        code = await start_process(
                             http,
                             base,
                             "root",
@@ -171,7 +162,9 @@ class CubeletTemplateSandboxes:
 
     async def _checked(self, http: httpx.AsyncClient, base: str, args: list[str]) -> None:
         errors = bytearray()
-        code = await _start(http, base, "root", _python_argv(args), {}, "/", errors.extend, errors.extend)
+        code = await start_process(
+            http, base, "root", _python_argv(args), {}, "/", errors.extend, errors.extend
+        )
         if code != 0:
             detail = errors.decode(errors="replace").strip()[-500:]
             raise EnvdError(f"recording the rootfs before the RUN step failed (exit status {code}): {detail}")
@@ -181,7 +174,7 @@ class CubeletTemplateSandboxes:
     ) -> None:
         user = await trio.to_thread.run_sync(account_name, rootfs, command.user or "root")
         lines = _Lines(command.output)
-        code = await _start(
+        code = await start_process(
             http, base, user, list(command.argv), command.env, command.workdir, lines.feed, lines.feed
         )
         lines.close()
@@ -227,59 +220,3 @@ class _Lines:
         line = raw.decode(errors="replace").rstrip("\r")
         self.output(line)
         self.tail = [*self.tail[-(OUTPUT_TAIL_LINES - 1) :], line]
-
-
-async def _start(
-    http: httpx.AsyncClient,
-    base: str,
-    user: str,
-    argv: list[str],
-    env: dict[str, str],
-    cwd: str,
-    stdout: Callable[[bytes], Any],
-    stderr: Callable[[bytes], Any],
-) -> int:
-    """envd `process.Process/Start` (Connect server stream, JSON); returns the exit status."""
-    body = json.dumps(
-        {"process": {"cmd": argv[0], "args": argv[1:], "envs": env, "cwd": cwd}, "stdin": False}
-    ).encode()
-    headers = {
-        "Content-Type": "application/connect+json",
-        "Connect-Protocol-Version": "1",
-        "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
-    }
-    exit_code: int | None = None
-    buffer = b""
-    async with http.stream(
-        "POST", f"{base}/process.Process/Start", content=_ENVELOPE.pack(0, len(body)) + body, headers=headers
-    ) as response:
-        if response.status_code != 200:
-            text = (await response.aread()).decode(errors="replace")[:500]
-            raise EnvdError(f"guest agent answered {response.status_code}: {text}")
-        async for chunk in response.aiter_bytes():
-            buffer += chunk
-            while len(buffer) >= _ENVELOPE.size:
-                flags, length = _ENVELOPE.unpack_from(buffer)
-                if len(buffer) < _ENVELOPE.size + length:
-                    break
-                message = json.loads(buffer[_ENVELOPE.size : _ENVELOPE.size + length] or b"{}")
-                buffer = buffer[_ENVELOPE.size + length :]
-                if flags & _END_STREAM:
-                    if message.get("error"):
-                        error = message["error"]
-                        raise EnvdError(f"guest agent: {error.get('message', error)}")
-                    continue
-                event = message.get("event") or {}
-                data = event.get("data") or {}
-                if data.get("stdout"):
-                    stdout(base64.b64decode(data["stdout"]))
-                if data.get("stderr"):
-                    stderr(base64.b64decode(data["stderr"]))
-                if "end" in event:
-                    end = event["end"] or {}
-                    exit_code = int(end.get("exitCode", end.get("exit_code", 0)) or 0)
-                    if not end.get("exited", True) and exit_code == 0:
-                        exit_code = -1  # killed by a signal
-    if exit_code is None:
-        raise EnvdError("the guest agent's stream ended without the command's exit status")
-    return exit_code

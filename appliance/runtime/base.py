@@ -49,6 +49,11 @@ class BootFailed(Exception):
         self.console_tail = console_tail
 
 
+class BootStalled(BootFailed):
+    """The guest kernel showed no sign of life at all (no console output) in time: a launch
+    that hung rather than a slow boot; worth one more try."""
+
+
 @dataclass(frozen=True)
 class BootSpec:
     """Everything a runtime needs to start one sandbox."""
@@ -63,6 +68,12 @@ class BootSpec:
     cpu_count: int
     # Network policy handed to CubeVS; plain data (see appliance.net).
     network_policy: dict[str, object] = field(default_factory=dict)
+    # Nobody waits for this boot (a warm-pool refill): runtimes that can give it the least CPU
+    # weight until the guest is fully ready, so it does not slow the sandboxes being claimed.
+    background: bool = False
+    # The writable disk layer to continue from instead of a fresh one: a sandbox carried
+    # over a service restart onto new code (`cube upgrade`, appliance/master/carryover.py).
+    disk: Path | None = None
 
 
 class Instance(Protocol):

@@ -276,3 +276,95 @@ async def test_network_counters_reach_metrics(service_config: Config, fake_runti
         assert cubelet.network_counters(sandbox.sandbox_id)["dropped_packets"] == 2
         await cubelet.kill(sandbox.sandbox_id)
         assert cubelet.network_counters(sandbox.sandbox_id) == {}
+
+
+class SlowRuntime:
+    """The runtime double with boots that take a moment (counted while they overlap) and a
+    teardown that waits for `teardown_done` (a UML guest takes its time to die)."""
+
+    name = "fake"
+
+    def __init__(self, inner: FakeRuntime) -> None:
+        self.inner = inner
+        self.teardown_done = trio.Event()
+        self.booting = 0
+        self.most_booting_at_once = 0
+        self.tearing_down = 0
+
+    async def run(self, spec: object, *, task_status: trio.TaskStatus[object]) -> None:
+        runtime = self
+        runtime.booting += 1
+        runtime.most_booting_at_once = max(runtime.most_booting_at_once, runtime.booting)
+
+        class Status:
+            def started(self, instance: object) -> None:
+                runtime.booting -= 1
+                task_status.started(instance)
+
+        try:
+            await trio.sleep(0.05)
+            await self.inner.run(spec, task_status=Status())  # type: ignore[arg-type]
+        finally:
+            with trio.CancelScope(shield=True):
+                self.tearing_down += 1
+                await self.teardown_done.wait()
+                self.tearing_down -= 1
+
+
+async def test_kill_answers_before_the_teardown_and_holds_the_slot_until_it_ends(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    runtime = SlowRuntime(fake_runtime)
+    config = dataclasses.replace(service_config, host_network="10.250.0.0/28")  # 3 slots
+    async with running_cubelet(config, runtime) as cubelet:  # type: ignore[arg-type]
+        first = await cubelet.create(request_for(cubelet))
+        second = await cubelet.create(request_for(cubelet))
+        committed = cubelet.memory_committed_mb()
+        with trio.fail_after(5):
+            assert await cubelet.kill(first.sandbox_id)
+        # Gone for its users at once: not found, not running, recorded dead...
+        assert cubelet.live(first.sandbox_id) is None
+        assert not await cubelet.kill(first.sandbox_id)
+        stored = cubelet.store.get_sandbox(first.sandbox_id)
+        assert stored is not None and stored.state == DEAD
+        assert cubelet.live_count("code-interpreter") == 1
+        # ...but still tearing down: its slot and memory are not handed out again.
+        await trio.sleep(0.2)
+        assert runtime.tearing_down == 1
+        assert cubelet.memory_committed_mb() == committed
+        third = await cubelet.create(request_for(cubelet))
+        assert cubelet._live[third.sandbox_id].slot == 2
+        with pytest.raises(SandboxStartFailed, match="slots are in use"):
+            await cubelet.create(request_for(cubelet))
+        runtime.teardown_done.set()
+        await wait_until(lambda: first.sandbox_id not in cubelet._live)
+        fourth = await cubelet.create(request_for(cubelet))
+        assert cubelet._live[fourth.sandbox_id].slot == 0  # free once its teardown ended
+        assert cubelet.live(second.sandbox_id) is not None
+
+
+async def test_auto_sized_pool_fills_to_the_memory_budget_with_parallel_boots(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cubelet_module.os, "cpu_count", lambda: 3)
+    runtime = SlowRuntime(fake_runtime)
+    runtime.teardown_done.set()
+    # 256 MB guests in a 1800 MB budget: 7 fit; a create then takes one, the pool refills
+    # only as far as the budget allows.
+    config = dataclasses.replace(service_config, pool_size=-1, memory_budget_mb=1800)
+    async with running_cubelet(config, runtime) as cubelet:  # type: ignore[arg-type]
+        assert cubelet.pool_state("code-interpreter")["target"] == 7
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 7)
+        assert runtime.most_booting_at_once == 3  # refills run in parallel, as many as cores
+        assert cubelet.pool_state("code-interpreter") == {"target": 7, "ready": 7, "booting": 0}
+        await cubelet.create(request_for(cubelet))
+        await trio.sleep(0.3)
+        assert cubelet.pool_state("code-interpreter") == {"target": 7, "ready": 6, "booting": 0}
+        assert cubelet.memory_committed_mb() <= 1800
+
+
+async def test_auto_sized_pool_is_capped(service_config: Config, fake_runtime: FakeRuntime) -> None:
+    config = dataclasses.replace(service_config, pool_size=-1, memory_budget_mb=1 << 20)
+    async with running_cubelet(config, fake_runtime) as cubelet:
+        assert cubelet.pool_state("code-interpreter")["target"] == cubelet_module.AUTO_POOL_CAP
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == cubelet_module.AUTO_POOL_CAP)

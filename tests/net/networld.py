@@ -295,6 +295,18 @@ class Guest:
         return str(netns.netns_path(self.netns))
 
 
+def _guest_address_commands(guest: Guest, net: SandboxNetwork) -> list[str]:
+    """Give the guest end (eth0 in guest.netns) the sandbox's fixed addresses and routes."""
+    return [
+        f"ip -n {guest.netns} link set lo up",
+        f"ip -n {guest.netns} addr add {net.guest_ip}/30 dev eth0",
+        f"ip -n {guest.netns} link set eth0 up",
+        f"ip -n {guest.netns} route add default via {net.gateway_ip}",
+        f"ip -n {guest.netns} addr add {net.guest_ip6}/126 dev eth0 nodad",
+        f"ip -n {guest.netns} -6 route add default via {net.gateway_ip6}",
+    ]
+
+
 @asynccontextmanager
 async def veth_guest(net: SandboxNetwork, name: str) -> AsyncIterator[Guest]:
     """Replace tap0 by a veth whose other end, in a new guest netns, holds the guest address."""
@@ -309,12 +321,7 @@ async def veth_guest(net: SandboxNetwork, name: str) -> AsyncIterator[Guest]:
                 f"ip -n {ns} addr add {net.gateway_ip}/30 dev {net.tap}",
                 f"ip -n {ns} addr add {net.gateway_ip6}/126 dev {net.tap} nodad",
                 f"ip -n {ns} link set {net.tap} up",
-                f"ip -n {guest.netns} link set lo up",
-                f"ip -n {guest.netns} addr add {net.guest_ip}/30 dev eth0",
-                f"ip -n {guest.netns} link set eth0 up",
-                f"ip -n {guest.netns} route add default via {net.gateway_ip}",
-                f"ip -n {guest.netns} addr add {net.guest_ip6}/126 dev eth0 nodad",
-                f"ip -n {guest.netns} -6 route add default via {net.gateway_ip6}",
+                *_guest_address_commands(guest, net),
             )
         )
         yield guest
@@ -367,12 +374,7 @@ async def tap_guest(net: SandboxNetwork, name: str) -> AsyncIterator[Guest]:
         guest_fd = await trio.to_thread.run_sync(_open_tap, guest.netns_path, "eth0")
         await trio.to_thread.run_sync(
             lambda: sh(
-                f"ip -n {guest.netns} link set lo up",
-                f"ip -n {guest.netns} addr add {net.guest_ip}/30 dev eth0",
-                f"ip -n {guest.netns} link set eth0 up",
-                f"ip -n {guest.netns} route add default via {net.gateway_ip}",
-                f"ip -n {guest.netns} addr add {net.guest_ip6}/126 dev eth0 nodad",
-                f"ip -n {guest.netns} -6 route add default via {net.gateway_ip6}",
+                *_guest_address_commands(guest, net),
             )
         )
         async with trio.open_nursery() as nursery:

@@ -15,11 +15,9 @@ otherwise), and DNS goes to the test's own upstream on 127.0.0.1.
 
 from __future__ import annotations
 
-import base64
 import json
 import shlex
 import shutil
-import struct
 import subprocess
 import tempfile
 import threading
@@ -28,22 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import httpx
 import trio
+from hostprocs import processes_of_uid
 from networld import dns_upstream_server
 
 from appliance.config import Config, load_config
+from appliance.cubelet.envd_client import run_command
 from appliance.net import CubeVS, NetworkPolicy
 from appliance.net.addressing import Addressing, Plan
 from appliance.net.ebpf import PIN_ROOT
-from appliance.runtime.base import ENVD_PORT, BootSpec
+from appliance.runtime.base import BootSpec
 from appliance.runtime.uml.cgroups import CGROUP_ROOT
 from appliance.runtime.uml.instance import UmlInstance
 from appliance.runtime.uml.runtime import UmlRuntime
 from appliance.templates.manifest import TemplateManifest
 
 T = TypeVar("T")
-END_STREAM = 0x02
 BOOT_WAIT_S = 300.0  # two cold boots on a busy 2-core host, with margin
 TEMPLATE_ID = "code-interpreter"
 
@@ -60,49 +58,6 @@ def default_template() -> TemplateManifest:
 
 
 # --- talking to a guest's agent ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    exit_code: int | None
-    stdout: str
-    stderr: str
-
-
-def _envelope(message: dict[str, object]) -> bytes:
-    body = json.dumps(message).encode()
-    return struct.pack(">BI", 0, len(body)) + body
-
-
-async def run_command(host: str, command: str, user: str = "user", timeout: float = 60.0) -> CommandResult:
-    """`/bin/sh -c command` in the guest through envd's Connect stream; waits for it to end."""
-    headers = {
-        "Content-Type": "application/connect+json",
-        "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
-    }
-    request = {"process": {"cmd": "/bin/sh", "args": ["-c", command]}}
-    async with httpx.AsyncClient(timeout=timeout) as client:
-        response = await client.post(
-            f"http://{host}:{ENVD_PORT}/process.Process/Start", content=_envelope(request), headers=headers
-        )
-    response.raise_for_status()
-    data, stdout, stderr, exit_code = response.content, b"", b"", None
-    while len(data) >= 5:
-        flags, length = struct.unpack(">BI", data[:5])
-        message = json.loads(data[5 : 5 + length] or b"{}")
-        data = data[5 + length :]
-        if flags & END_STREAM:
-            if message.get("error"):
-                raise RuntimeError(f"envd error: {message['error']}")
-            continue
-        event = message.get("event", {})
-        chunk = event.get("data") or {}
-        stdout += base64.b64decode(chunk.get("stdout", ""))
-        stderr += base64.b64decode(chunk.get("stderr", ""))
-        if "end" in event:
-            end = event["end"] or {}
-            exit_code = int(end.get("exitCode", end.get("exit_code", 0)))
-    return CommandResult(exit_code, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
 
 
 # Runs in the guest: every probe at once (one thread each), a JSON list of results.
@@ -355,7 +310,7 @@ class RealGuests:
             sandbox_id = f"cubetest-rg-{self.tag}-{name}"
             plan = self.addressing.plan(sandbox_id, slot)
             uid = self.config.uid_base + slot
-            found += [f"process {pid} of uid {uid}" for pid in _processes_of(uid)]
+            found += [f"process {pid} of uid {uid}" for pid in processes_of_uid(uid)]
             if plan.netns in namespaces:
                 found.append(f"netns {plan.netns}")
             if f" {plan.host_veth}@" in links or f" {plan.host_veth}:" in links:
@@ -378,16 +333,3 @@ class RealGuests:
 
 def _run(*argv: str) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-
-
-def _processes_of(uid: int) -> list[str]:
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            text = status.read_text()
-        except OSError:
-            continue  # exited while we looked
-        uid_line = next((line for line in text.splitlines() if line.startswith("Uid:")), "")
-        if str(uid) in uid_line.split()[1:]:
-            found.append(status.parent.name)
-    return found

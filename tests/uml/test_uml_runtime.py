@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 import trio
-from umlguest import execute_code, run_command
+from hostprocs import processes_of_uid
+from umlguest import execute_code
 
+from appliance.cubelet.envd_client import run_command
 from appliance.net.addressing import Addressing
 from appliance.runtime.base import ENVD_PORT, BootSpec, GuestExited
 from appliance.runtime.uml.cgroups import CGROUP_ROOT
@@ -29,19 +31,6 @@ if TYPE_CHECKING:
     from appliance.templates.manifest import TemplateManifest
 
 pytestmark = [pytest.mark.uml, pytest.mark.slow]
-
-
-def processes_of_uid(uid: int) -> list[str]:
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            text = status.read_text()
-        except OSError:
-            continue  # exited while we looked
-        uid_line = next((line for line in text.splitlines() if line.startswith("Uid:")), "")
-        if str(uid) in uid_line.split()[1:]:
-            found.append(status.parent.name)
-    return found
 
 
 def leftovers(config: Config, spec: BootSpec) -> list[str]:

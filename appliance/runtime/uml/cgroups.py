@@ -22,6 +22,10 @@ from pathlib import Path
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT = "cube"
 CPU_PERIOD_US = 100_000
+# CPU weight of a background boot (v2 cpu.weight 1..10000, default 100; v1 cpu.shares 2.., default
+# 1024): a tenth, so it yields to busy sandboxes without starving while they stay busy.
+LOW_CPU_WEIGHT = {2: 10, 1: 102}
+NORMAL_CPU_WEIGHT = {2: 100, 1: 1024}
 # Each guest address space is a host process under UML: this bounds a fork bomb.
 PIDS_MAX = 4096
 _V1_CONTROLLERS = ("memory", "cpu", "pids")
@@ -49,6 +53,14 @@ class SandboxCgroup:
         if self.version == 2:
             return int((self.leaves["unified"] / "memory.current").read_text())
         return int((self.leaves["memory"] / "memory.usage_in_bytes").read_text())
+
+    def set_low_cpu_weight(self, low: bool) -> None:
+        """Least CPU weight among its siblings (a background boot), or the default."""
+        weight = (LOW_CPU_WEIGHT if low else NORMAL_CPU_WEIGHT)[self.version]
+        if self.version == 2:
+            (self.leaves["unified"] / "cpu.weight").write_text(str(weight))
+        else:
+            (self.leaves["cpu"] / "cpu.shares").write_text(str(weight))
 
     def pids(self) -> set[int]:
         found: set[int] = set()
@@ -104,7 +116,11 @@ def sweep_empty_leaves(root: Path = CGROUP_ROOT) -> list[str]:
 
 
 def create_cgroup(
-    sandbox_id: str, memory_limit_bytes: int, cpu_count: int, root: Path = CGROUP_ROOT
+    sandbox_id: str,
+    memory_limit_bytes: int,
+    cpu_count: int,
+    low_cpu_weight: bool = False,
+    root: Path = CGROUP_ROOT,
 ) -> SandboxCgroup:
     """Make the sandbox's leaf with its limits (blocking)."""
     cpu_quota = max(1, cpu_count) * CPU_PERIOD_US
@@ -124,6 +140,8 @@ def create_cgroup(
                 (leaf / "memory.swap.max").write_text("0")
             (leaf / "cpu.max").write_text(f"{cpu_quota} {CPU_PERIOD_US}")
             (leaf / "pids.max").write_text(str(PIDS_MAX))
+            if low_cpu_weight:
+                cgroup.set_low_cpu_weight(True)
         except BaseException:
             cgroup.remove()
             raise
@@ -143,6 +161,8 @@ def create_cgroup(
         (leaves["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
         (leaves["cpu"] / "cpu.cfs_quota_us").write_text(str(cpu_quota))
         (leaves["pids"] / "pids.max").write_text(str(PIDS_MAX))
+        if low_cpu_weight:
+            cgroup.set_low_cpu_weight(True)
     except BaseException:
         cgroup.remove()
         raise

@@ -28,6 +28,7 @@ class ConsoleLog:
         self.interpreter_ready = trio.Event()
         self.interpreter_ready_at: float | None = None  # trio clock
         self.finished = trio.Event()  # the guest closed its console (its processes are gone)
+        self.first_output = trio.Event()  # the guest kernel wrote anything at all
         self._tail = bytearray()
         self._written = 0
 
@@ -51,6 +52,7 @@ class ConsoleLog:
         # Search across the chunk boundary: a line may arrive split.
         window = bytes(self._tail[-len(INTERPRETER_READY_LINE) :]) + chunk
         self._tail += chunk
+        self.first_output.set()
         del self._tail[:-TAIL_BYTES]
         if not self.ready.is_set() and READY_LINE in window:
             self.ready.set()

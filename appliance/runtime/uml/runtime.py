@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,14 +25,14 @@ import trio
 
 from appliance.config import Config
 from appliance.net.policy import NetworkPolicy
-from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance
+from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, BootStalled, GuestExited, Instance
 from appliance.runtime.detect import DEBIAN_UML, find_uml_kernel
 from appliance.runtime.uml.cgroups import SandboxCgroup, create_cgroup, sweep_empty_leaves
 from appliance.runtime.uml.command import LaunchPlan, check_paths, launcher_argv, launcher_environment
 from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.uml.instance import UmlInstance
 from appliance.runtime.uml.mconsole import Mconsole
-from appliance.runtime.uml.process import spawn
+from appliance.runtime.uml.process import SpawnedProcess, spawn
 from appliance.runtime.uml.seccomp import compile_filter, filter_fd
 
 if TYPE_CHECKING:
@@ -41,12 +41,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT_S = 60.0
+# A background boot (pool refill) runs at the least CPU weight: on a busy host it may take longer.
+BACKGROUND_BOOT_TIMEOUT_S = 180.0
+# The kernel writes its first console lines ~0.1 s after launch; nothing at all by then (times 3
+# for a background boot) is a hung launch, not a slow boot (seen rarely on a loaded host).
+FIRST_OUTPUT_TIMEOUT_S = 20.0
 # Host memory a sandbox may use beyond its guest RAM: the UML binary, page
 # tables and kernel stacks of the host processes backing guest address spaces.
 HOST_OVERHEAD_MB = 128
 PROBE_INTERVAL_S = 0.01
+# Killing the pid-namespace init tears the whole guest down; past this, kill the cgroup's processes.
+REAP_TIMEOUT_S = 10.0
+REAP_POLL_S = 0.01
 CONSOLE_LOG = "console.log"
 VM_DIR = "vm"
+COW_FILE = "disk.cow"  # in VM_DIR: LaunchPlan.cow_file
 STAGE_DIR = "stage"
 
 
@@ -79,14 +88,17 @@ class UmlRuntime:
         async with self._cubevs.sandbox_network(spec.sandbox_id, spec.slot, uid, policy) as net:
             try:
                 await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, uid)
+                if spec.disk is not None:
+                    await trio.to_thread.run_sync(_adopt_disk, spec.disk, spec.sandbox_dir, uid)
                 limit = (spec.memory_mb + HOST_OVERHEAD_MB) << 20
-                cgroup = await trio.to_thread.run_sync(create_cgroup, spec.sandbox_id, limit, spec.cpu_count)
+                cgroup = await trio.to_thread.run_sync(
+                    create_cgroup, spec.sandbox_id, limit, spec.cpu_count, spec.background
+                )
                 try:
                     await self._run_guest(spec, net, cgroup, uid, task_status)
                 finally:
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(cgroup.remove)
-                        await trio.to_thread.run_sync(_wait_until_reaped, uid)
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(shutil.rmtree, spec.sandbox_dir, True)
@@ -124,6 +136,7 @@ class UmlRuntime:
         finally:
             os.close(seccomp_fd)
         console = ConsoleLog(spec.sandbox_dir / CONSOLE_LOG)
+        guest_init = _GuestInit()
         exited = trio.Event()
 
         async def watch_exit() -> None:
@@ -137,7 +150,15 @@ class UmlRuntime:
                 try:
                     nursery.start_soon(console.pump, process.console)
                     nursery.start_soon(watch_exit)
-                    with trio.move_on_after(BOOT_TIMEOUT_S) as boot_deadline:
+                    boot_timeout = BACKGROUND_BOOT_TIMEOUT_S if spec.background else BOOT_TIMEOUT_S
+                    stall_timeout = FIRST_OUTPUT_TIMEOUT_S * (3 if spec.background else 1)
+                    with trio.move_on_after(stall_timeout) as stall_deadline:
+                        await _first_of(console.first_output, exited)
+                    if not exited.is_set():
+                        guest_init.watch(process.pid)  # the kernel runs: bwrap has forked its init
+                    with trio.move_on_after(boot_timeout - stall_timeout) as boot_deadline:
+                        if stall_deadline.cancelled_caught:
+                            boot_deadline.cancel()
                         await _first_of(console.ready, exited)
                         if not exited.is_set():
                             await _wait_healthy(net.host_ip, ENVD_PORT, exited)
@@ -148,10 +169,14 @@ class UmlRuntime:
                             f"the UML kernel exited (status {process.returncode}) before the agent was ready",
                             console.tail(),
                         )
+                    elif stall_deadline.cancelled_caught:
+                        failure = BootStalled(
+                            spec.sandbox_id, f"the UML kernel wrote nothing within {stall_timeout:.0f} s"
+                        )
                     elif boot_deadline.cancelled_caught:
                         failure = BootFailed(
                             spec.sandbox_id,
-                            f"the agent was not ready within {BOOT_TIMEOUT_S:.0f} s",
+                            f"the agent was not ready within {boot_timeout:.0f} s",
                             console.tail(),
                         )
                     else:
@@ -166,6 +191,8 @@ class UmlRuntime:
                             started_at=started,
                         )
                         task_status.started(instance)
+                        if spec.background:
+                            nursery.start_soon(_normal_weight_when_fully_ready, console, cgroup)
                         await exited.wait()
                         await _drain(console)
                         failure = GuestExited(
@@ -173,12 +200,18 @@ class UmlRuntime:
                         )
                 finally:
                     with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(cgroup.kill_all)
-                        await process.wait()
+                        await _kill_and_reap(process, cgroup, guest_init)
                     nursery.cancel_scope.cancel()
         finally:
             await process.console.aclose()
         raise failure
+
+
+def _adopt_disk(disk: Path, sandbox_dir: Path, uid: int) -> None:
+    """Continue from a kept COW disk (over the same template image): moved in, owned by this uid."""
+    cow = sandbox_dir / VM_DIR / COW_FILE
+    os.rename(disk, cow)
+    os.chown(cow, uid, uid)
 
 
 def _prepare_sandbox_dir(sandbox_dir: Path, uid: int) -> None:
@@ -192,29 +225,91 @@ def _prepare_sandbox_dir(sandbox_dir: Path, uid: int) -> None:
         os.chown(directory, uid, uid)
 
 
-def _wait_until_reaped(uid: int, timeout: float = 5.0) -> None:
-    """Wait until no process of the sandbox uid is left, zombies included.
+class _GuestInit:
+    """A pidfd on the guest's pid-namespace init (bwrap's inner process), taken once the guest runs.
 
-    Killed tasks leave their cgroup when they exit but linger as zombies until
-    their parent reaps them: the guest's pid-namespace init, or (when that died
-    first) the host's init. The uid belongs to this sandbox alone, so its slot
-    is free for reuse only when this returns.
+    When the guest exits on its own, bwrap's outer process (our child) exits as soon as the
+    init reports the exit status, before the init itself is reaped: it is then an orphan of
+    the host's pid 1. A pidfd outlives pid reuse, so polling it (one syscall) tells when
+    it is finally reaped, without scanning /proc.
     """
-    deadline = time.monotonic() + timeout
-    while _processes_of(uid) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
+    def __init__(self) -> None:
+        self.pidfd: int | None = None
 
-def _processes_of(uid: int) -> list[int]:
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
+    def watch(self, launcher_pid: int) -> None:
+        for pid in _children(launcher_pid):
             try:
-                if entry.stat().st_uid == uid:
-                    found.append(int(entry.name))
-            except FileNotFoundError:
+                self.pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
                 pass
-    return found
+            return
+
+    def kill(self) -> bool:
+        """SIGKILL it (the kernel then kills everything in the namespace); False if not watched."""
+        if self.pidfd is None:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return True
+
+    async def wait_reaped(self, timeout: float) -> None:
+        if self.pidfd is None:
+            return
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, 0)  # succeeds until it is reaped (zombie too)
+                except ProcessLookupError:
+                    break
+                await trio.sleep(REAP_POLL_S)
+        os.close(self.pidfd)
+        self.pidfd = None
+
+
+async def _kill_and_reap(process: SpawnedProcess, cgroup: SandboxCgroup, guest_init: _GuestInit) -> None:
+    """Kill the guest and return once every one of its processes is reaped, zombies included.
+
+    The launcher chain ends as bwrap's outer process (our child), whose only child
+    is the guest's pid-namespace init. SIGKILL to that init makes the kernel kill
+    everything in the namespace, and the init's exit waits until all of it is
+    reaped; the outer bwrap then reaps the init and exits, and its pidfd (our
+    `process.wait()`) fires. So no zombie of the sandbox uid outlives this (a uid
+    is reused only after), and nothing polls /proc. Killing the whole cgroup at
+    once instead would orphan the init's zombie to the host's pid 1. Before bwrap
+    has forked (killed while launching) the chain is one process; anything left
+    after a bounded wait is SIGKILLed through the cgroup.
+    """
+    if process.returncode is None:
+        if not guest_init.kill():
+            for pid in _children(process.pid) or [process.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        with trio.move_on_after(REAP_TIMEOUT_S):
+            await process.wait()
+    else:
+        guest_init.kill()  # the guest exited on its own: its init may still be tearing down
+    await guest_init.wait_reaped(REAP_TIMEOUT_S)
+    await trio.to_thread.run_sync(cgroup.kill_all)
+    await process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return []
+
+
+async def _normal_weight_when_fully_ready(console: ConsoleLog, cgroup: SandboxCgroup) -> None:
+    """A background boot is done once its default kernel answers: from then on it is an
+    ordinary guest, about to be claimed."""
+    await console.interpreter_ready.wait()
+    cgroup.set_low_cpu_weight(False)
 
 
 async def _first_of(*events: trio.Event) -> None:
