@@ -24,6 +24,7 @@ import trio
 
 from appliance.bench.report import Report, percentiles
 from appliance.runtime.kvm.machine import Machine, MachineConfig
+from appliance.runtime.kvm.pool import ShellPool
 from appliance.runtime.kvm.snapshot import read_state
 from appliance.runtime.kvm.x86 import enter_long_mode
 from appliance.runtime.virtio.blk.device import VirtioBlock
@@ -99,21 +100,24 @@ def _template(kvm: Kvm, directory: Path, memory_mb: int) -> None:
 
 
 def bench_restore(kvm: Kvm, snapshot: Path, rounds: int) -> dict[str, list[float]]:
-    """Seconds per round, inside one running Trio loop (as in `cube serve`):
+    """Seconds per round, inside one running Trio loop (as in `cube serve`), restoring
+    the way KvmRuntime does (dirty-page tracking on, for pauses):
 
     - ready: Machine.restore() returned (VM, memory map, vCPU state, devices);
     - running: restore → the vCPU executed guest code (its first exit);
-    - pooled: a VM shell prepared ahead (VM, irqchip, memory slot of the
-      template's file, vCPUs) gets the snapshot state → guest code runs.
+    - pooled: ShellPool.restore() with a shell made ahead (VM, irqchip, PIT, memory
+      slot of the template's file, vCPUs) → guest code runs.
     The template's state.json is parsed once, as a cubelet caches it.
     """
     state = read_state(snapshot)
     samples: dict[str, list[float]] = {"ready": [], "running": [], "pooled": []}
 
-    async def one_round() -> None:
+    async def one_round(pool: ShellPool) -> None:
         reporter = _Reporter()
         started = time.perf_counter()
-        machine = Machine.restore(kvm, snapshot, add_devices=reporter.attach, state=state)
+        machine = Machine.restore(
+            kvm, snapshot, add_devices=reporter.attach, state=state, track_dirty_pages=True
+        )
         samples["ready"].append(time.perf_counter() - started)
         try:
             await machine.run()
@@ -121,20 +125,23 @@ def bench_restore(kvm: Kvm, snapshot: Path, rounds: int) -> dict[str, list[float
             machine.close()
         samples["running"].append(reporter.first_at - started)
 
-        shell = Machine.prepare_restore(kvm, snapshot, state)
+        await pool.refill()
+        reporter = _Reporter()
+        started = time.perf_counter()
+        machine = await pool.restore(add_devices=reporter.attach, console=lambda data: None)
         try:
-            reporter = _Reporter()
-            started = time.perf_counter()
-            reporter.attach(shell)
-            shell.apply_state(state)
-            await shell.run()
-            samples["pooled"].append(reporter.first_at - started)
+            await machine.run()
         finally:
-            shell.close()
+            machine.close()
+        samples["pooled"].append(reporter.first_at - started)
 
     async def main() -> None:
-        for _ in range(rounds):
-            await one_round()
+        pool = ShellPool(snapshot)
+        try:
+            for _ in range(rounds):
+                await one_round(pool)
+        finally:
+            pool.close()
 
     trio.run(main)
     return samples
@@ -246,7 +253,7 @@ def kvm_command(
                 **percentiles(restore["running"]),
             )
             report.add(
-                metric=f"restore {memory_mb} MiB into a pre-created VM shell: vCPU running",
+                metric=f"restore {memory_mb} MiB from a pooled VM shell (KvmRuntime): vCPU running",
                 target="p50 < 10 ms",
                 **percentiles(restore["pooled"]),
             )

@@ -2,8 +2,11 @@
 
     nice -n 19 python3 image/kernel/build.py [--cache-dir /var/cache/cube] [--jobs 2]
 
-`make defconfig` (x86_64) + microvm.config merged over it + `make olddefconfig`,
-then `make vmlinux` (an ELF with the PVH entry note, which is what the VMM boots).
+`make allnoconfig` (x86_64) with microvm.config forced over it (KCONFIG_ALLCONFIG),
+so only the options the fragment names (and what they select) are built, then
+`make vmlinux` (an ELF with the PVH entry note, which is what the VMM boots): ~930
+objects compiled into a ~21 MB vmlinux (35 min at nice 19 on two busy cores).
+No RD_* decompressor is enabled: an initramfs, if any, is an uncompressed cpio.
 The result is cached by a hash of the fragment and the source tarball at
 `<cache>/kernels/microvm-<hash>/vmlinux` (with its final .config beside it);
 a second run with the same inputs only prints that path. The kvm runtime picks
@@ -18,13 +21,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 FRAGMENT = Path(__file__).with_name("microvm.config")
+# Part of the cache key: changing how the config is derived must not reuse an old kernel.
+BASE_CONFIG = "allnoconfig"
+MAKE = ["make", "ARCH=x86_64"]
 SOURCE_DIR = Path("/usr/src")
 
 
@@ -36,7 +42,7 @@ def source_tarball() -> Path:
 
 
 def config_hash(tarball: Path) -> str:
-    digest = hashlib.sha256(FRAGMENT.read_bytes())
+    digest = hashlib.sha256(BASE_CONFIG.encode() + b"\0" + FRAGMENT.read_bytes())
     stat = tarball.stat()
     # The tarball is ~140 MB: its name, size and mtime identify the package version.
     digest.update(f"{tarball.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
@@ -62,25 +68,48 @@ def build(cache_dir: Path, jobs: int) -> Path:
         work = Path(tmp)
         _run(["tar", "-xf", str(tarball), "-C", str(work)], work, log)
         tree = next(p for p in work.iterdir() if p.is_dir())
-        make = ["make", "ARCH=x86_64"]
-        _run([*make, "defconfig"], tree, log)
-        _run(["scripts/kconfig/merge_config.sh", "-m", ".config", str(FRAGMENT)], tree, log)
-        _run([*make, "olddefconfig"], tree, log)
-        missing = _missing_options(tree / ".config")
-        if missing:
-            raise SystemExit(f"the merged config lost required options: {', '.join(missing)} (see {log})")
-        _run([*make, f"-j{jobs}", "vmlinux"], tree, log)
+        problems = configure(tree, log)
+        if problems:
+            raise SystemExit(f"the config does not honour microvm.config: {'; '.join(problems)} (see {log})")
+        _run([*MAKE, f"-j{jobs}", "vmlinux"], tree, log)
         staging = Path(tempfile.mkdtemp(prefix="microvm-", dir=cache_dir / "kernels"))
+        staging.chmod(0o755)  # mkdtemp makes it 0700
         shutil.copy2(tree / "vmlinux", staging / "vmlinux")
         shutil.copy2(tree / ".config", staging / "config")
         os.replace(staging, target_dir)  # atomic: a half-built kernel is never picked up
     return vmlinux
 
 
-def _missing_options(config: Path) -> list[str]:
-    have = set(config.read_text().splitlines())
-    wanted = [line for line in FRAGMENT.read_text().splitlines() if line.startswith("CONFIG_")]
-    return [line for line in wanted if line not in have]
+def configure(tree: Path, log: Path) -> list[str]:
+    """Write `tree`/.config from allnoconfig + the fragment; the options it failed to keep."""
+    _run([*MAKE, f"KCONFIG_ALLCONFIG={FRAGMENT}", BASE_CONFIG], tree, log)
+    return config_problems((tree / ".config").read_text())
+
+
+def fragment_options(text: str) -> dict[str, str]:
+    """`CONFIG_X=y` lines and `# CONFIG_X is not set` lines of a config, as {name: value or "n"}."""
+    options: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        unset = re.fullmatch(r"# (CONFIG_\w+) is not set", line)
+        if unset:
+            options[unset.group(1)] = "n"
+        elif line.startswith("CONFIG_"):
+            name, _, value = line.partition("=")
+            options[name] = value
+    return options
+
+
+def config_problems(final_config: str) -> list[str]:
+    """Fragment options the final .config does not honour (kconfig drops an option
+    silently when a dependency is missing, so this is checked, not assumed)."""
+    have = fragment_options(final_config)
+    problems = []
+    for name, wanted in fragment_options(FRAGMENT.read_text()).items():
+        got = have.get(name, "n")
+        if got != wanted:
+            problems.append(f"{name}={wanted} wanted, got {got}")
+    return problems
 
 
 def main() -> None:
@@ -94,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,4 +1,6 @@
-"""KvmRuntime on a host where a Linux guest cannot run: it refuses with the detector's reason."""
+"""KvmRuntime and its instances: on a host where a Linux guest cannot run the runtime refuses
+with the detector's reason; an instance's pause stops the vCPUs and, for a clone of a
+template snapshot, swaps its changed pages out to a diff until resume."""
 
 from __future__ import annotations
 
@@ -7,12 +9,14 @@ from pathlib import Path
 import pytest
 import trio
 from kvm_guest import RecordingDevice, assemble
+from test_kvm_snapshot import PAGE_WRITER, PAGES, Counter, expected_page_values, page_values, snapshot_after
 
 from appliance.config import Config
 from appliance.runtime.base import BootFailed, BootSpec
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.machine import Machine, MachineConfig
-from appliance.runtime.kvm.runtime import KvmInstance, KvmRuntime
+from appliance.runtime.kvm.runtime import PAUSED_SNAPSHOT_DIR, KvmInstance, KvmRuntime
+from appliance.runtime.kvm.snapshot import read_state
 from appliance.runtime.kvm.x86 import enter_long_mode
 from appliance.templates.manifest import TemplateManifest
 from cffi_kvm import Kvm
@@ -66,3 +70,46 @@ async def test_instance_pause_stops_the_vcpus_and_resume_continues(kvm: Kvm, tmp
         assert instance.memory_usage_bytes() > 0
     finally:
         machine.close()
+
+
+async def test_pause_of_a_clone_writes_its_diff_frees_its_memory_and_resume_continues(
+    kvm: Kvm, tmp_path: Path
+) -> None:
+    await snapshot_after(kvm, tmp_path / "template", 5, program=PAGE_WRITER)
+
+    sandbox_dir = tmp_path / "sbx"
+    sandbox_dir.mkdir()
+    clone_counter = Counter()
+    clone_counter.stop_at = 1 << 40  # runs until cancelled
+    clone = Machine.restore(
+        kvm, tmp_path / "template", add_devices=clone_counter.attach, track_dirty_pages=True
+    )
+    instance = KvmInstance("sbx", sandbox_dir / "console.log", "127.0.0.1", clone, sandbox_dir / "overlay")
+    paused_dir = sandbox_dir / PAUSED_SNAPSHOT_DIR
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(instance.run_until_exit)
+            with trio.fail_after(20):
+                while len(clone_counter.values()) < 3 * PAGES:
+                    await trio.sleep(0.01)
+                resident_running = instance.memory_usage_bytes()
+                await instance.pause()
+            # The pages the clone wrote are no longer resident (read before anything faults them in).
+            assert instance.memory_usage_bytes() <= resident_running - PAGES * 4096
+            steps = len(clone_counter.values())
+            # The diff holds the pages the clone wrote; its RAM is the template's again.
+            state = read_state(paused_dir)
+            assert PAGES <= sum(count for _first, count in state.diff_runs) <= PAGES + 1
+            assert page_values(clone) == expected_page_values(5) != expected_page_values(5 + steps)
+            await trio.sleep(0.1)
+            assert len(clone_counter.values()) == steps  # nothing runs while paused
+            await instance.resume()
+            assert not paused_dir.exists()
+            assert page_values(clone) == expected_page_values(5 + steps)
+            with trio.fail_after(20):
+                while len(clone_counter.values()) < steps + 10:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert clone_counter.values() == list(range(6, 6 + len(clone_counter.values())))
+    finally:
+        clone.close()

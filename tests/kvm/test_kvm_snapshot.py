@@ -1,15 +1,17 @@
 """Snapshot → restore round trips: a new VM continues exactly where the old one stopped,
-and clones of one snapshot diverge without touching each other or the memory file."""
+clones of one snapshot diverge without touching each other or the memory file, a pause
+of a clone is a diff of the pages it dirtied, and a restored guest's clock moves on."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import trio
 from kvm_guest import RecordingDevice, assemble
 
-from appliance.runtime.kvm.machine import Machine, MachineConfig
+from appliance.runtime.kvm.machine import Machine, MachineConfig, SnapshotInfo
 from appliance.runtime.kvm.snapshot import MEMORY_FILE, read_state
 from appliance.runtime.kvm.x86 import enter_long_mode
 from cffi_kvm import Kvm
@@ -64,12 +66,35 @@ async def run_to(machine: Machine, counter: Counter, stop_at: int) -> None:
         await machine.run()
 
 
-def booted(kvm: Kvm, counter: Counter, vcpus: int = 1) -> Machine:
+def booted(kvm: Kvm, counter: Counter, vcpus: int = 1, program: str = COUNTER_LOOP) -> Machine:
+    """A new machine about to run `program` in long mode, `counter` on its ports."""
     machine = Machine.new(kvm, MachineConfig(memory_size=32 * MIB, vcpu_count=vcpus))
     counter.attach(machine)
-    machine.memory.write(CODE, assemble(COUNTER_LOOP, origin=CODE))
+    machine.memory.write(CODE, assemble(program, origin=CODE))
     enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=CODE, rsp=0x8000)
     return machine
+
+
+async def snapshot_after(
+    kvm: Kvm,
+    directory: Path,
+    steps: int,
+    *,
+    program: str = COUNTER_LOOP,
+    vcpus: int = 1,
+    ram: dict[int, bytes] | None = None,
+) -> SnapshotInfo:
+    """Snapshot of a new machine that ran `program` for `steps` counter steps, with
+    `ram` ({guest address: bytes}) written into its memory first."""
+    counter = Counter()
+    machine = booted(kvm, counter, vcpus, program)
+    try:
+        for address, data in (ram or {}).items():
+            machine.memory.write(address, data)
+        await run_to(machine, counter, steps)
+        return machine.snapshot(directory)
+    finally:
+        machine.close()
 
 
 async def test_restore_continues_exactly_where_the_snapshot_stopped(kvm: Kvm, tmp_path: Path) -> None:
@@ -104,13 +129,7 @@ async def test_restore_continues_exactly_where_the_snapshot_stopped(kvm: Kvm, tm
 async def test_clones_diverge_without_touching_each_other_or_the_memory_file(
     kvm: Kvm, tmp_path: Path
 ) -> None:
-    counter = Counter()
-    original = booted(kvm, counter, vcpus=2)
-    try:
-        await run_to(original, counter, 10)
-        original.snapshot(tmp_path / "snap")
-    finally:
-        original.close()
+    await snapshot_after(kvm, tmp_path / "snap", 10, vcpus=2)
     memory_file = tmp_path / "snap" / MEMORY_FILE
     digest_before = hashlib.sha256(memory_file.read_bytes()).hexdigest()
 
@@ -133,32 +152,137 @@ async def test_clones_diverge_without_touching_each_other_or_the_memory_file(
     assert hashlib.sha256(memory_file.read_bytes()).hexdigest() == digest_before
 
 
-async def test_pause_writes_only_dirtied_pages_and_resumes(kvm: Kvm, tmp_path: Path) -> None:
-    counter = Counter()
-    original = booted(kvm, counter)
-    try:
-        await run_to(original, counter, 5)
-        full = original.snapshot(tmp_path / "template")
-    finally:
-        original.close()
+# Each step stores the counter into one of PAGES pages (step k → page k % PAGES), so
+# after a few rounds the guest has dirtied exactly PAGES pages, and nothing else.
+PAGES = 48
+PAGES_BASE = 0x100000
+PAGE_WRITER = f"""
+    xor %ebx, %ebx
+again:
+    inc %rbx
+    mov %rbx, %rax
+    xor %edx, %edx
+    mov ${PAGES}, %ecx
+    div %rcx
+    shl $12, %rdx
+    mov %rbx, {PAGES_BASE:#x}(%rdx)
+    mov %ebx, %eax
+    out %eax, ${COUNTER_PORT:#x}
+    jmp again
+"""
 
-    sandbox_counter = Counter(clone_id=7)
+
+DEVICE_PAGE = 0x200000
+DEVICE_DATA = b"written by a device model"
+
+
+def page_values(machine: Machine) -> list[int]:
+    return [machine.memory.read_int(PAGES_BASE + i * 4096, 8) for i in range(PAGES)]
+
+
+def expected_page_values(count: int) -> list[int]:
+    """What the pages hold after `count` steps: the last step that wrote each one."""
+    return [max((k for k in range(1, count + 1) if k % PAGES == i), default=0) for i in range(PAGES)]
+
+
+def allocated_bytes(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+async def test_pause_writes_only_the_pages_dirtied_since_the_template_and_resume_continues(
+    kvm: Kvm, tmp_path: Path
+) -> None:
+    # Guest RAM that a real guest would have filled (kernel, page cache): 4 MiB non-zero.
+    filled = {0x400000: os.urandom(4 * MIB)}
+    full = await snapshot_after(kvm, tmp_path / "template", 5, program=PAGE_WRITER, ram=filled)
+    assert full.memory_bytes_written > 4 * MIB
+
+    # create = restore with dirty-page tracking; the guest writes all PAGES pages.
+    sandbox_counter = Counter()
     sandbox = Machine.restore(
         kvm, tmp_path / "template", add_devices=sandbox_counter.attach, track_dirty_pages=True
     )
     try:
-        await run_to(sandbox, sandbox_counter, 15)
+        await run_to(sandbox, sandbox_counter, 5 + 3 * PAGES)
+        # A device model writes guest memory from the host side, which KVM does not log.
+        sandbox.memory.write(DEVICE_PAGE, DEVICE_DATA)
         paused = sandbox.snapshot(tmp_path / "paused", incremental=True)
     finally:
         sandbox.close()
-    # The loop dirties its counter page and the clone-id page (plus the stack page at most).
-    assert 0 < paused.memory_bytes_written <= 3 * 4096 < full.memory_bytes_written
+    # Only the written pages (and at most one more, e.g. the page tables' accessed bits).
+    diff_pages = paused.memory_bytes_written // 4096
+    assert PAGES + 1 <= diff_pages <= PAGES + 2, paused.state.diff_runs
+    diff_file = tmp_path / "paused" / MEMORY_FILE
+    assert allocated_bytes(diff_file) <= (PAGES + 2) * 4096 + 64 * 1024  # sparse: the diff alone
+    assert read_state(tmp_path / "paused").base_memory == str(tmp_path / "template" / MEMORY_FILE)
 
-    resumed_counter = Counter(clone_id=7)
-    resumed = Machine.restore(kvm, tmp_path / "paused", add_devices=resumed_counter.attach)
+    # resume = restore of the diff over the template's memory file: continues exactly.
+    resumed_counter = Counter()
+    resumed = Machine.restore(
+        kvm, tmp_path / "paused", add_devices=resumed_counter.attach, track_dirty_pages=True
+    )
     try:
-        assert resumed.memory.read_int(CLONE_PAGE, 4) == 7
-        await run_to(resumed, resumed_counter, 20)
-        assert resumed_counter.values() == [16, 17, 18, 19, 20]
+        count = 5 + 3 * PAGES
+        assert page_values(resumed) == expected_page_values(count)
+        assert resumed.memory.read(DEVICE_PAGE, len(DEVICE_DATA)) == DEVICE_DATA
+        assert (
+            resumed.memory.read(0x400000, 4 * MIB)
+            == (tmp_path / "template" / MEMORY_FILE).read_bytes()[0x400000 : 0x400000 + 4 * MIB]
+        )
+        await run_to(resumed, resumed_counter, count + 10)
+        assert resumed_counter.values() == list(range(count + 1, count + 11))
+        # Pausing a resumed guest still writes every page that differs from the template,
+        # also those it has not touched since the resume.
+        again = resumed.snapshot(tmp_path / "paused-again", incremental=True)
     finally:
         resumed.close()
+    assert PAGES + 1 <= again.memory_bytes_written // 4096 <= PAGES + 2
+    last = Machine.restore(kvm, tmp_path / "paused-again", add_devices=Counter().attach)
+    try:
+        assert page_values(last) == expected_page_values(count + 10)
+        assert last.memory.read(DEVICE_PAGE, len(DEVICE_DATA)) == DEVICE_DATA
+    finally:
+        last.close()
+
+
+MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
+PVCLOCK_PAGE = 0x5000
+SEEN_TIME = 0x6000
+# Turns on kvmclock (KVM keeps a pvclock_vcpu_time_info at PVCLOCK_PAGE up to date) and
+# copies its system_time (ns since the VM's clock epoch) to SEEN_TIME on every step.
+CLOCK_READER = f"""
+    mov ${MSR_KVM_SYSTEM_TIME_NEW:#x}, %ecx
+    mov ${PVCLOCK_PAGE | 1:#x}, %eax
+    xor %edx, %edx
+    wrmsr
+    xor %ebx, %ebx
+again:
+    inc %rbx
+    mov {PVCLOCK_PAGE + 16:#x}, %rax
+    mov %rax, {SEEN_TIME:#x}
+    mov %ebx, %eax
+    out %eax, ${COUNTER_PORT:#x}
+    jmp again
+"""
+
+
+async def test_restored_guest_clock_moves_on_by_the_time_the_snapshot_was_stored(
+    kvm: Kvm, tmp_path: Path
+) -> None:
+    await snapshot_after(kvm, tmp_path / "snap", 5, program=CLOCK_READER)
+    with (tmp_path / "snap" / MEMORY_FILE).open("rb") as memory:
+        memory.seek(SEEN_TIME)
+        seen_before = int.from_bytes(memory.read(8), "little")
+    assert seen_before > 0  # kvmclock runs
+
+    stored_s = 1.0
+    await trio.sleep(stored_s)
+    restored_counter = Counter()
+    restored = Machine.restore(kvm, tmp_path / "snap", add_devices=restored_counter.attach)
+    try:
+        await run_to(restored, restored_counter, 10)
+        seen_after = restored.memory.read_int(SEEN_TIME, 8)
+    finally:
+        restored.close()
+    # What the guest reads from kvmclock after the restore is at least the stored time later.
+    assert seen_after - seen_before >= stored_s * 1e9

@@ -102,6 +102,14 @@ def attach(device: VirtioDevice, memory: GuestMemory) -> tuple[Driver, mmio.Mmio
     return Driver(bus, memory), transport, irq
 
 
+def add_to_machine(machine: Machine, name: str, device: VirtioDevice) -> mmio.MmioTransport:
+    """`device` behind a virtio-mmio transport at BASE, interrupting on GSI 5 through irqfd."""
+    irq = machine.irq_eventfd(5)
+    transport = mmio.MmioTransport(device, machine.memory, lambda: os.eventfd_write(irq, 1))
+    machine.add_mmio_device(name, transport, BASE, mmio.MMIO_SIZE)
+    return transport
+
+
 def test_cmdline_entry_declares_the_device() -> None:
     assert mmio.cmdline_device(0xD0000000, 5) == "virtio_mmio.device=4K@0xd0000000:5"
 
@@ -196,10 +204,7 @@ def test_machine_snapshot_carries_device_and_queue_state(kvm: Kvm, tmp_path: Pat
     disk = CowDisk(tmp_path / "overlay.img", size=MIB)
 
     def add_blk(machine: Machine) -> mmio.MmioTransport:
-        irq = machine.irq_eventfd(5)
-        transport = mmio.MmioTransport(VirtioBlock(disk), machine.memory, lambda: os.eventfd_write(irq, 1))
-        machine.add_mmio_device("virtio-blk", transport, BASE, mmio.MMIO_SIZE)
-        return transport
+        return add_to_machine(machine, "virtio-blk", VirtioBlock(disk))
 
     machine = Machine.new(kvm, MachineConfig(memory_size=4 * MIB))
     transport = add_blk(machine)
@@ -234,6 +239,42 @@ def test_machine_snapshot_carries_device_and_queue_state(kvm: Kvm, tmp_path: Pat
             t.close()
         restored.close()
         disk.close()
+
+
+def test_clones_of_one_snapshot_draw_different_entropy_from_virtio_rng(kvm: Kvm, tmp_path: Path) -> None:
+    """Clones share the template's RAM, so their kernels' CRNG starts identical: the seed
+    each one gets from its own virtio-rng (and /init) must differ between clones."""
+
+    def add_rng(machine: Machine) -> mmio.MmioTransport:
+        return add_to_machine(machine, "virtio-rng", VirtioRng())
+
+    template = Machine.new(kvm, MachineConfig(memory_size=4 * MIB))
+    transport = add_rng(template)
+    try:
+        driver = Driver(template.mmio_bus, template.memory)
+        driver.probe()
+        driver.submit([(BUFFERS, 64, True)])
+        assert driver.used() == (0, 64)
+        template.snapshot(tmp_path / "snap")
+    finally:
+        transport.close()
+        template.close()
+
+    drawn = []
+    transports: list[mmio.MmioTransport] = []
+    for _clone in range(2):
+        clone = Machine.restore(kvm, tmp_path / "snap", add_devices=lambda m: transports.append(add_rng(m)))
+        try:
+            driver = Driver(clone.mmio_bus, clone.memory)
+            driver.avail_idx = driver.used_seen = 1  # the driver's ring state is in the restored RAM
+            driver.queue_size = 16
+            driver.submit([(BUFFERS + 0x100, 64, True)])
+            assert driver.used() == (0, 64)
+            drawn.append(clone.memory.read(BUFFERS + 0x100, 64))
+        finally:
+            transports[-1].close()
+            clone.close()
+    assert drawn[0] != drawn[1]
 
 
 async def test_guest_queue_notify_through_ioeventfd_is_served_by_a_trio_task(kvm: Kvm) -> None:

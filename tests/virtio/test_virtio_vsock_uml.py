@@ -15,7 +15,7 @@ import trio
 
 from appliance.runtime.virtio.device import DEVICE_ID_VSOCK
 from appliance.runtime.virtio.vhost_user.backend import VhostUserBackend
-from appliance.runtime.virtio.vhost_user.uml_frontend import missing_prerequisite, run_uml
+from appliance.runtime.virtio.vhost_user.uml_frontend import GuestRun, missing_prerequisite, run_uml
 from appliance.runtime.virtio.vsock.device import VirtioVsock
 
 GUEST_CID = 3
@@ -42,6 +42,16 @@ async def _echo_server(listener: trio.SocketListener) -> None:
             await stream.send_all(data)
 
 
+async def run_vsock_guest(backend: VhostUserBackend, script: str, vsock_cat: bytes) -> GuestRun:
+    """A UML guest with the vsock device and vsock_cat, running `script`."""
+    return await run_uml(
+        script,
+        devices=[(backend.socket_path, DEVICE_ID_VSOCK)],
+        drivers=DRIVERS,
+        extra_files={"bin/vsock_cat": vsock_cat},
+    )
+
+
 async def test_guest_connects_to_a_host_unix_socket(tmp_path: Path, vsock_cat: bytes) -> None:
     uds = tmp_path / "v.sock"
     device = VirtioVsock(GUEST_CID, uds)
@@ -60,12 +70,7 @@ async def test_guest_connects_to_a_host_unix_socket(tmp_path: Path, vsock_cat: b
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_echo_server, trio.SocketListener(sock))
         await nursery.start(backend.serve)
-        run = await run_uml(
-            script,
-            devices=[(backend.socket_path, DEVICE_ID_VSOCK)],
-            drivers=DRIVERS,
-            extra_files={"bin/vsock_cat": vsock_cat},
-        )
+        run = await run_vsock_guest(backend, script, vsock_cat)
         nursery.cancel_scope.cancel()
     assert run.value("rc") == "0", run.console
     assert run.value("sent") == run.value("back")
@@ -107,12 +112,7 @@ async def test_host_connects_to_a_guest_port(tmp_path: Path, vsock_cat: bytes) -
     async with trio.open_nursery() as nursery:
         await nursery.start(backend.serve)
         nursery.start_soon(host_side)
-        run = await run_uml(
-            script,
-            devices=[(backend.socket_path, DEVICE_ID_VSOCK)],
-            drivers=DRIVERS,
-            extra_files={"bin/vsock_cat": vsock_cat},
-        )
+        run = await run_vsock_guest(backend, script, vsock_cat)
         nursery.cancel_scope.cancel()
     assert run.value("echo_rc") == "0", run.console
     assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()

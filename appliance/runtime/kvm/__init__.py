@@ -1,6 +1,7 @@
 """The kvm runtime: a microVM monitor in Python over cffi_kvm.
 
-- memory.py    guest RAM (anonymous, or a snapshot's memory file mapped MAP_PRIVATE), dirty log
+- memory.py    guest RAM (anonymous, or a snapshot's memory file mapped MAP_PRIVATE), dirty log,
+               diffs against the memory file (pause) and giving pages back to the host
 - machine.py   the VM: in-kernel irqchip + PIT, vCPU threads run from Trio, buses, snapshot/restore
 - vcpu.py      KVM_RUN loop and exit dispatch, kick signal, vCPU state as plain bytes
 - bus.py       port-I/O and MMIO address buses
@@ -8,7 +9,8 @@
 - x86.py       long-mode set-up (GDT, identity page tables, sregs)
 - boot.py      Linux loading: PVH / 64-bit boot protocol, bzImage, initramfs, e820
 - mptable.py   MP table (vCPUs, IOAPIC) for guests without ACPI
-- snapshot.py  state.json (plain data) + memory file
+- snapshot.py  state.json (plain data) + memory file (whole, or a diff over a base file)
+- pool.py      restore shells made ahead of time, per template snapshot
 - runtime.py   KvmRuntime, runtime.base's Runtime over all of the above
 Virtio devices live in runtime/virtio and reach a guest through virtio/mmio.py.
 """

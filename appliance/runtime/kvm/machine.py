@@ -10,6 +10,7 @@ or close it. No thread outlives `run()`.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import trio
 from appliance.runtime.kvm.bus import Bus, BusDevice
 from appliance.runtime.kvm.devices.i8042 import I8042
 from appliance.runtime.kvm.devices.serial import Serial
-from appliance.runtime.kvm.memory import GuestMemory
+from appliance.runtime.kvm.memory import PAGE_SIZE, GuestMemory
 from appliance.runtime.kvm.snapshot import MEMORY_FILE, MachineState, read_state, write_state
 from appliance.runtime.kvm.vcpu import (
     VcpuExit,
@@ -69,14 +70,14 @@ class Machine:
         config: MachineConfig,
         memory: GuestMemory,
         *,
-        console: Callable[[bytes], None] | None = None,
+        console: Callable[[bytes], object] | None = None,
     ) -> None:
         install_kick_handler()
         self.kvm = kvm
         self.config = config
         self.memory = memory
         self.console_output = bytearray()
-        self._console = console or self.console_output.extend
+        self._console: Callable[[bytes], object] = console or self.console_output.extend
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self._persistent: dict[str, Persistent] = {}
@@ -99,7 +100,7 @@ class Machine:
                     msr_indices = readable_msrs(vcpu, kvm.msr_index_list())
                 self.vcpus.append(VcpuRunner(vcpu, self.pio_bus, self.mmio_bus, msr_indices))
             serial_irq = self.irq_eventfd(SERIAL_IRQ)
-            self.serial = Serial(self._console, lambda: os.eventfd_write(serial_irq, 1))
+            self.serial = Serial(self._write_console, lambda: os.eventfd_write(serial_irq, 1))
             self.i8042 = I8042(lambda: self.request_stop(VcpuExit.RESET))
             self.add_pio_device("serial", self.serial, SERIAL_PORT, 8)
             self.add_pio_device("i8042", self.i8042, I8042_PORT, 5)
@@ -115,6 +116,13 @@ class Machine:
         except BaseException:
             memory.close()
             raise
+
+    def _write_console(self, data: bytes) -> None:
+        self._console(data)
+
+    def set_console(self, console: Callable[[bytes], object]) -> None:
+        """Where serial output goes from now on (a pooled shell learns its sandbox's log late)."""
+        self._console = console
 
     # ---- devices ------------------------------------------------------------------
 
@@ -197,18 +205,24 @@ class Machine:
             pit=struct_bytes(self.vm.get_pit2()),
             clock=struct_bytes(self.vm.get_clock()),
             devices={name: device.save() for name, device in self._persistent.items()},
+            saved_at_ns=time.clock_gettime_ns(time.CLOCK_REALTIME),
         )
 
     def snapshot(self, directory: Path, *, incremental: bool = False) -> SnapshotInfo:
         """Write state.json and the memory file into `directory`.
 
-        `incremental` (needs dirty-page tracking and a guest restored from a
-        snapshot) copies the original memory file and writes only dirtied pages.
+        `incremental` (a pause; needs dirty-page tracking and a guest restored from
+        a snapshot) writes only the pages that differ from the memory file the
+        guest was restored from, which stays the diff's base.
         """
         directory.mkdir(parents=True, exist_ok=True)
         state = self.save_state()
-        base = self.memory.backing_file if incremental else None
-        written = self.memory.save(directory / MEMORY_FILE, vm=self.vm, base=base)
+        if incremental:
+            state.diff_runs = self.memory.save_dirty(directory / MEMORY_FILE, self.vm)
+            state.base_memory = str(self.memory.backing_file)
+            written = sum(count for _first, count in state.diff_runs) * PAGE_SIZE
+        else:
+            written = self.memory.save(directory / MEMORY_FILE)
         write_state(directory, state)
         return SnapshotInfo(state, written)
 
@@ -221,6 +235,10 @@ class Machine:
         self.vm.set_pit2(struct_from_bytes("struct kvm_pit_state2 *", state.pit))
         clock = struct_from_bytes("struct kvm_clock_data *", state.clock)
         clock.flags = 0  # only the value: KVM rejects flags it reported but does not accept
+        if state.saved_at_ns:
+            # The guest's clock moves on by the time the snapshot was not running (as
+            # across a suspend), so clones of an old template do not start in the past.
+            clock.clock += max(0, time.clock_gettime_ns(time.CLOCK_REALTIME) - state.saved_at_ns)
         self.vm.set_clock(clock)
         for name, saved in state.devices.items():
             if name not in self._persistent:
@@ -244,7 +262,15 @@ class Machine:
         restore's cost, so a pool of shells per template makes the restore itself cheap:
         add the devices, then `apply_state(state)`.
         """
-        memory = GuestMemory.from_file(directory / MEMORY_FILE, state.regions, track_dirty=track_dirty_pages)
+        # A pause (diff) maps the template's memory file and copies its own pages over it.
+        base = directory / MEMORY_FILE if state.base_memory is None else Path(state.base_memory)
+        memory = GuestMemory.from_file(base, state.regions, track_dirty=track_dirty_pages)
+        if state.base_memory is not None:
+            try:
+                memory.apply_diff(directory / MEMORY_FILE, state.diff_runs)
+            except BaseException:
+                memory.close()
+                raise
         config = MachineConfig(state.memory_size, state.vcpu_count, track_dirty_pages)
         try:
             return cls(kvm, config, memory, **kwargs)

@@ -8,10 +8,11 @@ guest writes become private copies, which is what makes clones cheap.
 from __future__ import annotations
 
 import os
-import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.runtime.virtio.memory import MappedGuestMemory
 from cffi_kvm import CData, KvmError, Vm, ffi, lib
 
 PAGE_SIZE = 4096
@@ -53,7 +54,7 @@ class MemoryRegion:
         return self.layout.guest_phys_addr + self.layout.size
 
 
-class GuestMemory:
+class GuestMemory(MappedGuestMemory):
     """All RAM of one guest. Slot flags may enable dirty-page logging (for incremental pause)."""
 
     def __init__(self, regions: list[MemoryRegion], *, backing_file: Path | None, track_dirty: bool) -> None:
@@ -118,63 +119,74 @@ class GuestMemory:
             lib.munmap(region.host_addr, region.layout.size)
         self.regions = []
 
-    def _locate(self, gpa: int, length: int) -> tuple[MemoryRegion, int]:
-        for region in self.regions:
-            if region.start <= gpa and gpa + length <= region.end:
-                return region, gpa - region.start
-        raise ValueError(f"guest range {gpa:#x}+{length:#x} is not RAM")
+    def mapped_regions(self) -> Iterator[tuple[int, memoryview]]:
+        return ((r.start, r.view) for r in self.regions)
 
-    def slice(self, gpa: int, length: int) -> memoryview:
-        """A writable view of guest memory (no copy); valid while the memory is mapped."""
-        region, offset = self._locate(gpa, length)
-        return region.view[offset : offset + length]
-
-    def read(self, gpa: int, length: int) -> bytes:
-        return bytes(self.slice(gpa, length))
-
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        self.slice(gpa, len(data))[:] = data
-
-    def read_int(self, gpa: int, size: int) -> int:
-        return int.from_bytes(self.slice(gpa, size), "little")
-
-    def write_int(self, gpa: int, size: int, value: int) -> None:
-        self.slice(gpa, size)[:] = value.to_bytes(size, "little")
-
-    def save(self, path: Path, *, vm: Vm | None = None, base: Path | None = None) -> int:
-        """Write guest RAM to `path`; returns the bytes written.
-
-        With `base` (the memory file this guest was restored from) and dirty
-        tracking on, `path` starts as a copy of `base` and only the pages dirtied
-        since the last dirty-log read are written. Otherwise every non-zero page is
-        written into a sparse file.
-        """
+    def save(self, path: Path) -> int:
+        """Write all guest RAM to `path` as a sparse file (zero pages stay holes); bytes written."""
         written = 0
-        incremental = base is not None and vm is not None and self.track_dirty
-        if incremental:
-            assert base is not None
-            shutil.copyfile(base, path)
-        with open(path, "r+b" if incremental else "wb") as out:
-            if not incremental:
-                out.truncate(sum(r.layout.size for r in self.regions))
+        zero = bytes(PAGE_SIZE)
+        with open(path, "wb") as out:
+            out.truncate(self.size)
             for region in self.regions:
-                pages = region.layout.size // PAGE_SIZE
-                candidates: list[int] | range
-                if incremental:
-                    assert vm is not None
-                    bitmap = int.from_bytes(vm.get_dirty_log(region.layout.slot, pages), "little")
-                    candidates = _set_bits(bitmap)
-                else:
-                    candidates = range(pages)
-                zero = bytes(PAGE_SIZE)
-                for page in candidates:
+                for page in range(region.layout.size // PAGE_SIZE):
                     data = region.view[page * PAGE_SIZE : (page + 1) * PAGE_SIZE]
-                    if not incremental and data == zero:
-                        continue
-                    out.seek(region.layout.file_offset + page * PAGE_SIZE)
-                    out.write(data)
-                    written += PAGE_SIZE
+                    if data != zero:
+                        out.seek(region.layout.file_offset + page * PAGE_SIZE)
+                        out.write(data)
+                        written += PAGE_SIZE
         return written
+
+    def save_dirty(self, path: Path, vm: Vm) -> list[tuple[int, int]]:
+        """Write only the pages that differ from `backing_file` (the template's memory).
+
+        Those are the pages the guest dirtied (KVM_GET_DIRTY_LOG, reset when the guest
+        was restored) plus the ones written from this side, which KVM does not log:
+        device models filling guest buffers, a diff applied on resume. Every write to a
+        MAP_PRIVATE file mapping leaves a private copy, which /proc/self/pagemap shows.
+        `path` is a sparse file laid out like the memory file, holding just those pages;
+        returns them as (first page, count) runs of memory-file page numbers.
+        """
+        if not self.track_dirty or self.backing_file is None:
+            raise ValueError("a diff needs dirty-page tracking and a guest restored from a memory file")
+        runs = []
+        for region in self.regions:
+            count = region.layout.size // PAGE_SIZE
+            dirty = int.from_bytes(vm.get_dirty_log(region.layout.slot, count), "little")
+            pages = set(_set_bits(dirty)) | _private_pages(region)
+            first = region.layout.file_offset // PAGE_SIZE
+            runs += [(first + start, length) for start, length in page_runs(sorted(pages))]
+        with open(path, "wb") as out:
+            out.truncate(self.size)
+            for first, count in runs:
+                out.seek(first * PAGE_SIZE)
+                out.write(self._file_pages(first, count))
+        return runs
+
+    def apply_diff(self, path: Path, runs: list[tuple[int, int]]) -> None:
+        """Copy a diff's pages over the mapped memory file (they become private copies)."""
+        with open(path, "rb") as diff:
+            for first, count in runs:
+                diff.seek(first * PAGE_SIZE)
+                self._file_pages(first, count)[:] = diff.read(count * PAGE_SIZE)
+
+    def discard_private_pages(self) -> None:
+        """Give the guest's private copies back to the host: every page reads as the
+        memory file's again (its page cache, shared). Only after save_dirty kept them."""
+        if self.backing_file is None:
+            raise ValueError("anonymous guest memory has no file to fall back to")
+        for region in self.regions:
+            if lib.madvise(region.host_addr, region.layout.size, lib.MADV_DONTNEED) != 0:
+                raise KvmError(ffi.errno, "madvise(MADV_DONTNEED)")
+
+    def _file_pages(self, first: int, count: int) -> memoryview:
+        """Guest memory behind memory-file pages [first, first+count) (within one region)."""
+        offset = first * PAGE_SIZE
+        for region in self.regions:
+            if region.layout.file_offset <= offset < region.layout.file_offset + region.layout.size:
+                start = offset - region.layout.file_offset
+                return region.view[start : start + count * PAGE_SIZE]
+        raise ValueError(f"memory-file page {first} is outside guest RAM")
 
     def resident_bytes(self) -> int:
         """Host memory the guest's RAM occupies now (Rss of its mappings, from smaps)."""
@@ -193,6 +205,34 @@ class GuestMemory:
         """Forget pages dirtied so far (e.g. right after restoring from a template)."""
         for region in self.regions:
             vm.get_dirty_log(region.layout.slot, region.layout.size // PAGE_SIZE)
+
+
+PAGEMAP_PRESENT_OR_SWAPPED = 0b11 << 62
+PAGEMAP_FILE_OR_SHARED = 1 << 61
+
+
+def _private_pages(region: MemoryRegion) -> set[int]:
+    """Pages of `region` (numbered from its start) this process holds a private copy of."""
+    host = int(ffi.cast("uintptr_t", region.host_addr))
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(host // PAGE_SIZE * 8)
+        entries = memoryview(pagemap.read(region.layout.size // PAGE_SIZE * 8)).cast("Q")
+    return {
+        page
+        for page, entry in enumerate(entries)
+        if entry & PAGEMAP_PRESENT_OR_SWAPPED and not entry & PAGEMAP_FILE_OR_SHARED
+    }
+
+
+def page_runs(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted page numbers as (first, count) runs."""
+    runs: list[tuple[int, int]] = []
+    for page in pages:
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((page, 1))
+    return runs
 
 
 def _set_bits(bitmap: int) -> list[int]:

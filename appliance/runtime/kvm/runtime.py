@@ -7,6 +7,12 @@ guest kernel (PVH or 64-bit entry) with the devices on its command line; vCPU
 threads; the console in `<sandbox_dir>/console.log`. Ready = the guest agent
 accepts TCP on its port through the sandbox's host address.
 
+With a template snapshot (taken by the template build once the agent is ready), a
+sandbox is a restore instead of a boot: a pooled VM shell gets the snapshot's state,
+the guest clock moves on, and the cubelet's /init hands over env, token, time and RNG
+seed. A clone's pause writes only what it changed since the template (a diff) and
+gives those pages back to the host; resume copies them back.
+
 Runs only where a guest kernel can run at full speed: VMX/SVM, or PVM with a PVM
 guest kernel configured (`detect_host` says which, and why not).
 """
@@ -17,6 +23,7 @@ import contextlib
 import errno
 import functools
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +39,8 @@ from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited,
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
 from appliance.runtime.kvm.machine import Machine, MachineConfig
-from appliance.runtime.kvm.snapshot import STATE_FILE
+from appliance.runtime.kvm.pool import ShellPool
+from appliance.runtime.kvm.snapshot import MEMORY_FILE, STATE_FILE
 from appliance.runtime.kvm.vcpu import VcpuExit
 from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
@@ -56,6 +64,9 @@ KERNEL_CMDLINE = (
 CONSOLE_TAIL_BYTES = 4096
 OVERLAY_NAME = "rootfs.overlay"
 TEMPLATE_SNAPSHOT_DIR = "kvm-snapshot"  # in the template's directory: state.json, memory, rootfs.overlay
+# In the sandbox's directory while it is paused: the pause's diff snapshot (a `run` of a
+# sandbox that has one, e.g. after the service restarted, resumes from it).
+PAUSED_SNAPSHOT_DIR = "kvm-paused"
 
 
 def find_guest_kernel(config: Config) -> Path | None:
@@ -100,35 +111,58 @@ class KvmInstance:
     _run_scope: trio.CancelScope | None = None
     _resumed: trio.Event | None = None
     _paused: trio.Event | None = None
+    _swapped_out: tuple[Path, list[tuple[int, int]]] | None = None  # while paused: the diff
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return self.host_ip, port
 
     async def pause(self) -> None:
+        """Stop the vCPUs. A guest restored from a snapshot also writes what it changed
+        since (a diff: the pages dirtied since the template snapshot, its vCPU and device
+        state) into PAUSED_SNAPSHOT_DIR and gives those pages back to the host: its RAM
+        is the template's page cache again until resume copies the diff back."""
         if self._resumed is not None:
             return
+        await self._stop_vcpus()
+        memory = self.machine.memory
+        if memory.track_dirty and memory.backing_file is not None:
+            directory = self.disk_overlay.parent / PAUSED_SNAPSHOT_DIR
+            write = functools.partial(self.machine.snapshot, directory, incremental=True)
+            info = await trio.to_thread.run_sync(write)
+            memory.discard_private_pages()
+            self._swapped_out = (directory, info.state.diff_runs)
+
+    async def resume(self) -> None:
+        if self._swapped_out is not None:
+            directory, runs = self._swapped_out
+            memory = self.machine.memory
+            await trio.to_thread.run_sync(memory.apply_diff, directory / MEMORY_FILE, runs)
+            self._swapped_out = None
+            # Only a paused sandbox has the directory: a later `run` must not resume from it.
+            await trio.to_thread.run_sync(shutil.rmtree, directory)
+        self._continue_vcpus()
+
+    async def _stop_vcpus(self) -> None:
         self._resumed, self._paused = trio.Event(), trio.Event()
         if self._run_scope is not None:
             self._run_scope.cancel()  # kicks the vCPUs out of KVM_RUN; threads are joined
         await self._paused.wait()
 
-    async def resume(self) -> None:
+    def _continue_vcpus(self) -> None:
         if self._resumed is not None:
             resumed, self._resumed = self._resumed, None
             resumed.set()
 
     async def snapshot(self, directory: Path) -> None:
-        """Pause, write the machine (vCPUs, devices, memory) and the disk overlay, resume.
-
-        Taken once the guest agent is ready, into the template's TEMPLATE_SNAPSHOT_DIR,
-        it makes every later sandbox of the template a restore instead of a boot.
-        """
-        await self.pause()
+        """Stop, write the whole machine (vCPUs, devices, all of RAM) and the disk overlay,
+        continue. Taken once the guest agent is ready, into the template's
+        TEMPLATE_SNAPSHOT_DIR, it makes every later sandbox of the template a restore."""
+        await self._stop_vcpus()
         try:
             await trio.to_thread.run_sync(self.machine.snapshot, directory)  # flushes the disk
             await trio.to_thread.run_sync(_copy_sparse, self.disk_overlay, directory / OVERLAY_NAME)
         finally:
-            await self.resume()
+            self._continue_vcpus()
 
     def memory_usage_bytes(self) -> int:
         return self.machine.memory.resident_bytes()
@@ -152,6 +186,23 @@ class KvmRuntime:
     def __init__(self, config: Config, cubevs: Any) -> None:
         self.config = config
         self.cubevs = cubevs
+        self._pools: dict[Path, ShellPool] = {}  # by template snapshot directory
+
+    def pool_for(self, snapshot_dir: Path) -> ShellPool:
+        """The template snapshot's shell pool; a re-taken snapshot replaces it."""
+        pool = self._pools.get(snapshot_dir)
+        if pool is not None and pool.version != (snapshot_dir / STATE_FILE).stat().st_mtime_ns:
+            pool.close()
+            pool = None
+        if pool is None:
+            pool = self._pools[snapshot_dir] = ShellPool(snapshot_dir)
+        return pool
+
+    def close(self) -> None:
+        """Release the pooled shells (file descriptors and mappings; no threads)."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     async def run(
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
@@ -174,11 +225,16 @@ class KvmRuntime:
             console = resources.enter_context(console_log.open("ab", buffering=0))
             kvm = resources.enter_context(Kvm())
             overlay = spec.sandbox_dir / OVERLAY_NAME
-            template_snapshot = spec.template.directory / TEMPLATE_SNAPSHOT_DIR
-            from_snapshot = (template_snapshot / STATE_FILE).exists()
-            if from_snapshot:
-                # The guest's page cache matches the template's disk as it was at the snapshot.
-                await trio.to_thread.run_sync(_copy_sparse, template_snapshot / OVERLAY_NAME, overlay)
+            # Resume a paused sandbox, else clone the template's snapshot, else boot.
+            snapshot_dir = spec.sandbox_dir / PAUSED_SNAPSHOT_DIR
+            resuming = (snapshot_dir / STATE_FILE).exists()
+            if not resuming:
+                snapshot_dir = spec.template.directory / TEMPLATE_SNAPSHOT_DIR
+            from_snapshot = (snapshot_dir / STATE_FILE).exists()
+            if from_snapshot and not resuming:
+                # The guest's page cache matches the template's disk as it was at the snapshot
+                # (a paused sandbox's own overlay is already in place).
+                await trio.to_thread.run_sync(_copy_sparse, snapshot_dir / OVERLAY_NAME, overlay)
             disk = resources.enter_context(contextlib.closing(CowDisk(overlay, base=spec.template.rootfs)))
             network = resources.enter_context(contextlib.closing(VirtioNet(tap_fd, guest_mac(spec.slot))))
             devices: list[tuple[str, VirtioDevice]] = [
@@ -193,14 +249,22 @@ class KvmRuntime:
                 for index, (name, device) in enumerate(devices):
                     transports.append(self._attach(machine, index, name, device))
 
-            if from_snapshot:
-                # Same devices, same names: Machine.restore applies their saved state.
+            pool = self.pool_for(snapshot_dir) if from_snapshot and not resuming else None
+            if pool is not None:
+                # A clone of the template: a pooled shell (or a new one) gets the snapshot's
+                # state, devices included; the cubelet's /init then hands it its env, token,
+                # time and RNG seed.
+                machine = await pool.restore(add_devices=attach_devices, console=console.write)
+            elif from_snapshot:
+                # Same devices, same names: Machine.restore applies their saved state and
+                # moves the guest clock on; dirty pages are tracked so a pause writes a diff.
                 machine = await trio.to_thread.run_sync(
                     functools.partial(
                         Machine.restore,
                         kvm,
-                        template_snapshot,
+                        snapshot_dir,
                         add_devices=attach_devices,
+                        track_dirty_pages=True,
                         console=console.write,
                     )
                 )
@@ -228,6 +292,8 @@ class KvmRuntime:
             instance = KvmInstance(spec.sandbox_id, console_log, net.host_ip, machine, overlay)
             exited: list[VcpuExit] = []
             async with trio.open_nursery() as nursery:
+                if pool is not None:
+                    nursery.start_soon(pool.refill)  # a shell for the template's next sandbox
                 for _name, device in devices:
                     nursery.start_soon(device.run_io)
                 for transport in transports:
@@ -235,6 +301,8 @@ class KvmRuntime:
                     nursery.start_soon(transport.serve_notifications, notify_fds[transport.base])
                 nursery.start_soon(self._run_guest, instance, exited, nursery.cancel_scope.cancel)
                 await self._wait_ready(spec, instance, net.host_ip, exited)
+                if resuming:  # the pause is over: its diff must not be resumed again
+                    await trio.to_thread.run_sync(shutil.rmtree, snapshot_dir)
                 task_status.started(instance)
             # Reached only when the guest stopped by itself (cancelling `run` is the kill).
             reason = exited[0].value if exited else "stopped"

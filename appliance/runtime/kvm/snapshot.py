@@ -1,4 +1,5 @@
-"""Snapshot format: `state.json` (plain data) next to `memory` (guest RAM, sparse).
+"""Snapshot format: `state.json` (plain data) next to `memory` (guest RAM, sparse;
+for a diff snapshot only the pages that differ from `base_memory`).
 
 Bytes fields (the kernel structs of each vCPU, irqchip, PIT, clock) are stored
 base64-encoded; `format_version` guards against reading a different layout.
@@ -30,6 +31,13 @@ class MachineState:
     pit: bytes
     clock: bytes
     devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Host CLOCK_REALTIME when the snapshot was taken: a restore moves the guest's
+    # kvmclock forward by the time the snapshot spent on disk.
+    saved_at_ns: int = 0
+    # A diff snapshot (pause): `memory` holds only these (first page, count) runs,
+    # every other page is the one in `base_memory` (the template's memory file).
+    base_memory: str | None = None
+    diff_runs: list[tuple[int, int]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
 
@@ -77,4 +85,5 @@ def read_state(directory: Path) -> MachineState:
         )
         for vcpu in raw["vcpus"]
     ]
+    raw["diff_runs"] = [tuple(run) for run in raw.get("diff_runs", [])]
     return MachineState(**raw)

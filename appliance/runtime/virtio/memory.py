@@ -1,8 +1,10 @@
-"""What a virtio device needs from guest memory; the VMM's GuestMemory and the
-vhost-user backend's mapping of the frontend's memory both provide it."""
+"""Guest-physical memory as the device models see it. The VMM's GuestMemory and the
+vhost-user backend's mapping of the frontend's memory are both `MappedGuestMemory`:
+regions of host mappings, each covering [guest_start, guest_start + len(view))."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 
@@ -18,3 +20,30 @@ class GuestMemoryAccess(Protocol):
     def read_int(self, gpa: int, size: int) -> int: ...
 
     def write_int(self, gpa: int, size: int, value: int) -> None: ...
+
+
+class MappedGuestMemory:
+    """GuestMemoryAccess over host mappings; subclasses say where their regions are."""
+
+    def mapped_regions(self) -> Iterable[tuple[int, memoryview]]:
+        """(guest-physical start, view of the whole region) of every region."""
+        raise NotImplementedError
+
+    def slice(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest memory (no copy); valid while the memory is mapped."""
+        for start, view in self.mapped_regions():
+            if start <= gpa and gpa + length <= start + len(view):
+                return view[gpa - start : gpa - start + length]
+        raise ValueError(f"guest range {gpa:#x}+{length:#x} is not in guest RAM")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.slice(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.slice(gpa, len(data))[:] = data
+
+    def read_int(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.slice(gpa, size), "little")
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.slice(gpa, size)[:] = value.to_bytes(size, "little")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from appliance.runtime.virtio.memory import MappedGuestMemory
 
 REGION_FORMAT = "<QQQQ"  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
 REGION_SIZE = struct.calcsize(REGION_FORMAT)
@@ -21,8 +24,8 @@ class MappedRegion:
     view: memoryview
 
 
-class FrontendMemory:
-    """GuestMemoryAccess over the frontend's memory files (UML: its physmem file)."""
+class FrontendMemory(MappedGuestMemory):
+    """Guest memory over the frontend's memory files (UML: its physmem file)."""
 
     def __init__(self) -> None:
         self.regions: list[MappedRegion] = []
@@ -58,21 +61,5 @@ class FrontendMemory:
                 return user_addr - r.user_addr + r.guest_phys_addr
         raise ValueError(f"frontend address {user_addr:#x} is not in any memory region")
 
-    def slice(self, gpa: int, length: int) -> memoryview:
-        for r in self.regions:
-            if r.guest_phys_addr <= gpa and gpa + length <= r.guest_phys_addr + r.size:
-                start = gpa - r.guest_phys_addr
-                return r.view[start : start + length]
-        raise ValueError(f"guest range {gpa:#x}+{length:#x} is not in any memory region")
-
-    def read(self, gpa: int, length: int) -> bytes:
-        return bytes(self.slice(gpa, length))
-
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        self.slice(gpa, len(data))[:] = data
-
-    def read_int(self, gpa: int, size: int) -> int:
-        return int.from_bytes(self.slice(gpa, size), "little")
-
-    def write_int(self, gpa: int, size: int, value: int) -> None:
-        self.slice(gpa, size)[:] = value.to_bytes(size, "little")
+    def mapped_regions(self) -> Iterator[tuple[int, memoryview]]:
+        return ((r.guest_phys_addr, r.view) for r in self.regions)

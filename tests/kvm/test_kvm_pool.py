@@ -1,0 +1,60 @@
+"""Restore shells made ahead of time: a clone from a pooled shell continues exactly like
+a plain restore, the pool refills in a worker thread, and a re-taken snapshot gets a
+new pool in the runtime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from test_kvm_snapshot import Counter, run_to, snapshot_after
+
+from appliance.config import Config
+from appliance.runtime.kvm.pool import ShellPool
+from appliance.runtime.kvm.runtime import KvmRuntime
+from cffi_kvm import Kvm
+
+
+async def test_clones_from_pooled_and_new_shells_continue_where_the_snapshot_stopped(
+    kvm: Kvm, tmp_path: Path
+) -> None:
+    await snapshot_after(kvm, tmp_path / "snap", 10)
+
+    pool = ShellPool(tmp_path / "snap", size=1)
+    try:
+        await pool.refill()
+        assert pool.ready == 1
+        console = bytearray()
+        for expected_ready_after in (0, 0):  # the pooled shell, then a new one
+            clone_counter = Counter()
+            clone = await pool.restore(add_devices=clone_counter.attach, console=console.extend)
+            try:
+                assert pool.ready == expected_ready_after
+                assert clone.memory.track_dirty  # a pause of the clone writes a diff
+                await run_to(clone, clone_counter, 15)
+                assert clone_counter.values() == [11, 12, 13, 14, 15]
+            finally:
+                clone.close()
+        await pool.refill()
+        assert pool.ready == 1
+    finally:
+        pool.close()
+    assert pool.ready == 0
+
+
+async def test_runtime_replaces_the_pool_of_a_retaken_snapshot(kvm: Kvm, tmp_path: Path) -> None:
+    snapshot = tmp_path / "template" / "kvm-snapshot"
+    await snapshot_after(kvm, snapshot, 5)
+    runtime = KvmRuntime(
+        Config(state_dir=tmp_path / "state", cache_dir=tmp_path / "cache", run_dir=tmp_path / "run"),
+        cubevs=None,
+    )
+    try:
+        first = runtime.pool_for(snapshot)
+        assert runtime.pool_for(snapshot) is first
+        await snapshot_after(kvm, snapshot, 7)
+        os.utime(snapshot / "state.json", ns=(1, first.version + 1))  # a later mtime, whatever the fs
+        second = runtime.pool_for(snapshot)
+        assert second is not first and second.state.vcpus[0].regs != first.state.vcpus[0].regs
+    finally:
+        runtime.close()
