@@ -5,7 +5,8 @@ Where things are:
   catalog.py         lookup by id/alias, versions, publish, delete, garbage collection
   builds.py          TemplateBuilds: the build service (jobs run in its nursery)
   jobs.py            BuildJob, phases, JSON persistence under <state_dir>/template-builds
-  api.py, cli.py     HTTP blueprint and `tpl create-from-image|watch|build`
+  api.py, cli.py     HTTP blueprint and `tpl create-from-image|watch|build|cache list|cache prune`
+  build_caches.py    size cap + least-recently-used eviction of the layer and step caches
   requests.py        build requests and template settings, validated
   sandbox_steps.py   what the service provides for BOOTING/PROBING/finalize and Dockerfile RUN
                      (the cubelet's implementation: appliance/cubelet/template_sandboxes.py)
@@ -14,6 +15,7 @@ From images:
   reference.py       image references (registry, oci:, oci-archive:, docker-archive:)
   registry.py, registry_auth.py   distribution v2 client, bearer/basic auth
   manifests.py       manifests, indexes, configs, platform choice
+  image_source.py    what every source hands a build; index -> linux/amd64 manifest -> config
   archives.py        local layouts and archives
   layer_cache.py     verified blobs by digest, resumable
   pull.py            PULLING + UNPACKING for a job
@@ -24,5 +26,6 @@ Finishing:
   probe.py           readiness probe
 Dockerfiles:
   dockerfile.py, dockerignore.py, build_context.py, step_cache.py, dockerfile_build.py
+  (multi-stage, COPY --from, ADD of URLs and local archives, LABEL into the template's labels)
 The default Debian-recipe template: default.py.
 """

@@ -12,6 +12,11 @@
   GET  /templates/builds/<job_id>?log_since=N
                                          -> job: phase, progress, message, reason, console_tail,
                                             template_id, layers, log (from line N), log_start, log_total
+  GET  /templates/build-cache            -> {max_bytes, total_bytes, entries: [{kind, name, size_bytes,
+                                            last_used, in_use}, ...] least recently used first}
+  POST /templates/build-cache/prune      JSON {"max_size": "5G"} (default: the configured cap) or
+                                         {"all": true}      -> {removed: [...], freed_bytes, total_bytes,
+                                                               kept_in_use}
 Errors are JSON `{"code", "message"}` with a 4xx status.
 """
 
@@ -26,13 +31,14 @@ from pathlib import Path
 import trio
 from quart import Blueprint, Response, jsonify, request
 
+from appliance.templates.build_caches import max_cache_bytes
 from appliance.templates.build_context import extract_context, read_context_dockerfile
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.dockerfile import DockerfileError, parse_dockerfile
 from appliance.templates.dockerfile_build import DockerfileBuildRequest
 from appliance.templates.reference import InvalidReference, parse_image_reference
 from appliance.templates.registry_auth import Credentials
-from appliance.templates.requests import ImageBuildRequest, TemplateSettings, public_request
+from appliance.templates.requests import ImageBuildRequest, TemplateSettings, parse_size_mb, public_request
 
 
 def error(status: int, code: str, message: str) -> tuple[Response, int]:
@@ -103,5 +109,37 @@ def create_blueprint(builds: TemplateBuilds) -> Blueprint:
         except ValueError:
             return error(400, "invalid_request", "log_since must be an integer")
         return jsonify(job.view(since))
+
+    @blueprint.get("/templates/build-cache")
+    async def list_build_cache() -> Response:
+        entries = await trio.to_thread.run_sync(builds.caches.entries)
+        return jsonify(
+            {
+                "max_bytes": max_cache_bytes(builds.config),
+                "total_bytes": sum(e.size_bytes for e in entries),
+                "entries": [e.to_dict() for e in entries],
+            }
+        )
+
+    @blueprint.post("/templates/build-cache/prune")
+    async def prune_build_cache() -> Response | tuple[Response, int]:
+        data = await request.get_json(force=True, silent=True) or {}
+        if not isinstance(data, dict):
+            return error(400, "invalid_request", "the body must be a JSON object")
+        try:
+            limit = 0 if data.get("all") else max_cache_bytes(builds.config)
+            if data.get("max_size") is not None and not data.get("all"):
+                limit = parse_size_mb(str(data["max_size"])) << 20
+        except ValueError as exc:
+            return error(400, "invalid_request", str(exc))
+        removed, kept = await trio.to_thread.run_sync(builds.caches.prune, limit)
+        return jsonify(
+            {
+                "removed": [e.to_dict() for e in removed],
+                "freed_bytes": sum(e.size_bytes for e in removed),
+                "total_bytes": sum(e.size_bytes for e in kept),
+                "kept_in_use": sum(e.in_use for e in kept),
+            }
+        )
 
     return blueprint

@@ -8,17 +8,14 @@ from pathlib import Path, PurePosixPath
 
 import trio
 
-from appliance.templates.image_source import LayerBlob, LayerProgress, ResolvedImage
+from appliance.templates.image_source import LayerBlob, LayerProgress, ResolvedImage, resolve_manifests
 from appliance.templates.layer_cache import digest_hex, file_sha256
 from appliance.templates.manifests import (
     Descriptor,
     DigestMismatch,
     ImageConfig,
-    ImageManifest,
     ManifestError,
     check_platform,
-    parse_manifest_document,
-    select_platform,
     sha256_digest,
     verify_digest,
 )
@@ -86,19 +83,17 @@ class OciLayoutSource:
         return entries[0]
 
     async def resolve(self) -> ResolvedImage:
-        return await trio.to_thread.run_sync(self._resolve_sync)
+        entry = await trio.to_thread.run_sync(self._pick_from_index)
+        raw, media_type = await self._read_manifest(entry)
+        return await resolve_manifests(
+            self._name, (raw, media_type, entry.digest), self._read_manifest, self._read_config
+        )
 
-    def _resolve_sync(self) -> ResolvedImage:
-        entry = self._pick_from_index()
-        document = parse_manifest_document(self._read_verified(entry, "manifest"), entry.media_type)
-        if isinstance(document, list):
-            entry = select_platform(document, self._name)
-            document = parse_manifest_document(self._read_verified(entry, "manifest"), entry.media_type)
-        if not isinstance(document, ImageManifest):
-            raise ManifestError(f"{self._name}: an index entry points at another index")
-        config = ImageConfig.from_bytes(self._read_verified(document.config, "config"))
-        check_platform(config, self._name)
-        return ResolvedImage(self._name, entry.digest, config, document.layers)
+    async def _read_manifest(self, entry: Descriptor) -> tuple[bytes, str]:
+        return await trio.to_thread.run_sync(self._read_verified, entry, "manifest"), entry.media_type
+
+    async def _read_config(self, descriptor: Descriptor) -> bytes:
+        return await trio.to_thread.run_sync(self._read_verified, descriptor, "config")
 
     async def fetch_layer(self, layer: Descriptor, progress: LayerProgress) -> LayerBlob:
         path = self._blob(layer.digest)

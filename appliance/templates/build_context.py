@@ -7,6 +7,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path, PurePosixPath
 
@@ -187,3 +188,88 @@ def copy_from_context(
         guest = posixpath.join(dest, posixpath.basename(source)) if into_directory else dest
         ensure_dir(rootfs, posixpath.dirname(guest.rstrip("/")) or "/")
         _copy_entry(source_path, resolve_in_root(rootfs, guest), uid, gid, chmod)
+
+
+def copy_from_stage(
+    rootfs: Path, stage_root: Path, sources: tuple[str, ...], dest: str, flags: dict[str, str], line: int
+) -> None:
+    """COPY --from=<stage>: absolute paths (globs allowed) of an earlier stage's rootfs (blocking).
+
+    Owners, modes, xattrs, hardlinks and device nodes stay as they are in the stage (`cp -a`),
+    unless --chown/--chmod say otherwise.
+    """
+    found: list[Path] = []
+    for source in sources:
+        if _is_glob(source):
+            matches = sorted(glob.glob(str(stage_root) + source))
+            paths = [resolve_in_root(stage_root, os.path.relpath(m, stage_root)) for m in matches]
+        else:
+            path = resolve_in_root(stage_root, source)
+            paths = [path] if path.exists() or path.is_symlink() else []
+        if not paths:
+            raise DockerfileError(line, f"COPY --from: {source!r} does not exist in the source stage")
+        found += paths
+    uid, gid = lookup_ids(rootfs, flags["chown"])[:2] if "chown" in flags else (-1, -1)
+    chmod = int(flags["chmod"], 8) if "chmod" in flags else None
+    single_file = len(found) == 1 and (found[0].is_symlink() or not found[0].is_dir())
+    if single_file and not dest.endswith("/") and not resolve_in_root(rootfs, dest).is_dir():
+        ensure_dir(rootfs, posixpath.dirname(dest.rstrip("/")) or "/")
+        target = resolve_in_root(rootfs, dest)
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        _cp_archive(found, target)
+        copied = [target]
+    else:
+        # One cp for everything: hardlinks among the sources stay one inode. A directory source
+        # contributes its contents, as in Docker.
+        target = ensure_dir(rootfs, dest)
+        entries = [
+            child
+            for path in found
+            for child in (sorted(path.iterdir()) if path.is_dir() and not path.is_symlink() else [path])
+        ]
+        _cp_archive(entries, target)
+        copied = [target / entry.name for entry in entries]
+    for top in copied:
+        _set_owner_and_mode(top, uid, gid, chmod)
+
+
+def _cp_archive(sources: list[Path], target: Path) -> None:
+    """cp -a (owners, modes, xattrs, hardlinks, device nodes): into the directory `target`, or one
+    source onto the path `target`."""
+    if not sources:
+        return
+    command = ["cp", "-a", "--no-dereference", *map(str, sources), str(target)]
+    if not target.is_dir():
+        command = ["cp", "-a", "--no-dereference", "-T", str(sources[0]), str(target)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise OSError(f"copying from the source stage failed: {result.stderr.strip()[-300:]}")
+
+
+def _set_owner_and_mode(top: Path, uid: int, gid: int, chmod: int | None) -> None:
+    if uid < 0 and chmod is None:
+        return
+    for path in [top, *(top.rglob("*") if top.is_dir() and not top.is_symlink() else [])]:
+        if uid >= 0:
+            os.lchown(path, uid, gid)
+        if chmod is not None and not path.is_symlink():
+            os.chmod(path, chmod)
+
+
+def copy_url_download(rootfs: Path, download: Path, name: str, dest: str, flags: dict[str, str]) -> None:
+    """ADD <url>: the downloaded file (not unpacked, as Docker) at `dest`, or `dest/<name>` for a
+    directory; mode 0600 unless --chmod, as Docker."""
+    guest = (
+        posixpath.join(dest, name) if dest.endswith("/") or resolve_in_root(rootfs, dest).is_dir() else dest
+    )
+    ensure_dir(rootfs, posixpath.dirname(guest.rstrip("/")) or "/")
+    uid, gid = lookup_ids(rootfs, flags["chown"])[:2] if "chown" in flags else (0, 0)
+    target = resolve_in_root(rootfs, guest)
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+    shutil.copyfile(download, target)
+    os.chown(target, uid, gid)
+    os.chmod(target, int(flags["chmod"], 8) if "chmod" in flags else 0o600)

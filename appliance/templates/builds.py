@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ import trio
 
 from appliance.config import Config
 from appliance.runtime.base import BootFailed
+from appliance.templates.build_caches import BuildCaches, max_cache_bytes
 from appliance.templates.catalog import (
     begin_template,
     discard_template,
@@ -70,6 +72,8 @@ class TemplateBuilds:
         self.sandboxes = sandboxes
         self.store = JobStore(config.state_dir / "template-builds")
         self.layer_cache = LayerCache(config.cache_dir / "layers")
+        self.caches = BuildCaches(config.cache_dir, self.running_since)
+        self._running: dict[str, float] = {}  # job id -> when it started (epoch)
         self._limiter = trio.CapacityLimiter(PARALLEL_BUILDS)
         self._nursery: trio.Nursery | None = None
 
@@ -91,6 +95,19 @@ class TemplateBuilds:
         path = self._work_root() / "contexts"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def running_since(self) -> float | None:
+        """When the oldest running build started: cache entries used since then are kept."""
+        return min(self._running.values(), default=None)
+
+    async def enforce_cache_cap(self) -> None:
+        removed, _ = await trio.to_thread.run_sync(self.caches.prune, max_cache_bytes(self.config))
+        if removed:
+            log.info(
+                "evicted %d build cache entries (%d MiB)",
+                len(removed),
+                sum(e.size_bytes for e in removed) >> 20,
+            )
 
     def jobs(self) -> list[BuildJob]:
         return sorted(self.store.jobs.values(), key=lambda j: j.created_at)
@@ -130,6 +147,7 @@ class TemplateBuilds:
                 workdir=config.workdir,
                 user=config.user,
                 image_ports=config.exposed_ports,
+                labels=config.labels,
             )
 
         return self._start("image", public, request.settings, build)
@@ -149,6 +167,7 @@ class TemplateBuilds:
                 workdir=result.workdir,
                 user=result.user,
                 image_ports=result.exposed_ports,
+                labels=result.labels,
             )
 
         return self._start("dockerfile", public, request.settings, build)
@@ -164,6 +183,7 @@ class TemplateBuilds:
         workdir: str,
         user: str,
         image_ports: tuple[int, ...],
+        labels: dict[str, str],
     ) -> TemplateManifest:
         return TemplateManifest(
             template_id=job.template_id,
@@ -181,11 +201,16 @@ class TemplateBuilds:
             probe_path=settings.probe_path,
             network_defaults=settings.network_defaults,
             source=source,
+            labels=labels,
             created_at=utc_now(),
         )
 
     async def _run_job(self, job: BuildJob, settings: TemplateSettings, build: RootfsBuilder) -> None:
         work = self._work_root() / job.job_id
+        failure: tuple[str, str] | None = None  # (reason, console tail)
+        cancelled = False
+        # A little early: file times come from the kernel's coarse clock, which may lag time.time().
+        self._running[job.job_id] = time.time() - 0.05
         try:
             async with self._limiter:
                 rootfs = work / "rootfs"
@@ -197,19 +222,28 @@ class TemplateBuilds:
                 await trio.to_thread.run_sync(shutil.rmtree, work)
                 await self._boot_and_publish(job, settings, manifest)
         except Exception as error:  # every failure becomes the job's reason; nothing above sees it
-            discard_template(self.config, job.template_id)
             leaf = first_leaf(error)
             if isinstance(leaf, BootFailed):
-                self.store.fail(job, f"the template's sandbox did not boot: {leaf.reason}", leaf.console_tail)
+                failure = (f"the template's sandbox did not boot: {leaf.reason}", leaf.console_tail)
             else:
-                self.store.fail(job, str(leaf) or type(leaf).__name__, getattr(leaf, "console_tail", ""))
+                failure = (str(leaf) or type(leaf).__name__, getattr(leaf, "console_tail", ""))
         except BaseException:
-            discard_template(self.config, job.template_id)
-            self.store.fail(job, "the build was cancelled (service shutting down)")
+            failure, cancelled = ("the build was cancelled (service shutting down)", ""), True
             raise
         finally:
+            # Clean up first: whoever sees FAILED finds nothing of the build left.
             with trio.CancelScope(shield=True):
+                if failure is not None:
+                    discard_template(self.config, job.template_id)
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(work, ignore_errors=True))
+                if failure is not None:
+                    self.store.fail(job, *failure)
+                del self._running[job.job_id]
+            if not cancelled:  # the cap waits for the next build rather than delay a shutdown
+                try:
+                    await self.enforce_cache_cap()
+                except OSError as exc:
+                    log.warning("could not prune the build caches: %s", exc)
 
     async def _write_image(
         self, job: BuildJob, settings: TemplateSettings, rootfs: Path, manifest: TemplateManifest

@@ -192,4 +192,67 @@ def build(
         archive.unlink()
 
 
-BUILD_COMMANDS = (create_from_image, watch, build)
+def _size(size_bytes: int) -> str:
+    if size_bytes < 1024:
+        return f"{size_bytes} B"
+    size = float(size_bytes)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+def _cache_rows(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {**e, "name": e["name"][:23], "size": _size(e["size_bytes"]), "in_use": "yes" if e["in_use"] else ""}
+        for e in entries
+    ]
+
+
+@click.group("cache")
+def cache() -> None:
+    """The build caches: layer blobs and Dockerfile step snapshots (LRU, size-capped)."""
+
+
+_json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+_CACHE_COLUMNS = ["kind", "name", "size", "last_used", "in_use"]
+
+
+@cache.command("list")
+@_json_flag
+@api_key_option
+def cache_list(as_json: bool, api_key: str | None) -> None:
+    """Cache entries, least recently used (first to be evicted) first."""
+    from appliance.cli import emit  # the CLI's table printer (appliance.cli imports this module)
+
+    data = _client(api_key).json("GET", "/templates/build-cache")
+    if as_json:
+        emit(data, True, [])
+        return
+    emit(_cache_rows(data["entries"]), False, _CACHE_COLUMNS)
+    click.echo(f"total {_size(data['total_bytes'])} of {_size(data['max_bytes'])} allowed")
+
+
+@cache.command("prune")
+@click.option("--max-size", help="Evict least recently used entries down to this size (default: the cap).")
+@click.option("--all", "everything", is_flag=True, help="Evict everything no running build uses.")
+@_json_flag
+@api_key_option
+def cache_prune(max_size: str | None, everything: bool, as_json: bool, api_key: str | None) -> None:
+    """Evict cache entries; what a running build uses stays."""
+    from appliance.cli import emit
+
+    body: dict[str, Any] = {"all": True} if everything else {"max_size": max_size} if max_size else {}
+    data = _client(api_key).json("POST", "/templates/build-cache/prune", json=body)
+    if as_json:
+        emit(data, True, [])
+        return
+    emit(_cache_rows(data["removed"]), False, _CACHE_COLUMNS)
+    click.echo(
+        f"freed {_size(data['freed_bytes'])}; {_size(data['total_bytes'])} left"
+        f" ({data['kept_in_use']} entries in use by running builds)"
+    )
+
+
+BUILD_COMMANDS = (create_from_image, watch, build, cache)

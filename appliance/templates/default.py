@@ -25,10 +25,13 @@ import trio
 
 import appliance
 from appliance.config import IMAGE_DIR, Config
+from appliance.templates import guest_setup
 from appliance.templates.catalog import load_aliases, publish_template
 from appliance.templates.ext4 import build_ext4
+from appliance.templates.guest_setup import AGENT_DIR, INIT_PATH, copy_agent
 from appliance.templates.jobs import utc_now
 from appliance.templates.manifest import TemplateManifest
+from appliance.templates.unpack import resolve_in_root
 
 RECIPE_DIR = IMAGE_DIR / "rootfs"
 AGENT_PACKAGES = Path(appliance.__file__).parent / "guest" / "DEBIAN_PACKAGES"
@@ -43,11 +46,9 @@ CPU_COUNT = 1
 WRITABLE_LAYER_MB = 2048
 USER = "user"
 USER_UID = 1000
-AGENT_DIR = "opt/cube/agent"
 # CAs the host's administrator added (e.g. for a TLS-inspecting egress proxy):
 # sandboxes behind the same egress need them for pip, npm and curl to work.
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
-INIT_PATH = "sbin/cube-init"
 
 Progress = Callable[[str, float | None], None]
 
@@ -94,6 +95,7 @@ def assembly_digest() -> str:
     """Hash of what stage 2 depends on: the agent package, the init and this module's steps."""
     package = Path(appliance.__file__).parent
     labelled = {"init": RECIPE_DIR / "cube-init", "builder": Path(__file__)}
+    labelled["agent-copy"] = Path(guest_setup.__file__)
     labelled |= {f"ca/{path.name}": path for path in host_cas()}
     for path in [package / "__init__.py", *(package / "guest").rglob("*")]:
         if path.is_file() and "__pycache__" not in path.parts:
@@ -152,13 +154,9 @@ async def add_host_cas(root: Path) -> None:
 
 
 def inject_agent(root: Path) -> None:
-    """Copy the guest agent (appliance/__init__.py + appliance/guest) and the init into the tree."""
-    package = Path(appliance.__file__).parent
-    target = root / AGENT_DIR / "appliance"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(package / "guest", target / "guest", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy2(package / "__init__.py", target / "__init__.py")
-    init = root / INIT_PATH
+    """The guest agent (its dependencies are Debian packages of the recipe here) and the recipe's init."""
+    copy_agent(root, dependencies=())
+    init = resolve_in_root(root, INIT_PATH)
     init.unlink(missing_ok=True)
     shutil.copy2(RECIPE_DIR / "cube-init", init)
     init.chmod(0o755)
@@ -208,7 +206,7 @@ async def build_default_template(config: Config, progress: Progress | None = Non
         # Bytecode made now, by the image's own python3: otherwise every sandbox
         # compiles the agent on its first start (slow under UML) into its COW disk.
         await trio.run_process(
-            ["chroot", str(tree), "python3", "-m", "compileall", "-q", "-j0", "/" + AGENT_DIR],
+            ["chroot", str(tree), "python3", "-m", "compileall", "-q", "-j0", AGENT_DIR],
             stdout=subprocess.DEVNULL,
         )
         report("writing rootfs.ext4", None)

@@ -1,7 +1,13 @@
 """Dockerfile parsing: instructions, line continuations, JSON (exec) and shell forms, `$VAR` expansion.
 
-Supported: FROM, RUN, COPY, ADD, ENV, ARG, WORKDIR, USER, EXPOSE, ENTRYPOINT,
-CMD, SHELL, LABEL (accepted, templates have no labels). One stage only.
+Supported: FROM (several: multi-stage, `FROM x AS name`), RUN, COPY (`--from=stage`),
+ADD (context files, local tar archives unpacked, http(s) URLs), ENV, ARG (also
+before the first FROM), WORKDIR, USER, EXPOSE, ENTRYPOINT, CMD, SHELL, LABEL and
+MAINTAINER (into the template's labels), VOLUME (the directories are made; a
+template's disk is one filesystem), and HEALTHCHECK and STOPSIGNAL, which are
+accepted with a warning in the build log because a template has its own
+readiness probe (`--probe`) and sandboxes are killed, not signalled. ONBUILD is
+refused.
 """
 
 from __future__ import annotations
@@ -26,10 +32,29 @@ SUPPORTED = frozenset(
         "CMD",
         "SHELL",
         "LABEL",
+        "MAINTAINER",
+        "VOLUME",
+        "HEALTHCHECK",
+        "STOPSIGNAL",
     }
 )
-_EXEC_FORM = frozenset({"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD"})
-_FLAGGED = {"COPY": {"chown", "chmod"}, "ADD": {"chown", "chmod"}, "FROM": {"platform"}, "RUN": set()}
+# Accepted without effect on the template: (keyword, why), logged as a warning.
+IGNORED = {
+    "HEALTHCHECK": "the template's readiness is its --probe / --probe-path",
+    "STOPSIGNAL": "sandboxes are stopped by killing their VM, not by a signal",
+}
+REFUSED = {
+    "ONBUILD": "ONBUILD triggers are not supported (a template used in FROM runs none); "
+    "write the instructions into the Dockerfile that builds on it",
+}
+_EXEC_FORM = frozenset({"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD", "VOLUME", "HEALTHCHECK"})
+_FLAGGED = {
+    "COPY": {"chown", "chmod", "from"},
+    "ADD": {"chown", "chmod"},
+    "FROM": {"platform"},
+    "RUN": set(),
+    "HEALTHCHECK": {"interval", "timeout", "start-period", "start-interval", "retries"},
+}
 _DIRECTIVE_RE = re.compile(r"^#\s*([a-zA-Z]+)\s*=\s*(\S+)\s*$")
 _VAR_RE = re.compile(
     r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-+])(?P<word>[^}]*))?\}"
@@ -92,8 +117,6 @@ def split_flags(keyword: str, text: str, line: int) -> tuple[dict[str, str], str
     while allowed is not None and text.startswith("--"):
         word, _, rest = text.partition(" ")
         name, equals, value = word[2:].partition("=")
-        if name == "from":
-            raise DockerfileError(line, "multi-stage builds (COPY --from) are not supported")
         if name not in allowed or not equals:
             raise DockerfileError(line, f"unsupported flag {word!r} for {keyword}")
         flags[name] = value
@@ -141,6 +164,8 @@ def parse_dockerfile(text: str) -> list[Instruction]:
     for line, logical in _logical_lines(text):
         keyword, _, rest = logical.partition(" ")
         keyword = keyword.upper()
+        if keyword in REFUSED:
+            raise DockerfileError(line, REFUSED[keyword])
         if keyword not in SUPPORTED:
             raise DockerfileError(line, f"unsupported instruction {keyword}")
         flags, rest = split_flags(keyword, rest.strip(), line)
@@ -152,8 +177,6 @@ def parse_dockerfile(text: str) -> list[Instruction]:
                 parsed = None  # not JSON: Docker treats it as shell form
             if isinstance(parsed, list) and all(isinstance(a, str) for a in parsed):
                 exec_form = tuple(parsed)
-        if keyword == "FROM" and any(i.keyword == "FROM" for i in instructions):
-            raise DockerfileError(line, "multi-stage builds (a second FROM) are not supported")
         if keyword not in ("ARG", "FROM") and not any(i.keyword == "FROM" for i in instructions):
             raise DockerfileError(line, f"{keyword} before FROM")
         if not rest and keyword not in ("CMD", "ENTRYPOINT"):

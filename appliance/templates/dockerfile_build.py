@@ -1,12 +1,19 @@
 """`cube tpl build`: run a Dockerfile into a template rootfs, with a layer cache.
 
 Planning is pure: every instruction is evaluated (ARG/ENV expansion, WORKDIR,
-USER...) and gets a cache key chained from the previous one — the base image's
-digest (or template id) first, then each instruction's expanded text, plus for
-COPY/ADD the content of the files it copies and for RUN its full environment.
-Only RUN/COPY/ADD change files; after each one the resulting rootfs is kept
-under `<cache_dir>/build-steps/<key>`. A build starts from the newest step whose
+USER...) and gets a cache key chained from the previous one — the base's key
+first (an image digest, a template id, or the final key of an earlier stage),
+then each instruction's expanded text, plus for COPY/ADD the content of what it
+copies (context files, a downloaded URL, or the source stage's key for
+`COPY --from`) and for RUN its full environment. Only RUN/COPY/ADD change
+files; after each one the resulting rootfs is kept under
+`<cache_dir>/build-steps/<key>`. A stage starts from the newest step whose
 snapshot exists, so an unchanged Dockerfile and context is served from cache.
+
+Multi-stage: every `FROM` starts a stage; only the last is the template. The
+other stages are built lazily, the first time the last stage needs their files
+(`FROM <stage>` or `COPY --from=<stage>` not served from cache), each in its own
+directory under the job's scratch space.
 """
 
 from __future__ import annotations
@@ -14,17 +21,27 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import trio
 
-from appliance.templates.build_context import context_sources, copy_from_context, ensure_dir, hash_sources
+from appliance.templates.build_context import (
+    context_sources,
+    copy_from_context,
+    copy_from_stage,
+    copy_url_download,
+    ensure_dir,
+    hash_sources,
+)
 from appliance.templates.catalog import TemplateNotFound, resolve_template
 from appliance.templates.dockerfile import (
+    IGNORED,
     DockerfileError,
     Instruction,
     command_words,
@@ -40,7 +57,7 @@ from appliance.templates.registry import insecure_registries
 from appliance.templates.registry_auth import Credentials
 from appliance.templates.requests import TemplateSettings
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
-from appliance.templates.step_cache import StepCache, export_template_rootfs
+from appliance.templates.step_cache import StepCache, copy_tree, export_template_rootfs
 
 if TYPE_CHECKING:
     from appliance.templates.builds import TemplateBuilds
@@ -53,6 +70,7 @@ class StepFailed(Exception):
 
 
 FILE_STEPS = frozenset({"RUN", "COPY", "ADD"})
+_DOWNLOAD_TIMEOUT = httpx.Timeout(30.0, read=300.0)
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,8 @@ class ImageState:
     cmd: tuple[str, ...] = ()
     exposed_ports: tuple[int, ...] = ()
     shell: tuple[str, ...] = ("/bin/sh", "-c")
+    labels: dict[str, str] = field(default_factory=dict)
+    volumes: tuple[str, ...] = ()
 
     def variables(self) -> dict[str, str]:
         return {**self.args, **self.env}
@@ -89,12 +109,26 @@ class PlannedStep:
     instruction: Instruction
     state: ImageState  # in effect when the step runs (after it, for metadata steps)
     key: str  # cache key of the image after this step
-    sources: tuple[str, ...] = ()  # COPY/ADD: context paths (relative), expanded
+    sources: tuple[str, ...] = ()  # COPY/ADD: context paths (relative), URLs, or stage paths; expanded
     dest: str = ""  # COPY/ADD: absolute guest path, expanded
+    from_stage: int | None = None  # COPY --from: the index of the source stage
+    warning: str = ""  # logged when the step is reached (instructions a template ignores)
 
     @property
     def changes_files(self) -> bool:
         return self.instruction.keyword in FILE_STEPS
+
+    @property
+    def downloads(self) -> bool:
+        return self.instruction.keyword == "ADD" and bool(self.sources) and is_url(self.sources[0])
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str  # the `AS` name, lower-cased; "" without one
+    base: str  # the FROM argument, expanded with the ARGs declared before the first FROM
+    body: tuple[Instruction, ...]  # the instructions after its FROM
 
 
 @dataclass(frozen=True)
@@ -106,6 +140,11 @@ class DockerfileResult:
     workdir: str
     user: str
     exposed_ports: tuple[int, ...]
+    labels: dict[str, str]
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
 
 
 def chain_key(previous: str, *parts: object) -> str:
@@ -114,21 +153,73 @@ def chain_key(previous: str, *parts: object) -> str:
     return hasher.hexdigest()
 
 
-def base_reference(instructions: list[Instruction], build_args: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """The FROM argument, expanded with the ARGs declared before it; and those ARGs' values."""
-    pre_from: dict[str, str] = {}
+def split_stages(
+    instructions: list[Instruction], build_args: dict[str, str]
+) -> tuple[list[Stage], dict[str, str]]:
+    """The stages (one per FROM) and the values of the ARGs declared before the first FROM."""
+    global_args: dict[str, str] = {}
+    stages: list[Stage] = []
+    body: list[Instruction] = []
+    current: tuple[str, str] | None = None
+    names: set[str] = set()
+
+    def close() -> None:
+        if current is not None:
+            stages.append(Stage(len(stages), current[1], current[0], tuple(body)))
+
     for instruction in instructions:
         if instruction.keyword == "FROM":
-            words = expand(instruction.text, pre_from, instruction.line).split()
+            close()
+            body = []
+            words = expand(instruction.text, global_args, instruction.line).split()
+            name = ""
             if len(words) == 3 and words[1].lower() == "as":
-                words = words[:1]  # a stage name has no meaning with one stage
-            if len(words) != 1:
-                raise DockerfileError(instruction.line, f"FROM takes one image, got {instruction.text!r}")
-            return words[0], pre_from
-        name, value = _arg(instruction, pre_from, build_args, {})
-        if value is not None:
-            pre_from[name] = value
-    raise DockerfileError(1, "no FROM instruction")
+                name = words[2].lower()
+                if name in names or name.isdigit():
+                    raise DockerfileError(
+                        instruction.line, f"stage name {words[2]!r} is used twice or a number"
+                    )
+                names.add(name)
+            elif len(words) != 1:
+                raise DockerfileError(
+                    instruction.line, f"FROM takes an image and `AS name`, got {instruction.text!r}"
+                )
+            current = (words[0], name)
+        elif current is None:
+            arg_name, value = _arg(instruction, global_args, build_args, {})
+            if value is not None:
+                global_args[arg_name] = value
+        else:
+            body.append(instruction)
+    close()
+    if not stages:
+        raise DockerfileError(1, "no FROM instruction")
+    return stages, global_args
+
+
+def stage_reference(stages: list[Stage], before: int, name: str) -> int | None:
+    """The index of an earlier stage called `name` (its AS name or its number), else None."""
+    for stage in stages[:before]:
+        if name.lower() == stage.name or name == str(stage.index):
+            return stage.index
+    return None
+
+
+def needed_stages(stages: list[Stage], global_args: dict[str, str]) -> set[int]:
+    """The last stage and every stage it takes files from, directly or not."""
+    needed: set[int] = set()
+    pending = [len(stages) - 1]
+    while pending:
+        index = pending.pop()
+        if index in needed:
+            continue
+        needed.add(index)
+        stage = stages[index]
+        names = [stage.base] + [
+            expand(i.flags["from"], global_args, i.line) for i in stage.body if "from" in i.flags
+        ]
+        pending += [r for n in names if (r := stage_reference(stages, index, n)) is not None]
+    return needed
 
 
 def _arg(
@@ -148,28 +239,31 @@ def _arg(
     return name, global_args.get(name)
 
 
+@dataclass(frozen=True)
+class PlanInputs:
+    """What planning a stage needs besides its instructions."""
+
+    context: Path
+    build_args: dict[str, str] = field(default_factory=dict)
+    global_args: dict[str, str] = field(default_factory=dict)
+    stage_keys: dict[str, tuple[int, str]] = field(default_factory=dict)  # stage name/number -> (index, key)
+    url_digests: dict[str, str] = field(default_factory=dict)  # ADD URLs downloaded so far
+
+
 def plan_steps(
-    instructions: list[Instruction],
-    base: ImageState,
-    base_key: str,
-    context: Path,
-    build_args: dict[str, str],
-    global_args: dict[str, str],
+    body: tuple[Instruction, ...] | list[Instruction], base: ImageState, base_key: str, inputs: PlanInputs
 ) -> list[PlannedStep]:
-    """Evaluate every instruction after FROM; blocking (hashes the context)."""
+    """Evaluate a stage's instructions (those after its FROM); blocking (hashes the context)."""
+    context = inputs.context
     ignore = IgnoreRules.load(context)
     state, key = base, base_key
     steps: list[PlannedStep] = []
     cmd_set_here = False
-    after_from = False
-    for ins in instructions:
-        if ins.keyword == "FROM":
-            after_from = True
-            continue
-        if not after_from:
-            continue
+    for ins in body:
         variables = state.variables()
         keyword = ins.keyword
+        if keyword == "FROM":
+            raise DockerfileError(ins.line, "FROM inside a stage's instructions")
         if keyword == "RUN":
             argv = command_words(ins, state.shell)
             key = chain_key(key, "RUN", argv, state.run_env(), state.workdir, state.user)
@@ -183,25 +277,51 @@ def plan_steps(
             )
             if len(words) < 2:
                 raise DockerfileError(ins.line, f"{keyword} needs a source and a destination")
-            if keyword == "ADD" and any("://" in w for w in words[:-1]):
-                raise DockerfileError(ins.line, "ADD from a URL is not supported; use RUN with curl or wget")
-            sources = tuple(
-                s for pattern in words[:-1] for s in context_sources(context, pattern, ignore, ins.line)
-            )
             dest = posixpath.join(state.workdir, words[-1])
             if words[-1].endswith("/") and not dest.endswith("/"):
                 dest += "/"
             flags = {k: expand(v, variables, ins.line) for k, v in ins.flags.items()}
-            key = chain_key(key, keyword, sources, dest, flags, hash_sources(context, sources, ignore))
-            steps.append(PlannedStep(replace(ins, flags=flags), state, key, sources, dest))
+            from_stage = None
+            urls = [w for w in words[:-1] if "://" in w]
+            if "from" in flags:
+                found = inputs.stage_keys.get(flags["from"].lower())
+                if found is None:
+                    raise DockerfileError(
+                        ins.line,
+                        f"COPY --from={flags['from']}: no earlier stage has that name or number "
+                        "(copying from another image: add a stage `FROM <image> AS <name>`)",
+                    )
+                from_stage, stage_key = found
+                sources = tuple(posixpath.normpath("/" + w.lstrip("/")) for w in words[:-1])
+                content: object = stage_key
+            elif urls:
+                if len(words) != 2 or not all(is_url(u) for u in urls):
+                    raise DockerfileError(ins.line, "ADD takes one http(s) URL and a destination")
+                sources = (urls[0],)
+                content = inputs.url_digests.get(urls[0], "not downloaded yet")
+            else:
+                sources = tuple(
+                    s for pattern in words[:-1] for s in context_sources(context, pattern, ignore, ins.line)
+                )
+                content = hash_sources(context, sources, ignore)
+            key = chain_key(key, keyword, sources, dest, flags, content)
+            steps.append(PlannedStep(replace(ins, flags=flags), state, key, sources, dest, from_stage))
             continue
+        warning = ""
         if keyword == "ENV":
             env = dict(state.env)
             for name, value in parse_key_values(expand(ins.text, variables, ins.line), ins.line, "ENV"):
                 env[name] = value
             state = replace(state, env=env)
+        elif keyword in ("LABEL", "MAINTAINER"):
+            pairs = (
+                parse_key_values(expand(ins.text, variables, ins.line), ins.line, "LABEL")
+                if keyword == "LABEL"
+                else [("maintainer", ins.text)]
+            )
+            state = replace(state, labels={**state.labels, **dict(pairs)})
         elif keyword == "ARG":
-            arg_name, arg_value = _arg(ins, variables, build_args, global_args)
+            arg_name, arg_value = _arg(ins, variables, inputs.build_args, inputs.global_args)
             state = replace(state, args={**state.args, arg_name: arg_value or ""})
         elif keyword == "WORKDIR":
             state = replace(
@@ -221,6 +341,18 @@ def plan_steps(
                 if protocol != "udp":
                     ports.add(int(number))
             state = replace(state, exposed_ports=tuple(sorted(ports)))
+        elif keyword == "VOLUME":
+            paths = (
+                ins.exec_form if ins.exec_form is not None else expand(ins.text, variables, ins.line).split()
+            )
+            volumes = tuple(posixpath.normpath(posixpath.join(state.workdir, v)) for v in paths)
+            state = replace(state, volumes=tuple(dict.fromkeys(state.volumes + volumes)))
+            warning = (
+                f"VOLUME {' '.join(volumes)}: made as directories of the rootfs; a sandbox's disk is one "
+                "filesystem that lives and dies with it"
+            )
+        elif keyword in IGNORED:
+            warning = f"{keyword} ignored: {IGNORED[keyword]}"
         elif keyword == "CMD":
             state = replace(state, cmd=command_words(ins, state.shell))
             cmd_set_here = True
@@ -233,141 +365,272 @@ def plan_steps(
             if ins.exec_form is None or not ins.exec_form:
                 raise DockerfileError(ins.line, 'SHELL needs the JSON form, e.g. SHELL ["/bin/bash", "-c"]')
             state = replace(state, shell=ins.exec_form)
-        # LABEL: accepted; a template has nowhere to keep labels.
         key = chain_key(key, keyword, str(ins), state)
-        steps.append(PlannedStep(ins, state, key))
+        steps.append(PlannedStep(ins, state, key, warning=warning))
     return steps
 
 
 Materialize = Callable[[Path], Awaitable[None]]
 
 
-async def build_dockerfile_rootfs(
-    builds: TemplateBuilds, job: BuildJob, request: DockerfileBuildRequest, rootfs: Path, work: Path
-) -> DockerfileResult:
-    store = builds.store
-    instructions = parse_dockerfile(request.dockerfile)
-    base_name, global_args = base_reference(instructions, request.build_args)
-    store.set_phase(job, Phase.PULLING, f"resolving FROM {base_name}")
-    cache = StepCache(builds.config.cache_dir / "build-steps")
-    async with _open_base(builds, job, base_name, request, work) as (base_key, base_state, materialize):
-        steps = await trio.to_thread.run_sync(
-            plan_steps, instructions, base_state, base_key, request.context, request.build_args, global_args
-        )
+@dataclass
+class StagePlan:
+    stage: Stage
+    base_key: str
+    base_state: ImageState
+    materialize: Materialize  # puts the base's files into an empty rootfs
+    steps: list[PlannedStep]
+
+    @property
+    def final_key(self) -> str:
+        return self.steps[-1].key if self.steps else self.base_key
+
+    @property
+    def final_state(self) -> ImageState:
+        return self.steps[-1].state if self.steps else self.base_state
+
+
+class DockerfileRun:
+    """One Dockerfile build: the stages' plans, lazily realized stage directories, downloads."""
+
+    def __init__(
+        self, builds: TemplateBuilds, job: BuildJob, request: DockerfileBuildRequest, work: Path
+    ) -> None:
+        self.builds = builds
+        self.job = job
+        self.request = request
+        self.work = work
+        self.cache = StepCache(builds.config.cache_dir / "build-steps")
+        self.plans: dict[int, StagePlan] = {}
+        self.stage_roots: dict[int, Path] = {}
+        self.downloads: dict[str, Path] = {}  # URL -> downloaded file
+        self.stage_count = 0
+
+    async def plan(self, exits: AsyncExitStack, stages: list[Stage], global_args: dict[str, str]) -> None:
+        self.stage_count = len(stages)
+        needed = needed_stages(stages, global_args)
+        stage_keys: dict[str, tuple[int, str]] = {}
+        for stage in stages:
+            if stage.index in needed:
+                base_key, base_state, materialize = await exits.enter_async_context(
+                    self._open_base(stage, stages)
+                )
+                inputs = PlanInputs(
+                    self.request.context, self.request.build_args, global_args, dict(stage_keys), {}
+                )
+                steps = await trio.to_thread.run_sync(plan_steps, stage.body, base_state, base_key, inputs)
+                urls = [s.sources[0] for s in steps if s.downloads]
+                if urls:
+                    # ADD <url> keys on the content: download, then plan again with the digests.
+                    digests = {url: await self._download(url) for url in urls}
+                    inputs = replace(inputs, url_digests=digests)
+                    steps = await trio.to_thread.run_sync(
+                        plan_steps, stage.body, base_state, base_key, inputs
+                    )
+                plan = StagePlan(stage, base_key, base_state, materialize, steps)
+                self.plans[stage.index] = plan
+                stage_keys[str(stage.index)] = (stage.index, plan.final_key)
+                if stage.name:
+                    stage_keys[stage.name] = (stage.index, plan.final_key)
+
+    async def _download(self, url: str) -> str:
+        """ADD <url>: the file into the job's scratch space; returns its sha256."""
+        self.builds.store.log(self.job, f"downloading {url}")
+        directory = self.work / "downloads"
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / f"{len(self.downloads)}"
+        hasher = hashlib.sha256()
+        try:
+            async with httpx.AsyncClient(timeout=_DOWNLOAD_TIMEOUT, follow_redirects=True) as client:
+                async with client.stream("GET", url) as response:
+                    if response.status_code != 200:
+                        raise StepFailed(f"ADD {url}: the server answered HTTP {response.status_code}")
+                    with target.open("wb") as out:
+                        async for chunk in response.aiter_bytes(1 << 20):
+                            hasher.update(chunk)
+                            out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise StepFailed(f"ADD {url}: download failed: {exc}") from exc
+        self.downloads[url] = target
+        return "sha256:" + hasher.hexdigest()
+
+    async def realize(self, plan: StagePlan, rootfs: Path) -> None:
+        """Build `plan`'s stage into the empty directory `rootfs`, from the step cache where it can."""
+        store, job, steps = self.builds.store, self.job, plan.steps
+        prefix = f"stage {plan.stage.name or plan.stage.index} " if self.stage_count > 1 else ""
         cached_upto = -1
         for index in range(len(steps) - 1, -1, -1):
-            if steps[index].changes_files and cache.has(steps[index].key):
+            if steps[index].changes_files and self.cache.has(steps[index].key):
                 cached_upto = index
                 break
         if cached_upto < 0:
-            await materialize(rootfs)
+            await plan.materialize(rootfs)
         else:
-            store.set_phase(job, Phase.UNPACKING, f"restoring cached step {cached_upto + 1}")
-            await cache.restore(steps[cached_upto].key, rootfs)
-    store.set_phase(job, Phase.BUILDING, f"running {sum(s.changes_files for s in steps)} file steps")
-    for index, step in enumerate(steps):
-        label = f"step {index + 1}/{len(steps)}: {step.instruction}"
-        if index <= cached_upto and step.changes_files:
-            store.log(job, f"{label} (cached)")
-            continue
-        store.log(job, label)
-        if not step.changes_files:
-            continue
-        if step.instruction.keyword == "RUN":
-            await _run(builds, job, rootfs, step)
-        else:
-            await trio.to_thread.run_sync(
-                copy_from_context,
-                rootfs,
-                request.context,
-                step.instruction.keyword,
-                step.sources,
-                step.dest,
-                step.instruction.flags,
+            store.set_phase(job, Phase.UNPACKING, f"{prefix}restoring cached step {cached_upto + 1}")
+            await self.cache.restore(steps[cached_upto].key, rootfs)
+        store.set_phase(
+            job, Phase.BUILDING, f"{prefix}running {sum(s.changes_files for s in steps)} file steps"
+        )
+        for index, step in enumerate(steps):
+            label = f"{prefix}step {index + 1}/{len(steps)}: {step.instruction}"
+            if index <= cached_upto and step.changes_files:
+                store.log(job, f"{label} (cached)")
+                continue
+            store.log(job, label)
+            if step.warning:
+                store.log(job, f"warning: {step.warning}")
+            if not step.changes_files:
+                continue
+            flags = step.instruction.flags
+            if step.instruction.keyword == "RUN":
+                await self._run(rootfs, step)
+            elif step.from_stage is not None:
+                source_root = await self.stage_root(step.from_stage)
+                await trio.to_thread.run_sync(
+                    copy_from_stage,
+                    rootfs,
+                    source_root,
+                    step.sources,
+                    step.dest,
+                    flags,
+                    step.instruction.line,
+                )
+            elif step.downloads:
+                url = step.sources[0]
+                name = posixpath.basename(urllib.parse.urlsplit(url).path) or "index.html"
+                await trio.to_thread.run_sync(
+                    copy_url_download, rootfs, self.downloads[url], name, step.dest, flags
+                )
+            else:
+                await trio.to_thread.run_sync(
+                    copy_from_context,
+                    rootfs,
+                    self.request.context,
+                    step.instruction.keyword,
+                    step.sources,
+                    step.dest,
+                    flags,
+                )
+            await self.cache.save(step.key, rootfs)
+
+    async def stage_root(self, index: int) -> Path:
+        """An earlier stage's files, built the first time they are asked for."""
+        if index not in self.stage_roots:
+            root = self.work / "stages" / str(index)
+            root.mkdir(parents=True)
+            await self.realize(self.plans[index], root)
+            self.stage_roots[index] = root
+        return self.stage_roots[index]
+
+    async def _run(self, rootfs: Path, step: PlannedStep) -> None:
+        state = step.state
+        await trio.to_thread.run_sync(ensure_dir, rootfs, state.workdir)
+        command = RunCommand(
+            command_words(step.instruction, state.shell),
+            state.run_env(),
+            state.workdir,
+            state.user or "root",
+            output=lambda line: self.builds.store.log(self.job, line),
+        )
+        try:
+            await self.builds.sandboxes.run_command(rootfs, command)
+        except RunFailed as exc:
+            raise StepFailed(
+                f"{step.instruction} (Dockerfile line {step.instruction.line}) failed with exit status "
+                f"{exc.exit_code}",
+                exc.output_tail,
+            ) from exc
+
+    @asynccontextmanager
+    async def _open_base(
+        self, stage: Stage, stages: list[Stage]
+    ) -> AsyncIterator[tuple[str, ImageState, Materialize]]:
+        """FROM: `scratch`, an earlier stage, a template (id or alias) or an image.
+
+        Yields the base's cache key, its image state and how to put its files into a rootfs.
+        """
+        builds, job, name = self.builds, self.job, stage.base
+        if name == "scratch":
+
+            async def empty(rootfs: Path) -> None:
+                return None
+
+            yield chain_key("scratch"), ImageState(), empty
+            return
+        earlier = stage_reference(stages, stage.index, name)
+        if earlier is not None:
+            plan = self.plans[earlier]
+
+            async def from_stage(rootfs: Path) -> None:
+                await copy_tree(await self.stage_root(earlier), rootfs)
+
+            # ARGs do not carry over from one stage to the next; everything else does.
+            yield plan.final_key, replace(plan.final_state, args={}), from_stage
+            return
+        try:
+            template = resolve_template(builds.config, name)
+        except TemplateNotFound:
+            template = None
+        if template is not None:
+            state = ImageState(
+                env=dict(template.envs),
+                workdir=template.workdir,
+                user=template.user,
+                cmd=template.start_cmd,
+                exposed_ports=template.expose_ports,
+                labels=dict(template.labels),
             )
-        await cache.save(step.key, rootfs)
-    final = steps[-1].state if steps else base_state
-    await trio.to_thread.run_sync(ensure_dir, rootfs, final.workdir)
+
+            async def export(rootfs: Path) -> None:
+                builds.store.set_phase(job, Phase.UNPACKING, f"reading template {template.template_id}")
+                await export_template_rootfs(template.rootfs, rootfs)
+
+            yield chain_key(f"template:{template.template_id}:{template.created_at}"), state, export
+            return
+        builds.store.set_phase(job, Phase.PULLING, f"resolving FROM {name}")
+        work = self.work / "bases" / str(stage.index)
+        work.mkdir(parents=True)
+        async with open_image(
+            name, work, builds.layer_cache, self.request.credentials, insecure_registries(builds.config)
+        ) as source:
+            image = await source.resolve()
+            config = image.config
+            state = ImageState(
+                env=config.env_dict(),
+                workdir=config.workdir or "/",
+                user=config.user,
+                entrypoint=config.entrypoint,
+                cmd=config.cmd,
+                exposed_ports=config.exposed_ports,
+                labels=dict(config.labels),
+            )
+
+            async def pull(rootfs: Path) -> None:
+                await fetch_and_unpack(builds.store, job, source, image, rootfs)
+
+            yield chain_key(f"image:{image.digest}"), state, pull
+
+
+async def build_dockerfile_rootfs(
+    builds: TemplateBuilds, job: BuildJob, request: DockerfileBuildRequest, rootfs: Path, work: Path
+) -> DockerfileResult:
+    stages, global_args = split_stages(parse_dockerfile(request.dockerfile), request.build_args)
+    builds.store.set_phase(job, Phase.PULLING, f"resolving FROM {stages[-1].base}")
+    run = DockerfileRun(builds, job, request, work)
+    async with AsyncExitStack() as exits:
+        await run.plan(exits, stages, global_args)
+        final = run.plans[stages[-1].index]
+        await run.realize(final, rootfs)
+    state = final.final_state
+    for directory in (state.workdir, *state.volumes):
+        await trio.to_thread.run_sync(ensure_dir, rootfs, directory)
     return DockerfileResult(
-        steps[-1].key if steps else base_key,
-        final.env,
-        final.entrypoint,
-        final.cmd,
-        final.workdir,
-        final.user,
-        final.exposed_ports,
-    )
-
-
-async def _run(builds: TemplateBuilds, job: BuildJob, rootfs: Path, step: PlannedStep) -> None:
-    state = step.state
-    await trio.to_thread.run_sync(ensure_dir, rootfs, state.workdir)
-    command = RunCommand(
-        command_words(step.instruction, state.shell),
-        state.run_env(),
+        final.final_key,
+        state.env,
+        state.entrypoint,
+        state.cmd,
         state.workdir,
-        state.user or "root",
-        output=lambda line: builds.store.log(job, line),
+        state.user,
+        state.exposed_ports,
+        state.labels,
     )
-    try:
-        await builds.sandboxes.run_command(rootfs, command)
-    except RunFailed as exc:
-        raise StepFailed(
-            f"{step.instruction} (Dockerfile line {step.instruction.line}) failed with exit status "
-            f"{exc.exit_code}",
-            exc.output_tail,
-        ) from exc
-
-
-@asynccontextmanager
-async def _open_base(
-    builds: TemplateBuilds, job: BuildJob, name: str, request: DockerfileBuildRequest, work: Path
-) -> AsyncIterator[tuple[str, ImageState, Materialize]]:
-    """FROM: `scratch`, a template (id or alias; recipes come in as their built template) or an image.
-
-    Yields the base's cache key, its image state and how to put its files into a rootfs.
-    """
-    if name == "scratch":
-
-        async def empty(rootfs: Path) -> None:
-            return None
-
-        yield chain_key("scratch"), ImageState(), empty
-        return
-    try:
-        template = resolve_template(builds.config, name)
-    except TemplateNotFound:
-        template = None
-    if template is not None:
-        state = ImageState(
-            env=dict(template.envs),
-            workdir=template.workdir,
-            user=template.user,
-            cmd=template.start_cmd,
-            exposed_ports=template.expose_ports,
-        )
-
-        async def export(rootfs: Path) -> None:
-            builds.store.set_phase(job, Phase.UNPACKING, f"reading template {template.template_id}")
-            await export_template_rootfs(template.rootfs, rootfs)
-
-        yield chain_key(f"template:{template.template_id}:{template.created_at}"), state, export
-        return
-    async with open_image(
-        name, work, builds.layer_cache, request.credentials, insecure_registries(builds.config)
-    ) as source:
-        image = await source.resolve()
-        config = image.config
-        state = ImageState(
-            env=config.env_dict(),
-            workdir=config.workdir or "/",
-            user=config.user,
-            entrypoint=config.entrypoint,
-            cmd=config.cmd,
-            exposed_ports=config.exposed_ports,
-        )
-
-        async def pull(rootfs: Path) -> None:
-            await fetch_and_unpack(builds.store, job, source, image, rootfs)
-
-        yield chain_key(f"image:{image.digest}"), state, pull

@@ -218,6 +218,21 @@ def _write(rootfs: Path, guest_path: str, text: str, mode: int) -> None:
     target.chmod(mode)
 
 
+def copy_agent(rootfs: Path, dependencies: tuple[str, ...]) -> None:
+    """The guest agent (appliance/__init__.py and appliance/guest) into AGENT_DIR of the tree, with
+    the host's copies of the pure-Python `dependencies` beside it; whatever was there goes."""
+    agent_dir = resolve_in_root(rootfs, AGENT_DIR)
+    if agent_dir.exists():
+        shutil.rmtree(agent_dir)
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    package = Path(appliance.__file__).parent
+    shutil.copytree(package / "guest", agent_dir / "appliance" / "guest", ignore=skip)
+    shutil.copy2(package / "__init__.py", agent_dir / "appliance" / "__init__.py")
+    for name in dependencies:
+        module = importlib.import_module(name)
+        shutil.copytree(Path(str(module.__file__)).parent, agent_dir / name, ignore=skip)
+
+
 def prepare_rootfs(
     rootfs: Path,
     start_cmd: tuple[str, ...],
@@ -231,16 +246,7 @@ def prepare_rootfs(
     for mount_point in ("proc", "sys", "dev", "run", "tmp"):
         resolve_in_root(rootfs, mount_point).mkdir(mode=0o755, exist_ok=True)
     resolve_in_root(rootfs, "tmp").chmod(0o1777)
-    agent_dir = resolve_in_root(rootfs, AGENT_DIR)
-    if agent_dir.exists():
-        shutil.rmtree(agent_dir)
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    package = Path(appliance.__file__).parent
-    shutil.copytree(package / "guest", agent_dir / "appliance" / "guest", ignore=skip)
-    shutil.copy2(package / "__init__.py", agent_dir / "appliance" / "__init__.py")
-    for name in AGENT_DEPENDENCIES:
-        module = importlib.import_module(name)
-        shutil.copytree(Path(str(module.__file__)).parent, agent_dir / name, ignore=skip)
+    copy_agent(rootfs, AGENT_DEPENDENCIES)
     ensure_sandbox_user(rootfs)
     default_user = account_name(rootfs, user)
     _write(rootfs, INIT_PATH, init_script(default_user), 0o755)

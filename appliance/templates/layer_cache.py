@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from appliance.templates.build_caches import mark_used
 from appliance.templates.manifests import DigestMismatch, ManifestError
 
 _SHA256_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -49,7 +50,12 @@ class LayerCache:
         return self.root / "sha256" / (digest_hex(digest) + ".partial")
 
     def has(self, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
+        """Whether the verified blob is here; a hit counts as a use (see build_caches)."""
+        path = self.blob_path(digest)
+        if not path.is_file():
+            return False
+        mark_used(path)
+        return True
 
     def lock(self, digest: str) -> trio.Lock:
         return self._locks.setdefault(digest, trio.Lock())

@@ -33,6 +33,7 @@ class TemplateManifest:
     probe_path: str | None = "/health"
     network_defaults: dict[str, object] = field(default_factory=dict)
     source: str = ""  # recipe hash or image digest it was built from
+    labels: dict[str, str] = field(default_factory=dict)  # the image's / Dockerfile's LABELs
     created_at: str = ""
 
     @property

@@ -81,6 +81,7 @@ class ImageConfig:
     workdir: str = ""
     user: str = ""
     exposed_ports: tuple[int, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> ImageConfig:
@@ -104,6 +105,7 @@ class ImageConfig:
             workdir=str(run.get("WorkingDir") or ""),
             user=str(run.get("User") or ""),
             exposed_ports=tuple(sorted(ports)),
+            labels={str(k): str(v) for k, v in (run.get("Labels") or {}).items()},
         )
 
     def env_dict(self) -> dict[str, str]:

@@ -10,17 +10,11 @@ import httpx
 import trio
 
 from appliance.config import Config
-from appliance.templates.image_source import LayerBlob, LayerProgress, ResolvedImage
+from appliance.templates.image_source import LayerBlob, LayerProgress, ResolvedImage, resolve_manifests
 from appliance.templates.layer_cache import LayerCache
 from appliance.templates.manifests import (
     MANIFEST_MEDIA_TYPES,
     Descriptor,
-    ImageConfig,
-    ImageManifest,
-    ManifestError,
-    check_platform,
-    parse_manifest_document,
-    select_platform,
     sha256_digest,
     verify_digest,
 )
@@ -127,23 +121,21 @@ class RegistryImageSource:
         raw, media_type = await self._get_manifest(self.ref.manifest_ref)
         if self.ref.digest:
             verify_digest(raw, self.ref.digest, f"manifest of {self.ref}")
-        digest = sha256_digest(raw)
-        document = parse_manifest_document(raw, media_type)
-        if isinstance(document, list):
-            entry = select_platform(document, str(self.ref))
-            raw, media_type = await self._get_manifest(entry.digest)
-            verify_digest(raw, entry.digest, f"linux/amd64 manifest of {self.ref}")
-            digest = entry.digest
-            document = parse_manifest_document(raw, media_type)
-            if not isinstance(document, ImageManifest):
-                raise ManifestError(f"image {self.ref}: an index entry points at another index")
-        response = await self._get(f"{self._base}/blobs/{document.config.digest}")
+        return await resolve_manifests(
+            str(self.ref), (raw, media_type, sha256_digest(raw)), self._read_manifest, self._read_config
+        )
+
+    async def _read_manifest(self, entry: Descriptor) -> tuple[bytes, str]:
+        raw, media_type = await self._get_manifest(entry.digest)
+        verify_digest(raw, entry.digest, f"linux/amd64 manifest of {self.ref}")
+        return raw, media_type
+
+    async def _read_config(self, descriptor: Descriptor) -> bytes:
+        response = await self._get(f"{self._base}/blobs/{descriptor.digest}")
         if response.status_code != 200:
             raise RegistryError(f"image {self.ref}: config blob answered {response.status_code}")
-        verify_digest(response.content, document.config.digest, f"config of {self.ref}")
-        config = ImageConfig.from_bytes(response.content)
-        check_platform(config, str(self.ref))
-        return ResolvedImage(str(self.ref), digest, config, document.layers)
+        verify_digest(response.content, descriptor.digest, f"config of {self.ref}")
+        return response.content
 
     async def fetch_layer(self, layer: Descriptor, progress: LayerProgress) -> LayerBlob:
         async with self._cache.lock(layer.digest):

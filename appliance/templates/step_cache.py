@@ -7,6 +7,8 @@ from pathlib import Path
 
 import trio
 
+from appliance.templates.build_caches import mark_used
+
 
 class StepCache:
     """Rootfs snapshots after RUN/COPY/ADD, by cache key."""
@@ -18,7 +20,12 @@ class StepCache:
         return self.root / key
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_dir()
+        """Whether the snapshot is here; a hit counts as a use (see build_caches)."""
+        path = self.path(key)
+        if not path.is_dir():
+            return False
+        mark_used(path)
+        return True
 
     async def save(self, key: str, rootfs: Path) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -45,20 +52,29 @@ async def copy_tree(source: Path, dest: Path) -> None:
 
 
 async def export_template_rootfs(image: Path, dest: Path) -> None:
-    """A template's files from its ext4 image into the empty directory `dest`, without mounting it."""
-    scratch = dest.parent / (dest.name + ".rdump")
-    scratch.mkdir()
-    result = await trio.run_process(
-        ["debugfs", "-R", f"rdump / {scratch}", str(image)],
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
+    """A template's files from its ext4 image into the empty directory `dest`, exactly: owners,
+    modes, xattrs, hardlinks and device nodes (debugfs's rdump loses the last three).
+
+    The image is loop-mounted read-only inside a private mount namespace that only this `unshare`
+    process holds: when it exits, however it exits, the mount and its (autoclear) loop device go
+    with it, and no one else ever sees the mount.
+    """
+    mount_point = dest.parent / (dest.name + ".mnt")
+    mount_point.mkdir()
+    script = 'mount -o ro,loop,noload "$1" "$2" && exec cp -a --reflink=auto "$2/." "$3"'
+    arguments = (str(image), str(mount_point), str(dest))
+    try:
+        result = await trio.run_process(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *arguments],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    finally:
+        mount_point.rmdir()
     if result.returncode != 0:
-        raise OSError(f"debugfs could not read {image}: {result.stderr.decode(errors='replace')[-300:]}")
-    # rdump of "/" creates one directory named after the root inside the destination.
-    inner = list(scratch.iterdir())
-    source = inner[0] if len(inner) == 1 and inner[0].is_dir() else scratch
-    dest.rmdir()
-    source.rename(dest)
-    await trio.to_thread.run_sync(lambda: shutil.rmtree(scratch, ignore_errors=True))
+        detail = result.stderr.decode(errors="replace").strip()[-300:]
+        raise OSError(f"could not read the template image {image}: {detail}")
+    lost_found = dest / "lost+found"  # mkfs.ext4's, not the template's
+    if lost_found.is_dir() and not any(lost_found.iterdir()):
+        lost_found.rmdir()

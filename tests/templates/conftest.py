@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from registry_world import (
     MULTI_CONFIG,
     MULTI_LAYERS,
@@ -27,8 +28,11 @@ from registry_world import (
     skopeo_copy,
     start_registry,
 )
+from sandbox_doubles import LoopbackSandboxes
+from served_builds import Served, serve_builds
 
 from appliance.config import Config
+from appliance.templates.builds import TemplateBuilds
 from appliance.templates.jobs import BuildJob, JobStore
 from appliance.templates.layer_cache import LayerCache
 
@@ -141,3 +145,24 @@ def job(job_store: JobStore) -> BuildJob:
 @pytest.fixture
 def layer_cache(config: Config) -> LayerCache:
     return LayerCache(config.cache_dir / "layers")
+
+
+@pytest.fixture
+async def served(config: Config, scratch: Path) -> AsyncIterator[Served]:
+    """The build API on a loopback port, over LoopbackSandboxes."""
+    async with serve_builds(config, scratch) as served:
+        yield served
+
+
+@pytest.fixture
+def sandboxes(scratch: Path) -> LoopbackSandboxes:
+    return LoopbackSandboxes(scratch)
+
+
+@pytest.fixture
+async def builds(config: Config, sandboxes: LoopbackSandboxes) -> AsyncIterator[TemplateBuilds]:
+    service = TemplateBuilds(config, sandboxes)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)
+        yield service
+        nursery.cancel_scope.cancel()

@@ -163,6 +163,29 @@ def skopeo_copy(source: str, dest: str, creds: str | None = None, all_images: bo
     subprocess.run([*command, source, dest], check=True, capture_output=True, timeout=120)
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # http.server's naming
+        pass
+
+
+class LoopbackHttpServer:
+    """An http.server on 127.0.0.1:<free port>, served by a thread until close()."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -192,7 +215,7 @@ class TokenServer:
         self.requests: list[tuple[str | None, list[str]]] = []
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 query = parse_qs(urlparse(self.path).query)
                 scopes = query.get("scope", [])
@@ -209,16 +232,11 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = LoopbackHttpServer(Handler)
 
     @property
     def realm(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/token"
+        return f"http://{self.http.host}/token"
 
     def authenticate(self, header: str | None) -> str | bool | None:
         """The user name, None for anonymous, False for wrong credentials."""
@@ -250,9 +268,7 @@ class TokenServer:
         return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
+        self.http.close()
 
 
 class BasicAuthProxy:
@@ -262,7 +278,7 @@ class BasicAuthProxy:
     def __init__(self, upstream: str) -> None:
         expected = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # http.server's naming
                 if self.headers.get("Authorization") != expected:
                     self.send_response(401)
@@ -282,21 +298,14 @@ class BasicAuthProxy:
                 self.end_headers()
                 self.wfile.write(answer.content)
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = LoopbackHttpServer(Handler)
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
+        return self.http.host
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join()
+        self.http.close()
 
 
 @dataclass

@@ -4,46 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-import hypercorn.trio
-import pytest
 import trio
-from click.testing import CliRunner, Result
-from hypercorn.config import Config as HypercornConfig
-from quart_trio import QuartTrio
 from registry_world import Images
-from sandbox_doubles import LoopbackSandboxes
+from served_builds import Served, run_cli
 
 from appliance.config import Config
-from appliance.templates.api import create_blueprint
-from appliance.templates.builds import TemplateBuilds
 from appliance.templates.cli import build, create_from_image, watch
-
-
-@dataclass
-class Served:
-    app: QuartTrio
-    builds: TemplateBuilds
-    port: int
-
-
-@pytest.fixture
-async def served(config: Config, scratch: Path) -> AsyncIterator[Served]:
-    builds = TemplateBuilds(config, LoopbackSandboxes(scratch))
-    app = QuartTrio(__name__)
-    app.register_blueprint(create_blueprint(builds))
-    hypercorn_config = HypercornConfig()
-    hypercorn_config.bind = ["127.0.0.1:0"]
-    hypercorn_config.accesslog = None
-    async with trio.open_nursery() as nursery:
-        await nursery.start(builds.run)
-        binds = await nursery.start(partial(hypercorn.trio.serve, app, hypercorn_config, mode="asgi"))
-        yield Served(app, builds, int(binds[0].rsplit(":", 1)[1]))
-        nursery.cancel_scope.cancel()
 
 
 async def test_api_errors_are_json(served: Served) -> None:
@@ -84,16 +52,6 @@ async def test_api_job_view_pages_the_log(served: Served, images: Images) -> Non
     assert tail["log_start"] == 3 and tail["log"] == job["log"][3:]
     listing = await (await client.get("/templates/builds")).get_json()
     assert [j["job_id"] for j in listing] == [job_id] and "log" not in listing[0]
-
-
-def run_cli(served: Served, config: Config, command: object, args: list[str]) -> Result:
-    env = {
-        "CUBE_API_PORT": str(served.port),
-        "CUBE_API_KEY": "test-key",
-        "CUBE_STATE_DIR": str(config.state_dir),
-        "CUBE_CONFIG": "/nonexistent",
-    }
-    return CliRunner().invoke(command, args, env=env, catch_exceptions=False)  # type: ignore[arg-type]
 
 
 async def test_seed_commands_create_and_watch(served: Served, config: Config, images: Images) -> None:

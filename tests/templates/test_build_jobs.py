@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 from registry_world import PASSWORD, USER, Images
 from sandbox_doubles import CONSOLE_TEXT, LoopbackSandboxes
+from served_builds import finished
 
 from appliance.config import Config
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.catalog import (
     TemplateInUse,
+    TemplateNotFound,
     collect_superseded,
     delete_template,
     list_templates,
+    load_aliases,
     publish_template,
     resolve_template,
     template_versions,
@@ -26,27 +29,6 @@ from appliance.templates.catalog import (
 from appliance.templates.jobs import BuildJob, JobStore, Phase
 from appliance.templates.manifest import TemplateManifest
 from appliance.templates.requests import ImageBuildRequest, public_request
-
-
-@pytest.fixture
-def sandboxes(scratch: Path) -> LoopbackSandboxes:
-    return LoopbackSandboxes(scratch)
-
-
-@pytest.fixture
-async def builds(config: Config, sandboxes: LoopbackSandboxes) -> AsyncIterator[TemplateBuilds]:
-    service = TemplateBuilds(config, sandboxes)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        yield service
-        nursery.cancel_scope.cancel()
-
-
-async def finished(job: BuildJob, timeout_s: float = 60.0) -> BuildJob:
-    with trio.fail_after(timeout_s):
-        while not job.finished:
-            await trio.sleep(0.05)
-    return job
 
 
 def submit(builds: TemplateBuilds, **request: object) -> BuildJob:
@@ -108,11 +90,24 @@ async def test_image_build_reaches_ready_with_a_complete_template(
     assert not (config.cache_dir / "build-work" / job.job_id).exists()
 
 
+def assert_no_trace(config: Config, job: BuildJob, alias: str) -> None:
+    """A failed build leaves no template directory, catalog entry, alias or work files."""
+    assert not (config.templates_dir / job.template_id).exists()
+    assert list_templates(config) == []
+    assert alias not in load_aliases(config)
+    with pytest.raises(TemplateNotFound):
+        resolve_template(config, alias)
+    assert not (config.cache_dir / "build-work" / job.job_id).exists()
+    leftovers = [p.name for p in config.templates_dir.iterdir()] if config.templates_dir.is_dir() else []
+    assert [name for name in leftovers if name != "lost+found" and not name.endswith(".json")] == []
+
+
 @pytest.mark.parametrize(
     ("which", "reason"),
     [
-        ("corrupt", r"expected sha256:"),
+        ("corrupt", r"downloaded content has digest sha256:\w+, expected sha256:"),
         ("arm64", r"linux/amd64 only"),
+        ("arm64_list", r"linux/amd64"),
         ("unknown", r"not found"),
         ("wrong_password", r"wrong username or password"),
     ],
@@ -123,6 +118,7 @@ async def test_bad_inputs_fail_clearly_and_leave_no_template(
     request: dict[str, object] = {
         "corrupt": {"image": images.corrupt},
         "arm64": {"image": images.arm64},
+        "arm64_list": {"image": images.arm64_list},
         "unknown": {"image": images.multi.replace("multi:v1", "missing:v1")},
         "wrong_password": {
             "image": images.private,
@@ -130,12 +126,35 @@ async def test_bad_inputs_fail_clearly_and_leave_no_template(
             "registry_password": "not-the-password",
         },
     }[which]
-    job = await finished(submit(builds, **request))
+    job = await finished(submit(builds, alias="bad", **request))
     assert job.phase == Phase.FAILED
     assert re.search(reason, job.reason), job.reason
-    assert not (config.templates_dir / job.template_id).exists()
-    assert list_templates(config) == []
+    assert_no_trace(config, job, "bad")
     assert "not-the-password" not in str(job.to_dict())
+
+
+@pytest.fixture
+def small_templates_disk(config: Config) -> Iterator[Path]:
+    """The templates directory on a real 8 MiB tmpfs: too small for any rootfs.ext4."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    config.templates_dir.mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "cube-test-small", str(config.templates_dir)], check=True
+    )
+    yield config.templates_dir
+    subprocess.run(["umount", str(config.templates_dir)], check=True)
+
+
+async def test_disk_too_small_fails_clearly_and_leaves_no_template(
+    builds: TemplateBuilds, images: Images, config: Config, small_templates_disk: Path
+) -> None:
+    job = await finished(submit(builds, image=images.multi, alias="bad"))
+    assert job.phase == Phase.FAILED
+    assert re.search(
+        r"not enough disk space in .*: the image needs about \d+ MiB, \d+ MiB are free", job.reason
+    )
+    assert_no_trace(config, job, "bad")
 
 
 async def test_private_image_builds_with_credentials(builds: TemplateBuilds, images: Images) -> None:

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
-from registry_world import Images
+from registry_world import Images, LoopbackHttpServer, QuietHandler
 from sandbox_doubles import LoopbackSandboxes
+from served_builds import finished
 
 from appliance.config import Config
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.catalog import resolve_template
-from appliance.templates.dockerfile import DockerfileError, expand, parse_dockerfile
-from appliance.templates.dockerfile_build import DockerfileBuildRequest, ImageState, plan_steps
+from appliance.templates.dockerfile import DockerfileError, command_words, expand, parse_dockerfile
+from appliance.templates.dockerfile_build import (
+    DockerfileBuildRequest,
+    ImageState,
+    PlanInputs,
+    PlannedStep,
+    needed_stages,
+    plan_steps,
+    split_stages,
+)
 from appliance.templates.dockerignore import IgnoreRules
 from appliance.templates.jobs import BuildJob, Phase
 from appliance.templates.requests import ImageBuildRequest, TemplateSettings
@@ -52,9 +61,8 @@ def test_escape_directive() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("FROM a\nFROM b\n", "multi-stage"),
-        ("FROM a\nCOPY --from=x a b\n", "multi-stage"),
-        ("FROM a\nHEALTHCHECK NONE\n", "line 2: unsupported instruction HEALTHCHECK"),
+        ("FROM a\nONBUILD RUN make\n", "line 2: ONBUILD triggers are not supported"),
+        ("FROM a\nFROBNICATE x\n", "line 2: unsupported instruction FROBNICATE"),
         ("RUN true\n", "RUN before FROM"),
         ("# nothing\n", "no FROM"),
         ("FROM a\nCOPY --owner=x a b\n", "unsupported flag"),
@@ -84,9 +92,55 @@ def test_dockerignore_rules() -> None:
     assert not rules.ignored("app.py")
 
 
+def _plan_stage(
+    context: Path, dockerfile: str, build_args: dict[str, str] | None = None
+) -> list[PlannedStep]:
+    """The last stage's plan, with earlier stages known by name and a made-up key."""
+    stages, global_args = split_stages(parse_dockerfile(dockerfile), build_args or {})
+    known = {s.name or str(s.index): (s.index, f"stage-key-{s.index}") for s in stages[:-1]}
+    inputs = PlanInputs(context, build_args or {}, global_args, known)
+    return plan_steps(stages[-1].body, ImageState(), "base-key", inputs)
+
+
 def _plan(context: Path, dockerfile: str, build_args: dict[str, str] | None = None) -> list[str]:
-    steps = plan_steps(parse_dockerfile(dockerfile), ImageState(), "base-key", context, build_args or {}, {})
-    return [s.key for s in steps]
+    return [s.key for s in _plan_stage(context, dockerfile, build_args)]
+
+
+def test_stages_global_args_and_copy_from(scratch: Path) -> None:
+    dockerfile = (
+        "ARG BASE=img:1\nARG UNUSED\nFROM $BASE AS Build\nRUN make\nFROM scratch AS other\n"
+        'FROM ${BASE}-slim\nARG BASE\nCOPY --from=build /out/app /usr/bin/\nLABEL a=1 b="two words"\n'
+        "MAINTAINER me\nHEALTHCHECK --interval=5s CMD curl -f localhost\nSTOPSIGNAL SIGINT\nVOLUME /data\n"
+        'SHELL ["/bin/bash", "-eu", "-c"]\nRUN echo $0\n'
+    )
+    stages, global_args = split_stages(parse_dockerfile(dockerfile), {})
+    assert [(s.name, s.base) for s in stages] == [
+        ("build", "img:1"),
+        ("other", "scratch"),
+        ("", "img:1-slim"),
+    ]
+    assert global_args == {"BASE": "img:1"}
+    assert needed_stages(stages, global_args) == {0, 2}, "stage `other` is never built"
+    steps = _plan_stage(scratch, dockerfile)
+    assert steps[0].state.args == {"BASE": "img:1"}, "ARG BASE in a stage takes the global value"
+    copy = steps[1]
+    assert (copy.from_stage, copy.sources, copy.dest) == (0, ("/out/app",), "/usr/bin/")
+    assert command_words(steps[-1].instruction, steps[-1].state.shell) == (
+        "/bin/bash",
+        "-eu",
+        "-c",
+        "echo $0",
+    )
+    final = steps[-1].state
+    assert final.labels == {"a": "1", "b": "two words", "maintainer": "me"}
+    assert final.volumes == ("/data",)
+    warnings = [s.warning for s in steps if s.warning]
+    assert [w.split()[0] for w in warnings] == ["HEALTHCHECK", "STOPSIGNAL", "VOLUME"]
+    assert "--probe" in warnings[0]
+    with pytest.raises(DockerfileError, match=r"line 3: COPY --from=nope: no earlier stage"):
+        _plan(scratch, "FROM a AS x\nFROM b\nCOPY --from=nope /a /b\n")
+    with pytest.raises(DockerfileError, match="used twice"):
+        split_stages(parse_dockerfile("FROM a AS x\nFROM b AS x\n"), {})
 
 
 def test_cache_keys_follow_instructions_and_inputs(scratch: Path) -> None:
@@ -114,27 +168,6 @@ def test_copy_of_a_missing_or_ignored_source_fails(scratch: Path) -> None:
         _plan(scratch, "FROM scratch\nCOPY secret.key /\n")
     with pytest.raises(DockerfileError, match="outside the build context"):
         _plan(scratch, "FROM scratch\nCOPY ../etc/passwd /\n")
-
-
-@pytest.fixture
-def sandboxes(scratch: Path) -> LoopbackSandboxes:
-    return LoopbackSandboxes(scratch)
-
-
-@pytest.fixture
-async def builds(config: Config, sandboxes: LoopbackSandboxes) -> AsyncIterator[TemplateBuilds]:
-    service = TemplateBuilds(config, sandboxes)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(service.run)
-        yield service
-        nursery.cancel_scope.cancel()
-
-
-async def finished(job: BuildJob) -> BuildJob:
-    with trio.fail_after(60):
-        while not job.finished:
-            await trio.sleep(0.05)
-    return job
 
 
 def make_context(root: Path, version: str = "1.0") -> Path:
@@ -257,3 +290,112 @@ async def test_from_a_template(builds: TemplateBuilds, images: Images, config: C
     assert "keep v2" in debugfs(manifest.rootfs, "cat /data/keep.txt")
     assert "added" in debugfs(manifest.rootfs, "cat /data/extra.txt")
     assert "User:  1000" in debugfs(manifest.rootfs, "stat /home/app/owned.txt")
+    # The base template's files come over exactly: device nodes, xattrs, hardlinks, setuid bits.
+    device = debugfs(manifest.rootfs, "stat /dev/cube0")
+    assert "Type: character special" in device and "Device major/minor number: 01:03" in device
+    assert "user.cube" in debugfs(manifest.rootfs, "ea_list /data/xattr.txt")
+    assert "Links: 2" in debugfs(manifest.rootfs, "stat /data/link")
+    assert "Mode:  04755" in debugfs(manifest.rootfs, "stat /usr/bin/tool")
+    assert "lost+found" not in debugfs(manifest.rootfs, "ls /data")
+
+
+@pytest.fixture
+def file_server() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """A loopback HTTP server for ADD <url>: serves `files` (path -> bytes), 404 for the rest."""
+    files: dict[str, bytes] = {}
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:  # http.server's naming
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+    server = LoopbackHttpServer(Handler)
+    yield f"http://{server.host}", files
+    server.close()
+
+
+MULTI_STAGE = """\
+ARG BUILD_IMAGE={build_image}
+FROM ${{BUILD_IMAGE}} AS build
+RUN make artifact
+FROM scratch AS unused
+RUN never runs
+FROM {final_image}
+LABEL org.example.team=templates version="2 beta"
+COPY --from=build /ran-1.txt /dev/cube0 /data/xattr.txt /data/original /data/link /artifacts/
+ADD {url}/files/tool.sh /usr/local/bin/
+ADD bundle.tar /opt/bundle/
+VOLUME /var/lib/app
+HEALTHCHECK --interval=5s CMD true
+"""
+
+
+async def multi_stage_build(builds: TemplateBuilds, images: Images, context: Path, url: str) -> BuildJob:
+    upload = builds.context_root() / f"upload-{len(builds.jobs())}"
+    subprocess.run(["cp", "-a", str(context), str(upload)], check=True)
+    dockerfile = MULTI_STAGE.format(build_image=images.multi, final_image=images.multiarch, url=url)
+    request = DockerfileBuildRequest(dockerfile, upload, TemplateSettings(writable_layer_mb=32))
+    return await finished(builds.submit_dockerfile(request, {}))
+
+
+async def test_multi_stage_build_with_add_url_and_tar(
+    builds: TemplateBuilds,
+    sandboxes: LoopbackSandboxes,
+    images: Images,
+    config: Config,
+    scratch: Path,
+    file_server: tuple[str, dict[str, bytes]],
+) -> None:
+    url, files = file_server
+    files["/files/tool.sh"] = b"#!/bin/sh\necho downloaded\n"
+    context = scratch / "ctx"
+    (context / "bundle").mkdir(parents=True)
+    (context / "bundle" / "inside.txt").write_text("from the tar")
+    subprocess.run(
+        ["tar", "-czf", str(context / "bundle.tar"), "-C", str(context / "bundle"), "."], check=True
+    )
+
+    job = await multi_stage_build(builds, images, context, url)
+    assert job.phase == Phase.READY, job.reason
+    assert [c.argv for c in sandboxes.commands] == [("/bin/sh", "-c", "make artifact")], (
+        "stage unused is skipped"
+    )
+    manifest = resolve_template(config, job.template_id)
+    assert manifest.labels == {"org.example.team": "templates", "version": "2 beta"}
+    image = manifest.rootfs
+    assert "make artifact" in debugfs(image, "cat /artifacts/ran-1.txt")
+    device = debugfs(image, "stat /artifacts/cube0")
+    assert "Type: character special" in device and "Device major/minor number: 01:03" in device
+    assert "user.cube" in debugfs(image, "ea_list /artifacts/xattr.txt"), "COPY --from keeps xattrs"
+    original, link = (debugfs(image, f"stat /artifacts/{n}") for n in ("original", "link"))
+    assert "Links: 2" in original and original.split()[1] == link.split()[1], "hardlinks stay one inode"
+    assert "echo downloaded" in debugfs(image, "cat /usr/local/bin/tool.sh")
+    assert "Mode:  0600" in debugfs(image, "stat /usr/local/bin/tool.sh"), "ADD <url> files are 0600"
+    assert "from the tar" in debugfs(image, "cat /opt/bundle/inside.txt"), "ADD unpacks local archives"
+    assert "Type: directory" in debugfs(image, "stat /var/lib/app")
+    assert any(line.startswith("warning: HEALTHCHECK ignored") for line in job.log), job.log
+
+    again = await multi_stage_build(builds, images, context, url)
+    assert again.phase == Phase.READY, again.reason
+    assert len(sandboxes.commands) == 1, "served from cache: the build stage is not even built"
+    assert sum("(cached)" in line for line in again.log) == 3
+    assert not any("stage build" in line for line in again.log)
+
+    files["/files/tool.sh"] = b"#!/bin/sh\necho changed\n"
+    changed = await multi_stage_build(builds, images, context, url)
+    assert changed.phase == Phase.READY, changed.reason
+    assert "echo changed" in debugfs(
+        resolve_template(config, changed.template_id).rootfs, "cat /usr/local/bin/tool.sh"
+    )
+    assert sum("(cached)" in line for line in changed.log) == 1, "new URL content: ADD and what follows rerun"
+
+    del files["/files/tool.sh"]
+    missing = await multi_stage_build(builds, images, context, url)
+    assert missing.phase == Phase.FAILED
+    assert re.search(
+        r"ADD http://127\.0\.0\.1:\d+/files/tool\.sh: the server answered HTTP 404", missing.reason
+    )
+    assert not (config.templates_dir / missing.template_id).exists()

@@ -29,15 +29,25 @@ from typing import Any
 
 import httpx
 import pytest
-from registry_world import LAYER_TYPES, OCI_CONFIG, OCI_MANIFEST, Entry, OciLayout, Registries, skopeo_copy
+from registry_world import (
+    LAYER_TYPES,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    PASSWORD,
+    USER,
+    Entry,
+    OciLayout,
+    Registries,
+    skopeo_copy,
+)
 
 from appliance.config import Config, load_config
 from appliance.cubelet.runtimes import RuntimeBundle
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root")
 
-TEST_HOST_NETWORK = "10.232.0.0/24"
-TEST_UID_BASE = 320_000
+TEST_HOST_NETWORK = "10.215.0.0/24"
+TEST_UID_BASE = 400_000
 DEAD_DNS_UPSTREAM = "127.0.0.1:9"
 SERVER_PORT = 49999
 # What the test image does not need from the default template's /usr (numpy, node, compilers...).
@@ -74,8 +84,9 @@ http.server.ThreadingHTTPServer(("0.0.0.0", 49999), Handler).serve_forever()
 
 @dataclass(frozen=True)
 class PushedImage:
-    ref: str
+    ref: str  # plain registry, one manifest, gzip layers
     registry: str
+    token_list_ref: str  # token-auth registry, a manifest list, zstd layers
 
 
 def _default_rootfs_image() -> Path:
@@ -138,26 +149,29 @@ def _dir_layer(layout: OciLayout, source: Path) -> tuple[dict[str, object], str]
     )
 
 
-@pytest.fixture(scope="session")
-def test_image(registries: Registries, session_dir: Path, python_rootfs: Path) -> PushedImage:
-    from registry_world import compress, layer_tar, sha256
+def _push_python_image(
+    layout: OciLayout, base: tuple[dict[str, object], str], ref: str, compression: str, **push: Any
+) -> None:
+    """The python base layer, then an app layer (`compression`) with the entrypoint and a file that a
+    third layer whiteouts; with `multiarch`, tagged as a manifest list whose other entry is arm64."""
+    from registry_world import OCI_INDEX, compress, layer_tar, sha256
 
-    layout = OciLayout(session_dir / "e2e-layout")
-    base, base_diff = _dir_layer(layout, python_rootfs)
+    multiarch = push.pop("multiarch", False)
     app = layer_tar(
         [
             Entry("app", "dir", mode=0o755),
             Entry("app/server.py", data=SERVER),
             Entry("app/gone.txt", data=b"whiteouted in the next layer"),
             Entry("app/kept.txt", data=b"still here"),
+            Entry("app/layer-compression.txt", data=compression.encode()),
         ]
     )
     whiteout = layer_tar([Entry("app/.wh.gone.txt")])
-    layers = [base]
-    diff_ids = [base_diff]
+    layers = [base[0]]
+    diff_ids = [base[1]]
     for tar in (app, whiteout):
         diff_ids.append(sha256(tar))
-        layers.append(layout.blob(compress(tar, "gzip"), LAYER_TYPES["gzip"]))
+        layers.append(layout.blob(compress(tar, compression), LAYER_TYPES[compression]))
     config = {
         "architecture": "amd64",
         "os": "linux",
@@ -175,11 +189,30 @@ def test_image(registries: Registries, session_dir: Path, python_rootfs: Path) -
         "config": layout.blob(json.dumps(config).encode(), OCI_CONFIG),
         "layers": layers,
     }
-    layout.tag(layout.blob(json.dumps(manifest).encode(), OCI_MANIFEST), "python")
-    ref = f"{registries.plain.host}/test/e2e-python:v1"
-    skopeo_copy(f"oci:{layout.root}:python", f"docker://{ref}")
-    shutil.rmtree(layout.root)
-    return PushedImage(ref, registries.plain.host)
+    descriptor = layout.blob(json.dumps(manifest).encode(), OCI_MANIFEST)
+    tag = ref.rsplit("/", 1)[1].replace(":", "-")
+    if multiarch:
+        descriptor["platform"] = {"os": "linux", "architecture": "amd64"}
+        arm64 = layout.image([([Entry("app/server.py", data=b"raise SystemExit('arm64')")], "gzip")], "arm64")
+        descriptor = layout.index([arm64, descriptor])
+        assert descriptor["mediaType"] == OCI_INDEX
+    layout.tag(descriptor, tag)
+    skopeo_copy(f"oci:{layout.root}:{tag}", f"docker://{ref}", all_images=multiarch, **push)
+
+
+@pytest.fixture(scope="session")
+def test_image(registries: Registries, session_dir: Path, python_rootfs: Path) -> PushedImage:
+    layout = OciLayout(session_dir / "e2e-layout")
+    try:
+        base = _dir_layer(layout, python_rootfs)
+        ref = f"{registries.plain.host}/test/e2e-python:v1"
+        _push_python_image(layout, base, ref, "gzip")
+        # A manifest list (arm64 first) whose amd64 image has zstd layers, in the token-auth registry.
+        listed = f"{registries.token.host}/test/e2e-python-list:v1"
+        _push_python_image(layout, base, listed, "zstd", multiarch=True, creds=f"{USER}:{PASSWORD}")
+    finally:
+        shutil.rmtree(layout.root)
+    return PushedImage(ref, registries.plain.host, listed)
 
 
 @asynccontextmanager
@@ -283,24 +316,31 @@ def seed_create(service: Any, image: str, *extra: str) -> str:
     return job_id_of(created.stdout)
 
 
+def assert_entrypoint_serves(service: Any, sandbox_id: str) -> None:
+    """The image's entrypoint (an HTTP server) answers through the service's sandbox proxy."""
+    answer = httpx.get(
+        f"{service.url}/",
+        headers={"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(SERVER_PORT)},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.text == "hello from the entrypoint, GREETING=hi"
+
+
 def test_image_template_serves_its_entrypoint(uml_service: Any, test_image: PushedImage) -> None:
     from e2b import Sandbox
 
     job_id = seed_create(uml_service, test_image.ref)
     watched = cli(uml_service, "tpl", "watch", "--job-id", job_id)
     template_id = template_id_of(watched.stdout.strip().splitlines()[-1])
-    assert job(uml_service, job_id)["phase"] == "READY"
+    built = job(uml_service, job_id)
+    assert built["phase"] == "READY", built["reason"]
+    assert any(line.startswith("probe answered") for line in built["log"]), built["log"]
     assert template_id in cli(uml_service, "tpl", "list").stdout
 
     sandbox = Sandbox.create(template=template_id, timeout=120)
     try:
-        answer = httpx.get(
-            f"{uml_service.url}/",
-            headers={"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": str(SERVER_PORT)},
-            timeout=30,
-        )
-        assert answer.status_code == 200, answer.text
-        assert answer.text == "hello from the entrypoint, GREETING=hi"
+        assert_entrypoint_serves(uml_service, sandbox.sandbox_id)
         result = sandbox.commands.run(
             "cat /app/kept.txt; echo; test -e /app/gone.txt && echo present || echo gone; pwd; id -un",
             user="root",
@@ -308,6 +348,42 @@ def test_image_template_serves_its_entrypoint(uml_service: Any, test_image: Push
         assert result.stdout.split() == ["still", "here", "gone", "/app", "root"]
     finally:
         sandbox.kill()
+
+
+def test_manifest_list_with_zstd_layers_from_a_token_registry(
+    uml_service: Any, test_image: PushedImage
+) -> None:
+    """The seed's lifecycle on an index (arm64 listed first) of zstd layers behind token auth:
+    create, watch, info, a sandbox, delete refused while it runs, delete."""
+    from e2b import Sandbox
+
+    credentials = ("--registry-username", USER, "--registry-password", PASSWORD)
+    job_id = seed_create(uml_service, test_image.token_list_ref, *credentials)
+    watched = cli(uml_service, "tpl", "watch", "--job-id", job_id)
+    template_id = template_id_of(watched.stdout.strip().splitlines()[-1])
+    built = job(uml_service, job_id)
+    assert built["phase"] == "READY", built["reason"]
+    assert any(line.startswith("probe answered") for line in built["log"]), built["log"]
+    assert PASSWORD not in json.dumps(built)
+    info = json.loads(cli(uml_service, "tpl", "info", "--template-id", template_id, "--json").stdout)
+    assert info["templateID"] == template_id
+
+    sandbox = Sandbox.create(template=template_id, timeout=120)
+    try:
+        assert_entrypoint_serves(uml_service, sandbox.sandbox_id)
+        result = sandbox.commands.run(
+            "cat /app/layer-compression.txt; echo; "
+            "test -e /app/gone.txt && echo present || echo gone; uname -m",
+            user="root",
+        )
+        assert result.stdout.split() == ["zstd", "gone", "x86_64"]
+        refused = cli(uml_service, "tpl", "delete", "--template-id", template_id, check=False)
+        assert refused.returncode != 0 and "1 live sandboxes" in refused.stderr, refused
+    finally:
+        sandbox.kill()
+    cli(uml_service, "tpl", "delete", "--template-id", template_id)
+    assert template_id not in cli(uml_service, "tpl", "list").stdout
+    assert not (uml_service.config.templates_dir / template_id).exists()
 
 
 def test_probe_that_never_answers_fails_the_build(uml_service: Any, test_image: PushedImage) -> None:
