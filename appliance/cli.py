@@ -17,6 +17,7 @@ from typing import Any
 import click
 import trio
 
+from appliance import __version__
 from appliance.api.client import ApiClient
 from appliance.bench.agent import agent as agent_bench
 from appliance.bench.all import all_bench
@@ -29,6 +30,7 @@ from appliance.bench.floor import floor_command
 from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
 from appliance.config import load_config
+from appliance.master.upgrade import upgrade_command
 from appliance.runtime.uml.kernel import build_uml_kernel
 from appliance.templates.cli import BUILD_COMMANDS
 from appliance.templates.default import build_default
@@ -63,6 +65,7 @@ api_key_option = click.option(
 
 
 @click.group()
+@click.version_option(__version__, prog_name="cube")
 @click.option(
     "--config",
     "config_path",
@@ -83,6 +86,7 @@ def serve(config: Any) -> None:
     """Run the appliance: API, sandbox router, state store and cubelet."""
     from appliance.cubelet.runtimes import RuntimeUnavailable
     from appliance.master.service import serve_until_signalled
+    from appliance.master.store import DatabaseTooNew
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request at INFO: guest health probes and /init calls would
@@ -91,7 +95,7 @@ def serve(config: Any) -> None:
     try:
         trio.run(serve_until_signalled, config)
     except BaseExceptionGroup as group:
-        matching, _ = group.split(RuntimeUnavailable)
+        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew))
         if matching is None:
             raise
         cause: BaseException = matching
@@ -284,6 +288,37 @@ def image() -> None:
 
 
 image.add_command(build_uml_kernel)
+
+
+@image.command("build-iso")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("cube-appliance.iso"),
+    show_default=True,
+    help="Where to write the ISO.",
+)
+@click.pass_obj
+def build_iso(config: Any, output: Path) -> None:
+    """Bootable appliance ISO (BIOS + UEFI); its Debian base and template are cached in cache_dir/iso."""
+    import os
+    import subprocess
+    import sys
+
+    from appliance.config import IMAGE_DIR
+
+    env = {
+        **os.environ,
+        "CUBE_ISO_CACHE": str(config.cache_dir / "iso"),
+        "CUBE_CACHE_DIR": str(config.cache_dir),
+        "CUBE_TEMPLATES_DIR": str(config.templates_dir),
+        "CUBE_PYTHON": sys.executable,
+    }
+    if subprocess.run(["bash", str(IMAGE_DIR / "iso" / "build.sh"), str(output)], env=env).returncode:
+        raise click.ClickException("ISO build failed (see above)")
+
+
+main.add_command(upgrade_command)
 
 
 @main.group()

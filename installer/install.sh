@@ -1,146 +1,281 @@
 #!/usr/bin/env bash
 # Cube appliance installer for an existing Debian 12 / Ubuntu 24.04 host.
 #
-#   bash installer/install.sh            install (or upgrade) and start the service
-#   bash installer/install.sh --dev      also install test dependencies, editable checkout
-#   bash installer/install.sh --uninstall
+#   bash installer/install.sh              install (or repair, or upgrade from this checkout) and start
+#   bash installer/install.sh --check      preflight only: OS, KVM kind, kernel headers, free disk
+#   bash installer/install.sh --dev        also test dependencies; the venv gets an editable checkout
+#   bash installer/install.sh --no-start   install, do not start the service
+#   bash installer/install.sh --no-build   skip the sandbox kernel and default template builds
+#   bash installer/install.sh --uninstall [--keep-cache]
+#                                          remove everything the installer added (apt packages stay)
+#   --root DIR   install into / uninstall from DIR instead of / (packaging, tests). Host-wide steps
+#                (apt, kernel header links, systemd, service start, netns, bpf pins, nftables,
+#                cgroups) are skipped; it implies --no-start.
 #
 # Idempotent: every step checks before it acts, so running it twice is safe.
 # Big builds (UML kernel, default template) are cached under /var/cache/cube and
-# rebuilt only when their inputs change.
+# rebuilt only when their inputs change. No user account is created: sandboxes run
+# as bare uids (uid_base + slot) that own nothing outside their sandbox.
 set -euo pipefail
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PREFIX=/opt/cube
-VENV=$PREFIX/venv
-ETC=/etc/cube
-STATE=/var/lib/cube
-CACHE=/var/cache/cube
-LOGDIR=/var/log/cube
-RUNDIR=/run/cube
-UNIT=/etc/systemd/system/cube.service
 MODE=install
+DEV=0
 START=1
+BUILD=1
+KEEP_CACHE=0
+ROOT=
 
-for arg in "$@"; do
-  case "$arg" in
-    --dev) MODE=dev ;;
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --check) MODE=check ;;
+    --dev) DEV=1 ;;
     --uninstall) MODE=uninstall ;;
     --no-start) START=0 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+    --no-build) BUILD=0 ;;
+    --keep-cache) KEEP_CACHE=1 ;;
+    --root) shift; ROOT="$(realpath -m "${1:?--root needs a directory}")" ;;
+    --root=*) ROOT="$(realpath -m "${1#--root=}")" ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
+  shift
 done
+[ "$ROOT" = / ] && ROOT=
+[ -n "$ROOT" ] && START=0
+
+PREFIX=$ROOT/opt/cube
+VENV=$PREFIX/venv
+ETC=$ROOT/etc/cube
+STATE=$ROOT/var/lib/cube
+CACHE=$ROOT/var/cache/cube
+LOGDIR=$ROOT/var/log/cube
+RUNDIR=$ROOT/run/cube
+UNIT=$ROOT/etc/systemd/system/cube.service
+LOGROTATE=$ROOT/etc/logrotate.d/cube
+BINDIR=$ROOT/usr/local/bin
+HEADER_LINKS=$PREFIX/header-links  # kernel header links this installer made (removed by --uninstall)
+MIN_FREE_GB=8
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
-have_systemd() { [ -d /run/systemd/system ] && [ "$(ps -p 1 -o comm=)" = systemd ]; }
+warn() { echo "install.sh: warning: $*" >&2; }
+host_wide() { [ -z "$ROOT" ]; }
+have_systemd() { [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
 
-[ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
+# Preflight.
 
-APT_PACKAGES=(
-  # runtime
-  user-mode-linux bubblewrap util-linux e2fsprogs iproute2 nftables iptables procps
-  python3 python3-venv python3-dev python3-bpfcc bpfcc-tools linux-headers-cloud-amd64
-  libseccomp2 zstd ca-certificates curl
-  # template and kernel builds
-  mmdebstrap linux-source build-essential flex bison bc libelf-dev libssl-dev xz-utils
-)
-DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 xorriso busybox-static)
+kvm_kind() {
+  # What the sandboxes get: hardware KVM (kvm runtime), PVM (a KVM a normal
+  # Linux guest cannot boot under: uml runtime) or none (uml runtime).
+  if [ ! -e /dev/kvm ]; then
+    echo "none (no /dev/kvm): sandboxes use the uml runtime"
+  elif [ -d /sys/module/kvm_pvm ]; then
+    echo "PVM (kvm_pvm): sandboxes use the uml runtime unless a PVM guest kernel is configured"
+  elif grep -qwE 'vmx|svm' /proc/cpuinfo; then
+    echo "hardware ($(grep -owE 'vmx|svm' /proc/cpuinfo | head -n 1)): sandboxes can use the kvm runtime"
+  else
+    echo "unknown (/dev/kvm without vmx/svm): sandboxes use the uml runtime"
+  fi
+}
+
+headers_state() {
+  local moddir="/lib/modules/$(uname -r)"
+  if [ -L "$moddir/build" ] && [ -e "$moddir/build/" ]; then
+    echo "linked: $moddir/build -> $(readlink "$moddir/build") (bcc's tc programs need only uapi)"
+  elif [ -e "$moddir/build/include/linux" ]; then
+    echo "present ($moddir/build)"
+  elif ls -d /usr/src/linux-headers-*-cloud-amd64 >/dev/null 2>&1; then
+    echo "missing; will link Debian's cloud headers into $moddir (bcc's tc programs need only uapi)"
+  else
+    echo "missing; the installer installs $(headers_package)"
+  fi
+}
+
+headers_package() {
+  # The running kernel's own headers when the archive has them, else Debian's cloud flavour.
+  if apt-cache show "linux-headers-$(uname -r)" >/dev/null 2>&1; then
+    echo "linux-headers-$(uname -r)"
+  else
+    echo linux-headers-cloud-amd64
+  fi
+}
+
+free_gb() {
+  local dir="$ROOT/var"
+  while [ ! -d "$dir" ]; do dir="$(dirname "$dir")"; done
+  df -Pk "$dir" | awk 'NR==2 {print int($4/1024/1024)}'
+}
+
+preflight() {
+  local ok=0 os="unknown"
+  if [ -r /etc/os-release ]; then
+    # shellcheck disable=SC1091
+    os="$(. /etc/os-release && echo "${ID:-?}:${VERSION_ID:-?} (${PRETTY_NAME:-?})")"
+  fi
+  case "$os" in
+    debian:12*|ubuntu:24.04*) echo "os:        $os" ;;
+    *) echo "os:        $os — tested on Debian 12 and Ubuntu 24.04 only" ;;
+  esac
+  echo "arch:      $(uname -m)"
+  [ "$(uname -m)" = x86_64 ] || { echo "           x86_64 only"; ok=1; }
+  echo "kvm:       $(kvm_kind)"
+  echo "headers:   $(headers_state)"
+  local free; free="$(free_gb)"
+  if [ "$free" -lt "$MIN_FREE_GB" ]; then
+    echo "disk:      ${free} GiB free under $ROOT/var — need at least $MIN_FREE_GB GiB"; ok=1
+  else
+    echo "disk:      ${free} GiB free under $ROOT/var"
+  fi
+  echo "systemd:   $(have_systemd && echo "yes (cube.service)" || echo "no (cube serve runs as a daemon, pid file $RUNDIR/cube.pid)")"
+  return "$ok"
+}
+
+# Service.
 
 stop_service() {
-  if have_systemd && systemctl list-unit-files cube.service >/dev/null 2>&1; then
+  if host_wide && have_systemd && systemctl list-unit-files cube.service >/dev/null 2>&1; then
     systemctl stop cube.service 2>/dev/null || true
   fi
   if [ -f "$RUNDIR/cube.pid" ]; then
     local pid; pid=$(cat "$RUNDIR/cube.pid")
     if kill -0 "$pid" 2>/dev/null; then
       kill -TERM "$pid"
-      for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      for _ in $(seq 1 900); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$RUNDIR/cube.pid"
   fi
 }
 
-if [ "$MODE" = uninstall ]; then
-  say "Stopping the service"
-  stop_service
-  if have_systemd; then systemctl disable cube.service 2>/dev/null || true; fi
-  rm -f "$UNIT" /usr/local/bin/cube /usr/local/bin/cubemastercli
-  have_systemd && systemctl daemon-reload || true
-  say "Removing sandbox namespaces, pins and state"
+# Uninstall.
+
+remove_host_wide_leftovers() {
+  say "Removing sandbox namespaces, eBPF pins, nftables tables and cgroups"
   for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^cube-/ {print $1}'); do ip netns delete "$ns" || true; done
   rm -rf /sys/fs/bpf/cube 2>/dev/null || true
   nft delete table inet cube 2>/dev/null || true
   nft delete table ip cube 2>/dev/null || true
-  rm -rf "$PREFIX" "$ETC" "$STATE" "$LOGDIR" "$RUNDIR" "$CACHE"
+  for parent in /sys/fs/cgroup/cube /sys/fs/cgroup/*/cube; do
+    [ -d "$parent" ] || continue
+    for leaf in "$parent"/*/; do [ -d "$leaf" ] && rmdir "$leaf" 2>/dev/null || true; done
+    rmdir "$parent" 2>/dev/null || true
+  done
+  if [ -f "$HEADER_LINKS" ]; then
+    while read -r link; do
+      [ -L "$link" ] && rm -f "$link"
+      rmdir "$(dirname "$link")" 2>/dev/null || true  # /lib/modules/<release> if it held only our links
+    done < "$HEADER_LINKS"
+  fi
+}
+
+if [ "$MODE" = check ]; then
+  preflight
+  exit $?
+fi
+
+[ "$(id -u)" = 0 ] || [ -n "$ROOT" ] || { echo "install.sh: run as root" >&2; exit 1; }
+
+if [ "$MODE" = uninstall ]; then
+  say "Stopping the service"
+  stop_service
+  if host_wide && have_systemd; then systemctl disable cube.service 2>/dev/null || true; fi
+  rm -f "$UNIT" "$LOGROTATE" "$BINDIR/cube" "$BINDIR/cubemastercli"
+  if host_wide; then
+    have_systemd && systemctl daemon-reload || true
+    remove_host_wide_leftovers
+  fi
+  say "Removing $PREFIX $ETC $STATE $LOGDIR $RUNDIR$([ "$KEEP_CACHE" = 1 ] || echo " $CACHE")"
+  rm -rf "$PREFIX" "$ETC" "$STATE" "$LOGDIR" "$RUNDIR"
+  [ "$KEEP_CACHE" = 1 ] || rm -rf "$CACHE"
   say "Removed. (apt packages were left installed.)"
   exit 0
 fi
 
 say "Checking the host"
-. /etc/os-release
-case "$ID:${VERSION_ID:-}" in
-  debian:12|ubuntu:24.04) ;;
-  *) echo "warning: tested on Debian 12 and Ubuntu 24.04, this is $PRETTY_NAME" >&2 ;;
-esac
-free_gb=$(df -Pk /var | awk 'NR==2 {print int($4/1024/1024)}')
-if [ "$free_gb" -lt 8 ]; then
-  echo "install.sh: need at least 8 GiB free under /var (have ${free_gb} GiB)" >&2; exit 1
-fi
+preflight || { echo "install.sh: the host does not meet the requirements above" >&2; exit 1; }
 
-say "Installing Debian packages"
-need=()
-pkgs=("${APT_PACKAGES[@]}")
-[ "$MODE" = dev ] && pkgs+=("${DEV_APT_PACKAGES[@]}")
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
-done
-if [ "${#need[@]}" -gt 0 ]; then
-  apt-get update -qq
-  # nodejs may come from another repository with npm bundled: don't fight it.
-  if dpkg-query -W -f='${Status}' nodejs 2>/dev/null | grep -q "ok installed"; then
-    need=("${need[@]/npm}")
+APT_PACKAGES=(
+  # runtime
+  user-mode-linux bubblewrap util-linux e2fsprogs iproute2 nftables iptables procps logrotate
+  python3 python3-venv python3-dev python3-bpfcc bpfcc-tools
+  libseccomp2 zstd ca-certificates curl xorriso
+  # template and kernel builds
+  mmdebstrap linux-source build-essential flex bison bc libelf-dev libssl-dev xz-utils
+)
+DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 busybox-static
+  grub-pc-bin grub-efi-amd64-bin grub-common mtools squashfs-tools)  # the last five: cube image build-iso
+
+if host_wide; then
+  say "Installing Debian packages"
+  need=()
+  pkgs=("${APT_PACKAGES[@]}")
+  [ "$DEV" = 1 ] && pkgs+=("${DEV_APT_PACKAGES[@]}")
+  [ -e "/lib/modules/$(uname -r)/build/" ] || pkgs+=("$(headers_package)")
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    apt-get update -qq
+    # nodejs may come from another repository with npm bundled: don't fight it.
+    if dpkg-query -W -f='${Status}' nodejs 2>/dev/null | grep -q "ok installed"; then
+      need=("${need[@]/npm}")
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${need[@]} >/dev/null
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${need[@]} >/dev/null
-fi
 
-say "Linking kernel headers for bcc"
-bash "$SRC/appliance/net/install_headers.sh"
+  say "Linking kernel headers for bcc"
+  moddir="/lib/modules/$(uname -r)"
+  had_links=0; [ -L "$moddir/build" ] && had_links=1
+  bash "$SRC/appliance/net/install_headers.sh"
+  mkdir -p "$PREFIX"
+  if [ -L "$moddir/build" ] && { [ "$had_links" = 0 ] || [ -f "$HEADER_LINKS" ]; }; then
+    printf '%s\n' "$moddir/build" "$moddir/source" > "$HEADER_LINKS"
+  fi
+else
+  say "Skipping apt packages and kernel header links (--root $ROOT)"
+fi
 
 say "Creating the Python environment in $VENV"
 # Debian's python3 with system site-packages: bcc is Debian's python3-bpfcc.
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import bcc' 2>/dev/null; then
+# $VENV may be a symlink into $PREFIX/venvs (made by `cube upgrade`): kept as it is.
+if [ ! -x "$VENV/bin/python" ] || { host_wide && ! "$VENV/bin/python" -c 'import bcc' 2>/dev/null; }; then
   rm -rf "$VENV"
+  mkdir -p "$PREFIX"
   /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
-"$VENV/bin/pip" install -q --upgrade pip >/dev/null
-if [ "$MODE" = dev ]; then
-  "$VENV/bin/pip" install -q -e "$SRC[test]"
+if [ "$DEV" = 1 ]; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$SRC[test]"
 else
-  "$VENV/bin/pip" install -q "$SRC"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC"
 fi
-ln -sf "$VENV/bin/cube" /usr/local/bin/cube
-ln -sf "$VENV/bin/cubemastercli" /usr/local/bin/cubemastercli
+mkdir -p "$BINDIR"
+ln -sfn "$VENV/bin/cube" "$BINDIR/cube"
+ln -sfn "$VENV/bin/cubemastercli" "$BINDIR/cubemastercli"
 
-say "Writing the default configuration"
-mkdir -p "$ETC" "$STATE" "$CACHE" "$LOGDIR" "$RUNDIR"
+say "Writing the configuration, the systemd unit and the log rotation"
+mkdir -p "$ETC" "$STATE" "$CACHE" "$LOGDIR" "$RUNDIR" "$(dirname "$UNIT")" "$(dirname "$LOGROTATE")"
 chmod 700 "$STATE"
 if [ ! -f "$ETC/appliance.toml" ]; then
   install -m 644 "$SRC/installer/appliance.toml" "$ETC/appliance.toml"
 fi
+install -m 644 "$SRC/systemd/cube.service" "$UNIT"
+install -m 644 "$SRC/installer/logrotate.conf" "$LOGROTATE"
 
-say "Building the sandbox kernel (cached in $CACHE/kernels)"
-CUBE_IMAGE_DIR="$SRC/image" "$VENV/bin/cube" image build-uml-kernel
+if [ "$BUILD" = 1 ]; then
+  say "Building the sandbox kernel (cached in $CACHE/kernels)"
+  CUBE_IMAGE_DIR="$SRC/image" CUBE_CACHE_DIR="$CACHE" CUBE_STATE_DIR="$STATE" \
+    "$VENV/bin/cube" image build-uml-kernel
 
-say "Building the default template (cached in $CACHE/rootfs)"
-CUBE_IMAGE_DIR="$SRC/image" "$VENV/bin/cube" tpl build-default
+  say "Building the default template (cached in $CACHE/rootfs)"
+  CUBE_IMAGE_DIR="$SRC/image" CUBE_CACHE_DIR="$CACHE" CUBE_STATE_DIR="$STATE" \
+    "$VENV/bin/cube" tpl build-default
+fi
 
-stop_service
+KEY_FILE="$STATE/default-api-key"
 if [ "$START" = 1 ]; then
+  stop_service
   say "Starting the service"
   if have_systemd; then
-    install -m 644 "$SRC/systemd/cube.service" "$UNIT"
     systemctl daemon-reload
     systemctl enable --now cube.service
     systemctl restart cube.service
@@ -154,15 +289,18 @@ if [ "$START" = 1 ]; then
     sleep 0.2
   done
   curl -fsS "http://127.0.0.1:3000/health" >/dev/null || {
-    echo "install.sh: the service did not answer on :3000; see $LOGDIR/cube.log" >&2; tail -30 "$LOGDIR/cube.log" >&2 || true; exit 1; }
+    echo "install.sh: the service did not answer on :3000; see $LOGDIR/cube.log or journalctl -u cube" >&2
+    tail -30 "$LOGDIR/cube.log" >&2 || true; exit 1; }
 
-  KEY_FILE="$STATE/default-api-key"
   if [ ! -s "$KEY_FILE" ]; then
     (umask 077; "$VENV/bin/cube" keys create --name default --json \
       | "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["key"])' > "$KEY_FILE")
   fi
   say "Cube appliance is running"
-  cat <<EOF
+else
+  say "Cube appliance is installed (not started: $([ -n "$ROOT" ] && echo "--root" || echo "--no-start"))"
+fi
+cat <<EOF
 Export these to point the unmodified E2B SDK at it:
 
   export E2B_API_URL=http://127.0.0.1:3000
@@ -171,4 +309,3 @@ Export these to point the unmodified E2B SDK at it:
   export CUBE_TEMPLATE_ID=code-interpreter
 
 EOF
-fi

@@ -1,11 +1,13 @@
 """`cube serve`: control plane, sandbox router, state store and local cubelet in one nursery tree.
 
-Start-up: refuse unsafe config, record the pid, open the store and report every
-sandbox the previous run left "running" as dead (guests die with the service:
+Start-up: refuse unsafe config, record the pid, open (and migrate) the store,
+report every sandbox the previous run left "running" as dead (guests die with the service:
 they are its children), make sure the admin token and TLS files exist, open the
-runtime, start the cubelet, then Hypercorn with the plain API port and the TLS
+runtime, start the cubelet, boot again the sandboxes a restart for an upgrade
+carried over (carryover.py), then Hypercorn with the plain API port and the TLS
 port. Shutdown (SIGTERM/SIGINT or `RunningService.stop`): stop accepting, kill
-every sandbox recording why, tear the runtime down, remove the pid file.
+every sandbox recording why (on SIGUSR2, after keeping their disks), tear the
+runtime down, remove the pid file.
 
 Template builds (`tpl create-from-image`, `tpl build`) always run here: the build
 service is a task in the nursery, its blueprint is registered, its sandbox steps
@@ -40,6 +42,7 @@ from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
 from appliance.cubelet.template_sandboxes import CubeletTemplateSandboxes
 from appliance.master import sdnotify
+from appliance.master.carryover import carry_over, restore_carried
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.proxy.router import ASGIApp, SandboxRouter
@@ -63,6 +66,9 @@ class RunningService:
     services: Services
     stop: trio.Event = field(default_factory=trio.Event)
     reported_dead_at_start: list[str] = field(default_factory=list)
+    restored_at_start: list[str] = field(default_factory=list)
+    # Set before `stop` for a restart onto new code: keep the sandboxes' disks (carryover.py).
+    carry_over: bool = False
 
 
 def _hostport(host: str, port: int) -> str:
@@ -113,7 +119,11 @@ async def run_service(
     for directory in (config.state_dir, config.templates_dir, config.sandboxes_dir):
         directory.mkdir(parents=True, exist_ok=True)
     pid_file = _write_pid_file(config.run_dir)
-    store = SqliteStore(config.db_path)
+    try:
+        store = SqliteStore(config.db_path)  # migrates the schema; refuses a newer one
+    except BaseException:
+        pid_file.unlink(missing_ok=True)
+        raise
     try:
         reported_dead = store.mark_live_sandboxes_dead(RESTART_REASON)
         if reported_dead:
@@ -125,6 +135,9 @@ async def run_service(
         async with runtime_factory(config) as bundle, trio.open_nursery() as nursery:
             cubelet = Cubelet(config, bundle.runtime, store, bundle.network, templates=registry.refresh)
             await nursery.start(cubelet.run)
+            restored = await restore_carried(cubelet, registry, store, config.state_dir)
+            if restored:
+                log.info("%d sandboxes carried over the restart are back: %s", len(restored), restored)
             services = Services(
                 config=config,
                 store=store,
@@ -151,13 +164,21 @@ async def run_service(
             )
             api_url = next(b for b in binds if b.startswith("http://"))
             tls_url = next(b for b in binds if b.startswith("https://"))
-            task_status.started(
-                RunningService(
-                    api_url, tls_url, cubelet, services, stop, reported_dead_at_start=reported_dead
-                )
+            running = RunningService(
+                api_url,
+                tls_url,
+                cubelet,
+                services,
+                stop,
+                reported_dead_at_start=reported_dead,
+                restored_at_start=restored,
             )
+            task_status.started(running)
             await stop.wait()
             with trio.CancelScope(shield=True):
+                if running.carry_over:
+                    kept = await carry_over(cubelet, store, config.state_dir)
+                    log.info("kept the disks of %d sandboxes for the restart: %s", len(kept), kept)
                 await cubelet.shutdown(STOP_REASON)
                 await router.aclose()
             nursery.cancel_scope.cancel()
@@ -171,8 +192,9 @@ async def serve_until_signalled(
     runtime_factory: RuntimeFactory = open_runtime,
     blueprint_factories: Iterable[BlueprintFactory] = (),
 ) -> None:
-    """Run until SIGTERM or SIGINT (caught from before start-up, so none is lost), then shut down."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """Run until SIGTERM or SIGINT (caught from before start-up, so none is lost), then shut down.
+    SIGUSR2 shuts down for a restart onto new code (`cube upgrade`): sandboxes' disks are kept."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningService = await nursery.start(
                 run_service, config, runtime_factory, blueprint_factories
@@ -185,5 +207,6 @@ async def serve_until_signalled(
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 sdnotify.notify("STOPPING=1")
+                running.carry_over = signum == signal.SIGUSR2
                 running.stop.set()
                 break

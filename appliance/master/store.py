@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from appliance import __version__
 from appliance.templates.manifest import TemplateManifest
 
 RUNNING = "running"
@@ -106,42 +107,92 @@ KEY_PREFIX = "cube_"
 IDEMPOTENCY_TTL_S = 24 * 3600
 LAST_USED_RESOLUTION_S = 60.0  # a key's last-use time is written at most this often
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sandboxes (
-    sandbox_id TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    template_id TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    record TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sandboxes_by_state ON sandboxes(state, started_at);
-CREATE TABLE IF NOT EXISTS templates (
-    template_id TEXT PRIMARY KEY,
-    manifest TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    prefix TEXT NOT NULL,
-    key_hash TEXT NOT NULL UNIQUE,
-    created_at REAL NOT NULL,
-    revoked_at REAL,
-    last_used_at REAL
-);
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    key TEXT PRIMARY KEY,
-    sandbox_id TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    sandbox_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_sandbox ON events(sandbox_id, id);
-"""
+# Schema migrations, applied in order at start. The database's `PRAGMA
+# user_version` is the number of migrations it has had; migration N (1-based)
+# moves it from N-1 to N in one transaction (SQLite DDL is transactional), so a
+# failure leaves the database as it was. Append new migrations; never edit one
+# that has shipped. Migration 1 is the schema from before versioning: its
+# statements are idempotent so a database made then (version 0, tables already
+# there) is adopted as it is.
+Migration = tuple[str, ...]
+
+MIGRATIONS: tuple[Migration, ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS sandboxes (
+            sandbox_id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            template_id TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            record TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS sandboxes_by_state ON sandboxes(state, started_at)",
+        """CREATE TABLE IF NOT EXISTS templates (
+            template_id TEXT PRIMARY KEY,
+            manifest TEXT NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS api_keys (
+            key_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            prefix TEXT NOT NULL,
+            key_hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            revoked_at REAL,
+            last_used_at REAL
+        )""",
+        """CREATE TABLE IF NOT EXISTS idempotency_keys (
+            key TEXT PRIMARY KEY,
+            sandbox_id TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            sandbox_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            message TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS events_by_sandbox ON events(sandbox_id, id)",
+    ),
+)
+
+
+class DatabaseTooNew(RuntimeError):
+    """The database was migrated by a newer cube than this one; starting would corrupt it."""
+
+
+def schema_version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite3.Connection, path: Path, migrations: Sequence[Migration] = MIGRATIONS) -> list[int]:
+    """Bring the database up to `len(migrations)`; returns the versions applied.
+
+    `db` must be in autocommit mode (isolation_level=None): each migration is
+    its own BEGIN IMMEDIATE ... COMMIT, which also keeps a second process
+    starting at the same time from applying the same migration twice.
+    """
+    applied: list[int] = []
+    while True:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            current = schema_version(db)
+            if current > len(migrations):
+                raise DatabaseTooNew(
+                    f"{path} has schema version {current}, but this cube ({__version__}) knows only up to"
+                    f" {len(migrations)}: a newer cube used it. Run that version (`cube upgrade` to it),"
+                    f" or restore the copy `cube upgrade` made before migrating ({path.name}.pre-*)."
+                )
+            if current == len(migrations):
+                db.execute("COMMIT")
+                return applied
+            for statement in migrations[current]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {current + 1}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        applied.append(current + 1)
 
 
 def hash_api_key(key: str) -> str:
@@ -164,7 +215,11 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        try:
+            migrate(self._db, path)
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         self._db.close()

@@ -86,7 +86,7 @@ def parse_answer(msg: bytes) -> Answer | None:
             return None
         qname, offset = _read_name(msg, 12)
         offset += 4
-        addresses = []
+        addresses: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]] = []
         for _ in range(ancount):
             _name, offset = _read_name(msg, offset)
             rtype, _rclass, ttl, rdlength = struct.unpack_from("!HHIH", msg, offset)

@@ -1,0 +1,263 @@
+"""The appliance ISO booted in qemu (software emulation), driven from the host.
+
+`cube image build-iso` builds the ISO (its Debian base and template layers come
+from /var/cache/cube/iso when their inputs did not change). qemu boots it twice
+with the same fresh disk and a port forwarded to the API on 127.0.0.1:
+1. first boot: the appliance creates CUBE-DATA on the empty disk, /health
+   answers, the console shows the API key and CA fingerprint;
+2. after a clean power-off, the second boot finds CUBE-DATA: the same API key
+   and CA, and the template is still there.
+A sandbox through the E2B SDK (UML inside the TCG guest) is a separate test,
+off by default (see its skip reason). A boot takes minutes: timeouts are generous.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+BOOT_TIMEOUT_S = 20 * 60
+SANDBOX_TIMEOUT_S = 20 * 60
+POWEROFF_TIMEOUT_S = 5 * 60
+BUILD_TIMEOUT_S = 60 * 60
+MEMORY_MB = 4096
+# First-boot configuration handed to the VM over fw_cfg: no warm pool, so the
+# emulated CPU boots only the sandbox the test asks for.
+SEED_CONFIG = """\
+api_host = "0.0.0.0"
+api_port = 3000
+runtime = "uml"
+default_template = "code-interpreter"
+pool_size = 0
+"""
+KEY_RE = re.compile(r"^API key:\s+(\S+)\s*$", re.MULTILINE)
+CA_RE = re.compile(r"^CA SHA-256:\s+([0-9A-F:]{95})\s*$", re.MULTILINE)
+
+pytestmark = [
+    pytest.mark.slow,
+    # Opt-in: a cold ISO build is ~17 min (Debian base) and two TCG boots ~7 min, more than
+    # the CI budget leaves; run it with CUBE_ISO_TEST=1 (`bash tests/run.sh tests/iso`).
+    pytest.mark.skipif(os.environ.get("CUBE_ISO_TEST") != "1", reason="opt-in: CUBE_ISO_TEST=1"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="building the ISO needs root"),
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Vm:
+    """One qemu-system-x86_64 (TCG) booting the ISO with `disk`, serial console to a file."""
+
+    iso: Path
+    disk: Path
+    seed: Path
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    serial: Path | None = None
+    boots: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.boots += 1
+        self.serial = self.workdir / f"serial-{self.boots}.log"
+        monitor = self.workdir / "monitor.sock"
+        monitor.unlink(missing_ok=True)
+        argv = [
+            "qemu-system-x86_64",
+            # qemu64, not max: with ERMS/FSRM the kernel clears and copies pages with
+            # `rep stosb/movsb`, which TCG emulates a byte at a time (soft lockups).
+            "-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "qemu64,+rdrand,-svm", "-smp", "2",
+            "-m", str(MEMORY_MB),
+            "-display", "none", "-vga", "none",
+            "-serial", f"file:{self.serial}",
+            "-monitor", f"unix:{monitor},server=on,wait=off",
+            "-device", "virtio-rng-pci",
+            # The hybrid ISO as a read-only disk, as when flashed onto a USB stick
+            # (the BIOS boots its MBR); virtio reads far faster than an emulated CD.
+            "-drive", f"file={self.iso},if=virtio,format=raw,readonly=on",
+            "-drive", f"file={self.disk},if=virtio,format=raw",
+            "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:3000",
+            "-fw_cfg", f"name=opt/cube/appliance.toml,file={self.seed}",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def console(self) -> str:
+        assert self.serial is not None
+        return self.serial.read_text(errors="replace") if self.serial.exists() else ""
+
+    def wait_console(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.assert_running()
+            if found := pattern.search(self.console()):
+                return found
+            time.sleep(2)
+        raise AssertionError(f"{pattern.pattern!r} not on the console in {timeout:.0f}s:\n{self.tail()}")
+
+    def wait_health(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.assert_running()
+            try:
+                if httpx.get(f"{self.url}/health", timeout=10).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(3)
+        raise AssertionError(f"/health did not answer in {timeout:.0f}s:\n{self.tail()}")
+
+    def assert_running(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"qemu exited with {self.process.returncode}:\n{self.tail()}")
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.console().splitlines()[-lines:])
+
+    def power_off(self, timeout: float) -> None:
+        """ACPI power button (a clean shutdown), then wait for qemu to exit."""
+        assert self.process is not None
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(self.workdir / "monitor.sock"))
+            sock.sendall(b"system_powerdown\n")
+            time.sleep(1)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"no clean power-off in {timeout:.0f}s:\n{self.tail()}") from exc
+        self.process = None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture(scope="module")
+def iso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("iso") / "cube-appliance.iso"
+    started = time.monotonic()
+    cube = Path(sys.executable).with_name("cube")
+    subprocess.run(
+        [str(cube), "image", "build-iso", "--output", str(path)], check=True, timeout=BUILD_TIMEOUT_S
+    )
+    print(f"build-iso: {time.monotonic() - started:.0f}s, {path.stat().st_size >> 20} MiB")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def vm(iso: Path, tmp_path: Path) -> Iterator[Vm]:
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as sparse:  # an empty 16 GiB disk, sparse: it costs what the VM writes
+        sparse.truncate(16 << 30)
+    seed = tmp_path / "appliance.toml"
+    seed.write_text(SEED_CONFIG)
+    machine = Vm(iso=iso, disk=disk, seed=seed, workdir=tmp_path)
+    try:
+        yield machine
+    finally:
+        machine.kill()
+        for log in sorted(tmp_path.glob("serial-*.log")):
+            print(
+                f"--- {log.name} (last lines)\n"
+                + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+            )
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def sdk_env(monkeypatch: pytest.MonkeyPatch, vm: Vm, key: str) -> None:
+    monkeypatch.setenv("E2B_API_URL", vm.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", vm.url)
+    monkeypatch.setenv("E2B_API_KEY", key)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+
+
+def first_boot(vm: Vm) -> tuple[str, str]:
+    """Boot on the empty disk: /health answers, the console shows the key and CA fingerprint."""
+    started = time.monotonic()
+    vm.start()
+    vm.wait_health(BOOT_TIMEOUT_S)
+    key = vm.wait_console(KEY_RE, BOOT_TIMEOUT_S).group(1)
+    fingerprint = vm.wait_console(CA_RE, BOOT_TIMEOUT_S).group(1)
+    # vda is the ISO itself; the empty disk (vdb) got the CUBE-DATA partition.
+    assert "Data:            /dev/vdb1" in vm.console()
+    print(f"first boot to /health and key: {time.monotonic() - started:.0f}s")
+    return key, fingerprint
+
+
+def test_iso_boots_and_keeps_its_data_across_reboot(vm: Vm) -> None:
+    started = time.monotonic()
+    key, fingerprint = first_boot(vm)
+    headers = {"X-API-KEY": key}
+    assert httpx.get(f"{vm.url}/sandboxes", headers=headers, timeout=60).status_code == 200
+
+    vm.power_off(POWEROFF_TIMEOUT_S)
+    rebooted = time.monotonic()
+    vm.start()
+    vm.wait_health(BOOT_TIMEOUT_S)
+    assert vm.wait_console(KEY_RE, BOOT_TIMEOUT_S).group(1) == key
+    assert vm.wait_console(CA_RE, BOOT_TIMEOUT_S).group(1) == fingerprint
+    assert "creating CUBE-DATA" not in vm.console()
+    print(f"second boot to /health: {time.monotonic() - rebooted:.0f}s")
+
+    templates = httpx.get(f"{vm.url}/templates", headers=headers, timeout=60)
+    assert templates.status_code == 200, templates.text
+    assert "code-interpreter" in {t.get("templateID") for t in templates.json()}, templates.json()
+    # The key made on the first boot still authenticates; a wrong one does not.
+    assert httpx.get(f"{vm.url}/sandboxes", headers=headers, timeout=60).status_code == 200
+    assert httpx.get(f"{vm.url}/sandboxes", headers={"X-API-KEY": "e2b_wrong"}, timeout=60).status_code == 401
+    print(f"test wall time: {time.monotonic() - started:.0f}s")
+
+
+# UML under TCG needs minutes to boot a sandbox, beyond the runtime's fixed boot
+# timeouts (appliance/runtime/uml/runtime.py: 20 s to first output, 60 s to ready).
+@pytest.mark.skipif(
+    os.environ.get("CUBE_ISO_SANDBOX_TEST") != "1",
+    reason="UML sandboxes under TCG exceed the runtime's fixed boot timeouts; set CUBE_ISO_SANDBOX_TEST=1",
+)
+def test_iso_runs_a_sandbox_through_the_sdk(vm: Vm, monkeypatch: pytest.MonkeyPatch) -> None:
+    from e2b_code_interpreter import Sandbox
+
+    key, _ = first_boot(vm)
+    sdk_env(monkeypatch, vm, key)
+    started = time.monotonic()
+    sandbox = Sandbox.create(
+        template="code-interpreter", timeout=SANDBOX_TIMEOUT_S, request_timeout=SANDBOX_TIMEOUT_S
+    )
+    try:
+        print(f"sandbox create: {time.monotonic() - started:.0f}s")
+        execution = sandbox.run_code(
+            "print(6 * 7)", timeout=SANDBOX_TIMEOUT_S, request_timeout=SANDBOX_TIMEOUT_S
+        )
+        assert execution.error is None, execution.error
+        assert execution.logs.stdout == ["42\n"]
+        result = sandbox.commands.run("uname -sr", timeout=SANDBOX_TIMEOUT_S)
+        assert result.exit_code == 0 and result.stdout.startswith("Linux ")
+    finally:
+        sandbox.kill()
