@@ -31,6 +31,10 @@ from appliance.guest.state import AgentState
 if TYPE_CHECKING:
     from appliance.guest.interpreter import Interpreter
 
+# How long the default kernel's start waits for the host's first /health probe (which
+# follows the ready line at once); an agent nobody probes starts it after this anyway.
+FIRST_HEALTH_WAIT_S = 1.0
+
 
 @dataclass(frozen=True)
 class AgentOptions:
@@ -113,7 +117,10 @@ async def run_agent(options: AgentOptions) -> None:
             http2.available()  # says on stderr if h2c cannot be served
             if interpreter is not None:
                 # Only now: on a guest's one vCPU, a kernel starting alongside would slow
-                # envd's own start-up for nothing. Executions wait for it (default_ready).
+                # envd's own start-up for nothing, and would delay the answer to the host's
+                # first /health probe by up to a second. Executions wait for it (default_ready).
+                with trio.move_on_after(FIRST_HEALTH_WAIT_S):
+                    await envd.health_answered.wait()
                 started = interpreter.create(state, nursery, runtime_dir)
                 nursery.start_soon(_start_default_kernel, started)
                 await started.default_ready.wait()

@@ -12,6 +12,8 @@ from _operator import _compare_digest as compare_digest
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
+import trio
+
 from appliance.guest import ENVD_VERSION
 from appliance.guest.connect import CallContext, Router
 from appliance.guest.http import HttpError, Request, Response
@@ -61,6 +63,8 @@ class EnvdApp:
         self.router = router
         self._on_env_vars = on_env_vars
         self._cpu = CpuSampler()
+        # Set once /health has been answered: the host knows this guest is up.
+        self.health_answered = trio.Event()
 
     async def handle(self, request: Request, response: Response) -> None:
         try:
@@ -97,6 +101,7 @@ class EnvdApp:
             await response.send_json(404, body)
         elif path == "/health" and request.method == "GET":
             await response.send(204)
+            self.health_answered.set()
         elif path == "/init" and request.method == "POST":
             await self._init(request, response)
         elif path == "/envs" and request.method == "GET":

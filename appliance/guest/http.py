@@ -170,7 +170,7 @@ class HttpConnection:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ClientGone(str(exc)) from exc
-            self.h11.receive_data(data)
+            self.h11.receive_data(bytes(data))
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         while True:
@@ -190,7 +190,7 @@ class HttpConnection:
                 return
             if not data:
                 return
-            self.h11.receive_data(data)  # a pipelined next request: kept for the next cycle
+            self.h11.receive_data(bytes(data))  # a pipelined next request: kept for the next cycle
 
     async def send_head(self, status: int, headers: list[tuple[str, str]]) -> None:
         await self.send(h11.Response(status_code=status, headers=headers))

@@ -189,7 +189,12 @@ class Interpreter:
                 try:
                     await self._restart(context)
                 except InterpreterError as exc:
-                    error = {"type": "error", "name": "KernelStartError", "value": str(exc), "traceback": ""}
+                    error: dict[str, object] = {
+                        "type": "error",
+                        "name": "KernelStartError",
+                        "value": str(exc),
+                        "traceback": "",
+                    }
                     await emit(error)
             if context.kernel.alive:
                 env = {str(k): str(v) for k, v in env_vars.items()}

@@ -65,14 +65,16 @@ class TrioSocket:
 
     def __init__(self, socket: zmq.Socket) -> None:
         self._socket = socket
-        self._fd = socket.getsockopt(zmq.FD)
+        fd = socket.getsockopt(zmq.FD)
+        assert isinstance(fd, int)
+        self._fd = fd
         self._waiting: trio.CancelScope | None = None
 
     def send(self, frames: list[bytes]) -> None:
         self._socket.send_multipart(frames, zmq.NOBLOCK)
         # zmq's FD is edge-triggered, and a send may process the pending commands that would
         # have raised the edge the receiver waits for: let it look again.
-        if self._waiting is not None and self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self._waiting is not None and self._readable():
             self._waiting.cancel()
 
     async def receive(self) -> list[bytes]:
@@ -82,11 +84,15 @@ class TrioSocket:
             except zmq.Again:
                 pass
             # Reading EVENTS processes zmq's pending commands and re-arms the FD's edge.
-            if self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if self._readable():
                 continue
             with trio.CancelScope() as self._waiting:
                 await trio.lowlevel.wait_readable(self._fd)
             self._waiting = None
+
+    def _readable(self) -> bool:
+        events = self._socket.getsockopt(zmq.EVENTS)
+        return isinstance(events, int) and bool(events & zmq.POLLIN)
 
     def close(self) -> None:
         trio.lowlevel.notify_closing(self._fd)

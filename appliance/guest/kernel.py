@@ -77,7 +77,7 @@ async def spawn_kernel_process(argv: list[str], spec: KernelSpec, **streams: obj
     if spec.user.needs_switch():
         options.update(user=spec.user.uid, group=spec.user.gid, extra_groups=spec.user.groups())
     try:
-        return await trio.lowlevel.open_process(argv, **options)  # type: ignore[arg-type]
+        return await trio.lowlevel.open_process(argv, **options)  # type: ignore[call-overload]
     except OSError as exc:
         raise KernelStartError(f"cannot start {argv[0]}: {exc}") from exc
 

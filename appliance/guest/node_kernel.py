@@ -100,8 +100,9 @@ class NodeKernel(Kernel[Reply]):
     def update_env(self, env_vars: dict[str, str]) -> None:
         if self.alive:
             # A write of one short line to a pipe does not block; ordering matters, so no task.
-            assert self._stdin is not None
-            os.write(self._stdin.fileno(), (json.dumps({"type": "env", "vars": env_vars}) + "\n").encode())
+            stdin = self._stdin
+            assert isinstance(stdin, trio.lowlevel.FdStream)  # trio's pipes on Linux
+            os.write(stdin.fileno(), (json.dumps({"type": "env", "vars": env_vars}) + "\n").encode())
 
     async def execute(self, code: str, env_vars: dict[str, str], emit: Emit) -> None:
         self._next_id += 1

@@ -152,7 +152,7 @@ class ManagedProcess:
         try:
             async with trio.open_nursery() as readers:
                 if self.pty is not None:
-                    outputs = [(self.pty, "pty")]
+                    outputs: list[tuple[trio.abc.ReceiveStream, str]] = [(self.pty, "pty")]
                 else:
                     assert self.process.stdout is not None and self.process.stderr is not None
                     outputs = [(self.process.stdout, "stdout"), (self.process.stderr, "stderr")]
@@ -177,9 +177,15 @@ class ManagedProcess:
                 channel.close()
             self._subscribers.clear()
             with trio.CancelScope(shield=True):
-                for stream in (self.pty, self.stdin, self.process.stdout, self.process.stderr):
-                    if stream is not None:
-                        await stream.aclose()
+                streams: tuple[trio.abc.AsyncResource | None, ...] = (
+                    self.pty,
+                    self.stdin,
+                    self.process.stdout,
+                    self.process.stderr,
+                )
+                for resource in streams:
+                    if resource is not None:
+                        await resource.aclose()
 
     def _end_event(self) -> Message:
         """envd's end event; like Go's cmd.Wait(), an unsuccessful end also carries an error text."""
@@ -209,7 +215,7 @@ class ManagedProcess:
                 self._output_seen += 1
                 self._delivering += 1
                 try:
-                    await self._broadcast({"event": {"data": {kind: encode_bytes(chunk)}}})
+                    await self._broadcast({"event": {"data": {kind: encode_bytes(bytes(chunk))}}})
                 finally:
                     self._delivering -= 1
         finally:
@@ -295,24 +301,24 @@ class ProcessService:
                 pty_fd, terminal_fd = os.openpty()
                 try:
                     _set_window_size(terminal_fd, pty_config.get("size") or {})
-                    process = await trio.lowlevel.open_process(
+                    process = await trio.lowlevel.open_process(  # type: ignore[call-overload]
                         [config["cmd"], *args],
                         stdin=terminal_fd,
                         stdout=terminal_fd,
                         stderr=terminal_fd,
                         preexec_fn=_take_controlling_terminal,
-                        **options,  # type: ignore[arg-type]
+                        **options,
                     )
                 finally:
                     os.close(terminal_fd)
                 pty = trio.lowlevel.FdStream(pty_fd)
             else:
-                process = await trio.lowlevel.open_process(
+                process = await trio.lowlevel.open_process(  # type: ignore[call-overload]
                     [config["cmd"], *args],
                     stdin=subprocess.PIPE if stdin_enabled else subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
-                    **options,  # type: ignore[arg-type]
+                    **options,
                 )
         except OSError as exc:
             if pty_fd is not None and pty is None:

@@ -15,7 +15,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -167,7 +167,7 @@ class PythonKernel(Kernel[Routed]):
             # No history database (sqlite) and no thread saving to it: nothing reads it back.
             "--HistoryManager.enabled=False",
         ]
-        context = zmq.Context.instance()
+        context: zmq.Context[Any] = zmq.Context.instance()
         sockets: list[TrioSocket] = []
         try:
             with self.cancel_scope:
@@ -328,12 +328,13 @@ class PythonKernel(Kernel[Routed]):
                     await emit(result_event(data, msg_type == "execute_result"))
             elif msg_type == "error":
                 traceback = content.get("traceback") or []
+                lines = traceback if isinstance(traceback, list) else [traceback]
                 await emit(
                     {
                         "type": "error",
                         "name": str(content.get("ename", "")),
                         "value": str(content.get("evalue", "")),
-                        "traceback": "\n".join(str(line) for line in traceback),  # type: ignore[union-attr]
+                        "traceback": "\n".join(str(line) for line in lines),
                     }
                 )
             elif msg_type == "status" and content.get("execution_state") == "idle":
