@@ -121,7 +121,7 @@ def all_bench(
         (
             "create",
             f"create via the API at concurrency {', '.join(map(str, concurrencies))}",
-            lambda: trio.run(run_api_create_bench, api, template, concurrencies, creates, 15.0),
+            lambda: trio.run(run_api_create_bench, api, template, concurrencies, creates, 15.0, 60.0),
         ),
         ("cold", "cold boot (uml runtime in-process)", lambda: _cold(config, template)),
         ("exec", "exec through the SDK", lambda: _after(pool_settled, run_exec_bench, api, template, 5, 30)),

@@ -78,6 +78,39 @@ async def _create_batch(
     return latencies, errors
 
 
+async def _sustained(
+    client: httpx.AsyncClient, template: str, concurrency: int, seconds: float
+) -> tuple[list[float], int, float]:
+    """Create → delete in a loop by `concurrency` workers for `seconds`: the rate the service
+    keeps up once the warm pool is drained and refills and teardowns compete with creates.
+    Returns the create latencies, the errors and the elapsed time."""
+    latencies: list[float] = []
+    errors = 0
+    started = time.perf_counter()
+
+    async def worker(deletes: trio.Nursery) -> None:
+        nonlocal errors
+        while time.perf_counter() - started < seconds:
+            begun = time.perf_counter()
+            try:
+                response = await client.post("/v2/sandboxes", json={"templateID": template, "timeout": 120})
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            if response.status_code != 201:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - begun)
+            deletes.start_soon(client.delete, f"/sandboxes/{response.json()['sandboxID']}")
+
+    async with trio.open_nursery() as deletes:
+        async with trio.open_nursery() as workers:
+            for _ in range(concurrency):
+                workers.start_soon(worker, deletes)
+        elapsed = time.perf_counter() - started
+    return latencies, errors, elapsed
+
+
 async def pool_state(client: httpx.AsyncClient, template: str) -> dict[str, int]:
     """The template's warm pool as the service reports it: target, ready, booting."""
     response = await client.get(f"/templates/{template}")
@@ -95,7 +128,13 @@ async def wait_for_full_pool(client: httpx.AsyncClient, template: str, timeout_s
 
 
 async def run_api_create_bench(
-    api: ApiClient, template: str, concurrencies: tuple[int, ...], per_round: int, pool_wait_s: float
+    api: ApiClient,
+    template: str,
+    concurrencies: tuple[int, ...],
+    per_round: int,
+    pool_wait_s: float,
+    sustain_s: float = 0.0,
+    sustain_concurrency: int = 2,
 ) -> Report:
     """Each round: `per_round` creates (at least the concurrency) in batches as big as the pool
     (at least the concurrency), each batch started on a full pool (waiting up to `pool_wait_s`):
@@ -127,6 +166,21 @@ async def run_api_create_bench(
                 concurrency=concurrency,
                 errors=errors,
                 **{k: v for k, v in percentiles(latencies).items() if k != "mean_ms"},
+            )
+        if sustain_s > 0:
+            await wait_for_full_pool(client, template, pool_wait_s)
+            latencies, errors, elapsed = await _sustained(client, template, sustain_concurrency, sustain_s)
+            report.samples[f"sustained c={sustain_concurrency}"] = latencies
+            report.add(
+                path=f"api sustained {sustain_s:.0f} s",
+                concurrency=sustain_concurrency,
+                errors=errors,
+                **{k: v for k, v in percentiles(latencies).items() if k != "mean_ms"},
+                per_s=round(len(latencies) / elapsed, 2),
+            )
+            report.notes.append(
+                f"sustained: create → delete loops for {sustain_s:.0f} s from a full pool; "
+                "per_s = sandboxes created per second over the whole run"
             )
     report.notes.append(
         f"batches of max(concurrency, pool target {target}), each on a full pool; "
@@ -237,6 +291,13 @@ async def run_direct_bench(
 @click.option(
     "--pool-wait", default=300.0, show_default=True, help="Longest wait for a full pool before a batch (s)."
 )
+@click.option(
+    "--sustain",
+    default=60.0,
+    show_default=True,
+    help="Seconds of create → delete loops (0: off).",
+)
+@click.option("--sustain-concurrency", default=2, show_default=True, help="Workers in the sustained loop.")
 @click.option("--template", default=None, help="Template (default: the config's default_template).")
 @click.option("--direct", is_flag=True, help="Boot with the uml runtime in-process instead (root).")
 @click.option("--boots", default=10, show_default=True, help="--direct: sequential cold boots to time.")
@@ -249,6 +310,8 @@ def create_bench(
     concurrencies: tuple[int, ...],
     count: int,
     pool_wait: float,
+    sustain: float,
+    sustain_concurrency: int,
     template: str | None,
     direct: bool,
     boots: int,
@@ -262,7 +325,9 @@ def create_bench(
         report = trio.run(run_direct_bench, config, template, boots, held)
     else:
         api = target(config, api_key)
-        report = trio.run(run_api_create_bench, api, template, concurrencies, count, pool_wait)
+        report = trio.run(
+            run_api_create_bench, api, template, concurrencies, count, pool_wait, sustain, sustain_concurrency
+        )
     report.print_table()
     if json_dir is not None:
         click.echo(f"wrote {report.write_json(json_dir)}")

@@ -101,3 +101,13 @@ class Runtime(Protocol):
     name: str
 
     async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> None: ...
+
+
+def read_console_tail(path: Path, max_bytes: int = 4096) -> str:
+    """The last `max_bytes` of a guest's console log (what a failure report shows), or ""."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - max_bytes))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

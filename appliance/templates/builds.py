@@ -18,7 +18,7 @@ from pathlib import Path
 import trio
 
 from appliance.config import Config
-from appliance.runtime.base import BootFailed
+from appliance.runtime.base import BootFailed, read_console_tail
 from appliance.templates.build_caches import BuildCaches, max_cache_bytes
 from appliance.templates.catalog import (
     begin_template,
@@ -52,18 +52,8 @@ log = logging.getLogger(__name__)
 # Fills the empty rootfs directory (second argument) using the job's scratch
 # directory (third) and returns the manifest of the template to finish.
 RootfsBuilder = Callable[[BuildJob, Path, Path], Awaitable[TemplateManifest]]
-CONSOLE_TAIL_BYTES = 4096
 # Builds are disk- and CPU-heavy; on a small host they queue rather than compete.
 PARALLEL_BUILDS = 1
-
-
-def console_tail(path: Path) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - CONSOLE_TAIL_BYTES))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 class TemplateBuilds:
@@ -280,7 +270,7 @@ class TemplateBuilds:
                     settings.probe_period_s,
                 )
             except ProbeFailed as exc:
-                exc.console_tail = console_tail(instance.console_log)
+                exc.console_tail = read_console_tail(instance.console_log)
                 raise
             self.store.log(job, f"probe answered after {took:.1f}s")
             self.store.set_phase(job, self.sandboxes.finalize_phase)

@@ -35,7 +35,7 @@ import trio
 from appliance.config import Config
 from appliance.net.netns import entered
 from appliance.net.policy import NetworkPolicy
-from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance
+from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance, read_console_tail
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
 from appliance.runtime.kvm.machine import Machine, MachineConfig
@@ -61,7 +61,6 @@ KERNEL_CMDLINE = (
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd "
     "root=/dev/vda rw init=/sbin/cube-init"
 )
-CONSOLE_TAIL_BYTES = 4096
 OVERLAY_NAME = "rootfs.overlay"
 TEMPLATE_SNAPSHOT_DIR = "kvm-snapshot"  # in the template's directory: state.json, memory, rootfs.overlay
 # In the sandbox's directory while it is paused: the pause's diff snapshot (a `run` of a
@@ -90,15 +89,6 @@ def _open_tap_in(netns_path: str, tap_name: str) -> int:
 def _copy_sparse(source: Path, target: Path) -> None:
     """Copy keeping holes (and sharing blocks where the filesystem can reflink)."""
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)], check=True)
-
-
-def _console_tail(path: Path) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - CONSOLE_TAIL_BYTES))
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -306,7 +296,7 @@ class KvmRuntime:
                 task_status.started(instance)
             # Reached only when the guest stopped by itself (cancelling `run` is the kill).
             reason = exited[0].value if exited else "stopped"
-            raise GuestExited(spec.sandbox_id, reason, _console_tail(console_log))
+            raise GuestExited(spec.sandbox_id, reason, read_console_tail(console_log))
 
     @staticmethod
     def _attach(machine: Machine, index: int, name: str, device: VirtioDevice) -> MmioTransport:
@@ -353,4 +343,4 @@ class KvmRuntime:
             if exited
             else f"no answer on port {port} in {BOOT_TIMEOUT_S} s"
         )
-        raise BootFailed(spec.sandbox_id, why, _console_tail(instance.console_log))
+        raise BootFailed(spec.sandbox_id, why, read_console_tail(instance.console_log))
