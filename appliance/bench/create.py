@@ -40,6 +40,18 @@ IDLE_SETTLE_S = 5.0
 POOL_POLL_S = 0.5  # let guests finish their start-up before reading MemAvailable
 
 
+async def _timed_create(client: httpx.AsyncClient, template: str) -> tuple[str, float] | None:
+    """One `POST /v2/sandboxes` → (sandbox id, seconds to the 201), or None if it failed."""
+    started = time.perf_counter()
+    try:
+        response = await client.post("/v2/sandboxes", json={"templateID": template, "timeout": 120})
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 201:
+        return None
+    return response.json()["sandboxID"], time.perf_counter() - started
+
+
 async def _create_batch(
     client: httpx.AsyncClient, template: str, concurrency: int, count: int
 ) -> tuple[list[float], int]:
@@ -54,17 +66,12 @@ async def _create_batch(
         nonlocal remaining, errors
         while remaining > 0:
             remaining -= 1
-            started = time.perf_counter()
-            try:
-                response = await client.post("/v2/sandboxes", json={"templateID": template, "timeout": 120})
-            except httpx.HTTPError:
+            outcome = await _timed_create(client, template)
+            if outcome is None:
                 errors += 1
                 continue
-            if response.status_code != 201:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - started)
-            created.append(response.json()["sandboxID"])
+            created.append(outcome[0])
+            latencies.append(outcome[1])
 
     try:
         async with trio.open_nursery() as nursery:
@@ -91,17 +98,12 @@ async def _sustained(
     async def worker(deletes: trio.Nursery) -> None:
         nonlocal errors
         while time.perf_counter() - started < seconds:
-            begun = time.perf_counter()
-            try:
-                response = await client.post("/v2/sandboxes", json={"templateID": template, "timeout": 120})
-            except httpx.HTTPError:
+            outcome = await _timed_create(client, template)
+            if outcome is None:
                 errors += 1
                 continue
-            if response.status_code != 201:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - begun)
-            deletes.start_soon(client.delete, f"/sandboxes/{response.json()['sandboxID']}")
+            latencies.append(outcome[1])
+            deletes.start_soon(client.delete, f"/sandboxes/{outcome[0]}")
 
     async with trio.open_nursery() as deletes:
         async with trio.open_nursery() as workers:
