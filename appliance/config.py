@@ -42,6 +42,10 @@ class Config:
     uml_kernel: Path | None = None  # None = built kernel from cache_dir, else Debian's linux.uml
     kvm_guest_kernel: Path | None = None
     uid_base: int = 200000  # sandbox N runs as uid_base + slot
+    # UML boot limits (a pool refill, at low CPU weight, gets three times each). Raise both
+    # on a software-emulated host (qemu TCG), where a guest boots in minutes.
+    uml_first_output_timeout_s: int = 20  # nothing on the console by then: a hung launch
+    uml_boot_timeout_s: int = 60  # launch to the guest agent answering
 
     # Network (CubeVS).
     host_network: str = "10.213.0.0/16"  # one /30 per sandbox slot for the host<->netns veth

@@ -202,8 +202,8 @@ APT_PACKAGES=(
   # template and kernel builds
   mmdebstrap linux-source build-essential flex bison bc libelf-dev libssl-dev xz-utils
 )
-DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 busybox-static
-  grub-pc-bin grub-efi-amd64-bin grub-common mtools squashfs-tools)  # the last five: cube image build-iso
+DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 ovmf busybox-static
+  grub-pc-bin grub-efi-amd64-bin grub-common mtools squashfs-tools)  # the last five: cube image build-iso; ovmf: tests/iso's UEFI boot
 
 if host_wide; then
   say "Installing Debian packages"

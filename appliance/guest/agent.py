@@ -4,45 +4,39 @@ Two console lines, in this order, each alone on its line:
 - `CUBE-AGENT-READY`: envd listens (commands, files, /init work) and so does the code
   interpreter's port, whose executions wait for the default kernel.
 - `CUBE-INTERPRETER-READY`: the default Python kernel answers (or, with
-  --no-interpreter, right after the first line: there is nothing more to start).
+  --no-interpreter, once the host's first /health probe was answered: there is nothing
+  more to start).
   Printed also when that kernel failed to start: the host's wait is over, and the
   next execution retries it and reports the error.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import signal
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
-from appliance.guest import INTERPRETER_READY_LINE, READY_LINE, http2
+from appliance.guest import INTERPRETER_READY_LINE, READY_LINE, http2, lazy_imports
 from appliance.guest.connect import Router
 from appliance.guest.envd import EnvdApp
 from appliance.guest.http import Request, Response, serve
+from appliance.guest.memory import release_boot_memory
+from appliance.guest.options import AgentOptions
 from appliance.guest.state import AgentState
 
 if TYPE_CHECKING:
     from appliance.guest.interpreter import Interpreter
 
-# How long the default kernel's start waits for the host's first /health probe (which
-# follows the ready line at once); an agent nobody probes starts it after this anyway.
+# How long the rest of start-up (the default kernel first) waits for the host's first /health
+# probe (which follows the ready line at once); an agent nobody probes goes on after this anyway.
 FIRST_HEALTH_WAIT_S = 1.0
-
-
-@dataclass(frozen=True)
-class AgentOptions:
-    host: str = "0.0.0.0"
-    envd_port: int = 49983
-    interpreter_port: int = 49999
-    default_user: str = "user"
-    interpreter: bool = True
 
 
 def log(message: str) -> None:
@@ -100,9 +94,7 @@ def _lazy_services(state: AgentState, nursery: trio.Nursery) -> dict[str, Callab
 
 async def run_agent(options: AgentOptions) -> None:
     state = AgentState(default_user=options.default_user)
-    runtime_dir = tempfile.mkdtemp(prefix="cube-agent-")
-    # Kernels running as the default user must reach their own (private) directories inside.
-    os.chmod(runtime_dir, 0o711)
+    runtime_dir: str | None = None  # the kernels' connection files; made after start-up
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
@@ -114,20 +106,36 @@ async def run_agent(options: AgentOptions) -> None:
                 await nursery.start(serve, interpreter.handle, options.host, options.interpreter_port)
             print(READY_LINE, flush=True)
             log(f"envd ready (system uptime {_uptime()})")
-            http2.available()  # says on stderr if h2c cannot be served
+            # Nothing else until the host has its answer: on a guest's one vCPU, any work
+            # now (the default kernel above all) would delay the answer to its first /health
+            # probe, which follows the ready line at once.
+            with trio.move_on_after(FIRST_HEALTH_WAIT_S):
+                await envd.health_answered.wait()
+            _finish_start_up()
             if interpreter is not None:
-                # Only now: on a guest's one vCPU, a kernel starting alongside would slow
-                # envd's own start-up for nothing, and would delay the answer to the host's
-                # first /health probe by up to a second. Executions wait for it (default_ready).
-                with trio.move_on_after(FIRST_HEALTH_WAIT_S):
-                    await envd.health_answered.wait()
+                runtime_dir = tempfile.mkdtemp(prefix="cube-agent-")
+                # Kernels running as the default user must reach their own (private) directories inside.
+                os.chmod(runtime_dir, 0o711)
                 started = interpreter.create(state, nursery, runtime_dir)
                 nursery.start_soon(_start_default_kernel, started)
+                # Executions wait for it (default_ready).
                 await started.default_ready.wait()
             print(INTERPRETER_READY_LINE, flush=True)
             log(f"interpreter ready (system uptime {_uptime()})")
+            await release_boot_memory()
     finally:
-        shutil.rmtree(runtime_dir, ignore_errors=True)
+        if runtime_dir is not None:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def _finish_start_up() -> None:
+    """What start-up left for later (see __main__.start): the modules it deferred, which
+    served requests need; then the cyclic GC, with what start-up made (modules, classes: all
+    kept for good) frozen out of its collections."""
+    lazy_imports.preload()
+    http2.available()  # says on stderr if h2c cannot be served
+    gc.freeze()
+    gc.enable()
 
 
 async def _no_kernels(env_vars: dict[str, str]) -> None:

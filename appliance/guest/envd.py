@@ -10,7 +10,6 @@ import time
 # Constant-time comparison without loading OpenSSL (hmac imports _hashlib): slow under UML.
 from _operator import _compare_digest as compare_digest
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 
 import trio
 
@@ -211,6 +210,8 @@ def _seed_rng(seed_hex: str) -> None:
 
 def _set_clock(timestamp: str) -> None:
     """Best effort: a restored or long-paused guest's clock is stale; only root may fix it."""
+    from datetime import datetime  # lazy: start-up time
+
     try:
         wanted = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
     except ValueError:

@@ -155,6 +155,11 @@ class PythonKernel(Kernel[Routed]):
             json.dump(connection, f)
         self.spec.user.chown(connection_file)
         env = dict(self.spec.env)
+        if not self.spec.user.can_write(env.get("HOME", self.spec.user.home)):
+            # IPython and matplotlib would each make a fresh directory in /tmp (and never remove
+            # it) for want of ~/.ipython and ~/.config/matplotlib: theirs go with the kernel's.
+            env.setdefault("IPYTHONDIR", os.path.join(directory, "ipython"))
+            env.setdefault("MPLCONFIGDIR", os.path.join(directory, "matplotlib"))
         env.setdefault("MPLBACKEND", INLINE_BACKEND)
         # ipykernel imports debugpy, which otherwise warns about frozen modules on every start.
         env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 
 
@@ -25,6 +26,20 @@ class User:
             return os.getgrouplist(self.name, self.gid)
         except OSError:
             return [self.gid]
+
+    def can_write(self, directory: str) -> bool:
+        """Whether this user may create files in `directory` (by its mode bits; ACLs aside)."""
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return False
+        if self.uid == 0:
+            return True
+        if st.st_uid == self.uid:
+            return bool(st.st_mode & stat.S_IWUSR)
+        if st.st_gid in self.groups():
+            return bool(st.st_mode & stat.S_IWGRP)
+        return bool(st.st_mode & stat.S_IWOTH)
 
     def chown(self, path: str) -> None:
         """Give a file the agent created to this user (a no-op unless the agent is root)."""

@@ -8,12 +8,15 @@ slower), so only a kernel built with CONFIG_PVM_GUEST is worth booting there.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.config import Config, load_config
+
+log = logging.getLogger(__name__)
 
 _KVM_MODULES = (("kvm_intel", "VMX"), ("kvm_amd", "SVM"), ("kvm_pvm", "PVM"))
 DEBIAN_UML = Path("/usr/bin/linux.uml")
@@ -50,11 +53,23 @@ def _kvm_usable(device: Path) -> bool:
 
 
 def find_uml_kernel(config: Config) -> Path | None:
-    """Configured kernel, else the newest one built into the cache, else Debian's linux.uml."""
+    """Configured kernel, else the one built from this linux-source and image/uml/sandbox.config,
+    else (stale, with a warning) the newest one in the cache, else Debian's linux.uml."""
     if config.uml_kernel is not None:
         return config.uml_kernel if config.uml_kernel.exists() else None
+    from appliance.runtime.uml.kernel import find_kernel_source, kernel_key, kernel_path
+
+    try:
+        current: Path | None = kernel_path(config.cache_dir, kernel_key(find_kernel_source()))
+    except (RuntimeError, OSError):
+        current = None  # no linux-source here (e.g. the ISO): whatever was built for it
+    if current is not None and current.exists():
+        return current
     built = sorted((config.cache_dir / "kernels").glob("uml-*/linux"), key=lambda p: p.stat().st_mtime)
     if built:
+        if current is not None:
+            # An older config's kernel lacks what the current one fixes (e.g. the boot stall).
+            log.warning("UML kernel %s is stale: run `cube image build-uml-kernel`", built[-1])
         return built[-1]
     if DEBIAN_UML.exists():
         return DEBIAN_UML

@@ -26,9 +26,9 @@ import trio
 import appliance
 from appliance.config import IMAGE_DIR, Config
 from appliance.templates import guest_setup
-from appliance.templates.catalog import load_aliases, publish_template
+from appliance.templates.catalog import BUILDING_MARKER, load_aliases, publish_template
 from appliance.templates.ext4 import build_ext4
-from appliance.templates.guest_setup import AGENT_DIR, INIT_PATH, copy_agent
+from appliance.templates.guest_setup import INIT_PATH, compile_in_image_argv, copy_agent
 from appliance.templates.jobs import utc_now
 from appliance.templates.manifest import TemplateManifest
 from appliance.templates.unpack import resolve_in_root
@@ -195,6 +195,9 @@ async def build_default_template(config: Config, progress: Progress | None = Non
     # Stage next to the final directory (same filesystem: the swap is a rename).
     staging = Path(tempfile.mkdtemp(prefix=f".{TEMPLATE_ID}.", dir=config.templates_dir))
     staging.chmod(0o755)  # like every template directory (mkdtemp makes it 0700)
+    # Marked unfinished until the swap: a build killed outright (no `finally`) leaves a
+    # directory that the service's start-up sweep (catalog.remove_unfinished) removes.
+    (staging / BUILDING_MARKER).touch()
     try:
         tree = staging / "tree"
         tree.mkdir()
@@ -203,12 +206,7 @@ async def build_default_template(config: Config, progress: Progress | None = Non
         await trio.run_process(["tar", "-xpf", str(tarball), "--numeric-owner", "-C", str(tree)])
         inject_agent(tree)
         await add_host_cas(tree)
-        # Bytecode made now, by the image's own python3: otherwise every sandbox
-        # compiles the agent on its first start (slow under UML) into its COW disk.
-        await trio.run_process(
-            ["chroot", str(tree), "python3", "-m", "compileall", "-q", "-j0", AGENT_DIR],
-            stdout=subprocess.DEVNULL,
-        )
+        await trio.run_process(compile_in_image_argv(tree), stdout=subprocess.DEVNULL)
         report("writing rootfs.ext4", None)
         await build_ext4(tree, staging / "rootfs.ext4", WRITABLE_LAYER_MB << 20)
         await trio.to_thread.run_sync(shutil.rmtree, tree)
@@ -216,7 +214,9 @@ async def build_default_template(config: Config, progress: Progress | None = Non
         if final.exists():
             old = staging.with_name(staging.name + ".old")
             final.rename(old)
+            (old / BUILDING_MARKER).touch()
             shutil.rmtree(old)
+        (staging / BUILDING_MARKER).unlink()
         staging.rename(final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,8 +10,10 @@ and user, and reaps orphans for as long as the machine runs.
 
 from __future__ import annotations
 
+import compileall
 import importlib
 import os
+import py_compile
 import shlex
 import shutil
 from pathlib import Path
@@ -23,9 +25,13 @@ from appliance.templates.unpack import resolve_in_root
 AGENT_DIR = "/opt/cube/agent"
 # The agent's pure-Python dependencies, copied from the host beside it: an image
 # with python3 rarely has trio or h11, and PYTHONPATH puts these first only for
-# the agent. (The code interpreter's pyzmq/ipykernel are compiled; images that
-# want it bring them, as the default template does.)
-AGENT_DEPENDENCIES = ("trio", "outcome", "sniffio", "sortedcontainers", "attr", "attrs", "idna", "h11")
+# the agent (h2 and its hpack/hyperframe: envd speaks h2c too). (The code
+# interpreter's pyzmq/ipykernel are compiled; images that want it bring them, as
+# the default template does.)
+AGENT_DEPENDENCIES = (
+    "trio", "outcome", "sniffio", "sortedcontainers", "attr", "attrs", "idna",
+    "h11", "h2", "hpack", "hyperframe",
+)  # fmt: skip
 INIT_PATH = "/sbin/cube-init"
 START_PATH = "/opt/cube/start"
 DEFAULT_DNS = ("1.1.1.1", "8.8.8.8")
@@ -220,7 +226,12 @@ def _write(rootfs: Path, guest_path: str, text: str, mode: int) -> None:
 
 def copy_agent(rootfs: Path, dependencies: tuple[str, ...]) -> None:
     """The guest agent (appliance/__init__.py and appliance/guest) into AGENT_DIR of the tree, with
-    the host's copies of the pure-Python `dependencies` beside it; whatever was there goes."""
+    the host's copies of the pure-Python `dependencies` beside it; whatever was there goes.
+
+    Compiled by this (the host's) Python too, for guests whose python3 is the same version:
+    otherwise every sandbox would compile the agent as it starts (seconds under UML), into
+    its own copy-on-write disk. Other versions ignore these files (their cache tag differs).
+    """
     agent_dir = resolve_in_root(rootfs, AGENT_DIR)
     if agent_dir.exists():
         shutil.rmtree(agent_dir)
@@ -231,6 +242,25 @@ def copy_agent(rootfs: Path, dependencies: tuple[str, ...]) -> None:
     for name in dependencies:
         module = importlib.import_module(name)
         shutil.copytree(Path(str(module.__file__)).parent, agent_dir / name, ignore=skip)
+    compileall.compile_dir(
+        agent_dir,
+        ddir=AGENT_DIR,  # the paths tracebacks show: the guest's
+        quiet=2,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+
+
+def compile_in_image_argv(rootfs: Path) -> list[str]:
+    """The command that compiles the agent with the image's own python3, whatever its version (in
+    a chroot: only for images whose binaries are trusted, like the default template's Debian).
+
+    Unchecked hash-based: valid whatever the files' times become (a timestamp-based .pyc
+    whose source looks newer is compiled again, and SOURCE_DATE_EPOCH in the environment
+    would make them checked: the source read and hashed on every import)."""
+    return [
+        "chroot", str(rootfs), "python3", "-m", "compileall", "-q", "-j0",
+        "--invalidation-mode", "unchecked-hash", AGENT_DIR,
+    ]  # fmt: skip
 
 
 def prepare_rootfs(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -368,3 +369,67 @@ async def test_auto_sized_pool_is_capped(service_config: Config, fake_runtime: F
     async with running_cubelet(config, fake_runtime) as cubelet:
         assert cubelet.pool_state("code-interpreter")["target"] == cubelet_module.AUTO_POOL_CAP
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == cubelet_module.AUTO_POOL_CAP)
+
+
+async def test_a_claim_changes_the_network_policy_only_when_the_request_asks_for_another(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    network = CountingNetwork()
+    config = dataclasses.replace(service_config, pool_size=1)
+    async with running_cubelet(config, fake_runtime, network) as cubelet:
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
+        default = await cubelet.create(request_for(cubelet))
+        assert network.policies == {}  # the pooled guest already runs the template's default policy
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
+        pooled_id = cubelet._pools["code-interpreter"][0].sandbox_id
+        closed = await cubelet.create(request_for(cubelet, allow_internet_access=False))
+        assert closed.sandbox_id == pooled_id
+        assert network.policies == {closed.sandbox_id: {"allow_internet_access": False, "network": {}}}
+        assert default.sandbox_id not in network.policies
+
+
+async def test_refills_wait_until_a_burst_of_claims_is_answered(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cubelet_module, "REFILL_QUIET_S", 3600.0)
+    config = dataclasses.replace(service_config, pool_size=2)
+    async with running_cubelet(config, fake_runtime) as cubelet:
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 2)
+        await cubelet.create(request_for(cubelet))
+        await cubelet.create(request_for(cubelet))
+        await trio.sleep(0.3)
+        assert fake_runtime.boots == 2  # both claims were answered and no refill started
+        cubelet._refills_held_until = -math.inf  # the quiet period is over
+        cubelet.wake_pools()
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 2)
+        assert fake_runtime.boots == 4
+
+
+async def test_init_reuses_the_connection_the_pool_opened_and_kill_closes_it(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Which client connection each guest request came on (the fake guest is an ASGI app).
+    guest_app = fake_runtime.run.__globals__["FakeGuestApp"]
+    serve = guest_app.__call__
+    requests: list[tuple[str, object]] = []
+
+    async def recording(app: object, scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "http":
+            requests.append((str(scope["path"]), scope["client"]))
+        await serve(app, scope, receive, send)
+
+    monkeypatch.setattr(guest_app, "__call__", recording)
+    monkeypatch.setattr(cubelet_module, "HEALTH_INTERVAL_S", 3600.0)  # no probes but the pool's own
+    config = dataclasses.replace(service_config, pool_size=1)
+    async with running_cubelet(config, fake_runtime) as cubelet:
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
+        live = cubelet._pools["code-interpreter"][0]
+        record = await cubelet.create(request_for(cubelet))
+        assert record.sandbox_id == live.sandbox_id
+        (health, init) = requests[:2]
+        assert (health[0], init[0]) == ("/health", "/init")
+        assert init[1] == health[1]  # same client address and port: one connection
+        assert live.envd is not None
+        await cubelet.kill(record.sandbox_id)
+        await live.gone.wait()
+        assert live.envd.is_closed

@@ -90,9 +90,9 @@ def test_connect_to_running_command(sandbox) -> None:
 def test_timeout_kills_the_command(sandbox) -> None:
     started = time.monotonic()
     with pytest.raises(TimeoutException):
-        sandbox.commands.run("sleep 30", timeout=1)
+        sandbox.commands.run("sleep 30.0137", timeout=1)  # a duration no other process on the host sleeps
     assert time.monotonic() - started < 10
-    assert "sleep 30" not in sandbox.commands.run("ps -eo args").stdout
+    assert "sleep 30.0137" not in sandbox.commands.run("ps -eo args").stdout
 
 
 def test_run_as_root_via_basic_auth(sandbox) -> None:

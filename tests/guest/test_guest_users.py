@@ -157,12 +157,32 @@ def test_concurrent_users_do_not_leak_identity(sandbox, agent, root_only, nobody
     assert {(nobody_home / f"c{i}.txt").stat().st_uid for i in range(20)} == {nobody.pw_uid}
 
 
+def _tmp_entries_of(uid: int) -> set[str]:
+    found = set()
+    for entry in os.scandir("/tmp"):
+        try:
+            if entry.stat(follow_symlinks=False).st_uid == uid:
+                found.add(entry.name)
+        except FileNotFoundError:
+            pass
+    return found
+
+
 def test_kernels_run_as_the_default_user(sandbox, agent, nobody) -> None:
+    """... and one whose home is not writable (nobody's) leaves nothing behind in /tmp: IPython and
+    matplotlib would make their directories there."""
+    before = _tmp_entries_of(nobody.pw_uid)
     assert agent.init({"defaultUser": "nobody"}).status_code == 204
     try:
         context = sandbox.create_code_context()
-        execution = sandbox.run_code("import os; print(os.getuid(), os.getcwd())", context=context)
-        assert execution.logs.stdout == [f"{nobody.pw_uid} /\n"]
+        code = (
+            "import os, IPython, matplotlib\nprint(os.getuid(), os.getcwd(), IPython.paths.get_ipython_dir())"
+        )
+        execution = sandbox.run_code(code, context=context)
+        uid, cwd, ipython_dir = execution.logs.stdout[0].split()
+        assert (uid, cwd) == (str(nobody.pw_uid), "/")
+        assert ipython_dir.startswith(str(agent.home)), "IPython's directory is the kernel's own"
         sandbox.remove_code_context(context)
     finally:
         agent.init({"defaultUser": "user"})
+    assert _tmp_entries_of(nobody.pw_uid) - before == set()

@@ -3,10 +3,11 @@
 `cube image build-iso` builds the ISO (its Debian base and template layers come
 from /var/cache/cube/iso when their inputs did not change). qemu boots it twice
 with the same fresh disk and a port forwarded to the API on 127.0.0.1:
-1. first boot: the appliance creates CUBE-DATA on the empty disk, /health
-   answers, the console shows the API key and CA fingerprint;
+1. first boot (BIOS): the appliance creates CUBE-DATA on the empty disk, /health
+   answers, the console shows the VM's DHCP address, the API key and CA fingerprint;
 2. after a clean power-off, the second boot finds CUBE-DATA: the same API key
    and CA, and the template is still there.
+A third boot, on another empty disk, goes through UEFI firmware (OVMF) to /health.
 A sandbox through the E2B SDK (UML inside the TCG guest) is a separate test,
 off by default (see its skip reason). A boot takes minutes: timeouts are generous.
 """
@@ -28,21 +29,35 @@ from pathlib import Path
 import httpx
 import pytest
 
-BOOT_TIMEOUT_S = 20 * 60
-SANDBOX_TIMEOUT_S = 20 * 60
-POWEROFF_TIMEOUT_S = 5 * 60
+# Bounds, not expectations: a TCG boot to /health took ~3 min on a quiet 2-core host,
+# 17-28 min at load 10-24 with qemu at nice 10.
+BOOT_TIMEOUT_S = 45 * 60
+SANDBOX_TIMEOUT_S = 60 * 60
+POWEROFF_TIMEOUT_S = 10 * 60
 BUILD_TIMEOUT_S = 60 * 60
 MEMORY_MB = 4096
 # First-boot configuration handed to the VM over fw_cfg: no warm pool, so the
-# emulated CPU boots only the sandbox the test asks for.
-SEED_CONFIG = """\
+# emulated CPU boots only the sandbox the test asks for; UML boot limits raised
+# from the defaults (20 s to first output, 60 s to ready) to what a UML guest
+# needs inside a software-emulated VM.
+SEED_CONFIG = f"""\
 api_host = "0.0.0.0"
 api_port = 3000
 runtime = "uml"
 default_template = "code-interpreter"
 pool_size = 0
+uml_first_output_timeout_s = {SANDBOX_TIMEOUT_S}
+uml_boot_timeout_s = {SANDBOX_TIMEOUT_S}
 """
 KEY_RE = re.compile(r"^API key:\s+(\S+)\s*$", re.MULTILINE)
+ADDRESS_RE = re.compile(r"^Address:\s+(\S+)\s*$", re.MULTILINE)
+# The kernel's first EFI line: the firmware booted it through UEFI.
+EFI_RE = re.compile(r"\befi: EFI v\d")
+# qemu's user networking hands the guest this address over DHCP.
+GUEST_LAN_URL = "http://10.0.2.15:3000"
+# UEFI firmware for qemu (Debian's ovmf package): code read-only, a copy of the variables per VM.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 CA_RE = re.compile(r"^CA SHA-256:\s+([0-9A-F:]{95})\s*$", re.MULTILINE)
 
 pytestmark = [
@@ -63,12 +78,17 @@ def free_port() -> int:
 
 @dataclass
 class Vm:
-    """One qemu-system-x86_64 (TCG) booting the ISO with `disk`, serial console to a file."""
+    """One qemu-system-x86_64 (TCG) booting the ISO with `disk`, serial console to a file.
+
+    `uefi`: boot through OVMF (the ISO's EFI system partition) instead of the
+    BIOS (its MBR).
+    """
 
     iso: Path
     disk: Path
     seed: Path
     workdir: Path
+    uefi: bool = False
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     serial: Path | None = None
@@ -100,6 +120,14 @@ class Vm:
             "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:3000",
             "-fw_cfg", f"name=opt/cube/appliance.toml,file={self.seed}",
         ]  # fmt: skip
+        if self.uefi:
+            variables = self.workdir / "OVMF_VARS.fd"
+            if not variables.exists():
+                shutil.copyfile(OVMF_VARS, variables)
+            argv += [
+                "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={variables}",
+            ]  # fmt: skip
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def console(self) -> str:
@@ -171,13 +199,14 @@ def iso(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture
-def vm(iso: Path, tmp_path: Path) -> Iterator[Vm]:
+def vm(iso: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Vm]:
+    """A VM with an empty disk; BIOS firmware, or UEFI when parametrized with True."""
     disk = tmp_path / "disk.raw"
     with disk.open("wb") as sparse:  # an empty 16 GiB disk, sparse: it costs what the VM writes
         sparse.truncate(16 << 30)
     seed = tmp_path / "appliance.toml"
     seed.write_text(SEED_CONFIG)
-    machine = Vm(iso=iso, disk=disk, seed=seed, workdir=tmp_path)
+    machine = Vm(iso=iso, disk=disk, seed=seed, workdir=tmp_path, uefi=getattr(request, "param", False))
     try:
         yield machine
     finally:
@@ -198,6 +227,13 @@ def sdk_env(monkeypatch: pytest.MonkeyPatch, vm: Vm, key: str) -> None:
     monkeypatch.delenv("E2B_DOMAIN", raising=False)
 
 
+def assert_lan_address(vm: Vm) -> None:
+    """The console shows the VM's DHCP address, and never one of the sandbox networks'."""
+    vm.wait_console(re.compile(rf"^Address:\s+{re.escape(GUEST_LAN_URL)}\s*$", re.MULTILINE), BOOT_TIMEOUT_S)
+    shown = set(ADDRESS_RE.findall(vm.console()))
+    assert shown <= {GUEST_LAN_URL, "http://(no address yet):3000"}, shown
+
+
 def first_boot(vm: Vm) -> tuple[str, str]:
     """Boot on the empty disk: /health answers, the console shows the key and CA fingerprint."""
     started = time.monotonic()
@@ -207,13 +243,16 @@ def first_boot(vm: Vm) -> tuple[str, str]:
     fingerprint = vm.wait_console(CA_RE, BOOT_TIMEOUT_S).group(1)
     # vda is the ISO itself; the empty disk (vdb) got the CUBE-DATA partition.
     assert "Data:            /dev/vdb1" in vm.console()
+    assert_lan_address(vm)
     print(f"first boot to /health and key: {time.monotonic() - started:.0f}s")
     return key, fingerprint
 
 
 def test_iso_boots_and_keeps_its_data_across_reboot(vm: Vm) -> None:
+    """BIOS boot (the ISO's MBR), twice on the same disk."""
     started = time.monotonic()
     key, fingerprint = first_boot(vm)
+    assert not EFI_RE.search(vm.console())
     headers = {"X-API-KEY": key}
     assert httpx.get(f"{vm.url}/sandboxes", headers=headers, timeout=60).status_code == 200
 
@@ -235,11 +274,24 @@ def test_iso_boots_and_keeps_its_data_across_reboot(vm: Vm) -> None:
     print(f"test wall time: {time.monotonic() - started:.0f}s")
 
 
-# UML under TCG needs minutes to boot a sandbox, beyond the runtime's fixed boot
-# timeouts (appliance/runtime/uml/runtime.py: 20 s to first output, 60 s to ready).
+@pytest.mark.skipif(not OVMF_CODE.exists(), reason="needs ovmf (UEFI firmware for qemu)")
+@pytest.mark.parametrize("vm", [True], indirect=True, ids=["uefi"])
+def test_iso_boots_under_uefi(vm: Vm) -> None:
+    """UEFI boot (OVMF, the ISO's EFI system partition) to the API and the console screen."""
+    key, _ = first_boot(vm)
+    assert EFI_RE.search(vm.console()), "the kernel did not report EFI firmware"
+    assert httpx.get(f"{vm.url}/sandboxes", headers={"X-API-KEY": key}, timeout=60).status_code == 200
+
+
+# A UML sandbox inside the TCG guest, measured on a 2-core host at load 11-14: the guest
+# agent printed ready at 558 s of guest uptime (2.2 s natively) and answered /health in
+# 4-37 s per request (SEED_CONFIG raises the boot limits; each readiness probe gets 1/60 of
+# the boot limit). With the ISO's own boot (6-28 min under TCG) that is about an hour of
+# two busy cores: opt-in, apart from the ISO tests' own opt-in.
 @pytest.mark.skipif(
     os.environ.get("CUBE_ISO_SANDBOX_TEST") != "1",
-    reason="UML sandboxes under TCG exceed the runtime's fixed boot timeouts; set CUBE_ISO_SANDBOX_TEST=1",
+    reason="a UML sandbox under qemu TCG takes ~10 min to boot and answers /health in 4-37 s: "
+    "about an hour with the ISO boot; set CUBE_ISO_SANDBOX_TEST=1",
 )
 def test_iso_runs_a_sandbox_through_the_sdk(vm: Vm, monkeypatch: pytest.MonkeyPatch) -> None:
     from e2b_code_interpreter import Sandbox

@@ -1,6 +1,6 @@
 """Restore shells made ahead of time: a clone from a pooled shell continues exactly like
-a plain restore, the pool refills in a worker thread, and a re-taken snapshot gets a
-new pool in the runtime."""
+a plain restore, the pool refills in a worker thread, shells carry the runtime's device
+eventfds made ahead, and a re-taken snapshot gets a new pool in the runtime."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 from test_kvm_snapshot import Counter, run_to, snapshot_after
 
 from appliance.config import Config
+from appliance.runtime.kvm.machine import Machine
 from appliance.runtime.kvm.pool import ShellPool
-from appliance.runtime.kvm.runtime import KvmRuntime
+from appliance.runtime.kvm.runtime import DEVICE_SLOTS, KvmRuntime, device_slot, wire_device_slots
+from appliance.runtime.virtio.mmio import QUEUE_NOTIFY
 from cffi_kvm import Kvm
 
 
@@ -58,3 +60,42 @@ async def test_runtime_replaces_the_pool_of_a_retaken_snapshot(kvm: Kvm, tmp_pat
         assert second is not first and second.state.vcpus[0].regs != first.state.vcpus[0].regs
     finally:
         runtime.close()
+
+
+async def test_shells_carry_the_runtime_device_eventfds_a_restore_binds(kvm: Kvm, tmp_path: Path) -> None:
+    await snapshot_after(kvm, tmp_path / "snap", 10)
+    made: dict[str, object] = {}
+
+    def prepare(shell: Machine) -> None:
+        wire_device_slots(shell)
+        made["fds"] = _device_eventfds(shell)
+
+    pool = ShellPool(tmp_path / "snap", size=2, prepare=prepare)
+    try:
+        await pool.refill(1)  # what a create asks for while its network is being set up
+        assert pool.ready == 1
+        bound: dict[str, object] = {}
+        clone_counter = Counter()
+
+        def add_devices(machine: Machine) -> None:
+            clone_counter.attach(machine)
+            bound["fds"] = _device_eventfds(machine)  # what KvmRuntime._attach asks for
+
+        clone = await pool.restore(add_devices=add_devices, console=bytearray().extend)
+        try:
+            assert bound["fds"] == made["fds"]  # the shell's, not new registrations
+            await run_to(clone, clone_counter, 13)
+            assert clone_counter.values() == [11, 12, 13]
+        finally:
+            clone.close()
+    finally:
+        pool.close()
+
+
+def _device_eventfds(machine: Machine) -> list[tuple[int, list[int]]]:
+    fds = []
+    for index, (_name, device_class) in enumerate(DEVICE_SLOTS):
+        base, irq = device_slot(index)
+        notify = machine.notify_eventfds(base + QUEUE_NOTIFY, len(device_class.queue_max_sizes))
+        fds.append((machine.irq_eventfd(irq), notify))
+    return fds

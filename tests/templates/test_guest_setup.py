@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,20 @@ def test_agent_imports_with_nothing_but_what_was_injected(scratch: Path) -> None
     python = shutil.which("python3", path="/usr/bin")
     if python is None:
         pytest.skip("no /usr/bin/python3 to import the agent with")
-    # -S: no site-packages, so every import must come from /opt/cube/agent.
+    # -S: no site-packages, so every import must come from /opt/cube/agent (h2 too: envd's h2c).
+    # -B -v: nothing is written, and every module says where its code came from.
     check = (
         "import sys; sys.path.insert(0, sys.argv[1]); import appliance.guest.agent, appliance.guest.__main__"
+        "; import appliance.guest.http2_server; print(sys.version_info[:2])"
     )
-    subprocess.run([python, "-S", "-c", check, str(rootfs / "opt/cube/agent")], check=True, cwd="/")
+    agent_dir = str(rootfs / "opt/cube/agent")
+    argv = [python, "-S", "-B", "-v", "-c", check, agent_dir]
+    result = subprocess.run(argv, check=True, cwd="/", capture_output=True, text=True)
+    if result.stdout.strip() == str(sys.version_info[:2]):
+        # The injected agent was compiled by this Python, the guest's version: nothing compiles on import.
+        lines = result.stderr.splitlines()
+        loaded = [line for line in lines if "code object from" in line and agent_dir in line]
+        assert loaded and all(line.endswith(".pyc'") for line in loaded), loaded
 
 
 def test_init_and_start_scripts(scratch: Path) -> None:

@@ -5,8 +5,8 @@
   with the reason when it cannot be built here.
 - `uml_config`: private state/run dirs, a test-only host_network and uid range,
   so nothing collides with a running `cube serve`.
-- `runtime`: an `UmlRuntime` over a CubeVS started for the test, whose resolver
-  forwards to a dead loopback port (no test traffic leaves the host).
+- `cubevs`: a CubeVS started for the test, whose resolver forwards to a dead
+  loopback port (no test traffic leaves the host); `runtime`: an `UmlRuntime` over it.
 - `boot`: `async with boot(slot) as (instance, spec):` one running sandbox,
   killed at exit.
 """
@@ -68,9 +68,14 @@ def uml_config() -> Iterator[Config]:
 
 
 @pytest.fixture
-async def runtime(uml_config: Config) -> AsyncIterator[UmlRuntime]:
-    async with CubeVS.start(uml_config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-        yield UmlRuntime(uml_config, cubevs)
+async def cubevs(uml_config: Config) -> AsyncIterator[CubeVS]:
+    async with CubeVS.start(uml_config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as started:
+        yield started
+
+
+@pytest.fixture
+async def runtime(uml_config: Config, cubevs: CubeVS) -> UmlRuntime:
+    return UmlRuntime(uml_config, cubevs)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ CubeVS created (test-only host_network), and DNS to a dead loopback port.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -17,17 +18,19 @@ import trio
 from hostprocs import processes_of_uid
 from umlguest import execute_code
 
+from appliance.config import load_config
 from appliance.cubelet.envd_client import run_command
 from appliance.net.addressing import Addressing
-from appliance.runtime.base import ENVD_PORT, BootSpec, GuestExited
+from appliance.runtime.base import ENVD_PORT, BootSpec, BootStalled, GuestExited
+from appliance.runtime.detect import find_uml_kernel
 from appliance.runtime.uml.cgroups import CGROUP_ROOT
-from appliance.runtime.uml.runtime import http_status
+from appliance.runtime.uml.runtime import UmlRuntime, http_status
 
 if TYPE_CHECKING:
     from conftest import Boot
 
     from appliance.config import Config
-    from appliance.runtime.uml.runtime import UmlRuntime
+    from appliance.net.service import CubeVS
     from appliance.templates.manifest import TemplateManifest
 
 pytestmark = [pytest.mark.uml, pytest.mark.slow]
@@ -162,3 +165,48 @@ async def test_pause_freezes_and_resume_unfreezes(boot: Boot) -> None:
             await instance.resume()
         assert answered == [204]  # the request made while paused is answered after resume
         assert (await run_command(host, "echo alive")).stdout == "alive\n"
+
+
+def test_boot_limits_are_config_keys_with_env_overrides(tmp_path: Path) -> None:
+    config_file = tmp_path / "appliance.toml"
+    config_file.write_text("uml_boot_timeout_s = 1200\n")
+    defaults = load_config(tmp_path / "absent.toml", {})
+    assert (defaults.uml_first_output_timeout_s, defaults.uml_boot_timeout_s) == (20, 60)
+    config = load_config(config_file, {"CUBE_UML_FIRST_OUTPUT_TIMEOUT_S": "600"})
+    assert (config.uml_first_output_timeout_s, config.uml_boot_timeout_s) == (600, 1200)
+
+
+@pytest.mark.parametrize("limit", ["uml_first_output_timeout_s", "uml_boot_timeout_s"])
+async def test_boot_limits_from_config_reach_the_runtime(
+    limit: str, uml_config: Config, cubevs: CubeVS, default_template: TemplateManifest
+) -> None:
+    """A zero limit (either key: the first-output wait never outlasts the whole boot's) ends a
+    real boot as stalled before the guest can write anything, and it is torn down like any other."""
+    config = dataclasses.replace(uml_config, **{limit: 0})
+    runtime = UmlRuntime(config, cubevs)
+    spec = BootSpec(
+        sandbox_id="cubetest-uml-limit",
+        template=default_template,
+        slot=4,
+        sandbox_dir=config.sandboxes_dir / "cubetest-uml-limit",
+        memory_mb=default_template.memory_mb,
+        cpu_count=1,
+    )
+    with trio.fail_after(60), pytest.raises(BootStalled, match="wrote nothing within 0 s"):
+        await runtime.run(spec)  # would run the guest until cancelled, had it booted
+    assert leftovers(config, spec) == []
+
+
+def test_kernel_stacks_are_not_in_vmalloc_space(uml_config: Config) -> None:
+    """The intermittent silent boot stall: with CONFIG_VMAP_STACK, ubd_open of the COW disk calls
+    flush_tlb_kernel_vm(), which munmaps and re-mmaps every vmalloc page, the running task's own
+    stack too; a host signal (timer, SIGIO) arriving in between makes UML's signal entry read the
+    unmapped stack base, and the nested SIGSEGV handler returns to the same fault forever."""
+    kernel = find_uml_kernel(uml_config)
+    assert kernel is not None
+    config = subprocess.run([str(kernel), "--showconfig"], capture_output=True, text=True, timeout=30).stdout
+    assert "CONFIG_HAVE_ARCH_VMAP_STACK" in config  # the kernel printed its configuration
+    assert "CONFIG_VMAP_STACK=y" not in config, (
+        f"{kernel} has vmalloc'd kernel stacks (boots stall at random): "
+        "rebuild it from image/uml/sandbox.config with `cube image build-uml-kernel`"
+    )

@@ -47,7 +47,7 @@ from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.device import VirtioDevice
 from appliance.runtime.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, MmioTransport, cmdline_device
 from appliance.runtime.virtio.net.device import VirtioNet
-from appliance.runtime.virtio.net.tap import open_tap
+from appliance.runtime.virtio.net.tap import open_tap, set_tap_mac
 from appliance.runtime.virtio.rng.device import VirtioRng
 from appliance.runtime.virtio.vsock.device import VirtioVsock
 from cffi_kvm import Kvm
@@ -56,10 +56,22 @@ MIB = 1 << 20
 VIRTIO_MMIO_BASE = 0xD000_0000
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11)  # ISA lines Linux leaves free (4 is the serial port)
 GUEST_CID = 3
+# The host side of every sandbox's tap: a guest restored from a template snapshot has
+# the template guest's ARP entry for its gateway, which must still be right in its own netns.
+GATEWAY_MAC = bytes.fromhex("06cbe0000001")
 BOOT_TIMEOUT_S = 60
 KERNEL_CMDLINE = (
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd "
     "root=/dev/vda rw init=/sbin/cube-init"
+)
+GUEST_HOSTNAME = "sandbox"
+# Every sandbox's devices in virtio-mmio slot order (their names key the snapshot's device
+# state); a pooled shell has their interrupt and queue-notify eventfds made ahead.
+DEVICE_SLOTS: tuple[tuple[str, type[VirtioDevice]], ...] = (
+    ("virtio-blk", VirtioBlock),
+    ("virtio-net", VirtioNet),
+    ("virtio-vsock", VirtioVsock),
+    ("virtio-rng", VirtioRng),
 )
 OVERLAY_NAME = "rootfs.overlay"
 TEMPLATE_SNAPSHOT_DIR = "kvm-snapshot"  # in the template's directory: state.json, memory, rootfs.overlay
@@ -81,9 +93,30 @@ def guest_mac(slot: int) -> bytes:
     return bytes([0x02, 0xCB, 0xE0, (slot >> 16) & 0xFF, (slot >> 8) & 0xFF, slot & 0xFF])
 
 
-def _open_tap_in(netns_path: str, tap_name: str) -> int:
+def open_sandbox_tap(netns_path: str, tap_name: str) -> int:
+    """An fd on the sandbox's tap (opened inside its netns), its host side given GATEWAY_MAC."""
     with entered(netns_path):
-        return open_tap(tap_name)
+        fd = open_tap(tap_name)
+    try:
+        set_tap_mac(fd, GATEWAY_MAC)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def device_slot(index: int) -> tuple[int, int]:
+    """MMIO base and interrupt line of the `index`th virtio device."""
+    return VIRTIO_MMIO_BASE + index * MMIO_SIZE, VIRTIO_IRQS[index]
+
+
+def wire_device_slots(machine: Machine) -> None:
+    """Make the interrupt and queue-notify eventfds of every DEVICE_SLOTS device in
+    `machine`: a pooled shell's `prepare`, so a restore only binds the devices to them."""
+    for index, (_name, device_class) in enumerate(DEVICE_SLOTS):
+        base, irq = device_slot(index)
+        machine.irq_eventfd(irq)
+        machine.notify_eventfds(base + QUEUE_NOTIFY, len(device_class.queue_max_sizes))
 
 
 def _copy_sparse(source: Path, target: Path) -> None:
@@ -185,7 +218,7 @@ class KvmRuntime:
             pool.close()
             pool = None
         if pool is None:
-            pool = self._pools[snapshot_dir] = ShellPool(snapshot_dir)
+            pool = self._pools[snapshot_dir] = ShellPool(snapshot_dir, prepare=wire_device_slots)
         return pool
 
     def close(self) -> None:
@@ -206,21 +239,27 @@ class KvmRuntime:
         spec.sandbox_dir.mkdir(parents=True, exist_ok=True)
         console_log = spec.sandbox_dir / "console.log"
         policy = NetworkPolicy.from_e2b(spec.network_policy)
+        # Resume a paused sandbox, else clone the template's snapshot, else boot.
+        snapshot_dir = spec.sandbox_dir / PAUSED_SNAPSHOT_DIR
+        resuming = (snapshot_dir / STATE_FILE).exists()
+        if not resuming:
+            snapshot_dir = spec.template.directory / TEMPLATE_SNAPSHOT_DIR
+        from_snapshot = (snapshot_dir / STATE_FILE).exists()
+        pool = self.pool_for(snapshot_dir) if from_snapshot and not resuming else None
         async with contextlib.AsyncExitStack() as resources:
-            net = await resources.enter_async_context(
-                self.cubevs.sandbox_network(spec.sandbox_id, spec.slot, os.geteuid(), policy)
-            )
-            tap_fd = await trio.to_thread.run_sync(_open_tap_in, net.netns_path, net.tap)
+            async with trio.open_nursery() as setting_up:
+                if pool is not None:
+                    # A shell for this clone is made (if none is ready) while the network is
+                    # set up, so the restore below takes a ready one.
+                    setting_up.start_soon(pool.refill, 1)
+                net = await resources.enter_async_context(
+                    self.cubevs.sandbox_network(spec.sandbox_id, spec.slot, os.geteuid(), policy)
+                )
+            tap_fd = await trio.to_thread.run_sync(open_sandbox_tap, net.netns_path, net.tap)
             resources.callback(os.close, tap_fd)
             console = resources.enter_context(console_log.open("ab", buffering=0))
             kvm = resources.enter_context(Kvm())
             overlay = spec.sandbox_dir / OVERLAY_NAME
-            # Resume a paused sandbox, else clone the template's snapshot, else boot.
-            snapshot_dir = spec.sandbox_dir / PAUSED_SNAPSHOT_DIR
-            resuming = (snapshot_dir / STATE_FILE).exists()
-            if not resuming:
-                snapshot_dir = spec.template.directory / TEMPLATE_SNAPSHOT_DIR
-            from_snapshot = (snapshot_dir / STATE_FILE).exists()
             if from_snapshot and not resuming:
                 # The guest's page cache matches the template's disk as it was at the snapshot
                 # (a paused sandbox's own overlay is already in place).
@@ -233,13 +272,13 @@ class KvmRuntime:
                 ("virtio-vsock", VirtioVsock(GUEST_CID, spec.sandbox_dir / "vsock.sock")),
                 ("virtio-rng", VirtioRng()),
             ]
+            assert [name for name, _ in devices] == [name for name, _ in DEVICE_SLOTS]
             transports: list[MmioTransport] = []
 
             def attach_devices(machine: Machine) -> None:
                 for index, (name, device) in enumerate(devices):
                     transports.append(self._attach(machine, index, name, device))
 
-            pool = self.pool_for(snapshot_dir) if from_snapshot and not resuming else None
             if pool is not None:
                 # A clone of the template: a pooled shell (or a new one) gets the snapshot's
                 # state, devices included; the cubelet's /init then hands it its env, token,
@@ -272,11 +311,17 @@ class KvmRuntime:
             notify_fds: dict[int, list[int]] = {}
             for transport in transports:
                 resources.callback(transport.close)
-                notify_fds[transport.base] = self._notify_eventfds(machine, transport)
-                for fd in notify_fds[transport.base]:
-                    resources.callback(os.close, fd)
+                # The machine owns them (a pooled shell made them ahead).
+                notify_fds[transport.base] = machine.notify_eventfds(
+                    transport.base + QUEUE_NOTIFY, len(transport.queues)
+                )
             if not from_snapshot:
-                cmdline = " ".join([KERNEL_CMDLINE, *(cmdline_device(t.base, t.irq) for t in transports)])
+                # The default template's init reads cube_* words (the kernel hands them to it
+                # as environment); a template snapshot keeps what its boot got.
+                identity = [f"cube_hostname={GUEST_HOSTNAME}", f"cube_resolver={net.resolver_ip}"]
+                cmdline = " ".join(
+                    [KERNEL_CMDLINE, *identity, *(cmdline_device(t.base, t.irq) for t in transports)]
+                )
                 entry = await trio.to_thread.run_sync(load_linux, machine.memory, kernel, cmdline)
                 prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry, spec.cpu_count)
             instance = KvmInstance(spec.sandbox_id, console_log, net.host_ip, machine, overlay)
@@ -300,23 +345,13 @@ class KvmRuntime:
 
     @staticmethod
     def _attach(machine: Machine, index: int, name: str, device: VirtioDevice) -> MmioTransport:
-        base, irq = VIRTIO_MMIO_BASE + index * MMIO_SIZE, VIRTIO_IRQS[index]
+        base, irq = device_slot(index)
         irq_fd = machine.irq_eventfd(irq)
         transport = MmioTransport(
             device, machine.memory, lambda: os.eventfd_write(irq_fd, 1), base=base, irq=irq
         )
         machine.add_mmio_device(name, transport, base, MMIO_SIZE)
         return transport
-
-    @staticmethod
-    def _notify_eventfds(machine: Machine, transport: MmioTransport) -> list[int]:
-        """One eventfd per queue, signalled by KVM on QueueNotify writes of that queue's index."""
-        fds = []
-        for queue_index in range(len(transport.queues)):
-            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            machine.vm.ioeventfd(fd, transport.base + QUEUE_NOTIFY, 4, datamatch=queue_index)
-            fds.append(fd)
-        return fds
 
     @staticmethod
     async def _run_guest(instance: KvmInstance, exited: list[VcpuExit], stop_all: Callable[[], None]) -> None:

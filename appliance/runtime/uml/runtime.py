@@ -27,6 +27,7 @@ from appliance.config import Config
 from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, BootStalled, GuestExited, Instance
 from appliance.runtime.detect import DEBIAN_UML, find_uml_kernel
+from appliance.runtime.uml.balloon import SandboxBalloon
 from appliance.runtime.uml.cgroups import SandboxCgroup, create_cgroup, sweep_empty_leaves
 from appliance.runtime.uml.command import LaunchPlan, check_paths, launcher_argv, launcher_environment
 from appliance.runtime.uml.console import ConsoleLog
@@ -40,16 +41,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BOOT_TIMEOUT_S = 60.0
-# A background boot (pool refill) runs at the least CPU weight: on a busy host it may take longer.
-BACKGROUND_BOOT_TIMEOUT_S = 180.0
-# The kernel writes its first console lines ~0.1 s after launch; nothing at all by then (times 3
-# for a background boot) is a hung launch, not a slow boot (seen rarely on a loaded host).
-FIRST_OUTPUT_TIMEOUT_S = 20.0
+# The boot limits are config keys: uml_boot_timeout_s (launch to agent ready) and
+# uml_first_output_timeout_s (the guest wrote nothing at all: BootStalled, a hung launch that
+# the cubelet retries; the kernel boots `quiet`, so its first line is usually the agent's).
+# A background boot (pool refill) runs at the least CPU weight: it gets this many times each.
+BACKGROUND_TIMEOUT_FACTOR = 3
 # Host memory a sandbox may use beyond its guest RAM: the UML binary, page
 # tables and kernel stacks of the host processes backing guest address spaces.
 HOST_OVERHEAD_MB = 128
 PROBE_INTERVAL_S = 0.01
+# One /health probe waits this share of the boot limit (1 s at the default 60 s): enough for a
+# guest on a software-emulated host (answers in 4-40 s under qemu TCG), short enough that a
+# probe lost before the guest's network was up is retried soon.
+PROBE_TIMEOUT_SHARE = 1 / 60
 # Killing the pid-namespace init tears the whole guest down; past this, kill the cgroup's processes.
 REAP_TIMEOUT_S = 10.0
 REAP_POLL_S = 0.01
@@ -95,7 +99,8 @@ class UmlRuntime:
                     create_cgroup, spec.sandbox_id, limit, spec.cpu_count, spec.background
                 )
                 try:
-                    await self._run_guest(spec, net, cgroup, uid, task_status)
+                    with SandboxBalloon.open(spec.sandbox_dir / VM_DIR, uid, self.kernel) as balloon:
+                        await self._run_guest(spec, net, cgroup, uid, task_status, balloon)
                 finally:
                     with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(cgroup.remove)
@@ -110,6 +115,7 @@ class UmlRuntime:
         cgroup: SandboxCgroup,
         uid: int,
         task_status: trio.TaskStatus[Instance],
+        balloon: SandboxBalloon,
     ) -> None:
         vm_dir = spec.sandbox_dir / VM_DIR
         seccomp_fd = filter_fd(self._seccomp)
@@ -126,6 +132,7 @@ class UmlRuntime:
                 cgroup_procs=tuple(cgroup.procs_files()),
                 seccomp_fd=seccomp_fd,
                 resolver_ip=net.resolver_ip,
+                balloon_argument=balloon.kernel_argument(),
             )
             try:
                 check_paths(plan)
@@ -150,18 +157,21 @@ class UmlRuntime:
                 try:
                     nursery.start_soon(console.pump, process.console)
                     nursery.start_soon(watch_exit)
-                    boot_timeout = BACKGROUND_BOOT_TIMEOUT_S if spec.background else BOOT_TIMEOUT_S
-                    stall_timeout = FIRST_OUTPUT_TIMEOUT_S * (3 if spec.background else 1)
-                    with trio.move_on_after(stall_timeout) as stall_deadline:
+                    nursery.start_soon(balloon.serve, spec.sandbox_id)
+                    factor = BACKGROUND_TIMEOUT_FACTOR if spec.background else 1
+                    boot_timeout = self.config.uml_boot_timeout_s * factor
+                    stall_timeout = min(self.config.uml_first_output_timeout_s * factor, boot_timeout)
+                    with trio.move_on_at(started + stall_timeout) as stall_deadline:
                         await _first_of(console.first_output, exited)
                     if not exited.is_set():
                         guest_init.watch(process.pid)  # the kernel runs: bwrap has forked its init
-                    with trio.move_on_after(boot_timeout - stall_timeout) as boot_deadline:
+                    with trio.move_on_at(started + boot_timeout) as boot_deadline:
                         if stall_deadline.cancelled_caught:
                             boot_deadline.cancel()
                         await _first_of(console.ready, exited)
                         if not exited.is_set():
-                            await _wait_healthy(net.host_ip, ENVD_PORT, exited)
+                            probe_timeout = max(1.0, boot_timeout * PROBE_TIMEOUT_SHARE)
+                            await _wait_healthy(net.host_ip, ENVD_PORT, exited, probe_timeout)
                     if exited.is_set():
                         await _drain(console)
                         failure = BootFailed(
@@ -349,8 +359,8 @@ async def http_status(host: str, port: int, path: str = "/health", timeout: floa
     return None
 
 
-async def _wait_healthy(host: str, port: int, exited: trio.Event) -> None:
+async def _wait_healthy(host: str, port: int, exited: trio.Event, probe_timeout: float) -> None:
     while not exited.is_set():
-        if await http_status(host, port) in (200, 204):
+        if await http_status(host, port, timeout=probe_timeout) in (200, 204):
             return
         await trio.sleep(PROBE_INTERVAL_S)

@@ -21,6 +21,7 @@ VIRTIO_F_VERSION_1 = 1 << 32
 DEVICE_ID_NET = 1
 DEVICE_ID_BLOCK = 2
 DEVICE_ID_RNG = 4
+DEVICE_ID_BALLOON = 5
 DEVICE_ID_VSOCK = 19
 
 InterruptCallback = Callable[[int], None]  # argument: the queue that has used buffers

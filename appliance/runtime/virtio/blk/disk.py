@@ -9,17 +9,13 @@ hole back (the block reads as the template again, which virtio allows).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from pathlib import Path
 
-BLOCK = 4096
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
+from appliance.runtime.virtio.memory import punch_hole
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+BLOCK = 4096
 
 
 class CowDisk:
@@ -103,10 +99,7 @@ class CowDisk:
         start = (offset + BLOCK - 1) // BLOCK * BLOCK
         stop = (offset + length) // BLOCK * BLOCK
         if stop > start:
-            mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-            if _libc.fallocate(self._fd, mode, start, stop - start) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
+            punch_hole(self._fd, start, stop - start)
 
     def flush(self) -> None:
         os.fdatasync(self._fd)

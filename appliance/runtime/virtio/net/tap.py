@@ -13,6 +13,8 @@ import struct
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+SIOCSIFHWADDR = 0x8924  # tun's character device takes it too
+ARPHRD_ETHER = 1
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -32,6 +34,11 @@ def open_tap(name: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def set_tap_mac(fd: int, mac: bytes) -> None:
+    """The MAC of the tap's host side (the address the guest's frames to the host go to)."""
+    fcntl.ioctl(fd, SIOCSIFHWADDR, struct.pack("16sH14s8x", b"", ARPHRD_ETHER, mac))
 
 
 def set_offload(fd: int, flags: int) -> None:

@@ -90,11 +90,24 @@ class VhostUserBackend:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on `socket_path`, serve one frontend until it disconnects, then return."""
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = self.listen()
+        task_status.started()
+        await self.serve_listener(listener)
+
+    def listen(self) -> trio.socket.SocketType:
+        """Bind and listen on `socket_path` now: a frontend may connect before anyone accepts."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            await listener.bind(str(self.socket_path))
-            listener.listen(1)
-            task_status.started()
+            sock.bind(str(self.socket_path))
+            sock.listen(1)
+        except BaseException:
+            sock.close()
+            raise
+        return trio.socket.from_stdlib_socket(sock)
+
+    async def serve_listener(self, listener: trio.socket.SocketType) -> None:
+        """Serve one frontend from `listener` (closed, its path removed, once one connects)."""
+        try:
             connection, _ = await listener.accept()
         finally:
             listener.close()

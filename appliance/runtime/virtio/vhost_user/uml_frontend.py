@@ -37,6 +37,7 @@ DRIVER_OPTIONS = {
     "virtio_net": "CONFIG_VIRTIO_NET",
     "vmw_vsock_virtio_transport": "CONFIG_VIRTIO_VSOCKETS",
     "virtio_rng": "CONFIG_HW_RANDOM_VIRTIO",
+    "virtio_balloon": "CONFIG_VIRTIO_BALLOON",
 }
 
 

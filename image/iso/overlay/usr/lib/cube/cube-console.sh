@@ -9,12 +9,25 @@ PORT="$(sed -n 's/^api_port *= *\([0-9]*\).*/\1/p' "$STATE/appliance.toml" 2>/de
 PORT="${PORT:-3000}"
 last=""
 
+# The address clients reach the API at: the IPv4 address of the default route's
+# interface (DHCP or static, on the LAN). Never one of the appliance's own sandbox
+# networks, whose addresses are global too: the host ends of the sandboxes' veths
+# (cube<tag>-<slot>) and the sandboxes' DNS resolver on lo (label lo:cube<tag>).
+# Without a default route (no DHCP answer yet, or an isolated LAN): the first
+# global address of a physical-looking interface, else nothing.
+lan_address() {
+  dev="$(ip -4 route show default 2>/dev/null \
+    | awk '{for (i = 1; i < NF; i++) if ($i == "dev") {print $(i + 1); exit}}')"
+  if [ -n "$dev" ]; then
+    ip -4 -o addr show dev "$dev" scope global 2>/dev/null | awk '{split($4, a, "/"); print a[1]; exit}'
+  else
+    ip -4 -o addr show scope global 2>/dev/null \
+      | awk '$2 != "lo" && $2 !~ /^cube/ && !/ lo:/ {split($4, a, "/"); print a[1]; exit}'
+  fi
+}
+
 screen() {
-  # The source address of the default route (no packet is sent): not the
-  # sandboxes' own host-side addresses, which are global too.
-  address="$(ip -4 -o route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')"
-  [ -n "$address" ] || address="$(ip -4 -o addr show scope global 2>/dev/null \
-    | awk '$2 !~ /^cube/ {split($4, a, "/"); print a[1]; exit}')"
+  address="$(lan_address)"
   if curl -fsS --max-time 5 "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
     status="running"
     # The first key is created once the service answers, then kept on CUBE-DATA.
