@@ -17,7 +17,8 @@ is that one round trip: the guest's connection is already open (each guest has i
 own HTTP client, kept warm by the health probes), its network policy is changed
 only if the request asks for another one, and refills wait until a burst of claims
 has been answered (`REFILL_QUIET_S`), since a boot's host-side set-up and guest CPU
-slow every claim still in flight.
+slow every claim still in flight — unless the pool is down to half its target, so
+that steady creates cannot starve the refills.
 """
 
 from __future__ import annotations
@@ -766,13 +767,15 @@ class Cubelet:
     def _wants_refill(self, template: TemplateManifest) -> bool:
         template_id = template.template_id
         booting = self._refills.get(template_id, 0)
+        pooled, target = len(self._pools[template_id]), self.pool_target(template)
+        burst_answered = self._claims == 0 and trio.current_time() >= self._refills_held_until
         return (
             # Cold boots someone waits for go first: refills take the cores they leave.
             sum(self._refills.values()) + self._cold_boots < self._refill_concurrency
-            # A burst of warm creates is answered first: a boot started meanwhile slows every claim.
-            and self._claims == 0
-            and trio.current_time() >= self._refills_held_until
-            and len(self._pools[template_id]) + booting < self.pool_target(template)
+            # A burst of warm creates is answered first: a boot started meanwhile slows every
+            # claim. Not past half the pool, though: steady creates must not starve the refills.
+            and (burst_answered or pooled * 2 < target)
+            and pooled + booting < target
             and trio.current_time() >= self._refill_retry_at.get(template_id, -math.inf)
             # Everything alive counts, guests still tearing down too: pools never exceed the budget.
             and self.memory_committed_mb() + template.memory_mb <= self.memory_budget_mb

@@ -392,17 +392,31 @@ async def test_refills_wait_until_a_burst_of_claims_is_answered(
     service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(cubelet_module, "REFILL_QUIET_S", 3600.0)
-    config = dataclasses.replace(service_config, pool_size=2)
+    config = dataclasses.replace(service_config, pool_size=4)
     async with running_cubelet(config, fake_runtime) as cubelet:
-        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 2)
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 4)
         await cubelet.create(request_for(cubelet))
         await cubelet.create(request_for(cubelet))
         await trio.sleep(0.3)
-        assert fake_runtime.boots == 2  # both claims were answered and no refill started
+        assert fake_runtime.boots == 4  # both claims were answered and no refill started
         cubelet._refills_held_until = -math.inf  # the quiet period is over
         cubelet.wake_pools()
-        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 2)
-        assert fake_runtime.boots == 4
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 4)
+        assert fake_runtime.boots == 6
+
+
+async def test_steady_claims_do_not_starve_the_refills_past_half_the_pool(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cubelet_module, "REFILL_QUIET_S", 3600.0)  # claims never go quiet
+    config = dataclasses.replace(service_config, pool_size=4)
+    async with running_cubelet(config, fake_runtime) as cubelet:
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 4)
+        for _ in range(3):
+            await cubelet.create(request_for(cubelet))
+        # One guest left of four: the hold gives way and the pool refills to half and beyond.
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") >= 2)
+        assert fake_runtime.boots >= 5
 
 
 async def test_init_reuses_the_connection_the_pool_opened_and_kill_closes_it(
