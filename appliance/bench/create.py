@@ -227,15 +227,7 @@ async def run_direct_bench(
             runtime = UmlRuntime(bench_config, cubevs)
 
             def spec(slot: int) -> BootSpec:
-                sandbox_id = f"bench-{secrets.token_hex(4)}"
-                return BootSpec(
-                    sandbox_id=sandbox_id,
-                    template=template,
-                    slot=slot,
-                    sandbox_dir=bench_config.sandboxes_dir / sandbox_id,
-                    memory_mb=template.memory_mb,
-                    cpu_count=template.cpu_count,
-                )
+                return BootSpec.for_template(bench_config, template, f"bench-{secrets.token_hex(4)}", slot)
 
             boots: list[float] = []
             interpreter_boots: list[float] = []

@@ -500,13 +500,11 @@ class Cubelet:
         `sandbox_id` and `disk` continue a sandbox carried over a restart (see `restore`)."""
         sandbox_id = sandbox_id or secrets.token_hex(10)
         slot = self._allocate_slot()
-        spec = BootSpec(
-            sandbox_id=sandbox_id,
-            template=template,
-            slot=slot,
-            sandbox_dir=self.config.sandboxes_dir / sandbox_id,
-            memory_mb=template.memory_mb,
-            cpu_count=template.cpu_count,
+        spec = BootSpec.for_template(
+            self.config,
+            template,
+            sandbox_id,
+            slot,
             network_policy=network_policy,
             background=background,
             disk=disk,

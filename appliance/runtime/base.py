@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from appliance.templates.manifest import TemplateManifest
+
+if TYPE_CHECKING:
+    from appliance.config import Config
 
 ENVD_PORT = 49983
 CODE_INTERPRETER_PORT = 49999
@@ -74,6 +77,34 @@ class BootSpec:
     # The writable disk layer to continue from instead of a fresh one: a sandbox carried
     # over a service restart onto new code (`cube upgrade`, appliance/master/carryover.py).
     disk: Path | None = None
+
+    @classmethod
+    def for_template(
+        cls,
+        config: Config,
+        template: TemplateManifest,
+        sandbox_id: str,
+        slot: int,
+        *,
+        memory_mb: int | None = None,
+        cpu_count: int | None = None,
+        network_policy: dict[str, object] | None = None,
+        background: bool = False,
+        disk: Path | None = None,
+    ) -> BootSpec:
+        """A sandbox of `template`, sized as the template says unless told otherwise, with its
+        files under the config's sandboxes directory."""
+        return cls(
+            sandbox_id=sandbox_id,
+            template=template,
+            slot=slot,
+            sandbox_dir=config.sandboxes_dir / sandbox_id,
+            memory_mb=template.memory_mb if memory_mb is None else memory_mb,
+            cpu_count=template.cpu_count if cpu_count is None else cpu_count,
+            network_policy=network_policy or {},
+            background=background,
+            disk=disk,
+        )
 
 
 class Instance(Protocol):

@@ -131,15 +131,7 @@ async def kvm_runtime() -> AsyncIterator[tuple[KvmRuntime, Config]]:
 
 
 def _spec(config: Config, template: TemplateManifest, slot: int) -> BootSpec:
-    sandbox_id = f"cubetest-kvm-{slot}-{secrets.token_hex(3)}"
-    return BootSpec(
-        sandbox_id=sandbox_id,
-        template=template,
-        slot=slot,
-        sandbox_dir=config.sandboxes_dir / sandbox_id,
-        memory_mb=template.memory_mb,
-        cpu_count=template.cpu_count,
-    )
+    return BootSpec.for_template(config, template, f"cubetest-kvm-{slot}-{secrets.token_hex(3)}", slot)
 
 
 async def _init(instance: KvmInstance, template: TemplateManifest, env: dict[str, str]) -> None:

@@ -43,18 +43,6 @@ from appliance.templates.manifest import TemplateManifest
 
 T = TypeVar("T")
 BOOT_WAIT_S = 300.0  # two cold boots on a busy 2-core host, with margin
-TEMPLATE_ID = "code-interpreter"
-
-
-def default_template() -> TemplateManifest:
-    """The cached default template (built, minutes, only when there is none)."""
-    config = load_config()
-    directory = config.templates_dir / TEMPLATE_ID
-    if (directory / "template.json").is_file() and (directory / "rootfs.ext4").is_file():
-        return TemplateManifest.load(directory)
-    from appliance.templates.default import build_default_template
-
-    return trio.run(build_default_template, config)
 
 
 # --- talking to a guest's agent ------------------------------------------------
@@ -281,11 +269,11 @@ class RealGuests:
                 # One after the other: two concurrent cold boots on 2 busy cores risk the boot timeout.
                 for slot, (name, policy) in enumerate(self.policies.items()):
                     sandbox_id = f"cubetest-rg-{self.tag}-{name}"
-                    spec = BootSpec(
-                        sandbox_id=sandbox_id,
-                        template=self._template,
-                        slot=slot,
-                        sandbox_dir=self.config.sandboxes_dir / sandbox_id,
+                    spec = BootSpec.for_template(
+                        self.config,
+                        self._template,
+                        sandbox_id,
+                        slot,
                         memory_mb=256,
                         cpu_count=1,
                         network_policy=policy,

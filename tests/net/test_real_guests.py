@@ -29,7 +29,8 @@ from networld import (
     World,
     serving,
 )
-from realguests import RealGuests, default_template, listener_command, probe, run_command, ticker_command
+from realguests import RealGuests, listener_command, probe, run_command, ticker_command
+from umlguests import default_template
 
 from appliance.net import NetworkPolicy
 
@@ -40,10 +41,7 @@ _tags = itertools.count()
 
 @pytest.fixture(scope="module")
 def guests(world: World) -> Iterator[RealGuests]:
-    try:
-        template = default_template()
-    except (OSError, RuntimeError) as exc:
-        pytest.skip(f"the default template is not built and cannot be built here: {exc}")
+    template = default_template()
     pid = os.getpid()
     real = RealGuests(
         world.host_network,

@@ -13,18 +13,15 @@
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 
 import pytest
 import trio
+import umlguests
 
-from appliance.config import Config, load_config
+from appliance.config import Config
 from appliance.net.service import CubeVS
 from appliance.runtime.base import BootSpec
 from appliance.runtime.uml.instance import UmlInstance
@@ -41,30 +38,13 @@ Boot = Callable[..., AbstractAsyncContextManager[tuple[UmlInstance, BootSpec]]]
 
 @pytest.fixture(scope="session")
 def default_template() -> TemplateManifest:
-    if os.geteuid() != 0:
-        pytest.skip("UML runtime tests need root (namespaces, cgroups, taps)")
-    from appliance.templates.default import build_default_template
-
-    config = load_config()
-    try:
-        return trio.run(build_default_template, config)
-    except (OSError, RuntimeError) as exc:
-        pytest.skip(f"the default template is not built and cannot be built here: {exc}")
+    return umlguests.default_template()
 
 
 @pytest.fixture
 def uml_config() -> Iterator[Config]:
-    # Short paths: unix socket paths (mconsole) must fit in 107 bytes; tmp_path is deep.
-    work = Path(tempfile.mkdtemp(prefix="cubetest-uml-"))
-    yield Config(
-        state_dir=work / "state",
-        run_dir=work / "run",
-        cache_dir=load_config().cache_dir,  # the built kernel
-        host_network=TEST_HOST_NETWORK,
-        uid_base=TEST_UID_BASE,
-        allow_unenforced_network=True,
-    )
-    shutil.rmtree(work)
+    with umlguests.private_config("cubetest-uml-", TEST_HOST_NETWORK, TEST_UID_BASE) as config:
+        yield config
 
 
 @pytest.fixture
@@ -82,14 +62,8 @@ async def runtime(uml_config: Config, cubevs: CubeVS) -> UmlRuntime:
 def boot(runtime: UmlRuntime, uml_config: Config, default_template: TemplateManifest) -> Boot:
     @asynccontextmanager
     async def booted(slot: int = 0) -> AsyncIterator[tuple[UmlInstance, BootSpec]]:
-        sandbox_id = "cubetest-uml-" + secrets.token_hex(4)
-        spec = BootSpec(
-            sandbox_id=sandbox_id,
-            template=default_template,
-            slot=slot,
-            sandbox_dir=uml_config.sandboxes_dir / sandbox_id,
-            memory_mb=default_template.memory_mb,
-            cpu_count=default_template.cpu_count,
+        spec = BootSpec.for_template(
+            uml_config, default_template, "cubetest-uml-" + secrets.token_hex(4), slot
         )
         async with trio.open_nursery() as nursery:
             instance = await nursery.start(runtime.run, spec)

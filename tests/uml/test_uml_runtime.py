@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 from hostprocs import processes_of_uid
-from umlguest import execute_code
+from umlguests import execute_code
 
 from appliance.config import load_config
 from appliance.cubelet.envd_client import run_command
@@ -118,14 +118,7 @@ async def test_kill_leaves_nothing_behind(boot: Boot, uml_config: Config) -> Non
 async def test_guest_exit_is_reported_and_cleaned_up(
     runtime: UmlRuntime, uml_config: Config, default_template: TemplateManifest
 ) -> None:
-    spec = BootSpec(
-        sandbox_id="cubetest-uml-exit",
-        template=default_template,
-        slot=3,
-        sandbox_dir=uml_config.sandboxes_dir / "cubetest-uml-exit",
-        memory_mb=default_template.memory_mb,
-        cpu_count=1,
-    )
+    spec = BootSpec.for_template(uml_config, default_template, "cubetest-uml-exit", 3, cpu_count=1)
     errors: list[GuestExited] = []
 
     async def run_recording(*, task_status: trio.TaskStatus[object]) -> None:
@@ -184,14 +177,7 @@ async def test_boot_limits_from_config_reach_the_runtime(
     real boot as stalled before the guest can write anything, and it is torn down like any other."""
     config = dataclasses.replace(uml_config, **{limit: 0})
     runtime = UmlRuntime(config, cubevs)
-    spec = BootSpec(
-        sandbox_id="cubetest-uml-limit",
-        template=default_template,
-        slot=4,
-        sandbox_dir=config.sandboxes_dir / "cubetest-uml-limit",
-        memory_mb=default_template.memory_mb,
-        cpu_count=1,
-    )
+    spec = BootSpec.for_template(config, default_template, "cubetest-uml-limit", 4, cpu_count=1)
     with trio.fail_after(60), pytest.raises(BootStalled, match="wrote nothing within 0 s"):
         await runtime.run(spec)  # would run the guest until cancelled, had it booted
     assert leftovers(config, spec) == []
