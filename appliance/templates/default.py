@@ -16,7 +16,6 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import trio
 
 import appliance
 from appliance.config import IMAGE_DIR, Config
+from appliance.progress import Progress, shown
 from appliance.templates import guest_setup
 from appliance.templates.catalog import BUILDING_MARKER, load_aliases, publish_template
 from appliance.templates.ext4 import build_ext4
@@ -50,7 +50,6 @@ USER_UID = 1000
 # sandboxes behind the same egress need them for pip, npm and curl to work.
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 
-Progress = Callable[[str, float | None], None]
 
 # Run inside the new root by mmdebstrap (`$1` is the root). Part of the recipe hash.
 CUSTOMIZE_HOOKS = (
@@ -239,17 +238,6 @@ def _publish_aliases(config: Config, manifest: TemplateManifest) -> None:
 @click.pass_obj
 def build_default(config: Config) -> None:
     """Build the default template `code-interpreter` (cached by recipe and agent hash)."""
-    with click.progressbar(length=100, label="code-interpreter", show_eta=False) as bar:
-        phase = {"name": ""}
-
-        def show(name: str, fraction: float | None) -> None:
-            if name != phase["name"]:
-                bar.label = f"code-interpreter: {name}"
-                phase["name"] = name
-            if fraction is not None:
-                bar.update(int(fraction * 100) - bar.pos)
-            else:
-                bar.render_progress()
-
-        manifest = trio.run(build_default_template, config, show)
+    with shown(TEMPLATE_ID) as progress:
+        manifest = trio.run(build_default_template, config, progress)
     click.echo(f"template {manifest.template_id} ready: {manifest.rootfs}")

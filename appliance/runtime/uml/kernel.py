@@ -24,14 +24,13 @@ import click
 import trio
 
 from appliance.config import IMAGE_DIR, Config
+from appliance.progress import Progress, shown
 
 FRAGMENT = IMAGE_DIR / "uml" / "sandbox.config"
 SOURCE_DIR = Path("/usr/src")
 # Objects a `make ARCH=um linux` with our config compiles; only used to turn the
 # count of "CC"/"AS"/"LD" lines into a fraction, so being off just skews the bar.
 EXPECTED_BUILD_STEPS = 1300
-
-Progress = Callable[[str, float | None], None]
 
 
 @dataclass(frozen=True)
@@ -177,28 +176,10 @@ async def build_kernel(
     return target
 
 
-def _click_progress() -> Progress:
-    """A terminal progress line for `cube image build-uml-kernel`."""
-    state = {"phase": ""}
-
-    def show(phase: str, fraction: float | None) -> None:
-        if fraction is None:
-            if phase != state["phase"]:
-                click.echo(f"  {phase}...")
-        else:
-            width = 40
-            filled = int(fraction * width)
-            click.echo(f"\r  {phase} [{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%}", nl=False)
-            if fraction >= 1.0:
-                click.echo()
-        state["phase"] = phase
-
-    return show
-
-
 @click.command("build-uml-kernel")
 @click.pass_obj
 def build_uml_kernel(config: Config) -> None:
     """Build the sandbox UML kernel from linux-source (cached; ~7 min on 2 cores)."""
-    path = trio.run(lambda: build_kernel(config.cache_dir, progress=_click_progress()))
-    click.echo(f"\nUML kernel: {path}")
+    with shown("UML kernel") as progress:
+        path = trio.run(lambda: build_kernel(config.cache_dir, progress=progress))
+    click.echo(f"UML kernel: {path}")
