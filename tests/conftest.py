@@ -60,6 +60,7 @@ class FakeGuestApp:
         self.running.set()
         self.healthy = True
         self.fail_init = False
+        self.answer_delay_s = 0.0  # /health and /init answer this late (a busy or emulated guest)
         self.open_streams = 0  # /stream responses in progress
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -81,6 +82,8 @@ class FakeGuestApp:
                     {"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")}
                 )
         path = scope["path"]
+        if path in ("/health", "/init"):
+            await trio.sleep(self.answer_delay_s)
         if path == "/health":
             await self._reply(send, 204 if self.healthy else 503, b"")
         elif path == "/init":
@@ -179,6 +182,7 @@ class FakeRuntime:
         self.instances: dict[str, FakeInstance] = {}
         self.fail_next_boot = False
         self.fail_init = False  # guests booted from now on answer /init with 500
+        self.answer_delay_s = 0.0  # guests booted from now on answer /health and /init this late
 
     async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> None:
         self.boots += 1
@@ -190,6 +194,7 @@ class FakeRuntime:
         console.write_text(f"booting {spec.sandbox_id}\nslot {spec.slot}\nguest agent ready\n")
         app = FakeGuestApp()
         app.fail_init = self.fail_init
+        app.answer_delay_s = self.answer_delay_s
         hconfig = HypercornConfig()
         hconfig.bind = ["127.0.0.1:0"]
         hconfig.accesslog = None

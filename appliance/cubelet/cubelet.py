@@ -51,9 +51,9 @@ log = logging.getLogger(__name__)
 ENVD_VERSION = "0.6.4"
 POOLED = "pooled"
 HEALTH_INTERVAL_S = 5.0
-HEALTH_TIMEOUT_S = 2.0
+# A health probe's share of config.guest_agent_timeout_s (10 s by default: 2 s per probe).
+HEALTH_TIMEOUT_SHARE = 0.2
 HEALTH_FAILURES_BEFORE_KILL = 3
-INIT_TIMEOUT_S = 10.0
 POOL_RETRY_DELAY_S = 5.0
 # Refills start only once no warm claim has ended for this long: the answers of a burst of
 # creates go out first (a refill's network set-up and boot compete with them for the cores).
@@ -160,7 +160,7 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-def _envd_client(instance: Instance) -> httpx.AsyncClient:
+def _envd_client(instance: Instance, timeout: float) -> httpx.AsyncClient:
     """The host's client for one guest's envd (/init, /health, /metrics). Its own connection
     pool: the connection the health probes keep open is the one a claim's /init reuses (a new
     one costs the guest's vCPU ~4 ms under UML), and closing it with the guest leaves no idle
@@ -168,7 +168,7 @@ def _envd_client(instance: Instance) -> httpx.AsyncClient:
     host, port = instance.endpoint(ENVD_PORT)
     return httpx.AsyncClient(
         base_url=f"http://{host}:{port}",
-        timeout=httpx.Timeout(INIT_TIMEOUT_S),
+        timeout=httpx.Timeout(timeout),
         limits=httpx.Limits(keepalive_expiry=None),  # envd never closes an idle connection
         trust_env=False,
         verify=False,  # plain HTTP: the default TLS context would load the CA bundle, ~0.1 s per guest
@@ -540,7 +540,7 @@ class Cubelet:
                 try:
                     async with trio.open_nursery() as nursery:
                         live.instance = await nursery.start(self._guest, live)
-                        live.envd = _envd_client(live.instance)
+                        live.envd = _envd_client(live.instance, self.config.guest_agent_timeout_s)
                         task_status.started(live)
                         await self._watch_deadline(live)
                 except Exception as exc:
@@ -836,7 +836,11 @@ class Cubelet:
     async def _probe(self, live: LiveSandbox) -> None:
         assert live.envd is not None
         try:
-            response = await live.envd.get("/health", headers=live.envd_headers(), timeout=HEALTH_TIMEOUT_S)
+            response = await live.envd.get(
+                "/health",
+                headers=live.envd_headers(),
+                timeout=self.config.guest_agent_timeout_s * HEALTH_TIMEOUT_SHARE,
+            )
             healthy = response.status_code < 300
         except httpx.HTTPError:
             healthy = False

@@ -99,6 +99,26 @@ async def test_unhealthy_guest_is_killed(
         assert stored is not None and stored.end_reason == "guest agent unresponsive"
 
 
+async def test_slow_agent_is_given_the_configured_time(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """guest_agent_timeout_s bounds /init and (a fifth of it) each health probe: agents answering
+    in 0.5 s are fine with 5 s (1 s per probe) and count as hung with 1 s (0.2 s per probe)."""
+    monkeypatch.setattr(cubelet_module, "HEALTH_INTERVAL_S", 0.05)
+    fake_runtime.answer_delay_s = 0.5
+    patient = dataclasses.replace(service_config, guest_agent_timeout_s=5)
+    async with running_cubelet(patient, fake_runtime) as cubelet:
+        record = await cubelet.create(request_for(cubelet))  # its /init took 0.5 s
+        await trio.sleep(2.0)  # probes answered in 0.5 s all along
+        assert cubelet.live(record.sandbox_id) is not None
+    hasty = dataclasses.replace(service_config, guest_agent_timeout_s=1)
+    async with running_cubelet(hasty, fake_runtime) as cubelet:
+        record = await cubelet.create(request_for(cubelet))  # /init: 0.5 s of 1 s
+        await wait_until(lambda: cubelet.live(record.sandbox_id) is None)
+        stored = cubelet.store.get_sandbox(record.sandbox_id)
+        assert stored is not None and stored.end_reason == "guest agent unresponsive"
+
+
 async def test_warm_pool_claim_inits_guest_and_tops_up(
     service_config: Config, fake_runtime: FakeRuntime
 ) -> None:

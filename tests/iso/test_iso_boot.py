@@ -36,10 +36,13 @@ SANDBOX_TIMEOUT_S = 60 * 60
 POWEROFF_TIMEOUT_S = 10 * 60
 BUILD_TIMEOUT_S = 60 * 60
 MEMORY_MB = 4096
+# An emulated guest's agent answered /health in 4-37 s under load, and a create's /init
+# timed out at the default 10 s even on an idle host.
+GUEST_AGENT_TIMEOUT_S = 600
 # First-boot configuration handed to the VM over fw_cfg: no warm pool, so the
 # emulated CPU boots only the sandbox the test asks for; UML boot limits raised
 # from the defaults (20 s to first output, 60 s to ready) to what a UML guest
-# needs inside a software-emulated VM.
+# needs inside a software-emulated VM, and so is the time its agent may take to answer.
 SEED_CONFIG = f"""\
 api_host = "0.0.0.0"
 api_port = 3000
@@ -48,6 +51,7 @@ default_template = "code-interpreter"
 pool_size = 0
 uml_first_output_timeout_s = {SANDBOX_TIMEOUT_S}
 uml_boot_timeout_s = {SANDBOX_TIMEOUT_S}
+guest_agent_timeout_s = {GUEST_AGENT_TIMEOUT_S}
 """
 KEY_RE = re.compile(r"^API key:\s+(\S+)\s*$", re.MULTILINE)
 ADDRESS_RE = re.compile(r"^Address:\s+(\S+)\s*$", re.MULTILINE)
@@ -307,5 +311,17 @@ def test_iso_runs_a_sandbox_through_the_sdk(vm: Vm, monkeypatch: pytest.MonkeyPa
         assert execution.logs.stdout == ["42\n"]
         result = sandbox.commands.run("uname -sr", timeout=SANDBOX_TIMEOUT_S)
         assert result.exit_code == 0 and result.stdout.startswith("Linux ")
+        # A file written through the SDK is what the code in the sandbox reads.
+        sandbox.files.write(
+            "/home/user/from-host.txt", "written from the host\n", request_timeout=SANDBOX_TIMEOUT_S
+        )
+        read = sandbox.run_code(
+            "print(open('/home/user/from-host.txt').read().upper(), end='')",
+            timeout=SANDBOX_TIMEOUT_S,
+            request_timeout=SANDBOX_TIMEOUT_S,
+        )
+        assert read.logs.stdout == ["WRITTEN FROM THE HOST\n"], read
     finally:
         sandbox.kill()
+    listed = httpx.get(f"{vm.url}/sandboxes", headers={"X-API-KEY": key}, timeout=60)
+    assert listed.status_code == 200 and listed.json() == [], listed.text
