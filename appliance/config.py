@@ -46,9 +46,9 @@ class Config:
     # on a software-emulated host (qemu TCG), where a guest boots in minutes.
     uml_first_output_timeout_s: int = 20  # nothing on the console by then: a hung launch
     uml_boot_timeout_s: int = 60  # launch to the guest agent answering
-    # The longest a running guest's agent may take to answer: a create's /init, and (a fifth of
-    # it) each health probe; three probes in a row unanswered and the guest counts as hung.
-    # Raise it with the boot limits on a software-emulated host.
+    # The longest a guest's agent may take to answer: a create's /init; a health probe gets a
+    # fifth of it (three in a row unanswered: the guest counts as hung), a readiness probe while
+    # it boots a tenth. Raise it with the boot limits on a software-emulated host.
     guest_agent_timeout_s: int = 10
 
     # Network (CubeVS).

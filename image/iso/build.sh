@@ -107,7 +107,8 @@ mounts=()
 app="$work/upper"
 rm -rf "$app/tmp" "$app/root/.cache" "$app/var/cache/ldconfig"
 mkdir -p "$app/opt/cube/image" "$app/usr/local/bin" "$app/var/cache/cube/kernels/$(basename "$(dirname "$kernel")")"
-cp "$kernel" "$app/var/cache/cube/kernels/$(basename "$(dirname "$kernel")")/linux"
+# With its .config: the runtime reads it to know the kernel has the balloon driver (uml/balloon.py).
+cp "$kernel" "$(dirname "$kernel")/config" "$app/var/cache/cube/kernels/$(basename "$(dirname "$kernel")")/"
 cp -r "$src/image/rootfs" "$src/image/uml" "$app/opt/cube/image/"
 ln -sfn /opt/cube/venv/bin/cube "$app/usr/local/bin/cube"
 cp -a "$here/overlay/." "$app/"

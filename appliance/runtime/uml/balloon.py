@@ -19,6 +19,7 @@ the guest only loses its reporting.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -36,6 +37,7 @@ BALLOON_SOCKET = "balloon"  # in the vm directory; shorter than the mconsole cli
 BALLOON_OPTION = "CONFIG_VIRTIO_BALLOON=y"
 
 
+@functools.cache  # asked at every boot; a kernel path's content never changes (keyed by config hash)
 def kernel_has_balloon(kernel: Path) -> bool:
     """Built kernels keep their .config beside them (`config`); Debian's linux.uml has the
     driver only as a module, which sandboxes cannot load."""
