@@ -31,6 +31,17 @@ def test_envs_cwd_and_home(sandbox, agent) -> None:
     assert result.stdout.splitlines() == ["hi there", str(agent.scratch / "work"), str(agent.home)]
 
 
+def test_command_env_vars_stay_with_their_command(sandbox) -> None:
+    assert sandbox.commands.run('echo "$SCOPED"', envs={"SCOPED": "secret"}).stdout == "secret\n"
+    background = sandbox.commands.run('sleep 0.2; echo "$SCOPED"', envs={"SCOPED": "bg"}, background=True)
+    assert sandbox.commands.run('echo "[$SCOPED]"').stdout == "[]\n"
+    assert (
+        sandbox.commands.run("python3 -c \"import os; print(os.environ.get('SCOPED'))\"").stdout == "None\n"
+    )
+    assert background.wait().stdout == "bg\n"
+    assert sandbox.commands.run('echo "[$SCOPED]"').stdout == "[]\n"
+
+
 def test_default_cwd_is_the_users_home(sandbox, agent) -> None:
     assert sandbox.commands.run("pwd").stdout.strip() == str(agent.home)
 
