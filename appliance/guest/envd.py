@@ -137,8 +137,12 @@ class EnvdApp:
         if not signature:
             raise HttpError(401, "missing signature query parameter")
         expiration = request.query_value("signature_expiration")
-        if expiration is not None and not expiration.lstrip("-").isdigit():
-            raise HttpError(400, "signature_expiration must be an integer (unix seconds)")
+        expires_at = None
+        if expiration is not None:
+            try:
+                expires_at = int(expiration)
+            except ValueError:
+                raise HttpError(400, "signature_expiration must be an integer (unix seconds)") from None
         expected = file_signature(
             request.query_value("path") or "",
             "read" if request.method == "GET" else "write",
@@ -148,7 +152,7 @@ class EnvdApp:
         )
         if not same_secret(signature, expected):
             raise HttpError(401, "invalid signature")
-        if expiration is not None and int(expiration) < time.time():
+        if expires_at is not None and expires_at < time.time():
             raise HttpError(401, "signature is already expired")
 
     async def _init(self, request: Request, response: Response) -> None:

@@ -90,5 +90,9 @@ def test_expired_tampered_or_unsigned_urls_are_refused(secure_sandbox, agent) ->
     extended = valid.replace(f"signature_expiration={stamp}", f"signature_expiration={int(stamp) + 3600}")
     refused = httpx.get(extended)
     assert (refused.status_code, refused.json()["message"]) == (401, "invalid signature")
+    malformed = httpx.get(
+        extended.replace(f"signature_expiration={int(stamp) + 3600}", "signature_expiration=--5")
+    )
+    assert malformed.status_code == 400
     unsigned = httpx.get(f"{agent.envd_url}/files", params={"path": path})
     assert (unsigned.status_code, unsigned.json()["message"]) == (401, "missing signature query parameter")
