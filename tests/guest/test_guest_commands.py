@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -61,14 +62,16 @@ def test_background_command_wait_and_list(sandbox) -> None:
 
 
 def test_kill_background_command_and_its_children(sandbox) -> None:
-    handle = sandbox.commands.run("sleep 100 & sleep 100; wait", background=True)
+    # A duration no other test on this (shared) host runs: pgrep sees every process here.
+    duration = f"100.{random.randrange(10**9)}"
+    handle = sandbox.commands.run(f"sleep {duration} & sleep {duration}; wait", background=True)
     time.sleep(0.2)
     assert handle.kill() is True
     with pytest.raises(CommandExitException) as caught:
         handle.wait()
     assert caught.value.exit_code == -1 and "killed" in caught.value.error
-    # the whole process group went: no `sleep 100` is left behind
-    survivors = sandbox.commands.run("pgrep -f '^sleep 100$' || true").stdout
+    # the whole process group went: no `sleep` of it is left behind
+    survivors = sandbox.commands.run(f"pgrep -f '^sleep {duration}$' || true").stdout
     assert survivors == ""
 
 
