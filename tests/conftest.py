@@ -62,6 +62,7 @@ class FakeGuestApp:
         self.fail_init = False
         self.answer_delay_s = 0.0  # /health and /init answer this late (a busy or emulated guest)
         self.open_streams = 0  # /stream responses in progress
+        self.access_tokens: list[tuple[str, str | None]] = []  # (path, X-Access-Token) of host calls
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -82,6 +83,9 @@ class FakeGuestApp:
                     {"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")}
                 )
         path = scope["path"]
+        if path in ("/health", "/init", "/metrics"):
+            token = dict(scope["headers"]).get(b"x-access-token")
+            self.access_tokens.append((path, token.decode() if token is not None else None))
         if path in ("/health", "/init"):
             await trio.sleep(self.answer_delay_s)
         if path == "/health":
@@ -156,6 +160,7 @@ class FakeInstance:
     app: FakeGuestApp
     paused_count: int = 0
     crash: trio.Event = field(default_factory=trio.Event)
+    agent_token: str = ""
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return ("127.0.0.1", 1 if port == FakeRuntime.CLOSED_PORT else self.port)
@@ -203,7 +208,7 @@ class FakeRuntime:
             async with trio.open_nursery() as nursery:
                 binds = await nursery.start(hypercorn.trio.serve, app, hconfig)
                 port = int(binds[0].rsplit(":", 1)[1])
-                instance = FakeInstance(spec.sandbox_id, console, port, app)
+                instance = FakeInstance(spec.sandbox_id, console, port, app, agent_token=spec.agent_token)
                 self.instances[spec.sandbox_id] = instance
                 task_status.started(instance)
                 await instance.crash.wait()

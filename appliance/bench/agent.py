@@ -91,6 +91,7 @@ def agent(samples: int, json_dir: Path) -> None:
     report.add(metric="start → first /health", **percentiles(start_ups))
     with running_agent(echo_stderr=False) as started:
         started.wait_for_line(READY_LINE)
+        started.claim()  # /init with its boot token and no access token: open to the debug-mode SDK
         home = started.home
         sandbox = Sandbox.create()
         for metric, call in (

@@ -133,11 +133,17 @@ class LiveSandbox:
     ended: bool = False
     gone: trio.Event = field(default_factory=trio.Event)
 
+    # Set once the guest accepted `/init`: its agent then takes the sandbox's token, not its boot token.
+    initialized: bool = False
+
     def envd_headers(self) -> dict[str, str]:
-        """Auth for the host's own envd calls: once `/init` set a token, envd checks it on every call."""
-        if self.record is None or not self.record.envd_access_token:
+        """Auth for the host's own envd calls (/init included): the guest's boot token until `/init`
+        succeeded, the sandbox's access token after (appliance/guest/state.py)."""
+        if self.initialized and self.record is not None:
+            return {"X-Access-Token": self.record.envd_access_token}
+        if self.instance is None:
             return {}
-        return {"X-Access-Token": self.record.envd_access_token}
+        return {"X-Access-Token": self.instance.agent_token}
 
     def set_deadline(self, deadline: float) -> None:
         self.deadline = deadline
@@ -693,11 +699,12 @@ class Cubelet:
             "defaultWorkdir": request.template.workdir,
         }
         try:
-            response = await live.envd.post("/init", json=body)
+            response = await live.envd.post("/init", json=body, headers=live.envd_headers())
         except httpx.HTTPError as exc:
             raise SandboxStartFailed(f"guest agent /init failed: {exc!r}") from exc
         if response.status_code >= 300:
             raise SandboxStartFailed(f"guest agent /init answered {response.status_code}")
+        live.initialized = True
 
     async def _envd_metrics(self, live: LiveSandbox) -> dict[str, object]:
         assert live.envd is not None

@@ -91,10 +91,14 @@ async def start_process(
     return exit_code
 
 
-async def run_command(host: str, command: str, user: str = "user", timeout: float = 60.0) -> CommandResult:
-    """`/bin/sh -c command` as `user` in the guest whose envd is at `host`; waits for it to end."""
+async def run_command(
+    host: str, command: str, user: str = "user", timeout: float = 60.0, token: str | None = None
+) -> CommandResult:
+    """`/bin/sh -c command` as `user` in the guest whose envd is at `host`; waits for it to end.
+    `token`: the agent's boot token before /init, the sandbox's after (none: an open agent)."""
     out, err = bytearray(), bytearray()
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+    headers = {"X-Access-Token": token} if token is not None else {}
+    async with httpx.AsyncClient(headers=headers, timeout=timeout, trust_env=False) as http:
         code = await start_process(
             http,
             f"http://{host}:{ENVD_PORT}",

@@ -113,7 +113,10 @@ class CubeletTemplateSandboxes:
                 host, port = instance.endpoint(ENVD_PORT)
                 base = f"http://{host}:{port}"
                 excluded = [AGENT_DIR]
-                async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None), trust_env=False) as http:
+                # Never claimed (/init): the guest's agent takes its boot token for the guest's whole life.
+                headers = {"X-Access-Token": instance.agent_token}
+                timeout = httpx.Timeout(30.0, read=None)
+                async with httpx.AsyncClient(headers=headers, timeout=timeout, trust_env=False) as http:
                     await self._checked(http, base, ["snapshot", _STATE_FILE, *excluded])
                     await self._user_command(http, base, rootfs, command)
                     layer = work / "changes.tar"

@@ -133,9 +133,9 @@ class Interpreter:
                 await response.send_json(200, {"status": "ok"})
             else:
                 await response.send_json(503, {"status": "starting"})
+        elif not self._state.interpreter_accepted(request.headers):  # every other route (state.py)
+            raise InterpreterError(401, "invalid or missing access token")
         elif path == "/execute" and method == "POST":
-            if not self._state.token_accepted(request.headers):
-                raise InterpreterError(401, "invalid access token")
             await self._execute(await _json_body(request), response)
         elif path == "/contexts" and method == "POST":
             body = await _json_body(request)

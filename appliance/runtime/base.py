@@ -11,6 +11,7 @@ guest exits on its own, raising `GuestExited` with the reason.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -77,6 +78,10 @@ class BootSpec:
     # The writable disk layer to continue from instead of a fresh one: a sandbox carried
     # over a service restart onto new code (`cube upgrade`, appliance/master/carryover.py).
     disk: Path | None = None
+    # A secret of this boot, on the guest kernel's command line (`cube.agent_token=`): until
+    # /init hands the guest its sandbox's token, its agent accepts calls carrying only this
+    # (appliance/guest/state.py). Never logged.
+    agent_token: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     @classmethod
     def for_template(
@@ -112,6 +117,9 @@ class Instance(Protocol):
 
     sandbox_id: str
     console_log: Path
+    # What the guest's agent accepts until /init: the boot's `BootSpec.agent_token`, or for a
+    # kvm snapshot clone the snapshot's (the same in every clone; it dies at /init).
+    agent_token: str
 
     def endpoint(self, port: int) -> tuple[str, int]:
         """(host, port) on which the host reaches `port` inside the guest."""

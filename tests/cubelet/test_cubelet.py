@@ -133,6 +133,15 @@ async def test_warm_pool_claim_inits_guest_and_tops_up(
         assert len(init) == 1 and init[0]["envVars"] == {"TEMPLATE_VAR": "1", "A": "b"}
         assert init[0]["accessToken"] == record.envd_access_token
         assert init[0]["defaultUser"] == "user"
+        # The pooled guest answered to its boot token until the claim's /init, to the sandbox's after.
+        instance = fake_runtime.instances[record.sandbox_id]
+        calls = instance.app.access_tokens
+        claim = calls.index(("/init", instance.agent_token))
+        assert len(instance.agent_token) == 32 and instance.agent_token != record.envd_access_token
+        assert {token for _path, token in calls[:claim]} == {instance.agent_token}
+        await cubelet.metrics(record.sandbox_id)
+        after = {token for _path, token in calls[claim + 1 :]}
+        assert after == {record.envd_access_token}
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
         assert fake_runtime.boots == 2
         # Pooled guests are not sandboxes: invisible to lookups and the store.

@@ -145,7 +145,9 @@ async def _init(instance: KvmInstance, template: TemplateManifest, env: dict[str
         "defaultWorkdir": template.workdir,
     }
     async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
-        response = await http.post(f"http://{host}:{port}/init", json=body)
+        # The clone's boot token is the snapshot's; no accessToken: its agent stays open to _run.
+        headers = {"X-Access-Token": instance.agent_token}
+        response = await http.post(f"http://{host}:{port}/init", json=body, headers=headers)
     assert response.status_code == 204, response.text
 
 

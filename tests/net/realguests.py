@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+import umlguests
 from hostprocs import processes_of_uid
 from networld import dns_upstream_server
 
@@ -280,6 +281,7 @@ class RealGuests:
                     )
                     instance = await nursery.start(runtime.run, spec)
                     assert isinstance(instance, UmlInstance)
+                    await umlguests.claim(instance)  # opens its agent to run_command
                     self.guests[name] = Booted(name, spec, instance, self.addressing.plan(sandbox_id, slot))
                 self._ready.set()
                 await self._stop.wait()

@@ -21,6 +21,7 @@ class LoopbackGuest:
     def __init__(self, port: int, console_log: Path) -> None:
         self.sandbox_id = "template-probe"
         self.console_log = console_log
+        self.agent_token = "loopback-boot-token"
         self.port = port
 
     def endpoint(self, port: int) -> tuple[str, int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from umlguests import default_template, private_config
+from umlguests import claim, default_template, private_config
 
 from appliance.config import Config
 from appliance.cubelet.envd_client import run_command
@@ -194,6 +194,7 @@ async def test_sandbox_gives_freed_memory_back(
     async with trio.open_nursery() as nursery:
         instance = await nursery.start(runtime.run, spec)
         assert isinstance(instance, UmlInstance)
+        await claim(instance)  # opens its agent to run_command
         host = instance.host_ip
 
         filled = await run_command(host, f"dd if=/dev/zero of=/dev/shm/big bs=1M count={FILLED_MIB}")

@@ -26,13 +26,14 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from appliance.config import Config
+from appliance.guest.options import BOOT_TOKEN_PARAMETER
 from appliance.net.netns import entered
 from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance, read_console_tail
@@ -78,6 +79,8 @@ TEMPLATE_SNAPSHOT_DIR = "kvm-snapshot"  # in the template's directory: state.jso
 # In the sandbox's directory while it is paused: the pause's diff snapshot (a `run` of a
 # sandbox that has one, e.g. after the service restarted, resumes from it).
 PAUSED_SNAPSHOT_DIR = "kvm-paused"
+# Beside a template snapshot: the boot token its guest's agent holds, and so every clone's.
+AGENT_TOKEN_FILE = "agent-token"
 
 
 def find_guest_kernel(config: Config) -> Path | None:
@@ -119,6 +122,24 @@ def wire_device_slots(machine: Machine) -> None:
         machine.notify_eventfds(base + QUEUE_NOTIFY, len(device_class.queue_max_sizes))
 
 
+def _save_agent_token(directory: Path, token: str) -> None:
+    path = directory / AGENT_TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+
+
+def _snapshot_agent_token(directory: Path) -> str:
+    """The boot token a snapshot's agent holds. The clones of one template snapshot all hold it
+    (it is in their memory and on their /proc/cmdline): safe only because /init kills it, and
+    the cubelet sends /init before anything else. "" if unknown (a paused sandbox's diff: its
+    agent was initialized already; a snapshot taken before agents had boot tokens)."""
+    try:
+        return (directory / AGENT_TOKEN_FILE).read_text().strip()
+    except OSError:
+        return ""
+
+
 def _copy_sparse(source: Path, target: Path) -> None:
     """Copy keeping holes (and sharing blocks where the filesystem can reflink)."""
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)], check=True)
@@ -131,6 +152,7 @@ class KvmInstance:
     host_ip: str
     machine: Machine
     disk_overlay: Path
+    agent_token: str = field(default="", repr=False)  # see Instance.agent_token
     _run_scope: trio.CancelScope | None = None
     _resumed: trio.Event | None = None
     _paused: trio.Event | None = None
@@ -184,6 +206,7 @@ class KvmInstance:
         try:
             await trio.to_thread.run_sync(self.machine.snapshot, directory)  # flushes the disk
             await trio.to_thread.run_sync(_copy_sparse, self.disk_overlay, directory / OVERLAY_NAME)
+            _save_agent_token(directory, self.agent_token)
         finally:
             self._continue_vcpus()
 
@@ -318,13 +341,18 @@ class KvmRuntime:
             if not from_snapshot:
                 # The default template's init reads cube_* words (the kernel hands them to it
                 # as environment); a template snapshot keeps what its boot got.
-                identity = [f"cube_hostname={GUEST_HOSTNAME}", f"cube_resolver={net.resolver_ip}"]
+                identity = [
+                    f"cube_hostname={GUEST_HOSTNAME}",
+                    f"cube_resolver={net.resolver_ip}",
+                    f"{BOOT_TOKEN_PARAMETER}={spec.agent_token}",
+                ]
                 cmdline = " ".join(
                     [KERNEL_CMDLINE, *identity, *(cmdline_device(t.base, t.irq) for t in transports)]
                 )
                 entry = await trio.to_thread.run_sync(load_linux, machine.memory, kernel, cmdline)
                 prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry, spec.cpu_count)
-            instance = KvmInstance(spec.sandbox_id, console_log, net.host_ip, machine, overlay)
+            agent_token = _snapshot_agent_token(snapshot_dir) if from_snapshot else spec.agent_token
+            instance = KvmInstance(spec.sandbox_id, console_log, net.host_ip, machine, overlay, agent_token)
             exited: list[VcpuExit] = []
             async with trio.open_nursery() as nursery:
                 if pool is not None:

@@ -26,8 +26,10 @@ import functools
 import re
 import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from appliance.guest.options import BOOT_TOKEN_PARAMETER
 
 # Paths inside the confined root.
 KERNEL_INSIDE = "/cube/linux"
@@ -58,6 +60,7 @@ class LaunchPlan:
     hostname: str = "sandbox"
     # `virtio_uml.device=<socket>:5` of the sandbox's balloon (uml/balloon.py), if it has one.
     balloon_argument: str | None = None
+    agent_token: str = field(default="", repr=False)  # BootSpec.agent_token
 
     @property
     def cow_file(self) -> Path:
@@ -120,6 +123,10 @@ def kernel_command_line(plan: LaunchPlan) -> list[str]:
         f"cube_resolver={plan.resolver_ip}",
         f"cube_netdev={GUEST_NETDEV}",
         *([plan.balloon_argument] if plan.balloon_argument else []),
+        # The agent's boot token: a dotted word never reaches init's environment; with `quiet`
+        # the kernel does not print its command line to the console log (which users read).
+        # The UML process's argv is readable by the host's local users (docs/SECURITY.md).
+        f"{BOOT_TOKEN_PARAMETER}={plan.agent_token}",
     ]
 
 

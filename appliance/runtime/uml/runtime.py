@@ -133,6 +133,7 @@ class UmlRuntime:
                 seccomp_fd=seccomp_fd,
                 resolver_ip=net.resolver_ip,
                 balloon_argument=balloon.kernel_argument(),
+                agent_token=spec.agent_token,
             )
             try:
                 check_paths(plan)
@@ -193,6 +194,7 @@ class UmlRuntime:
                         instance = UmlInstance(
                             sandbox_id=spec.sandbox_id,
                             console_log=console.path,
+                            agent_token=spec.agent_token,
                             host_ip=net.host_ip,
                             mconsole=Mconsole(plan.mconsole_socket, vm_dir, uid),
                             cgroup=cgroup,
