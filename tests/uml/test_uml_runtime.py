@@ -133,7 +133,9 @@ async def test_guest_exit_is_reported_and_cleaned_up(
             host, _ = instance.endpoint(ENVD_PORT)  # type: ignore[attr-defined]
             # The init powers the guest off when its agent dies.
             try:
-                await run_command(host, "kill -9 $(pgrep -x cube-agent)", user="root", timeout=5)
+                await run_command(
+                    host, "kill -9 $(pgrep -x cube-agent)", user="root", timeout=5, token=spec.agent_token
+                )
             except httpx.HTTPError:
                 pass  # the agent died mid-answer
     assert len(errors) == 1 and "powering off" in errors[0].console_tail, errors
