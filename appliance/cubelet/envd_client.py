@@ -63,7 +63,7 @@ class GuestAgent:
             trust_env=False,
             verify=False,  # plain HTTP: the default TLS context would load the CA bundle, ~0.1 s per guest
         )
-        # Set by `init`: from then on envd checks it on every call.
+        # The sandbox's access token, once `/init` handed it over: envd then checks it on every call.
         self.access_token: str | None = None
 
     @property
@@ -78,7 +78,6 @@ class GuestAgent:
         self, *, access_token: str, env_vars: dict[str, str], user: str, workdir: str, timestamp: str
     ) -> None:
         """Hand the guest its user's settings (envd's `/init`); raises EnvdError if it refuses."""
-        self.access_token = access_token  # health probes racing this call must already send it
         body = {
             "envVars": env_vars,
             "accessToken": access_token,
@@ -94,6 +93,7 @@ class GuestAgent:
             raise EnvdError(f"guest agent /init failed: {exc!r}") from exc
         if response.status_code >= 300:
             raise EnvdError(f"guest agent /init answered {response.status_code}")
+        self.access_token = access_token
 
     async def healthy(self, timeout: float) -> bool:
         try:
