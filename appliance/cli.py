@@ -30,6 +30,7 @@ from appliance.bench.floor import floor_command
 from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
 from appliance.config import load_config
+from appliance.errors import first_leaf
 from appliance.master.upgrade import upgrade_command
 from appliance.runtime.uml.kernel import build_uml_kernel
 from appliance.templates.cli import BUILD_COMMANDS
@@ -98,10 +99,7 @@ def serve(config: Any) -> None:
         matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew))
         if matching is None:
             raise
-        cause: BaseException = matching
-        while isinstance(cause, BaseExceptionGroup):
-            cause = cause.exceptions[0]
-        raise click.ClickException(str(cause)) from group
+        raise click.ClickException(str(first_leaf(matching))) from group
 
 
 @main.command()

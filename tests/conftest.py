@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import hypercorn.trio
@@ -175,11 +175,18 @@ class FakeInstance:
     def memory_usage_bytes(self) -> int:
         return FAKE_MEMORY_BYTES
 
+    async def wait_fully_ready(self) -> None:
+        """At once: a fake guest is fully ready when it is handed out."""
+
+    def fully_ready(self) -> bool:
+        return True
+
 
 class FakeRuntime:
     """A `Runtime` whose guests are FakeGuestApp servers on 127.0.0.1 (one per sandbox)."""
 
     name = "fake"
+    snapshots_templates = False
     CLOSED_PORT = 9  # a guest port the fake never serves: the proxy must say "port is not open"
 
     def __init__(self) -> None:
@@ -189,7 +196,13 @@ class FakeRuntime:
         self.fail_init = False  # guests booted from now on answer /init with 500
         self.answer_delay_s = 0.0  # guests booted from now on answer /health and /init this late
 
-    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> None:
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """Nothing to keep: fake guests start fast anyway."""
+
+    def close(self) -> None:
+        """Nothing is kept between sandboxes."""
+
+    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> NoReturn:
         self.boots += 1
         if self.fail_next_boot:
             self.fail_next_boot = False

@@ -12,11 +12,22 @@ import importlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import Config
 from appliance.cubelet.cubelet import NetworkPolicyService
-from appliance.runtime.base import Runtime
+from appliance.runtime.base import Instance, Runtime
+
+if TYPE_CHECKING:
+    from appliance.runtime.kvm.runtime import KvmInstance, KvmRuntime
+    from appliance.runtime.uml.instance import UmlInstance
+    from appliance.runtime.uml.runtime import UmlRuntime
+
+    def _satisfy_the_protocols(
+        uml: UmlRuntime, kvm: KvmRuntime, uml_guest: UmlInstance, kvm_guest: KvmInstance
+    ) -> tuple[Runtime, Runtime, Instance, Instance]:
+        """Never called: mypy checks here that both runtimes offer all the cubelet calls."""
+        return uml, kvm, uml_guest, kvm_guest
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -89,5 +100,4 @@ async def open_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
         try:
             yield RuntimeBundle(runtime=runtime, network=CubeVSPolicies(cubevs, policy_class))
         finally:
-            if hasattr(runtime, "close"):
-                runtime.close()  # the kvm runtime's pooled VM shells
+            runtime.close()  # e.g. the kvm runtime's pooled VM shells

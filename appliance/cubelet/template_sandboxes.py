@@ -2,9 +2,10 @@
 
 - `boot(manifest)`: a temporary guest of this node's runtime from the template's
   rootfs.ext4 (the runtime gives it a throwaway writable layer), killed on exit.
-- `finalize`: kvm snapshots the probed guest into the template directory
-  (SNAPSHOTTING); uml has no snapshot, its fast start is the warm pool, which the
-  cubelet fills once the template is published (POOLING; `published` wakes it).
+- `finalize`: the runtime's `finalize_template`: kvm snapshots the probed guest into
+  the template directory (SNAPSHOTTING); uml has no snapshot, its fast start is the
+  warm pool, which the cubelet fills once the template is published (POOLING;
+  `published` wakes it).
 - `run_command` (Dockerfile RUN): the step's rootfs directory, with the guest agent
   added to a hardlinked copy, becomes a scratch ext4; a temporary guest boots from
   it; `guest_diff.py` records the filesystem, the command runs through envd's
@@ -29,7 +30,8 @@ import trio
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
 from appliance.cubelet.envd_client import EnvdError, start_process
-from appliance.runtime.base import ENVD_PORT, BootFailed, GuestExited, Instance
+from appliance.errors import first_leaf
+from appliance.runtime.base import ENVD_PORT, BootFailed, GuestFailure, Instance
 from appliance.templates import guest_diff
 from appliance.templates.ext4 import build_ext4
 from appliance.templates.guest_setup import AGENT_DIR, account_name, prepare_rootfs
@@ -45,20 +47,13 @@ RUN_MEMORY_MB = 1024
 OUTPUT_TAIL_LINES = 40
 _STATE_FILE = "/run/cube-run-before.json"  # /run is a tmpfs in the guest: not part of the image
 _DIFF_SOURCE = Path(guest_diff.__file__).read_text()
-_KVM_SNAPSHOT_DIR = "kvm-snapshot"
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _as_boot_failed(exc: SandboxStartFailed) -> BootFailed:
-    cause = _innermost(exc.__cause__) if exc.__cause__ is not None else exc
+    cause = first_leaf(exc.__cause__ or exc)
     if isinstance(cause, BootFailed):
         return cause
-    tail = cause.console_tail if isinstance(cause, GuestExited) else ""
+    tail = cause.console_tail if isinstance(cause, GuestFailure) else ""
     return BootFailed("template-build", str(exc), tail)
 
 
@@ -68,8 +63,7 @@ class CubeletTemplateSandboxes:
     ) -> None:
         self.config = config
         self.cubelet = cubelet
-        self.runtime_name = getattr(cubelet.runtime, "name", "uml")
-        self.finalize_phase = Phase.SNAPSHOTTING if self.runtime_name == "kvm" else Phase.POOLING
+        self.finalize_phase = Phase.SNAPSHOTTING if cubelet.runtime.snapshots_templates else Phase.POOLING
         self._on_published = on_published
 
     # Template builds.
@@ -88,14 +82,7 @@ class CubeletTemplateSandboxes:
                 await guest.__aexit__(None, None, None)
 
     async def finalize(self, manifest: TemplateManifest, instance: Instance) -> None:
-        snapshot = getattr(instance, "snapshot", None)
-        if self.runtime_name == "kvm" and snapshot is not None:
-            try:
-                from appliance.runtime.kvm.runtime import TEMPLATE_SNAPSHOT_DIR
-            except ImportError:
-                TEMPLATE_SNAPSHOT_DIR = _KVM_SNAPSHOT_DIR
-            await snapshot(manifest.directory / TEMPLATE_SNAPSHOT_DIR)
-        # uml: the warm pool is filled by the cubelet once the template is published.
+        await self.cubelet.runtime.finalize_template(manifest, instance)
 
     def published(self, manifest: TemplateManifest) -> None:
         if self._on_published is not None:

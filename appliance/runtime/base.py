@@ -2,11 +2,17 @@
 
 Trio shape: a runtime's `run()` is a task. The cubelet starts it with
 `instance = await sandbox_nursery.start(runtime.run, spec)`; `run()` boots the
-guest, waits until the guest agent answers, hands the `Instance` back through
-`task_status.started()`, then stays running for as long as the guest lives.
-Cancelling the task kills the guest and tears down everything `run()` set up
-(processes, network, files) before it returns. `run()` returns normally when the
-guest exits on its own, raising `GuestExited` with the reason.
+guest, waits until the guest agent answers (`appliance.runtime.readiness`), hands
+the `Instance` back through `task_status.started()`, then stays running for as
+long as the guest lives.
+
+`run()` never returns. It ends in one of three ways, each after tearing down
+everything it set up (processes, network, files):
+- cancelled (that is how the cubelet kills a guest): `trio.Cancelled` goes through;
+- before `started()`, the guest never became ready: `BootFailed` (`BootStalled`
+  when it showed no sign of life at all, which is worth one more try);
+- after `started()`, the guest stopped on its own (crash, panic, poweroff):
+  `GuestExited` with the reason and the console's last words.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import trio
 
@@ -33,24 +39,28 @@ GATEWAY_IP = "169.254.0.1"
 GUEST_PREFIX = 30
 
 
-class GuestExited(Exception):
+class GuestFailure(Exception):
+    """How a runtime's `run()` reports a guest that failed; carries the console tail for the user."""
+
+    what = "failed"
+
+    def __init__(self, sandbox_id: str, reason: str, console_tail: str = "") -> None:
+        super().__init__(f"sandbox {sandbox_id} {self.what}: {reason}")
+        self.sandbox_id = sandbox_id
+        self.reason = reason
+        self.console_tail = console_tail
+
+
+class GuestExited(GuestFailure):
     """The guest stopped without being asked to (crash, panic, poweroff)."""
 
-    def __init__(self, sandbox_id: str, reason: str, console_tail: str = "") -> None:
-        super().__init__(f"sandbox {sandbox_id} exited: {reason}")
-        self.sandbox_id = sandbox_id
-        self.reason = reason
-        self.console_tail = console_tail
+    what = "exited"
 
 
-class BootFailed(Exception):
-    """The guest never became ready; carries the console tail for the user."""
+class BootFailed(GuestFailure):
+    """The guest never became ready."""
 
-    def __init__(self, sandbox_id: str, reason: str, console_tail: str = "") -> None:
-        super().__init__(f"sandbox {sandbox_id} failed to boot: {reason}")
-        self.sandbox_id = sandbox_id
-        self.reason = reason
-        self.console_tail = console_tail
+    what = "failed to boot"
 
 
 class BootStalled(BootFailed):
@@ -135,11 +145,35 @@ class Instance(Protocol):
         """Host memory charged to this guest right now."""
         ...
 
+    async def wait_fully_ready(self) -> None:
+        """Until the guest agent's default Python kernel answers too: an instance is handed out
+        once envd answers, and warm pools wait for this as well. Returns at once for runtimes
+        that hand out instances only when fully ready."""
+        ...
+
+    def fully_ready(self) -> bool:
+        """Whether `wait_fully_ready` would return at once."""
+        ...
+
 
 class Runtime(Protocol):
     name: str
+    # How a template starts fast: True, from the snapshot `finalize_template` takes of the build's
+    # probed guest (kvm); False, from the cubelet's warm pool of booted guests (uml).
+    snapshots_templates: bool
 
-    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> None: ...
+    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> NoReturn:
+        """Boot, hand over the instance, live as long as the guest: see the module's docstring."""
+        ...
+
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """The template build's last step on its probed guest (`instance`, a guest of this runtime):
+        the snapshot into the template's directory, or nothing."""
+        ...
+
+    def close(self) -> None:
+        """Release what the runtime keeps between sandboxes (after the last one is gone)."""
+        ...
 
 
 def read_console_tail(path: Path, max_bytes: int = 4096) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from appliance.config import Config
+from appliance.errors import first_leaf
 from appliance.runtime.base import BootFailed, read_console_tail
 from appliance.templates.build_caches import BuildCaches, max_cache_bytes
 from appliance.templates.catalog import (
@@ -35,7 +36,6 @@ from appliance.templates.jobs import (
     BuildJob,
     JobStore,
     Phase,
-    first_leaf,
     new_job_id,
     utc_now,
 )

@@ -54,13 +54,6 @@ PHASE_PROGRESS = {
 }
 
 
-def first_leaf(error: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups: what a job reports as its reason."""
-    while isinstance(error, BaseExceptionGroup) and error.exceptions:
-        error = error.exceptions[0]
-    return error
-
-
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import trio
 
+from appliance.errors import first_leaf
 from appliance.templates.archives import open_local_source
 from appliance.templates.image_source import ImageSource, ResolvedImage
-from appliance.templates.jobs import PHASE_PROGRESS, BuildJob, JobStore, Phase, first_leaf
+from appliance.templates.jobs import PHASE_PROGRESS, BuildJob, JobStore, Phase
 from appliance.templates.layer_cache import LayerCache
 from appliance.templates.manifests import Descriptor, ManifestError
 from appliance.templates.reference import LocalReference, parse_image_reference

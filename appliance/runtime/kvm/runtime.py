@@ -20,7 +20,6 @@ guest kernel configured (`detect_host` says which, and why not).
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import shutil
@@ -28,7 +27,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -43,6 +42,7 @@ from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.pool import ShellPool
 from appliance.runtime.kvm.snapshot import MEMORY_FILE, STATE_FILE
 from appliance.runtime.kvm.vcpu import VcpuExit
+from appliance.runtime.readiness import ReadinessProbe
 from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.device import VirtioDevice
@@ -53,6 +53,9 @@ from appliance.runtime.virtio.rng.device import VirtioRng
 from appliance.runtime.virtio.vsock.device import VirtioVsock
 from cffi_kvm import Kvm
 
+if TYPE_CHECKING:
+    from appliance.templates.manifest import TemplateManifest
+
 MIB = 1 << 20
 VIRTIO_MMIO_BASE = 0xD000_0000
 VIRTIO_IRQS = (5, 6, 7, 9, 10, 11)  # ISA lines Linux leaves free (4 is the serial port)
@@ -61,6 +64,7 @@ GUEST_CID = 3
 # the template guest's ARP entry for its gateway, which must still be right in its own netns.
 GATEWAY_MAC = bytes.fromhex("06cbe0000001")
 BOOT_TIMEOUT_S = 60
+READY_PROBE_INTERVAL_S = 0.05
 KERNEL_CMDLINE = (
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd "
     "root=/dev/vda rw init=/sbin/cube-init"
@@ -213,6 +217,12 @@ class KvmInstance:
     def memory_usage_bytes(self) -> int:
         return self.machine.memory.resident_bytes()
 
+    async def wait_fully_ready(self) -> None:
+        """At once: a kvm guest is handed out only when its probe port answers."""
+
+    def fully_ready(self) -> bool:
+        return True
+
     async def run_until_exit(self) -> VcpuExit:
         """Run the vCPUs; a pause stops them (nothing runs) until resume."""
         while True:
@@ -228,6 +238,7 @@ class KvmInstance:
 
 class KvmRuntime:
     name = "kvm"
+    snapshots_templates = True
 
     def __init__(self, config: Config, cubevs: Any) -> None:
         self.config = config
@@ -250,9 +261,14 @@ class KvmRuntime:
             pool.close()
         self._pools.clear()
 
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """Snapshot the build's probed guest: every later sandbox of the template is a restore."""
+        assert isinstance(instance, KvmInstance), "a guest of another runtime"
+        await instance.snapshot(template.directory / TEMPLATE_SNAPSHOT_DIR)
+
     async def run(
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    ) -> NoReturn:
         host = detect_host(self.config)
         kernel = find_guest_kernel(self.config)
         if not host.kvm_usable or (host.kvm == "PVM" and host.pvm_guest_kernel is None):
@@ -390,20 +406,13 @@ class KvmRuntime:
         self, spec: BootSpec, instance: KvmInstance, host_ip: str, exited: list[VcpuExit]
     ) -> None:
         port = spec.template.probe_port or ENVD_PORT
+        probe = ReadinessProbe((host_ip, port), None, attempt_timeout_s=BOOT_TIMEOUT_S)
         with trio.move_on_after(BOOT_TIMEOUT_S):
-            while not exited:
-                try:
-                    stream = await trio.open_tcp_stream(host_ip, port)
-                except OSError as e:
-                    if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ETIMEDOUT, None):
-                        raise
-                    await trio.sleep(0.05)
-                    continue
-                await stream.aclose()
+            if await probe.wait(READY_PROBE_INTERVAL_S, gave_up=lambda: bool(exited)):
                 return
         why = (
             f"guest stopped ({exited[0].value})"
             if exited
-            else f"no answer on port {port} in {BOOT_TIMEOUT_S} s"
+            else f"no answer on port {port} in {BOOT_TIMEOUT_S} s ({probe.last_error})"
         )
         raise BootFailed(spec.sandbox_id, why, read_console_tail(instance.console_log))

@@ -61,6 +61,3 @@ class UmlInstance:
             return self.cgroup.memory_usage_bytes()
         except FileNotFoundError:
             return 0
-
-    def console_tail(self, max_bytes: int = 4096) -> str:
-        return self.console.tail(max_bytes)

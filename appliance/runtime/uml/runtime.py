@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
@@ -27,6 +27,7 @@ from appliance.config import Config
 from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, BootStalled, GuestExited, Instance
 from appliance.runtime.detect import DEBIAN_UML, find_uml_kernel
+from appliance.runtime.readiness import ReadinessProbe
 from appliance.runtime.uml.balloon import SandboxBalloon
 from appliance.runtime.uml.cgroups import SandboxCgroup, create_cgroup, sweep_empty_leaves
 from appliance.runtime.uml.command import LaunchPlan, check_paths, launcher_argv, launcher_environment
@@ -38,6 +39,7 @@ from appliance.runtime.uml.seccomp import compile_filter, filter_fd
 
 if TYPE_CHECKING:
     from appliance.net.service import CubeVS, SandboxNetwork
+    from appliance.templates.manifest import TemplateManifest
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ STAGE_DIR = "stage"
 
 class UmlRuntime:
     name = "uml"
+    snapshots_templates = False  # a template's fast start is the cubelet's warm pool
 
     def __init__(self, config: Config, cubevs: CubeVS) -> None:
         kernel = find_uml_kernel(config)
@@ -84,9 +87,15 @@ class UmlRuntime:
         if swept := sweep_empty_leaves():
             log.info("uml runtime: removed %d stale cgroup leaves: %s", len(swept), ", ".join(swept))
 
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """Nothing to keep of the build's guest: the warm pool boots fresh ones."""
+
+    def close(self) -> None:
+        """Nothing is kept between sandboxes."""
+
     async def run(
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    ) -> NoReturn:
         uid = self.config.uid_base + spec.slot
         policy = NetworkPolicy.from_e2b(spec.network_policy)
         async with self._cubevs.sandbox_network(spec.sandbox_id, spec.slot, uid, policy) as net:
@@ -116,7 +125,7 @@ class UmlRuntime:
         uid: int,
         task_status: trio.TaskStatus[Instance],
         balloon: SandboxBalloon,
-    ) -> None:
+    ) -> NoReturn:
         vm_dir = spec.sandbox_dir / VM_DIR
         seccomp_fd = filter_fd(self._seccomp)
         try:
@@ -172,7 +181,8 @@ class UmlRuntime:
                         await _first_of(console.ready, exited)
                         if not exited.is_set():
                             probe_timeout = self.config.guest_agent_timeout_s * PROBE_TIMEOUT_SHARE
-                            await _wait_healthy(net.host_ip, ENVD_PORT, exited, probe_timeout)
+                            probe = ReadinessProbe((net.host_ip, ENVD_PORT), "/health", probe_timeout)
+                            await probe.wait(PROBE_INTERVAL_S, gave_up=exited.is_set)
                     if exited.is_set():
                         await _drain(console)
                         failure = BootFailed(
@@ -339,30 +349,3 @@ async def _drain(console: ConsoleLog) -> None:
     """Give the console pump a moment to copy the guest's last words."""
     with trio.move_on_after(0.5):
         await console.finished.wait()
-
-
-async def http_status(host: str, port: int, path: str = "/health", timeout: float = 1.0) -> int | None:
-    """Status code of `GET path`, or None when nothing answers (yet)."""
-    with trio.move_on_after(timeout):
-        try:
-            stream = await trio.open_tcp_stream(host, port)
-            async with stream:
-                request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
-                await stream.send_all(request.encode())
-                head = b""
-                while b"\r\n" not in head:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return None
-                    head += chunk
-                return int(head.split(b" ", 2)[1])
-        except (OSError, ValueError, IndexError, trio.BrokenResourceError):
-            return None
-    return None
-
-
-async def _wait_healthy(host: str, port: int, exited: trio.Event, probe_timeout: float) -> None:
-    while not exited.is_set():
-        if await http_status(host, port, timeout=probe_timeout) in (200, 204):
-            return
-        await trio.sleep(PROBE_INTERVAL_S)
