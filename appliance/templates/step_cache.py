@@ -7,7 +7,7 @@ from pathlib import Path
 
 import trio
 
-from appliance.templates.build_caches import mark_used
+from appliance.templates.build_caches import mark_used, private_dir
 
 
 class StepCache:
@@ -28,7 +28,7 @@ class StepCache:
         return True
 
     async def save(self, key: str, rootfs: Path) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         tmp = self.root / f"{key}.tmp"
         await trio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
         await copy_tree(rootfs, tmp)

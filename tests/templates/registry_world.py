@@ -429,6 +429,12 @@ class Registries:
     token: Registry
     token_server: TokenServer
 
+    @property
+    def plain_http_hosts(self) -> str:
+        """The registries and token service, all plain HTTP on loopback, as the operator must list
+        them in `insecure_registries`."""
+        return ",".join((self.plain.host, self.token.host, self.token_server.http.host))
+
 
 @dataclass
 class Images:

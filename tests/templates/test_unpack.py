@@ -9,7 +9,8 @@ import pytest
 from registry_world import Entry, compress, layer_tar
 
 from appliance.templates.manifests import DigestMismatch
-from appliance.templates.unpack import UnpackError, apply_layer, resolve_in_root
+from appliance.templates.unpack import UnpackError, apply_layer
+from appliance.templates.untrusted_tree import Tree
 
 
 def write_layer(
@@ -28,14 +29,17 @@ def rootfs(scratch: Path) -> Path:
     return path
 
 
-def test_resolve_in_root_clamps_dotdot_and_absolute_symlinks(rootfs: Path) -> None:
+def test_tree_lookups_clamp_dotdot_and_absolute_symlinks_to_the_root(rootfs: Path) -> None:
     (rootfs / "etc").mkdir()
+    (rootfs / "etc/passwd").write_text("inside")
     (rootfs / "abs").symlink_to("/etc")
     (rootfs / "up").symlink_to("../../../../..")
-    assert resolve_in_root(rootfs, "../../etc/passwd") == rootfs / "etc/passwd"
-    assert resolve_in_root(rootfs, "abs/passwd") == rootfs / "etc/passwd"
-    assert resolve_in_root(rootfs, "up/etc/passwd") == rootfs / "etc/passwd"
-    assert resolve_in_root(rootfs, "abs") == rootfs / "abs", "the last component is not followed"
+    with Tree.open(rootfs) as tree:
+        for path in ("../../etc/passwd", "abs/passwd", "up/etc/passwd", "/up/up/abs/passwd"):
+            assert tree.read_text(path) == "inside", path
+        tree.write_bytes("up/abs/new", b"made")
+        assert tree.lstat("abs") is not None and tree.is_dir("abs") and not tree.is_dir("abs", follow=False)
+    assert (rootfs / "etc/new").read_bytes() == b"made"
 
 
 def test_whiteout_of_a_directory_removes_the_tree_and_opaque_keeps_same_layer_entries(
