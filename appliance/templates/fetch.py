@@ -126,10 +126,20 @@ async def _save_body(response: httpx.Response, target: Path, limit: int) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
+def _redirect_target(current: httpx.URL, location: str) -> httpx.URL:
+    try:
+        return current.join(location)
+    except httpx.InvalidURL as exc:
+        raise FetchFailed(f"the server redirected to an invalid URL: {exc}") from exc
+
+
 async def fetch_to_file(url: str, target: Path, limits: BuildLimits) -> str:
     """Download `url` into `target`; returns its sha256 digest. Raises FetchFailed (its message
     without credentials or query strings)."""
-    current = httpx.URL(url)
+    try:
+        current = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise FetchFailed(f"not a valid URL: {exc}") from exc
     with trio.move_on_after(limits.fetch_timeout_s) as deadline:
         try:
             async with httpx.AsyncClient(timeout=_TIMEOUT, follow_redirects=False, trust_env=False) as client:
@@ -137,7 +147,7 @@ async def fetch_to_file(url: str, target: Path, limits: BuildLimits) -> str:
                     response = await _checked_get(client, current, limits)
                     try:
                         if response.is_redirect and "location" in response.headers:
-                            current = current.join(response.headers["location"])
+                            current = _redirect_target(current, response.headers["location"])
                             continue
                         if response.status_code != 200:
                             raise FetchFailed(f"the server answered HTTP {response.status_code}")

@@ -169,16 +169,17 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 
 class LoopbackHttpServer:
-    """An http.server on 127.0.0.1:<free port>, served by a thread until close()."""
+    """An http.server on 127.0.0.1:<free port> (or another loopback address), served by a thread
+    until close()."""
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler], address: str = "127.0.0.1") -> None:
+        self.server = ThreadingHTTPServer((address, 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.server.server_address[0]}:{self.server.server_address[1]}"
 
     def close(self) -> None:
         self.server.shutdown()
