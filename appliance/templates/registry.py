@@ -167,6 +167,27 @@ class RegistryImageSource:
                 from_cache=False,
             )
 
+    async def _save_blob(
+        self, response: httpx.Response, layer: Descriptor, partial: Path, offset: int, progress: LayerProgress
+    ) -> None:
+        """The body into the partial file, never more than the layer's declared size (what is
+        beyond cannot match the digest: the partial goes and the build fails)."""
+        # 200 to a Range request: the registry restarts from byte 0.
+        mode = "ab" if response.status_code == 206 else "wb"
+        done = offset if response.status_code == 206 else 0
+        async with await trio.open_file(partial, mode) as out:
+            async for chunk in response.aiter_bytes(_CHUNK):
+                done += len(chunk)
+                if done > layer.size:
+                    await out.aclose()
+                    partial.unlink(missing_ok=True)
+                    raise RegistryError(
+                        f"registry {self.ref.registry} sent more than the {layer.size} bytes of layer "
+                        f"{layer.digest}"
+                    )
+                await out.write(chunk)
+                progress(done)
+
     async def _download(self, layer: Descriptor, partial: Path, offset: int, progress: LayerProgress) -> None:
         url = f"{self._base}/blobs/{layer.digest}"
         for attempt in range(2):
@@ -183,19 +204,7 @@ class RegistryImageSource:
                             f"registry {self.ref.registry} answered {response.status_code} "
                             f"for layer {layer.digest}"
                         )
-                    # 200 to a Range request: the registry restarts from byte 0.
-                    mode = "ab" if response.status_code == 206 else "wb"
-                    done = offset if response.status_code == 206 else 0
-                    async with await trio.open_file(partial, mode) as out:
-                        async for chunk in response.aiter_bytes(_CHUNK):
-                            done += len(chunk)
-                            if done > layer.size:
-                                raise RegistryError(
-                                    f"registry {self.ref.registry} sent more than the {layer.size} bytes "
-                                    f"of layer {layer.digest}"
-                                )
-                            await out.write(chunk)
-                            progress(done)
+                    await self._save_blob(response, layer, partial, offset, progress)
                     return
             except httpx.HTTPError as exc:
                 raise RegistryError(

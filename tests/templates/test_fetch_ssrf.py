@@ -16,59 +16,29 @@ from pathlib import Path
 
 import pytest
 from host_standins import build_context_dir
-from registry_world import LoopbackHttpServer, QuietHandler
+from registry_world import RecordingServer, Respond, send
 
 from appliance.config import Config
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.fetch import refusal
 from appliance.templates.jobs import BuildJob, Phase
 
-Respond = Callable[[BaseHTTPRequestHandler], None]
+Servers = Callable[..., RecordingServer]
 PUBLIC_STAND_IN = "127.0.0.2"
 ALLOW_STAND_IN = {"build_fetch_allow": f"{PUBLIC_STAND_IN}/32"}
 
 
-class Recording:
-    """An HTTP server that answers with `respond` and keeps the path of every request."""
-
-    def __init__(self, respond: Respond, address: str = "127.0.0.1") -> None:
-        self.paths: list[str] = []
-        outer = self
-
-        class Handler(QuietHandler):
-            def do_GET(self) -> None:  # http.server's naming
-                outer.paths.append(self.path)
-                respond(self)
-
-        self.http = LoopbackHttpServer(Handler, address)
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.http.host}"
-
-
-def send(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Respond:
-    def respond(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(status)
-        for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(body)
-
-    return respond
-
-
 @pytest.fixture
-def servers() -> Iterator[Callable[..., Recording]]:
-    started: list[Recording] = []
+def servers() -> Iterator[Servers]:
+    started: list[RecordingServer] = []
 
-    def start(respond: Respond, address: str = "127.0.0.1") -> Recording:
-        started.append(Recording(respond, address))
+    def start(respond: Respond, address: str = "127.0.0.1") -> RecordingServer:
+        started.append(RecordingServer(respond, address))
         return started[-1]
 
     yield start
     for server in started:
-        server.http.close()
+        server.close()
 
 
 async def add_url(builds: TemplateBuilds, scratch: Path, url: str) -> BuildJob:
@@ -92,7 +62,7 @@ async def test_add_url_to_a_loopback_address_is_refused(
     builds: TemplateBuilds,
     config: Config,
     scratch: Path,
-    servers: Callable[..., Recording],
+    servers: Servers,
     host: str,
 ) -> None:
     target = servers(send(200, b"host-only secret"))
@@ -109,7 +79,7 @@ async def test_a_redirect_to_a_forbidden_address_is_refused(
     builds: TemplateBuilds,
     config: Config,
     scratch: Path,
-    servers: Callable[..., Recording],
+    servers: Servers,
     location: str,
 ) -> None:
     target = servers(send(200, b"host-only secret"))
@@ -122,7 +92,7 @@ async def test_a_redirect_to_a_forbidden_address_is_refused(
 
 @pytest.mark.parametrize("config_extra", [ALLOW_STAND_IN])
 async def test_redirects_are_bounded_and_only_to_http(
-    builds: TemplateBuilds, config: Config, scratch: Path, servers: Callable[..., Recording]
+    builds: TemplateBuilds, config: Config, scratch: Path, servers: Servers
 ) -> None:
     loop = servers(send(302, headers={"Location": "/again"}), PUBLIC_STAND_IN)
     job = await add_url(builds, scratch, f"{loop.url}/start")
@@ -136,7 +106,11 @@ async def test_redirects_are_bounded_and_only_to_http(
 @pytest.mark.parametrize("config_extra", [{**ALLOW_STAND_IN, "build_fetch_max_size": "1M"}])
 @pytest.mark.parametrize("declared", [True, False])
 async def test_a_download_larger_than_the_cap_is_refused(
-    builds: TemplateBuilds, config: Config, scratch: Path, servers: Callable[..., Recording], declared: bool
+    builds: TemplateBuilds,
+    config: Config,
+    scratch: Path,
+    servers: Servers,
+    declared: bool,
 ) -> None:
     body = bytes(2 << 20)
 
@@ -158,7 +132,7 @@ async def test_a_download_larger_than_the_cap_is_refused(
 
 @pytest.mark.parametrize("config_extra", [{**ALLOW_STAND_IN, "build_fetch_timeout_s": "2"}])
 async def test_a_download_that_never_ends_is_cut_off(
-    builds: TemplateBuilds, config: Config, scratch: Path, servers: Callable[..., Recording]
+    builds: TemplateBuilds, config: Config, scratch: Path, servers: Servers
 ) -> None:
     def trickle(handler: BaseHTTPRequestHandler) -> None:
         handler.send_response(200)

@@ -133,17 +133,6 @@ def test_context_keeps_no_device_nodes_or_fifos(scratch: Path) -> None:
     assert stat.S_ISREG((dest / "tool").lstat().st_mode)
 
 
-def test_context_larger_than_its_cap_is_refused(scratch: Path) -> None:
-    archive = scratch / "bomb.tar.gz"
-    bomb = layer_tar([Entry("zeros", data=bytes(3 << 20))])
-    archive.write_bytes(subprocess.run(["gzip", "-c"], input=bomb, capture_output=True, check=True).stdout)
-    assert archive.stat().st_size < 1 << 20
-    dest = scratch / "context"
-    dest.mkdir()
-    with pytest.raises(ValueError, match="the build context is larger than 1 MiB"):
-        extract_context(archive, dest, max_bytes=1 << 20)
-
-
 # Item 2: COPY sources and the Dockerfile path, read through the context's symlinks.
 @pytest.mark.parametrize(
     "copy",
