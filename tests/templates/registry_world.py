@@ -233,8 +233,9 @@ def send(status: int, body: bytes = b"", headers: dict[str, str] | None = None) 
 
 class FakeRegistry(RecordingServer):
     """A read-only registry (v2 manifests and blobs) served from an OCI layout, for what a real
-    registry would not do: ask for credentials with any challenge, redirect blob downloads to
-    another server, serve other bytes than a blob's."""
+    registry would not do: ask for credentials with any challenge (and accept only the
+    Authorization header `accept`, or none), redirect blob downloads to another server, serve other
+    bytes than a blob's."""
 
     def __init__(
         self,
@@ -248,7 +249,8 @@ class FakeRegistry(RecordingServer):
         self.layout = layout
 
         def respond(handler: BaseHTTPRequestHandler) -> None:
-            if challenge is not None and handler.headers.get("Authorization") != accept:
+            authorization = handler.headers.get("Authorization")
+            if challenge is not None and (accept is None or authorization != accept):
                 send(401, headers={"WWW-Authenticate": challenge})(handler)
                 return
             kind, ref = urlparse(handler.path).path.split("/")[-2:]
@@ -309,6 +311,7 @@ class TokenServer:
         self.cert_path = directory / "token-ca.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         self.requests: list[tuple[str | None, list[str]]] = []
+        self.paths: list[str] = []  # as asked for, query string and all
         outer = self
 
         class Handler(QuietHandler):
@@ -317,6 +320,7 @@ class TokenServer:
                 scopes = query.get("scope", [])
                 user = outer.authenticate(self.headers.get("Authorization"))
                 outer.requests.append((user, scopes))
+                outer.paths.append(self.path)
                 if user is False:
                     self.send_response(401)
                     self.end_headers()
