@@ -201,16 +201,6 @@ class Tree:
         finally:
             os.close(fd)
 
-    def walk(self, path: str) -> Iterator[str]:
-        """Every entry below the directory `path` (followed inside the tree), parents first, as
-        guest paths under `path`; symlinks below it are entries, never followed."""
-        base = "/".join(split_path(path))
-        for name in self.listdir(path):
-            child = f"{base}/{name}" if base else name
-            yield child
-            if self.is_dir(child, follow=False):
-                yield from self.walk(child)
-
     def glob(self, pattern: str) -> list[str]:
         """Entries matching a glob (`*?[` per component), intermediate directories followed inside
         the tree; relative guest paths, sorted."""
@@ -329,6 +319,8 @@ class Tree:
         """mkdir -p inside the tree: new directories get uid:gid and `mode`. A dangling symlink on
         the way gets its target made (inside the tree, as a container runtime does); any other entry
         that is not a directory where one is needed is replaced."""
+        if self.is_dir(path):
+            return  # the common case: one lookup
         parts = split_path(path)
         for end in range(1, len(parts) + 1):
             prefix = join_path(parts[:end])
