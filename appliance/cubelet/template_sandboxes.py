@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +37,7 @@ from appliance.templates.guest_setup import AGENT_DIR, account_name, prepare_roo
 from appliance.templates.jobs import Phase
 from appliance.templates.manifest import TemplateManifest
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
-from appliance.templates.unpack import apply_layer, resolve_in_root
+from appliance.templates.unpack import apply_layer
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,9 @@ class CubeletTemplateSandboxes:
             raise OSError(
                 f"copying the step's rootfs failed: {result.stderr.decode(errors='replace')[-300:]}"
             )
-        await trio.to_thread.run_sync(_prepare_copy, tree)
+        # prepare_rootfs never writes into an existing file (it renames new ones over them), so the
+        # hardlinked step rootfs stays as it was.
+        await trio.to_thread.run_sync(prepare_rootfs, tree, (), {}, "/", "root", ())
         manifest = TemplateManifest(
             template_id="run-" + work.name,
             directory=work,
@@ -170,17 +171,6 @@ class CubeletTemplateSandboxes:
         lines.close()
         if code != 0:
             raise RunFailed(code, "\n".join(lines.tail))
-
-
-def _prepare_copy(tree: Path) -> None:
-    # prepare_rootfs appends to these: give the copy its own inodes first.
-    for name in ("/etc/passwd", "/etc/group"):
-        path = resolve_in_root(tree, name)
-        if path.is_file() and not path.is_symlink():
-            private = path.with_name(path.name + ".cube-copy")
-            shutil.copy2(path, private)
-            os.replace(private, path)
-    prepare_rootfs(tree, (), {}, "/", "root", ())
 
 
 def _python_argv(args: list[str]) -> list[str]:

@@ -20,7 +20,7 @@ import trio
 from appliance.config import Config
 from appliance.errors import first_leaf
 from appliance.runtime.base import BootFailed, read_console_tail
-from appliance.templates.build_caches import BuildCaches, max_cache_bytes
+from appliance.templates.build_caches import BuildCaches, max_cache_bytes, private_dir
 from appliance.templates.catalog import (
     begin_template,
     discard_template,
@@ -40,6 +40,7 @@ from appliance.templates.jobs import (
     utc_now,
 )
 from appliance.templates.layer_cache import LayerCache
+from appliance.templates.limits import BuildLimits
 from appliance.templates.manifest import TemplateManifest
 from appliance.templates.probe import ProbeFailed, wait_until_ready
 from appliance.templates.pull import pull_image
@@ -63,6 +64,7 @@ class TemplateBuilds:
         self.store = JobStore(config.state_dir / "template-builds")
         self.layer_cache = LayerCache(config.cache_dir / "layers")
         self.caches = BuildCaches(config.cache_dir, self.running_since)
+        self.limits = BuildLimits.from_config(config)
         self._running: dict[str, float] = {}  # job id -> when it started (epoch)
         self._limiter = trio.CapacityLimiter(PARALLEL_BUILDS)
         self._nursery: trio.Nursery | None = None
@@ -72,13 +74,15 @@ class TemplateBuilds:
         for template_id in remove_unfinished(self.config):
             log.info("removed unfinished template %s", template_id)
         await trio.to_thread.run_sync(lambda: shutil.rmtree(self._work_root(), ignore_errors=True))
+        for directory in (self.layer_cache.root, self.caches.steps_dir, self._work_root()):
+            private_dir(directory)  # also tightens the modes of caches older versions left open
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
 
     def _work_root(self) -> Path:
-        return self.config.cache_dir / "build-work"
+        return private_dir(self.config.cache_dir / "build-work")
 
     def context_root(self) -> Path:
         """Where uploaded Dockerfile build contexts are unpacked (removed when their job ends)."""
@@ -126,6 +130,7 @@ class TemplateBuilds:
                 self.layer_cache,
                 request.credentials,
                 insecure_registries(self.config),
+                self.limits,
             )
             config = image.config
             return self._manifest(

@@ -28,10 +28,9 @@ from appliance.progress import Progress, shown
 from appliance.templates import guest_setup
 from appliance.templates.catalog import BUILDING_MARKER, load_aliases, publish_template
 from appliance.templates.ext4 import build_ext4
-from appliance.templates.guest_setup import INIT_PATH, compile_in_image_argv, copy_agent
+from appliance.templates.guest_setup import INIT_PATH, compile_in_image_argv, copy_agent, install_file
 from appliance.templates.jobs import utc_now
 from appliance.templates.manifest import TemplateManifest
-from appliance.templates.unpack import resolve_in_root
 
 RECIPE_DIR = IMAGE_DIR / "rootfs"
 AGENT_PACKAGES = Path(appliance.__file__).parent / "guest" / "DEBIAN_PACKAGES"
@@ -155,10 +154,7 @@ async def add_host_cas(root: Path) -> None:
 def inject_agent(root: Path) -> None:
     """The guest agent (its dependencies are Debian packages of the recipe here) and the recipe's init."""
     copy_agent(root, dependencies=())
-    init = resolve_in_root(root, INIT_PATH)
-    init.unlink(missing_ok=True)
-    shutil.copy2(RECIPE_DIR / "cube-init", init)
-    init.chmod(0o755)
+    install_file(root, INIT_PATH, RECIPE_DIR / "cube-init", 0o755)
 
 
 def default_manifest(directory: Path, source: str) -> TemplateManifest:

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from appliance.templates.build_context import (
@@ -38,6 +37,7 @@ from appliance.templates.build_context import (
     copy_url_download,
     ensure_dir,
     hash_sources,
+    ignore_rules,
 )
 from appliance.templates.catalog import TemplateNotFound, resolve_template
 from appliance.templates.dockerfile import (
@@ -49,15 +49,17 @@ from appliance.templates.dockerfile import (
     parse_dockerfile,
     parse_key_values,
 )
-from appliance.templates.dockerignore import IgnoreRules
+from appliance.templates.fetch import FetchFailed, fetch_to_file
 from appliance.templates.guest_setup import DEFAULT_PATH
 from appliance.templates.jobs import BuildJob, Phase
+from appliance.templates.limits import SizeBudget
 from appliance.templates.pull import fetch_and_unpack, open_image
 from appliance.templates.registry import insecure_registries
 from appliance.templates.registry_auth import Credentials
-from appliance.templates.requests import TemplateSettings
+from appliance.templates.requests import TemplateSettings, redact_urls
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
 from appliance.templates.step_cache import StepCache, copy_tree, export_template_rootfs
+from appliance.templates.untrusted_tree import Tree
 
 if TYPE_CHECKING:
     from appliance.templates.builds import TemplateBuilds
@@ -70,7 +72,6 @@ class StepFailed(Exception):
 
 
 FILE_STEPS = frozenset({"RUN", "COPY", "ADD"})
-_DOWNLOAD_TIMEOUT = httpx.Timeout(30.0, read=300.0)
 
 
 @dataclass(frozen=True)
@@ -254,8 +255,18 @@ def plan_steps(
     body: tuple[Instruction, ...] | list[Instruction], base: ImageState, base_key: str, inputs: PlanInputs
 ) -> list[PlannedStep]:
     """Evaluate a stage's instructions (those after its FROM); blocking (hashes the context)."""
-    context = inputs.context
-    ignore = IgnoreRules.load(context)
+    with Tree.open(inputs.context) as context:
+        return _plan_steps(body, base, base_key, inputs, context)
+
+
+def _plan_steps(
+    body: tuple[Instruction, ...] | list[Instruction],
+    base: ImageState,
+    base_key: str,
+    inputs: PlanInputs,
+    context: Tree,
+) -> list[PlannedStep]:
+    ignore = ignore_rules(context)
     state, key = base, base_key
     steps: list[PlannedStep] = []
     cmd_set_here = False
@@ -434,25 +445,18 @@ class DockerfileRun:
                     stage_keys[stage.name] = (stage.index, plan.final_key)
 
     async def _download(self, url: str) -> str:
-        """ADD <url>: the file into the job's scratch space; returns its sha256."""
-        self.builds.store.log(self.job, f"downloading {url}")
+        """ADD <url>: the file into the job's scratch space (see fetch.py); returns its sha256."""
+        shown = redact_urls(url)
+        self.builds.store.log(self.job, f"downloading {shown}")
         directory = self.work / "downloads"
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / f"{len(self.downloads)}"
-        hasher = hashlib.sha256()
         try:
-            async with httpx.AsyncClient(timeout=_DOWNLOAD_TIMEOUT, follow_redirects=True) as client:
-                async with client.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        raise StepFailed(f"ADD {url}: the server answered HTTP {response.status_code}")
-                    with target.open("wb") as out:
-                        async for chunk in response.aiter_bytes(1 << 20):
-                            hasher.update(chunk)
-                            out.write(chunk)
-        except httpx.HTTPError as exc:
-            raise StepFailed(f"ADD {url}: download failed: {exc}") from exc
+            digest = await fetch_to_file(url, target, self.builds.limits)
+        except FetchFailed as exc:
+            raise StepFailed(f"ADD {shown}: {exc}") from exc
         self.downloads[url] = target
-        return "sha256:" + hasher.hexdigest()
+        return digest
 
     async def realize(self, plan: StagePlan, rootfs: Path) -> None:
         """Build `plan`'s stage into the empty directory `rootfs`, from the step cache where it can."""
@@ -472,46 +476,50 @@ class DockerfileRun:
             job, Phase.BUILDING, f"{prefix}running {sum(s.changes_files for s in steps)} file steps"
         )
         for index, step in enumerate(steps):
-            label = f"{prefix}step {index + 1}/{len(steps)}: {step.instruction}"
+            label = redact_urls(f"{prefix}step {index + 1}/{len(steps)}: {step.instruction}")
             if index <= cached_upto and step.changes_files:
                 store.log(job, f"{label} (cached)")
                 continue
             store.log(job, label)
             if step.warning:
                 store.log(job, f"warning: {step.warning}")
-            if not step.changes_files:
-                continue
-            flags = step.instruction.flags
-            if step.instruction.keyword == "RUN":
-                await self._run(rootfs, step)
-            elif step.from_stage is not None:
-                source_root = await self.stage_root(step.from_stage)
-                await trio.to_thread.run_sync(
-                    copy_from_stage,
-                    rootfs,
-                    source_root,
-                    step.sources,
-                    step.dest,
-                    flags,
-                    step.instruction.line,
-                )
-            elif step.downloads:
-                url = step.sources[0]
-                name = posixpath.basename(urllib.parse.urlsplit(url).path) or "index.html"
-                await trio.to_thread.run_sync(
-                    copy_url_download, rootfs, self.downloads[url], name, step.dest, flags
-                )
-            else:
-                await trio.to_thread.run_sync(
-                    copy_from_context,
-                    rootfs,
-                    self.request.context,
-                    step.instruction.keyword,
-                    step.sources,
-                    step.dest,
-                    flags,
-                )
-            await self.cache.save(step.key, rootfs)
+            if step.changes_files:
+                await self._file_step(rootfs, step)
+                await self.cache.save(step.key, rootfs)
+
+    async def _file_step(self, rootfs: Path, step: PlannedStep) -> None:
+        """RUN, COPY or ADD."""
+        flags = step.instruction.flags
+        if step.instruction.keyword == "RUN":
+            await self._run(rootfs, step)
+        elif step.from_stage is not None:
+            source_root = await self.stage_root(step.from_stage)
+            await trio.to_thread.run_sync(
+                copy_from_stage,
+                rootfs,
+                source_root,
+                step.sources,
+                step.dest,
+                flags,
+                step.instruction.line,
+            )
+        elif step.downloads:
+            url = step.sources[0]
+            name = posixpath.basename(urllib.parse.urlsplit(url).path) or "index.html"
+            await trio.to_thread.run_sync(
+                copy_url_download, rootfs, self.downloads[url], name, step.dest, flags
+            )
+        else:
+            await trio.to_thread.run_sync(
+                copy_from_context,
+                rootfs,
+                self.request.context,
+                step.instruction.keyword,
+                step.sources,
+                step.dest,
+                flags,
+                SizeBudget(self.builds.limits.unpacked_bytes, "an ADD'ed archive", "build_unpacked_max_size"),
+            )
 
     async def stage_root(self, index: int) -> Path:
         """An earlier stage's files, built the first time they are asked for."""
@@ -535,9 +543,9 @@ class DockerfileRun:
         try:
             await self.builds.sandboxes.run_command(rootfs, command)
         except RunFailed as exc:
+            shown = redact_urls(str(step.instruction))
             raise StepFailed(
-                f"{step.instruction} (Dockerfile line {step.instruction.line}) failed with exit status "
-                f"{exc.exit_code}",
+                f"{shown} (Dockerfile line {step.instruction.line}) failed with exit status {exc.exit_code}",
                 exc.output_tail,
             ) from exc
 
@@ -591,7 +599,12 @@ class DockerfileRun:
         work = self.work / "bases" / str(stage.index)
         work.mkdir(parents=True)
         async with open_image(
-            name, work, builds.layer_cache, self.request.credentials, insecure_registries(builds.config)
+            name,
+            work,
+            builds.layer_cache,
+            self.request.credentials,
+            insecure_registries(builds.config),
+            builds.limits,
         ) as source:
             image = await source.resolve()
             config = image.config
@@ -606,7 +619,7 @@ class DockerfileRun:
             )
 
             async def pull(rootfs: Path) -> None:
-                await fetch_and_unpack(builds.store, job, source, image, rootfs)
+                await fetch_and_unpack(builds.store, job, source, image, rootfs, builds.limits)
 
             yield chain_key(f"image:{image.digest}"), state, pull
 

@@ -60,6 +60,7 @@ class LoopbackSandboxes:
         self.booted: list[TemplateManifest] = []
         self.finalized: list[str] = []
         self.commands: list[RunCommand] = []
+        self.rootfs_paths: list[Path] = []  # where each RUN step's tree was
 
     @asynccontextmanager
     async def boot(self, manifest: TemplateManifest) -> AsyncIterator[LoopbackGuest]:
@@ -85,6 +86,7 @@ class LoopbackSandboxes:
 
     async def run_command(self, rootfs: Path, command: RunCommand) -> None:
         self.commands.append(command)
+        self.rootfs_paths.append(rootfs)
         command.output(f"running {' '.join(command.argv)}")
         if self.failing_command and self.failing_command in " ".join(command.argv):
             raise RunFailed(2, "pip: error: no such package")

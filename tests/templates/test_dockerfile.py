@@ -341,6 +341,8 @@ async def multi_stage_build(builds: TemplateBuilds, images: Images, context: Pat
     return await finished(builds.submit_dockerfile(request, {}))
 
 
+# The file server is on loopback, which ADD <url> refuses unless the operator allows it.
+@pytest.mark.parametrize("config_extra", [{"build_fetch_allow": "127.0.0.1/32"}])
 async def test_multi_stage_build_with_add_url_and_tar(
     builds: TemplateBuilds,
     sandboxes: LoopbackSandboxes,

@@ -228,7 +228,7 @@ async def open_test_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
 
 
 @pytest.fixture
-def uml_service_config() -> Iterator[Config]:
+def uml_service_config(registries: Registries) -> Iterator[Config]:
     _default_rootfs_image()
     # Short paths: unix socket paths (mconsole) must fit in 107 bytes.
     work = Path(tempfile.mkdtemp(prefix="cubetest-tpl-"))
@@ -249,6 +249,7 @@ def uml_service_config() -> Iterator[Config]:
         host_network=TEST_HOST_NETWORK,
         uid_base=TEST_UID_BASE,
         allow_unenforced_network=True,
+        extra={"insecure_registries": registries.plain_http_hosts},
     )
     shutil.rmtree(work, ignore_errors=True)
 

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.templates.ext4 import Ext4Error, build_ext4
 from appliance.templates.guest_setup import PYTHON_NET_SETUP, prepare_rootfs, start_script
+from appliance.templates.untrusted_tree import Tree
 
 
 def make_rootfs(root: Path) -> Path:
@@ -81,11 +82,11 @@ def test_scratch_image_gets_root_and_user_accounts(scratch: Path) -> None:
 
 
 def test_root_start_script_execs_directly_and_unknown_users_fail(scratch: Path) -> None:
-    rootfs = make_rootfs(scratch)
-    assert "exec /bin/app\n" in start_script(rootfs, ("/bin/app",), {}, "/", "")
-    assert "--reuid=1234 --regid=1234" in start_script(rootfs, ("/bin/app",), {}, "/", "1234")
-    with pytest.raises(ValueError, match="user 'ghost' does not exist"):
-        start_script(rootfs, ("/bin/app",), {}, "/", "ghost")
+    with Tree.open(make_rootfs(scratch)) as rootfs:
+        assert "exec /bin/app\n" in start_script(rootfs, ("/bin/app",), {}, "/", "")
+        assert "--reuid=1234 --regid=1234" in start_script(rootfs, ("/bin/app",), {}, "/", "1234")
+        with pytest.raises(ValueError, match="user 'ghost' does not exist"):
+            start_script(rootfs, ("/bin/app",), {}, "/", "ghost")
 
 
 async def test_ext4_refuses_when_the_host_disk_is_too_small(
