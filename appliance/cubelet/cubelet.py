@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -42,9 +43,12 @@ import httpx
 import trio
 
 from appliance.config import Config
+from appliance.cubelet.envd_client import MAX_REPLY_BYTES, EnvdError, read_bounded
 from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxRecord, Store
+from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootSpec, BootStalled, GuestExited, Instance, Runtime
 from appliance.templates.manifest import TemplateManifest
+from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +79,14 @@ class SandboxStartFailed(Exception):
     """Booting or initialising a guest failed; the message is for the user."""
 
 
+class OutOfMemoryBudget(SandboxStartFailed):
+    """A cold boot would take the sandboxes past the node's memory budget: refused before it starts."""
+
+
 class NetworkPolicyService(Protocol):
-    """What the cubelet needs from CubeVS to change a running sandbox's policy.
+    """What the cubelet needs from CubeVS to change a running sandbox's policy (parsed by the API)."""
 
-    `policy` is an E2B body (`PUT /sandboxes/{id}/network`, or the create body's
-    `allow_internet_access` + `network`); a policy it refuses raises ValueError.
-    """
-
-    async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None: ...
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None: ...
 
     def counters(self, sandbox_id: str) -> dict[str, int]:
         """Packets/bytes the sandbox's policy allowed and dropped; {} for an unknown sandbox."""
@@ -98,16 +102,10 @@ class SandboxRequest:
     env_vars: dict[str, str] = field(default_factory=dict)
     on_timeout: str = "kill"
     auto_resume: bool = False
-    allow_internet_access: bool = True
-    network: dict[str, object] = field(default_factory=dict)
-
-    def network_policy(self) -> dict[str, object]:
-        """The policy handed to CubeVS, in the create-body shape `NetworkPolicy.from_e2b` reads:
-        template defaults, overridden by the request's own settings."""
-        return {
-            "allow_internet_access": self.allow_internet_access,
-            "network": {**self.template.network_defaults, **self.network},
-        }
+    # Egress: the template's defaults with the request's settings over them (the API merges them).
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    allow_public_traffic: bool = True  # False: the sandbox's ports need its traffic access token
+    team_id: str = SYSTEM_TEAM
 
 
 @dataclass
@@ -175,9 +173,16 @@ def _envd_client(instance: Instance, timeout: float) -> httpx.AsyncClient:
     )
 
 
-def _default_policy(template: TemplateManifest) -> dict[str, object]:
-    """A pooled guest's network policy until it is claimed (the claim applies the request's)."""
-    return {"allow_internet_access": True, "network": dict(template.network_defaults)}
+def template_network_policy(template: TemplateManifest) -> NetworkPolicy:
+    """The egress a template's sandboxes get unless the create request says otherwise, and what a
+    pooled guest runs with until it is claimed (`tpl` flags: allow_internet_access, allow_out, deny_out)."""
+    defaults = template.network_defaults
+    return NetworkPolicy.from_e2b(
+        {
+            "allow_internet_access": defaults.get("allow_internet_access", True),
+            "network": {"allowOut": defaults.get("allow_out"), "denyOut": defaults.get("deny_out")},
+        }
+    )
 
 
 def memory_budget_mb(config: Config) -> int:
@@ -294,7 +299,7 @@ class Cubelet:
                 self._claims -= 1
                 self._refills_held_until = trio.current_time() + REFILL_QUIET_S
                 self._pool_wakeup.set()  # top the pool up once the burst is answered
-        live = await self._boot(template, request.network_policy())
+        live = await self._boot(template, request.network)
         await self._activate_or_discard(live, request, source="cold boot")
         return self._record_of(live)
 
@@ -310,9 +315,7 @@ class Cubelet:
     async def temporary_guest(self, template: TemplateManifest) -> AsyncIterator[Instance]:
         """A guest booted from `template` for the caller's own use (template build probes); never a
         sandbox, never pooled; killed when the context exits. Raises SandboxStartFailed."""
-        live = await self._boot(
-            template, {"allow_internet_access": True, "network": dict(template.network_defaults)}
-        )
+        live = await self._boot(template, template_network_policy(template))
         try:
             assert live.instance is not None
             yield live.instance
@@ -379,14 +382,12 @@ class Cubelet:
         self.store.put_sandbox(record)
         return record, resumed
 
-    async def update_network(self, sandbox_id: str, policy: dict[str, object]) -> SandboxRecord:
+    async def update_network(self, sandbox_id: str, policy: NetworkPolicy) -> SandboxRecord:
         live = self.require(sandbox_id)
         if self.network is not None:
             await self.network.update_policy(sandbox_id, policy)
         record = self._record_of(live)
-        record.network = {k: v for k, v in policy.items() if k != "allowInternetAccess"}
-        if "allowInternetAccess" in policy:
-            record.allow_internet_access = bool(policy["allowInternetAccess"])
+        record.set_egress_policy(policy)
         self.store.put_sandbox(record)
         self.store.add_event(sandbox_id, "network", "network policy updated")
         return record
@@ -445,7 +446,21 @@ class Cubelet:
         self._slots.add(slot)
         return slot
 
-    async def _boot(self, template: TemplateManifest, network_policy: dict[str, object]) -> LiveSandbox:
+    async def _make_room(self, template: TemplateManifest) -> None:
+        """Room in the memory budget for one more guest of `template`: warm-pool guests give theirs
+        back first (idle, and refilled later within the budget); a boot that still does not fit is
+        refused (OutOfMemoryBudget) rather than left to the kernel's OOM killer."""
+        while self.memory_committed_mb() + template.memory_mb > self.memory_budget_mb:
+            pooled = next((live for pool in self._pools.values() for live in pool), None)
+            if pooled is None:
+                raise OutOfMemoryBudget(
+                    f"not enough memory for another {template.memory_mb} MiB sandbox: "
+                    f"{self.memory_committed_mb()} of {self.memory_budget_mb} MiB are in use"
+                )
+            self._terminate(pooled, "memory needed for a cold boot")
+            await pooled.gone.wait()
+
+    async def _boot(self, template: TemplateManifest, network_policy: NetworkPolicy) -> LiveSandbox:
         """A cold boot for a caller who waits for it (create, template builds); returns once the
         guest agent answers. The boot keeps its place under `_boot_limiter` (and pool refills keep
         waiting) until the guest's default kernel has started too: that start is as CPU-bound as
@@ -458,6 +473,7 @@ class Cubelet:
             await self._boot_limiter.acquire_on_behalf_of(booting)
             try:
                 try:
+                    await self._make_room(template)
                     live = self._new_live(template, network_policy)
                     await self._start_guest(live)
                 except SandboxStartFailed as exc:
@@ -490,7 +506,7 @@ class Cubelet:
     def _new_live(
         self,
         template: TemplateManifest,
-        network_policy: dict[str, object],
+        network_policy: NetworkPolicy,
         *,
         background: bool = False,
         sandbox_id: str | None = None,
@@ -628,17 +644,17 @@ class Cubelet:
             metadata=dict(request.metadata),
             on_timeout=request.on_timeout,
             auto_resume=request.auto_resume,
-            allow_internet_access=request.allow_internet_access,
-            network=dict(request.network),
             console_log=str(live.instance.console_log) if live.instance else "",
+            team_id=request.team_id,
+            traffic_access_token=None if request.allow_public_traffic else secrets.token_urlsafe(24),
         )
+        live.record.set_egress_policy(request.network)
         try:
             await self._init_guest(live, request, now)
             # A warm guest was booted with the template's default policy, a cold one with the
             # request's: most requests ask for the default, and then there is nothing to change.
-            policy = request.network_policy()
-            if self.network is not None and policy != live.spec.network_policy:
-                await self.network.update_policy(live.sandbox_id, policy)
+            if self.network is not None and request.network != live.spec.network_policy:
+                await self.network.update_policy(live.sandbox_id, request.network)
         except BaseException:
             live.record = None
             raise
@@ -659,11 +675,11 @@ class Cubelet:
             metadata=record.metadata,
             on_timeout=record.on_timeout,
             auto_resume=record.auto_resume,
-            allow_internet_access=record.allow_internet_access,
-            network=record.network,
+            network=record.egress_policy(),
+            team_id=record.team_id,
         )
         async with self._boot_limiter:
-            live = self._new_live(template, request.network_policy(), sandbox_id=record.sandbox_id, disk=disk)
+            live = self._new_live(template, request.network, sandbox_id=record.sandbox_id, disk=disk)
             await self._start_guest(live)
         assert live.instance is not None
         live.record = dataclasses.replace(
@@ -702,9 +718,12 @@ class Cubelet:
     async def _envd_metrics(self, live: LiveSandbox) -> dict[str, object]:
         assert live.envd is not None
         try:
-            response = await live.envd.get("/metrics", headers=live.envd_headers(), timeout=1.0)
-            data = response.json() if response.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError):
+            async with live.envd.stream(
+                "GET", "/metrics", headers=live.envd_headers(), timeout=1.0
+            ) as response:
+                ok = response.status_code == 200
+                data = json.loads(await read_bounded(response, MAX_REPLY_BYTES)) if ok else {}
+        except (httpx.HTTPError, ValueError, EnvdError):
             return {}
         if not isinstance(data, dict):
             return {}
@@ -752,7 +771,7 @@ class Cubelet:
                 for template in templates.values():
                     self._pools.setdefault(template.template_id, deque())
                     while self._wants_refill(template):
-                        live = self._new_live(template, _default_policy(template), background=True)
+                        live = self._new_live(template, template_network_policy(template), background=True)
                         self._refills[template.template_id] = self._refills.get(template.template_id, 0) + 1
                         refills.start_soon(self._refill, live)
                 wait_s = POOL_RETRY_DELAY_S
@@ -836,13 +855,16 @@ class Cubelet:
     async def _probe(self, live: LiveSandbox) -> None:
         assert live.envd is not None
         try:
-            response = await live.envd.get(
+            # Read to its end (so the connection is kept for /init), but bounded: a guest is untrusted.
+            async with live.envd.stream(
+                "GET",
                 "/health",
                 headers=live.envd_headers(),
                 timeout=self.config.guest_agent_timeout_s * HEALTH_TIMEOUT_SHARE,
-            )
-            healthy = response.status_code < 300
-        except httpx.HTTPError:
+            ) as response:
+                await read_bounded(response, MAX_REPLY_BYTES)
+                healthy = response.status_code < 300
+        except (httpx.HTTPError, EnvdError):
             healthy = False
         if healthy or live.state == PAUSED:
             live.health_failures = 0

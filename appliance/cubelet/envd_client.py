@@ -20,9 +20,24 @@ import httpx
 from appliance.guest.connect import ENVELOPE_HEADER, FLAG_END_STREAM, envelope
 from appliance.runtime.base import ENVD_PORT
 
+# What the host holds of a guest's answers at once: a guest is untrusted, and one that streams an
+# endless body or announces a huge envelope must not fill the service's memory.
+MAX_REPLY_BYTES = 1 << 20  # a whole small answer (/metrics, an error body)
+MAX_ENVELOPE_BYTES = 4 << 20  # one Connect envelope (envd sends output in chunks of ~32 KiB)
+
 
 class EnvdError(Exception):
     pass
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The body of a streamed response, at most `limit` bytes (more: EnvdError)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise EnvdError(f"the guest agent's answer is larger than {limit} bytes")
+    return bytes(body)
 
 
 @dataclass(frozen=True)
@@ -60,12 +75,19 @@ async def start_process(
         "POST", f"{base}/process.Process/Start", content=envelope(body), headers=headers
     ) as response:
         if response.status_code != 200:
-            text = (await response.aread()).decode(errors="replace")[:500]
+            try:
+                text = (await read_bounded(response, MAX_REPLY_BYTES)).decode(errors="replace")[:500]
+            except EnvdError as exc:
+                text = str(exc)
             raise EnvdError(f"guest agent answered {response.status_code}: {text}")
         async for chunk in response.aiter_bytes():
             buffer += chunk
             while len(buffer) >= ENVELOPE_HEADER.size:
                 flags, length = ENVELOPE_HEADER.unpack_from(buffer)
+                if length > MAX_ENVELOPE_BYTES:
+                    raise EnvdError(
+                        f"the guest agent sent a {length}-byte message (at most {MAX_ENVELOPE_BYTES})"
+                    )
                 if len(buffer) < ENVELOPE_HEADER.size + length:
                     break
                 message = json.loads(buffer[ENVELOPE_HEADER.size : ENVELOPE_HEADER.size + length] or b"{}")
