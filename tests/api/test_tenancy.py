@@ -7,8 +7,12 @@ a new route without a rule here fails the suite.
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -18,6 +22,15 @@ import pytest
 from appliance.api.app import build_app
 from appliance.api.auth import Access, protect
 from appliance.api.services import Services
+from appliance.master.store import (
+    MIGRATIONS,
+    SandboxQuery,
+    SandboxRecord,
+    SqliteStore,
+    hash_api_key,
+    migrate,
+    schema_version,
+)
 from appliance.templates.api import create_blueprint as create_build_blueprint
 from appliance.templates.manifest import TemplateManifest
 
@@ -305,3 +318,52 @@ def test_team_cap_on_live_sandboxes_is_a_429(
         first = client.get("/v2/sandboxes").json()[0]["sandboxID"]
         assert client.delete(f"/sandboxes/{first}").status_code == 204
         assert client.post("/v2/sandboxes", json={}).status_code == 201
+
+
+def _database_before_teams(path: Path, keys: list[tuple[str, str, float | None]]) -> None:
+    """Schema version 1 (before teams) with a sandbox, an event, an idempotency key and `keys`."""
+    db = sqlite3.connect(path, isolation_level=None)
+    migrate(db, path, MIGRATIONS[:1])
+    record = SandboxRecord("old1", "code-interpreter", None, "c", "paused", 1000.0, 1300.0, 1, 256, 1024, "t")
+    data = {k: v for k, v in record.__dict__.items() if k not in ("team_id", "traffic_access_token")}
+    db.execute(
+        "INSERT INTO sandboxes VALUES ('old1', 'paused', 'code-interpreter', 1000.0, ?)", (json.dumps(data),)
+    )
+    for key_id, name, revoked_at in keys:
+        db.execute(
+            "INSERT INTO api_keys(key_id, name, prefix, key_hash, created_at, revoked_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (key_id, name, "cube_x", hash_api_key(f"secret-{key_id}"), 5.0, revoked_at),
+        )
+    db.execute("INSERT INTO events(at, sandbox_id, kind, message) VALUES (1000.0, 'old1', 'created', 'x')")
+    db.execute("INSERT INTO idempotency_keys VALUES ('old-key', 'old1', ?)", (time.time(),))
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("keys", "owner"),
+    [
+        ([("k1", "default", None), ("k2", "ops", None)], "team-k1"),  # the installer's key's team
+        ([("k1", "default", 7.0), ("k2", "ops", None)], "system"),  # revoked: the admin's
+        ([], "system"),
+    ],
+)
+def test_rows_from_before_teams_go_to_the_default_keys_team(
+    tmp_path: Path, keys: list[tuple[str, str, float | None]], owner: str
+) -> None:
+    path = tmp_path / "cube.db"
+    _database_before_teams(path, keys)
+    store = SqliteStore(path)
+    try:
+        assert schema_version(store._db) == len(MIGRATIONS)
+        for key_id, _, revoked_at in keys:
+            key = store.check_api_key(f"secret-{key_id}")
+            assert (key is None) if revoked_at else (key is not None and key.team_id == f"team-{key_id}")
+        [sandbox] = store.query_sandboxes(SandboxQuery(states=("paused",), team_id=owner))
+        assert sandbox.sandbox_id == "old1" and sandbox.team_id == owner
+        assert store.query_sandboxes(SandboxQuery(states=("paused",), team_id="team-other")) == []
+        assert [e.kind for e in store.events("old1", team_id=owner)] == ["created"]
+        assert store.idempotent_sandbox(owner, "old-key") == "old1"
+        assert store.idempotent_sandbox("team-other", "old-key") is None
+    finally:
+        store.close()
