@@ -227,6 +227,7 @@ class Cubelet:
         self._refill_retry_at: dict[str, float] = {}  # template → trio time after a failed refill
         self._nursery: trio.Nursery | None = None
         self.memory_budget_mb = memory_budget_mb(config)
+        self._reserved_mb = 0  # cold boots making room (`_make_room`): refills must not take it
 
     # Service task.
 
@@ -275,7 +276,7 @@ class Cubelet:
         )
 
     def memory_committed_mb(self) -> int:
-        return sum(live.template.memory_mb for live in self._live.values())
+        return self._reserved_mb + sum(live.template.memory_mb for live in self._live.values())
 
     def require(self, sandbox_id: str) -> LiveSandbox:
         live = self.live(sandbox_id)
@@ -450,15 +451,22 @@ class Cubelet:
         """Room in the memory budget for one more guest of `template`: warm-pool guests give theirs
         back first (idle, and refilled later within the budget); a boot that still does not fit is
         refused (OutOfMemoryBudget) rather than left to the kernel's OOM killer."""
-        while self.memory_committed_mb() + template.memory_mb > self.memory_budget_mb:
-            pooled = next((live for pool in self._pools.values() for live in pool), None)
-            if pooled is None:
-                raise OutOfMemoryBudget(
-                    f"not enough memory for another {template.memory_mb} MiB sandbox: "
-                    f"{self.memory_committed_mb()} of {self.memory_budget_mb} MiB are in use"
-                )
-            self._terminate(pooled, "memory needed for a cold boot")
-            await pooled.gone.wait()
+        # Reserved while pooled guests go (the pool keeper would refill into the memory they free);
+        # the caller's `_new_live` takes it over with no checkpoint in between.
+        self._reserved_mb += template.memory_mb
+        try:
+            while self.memory_committed_mb() > self.memory_budget_mb:
+                pooled = next((live for pool in self._pools.values() for live in pool), None)
+                if pooled is None:
+                    in_use = self.memory_committed_mb() - template.memory_mb
+                    raise OutOfMemoryBudget(
+                        f"not enough memory for another {template.memory_mb} MiB sandbox: "
+                        f"{in_use} of {self.memory_budget_mb} MiB are in use"
+                    )
+                self._terminate(pooled, "memory needed for a cold boot")
+                await pooled.gone.wait()
+        finally:
+            self._reserved_mb -= template.memory_mb
 
     async def _boot(self, template: TemplateManifest, network_policy: NetworkPolicy) -> LiveSandbox:
         """A cold boot for a caller who waits for it (create, template builds); returns once the

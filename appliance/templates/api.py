@@ -50,6 +50,8 @@ from appliance.templates.registry_auth import Credentials
 from appliance.templates.requests import ImageBuildRequest, TemplateSettings, parse_size_mb, public_request
 from appliance.tenancy import Principal, current_principal
 
+CONTEXT_UPLOAD_PATH = "/templates/builds/dockerfile"
+
 
 class Refused(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
@@ -93,6 +95,8 @@ def visible_job(builds: TemplateBuilds, job_id: str) -> BuildJob | None:
 
 async def receive_context(archive: Path, limit: int) -> None:
     """The request body (a tar, usually chunked) into `archive`, refused past `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise Refused(413, "too_large", f"the build context is larger than {limit >> 20} MiB")
     received = 0
     async with await trio.open_file(archive, "wb") as out:
         async for chunk in request.body:
@@ -132,7 +136,7 @@ def create_blueprint(builds: TemplateBuilds) -> Blueprint:
         job = builds.submit_image(build, public_request(data), principal.team_id)
         return jsonify({"job_id": job.job_id, "template_id": job.template_id}), 202
 
-    @blueprint.post("/templates/builds/dockerfile")
+    @blueprint.post(CONTEXT_UPLOAD_PATH)
     async def submit_dockerfile_build() -> tuple[Response, int]:
         principal = current_principal()
         try:

@@ -163,6 +163,26 @@ def test_build_context_uploads_are_capped(
     assert refused.json()["code"] == 413 and "larger than 1 MiB" in refused.json()["message"]
     work = service.config.cache_dir / "build-work" / "contexts"
     assert list(work.iterdir()) == []
+    # Declared too large: refused before a byte is stored.
+    declared = httpx.post(
+        f"{service.url}/templates/builds/dockerfile",
+        params={"options": options},
+        content=b"\0" * (2 << 20),
+        headers=key_for(service),
+    )
+    assert declared.status_code == 413 and "larger than 1 MiB" in declared.json()["message"]
+
+
+def test_a_build_context_larger_than_a_json_body_is_accepted(
+    service_config: Config, fake_runtime: FakeRuntime, start_service: Callable[..., ServiceHarness]
+) -> None:
+    service = start_service(dataclasses.replace(service_config, max_build_context_mb=8), fake_runtime)
+    context = tar_of({"Dockerfile": b"FROM scratch\nCOPY blob /blob\n", "blob": b"\1" * (3 << 20)})
+    for content in (context, iter([context[i : i + 65536] for i in range(0, len(context), 65536)])):
+        response = httpx.post(
+            f"{service.url}/templates/builds/dockerfile", content=content, headers=key_for(service)
+        )
+        assert response.status_code == 202, response.text
 
 
 async def test_envd_client_refuses_a_huge_envelope_without_buffering_it() -> None:
