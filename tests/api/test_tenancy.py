@@ -13,15 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from api_routes import app_routes
 
-from appliance.api.app import build_app
-from appliance.api.auth import Access, protect
-from appliance.api.services import Services
 from appliance.master.store import (
     MIGRATIONS,
     SandboxQuery,
@@ -31,7 +28,6 @@ from appliance.master.store import (
     migrate,
     schema_version,
 )
-from appliance.templates.api import create_blueprint as create_build_blueprint
 from appliance.templates.manifest import TemplateManifest
 
 if TYPE_CHECKING:
@@ -211,18 +207,6 @@ ROUTES: dict[tuple[str, str], Check] = {
     ("GET", "/templates/build-cache"): b_gets(403),
     ("POST", "/templates/build-cache/prune"): b_gets(403),
 }
-
-
-def app_routes() -> set[tuple[str, str]]:
-    builds = protect(create_build_blueprint(cast(Any, None)), Access.KEY)
-    app = build_app(cast(Services, SimpleNamespace(auth=None)), [builds])
-    return {
-        (method, rule.rule)
-        for rule in app.url_map.iter_rules()
-        if rule.endpoint != "static"
-        for method in rule.methods or ()
-        if method not in ("HEAD", "OPTIONS")
-    }
 
 
 def test_every_route_has_a_tenancy_rule() -> None:
