@@ -9,6 +9,7 @@ from quart import Response
 from appliance.cubelet.cubelet import ENVD_VERSION, Cubelet, rfc3339
 from appliance.master.store import Event, SandboxRecord
 from appliance.templates.manifest import TemplateManifest
+from appliance.tenancy import SYSTEM_TEAM
 
 
 def json_response(data: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -101,7 +102,7 @@ def template_body(manifest: TemplateManifest, cubelet: Cubelet) -> dict[str, obj
         "cpuCount": manifest.cpu_count,
         "memoryMB": manifest.memory_mb,
         "diskSizeMB": manifest.writable_layer_mb,
-        "public": False,
+        "public": manifest.owner == SYSTEM_TEAM,  # built in: every team may use it
         "aliases": list(manifest.aliases),
         "names": [manifest.template_id, *manifest.aliases],
         "createdAt": created,

@@ -121,6 +121,12 @@ def create_blueprint(builds: TemplateBuilds) -> Blueprint:
     async def _refused(refused: Refused) -> tuple[Response, int]:
         return error(refused.status, refused.code, refused.message)
 
+    _add_submit_routes(blueprint, builds)
+    _add_read_routes(blueprint, builds)
+    return blueprint
+
+
+def _add_submit_routes(blueprint: Blueprint, builds: TemplateBuilds) -> None:
     @blueprint.post("/templates/builds")
     async def submit_image_build() -> tuple[Response, int]:
         principal = current_principal()
@@ -174,6 +180,8 @@ def create_blueprint(builds: TemplateBuilds) -> Blueprint:
         job = builds.submit_dockerfile(build, public_request(options), principal.team_id)
         return jsonify({"job_id": job.job_id, "template_id": job.template_id}), 202
 
+
+def _add_read_routes(blueprint: Blueprint, builds: TemplateBuilds) -> None:
     @blueprint.get("/templates/builds")
     async def list_builds() -> Response:
         principal = current_principal()
@@ -224,5 +232,3 @@ def create_blueprint(builds: TemplateBuilds) -> Blueprint:
                 "kept_in_use": sum(e.in_use for e in kept),
             }
         )
-
-    return blueprint
