@@ -68,7 +68,7 @@ def sandbox_request(data: dict[str, Any], principal: Principal, s: Services) -> 
         auto_resume = v.optional_bool(auto_resume_value, "enabled", False)
     else:
         auto_resume = v.optional_bool(data, "autoResume", False)
-    v.optional_bool(data, "allow_internet_access", True)
+    v.optional_bool(data, "allow_internet_access", True)  # its type checked here, its value in create_network
     if data.get("volumeMounts"):
         raise ApiError(400, "volume mounts are not supported by this appliance")
     if data.get("mcp"):
