@@ -52,7 +52,7 @@ def listed_body(record: SandboxRecord) -> dict[str, object]:
 
 def network_body(record: SandboxRecord) -> dict[str, object]:
     network = dict(record.network)
-    if record.traffic_access_token is not None:
+    if not record.allow_public_traffic:
         network["allowPublicTraffic"] = False
     return network
 

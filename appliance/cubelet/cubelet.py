@@ -654,7 +654,8 @@ class Cubelet:
             auto_resume=request.auto_resume,
             console_log=str(live.instance.console_log) if live.instance else "",
             team_id=request.team_id,
-            traffic_access_token=None if request.allow_public_traffic else secrets.token_urlsafe(24),
+            traffic_access_token=secrets.token_urlsafe(24),
+            allow_public_traffic=request.allow_public_traffic,
         )
         live.record.set_egress_policy(request.network)
         try:
@@ -710,6 +711,7 @@ class Cubelet:
         body = {
             "envVars": {**request.template.envs, **request.env_vars},
             "accessToken": live.record.envd_access_token,
+            "trafficAccessToken": live.record.traffic_access_token,
             "timestamp": rfc3339(now),
             # Guests cloned from one snapshot share its CRNG state: each gets its own seed.
             "rngSeed": secrets.token_hex(32),

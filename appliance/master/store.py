@@ -51,9 +51,12 @@ class SandboxRecord:
     ended_at: float | None = None
     end_reason: str = ""
     team_id: str = SYSTEM_TEAM  # the owner (appliance/tenancy.py)
-    # `network.allowPublicTraffic: false` at create: traffic to the sandbox's ports (all but
-    # envd's, which has its own token) needs `e2b-traffic-access-token: <this>` (proxy/router.py).
+    # Sent by the SDKs as `e2b-traffic-access-token` to the sandbox's ports other than envd's
+    # (the code interpreter's on every call). The guest's code interpreter takes it (or the
+    # access token); with `network.allowPublicTraffic: false` at create, the router requires
+    # it on every port but envd's (proxy/access.py). None only in records from before it.
     traffic_access_token: str | None = None
+    allow_public_traffic: bool = True
 
     def egress_policy(self) -> NetworkPolicy:
         """The egress policy the sandbox runs with (stored as E2B reports it)."""

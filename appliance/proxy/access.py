@@ -10,6 +10,8 @@ Sandbox traffic carries no API key: the sandbox's tokens are its credentials.
   does not leak to whoever lacks its token.
 - Every other port of a sandbox created with `allowPublicTraffic: false`:
   `e2b-traffic-access-token` must be its traffic token (403 otherwise, as E2B's edge).
+  Public sandboxes have one too (the code interpreter in the guest takes it, as the SDKs
+  send no access token on `/contexts`), but their ports are open to anyone here.
 - The caller's control-plane credentials (`X-API-Key`, `Authorization: Bearer`) are
   not forwarded into the guest; `Authorization: Basic` is (envd reads the user from it).
 """
@@ -127,7 +129,7 @@ def check_credentials(scope: Scope, record: SandboxRecord, port: int) -> None:
             raise Refused(502, not_found_message(record.sandbox_id))
         return
     expected = record.traffic_access_token
-    if expected is None:
+    if record.allow_public_traffic or expected is None:
         return
     presented = header(scope, TRAFFIC_TOKEN_HEADER)
     if presented is None:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 if TYPE_CHECKING:
-    from conftest import ServiceHarness
+    from conftest import FakeRuntime, ServiceHarness
 
 
 class Elsewhere:
@@ -209,8 +209,13 @@ def test_traffic_access_token_is_issued_and_enforced_for_private_traffic(
     assert httpx.get(f"{service.url}/health", headers=envd).status_code == 204
 
 
-def test_public_sandboxes_get_no_traffic_token(service: ServiceHarness, created: dict[str, Any]) -> None:
-    assert created["trafficAccessToken"] is None
+def test_public_sandboxes_ports_need_no_traffic_token_but_the_guest_gets_one(
+    service: ServiceHarness, created: dict[str, Any], fake_runtime: FakeRuntime
+) -> None:
+    # The SDK sends it on every code-interpreter call, whose guest side takes it (or the access token).
+    token = created["trafficAccessToken"]
+    assert isinstance(token, str) and len(token) >= 20
+    assert fake_runtime.instances[created["sandboxID"]].app.init_calls[-1]["trafficAccessToken"] == token
     headers = {"E2b-Sandbox-Id": created["sandboxID"], "E2b-Sandbox-Port": "49999"}
     assert httpx.get(f"{service.url}/contexts", headers=headers).status_code == 200
 
