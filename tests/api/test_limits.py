@@ -211,7 +211,7 @@ async def test_envd_client_refuses_a_huge_envelope_without_buffering_it() -> Non
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(hypercorn.trio.serve, guest, config)
         async with httpx.AsyncClient(trust_env=False) as http:
-            with pytest.raises(EnvdError, match="1073741824-byte message"):
+            with pytest.raises(EnvdError, match="1073741824"):  # the size it announced, refused
                 await start_process(http, binds[0], "user", ["true"], {}, None, print, print)
         nursery.cancel_scope.cancel()
     assert sent < 8 << 20  # refused on the header, not after reading what it announced
