@@ -326,15 +326,22 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", required=True, help="Who or what the key is for.")
+@click.option(
+    "--team",
+    default=None,
+    help="Put the key in this existing team (it shares the team's sandboxes and templates); "
+    "default: a new team of its own.",
+)
 @json_option
 @click.pass_obj
-def keys_create(config: Any, name: str, as_json: bool) -> None:
+def keys_create(config: Any, name: str, team: str | None, as_json: bool) -> None:
     """Create a key; it is shown once."""
-    created = ApiClient.from_config(config).json("POST", "/cube/keys", json={"name": name})
+    body = {"name": name} if team is None else {"name": name, "team": team}
+    created = ApiClient.from_config(config).json("POST", "/cube/keys", json=body)
     if as_json:
         click.echo(json.dumps(created, indent=2))
     else:
-        click.echo(f"id {created['id']} ({created['name']})\n{created['key']}")
+        click.echo(f"id {created['id']} ({created['name']}, team {created['team']})\n{created['key']}")
 
 
 @keys.command("list")
@@ -343,7 +350,7 @@ def keys_create(config: Any, name: str, as_json: bool) -> None:
 def keys_list(config: Any, as_json: bool) -> None:
     """Keys (never their secrets)."""
     rows = ApiClient.from_config(config).json("GET", "/cube/keys")
-    emit(rows, as_json, ["id", "name", "prefix", "createdAt", "lastUsedAt", "revokedAt"])
+    emit(rows, as_json, ["id", "name", "team", "prefix", "createdAt", "lastUsedAt", "revokedAt"])
 
 
 @keys.command("revoke")

@@ -50,6 +50,7 @@ class FakeGuestApp:
     /echo (POST)          streams the request body back chunk by chunk as it arrives
     /digest (POST)        sha256 and size of the request body, answered after reading all of it
     /headers              the request headers as JSON
+    /contexts             [] (the code interpreter's context list)
     /ws (WebSocket)       echoes messages
     While paused, requests wait until resume (like a frozen UML guest).
     """
@@ -103,6 +104,8 @@ class FakeGuestApp:
         elif path == "/headers":
             headers = {k.decode(): v.decode() for k, v in scope["headers"]}
             await self._reply(send, 200, json.dumps(headers).encode(), b"application/json")
+        elif path == "/contexts":  # the code interpreter's, as `list_code_contexts()` reads it
+            await self._reply(send, 200, b"[]", b"application/json")
         elif path == "/stream":
             query = dict(p.split("=") for p in scope["query_string"].decode().split("&") if "=" in p)
             await send({"type": "http.response.start", "status": 200, "headers": []})

@@ -39,6 +39,7 @@ from appliance.cubelet.lifecycle import GuestLifecycle, trio_deadline_for
 from appliance.cubelet.pools import WarmPools
 from appliance.cubelet.sandboxes import (
     LiveSandbox,
+    OutOfMemoryBudget,
     SandboxNotFound,
     SandboxRequest,
     SandboxStartFailed,
@@ -47,6 +48,7 @@ from appliance.cubelet.sandboxes import (
 )
 from appliance.cubelet.state import ACTIVE, USER_VISIBLE, SandboxState
 from appliance.master.store import RUNNING, SandboxRecord, Store
+from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import Instance, Runtime
 from appliance.templates.manifest import TemplateManifest
 
@@ -55,6 +57,7 @@ __all__ = [
     "Cubelet",
     "LiveSandbox",
     "NetworkPolicyService",
+    "OutOfMemoryBudget",
     "SandboxNotFound",
     "SandboxRequest",
     "SandboxStartFailed",
@@ -68,13 +71,9 @@ ENVD_VERSION = "0.6.4"
 
 
 class NetworkPolicyService(Protocol):
-    """What the cubelet needs from CubeVS to change a running sandbox's policy.
+    """What the cubelet needs from CubeVS to change a running sandbox's policy (parsed by the API)."""
 
-    `policy` is an E2B body (`PUT /sandboxes/{id}/network`, or the create body's
-    `allow_internet_access` + `network`); a policy it refuses raises ValueError.
-    """
-
-    async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None: ...
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None: ...
 
     def counters(self, sandbox_id: str) -> dict[str, int]:
         """Packets/bytes the sandbox's policy allowed and dropped; {} for an unknown sandbox."""
@@ -114,7 +113,9 @@ class Cubelet:
             config, store, on_change=lambda live, old: self.pools.guest_changed(live, old)
         )
         self.capacity = BootCapacity(os.cpu_count(), on_release=self.wake_pools)
-        self.lifecycle = GuestLifecycle(config, runtime, self.sandboxes, self.capacity)
+        self.lifecycle = GuestLifecycle(
+            config, runtime, self.sandboxes, self.capacity, make_room=lambda t: self.pools.make_room(t)
+        )
         self.health = HealthProber(config, self.sandboxes, self.lifecycle.terminate)
         self.pools = WarmPools(
             config,
@@ -188,7 +189,7 @@ class Cubelet:
                     log.warning(
                         "warm instance %s failed to initialise (%s); booting cold", live.sandbox_id, exc
                     )
-        live = await self.lifecycle.boot(template, request.network_policy())
+        live = await self.lifecycle.boot(template, request.network)
         return await self._activate_or_discard(live, request, source="cold boot")
 
     async def _activate_or_discard(
@@ -206,12 +207,11 @@ class Cubelet:
         now = time.time()
         console_log = str(live.instance.console_log) if live.instance else ""
         record = request.new_record(live.sandbox_id, console_log, now)
-        await self._init_guest(live, request, record.envd_access_token, now)
+        await self._init_guest(live, request, record, now)
         # A warm guest was booted with the template's default policy, a cold one with the
         # request's: most requests ask for the default, and then there is nothing to change.
-        policy = request.network_policy()
-        if self.network is not None and policy != live.spec.network_policy:
-            await self.network.update_policy(live.sandbox_id, policy)
+        if self.network is not None and request.network != live.spec.network_policy:
+            await self.network.update_policy(live.sandbox_id, request.network)
         self._run(live, record, f"{source}, template {request.template.template_id}", event="created")
         return record
 
@@ -223,7 +223,7 @@ class Cubelet:
         request = SandboxRequest.carried_over(record, template, now)
         async with self.capacity.cold_boot():
             live = self.sandboxes.add(
-                template, request.network_policy(), sandbox_id=record.sandbox_id, disk=disk
+                template, request.network, sandbox_id=record.sandbox_id, disk=disk
             )
             await self.lifecycle.start(live)
         assert live.instance is not None
@@ -231,7 +231,7 @@ class Cubelet:
             record, state=RUNNING, ended_at=None, end_reason="", console_log=str(live.instance.console_log)
         )
         try:
-            await self._init_guest(live, request, restored.envd_access_token, now)
+            await self._init_guest(live, request, restored, now)
             self._run(live, restored, "carried over a service restart (disk kept)", event="restored")
         except BaseException:
             self.lifecycle.terminate(live, "initialisation after a restart failed")
@@ -239,12 +239,13 @@ class Cubelet:
         return restored
 
     async def _init_guest(
-        self, live: LiveSandbox, request: SandboxRequest, access_token: str, now: float
+        self, live: LiveSandbox, request: SandboxRequest, record: SandboxRecord, now: float
     ) -> None:
         assert live.agent is not None
         try:
             await live.agent.init(
-                access_token=access_token,
+                access_token=record.envd_access_token,
+                traffic_token=record.traffic_access_token,
                 env_vars={**request.template.envs, **request.env_vars},
                 user=request.template.user,
                 workdir=request.template.workdir,
@@ -304,14 +305,12 @@ class Cubelet:
         resumed = await self.lifecycle.resume_or_extend(live, timeout_s)
         return self._record_of(live), resumed
 
-    async def update_network(self, sandbox_id: str, policy: dict[str, object]) -> SandboxRecord:
+    async def update_network(self, sandbox_id: str, policy: NetworkPolicy) -> SandboxRecord:
         live = self.require(sandbox_id)
         if self.network is not None:
             await self.network.update_policy(sandbox_id, policy)
         record = self._record_of(live)
-        record.network = {k: v for k, v in policy.items() if k != "allowInternetAccess"}
-        if "allowInternetAccess" in policy:
-            record.allow_internet_access = bool(policy["allowInternetAccess"])
+        record.set_egress_policy(policy)
         self.sandboxes.save(live)
         self.store.add_event(sandbox_id, "network", "network policy updated")
         return record

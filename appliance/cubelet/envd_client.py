@@ -35,10 +35,24 @@ METRIC_KEYS = {
     "disk_total": "diskTotal",
 }
 METRICS_TIMEOUT_S = 1.0
+# What the host holds of a guest's answers at once: a guest is untrusted, and one that streams an
+# endless body or announces a huge envelope must not fill the service's memory.
+MAX_REPLY_BYTES = 1 << 20  # a whole small answer (/metrics, /health, an error body)
+MAX_ENVELOPE_BYTES = 4 << 20  # one Connect envelope (envd sends output in chunks of ~32 KiB)
 
 
 class EnvdError(Exception):
     pass
+
+
+async def read_bounded(response: httpx.Response, limit: int = MAX_REPLY_BYTES) -> bytes:
+    """The body of a streamed response, at most `limit` bytes (more: EnvdError)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise EnvdError(f"the guest agent's answer is larger than {limit} bytes")
+    return bytes(body)
 
 
 @dataclass(frozen=True)
@@ -79,12 +93,21 @@ class GuestAgent:
         return {"X-Access-Token": self.access_token or self._boot_token}
 
     async def init(
-        self, *, access_token: str, env_vars: dict[str, str], user: str, workdir: str, timestamp: str
+        self,
+        *,
+        access_token: str,
+        traffic_token: str | None,
+        env_vars: dict[str, str],
+        user: str,
+        workdir: str,
+        timestamp: str,
     ) -> None:
-        """Hand the guest its user's settings (envd's `/init`); raises EnvdError if it refuses."""
+        """Hand the guest its user's settings (envd's `/init`); raises EnvdError if it refuses.
+        `traffic_token` opens the code interpreter's port too (what the SDKs send on /contexts)."""
         body = {
             "envVars": env_vars,
             "accessToken": access_token,
+            "trafficAccessToken": traffic_token,
             "timestamp": timestamp,
             # Guests cloned from one snapshot share its CRNG state: each gets its own seed.
             "rngSeed": secrets.token_hex(32),
@@ -101,17 +124,23 @@ class GuestAgent:
 
     async def healthy(self, timeout: float) -> bool:
         try:
-            response = await self._http.get("/health", headers=self.headers(), timeout=timeout)
-        except httpx.HTTPError:
+            # Read to its end (so the connection is kept for /init), but bounded: a guest is untrusted.
+            health = self._http.stream("GET", "/health", headers=self.headers(), timeout=timeout)
+            async with health as response:
+                await read_bounded(response)
+                return response.status_code < 300
+        except (httpx.HTTPError, EnvdError):
             return False
-        return response.status_code < 300
 
     async def metrics(self) -> dict[str, object]:
         """envd's view of the guest, in the E2B SandboxMetric shape; {} when it does not answer."""
         try:
-            response = await self._http.get("/metrics", headers=self.headers(), timeout=METRICS_TIMEOUT_S)
-            data = response.json() if response.status_code == 200 else {}
-        except (httpx.HTTPError, ValueError):
+            async with self._http.stream(
+                "GET", "/metrics", headers=self.headers(), timeout=METRICS_TIMEOUT_S
+            ) as response:
+                ok = response.status_code == 200
+                data = json.loads(await read_bounded(response)) if ok else {}
+        except (httpx.HTTPError, ValueError, EnvdError):
             return {}
         if not isinstance(data, dict):
             return {}
@@ -146,12 +175,15 @@ async def start_process(
         "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
     }
     exit_code: int | None = None
-    decoder = EnvelopeDecoder()
+    decoder = EnvelopeDecoder(max_message=MAX_ENVELOPE_BYTES)
     async with http.stream(
         "POST", f"{base}/process.Process/Start", content=envelope(body), headers=headers
     ) as response:
         if response.status_code != 200:
-            text = (await response.aread()).decode(errors="replace")[:500]
+            try:
+                text = (await read_bounded(response)).decode(errors="replace")[:500]
+            except EnvdError as exc:
+                text = str(exc)
             raise EnvdError(f"guest agent answered {response.status_code}: {text}")
         try:
             async for chunk in response.aiter_bytes():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -27,6 +28,7 @@ from appliance.cubelet.sandboxes import (
 from appliance.cubelet.state import SandboxState
 from appliance.errors import first_leaf
 from appliance.master.store import SandboxRecord
+from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootStalled, GuestExited, GuestFailure, Instance, Runtime
 from appliance.templates.manifest import TemplateManifest
 
@@ -42,8 +44,17 @@ def trio_deadline_for(end_at_unix: float) -> float:
 
 
 class GuestLifecycle:
-    def __init__(self, config: Config, runtime: Runtime, table: SandboxTable, capacity: BootCapacity) -> None:
+    def __init__(
+        self,
+        config: Config,
+        runtime: Runtime,
+        table: SandboxTable,
+        capacity: BootCapacity,
+        make_room: Callable[[TemplateManifest], Awaitable[None]],
+    ) -> None:
         self.config = config
+        # Frees memory for a cold boot or refuses it (`WarmPools.make_room`: OutOfMemoryBudget).
+        self._make_room = make_room
         self.runtime = runtime
         self.table = table
         self.capacity = capacity
@@ -55,7 +66,7 @@ class GuestLifecycle:
 
     # Booting.
 
-    async def boot(self, template: TemplateManifest, network_policy: dict[str, object]) -> LiveSandbox:
+    async def boot(self, template: TemplateManifest, network_policy: NetworkPolicy) -> LiveSandbox:
         """A cold boot for a caller who waits for it (create, template builds); returns once the
         guest agent answers (READY). The boot keeps its place in the boot capacity until the
         guest's default kernel has started too: that start is as CPU-bound as the boot, and
@@ -66,11 +77,12 @@ class GuestLifecycle:
     async def _cold_boot(
         self,
         template: TemplateManifest,
-        network_policy: dict[str, object],
+        network_policy: NetworkPolicy,
         *,
         task_status: trio.TaskStatus[LiveSandbox],
     ) -> None:
         async with self.capacity.cold_boot():
+            await self._make_room(template)
             live = self.table.add(template, network_policy)
             try:
                 await self.start(live)

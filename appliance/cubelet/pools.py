@@ -21,7 +21,13 @@ import trio
 from appliance.config import Config
 from appliance.cubelet.capacity import BootCapacity
 from appliance.cubelet.lifecycle import GuestLifecycle
-from appliance.cubelet.sandboxes import LiveSandbox, SandboxStartFailed, SandboxTable, template_network_policy
+from appliance.cubelet.sandboxes import (
+    LiveSandbox,
+    OutOfMemoryBudget,
+    SandboxStartFailed,
+    SandboxTable,
+    template_network_policy,
+)
 from appliance.cubelet.state import SandboxState
 from appliance.templates.manifest import TemplateManifest
 
@@ -84,6 +90,23 @@ class WarmPools:
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    async def make_room(self, template: TemplateManifest) -> None:
+        """Room in the memory budget for one more guest of `template`, for a cold boot that adds it
+        right after (no checkpoint in between): pooled guests give theirs back first (idle, and
+        refilled later within the budget); a boot that still does not fit is refused
+        (OutOfMemoryBudget) rather than left to the kernel's OOM killer."""
+        with self.table.reserved(template.memory_mb):
+            while self.table.memory_committed_mb() > self.memory_budget_mb:
+                pooled = next((live for pool in self._pools.values() for live in pool), None)
+                if pooled is None:
+                    in_use = self.table.memory_committed_mb() - template.memory_mb
+                    raise OutOfMemoryBudget(
+                        f"not enough memory for another {template.memory_mb} MiB sandbox: "
+                        f"{in_use} of {self.memory_budget_mb} MiB are in use"
+                    )
+                self.lifecycle.terminate(pooled, "memory needed for a cold boot")
+                await pooled.gone.wait()
 
     def guest_changed(self, live: LiveSandbox, old: SandboxState) -> None:
         """SandboxTable's listener: a pooled guest that ends leaves its pool; a guest gone frees

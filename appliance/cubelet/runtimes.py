@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.config import Config
 from appliance.cubelet.cubelet import NetworkPolicyService
+from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import Instance, Runtime
 
 if TYPE_CHECKING:
@@ -54,14 +55,13 @@ def _import(module: str, attribute: str, purpose: str) -> Any:
 
 
 class CubeVSPolicies:
-    """Adapts CubeVS (which takes `NetworkPolicy` objects) to the cubelet's E2B-body interface."""
+    """CubeVS as the cubelet's NetworkPolicyService (a sandbox CubeVS does not know has no counters)."""
 
-    def __init__(self, cubevs: Any, policy_class: Any) -> None:
+    def __init__(self, cubevs: Any) -> None:
         self._cubevs = cubevs
-        self._policy_class = policy_class
 
-    async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None:
-        await self._cubevs.update_policy(sandbox_id, self._policy_class.from_e2b(policy))
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None:
+        await self._cubevs.update_policy(sandbox_id, policy)
 
     def counters(self, sandbox_id: str) -> dict[str, int]:
         try:
@@ -88,7 +88,6 @@ def choose_runtime_name(config: Config) -> str:
 async def open_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
     name = choose_runtime_name(config)
     cubevs_class = _import("appliance.net.service", "CubeVS", "sandbox networking (CubeVS)")
-    policy_class = _import("appliance.net.policy", "NetworkPolicy", "sandbox network policies")
     if name == "uml":
         runtime_class = _import("appliance.runtime.uml.runtime", "UmlRuntime", "the uml runtime")
     elif name == "kvm":
@@ -98,6 +97,6 @@ async def open_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
     async with cubevs_class.start(config) as cubevs:
         runtime = runtime_class(config, cubevs)
         try:
-            yield RuntimeBundle(runtime=runtime, network=CubeVSPolicies(cubevs, policy_class))
+            yield RuntimeBundle(runtime=runtime, network=CubeVSPolicies(cubevs))
         finally:
             runtime.close()  # e.g. the kvm runtime's pooled VM shells

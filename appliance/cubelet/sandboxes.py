@@ -14,6 +14,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +31,10 @@ from appliance.cubelet.state import (
     check_transition,
 )
 from appliance.master.store import RUNNING, SandboxRecord, Store
+from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import BootSpec, Instance
 from appliance.templates.manifest import TemplateManifest
+from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,10 @@ class SandboxStartFailed(Exception):
     """Booting or initialising a guest failed; the message is for the user."""
 
 
+class OutOfMemoryBudget(SandboxStartFailed):
+    """A cold boot would take the sandboxes past the node's memory budget: refused before it starts."""
+
+
 @dataclass(frozen=True)
 class SandboxRequest:
     template: TemplateManifest
@@ -55,20 +62,15 @@ class SandboxRequest:
     env_vars: dict[str, str] = field(default_factory=dict)
     on_timeout: str = "kill"
     auto_resume: bool = False
-    allow_internet_access: bool = True
-    network: dict[str, object] = field(default_factory=dict)
-
-    def network_policy(self) -> dict[str, object]:
-        """The policy handed to CubeVS, in the create-body shape `NetworkPolicy.from_e2b` reads:
-        template defaults, overridden by the request's own settings."""
-        return {
-            "allow_internet_access": self.allow_internet_access,
-            "network": {**self.template.network_defaults, **self.network},
-        }
+    # Egress: the template's defaults with the request's settings over them (the API merges them).
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    allow_public_traffic: bool = True  # False: the sandbox's ports need its traffic access token
+    team_id: str = SYSTEM_TEAM
 
     def new_record(self, sandbox_id: str, console_log: str, now: float) -> SandboxRecord:
-        """The record of the sandbox this request makes (RUNNING from `now`), with a new access token."""
-        return SandboxRecord(
+        """The record of the sandbox this request makes (RUNNING from `now`), with new access and
+        traffic tokens."""
+        record = SandboxRecord(
             sandbox_id=sandbox_id,
             template_id=self.template.template_id,
             alias=self.alias,
@@ -83,10 +85,13 @@ class SandboxRequest:
             metadata=dict(self.metadata),
             on_timeout=self.on_timeout,
             auto_resume=self.auto_resume,
-            allow_internet_access=self.allow_internet_access,
-            network=dict(self.network),
             console_log=console_log,
+            team_id=self.team_id,
+            traffic_access_token=secrets.token_urlsafe(24),
+            allow_public_traffic=self.allow_public_traffic,
         )
+        record.set_egress_policy(self.network)
+        return record
 
     @classmethod
     def carried_over(cls, record: SandboxRecord, template: TemplateManifest, now: float) -> SandboxRequest:
@@ -99,15 +104,23 @@ class SandboxRequest:
             metadata=record.metadata,
             on_timeout=record.on_timeout,
             auto_resume=record.auto_resume,
-            allow_internet_access=record.allow_internet_access,
-            network=record.network,
+            network=record.egress_policy(),
+            allow_public_traffic=record.allow_public_traffic,
+            team_id=record.team_id,
         )
 
 
-def template_network_policy(template: TemplateManifest) -> dict[str, object]:
-    """The template's default network policy (an E2B create body's shape): what a guest runs
-    until it is claimed (the claim applies its request's), and what build guests run."""
-    return {"allow_internet_access": True, "network": dict(template.network_defaults)}
+def template_network_policy(template: TemplateManifest) -> NetworkPolicy:
+    """The egress a template's sandboxes get unless the create request says otherwise: what a
+    guest runs until it is claimed (the claim applies its request's), and what build guests run
+    (`tpl` flags: allow_internet_access, allow_out, deny_out)."""
+    defaults = template.network_defaults
+    return NetworkPolicy.from_e2b(
+        {
+            "allow_internet_access": defaults.get("allow_internet_access", True),
+            "network": {"allowOut": defaults.get("allow_out"), "denyOut": defaults.get("deny_out")},
+        }
+    )
 
 
 @dataclass(eq=False)
@@ -158,6 +171,7 @@ class SandboxTable:
         self._next_slot = 0
         # One /30 of host_network per slot; the first /30 is the node resolver's.
         self._slot_count = ipaddress.ip_network(config.host_network).num_addresses // 4 - 1
+        self._reserved_mb = 0  # cold boots making room for themselves (`reserved`)
 
     # Queries.
 
@@ -189,15 +203,25 @@ class SandboxTable:
         )
 
     def memory_committed_mb(self) -> int:
-        """Everything still holding memory, guests tearing down too."""
-        return sum(live.template.memory_mb for live in self._guests.values())
+        """Everything still holding memory, guests tearing down too, and what cold boots reserved."""
+        return self._reserved_mb + sum(live.template.memory_mb for live in self._guests.values())
+
+    @contextmanager
+    def reserved(self, memory_mb: int) -> Iterator[None]:
+        """Count `memory_mb` as taken while a cold boot makes room for itself (`WarmPools.make_room`):
+        pool refills must not take what the guests it evicts give back."""
+        self._reserved_mb += memory_mb
+        try:
+            yield
+        finally:
+            self._reserved_mb -= memory_mb
 
     # Changes.
 
     def add(
         self,
         template: TemplateManifest,
-        network_policy: dict[str, object],
+        network_policy: NetworkPolicy,
         *,
         background: bool = False,
         sandbox_id: str | None = None,

@@ -28,6 +28,7 @@ from appliance.templates.manifest import TemplateManifest
 
 if TYPE_CHECKING:
     from appliance.config import Config
+    from appliance.net.policy import NetworkPolicy
 
 ENVD_PORT = 49983
 CODE_INTERPRETER_PORT = 49999
@@ -68,6 +69,14 @@ class BootStalled(BootFailed):
     that hung rather than a slow boot; worth one more try."""
 
 
+def _open_policy() -> NetworkPolicy:
+    """E2B's default: everything allowed that is not always blocked (imported late: appliance.net
+    imports this module)."""
+    from appliance.net.policy import NetworkPolicy
+
+    return NetworkPolicy()
+
+
 @dataclass(frozen=True)
 class BootSpec:
     """Everything a runtime needs to start one sandbox."""
@@ -80,8 +89,8 @@ class BootSpec:
     sandbox_dir: Path  # private per-sandbox files: COW disk, console log, sockets
     memory_mb: int
     cpu_count: int
-    # Network policy handed to CubeVS; plain data (see appliance.net).
-    network_policy: dict[str, object] = field(default_factory=dict)
+    # Egress policy handed to CubeVS (parsed once, at the API's edge).
+    network_policy: NetworkPolicy = field(default_factory=lambda: _open_policy())
     # Nobody waits for this boot (a warm-pool refill): runtimes that can give it the least CPU
     # weight until the guest is fully ready, so it does not slow the sandboxes being claimed.
     background: bool = False
@@ -103,7 +112,7 @@ class BootSpec:
         *,
         memory_mb: int | None = None,
         cpu_count: int | None = None,
-        network_policy: dict[str, object] | None = None,
+        network_policy: NetworkPolicy | None = None,
         background: bool = False,
         disk: Path | None = None,
     ) -> BootSpec:
@@ -116,7 +125,7 @@ class BootSpec:
             sandbox_dir=config.sandboxes_dir / sandbox_id,
             memory_mb=template.memory_mb if memory_mb is None else memory_mb,
             cpu_count=template.cpu_count if cpu_count is None else cpu_count,
-            network_policy=network_policy or {},
+            network_policy=network_policy or _open_policy(),
             background=background,
             disk=disk,
         )

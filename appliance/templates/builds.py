@@ -47,6 +47,7 @@ from appliance.templates.pull import pull_image
 from appliance.templates.registry import insecure_registries
 from appliance.templates.requests import ImageBuildRequest, TemplateSettings
 from appliance.templates.sandbox_steps import TemplateSandboxes
+from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +111,25 @@ class TemplateBuilds:
         return self.store.get(job_id)
 
     def _start(
-        self, kind: str, request: dict[str, object], settings: TemplateSettings, build: RootfsBuilder
+        self,
+        kind: str,
+        request: dict[str, object],
+        settings: TemplateSettings,
+        build: RootfsBuilder,
+        team: str,
     ) -> BuildJob:
         if self._nursery is None:
             raise RuntimeError("the template build service is not running")
-        job = BuildJob(job_id=new_job_id(), kind=kind, request=request, template_id=new_template_id())
+        job = BuildJob(
+            job_id=new_job_id(), kind=kind, request=request, template_id=new_template_id(), team=team
+        )
         self.store.add(job)
         self._nursery.start_soon(self._run_job, job, settings, build)
         return job
 
-    def submit_image(self, request: ImageBuildRequest, public: dict[str, object]) -> BuildJob:
+    def submit_image(
+        self, request: ImageBuildRequest, public: dict[str, object], team: str = SYSTEM_TEAM
+    ) -> BuildJob:
         async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
             image = await pull_image(
                 self.store,
@@ -145,9 +155,11 @@ class TemplateBuilds:
                 labels=config.labels,
             )
 
-        return self._start("image", public, request.settings, build)
+        return self._start("image", public, request.settings, build, team)
 
-    def submit_dockerfile(self, request: DockerfileBuildRequest, public: dict[str, object]) -> BuildJob:
+    def submit_dockerfile(
+        self, request: DockerfileBuildRequest, public: dict[str, object], team: str = SYSTEM_TEAM
+    ) -> BuildJob:
         async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
             try:
                 result = await build_dockerfile_rootfs(self, job, request, rootfs, work)
@@ -165,7 +177,7 @@ class TemplateBuilds:
                 labels=result.labels,
             )
 
-        return self._start("dockerfile", public, request.settings, build)
+        return self._start("dockerfile", public, request.settings, build, team)
 
     def _manifest(
         self,
@@ -198,6 +210,7 @@ class TemplateBuilds:
             source=source,
             labels=labels,
             created_at=utc_now(),
+            owner=job.team,
         )
 
     async def _run_job(self, job: BuildJob, settings: TemplateSettings, build: RootfsBuilder) -> None:

@@ -576,7 +576,7 @@ class DockerfileRun:
             yield plan.final_key, replace(plan.final_state, args={}), from_stage
             return
         try:
-            template = resolve_template(builds.config, name)
+            template = resolve_template(builds.config, name, job.team)
         except TemplateNotFound:
             template = None
         if template is not None:

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.tenancy import SYSTEM_TEAM
+
 MANIFEST_NAME = "template.json"
 ROOTFS_NAME = "rootfs.ext4"
 
@@ -35,6 +37,9 @@ class TemplateManifest:
     source: str = ""  # recipe hash or image digest it was built from
     labels: dict[str, str] = field(default_factory=dict)  # the image's / Dockerfile's LABELs
     created_at: str = ""
+    # The team that built it (appliance/tenancy.py); built-in templates, and any from before
+    # templates had owners, are the system's: every team may use them, only the admin change them.
+    owner: str = SYSTEM_TEAM
 
     @property
     def rootfs(self) -> Path:

@@ -18,6 +18,7 @@ from appliance.cubelet import lifecycle as lifecycle_module
 from appliance.cubelet import pools as pools_module
 from appliance.cubelet.cubelet import SandboxStartFailed
 from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxQuery
+from appliance.net.policy import NetworkPolicy
 
 if TYPE_CHECKING:
     from conftest import FakeRuntime
@@ -261,9 +262,9 @@ class CountingNetwork:
     """Stands in for CubeVS's policy service: counts per sandbox like its eBPF maps do."""
 
     def __init__(self) -> None:
-        self.policies: dict[str, dict[str, object]] = {}
+        self.policies: dict[str, NetworkPolicy] = {}
 
-    async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None:
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None:
         self.policies[sandbox_id] = policy
 
     def counters(self, sandbox_id: str) -> dict[str, int]:
@@ -274,7 +275,7 @@ async def test_network_counters_reach_metrics(service_config: Config, fake_runti
     network = CountingNetwork()
     async with running_cubelet(service_config, fake_runtime, network) as cubelet:
         sandbox = await cubelet.create(request_for(cubelet))
-        await cubelet.update_network(sandbox.sandbox_id, {"allow_internet_access": False})
+        await cubelet.update_network(sandbox.sandbox_id, NetworkPolicy(allow_internet_access=False))
         sample = await cubelet.metrics(sandbox.sandbox_id)
         assert sample["network"] == {"allowed_packets": 7, "dropped_packets": 2}
         assert cubelet.network_counters(sandbox.sandbox_id)["dropped_packets"] == 2
@@ -385,9 +386,10 @@ async def test_a_claim_changes_the_network_policy_only_when_the_request_asks_for
         assert network.policies == {}  # the pooled guest already runs the template's default policy
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
         pooled_id = next_pooled(cubelet)
-        closed = await cubelet.create(request_for(cubelet, allow_internet_access=False))
+        no_internet = NetworkPolicy(allow_internet_access=False)
+        closed = await cubelet.create(request_for(cubelet, network=no_internet))
         assert closed.sandbox_id == pooled_id
-        assert network.policies == {closed.sandbox_id: {"allow_internet_access": False, "network": {}}}
+        assert network.policies == {closed.sandbox_id: no_internet}
         assert default.sandbox_id not in network.policies
 
 

@@ -277,7 +277,7 @@ class RealGuests:
                         slot,
                         memory_mb=256,
                         cpu_count=1,
-                        network_policy=policy,
+                        network_policy=NetworkPolicy.from_e2b(policy),
                     )
                     instance = await nursery.start(runtime.run, spec)
                     assert isinstance(instance, UmlInstance)

@@ -18,13 +18,13 @@ async def test_api_errors_are_json(served: Served) -> None:
     client = served.app.test_client()
     response = await client.post("/templates/builds", json={"image": ""})
     assert response.status_code == 400
-    assert (await response.get_json())["code"] == "invalid_request"
+    assert (await response.get_json())["error_code"] == "invalid_request"
     response = await client.post("/templates/builds", json={"image": "x/y:z", "writable_layer_size": "1M"})
     assert "at least 16M" in (await response.get_json())["message"]
     response = await client.post("/templates/builds", json={"image": "UPPER/Case"})
     assert response.status_code == 400
     response = await client.get("/templates/builds/job-nope")
-    assert response.status_code == 404 and (await response.get_json())["code"] == "not_found"
+    assert response.status_code == 404 and (await response.get_json())["error_code"] == "not_found"
     response = await client.post(
         "/templates/builds/dockerfile",
         query_string={"options": json.dumps({"dockerfile": "RUN true"})},
@@ -32,7 +32,7 @@ async def test_api_errors_are_json(served: Served) -> None:
     )
     assert response.status_code == 400 and "before FROM" in (await response.get_json())["message"]
     response = await client.post("/templates/builds/dockerfile", data=b"not a tar")
-    assert response.status_code == 400 and (await response.get_json())["code"] == "invalid_context"
+    assert response.status_code == 400 and (await response.get_json())["error_code"] == "invalid_context"
     response = await client.post("/templates/builds/dockerfile", data=b"\0" * 10240)
     assert "no Dockerfile 'Dockerfile'" in (await response.get_json())["message"]
 

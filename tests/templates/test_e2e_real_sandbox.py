@@ -219,12 +219,11 @@ def test_image(registries: Registries, session_dir: Path, python_rootfs: Path) -
 async def open_test_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
     """open_runtime for uml, with guest DNS going nowhere."""
     from appliance.cubelet.runtimes import CubeVSPolicies
-    from appliance.net.policy import NetworkPolicy
     from appliance.net.service import CubeVS
     from appliance.runtime.uml.runtime import UmlRuntime
 
     async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs, NetworkPolicy))
+        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
 
 
 @pytest.fixture

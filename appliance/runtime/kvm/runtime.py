@@ -34,7 +34,6 @@ import trio
 from appliance.config import Config
 from appliance.guest.options import BOOT_TOKEN_PARAMETER
 from appliance.net.netns import entered
-from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance, read_console_tail
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
@@ -277,7 +276,7 @@ class KvmRuntime:
             raise BootFailed(spec.sandbox_id, "no guest kernel: set kvm_guest_kernel or build image/kernel")
         spec.sandbox_dir.mkdir(parents=True, exist_ok=True)
         console_log = spec.sandbox_dir / "console.log"
-        policy = NetworkPolicy.from_e2b(spec.network_policy)
+        policy = spec.network_policy
         # Resume a paused sandbox, else clone the template's snapshot, else boot.
         snapshot_dir = spec.sandbox_dir / PAUSED_SNAPSHOT_DIR
         resuming = (snapshot_dir / STATE_FILE).exists()

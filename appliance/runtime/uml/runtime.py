@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from appliance.config import Config
-from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, BootStalled, GuestExited, Instance
 from appliance.runtime.detect import DEBIAN_UML, find_uml_kernel
 from appliance.runtime.readiness import ReadinessProbe
@@ -97,7 +96,7 @@ class UmlRuntime:
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
         uid = self.config.uid_base + spec.slot
-        policy = NetworkPolicy.from_e2b(spec.network_policy)
+        policy = spec.network_policy
         async with self._cubevs.sandbox_network(spec.sandbox_id, spec.slot, uid, policy) as net:
             try:
                 await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, uid)
