@@ -53,8 +53,6 @@ class Config:
     # Live (running or paused) sandboxes one team may have at once; a create past it is a 429.
     # 0: no cap. The admin token is not capped (the memory budget still is).
     max_sandboxes_per_team: int = 100
-    # The largest build context (`cube tpl build` uploads it) the service accepts.
-    max_build_context_mb: int = 2048
 
     # Network (CubeVS).
     host_network: str = "10.213.0.0/16"  # one /30 per sandbox slot for the host<->netns veth

@@ -25,7 +25,7 @@ from appliance.templates.api import CONTEXT_UPLOAD_PATH
 MAX_BODY_BYTES = 1024 * 1024
 # Quart reads a request body as fast as it arrives, whoever consumes it: its limit is on what
 # waits in memory. A build context is streamed to disk, under its own cap on the total
-# (config.max_build_context_mb, templates/api.py); this much may wait while a write is under way.
+# (build_context_max_size, templates/limits.py); this much may wait while a write is under way.
 UPLOAD_BUFFER_BYTES = 64 * 1024 * 1024
 BLUEPRINTS = (
     health.blueprint,

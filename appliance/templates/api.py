@@ -47,7 +47,13 @@ from appliance.templates.dockerfile_build import DockerfileBuildRequest, split_s
 from appliance.templates.jobs import BuildJob
 from appliance.templates.reference import InvalidReference, LocalReference, parse_image_reference
 from appliance.templates.registry_auth import Credentials
-from appliance.templates.requests import ImageBuildRequest, TemplateSettings, parse_size_mb, public_request
+from appliance.templates.requests import (
+    ImageBuildRequest,
+    TemplateLimits,
+    TemplateSettings,
+    parse_size_mb,
+    public_request,
+)
 from appliance.tenancy import Principal, current_principal
 
 CONTEXT_UPLOAD_PATH = "/templates/builds/dockerfile"
@@ -134,7 +140,7 @@ def _add_submit_routes(blueprint: Blueprint, builds: TemplateBuilds) -> None:
         if not isinstance(data, dict):
             return error(400, "invalid_request", "the body must be a JSON object")
         try:
-            build = ImageBuildRequest.from_json(data)
+            build = ImageBuildRequest.from_json(data, TemplateLimits.from_config(builds.config))
             check_image_allowed(principal, build.image)
         except (ValueError, TypeError, InvalidReference) as exc:
             return error(400, "invalid_request", str(exc))
@@ -149,7 +155,7 @@ def _add_submit_routes(blueprint: Blueprint, builds: TemplateBuilds) -> None:
             options = json.loads(request.args.get("options", "{}"))
             if not isinstance(options, dict):
                 raise ValueError("options must be a JSON object")
-            settings = TemplateSettings.from_json(options)
+            settings = TemplateSettings.from_json(options, TemplateLimits.from_config(builds.config))
             build_args = {str(k): str(v) for k, v in (options.get("build_args") or {}).items()}
             username, password = options.get("registry_username"), options.get("registry_password")
             credentials = Credentials(str(username), str(password)) if username and password else None
@@ -159,8 +165,8 @@ def _add_submit_routes(blueprint: Blueprint, builds: TemplateBuilds) -> None:
         context = Path(tempfile.mkdtemp(prefix="context-", dir=builds.context_root()))
         archive = context.with_suffix(".tar")
         try:
-            await receive_context(archive, builds.config.max_build_context_mb << 20)
-            await trio.to_thread.run_sync(extract_context, archive, context)
+            await receive_context(archive, builds.limits.context_bytes)
+            await trio.to_thread.run_sync(extract_context, archive, context, builds.limits.context_bytes)
             dockerfile = str(options.get("dockerfile") or "") or read_context_dockerfile(
                 context, str(options.get("dockerfile_path") or "Dockerfile")
             )

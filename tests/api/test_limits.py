@@ -145,7 +145,9 @@ def test_a_dockerfiles_from_cannot_name_a_host_path(
 def test_build_context_uploads_are_capped(
     service_config: Config, fake_runtime: FakeRuntime, start_service: Callable[..., ServiceHarness]
 ) -> None:
-    service = start_service(dataclasses.replace(service_config, max_build_context_mb=1), fake_runtime)
+    extra = {**service_config.extra, "build_context_max_size": "1M"}
+    config = dataclasses.replace(service_config, extra=extra)
+    service = start_service(config, fake_runtime)
     chunk = b"\0" * 65536
 
     def endless() -> Iterator[bytes]:  # chunked, no Content-Length: only the cap stops it
@@ -176,7 +178,9 @@ def test_build_context_uploads_are_capped(
 def test_a_build_context_larger_than_a_json_body_is_accepted(
     service_config: Config, fake_runtime: FakeRuntime, start_service: Callable[..., ServiceHarness]
 ) -> None:
-    service = start_service(dataclasses.replace(service_config, max_build_context_mb=8), fake_runtime)
+    extra = {**service_config.extra, "build_context_max_size": "8M"}
+    config = dataclasses.replace(service_config, extra=extra)
+    service = start_service(config, fake_runtime)
     context = tar_of({"Dockerfile": b"FROM scratch\nCOPY blob /blob\n", "blob": b"\1" * (3 << 20)})
     for content in (context, iter([context[i : i + 65536] for i in range(0, len(context), 65536)])):
         response = httpx.post(

@@ -47,7 +47,8 @@ async def test_a_template_asking_for_too_much_is_a_400(
     response = await client.post("/templates/builds", json={"image": "x/y:z", field: value})
     assert response.status_code == 400
     body = await response.get_json()
-    assert body["code"] == "invalid_request" and message in body["message"], body
+    assert body["code"] == 400 and body["error_code"] == "invalid_request", body
+    assert message in body["message"], body
     response = await client.post(
         "/templates/builds/dockerfile",
         query_string={"options": json.dumps({"dockerfile": "FROM scratch\n", field: value})},

@@ -109,7 +109,7 @@ async def test_context_upload_never_writes_outside_the_context(
     )
     assert response.status_code == 400
     assert host.unchanged(), attack
-    assert (await response.get_json())["code"] == expected_code
+    assert (await response.get_json())["error_code"] == expected_code
     # (The API keeps the uploaded .tar of a refused context until the service restarts: api.py's.)
     leftovers = [p for p in served.builds.context_root().iterdir() if p.suffix != ".tar"]
     assert not leftovers, "a refused upload leaves no tree behind"
