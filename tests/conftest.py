@@ -51,6 +51,7 @@ class FakeGuestApp:
     /digest (POST)        sha256 and size of the request body, answered after reading all of it
     /headers              the request headers as JSON
     /contexts             [] (the code interpreter's context list)
+    /service              204 while `service_up`, else 503 (a template's own service, its probe)
     /ws (WebSocket)       echoes messages
     While paused, requests wait until resume (like a frozen UML guest).
     """
@@ -63,6 +64,7 @@ class FakeGuestApp:
         self.fail_init = False
         self.answer_delay_s = 0.0  # /health and /init answer this late (a busy or emulated guest)
         self.open_streams = 0  # /stream responses in progress
+        self.service_up = True  # /service: a template's own service (its probe) answers
         self.access_tokens: list[tuple[str, str | None]] = []  # (path, X-Access-Token) of host calls
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -94,6 +96,8 @@ class FakeGuestApp:
         elif path == "/init":
             self.init_calls.append(json.loads(await _read_body(receive)))
             await self._reply(send, 500 if self.fail_init else 204, b"")
+        elif path == "/service":
+            await self._reply(send, 204 if self.service_up else 503, b"")
         elif path == "/metrics":
             body = {"cpu_count": 1, "cpu_used_pct": 12.5, "mem_used": 1234, "mem_total": 4321}
             await self._reply(send, 200, json.dumps(body).encode(), b"application/json")
@@ -198,6 +202,7 @@ class FakeRuntime:
         self.fail_next_boot = False
         self.fail_init = False  # guests booted from now on answer /init with 500
         self.answer_delay_s = 0.0  # guests booted from now on answer /health and /init this late
+        self.service_up = True  # guests booted from now on answer /service (a template's probe path)
 
     async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
         """Nothing to keep: fake guests start fast anyway."""
@@ -216,6 +221,7 @@ class FakeRuntime:
         app = FakeGuestApp()
         app.fail_init = self.fail_init
         app.answer_delay_s = self.answer_delay_s
+        app.service_up = self.service_up
         hconfig = HypercornConfig()
         hconfig.bind = ["127.0.0.1:0"]
         hconfig.accesslog = None

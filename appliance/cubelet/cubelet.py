@@ -190,6 +190,7 @@ class Cubelet:
                         "warm instance %s failed to initialise (%s); booting cold", live.sandbox_id, exc
                     )
         live = await self.lifecycle.boot(template, request.network)
+        await self.lifecycle.until_template_ready(live)
         return await self._activate_or_discard(live, request, source="cold boot")
 
     async def _activate_or_discard(

@@ -30,12 +30,16 @@ from appliance.errors import first_leaf
 from appliance.master.store import SandboxRecord
 from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootStalled, GuestExited, GuestFailure, Instance, Runtime
+from appliance.runtime.readiness import ReadinessProbe
 from appliance.templates.manifest import TemplateManifest
 
 log = logging.getLogger(__name__)
 
 # A guest whose default kernel is not up by then counts as broken (refills boot at a low CPU weight).
 FULLY_READY_TIMEOUT_S = 180.0
+# A template's own service (its probe, e.g. an image's web server) gets this long after the agent.
+TEMPLATE_PROBE_TIMEOUT_S = 60.0
+TEMPLATE_PROBE_INTERVAL_S = 0.05
 CONSOLE_TAIL_LOGGED = 800
 
 
@@ -129,6 +133,26 @@ class GuestLifecycle:
                 nursery.start_soon(until_gone)
                 await instance.wait_fully_ready()
                 nursery.cancel_scope.cancel()
+
+    async def until_template_ready(self, live: LiveSandbox) -> None:
+        """Until the template's own probe answers (an image's service on its port), for guests that
+        become users' sandboxes: a sandbox's ports work once its create returns. The runtimes hand
+        a guest over once its agent answers; only kvm's restores also wait for the probe port.
+        Raises SandboxStartFailed (and kills the guest) if it does not answer in time."""
+        template = live.template
+        if not template.probe_port or template.probe_port == ENVD_PORT:
+            return
+        probe = ReadinessProbe(
+            self._instance(live).endpoint(template.probe_port), template.probe_path, TEMPLATE_PROBE_TIMEOUT_S
+        )
+        with trio.move_on_after(TEMPLATE_PROBE_TIMEOUT_S):
+            if await probe.wait(TEMPLATE_PROBE_INTERVAL_S, gave_up=live.gone.is_set):
+                return
+        self.terminate(live, "the template's probe did not answer")
+        raise SandboxStartFailed(
+            f"the template's service did not answer ({probe.describe()} on port {template.probe_port}) "
+            f"within {TEMPLATE_PROBE_TIMEOUT_S:.0f} s: {probe.last_error}"
+        )
 
     # A guest's task.
 

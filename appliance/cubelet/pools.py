@@ -188,6 +188,7 @@ class WarmPools:
         if live.gone.is_set() or not live.instance.fully_ready():
             self.lifecycle.terminate(live, "default kernel not ready in time")
             raise SandboxStartFailed(f"guest {live.sandbox_id}: its default kernel did not become ready")
+        await self.lifecycle.until_template_ready(live)
         await self._probe(live)  # opens the connection its claim's /init will reuse
 
     def _failed(self, template_id: str, exc: SandboxStartFailed) -> None:

@@ -16,8 +16,8 @@ from appliance.cubelet import capacity as capacity_module
 from appliance.cubelet import health as health_module
 from appliance.cubelet import lifecycle as lifecycle_module
 from appliance.cubelet import pools as pools_module
-from appliance.cubelet.cubelet import SandboxStartFailed
-from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxQuery
+from appliance.cubelet.cubelet import Cubelet, SandboxRequest, SandboxStartFailed
+from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxQuery, SandboxRecord
 from appliance.net.policy import NetworkPolicy
 
 if TYPE_CHECKING:
@@ -452,3 +452,42 @@ async def test_init_reuses_the_connection_the_pool_opened_and_kill_closes_it(
         await cubelet.kill(record.sandbox_id)
         await live.gone.wait()
         assert live.agent.is_closed
+
+
+def _with_service_probe(cubelet: Cubelet) -> SandboxRequest:
+    """A create of a template whose own service (its probe: GET /service on port 8080) must answer."""
+    template = dataclasses.replace(
+        cubelet._templates()["code-interpreter"], probe_port=8080, probe_path="/service"
+    )
+    return request_for(cubelet, template=template)
+
+
+async def test_a_cold_create_returns_once_the_templates_service_answers(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    fake_runtime.service_up = False  # the agent answers at once, the template's service not yet
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        created: list[SandboxRecord] = []
+
+        async def create() -> None:
+            created.append(await cubelet.create(_with_service_probe(cubelet)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create)
+            await wait_until(lambda: len(fake_runtime.instances) == 1)
+            await trio.sleep(0.5)
+            assert created == []  # the agent answered, the service did not: not handed out yet
+            next(iter(fake_runtime.instances.values())).app.service_up = True
+        assert created[0].state == RUNNING and cubelet.live(created[0].sandbox_id) is not None
+
+
+async def test_a_template_service_that_never_answers_fails_the_create(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "TEMPLATE_PROBE_TIMEOUT_S", 0.5)
+    fake_runtime.service_up = False
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        with pytest.raises(SandboxStartFailed, match="did not answer"):
+            await cubelet.create(_with_service_probe(cubelet))
+        await wait_until(lambda: fake_runtime.instances == {})  # the guest was torn down
+        assert cubelet.store.query_sandboxes(SandboxQuery()) == []
