@@ -54,6 +54,11 @@ class Config:
     # Network (CubeVS).
     host_network: str = "10.213.0.0/16"  # one /30 per sandbox slot for the host<->netns veth
     allow_unenforced_network: bool = False  # start sandboxes even when eBPF cannot be loaded
+    # CIDRs (comma-separated) taken out of the always-blocked set (other sandboxes, this host,
+    # link-local/metadata, loopback, private ranges), e.g. a LAN service sandboxes may use. Only
+    # this key opens them; a sandbox's own allowOut never does. The most specific entry wins:
+    # "10.0.0.0/8" here leaves host_network and the host's own addresses blocked.
+    operator_open_networks: str = ""
 
     extra: dict[str, str] = field(default_factory=dict)
 

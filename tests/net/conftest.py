@@ -1,7 +1,8 @@
 """Fixtures for CubeVS tests (root only): the namespace world, a running CubeVS, a fake upstream DNS.
 
 - `world` (session): internet/metadata/LAN hosts in namespaces, see networld.py.
-- `dns_upstream`: a DNS server on 127.0.0.1 answering `UPSTREAM_RECORDS`.
+- `upstream_server`: a DNS server on 127.0.0.1 answering `UPSTREAM_RECORDS`, logging the names
+  it is asked; `dns_upstream`: its "ip:port".
 - `vs`: a started CubeVS on the world's host_network with private run dir and pins.
 - `sandbox`: factory `async with sandbox(policy, guest="veth"|"tap") as (net, guest)`.
 """
@@ -15,7 +16,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from networld import TAP_OWNER_UID, Guest, SandboxFactory, World, dns_upstream_server, tap_guest, veth_guest
+from networld import (
+    TAP_OWNER_UID,
+    DnsUpstream,
+    Guest,
+    SandboxFactory,
+    World,
+    dns_upstream_server,
+    tap_guest,
+    veth_guest,
+)
 
 from appliance.config import Config
 from appliance.net import CubeVS, NetworkPolicy, SandboxNetwork
@@ -31,9 +41,14 @@ def world() -> Iterator[World]:
 
 
 @pytest.fixture
-async def dns_upstream() -> AsyncIterator[str]:
+async def upstream_server() -> AsyncIterator[DnsUpstream]:
     async with dns_upstream_server() as upstream:
         yield upstream
+
+
+@pytest.fixture
+def dns_upstream(upstream_server: DnsUpstream) -> str:
+    return upstream_server.address
 
 
 @pytest.fixture

@@ -126,16 +126,18 @@ async def test_created_without_internet_access(guests: RealGuests, world: World)
 
 
 async def test_no_internet_access_with_allow_list(guests: RealGuests, world: World) -> None:
-    await guests.set_policy("a", NetworkPolicy(allow_internet_access=False, allow_out=(f"{LAN_IP}/32",)))
+    policy = NetworkPolicy(allow_internet_access=False, allow_out=(f"{INTERNET_IP}/32", f"{LAN_IP}/32"))
+    await guests.set_policy("a", policy)
     got = await reaches(guests, world, "a", ["inet", "meta", "lan"])
-    # No egress, but an allow entry beats it and the always-blocked private ranges.
-    assert got == {"inet": (False, False), "meta": (False, False), "lan": (True, True)}
+    # No egress, but an allow entry beats it; the always-blocked private ranges beat the allow entry.
+    assert got == {"inet": (True, True), "meta": (False, False), "lan": (False, False)}
 
 
-async def test_allow_out_beats_deny_out(guests: RealGuests, world: World) -> None:
-    await guests.set_policy("a", NetworkPolicy(allow_out=(METADATA_IP,), deny_out=("0.0.0.0/0",)))
+async def test_allow_out_beats_deny_out_but_not_the_always_blocked(guests: RealGuests, world: World) -> None:
+    policy = NetworkPolicy(allow_out=(INTERNET_IP, METADATA_IP), deny_out=("0.0.0.0/0",))
+    await guests.set_policy("a", policy)
     got = await reaches(guests, world, "a", ["inet", "meta", "lan"])
-    assert got == {"inet": (False, False), "meta": (True, True), "lan": (False, False)}
+    assert got == {"inet": (True, True), "meta": (False, False), "lan": (False, False)}
 
 
 async def test_host_and_other_sandbox_are_blocked(guests: RealGuests, world: World) -> None:
