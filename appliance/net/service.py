@@ -31,6 +31,7 @@ _LEARNED_MIN_S = 60.0
 _LEARNED_GRACE_S = 60.0
 _EXPIRY_CHECK_S = 5.0
 _LISTS = ("allow", "deny")
+_ALL_IPV4 = ipaddress.ip_network("0.0.0.0/0")
 
 
 class NetworkUnenforced(RuntimeError):
@@ -133,7 +134,7 @@ class CubeVS:
                 if service._program is None:
                     log.warning("CubeVS: eBPF enforcement unavailable: %s", service.unenforced_reason)
                 async with trio.open_nursery() as nursery:
-                    resolver = Resolver(addressing.resolver_ip, upstreams, service._learn)
+                    resolver = Resolver(addressing.resolver_ip, upstreams, service._learn, service._may_ask)
                     await nursery.start(resolver.serve)
                     nursery.start_soon(service._expire_learned)
                     nursery.start_soon(service._follow_host_addresses, changes)
@@ -281,7 +282,21 @@ class CubeVS:
         program = self._require_program()
         await trio.to_thread.run_sync(program.attach if attached else program.detach, live.ifindex)
 
-    # --- DNS-learned addresses ---------------------------------------------
+    # --- DNS ----------------------------------------------------------------
+
+    def _may_ask(self, client_ip: str, qname: str | None) -> bool:
+        """May this client have this name resolved upstream?
+
+        Only sandboxes use the resolver. One with egress may resolve anything. One without
+        (allow_internet_access false, or 0.0.0.0/0 denied) gets only the names its allow list's
+        domains need: any other name would carry data out in the query to whoever serves it.
+        """
+        live = self._by_host_ip.get(client_ip)
+        if live is None:
+            return False
+        if live.policy.allow_internet_access and _ALL_IPV4 not in live.deny.networks:
+            return True
+        return qname is not None and live.allow.matches_domain(qname)
 
     async def _learn(self, client_ip: str, answer: Answer) -> None:
         live = self._by_host_ip.get(client_ip)
