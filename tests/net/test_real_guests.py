@@ -227,8 +227,9 @@ async def test_domain_allow_list_through_the_guest_resolver(guests: RealGuests, 
         # Not resolved yet: the address is not allowed.
         (direct,) = await probe(host, [{"ip": INTERNET_IP, "port": port, "udp": "dom-direct"}])
         assert direct["tcp"] is False and not await inet.got_udp(b"dom-direct", timeout=0.3)
-        # The apex does not match "*.example.test"; a matching name that answers the
-        # metadata address does not open it (the guest resolves via 169.254.0.1).
+        # The apex does not match "*.example.test": without egress it is not even resolved
+        # (REFUSED, no DNS tunnel); a matching name that answers the metadata address does not
+        # open it (the guest resolves via 169.254.0.1).
         apex, rebound = await probe(
             host,
             [
@@ -236,7 +237,7 @@ async def test_domain_allow_list_through_the_guest_resolver(guests: RealGuests, 
                 {"name": "metadata.example.test", "port": port, "udp": "dom-meta"},
             ],
         )
-        assert apex["resolved"] == [INTERNET_IP] and apex["tcp"] is False, apex
+        assert apex["resolved"] == [] and "name resolution" in apex["error"], apex
         assert rebound["resolved"] == [METADATA_IP] and rebound["tcp"] is False, rebound
         assert not inet.tcp_peers and not await inet.got_udp(b"dom-apex", timeout=0.3)
         assert not meta.tcp_peers and not await meta.got_udp(b"dom-meta", timeout=0.3)
