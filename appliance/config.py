@@ -50,6 +50,10 @@ class Config:
     # fifth of it (three in a row unanswered: the guest counts as hung), a readiness probe while
     # it boots a tenth. Raise it with the boot limits on a software-emulated host.
     guest_agent_timeout_s: int = 10
+    # Per-sandbox IO ceiling on the disk holding state_dir (cgroup v2 io.max, else v1 blkio),
+    # for reads and writes each; 0 = unlimited.
+    uml_io_bps_max: int = 256 << 20
+    uml_io_iops_max: int = 8000
 
     # Network (CubeVS).
     host_network: str = "10.213.0.0/16"  # one /30 per sandbox slot for the host<->netns veth
