@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,10 +139,15 @@ def host_addresses() -> set[Network]:
 def blocked_set(addressing: Addressing, opened: tuple[Network, ...]) -> BlockedSet:
     """The always-blocked set as of now (the host's addresses change: call again when they do)."""
     blocked: list[Network] = [ipaddress.ip_network(n) for n in ALWAYS_BLOCKED]
-    sandboxes = (addressing.network, addressing.network6)
-    blocked.extend(sandboxes)  # other sandboxes, the veths' host ends, the resolver's other ports
-    # The veths' host ends are in there already: only the host's other addresses take entries.
-    own = [a for a in host_addresses() if not any(a.network_address in s for s in sandboxes)]
+    # Other sandboxes, the veths' host ends, the resolver's other ports.
+    blocked.extend((addressing.network, addressing.network6))
+
+    def covered(address: Network, networks: Sequence[Network]) -> bool:
+        return any(address.network_address in n for n in networks)
+
+    # An address of the host needs its own entry unless a blocked range holds it already (the
+    # veths' ends, loopback, link-local ...) and no operator's opening takes it out of there.
+    own = [a for a in host_addresses() if not covered(a, blocked) or covered(a, opened)]
     blocked.extend(sorted(own, key=lambda n: (n.version, n)))
     entries = dict.fromkeys(blocked, True)
     entries.update(dict.fromkeys(opened, False))
