@@ -1,9 +1,7 @@
 """Build the sandbox UML kernel from Debian's `linux-source` (ARCH=um), cached by input hash.
 
 Inputs: the source tarball (`/usr/src/linux-source-<ver>.tar.xz`, from the
-`linux-source` package), the patches in `image/uml/patches/` (applied in name
-order: fixes the packaged source lacks, each patch says why) and the config
-fragment `image/uml/sandbox.config`.
+`linux-source` package) and the config fragment `image/uml/sandbox.config`.
 Output: `<cache_dir>/kernels/uml-<hash>/linux` (+ the final `.config` beside it),
 which `appliance.runtime.detect.find_uml_kernel` picks up. A build runs only when
 that file is missing; it takes ~7 minutes on two cores, so make runs under
@@ -30,7 +28,6 @@ from appliance.config import IMAGE_DIR, Config
 from appliance.progress import Progress, shown
 
 FRAGMENT = IMAGE_DIR / "uml" / "sandbox.config"
-PATCHES = IMAGE_DIR / "uml" / "patches"
 SOURCE_DIR = Path("/usr/src")
 # Objects a `make ARCH=um linux` with our config compiles; only used to turn the
 # count of "CC"/"AS"/"LD" lines into a fraction, so being off just skews the bar.
@@ -56,15 +53,9 @@ def find_kernel_source(source_dir: Path = SOURCE_DIR) -> KernelSource:
     return KernelSource(tarball, version or f"size-{tarball.stat().st_size}")
 
 
-def source_patches(patches: Path = PATCHES) -> list[Path]:
-    return sorted(patches.glob("*.patch"))
-
-
-def kernel_key(source: KernelSource, fragment: Path = FRAGMENT, patches: Path = PATCHES) -> str:
+def kernel_key(source: KernelSource, fragment: Path = FRAGMENT) -> str:
     digest = hashlib.sha256()
     digest.update(source.tarball.name.encode() + b"\0" + source.version.encode() + b"\0")
-    for patch in source_patches(patches):
-        digest.update(patch.name.encode() + b"\0" + patch.read_bytes() + b"\0")
     digest.update(fragment.read_bytes())
     return "uml-" + digest.hexdigest()[:16]
 
@@ -181,9 +172,6 @@ async def build_kernel(
     log = work / "build.log"
     report("unpacking linux-source", None)
     await _run_logged(["tar", "-xf", str(source.tarball), "--strip-components=1"], work, log)
-    for patch in source_patches():
-        report(f"applying {patch.name}", None)
-        await _run_logged(["patch", "-p1", "--forward", "--batch", "-i", str(patch)], work, log)
 
     report("configuring", None)
     make = ["make", "ARCH=um", "SUBARCH=x86_64"]
