@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from appliance.net import nft
 from appliance.net.addressing import Addressing
@@ -125,14 +125,25 @@ class BlockedSet:
         return bool(matches) and self.entries[max(matches, key=lambda n: n.prefixlen)]
 
 
+# A dump that addresses changed under (NLM_F_DUMP_INTR) is taken again, this many times at most.
+_DUMP_ATTEMPTS = 10
+
+
 def host_addresses() -> set[Network]:
     """Every address of every link of the host netns, as /32 and /128 networks."""
-    networks: set[Network] = set()
     with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if address:
-                networks.add(ipaddress.ip_network(address.split("%")[0]))
+        for attempt in range(_DUMP_ATTEMPTS):
+            try:
+                messages = ipr.get_addr()
+                break
+            except NetlinkDumpInterrupted:  # sandboxes come and go: their veths' addresses too
+                if attempt == _DUMP_ATTEMPTS - 1:
+                    raise
+    networks: set[Network] = set()
+    for msg in messages:
+        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if address:
+            networks.add(ipaddress.ip_network(address.split("%")[0]))
     return networks
 
 

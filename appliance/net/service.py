@@ -359,12 +359,15 @@ class CubeVS:
                 except OSError as e:  # ENOBUFS: changes were lost, the listing below has them
                     if e.errno != errno.ENOBUFS:
                         raise
-            blocked = await trio.to_thread.run_sync(host.blocked_set, self.addressing, self._opened)
-            if blocked != self._blocked:
-                self._blocked = blocked
-                if self._program is not None:
-                    await trio.to_thread.run_sync(self._program.set_blocked, blocked.entries)
-                log.info("CubeVS: the host's addresses changed; always-blocked set refreshed")
+            try:
+                blocked = await trio.to_thread.run_sync(host.blocked_set, self.addressing, self._opened)
+                if blocked != self._blocked:
+                    if self._program is not None:
+                        await trio.to_thread.run_sync(self._program.set_blocked, blocked.entries)
+                    self._blocked = blocked
+                    log.info("CubeVS: the host's addresses changed; always-blocked set refreshed")
+            except Exception:  # netlink or map trouble: keep the set, the next change retries
+                log.exception("CubeVS: refreshing the host's addresses in the always-blocked set failed")
 
 
 _NETLINK_BUFFER = 1 << 16
