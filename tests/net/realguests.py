@@ -262,7 +262,7 @@ class RealGuests:
         self._stop = trio.Event()
         async with (
             dns_upstream_server() as upstream,
-            CubeVS.start(self.config, dns_upstreams=[upstream]) as vs,
+            CubeVS.start(self.config, dns_upstreams=[upstream.address]) as vs,
         ):
             self.vs = vs
             runtime = UmlRuntime(self.config, vs)

@@ -11,6 +11,7 @@ that file is missing; it takes ~7 minutes on two cores, so make runs under
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -69,6 +70,38 @@ def kernel_key(source: KernelSource, fragment: Path = FRAGMENT, patch_dir: Path 
 
 def kernel_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / "kernels" / key / "linux"
+
+
+# Options a sandbox kernel must not have, and why.
+FORBIDDEN_OPTIONS = {
+    "CONFIG_HOSTFS": "hostfs lets the guest mount whatever the UML process can see",
+}
+
+
+@functools.cache  # asked at every runtime start and boot; a kernel path's content does not change
+def kernel_config(kernel: Path) -> dict[str, str]:
+    """CONFIG_X → value of the options the kernel binary itself says it was built with
+    (`--showconfig`: UML prints its .config and exits before touching anything)."""
+    try:
+        out = subprocess.run(
+            [str(kernel), "--showconfig"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{kernel} --showconfig failed: {e}") from e
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(CONFIG_\w+)=(.*)$", out, re.MULTILINE)}
+
+
+def refuse_unsafe_kernel(kernel: Path) -> None:
+    """Raise RuntimeError if `kernel` has an option sandboxes must not have (built in or a module)."""
+    config = kernel_config(kernel)
+    if "CONFIG_UML" not in config:
+        raise RuntimeError(f"{kernel} printed no UML kernel configuration (--showconfig)")
+    found = [f"{name}={config[name]} ({why})" for name, why in FORBIDDEN_OPTIONS.items() if name in config]
+    if found:
+        raise RuntimeError(
+            f"UML kernel {kernel} is refused for sandboxes: {'; '.join(found)}. "
+            "Build the sandbox kernel (`cube image build-uml-kernel`) or set uml_kernel to one without it"
+        )
 
 
 def fragment_options(fragment: Path) -> dict[str, str | None]:

@@ -18,23 +18,27 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
 from appliance.config import Config
+from appliance.net.addressing import Addressing
 from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, BootStalled, GuestExited, Instance
-from appliance.runtime.detect import DEBIAN_UML, find_uml_kernel
+from appliance.runtime.detect import find_uml_kernel
 from appliance.runtime.readiness import ReadinessProbe
 from appliance.runtime.uml.balloon import SandboxBalloon
-from appliance.runtime.uml.cgroups import SandboxCgroup, create_cgroup, sweep_empty_leaves
+from appliance.runtime.uml.cgroups import SandboxCgroup, create_cgroup, io_limits_for, sweep_empty_leaves
 from appliance.runtime.uml.command import LaunchPlan, check_paths, launcher_argv, launcher_environment
 from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.uml.instance import UmlInstance
+from appliance.runtime.uml.kernel import refuse_unsafe_kernel
 from appliance.runtime.uml.mconsole import Mconsole
 from appliance.runtime.uml.process import SpawnedProcess, spawn
 from appliance.runtime.uml.seccomp import compile_filter, filter_fd
+from appliance.runtime.uml.uids import SUBID_FILES, check_uid_range
 
 if TYPE_CHECKING:
     from appliance.net.service import CubeVS, SandboxNetwork
@@ -62,28 +66,29 @@ CONSOLE_LOG = "console.log"
 VM_DIR = "vm"
 COW_FILE = "disk.cow"  # in VM_DIR: LaunchPlan.cow_file
 STAGE_DIR = "stage"
+REPLY_DIR = "reply"  # LaunchPlan.reply_dir
 
 
 class UmlRuntime:
     name = "uml"
     snapshots_templates = False  # a template's fast start is the cubelet's warm pool
 
-    def __init__(self, config: Config, cubevs: CubeVS) -> None:
+    def __init__(self, config: Config, cubevs: CubeVS, *, subid_files: Sequence[Path] = SUBID_FILES) -> None:
         kernel = find_uml_kernel(config)
         if kernel is None:
-            raise RuntimeError(
-                "no UML kernel: run `cube image build-uml-kernel` (or apt-get install user-mode-linux)"
-            )
-        if kernel == DEBIAN_UML:
-            log.warning(
-                "uml runtime: using Debian's linux.uml (slower boot, hostfs built in); "
-                "run `cube image build-uml-kernel`"
-            )
+            raise RuntimeError("no UML kernel: run `cube image build-uml-kernel`")
+        refuse_unsafe_kernel(kernel)  # e.g. Debian's linux.uml: hostfs built in
+        check_uid_range(config.uid_base, Addressing(config.host_network).max_slots, subid_files)
         self.config = config
         self.kernel = kernel
+        disk = next(p for p in (config.sandboxes_dir, *config.sandboxes_dir.parents) if p.exists())
+        self.io_limits = io_limits_for(disk, config.uml_io_bps_max, config.uml_io_iops_max)
+        if self.io_limits.device is None:
+            log.warning("uml runtime: sandboxes get no IO limit: %s", self.io_limits.unavailable)
         self._cubevs = cubevs
         self._seccomp = compile_filter()
-        if swept := sweep_empty_leaves():
+        # A sandbox this service had still has its directory (removed at a clean teardown).
+        if swept := sweep_empty_leaves(lambda sandbox_id: (config.sandboxes_dir / sandbox_id).is_dir()):
             log.info("uml runtime: removed %d stale cgroup leaves: %s", len(swept), ", ".join(swept))
 
     async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
@@ -104,7 +109,7 @@ class UmlRuntime:
                     await trio.to_thread.run_sync(_adopt_disk, spec.disk, spec.sandbox_dir, uid)
                 limit = (spec.memory_mb + HOST_OVERHEAD_MB) << 20
                 cgroup = await trio.to_thread.run_sync(
-                    create_cgroup, spec.sandbox_id, limit, spec.cpu_count, spec.background
+                    create_cgroup, spec.sandbox_id, limit, spec.cpu_count, spec.background, self.io_limits
                 )
                 try:
                     with SandboxBalloon.open(spec.sandbox_dir / VM_DIR, uid, self.kernel) as balloon:
@@ -133,6 +138,7 @@ class UmlRuntime:
                 base_image=spec.template.rootfs,
                 vm_dir=vm_dir,
                 stage_dir=spec.sandbox_dir / STAGE_DIR,
+                reply_dir=spec.sandbox_dir / REPLY_DIR,
                 memory_mb=spec.memory_mb,
                 uid=uid,
                 netns_path=net.netns_path,
@@ -205,7 +211,7 @@ class UmlRuntime:
                             console_log=console.path,
                             agent_token=spec.agent_token,
                             host_ip=net.host_ip,
-                            mconsole=Mconsole(plan.mconsole_socket, vm_dir, uid),
+                            mconsole=Mconsole(plan.mconsole_socket, vm_dir, plan.reply_dir, uid),
                             cgroup=cgroup,
                             console=console,
                             boot_seconds=trio.current_time() - started,
@@ -236,10 +242,12 @@ def _adopt_disk(disk: Path, sandbox_dir: Path, uid: int) -> None:
 
 
 def _prepare_sandbox_dir(sandbox_dir: Path, uid: int) -> None:
-    """The sandbox directory: root's (console log), with `vm/` for the guest's uid."""
+    """The sandbox directory: root's (console log, `reply/`), with `vm/` for the guest's uid."""
     shutil.rmtree(sandbox_dir, ignore_errors=True)  # a crashed service's leftovers
     sandbox_dir.mkdir(parents=True, mode=0o700)
     (sandbox_dir / STAGE_DIR).mkdir(mode=0o700)
+    (sandbox_dir / REPLY_DIR).mkdir()
+    os.chmod(sandbox_dir / REPLY_DIR, 0o711)  # the guest reaches a socket there, never lists or adds
     vm_dir = sandbox_dir / VM_DIR
     (vm_dir / "uml").mkdir(parents=True, mode=0o700)
     for directory in (vm_dir, vm_dir / "uml"):
@@ -247,7 +255,8 @@ def _prepare_sandbox_dir(sandbox_dir: Path, uid: int) -> None:
 
 
 class _GuestInit:
-    """A pidfd on the guest's pid-namespace init (bwrap's inner process), taken once the guest runs.
+    """A pidfd on the guest's pid-namespace init (the UML kernel process: `bwrap --as-pid-1`),
+    taken once the guest runs.
 
     When the guest exits on its own, bwrap's outer process (our child) exits as soon as the
     init reports the exit status, before the init itself is reaped: it is then an orphan of
