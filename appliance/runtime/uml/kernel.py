@@ -1,7 +1,8 @@
 """Build the sandbox UML kernel from Debian's `linux-source` (ARCH=um), cached by input hash.
 
 Inputs: the source tarball (`/usr/src/linux-source-<ver>.tar.xz`, from the
-`linux-source` package) and the config fragment `image/uml/sandbox.config`.
+`linux-source` package), the patches in `image/uml/patches/` (applied in name
+order) and the config fragment `image/uml/sandbox.config`.
 Output: `<cache_dir>/kernels/uml-<hash>/linux` (+ the final `.config` beside it),
 which `appliance.runtime.detect.find_uml_kernel` picks up. A build runs only when
 that file is missing; it takes ~7 minutes on two cores, so make runs under
@@ -27,6 +28,7 @@ from appliance.config import IMAGE_DIR, Config
 from appliance.progress import Progress, shown
 
 FRAGMENT = IMAGE_DIR / "uml" / "sandbox.config"
+PATCH_DIR = IMAGE_DIR / "uml" / "patches"
 SOURCE_DIR = Path("/usr/src")
 # Objects a `make ARCH=um linux` with our config compiles; only used to turn the
 # count of "CC"/"AS"/"LD" lines into a fraction, so being off just skews the bar.
@@ -52,10 +54,16 @@ def find_kernel_source(source_dir: Path = SOURCE_DIR) -> KernelSource:
     return KernelSource(tarball, version or f"size-{tarball.stat().st_size}")
 
 
-def kernel_key(source: KernelSource, fragment: Path = FRAGMENT) -> str:
+def kernel_patches(patch_dir: Path = PATCH_DIR) -> list[Path]:
+    return sorted(patch_dir.glob("*.patch")) if patch_dir.is_dir() else []
+
+
+def kernel_key(source: KernelSource, fragment: Path = FRAGMENT, patch_dir: Path = PATCH_DIR) -> str:
     digest = hashlib.sha256()
     digest.update(source.tarball.name.encode() + b"\0" + source.version.encode() + b"\0")
     digest.update(fragment.read_bytes())
+    for patch in kernel_patches(patch_dir):
+        digest.update(b"\0patch\0" + patch.name.encode() + b"\0" + patch.read_bytes())
     return "uml-" + digest.hexdigest()[:16]
 
 
@@ -139,6 +147,8 @@ async def build_kernel(
     log = work / "build.log"
     report("unpacking linux-source", None)
     await _run_logged(["tar", "-xf", str(source.tarball), "--strip-components=1"], work, log)
+    for patch in kernel_patches():
+        await _run_logged(["patch", "-p1", "--forward", "-i", str(patch)], work, log)
 
     report("configuring", None)
     make = ["make", "ARCH=um", "SUBARCH=x86_64"]
