@@ -116,7 +116,9 @@ def test_env_values_are_data_not_code(sandbox) -> None:
         "bash": ('echo "$CUBE_QUOTED"', "\n"),
     }
     for language, (code, end) in printers.items():
-        execution = sandbox.run_code(code, language=language, envs={"CUBE_QUOTED": value})
+        # A name no language can have: skipped where it cannot be set, never run.
+        envs = {"CUBE_QUOTED": value, "BAD;$(touch /tmp/cube-pwned)'\")": "x"}
+        execution = sandbox.run_code(code, language=language, envs=envs)
         assert execution.error is None, (language, execution.error)
         assert "".join(execution.logs.stdout) == value + end, language
     assert not os.path.exists("/tmp/cube-pwned")
