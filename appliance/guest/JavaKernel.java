@@ -70,14 +70,18 @@ public final class JavaKernel {
             String line;
             while ((line = in.readLine()) != null) {
                 String[] fields = line.split("\t", -1);
-                switch (fields[0]) {
-                    case "execute" -> cells.put(new Cell(fields[1], text(fields[2]), pairs(fields, 3)));
-                    case "env" -> cells.put(new Cell("", null, pairs(fields, 1)));
-                    case "interrupt" -> {
-                        stopped = true;
-                        shell.stop();
+                try {
+                    switch (fields[0]) {
+                        case "execute" -> cells.put(new Cell(fields[1], text(fields[2]), pairs(fields, 3)));
+                        case "env" -> cells.put(new Cell("", null, pairs(fields, 1)));
+                        case "interrupt" -> {
+                            stopped = true;
+                            shell.stop();
+                        }
+                        default -> { }
                     }
-                    default -> { }
+                } catch (IndexOutOfBoundsException | IllegalArgumentException e) {
+                    System.err.println("JavaKernel: malformed request ignored: " + e); // the agent's bug
                 }
             }
         } catch (IOException | InterruptedException e) {

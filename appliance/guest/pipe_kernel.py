@@ -69,6 +69,10 @@ class PipeKernel(Kernel[Reply]):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         argv = self.argv()
         read_fd, write_fd = os.pipe()
+        if self.spec.user.needs_switch():
+            # The kernel's user owns its end: a kernel may reopen it by path (/proc/self/fd/N is how
+            # Java opens an inherited descriptor), and a pipe's inode otherwise is root's, mode 0600.
+            os.fchown(write_fd, self.spec.user.uid, self.spec.user.gid)
         process: trio.Process | None = None
         try:
             with self.cancel_scope:

@@ -55,9 +55,16 @@ HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 PYPI_PACKAGES = ("bash_kernel==0.10.0", "bokeh==3.1.1")
 # Imported once at build: a recipe whose Python stack does not import fails here, not in a sandbox.
 IMPORT_CHECK = "import bash_kernel.kernel, bokeh.plotting, docx, openpyxl, plotly, scipy, seaborn, sklearn"
-# Text in CJK scripts falls back to Noto Sans CJK (matplotlib >= 3.6 falls back glyph by glyph).
-MATPLOTLIB_FONTS = "font.sans-serif: DejaVu Sans, Noto Sans CJK JP, Bitstream Vera Sans, sans-serif"
+# Text in CJK scripts falls back to Noto Sans CJK: matplotlib (>= 3.6) falls back glyph by glyph
+# from one family of `font.family` to the next (not within the font.sans-serif list).
+MATPLOTLIB_FONTS = "font.family: sans-serif, Noto Sans CJK JP"
 
+# Run by mmdebstrap after the essential packages, before the rest (`$1` is the root).
+ESSENTIAL_HOOKS = (
+    # Without documentation (dpkg path-exclude) man1 does not exist, and the JDK's
+    # update-alternatives fails on the man page links it makes there.
+    'mkdir -p "$1/usr/share/man/man1"',
+)
 # Run inside the new root by mmdebstrap (`$1` is the root). Part of the recipe hash.
 CUSTOMIZE_HOOKS = (
     f'chroot "$1" useradd --create-home --uid {USER_UID} --user-group --shell /bin/bash {USER}',
@@ -66,9 +73,11 @@ CUSTOMIZE_HOOKS = (
     f'chmod 0440 "$1/etc/sudoers.d/{USER}"',
     # pip may install for users (into ~/.local) and for root: a sandbox is disposable.
     'rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
-    # pip in the root with the build host's CAs (an egress proxy's included), removed after.
+    # pip in the root with the build host's CAs (an egress proxy's included), removed after; the
+    # host's own CA and pip settings in the environment name host paths, so they are overridden.
     'cp /etc/ssl/certs/ca-certificates.crt "$1/tmp/cube-build-ca.crt"',
-    'chroot "$1" env PIP_CERT=/tmp/cube-build-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 '
+    'chroot "$1" env PIP_CERT=/tmp/cube-build-ca.crt REQUESTS_CA_BUNDLE=/tmp/cube-build-ca.crt '
+    "SSL_CERT_FILE=/tmp/cube-build-ca.crt PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1 "
     "python3 -m pip install --no-cache-dir --no-deps " + " ".join(PYPI_PACKAGES),
     'rm -f "$1/tmp/cube-build-ca.crt"',
     f'chroot "$1" python3 -c "{IMPORT_CHECK}"',
@@ -94,9 +103,13 @@ class Recipe:
     mirror: str
     packages: tuple[str, ...]
     hooks: tuple[str, ...]
+    essential_hooks: tuple[str, ...] = ()
 
     def digest(self) -> str:
-        text = "\n".join([self.suite, self.mirror, *self.packages, "--", *self.hooks])
+        parts = [self.suite, self.mirror, *self.packages, "--", *self.hooks]
+        if self.essential_hooks:  # (a recipe without them keeps the digest it had)
+            parts += ["-- essential", *self.essential_hooks]
+        text = "\n".join(parts)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -109,7 +122,7 @@ def load_recipe() -> Recipe:
     if not AGENT_PACKAGES.is_file():
         raise RuntimeError(f"{AGENT_PACKAGES} is missing: the guest agent's Debian packages are unknown")
     packages = sorted(set(_package_list(RECIPE_DIR / "packages.txt") + _package_list(AGENT_PACKAGES)))
-    return Recipe(SUITE, MIRROR, tuple(packages), CUSTOMIZE_HOOKS)
+    return Recipe(SUITE, MIRROR, tuple(packages), CUSTOMIZE_HOOKS, ESSENTIAL_HOOKS)
 
 
 def assembly_digest() -> str:
@@ -142,6 +155,7 @@ async def bootstrap_tarball(recipe: Recipe, cache_dir: Path, progress: Progress)
         "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
         "--include=" + ",".join(recipe.packages),
+        *(f"--essential-hook={hook}" for hook in recipe.essential_hooks),
         *(f"--customize-hook={hook}" for hook in recipe.hooks),
         recipe.suite, str(partial), recipe.mirror,
     ]  # fmt: skip
@@ -189,7 +203,11 @@ async def compile_java_kernel(root: Path) -> None:
     if not resolve_in_root(root, "/usr/bin/javac").exists():
         return
     guest = f"{AGENT_DIR}/appliance/guest"
-    argv = ["chroot", str(root), "javac", "-d", f"{guest}/java_kernel_classes", f"{guest}/JavaKernel.java"]
+    javac = f'javac -d {guest}/java_kernel_classes {guest}/JavaKernel.java'
+    # The JDK's launchers find their libraries through /proc/self/exe: a /proc for the chroot,
+    # in a mount namespace of its own, gone with it.
+    script = f'mount -t proc proc "$1/proc" && exec chroot "$1" {javac}'
+    argv = ["unshare", "--mount", "--fork", "--propagation", "private", "sh", "-c", script, "sh", str(root)]
     await trio.run_process(argv, stdout=subprocess.DEVNULL)
 
 

@@ -238,3 +238,29 @@ def test_javascript_requires_resolve_from_the_contexts_directory(sandbox, agent)
         assert imported.error is None and imported.text == "42"
     finally:
         sandbox.remove_code_context(context)
+
+
+def test_kernels_run_as_the_default_user(sandbox, agent) -> None:
+    """As root (the agent in a guest), kernels run as the sandbox's user: here `nobody`."""
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    whoami = {
+        "python": "import os, pwd; pwd.getpwuid(os.getuid()).pw_name",
+        "javascript": "require('os').userInfo().username",
+        "typescript": "const os2: any = require('os'); os2.userInfo().username",
+        "r": "cat(Sys.info()[['effective_user']])",
+        "java": "ProcessHandle.current().info().user().get()",
+        "bash": "id -un",
+    }
+    assert agent.init({"defaultUser": "nobody"}).status_code == 204
+    try:
+        for language, code in whoami.items():
+            context = sandbox.create_code_context(language=language)
+            try:
+                execution = sandbox.run_code(code, context=context)
+                assert execution.error is None, (language, execution.error)
+                assert (execution.text or "".join(execution.logs.stdout)).strip() == "nobody", language
+            finally:
+                sandbox.remove_code_context(context)
+    finally:
+        agent.init({"defaultUser": "user"})

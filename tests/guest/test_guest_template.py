@@ -151,3 +151,4 @@ def test_tools_sudo_and_cjk_fonts(sandbox: Any) -> None:
         "print([str(w.message) for w in caught if 'missing from' in str(w.message)])"
     )
     assert cjk.error is None and cjk.logs.stdout == ["[]\n"]  # every glyph has a font
+
