@@ -223,9 +223,7 @@ class Cubelet:
         now = time.time()
         request = SandboxRequest.carried_over(record, template, now)
         async with self.capacity.cold_boot():
-            live = self.sandboxes.add(
-                template, request.network, sandbox_id=record.sandbox_id, disk=disk
-            )
+            live = self.sandboxes.add(template, request.network, sandbox_id=record.sandbox_id, disk=disk)
             await self.lifecycle.start(live)
         assert live.instance is not None
         restored = dataclasses.replace(

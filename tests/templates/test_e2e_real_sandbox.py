@@ -53,6 +53,8 @@ SERVER_PORT = 49999
 # What the test image does not need from the default template's /usr (numpy, node, compilers...).
 PRUNE = (
     "lib/gcc",
+    "lib/jvm",
+    "lib/R",
     "lib/git-core",
     "lib/node_modules",
     "lib/x86_64-linux-gnu/openblas-pthread",
