@@ -265,4 +265,4 @@ def test_kernels_run_as_the_default_user(sandbox, agent) -> None:
             finally:
                 sandbox.remove_code_context(context)
     finally:
-        agent.init({"defaultUser": "user"})
+        agent.init({"defaultUser": "nobody"})  # as the session agent started (conftest)
