@@ -26,10 +26,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
+from appliance.config import Config
 from appliance.templates.build_context import (
     context_sources,
     copy_from_context,
@@ -51,18 +52,26 @@ from appliance.templates.dockerfile import (
 )
 from appliance.templates.fetch import FetchFailed, fetch_to_file
 from appliance.templates.guest_setup import DEFAULT_PATH
-from appliance.templates.jobs import BuildJob, Phase
-from appliance.templates.limits import SizeBudget
+from appliance.templates.jobs import BuildJob, JobStore, Phase
+from appliance.templates.layer_cache import LayerCache
+from appliance.templates.limits import BuildLimits, SizeBudget
 from appliance.templates.pull import fetch_and_unpack, open_image
 from appliance.templates.registry import insecure_registries
 from appliance.templates.registry_auth import Credentials
 from appliance.templates.requests import TemplateSettings, redact_urls
-from appliance.templates.sandbox_steps import RunCommand, RunFailed
+from appliance.templates.sandbox_steps import RunCommand, RunFailed, TemplateSandboxes
 from appliance.templates.step_cache import StepCache, copy_tree, export_template_rootfs
 from appliance.templates.untrusted_tree import Tree
 
-if TYPE_CHECKING:
-    from appliance.templates.builds import TemplateBuilds
+
+class BuildTools(Protocol):
+    """What a Dockerfile build uses of the template builder (`builds.TemplateBuilds`)."""
+
+    config: Config
+    store: JobStore
+    limits: BuildLimits
+    layer_cache: LayerCache
+    sandboxes: TemplateSandboxes
 
 
 class StepFailed(Exception):
@@ -405,7 +414,7 @@ class DockerfileRun:
     """One Dockerfile build: the stages' plans, lazily realized stage directories, downloads."""
 
     def __init__(
-        self, builds: TemplateBuilds, job: BuildJob, request: DockerfileBuildRequest, work: Path
+        self, builds: BuildTools, job: BuildJob, request: DockerfileBuildRequest, work: Path
     ) -> None:
         self.builds = builds
         self.job = job
@@ -625,7 +634,7 @@ class DockerfileRun:
 
 
 async def build_dockerfile_rootfs(
-    builds: TemplateBuilds, job: BuildJob, request: DockerfileBuildRequest, rootfs: Path, work: Path
+    builds: BuildTools, job: BuildJob, request: DockerfileBuildRequest, rootfs: Path, work: Path
 ) -> DockerfileResult:
     stages, global_args = split_stages(parse_dockerfile(request.dockerfile), request.build_args)
     builds.store.set_phase(job, Phase.PULLING, f"resolving FROM {stages[-1].base}")
