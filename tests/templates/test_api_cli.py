@@ -11,7 +11,7 @@ from registry_world import Images
 from served_builds import Served, run_cli
 
 from appliance.config import Config
-from appliance.templates.cli import build, create_from_image, watch
+from appliance.cli.templates import build, create_from_image, watch
 
 
 async def test_api_errors_are_json(served: Served) -> None:
