@@ -37,8 +37,8 @@ from hypercorn.config import Config as HypercornConfig
 from appliance.config import Config
 from appliance.cubelet.runtimes import RuntimeBundle
 from appliance.master.service import RunningService, run_service
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec, GuestExited, Instance
-from appliance.templates.manifest import TemplateManifest
 
 FAKE_MEMORY_BYTES = 64 * 1024 * 1024
 

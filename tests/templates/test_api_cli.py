@@ -10,8 +10,8 @@ import trio
 from registry_world import Images
 from served_builds import Served, run_cli
 
-from appliance.config import Config
 from appliance.cli.templates import build, create_from_image, watch
+from appliance.config import Config
 
 
 async def test_api_errors_are_json(served: Served) -> None:

@@ -12,9 +12,9 @@ import trio
 from registry_world import Images
 from served_builds import Served, run_cli
 
+from appliance.cli.templates import cache
 from appliance.config import Config
 from appliance.templates.build_caches import BuildCaches
-from appliance.cli.templates import cache
 from appliance.templates.layer_cache import LayerCache
 from appliance.templates.requests import ImageBuildRequest
 from appliance.templates.step_cache import StepCache

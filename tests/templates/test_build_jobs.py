@@ -14,6 +14,7 @@ from sandbox_doubles import CONSOLE_TEXT, LoopbackSandboxes
 from served_builds import finished
 
 from appliance.config import Config
+from appliance.records import TemplateManifest
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.catalog import (
     TemplateInUse,
@@ -27,7 +28,6 @@ from appliance.templates.catalog import (
     template_versions,
 )
 from appliance.templates.jobs import BuildJob, JobStore, Phase
-from appliance.templates.manifest import TemplateManifest
 from appliance.templates.requests import ImageBuildRequest, public_request
 
 
