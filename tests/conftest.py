@@ -69,79 +69,111 @@ class FakeGuestApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await _lifespan(receive, send)
+            return
         await self.running.wait()
         if scope["type"] == "websocket":
-            await receive()
-            await send({"type": "websocket.accept"})
-            while True:
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                await send(
-                    {"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")}
-                )
+            await _echo_websocket(receive, send)
+            return
         path = scope["path"]
         if path in ("/health", "/init", "/metrics"):
             token = dict(scope["headers"]).get(b"x-access-token")
             self.access_tokens.append((path, token.decode() if token is not None else None))
         if path in ("/health", "/init"):
             await trio.sleep(self.answer_delay_s)
-        if path == "/health":
-            await self._reply(send, 204 if self.healthy else 503, b"")
-        elif path == "/init":
-            self.init_calls.append(json.loads(await _read_body(receive)))
-            await self._reply(send, 500 if self.fail_init else 204, b"")
-        elif path == "/service":
-            await self._reply(send, 204 if self.service_up else 503, b"")
-        elif path == "/metrics":
-            body = {"cpu_count": 1, "cpu_used_pct": 12.5, "mem_used": 1234, "mem_total": 4321}
-            await self._reply(send, 200, json.dumps(body).encode(), b"application/json")
-        elif path == "/digest":
-            body = await _read_body(receive)
-            digest = {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
-            await self._reply(send, 200, json.dumps(digest).encode(), b"application/json")
-        elif path == "/headers":
-            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-            await self._reply(send, 200, json.dumps(headers).encode(), b"application/json")
-        elif path == "/contexts":  # the code interpreter's, as `list_code_contexts()` reads it
-            await self._reply(send, 200, b"[]", b"application/json")
-        elif path == "/stream":
-            query = dict(p.split("=") for p in scope["query_string"].decode().split("&") if "=" in p)
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            self.open_streams += 1
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                    for i in range(int(query.get("n", "3"))):
-                        line = f"line {i}\n".encode()
-                        await send({"type": "http.response.body", "body": line, "more_body": True})
-                        await trio.sleep(float(query.get("delay", "0")))
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    nursery.cancel_scope.cancel()
-            finally:
-                self.open_streams -= 1
-        elif path == "/echo":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            while True:
-                message = await receive()
-                if message.get("body"):
-                    await send({"type": "http.response.body", "body": message["body"], "more_body": True})
-                if not message.get("more_body"):
-                    break
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        else:
+        routes = {
+            "/health": self._health,
+            "/init": self._init,
+            "/service": self._service,
+            "/metrics": self._metrics,
+            "/digest": self._digest,
+            "/headers": self._headers,
+            "/contexts": self._contexts,
+            "/stream": self._stream,
+            "/echo": self._echo,
+        }
+        route = routes.get(path)
+        if route is None:
             await self._reply(send, 404, b"no such path")
+        else:
+            await route(scope, receive, send)
+
+    async def _health(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._reply(send, 204 if self.healthy else 503, b"")
+
+    async def _init(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.init_calls.append(json.loads(await _read_body(receive)))
+        await self._reply(send, 500 if self.fail_init else 204, b"")
+
+    async def _service(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._reply(send, 204 if self.service_up else 503, b"")
+
+    async def _metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = {"cpu_count": 1, "cpu_used_pct": 12.5, "mem_used": 1234, "mem_total": 4321}
+        await self._reply(send, 200, json.dumps(body).encode(), b"application/json")
+
+    async def _digest(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await _read_body(receive)
+        digest = {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+        await self._reply(send, 200, json.dumps(digest).encode(), b"application/json")
+
+    async def _headers(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        await self._reply(send, 200, json.dumps(headers).encode(), b"application/json")
+
+    async def _contexts(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # The code interpreter's, as `list_code_contexts()` reads it.
+        await self._reply(send, 200, b"[]", b"application/json")
+
+    async def _stream(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        query = dict(p.split("=") for p in scope["query_string"].decode().split("&") if "=" in p)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        self.open_streams += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                for i in range(int(query.get("n", "3"))):
+                    line = f"line {i}\n".encode()
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                    await trio.sleep(float(query.get("delay", "0")))
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                nursery.cancel_scope.cancel()
+        finally:
+            self.open_streams -= 1
+
+    async def _echo(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            message = await receive()
+            if message.get("body"):
+                await send({"type": "http.response.body", "body": message["body"], "more_body": True})
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _reply(self, send: Any, status: int, body: bytes, content_type: bytes = b"text/plain") -> None:
         await send(
             {"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]}
         )
         await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
+async def _echo_websocket(receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
 
 
 async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:

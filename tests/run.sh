@@ -16,6 +16,8 @@ bash installer/install.sh --dev || { echo "tests/run.sh: install failed" >&2; ex
 status=0
 "$VENV/bin/ruff" check appliance cffi_kvm tests image || status=1
 "$VENV/bin/mypy" appliance cffi_kvm || status=1
+# The layering and no import cycles (pyproject.toml [tool.importlinter]).
+"$VENV/bin/lint-imports" --no-cache --no-logo || status=1
 
 # The service the installer started is what the acceptance examples and the
 # e2e tests talk to.
