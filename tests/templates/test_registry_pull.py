@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from registry_world import PASSWORD, USER, BasicAuthProxy, Images, Registries
+from registry_world import PASSWORD, USER, BasicAuthProxy, Images, Registries, pull
 
 from appliance.templates.jobs import BuildJob, JobStore
 from appliance.templates.layer_cache import LayerCache
@@ -16,21 +16,6 @@ from appliance.templates.manifests import DigestMismatch, ManifestError
 from appliance.templates.pull import pull_image
 from appliance.templates.registry import ImageNotFound
 from appliance.templates.registry_auth import Credentials, RegistryAuthError
-
-
-async def pull(
-    store: JobStore,
-    job: BuildJob,
-    image: str,
-    scratch: Path,
-    cache: LayerCache,
-    insecure: frozenset[str],
-    credentials: Credentials | None = None,
-) -> Path:
-    rootfs = scratch / "rootfs"
-    rootfs.mkdir()
-    await pull_image(store, job, image, rootfs, scratch / "work", cache, credentials, insecure)
-    return rootfs
 
 
 async def test_multi_layer_image_unpacks_like_a_container_runtime(
