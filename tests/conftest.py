@@ -18,6 +18,7 @@ so test modules must not import from this file, except under TYPE_CHECKING):
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import shutil
@@ -41,6 +42,44 @@ from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec, GuestExited, Instance
 
 FAKE_MEMORY_BYTES = 64 * 1024 * 1024
+
+# What a test needs beyond an ordinary user's machine, as the markers pyproject.toml lists:
+# `uml`, `kvm`, `root`, `slow`. The developer loop (README) deselects them all:
+#     pytest -m "not uml and not kvm and not root and not slow"
+# runs as any user in seconds; tests/run.sh runs it first, as an unprivileged user.
+# A test module marks what only its tests know (`@pytest.mark.root`); these rules mark what
+# follows from where a test lives or which fixture it uses, once for the whole suite.
+NEEDS_BY_PATH: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tests/uml/*", ("uml", "root")),  # UML guests, their cgroups, seccomp, nftables
+    ("tests/e2e/*", ("uml", "root")),  # the installed appliance and its guests
+    ("tests/iso/*", ("root", "slow")),  # builds the ISO, boots it in qemu
+    ("tests/virtio/test_virtio_*_uml.py::*", ("uml",)),  # boots linux.uml (as any user)
+    ("tests/kvm/test_kvm_bench.py::*", ("kvm",)),
+    ("tests/kvm/test_kvm_linux.py::*", ("kvm",)),
+    ("tests/kvm/test_kvm_runtime.py::test_sandbox_taps_get_the_gateway_mac*", ("root",)),  # netns, tap
+    ("tests/kvm/test_kvm_guest_kernel.py::test_fragment_survives_kconfig", ("slow",)),  # runs kconfig: ~20 s
+    ("tests/net/test_service.py::test_doctor_checks_pass_here", ("root",)),  # makes a netns
+    ("tests/guest/test_guest_users.py::*", ("root",)),  # runs as other users
+    ("tests/guest/test_guest_js_sdk.py::*", ("slow",)),  # npm install into /var/cache/cube/npm
+    ("tests/shipping/test_installer.py::*", ("root",)),  # apt, systemd, /etc
+    ("tests/shipping/test_systemd_unit.py::test_cube_serve_*", ("root",)),  # the real service
+)
+NEEDS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
+    "kvm": ("kvm",),  # tests/kvm/conftest.py: an open /dev/kvm
+    "kvm_runtime": ("kvm",),
+    "world": ("root",),  # tests/net: CubeVS in network namespaces of its own
+    "tap_in_netns": ("root",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = {mark for fixture in item.fixturenames for mark in NEEDS_BY_FIXTURE.get(fixture, ())}
+        for pattern, marks in NEEDS_BY_PATH:
+            if fnmatch.fnmatchcase(item.nodeid, pattern):
+                needs.update(marks)
+        for mark in sorted(needs):
+            item.add_marker(mark)
 
 
 class FakeGuestApp:

@@ -55,6 +55,7 @@ def servers() -> Iterator[list[RecordingServer]]:
         server.close()
 
 
+@pytest.mark.root
 async def test_a_plain_http_registry_the_operator_did_not_list_gets_nothing_in_clear(
     job_store: JobStore,
     job: BuildJob,
@@ -120,6 +121,7 @@ async def test_a_token_realm_redirect_is_not_followed(
     assert elsewhere.requests == []
 
 
+@pytest.mark.root
 async def test_a_blob_redirect_to_another_host_carries_no_credentials(
     job_store: JobStore,
     job: BuildJob,
@@ -152,6 +154,7 @@ def secrets_in(job: BuildJob, store_dir: Path, *secrets: str) -> list[str]:
 
 
 @pytest.mark.parametrize("password", [PASSWORD, "not-the-password"])
+@pytest.mark.root
 async def test_registry_credentials_stay_out_of_query_strings_logs_and_records(
     builds: TemplateBuilds, config: Config, images: Images, registries: Registries, password: str
 ) -> None:
@@ -164,6 +167,7 @@ async def test_registry_credentials_stay_out_of_query_strings_logs_and_records(
 
 @pytest.mark.parametrize("config_extra", [{"build_fetch_allow": "127.0.0.2/32"}])
 @pytest.mark.parametrize("status", [200, 404])
+@pytest.mark.root
 async def test_credentials_in_an_add_url_stay_out_of_logs_and_records(
     served: Served, config: Config, servers: list[RecordingServer], status: int
 ) -> None:

@@ -18,6 +18,7 @@ from appliance.templates.registry import ImageNotFound
 from appliance.templates.registry_auth import Credentials, RegistryAuthError
 
 
+@pytest.mark.root
 async def test_multi_layer_image_unpacks_like_a_container_runtime(
     images: Images,
     job_store: JobStore,
@@ -51,6 +52,7 @@ async def test_multi_layer_image_unpacks_like_a_container_runtime(
     assert job.progress >= 59
 
 
+@pytest.mark.root
 async def test_image_config_is_read(
     images: Images,
     job_store: JobStore,
@@ -70,6 +72,7 @@ async def test_image_config_is_read(
     assert (image.config.workdir, image.config.user, image.config.exposed_ports) == ("/data", "app", (8080,))
 
 
+@pytest.mark.root
 async def test_layer_cache_is_reused_by_the_next_pull(
     images: Images,
     job_store: JobStore,
@@ -88,6 +91,7 @@ async def test_layer_cache_is_reused_by_the_next_pull(
     assert [layer["cached"] for layer in second.layers] == [True, True, True]
 
 
+@pytest.mark.root
 async def test_interrupted_download_resumes_from_the_partial_file(
     images: Images,
     job_store: JobStore,
@@ -106,6 +110,7 @@ async def test_interrupted_download_resumes_from_the_partial_file(
     assert not partial.exists()
 
 
+@pytest.mark.root
 async def test_manifest_list_picks_linux_amd64(
     images: Images,
     job_store: JobStore,
@@ -162,6 +167,7 @@ async def test_unknown_image_is_a_clear_error(
         await pull(job_store, job, f"{registries.plain.host}/test/nothing:v1", scratch, layer_cache, insecure)
 
 
+@pytest.mark.root
 async def test_token_auth_with_credentials(
     images: Images,
     job_store: JobStore,
@@ -203,6 +209,7 @@ async def test_anonymous_pull_of_a_private_image_is_denied(
         await pull(job_store, job, images.private, scratch, layer_cache, insecure)
 
 
+@pytest.mark.root
 async def test_basic_auth_registry(
     images: Images,
     job_store: JobStore,
