@@ -63,6 +63,7 @@ NEEDS_BY_PATH: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tests/guest/test_guest_js_sdk.py::*", ("slow",)),  # npm install into /var/cache/cube/npm
     ("tests/shipping/test_installer.py::*", ("root",)),  # apt, systemd, /etc
     ("tests/shipping/test_systemd_unit.py::test_cube_serve_*", ("root",)),  # the real service
+    ("tests/shipping/test_upgrade_sources.py::test_a_wheel_that_does_not_install*", ("slow",)),  # a venv, pip
 )
 NEEDS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "kvm": ("kvm",),  # tests/kvm/conftest.py: an open /dev/kvm
