@@ -42,6 +42,27 @@ SCHEMAS: dict[str, Schema] = {
             "network": {"$ref": "#/components/schemas/Network"},
         },
     },
+    "SnapshotInfo": {
+        "type": "object",
+        "required": ["snapshotID", "names"],
+        "properties": {"snapshotID": STRING, "names": STRINGS},
+    },
+    "ForkResult": {
+        "type": "object",
+        "properties": {"sandbox": {"$ref": "#/components/schemas/Sandbox"}, "error": ERROR_REF},
+    },
+    "Secret": {
+        "type": "object",
+        "required": ["secretID", "name", "currentVersion", "metadata", "createdAt", "updatedAt"],
+        "properties": {
+            "secretID": STRING,
+            "name": STRING,
+            "currentVersion": INTEGER,
+            "metadata": STRING_MAP,
+            "createdAt": STRING,
+            "updatedAt": STRING,
+        },
+    },
     "Sandbox": {
         "type": "object",
         "required": ["templateID", "sandboxID", "clientID", "envdVersion"],
@@ -149,6 +170,11 @@ LIST_QUERY = {
     "limit": INTEGER,
     "nextToken": STRING,
 }
+SECRET_BODY: Schema = {
+    "type": "object",
+    "required": ["value"],
+    "properties": {"name": STRING, "value": STRING, "metadata": STRING_MAP},
+}
 LOG_QUERY = {"start": INTEGER, "limit": INTEGER}
 CREATE = _operation(
     "Create a sandbox", "201", _ref("Sandbox"), body=_ref("NewSandbox"), errors=("404", "429", "503")
@@ -213,6 +239,54 @@ PATHS: dict[str, Schema] = {
     },
     "/sandboxes/{sandboxID}/logs": {"parameters": SANDBOX, "get": LOGS},
     "/v2/sandboxes/{sandboxID}/logs": {"parameters": SANDBOX, "get": LOGS},
+    "/sandboxes/{sandboxID}/snapshots": {
+        "parameters": SANDBOX,
+        "post": _operation(
+            "Snapshot a sandbox (a template of the caller's team)",
+            "201",
+            _ref("SnapshotInfo"),
+            body={"type": "object", "properties": {"name": STRING, "memory": BOOLEAN}},
+            errors=("404", "409"),
+        ),
+    },
+    "/snapshots": {
+        "get": _operation(
+            "The caller's snapshots",
+            "200",
+            {"type": "array", "items": _ref("SnapshotInfo")},
+            query={"sandboxID": STRING, "name": STRING, "limit": INTEGER, "nextToken": STRING},
+        )
+    },
+    "/sandboxes/{sandboxID}/fork": {
+        "parameters": SANDBOX,
+        "post": _operation(
+            "Fork a sandbox: one result per requested fork",
+            "201",
+            {"type": "array", "items": _ref("ForkResult")},
+            body={"type": "object", "properties": {"timeout": INTEGER, "count": INTEGER}},
+        ),
+    },
+    "/secrets": {
+        "get": _operation(
+            "The team's secrets (never their values)",
+            "200",
+            {"type": "array", "items": _ref("Secret")},
+            query={"limit": INTEGER, "nextToken": STRING},
+        ),
+        "post": _operation(
+            "Create a secret",
+            "201",
+            _ref("Secret"),
+            body=SECRET_BODY,
+            errors=("409",),
+        ),
+    },
+    "/secrets/{secretID}": {
+        "parameters": _path_parameter("secretID"),
+        "get": _operation("A secret (never its value)", "200", _ref("Secret")),
+        "post": _operation("A new version of a secret", "200", _ref("Secret"), body=SECRET_BODY),
+        "delete": _operation("Delete a secret", "204"),
+    },
     "/templates": {"get": _operation("Templates", "200", {"type": "array", "items": _ref("Template")})},
     "/templates/{templateID}": {
         "parameters": _path_parameter("templateID"),

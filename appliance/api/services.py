@@ -12,6 +12,7 @@ from quart import current_app
 from appliance.api.auth import Authenticator
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
+from appliance.master.secrets import SecretStore
 from appliance.master.templates import TemplateRegistry
 from appliance.records import Store
 
@@ -25,6 +26,7 @@ class Services:
     cubelet: Cubelet
     templates: TemplateRegistry
     auth: Authenticator
+    secrets: SecretStore | None = None  # None: a service without secrets (a test's)
     started_at: float = field(default_factory=time.time)
     # Creates under one (team, Idempotency-Key) wait for the first one's answer.
     creates_in_flight: dict[tuple[str, str], trio.Event] = field(default_factory=dict)

@@ -156,6 +156,28 @@ def on_a_sandbox(path: str, **kwargs: Any) -> Check:
     return lambda world, method, _: same_as_missing(world, method, path, **kwargs)
 
 
+def a_secret(world: World) -> str:
+    created = world.a.post("/secrets", json={"name": "a-token", "value": "a-secret-value"})
+    assert created.status_code in (201, 409), created.text
+    return next(str(s["secretID"]) for s in world.a.get("/secrets").json() if s["name"] == "a-token")
+
+
+def secrets_hidden(world: World, method: str, path: str) -> None:
+    secret_id = a_secret(world)
+    listing_hides_a(world, method, path)
+    assert secret_id not in world.b.get(path).text and "a-token" not in world.b.get(path).text
+
+
+def on_a_secret(world: World, method: str, path: str) -> None:
+    """A's secret, by id and by name, is as missing to B as one that never existed."""
+    secret_id = a_secret(world)
+    for name in (secret_id, "a-token"):
+        body = {"value": "overwritten-by-b"} if method == "POST" else None
+        response = world.b.request(method, f"/secrets/{name}", json=body)
+        assert is_e2b_error(response, 404) and response.json()["message"] == f"secret {name} not found"
+    assert world.a.get(f"/secrets/{secret_id}").json()["currentVersion"] == 1
+
+
 # (method, rule) -> what B gets when it goes for A's things through it.
 ROUTES: dict[tuple[str, str], Check] = {
     ("GET", "/health"): lambda world, method, path: None,  # public, names nothing
@@ -179,6 +201,16 @@ ROUTES: dict[tuple[str, str], Check] = {
     ),
     ("GET", "/sandboxes/<sandbox_id>/logs"): on_a_sandbox(S + "/logs"),
     ("GET", "/v2/sandboxes/<sandbox_id>/logs"): on_a_sandbox("/v2" + S + "/logs"),
+    ("POST", "/sandboxes/<sandbox_id>/snapshots"): on_a_sandbox(S + "/snapshots", json={}),
+    ("POST", "/sandboxes/<sandbox_id>/fork"): on_a_sandbox(S + "/fork", json={"count": 2}),
+    ("GET", "/snapshots"): lambda world, method, _: listing_hides_a(
+        world, method, f"/snapshots?sandboxID={world.sandbox}"
+    ),
+    ("GET", "/secrets"): secrets_hidden,
+    ("POST", "/secrets"): lambda world, method, path: None,  # makes B's own secret; names nothing of A's
+    ("GET", "/secrets/<secret_id>"): on_a_secret,
+    ("POST", "/secrets/<secret_id>"): on_a_secret,
+    ("DELETE", "/secrets/<secret_id>"): on_a_secret,
     ("GET", "/templates"): listing_hides_a,
     ("GET", "/templates/<template_id>"): read_a_template,
     ("DELETE", "/templates/<template_id>"): delete_templates,
