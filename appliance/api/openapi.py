@@ -63,6 +63,27 @@ SCHEMAS: dict[str, Schema] = {
             "updatedAt": STRING,
         },
     },
+    "Volume": {
+        "type": "object",
+        "required": ["volumeID", "name"],
+        "properties": {"volumeID": STRING, "name": STRING, "token": STRING},
+    },
+    "VolumeEntry": {
+        "type": "object",
+        "properties": {
+            "name": STRING,
+            "type": STRING,
+            "path": STRING,
+            "size": INTEGER,
+            "mode": INTEGER,
+            "uid": INTEGER,
+            "gid": INTEGER,
+            "atime": STRING,
+            "mtime": STRING,
+            "ctime": STRING,
+            "target": STRING,
+        },
+    },
     "Sandbox": {
         "type": "object",
         "required": ["templateID", "sandboxID", "clientID", "envdVersion"],
@@ -175,6 +196,22 @@ SECRET_BODY: Schema = {
     "required": ["value"],
     "properties": {"name": STRING, "value": STRING, "metadata": STRING_MAP},
 }
+VOLUME = _path_parameter("volumeID")
+
+
+def content_operation(summary: str, status: str, response: Schema | None = None, **kwargs: Any) -> Schema:
+    """A `/volumecontent` operation: the volume's bearer token, not an API key."""
+    query = {
+        "path": STRING,
+        "uid": INTEGER,
+        "gid": INTEGER,
+        "mode": INTEGER,
+        "force": BOOLEAN,
+        "depth": INTEGER,
+    }
+    return {**_operation(summary, status, response, query=query, **kwargs), "security": [{"VolumeToken": []}]}
+
+
 LOG_QUERY = {"start": INTEGER, "limit": INTEGER}
 CREATE = _operation(
     "Create a sandbox", "201", _ref("Sandbox"), body=_ref("NewSandbox"), errors=("404", "429", "503")
@@ -287,6 +324,49 @@ PATHS: dict[str, Schema] = {
         "post": _operation("A new version of a secret", "200", _ref("Secret"), body=SECRET_BODY),
         "delete": _operation("Delete a secret", "204"),
     },
+    "/volumes": {
+        "get": _operation("The team's volumes", "200", {"type": "array", "items": _ref("Volume")}),
+        "post": _operation(
+            "Create a volume",
+            "201",
+            _ref("Volume"),
+            body={"type": "object", "required": ["name"], "properties": {"name": STRING}},
+            errors=("409",),
+        ),
+    },
+    "/volumes/{volumeID}": {
+        "parameters": VOLUME,
+        "get": _operation("A volume and its content token", "200", _ref("Volume")),
+        "delete": _operation("Destroy a volume", "204"),
+    },
+    "/volumecontent/{volumeID}/path": {
+        "parameters": VOLUME,
+        "get": content_operation("An entry's stat", "200", _ref("VolumeEntry")),
+        "patch": content_operation(
+            "Change an entry's owner or mode",
+            "200",
+            _ref("VolumeEntry"),
+            body={"type": "object", "properties": {"uid": INTEGER, "gid": INTEGER, "mode": INTEGER}},
+        ),
+        "delete": content_operation("Delete an entry", "204"),
+    },
+    "/volumecontent/{volumeID}/dir": {
+        "parameters": VOLUME,
+        "get": content_operation(
+            "A directory listing", "200", {"type": "array", "items": _ref("VolumeEntry")}
+        ),
+        "post": content_operation("Make a directory", "201", _ref("VolumeEntry"), errors=("404", "409")),
+    },
+    "/volumecontent/{volumeID}/file": {
+        "parameters": VOLUME,
+        "get": content_operation("A file's content", "200"),
+        "put": {
+            **content_operation("Write a file (the body)", "201", _ref("VolumeEntry"), errors=("404", "409")),
+            "requestBody": {
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+            },
+        },
+    },
     "/templates": {"get": _operation("Templates", "200", {"type": "array", "items": _ref("Template")})},
     "/templates/{templateID}": {
         "parameters": _path_parameter("templateID"),
@@ -378,7 +458,10 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "Cube appliance control plane (E2B-compatible)", "version": __version__},
         "components": {
             "schemas": SCHEMAS,
-            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"}},
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+                "VolumeToken": {"type": "http", "scheme": "bearer"},
+            },
         },
         "security": [{"ApiKey": []}],
         "paths": PATHS,

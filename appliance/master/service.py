@@ -48,6 +48,7 @@ from appliance.master.carryover import carry_over, restore_carried
 from appliance.master.secrets import SECRETS_DB, SecretStore
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
+from appliance.master.volumes import VolumeStore
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
 from appliance.templates.api import create_blueprint as create_build_blueprint
@@ -150,6 +151,7 @@ async def run_service(
                 templates=registry,
                 auth=Authenticator(config, store, admin_token),
                 secrets=secret_store,
+                volumes=VolumeStore(config.state_dir, config.volume_max_mb << 20),
             )
             builds = TemplateBuilds(
                 config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)

@@ -178,6 +178,60 @@ def on_a_secret(world: World, method: str, path: str) -> None:
     assert world.a.get(f"/secrets/{secret_id}").json()["currentVersion"] == 1
 
 
+def a_volume(world: World) -> dict[str, Any]:
+    """A's volume (made once), holding /kept.txt."""
+    found = [v for v in world.a.get("/volumes").json() if v["name"] == "a-vol"]
+    if found:
+        return dict(world.a.get(f"/volumes/{found[0]['volumeID']}").json())
+    created = world.a.post("/volumes", json={"name": "a-vol"})
+    assert created.status_code == 201, created.text
+    volume = dict(created.json())
+    written = world.a.put(
+        f"/volumecontent/{volume['volumeID']}/file",
+        params={"path": "/kept.txt"},
+        content=b"a's data",
+        headers={"Authorization": f"Bearer {volume['token']}"},
+    )
+    assert written.status_code == 201, written.text
+    return volume
+
+
+def volumes_hidden(world: World, method: str, path: str) -> None:
+    volume = a_volume(world)
+    listing_hides_a(world, method, path)
+    assert volume["volumeID"] not in world.b.get(path).text
+
+
+def on_a_volume(world: World, method: str, path: str) -> None:
+    volume = a_volume(world)
+    theirs = world.b.request(method, f"/volumes/{volume['volumeID']}")
+    missing = world.b.request(method, "/volumes/vol-0000000000000000")
+    assert is_e2b_error(theirs, 404) and is_e2b_error(missing, 404)
+    assert theirs.json()["message"].replace(volume["volumeID"], "X") == missing.json()["message"].replace(
+        "vol-0000000000000000", "X"
+    )
+
+
+def on_a_volumes_content(world: World, method: str, path: str) -> None:
+    """B's own volume token, B's API key, or none, on A's volume: 404, as for no such volume."""
+    volume = a_volume(world)
+    b_volume = world.b.post(
+        "/volumes", json={"name": f"b-vol-{method.lower()}-{path.rpartition('/')[2]}"}
+    ).json()
+    url = path.replace("<volume_id>", volume["volumeID"])
+    for headers in ({"Authorization": f"Bearer {b_volume['token']}"}, {}, {"Authorization": "Bearer x"}):
+        response = world.b.request(
+            method, url, params={"path": "/kept.txt"}, headers=headers, json={} if method == "PATCH" else None
+        )
+        assert is_e2b_error(response, 404), (method, url, response.text)
+    kept = world.a.get(
+        f"/volumecontent/{volume['volumeID']}/file",
+        params={"path": "/kept.txt"},
+        headers={"Authorization": f"Bearer {volume['token']}"},
+    )
+    assert kept.status_code == 200 and kept.content == b"a's data"
+
+
 # (method, rule) -> what B gets when it goes for A's things through it.
 ROUTES: dict[tuple[str, str], Check] = {
     ("GET", "/health"): lambda world, method, path: None,  # public, names nothing
@@ -211,6 +265,17 @@ ROUTES: dict[tuple[str, str], Check] = {
     ("GET", "/secrets/<secret_id>"): on_a_secret,
     ("POST", "/secrets/<secret_id>"): on_a_secret,
     ("DELETE", "/secrets/<secret_id>"): on_a_secret,
+    ("GET", "/volumes"): volumes_hidden,
+    ("POST", "/volumes"): lambda world, method, path: None,  # makes B's own volume; names nothing of A's
+    ("GET", "/volumes/<volume_id>"): on_a_volume,
+    ("DELETE", "/volumes/<volume_id>"): on_a_volume,
+    ("GET", "/volumecontent/<volume_id>/path"): on_a_volumes_content,
+    ("PATCH", "/volumecontent/<volume_id>/path"): on_a_volumes_content,
+    ("DELETE", "/volumecontent/<volume_id>/path"): on_a_volumes_content,
+    ("GET", "/volumecontent/<volume_id>/dir"): on_a_volumes_content,
+    ("POST", "/volumecontent/<volume_id>/dir"): on_a_volumes_content,
+    ("GET", "/volumecontent/<volume_id>/file"): on_a_volumes_content,
+    ("PUT", "/volumecontent/<volume_id>/file"): on_a_volumes_content,
     ("GET", "/templates"): listing_hides_a,
     ("GET", "/templates/<template_id>"): read_a_template,
     ("DELETE", "/templates/<template_id>"): delete_templates,
