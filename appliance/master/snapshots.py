@@ -108,7 +108,7 @@ async def take_filesystem_snapshot(
     directory = begin_template(config, template_id)
     try:
         frozen = directory / FROZEN_COPY
-        await _copy_while_frozen(live, cow, frozen)
+        frozen_s = await _copy_while_frozen(live, cow, frozen)
         try:
             await trio.to_thread.run_sync(
                 merge_into_image, frozen, live.template.rootfs, directory / ROOTFS_NAME
@@ -130,24 +130,31 @@ async def take_filesystem_snapshot(
     except BaseException:
         discard_template(config, template_id)
         raise
-    log.info("snapshot %s taken of sandbox %s", template_id, live.sandbox_id)
+    log.info("snapshot %s taken of sandbox %s (frozen %.2f s)", template_id, live.sandbox_id, frozen_s)
     return manifest
 
 
-async def _copy_while_frozen(live: LiveSandbox, cow: Path, target: Path) -> None:
-    """`cow` copied to `target` while the guest is frozen (after a `sync` if it was running)."""
+async def _copy_while_frozen(live: LiveSandbox, cow: Path, target: Path) -> float:
+    """`cow` copied to `target` while the guest is frozen, after a `sync` in it (a paused guest
+    is thawed for that `sync`, or what its page cache holds would be missing); it is left as
+    it was found, running or paused. Returns how long the copy froze it."""
     instance = live.instance
     assert instance is not None
     async with live.changing:
         if live.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
             raise SandboxNotFound(live.sandbox_id)
         running = live.state is SandboxState.RUNNING
-        if running:
-            try:
-                await sync_guest(instance.endpoint(ENVD_PORT), live.envd_headers())
-            except (OSError, httpx.HTTPError, EnvdError) as exc:
-                raise SnapshotFailed(f"the guest did not sync its disk: {exc}") from exc
-            await instance.pause()
+        if not running:
+            await instance.resume()
+        try:
+            await sync_guest(instance.endpoint(ENVD_PORT), live.envd_headers())
+        except (OSError, httpx.HTTPError, EnvdError) as exc:
+            if not running:
+                with trio.CancelScope(shield=True):
+                    await instance.pause()
+            raise SnapshotFailed(f"the guest did not sync its disk: {exc}") from exc
+        await instance.pause()
+        frozen_at = trio.current_time()
         try:
             await trio.to_thread.run_sync(sparse_copy, cow, target)
         except OSError as exc:
@@ -156,3 +163,4 @@ async def _copy_while_frozen(live: LiveSandbox, cow: Path, target: Path) -> None
             if running:
                 with trio.CancelScope(shield=True):
                     await instance.resume()
+        return trio.current_time() - frozen_at

@@ -108,10 +108,16 @@ def test_a_filesystem_snapshot_outlives_its_sandbox_and_a_restart(uml_service: U
     assert source.commands.run("cat /home/user/kept.txt").stdout == "written before the snapshot"
 
     listed = Sandbox.list_snapshots(api_key=alice).next_items()
-    assert [s.snapshot_id for s in listed] == [snapshot.snapshot_id]
+    assert [s.snapshot_id for s in listed] == [snapshot.snapshot_id]  # before the paused one
     assert "alice-snap" in listed[0].names
     mine = Sandbox.list_snapshots(sandbox_id=source.sandbox_id, api_key=alice).next_items()
     assert [s.snapshot_id for s in mine] == [snapshot.snapshot_id]
+
+    # A paused sandbox: thawed for its `sync`, snapshotted, left paused.
+    assert source.pause()
+    paused = Sandbox.create_snapshot(source.sandbox_id, api_key=alice)
+    assert Sandbox.get_info(source.sandbox_id, api_key=alice).state.value == "paused"
+    source.connect()
 
     with pytest.raises(SandboxException) as caught:
         source.create_snapshot(mode="full")
@@ -141,6 +147,10 @@ def test_a_filesystem_snapshot_outlives_its_sandbox_and_a_restart(uml_service: U
     by_name = Sandbox.create("alice-snap", timeout=600, api_key=alice)
     assert by_name.files.read("/home/user/kept.txt") == "written before the snapshot"
     by_name.kill()
+    from_paused = Sandbox.create(paused.snapshot_id, timeout=600, api_key=alice)
+    assert from_paused.files.read("/home/user/later.txt") == "written after the snapshot"
+    from_paused.kill()
+    assert Sandbox.delete_snapshot(paused.snapshot_id, api_key=alice) is True
 
     assert Sandbox.delete_snapshot(snapshot.snapshot_id, api_key=alice) is True
     assert Sandbox.list_snapshots(api_key=alice).next_items() == []
