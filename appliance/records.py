@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,17 @@ class TemplateManifest:
     # The team that built it (appliance/tenancy.py); built-in templates, and any from before
     # templates had owners, are the system's: every team may use them, only the admin change them.
     owner: str = SYSTEM_TEAM
+    # The E2B SDKs' buildID of this version (a UUID); "" in manifests from before it: see e2b_build_id.
+    build_id: str = ""
 
     @property
     def rootfs(self) -> Path:
         return self.directory / ROOTFS_NAME
+
+    @property
+    def e2b_build_id(self) -> str:
+        """The buildID the E2B API reports for this version: its own, else one derived from its id."""
+        return self.build_id or str(uuid.uuid5(uuid.NAMESPACE_URL, f"cube-template:{self.template_id}"))
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
