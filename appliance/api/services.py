@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.master.templates import TemplateRegistry
 from appliance.records import Store
+from appliance.templates.builds import TemplateBuilds
 
 SERVICES = "cube.services"  # its key in app.extensions
 
@@ -25,6 +27,10 @@ class Services:
     cubelet: Cubelet
     templates: TemplateRegistry
     auth: Authenticator
+    # The template build service, where it runs (always in `cube serve`; None in apps without one).
+    builds: TemplateBuilds | None = None
+    # Signs the upload links of the E2B SDKs' template files (api/sdk_templates.py); one per run.
+    upload_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     started_at: float = field(default_factory=time.time)
     # Creates under one (team, Idempotency-Key) wait for the first one's answer.
     creates_in_flight: dict[tuple[str, str], trio.Event] = field(default_factory=dict)
