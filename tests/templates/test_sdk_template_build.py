@@ -8,6 +8,9 @@ and a sandbox from the built template shows the files, env, working directory an
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -111,3 +114,34 @@ def test_a_failing_step_fails_the_build_with_its_output(
     assert "the-step-output" in str(failed.value)
     assert "exit status 3" in str(failed.value)
     assert not Template.exists("sdk-broken")  # nothing half-built is published
+
+
+def test_js_sdk_builds_a_template_and_a_sandbox_runs_in_it(
+    uml_service: Any, test_image: e2e.PushedImage, tmp_path: Path, js_sdk_dir: Path
+) -> None:
+    """The same with the npm `e2b` SDK (tests/js/template_build.mjs), and a failing build."""
+    context = app_context(tmp_path)
+    result = subprocess.run(
+        ["node", "template_build.mjs", str(context), test_image.ref, "js-app:v1"],
+        cwd=js_sdk_dir,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    observed = json.loads(result.stdout.strip().splitlines()[-1])
+    print("the JS SDK observed:", json.dumps(observed, indent=1))
+    assert any("COPY app/ /home/user/app" in line for line in observed["logs"]), observed["logs"]
+    assert observed["stdout"].splitlines() == [
+        "/home/user/app",
+        "hello from the context",
+        "from the js sdk",
+        "hello from the context",
+        "user",
+        "tool ran",
+        "user",
+    ]
+    assert observed["exists"] is True and observed["brokenExists"] is False
+    assert observed["failure"]["type"] == "BuildError", observed["failure"]
+    assert "js-step-output" in observed["failure"]["message"], observed["failure"]
