@@ -139,11 +139,14 @@ def _requested_name(data: dict[str, Any]) -> tuple[str, list[str]]:
     return name, list(dict.fromkeys(tags)) or [DEFAULT_TAG]
 
 
-def _check_name(s: Services, name: str, principal: Principal) -> None:
+def _check_name(s: Services, builds: TemplateBuilds, name: str, principal: Principal) -> None:
+    """409 for a name another team holds, published or requested (a request reserves it, as on E2B)."""
     try:
         check_name_free(s.config, name, principal.team_id)
     except NameTaken as exc:
         raise ApiError(409, str(exc), error_code="name_taken") from exc
+    if any(b.team != principal.team_id for b in builds.sdk_builds.of_template(name)):
+        raise ApiError(409, f"the template name {name!r} belongs to another team", error_code="name_taken")
 
 
 @blueprint.post("/v3/templates")
@@ -161,7 +164,7 @@ async def request_build() -> Response:
     except ValueError as exc:
         message = str(exc).replace("--cpu", "cpuCount").replace("--memory", "memoryMB")
         raise ApiError(400, message.replace("--writable-layer-size", "minFreeDiskMb")) from exc
-    _check_name(s, name, principal)
+    _check_name(s, builds, name, principal)
     build = SdkBuild(str(uuid.uuid4()), name, principal.team_id, tags, cpu, memory, writable)
     builds.sdk_builds.save(build)
     body = {
@@ -287,10 +290,11 @@ def _settings(build: SdkBuild, template: SdkTemplate) -> TemplateSettings:
 async def start_build(template_id: str, build_id: str) -> Response:
     s, principal = services(), current_principal()
     builds = _builds()
+    # The body first: an answer before it is read leaves it in the connection the client reuses.
+    data = await request_object(required=True)
     build = _visible_build(template_id, build_id)
     if build.job_id:
         raise ApiError(400, f"build {build_id} was started already: request a new one (POST /v3/templates)")
-    data = await request_object(required=True)
     try:
         template = parse_template(data)
         if template.from_image is not None:
@@ -300,7 +304,7 @@ async def start_build(template_id: str, build_id: str) -> Response:
     except ValueError as exc:
         raise ApiError(400, str(exc)) from exc
     warnings = await _check_files(builds, build, template)
-    _check_name(s, build.template, principal)
+    _check_name(s, builds, build.template, principal)
     shown = {"fromImage": template.from_image, "fromTemplate": template.from_template}
     public = {**shown, "name": build.template, "tags": build.tags, "steps": len(template.steps)}
     request_ = SdkBuildRequest(build.build_id, build.team, template, _settings(build, template))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,3 +177,30 @@ def test_oversize_and_escaping_uploads_are_refused(
     e2b_error(upload(client, "escapes", "5" * 64, b"\x1f\x8b not really gzip"), 400)
     assert not (tmp_path / "planted.txt").exists() and not (tmp_path / "absolute.txt").exists()
     assert not list(service.config.cache_dir.parent.rglob("escaped.txt"))
+
+
+def test_another_keys_template_is_no_base_and_its_name_no_target(
+    small_uploads: tuple[ServiceHarness, httpx.Client],
+) -> None:
+    """B cannot build from A's template (the build fails at its base: not found) nor under A's name."""
+    service, a = small_uploads
+    b_key = httpx.post(
+        f"{service.url}/cube/keys", json={"name": "other"}, headers={"X-API-KEY": service.admin_token}
+    ).json()["key"]
+    a_build = request_build(a, "a-private")
+    with httpx.Client(base_url=service.url, headers={"X-API-KEY": b_key}, timeout=30) as b:
+        message = e2b_error(b.post("/v3/templates", json={"name": "a-private:v2"}), 409)
+        assert "belongs to" in message
+        e2b_error(b.get(f"/templates/a-private/builds/{a_build}/status"), 404)
+        build_id = request_build(b, "b-own")
+        base = {"fromTemplate": "a-private", "steps": []}
+        assert b.post(f"/v2/templates/b-own/builds/{build_id}", json=base).status_code == 202
+        status: dict[str, Any] = {}
+        for _ in range(300):  # the job fails at once, before anything boots
+            status = b.get(f"/templates/b-own/builds/{build_id}/status").json()
+            if status["status"] == "error":
+                break
+            time.sleep(0.1)
+        assert status["status"] == "error", status
+        assert status["reason"]["step"] == "base" and "not found" in status["reason"]["message"]
+        assert_not_published(b, "b-own")
