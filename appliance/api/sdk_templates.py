@@ -129,14 +129,15 @@ def _requested_name(data: dict[str, Any]) -> tuple[str, list[str]]:
     if not isinstance(raw, str) or not raw:
         raise ApiError(400, "'name' is required: the template's name, optionally with :tag")
     name, tag = split_name_tag(raw)
-    tags = ([tag] if tag is not None else []) + _strings(data, "tags")
+    # As on E2B: the name alone is its `default` tag; `tags` are more tags for the same build.
+    tags = [tag if tag is not None else DEFAULT_TAG, *_strings(data, "tags")]
     try:
         validate_name(name)
         for each in tags:
             validate_tag(each)
     except ValueError as exc:
         raise ApiError(400, str(exc)) from exc
-    return name, list(dict.fromkeys(tags)) or [DEFAULT_TAG]
+    return name, list(dict.fromkeys(tags))
 
 
 def _check_name(s: Services, builds: TemplateBuilds, name: str, principal: Principal) -> None:
