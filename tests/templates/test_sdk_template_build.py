@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_e2e_real_sandbox as e2e
+from uml_world import PushedImage
 
-pytestmark = e2e.pytestmark
-
-# The real-UML service and the pushed test image, as test_e2e_real_sandbox.py makes them.
-python_rootfs = e2e.python_rootfs
-test_image = e2e.test_image
-uml_service_config = e2e.uml_service_config
-uml_service = e2e.uml_service
+# The real-UML service and the pushed test image: uml_world.py (fixtures in conftest.py).
+pytestmark = [
+    pytest.mark.uml,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root"),
+]
 
 
 def app_context(root: Path) -> Path:
@@ -50,7 +49,7 @@ def sdk_template(context: Path, image: str) -> Any:
 
 
 def test_sdk_builds_a_template_and_a_sandbox_runs_in_it(
-    uml_service: Any, test_image: e2e.PushedImage, tmp_path: Path
+    uml_service: Any, test_image: PushedImage, tmp_path: Path
 ) -> None:
     from e2b import Sandbox, Template
 
@@ -102,7 +101,7 @@ def test_sdk_builds_a_template_and_a_sandbox_runs_in_it(
 
 
 def test_a_failing_step_fails_the_build_with_its_output(
-    uml_service: Any, test_image: e2e.PushedImage, tmp_path: Path
+    uml_service: Any, test_image: PushedImage, tmp_path: Path
 ) -> None:
     from e2b import Template
     from e2b.exceptions import BuildException
@@ -117,7 +116,7 @@ def test_a_failing_step_fails_the_build_with_its_output(
 
 
 def test_js_sdk_builds_a_template_and_a_sandbox_runs_in_it(
-    uml_service: Any, test_image: e2e.PushedImage, tmp_path: Path, js_sdk_dir: Path
+    uml_service: Any, test_image: PushedImage, tmp_path: Path, js_sdk_dir: Path
 ) -> None:
     """The same with the npm `e2b` SDK (tests/js/template_build.mjs), and a failing build."""
     context = app_context(tmp_path)
