@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +52,17 @@ class TemplateManifest:
     # A filesystem snapshot (appliance/master/snapshots.py): the sandbox it was taken from. Its
     # rootfs is that sandbox's disk at the time; it is never pooled.
     snapshot_of: str = ""
+    # The E2B SDKs' buildID of this version (a UUID); "" in manifests from before it: see e2b_build_id.
+    build_id: str = ""
 
     @property
     def rootfs(self) -> Path:
         return self.directory / ROOTFS_NAME
+
+    @property
+    def e2b_build_id(self) -> str:
+        """The buildID the E2B API reports for this version: its own, else one derived from its id."""
+        return self.build_id or str(uuid.uuid5(uuid.NAMESPACE_URL, f"cube-template:{self.template_id}"))
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)

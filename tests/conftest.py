@@ -21,7 +21,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -477,3 +479,29 @@ def sdk_env(service: ServiceHarness, api_key: str, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("E2B_DOMAIN", raising=False)
     monkeypatch.delenv("E2B_DEBUG", raising=False)
     return service
+
+
+JS_DIR = Path(__file__).resolve().parent / "js"
+# node_modules live outside the checkout, installed once and reused by later runs.
+NPM_CACHE = Path(os.environ.get("CUBE_NPM_CACHE", "/var/cache/cube/npm")) / "guest-js-sdk"
+
+
+@pytest.fixture(scope="session")
+def js_sdk_dir() -> Path:
+    """The JS SDKs pinned in tests/js/package.json installed, with tests/js's scripts beside them."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are needed for the JS SDK tests")
+    NPM_CACHE.mkdir(parents=True, exist_ok=True)
+    package = (JS_DIR / "package.json").read_text()
+    installed = NPM_CACHE / "package.json"
+    if not (NPM_CACHE / "node_modules/@e2b/code-interpreter").is_dir() or installed.read_text() != package:
+        installed.write_text(package)
+        subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=NPM_CACHE,
+            check=True,
+            timeout=600,
+        )
+    for script in JS_DIR.glob("*.mjs"):
+        shutil.copy(script, NPM_CACHE / script.name)
+    return NPM_CACHE

@@ -15,7 +15,17 @@ from quart import Blueprint, Response
 from quart_trio import QuartTrio
 from quart_trio.wrappers.request import TrioBody, TrioRequest
 
-from appliance.api import admin, health, sandbox_info, sandboxes, secrets, snapshots, templates, volumes
+from appliance.api import (
+    admin,
+    health,
+    sandbox_info,
+    sandboxes,
+    sdk_templates,
+    secrets,
+    snapshots,
+    templates,
+    volumes,
+)
 from appliance.api.auth import AUTHENTICATOR, access_of
 from appliance.api.errors import error_response, install_error_handlers
 from appliance.api.services import SERVICES, Services
@@ -24,8 +34,9 @@ from appliance.templates.api import CONTEXT_UPLOAD_PATH
 
 MAX_BODY_BYTES = 1024 * 1024
 # Quart reads a request body as fast as it arrives, whoever consumes it: its limit is on what
-# waits in memory. A build context is streamed to disk, under its own cap on the total
-# (build_context_max_size, templates/limits.py); this much may wait while a write is under way.
+# waits in memory. A build context (and an E2B SDK template's files) is streamed to disk, under
+# its own cap on the total (build_context_max_size, templates/limits.py); this much may wait
+# while a write is under way.
 UPLOAD_BUFFER_BYTES = 64 * 1024 * 1024
 BLUEPRINTS = (
     health.blueprint,
@@ -36,6 +47,8 @@ BLUEPRINTS = (
     secrets.blueprint,
     volumes.blueprint,
     volumes.content,
+    sdk_templates.blueprint,
+    sdk_templates.uploads_blueprint,
     admin.blueprint,
 )
 
@@ -46,10 +59,10 @@ class _UploadBody(TrioBody):
 
 
 class CubeRequest(TrioRequest):
-    """Request bodies of at most MAX_BODY_BYTES, but for the build context upload (`_UploadBody`)."""
+    """Request bodies of at most MAX_BODY_BYTES, but for the build context uploads (`_UploadBody`)."""
 
     def __init__(self, method: str, scheme: str, path: str, *args: Any, **kwargs: Any) -> None:
-        if path == CONTEXT_UPLOAD_PATH:
+        if path == CONTEXT_UPLOAD_PATH or path.startswith(sdk_templates.UPLOAD_PREFIX):
             self.body_class = _UploadBody
         super().__init__(method, scheme, path, *args, **kwargs)
 

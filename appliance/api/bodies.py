@@ -97,7 +97,7 @@ def template_body(manifest: TemplateManifest, cubelet: Cubelet) -> dict[str, obj
     )
     return {
         "templateID": manifest.template_id,
-        "buildID": manifest.source or manifest.template_id,
+        "buildID": manifest.e2b_build_id,
         "cpuCount": manifest.cpu_count,
         "memoryMB": manifest.memory_mb,
         "diskSizeMB": manifest.writable_layer_mb,

@@ -132,6 +132,83 @@ SCHEMAS: dict[str, Schema] = {
     },
     "Template": {"type": "object", "required": ["templateID"], "properties": {"templateID": STRING}},
     "BuildJob": {"type": "object", "required": ["job_id"], "properties": {"job_id": STRING}},
+    # The E2B SDKs' template builder (api/sdk_templates.py).
+    "TemplateBuildRequestV3": {
+        "type": "object",
+        "properties": {
+            "name": STRING,
+            "alias": STRING,
+            "tags": STRINGS,
+            "cpuCount": INTEGER,
+            "memoryMB": INTEGER,
+            "minFreeDiskMb": INTEGER,
+        },
+    },
+    "TemplateRequestResponseV3": {
+        "type": "object",
+        "required": ["templateID", "buildID", "public", "names", "tags", "aliases"],
+        "properties": {
+            "templateID": STRING,
+            "buildID": STRING,
+            "public": BOOLEAN,
+            "names": STRINGS,
+            "tags": STRINGS,
+            "aliases": STRINGS,
+        },
+    },
+    "TemplateBuildFileUpload": {
+        "type": "object",
+        "required": ["present"],
+        "properties": {"present": BOOLEAN, "url": STRING},
+    },
+    "TemplateStep": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["RUN", "COPY", "ENV", "WORKDIR", "USER"]},
+            "args": STRINGS,
+            "filesHash": STRING,
+            "force": BOOLEAN,
+        },
+    },
+    "TemplateBuildStartV2": {
+        "type": "object",
+        "properties": {
+            "fromImage": STRING,
+            "fromTemplate": STRING,
+            "fromImageRegistry": {"type": "object"},
+            "force": BOOLEAN,
+            "steps": {"type": "array", "items": {"$ref": "#/components/schemas/TemplateStep"}},
+            "startCmd": STRING,
+            "readyCmd": STRING,
+        },
+    },
+    "BuildLogEntry": {
+        "type": "object",
+        "required": ["timestamp", "message", "level"],
+        "properties": {
+            "timestamp": STRING,
+            "message": STRING,
+            "level": {"type": "string", "enum": ["debug", "info", "warn", "error"]},
+        },
+    },
+    "TemplateBuildInfo": {
+        "type": "object",
+        "required": ["templateID", "buildID", "status", "logs", "logEntries"],
+        "properties": {
+            "templateID": STRING,
+            "buildID": STRING,
+            "status": {"type": "string", "enum": ["building", "waiting", "ready", "error"]},
+            "logs": STRINGS,
+            "logEntries": {"type": "array", "items": {"$ref": "#/components/schemas/BuildLogEntry"}},
+            "reason": {"type": "object"},
+        },
+    },
+    "TemplateTag": {
+        "type": "object",
+        "required": ["tag", "buildID", "createdAt"],
+        "properties": {"tag": STRING, "buildID": STRING, "createdAt": STRING},
+    },
 }
 
 
@@ -218,6 +295,16 @@ CREATE = _operation(
 )
 CONNECT = _operation("Connect to (or resume) a sandbox", "200", _ref("Sandbox"), body=TIMEOUT_BODY)
 LOGS = _operation("The sandbox's console log", "200", {"type": "object"}, query=LOG_QUERY)
+TEMPLATE = _path_parameter("templateID")
+BUILD = TEMPLATE + _path_parameter("buildID")
+LEVEL: Schema = {"type": "string", "enum": ["debug", "info", "warn", "error"]}
+PATCH_TEMPLATE = _operation(
+    "Update a template (public: false only)",
+    "200",
+    {"type": "object", "properties": {"names": STRINGS}},
+    body={"type": "object", "properties": {"public": BOOLEAN}},
+    errors=("403", "404"),
+)
 
 PATHS: dict[str, Schema] = {
     "/health": {"get": _operation("Service health", "200", {"type": "object"}, errors=(), public=True)},
@@ -369,11 +456,112 @@ PATHS: dict[str, Schema] = {
     },
     "/templates": {"get": _operation("Templates", "200", {"type": "array", "items": _ref("Template")})},
     "/templates/{templateID}": {
-        "parameters": _path_parameter("templateID"),
+        "parameters": TEMPLATE,
         "get": _operation("A template", "200", _ref("Template")),
         "delete": _operation(
-            "Delete a template", "204", query={"force": BOOLEAN}, errors=("403", "404", "409")
+            "Delete a template (a name: every version of it)",
+            "204",
+            query={"force": BOOLEAN},
+            errors=("403", "404", "409"),
         ),
+        "patch": PATCH_TEMPLATE,
+    },
+    "/v2/templates": {
+        "get": _operation("Templates", "200", {"type": "array", "items": _ref("Template")}),
+    },
+    "/v2/templates/{templateID}": {"parameters": TEMPLATE, "patch": PATCH_TEMPLATE},
+    "/v3/templates": {
+        "post": _operation(
+            "Request a template build (E2B SDK)",
+            "202",
+            _ref("TemplateRequestResponseV3"),
+            body=_ref("TemplateBuildRequestV3"),
+            errors=("409",),
+        )
+    },
+    "/templates/{templateID}/files/{hash}": {
+        "parameters": TEMPLATE + _path_parameter("hash"),
+        "get": _operation(
+            "Whether a COPY step's files are uploaded; a link to upload them",
+            "201",
+            _ref("TemplateBuildFileUpload"),
+        ),
+    },
+    "/template-files/{hash}": {
+        "parameters": _path_parameter("hash"),
+        "put": {
+            **_operation(
+                "Upload a COPY step's files (the link from /templates/{templateID}/files/{hash})",
+                "200",
+                query={"team": STRING, "expires": INTEGER, "signature": STRING},
+                errors=("403", "413"),
+                public=True,
+            ),
+            "requestBody": {
+                "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}
+            },
+        },
+    },
+    "/v2/templates/{templateID}/builds/{buildID}": {
+        "parameters": BUILD,
+        "post": _operation(
+            "Start a requested build with its steps (E2B SDK)",
+            "202",
+            body=_ref("TemplateBuildStartV2"),
+            errors=("403", "404", "409"),
+        ),
+    },
+    "/templates/{templateID}/builds/{buildID}/status": {
+        "parameters": BUILD,
+        "get": _operation(
+            "A build's status and log entries from logsOffset",
+            "200",
+            _ref("TemplateBuildInfo"),
+            query={"logsOffset": INTEGER, "limit": INTEGER, "level": LEVEL},
+        ),
+    },
+    "/templates/{templateID}/builds/{buildID}/logs": {
+        "parameters": BUILD,
+        "get": _operation(
+            "A build's log entries",
+            "200",
+            {"type": "object", "properties": {"logs": {"type": "array", "items": _ref("BuildLogEntry")}}},
+            query={
+                "cursor": INTEGER,
+                "limit": INTEGER,
+                "direction": {"type": "string", "enum": ["forward", "backward"]},
+                "level": LEVEL,
+                "source": STRING,
+            },
+        ),
+    },
+    "/templates/aliases/{alias}": {
+        "parameters": _path_parameter("alias"),
+        "get": _operation(
+            "Whether a template name exists (403: another team's)",
+            "200",
+            {"type": "object", "properties": {"templateID": STRING, "public": BOOLEAN}},
+            errors=("403", "404"),
+        ),
+    },
+    "/templates/tags": {
+        "post": _operation(
+            "Tag a build of a template",
+            "201",
+            {"type": "object", "properties": {"tags": STRINGS, "buildID": STRING}},
+            body={"type": "object", "properties": {"target": STRING, "tags": STRINGS}},
+            errors=("403", "404"),
+        ),
+        "delete": _operation(
+            "Remove tags of a template",
+            "204",
+            body={"type": "object", "properties": {"name": STRING, "tags": STRINGS}},
+            errors=("403", "404"),
+        ),
+    },
+    "/templates/{templateID}/tags": {
+        "parameters": TEMPLATE,
+        "get": _operation("A template's tags", "200", {"type": "array", "items": _ref("TemplateTag")}),
     },
     "/templates/builds": {
         "post": _operation(

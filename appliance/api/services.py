@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from secrets import token_bytes
 
 import trio
 from quart import current_app
@@ -16,6 +17,7 @@ from appliance.master.secrets import SecretStore
 from appliance.master.templates import TemplateRegistry
 from appliance.master.volumes import VolumeStore
 from appliance.records import Store
+from appliance.templates.builds import TemplateBuilds
 
 SERVICES = "cube.services"  # its key in app.extensions
 
@@ -29,6 +31,10 @@ class Services:
     auth: Authenticator
     secrets: SecretStore | None = None  # None: a service without secrets (a test's)
     volumes: VolumeStore | None = None  # None: a service without volumes (a test's)
+    # The template build service, where it runs (always in `cube serve`; None in apps without one).
+    builds: TemplateBuilds | None = None
+    # Signs the upload links of the E2B SDKs' template files (api/sdk_templates.py); one per run.
+    upload_key: bytes = field(default_factory=lambda: token_bytes(32), repr=False)
     started_at: float = field(default_factory=time.time)
     # Creates under one (team, Idempotency-Key) wait for the first one's answer.
     creates_in_flight: dict[tuple[str, str], trio.Event] = field(default_factory=dict)

@@ -6,6 +6,7 @@
   the template directory (SNAPSHOTTING); uml has no snapshot, its fast start is the
   warm pool, which the cubelet fills once the template is published (POOLING;
   `published` wakes it).
+- `run_in`: a command through envd in a guest `boot` started (a template's ready command).
 - `run_command` (Dockerfile RUN): the step's rootfs directory, with the guest agent
   added to a hardlinked copy, becomes a scratch ext4; a temporary guest boots from
   it; `guest_diff.py` records the filesystem, the command runs through envd's
@@ -82,6 +83,26 @@ class CubeletTemplateSandboxes:
 
     async def finalize(self, manifest: TemplateManifest, instance: Instance) -> None:
         await self.cubelet.runtime.finalize_template(manifest, instance)
+
+    async def run_in(self, instance: Instance, command: RunCommand) -> int:
+        """A command in a template's booted guest (never claimed: its agent takes the boot token)."""
+        host, port = instance.endpoint(ENVD_PORT)
+        headers = {"X-Access-Token": instance.agent_token}
+        lines = _Lines(command.output)
+        timeout = httpx.Timeout(30.0, read=None)
+        async with httpx.AsyncClient(headers=headers, timeout=timeout, trust_env=False) as http:
+            code = await start_process(
+                http,
+                f"http://{host}:{port}",
+                command.user or "root",
+                list(command.argv),
+                command.env,
+                command.workdir,
+                lines.feed,
+                lines.feed,
+            )
+        lines.close()
+        return code
 
     def published(self, manifest: TemplateManifest) -> None:
         if self._on_published is not None:

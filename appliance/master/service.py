@@ -144,6 +144,10 @@ async def run_service(
             restored = await restore_carried(cubelet, registry, store, config.state_dir)
             if restored:
                 log.info("%d sandboxes carried over the restart are back: %s", len(restored), restored)
+            builds = TemplateBuilds(
+                config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)
+            )
+            await nursery.start(builds.run)
             services = Services(
                 config=config,
                 store=store,
@@ -152,11 +156,8 @@ async def run_service(
                 auth=Authenticator(config, store, admin_token),
                 secrets=secret_store,
                 volumes=VolumeStore(config.state_dir, config.volume_max_mb << 20),
+                builds=builds,
             )
-            builds = TemplateBuilds(
-                config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)
-            )
-            await nursery.start(builds.run)
             # Any key may build; what a build sees and makes is its team's (templates/api.py).
             blueprints = [protect(create_build_blueprint(builds), Access.KEY)]
             blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]

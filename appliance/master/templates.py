@@ -12,7 +12,13 @@ import shutil
 
 from appliance.config import Config
 from appliance.records import MANIFEST_NAME, Store, TemplateManifest
-from appliance.templates.catalog import SDK_DEFAULT_TEMPLATE_NAMES
+from appliance.templates.catalog import (
+    DEFAULT_TAG,
+    SDK_DEFAULT_TEMPLATE_NAMES,
+    forget_template,
+    resolve_tag,
+    split_name_tag,
+)
 from appliance.tenancy import ADMIN, Principal
 
 log = logging.getLogger(__name__)
@@ -51,9 +57,15 @@ class TemplateRegistry:
         return {k: m for k, m in self.refresh().items() if principal.sees(m.owner)}
 
     def resolve(self, name: str, principal: Principal = ADMIN) -> TemplateManifest | None:
-        """A template `principal` may see, by id or alias; the SDK default names map to
+        """A template `principal` may see, by id, alias or `alias:tag`; the SDK default names map to
         config.default_template. Another team's template is not found."""
         visible = self.visible(principal)
+        alias, tag = split_name_tag(name)
+        if tag is not None:
+            tagged = resolve_tag(self.config, alias, tag)
+            if tagged is not None or tag != DEFAULT_TAG:
+                return visible.get(tagged) if tagged is not None else None
+            name = alias  # `<id>:default` of a template without tags: the template itself
         if name in SDK_DEFAULT_TEMPLATE_NAMES and name not in visible:
             name = self.config.default_template
         if name in visible:
@@ -68,5 +80,6 @@ class TemplateRegistry:
         root = self.config.templates_dir.resolve()
         if manifest is not None and manifest.directory.resolve().is_relative_to(root):
             shutil.rmtree(manifest.directory, ignore_errors=True)
+        forget_template(self.config, template_id)
         self.store.delete_template(template_id)
         self._by_id.pop(template_id, None)

@@ -192,7 +192,8 @@ def _add_read_routes(blueprint: Blueprint, builds: TemplateBuilds) -> None:
     async def list_builds() -> Response:
         principal = current_principal()
         jobs = [job for job in builds.jobs() if principal.owns(job.team)]
-        return jsonify([{k: v for k, v in job.to_dict().items() if k != "log"} for job in jobs])
+        listed = [{k: v for k, v in job.to_dict().items() if k not in ("log", "log_times")} for job in jobs]
+        return jsonify(listed)
 
     @blueprint.get("/templates/builds/<job_id>")
     async def get_build(job_id: str) -> Response | tuple[Response, int]:

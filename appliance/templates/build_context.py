@@ -71,15 +71,18 @@ def _extract_entry(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: Tree, na
     return True
 
 
-def extract_context(archive: Path, dest: Path, max_bytes: int = DEFAULT_CONTEXT_BYTES) -> None:
+def extract_context(archive: Path, dest: Path, max_bytes: int = DEFAULT_CONTEXT_BYTES) -> list[str]:
     """Unpack an uploaded build context (a tar, maybe compressed) into the empty directory `dest`:
     files with their modes, directories, symlinks (as links: nothing here follows them), hardlinks
-    to earlier files. Refused: absolute names, `..`, names below a symlink, more than `max_bytes`."""
+    to earlier files. Refused: absolute names, `..`, names below a symlink, more than `max_bytes`.
+    Returns the archive's entry names, in its order."""
     budget = SizeBudget(max_bytes, "the build context", "build_context_max_size")
+    names: list[str] = []
     with Tree.open(dest) as tree, tarfile.open(archive) as tar:
         for member in tar:
             budget.spend(_TAR_HEADER + (member.size if member.isfile() else 0))
             parts = _safe_parts(member.name)
+            names.append(member.name)
             if not parts:
                 continue
             parent = join_path(parts[:-1])
@@ -89,6 +92,7 @@ def extract_context(archive: Path, dest: Path, max_bytes: int = DEFAULT_CONTEXT_
             name = join_path(parts)
             if _extract_entry(tar, member, tree, name) and not member.issym():
                 tree.chmod(name, member.mode & 0o7777)
+    return names
 
 
 # Where `cube tpl build` puts a Dockerfile that lives outside the context.
@@ -172,7 +176,7 @@ def ensure_dir(rootfs: Path, guest_path: str, uid: int = 0, gid: int = 0) -> Non
 
 
 @dataclass
-class _CopyRules:
+class CopyRules:
     """How entries are copied from one tree to another."""
 
     owner: tuple[int, int] | None = None  # None: the source's
@@ -182,7 +186,7 @@ class _CopyRules:
 
 
 def _create_copy(
-    source: Tree, src: str, info: os.stat_result, dest: Tree, dst: str, rules: _CopyRules
+    source: Tree, src: str, info: os.stat_result, dest: Tree, dst: str, rules: CopyRules
 ) -> bool:
     """The entry itself (no metadata); False when it is nothing to copy (sockets; specials unless exact)."""
     mode = info.st_mode
@@ -204,7 +208,7 @@ def _create_copy(
 
 
 def _copy_metadata(
-    source: Tree, src: str, info: os.stat_result, dest: Tree, dst: str, rules: _CopyRules
+    source: Tree, src: str, info: os.stat_result, dest: Tree, dst: str, rules: CopyRules
 ) -> None:
     with dest.entry(dst) as fd:
         fd_chown(fd, *(rules.owner or (info.st_uid, info.st_gid)))
@@ -220,7 +224,7 @@ def _copy_metadata(
         fd_set_times(fd, info.st_mtime)
 
 
-def copy_entry(source: Tree, src: str, dest: Tree, dst: str, rules: _CopyRules, recursive: bool) -> None:
+def copy_entry(source: Tree, src: str, dest: Tree, dst: str, rules: CopyRules, recursive: bool) -> None:
     """Copy the entry `src` of one tree to `dst` in another (replacing what is there; a directory
     merges into an existing one), and with `recursive` everything below a directory."""
     info = source.lstat(src)
@@ -262,7 +266,7 @@ def copy_from_context(
     with Tree.open(rootfs) as root, Tree.open(context) as ctx:
         ignore = ignore_rules(ctx)
         owner = lookup_ids(root, flags["chown"])[:2] if "chown" in flags else (0, 0)
-        rules = _CopyRules(owner=owner, chmod=int(flags["chmod"], 8) if "chmod" in flags else None)
+        rules = CopyRules(owner=owner, chmod=int(flags["chmod"], 8) if "chmod" in flags else None)
         into_directory = dest.endswith("/") or len(sources) > 1 or ctx.is_dir(sources[0]) or root.is_dir(dest)
         for source in sources:
             if keyword == "ADD" and _is_tar_archive(ctx, source):
@@ -302,7 +306,7 @@ def copy_from_stage(
     """
     with Tree.open(stage_root) as stage, Tree.open(rootfs) as root:
         found = _stage_paths(stage, sources, line)
-        rules = _CopyRules(
+        rules = CopyRules(
             owner=lookup_ids(root, flags["chown"])[:2] if "chown" in flags else None,
             chmod=int(flags["chmod"], 8) if "chmod" in flags else None,
             exact=True,

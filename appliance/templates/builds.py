@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import trio
 from appliance.config import Config
 from appliance.errors import first_leaf
 from appliance.records import TemplateManifest
-from appliance.runtime.base import BootFailed, read_console_tail
+from appliance.runtime.base import BootFailed, Instance, read_console_tail
 from appliance.templates.build_caches import BuildCaches, max_cache_bytes, private_dir
 from appliance.templates.catalog import (
     begin_template,
@@ -31,7 +32,7 @@ from appliance.templates.catalog import (
 )
 from appliance.templates.dockerfile_build import DockerfileBuildRequest, build_dockerfile_rootfs
 from appliance.templates.ext4 import build_ext4
-from appliance.templates.guest_setup import prepare_rootfs
+from appliance.templates.guest_setup import DEFAULT_PATH, prepare_rootfs
 from appliance.templates.jobs import (
     PHASE_PROGRESS,
     BuildJob,
@@ -46,7 +47,10 @@ from appliance.templates.probe import ProbeFailed, wait_until_ready
 from appliance.templates.pull import pull_image
 from appliance.templates.registry import insecure_registries
 from appliance.templates.requests import ImageBuildRequest, TemplateSettings
-from appliance.templates.sandbox_steps import TemplateSandboxes
+from appliance.templates.sandbox_steps import RunCommand, TemplateSandboxes
+from appliance.templates.sdk_build import SdkBuildRequest, build_sdk_rootfs
+from appliance.templates.sdk_builds import SdkBuilds
+from appliance.templates.sdk_files import UploadedFiles
 from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,15 @@ log = logging.getLogger(__name__)
 RootfsBuilder = Callable[[BuildJob, Path, Path], Awaitable[TemplateManifest]]
 # Builds are disk- and CPU-heavy; on a small host they queue rather than compete.
 PARALLEL_BUILDS = 1
+READY_OUTPUT_LINES = 40  # of a ready command's last run, in the failure
+
+
+class ReadyCommandFailed(Exception):
+    step = "finalize"  # the E2B SDKs' name for what runs after the last step
+
+    def __init__(self, message: str, output: str) -> None:
+        super().__init__(message)
+        self.console_tail = output
 
 
 class TemplateBuilds:
@@ -66,16 +79,20 @@ class TemplateBuilds:
         self.layer_cache = LayerCache(config.cache_dir / "layers")
         self.caches = BuildCaches(config.cache_dir, self.running_since)
         self.limits = BuildLimits.from_config(config)
+        # What the E2B SDKs upload for their COPY steps (sdk_files.py).
+        self.uploads = UploadedFiles(config.cache_dir / "sdk-files", self.limits)
+        self.sdk_builds = SdkBuilds(config.state_dir / "sdk-builds")
         self._running: dict[str, float] = {}  # job id -> when it started (epoch)
         self._limiter = trio.CapacityLimiter(PARALLEL_BUILDS)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.store.load()
+        self.sdk_builds.load()
         for template_id in remove_unfinished(self.config):
             log.info("removed unfinished template %s", template_id)
         await trio.to_thread.run_sync(lambda: shutil.rmtree(self._work_root(), ignore_errors=True))
-        for directory in (self.layer_cache.root, self.caches.steps_dir, self._work_root()):
+        for directory in (self.layer_cache.root, self.caches.steps_dir, self.uploads.root, self._work_root()):
             private_dir(directory)  # also tightens the modes of caches older versions left open
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -179,6 +196,28 @@ class TemplateBuilds:
 
         return self._start("dockerfile", public, request.settings, build, team)
 
+    def submit_sdk(
+        self, request: SdkBuildRequest, public: dict[str, object], team: str = SYSTEM_TEAM
+    ) -> BuildJob:
+        """A build from the E2B SDKs' step list (sdk_build.py)."""
+
+        async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
+            result = await build_sdk_rootfs(self, job, request, rootfs, work)
+            return self._manifest(
+                job,
+                request.settings,
+                source=result.cache_key,
+                envs=result.env,
+                start_cmd=result.start_cmd,
+                workdir=result.workdir,
+                user=result.user,
+                image_ports=result.exposed_ports,
+                labels=result.labels,
+                build_id=request.build_id,
+            )
+
+        return self._start("sdk", public, request.settings, build, team)
+
     def _manifest(
         self,
         job: BuildJob,
@@ -191,6 +230,7 @@ class TemplateBuilds:
         user: str,
         image_ports: tuple[int, ...],
         labels: dict[str, str],
+        build_id: str = "",
     ) -> TemplateManifest:
         return TemplateManifest(
             template_id=job.template_id,
@@ -211,11 +251,12 @@ class TemplateBuilds:
             labels=labels,
             created_at=utc_now(),
             owner=job.team,
+            build_id=build_id or str(uuid.uuid4()),
         )
 
     async def _run_job(self, job: BuildJob, settings: TemplateSettings, build: RootfsBuilder) -> None:
         work = self._work_root() / job.job_id
-        failure: tuple[str, str] | None = None  # (reason, console tail)
+        failure: tuple[str, str, str] | None = None  # (reason, console tail, failed step)
         cancelled = False
         # A little early: file times come from the kernel's coarse clock, which may lag time.time().
         self._running[job.job_id] = time.time() - 0.05
@@ -230,13 +271,9 @@ class TemplateBuilds:
                 await trio.to_thread.run_sync(shutil.rmtree, work)
                 await self._boot_and_publish(job, settings, manifest)
         except Exception as error:  # every failure becomes the job's reason; nothing above sees it
-            leaf = first_leaf(error)
-            if isinstance(leaf, BootFailed):
-                failure = (f"the template's sandbox did not boot: {leaf.reason}", leaf.console_tail)
-            else:
-                failure = (str(leaf) or type(leaf).__name__, getattr(leaf, "console_tail", ""))
+            failure = _failure(first_leaf(error))
         except BaseException:
-            failure, cancelled = ("the build was cancelled (service shutting down)", ""), True
+            failure, cancelled = ("the build was cancelled (service shutting down)", "", ""), True
             raise
         finally:
             # Clean up first: whoever sees FAILED finds nothing of the build left.
@@ -291,9 +328,11 @@ class TemplateBuilds:
                 exc.console_tail = read_console_tail(instance.console_log)
                 raise
             self.store.log(job, f"probe answered after {took:.1f}s")
+            if settings.ready_cmd:
+                await self._wait_for_ready_command(job, settings, manifest, instance)
             self.store.set_phase(job, self.sandboxes.finalize_phase)
             await self.sandboxes.finalize(manifest, instance)
-        superseded = publish_template(self.config, manifest, settings.alias)
+        superseded = publish_template(self.config, manifest, settings.alias, settings.tags)
         published = getattr(self.sandboxes, "published", None)
         if published is not None:
             published(manifest)  # the service's registry and warm pools pick it up now
@@ -301,3 +340,44 @@ class TemplateBuilds:
             self.store.log(job, f"alias {settings.alias} moved from {superseded} to {manifest.template_id}")
         job.progress = PHASE_PROGRESS[Phase.READY]
         self.store.set_phase(job, Phase.READY, f"template {manifest.template_id} is ready")
+
+    async def _wait_for_ready_command(
+        self, job: BuildJob, settings: TemplateSettings, manifest: TemplateManifest, instance: Instance
+    ) -> None:
+        """Run the ready command in the booted template (its start command running) until it exits 0."""
+        assert settings.ready_cmd is not None
+        output: list[str] = []
+        command = RunCommand(
+            ("/bin/sh", "-c", settings.ready_cmd),
+            {"PATH": DEFAULT_PATH, **manifest.envs},
+            manifest.workdir,
+            manifest.user,
+            output=output.append,
+        )
+        self.store.log(job, f"waiting for the ready command: {settings.ready_cmd}")
+        started = trio.current_time()
+        code = None
+        with trio.move_on_after(settings.probe_timeout_s):
+            while True:
+                output.clear()
+                code = await self.sandboxes.run_in(instance, command)
+                if code == 0:
+                    self.store.log(job, f"ready command succeeded after {trio.current_time() - started:.1f}s")
+                    return
+                await trio.sleep(settings.probe_period_s)
+        shown = "\n".join(output[-READY_OUTPUT_LINES:])
+        raise ReadyCommandFailed(
+            f"the ready command {settings.ready_cmd!r} did not succeed within {settings.probe_timeout_s:g}s "
+            f"(last exit status {code})",
+            shown,
+        )
+
+
+def _failure(leaf: BaseException) -> tuple[str, str, str]:
+    """(reason, console tail or the failing command's output, failed step) of a failed build."""
+    step = str(getattr(leaf, "step", "") or "")
+    if isinstance(leaf, BootFailed):
+        return f"the template's sandbox did not boot: {leaf.reason}", leaf.console_tail, "finalize"
+    if isinstance(leaf, ProbeFailed):
+        step = "finalize"
+    return str(leaf) or type(leaf).__name__, getattr(leaf, "console_tail", ""), step

@@ -22,15 +22,16 @@ import hashlib
 import json
 import posixpath
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import trio
 
 from appliance.config import Config
+from appliance.records import TemplateManifest
 from appliance.templates.build_context import (
     context_sources,
     copy_from_context,
@@ -128,6 +129,10 @@ class PlannedStep:
     @property
     def changes_files(self) -> bool:
         return self.instruction.keyword in FILE_STEPS
+
+    @property
+    def label(self) -> str:
+        return str(self.instruction)
 
     @property
     def downloads(self) -> bool:
@@ -508,32 +513,17 @@ class DockerfileRun:
 
     async def realize(self, plan: StagePlan, rootfs: Path) -> None:
         """Build `plan`'s stage into the empty directory `rootfs`, from the step cache where it can."""
-        store, job, steps = self.builds.store, self.job, plan.steps
         prefix = f"stage {plan.stage.name or plan.stage.index} " if self.stage_count > 1 else ""
-        cached_upto = -1
-        for index in range(len(steps) - 1, -1, -1):
-            if steps[index].changes_files and self.cache.has(steps[index].key):
-                cached_upto = index
-                break
-        if cached_upto < 0:
-            await plan.materialize(rootfs)
-        else:
-            store.set_phase(job, Phase.UNPACKING, f"{prefix}restoring cached step {cached_upto + 1}")
-            await self.cache.restore(steps[cached_upto].key, rootfs)
-        store.set_phase(
-            job, Phase.BUILDING, f"{prefix}running {sum(s.changes_files for s in steps)} file steps"
+        await realize_steps(
+            self.builds.store,
+            self.job,
+            self.cache,
+            plan.steps,
+            rootfs,
+            plan.materialize,
+            self._file_step,
+            prefix,
         )
-        for index, step in enumerate(steps):
-            label = redact_urls(f"{prefix}step {index + 1}/{len(steps)}: {step.instruction}")
-            if index <= cached_upto and step.changes_files:
-                store.log(job, f"{label} (cached)")
-                continue
-            store.log(job, label)
-            if step.warning:
-                store.log(job, f"warning: {step.warning}")
-            if step.changes_files:
-                await self._file_step(rootfs, step)
-                await self.cache.save(step.key, rootfs)
 
     async def _file_step(self, rootfs: Path, step: PlannedStep) -> None:
         """RUN, COPY or ADD."""
@@ -598,14 +588,9 @@ class DockerfileRun:
             ) from exc
 
     @asynccontextmanager
-    async def _open_base(
-        self, stage: Stage, stages: list[Stage]
-    ) -> AsyncIterator[tuple[str, ImageState, Materialize]]:
-        """FROM: `scratch`, an earlier stage, a template (id or alias) or an image.
-
-        Yields the base's cache key, its image state and how to put its files into a rootfs.
-        """
-        builds, job, name = self.builds, self.job, stage.base
+    async def _open_base(self, stage: Stage, stages: list[Stage]) -> AsyncIterator[Base]:
+        """FROM: `scratch`, an earlier stage, a template (id or alias) or an image."""
+        name = stage.base
         if name == "scratch":
 
             async def empty(rootfs: Path) -> None:
@@ -624,52 +609,127 @@ class DockerfileRun:
             yield plan.final_key, replace(plan.final_state, args={}), from_stage
             return
         try:
-            template = resolve_template(builds.config, name, job.team)
+            template = resolve_template(self.builds.config, name, self.job.team)
         except TemplateNotFound:
             template = None
         if template is not None:
-            state = ImageState(
-                env=dict(template.envs),
-                workdir=template.workdir,
-                user=template.user,
-                cmd=template.start_cmd,
-                exposed_ports=template.expose_ports,
-                labels=dict(template.labels),
-            )
-
-            async def export(rootfs: Path) -> None:
-                builds.store.set_phase(job, Phase.UNPACKING, f"reading template {template.template_id}")
-                await export_template_rootfs(template.rootfs, rootfs)
-
-            yield chain_key(f"template:{template.template_id}:{template.created_at}"), state, export
+            yield template_base(self.builds, self.job, template)
             return
-        builds.store.set_phase(job, Phase.PULLING, f"resolving FROM {name}")
         work = self.work / "bases" / str(stage.index)
-        work.mkdir(parents=True)
-        async with open_image(
-            name,
-            work,
-            builds.layer_cache,
-            self.request.credentials,
-            insecure_registries(builds.config),
-            builds.limits,
-        ) as source:
-            image = await source.resolve()
-            config = image.config
-            state = ImageState(
-                env=config.env_dict(),
-                workdir=config.workdir or "/",
-                user=config.user,
-                entrypoint=config.entrypoint,
-                cmd=config.cmd,
-                exposed_ports=config.exposed_ports,
-                labels=dict(config.labels),
-            )
+        async with open_image_base(self.builds, self.job, name, work, self.request.credentials) as base:
+            yield base
 
-            async def pull(rootfs: Path) -> None:
-                await fetch_and_unpack(builds.store, job, source, image, rootfs, builds.limits)
 
-            yield chain_key(f"image:{image.digest}"), state, pull
+# A base: its cache key, its image state, and how to put its files into an empty rootfs.
+Base = tuple[str, ImageState, Materialize]
+
+
+def template_base(builds: BuildTools, job: BuildJob, template: TemplateManifest) -> Base:
+    """A template as a base: its files from its image, its env, workdir, user and start command."""
+    state = ImageState(
+        env=dict(template.envs),
+        workdir=template.workdir,
+        user=template.user,
+        cmd=template.start_cmd,
+        exposed_ports=template.expose_ports,
+        labels=dict(template.labels),
+    )
+
+    async def export(rootfs: Path) -> None:
+        builds.store.set_phase(job, Phase.UNPACKING, f"reading template {template.template_id}")
+        await export_template_rootfs(template.rootfs, rootfs)
+
+    return chain_key(f"template:{template.template_id}:{template.created_at}"), state, export
+
+
+@asynccontextmanager
+async def open_image_base(
+    builds: BuildTools, job: BuildJob, name: str, work: Path, credentials: Credentials | None
+) -> AsyncIterator[Base]:
+    """An image as a base, resolved in its registry (or archive) while the context is open; its
+    layers are fetched when materialized. `work` is made here. Raises the sources' errors."""
+    builds.store.set_phase(job, Phase.PULLING, f"resolving {name}")
+    work.mkdir(parents=True)
+    async with open_image(
+        name,
+        work,
+        builds.layer_cache,
+        credentials,
+        insecure_registries(builds.config),
+        builds.limits,
+    ) as source:
+        image = await source.resolve()
+        config = image.config
+        state = ImageState(
+            env=config.env_dict(),
+            workdir=config.workdir or "/",
+            user=config.user,
+            entrypoint=config.entrypoint,
+            cmd=config.cmd,
+            exposed_ports=config.exposed_ports,
+            labels=dict(config.labels),
+        )
+
+        async def pull(rootfs: Path) -> None:
+            await fetch_and_unpack(builds.store, job, source, image, rootfs, builds.limits)
+
+        yield chain_key(f"image:{image.digest}"), state, pull
+
+
+class CachedStep(Protocol):
+    """A build step as `realize_steps` runs it."""
+
+    @property
+    def key(self) -> str: ...  # the image's cache key after the step
+
+    @property
+    def changes_files(self) -> bool: ...  # run (and snapshotted) rather than only evaluated
+
+    @property
+    def label(self) -> str: ...  # what the build log calls it
+
+    @property
+    def warning(self) -> str: ...  # logged when the step is reached, "" for none
+
+
+Step = TypeVar("Step", bound=CachedStep)
+
+
+async def realize_steps(
+    store: JobStore,
+    job: BuildJob,
+    cache: StepCache,
+    steps: Sequence[Step],
+    rootfs: Path,
+    materialize: Materialize,
+    file_step: Callable[[Path, Step], Awaitable[None]],
+    prefix: str = "",
+) -> None:
+    """Build `steps` into the empty directory `rootfs`: from the newest file step whose snapshot is
+    in the cache (else from the base, `materialize`), then every file step after it with
+    `file_step`, each snapshotted as it finishes."""
+    cached_upto = -1
+    for index in range(len(steps) - 1, -1, -1):
+        if steps[index].changes_files and cache.has(steps[index].key):
+            cached_upto = index
+            break
+    if cached_upto < 0:
+        await materialize(rootfs)
+    else:
+        store.set_phase(job, Phase.UNPACKING, f"{prefix}restoring cached step {cached_upto + 1}")
+        await cache.restore(steps[cached_upto].key, rootfs)
+    store.set_phase(job, Phase.BUILDING, f"{prefix}running {sum(s.changes_files for s in steps)} file steps")
+    for index, step in enumerate(steps):
+        label = redact_urls(f"{prefix}step {index + 1}/{len(steps)}: {step.label}")
+        if index <= cached_upto and step.changes_files:
+            store.log(job, f"{label} (cached)")
+            continue
+        store.log(job, label)
+        if step.warning:
+            store.log(job, f"warning: {step.warning}")
+        if step.changes_files:
+            await file_step(rootfs, step)
+            await cache.save(step.key, rootfs)
 
 
 async def build_dockerfile_rootfs(

@@ -15,6 +15,7 @@ import importlib
 import os
 import posixpath
 import py_compile
+import re
 import shlex
 import shutil
 import stat
@@ -39,6 +40,7 @@ INIT_PATH = "/sbin/cube-init"
 START_PATH = "/opt/cube/start"
 DEFAULT_DNS = ("1.1.1.1", "8.8.8.8")
 SANDBOX_USER = "user"
+ACCOUNT_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _NETMASK = ".".join(str((0xFFFFFFFF << (32 - GUEST_PREFIX) >> (24 - 8 * i)) & 0xFF) for i in range(4))
@@ -145,28 +147,40 @@ def _with_line(text: str | None, line: str) -> bytes:
 
 
 def ensure_sandbox_user(tree: Tree) -> None:
-    """E2B clients run commands as `user` by default: give images without one such an account.
+    """E2B clients run commands as `user` by default: give images without one such an account."""
+    ensure_account(tree, SANDBOX_USER)
+
+
+def ensure_account(tree: Tree, name: str) -> None:
+    """An account `name` (its own group, /home/<name>, /bin/sh) unless the image has one, as
+    `adduser -D` makes it.
 
     The account files get new inodes (renamed over the old ones), never written in place: they may
     be hardlinks into a tree shared with a cached build step."""
+    if not ACCOUNT_NAME_RE.match(name):
+        raise ValueError(
+            f"invalid account name {name!r}: use a-z 0-9 _ - (up to 32, not starting with a digit or -)"
+        )
     users = _records(tree, "/etc/passwd")
-    if any(fields[0] == SANDBOX_USER for fields in users):
+    if any(fields[0] == name for fields in users):
         return
     groups = _records(tree, "/etc/group")
     taken = {f[2] for f in users if len(f) > 2} | {f[2] for f in groups if len(f) > 2}
+    own_group = next((f for f in groups if f[0] == name and len(f) > 2 and f[2].isdigit()), None)
     number = next(n for n in range(1000, 65534) if str(n) not in taken)
+    gid = int(own_group[2]) if own_group else number
     passwd_text = tree.read_text("/etc/passwd") if users else "root:x:0:0:root:/root:/bin/sh\n"
     group_text = tree.read_text("/etc/group") if users else "root:x:0:\n"
     tree.makedirs("/etc")
     tree.replace_file(
-        "/etc/passwd",
-        _with_line(passwd_text, f"{SANDBOX_USER}:x:{number}:{number}::/home/{SANDBOX_USER}:/bin/sh"),
+        "/etc/passwd", _with_line(passwd_text, f"{name}:x:{number}:{gid}::/home/{name}:/bin/sh")
     )
-    tree.replace_file("/etc/group", _with_line(group_text, f"{SANDBOX_USER}:x:{number}:"))
-    home = f"/home/{SANDBOX_USER}"
+    if own_group is None:
+        tree.replace_file("/etc/group", _with_line(group_text, f"{name}:x:{gid}:"))
+    home = f"/home/{name}"
     tree.makedirs("/home")
     tree.mkdir(home)
-    tree.chown(home, number, number, follow=True)
+    tree.chown(home, number, gid, follow=True)
     tree.chmod(home, 0o755, follow=True)
 
 

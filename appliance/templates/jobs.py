@@ -78,11 +78,16 @@ class BuildJob:
     layers: list[dict[str, Any]] = field(default_factory=list)  # digest, size, done, cached
     log: list[str] = field(default_factory=list)  # the last LOG_LINES_KEPT lines
     log_total: int = 0  # lines ever logged: `log[0]` is line number log_total - len(log)
+    # When each line of `log` was logged (epoch seconds; shorter in jobs from before it).
+    log_times: list[float] = field(default_factory=list)
     created_at: str = field(default_factory=utc_now)
     updated_at: str = field(default_factory=utc_now)
     # The team that asked (appliance/tenancy.py): only it (and the admin) sees the job, and the
     # template belongs to it. Jobs recorded before teams existed are the system's (admin-only).
     team: str = SYSTEM_TEAM
+    # Which step failed, for the E2B SDK's BuildException: a step's number ("1" is the first after
+    # the base), "base" or "finalize"; "" when the build did not fail or names no step.
+    failed_step: str = ""
 
     @property
     def finished(self) -> bool:
@@ -94,6 +99,7 @@ class BuildJob:
     def view(self, log_since: int = 0) -> dict[str, object]:
         """The API shape: everything but older log lines than `log_since`."""
         data = self.to_dict()
+        del data["log_times"]
         first = self.log_total - len(self.log)
         data["log"] = self.log[max(0, log_since - first) :]
         data["log_start"] = max(first, min(log_since, self.log_total))
@@ -157,13 +163,16 @@ class JobStore:
 
     def log(self, job: BuildJob, line: str) -> None:
         job.log.append(line)
+        job.log_times.append(time.time())
         job.log_total += 1
         del job.log[:-LOG_LINES_KEPT]
+        del job.log_times[:-LOG_LINES_KEPT]
         self.save(job)
 
-    def fail(self, job: BuildJob, reason: str, console_tail: str = "") -> None:
+    def fail(self, job: BuildJob, reason: str, console_tail: str = "", step: str = "") -> None:
         job.reason = reason
         job.console_tail = console_tail
+        job.failed_step = step
         self.set_phase(job, Phase.FAILED, reason)
 
     def get(self, job_id: str) -> BuildJob | None:

@@ -110,6 +110,11 @@ class TemplateSettings:
     dns: tuple[str, ...] = ()
     network_defaults: dict[str, object] = field(default_factory=dict)
     alias: str | None = None
+    # Tags the alias gets for this build (catalog.py); () is the alias alone, i.e. its default tag.
+    tags: tuple[str, ...] = ()
+    # A shell command run in the booted template (its start command running) until it exits 0,
+    # after the probe: the E2B SDK's readyCmd.
+    ready_cmd: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any], limits: TemplateLimits | None = None) -> TemplateSettings:

@@ -19,6 +19,8 @@ satisfying `TemplateSandboxes`:
   that directory when it returns), run `command` through the guest agent and
   stream its output lines to `command.output`; raise `RunFailed` on a non-zero
   exit.
+- `run_in(instance, command)`: run `command` in a guest `boot` yielded (a template's
+  ready command), output lines to `command.output`; returns its exit status.
 """
 
 from __future__ import annotations
@@ -58,3 +60,5 @@ class TemplateSandboxes(Protocol):
     async def finalize(self, manifest: TemplateManifest, instance: Instance) -> None: ...
 
     async def run_command(self, rootfs: Path, command: RunCommand) -> None: ...
+
+    async def run_in(self, instance: Instance, command: RunCommand) -> int: ...

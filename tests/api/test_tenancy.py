@@ -21,6 +21,7 @@ from api_routes import app_routes
 
 from appliance.master.store import MIGRATIONS, SqliteStore, hash_api_key, migrate, schema_version
 from appliance.records import SandboxQuery, SandboxRecord, TemplateManifest
+from appliance.templates.catalog import publish_template
 
 if TYPE_CHECKING:
     from conftest import FakeRuntime, ServiceHarness
@@ -41,6 +42,8 @@ class World:
     job: str  # A's build job
     b_sandbox: str
     b_envd_token: str
+    sdk_template: str  # the name of A's requested E2B SDK build
+    sdk_build: str  # its buildID
 
 
 def make_key(service: ServiceHarness, name: str, team: str | None = None) -> dict[str, Any]:
@@ -61,7 +64,7 @@ def world(service: ServiceHarness) -> Iterator[World]:
         memory_mb=256,
         owner=key_a["team"],
     )
-    manifest.save()
+    publish_template(service.config, manifest, "team-a-tpl")  # its name is A's (aliases.json)
     with (
         httpx.Client(base_url=service.url, headers={"X-API-KEY": key_a["key"]}) as a,
         httpx.Client(base_url=service.url, headers={"X-API-KEY": key_b["key"]}) as b,
@@ -74,6 +77,8 @@ def world(service: ServiceHarness) -> Iterator[World]:
         # A build that fails at once (nothing listens on loopback port 1): a job of A's.
         job = a.post("/templates/builds", json={"image": "127.0.0.1:1/nothing/here:v1"})
         assert job.status_code == 202, job.text
+        sdk = a.post("/v3/templates", json={"name": "team-a-sdk"})
+        assert sdk.status_code == 202, sdk.text
         yield World(
             service,
             a,
@@ -86,6 +91,8 @@ def world(service: ServiceHarness) -> Iterator[World]:
             job.json()["job_id"],
             b_created.json()["sandboxID"],
             b_created.json()["envdAccessToken"],
+            "team-a-sdk",
+            sdk.json()["buildID"],
         )
 
 
@@ -125,10 +132,16 @@ def create_from_a_template(world: World, method: str, path: str) -> None:
         assert is_e2b_error(response, 404) and "not found" in response.json()["message"], response.text
 
 
+Check = Callable[[World, str, str], None]
+TAKEN_NAMES = ("team-a-tpl", "code-interpreter", "code-interpreter-v1", "base", "ci")
+
+
 def publish_over_a_name(world: World, method: str, path: str) -> None:
     """Poisoning: B may not publish under A's alias nor the built-in template's names."""
-    for alias in ("team-a-tpl", "code-interpreter", "code-interpreter-v1", "base", "ci"):
-        if path.endswith("dockerfile"):
+    for alias in TAKEN_NAMES:
+        if path == "/v3/templates":
+            response = world.b.post(path, json={"name": f"{alias}:v1", "tags": ["default"]})
+        elif path.endswith("dockerfile"):
             response = world.b.post(
                 path, params={"options": f'{{"alias": "{alias}", "dockerfile": "FROM x"}}'}
             )
@@ -148,7 +161,62 @@ def delete_templates(world: World, method: str, path: str) -> None:
     b_gets(403)(world, method, "/templates/code-interpreter")  # built in: read-only but for the admin
 
 
-Check = Callable[[World, str, str], None]
+def sdk_build_of_a(**kwargs: Any) -> Check:
+    """B on A's E2B SDK build, by A's template name and by another."""
+
+    def check(world: World, method: str, path: str) -> None:
+        for name in (world.sdk_template, "x"):
+            route = path.replace("<template_id>", name).replace("<build_id>", world.sdk_build)
+            response = world.b.request(method, route, **kwargs)
+            assert is_e2b_error(response, 404), (route, response.text)
+
+    return check
+
+
+def upload_link_of_a(world: World, method: str, path: str) -> None:
+    """A's name gives B no upload link; B's own link, pointed at A's team, is refused."""
+    files_hash = "a" * 64
+    b_gets(404)(world, method, f"/templates/{world.sdk_template}/files/{files_hash}")
+    b_gets(404)(world, method, f"/templates/team-a-tpl/files/{files_hash}")
+
+
+def forged_upload(world: World, method: str, path: str) -> None:
+    """The upload link is the credential: another team in it, or no signature, is a 403."""
+    assert world.b.post("/v3/templates", json={"name": "team-b-sdk"}).status_code == 202
+    link = world.b.get(f"/templates/team-b-sdk/files/{'b' * 64}").json()["url"]
+    team_b = link.split("team=")[1].split("&")[0]
+    forged = link.replace(f"team={team_b}", f"team={world.team_a}")
+    for url in (forged, link.split("?")[0], link.replace("signature=", "signature=0")):
+        response = httpx.put(url, content=b"not a tar")
+        assert is_e2b_error(response, 403), response.text
+
+
+def tags_of_a(world: World, method: str, path: str) -> None:
+    if method == "GET":
+        b_gets(404)(world, method, "/templates/team-a-tpl/tags")
+        return
+    body = {"target": "team-a-tpl:default", "tags": ["mine"]} if method == "POST" else {}
+    body = body or {"name": "team-a-tpl", "tags": ["default"]}
+    response = world.b.request(method, path, json=body)
+    assert is_e2b_error(response, 404), response.text
+
+
+def names_of_others(world: World, method: str, path: str) -> None:
+    """As on E2B, a taken name says so (403; building under it is refused with 409 anyway)."""
+    b_gets(403)(world, method, "/templates/aliases/team-a-tpl")
+    assert world.b.get("/templates/aliases/code-interpreter").status_code == 200  # built in
+    b_gets(404)(world, method, "/templates/aliases/nobody-has-this")
+
+
+def patch_templates(world: World, method: str, path: str) -> None:
+    prefix = path.split("/templates/")[0]
+    for name in (world.template, "team-a-tpl"):
+        response = world.b.patch(f"{prefix}/templates/{name}", json={"public": False})
+        assert is_e2b_error(response, 404), response.text
+    response = world.b.patch(f"{prefix}/templates/code-interpreter", json={"public": False})
+    assert is_e2b_error(response, 403), response.text
+
+
 S = "/sandboxes/{id}"
 
 
@@ -295,6 +363,22 @@ ROUTES: dict[tuple[str, str], Check] = {
     ),
     ("GET", "/templates/build-cache"): b_gets(403),
     ("POST", "/templates/build-cache/prune"): b_gets(403),
+    # The E2B SDKs' template builder (api/sdk_templates.py).
+    ("POST", "/v3/templates"): publish_over_a_name,
+    ("GET", "/templates/<template_id>/files/<files_hash>"): upload_link_of_a,
+    ("PUT", "/template-files/<files_hash>"): forged_upload,
+    ("POST", "/v2/templates/<template_id>/builds/<build_id>"): sdk_build_of_a(
+        json={"fromTemplate": "team-a-tpl"}
+    ),
+    ("GET", "/templates/<template_id>/builds/<build_id>/status"): sdk_build_of_a(),
+    ("GET", "/templates/<template_id>/builds/<build_id>/logs"): sdk_build_of_a(),
+    ("GET", "/templates/aliases/<alias>"): names_of_others,
+    ("POST", "/templates/tags"): tags_of_a,
+    ("DELETE", "/templates/tags"): tags_of_a,
+    ("GET", "/templates/<template_id>/tags"): tags_of_a,
+    ("GET", "/v2/templates"): listing_hides_a,
+    ("PATCH", "/templates/<template_id>"): patch_templates,
+    ("PATCH", "/v2/templates/<template_id>"): patch_templates,
 }
 
 

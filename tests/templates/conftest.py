@@ -30,6 +30,7 @@ from registry_world import (
 )
 from sandbox_doubles import LoopbackSandboxes
 from served_builds import Served, serve_builds
+from uml_world import python_rootfs, test_image, uml_service, uml_service_config  # noqa: F401 (fixtures)
 
 from appliance.config import Config
 from appliance.templates.builds import TemplateBuilds

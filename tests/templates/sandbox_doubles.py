@@ -84,6 +84,12 @@ class LoopbackSandboxes:
     async def finalize(self, manifest: TemplateManifest, instance: object) -> None:
         self.finalized.append(manifest.template_id)
 
+    async def run_in(self, instance: object, command: RunCommand) -> int:
+        """A ready command: recorded; exits 1 while it names `failing_command`, else 0."""
+        self.commands.append(command)
+        command.output(f"ready check {' '.join(command.argv)}")
+        return 1 if self.failing_command and self.failing_command in " ".join(command.argv) else 0
+
     async def run_command(self, rootfs: Path, command: RunCommand) -> None:
         self.commands.append(command)
         self.rootfs_paths.append(rootfs)
