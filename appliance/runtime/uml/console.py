@@ -32,6 +32,11 @@ class ConsoleLog:
         self._tail = bytearray()
         self._written = 0
 
+    @property
+    def written(self) -> int:
+        """Bytes in the log file (at most `limit`)."""
+        return self._written
+
     def tail(self, max_bytes: int = 4096) -> str:
         return bytes(self._tail[-max_bytes:]).decode(errors="replace")
 
