@@ -247,7 +247,7 @@ class Supervisor:
     def metrics(self) -> dict[str, float]:
         try:
             memory = self.cgroup.memory_usage_bytes()
-        except (FileNotFoundError, ValueError):
+        except (OSError, KeyError, ValueError):  # torn down, or no memory leaf
             memory = 0
         return {
             "memory_bytes": memory,
