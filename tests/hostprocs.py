@@ -7,6 +7,12 @@ from pathlib import Path
 
 def processes_of_uid(uid: int) -> list[str]:
     """Pids of every host process (zombies too) whose real, effective, saved or fs uid is `uid`."""
+    return processes_of_uid_range(uid, 1)
+
+
+def processes_of_uid_range(first: int, count: int) -> list[str]:
+    """Pids of every host process (zombies too) with a real, effective, saved or fs uid in
+    [first, first + count)."""
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -14,6 +20,6 @@ def processes_of_uid(uid: int) -> list[str]:
         except OSError:
             continue  # exited while we looked
         uid_line = next((line for line in text.splitlines() if line.startswith("Uid:")), "")
-        if str(uid) in uid_line.split()[1:]:
+        if any(first <= int(uid) < first + count for uid in uid_line.split()[1:]):
             found.append(status.parent.name)
     return found

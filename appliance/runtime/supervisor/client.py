@@ -13,6 +13,7 @@ signals the supervisor through it only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -46,6 +47,8 @@ from appliance.runtime.supervisor.protocol import (
     decode_exit,
 )
 from appliance.runtime.uml.process import spawn
+
+log = logging.getLogger(__name__)
 
 SUPERVISORS_DIR = "supervisors"  # in run_dir
 LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -145,6 +148,21 @@ class SupervisorClient:
             os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:
             pass  # a previous service's: the host's init reaps it
+
+    async def end(self, timeout: float) -> None:
+        """Ask the supervisor to kill its guest (answered once all of it is reaped), wait until it
+        exits, SIGKILL it if it has not within `timeout`; then let go of it."""
+        if self.alive():
+            with trio.move_on_after(timeout):
+                try:
+                    await self.request(Op.KILL, timeout=timeout)
+                except (SupervisorGone, ProtocolError) as exc:
+                    log.warning("sandbox %s: its supervisor did not kill it: %s", self.sandbox_id, exc)
+                await self.wait_exited()
+        if self.alive():
+            self.kill_hard()
+        await self.wait_exited()
+        self.close()
 
     def kill_hard(self) -> None:
         """SIGKILL the supervisor: its guest dies with it (pdeathsig, --die-with-parent)."""

@@ -10,6 +10,7 @@ the sandbox's uid outlives its supervisor, and that uid can be given to the next
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 from pathlib import Path
@@ -18,6 +19,8 @@ import trio
 
 from appliance.runtime.uml.cgroups import SandboxCgroup
 from appliance.runtime.uml.process import SpawnedProcess
+
+log = logging.getLogger(__name__)
 
 # Killing the pid-namespace init tears the whole guest down; past this, kill the cgroup's processes.
 REAP_TIMEOUT_S = 10.0
@@ -93,8 +96,25 @@ async def kill_and_reap(process: SpawnedProcess, cgroup: SandboxCgroup, guest_in
     else:
         guest_init.kill()  # the guest exited on its own: its init may still be tearing down
     await guest_init.wait_reaped(REAP_TIMEOUT_S)
-    await trio.to_thread.run_sync(cgroup.kill_all)
+    await _kill_cgroup(cgroup, process.pid)
     await process.wait()
+
+
+async def _kill_cgroup(cgroup: SandboxCgroup, launcher_pid: int) -> None:
+    """SIGKILL whatever is left in the guest's leaves until they are empty, reaping those of them
+    that are the supervisor's own (orphans: a zombie stays in its cgroup until it is reaped)."""
+    with trio.move_on_after(REAP_TIMEOUT_S) as waited:
+        while pids := await trio.to_thread.run_sync(cgroup.pids):
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    if pid != launcher_pid:  # that one is `SpawnedProcess.wait`'s to reap
+                        os.waitpid(pid, os.WNOHANG)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+            await trio.sleep(REAP_POLL_S)
+    if waited.cancelled_caught:
+        log.warning("processes %s of the guest survive SIGKILL", sorted(cgroup.pids()))
 
 
 _PR_SET_CHILD_SUBREAPER = 36

@@ -196,7 +196,7 @@ class Supervisor:
                     with trio.fail_after(REQUEST_READ_TIMEOUT_S):
                         request = Request.decode(await _read_line(connection))
                 except (ProtocolError, trio.TooSlowError) as exc:
-                    await connection.send(Reply.failed(f"bad request: {exc or 'too slow'}").encode())
+                    await connection.send(Reply.failed(f"bad request: {str(exc) or 'too slow'}").encode())
                     return
                 await self._answer(connection, request)
         except OSError:

@@ -324,9 +324,7 @@ class UmlRuntime:
                 )
         except (SupervisorGone, ProtocolError) as exc:
             supervisor.kill_hard()  # whatever it still runs ends
-            with trio.move_on_after(SUPERVISOR_KILL_TIMEOUT_S):
-                await supervisor.wait_exited()
-            supervisor.close()
+            await supervisor.end(SUPERVISOR_KILL_TIMEOUT_S)
             raise SupervisorGone(str(exc)) from exc
         guest = KeptGuest(
             sandbox_id=control_dir.name,
@@ -488,27 +486,11 @@ class UmlRuntime:
             return
         with trio.CancelScope(shield=True):
             if guest.supervisor is not None:
-                await _end_supervisor(guest.supervisor)
+                await guest.supervisor.end(SUPERVISOR_KILL_TIMEOUT_S)
             for cgroup in (guest.cgroup, guest.supervisor_cgroup):
                 if cgroup is not None:
                     await trio.to_thread.run_sync(cgroup.remove)
             await trio.to_thread.run_sync(shutil.rmtree, guest.control_dir, True)
-
-
-async def _end_supervisor(supervisor: SupervisorClient) -> None:
-    """Ask the supervisor to kill its guest (answered once all of it is reaped) and wait until it
-    exits; SIGKILL it if it does not."""
-    if supervisor.alive():
-        with trio.move_on_after(SUPERVISOR_KILL_TIMEOUT_S):
-            try:
-                await supervisor.request(Op.KILL, timeout=SUPERVISOR_KILL_TIMEOUT_S)
-            except (SupervisorGone, ProtocolError) as exc:
-                log.warning("sandbox %s: its supervisor did not kill it: %s", supervisor.sandbox_id, exc)
-            await supervisor.wait_exited()
-    if supervisor.alive():
-        supervisor.kill_hard()
-    await supervisor.wait_exited()
-    supervisor.close()
 
 
 def _adopt_disk(disk: Path, sandbox_dir: Path, uid: int) -> None:
