@@ -262,3 +262,26 @@ async def test_only_the_recorded_process_is_trusted(fake_guest: FakeGuest, short
                 await client.request(Op.STATE)
         finally:
             client.close()
+
+
+async def test_watchers_that_go_away_free_their_slot(fake_guest: FakeGuest) -> None:
+    """A service killed while watching its guest must not leave the next one locked out."""
+    async with fake_guest(READY + "exec sleep 600") as supervisor:
+        await until_ready(supervisor)
+        for _ in range(MAX_CONNECTIONS * 2):
+            async with supervisor.watch() as states:
+                assert await states.next() is not None
+        with trio.fail_after(30):
+            while not (answer := await supervisor.request(Op.STATE)).ok:
+                await trio.sleep(0.05)  # the last watchers' ends are being noticed
+        assert answer.state is not None and answer.state.exit is None
+
+
+async def test_a_panicked_kernel_is_ended_with_its_panic_line(fake_guest: FakeGuest) -> None:
+    """A panicked UML kernel stops without exiting; its supervisor ends it and says why."""
+    script = READY + "echo 'Kernel panic - not syncing: Attempted to kill init!'; exec sleep 600"
+    async with fake_guest(script) as supervisor:
+        with trio.fail_after(30):
+            await supervisor.wait_exited()
+        ended = decode_exit((supervisor.control_dir / EXIT_FILE).read_bytes())
+        assert ended.reason == "Kernel panic - not syncing: Attempted to kill init!"

@@ -75,6 +75,7 @@ MAX_CONNECTIONS = 8  # at once; the service holds one (its watch) plus short req
 REQUEST_READ_TIMEOUT_S = 5.0
 CONNECTIONS_DRAIN_S = 2.0  # after the guest ended: for watchers to read its exit, kills their answer
 CONSOLE_DRAIN_S = 0.5
+PANIC_LINE_WAIT_S = 0.2
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -91,6 +92,7 @@ class Supervisor:
         self.exit: GuestExit | None = None
         self.started = time.monotonic()
         self.kill_requested = trio.Event()
+        self.kill_reason = "killed by its owner"
         self.ended = trio.Event()  # the guest is reaped and `exit` set
         self._changed = trio.Event()
         self._connections = 0
@@ -130,6 +132,7 @@ class Supervisor:
             nursery.start_soon(self._follow_console, process, exited)
             nursery.start_soon(self._serve_control, listener)
             nursery.start_soon(self._kill_on_sigterm)
+            nursery.start_soon(self._kill_on_panic)
             await first_of(exited, self.kill_requested)
             killed = not exited.is_set()
             with trio.CancelScope(shield=True):
@@ -137,7 +140,7 @@ class Supervisor:
                 await reap_orphans()
                 with trio.move_on_after(CONSOLE_DRAIN_S):
                     await self.console.finished.wait()
-            reason = "killed by its owner" if killed else f"UML exited with status {process.returncode}"
+            reason = self.kill_reason if killed else f"UML exited with status {process.returncode}"
             self.exit = GuestExit(process.returncode, reason, self.console.tail())
             _write_atomically(self.control_dir / EXIT_FILE, encode_exit(self.exit))
             self.ended.set()
@@ -159,6 +162,14 @@ class Supervisor:
             if event is self.console.first_output:
                 self.guest_init.watch(process.pid)  # the kernel runs: bwrap has forked its init
             self._notify()
+
+    async def _kill_on_panic(self) -> None:
+        """A panicked UML kernel prints why and stops, without exiting: that is its end."""
+        await self.console.panicked.wait()
+        await trio.sleep(PANIC_LINE_WAIT_S)  # the rest of the panic line
+        if not self.kill_requested.is_set():
+            self.kill_reason = self.console.panic_message()
+            self.kill_requested.set()
 
     async def _kill_on_sigterm(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -224,13 +235,24 @@ class Supervisor:
         await _send_all(connection, reply.encode())
 
     async def _watch(self, connection: trio.socket.SocketType) -> None:
-        while True:
-            changed = self._changed
-            state = self.state()
-            await _send_all(connection, Reply(ok=True, state=state).encode())
-            if state.exit is not None:
-                return
-            await changed.wait()
+        """Send the state now and after every change until the guest has ended, or until the
+        watcher goes away (a service that died: its connection must not hold a slot)."""
+        async with trio.open_nursery() as nursery:
+
+            async def until_the_watcher_leaves() -> None:
+                while await connection.recv(MAX_REQUEST_BYTES):
+                    pass  # a watcher has nothing more to say
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_the_watcher_leaves)
+            while True:
+                changed = self._changed
+                state = self.state()
+                await _send_all(connection, Reply(ok=True, state=state).encode())
+                if state.exit is not None:
+                    break
+                await changed.wait()
+            nursery.cancel_scope.cancel()
 
     async def _pause_or_resume(self, pause: bool) -> Reply:
         async with self._pausing:
