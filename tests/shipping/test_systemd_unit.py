@@ -76,6 +76,17 @@ def test_unit_sets_no_option_that_breaks_sandboxes() -> None:
     assert sorted(set(unit_settings()) & set(BREAKS_SANDBOXES)) == []
 
 
+def test_a_stop_or_restart_leaves_the_sandboxes_to_their_supervisors() -> None:
+    """Supervisors and guests live in cgroup leaves of their own: the unit's kill reaches the
+    service and its helpers only (not KillMode=process, which would leave the helpers too; and not
+    Delegate=, which would put the sandboxes' leaves inside the unit, where a stop kills them);
+    the supervisors' sockets and the networks' records in /run/cube survive the stop."""
+    settings = unit_settings()
+    assert settings["KillMode"] == "mixed"
+    assert "Delegate" not in settings
+    assert settings["RuntimeDirectory"] == "cube" and settings["RuntimeDirectoryPreserve"] == "yes"
+
+
 @pytest.fixture
 def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
     path = tmp_path / "notify"
