@@ -263,3 +263,33 @@ def test_ten_restarts_under_create_delete_load_leak_nothing(service: PrivateServ
     while (after := footprint(service, ids)) != before and time.monotonic() < deadline:
         time.sleep(0.5)
     assert after == before, {k: (before[k], after[k]) for k in after if after[k] != before[k]}
+
+
+def pooled_guests(service: PrivateService) -> set[str]:
+    """The guests the service has that are no user's sandbox (its warm pool: pool_size > 0)."""
+    supervisors = service.run_dir / SUPERVISORS_DIR
+    guests = {p.parent.name for p in supervisors.glob(f"*/{RECORD_FILE}")} if supervisors.is_dir() else set()
+    with service.admin() as admin:
+        return guests - {s["sandboxID"] for s in admin.get("/cube/sandboxes").json()}
+
+
+def test_pooled_guests_of_a_killed_service_are_ended_and_the_pool_refills(
+    private_service: Callable[..., PrivateService],
+) -> None:
+    """Nobody's sandboxes yet: ended at the restart (cleanly), not taken over."""
+    service = private_service(pool_size=1)
+    service.start()
+    service.wait_ready()
+    deadline = time.monotonic() + ENDED_WAIT_S * 3
+    while not (before := pooled_guests(service)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (pooled,) = before
+    slot = supervisor_record(service, pooled).guest["slot"]
+    restart(service, signal.SIGKILL)
+    wait_for_nothing_of(service, pooled, slot)
+    with service.admin() as admin:
+        assert admin.get(f"/cube/sandboxes/{pooled}").status_code == 404  # it never was a sandbox
+    deadline = time.monotonic() + ENDED_WAIT_S * 3
+    while not (after := pooled_guests(service)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(after) == 1 and pooled not in after
