@@ -29,6 +29,7 @@ from appliance.bench.files import files_bench
 from appliance.bench.floor import floor_command
 from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
+from appliance.bench.restart import restart_bench
 from appliance.config import load_config
 from appliance.errors import first_leaf
 from appliance.master.upgrade import upgrade_command
@@ -400,3 +401,4 @@ bench.add_command(files_bench)
 bench.add_command(floor_command)
 bench.add_command(kvm_command)
 bench.add_command(net_bench)
+bench.add_command(restart_bench)
