@@ -416,7 +416,10 @@ def _alive(pid: int) -> bool:
 
 
 def _run(argv: list[str]) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True)
+    # Without the caller's PYTHONPATH/PYTHONHOME: the new venv must see only its own packages (a
+    # checkout on PYTHONPATH holding an egg-info made pip skip the wheel as "already installed").
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()[-3000:]
         raise UpgradeFailed(f"{' '.join(argv[:3])} ... failed (exit {result.returncode}):\n{output}")
