@@ -51,10 +51,17 @@ from appliance.cubelet.sandboxes import (
     template_network_policy,
 )
 from appliance.cubelet.state import ACTIVE, USER_VISIBLE, SandboxState
-from appliance.master.store import LIVE_STATES, PAUSED, RUNNING, SandboxQuery, SandboxRecord, Store
 from appliance.net.policy import NetworkPolicy
+from appliance.records import (
+    LIVE_STATES,
+    PAUSED,
+    RUNNING,
+    SandboxQuery,
+    SandboxRecord,
+    Store,
+    TemplateManifest,
+)
 from appliance.runtime.base import AdoptingRuntime, Instance, KeptGuest, Runtime
-from appliance.templates.manifest import TemplateManifest
 
 __all__ = [
     "ENVD_VERSION",

@@ -31,8 +31,8 @@ from appliance.cubelet.sandboxes import (
 )
 from appliance.cubelet.state import USER_VISIBLE, SandboxState
 from appliance.errors import first_leaf
-from appliance.master.store import SandboxRecord
 from appliance.net.policy import NetworkPolicy
+from appliance.records import SandboxRecord, TemplateManifest
 from appliance.runtime.base import (
     ENVD_PORT,
     AdoptingRuntime,
@@ -44,7 +44,6 @@ from appliance.runtime.base import (
     Runtime,
 )
 from appliance.runtime.readiness import ReadinessProbe
-from appliance.templates.manifest import TemplateManifest
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import trio
 
 from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
-from appliance.master.store import SandboxRecord, Store
 from appliance.master.templates import TemplateRegistry
+from appliance.records import SandboxRecord, Store
 from appliance.runtime.uml.runtime import COW_FILE
 
 log = logging.getLogger(__name__)

@@ -51,10 +51,11 @@ from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
 from appliance.cubelet.template_sandboxes import CubeletTemplateSandboxes
 from appliance.master import sdnotify
 from appliance.master.carryover import restore_carried
-from appliance.master.store import DEAD, LIVE_STATES, SandboxQuery, SqliteStore
+from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
+from appliance.records import DEAD, LIVE_STATES, SandboxQuery
 from appliance.runtime.base import AdoptingRuntime
 from appliance.templates.api import create_blueprint as create_build_blueprint
 from appliance.templates.builds import TemplateBuilds

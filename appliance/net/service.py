@@ -182,42 +182,15 @@ class CubeVS:
         """The sandbox's network for the body's duration: built, or with `adopt` taken over from
         the previous service (its kept network for this sandbox and slot; KeyError if there is
         none). Removed at the end unless `detach`ed meanwhile."""
-        if not self.enforced and not self.config.allow_unenforced_network:
-            raise NetworkUnenforced(
-                f"eBPF network enforcement is not active ({self.unenforced_reason}); "
-                "run `cube doctor`, or set allow_unenforced_network = true to run sandboxes without it"
-            )
-        if not _SANDBOX_ID.match(sandbox_id):
-            raise ValueError(f"sandbox id {sandbox_id!r} cannot name a network namespace")
-        if sandbox_id in self._live:
-            raise ValueError(f"sandbox {sandbox_id} already has a network")
+        self._refuse_network(sandbox_id)
         allow, deny = policy.compiled()
-        plan = self.addressing.plan(sandbox_id, slot)
-        if adopt:
-            kept = self._kept.pop(sandbox_id, None)
-            if kept != plan:
-                if kept is not None:
-                    await self._release_kept(kept)
-                raise KeyError(f"no kept network of sandbox {sandbox_id} in slot {slot}")
-        else:
-            await trio.to_thread.run_sync(self._records.write, plan)
+        plan = await self._claim_plan(sandbox_id, slot, adopt)
         live: _Live | None = None
         try:
-            if adopt:
-                ifindex = await trio.to_thread.run_sync(_veth_index, plan)
-                if not ifindex:
-                    raise KeyError(f"the kept network of sandbox {sandbox_id} lost its veth")
-            else:
-                ifindex = await trio.to_thread.run_sync(links.build, plan, tap_owner_uid)
+            ifindex = await self._links_of(plan, tap_owner_uid, adopt)
             live = _Live(plan, ifindex, policy, allow, deny)
             if adopt:
-                # What the maps hold for it: its lists, plus addresses learned from its DNS
-                # answers (kept as learned, for the usual time; their names are not known).
-                live.installed = self._kept_entries.pop(sandbox_id, {n: set() for n in _LISTS})
-                expiry = trio.current_time() + _LEARNED_MIN_S + _LEARNED_GRACE_S
-                for n in _LISTS:
-                    learned = live.installed[n] - set(live.lists(n).networks)
-                    live.learned[n] = {address: (expiry, "") for address in learned}
+                self._take_kept_entries(live)
             self._live[sandbox_id] = live
             self._by_host_ip[plan.host_ip] = live
             if self._program is not None:
@@ -237,18 +210,64 @@ class CubeVS:
             )
         finally:
             with trio.CancelScope(shield=True):
-                if live is not None:
-                    self._live.pop(sandbox_id, None)
-                    self._by_host_ip.pop(plan.host_ip, None)
-                if live is not None and live.detached:
-                    self._detached += 1
-                else:
-                    if live is not None:
-                        async with live.lock:
-                            await trio.to_thread.run_sync(self._release, live)
-                    else:
-                        await trio.to_thread.run_sync(links.remove, plan)
-                    await trio.to_thread.run_sync(self._records.delete, sandbox_id)
+                await self._end_network(plan, live)
+
+    def _refuse_network(self, sandbox_id: str) -> None:
+        if not self.enforced and not self.config.allow_unenforced_network:
+            raise NetworkUnenforced(
+                f"eBPF network enforcement is not active ({self.unenforced_reason}); "
+                "run `cube doctor`, or set allow_unenforced_network = true to run sandboxes without it"
+            )
+        if not _SANDBOX_ID.match(sandbox_id):
+            raise ValueError(f"sandbox id {sandbox_id!r} cannot name a network namespace")
+        if sandbox_id in self._live:
+            raise ValueError(f"sandbox {sandbox_id} already has a network")
+
+    async def _claim_plan(self, sandbox_id: str, slot: int, adopt: bool) -> Plan:
+        """The sandbox's plan, recorded (new), or the kept one it must match (adopted)."""
+        plan = self.addressing.plan(sandbox_id, slot)
+        if not adopt:
+            await trio.to_thread.run_sync(self._records.write, plan)
+            return plan
+        kept = self._kept.pop(sandbox_id, None)
+        if kept != plan:
+            if kept is not None:
+                await self._release_kept(kept)
+            raise KeyError(f"no kept network of sandbox {sandbox_id} in slot {slot}")
+        return plan
+
+    async def _links_of(self, plan: Plan, tap_owner_uid: int, adopt: bool) -> int:
+        """The veth's ifindex: of the links built now, or of the kept ones."""
+        if not adopt:
+            return await trio.to_thread.run_sync(links.build, plan, tap_owner_uid)
+        ifindex = await trio.to_thread.run_sync(_veth_index, plan)
+        if not ifindex:
+            raise KeyError(f"the kept network of sandbox {plan.sandbox_id} lost its veth")
+        return ifindex
+
+    def _take_kept_entries(self, live: _Live) -> None:
+        """What the maps hold for an adopted sandbox: its lists, plus addresses learned from its
+        DNS answers (kept as learned, for the usual time; their names are not known)."""
+        live.installed = self._kept_entries.pop(live.plan.sandbox_id, {n: set() for n in _LISTS})
+        expiry = trio.current_time() + _LEARNED_MIN_S + _LEARNED_GRACE_S
+        for n in _LISTS:
+            learned = live.installed[n] - set(live.lists(n).networks)
+            live.learned[n] = {address: (expiry, "") for address in learned}
+
+    async def _end_network(self, plan: Plan, live: _Live | None) -> None:
+        """Remove the sandbox's network, or leave it to the next service if `detach`ed."""
+        if live is not None:
+            self._live.pop(plan.sandbox_id, None)
+            self._by_host_ip.pop(plan.host_ip, None)
+        if live is not None and live.detached:
+            self._detached += 1
+            return
+        if live is not None:
+            async with live.lock:
+                await trio.to_thread.run_sync(self._release, live)
+        else:
+            await trio.to_thread.run_sync(links.remove, plan)
+        await trio.to_thread.run_sync(self._records.delete, plan.sandbox_id)
 
     async def set_owner(self, sandbox_id: str, owner: ProcessIdentity) -> None:
         """Name the process that keeps the sandbox's guest running: while it runs, the sweep of

@@ -204,13 +204,13 @@ def _cube(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def assert_ran_on(sandbox: Any, upgrades: int) -> None:
+def assert_ran_on(sandbox: Any, admin: dict[str, str], upgrades: int) -> None:
     """The sandbox ran on through the upgrades: its file, its interpreter's memory and its
-    background process are all still there, and each new service took it over."""
+    background process are all still there, and each new service took it over.
+    `admin`: the admin token's header (/cube/* is the admin's)."""
     assert sandbox.files.read("/home/user/kept.txt") == "written before the upgrade"
     assert sandbox.run_code("print(kept)").logs.stdout == ["42\n"]
     assert sandbox.commands.run("pgrep -x -f 'sleep 86399'").exit_code == 0
-    admin = {"X-API-KEY": (ROOT / "s" / "admin-token").read_text().strip()}
     detail = httpx.get(f"{API}/cube/sandboxes/{sandbox.sandbox_id}", headers=admin).json()
     assert detail["state"] == "running"
     assert [e["kind"] for e in detail["events"]].count("adopted") == upgrades
@@ -268,7 +268,7 @@ def test_upgrade_from_a_wheel_keeps_state_and_rolls_back_a_failed_one(
     assert [s["sandboxID"] for s in listed] == [before.sandbox_id]
     templates = httpx.get(f"{API}/templates", headers=headers).json()
     assert [t["templateID"] for t in templates] == ["code-interpreter"]
-    assert_ran_on(before, upgrades=1)
+    assert_ran_on(before, admin, upgrades=1)
 
     after = Sandbox.create(template="code-interpreter", timeout=600)
     try:
@@ -287,5 +287,5 @@ def test_upgrade_from_a_wheel_keeps_state_and_rolls_back_a_failed_one(
     assert httpx.get(f"{API}/v2/sandboxes", headers=headers).status_code == 200
     # Left running by each stop; the broken version failed at its store, before taking anything
     # over; the version put back took it over again.
-    assert_ran_on(before, upgrades=2)
+    assert_ran_on(before, admin, upgrades=2)
     before.kill()

@@ -202,30 +202,18 @@ def load(cls: type[T], data: object) -> T:
 
 
 def _checked(hint: Any, value: object, where: str) -> object:
+    """`value` as the type `hint` says (ProtocolError if it is not): the types specs use."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _checked(option, value, where)
-            except ProtocolError:
-                continue
-        raise ProtocolError(f"{where}: {value!r} is none of {hint}")
+        return _checked_union(hint, value, where)
+    if origin in (list, dict):
+        return _checked_container(hint, value, where)
+    if dataclasses.is_dataclass(hint):
+        return load(typing.cast(type, hint), value)
     if hint is type(None):
         if value is not None:
             raise ProtocolError(f"{where}: expected null")
         return None
-    if dataclasses.is_dataclass(hint):
-        return load(typing.cast(type, hint), value)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ProtocolError(f"{where}: expected a list")
-        return [_checked(item, v, where) for v in value]
-    if origin is dict:
-        key, item = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{where}: expected an object")
-        return {_checked(key, k, where): _checked(item, v, where) for k, v in value.items()}
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -233,6 +221,27 @@ def _checked(hint: Any, value: object, where: str) -> object:
     if hint in (str, int, bool, float) and type(value) is hint:
         return value
     raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r:.60}")
+
+
+def _checked_union(hint: Any, value: object, where: str) -> object:
+    for option in typing.get_args(hint):
+        try:
+            return _checked(option, value, where)
+        except ProtocolError:
+            continue
+    raise ProtocolError(f"{where}: {value!r:.60} is none of {hint}")
+
+
+def _checked_container(hint: Any, value: object, where: str) -> object:
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ProtocolError(f"{where}: expected a list")
+        return [_checked(item, v, where) for v in value]
+    key, item = typing.get_args(hint)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: expected an object")
+    return {_checked(key, k, where): _checked(item, v, where) for k, v in value.items()}
 
 
 def _line(data: dict[str, Any], limit: int) -> bytes:
