@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -223,18 +224,12 @@ async def test_a_silent_client_is_dropped_and_a_crowd_is_refused(fake_guest: Fak
         path = supervisor.control_dir / CONTROL_SOCKET
         silent = await _raw(path, b"", close_write=False)  # says nothing: answered, then closed
         assert b"too slow" in silent
-        crowd = []
-        try:
+        async with AsyncExitStack() as crowd:  # watchers hold their slots until they leave
             for _ in range(MAX_CONNECTIONS):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                crowd.append(sock)
-                sock.connect(str(path))
-            await trio.sleep(0.2)  # all accepted
-            refused = Reply.decode((await _raw(path, b"")).strip())
+                states = await crowd.enter_async_context(supervisor.watch())
+                assert await states.next() is not None
+            refused = Reply.decode((await _raw(path, b'{"op": "state"}\n')).strip())
             assert not refused.ok and refused.error == "too many connections"
-        finally:
-            for sock in crowd:
-                sock.close()
         with trio.fail_after(30):
             while not (answer := await supervisor.request(Op.STATE)).ok:  # until the crowd's slots are back
                 await trio.sleep(0.1)

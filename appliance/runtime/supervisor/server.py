@@ -72,6 +72,9 @@ from appliance.runtime.uml.process import SpawnedProcess, spawn
 log = logging.getLogger("cube.supervisor")
 
 MAX_CONNECTIONS = 8  # at once; the service holds one (its watch) plus short requests
+# How long a connection over MAX_CONNECTIONS waits for a slot before it is refused: a watcher
+# that just went away (a service restarting) frees its slot a moment after its close.
+SLOT_WAIT_S = 2.0
 REQUEST_READ_TIMEOUT_S = 5.0
 CONNECTIONS_DRAIN_S = 2.0  # after the guest ended: for watchers to read its exit, kills their answer
 CONSOLE_DRAIN_S = 0.5
@@ -95,7 +98,7 @@ class Supervisor:
         self.kill_reason = "killed by its owner"
         self.ended = trio.Event()  # the guest is reaped and `exit` set
         self._changed = trio.Event()
-        self._connections = 0
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
         self._pausing = trio.Lock()
 
     # The guest's state.
@@ -148,7 +151,7 @@ class Supervisor:
             # Watchers read the exit, a `kill` gets its answer; a connection that says nothing
             # is not waited for long.
             with trio.move_on_after(CONNECTIONS_DRAIN_S):
-                while self._connections:
+                while self._slots.value < MAX_CONNECTIONS:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
         await process.console.aclose()
@@ -183,15 +186,22 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             while True:
                 connection, _ = await listener.accept()
-                if self._connections >= MAX_CONNECTIONS:
-                    nursery.start_soon(self._refuse, connection, "too many connections")
-                    continue
-                self._connections += 1
-                nursery.start_soon(self._serve_connection, connection)
+                nursery.start_soon(self._admit, connection)
 
-    async def _refuse(self, connection: trio.socket.SocketType, why: str) -> None:
-        with connection, trio.move_on_after(1):
-            await connection.send(Reply.failed(why).encode())
+    async def _admit(self, connection: trio.socket.SocketType) -> None:
+        """Serve the connection once a slot is free; refuse it if none frees up in time."""
+        admitted = False
+        with trio.move_on_after(SLOT_WAIT_S):
+            await self._slots.acquire()
+            admitted = True
+        if not admitted:
+            with connection, trio.move_on_after(1):
+                await connection.send(Reply.failed("too many connections").encode())
+            return
+        try:
+            await self._serve_connection(connection)
+        finally:
+            self._slots.release()
 
     async def _serve_connection(self, connection: trio.socket.SocketType) -> None:
         try:
@@ -212,8 +222,6 @@ class Supervisor:
                 await self._answer(connection, request)
         except OSError:
             pass  # the client went away
-        finally:
-            self._connections -= 1
 
     async def _answer(self, connection: trio.socket.SocketType, request: Request) -> None:
         op = request.op
