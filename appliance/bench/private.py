@@ -10,13 +10,16 @@ next `start()`, SIGKILL leaves everything as a crash does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,10 +92,16 @@ class PrivateService:
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         return env
 
-    def start(self) -> float:
-        """Start `cube serve`; returns the monotonic time it was started at."""
+    def start(self, join: Sequence[Path] = ()) -> float:
+        """Start `cube serve`; returns the monotonic time it was started at. `join`: cgroup.procs
+        files it is put into before it runs (a test's stand-in for a systemd unit's cgroup)."""
         assert self.process is None or self.process.poll() is not None, "already running"
         cube = Path(sys.executable).with_name("cube")
+
+        def join_cgroups() -> None:
+            for procs in join:
+                procs.write_text(str(os.getpid()))
+
         with self.log_path.open("ab") as log:
             started = time.monotonic()
             self.process = subprocess.Popen(
@@ -102,6 +111,7 @@ class PrivateService:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=join_cgroups if join else None,
             )
         return started
 
@@ -153,8 +163,18 @@ class PrivateService:
         except OSError:
             return ""
 
-    def remove(self) -> None:
-        """End the service and every sandbox it has (SIGINT), then delete its directories."""
+    def sandbox_ids(self) -> set[str]:
+        """Every guest it has or had a supervisor for (pooled ones too), and every sandbox its
+        store knows: what to look for on the host once it is gone."""
+        supervisors = self.run_dir / "supervisors"
+        ids = {p.name for p in supervisors.iterdir()} if supervisors.is_dir() else set()
+        if (self.state_dir / "cube.db").is_file():
+            with contextlib.closing(sqlite3.connect(self.state_dir / "cube.db")) as db:
+                ids |= {row[0] for row in db.execute("SELECT sandbox_id FROM sandboxes")}
+        return ids
+
+    def end(self) -> None:
+        """End the service and every sandbox it has (SIGINT)."""
         supervisors = self.run_dir / "supervisors"
         stopped = self.process is None or self.process.poll() is not None
         if stopped and supervisors.is_dir() and any(supervisors.iterdir()):
@@ -162,4 +182,8 @@ class PrivateService:
             self.start()
             self.wait_ready()
         self.stop(signal.SIGINT)
+
+    def remove(self) -> None:
+        """`end`, then delete its directories."""
+        self.end()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -6,9 +6,7 @@
   the kernel), in a cgroup leaf of its own as a guest would be; its console log and control
   directory under a short private directory. At exit the supervisor is ended the way the
   runtime ends it and nothing of it may be left: process, guest, leaves, directories.
-- `private_service`: `private_service(**settings)` a private `cube serve` process over the
-  host's built default template (appliance/bench/private.py), ended with its sandboxes and
-  removed at teardown, with nothing of it left.
+(`private_service`, a private `cube serve` process with real guests, is in tests/conftest.py.)
 """
 
 from __future__ import annotations
@@ -21,15 +19,10 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from hostprocs import processes_of_uid_range
 
-from appliance.bench.private import PrivateService, PrivateSettings
-from appliance.config import load_config
-from appliance.net.addressing import Addressing
 from appliance.runtime.supervisor.client import SupervisorClient, launch, supervisors_dir
 from appliance.runtime.supervisor.protocol import LaunchSpec
 from appliance.runtime.uml.cgroups import SUPERVISOR_SUFFIX, create_cgroup, create_supervisor_cgroup
@@ -96,37 +89,3 @@ def fake_guest(short_dir: Path) -> FakeGuest:
             assert not Path(f"/proc/{pid}").exists(), "the supervisor is still there (or a zombie)"
 
     return started
-
-
-# A private `cube serve` per test, in a network and uid range of its own.
-SERVICE_NETWORK = "10.224.0.0/22"
-SERVICE_UID_BASE = 540_000
-SERVICE_PORTS = (3470, 3871)
-
-
-@pytest.fixture
-def private_service() -> Iterator[Callable[..., PrivateService]]:
-    if os.geteuid() != 0:
-        pytest.skip("real UML guests need root (namespaces, cgroups, taps)")
-    host = load_config()
-    if not (host.templates_dir / "code-interpreter" / "rootfs.ext4").is_file():
-        pytest.fail(f"{host.templates_dir}/code-interpreter is not built: run the installer")
-    made: list[PrivateService] = []
-
-    def make(**settings: Any) -> PrivateService:
-        values: dict[str, Any] = {
-            "api_port": SERVICE_PORTS[0],
-            "tls_port": SERVICE_PORTS[1],
-            "host_network": SERVICE_NETWORK,
-            "uid_base": SERVICE_UID_BASE,
-            **settings,
-        }
-        service = PrivateService(host, PrivateSettings(**values), prefix="cubesv-")
-        made.append(service)
-        return service
-
-    yield make
-    for service in made:
-        service.remove()
-    left = processes_of_uid_range(SERVICE_UID_BASE, Addressing(SERVICE_NETWORK).max_slots)
-    assert left == [], f"processes of the sandbox uids left: {left}"
