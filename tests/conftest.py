@@ -538,10 +538,13 @@ def private_service() -> Iterator[Any]:
 
     for service in made:
         ids = service.sandbox_ids()
-        service.end()
-        supervisors = service.run_dir / "supervisors"
-        sockets = sorted(str(p) for p in supervisors.iterdir()) if supervisors.is_dir() else []
-        service.remove()
+        try:
+            service.end()
+            ids |= service.sandbox_ids()
+            supervisors = service.run_dir / "supervisors"
+            sockets = sorted(str(p) for p in supervisors.iterdir()) if supervisors.is_dir() else []
+        finally:
+            shutil.rmtree(service.root, ignore_errors=True)
         slots = Addressing(service.settings.host_network).max_slots
         left = sandbox_leftovers(ids, service.settings.uid_base, slots)
         assert sockets == [] and not any(left.values()), {"supervisor dirs": sockets, **left}
