@@ -28,14 +28,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from hostprocs import processes_of_uid_range
+from hostprocs import processes_of_uid_range, sandbox_leftovers
 
 from appliance.bench.private import PrivateService
 from appliance.net.addressing import Addressing
 from appliance.process_identity import ProcessIdentity
 from appliance.runtime.supervisor.client import SUPERVISORS_DIR
 from appliance.runtime.supervisor.protocol import RECORD_FILE, SupervisorRecord
-from appliance.runtime.uml.cgroups import CGROUP_ROOT, SUPERVISOR_SUFFIX
 
 pytestmark = [pytest.mark.uml, pytest.mark.slow]
 
@@ -176,17 +175,13 @@ def footprint(service: PrivateService, sandbox_ids: set[str]) -> dict[str, list[
     processes of the sandbox uids, cgroup leaves, files."""
     veth_prefix = Addressing(service.settings.host_network).veth_prefix
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
-    names = sandbox_ids | {i + SUPERVISOR_SUFFIX for i in sandbox_ids}
-    leaves = [*CGROUP_ROOT.glob("*/cube/*"), *CGROUP_ROOT.glob("cube/*")]
     files = [service.state_dir / "sandboxes", service.run_dir / SUPERVISORS_DIR, service.run_dir / "net"]
     slots = Addressing(service.settings.host_network).max_slots
     return {
-        "netns": sorted(n for n in os.listdir("/run/netns") if n.removeprefix("cube-") in sandbox_ids),
+        **sandbox_leftovers(sandbox_ids, service.settings.uid_base, slots),
         "veths": sorted(
             w for line in links.splitlines() for w in line.split()[1:2] if w.startswith(veth_prefix)
         ),
-        "processes": processes_of_uid_range(service.settings.uid_base, slots),
-        "cgroups": sorted(str(leaf) for leaf in leaves if leaf.name in names),
         "files": sorted(
             str(p) for d in files if d.is_dir() for p in d.iterdir() if p.name.split(".")[0] in sandbox_ids
         ),
