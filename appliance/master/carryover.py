@@ -18,9 +18,11 @@ import logging
 import shutil
 from pathlib import Path
 
+import httpx
 import trio
 
 from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
+from appliance.cubelet.envd_client import EnvdError, start_process
 from appliance.master.templates import TemplateRegistry
 from appliance.records import SandboxRecord, Store
 from appliance.runtime.uml.runtime import COW_FILE
@@ -29,10 +31,26 @@ log = logging.getLogger(__name__)
 
 CARRIED_DIR = "carried"
 RECORD_FILE = "record.json"
+SYNC_TIMEOUT_S = 60.0
 
 
 def carried_dir(state_dir: Path) -> Path:
     return state_dir / CARRIED_DIR
+
+
+async def sync_guest(endpoint: tuple[str, int], headers: dict[str, str]) -> None:
+    """`sync` in the guest (through its agent): its page cache written to its disk (snapshots)."""
+    host, port = endpoint
+    async with httpx.AsyncClient(headers=headers, timeout=SYNC_TIMEOUT_S, trust_env=False) as http:
+        code = await start_process(
+            http, f"http://{host}:{port}", "root", ["/bin/sync"], {}, "/", _drop, _drop
+        )
+    if code != 0:
+        raise EnvdError(f"sync exited with status {code}")
+
+
+def _drop(_: bytes) -> None:
+    pass
 
 
 async def restore_carried(

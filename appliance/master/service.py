@@ -51,8 +51,10 @@ from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
 from appliance.cubelet.template_sandboxes import CubeletTemplateSandboxes
 from appliance.master import sdnotify
 from appliance.master.carryover import restore_carried
+from appliance.master.secrets import SECRETS_DB, SecretStore
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
+from appliance.master.volumes import VolumeStore
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
 from appliance.records import DEAD, LIVE_STATES, SandboxQuery
@@ -153,11 +155,13 @@ async def run_service(
     except BaseException:
         pid_file.unlink(missing_ok=True)
         raise
+    secret_store: SecretStore | None = None
     try:
         admin_token = ensure_admin_token(config.state_dir)
         tls = ensure_tls_files(config.state_dir, config.domain)
         registry = TemplateRegistry(config, store)
         registry.refresh()
+        secret_store = SecretStore(config.state_dir / SECRETS_DB)
         async with runtime_factory(config) as bundle, trio.open_nursery() as nursery:
             cubelet = Cubelet(config, bundle.runtime, store, bundle.network, templates=registry.refresh)
             await nursery.start(cubelet.run)
@@ -174,6 +178,8 @@ async def run_service(
                 cubelet=cubelet,
                 templates=registry,
                 auth=Authenticator(config, store, admin_token),
+                secrets=secret_store,
+                volumes=VolumeStore(config.state_dir, config.volume_max_mb << 20),
             )
             builds = TemplateBuilds(
                 config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)
@@ -217,6 +223,8 @@ async def run_service(
                 await router.aclose()
             nursery.cancel_scope.cancel()
     finally:
+        if secret_store is not None:
+            secret_store.close()
         store.close()
         pid_file.unlink(missing_ok=True)
 
