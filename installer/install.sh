@@ -150,7 +150,13 @@ stop_service() {
 # Uninstall.
 
 remove_host_wide_leftovers() {
-  say "Removing sandbox namespaces, eBPF pins, nftables tables and cgroups"
+  say "Ending sandboxes; removing sandbox namespaces, eBPF pins, nftables tables and cgroups"
+  # Sandboxes outlive a stop (their supervisors keep them for the next start): end them,
+  # supervisors and guests, by the cgroup leaves they are in.
+  for procs in /sys/fs/cgroup/cube/*/cgroup.procs /sys/fs/cgroup/*/cube/*/cgroup.procs; do
+    [ -f "$procs" ] && xargs -r kill -KILL < "$procs" 2>/dev/null || true
+  done
+  sleep 1  # killed tasks leave their cgroups a moment after they are reaped
   for ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^cube-/ {print $1}'); do ip netns delete "$ns" || true; done
   rm -rf /sys/fs/bpf/cube 2>/dev/null || true
   nft delete table inet cube 2>/dev/null || true

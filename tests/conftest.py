@@ -14,6 +14,11 @@ so test modules must not import from this file, except under TYPE_CHECKING):
 - `service`: a started `ServiceHarness` over `service_config` and `fake_runtime`.
 - `api_key`: a fresh API key made through the admin API.
 - `sdk_env`: E2B_API_URL / E2B_SANDBOX_URL / E2B_API_KEY pointing the SDK at `service`.
+- `private_service`: `private_service(**settings) -> PrivateService`, a private `cube serve`
+  process over the host's built default template, real UML guests (appliance/bench/private.py),
+  on ports picked free, a sandbox network and uid range of its own; not started. At teardown it
+  is ended with its sandboxes (SIGINT) and removed, and nothing of them may be left: supervisors
+  (their leaves, sockets), guests, cgroup leaves, network namespaces, processes of its uids.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import fnmatch
 import hashlib
 import json
 import os
+import random
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -37,9 +44,11 @@ import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from appliance.config import Config
+from appliance.bench.private import PrivateService, PrivateSettings
+from appliance.config import Config, load_config
 from appliance.cubelet.runtimes import RuntimeBundle
 from appliance.master.service import RunningService, run_service
+from appliance.net.addressing import Addressing
 from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec, GuestExited, Instance
 
@@ -72,6 +81,8 @@ NEEDS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "kvm_runtime": ("kvm",),
     "world": ("root",),  # tests/net: CubeVS in network namespaces of its own
     "tap_in_netns": ("root",),
+    "fake_guest": ("root",),  # tests/supervisor: a real supervisor process, cgroup leaves
+    "private_service": ("uml", "root", "slow"),
 }
 
 
@@ -505,3 +516,62 @@ def js_sdk_dir() -> Path:
     for script in JS_DIR.glob("*.mjs"):
         shutil.copy(script, NPM_CACHE / script.name)
     return NPM_CACHE
+
+
+# `private_service`: a sandbox network and uid range no other test uses; ports picked free
+# below the ephemeral range (outgoing connections never take them while it restarts).
+PRIVATE_NETWORK = "10.224.0.0/22"
+PRIVATE_UID_BASE = 540_000
+_PRIVATE_PORTS = range(20_000, 32_000)
+
+
+def _free_port(taken: set[int]) -> int:
+    while True:
+        port = random.choice(_PRIVATE_PORTS)
+        if port in taken:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+@pytest.fixture
+def private_service() -> Iterator[Any]:
+    if os.geteuid() != 0:
+        pytest.skip("real UML guests need root (namespaces, cgroups, taps)")
+    host = load_config()
+    if not (host.templates_dir / "code-interpreter" / "rootfs.ext4").is_file():
+        pytest.fail(f"{host.templates_dir}/code-interpreter is not built: run the installer")
+    made: list[PrivateService] = []
+
+    def make(**settings: Any) -> PrivateService:
+        api_port = _free_port(set())
+        values: dict[str, Any] = {
+            "api_port": api_port,
+            "tls_port": _free_port({api_port}),
+            "host_network": PRIVATE_NETWORK,
+            "uid_base": PRIVATE_UID_BASE,
+            **settings,
+        }
+        service = PrivateService(host, PrivateSettings(**values), prefix="cubesv-")
+        made.append(service)
+        return service
+
+    yield make
+    from hostprocs import sandbox_leftovers
+
+    for service in made:
+        ids = service.sandbox_ids()
+        try:
+            service.end()
+            ids |= service.sandbox_ids()
+            supervisors = service.run_dir / "supervisors"
+            sockets = sorted(str(p) for p in supervisors.iterdir()) if supervisors.is_dir() else []
+        finally:
+            shutil.rmtree(service.root, ignore_errors=True)
+        slots = Addressing(service.settings.host_network).max_slots
+        left = sandbox_leftovers(ids, service.settings.uid_base, slots)
+        assert sockets == [] and not any(left.values()), {"supervisor dirs": sockets, **left}

@@ -5,6 +5,10 @@ Every guest is a task in the cubelet's nursery (`_sandbox_task`) owning a lifeti
 the E2B timeout (`set_timeout` and `connect` move it). The runtime's `run()` is a
 child of that task, so cancelling the lifetime tears the guest down; the task
 forgets the guest (its slot is free again) only once `run()` has ended.
+
+A guest a previous service left running is taken over the same way (`adopt`: the task
+runs the runtime's `adopt()` instead of `run()`). `detach` cancels a user's sandbox's
+task without ending it, when its runtime can keep it running for the next service.
 """
 
 from __future__ import annotations
@@ -25,11 +29,20 @@ from appliance.cubelet.sandboxes import (
     SandboxStartFailed,
     SandboxTable,
 )
-from appliance.cubelet.state import SandboxState
+from appliance.cubelet.state import USER_VISIBLE, SandboxState
 from appliance.errors import first_leaf
 from appliance.net.policy import NetworkPolicy
 from appliance.records import SandboxRecord, TemplateManifest
-from appliance.runtime.base import ENVD_PORT, BootStalled, GuestExited, GuestFailure, Instance, Runtime
+from appliance.runtime.base import (
+    ENVD_PORT,
+    AdoptingRuntime,
+    BootStalled,
+    Detachable,
+    GuestExited,
+    GuestFailure,
+    Instance,
+    Runtime,
+)
 from appliance.runtime.readiness import ReadinessProbe
 
 log = logging.getLogger(__name__)
@@ -100,7 +113,8 @@ class GuestLifecycle:
 
     async def start(self, live: LiveSandbox) -> None:
         """Boot `live`'s guest in the cubelet's nursery; returns once its agent answers (READY).
-        Raises SandboxStartFailed (the guest is then gone)."""
+        An ADOPTING guest is taken over instead (it stays ADOPTING). Raises SandboxStartFailed
+        (the guest is then gone)."""
         try:
             # From here on `_sandbox_task` owns `live` and forgets it however it ends.
             await self._running().start(self._sandbox_task, live)
@@ -166,6 +180,8 @@ class GuestLifecycle:
                             self.config.guest_agent_timeout_s,
                             boot_token=live.instance.agent_token,
                         )
+                        if live.state is SandboxState.ADOPTING and live.record is not None:
+                            live.agent.access_token = live.record.envd_access_token  # /init was long ago
                         if live.state is SandboxState.BOOTING:  # not killed while the runtime handed it over
                             self.table.transition(live, SandboxState.READY)
                         task_status.started(live)
@@ -186,7 +202,11 @@ class GuestLifecycle:
         """The runtime's `run()`, which never returns (runtime.base): GuestExited once the guest
         was handed over is its end; anything else raised ends `_sandbox_task`."""
         try:
-            await self.runtime.run(live.spec, task_status=task_status)
+            if live.state is SandboxState.ADOPTING:
+                assert isinstance(self.runtime, AdoptingRuntime)
+                await self.runtime.adopt(live.sandbox_id, live.spec, task_status=task_status)
+            else:
+                await self.runtime.run(live.spec, task_status=task_status)
             raise AssertionError(f"the {self.runtime.name} runtime's run() returned")  # a contract breach
         except GuestExited as exc:
             if live.instance is None:
@@ -212,6 +232,18 @@ class GuestLifecycle:
         """End the guest for its users now (ENDING) and start its teardown (`forget` completes it)."""
         self.table.end(live, reason)
         live.lifetime.cancel()
+
+    async def detach(self, live: LiveSandbox) -> bool:
+        """Let go of a user's sandbox without ending it (DETACHED): its runtime keeps the guest
+        running, with everything it holds, for the next service. False if it cannot be kept (not
+        a user's sandbox, or its runtime's guests end with the service)."""
+        async with live.changing:  # not in the middle of a pause or resume
+            if live.state not in USER_VISIBLE or not isinstance(live.instance, Detachable):
+                return False
+            live.instance.detach()
+            self.table.transition(live, SandboxState.DETACHED, "the service stopped; the guest runs on")
+            live.lifetime.cancel()
+            return True
 
     async def pause(self, live: LiveSandbox, reason: str) -> bool:
         """Freeze a running sandbox (no deadline while paused). False if it was already paused."""

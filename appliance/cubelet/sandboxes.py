@@ -32,7 +32,7 @@ from appliance.cubelet.state import (
 )
 from appliance.net.policy import NetworkPolicy
 from appliance.records import RUNNING, SandboxRecord, Store, TemplateManifest
-from appliance.runtime.base import BootSpec, Instance
+from appliance.runtime.base import BootSpec, Instance, KeptGuest
 from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class LiveSandbox:
     changing: trio.Lock = field(default_factory=trio.Lock)
     end_reason: str = "killed"
     health_failures: int = 0
-    gone: trio.Event = field(default_factory=trio.Event)  # set on ENDED or FAILED
+    gone: trio.Event = field(default_factory=trio.Event)  # set on ENDED, FAILED or DETACHED
 
     def envd_headers(self) -> dict[str, str]:
         """Auth for the host's own envd calls to this guest."""
@@ -244,6 +244,40 @@ class SandboxTable:
         self._guests[sandbox_id] = live
         return live
 
+    def adopt(
+        self,
+        kept: KeptGuest,
+        template: TemplateManifest,
+        network_policy: NetworkPolicy,
+        record: SandboxRecord | None,
+    ) -> LiveSandbox:
+        """A guest the previous service left running, about to be taken over (ADOPTING), in the slot
+        it was booted in; `record` is its user's sandbox's, if it is still one. Raises
+        SandboxStartFailed when that slot is not free (or not one of this config's)."""
+        if kept.slot in self._slots or not 0 <= kept.slot < self._slot_count:
+            raise SandboxStartFailed(f"slot {kept.slot} of sandbox {kept.sandbox_id} is not free")
+        self._slots.add(kept.slot)
+        self._next_slot = max(self._next_slot, (kept.slot + 1) % self._slot_count)
+        spec = BootSpec.for_template(
+            self.config,
+            template,
+            kept.sandbox_id,
+            kept.slot,
+            memory_mb=kept.memory_mb,
+            cpu_count=kept.cpu_count,
+            network_policy=network_policy,
+        )
+        live = LiveSandbox(
+            sandbox_id=kept.sandbox_id,
+            template=template,
+            slot=kept.slot,
+            spec=spec,
+            state=SandboxState.ADOPTING,
+            record=record,
+        )
+        self._guests[kept.sandbox_id] = live
+        return live
+
     def transition(
         self,
         live: LiveSandbox,
@@ -289,13 +323,13 @@ class SandboxTable:
         return True
 
     def forget(self, live: LiveSandbox) -> None:
-        """Its guest is gone (ENDED; FAILED if it never got to READY): the slot (uid, network)
-        and its memory are free again."""
+        """Its guest is gone (ENDED; FAILED if it never got to READY), or DETACHED (it runs on for
+        the next service): the slot (uid, network) and its memory are this service's no more."""
         if live.gone.is_set():
             return
         if live.state is SandboxState.BOOTING:
             self.transition(live, SandboxState.FAILED, "boot failed")
-        else:
+        elif live.state is not SandboxState.DETACHED:
             self.end(live, live.end_reason)
             self.transition(live, SandboxState.ENDED)
         self._guests.pop(live.sandbox_id, None)

@@ -4,12 +4,14 @@ h11's `_state.py` shape: the rules are data, checked in one place
 (`SandboxTable.transition`), so every reader sees the whole machine here and
 nothing else decides what may follow what.
 
-    BOOTING ──────► READY ──────► RUNNING ◄────► PAUSED
-       │              │              │              │
-       │ boot failed  └──────────────┴──────┬───────┘
-       ▼                                    ▼  killed, timed out, exited, unhealthy
-     FAILED              BOOTING ────────► ENDING ──► ENDED
-                                          (teardown)  (slot, uid, network, memory free)
+    BOOTING ──────► READY ──────► RUNNING ◄────► PAUSED ─────► DETACHED
+       │              │              │ ▲            │ ▲    (this service stopped; the
+       │ boot failed  └──────────────┴─┼────┬───────┘ │     guest runs on, for the next)
+       ▼                               │    ▼         │
+     FAILED              BOOTING ──────┼─► ENDING ──► ENDED
+                                       │  (teardown)  (slot, uid, network, memory free)
+                         ADOPTING ─────┴──────────────┘
+                  (a guest the previous service left running, being taken over)
 
 - BOOTING: the runtime is starting the guest; nothing answers yet.
 - READY: the guest agent answers; the guest is nobody's sandbox yet: in its warm pool
@@ -18,6 +20,11 @@ nothing else decides what may follow what.
 - ENDING: over for its users (not listed, found or claimed) while its teardown runs
   and still holds its slot, uid, network and memory.
 - ENDED / FAILED: gone; FAILED when it never got to READY (its boot failed).
+- ADOPTING: at start, a guest that outlived the previous service (its supervisor kept it)
+  is being taken over; it becomes the user's sandbox again (RUNNING or PAUSED, as its
+  record says) or ends (not a user's sandbox any more, or it could not be taken over).
+- DETACHED: this service stopped and let go of it without ending it: its runtime keeps
+  it running for the next service to adopt. Nothing is recorded: for its users it runs on.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class SandboxState(enum.StrEnum):
     ENDING = "ending"
     ENDED = "ended"
     FAILED = "failed"
+    ADOPTING = "adopting"
+    DETACHED = "detached"
 
 
 S = SandboxState
@@ -44,11 +53,13 @@ S = SandboxState
 TRANSITIONS: Mapping[SandboxState, frozenset[SandboxState]] = {
     S.BOOTING: frozenset({S.READY, S.ENDING, S.FAILED}),
     S.READY: frozenset({S.RUNNING, S.ENDING}),
-    S.RUNNING: frozenset({S.PAUSED, S.ENDING}),
-    S.PAUSED: frozenset({S.RUNNING, S.ENDING}),
+    S.RUNNING: frozenset({S.PAUSED, S.ENDING, S.DETACHED}),
+    S.PAUSED: frozenset({S.RUNNING, S.ENDING, S.DETACHED}),
     S.ENDING: frozenset({S.ENDED}),
     S.ENDED: frozenset(),
     S.FAILED: frozenset(),
+    S.ADOPTING: frozenset({S.RUNNING, S.PAUSED, S.ENDING}),
+    S.DETACHED: frozenset(),
 }
 
 # What the store's record says in each state a user's sandbox can be in (ENDING: it is dead
@@ -63,12 +74,15 @@ EVENT_KIND: Mapping[tuple[SandboxState, SandboxState], str] = {
     (S.PAUSED, S.RUNNING): "resumed",
     (S.RUNNING, S.ENDING): "dead",
     (S.PAUSED, S.ENDING): "dead",
+    (S.ADOPTING, S.RUNNING): "adopted",
+    (S.ADOPTING, S.PAUSED): "adopted",
+    (S.ADOPTING, S.ENDING): "dead",
 }
 
 # Users see a sandbox (list, find, kill, connect) only in these.
 USER_VISIBLE = frozenset({S.RUNNING, S.PAUSED})
 # The guest still runs and holds its resources for its users' sake: not yet ending or gone.
-ACTIVE = frozenset({S.BOOTING, S.READY, S.RUNNING, S.PAUSED})
+ACTIVE = frozenset({S.BOOTING, S.READY, S.RUNNING, S.PAUSED, S.ADOPTING})
 # Its guest agent answers and is expected to (the health probes watch these).
 AGENT_UP = frozenset({S.READY, S.RUNNING})
 FINAL = frozenset(state for state, successors in TRANSITIONS.items() if not successors)

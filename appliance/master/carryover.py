@@ -1,28 +1,20 @@
-"""Sandboxes carried over a restart onto new code (`cube upgrade`): their disks and ids are kept.
+"""Sandboxes carried over a restart by a release from before supervisors: their disks and ids.
 
-Guests are the service's children, so they cannot outlive it; what a user keeps
-is the sandbox: its id, access token, settings and every file on its disk. When
-`cube serve` is asked to stop for an upgrade (SIGUSR2 instead of SIGTERM), each
-running or paused sandbox is, before the usual shutdown kills it:
-
-1. synced: `sync` runs in the guest through its agent, so the guest's page cache
-   is on its disk;
-2. frozen (paused), so nothing writes the disk any more;
-3. its copy-on-write disk hard-linked into `<state>/carried/<id>/` next to its
-   record: the shutdown deletes the sandbox directory, the link keeps the data.
-
-At the next start, before the service reports ready, `restore_carried` boots each
-one again with the same id on that disk (`Cubelet.restore`) and removes the
-carried entry. Processes and memory do not survive: it is a reboot of the
-sandbox, like a cloud VM's host maintenance. Sandboxes whose runtime keeps no COW
-disk file (or whose template is gone) end as with any other stop, and say why.
+Since supervisors (runtime/supervisor), a sandbox simply runs on across a restart or
+`cube upgrade`, processes and memory intact, and the next start takes it over
+(cubelet: adoption). A release from before them could not keep its guests: asked to
+stop for an upgrade (SIGUSR2), it synced, froze and hard-linked each sandbox's
+copy-on-write disk into `<state>/carried/<id>/` next to its record. So that an upgrade
+from such a release loses no sandbox, the first start of this one still boots each
+carried sandbox again with the same id on that disk (`Cubelet.restore`), before it
+reports ready, and removes the carried entry. Processes and memory did not survive
+those: it is a reboot of the sandbox. One whose template is gone ends, saying why.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -32,9 +24,8 @@ import trio
 from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
 from appliance.cubelet.envd_client import EnvdError, start_process
 from appliance.master.templates import TemplateRegistry
-from appliance.records import LIVE_STATES, PAUSED, SandboxQuery, SandboxRecord, Store
-from appliance.runtime.base import ENVD_PORT
-from appliance.runtime.uml.runtime import COW_FILE, VM_DIR
+from appliance.records import SandboxRecord, Store
+from appliance.runtime.uml.runtime import COW_FILE
 
 log = logging.getLogger(__name__)
 
@@ -47,37 +38,8 @@ def carried_dir(state_dir: Path) -> Path:
     return state_dir / CARRIED_DIR
 
 
-async def carry_over(cubelet: Cubelet, store: Store, state_dir: Path) -> list[str]:
-    """Keep the disk and record of every live sandbox for `restore_carried`; returns their ids."""
-    kept: list[str] = []
-    for record in store.query_sandboxes(SandboxQuery(states=LIVE_STATES, limit=1 << 30)):
-        live = cubelet.live(record.sandbox_id)
-        if live is None or live.instance is None or live.record is None:
-            continue
-        disk = live.spec.sandbox_dir / VM_DIR / COW_FILE
-        if not disk.is_file():
-            store.add_event(record.sandbox_id, "carry-over", "not kept: its runtime has no disk file")
-            continue
-        try:
-            if live.record.state == PAUSED:
-                await live.instance.resume()
-            await sync_guest(live.instance.endpoint(ENVD_PORT), live.envd_headers())
-            await live.instance.pause()
-        except (OSError, httpx.HTTPError, EnvdError) as exc:
-            log.warning("sandbox %s not carried over: %r", record.sandbox_id, exc)
-            store.add_event(record.sandbox_id, "carry-over", f"not kept: syncing its disk failed: {exc}")
-            continue
-        entry = carried_dir(state_dir) / record.sandbox_id
-        entry.mkdir(parents=True, exist_ok=True)
-        os.link(disk, entry / COW_FILE)
-        (entry / RECORD_FILE).write_text(json.dumps(live.record.__dict__))
-        store.add_event(record.sandbox_id, "carry-over", "disk kept for the restart")
-        kept.append(record.sandbox_id)
-    return kept
-
-
 async def sync_guest(endpoint: tuple[str, int], headers: dict[str, str]) -> None:
-    """`sync` in the guest (through its agent): its page cache written to its disk."""
+    """`sync` in the guest (through its agent): its page cache written to its disk (snapshots)."""
     host, port = endpoint
     async with httpx.AsyncClient(headers=headers, timeout=SYNC_TIMEOUT_S, trust_env=False) as http:
         code = await start_process(

@@ -1,13 +1,18 @@
 """`cube serve`: control plane, sandbox router, state store and local cubelet in one nursery tree.
 
-Start-up: refuse unsafe config, record the pid, open (and migrate) the store,
-report every sandbox the previous run left "running" as dead (guests die with the service:
-they are its children), make sure the admin token and TLS files exist, open the
-runtime, start the cubelet, boot again the sandboxes a restart for an upgrade
-carried over (carryover.py), then Hypercorn with the plain API port and the TLS
-port. Shutdown (SIGTERM/SIGINT or `RunningService.stop`): stop accepting, kill
-every sandbox recording why (on SIGUSR2, after keeping their disks), tear the
-runtime down, remove the pid file.
+Start-up: refuse unsafe config, record the pid, open (and migrate) the store, make
+sure the admin token and TLS files exist, open the runtime, start the cubelet, which
+first takes over the guests the previous service left running (their supervisors kept
+them: uml), report every other sandbox the store still has running or paused as dead
+with the reason, boot again the sandboxes a release before supervisors carried over
+(carryover.py), then Hypercorn with the plain API port and the TLS port.
+
+Shutdown: stop accepting, then either let the sandboxes run on for the next start
+(`RunningService.keep_sandboxes`: SIGTERM, which is how systemd stops and restarts the
+service, and SIGUSR2, how `cube upgrade` asks) or end every one, recording why
+(SIGINT, an interactive stop, and `RunningService.stop` alone). Sandboxes a runtime
+cannot keep (kvm, whose guests live in this process) end either way, saying so. Then
+tear the runtime down and remove the pid file.
 
 Template builds (`tpl create-from-image`, `tpl build`) always run here: the build
 service is a task in the nursery, its blueprint is registered, its sandbox steps
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -44,13 +50,15 @@ from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
 from appliance.cubelet.template_sandboxes import CubeletTemplateSandboxes
 from appliance.master import sdnotify
-from appliance.master.carryover import carry_over, restore_carried
+from appliance.master.carryover import restore_carried
 from appliance.master.secrets import SECRETS_DB, SecretStore
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.master.volumes import VolumeStore
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
+from appliance.records import DEAD, LIVE_STATES, SandboxQuery
+from appliance.runtime.base import AdoptingRuntime
 from appliance.templates.api import create_blueprint as create_build_blueprint
 from appliance.templates.builds import TemplateBuilds
 
@@ -70,9 +78,10 @@ class RunningService:
     services: Services
     stop: trio.Event = field(default_factory=trio.Event)
     reported_dead_at_start: list[str] = field(default_factory=list)
+    adopted_at_start: list[str] = field(default_factory=list)
     restored_at_start: list[str] = field(default_factory=list)
-    # Set before `stop` for a restart onto new code: keep the sandboxes' disks (carryover.py).
-    carry_over: bool = False
+    # Set before `stop`: sandboxes whose runtime can keep them run on, for the next start.
+    keep_sandboxes: bool = False
 
 
 def _hostport(host: str, port: int) -> str:
@@ -109,6 +118,24 @@ def _write_pid_file(run_dir: Path) -> Path:
     return path
 
 
+def _report_ended(store: SqliteStore, adopted: list[str], ended: dict[str, str]) -> list[str]:
+    """Record as dead every sandbox the store has running or paused that did not run on: why,
+    where the runtime knows (its guest ended while no service ran, its supervisor is gone)."""
+    marked = []
+    for record in store.query_sandboxes(SandboxQuery(states=LIVE_STATES, limit=1 << 30)):
+        if record.sandbox_id in adopted:
+            continue
+        why = ended.get(record.sandbox_id)
+        reason = RESTART_REASON if why is None else f"service restarted: {why}"
+        record.state, record.ended_at, record.end_reason = DEAD, time.time(), reason
+        store.put_sandbox(record)
+        store.add_event(record.sandbox_id, "dead", reason)
+        marked.append(record.sandbox_id)
+    if marked:
+        log.warning("%d sandboxes from the previous run are gone: %s", len(marked), marked)
+    return marked
+
+
 BlueprintFactory = Callable[[Services], Blueprint]
 
 
@@ -130,9 +157,6 @@ async def run_service(
         raise
     secret_store: SecretStore | None = None
     try:
-        reported_dead = store.mark_live_sandboxes_dead(RESTART_REASON)
-        if reported_dead:
-            log.warning("%d sandboxes from the previous run are gone: %s", len(reported_dead), reported_dead)
         admin_token = ensure_admin_token(config.state_dir)
         tls = ensure_tls_files(config.state_dir, config.domain)
         registry = TemplateRegistry(config, store)
@@ -141,6 +165,10 @@ async def run_service(
         async with runtime_factory(config) as bundle, trio.open_nursery() as nursery:
             cubelet = Cubelet(config, bundle.runtime, store, bundle.network, templates=registry.refresh)
             await nursery.start(cubelet.run)
+            adopted = cubelet.adoption.adopted
+            if adopted:
+                log.info("%d sandboxes run on from the previous start: %s", len(adopted), adopted)
+            reported_dead = _report_ended(store, cubelet.adoption.adopted, cubelet.adoption.ended)
             restored = await restore_carried(cubelet, registry, store, config.state_dir)
             if restored:
                 log.info("%d sandboxes carried over the restart are back: %s", len(restored), restored)
@@ -181,15 +209,18 @@ async def run_service(
                 services,
                 stop,
                 reported_dead_at_start=reported_dead,
+                adopted_at_start=adopted,
                 restored_at_start=restored,
             )
             task_status.started(running)
             await stop.wait()
             with trio.CancelScope(shield=True):
-                if running.carry_over:
-                    kept = await carry_over(cubelet, store, config.state_dir)
-                    log.info("kept the disks of %d sandboxes for the restart: %s", len(kept), kept)
-                await cubelet.shutdown(STOP_REASON)
+                reason = STOP_REASON
+                if running.keep_sandboxes and not isinstance(bundle.runtime, AdoptingRuntime):
+                    reason += f" (the {bundle.runtime.name} runtime's sandboxes cannot outlive the service)"
+                kept = await cubelet.shutdown(reason, detach=running.keep_sandboxes)
+                if kept:
+                    log.info("%d sandboxes run on for the next start: %s", len(kept), kept)
                 await router.aclose()
             nursery.cancel_scope.cancel()
     finally:
@@ -204,8 +235,9 @@ async def serve_until_signalled(
     runtime_factory: RuntimeFactory = open_runtime,
     blueprint_factories: Iterable[BlueprintFactory] = (),
 ) -> None:
-    """Run until SIGTERM or SIGINT (caught from before start-up, so none is lost), then shut down.
-    SIGUSR2 shuts down for a restart onto new code (`cube upgrade`): sandboxes' disks are kept."""
+    """Run until SIGTERM, SIGUSR2 or SIGINT (caught from before start-up, so none is lost), then
+    shut down. SIGTERM (systemd's stop and restart) and SIGUSR2 (`cube upgrade`) leave the
+    sandboxes running for the next start; SIGINT (an interactive stop) ends them."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningService = await nursery.start(
@@ -219,6 +251,6 @@ async def serve_until_signalled(
             async for signum in signals:
                 log.info("received %s, shutting down", signal.Signals(signum).name)
                 sdnotify.notify("STOPPING=1")
-                running.carry_over = signum == signal.SIGUSR2
+                running.keep_sandboxes = signum != signal.SIGINT
                 running.stop.set()
                 break

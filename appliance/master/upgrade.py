@@ -15,7 +15,7 @@ becomes a symlink into `<venv>s/` (`/opt/cube/venvs/<version>-<stamp>`):
    any failure here deletes it, and the running service never noticed;
 2. the service stops with SIGUSR2 (systemd: `systemctl kill`, then `stop`;
    otherwise the pid-file daemon, whose environment and log file are reused
-   for the restart),
+   for the restart), leaving its sandboxes running;
    the store is copied (`cube.db.pre-<old version>-<stamp>`, SQLite backup API);
 3. the symlink is swapped atomically (rename over it) and the service starts;
    the new code migrates the store at start (`store.migrate`);
@@ -25,10 +25,15 @@ becomes a symlink into `<venv>s/` (`/opt/cube/venvs/<version>-<stamp>`):
    store's schema: the older code refuses a newer store (`DatabaseTooNew`).
 
 State (store, API keys, templates, CA, admin token) lives in the state dir and is
-untouched. Running sandboxes keep their ids and disks: the old service is stopped
-with SIGUSR2, which syncs, freezes and keeps each one's disk, and the new one
-boots them again before it reports ready (carryover.py); their processes restart.
-The previous venv is kept for a manual rollback; older ones are deleted.
+untouched. Running sandboxes keep running, processes and memory intact: each is
+owned by its supervisor process (runtime/supervisor), not by the service, so the
+old service lets go of them and the new one takes them over before it reports
+ready (a rollback's restart does the same). A supervisor runs the code of the
+release that started its sandbox until that sandbox ends, so the venvs supervisors
+run from are kept. (A service of a release before supervisors keeps its sandboxes'
+disks on SIGUSR2 instead, and the new one boots them again: carryover.py.)
+The previous venv is kept for a manual rollback; older ones are deleted once no
+supervisor runs from them.
 """
 
 from __future__ import annotations
@@ -53,13 +58,15 @@ import click
 
 from appliance import __version__
 from appliance.config import Config
+from appliance.runtime.supervisor.client import control_dirs
+from appliance.runtime.supervisor.protocol import RECORD_FILE, ProtocolError, SupervisorRecord
 
 DEFAULT_VENV = Path("/opt/cube/venv")
 DEFAULT_LOG = Path("/var/log/cube/cube.log")
 UNIT = "cube.service"
 WHEEL_GLOB = "cube_appliance-*.whl"
 ISO_WHEEL_DIR = "/cube/wheels"  # where the ISO keeps the wheel and its dependency wheels
-STOP_TIMEOUT_S = 90.0  # the service kills every sandbox before it exits
+STOP_TIMEOUT_S = 90.0  # the service ends the sandboxes it cannot keep (kvm's) before it exits
 HEALTH_TIMEOUT_S = 180.0  # start-up compiles the eBPF programs and opens the runtime
 
 
@@ -178,6 +185,20 @@ def point_link(layout: VenvLayout, target: Path) -> Path | None:
     return previous
 
 
+def venvs_in_use(config: Config) -> set[Path]:
+    """The venvs the running supervisors run from (each the code of the release that started its
+    sandbox): deleting one would pull imports from under it."""
+    used = set()
+    for control_dir in control_dirs(config.run_dir):
+        try:
+            record = SupervisorRecord.decode((control_dir / RECORD_FILE).read_bytes())
+        except (OSError, ProtocolError):
+            continue
+        if record.identity.alive():
+            used.add(Path(record.venv))
+    return used
+
+
 def prune_versions(layout: VenvLayout, keep: set[Path]) -> list[Path]:
     removed = []
     for entry in layout.versions_dir.iterdir():
@@ -224,8 +245,9 @@ def daemon_launch(pid: int, default_log: Path) -> DaemonLaunch:
 
 
 def stop_daemon(pid: int, timeout: float = STOP_TIMEOUT_S, signum: int = signal.SIGTERM) -> None:
-    """SIGTERM (the service kills its sandboxes and exits) or SIGUSR2 (the same, keeping their
-    disks for the next start: carryover.py); SIGKILL after `timeout`."""
+    """Signal the service and wait until it has exited, SIGKILL after `timeout`. SIGTERM and
+    SIGUSR2 let its sandboxes run on (a release before supervisors: SIGTERM ends them, SIGUSR2
+    keeps their disks, carryover.py); SIGINT ends them."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -353,7 +375,7 @@ def upgrade(
             raise
     else:
         log("the service was not running; start it to use the new version (the store migrates at start)")
-    keep = {new_venv} | ({previous} if previous is not None else set())
+    keep = {new_venv} | ({previous} if previous is not None else set()) | venvs_in_use(config)
     for removed in prune_versions(layout, keep):
         log(f"removed old venv {removed}")
     log(f"cube {version} is running from {new_venv}")
@@ -361,10 +383,11 @@ def upgrade(
 
 
 def stop_service(config: Config, under_systemd: bool, log: LogFn) -> None:
-    """Stop `cube serve`. One whose /health reports its version keeps its sandboxes' disks on
-    SIGUSR2 (both came in the same release); an older one would die of that signal: SIGTERM."""
+    """Stop `cube serve`, its sandboxes left running. One whose /health reports its version
+    understands SIGUSR2 (a release before supervisors keeps its sandboxes' disks on it); an
+    older one would die of that signal: SIGTERM."""
     carries = (health(config) or {}).get("version") is not None
-    keeping = ", keeping its sandboxes' disks" if carries else ""
+    keeping = ", its sandboxes running on" if carries else ""
     if under_systemd:
         log(f"stopping {UNIT}{keeping}")
         if carries:
@@ -393,7 +416,10 @@ def _alive(pid: int) -> bool:
 
 
 def _run(argv: list[str]) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True)
+    # Without the caller's PYTHONPATH/PYTHONHOME: the new venv must see only its own packages (a
+    # checkout on PYTHONPATH holding an egg-info made pip skip the wheel as "already installed").
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         output = (result.stdout + result.stderr).strip()[-3000:]
         raise UpgradeFailed(f"{' '.join(argv[:3])} ... failed (exit {result.returncode}):\n{output}")

@@ -9,10 +9,12 @@ Everything here blocks (bcc, netlink, bpf syscalls): callers use a thread.
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -31,6 +33,9 @@ MAX_BLOCKED = 1 << 16
 FLAG_INTERNET = 1
 
 _TC_INGRESS_PARENT = "ffff:fff2"  # clsact ingress: packets arriving from the sandbox netns
+# The filter's priority, given so that attaching again replaces it: the one the kernel picks for
+# a first filter that names none (what earlier releases attached with).
+_FILTER_PRIO = 49152
 _PROGRAM = Path(__file__).with_name("ebpf.c")
 
 
@@ -52,6 +57,14 @@ def _addr_u32(address: ipaddress.IPv4Address) -> int:
 
 def _addr16(address: ipaddress.IPv6Address) -> ctypes.Array[ctypes.c_uint8]:
     return (ctypes.c_uint8 * 16).from_buffer_copy(address.packed)
+
+
+def _network(version: int, key: Any) -> Network:
+    """The network a trie key stands for (the inverse of `PolicyProgram._key`)."""
+    prefixlen = key.prefixlen - 32
+    if version == 4:
+        return ipaddress.IPv4Network((ipaddress.IPv4Address(int(key.addr).to_bytes(4, "little")), prefixlen))
+    return ipaddress.IPv6Network((ipaddress.IPv6Address(bytes(key.addr)), prefixlen))
 
 
 class PolicyProgram:
@@ -87,16 +100,23 @@ class PolicyProgram:
     # --- attachment -------------------------------------------------------
 
     def attach(self, ifindex: int) -> None:
+        """Attach the program, or put it in the place of the one attached there already (a sandbox
+        re-adopted after a restart: its veth kept a previous service's program, in one step)."""
         with IPRoute() as ipr:
-            ipr.tc("add", "clsact", ifindex)
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
             ipr.tc(
-                "add-filter",
+                "replace-filter",
                 "bpf",
                 ifindex,
                 ":1",
                 fd=self._fn.fd,
                 name=self._fn.name,
                 parent=_TC_INGRESS_PARENT,
+                prio=_FILTER_PRIO,
                 classid=1,
                 direct_action=True,
             )
@@ -156,21 +176,38 @@ class PolicyProgram:
             except KeyError:
                 pass
 
-    def forget_all(self) -> None:
-        """Empty every per-sandbox map (at start, after the sweep: no sandbox is live)."""
-        for (list_name, _version), trie in self.tries.items():
-            if list_name != "blocked":
-                trie.clear()
-        self.sandboxes.clear()
-        self.counters.clear()
+    def forget_all(self, keep: frozenset[int] = frozenset()) -> dict[int, dict[str, set[Network]]]:
+        """Empty the per-sandbox maps (at start, after the sweep) but for the sandboxes on the
+        veths `keep` (kept networks of guests that run on, about to be re-adopted); returns what
+        the allow and deny lists hold for those, by ifindex and list."""
+        held: dict[int, dict[str, set[Network]]] = {i: {"allow": set(), "deny": set()} for i in keep}
+        for (list_name, version), trie in self.tries.items():
+            if list_name == "blocked":
+                continue
+            stale = []
+            for key in list(trie.keys()):
+                if key.ifindex in keep:
+                    held[key.ifindex][list_name].add(_network(version, key))
+                else:
+                    stale.append(key)
+            for key in stale:
+                del trie[key]
+        for table in (self.sandboxes, self.counters):
+            for key in [k for k in table.keys() if k.value not in keep]:
+                del table[key]
+        return held
 
     def set_blocked(self, entries: dict[Network, bool]) -> None:
         """Make the blocked tries hold `entries` (network → blocked; False: opened by the
         operator), tightening before loosening so no packet meets a set looser than both."""
         old = self._blocked
-        if not old:  # first call of this service: whatever an earlier one left goes
-            for version in (4, 6):
-                self.tries[("blocked", version)].clear()
+        if not old:  # first call of this service: start from what an earlier one left (sandboxes
+            # that run on are enforced by it all along), never from an empty set
+            old = {
+                _network(version, key): bool(value.value)
+                for version in (4, 6)
+                for key, value in self.tries[("blocked", version)].items()
+            }
         self.add("blocked", 0, [n for n, b in entries.items() if b and old.get(n) is not True], 1)
         self.remove("blocked", 0, [n for n, b in old.items() if not b and n not in entries])
         self.add("blocked", 0, [n for n, b in entries.items() if not b and old.get(n) is not False], 0)

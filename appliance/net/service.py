@@ -1,4 +1,11 @@
-"""CubeVS: the node's sandbox network service (one per `cube serve`)."""
+"""CubeVS: the node's sandbox network service (one per `cube serve`).
+
+Networks of guests that outlive the service (runtime/supervisor) outlive it too: a
+network whose record names a live owner is kept by the start's sweep (sweep.py), its
+policy maps and program stay in place (pinned), and the next service takes it over with
+`sandbox_network(..., adopt=True)`. A service that lets its sandboxes run on when it
+stops (`detach`) leaves their networks, maps and the node's host set-up as they are.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import trio
+from pyroute2 import IPRoute
 
 from appliance.config import Config
 from appliance.net import host, links, netns
@@ -21,6 +29,7 @@ from appliance.net.dns import Answer, Resolver, Upstream, host_upstreams
 from appliance.net.ebpf import FLAG_INTERNET, PIN_ROOT, PolicyProgram
 from appliance.net.policy import MAX_ENTRIES_PER_LIST, CompiledList, Network, NetworkPolicy, PolicyError
 from appliance.net.sweep import Records, sweep
+from appliance.process_identity import ProcessIdentity
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ class _Live:
         default_factory=lambda: {n: {} for n in _LISTS}
     )
     installed: dict[str, set[Network]] = field(default_factory=lambda: {n: set() for n in _LISTS})
+    detached: bool = False  # its guest runs on after this service: leave everything in place
 
     def lists(self, list_name: str) -> CompiledList:
         return self.allow if list_name == "allow" else self.deny
@@ -92,6 +102,11 @@ class CubeVS:
         self.unenforced_reason = unenforced_reason
         self._live: dict[str, _Live] = {}
         self._by_host_ip: dict[str, _Live] = {}
+        # Networks a previous service left whose guests run on, until adopted or released;
+        # what their lists held in the maps, by sandbox id.
+        self._kept: dict[str, Plan] = {}
+        self._kept_entries: dict[str, dict[str, set[Network]]] = {}
+        self._detached = 0
         self._opened = host.parse_open_networks(config.operator_open_networks, addressing)
         # Always-blocked destinations: set at start, refreshed when the host's addresses change.
         self._blocked = host.BlockedSet({})
@@ -119,7 +134,7 @@ class CubeVS:
 
         def prepare_host() -> host.BlockedSet:
             netns.prepare_netns_dir()
-            sweep(records)
+            service._kept = sweep(records)
             host.set_up(addressing)
             return host.blocked_set(addressing, service._opened)
 
@@ -128,9 +143,11 @@ class CubeVS:
             # Subscribed before the first listing: no address change falls in between.
             with _address_changes() as changes:
                 service._blocked = await trio.to_thread.run_sync(prepare_host)
-                service._program, service.unenforced_reason = await trio.to_thread.run_sync(
-                    _load_program, addressing, service._blocked
+                kept = await trio.to_thread.run_sync(_veth_indexes, service._kept)
+                service._program, service.unenforced_reason, held = await trio.to_thread.run_sync(
+                    _load_program, addressing, service._blocked, frozenset(kept.values())
                 )
+                service._kept_entries = {sandbox_id: held[i] for sandbox_id, i in kept.items() if i in held}
                 if service._program is None:
                     log.warning("CubeVS: eBPF enforcement unavailable: %s", service.unenforced_reason)
                 async with trio.open_nursery() as nursery:
@@ -145,9 +162,13 @@ class CubeVS:
                 await trio.to_thread.run_sync(service._shut_down)
 
     def _shut_down(self) -> None:
-        host.tear_down(self.addressing)
         if self._program is not None:
             self._program.close()
+        if self._detached or self._kept:
+            # Guests run on: their networks keep the host's NAT and resolver address, and their
+            # programs the pinned maps, for the next service.
+            return
+        host.tear_down(self.addressing)
         # Pins exist so a crashed service keeps enforcing; after a clean stop no
         # sandbox network is left to enforce on.
         shutil.rmtree(PIN_ROOT / self.addressing.tag, ignore_errors=True)
@@ -156,24 +177,20 @@ class CubeVS:
 
     @asynccontextmanager
     async def sandbox_network(
-        self, sandbox_id: str, slot: int, tap_owner_uid: int, policy: NetworkPolicy
+        self, sandbox_id: str, slot: int, tap_owner_uid: int, policy: NetworkPolicy, *, adopt: bool = False
     ) -> AsyncIterator[SandboxNetwork]:
-        if not self.enforced and not self.config.allow_unenforced_network:
-            raise NetworkUnenforced(
-                f"eBPF network enforcement is not active ({self.unenforced_reason}); "
-                "run `cube doctor`, or set allow_unenforced_network = true to run sandboxes without it"
-            )
-        if not _SANDBOX_ID.match(sandbox_id):
-            raise ValueError(f"sandbox id {sandbox_id!r} cannot name a network namespace")
-        if sandbox_id in self._live:
-            raise ValueError(f"sandbox {sandbox_id} already has a network")
+        """The sandbox's network for the body's duration: built, or with `adopt` taken over from
+        the previous service (its kept network for this sandbox and slot; KeyError if there is
+        none). Removed at the end unless `detach`ed meanwhile."""
+        self._refuse_network(sandbox_id)
         allow, deny = policy.compiled()
-        plan = self.addressing.plan(sandbox_id, slot)
-        await trio.to_thread.run_sync(self._records.write, plan)
+        plan = await self._claim_plan(sandbox_id, slot, adopt)
         live: _Live | None = None
         try:
-            ifindex = await trio.to_thread.run_sync(links.build, plan, tap_owner_uid)
+            ifindex = await self._links_of(plan, tap_owner_uid, adopt)
             live = _Live(plan, ifindex, policy, allow, deny)
+            if adopt:
+                self._take_kept_entries(live)
             self._live[sandbox_id] = live
             self._by_host_ip[plan.host_ip] = live
             if self._program is not None:
@@ -193,14 +210,97 @@ class CubeVS:
             )
         finally:
             with trio.CancelScope(shield=True):
-                if live is not None:
-                    self._live.pop(sandbox_id, None)
-                    self._by_host_ip.pop(plan.host_ip, None)
-                    async with live.lock:
-                        await trio.to_thread.run_sync(self._release, live)
-                else:
-                    await trio.to_thread.run_sync(links.remove, plan)
-                await trio.to_thread.run_sync(self._records.delete, sandbox_id)
+                await self._end_network(plan, live)
+
+    def _refuse_network(self, sandbox_id: str) -> None:
+        if not self.enforced and not self.config.allow_unenforced_network:
+            raise NetworkUnenforced(
+                f"eBPF network enforcement is not active ({self.unenforced_reason}); "
+                "run `cube doctor`, or set allow_unenforced_network = true to run sandboxes without it"
+            )
+        if not _SANDBOX_ID.match(sandbox_id):
+            raise ValueError(f"sandbox id {sandbox_id!r} cannot name a network namespace")
+        if sandbox_id in self._live:
+            raise ValueError(f"sandbox {sandbox_id} already has a network")
+
+    async def _claim_plan(self, sandbox_id: str, slot: int, adopt: bool) -> Plan:
+        """The sandbox's plan, recorded (new), or the kept one it must match (adopted)."""
+        plan = self.addressing.plan(sandbox_id, slot)
+        if not adopt:
+            await trio.to_thread.run_sync(self._records.write, plan)
+            return plan
+        kept = self._kept.pop(sandbox_id, None)
+        if kept != plan:
+            if kept is not None:
+                await self._release_kept(kept)
+            raise KeyError(f"no kept network of sandbox {sandbox_id} in slot {slot}")
+        return plan
+
+    async def _links_of(self, plan: Plan, tap_owner_uid: int, adopt: bool) -> int:
+        """The veth's ifindex: of the links built now, or of the kept ones."""
+        if not adopt:
+            return await trio.to_thread.run_sync(links.build, plan, tap_owner_uid)
+        ifindex = await trio.to_thread.run_sync(_veth_index, plan)
+        if not ifindex:
+            raise KeyError(f"the kept network of sandbox {plan.sandbox_id} lost its veth")
+        return ifindex
+
+    def _take_kept_entries(self, live: _Live) -> None:
+        """What the maps hold for an adopted sandbox: its lists, plus addresses learned from its
+        DNS answers (kept as learned, for the usual time; their names are not known)."""
+        live.installed = self._kept_entries.pop(live.plan.sandbox_id, {n: set() for n in _LISTS})
+        expiry = trio.current_time() + _LEARNED_MIN_S + _LEARNED_GRACE_S
+        for n in _LISTS:
+            learned = live.installed[n] - set(live.lists(n).networks)
+            live.learned[n] = {address: (expiry, "") for address in learned}
+
+    async def _end_network(self, plan: Plan, live: _Live | None) -> None:
+        """Remove the sandbox's network, or leave it to the next service if `detach`ed."""
+        if live is not None:
+            self._live.pop(plan.sandbox_id, None)
+            self._by_host_ip.pop(plan.host_ip, None)
+        if live is not None and live.detached:
+            self._detached += 1
+            return
+        if live is not None:
+            async with live.lock:
+                await trio.to_thread.run_sync(self._release, live)
+        else:
+            await trio.to_thread.run_sync(links.remove, plan)
+        await trio.to_thread.run_sync(self._records.delete, plan.sandbox_id)
+
+    async def set_owner(self, sandbox_id: str, owner: ProcessIdentity) -> None:
+        """Name the process that keeps the sandbox's guest running: while it runs, the sweep of
+        the next start keeps this network (sweep.py)."""
+        await trio.to_thread.run_sync(self._records.write, self._live[sandbox_id].plan, owner)
+
+    def detach(self, sandbox_id: str) -> None:
+        """Leave the sandbox's network as it is when its `sandbox_network` ends (its guest runs
+        on, for the next service to adopt): links, policy maps, record."""
+        self._live[sandbox_id].detached = True
+
+    async def release_kept(self, keep: set[str]) -> list[str]:
+        """Remove the kept networks of sandboxes other than `keep` (no guest of theirs is left to
+        adopt); returns their ids."""
+        released = [sandbox_id for sandbox_id in self._kept if sandbox_id not in keep]
+        for sandbox_id in released:
+            await self._release_kept(self._kept.pop(sandbox_id))
+        return released
+
+    async def _release_kept(self, plan: Plan) -> None:
+        entries = self._kept_entries.pop(plan.sandbox_id, {n: set() for n in _LISTS})
+
+        def release() -> None:
+            index = _veth_index(plan)
+            links.remove(plan)
+            if self._program is not None and index:
+                for list_name in _LISTS:
+                    self._program.remove(list_name, index, entries[list_name])
+                self._program.forget(index)
+            self._records.delete(plan.sandbox_id)
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(release)
 
     def _enforce(self, live: _Live) -> None:
         program = self._require_program()
@@ -386,7 +486,21 @@ def _address_changes() -> Iterator[socket.socket]:
         yield sock
 
 
-def _load_program(addressing: Addressing, blocked: host.BlockedSet) -> tuple[PolicyProgram | None, str]:
+def _veth_index(plan: Plan) -> int:
+    """The ifindex of a kept network's host-side veth (0: gone)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=plan.host_veth)
+    return int(found[0]) if found else 0
+
+
+def _veth_indexes(plans: dict[str, Plan]) -> dict[str, int]:
+    return {sandbox_id: i for sandbox_id, plan in plans.items() if (i := _veth_index(plan))}
+
+
+def _load_program(
+    addressing: Addressing, blocked: host.BlockedSet, keep: frozenset[int]
+) -> tuple[PolicyProgram | None, str, dict[int, dict[str, set[Network]]]]:
+    """The program and what its maps hold for the kept networks' veths `keep`."""
     pin_dir = PIN_ROOT / addressing.tag
     try:
         try:
@@ -401,8 +515,8 @@ def _load_program(addressing: Addressing, blocked: host.BlockedSet) -> tuple[Pol
             shutil.rmtree(pin_dir)
             program = PolicyProgram(pin_dir)
     except Exception as e:  # bcc missing, no headers, no bpffs, verifier: all mean "unenforced"
-        return None, f"{type(e).__name__}: {e}"
-    # The sweep removed every network a previous run left; their map entries go too.
-    program.forget_all()
+        return None, f"{type(e).__name__}: {e}", {}
+    # The sweep removed every network a previous run left but the kept ones; their entries go too.
+    held = program.forget_all(keep)
     program.set_blocked(blocked.entries)
-    return program, ""
+    return program, "", held

@@ -13,6 +13,13 @@ everything it set up (processes, network, files):
   when it showed no sign of life at all, which is worth one more try);
 - after `started()`, the guest stopped on its own (crash, panic, poweroff):
   `GuestExited` with the reason and the console's last words.
+
+A runtime whose guests can outlive the service (`AdoptingRuntime`: uml, through its
+per-sandbox supervisors) also lists at start the guests a previous service left running
+(`kept_guests`) and takes one over with `adopt(sandbox_id, spec)`, a task shaped like
+`run()` without the boot. Its instances are `Detachable`: `detach()` before the task is
+cancelled makes the cancel leave the guest running, with everything it holds, for the
+next service. Other runtimes' guests end with the service (kvm: one process holds them).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol, runtime_checkable
 
 import trio
 
@@ -159,6 +166,28 @@ class Instance(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class KeptGuest:
+    """A guest that a previous service left running, as its runtime describes it."""
+
+    sandbox_id: str
+    slot: int  # the slot it was booted in (its uid and network)
+    template_id: str
+    memory_mb: int
+    cpu_count: int
+    paused: bool  # frozen as it is now (pause/resume), whatever the store says
+    fully_ready: bool
+
+
+@runtime_checkable
+class Detachable(Protocol):
+    """An instance whose guest can outlive the service."""
+
+    def detach(self) -> None:
+        """Leave the guest running when its `run()`/`adopt()` task is cancelled next."""
+        ...
+
+
 class Runtime(Protocol):
     name: str
     # How a template starts fast: True, from the snapshot `finalize_template` takes of the build's
@@ -176,6 +205,23 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """Release what the runtime keeps between sandboxes (after the last one is gone)."""
+        ...
+
+
+@runtime_checkable
+class AdoptingRuntime(Runtime, Protocol):
+    """A runtime whose guests outlive the service that started them."""
+
+    async def kept_guests(self) -> tuple[list[KeptGuest], dict[str, str]]:
+        """At start, once: the guests a previous service left running (each to be adopted), and
+        why each other guest it had is gone (by sandbox id). What those left is cleaned up."""
+        ...
+
+    async def adopt(
+        self, sandbox_id: str, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]
+    ) -> NoReturn:
+        """Take over a kept guest: like `run()` from the moment its agent answers (the instance is
+        handed over at once; BootFailed if it cannot be taken over, after tearing it down)."""
         ...
 
 

@@ -1,4 +1,8 @@
-"""Restarting `cube serve` keeps keys and templates and never loses a sandbox silently."""
+"""Restarting `cube serve` keeps keys and templates and never loses a sandbox silently.
+
+With a runtime whose guests cannot outlive the service (the runtime double here, like kvm,
+whose guests live in the service's process), sandboxes end at every stop, saying why. The
+uml runtime's run on instead: tests/supervisor/test_faults.py."""
 
 from __future__ import annotations
 
@@ -43,6 +47,31 @@ def test_stop_and_start_again_reports_sandboxes_dead_and_keeps_keys(
         assert [e["kind"] for e in detail["events"]] == ["created", "dead"]
         templates = httpx.get(f"{second.url}/templates", headers=headers).json()
         assert [t["templateID"] for t in templates] == ["code-interpreter"]
+    finally:
+        second.stop()
+
+
+def test_a_stop_that_keeps_sandboxes_ends_those_its_runtime_cannot_keep_saying_why(
+    service_config: Config, start_service: Callable[[Config], ServiceHarness]
+) -> None:
+    """What SIGTERM (systemd's stop and restart) and SIGUSR2 (`cube upgrade`) ask for."""
+    first = start_service(service_config)
+    try:
+        admin = {"X-API-KEY": first.admin_token}
+        sandbox_id = httpx.post(f"{first.url}/v2/sandboxes", json={}, headers=admin).json()["sandboxID"]
+        assert first.running is not None
+        first.running.keep_sandboxes = True
+    finally:
+        first.stop()
+    second = start_service(service_config)
+    try:
+        admin = {"X-API-KEY": second.admin_token}
+        detail = httpx.get(f"{second.url}/cube/sandboxes/{sandbox_id}", headers=admin).json()
+        assert detail["state"] == "dead"
+        assert (
+            detail["endReason"] == f"{STOP_REASON} (the fake runtime's sandboxes cannot outlive the service)"
+        )
+        assert second.running is not None and second.running.adopted_at_start == []
     finally:
         second.stop()
 

@@ -38,6 +38,11 @@ EXPECTED: dict[tuple[SandboxState, SandboxState], tuple[str, str] | None] = {
     (S.PAUSED, S.RUNNING): ("resumed", RUNNING),
     (S.PAUSED, S.ENDING): ("dead", DEAD),
     (S.ENDING, S.ENDED): None,
+    (S.RUNNING, S.DETACHED): None,  # it runs on: its record still says so
+    (S.PAUSED, S.DETACHED): None,
+    (S.ADOPTING, S.RUNNING): ("adopted", RUNNING),
+    (S.ADOPTING, S.PAUSED): ("adopted", PAUSED),
+    (S.ADOPTING, S.ENDING): ("dead", DEAD),
 }
 REFUSED = [(old, new) for old in S for new in S if (old, new) not in EXPECTED]
 
@@ -73,7 +78,7 @@ def guest_in(table: SandboxTable, state: SandboxState) -> LiveSandbox:
     template = TemplateRegistry(table.config, table.store).refresh()["code-interpreter"]
     live = table.add(template, template_network_policy(template))
     live.state = state
-    if state in (S.RUNNING, S.PAUSED, S.ENDING):
+    if state in (S.RUNNING, S.PAUSED, S.ENDING, S.ADOPTING, S.DETACHED):
         live.record = record_for(live)
     return live
 

@@ -27,7 +27,7 @@ def test_doctor_checks_pass_here() -> None:
 @pytest.fixture
 def no_ebpf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
-        service, "_load_program", lambda addressing, blocked: (None, "bcc: simulated failure")
+        service, "_load_program", lambda addressing, blocked, keep: (None, "bcc: simulated failure", {})
     )
 
 

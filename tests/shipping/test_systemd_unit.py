@@ -4,15 +4,21 @@ feeds, and none of the hardening options that would break sandboxes (see the uni
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from appliance.bench.private import PrivateService
+from appliance.runtime.supervisor.client import SUPERVISORS_DIR
+from appliance.runtime.supervisor.protocol import RECORD_FILE, SupervisorRecord
+from appliance.runtime.uml.cgroups import CGROUP_ROOT, SandboxCgroup
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "cube.service"
 STATE = Path("/tmp/h9w")  # short: UML's mconsole socket paths must fit in 107 bytes
@@ -74,6 +80,87 @@ def test_unit_is_notify_with_watchdog_and_restart() -> None:
 
 def test_unit_sets_no_option_that_breaks_sandboxes() -> None:
     assert sorted(set(unit_settings()) & set(BREAKS_SANDBOXES)) == []
+
+
+def test_a_stop_or_restart_leaves_the_sandboxes_to_their_supervisors() -> None:
+    """Supervisors and guests live in cgroup leaves of their own: the unit's kill reaches the
+    service and its helpers only (not KillMode=process, which would leave the helpers too; and not
+    Delegate=, which would put the sandboxes' leaves inside the unit, where a stop kills them);
+    the supervisors' sockets and the networks' records in /run/cube survive the stop."""
+    settings = unit_settings()
+    assert settings["KillMode"] == "mixed"
+    assert "Delegate" not in settings
+    assert settings["RuntimeDirectory"] == "cube" and settings["RuntimeDirectoryPreserve"] == "yes"
+
+
+def unit_cgroup_leaves(name: str) -> dict[str, Path]:
+    """Where systemd keeps a unit's processes: the v2 tree (pure v2, or `unified` beside v1's
+    controllers) and v1's `name=systemd` hierarchy."""
+    if (CGROUP_ROOT / "cgroup.controllers").is_file():
+        return {"unified": CGROUP_ROOT / name}
+    return {
+        h: CGROUP_ROOT / h / name
+        for h in ("unified", "systemd")
+        if (CGROUP_ROOT / h / "cgroup.procs").is_file()
+    }
+
+
+@pytest.fixture
+def unit_cgroup() -> Iterator[SandboxCgroup]:
+    """A stand-in for cube.service's cgroup (no systemd runs here), killed and removed after."""
+    unit = SandboxCgroup(2, unit_cgroup_leaves(f"cubetest-{secrets.token_hex(4)}.service"))
+    unit.make()
+    try:
+        yield unit
+    finally:
+        unit.remove()
+
+
+@pytest.mark.uml
+@pytest.mark.root
+@pytest.mark.slow
+def test_kill_mode_mixed_stops_the_service_and_leaves_the_sandboxes_running(
+    unit_cgroup: SandboxCgroup,  # before private_service: the service is ended before the cgroup goes
+    private_service: Callable[..., PrivateService],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`systemctl restart cube` with this unit, done as systemd does it: the service started in
+    the unit's cgroup; SIGTERM to its main process; once that exited, SIGKILL to every process
+    still in the unit's cgroup (KillMode=mixed); a new start. A sandbox created before, with a
+    variable in its interpreter and a background process, runs on: its supervisor and guest had
+    left the unit's cgroup, and the new service takes it over (the SDK runs code in it)."""
+    from e2b_code_interpreter import Sandbox
+
+    assert unit_settings()["KillMode"] == "mixed"
+    service = private_service()
+    service.start(join=unit_cgroup.procs_files())
+    service.wait_ready()
+    for name, value in (("E2B_API_URL", service.url), ("E2B_SANDBOX_URL", service.url)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("E2B_API_KEY", service.create_key("unit"))
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    sandbox = Sandbox.create(timeout=1800)
+    assert sandbox.run_code("kept = 6 * 7").error is None
+    sandbox.commands.run("nohup sleep 86398 >/dev/null 2>&1 &")
+    supervisor = service.run_dir / SUPERVISORS_DIR / sandbox.sandbox_id / RECORD_FILE
+    supervisor_pid = SupervisorRecord.decode(supervisor.read_bytes()).pid
+    assert service.process is not None and service.process.pid in unit_cgroup.pids()
+    assert supervisor_pid not in unit_cgroup.pids()
+    assert [p for leaf in unit_cgroup.leaves.values() for p in leaf.iterdir() if p.is_dir()] == []
+
+    service.stop(signal.SIGTERM)
+    unit_cgroup.kill_all()  # what KillMode=mixed sends once the main process has exited
+    assert os.path.exists(f"/proc/{supervisor_pid}")
+    service.start(join=unit_cgroup.procs_files())
+    service.wait_ready()
+
+    again = Sandbox.connect(sandbox.sandbox_id)
+    assert again.run_code("print(kept)").logs.stdout == ["42\n"]
+    assert again.commands.run("pgrep -x -f 'sleep 86398'").exit_code == 0
+    with service.admin() as admin:
+        events = admin.get(f"/cube/sandboxes/{sandbox.sandbox_id}").json()["events"]
+    assert [e["kind"] for e in events].count("adopted") == 1, events
 
 
 @pytest.fixture

@@ -23,7 +23,8 @@ from appliance.cubelet.envd_client import run_command
 from appliance.net.addressing import Addressing
 from appliance.runtime.base import ENVD_PORT, BootSpec, BootStalled, GuestExited
 from appliance.runtime.detect import find_uml_kernel
-from appliance.runtime.uml.cgroups import CGROUP_ROOT
+from appliance.runtime.supervisor.client import SUPERVISORS_DIR
+from appliance.runtime.uml.cgroups import CGROUP_ROOT, SUPERVISOR_SUFFIX
 from appliance.runtime.uml.runtime import UmlRuntime
 
 if TYPE_CHECKING:
@@ -47,9 +48,13 @@ def leftovers(config: Config, spec: BootSpec) -> list[str]:
         found.append(f"netns {plan.netns}")
     if f" {plan.host_veth}@" in links or f" {plan.host_veth}:" in links:
         found.append(f"veth {plan.host_veth}")
-    found += [f"cgroup {p}" for p in CGROUP_ROOT.glob(f"*/cube/{spec.sandbox_id}")]
-    if spec.sandbox_dir.exists():
-        found.append(f"directory {spec.sandbox_dir}")
+    for name in (spec.sandbox_id, spec.sandbox_id + SUPERVISOR_SUFFIX):  # the guest's, its supervisor's
+        for leaf in (*CGROUP_ROOT.glob(f"*/cube/{name}"), CGROUP_ROOT / "cube" / name):
+            if leaf.exists():
+                found.append(f"cgroup {leaf}")
+    for directory in (spec.sandbox_dir, config.run_dir / SUPERVISORS_DIR / spec.sandbox_id):
+        if directory.exists():
+            found.append(f"directory {directory}")
     return found
 
 

@@ -1,4 +1,5 @@
-"""The `uml` runtime: one sandbox = one confined user-mode Linux kernel process.
+"""The `uml` runtime: one sandbox = one confined user-mode Linux kernel process, owned by its
+supervisor process (`appliance.runtime.supervisor`), so that it outlives the service.
 
 Modules: `runtime` (UmlRuntime.run, the sandbox's lifetime), `command` (the
 confinement chain and the guest kernel's command line), `process` (spawning it

@@ -9,9 +9,10 @@ on a socket in the sandbox's vm directory, which the launcher binds into the
 guest's mount namespace at the same path; the kernel command line names it
 (`virtio_uml.device=<socket>:5`, command.py).
 
-Life cycle, driven by the runtime: `SandboxBalloon.open` listens before the
-kernel starts (UML connects while it boots), `serve` runs in the sandbox's
-nursery, the `with` block's end closes what is left. The guest controls
+Life cycle: the runtime puts `kernel_argument(vm_dir)` on the kernel command line when
+`kernel_has_balloon`; the sandbox's supervisor (runtime/supervisor) owns the backend:
+`SandboxBalloon.open` listens before the kernel starts (UML connects while it boots),
+`serve` runs in the supervisor's nursery, the `with` block's end closes what is left. The guest controls
 everything the backend reads, so whatever a broken or hostile guest makes it
 raise ends that sandbox's balloon (logged), never the sandbox or the service:
 the guest only loses its reporting.
@@ -42,6 +43,15 @@ def kernel_has_balloon(kernel: Path) -> bool:
     return kernel_config(kernel).get(BALLOON_OPTION) == "y"
 
 
+def balloon_socket(vm_dir: Path) -> Path:
+    return vm_dir / BALLOON_SOCKET
+
+
+def kernel_argument(vm_dir: Path) -> str:
+    """The kernel command line word that makes virtio_uml connect to the sandbox's balloon."""
+    return f"virtio_uml.device={balloon_socket(vm_dir)}:{DEVICE_ID_BALLOON}"
+
+
 class SandboxBalloon:
     """One sandbox's balloon: listening from `open` on, served by `serve`, closed by the `with`."""
 
@@ -56,13 +66,13 @@ class SandboxBalloon:
         self._listener = listener
 
     @classmethod
-    def open(cls, vm_dir: Path, uid: int, kernel: Path) -> SandboxBalloon:
+    def open(cls, vm_dir: Path, uid: int, enabled: bool = True) -> SandboxBalloon:
         """Listen on `<vm_dir>/balloon`, owned by the sandbox uid (UML runs as it and must connect);
-        a balloon that does nothing when the kernel has no balloon driver."""
-        if not kernel_has_balloon(kernel):
+        a balloon that does nothing unless `enabled` (the kernel has a balloon driver)."""
+        if not enabled:
             return cls()
         device = VirtioBalloon()
-        backend = VhostUserBackend(device, vm_dir / BALLOON_SOCKET)
+        backend = VhostUserBackend(device, balloon_socket(vm_dir))
         listener = backend.listen()
         try:
             os.chown(backend.socket_path, uid, uid)
@@ -70,12 +80,6 @@ class SandboxBalloon:
             listener.close()
             raise
         return cls(device, backend, listener)
-
-    def kernel_argument(self) -> str | None:
-        """The kernel command line word that makes virtio_uml connect, or None without a balloon."""
-        if self.backend is None:
-            return None
-        return f"virtio_uml.device={self.backend.socket_path}:{DEVICE_ID_BALLOON}"
 
     async def serve(self, sandbox_id: str) -> None:
         if self.backend is None or self._listener is None:

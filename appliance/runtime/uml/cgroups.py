@@ -15,7 +15,17 @@ sandbox only under v2. Where neither controller exists, or the directory is on
 no block device (tmpfs, overlay), nothing is limited and `IoLimits.unavailable`
 says why (the runtime logs it at start).
 
-Teardown kills whatever is left in the leaf and removes it: nothing of a
+Hierarchies that only track processes (cgroup v2 mounted at `unified` beside v1's
+controllers on hybrid hosts, v1's `name=systemd`) get a leaf too: systemd finds a
+unit's processes there, so without it a sandbox would still count as `cube.service`'s
+and `systemctl stop/restart` would kill it. With it, sandboxes outlive the service
+(systemd/cube.service: KillMode=).
+
+Each sandbox has two leaves: `cube/<sandbox_id>` for its guest (with the limits) and
+`cube/<sandbox_id>.supervisor` for its supervisor process (runtime/supervisor), which
+is charged apart from the guest and limited in processes only.
+
+Teardown kills whatever is left in the leaves and removes them: nothing of a
 sandbox outlives it, whichever way it ended.
 """
 
@@ -37,6 +47,8 @@ LOW_CPU_WEIGHT = {2: 10, 1: 102}
 NORMAL_CPU_WEIGHT = {2: 100, 1: 1024}
 # Each guest address space is a host process under UML: this bounds a fork bomb.
 PIDS_MAX = 4096
+SUPERVISOR_SUFFIX = ".supervisor"  # the supervisor's leaf: cube/<sandbox_id>.supervisor
+SUPERVISOR_PIDS_MAX = 64  # one Python process and Trio's worker threads
 _V1_CONTROLLERS = ("memory", "cpu", "pids")
 # IO weight (v2 io.weight / io.bfq.weight 1..10000, default 100) of a background boot.
 LOW_IO_WEIGHT, NORMAL_IO_WEIGHT = 10, 100
@@ -111,6 +123,11 @@ class SandboxCgroup:
     def procs_files(self) -> list[Path]:
         return [leaf / "cgroup.procs" for leaf in self.leaves.values()]
 
+    def make(self) -> None:
+        """Create the leaf directories (and their `cube` parents where missing)."""
+        for leaf in self.leaves.values():
+            leaf.mkdir(parents=True)
+
     def memory_usage_bytes(self) -> int:
         if self.version == 2:
             return int((self.leaves["unified"] / "memory.current").read_text())
@@ -162,7 +179,8 @@ class SandboxCgroup:
             time.sleep(0.005)
 
     def remove(self) -> None:
-        """Kill what is left, then remove the leaves (blocking; call from a thread)."""
+        """Kill what is left, then remove the leaves (blocking; call from a thread); leaves that
+        are not there are no error."""
         self.kill_all()
         for leaf in self.leaves.values():
             deadline = time.monotonic() + 5.0
@@ -176,23 +194,51 @@ class SandboxCgroup:
                     time.sleep(0.005)
 
 
+def sandbox_of_leaf(name: str) -> str:
+    """The sandbox id a leaf is named after (its guest's or its supervisor's)."""
+    return name.removesuffix(SUPERVISOR_SUFFIX)
+
+
 def sweep_empty_leaves(ours: Callable[[str], bool], root: Path = CGROUP_ROOT) -> list[str]:
-    """Remove the `cube/<sandbox_id>` leaves without processes whose sandbox `ours` says this
-    service had: what a killed run of it left behind (its guests died with it). Only ours: a leaf
+    """Remove the `cube/<sandbox_id>` leaves (guests' and supervisors') without processes whose
+    sandbox `ours` says this service had: what a killed run of it left behind. Only ours: a leaf
     another service on this host has just made is empty too until its guest joins it. The kernel
-    refuses to remove a leaf that still has tasks."""
+    refuses to remove a leaf that still has tasks (a sandbox whose supervisor runs on)."""
     removed = []
-    for parent in root.glob(f"*/{PARENT}"):
+    for parent in [*root.glob(f"*/{PARENT}"), root / PARENT]:
+        if not parent.is_dir():
+            continue
         for leaf in parent.iterdir():
-            if not (leaf.is_dir() and ours(leaf.name)):
+            if not (leaf.is_dir() and ours(sandbox_of_leaf(leaf.name))):
                 continue
             if not (leaf / "cgroup.procs").read_text().strip():
                 try:
                     leaf.rmdir()
-                    removed.append(f"{parent.parent.name}:{leaf.name}")
+                    removed.append(f"{parent.parent.name or '/'}:{leaf.name}")
                 except OSError:
                     pass  # gained a task meanwhile
     return removed
+
+
+def _tracking_leaves(name: str, v2: Path | None, root: Path) -> dict[str, Path]:
+    """Leaves in the hierarchies that only track processes: cgroup v2 at `unified` when the
+    controllers are v1's, and v1's `name=systemd`."""
+    leaves = {}
+    if v2 is None and (root / "unified" / "cgroup.procs").is_file():
+        leaves["unified"] = root / "unified" / PARENT / name
+    if (root / "systemd" / "cgroup.procs").is_file():
+        leaves["systemd"] = root / "systemd" / PARENT / name
+    return leaves
+
+
+def _v1_leaves(name: str, with_blkio: bool, root: Path) -> dict[str, Path]:
+    leaves = {}
+    for controller in [*_V1_CONTROLLERS, *(["blkio"] if with_blkio else [])]:
+        hierarchy = root / controller
+        if not hierarchy.is_dir():
+            raise RuntimeError(f"cgroup v1 controller {controller} is not mounted at {hierarchy}")
+        leaves[controller] = hierarchy / PARENT / name
+    return leaves
 
 
 def create_cgroup(
@@ -203,7 +249,7 @@ def create_cgroup(
     io: IoLimits | None = None,
     root: Path = CGROUP_ROOT,
 ) -> SandboxCgroup:
-    """Make the sandbox's leaf with its limits (blocking)."""
+    """Make the sandbox's leaves with its limits (blocking)."""
     cpu_quota = max(1, cpu_count) * CPU_PERIOD_US
     io = io if io is not None and io.device is not None and io.values() else None
     v2 = _v2_root(root)
@@ -217,9 +263,9 @@ def create_cgroup(
                 "+memory +cpu +pids" + (" +io" if with_io else "")
             )
         leaf = parent / sandbox_id
-        leaf.mkdir()
-        cgroup = SandboxCgroup(2, {"unified": leaf})
+        cgroup = SandboxCgroup(2, {"unified": leaf, **_tracking_leaves(sandbox_id, v2, root)})
         try:
+            cgroup.make()
             (leaf / "memory.max").write_text(str(memory_limit_bytes))
             if (leaf / "memory.swap.max").exists():  # absent without swap accounting
                 (leaf / "memory.swap.max").write_text("0")
@@ -234,17 +280,11 @@ def create_cgroup(
             raise
         return cgroup
 
-    controllers = [*_V1_CONTROLLERS, *(["blkio"] if io is not None and (root / "blkio").is_dir() else [])]
-    leaves = {}
-    for controller in controllers:
-        hierarchy = root / controller
-        if not hierarchy.is_dir():
-            raise RuntimeError(f"cgroup v1 controller {controller} is not mounted at {hierarchy}")
-        leaves[controller] = hierarchy / PARENT / sandbox_id
-    cgroup = SandboxCgroup(1, leaves)
+    with_blkio = io is not None and (root / "blkio").is_dir()
+    leaves = _v1_leaves(sandbox_id, with_blkio, root)
+    cgroup = SandboxCgroup(1, {**leaves, **_tracking_leaves(sandbox_id, None, root)})
     try:
-        for leaf in leaves.values():
-            leaf.mkdir(parents=True)
+        cgroup.make()
         (leaves["memory"] / "memory.limit_in_bytes").write_text(str(memory_limit_bytes))
         (leaves["cpu"] / "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
         (leaves["cpu"] / "cpu.cfs_quota_us").write_text(str(cpu_quota))
@@ -258,3 +298,26 @@ def create_cgroup(
         cgroup.remove()
         raise
     return cgroup
+
+
+def create_supervisor_cgroup(sandbox_id: str, root: Path = CGROUP_ROOT) -> SandboxCgroup:
+    """The leaves of the sandbox's supervisor (blocking): processes limited, nothing else."""
+    cgroup = open_cgroup(sandbox_id + SUPERVISOR_SUFFIX, root)
+    try:
+        cgroup.make()
+        pids = cgroup.leaves["unified" if cgroup.version == 2 else "pids"] / "pids.max"
+        pids.write_text(str(SUPERVISOR_PIDS_MAX))
+    except BaseException:
+        cgroup.remove()
+        raise
+    return cgroup
+
+
+def open_cgroup(name: str, root: Path = CGROUP_ROOT) -> SandboxCgroup:
+    """The leaves `name` has (or would have) in this host's hierarchies, as `create_cgroup` and
+    `create_supervisor_cgroup` make them: what a service that re-adopts a sandbox tears down."""
+    v2 = _v2_root(root)
+    if v2 is not None:
+        return SandboxCgroup(2, {"unified": v2 / PARENT / name, **_tracking_leaves(name, v2, root)})
+    with_blkio = (root / "blkio" / PARENT / name).is_dir()
+    return SandboxCgroup(1, {**_v1_leaves(name, with_blkio, root), **_tracking_leaves(name, None, root)})

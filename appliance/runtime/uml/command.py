@@ -1,7 +1,8 @@
 """The command line that starts one confined UML guest, and the guest kernel's own command line.
 
 Confinement, outermost first (every step `exec`s the next, so the whole chain
-is one host pid until bwrap forks, and it is the service's child):
+is one host pid until bwrap forks, and it is the child of the sandbox's supervisor,
+runtime/supervisor, not of the service):
 
 1. `nsenter --net=<sandbox netns>`: the guest's tap lives there, nothing else.
 2. `unshare --mount --propagation private` + a root shell that joins the
@@ -45,6 +46,13 @@ GUEST_INIT = "/sbin/cube-init"
 GUEST_NETDEV = "vec0"  # the vector device's name in the guest
 PRESET_LOOPS_PER_JIFFY = 7479296  # `lpj=`: see kernel_command_line
 LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+UML_DIR = "uml"  # in the vm directory: UML's uml_dir
+UMID = "guest"
+
+
+def mconsole_socket(vm_dir: Path) -> Path:
+    """Where the guest kernel's mconsole listens (`<uml_dir>/<umid>/mconsole`)."""
+    return vm_dir / UML_DIR / UMID / "mconsole"
 
 
 @dataclass(frozen=True)
@@ -72,15 +80,15 @@ class LaunchPlan:
 
     @property
     def uml_dir(self) -> Path:
-        return self.vm_dir / "uml"
+        return self.vm_dir / UML_DIR
 
     @property
     def umid(self) -> str:
-        return "guest"
+        return UMID
 
     @property
     def mconsole_socket(self) -> Path:
-        return self.uml_dir / self.umid / "mconsole"
+        return mconsole_socket(self.vm_dir)
 
 
 # sun_path holds 107 bytes; the mconsole client binds `<reply_dir>/mc-XXXXXXXX`.

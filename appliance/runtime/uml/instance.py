@@ -1,4 +1,5 @@
-"""A running UML guest as the cubelet and the proxy see it."""
+"""A running UML guest as the cubelet and the proxy see it: reached over its network, changed
+through its supervisor (runtime/supervisor), which owns it."""
 
 from __future__ import annotations
 
@@ -6,27 +7,36 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.runtime.supervisor.client import GuestEvents, SupervisorClient, SupervisorGone
+from appliance.runtime.supervisor.protocol import Op
 from appliance.runtime.uml.cgroups import SandboxCgroup
-from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.uml.mconsole import Mconsole
+
+
+class GuestControlFailed(RuntimeError):
+    """The supervisor could not pause or resume the guest; the text says why."""
 
 
 @dataclass
 class UmlInstance:
     sandbox_id: str
     console_log: Path
-    agent_token: str = field(repr=False)
+    agent_token: str = field(repr=False)  # "" for a guest adopted after a restart (claimed long ago)
     host_ip: str
-    mconsole: Mconsole
+    supervisor: SupervisorClient
+    events: GuestEvents
     cgroup: SandboxCgroup
-    console: ConsoleLog
-    boot_seconds: float  # launch to agent answering /health
-    started_at: float  # trio clock at launch
+    # The guest kernel's management console, for the host's own diagnostics (`version`, `sysrq`);
+    # pause and resume go through the supervisor, which keeps the paused flag.
+    mconsole: Mconsole
+    boot_seconds: float  # launch to agent answering /health (0 for an adopted guest)
+    started_at: float  # trio clock at launch (adoption)
+    detached: bool = False  # set by `detach`: the task's cancel leaves the guest running
 
     @property
     def interpreter_seconds(self) -> float:
         """Launch to the default Python kernel answering; inf while it has not (yet)."""
-        at = self.console.interpreter_ready_at
+        at = self.events.interpreter_ready_at
         return at - self.started_at if at is not None else math.inf
 
     async def wait_fully_ready(self) -> None:
@@ -34,24 +44,31 @@ class UmlInstance:
 
         The runtime hands an instance out once envd answers; warm pools wait for this too.
         """
-        await self.console.interpreter_ready.wait()
+        await self.events.interpreter_ready.wait()
 
     def fully_ready(self) -> bool:
-        return self.console.interpreter_ready.is_set()
+        return self.events.interpreter_ready.is_set()
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return (self.host_ip, port)
 
     async def pause(self) -> None:
         """Freeze the guest kernel: it then serves only mconsole until `go`."""
-        await self.mconsole.request("stop")
+        await self._control(Op.PAUSE)
 
     async def resume(self) -> None:
-        await self.mconsole.request("go")
+        await self._control(Op.RESUME)
 
-    async def sysrq(self, key: str) -> str:
-        """Magic SysRq in the guest (e.g. `t` dumps tasks to the console log)."""
-        return await self.mconsole.request(f"sysrq {key}")
+    async def _control(self, op: Op) -> None:
+        try:
+            reply = await self.supervisor.request(op)
+        except SupervisorGone as exc:
+            raise GuestControlFailed(f"{op}: {exc}") from exc
+        if not reply.ok:
+            raise GuestControlFailed(f"{op}: {reply.error}")
+
+    def detach(self) -> None:
+        self.detached = True
 
     def memory_usage_bytes(self) -> int:
         """Everything the sandbox's cgroup is charged: guest memory file, UML processes.

@@ -1,4 +1,5 @@
-"""Starting the launcher chain from the Trio thread itself, and waiting for it with a pidfd.
+"""Starting the launcher chain (and a sandbox's supervisor) from the Trio thread itself, and
+waiting for it with a pidfd.
 
 Why not `trio.lowlevel.open_process`: it forks from a worker thread, and
 PR_SET_PDEATHSIG (which makes guests die with the service) fires when the
@@ -35,15 +36,23 @@ class SpawnedProcess:
                 os.close(self._pidfd)
         return self.returncode
 
+    def release(self) -> None:
+        """Stop watching a process that runs on (its new owner reaps it: runtime/supervisor)."""
+        if self.returncode is None:
+            os.close(self._pidfd)
 
-def spawn(argv: list[str], env: dict[str, str], pass_fd: int) -> SpawnedProcess:
-    """Start `argv` with stdin /dev/null, stdout+stderr into a pipe, and `pass_fd` inherited."""
+
+def spawn(argv: list[str], env: dict[str, str], pass_fd: int, stdin: int | None = None) -> SpawnedProcess:
+    """Start `argv` with stdin from `stdin` (else /dev/null), stdout+stderr into a pipe, and
+    `pass_fd` inherited."""
     read_end, write_end = os.pipe()  # both close-on-exec
     try:
         # posix_spawn, unlike subprocess, keeps every inheritable fd: close the
         # ones some library left inheritable, so the guest gets none of them.
         strays = [
-            (os.POSIX_SPAWN_CLOSE, fd) for fd in _open_fds() if fd > 2 and fd != pass_fd and _inheritable(fd)
+            (os.POSIX_SPAWN_CLOSE, fd)
+            for fd in _open_fds()
+            if fd > 2 and fd not in (pass_fd, stdin) and _inheritable(fd)
         ]
         os.set_inheritable(pass_fd, True)
         pid = os.posix_spawnp(
@@ -52,7 +61,9 @@ def spawn(argv: list[str], env: dict[str, str], pass_fd: int) -> SpawnedProcess:
             env,
             file_actions=[
                 *strays,
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)
+                if stdin is None
+                else (os.POSIX_SPAWN_DUP2, stdin, 0),
                 (os.POSIX_SPAWN_DUP2, write_end, 1),
                 (os.POSIX_SPAWN_DUP2, write_end, 2),
             ],

@@ -1,0 +1,376 @@
+"""The per-sandbox supervisor process (`python -m appliance.runtime.supervisor`): the
+containerd-shim idea for one UML guest.
+
+The uml runtime starts one per sandbox, in its own session and its own cgroup leaf
+(outside the service's: a `systemctl restart` does not kill it). It owns its guest for
+as long as the guest runs, whether the service that started it lives or not:
+
+- the launcher chain (runtime/uml/command.py) is its child, so `setpriv --pdeathsig=KILL`
+  and `bwrap --die-with-parent` tie the guest's life to this process, not to the service;
+- the guest's virtio-balloon backend (runtime/uml/balloon.py) runs here;
+- the console is pumped into the console log (capped) and its ready lines noticed here;
+- pause and resume (mconsole) go through here, so the paused flag is the guest's truth;
+- the control socket (`control.sock`, protocol.py) in its root-only control directory
+  answers root only (SO_PEERCRED, on top of the directory's 0700).
+
+Start: the `LaunchSpec` on stdin; join its cgroup leaf; listen; open the balloon; spawn
+the chain; write `supervisor.json`; then one line `{"pid":..,"start_time":..}` on stdout
+(what the runtime waits for) and from then on log to `supervisor.log`.
+
+End: when the guest exits, on `kill`, or on SIGTERM: the guest is killed and reaped
+(guest.kill_and_reap), its end written to `exit.json` and sent to watchers, the socket
+removed, and the process exits. It never removes the guest's network, cgroup leaves or
+files: that is the service's teardown (or the next start's, for a guest that ended while
+no service ran), which waits for this process to be gone first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from appliance.process_identity import ProcessIdentity
+from appliance.runtime.supervisor.guest import (
+    GuestInit,
+    become_subreaper,
+    first_of,
+    kill_and_reap,
+    reap_orphans,
+)
+from appliance.runtime.supervisor.protocol import (
+    CONTROL_SOCKET,
+    EXIT_FILE,
+    LOG_FILE,
+    MAX_REQUEST_BYTES,
+    MAX_SPEC_BYTES,
+    RECORD_FILE,
+    GuestExit,
+    GuestState,
+    LaunchSpec,
+    Op,
+    ProtocolError,
+    Reply,
+    Request,
+    SupervisorRecord,
+    encode_exit,
+)
+from appliance.runtime.uml.balloon import SandboxBalloon
+from appliance.runtime.uml.cgroups import SandboxCgroup
+from appliance.runtime.uml.console import ConsoleLog
+from appliance.runtime.uml.mconsole import Mconsole, MconsoleError
+from appliance.runtime.uml.process import SpawnedProcess, spawn
+
+log = logging.getLogger("cube.supervisor")
+
+MAX_CONNECTIONS = 8  # at once; the service holds one (its watch) plus short requests
+# How long a connection over MAX_CONNECTIONS waits for a slot before it is refused: a watcher
+# that just went away (a service restarting) frees its slot a moment after its close.
+SLOT_WAIT_S = 2.0
+REQUEST_READ_TIMEOUT_S = 5.0
+CONNECTIONS_DRAIN_S = 2.0  # after the guest ended: for watchers to read its exit, kills their answer
+CONSOLE_DRAIN_S = 0.5
+PANIC_LINE_WAIT_S = 0.2
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class Supervisor:
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self.control_dir = Path(spec.control_dir)
+        self.console = ConsoleLog(Path(spec.console_log), spec.console_limit)
+        self.cgroup = SandboxCgroup(spec.cgroup_version, {k: Path(v) for k, v in spec.guest_cgroup.items()})
+        vm_dir = Path(spec.vm_dir)
+        self.mconsole = Mconsole(Path(spec.mconsole_socket), vm_dir, Path(spec.reply_dir), spec.uid)
+        self.guest_init = GuestInit()
+        self.paused = False
+        self.exit: GuestExit | None = None
+        self.started = time.monotonic()
+        self.kill_requested = trio.Event()
+        self.kill_reason = "killed by its owner"
+        self.ended = trio.Event()  # the guest is reaped and `exit` set
+        self._changed = trio.Event()
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
+        self._pausing = trio.Lock()
+
+    # The guest's state.
+
+    def state(self) -> GuestState:
+        return GuestState(
+            sandbox_id=self.spec.sandbox_id,
+            first_output=self.console.first_output.is_set(),
+            agent_ready=self.console.ready.is_set(),
+            interpreter_ready=self.console.interpreter_ready.is_set(),
+            paused=self.paused,
+            exit=self.exit,
+        )
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # The whole life.
+
+    async def run(
+        self, process: SpawnedProcess, balloon: SandboxBalloon, listener: trio.socket.SocketType
+    ) -> None:
+        exited = trio.Event()
+
+        async def watch_exit() -> None:
+            await process.wait()
+            exited.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.console.pump, process.console)
+            nursery.start_soon(watch_exit)
+            nursery.start_soon(balloon.serve, self.spec.sandbox_id)
+            nursery.start_soon(self._follow_console, process, exited)
+            nursery.start_soon(self._serve_control, listener)
+            nursery.start_soon(self._kill_on_sigterm)
+            nursery.start_soon(self._kill_on_panic)
+            await first_of(exited, self.kill_requested)
+            killed = not exited.is_set()
+            with trio.CancelScope(shield=True):
+                await kill_and_reap(process, self.cgroup, self.guest_init)
+                await reap_orphans()
+                with trio.move_on_after(CONSOLE_DRAIN_S):
+                    await self.console.finished.wait()
+            reason = self.kill_reason if killed else f"UML exited with status {process.returncode}"
+            self.exit = GuestExit(process.returncode, reason, self.console.tail())
+            _write_atomically(self.control_dir / EXIT_FILE, encode_exit(self.exit))
+            self.ended.set()
+            self._notify()
+            # Watchers read the exit, a `kill` gets its answer; a connection that says nothing
+            # is not waited for long.
+            with trio.move_on_after(CONNECTIONS_DRAIN_S):
+                while self._slots.value < MAX_CONNECTIONS:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        await process.console.aclose()
+
+    async def _follow_console(self, process: SpawnedProcess, exited: trio.Event) -> None:
+        """Tell watchers as the guest shows signs of life; take the pidfd of its init once it runs."""
+        for event in (self.console.first_output, self.console.ready, self.console.interpreter_ready):
+            await first_of(event, exited)
+            if exited.is_set():
+                return
+            if event is self.console.first_output:
+                self.guest_init.watch(process.pid)  # the kernel runs: bwrap has forked its init
+            self._notify()
+
+    async def _kill_on_panic(self) -> None:
+        """A panicked UML kernel prints why and stops, without exiting: that is its end."""
+        await self.console.panicked.wait()
+        await trio.sleep(PANIC_LINE_WAIT_S)  # the rest of the panic line
+        if not self.kill_requested.is_set():
+            self.kill_reason = self.console.panic_message()
+            self.kill_requested.set()
+
+    async def _kill_on_sigterm(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                log.warning("SIGTERM: killing the guest")
+                self.kill_requested.set()
+
+    # The control socket.
+
+    async def _serve_control(self, listener: trio.socket.SocketType) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                connection, _ = await listener.accept()
+                nursery.start_soon(self._admit, connection)
+
+    async def _admit(self, connection: trio.socket.SocketType) -> None:
+        """Serve the connection once a slot is free; refuse it if none frees up in time."""
+        admitted = False
+        with trio.move_on_after(SLOT_WAIT_S):
+            await self._slots.acquire()
+            admitted = True
+        if not admitted:
+            with connection, trio.move_on_after(1):
+                await connection.send(Reply.failed("too many connections").encode())
+            return
+        try:
+            await self._serve_connection(connection)
+        finally:
+            self._slots.release()
+
+    async def _serve_connection(self, connection: trio.socket.SocketType) -> None:
+        try:
+            with connection:
+                _pid, uid, _gid = _PEERCRED.unpack(
+                    connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                )
+                if uid != 0:
+                    log.warning("refused a connection from uid %d", uid)
+                    await connection.send(Reply.failed("permission denied: root only").encode())
+                    return
+                try:
+                    with trio.fail_after(REQUEST_READ_TIMEOUT_S):
+                        request = Request.decode(await _read_line(connection))
+                except (ProtocolError, trio.TooSlowError) as exc:
+                    await connection.send(Reply.failed(f"bad request: {str(exc) or 'too slow'}").encode())
+                    return
+                await self._answer(connection, request)
+        except OSError:
+            pass  # the client went away
+
+    async def _answer(self, connection: trio.socket.SocketType, request: Request) -> None:
+        op = request.op
+        if op is Op.WATCH:
+            await self._watch(connection)
+            return
+        if op is Op.KILL:
+            self.kill_requested.set()
+            await self.ended.wait()
+            reply = Reply(ok=True, state=self.state())
+        elif op in (Op.PAUSE, Op.RESUME):
+            reply = await self._pause_or_resume(op is Op.PAUSE)
+        elif op is Op.CONSOLE:
+            reply = Reply(ok=True, console=self.console.tail(request.max_bytes))
+        elif op is Op.METRICS:
+            reply = Reply(ok=True, metrics=self.metrics())
+        else:
+            reply = Reply(ok=True, state=self.state())
+        await _send_all(connection, reply.encode())
+
+    async def _watch(self, connection: trio.socket.SocketType) -> None:
+        """Send the state now and after every change until the guest has ended, or until the
+        watcher goes away (a service that died: its connection must not hold a slot)."""
+        async with trio.open_nursery() as nursery:
+
+            async def until_the_watcher_leaves() -> None:
+                while await connection.recv(MAX_REQUEST_BYTES):
+                    pass  # a watcher has nothing more to say
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_the_watcher_leaves)
+            while True:
+                changed = self._changed
+                state = self.state()
+                await _send_all(connection, Reply(ok=True, state=state).encode())
+                if state.exit is not None:
+                    break
+                await changed.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _pause_or_resume(self, pause: bool) -> Reply:
+        async with self._pausing:
+            if self.exit is not None or self.kill_requested.is_set():
+                return Reply(ok=False, error="the guest has ended", state=self.state())
+            try:
+                await self.mconsole.request("stop" if pause else "go")
+            except (MconsoleError, OSError, trio.TooSlowError) as exc:
+                return Reply(ok=False, error=f"mconsole: {exc!r}", state=self.state())
+            self.paused = pause
+            self._notify()
+            return Reply(ok=True, state=self.state())
+
+    def metrics(self) -> dict[str, float]:
+        try:
+            memory = self.cgroup.memory_usage_bytes()
+        except (OSError, KeyError, ValueError):  # torn down, or no memory leaf
+            memory = 0
+        return {
+            "memory_bytes": memory,
+            "console_bytes": self.console.written,
+            "uptime_s": time.monotonic() - self.started,
+            "paused": float(self.paused),
+        }
+
+
+async def _read_line(connection: trio.socket.SocketType) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = await connection.recv(MAX_REQUEST_BYTES)
+        if not chunk:
+            raise ProtocolError("the request ended before its newline")
+        data += chunk
+        if len(data) > MAX_REQUEST_BYTES:
+            raise ProtocolError(f"request over {MAX_REQUEST_BYTES} bytes")
+    return data.split(b"\n", 1)[0]
+
+
+async def _send_all(connection: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await connection.send(view)
+        view = view[sent:]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+async def _open_listener(path: Path) -> trio.socket.SocketType:
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path.unlink(missing_ok=True)
+    old = os.umask(0o177)  # 0600 from its first moment
+    try:
+        await listener.bind(str(path))
+    finally:
+        os.umask(old)
+    listener.listen(MAX_CONNECTIONS)
+    return listener
+
+
+def _join_cgroup(procs_files: list[str]) -> None:
+    for procs in procs_files:
+        Path(procs).write_text(str(os.getpid()))
+
+
+def _log_from_now_on(control_dir: Path) -> None:
+    """stdout and stderr into supervisor.log (the service's pipe is closed by that)."""
+    fd = os.open(control_dir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+async def supervise(spec: LaunchSpec) -> None:
+    control_dir = Path(spec.control_dir)
+    listener = await _open_listener(control_dir / CONTROL_SOCKET)
+    supervisor = Supervisor(spec)
+    with listener, SandboxBalloon.open(Path(spec.vm_dir), spec.uid, spec.balloon) as balloon:
+        try:
+            process = spawn(spec.argv, spec.env, spec.seccomp_fd)
+        finally:
+            os.close(spec.seccomp_fd)
+        me = ProcessIdentity.current()
+        record = SupervisorRecord(
+            sandbox_id=spec.sandbox_id,
+            pid=me.pid,
+            start_time=me.start_time,
+            venv=sys.prefix,
+            started_unix=time.time(),
+            guest=spec.guest,
+        )
+        _write_atomically(control_dir / RECORD_FILE, record.encode())
+        sys.stdout.write(json.dumps(me.to_json()) + "\n")
+        sys.stdout.flush()
+        _log_from_now_on(control_dir)
+        await supervisor.run(process, balloon, listener)
+    (control_dir / CONTROL_SOCKET).unlink(missing_ok=True)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    spec = LaunchSpec.decode(sys.stdin.buffer.read(MAX_SPEC_BYTES + 1))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    _join_cgroup(spec.supervisor_cgroup)  # before anything is spawned: every child is charged there
+    become_subreaper()
+    trio.run(supervise, spec)

@@ -1,0 +1,107 @@
+"""The supervisor's control protocol as data: what is accepted, what is refused and why."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from appliance.process_identity import ProcessIdentity
+from appliance.runtime.supervisor.protocol import (
+    CONSOLE_TAIL_MAX_BYTES,
+    MAX_REQUEST_BYTES,
+    GuestExit,
+    GuestState,
+    LaunchSpec,
+    Op,
+    ProtocolError,
+    Reply,
+    Request,
+    SupervisorRecord,
+    decode_exit,
+    encode_exit,
+)
+
+
+def test_requests_round_trip_and_console_tails_are_capped() -> None:
+    for op in Op:
+        assert Request.decode(Request(op).encode()) == Request(op)
+    asked = json.dumps({"op": "console", "max_bytes": 10**9}).encode()
+    assert Request.decode(asked).max_bytes == CONSOLE_TAIL_MAX_BYTES
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"op": "reboot"}', "unknown op"),
+        (b'{"op": "state", "max_bytes": -1}', "non-negative"),
+        (b'{"op": "state", "max_bytes": true}', "non-negative"),
+        (b'{"op": "state", "exec": "sh"}', "unknown request fields"),
+        (b'{"op": "state", "pad": "' + b"x" * MAX_REQUEST_BYTES + b'"}', "limit"),
+        (b"\xff\xfe", "not JSON"),
+    ],
+)
+def test_malformed_requests_are_refused_with_the_reason(line: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        Request.decode(line)
+
+
+def test_replies_and_states_round_trip() -> None:
+    state = GuestState("sb1", first_output=True, agent_ready=True, exit=GuestExit(-9, "killed", "tail"))
+    for reply in (
+        Reply(ok=True, state=state),
+        Reply(ok=True, console="last words"),
+        Reply(ok=True, metrics={"memory_bytes": 1.0}),
+        Reply.failed("nope"),
+    ):
+        assert Reply.decode(reply.encode()) == reply
+    assert decode_exit(encode_exit(GuestExit(None, "gone"))) == GuestExit(None, "gone", "")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"ok": "yes"},
+        {"ok": True, "state": {"sandbox_id": 5}},
+        {"ok": True, "state": {"sandbox_id": "a", "paused": "no"}},
+        {"ok": True, "state": {"sandbox_id": "a", "exit": {"status": "x", "reason": "r"}}},
+        {"ok": True, "metrics": {"m": "1"}},
+        {"error": "no ok field"},
+    ],
+)
+def test_replies_of_the_wrong_shape_are_refused(data: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        Reply.decode(json.dumps(data).encode())
+
+
+def test_a_newer_writer_s_extra_fields_are_ignored_missing_optional_ones_defaulted() -> None:
+    record = SupervisorRecord("sb1", 123, 456, "/venv", 1.5, {"slot": 3})
+    data = json.loads(record.encode())
+    data["added_in_a_later_release"] = [1, 2]
+    del data["protocol"]
+    loaded = SupervisorRecord.decode(json.dumps(data).encode())
+    assert loaded == record and loaded.identity == ProcessIdentity(123, 456)
+
+
+def test_launch_specs_round_trip() -> None:
+    spec = LaunchSpec(
+        sandbox_id="sb1",
+        control_dir="/run/cube/supervisors/sb1",
+        argv=["nsenter", "--", "x"],
+        env={"PATH": "/bin"},
+        seccomp_fd=7,
+        console_log="/s/console.log",
+        console_limit=1 << 20,
+        uid=200001,
+        vm_dir="/s/vm",
+        mconsole_socket="/s/vm/uml/guest/mconsole",
+        reply_dir="/s/reply",
+        balloon=True,
+        cgroup_version=2,
+        guest_cgroup={"unified": "/sys/fs/cgroup/cube/sb1"},
+        supervisor_cgroup=["/sys/fs/cgroup/cube/sb1.supervisor/cgroup.procs"],
+        guest={"slot": 1, "template_id": "t"},
+    )
+    assert LaunchSpec.decode(spec.encode()) == spec
