@@ -144,6 +144,15 @@ def parse_rfc3339(text: str | None, key: str) -> float | None:
         raise ApiError(400, f"'{key}' must be an RFC3339 timestamp") from exc
 
 
+def unix_seconds(text: str | None, key: str) -> int | None:
+    """A query's unix time in whole seconds (E2B's metrics range), or None if absent."""
+    if text is None or text == "":
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        raise ApiError(400, f"'{key}' must be a unix time in seconds")
+    return int(text)
+
+
 def encode_page_token(started_at: float, sandbox_id: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([started_at, sandbox_id]).encode()).decode().rstrip("=")
 
