@@ -52,15 +52,16 @@ def optional_bool(data: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def timeout_seconds(data: dict[str, Any], key: str, default: int) -> int:
+def timeout_seconds(data: dict[str, Any], key: str, default: int, *, minimum: int = 1) -> int:
     value = data.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
         raise ApiError(400, f"'{key}' must be a whole number of seconds")
     seconds = int(value)
-    if seconds <= 0:
-        raise ApiError(400, f"'{key}' must be positive, got {seconds}")
+    if seconds < minimum:
+        allowed = "positive" if minimum > 0 else "0 (now) or positive"
+        raise ApiError(400, f"'{key}' must be {allowed}, got {seconds}")
     if seconds > MAX_TIMEOUT_S:
         raise ApiError(400, f"'{key}' must be at most {MAX_TIMEOUT_S} seconds, got {seconds}")
     return seconds
