@@ -32,15 +32,18 @@ import wsproto
 import wsproto.events as ws_events
 
 from appliance.cubelet.cubelet import Cubelet
+from appliance.cubelet.state import USER_VISIBLE
 from appliance.master.store import PAUSED
 from appliance.proxy.access import (
     HOP_BY_HOP,
     SANDBOX_ID_HEADER,
     SANDBOX_PORT_HEADER,
+    FileSignature,
     Refused,
     Scope,
     Target,
     check_credentials,
+    file_url_signature,
     forwarded_headers,
     header,
     not_found_message,
@@ -132,6 +135,19 @@ class SandboxRouter:
         match = self._host_pattern.match(host.lower().encode("latin-1")) if host is not None else None
         if match:
             return Target(match.group(2).decode(), parse_port(match.group(1).decode()))
+        signed = file_url_signature(scope)
+        if signed is not None and (signer := self._signer(signed)) is not None:
+            return Target(signer, ENVD_PORT)
+        return None
+
+    def _signer(self, signed: FileSignature) -> str | None:
+        """The sandbox whose envd token signed this /files URL (single-port mode's download and upload
+        URLs name no sandbox); None if no sandbox's did. Costs one hash per sandbox on this node."""
+        for live in self.cubelet.sandboxes:
+            record = live.record
+            if live.state in USER_VISIBLE and record is not None and record.envd_access_token:
+                if signed.signed_with(record.envd_access_token):
+                    return record.sandbox_id
         return None
 
     async def _guest_address(self, scope: Scope, target: Target) -> tuple[tuple[str, int], trio.Event]:
