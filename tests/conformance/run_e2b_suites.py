@@ -1,0 +1,442 @@
+#!/usr/bin/env python3
+"""Run E2B's own public SDK test suites against a Cube appliance: the conformance report.
+
+    python3 tests/conformance/run_e2b_suites.py                      both suites, the installed service
+    python3 tests/conformance/run_e2b_suites.py --suite python-sdk -- -k files
+    python3 tests/conformance/run_e2b_suites.py --api-url http://127.0.0.1:3555 --api-key-file /tmp/x/key
+
+The suites come from read-only git mirrors (`git archive`, never a work tree of ours):
+`e2b-dev/code-interpreter` python/tests and `e2b-dev/E2B` packages/python-sdk/tests
+(sync + async sandbox, commands, files, pty, api). They run in a venv of their own with
+the SDK versions this project pins, pointed at the appliance by environment variables
+only, with no proxy variables. Their code is never copied into this tree.
+
+Safety: E2B's suites contain tests that reach the internet or open `get_host()` URLs
+(which resolve publicly). Every such test is deselected by node id in deselected.txt.
+Before running, each selected test function is scanned for anything that could leave
+the machine (a get_host() call, a non-loopback URL or IPv4 literal, curl/wget/git
+clone/pip install…); a flagged test must be deselected, or listed in reviewed.txt by a
+person who read it and found it stays on loopback. Otherwise the run stops. A
+deselect entry that matches no collected test stops the run too (the suite changed).
+
+Prints passed/failed/skipped/deselected per suite and writes <work>/summary.json.
+Not collected by pytest (no test_ prefix); needs only the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MIRRORS = Path("/work/.mirror")
+
+# The SDK versions this project pins (pyproject.toml) and the test tooling E2B's
+# pytest.ini files ask for (asyncio_mode, --numprocesses, timeout).
+VENV_REQUIREMENTS = (
+    "e2b==2.63.0",
+    "e2b-code-interpreter==2.11.5",
+    "pytest==9.2.0",
+    "pytest-asyncio==1.5.0",
+    "pytest-xdist==3.8.0",
+    "pytest-timeout==2.4.0",
+)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    mirror: Path  # a git directory (bare mirror)
+    root: str  # the suite's directory in the repository (where its pytest.ini is)
+    selection: tuple[str, ...]  # test paths under root that are in scope
+
+
+def default_suites() -> dict[str, Suite]:
+    ci = Path(os.environ.get("E2B_CI_MIRROR", MIRRORS / "e2b-dev+code-interpreter" / "repo"))
+    sdk = Path(os.environ.get("E2B_SDK_MIRROR", MIRRORS / "e2b-dev+E2B" / "repo"))
+    return {
+        "code-interpreter": Suite("code-interpreter", ci, "python", ("tests",)),
+        "python-sdk": Suite(
+            "python-sdk",
+            sdk,
+            "packages/python-sdk",
+            (
+                "tests/sync/sandbox_sync",
+                "tests/sync/api_sync",
+                "tests/async/sandbox_async",
+                "tests/async/api_async",
+            ),
+        ),
+    }
+
+
+# What could make a test leave the machine. Loopback (127/8, localhost, 0.0.0.0 inside a
+# sandbox) is fine; everything else needs a person's reading (reviewed.txt) or a deselect.
+_LOOPBACK_HOST = r"(?:127\.\d{1,3}\.\d{1,3}\.\d{1,3}|localhost|0\.0\.0\.0|\[::1\])(?::\d+)?(?:[/'\"\s]|$)"
+DANGER_PATTERNS = (
+    re.compile(r"get_host\s*\("),
+    re.compile(r"\b[a-z][a-z0-9+.-]*://(?!" + _LOOPBACK_HOST + ")", re.IGNORECASE),
+    re.compile(r"(?<![\d.])(?!127\.)(?!0\.0\.0\.0)\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])"),
+    re.compile(
+        r"\b(?:curl|wget|ping|dig|nslookup|git\s+clone|pip3?\s+install|npm\s+(?:install|i)\b"
+        r"|apt(?:-get)?\s+install|httpbin|connectivitycheck)"
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    suite: str
+    node: str  # a node id, or a file path (all its tests)
+    reason: str
+
+    def covers(self, node_id: str) -> bool:
+        return node_id == self.node or node_id.startswith((self.node + "::", self.node + "["))
+
+
+def read_entries(path: Path) -> list[Entry]:
+    """`<suite> <node id or test file> <reason>` per line; # starts a comment."""
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            raise SystemExit(f"{path}:{number}: want '<suite> <node id> <reason>', got {line!r}")
+        entries.append(Entry(parts[0], parts[1], parts[2].strip()))
+    return entries
+
+
+def run(cmd: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), check=True, text=True, capture_output=True, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+
+def extract(suite: Suite, ref: str, work: Path) -> tuple[str, Path]:
+    """`git archive` the suite's pytest.ini and tests into work; returns (commit, suite root)."""
+    commit = run(["git", "-C", str(suite.mirror), "rev-parse", f"{ref}^{{commit}}"]).stdout.strip()
+    dest = work / f"{suite.name}-{commit[:12]}"
+    root = dest / suite.root
+    if not (root / "tests").is_dir():
+        dest.mkdir(parents=True, exist_ok=True)
+        paths = [f"{suite.root}/pytest.ini", f"{suite.root}/tests"]
+        archive = subprocess.run(
+            ["git", "-C", str(suite.mirror), "archive", "--format=tar", commit, *paths],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return commit, root
+
+
+def ensure_venv(venv: Path) -> Path:
+    """The suites' own venv with the pinned SDKs; made or topped up as needed."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        run([sys.executable, "-m", "venv", str(venv)])
+    frozen = run([str(python), "-m", "pip", "freeze"]).stdout.lower().splitlines()
+    missing = [r for r in VENV_REQUIREMENTS if r.lower() not in frozen]
+    if missing:
+        print(f"conformance venv {venv}: installing {' '.join(missing)}", flush=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *missing], check=True)
+    return python
+
+
+def suite_env(args: argparse.Namespace, api_key: str) -> dict[str, str]:
+    """Only what the suites need: every E2B URL at the appliance, no proxies, no debug mode."""
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": os.environ.get("HOME", "/root"),
+        "LANG": "C.UTF-8",
+        "E2B_API_KEY": api_key,
+        "E2B_API_URL": args.api_url,
+        "E2B_SANDBOX_URL": args.sandbox_url or args.api_url,
+        "E2B_VOLUME_API_URL": args.api_url,
+        # Unresolvable anywhere (RFC 6761): a get_host() URL that slipped through goes nowhere.
+        "E2B_DOMAIN": "cube.invalid",
+        "E2B_TESTS_TEMPLATE": args.template,
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    return env
+
+
+def collect(python: Path, suite: Suite, root: Path, env: dict[str, str]) -> list[str]:
+    out = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--numprocesses=0",
+            "--collect-only",
+            "-q",
+            *suite.selection,
+        ],
+        cwd=root,
+        env=env,
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
+    if out.returncode != 0 or not ids:
+        raise SystemExit(f"{suite.name}: collection failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return ids
+
+
+def _test_functions(tree: ast.Module) -> Iterable[tuple[str, ast.AST]]:
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
+            for inner in node.body:
+                if isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef) and inner.name.startswith(
+                    "test"
+                ):
+                    yield f"{node.name}::{inner.name}", inner
+
+
+def flagged_tests(root: Path, files: Iterable[str]) -> dict[str, str]:
+    """node id (or file, for module-level code) -> the first line that could leave the machine."""
+    flagged: dict[str, str] = {}
+    for rel in sorted(set(files)):
+        source = (root / rel).read_text()
+        tree = ast.parse(source)
+        lines = source.splitlines()
+        in_tests: set[int] = set()
+        for name, node in _test_functions(tree):
+            start = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+            span = range(start, (node.end_lineno or node.lineno) + 1)
+            in_tests.update(span)
+            hit = _first_danger(lines, span)
+            if hit is not None:
+                flagged[f"{rel}::{name}"] = hit
+        module_hit = _first_danger(lines, (n for n in range(1, len(lines) + 1) if n not in in_tests))
+        if module_hit is not None:
+            flagged[rel] = module_hit
+    return flagged
+
+
+def _first_danger(lines: Sequence[str], numbers: Iterable[int]) -> str | None:
+    for n in numbers:
+        if any(p.search(lines[n - 1]) for p in DANGER_PATTERNS):
+            return f"line {n}: {lines[n - 1].strip()[:120]}"
+    return None
+
+
+@dataclass
+class Plan:
+    deselect: dict[str, str] = field(default_factory=dict)  # node id -> reason
+
+
+def plan(suite: Suite, root: Path, ids: list[str], deselected: list[Entry], reviewed: list[Entry]) -> Plan:
+    """Which collected tests to deselect; stops on a stale entry or an unreviewed risky test."""
+    mine = [e for e in deselected if e.suite == suite.name]
+    problems = [
+        f"deselect entry matches nothing: {e.node}" for e in mine if not any(e.covers(i) for i in ids)
+    ]
+    result = Plan()
+    for node_id in ids:
+        entry = next((e for e in mine if e.covers(node_id)), None)
+        if entry is not None:
+            result.deselect[node_id] = entry.reason
+    ok = [e for e in reviewed if e.suite == suite.name]
+    files = {i.split("::", 1)[0] for i in ids}
+    for where, line in flagged_tests(root, files).items():
+        running = [
+            i
+            for i in ids
+            if (i == where or i.startswith((where + "::", where + "["))) and i not in result.deselect
+        ]
+        if running and not any(e.node == where for e in ok):
+            problems.append(f"{where} may leave the machine ({line}): deselect it or review it")
+    if problems:
+        raise SystemExit(f"{suite.name}: refusing to run:\n  " + "\n  ".join(problems))
+    return result
+
+
+@dataclass
+class Outcome:
+    passed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # node id -> first line of the failure
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def read_outcome(path: Path) -> Outcome:
+    """What cube_conformance_plugin recorded (an empty outcome if pytest never finished)."""
+    outcome = Outcome()
+    if not path.exists():
+        return outcome
+    for node, entry in json.loads(path.read_text()).items():
+        if entry["outcome"] == "failed":
+            outcome.failed[node] = entry["message"]
+        elif entry["outcome"] == "skipped":
+            outcome.skipped[node] = entry["message"]
+        else:
+            outcome.passed.append(node)
+    return outcome
+
+
+def run_suite(
+    args: argparse.Namespace,
+    python: Path,
+    suite: Suite,
+    root: Path,
+    env: dict[str, str],
+    chosen: Plan,
+    results: Path,
+) -> int:
+    cmd = [
+        str(python),
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        *suite.selection,
+        f"--numprocesses={args.workers}",
+        f"--timeout={args.test_timeout}",
+        "-p",
+        "cube_conformance_plugin",
+        "-q",
+        "-rfE",
+        "--color=no",
+        *(f"--deselect={node}" for node in sorted(chosen.deselect)),
+        *args.pytest_args,
+    ]
+    print(f"== {suite.name}: {' '.join(cmd[:5])} ... ({len(chosen.deselect)} deselected)", flush=True)
+    env = {**env, "PYTHONPATH": str(HERE), "CUBE_CONFORMANCE_RESULTS": str(results)}
+    with results.with_suffix(".log").open("w") as out:
+        process = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            return process.wait(timeout=args.suite_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{suite.name}: stopped after {args.suite_timeout}s (--suite-timeout)", flush=True)
+            return -1
+        finally:  # also when the runner itself is interrupted or terminated
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def cleanup_sandboxes(args: argparse.Namespace, api_key: str) -> int:
+    """Kill sandboxes the suites left behind (their metadata carries sandbox_test_id)."""
+    headers = {"X-API-KEY": api_key}
+    request = urllib.request.Request(f"{args.api_url}/v2/sandboxes?limit=1000", headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        listed = json.load(response)
+    killed = 0
+    for sandbox in listed:
+        if "sandbox_test_id" in (sandbox.get("metadata") or {}):
+            kill = urllib.request.Request(
+                f"{args.api_url}/sandboxes/{sandbox['sandboxID']}", headers=headers, method="DELETE"
+            )
+            try:
+                urllib.request.urlopen(kill, timeout=30).close()
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", action="append", choices=sorted(default_suites()), help="default: all")
+    parser.add_argument("--ref", default="HEAD", help="the mirrors' commit or ref to run (default HEAD)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cube-conformance")
+    parser.add_argument("--venv", type=Path, default=Path("/opt/cube/conformance-venv"))
+    parser.add_argument("--api-url", default=os.environ.get("CUBE_API_URL", "http://127.0.0.1:3000"))
+    parser.add_argument("--sandbox-url", default=None, help="default: --api-url (single-port mode)")
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=Path(os.environ.get("CUBE_API_KEY_FILE", "/var/lib/cube/default-api-key")),
+    )
+    parser.add_argument("--template", default="code-interpreter")
+    parser.add_argument("--workers", type=int, default=2, help="pytest-xdist processes")
+    parser.add_argument("--test-timeout", type=int, default=180, help="seconds per test (pytest-timeout)")
+    parser.add_argument("--suite-timeout", type=int, default=3600, help="seconds per suite, then killed")
+    parser.add_argument("--deselected", type=Path, default=HERE / "deselected.txt")
+    parser.add_argument("--reviewed", type=Path, default=HERE / "reviewed.txt")
+    parser.add_argument("--dry-run", action="store_true", help="extract, collect and check; run nothing")
+    parser.add_argument("pytest_args", nargs="*", help="after --: extra pytest arguments")
+    return parser.parse_args(argv)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_suite, which stops pytest
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
+    api_key = "" if args.dry_run else args.api_key_file.read_text().strip()
+    suites = default_suites()
+    chosen_suites = [suites[name] for name in (args.suite or sorted(suites))]
+    deselected, reviewed = read_entries(args.deselected), read_entries(args.reviewed)
+    python = ensure_venv(args.venv)
+    env = suite_env(args, api_key)
+    args.work.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, object] = {"api_url": args.api_url, "suites": {}}
+    status = 0
+    for suite in chosen_suites:
+        commit, root = extract(suite, args.ref, args.work)
+        ids = collect(python, suite, root, env)
+        chosen = plan(suite, root, ids, deselected, reviewed)
+        if args.dry_run:
+            print(
+                f"{suite.name} @ {commit[:12]}: {len(ids)} collected, {len(chosen.deselect)} deselected, "
+                f"{len(ids) - len(chosen.deselect)} would run in {root}"
+            )
+            continue
+        results = args.work / f"{suite.name}.json"
+        results.unlink(missing_ok=True)
+        rc = run_suite(args, python, suite, root, env, chosen, results)
+        outcome = read_outcome(results)
+        left = cleanup_sandboxes(args, api_key)
+        ran = len(outcome.passed) + len(outcome.failed)
+        pct = 100.0 * len(outcome.passed) / ran if ran else 0.0
+        print(
+            f"{suite.name} @ {commit[:12]}: {len(outcome.passed)} passed, {len(outcome.failed)} failed, "
+            f"{len(outcome.skipped)} skipped, {len(chosen.deselect)} deselected of {len(ids)} collected "
+            f"({pct:.1f} % of those run passed; pytest rc={rc}; {left} leftover sandboxes killed)",
+            flush=True,
+        )
+        for node, message in sorted(outcome.failed.items()):
+            print(f"  FAILED {node}: {message}")
+        summary["suites"][suite.name] = {  # type: ignore[index]
+            "repo": str(suite.mirror),
+            "commit": commit,
+            "root": suite.root,
+            "selection": suite.selection,
+            "collected": len(ids),
+            "passed": sorted(outcome.passed),
+            "failed": outcome.failed,
+            "skipped": outcome.skipped,
+            "deselected": chosen.deselect,
+            "pytest_rc": rc,
+            "log": str(results.with_suffix(".log")),
+        }
+        status |= 0 if rc == 0 else 1
+    if not args.dry_run:
+        (args.work / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+        print(f"summary: {args.work / 'summary.json'}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
