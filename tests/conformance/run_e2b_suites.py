@@ -39,6 +39,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import vitest_suite
+
 HERE = Path(__file__).resolve().parent
 MIRRORS = Path("/work/.mirror")
 
@@ -60,6 +62,10 @@ class Suite:
     mirror: Path  # a git directory (bare mirror)
     root: str  # the suite's directory in the repository (where its pytest.ini is)
     selection: tuple[str, ...]  # test paths under root that are in scope
+    kind: str = "pytest"  # or "vitest"
+
+    def archive_paths(self) -> tuple[str, ...]:
+        return vitest_suite.archive_paths() if self.kind == "vitest" else ("pytest.ini", "tests")
 
 
 def default_suites() -> dict[str, Suite]:
@@ -78,6 +84,7 @@ def default_suites() -> dict[str, Suite]:
                 "tests/async/api_async",
             ),
         ),
+        "js-sdk": Suite("js-sdk", sdk, "packages/js-sdk", ("tests/sandbox", "tests/api"), kind="vitest"),
     }
 
 
@@ -102,19 +109,27 @@ class Entry:
     reason: str
 
     def covers(self, node_id: str) -> bool:
-        return node_id == self.node or node_id.startswith((self.node + "::", self.node + "["))
+        return node_id == self.node or node_id.startswith(
+            (self.node + "::", self.node + "[", self.node + " > ")
+        )
 
 
 def read_entries(path: Path) -> list[Entry]:
-    """`<suite> <node id or test file> <reason>` per line; # starts a comment."""
+    """`<suite> <node id or test file> <reason>` per line, the node id in double quotes if it has
+    spaces (vitest's names do); # starts a comment."""
     entries = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        parts = line.split(None, 2)
-        if len(parts) < 3:
+        suite, _, rest = line.strip().partition(" ")
+        rest = rest.lstrip()
+        if rest.startswith('"'):
+            node, _, reason = rest[1:].partition('"')
+        else:
+            node, _, reason = rest.partition(" ")
+        if not node or not reason.strip():
             raise SystemExit(f"{path}:{number}: want '<suite> <node id> <reason>', got {line!r}")
-        entries.append(Entry(parts[0], parts[1], parts[2].strip()))
+        entries.append(Entry(suite, node, reason.strip()))
     return entries
 
 
@@ -127,9 +142,9 @@ def extract(suite: Suite, ref: str, work: Path) -> tuple[str, Path]:
     commit = run(["git", "-C", str(suite.mirror), "rev-parse", f"{ref}^{{commit}}"]).stdout.strip()
     dest = work / f"{suite.name}-{commit[:12]}"
     root = dest / suite.root
-    if not (root / "tests").is_dir():
+    if not (root / "tests").is_dir():  # extracted once per commit
         dest.mkdir(parents=True, exist_ok=True)
-        paths = [f"{suite.root}/pytest.ini", f"{suite.root}/tests"]
+        paths = [f"{suite.root}/{path}" for path in suite.archive_paths()]
         archive = subprocess.run(
             ["git", "-C", str(suite.mirror), "archive", "--format=tar", commit, *paths],
             check=True,
@@ -195,7 +210,7 @@ def collect(python: Path, suite: Suite, root: Path, env: dict[str, str]) -> list
     return ids
 
 
-def _test_functions(tree: ast.Module) -> Iterable[tuple[str, ast.AST]]:
+def _test_functions(tree: ast.Module) -> Iterable[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test"):
             yield node.name, node
@@ -240,8 +255,11 @@ class Plan:
     deselect: dict[str, str] = field(default_factory=dict)  # node id -> reason
 
 
-def plan(suite: Suite, root: Path, ids: list[str], deselected: list[Entry], reviewed: list[Entry]) -> Plan:
-    """Which collected tests to deselect; stops on a stale entry or an unreviewed risky test."""
+def plan(
+    suite: Suite, ids: list[str], flagged: dict[str, str], deselected: list[Entry], reviewed: list[Entry]
+) -> Plan:
+    """Which collected tests to deselect; stops on a stale entry or an unreviewed risky test
+    (`flagged`: node id or file -> the line that could leave the machine)."""
     mine = [e for e in deselected if e.suite == suite.name]
     problems = [
         f"deselect entry matches nothing: {e.node}" for e in mine if not any(e.covers(i) for i in ids)
@@ -252,13 +270,8 @@ def plan(suite: Suite, root: Path, ids: list[str], deselected: list[Entry], revi
         if entry is not None:
             result.deselect[node_id] = entry.reason
     ok = [e for e in reviewed if e.suite == suite.name]
-    files = {i.split("::", 1)[0] for i in ids}
-    for where, line in flagged_tests(root, files).items():
-        running = [
-            i
-            for i in ids
-            if (i == where or i.startswith((where + "::", where + "["))) and i not in result.deselect
-        ]
+    for where, line in flagged.items():
+        running = [i for i in ids if Entry(suite.name, where, "").covers(i) and i not in result.deselect]
         if running and not any(e.node == where for e in ok):
             problems.append(f"{where} may leave the machine ({line}): deselect it or review it")
     if problems:
@@ -273,12 +286,10 @@ class Outcome:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def read_outcome(path: Path) -> Outcome:
-    """What cube_conformance_plugin recorded (an empty outcome if pytest never finished)."""
+def read_outcome(recorded: dict[str, dict[str, str]]) -> Outcome:
+    """Outcomes by node id (from cube_conformance_plugin or vitest's report; {} if the run never ended)."""
     outcome = Outcome()
-    if not path.exists():
-        return outcome
-    for node, entry in json.loads(path.read_text()).items():
+    for node, entry in recorded.items():
         if entry["outcome"] == "failed":
             outcome.failed[node] = entry["message"]
         elif entry["outcome"] == "skipped":
@@ -288,15 +299,43 @@ def read_outcome(path: Path) -> Outcome:
     return outcome
 
 
-def run_suite(
+def wait_bounded(args: argparse.Namespace, suite: Suite, process: subprocess.Popen[bytes]) -> int:
+    """The suite's exit status; stopped (with all its children) after --suite-timeout or when the
+    runner itself is interrupted or terminated."""
+    try:
+        return process.wait(timeout=args.suite_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{suite.name}: stopped after {args.suite_timeout}s (--suite-timeout)", flush=True)
+        return -1
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@dataclass
+class SuiteRun:
+    ids: list[str]
+    chosen: Plan
+    rc: int = 0
+    outcome: Outcome = field(default_factory=Outcome)
+
+
+def run_pytest_suite(
     args: argparse.Namespace,
-    python: Path,
     suite: Suite,
     root: Path,
     env: dict[str, str],
-    chosen: Plan,
-    results: Path,
-) -> int:
+    lists: tuple[list[Entry], list[Entry]],
+) -> SuiteRun:
+    python = ensure_venv(args.venv)
+    ids = collect(python, suite, root, env)
+    flagged = flagged_tests(root, {i.split("::", 1)[0] for i in ids})
+    result = SuiteRun(ids, plan(suite, ids, flagged, *lists))
+    if args.dry_run:
+        return result
+    results = args.work / f"{suite.name}.json"
+    results.unlink(missing_ok=True)
     cmd = [
         str(python),
         "-m",
@@ -311,24 +350,54 @@ def run_suite(
         "-q",
         "-rfE",
         "--color=no",
-        *(f"--deselect={node}" for node in sorted(chosen.deselect)),
+        *(f"--deselect={node}" for node in sorted(result.chosen.deselect)),
         *args.pytest_args,
     ]
-    print(f"== {suite.name}: {' '.join(cmd[:5])} ... ({len(chosen.deselect)} deselected)", flush=True)
+    print(f"== {suite.name}: pytest in {root} ({len(result.chosen.deselect)} deselected)", flush=True)
     env = {**env, "PYTHONPATH": str(HERE), "CUBE_CONFORMANCE_RESULTS": str(results)}
     with results.with_suffix(".log").open("w") as out:
         process = subprocess.Popen(
             cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        try:
-            return process.wait(timeout=args.suite_timeout)
-        except subprocess.TimeoutExpired:
-            print(f"{suite.name}: stopped after {args.suite_timeout}s (--suite-timeout)", flush=True)
-            return -1
-        finally:  # also when the runner itself is interrupted or terminated
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        result.rc = wait_bounded(args, suite, process)
+    result.outcome = read_outcome(json.loads(results.read_text()) if results.exists() else {})
+    return result
+
+
+def run_vitest_suite(
+    args: argparse.Namespace,
+    suite: Suite,
+    root: Path,
+    env: dict[str, str],
+    lists: tuple[list[Entry], list[Entry]],
+    commit: str,
+) -> SuiteRun:
+    theirs = json.loads(
+        run(["git", "-C", str(suite.mirror), "show", f"{commit}:{suite.root}/package.json"]).stdout
+    )
+    vitest_suite.prepare(root, theirs)
+    vitest_suite.write_config(root, suite.selection, (), args.test_timeout)
+    ids = vitest_suite.listed(root, env, [])
+    flagged = vitest_suite.flagged_tests(root, ids, DANGER_PATTERNS)
+    result = SuiteRun(ids, plan(suite, ids, flagged, *lists))
+    whole_files = {e.node for e in lists[0] if e.suite == suite.name and "::" not in e.node}
+    by_name = [i.split("::", 1)[1] for i in result.chosen.deselect if i.split("::", 1)[0] not in whole_files]
+    vitest_suite.write_config(root, suite.selection, whole_files, args.test_timeout)
+    extra = vitest_suite.name_filter(by_name)
+    remaining = set(vitest_suite.listed(root, env, extra))
+    if leaked := sorted(remaining & set(result.chosen.deselect)):
+        raise SystemExit(f"{suite.name}: deselected tests would still run: {leaked}")
+    for node in sorted(set(ids) - remaining - set(result.chosen.deselect)):  # vitest filters by name
+        result.chosen.deselect[node] = "shares its name with a deselected test (vitest filters by name)"
+    if args.dry_run:
+        return result
+    results = args.work / f"{suite.name}.json"
+    results.unlink(missing_ok=True)
+    print(f"== {suite.name}: vitest in {root} ({len(result.chosen.deselect)} deselected)", flush=True)
+    process = vitest_suite.run(root, env, extra, results, args.suite_timeout, results.with_suffix(".log"))
+    result.rc = wait_bounded(args, suite, process)
+    result.outcome = read_outcome(vitest_suite.read_results(root, results))
+    return result
 
 
 def cleanup_sandboxes(args: argparse.Namespace, api_key: str) -> int:
@@ -386,56 +455,59 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, _terminated)
     api_key = "" if args.dry_run else args.api_key_file.read_text().strip()
     suites = default_suites()
-    chosen_suites = [suites[name] for name in (args.suite or sorted(suites))]
-    deselected, reviewed = read_entries(args.deselected), read_entries(args.reviewed)
-    python = ensure_venv(args.venv)
+    lists = (read_entries(args.deselected), read_entries(args.reviewed))
     env = suite_env(args, api_key)
     args.work.mkdir(parents=True, exist_ok=True)
     summary: dict[str, object] = {"api_url": args.api_url, "suites": {}}
     status = 0
-    for suite in chosen_suites:
+    for suite in [suites[name] for name in (args.suite or sorted(suites))]:
         commit, root = extract(suite, args.ref, args.work)
-        ids = collect(python, suite, root, env)
-        chosen = plan(suite, root, ids, deselected, reviewed)
+        if suite.kind == "vitest":
+            done = run_vitest_suite(args, suite, root, env, lists, commit)
+        else:
+            done = run_pytest_suite(args, suite, root, env, lists)
         if args.dry_run:
             print(
-                f"{suite.name} @ {commit[:12]}: {len(ids)} collected, {len(chosen.deselect)} deselected, "
-                f"{len(ids) - len(chosen.deselect)} would run in {root}"
+                f"{suite.name} @ {commit[:12]}: {len(done.ids)} collected, {len(done.chosen.deselect)} "
+                f"deselected, {len(done.ids) - len(done.chosen.deselect)} would run in {root}"
             )
             continue
-        results = args.work / f"{suite.name}.json"
-        results.unlink(missing_ok=True)
-        rc = run_suite(args, python, suite, root, env, chosen, results)
-        outcome = read_outcome(results)
-        left = cleanup_sandboxes(args, api_key)
-        ran = len(outcome.passed) + len(outcome.failed)
-        pct = 100.0 * len(outcome.passed) / ran if ran else 0.0
-        print(
-            f"{suite.name} @ {commit[:12]}: {len(outcome.passed)} passed, {len(outcome.failed)} failed, "
-            f"{len(outcome.skipped)} skipped, {len(chosen.deselect)} deselected of {len(ids)} collected "
-            f"({pct:.1f} % of those run passed; pytest rc={rc}; {left} leftover sandboxes killed)",
-            flush=True,
-        )
-        for node, message in sorted(outcome.failed.items()):
-            print(f"  FAILED {node}: {message}")
-        summary["suites"][suite.name] = {  # type: ignore[index]
-            "repo": str(suite.mirror),
-            "commit": commit,
-            "root": suite.root,
-            "selection": suite.selection,
-            "collected": len(ids),
-            "passed": sorted(outcome.passed),
-            "failed": outcome.failed,
-            "skipped": outcome.skipped,
-            "deselected": chosen.deselect,
-            "pytest_rc": rc,
-            "log": str(results.with_suffix(".log")),
-        }
-        status |= 0 if rc == 0 else 1
+        summary["suites"][suite.name] = report(args, suite, commit, done, cleanup_sandboxes(args, api_key))  # type: ignore[index]
+        status |= 0 if done.rc == 0 else 1
     if not args.dry_run:
         (args.work / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
         print(f"summary: {args.work / 'summary.json'}")
     return status
+
+
+def report(
+    args: argparse.Namespace, suite: Suite, commit: str, done: SuiteRun, left: int
+) -> dict[str, object]:
+    """Prints the suite's counts and failures; returns its part of summary.json."""
+    outcome = done.outcome
+    ran = len(outcome.passed) + len(outcome.failed)
+    pct = 100.0 * len(outcome.passed) / ran if ran else 0.0
+    print(
+        f"{suite.name} @ {commit[:12]}: {len(outcome.passed)} passed, {len(outcome.failed)} failed, "
+        f"{len(outcome.skipped)} skipped, {len(done.chosen.deselect)} deselected of {len(done.ids)} "
+        f"collected ({pct:.1f} % of those run passed; rc={done.rc}; {left} leftover sandboxes killed)",
+        flush=True,
+    )
+    for node, message in sorted(outcome.failed.items()):
+        print(f"  FAILED {node}: {message}")
+    return {
+        "repo": str(suite.mirror),
+        "commit": commit,
+        "root": suite.root,
+        "selection": suite.selection,
+        "collected": len(done.ids),
+        "passed": sorted(outcome.passed),
+        "failed": outcome.failed,
+        "skipped": outcome.skipped,
+        "deselected": done.chosen.deselect,
+        "rc": done.rc,
+        "log": str(args.work / f"{suite.name}.log"),
+    }
 
 
 if __name__ == "__main__":
