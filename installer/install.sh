@@ -246,9 +246,10 @@ if [ ! -x "$VENV/bin/python" ] || { host_wide && ! "$VENV/bin/python" -c 'import
   /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 if [ "$DEV" = 1 ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$SRC[test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$SRC[test,bench]"
 else
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC"
+  # With the bench extra: `cube bench` drives the appliance through the E2B SDK.
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC[bench]"
 fi
 mkdir -p "$BINDIR"
 ln -sfn "$VENV/bin/cube" "$BINDIR/cube"

@@ -31,8 +31,8 @@ import pytest
 import trio
 
 from appliance.config import Config, load_config
+from appliance.records import TemplateManifest
 from appliance.runtime.base import CODE_INTERPRETER_PORT, ENVD_PORT, Instance
-from appliance.templates.manifest import TemplateManifest
 
 
 def default_template() -> TemplateManifest:

@@ -13,7 +13,7 @@ from appliance.api.bodies import admin_sandbox_body, event_body, json_response, 
 from appliance.api.errors import ApiError
 from appliance.api.services import services
 from appliance.cubelet.cubelet import rfc3339
-from appliance.master.store import DEAD, LIVE_STATES, PAUSED, RUNNING, ApiKeyRecord, SandboxQuery
+from appliance.records import DEAD, LIVE_STATES, PAUSED, RUNNING, ApiKeyRecord, SandboxQuery
 from appliance.tenancy import SYSTEM_TEAM
 
 blueprint = guarded("admin", __name__, Access.ADMIN)

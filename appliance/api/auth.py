@@ -21,7 +21,7 @@ from quart import Blueprint, current_app, g, request
 
 from appliance.api.errors import ApiError
 from appliance.config import Config
-from appliance.master.store import Store
+from appliance.records import Store
 from appliance.tenancy import ADMIN, LOCAL_DEV_TEAM, Principal, current_principal
 
 ADMIN_TOKEN_FILE = "admin-token"

@@ -7,8 +7,7 @@ import json
 from quart import Response
 
 from appliance.cubelet.cubelet import ENVD_VERSION, Cubelet, rfc3339
-from appliance.master.store import Event, SandboxRecord
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import Event, SandboxRecord, TemplateManifest
 from appliance.tenancy import SYSTEM_TEAM
 
 

@@ -15,7 +15,7 @@ from appliance.api import validation as v
 from appliance.api.errors import ApiError
 from appliance.cubelet.cubelet import template_network_policy
 from appliance.net.policy import NetworkPolicy, PolicyError
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import TemplateManifest
 
 
 @dataclass(frozen=True)

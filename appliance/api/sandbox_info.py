@@ -13,7 +13,7 @@ from appliance.api.errors import ApiError
 from appliance.api.sandboxes import owned_live_record, owned_record
 from appliance.api.services import services
 from appliance.cubelet.cubelet import SandboxNotFound, rfc3339
-from appliance.master.store import LIVE_STATES, RUNNING, SandboxQuery, SandboxRecord
+from appliance.records import LIVE_STATES, RUNNING, SandboxQuery, SandboxRecord
 from appliance.tenancy import current_principal
 
 MAX_LOG_BYTES = 1024 * 1024

@@ -20,8 +20,8 @@ from appliance.api.errors import ApiError
 from appliance.api.network import create_network, update_network
 from appliance.api.services import Services, services
 from appliance.cubelet.cubelet import OutOfMemoryBudget, SandboxRequest, SandboxStartFailed
-from appliance.master.store import DEAD, LIVE_STATES, PAUSED, SandboxQuery, SandboxRecord
 from appliance.net.policy import PolicyError
+from appliance.records import DEAD, LIVE_STATES, PAUSED, SandboxQuery, SandboxRecord
 from appliance.tenancy import Principal, current_principal
 
 blueprint = guarded("sandboxes", __name__, Access.KEY)

@@ -12,8 +12,8 @@ from quart import current_app
 from appliance.api.auth import Authenticator
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
-from appliance.master.store import Store
 from appliance.master.templates import TemplateRegistry
+from appliance.records import Store
 
 SERVICES = "cube.services"  # its key in app.extensions
 

@@ -13,8 +13,7 @@ from appliance.api.auth import Access, guarded
 from appliance.api.bodies import json_response, no_content, template_body, template_detail_body
 from appliance.api.errors import ApiError
 from appliance.api.services import services
-from appliance.master.store import SandboxQuery
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import SandboxQuery, TemplateManifest
 from appliance.tenancy import current_principal
 
 blueprint = guarded("templates", __name__, Access.KEY)

@@ -48,10 +48,9 @@ from appliance.cubelet.sandboxes import (
     template_network_policy,
 )
 from appliance.cubelet.state import ACTIVE, USER_VISIBLE, SandboxState
-from appliance.master.store import RUNNING, SandboxRecord, Store
 from appliance.net.policy import NetworkPolicy
+from appliance.records import RUNNING, SandboxRecord, Store, TemplateManifest
 from appliance.runtime.base import Instance, Runtime
-from appliance.templates.manifest import TemplateManifest
 
 __all__ = [
     "ENVD_VERSION",

@@ -27,11 +27,10 @@ from appliance.cubelet.sandboxes import (
 )
 from appliance.cubelet.state import SandboxState
 from appliance.errors import first_leaf
-from appliance.master.store import SandboxRecord
 from appliance.net.policy import NetworkPolicy
+from appliance.records import SandboxRecord, TemplateManifest
 from appliance.runtime.base import ENVD_PORT, BootStalled, GuestExited, GuestFailure, Instance, Runtime
 from appliance.runtime.readiness import ReadinessProbe
-from appliance.templates.manifest import TemplateManifest
 
 log = logging.getLogger(__name__)
 

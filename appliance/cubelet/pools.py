@@ -29,7 +29,7 @@ from appliance.cubelet.sandboxes import (
     template_network_policy,
 )
 from appliance.cubelet.state import SandboxState
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import TemplateManifest
 
 log = logging.getLogger(__name__)
 

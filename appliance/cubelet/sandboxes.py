@@ -30,10 +30,9 @@ from appliance.cubelet.state import (
     SandboxState,
     check_transition,
 )
-from appliance.master.store import RUNNING, SandboxRecord, Store
 from appliance.net.policy import NetworkPolicy
+from appliance.records import RUNNING, SandboxRecord, Store, TemplateManifest
 from appliance.runtime.base import BootSpec, Instance
-from appliance.templates.manifest import TemplateManifest
 from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)

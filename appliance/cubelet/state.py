@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from appliance.master.store import DEAD, PAUSED, RUNNING
+from appliance.records import DEAD, PAUSED, RUNNING
 
 
 class SandboxState(enum.StrEnum):

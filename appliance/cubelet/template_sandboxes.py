@@ -30,12 +30,12 @@ from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
 from appliance.cubelet.envd_client import EnvdError, start_process
 from appliance.errors import first_leaf
+from appliance.records import TemplateManifest
 from appliance.runtime.base import ENVD_PORT, BootFailed, GuestFailure, Instance
 from appliance.templates import guest_diff
 from appliance.templates.ext4 import build_ext4
 from appliance.templates.guest_setup import AGENT_DIR, account_name, prepare_rootfs
 from appliance.templates.jobs import Phase
-from appliance.templates.manifest import TemplateManifest
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
 from appliance.templates.unpack import apply_layer
 

@@ -26,7 +26,8 @@ import trio
 from appliance.guest import INTERPRETER_READY_LINE, READY_LINE, http2, lazy_imports
 from appliance.guest.connect import Router
 from appliance.guest.envd import EnvdApp
-from appliance.guest.http import Request, Response, serve
+from appliance.guest.http import Request, Response
+from appliance.guest.http_server import serve
 from appliance.guest.memory import release_boot_memory
 from appliance.guest.options import AgentOptions
 from appliance.guest.state import AgentState

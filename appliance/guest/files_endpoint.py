@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
@@ -234,48 +235,69 @@ async def upload(request: Request, response: Response, user: User) -> None:
     metadata = metadata_of(request.headers)
     query_path = request.query_value("path")
     content_type = request.headers.get("content-type", "")
-    decompressor = None
-    if request.headers.get("content-encoding", "").strip().lower() == "gzip":
-        decompressor = zlib.decompressobj(31)
-    written: list[dict[str, object]] = []
-    sink: FileSink | None = None
+    gzipped = request.headers.get("content-encoding", "").strip().lower() == "gzip"
+    body = _decoded(request.body_chunks(), gzipped)
     try:
         if content_type.lower().startswith("multipart/form-data"):
             boundary = boundary_of(content_type)
             if not boundary:
                 raise HttpError(400, "multipart body without boundary")
-            parser = MultipartParser(boundary)
-            async for chunk in request.body_chunks():
-                if decompressor:
-                    chunk = decompressor.decompress(chunk)
-                for event in parser.feed(chunk):
-                    if isinstance(event, PartStart):
-                        # One file: ?path= names it. Several (write_files): each part's filename does.
-                        destination = query_path or event.filename
-                        sink = FileSink(_resolve(destination, user), user, metadata)
-                        await sink.open()
-                    elif isinstance(event, PartData) and sink is not None:
-                        await sink.write(event.data)
-                    elif isinstance(event, PartEnd) and sink is not None:
-                        written.append(await sink.close())
-                        sink = None
-            parser.finish()
+            written = await _write_parts(body, boundary, query_path, user, metadata)
         else:
-            sink = FileSink(_resolve(query_path, user), user, metadata)
-            await sink.open()
-            async for chunk in request.body_chunks():
-                await sink.write(decompressor.decompress(chunk) if decompressor else chunk)
-            if decompressor:
-                await sink.write(decompressor.flush())
-            written.append(await sink.close())
-            sink = None
+            written = [await _write_file(body, _resolve(query_path, user), user, metadata)]
     except MultipartError as exc:
         raise HttpError(400, str(exc)) from exc
     except zlib.error as exc:
         raise HttpError(400, f"invalid gzip body: {exc}") from exc
-    finally:
-        if sink is not None:
-            sink.abort()
     if not written:
         raise HttpError(400, "no file in the request")
     await response.send_json(200, written)
+
+
+async def _decoded(chunks: AsyncIterator[bytes], gzipped: bool) -> AsyncIterator[bytes]:
+    """The request body as it arrives, gunzipped for `Content-Encoding: gzip`."""
+    decompressor = zlib.decompressobj(31) if gzipped else None  # 31: with the gzip header and trailer
+    async for chunk in chunks:
+        yield decompressor.decompress(chunk) if decompressor else chunk
+    if decompressor:
+        yield decompressor.flush()
+
+
+async def _write_file(
+    body: AsyncIterator[bytes], path: str, user: User, metadata: dict[str, str]
+) -> dict[str, object]:
+    """One file from the whole body (application/octet-stream)."""
+    sink = FileSink(path, user, metadata)
+    try:
+        await sink.open()
+        async for chunk in body:
+            await sink.write(chunk)
+        return await sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+async def _write_parts(
+    body: AsyncIterator[bytes], boundary: str, query_path: str | None, user: User, metadata: dict[str, str]
+) -> list[dict[str, object]]:
+    """A file per part of a multipart body: ?path= names a single one, each part's filename several."""
+    parser = MultipartParser(boundary)
+    written: list[dict[str, object]] = []
+    sink: FileSink | None = None
+    try:
+        async for chunk in body:
+            for event in parser.feed(chunk):
+                if isinstance(event, PartStart):
+                    sink = FileSink(_resolve(query_path or event.filename, user), user, metadata)
+                    await sink.open()
+                elif isinstance(event, PartData) and sink is not None:
+                    await sink.write(event.data)
+                elif isinstance(event, PartEnd) and sink is not None:
+                    written.append(await sink.close())
+                    sink = None
+        parser.finish()
+    finally:
+        if sink is not None:
+            sink.abort()
+    return written

@@ -227,23 +227,27 @@ class Interpreter:
         elif path == "/contexts" and method == "GET":
             await response.send_json(200, [context.describe() for context in self._contexts.values()])
         elif len(parts) == 2 and parts[0] == "contexts" and method == "DELETE":
-            context = self._context(parts[1])
-            del self._contexts[context.id]
-            for language, default in list(self._default_contexts.items()):
-                if default is context:
-                    del self._default_contexts[language]
-            if context.kernel is not None:
-                context.kernel.stop()
+            self._remove_context(self._context(parts[1]))
             await response.send(204)
         elif len(parts) == 3 and parts[0] == "contexts" and parts[2] == "restart" and method == "POST":
-            context = self._context(parts[1])
-            async with context.lock:
-                if context.kernel is not None:
-                    context.kernel.stop()
-                await self._ensure_kernel(context)
+            await self._restart_context(self._context(parts[1]))
             await response.send(204)
         else:
             raise InterpreterError(404, f"no route for {method} {path}")
+
+    def _remove_context(self, context: Context) -> None:
+        del self._contexts[context.id]
+        for language, default in list(self._default_contexts.items()):
+            if default is context:
+                del self._default_contexts[language]
+        if context.kernel is not None:
+            context.kernel.stop()
+
+    async def _restart_context(self, context: Context) -> None:
+        async with context.lock:
+            if context.kernel is not None:
+                context.kernel.stop()
+            await self._ensure_kernel(context)
 
     def _context(self, context_id: str) -> Context:
         context = self._contexts.get(context_id)

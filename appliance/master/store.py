@@ -14,118 +14,18 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from appliance import __version__
-from appliance.net.policy import NetworkPolicy
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import (
+    DEAD,
+    ApiKeyRecord,
+    Event,
+    SandboxQuery,
+    SandboxRecord,
+    TemplateManifest,
+)
 from appliance.tenancy import SYSTEM_TEAM
-
-RUNNING = "running"
-PAUSED = "paused"
-DEAD = "dead"
-LIVE_STATES = (RUNNING, PAUSED)
-
-
-@dataclass
-class SandboxRecord:
-    sandbox_id: str
-    template_id: str
-    alias: str | None
-    client_id: str
-    state: str
-    started_at: float  # unix seconds
-    end_at: float  # unix seconds; the E2B timeout deadline
-    cpu_count: int
-    memory_mb: int
-    disk_size_mb: int
-    envd_access_token: str
-    metadata: dict[str, str] = field(default_factory=dict)
-    on_timeout: str = "kill"  # kill | pause
-    auto_resume: bool = False
-    allow_internet_access: bool = True
-    network: dict[str, object] = field(default_factory=dict)  # allowOut / denyOut, as E2B reports them
-    console_log: str = ""
-    ended_at: float | None = None
-    end_reason: str = ""
-    team_id: str = SYSTEM_TEAM  # the owner (appliance/tenancy.py)
-    # Sent by the SDKs as `e2b-traffic-access-token` to the sandbox's ports other than envd's
-    # (the code interpreter's on every call). The guest's code interpreter takes it (or the
-    # access token); with `network.allowPublicTraffic: false` at create, the router requires
-    # it on every port but envd's (proxy/access.py). None only in records from before it.
-    traffic_access_token: str | None = None
-    allow_public_traffic: bool = True
-
-    def egress_policy(self) -> NetworkPolicy:
-        """The egress policy the sandbox runs with (stored as E2B reports it)."""
-        return NetworkPolicy.from_e2b(
-            {"allow_internet_access": self.allow_internet_access, "network": self.network}
-        )
-
-    def set_egress_policy(self, policy: NetworkPolicy) -> None:
-        self.allow_internet_access = policy.allow_internet_access
-        self.network = {k: v for k, v in policy.to_e2b().items() if v}
-
-
-@dataclass(frozen=True)
-class ApiKeyRecord:
-    key_id: str
-    name: str
-    prefix: str  # first characters of the key, shown in listings
-    created_at: float
-    revoked_at: float | None
-    last_used_at: float | None
-    team_id: str
-
-
-@dataclass(frozen=True)
-class Event:
-    at: float
-    sandbox_id: str
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True)
-class SandboxQuery:
-    states: Sequence[str] = LIVE_STATES
-    metadata: dict[str, str] = field(default_factory=dict)
-    template_id: str | None = None
-    started_after: float | None = None
-    newest_first: bool = True
-    limit: int = 100
-    after: tuple[float, str] | None = None  # pagination cursor: (started_at, sandbox_id) of the last item
-    team_id: str | None = None  # only this team's sandboxes; None: every team's (the admin's view)
-
-
-class Store(Protocol):
-    def put_sandbox(self, record: SandboxRecord) -> None: ...
-    def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None: ...
-    def query_sandboxes(self, query: SandboxQuery) -> list[SandboxRecord]: ...
-    def mark_live_sandboxes_dead(self, reason: str) -> list[str]: ...
-
-    def put_template(self, manifest: TemplateManifest) -> None: ...
-    def list_templates(self) -> list[TemplateManifest]: ...
-    def delete_template(self, template_id: str) -> None: ...
-
-    def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]: ...
-    def team_exists(self, team_id: str) -> bool: ...
-    def list_api_keys(self) -> list[ApiKeyRecord]: ...
-    def revoke_api_key(self, key_id: str) -> bool: ...
-    def check_api_key(self, key: str) -> ApiKeyRecord | None: ...
-
-    def idempotent_sandbox(self, team_id: str, key: str) -> str | None: ...
-    def remember_idempotency_key(self, team_id: str, key: str, sandbox_id: str) -> None: ...
-
-    def add_event(self, sandbox_id: str, kind: str, message: str) -> None: ...
-    def events(
-        self, sandbox_id: str | None = None, limit: int = 100, team_id: str | None = None
-    ) -> list[Event]: ...
-
-    def close(self) -> None: ...
-
 
 KEY_PREFIX = "cube_"
 _KEY_COLUMNS = "key_id, name, prefix, created_at, revoked_at, last_used_at, team_id"  # ApiKeyRecord's order

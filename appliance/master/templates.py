@@ -11,9 +11,8 @@ import logging
 import shutil
 
 from appliance.config import Config
-from appliance.master.store import Store
+from appliance.records import MANIFEST_NAME, Store, TemplateManifest
 from appliance.templates.catalog import SDK_DEFAULT_TEMPLATE_NAMES
-from appliance.templates.manifest import MANIFEST_NAME, TemplateManifest
 from appliance.tenancy import ADMIN, Principal
 
 log = logging.getLogger(__name__)

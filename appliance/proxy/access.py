@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from appliance.guest.envd import file_signature
-from appliance.master.store import SandboxRecord
+from appliance.records import SandboxRecord
 from appliance.runtime.base import ENVD_PORT
 
 Scope = MutableMapping[str, Any]

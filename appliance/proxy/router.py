@@ -33,7 +33,6 @@ import wsproto.events as ws_events
 
 from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.state import USER_VISIBLE
-from appliance.master.store import PAUSED
 from appliance.proxy.access import (
     HOP_BY_HOP,
     SANDBOX_ID_HEADER,
@@ -49,6 +48,7 @@ from appliance.proxy.access import (
     not_found_message,
     parse_port,
 )
+from appliance.records import PAUSED
 from appliance.runtime.base import ENVD_PORT
 
 log = logging.getLogger(__name__)

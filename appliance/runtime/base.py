@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import trio
 
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import TemplateManifest
 
 if TYPE_CHECKING:
     from appliance.config import Config
@@ -32,12 +32,6 @@ if TYPE_CHECKING:
 
 ENVD_PORT = 49983
 CODE_INTERPRETER_PORT = 49999
-
-# Every guest has the same address (snapshots and warm instances need it); the
-# host reaches guest ports through the sandbox's `SandboxNetwork.host_ip`.
-GUEST_IP = "169.254.0.2"
-GATEWAY_IP = "169.254.0.1"
-GUEST_PREFIX = 30
 
 
 class GuestFailure(Exception):

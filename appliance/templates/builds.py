@@ -19,6 +19,7 @@ import trio
 
 from appliance.config import Config
 from appliance.errors import first_leaf
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootFailed, read_console_tail
 from appliance.templates.build_caches import BuildCaches, max_cache_bytes, private_dir
 from appliance.templates.catalog import (
@@ -41,7 +42,6 @@ from appliance.templates.jobs import (
 )
 from appliance.templates.layer_cache import LayerCache
 from appliance.templates.limits import BuildLimits
-from appliance.templates.manifest import TemplateManifest
 from appliance.templates.probe import ProbeFailed, wait_until_ready
 from appliance.templates.pull import pull_image
 from appliance.templates.registry import insecure_registries

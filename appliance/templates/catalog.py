@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TypedDict
 
 from appliance.config import Config
+from appliance.records import MANIFEST_NAME, TemplateManifest
 from appliance.templates.jobs import utc_now
-from appliance.templates.manifest import MANIFEST_NAME, TemplateManifest
 from appliance.tenancy import SYSTEM_TEAM, team_sees
 
 BUILDING_MARKER = ".building"

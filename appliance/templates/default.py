@@ -26,6 +26,7 @@ import trio
 import appliance
 from appliance.config import IMAGE_DIR, Config
 from appliance.progress import Progress, shown
+from appliance.records import TemplateManifest
 from appliance.templates import guest_setup
 from appliance.templates.catalog import BUILDING_MARKER, load_aliases, publish_template
 from appliance.templates.ext4 import build_ext4
@@ -37,7 +38,6 @@ from appliance.templates.guest_setup import (
     install_file,
 )
 from appliance.templates.jobs import utc_now
-from appliance.templates.manifest import TemplateManifest
 
 RECIPE_DIR = IMAGE_DIR / "rootfs"
 AGENT_PACKAGES = Path(appliance.__file__).parent / "guest" / "DEBIAN_PACKAGES"

@@ -2,7 +2,7 @@
 
 The kernel starts /sbin/cube-init as PID 1. It mounts the kernel filesystems,
 configures the network interface (eth0 under kvm, vec0 with UML's vector
-transport; every guest has the same address, see runtime.base), starts
+transport; every guest has the same address, see net/addressing.py), starts
 the guest agent if the image has python3, then the image's own entrypoint+cmd
 (/opt/cube/start, generated here from the image config) with its env, workdir
 and user, and reaps orphans for as long as the machine runs.
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import appliance
-from appliance.runtime.base import GATEWAY_IP, GUEST_IP, GUEST_PREFIX
+from appliance.net.addressing import GATEWAY_IP, GUEST_IP, GUEST_PREFIX
 from appliance.templates.untrusted_tree import Tree
 
 AGENT_DIR = "/opt/cube/agent"

@@ -27,7 +27,7 @@ from hypercorn.config import Config as HypercornConfig
 from appliance.config import Config
 from appliance.cubelet.envd_client import EnvdError, start_process
 from appliance.proxy.tls import ensure_tls_files
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import TemplateManifest
 
 if TYPE_CHECKING:
     from conftest import FakeRuntime, ServiceHarness

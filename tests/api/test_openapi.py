@@ -89,6 +89,7 @@ def fuzz(operation: Any, mode: GenerationMode, base_url: str, key: str) -> list[
     return failures
 
 
+@pytest.mark.slow  # schemathesis walks every route: ~20 s
 def test_fuzz_finds_no_5xx_and_loses_no_sandbox(
     service_config: Config, fake_runtime: FakeRuntime, start_service: Callable[..., ServiceHarness]
 ) -> None:

@@ -10,7 +10,8 @@ import httpx
 
 from appliance.config import Config
 from appliance.master.service import RESTART_REASON, STOP_REASON
-from appliance.master.store import RUNNING, SandboxRecord, SqliteStore
+from appliance.master.store import SqliteStore
+from appliance.records import RUNNING, SandboxRecord
 
 if TYPE_CHECKING:
     from conftest import ServiceHarness

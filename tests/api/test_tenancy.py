@@ -19,16 +19,8 @@ import httpx
 import pytest
 from api_routes import app_routes
 
-from appliance.master.store import (
-    MIGRATIONS,
-    SandboxQuery,
-    SandboxRecord,
-    SqliteStore,
-    hash_api_key,
-    migrate,
-    schema_version,
-)
-from appliance.templates.manifest import TemplateManifest
+from appliance.master.store import MIGRATIONS, SqliteStore, hash_api_key, migrate, schema_version
+from appliance.records import SandboxQuery, SandboxRecord, TemplateManifest
 
 if TYPE_CHECKING:
     from conftest import FakeRuntime, ServiceHarness

@@ -17,8 +17,8 @@ from appliance.cubelet import health as health_module
 from appliance.cubelet import lifecycle as lifecycle_module
 from appliance.cubelet import pools as pools_module
 from appliance.cubelet.cubelet import Cubelet, SandboxRequest, SandboxStartFailed
-from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxQuery, SandboxRecord
 from appliance.net.policy import NetworkPolicy
+from appliance.records import DEAD, PAUSED, RUNNING, SandboxQuery, SandboxRecord
 
 if TYPE_CHECKING:
     from conftest import FakeRuntime

@@ -16,8 +16,9 @@ from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet, SandboxNotFound, SandboxStartFailed
 from appliance.cubelet.sandboxes import LiveSandbox, SandboxTable, template_network_policy
 from appliance.cubelet.state import TRANSITIONS, IllegalTransition, SandboxState
-from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxRecord, SqliteStore
+from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
+from appliance.records import DEAD, PAUSED, RUNNING, SandboxRecord
 
 if TYPE_CHECKING:
     from conftest import FakeRuntime

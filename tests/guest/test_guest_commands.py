@@ -117,8 +117,10 @@ def test_run_as_root_via_basic_auth(sandbox) -> None:
 def test_pty_create_send_resize(sandbox) -> None:
     output = bytearray()
     terminal = sandbox.pty.create(PtySize(rows=24, cols=80), envs={"PS1": "$ "})
-    sandbox.pty.send_stdin(terminal.pid, b"stty size; tty; exit\n")
+    sandbox.pty.send_stdin(terminal.pid, b"stty size; tty\n")
+    # The shell exits only after the resize: resizing a terminal whose shell is gone is a 404.
     sandbox.pty.resize(terminal.pid, PtySize(rows=40, cols=120))
+    sandbox.pty.send_stdin(terminal.pid, b"exit\n")
     result = terminal.wait(on_pty=lambda data: output.extend(data))
     text = output.decode(errors="replace")
     assert "/dev/pts/" in text

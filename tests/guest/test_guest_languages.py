@@ -185,17 +185,24 @@ def _kernel_processes(agent_pid: int) -> list[str]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: all held open while picked (a port freed at once may be
+    handed out again by the next bind)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def test_other_languages_start_only_on_first_use() -> None:
     """An agent starts Python's kernel alone: R, Java, Node and bash_kernel cost a sandbox nothing
     until code in them runs. (An agent of its own, on other ports than the session's.)"""
-    envd_port = _free_port()
-    ports = ("--envd-port", str(envd_port), "--interpreter-port", str(interpreter_port := _free_port()))
+    envd_port, interpreter_port = _free_ports(2)
+    ports = ("--envd-port", str(envd_port), "--interpreter-port", str(interpreter_port))
     url = f"http://127.0.0.1:{interpreter_port}"
     with running_agent(*ports) as started:
         started.wait_for_line(READY_LINE)
@@ -265,4 +272,4 @@ def test_kernels_run_as_the_default_user(sandbox, agent) -> None:
             finally:
                 sandbox.remove_code_context(context)
     finally:
-        agent.init({"defaultUser": "user"})
+        agent.init({"defaultUser": "nobody"})  # as the session agent started (conftest)

@@ -33,12 +33,11 @@ DEAD_DNS_UPSTREAM = "127.0.0.1:9"  # nothing listens: guest lookups fail fast, n
 @asynccontextmanager
 async def _uml_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
     from appliance.cubelet.runtimes import CubeVSPolicies
-    from appliance.net.policy import NetworkPolicy
     from appliance.net.service import CubeVS
     from appliance.runtime.uml.runtime import UmlRuntime
 
     async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs, NetworkPolicy))
+        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ from appliance.config import Config, load_config
 from appliance.cubelet.cubelet import rfc3339
 from appliance.cubelet.envd_client import CommandResult, run_command
 from appliance.net.service import CubeVS
+from appliance.records import MANIFEST_NAME, ROOTFS_NAME, TemplateManifest
 from appliance.runtime.base import ENVD_PORT, BootSpec
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
@@ -51,7 +52,6 @@ from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.mmio import MMIO_SIZE, MmioTransport, cmdline_device
 from appliance.runtime.virtio.vhost_user.uml_frontend import BUSYBOX, build_initramfs
 from appliance.templates.default import TEMPLATE_ID as DEFAULT_TEMPLATE_ID
-from appliance.templates.manifest import MANIFEST_NAME, ROOTFS_NAME, TemplateManifest
 from cffi_kvm import Kvm
 
 MIB = 1 << 20

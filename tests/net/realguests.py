@@ -36,11 +36,11 @@ from appliance.cubelet.envd_client import run_command
 from appliance.net import CubeVS, NetworkPolicy
 from appliance.net.addressing import Addressing, Plan
 from appliance.net.ebpf import PIN_ROOT
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec
 from appliance.runtime.uml.cgroups import CGROUP_ROOT
 from appliance.runtime.uml.instance import UmlInstance
 from appliance.runtime.uml.runtime import UmlRuntime
-from appliance.templates.manifest import TemplateManifest
 
 T = TypeVar("T")
 BOOT_WAIT_S = 300.0  # two cold boots on a busy 2-core host, with margin

@@ -13,12 +13,12 @@ import pytest
 from appliance.master.store import (
     MIGRATIONS,
     DatabaseTooNew,
-    SandboxQuery,
     SqliteStore,
     hash_api_key,
     migrate,
     schema_version,
 )
+from appliance.records import SandboxQuery
 
 # The schema as `SqliteStore` created it before databases carried a version
 # (user_version 0): what every appliance installed until then has on disk.

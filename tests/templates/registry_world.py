@@ -34,6 +34,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from appliance.templates.jobs import BuildJob, JobStore
+from appliance.templates.layer_cache import LayerCache
+from appliance.templates.pull import pull_image
+from appliance.templates.registry_auth import Credentials
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -546,3 +551,19 @@ class Images:
     corrupt: str
     private: str
     multi_layer_digests: list[str]
+
+
+async def pull(
+    store: JobStore,
+    job: BuildJob,
+    image: str,
+    scratch: Path,
+    cache: LayerCache,
+    insecure: frozenset[str],
+    credentials: Credentials | None = None,
+) -> Path:
+    """`image` pulled and unpacked as a template build does, into `scratch/rootfs`."""
+    rootfs = scratch / "rootfs"
+    rootfs.mkdir(exist_ok=True)
+    await pull_image(store, job, image, rootfs, scratch / "work", cache, credentials, insecure)
+    return rootfs

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import trio
 
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootFailed
 from appliance.templates.jobs import Phase
-from appliance.templates.manifest import TemplateManifest
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
 
 CONSOLE_TEXT = "Linux version 6.1 (uml)\ncube-init: starting the image's entrypoint\n"

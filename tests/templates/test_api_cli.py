@@ -6,12 +6,13 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 from registry_world import Images
 from served_builds import Served, run_cli
 
+from appliance.cli.templates import build, create_from_image, watch
 from appliance.config import Config
-from appliance.templates.cli import build, create_from_image, watch
 
 
 async def test_api_errors_are_json(served: Served) -> None:
@@ -37,6 +38,7 @@ async def test_api_errors_are_json(served: Served) -> None:
     assert "no Dockerfile 'Dockerfile'" in (await response.get_json())["message"]
 
 
+@pytest.mark.root
 async def test_api_job_view_pages_the_log(served: Served, images: Images) -> None:
     client = served.app.test_client()
     response = await client.post(
@@ -54,6 +56,7 @@ async def test_api_job_view_pages_the_log(served: Served, images: Images) -> Non
     assert [j["job_id"] for j in listing] == [job_id] and "log" not in listing[0]
 
 
+@pytest.mark.root
 async def test_seed_commands_create_and_watch(served: Served, config: Config, images: Images) -> None:
     created = await trio.to_thread.run_sync(
         run_cli,
@@ -100,6 +103,7 @@ async def test_watch_of_a_failed_build_exits_non_zero_with_the_reason(
     assert "FAILED: image" in watched.output and "linux/amd64 only" in watched.output
 
 
+@pytest.mark.root
 async def test_build_command_uploads_the_context(
     served: Served, config: Config, images: Images, scratch: Path
 ) -> None:
@@ -139,6 +143,7 @@ async def test_build_command_uploads_the_context(
     assert any("COPY hello.txt /srv/$WHO.txt" in line for line in job.log)
 
 
+@pytest.mark.root
 async def test_build_command_with_the_dockerfile_in_the_context(
     served: Served, config: Config, images: Images, scratch: Path
 ) -> None:

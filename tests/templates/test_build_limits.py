@@ -116,6 +116,7 @@ async def test_layers_that_decompress_past_the_cap_are_refused(
 
 
 @pytest.mark.parametrize("config_extra", [SMALL_CAPS])
+@pytest.mark.root
 async def test_an_added_archive_that_decompresses_past_the_cap_is_refused(
     builds: TemplateBuilds, config: Config, scratch: Path
 ) -> None:

@@ -44,7 +44,11 @@ from registry_world import (
 from appliance.config import Config, load_config
 from appliance.cubelet.runtimes import RuntimeBundle
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root")
+pytestmark = [
+    pytest.mark.uml,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root"),
+]
 
 TEST_HOST_NETWORK = "10.215.0.0/24"
 TEST_UID_BASE = 400_000

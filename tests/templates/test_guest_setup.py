@@ -24,6 +24,7 @@ def make_rootfs(root: Path) -> Path:
     return rootfs
 
 
+@pytest.mark.root
 def test_agent_imports_with_nothing_but_what_was_injected(scratch: Path) -> None:
     rootfs = make_rootfs(scratch)
     prepare_rootfs(rootfs, ("/app/serve", "--port", "8080"), {"MODE": "it's prod"}, "/app", "web", ())
@@ -46,6 +47,7 @@ def test_agent_imports_with_nothing_but_what_was_injected(scratch: Path) -> None
         assert loaded and all(line.endswith(".pyc'") for line in loaded), loaded
 
 
+@pytest.mark.root
 def test_init_and_start_scripts(scratch: Path) -> None:
     rootfs = make_rootfs(scratch)
     prepare_rootfs(
@@ -70,6 +72,7 @@ def test_init_and_start_scripts(scratch: Path) -> None:
     assert (rootfs / "home/user").stat().st_uid == 1000
 
 
+@pytest.mark.root
 def test_scratch_image_gets_root_and_user_accounts(scratch: Path) -> None:
     rootfs = scratch / "rootfs"
     rootfs.mkdir()
@@ -116,6 +119,7 @@ async def test_ext4_holds_content_plus_writable_space(scratch: Path) -> None:
     assert free_blocks * 4096 >= 32 << 20
 
 
+@pytest.mark.root
 def test_python_network_fallback_configures_the_interface() -> None:
     """Slim images have neither ip nor ifconfig: the init's ioctl fallback, run in a private netns."""
     if shutil.which("unshare") is None or shutil.which("ip") is None or os.geteuid() != 0:

@@ -23,6 +23,7 @@ from registry_world import (
     OciLayout,
     RecordingServer,
     Registries,
+    pull,
     send,
 )
 from served_builds import Served, finished
@@ -31,7 +32,6 @@ from appliance.config import Config
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.jobs import BuildJob, JobStore, Phase
 from appliance.templates.layer_cache import LayerCache
-from appliance.templates.pull import pull_image
 from appliance.templates.registry import RegistryError
 from appliance.templates.registry_auth import Credentials, RegistryAuthError
 from appliance.templates.requests import ImageBuildRequest, public_request
@@ -55,21 +55,7 @@ def servers() -> Iterator[list[RecordingServer]]:
         server.close()
 
 
-async def pull(
-    store: JobStore,
-    job: BuildJob,
-    image: str,
-    scratch: Path,
-    cache: LayerCache,
-    insecure: frozenset[str],
-    credentials: Credentials | None = CREDENTIALS,
-) -> Path:
-    rootfs = scratch / "rootfs"
-    rootfs.mkdir(exist_ok=True)
-    await pull_image(store, job, image, rootfs, scratch / "work", cache, credentials, insecure)
-    return rootfs
-
-
+@pytest.mark.root
 async def test_a_plain_http_registry_the_operator_did_not_list_gets_nothing_in_clear(
     job_store: JobStore,
     job: BuildJob,
@@ -81,11 +67,14 @@ async def test_a_plain_http_registry_the_operator_did_not_list_gets_nothing_in_c
     registry = FakeRegistry(layout, challenge='Basic realm="cube-test"', accept=BASIC)
     servers.append(registry)
     with pytest.raises(RegistryError, match="cannot reach registry"):
-        await pull(job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset())
+        await pull(
+            job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset(), CREDENTIALS
+        )
     assert registry.requests == [], "no HTTP request (let alone credentials) reached it: https only"
     rootfs = await pull(
-        job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset({registry.host})
-    )
+        job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset({registry.host}),
+        CREDENTIALS,
+    )  # fmt: skip
     assert (rootfs / "hello.txt").read_text() == "hello", "listed in insecure_registries: plain HTTP"
 
 
@@ -124,12 +113,15 @@ async def test_a_token_realm_redirect_is_not_followed(
     servers += [elsewhere, realm, registry]
     insecure = frozenset({registry.host, realm.http.host, elsewhere.http.host})
     with pytest.raises(RegistryAuthError, match="answered 302"):
-        await pull(job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, insecure)
+        await pull(
+            job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, insecure, CREDENTIALS
+        )
     assert [auth for _, auth in realm.requests] == [BASIC], "the realm itself gets the credentials"
     assert "s3cret" not in realm.requests[0][0], "in the Authorization header, not the query"
     assert elsewhere.requests == []
 
 
+@pytest.mark.root
 async def test_a_blob_redirect_to_another_host_carries_no_credentials(
     job_store: JobStore,
     job: BuildJob,
@@ -142,8 +134,9 @@ async def test_a_blob_redirect_to_another_host_carries_no_credentials(
     registry = FakeRegistry(layout, challenge='Basic realm="cube-test"', accept=BASIC, blob_location=cdn.url)
     servers += [cdn, registry]
     rootfs = await pull(
-        job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset({registry.host})
-    )
+        job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset({registry.host}),
+        CREDENTIALS,
+    )  # fmt: skip
     assert (rootfs / "hello.txt").read_text() == "hello"
     assert cdn.requests and all(auth is None for _, auth in cdn.requests), cdn.requests
     assert any(auth == BASIC for _, auth in registry.requests)
@@ -161,6 +154,7 @@ def secrets_in(job: BuildJob, store_dir: Path, *secrets: str) -> list[str]:
 
 
 @pytest.mark.parametrize("password", [PASSWORD, "not-the-password"])
+@pytest.mark.root
 async def test_registry_credentials_stay_out_of_query_strings_logs_and_records(
     builds: TemplateBuilds, config: Config, images: Images, registries: Registries, password: str
 ) -> None:
@@ -173,6 +167,7 @@ async def test_registry_credentials_stay_out_of_query_strings_logs_and_records(
 
 @pytest.mark.parametrize("config_extra", [{"build_fetch_allow": "127.0.0.2/32"}])
 @pytest.mark.parametrize("status", [200, 404])
+@pytest.mark.root
 async def test_credentials_in_an_add_url_stay_out_of_logs_and_records(
     served: Served, config: Config, servers: list[RecordingServer], status: int
 ) -> None:

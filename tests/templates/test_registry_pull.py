@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from registry_world import PASSWORD, USER, BasicAuthProxy, Images, Registries
+from registry_world import PASSWORD, USER, BasicAuthProxy, Images, Registries, pull
 
 from appliance.templates.jobs import BuildJob, JobStore
 from appliance.templates.layer_cache import LayerCache
@@ -18,21 +18,7 @@ from appliance.templates.registry import ImageNotFound
 from appliance.templates.registry_auth import Credentials, RegistryAuthError
 
 
-async def pull(
-    store: JobStore,
-    job: BuildJob,
-    image: str,
-    scratch: Path,
-    cache: LayerCache,
-    insecure: frozenset[str],
-    credentials: Credentials | None = None,
-) -> Path:
-    rootfs = scratch / "rootfs"
-    rootfs.mkdir()
-    await pull_image(store, job, image, rootfs, scratch / "work", cache, credentials, insecure)
-    return rootfs
-
-
+@pytest.mark.root
 async def test_multi_layer_image_unpacks_like_a_container_runtime(
     images: Images,
     job_store: JobStore,
@@ -66,6 +52,7 @@ async def test_multi_layer_image_unpacks_like_a_container_runtime(
     assert job.progress >= 59
 
 
+@pytest.mark.root
 async def test_image_config_is_read(
     images: Images,
     job_store: JobStore,
@@ -85,6 +72,7 @@ async def test_image_config_is_read(
     assert (image.config.workdir, image.config.user, image.config.exposed_ports) == ("/data", "app", (8080,))
 
 
+@pytest.mark.root
 async def test_layer_cache_is_reused_by_the_next_pull(
     images: Images,
     job_store: JobStore,
@@ -103,6 +91,7 @@ async def test_layer_cache_is_reused_by_the_next_pull(
     assert [layer["cached"] for layer in second.layers] == [True, True, True]
 
 
+@pytest.mark.root
 async def test_interrupted_download_resumes_from_the_partial_file(
     images: Images,
     job_store: JobStore,
@@ -121,6 +110,7 @@ async def test_interrupted_download_resumes_from_the_partial_file(
     assert not partial.exists()
 
 
+@pytest.mark.root
 async def test_manifest_list_picks_linux_amd64(
     images: Images,
     job_store: JobStore,
@@ -177,6 +167,7 @@ async def test_unknown_image_is_a_clear_error(
         await pull(job_store, job, f"{registries.plain.host}/test/nothing:v1", scratch, layer_cache, insecure)
 
 
+@pytest.mark.root
 async def test_token_auth_with_credentials(
     images: Images,
     job_store: JobStore,
@@ -218,6 +209,7 @@ async def test_anonymous_pull_of_a_private_image_is_denied(
         await pull(job_store, job, images.private, scratch, layer_cache, insecure)
 
 
+@pytest.mark.root
 async def test_basic_auth_registry(
     images: Images,
     job_store: JobStore,

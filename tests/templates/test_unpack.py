@@ -44,6 +44,7 @@ def test_tree_lookups_clamp_dotdot_and_absolute_symlinks_to_the_root(rootfs: Pat
     assert (rootfs / "etc/new").read_bytes() == b"made"
 
 
+@pytest.mark.root
 def test_tree_never_opens_what_is_not_a_regular_file(rootfs: Path) -> None:
     """A device node an image plants is a live host device: only an O_PATH fd may touch it."""
     os.mknod(rootfs / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))  # /dev/zero
@@ -56,6 +57,7 @@ def test_tree_never_opens_what_is_not_a_regular_file(rootfs: Path) -> None:
             tree.open_regular("zero", os.O_WRONLY)
 
 
+@pytest.mark.root
 def test_tree_makedirs_creates_a_dangling_links_target_inside(rootfs: Path) -> None:
     (rootfs / "opt").symlink_to("/elsewhere/opt")
     (rootfs / "up").symlink_to("../../../../../../srv")
@@ -67,6 +69,7 @@ def test_tree_makedirs_creates_a_dangling_links_target_inside(rootfs: Path) -> N
     assert (rootfs / "opt").is_symlink()
 
 
+@pytest.mark.root
 def test_whiteout_of_a_directory_removes_the_tree_and_opaque_keeps_same_layer_entries(
     scratch: Path, rootfs: Path
 ) -> None:
@@ -108,6 +111,7 @@ def test_hardlink_outside_the_rootfs_is_clamped(scratch: Path, rootfs: Path) -> 
         apply_layer(rootfs, layer, diff_id, "layer")
 
 
+@pytest.mark.root
 def test_content_that_does_not_match_the_diff_id_is_refused(scratch: Path, rootfs: Path) -> None:
     layer, _ = write_layer(scratch, "layer", [Entry("a.txt", data=b"a")], "none")
     with pytest.raises(DigestMismatch, match="the image config says sha256:0000"):

@@ -150,6 +150,7 @@ async def test_copy_never_reads_host_files_through_context_symlinks(
     assert host.unchanged()
 
 
+@pytest.mark.root
 async def test_a_context_symlink_to_a_host_file_is_copied_as_a_link(
     builds: TemplateBuilds, config: Config, host: HostFiles, scratch: Path
 ) -> None:
@@ -193,6 +194,7 @@ async def test_dockerfile_path_is_never_read_through_a_symlink(
         "COPY tree /evil",
     ],
 )
+@pytest.mark.root
 async def test_writes_into_a_symlinked_destination_stay_in_the_rootfs(
     builds: TemplateBuilds, config: Config, host: HostFiles, scratch: Path, step: str
 ) -> None:
@@ -217,6 +219,7 @@ async def test_writes_into_a_symlinked_destination_stay_in_the_rootfs(
         assert "from the tar" in debugfs(image, f"cat {host}/dir/inside.txt")
 
 
+@pytest.mark.root
 async def test_copy_from_a_stage_never_follows_its_symlinks_to_the_host(
     builds: TemplateBuilds, host: HostFiles, scratch: Path
 ) -> None:
@@ -268,6 +271,7 @@ ROOTFS_ATTACKS: dict[str, Callable[[Path, str], None]] = {
 
 
 @pytest.mark.parametrize("attack", ROOTFS_ATTACKS)
+@pytest.mark.root
 def test_preparing_a_rootfs_never_changes_host_files(scratch: Path, host: HostFiles, attack: str) -> None:
     rootfs = scratch / "rootfs"
     rootfs.mkdir()
@@ -280,6 +284,7 @@ def test_preparing_a_rootfs_never_changes_host_files(scratch: Path, host: HostFi
         assert (rootfs / "keep-passwd").read_text() == "root:x:0:0::/root:/bin/sh\n", "written in place"
 
 
+@pytest.mark.root
 async def test_image_with_symlinks_to_host_files_builds_without_touching_them(
     builds: TemplateBuilds, config: Config, host: HostFiles, scratch: Path
 ) -> None:
@@ -304,6 +309,7 @@ async def test_image_with_symlinks_to_host_files_builds_without_touching_them(
 
 
 # Item 14: unpacked trees (setuid files, device nodes) and the caches only root may enter.
+@pytest.mark.root
 async def test_caches_and_build_scratch_space_are_private(
     config: Config, sandboxes: LoopbackSandboxes, scratch: Path, images: Images
 ) -> None:

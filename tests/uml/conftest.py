@@ -23,10 +23,10 @@ import umlguests
 
 from appliance.config import Config
 from appliance.net.service import CubeVS
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec
 from appliance.runtime.uml.instance import UmlInstance
 from appliance.runtime.uml.runtime import UmlRuntime
-from appliance.templates.manifest import TemplateManifest
 
 TEST_HOST_NETWORK = "10.231.0.0/24"
 TEST_UID_BASE = 310_000

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from appliance.config import Config
     from appliance.net.service import CubeVS
-    from appliance.templates.manifest import TemplateManifest
+    from appliance.records import TemplateManifest
 
 pytestmark = [pytest.mark.uml, pytest.mark.slow]
 

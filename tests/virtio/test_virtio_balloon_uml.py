@@ -24,6 +24,7 @@ from umlguests import claim, default_template, private_config
 from appliance.config import Config
 from appliance.cubelet.envd_client import run_command
 from appliance.net.service import CubeVS
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec
 from appliance.runtime.uml.balloon import kernel_has_balloon
 from appliance.runtime.uml.instance import UmlInstance
@@ -34,7 +35,6 @@ from appliance.runtime.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from appliance.runtime.virtio.vhost_user.backend import VhostUserBackend
 from appliance.runtime.virtio.vhost_user.memory import FrontendMemory
 from appliance.runtime.virtio.vhost_user.uml_frontend import missing_prerequisite, run_uml
-from appliance.templates.manifest import TemplateManifest
 
 DRIVERS = ["virtio_balloon"]
 MISSING = missing_prerequisite(DRIVERS)

@@ -53,7 +53,7 @@ from appliance.runtime.virtio.vsock.device import VirtioVsock
 from cffi_kvm import Kvm
 
 if TYPE_CHECKING:
-    from appliance.templates.manifest import TemplateManifest
+    from appliance.records import TemplateManifest
 
 MIB = 1 << 20
 VIRTIO_MMIO_BASE = 0xD000_0000

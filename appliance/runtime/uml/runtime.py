@@ -42,7 +42,7 @@ from appliance.runtime.uml.uids import SUBID_FILES, check_uid_range
 
 if TYPE_CHECKING:
     from appliance.net.service import CubeVS, SandboxNetwork
-    from appliance.templates.manifest import TemplateManifest
+    from appliance.records import TemplateManifest
 
 log = logging.getLogger(__name__)
 

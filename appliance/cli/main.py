@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,40 +28,13 @@ from appliance.bench.files import files_bench
 from appliance.bench.floor import floor_command
 from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
+from appliance.cli.common import api_key_option, emit, json_option, print_table
+from appliance.cli.templates import BUILD_COMMANDS
 from appliance.config import load_config
 from appliance.errors import first_leaf
 from appliance.master.upgrade import upgrade_command
 from appliance.runtime.uml.kernel import build_uml_kernel
-from appliance.templates.cli import BUILD_COMMANDS
 from appliance.templates.default import build_default
-
-
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    if not rows:
-        click.echo("(none)")
-        return
-    cells = [[str(row.get(c) if row.get(c) is not None else "") for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-
-
-def emit(data: Any, as_json: bool, columns: Sequence[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    elif isinstance(data, list):
-        print_table(data, columns)
-    else:
-        for key, value in data.items():
-            if not isinstance(value, list | dict):
-                click.echo(f"{key}: {value}")
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-api_key_option = click.option(
-    "--api-key", envvar="CUBE_API_KEY", default=None, help="API key (default: admin token)."
-)
 
 
 @click.group()
