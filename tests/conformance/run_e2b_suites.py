@@ -85,6 +85,7 @@ def default_suites() -> dict[str, Suite]:
             ),
         ),
         "js-sdk": Suite("js-sdk", sdk, "packages/js-sdk", ("tests/sandbox", "tests/api"), kind="vitest"),
+        "code-interpreter-js": Suite("code-interpreter-js", ci, "js", ("tests",), kind="vitest"),
     }
 
 
@@ -97,7 +98,7 @@ DANGER_PATTERNS = (
     re.compile(r"(?<![\d.])(?!127\.)(?!0\.0\.0\.0)\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.])"),
     re.compile(
         r"\b(?:curl|wget|ping|dig|nslookup|git\s+clone|pip3?\s+install|npm\s+(?:install|i)\b"
-        r"|apt(?:-get)?\s+install|httpbin|connectivitycheck)"
+        r"|apt(?:-get)?\s+install|httpbin|connectivitycheck)\b"
     ),
 )
 
@@ -105,12 +106,12 @@ DANGER_PATTERNS = (
 @dataclass(frozen=True)
 class Entry:
     suite: str
-    node: str  # a node id, or a file path (all its tests)
+    node: str  # a node id, a file path (all its tests) or a directory (all its files' tests)
     reason: str
 
     def covers(self, node_id: str) -> bool:
         return node_id == self.node or node_id.startswith(
-            (self.node + "::", self.node + "[", self.node + " > ")
+            (self.node + "::", self.node + "[", self.node + " > ", self.node.rstrip("/") + "/")
         )
 
 

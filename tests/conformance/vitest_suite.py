@@ -53,7 +53,7 @@ def prepare(root: Path, theirs: dict[str, object]) -> None:
     if stamp.exists() and stamp.read_text() == digest:
         return
     (root / "package.json").write_text(text)
-    print(f"js-sdk: npm install in {root}", flush=True)
+    print(f"npm install in {root}", flush=True)
     subprocess.run(
         ["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts", "--no-package-lock"],
         cwd=root,
@@ -68,18 +68,21 @@ def write_config(
     root: Path, selection: Iterable[str], excluded_files: Iterable[str], test_timeout_s: int
 ) -> None:
     include = [f"{path}/**/*.test.ts" for path in selection]
+    # Bun's and Deno's runtime tests (code-interpreter's tests/runtimes) do not run under node.
+    exclude = sorted({*excluded_files, "tests/runtimes/**"})
+    setup = [f for f in ("tests/globalFetchFallback.setup.ts",) if (root / f).exists()]
     config = f"""import {{ defineConfig }} from 'vitest/config'
 // Written by tests/conformance/run_e2b_suites.py (Cube appliance), not E2B's own config.
 export default defineConfig({{
   test: {{
     include: {json.dumps(include)},
-    exclude: {json.dumps(sorted(excluded_files))},
+    exclude: {json.dumps(exclude)},
     isolate: true,
     globals: false,
     testTimeout: {test_timeout_s * 1000},
     hookTimeout: {test_timeout_s * 1000},
     environment: 'node',
-    setupFiles: ['tests/globalFetchFallback.setup.ts'],
+    setupFiles: {json.dumps(setup)},
     deps: {{ interopDefault: true }},
   }},
 }})
