@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -383,7 +384,7 @@ def run_vitest_suite(
     result = SuiteRun(ids, plan(suite, ids, flagged, *lists))
     whole_files = {e.node for e in lists[0] if e.suite == suite.name and "::" not in e.node}
     by_name = [i.split("::", 1)[1] for i in result.chosen.deselect if i.split("::", 1)[0] not in whole_files]
-    vitest_suite.write_config(root, suite.selection, whole_files, args.test_timeout)
+    vitest_suite.write_config(root, suite.selection, whole_files, args.test_timeout, args.workers)
     extra = vitest_suite.name_filter(by_name)
     remaining = set(vitest_suite.listed(root, env, extra))
     if leaked := sorted(remaining & set(result.chosen.deselect)):
@@ -392,12 +393,11 @@ def run_vitest_suite(
         result.chosen.deselect[node] = "shares its name with a deselected test (vitest filters by name)"
     if args.dry_run:
         return result
-    results = args.work / f"{suite.name}.json"
-    results.unlink(missing_ok=True)
+    results = args.work / f"{suite.name}.jsonl"
     print(f"== {suite.name}: vitest in {root} ({len(result.chosen.deselect)} deselected)", flush=True)
     process = vitest_suite.run(root, env, extra, results, args.suite_timeout, results.with_suffix(".log"))
     result.rc = wait_bounded(args, suite, process)
-    result.outcome = read_outcome(vitest_suite.read_results(root, results))
+    result.outcome = read_outcome(vitest_suite.read_results(results))
     return result
 
 
@@ -440,6 +440,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist processes")
     parser.add_argument("--test-timeout", type=int, default=180, help="seconds per test (pytest-timeout)")
     parser.add_argument("--suite-timeout", type=int, default=3600, help="seconds per suite, then killed")
+    parser.add_argument(
+        "--budget", type=int, default=0, help="seconds for all suites, shared out equally (default: none)"
+    )
     parser.add_argument("--deselected", type=Path, default=HERE / "deselected.txt")
     parser.add_argument("--reviewed", type=Path, default=HERE / "reviewed.txt")
     parser.add_argument("--dry-run", action="store_true", help="extract, collect and check; run nothing")
@@ -461,7 +464,12 @@ def main(argv: Sequence[str]) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     summary: dict[str, object] = {"api_url": args.api_url, "suites": {}}
     status = 0
-    for suite in [suites[name] for name in (args.suite or sorted(suites))]:
+    chosen = [suites[name] for name in (args.suite or sorted(suites))]
+    deadline = time.monotonic() + args.budget if args.budget else None
+    longest = args.suite_timeout
+    for number, suite in enumerate(chosen):
+        if deadline is not None:  # an equal share of what is left; time a suite leaves over goes on
+            args.suite_timeout = int(min(longest, (deadline - time.monotonic()) / (len(chosen) - number)))
         commit, root = extract(suite, args.ref, args.work)
         if suite.kind == "vitest":
             done = run_vitest_suite(args, suite, root, env, lists, commit)
@@ -475,8 +483,9 @@ def main(argv: Sequence[str]) -> int:
             continue
         summary["suites"][suite.name] = report(args, suite, commit, done, cleanup_sandboxes(args, api_key))  # type: ignore[index]
         status |= 0 if done.rc == 0 else 1
-    if not args.dry_run:
+        # After every suite: a run stopped later still leaves the suites it finished.
         (args.work / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
+    if not args.dry_run:
         print(f"summary: {args.work / 'summary.json'}")
     return status
 
@@ -507,6 +516,12 @@ def report(
         "skipped": outcome.skipped,
         "deselected": done.chosen.deselect,
         "rc": done.rc,
+        "stopped_by_timeout": done.rc == -1,
+        "not_run": len(done.ids)
+        - len(done.chosen.deselect)
+        - len(outcome.passed)
+        - len(outcome.failed)
+        - len(outcome.skipped),
         "log": str(args.work / f"{suite.name}.log"),
     }
 

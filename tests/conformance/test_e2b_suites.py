@@ -5,6 +5,7 @@ guests, the installed `code-interpreter` template), through run_e2b_suites.py.
   minute or two, so CI sees that the runner, the pinned SDKs and the appliance still fit together.
 - test_full_conformance_report: opt-in, CUBE_CONFORMANCE_FULL=1 (about an hour on two cores):
   every suite in run_e2b_suites.py (or those named in CUBE_CONFORMANCE_SUITES, comma-separated);
+  CUBE_CONFORMANCE_BUDGET_S bounds the whole run (shared out equally between the suites);
   asserts issue #23's bar (>= 95 % of the tests run pass) and leaves
   <CUBE_CONFORMANCE_WORK or a temp dir>/summary.json for docs/CONFORMANCE.md.
 
@@ -121,7 +122,8 @@ def test_smoke_code_interpreter_basics(conformance_service: tuple[str, Path], tm
 def test_full_conformance_report(conformance_service: tuple[str, Path]) -> None:
     work = Path(os.environ.get("CUBE_CONFORMANCE_WORK") or tempfile.mkdtemp(prefix="cube-conformance-"))
     chosen = [f"--suite={name}" for name in os.environ.get("CUBE_CONFORMANCE_SUITES", "").split(",") if name]
-    suites = _run_suites(conformance_service, work, *chosen)
+    budget = os.environ.get("CUBE_CONFORMANCE_BUDGET_S")
+    suites = _run_suites(conformance_service, work, *chosen, *([f"--budget={budget}"] if budget else []))
     below = {}
     for name, suite in suites.items():
         ran = len(suite["passed"]) + len(suite["failed"])

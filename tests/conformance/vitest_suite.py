@@ -21,6 +21,26 @@ from pathlib import Path
 # cloudflare or build tooling.
 DEV_PACKAGES = ("vitest", "msw", "dotenv", "@types/node", "error-stack-parser-es")
 CONFIG = "vitest.cube-conformance.mts"
+REPORTER = "cube-conformance-reporter.mjs"
+# One JSON line per finished test, appended as it finishes: a run stopped by its timeout keeps
+# the tests it finished (vitest's own JSON report is written only at the end).
+REPORTER_SOURCE = """// Written by tests/conformance/vitest_suite.py (Cube appliance).
+import { appendFileSync } from 'node:fs'
+import { relative } from 'node:path'
+
+export default class CubeConformanceReporter {
+  onTestCaseResult(testCase) {
+    const result = testCase.result()
+    const message = (result.errors ?? []).map((e) => e.message ?? String(e)).join(' | ')
+    const line = {
+      node: `${relative(process.cwd(), testCase.module.moduleId)}::${testCase.fullName}`,
+      outcome: result.state,
+      message: message.split('\\n')[0].slice(0, 300),
+    }
+    appendFileSync(process.env.CUBE_CONFORMANCE_RESULTS, JSON.stringify(line) + '\\n')
+  }
+}
+"""
 STAMP = "node_modules/.cube-conformance"
 NPM_TIMEOUT_S = 900
 
@@ -65,7 +85,7 @@ def prepare(root: Path, theirs: dict[str, object]) -> None:
 
 
 def write_config(
-    root: Path, selection: Iterable[str], excluded_files: Iterable[str], test_timeout_s: int
+    root: Path, selection: Iterable[str], excluded_files: Iterable[str], test_timeout_s: int, workers: int = 2
 ) -> None:
     include = [f"{path}/**/*.test.ts" for path in selection]
     # Bun's and Deno's runtime tests (code-interpreter's tests/runtimes) do not run under node.
@@ -78,6 +98,7 @@ export default defineConfig({{
     include: {json.dumps(include)},
     exclude: {json.dumps(exclude)},
     isolate: true,
+    maxWorkers: {workers},  // test files at once, like the pytest suites' xdist processes
     globals: false,
     testTimeout: {test_timeout_s * 1000},
     hookTimeout: {test_timeout_s * 1000},
@@ -158,39 +179,28 @@ def run(
     root: Path, env: dict[str, str], extra: list[str], results: Path, timeout_s: int, log: Path
 ) -> subprocess.Popen[bytes]:
     """Starts vitest (the caller waits and stops it) with a JSON report to `results`."""
-    cmd = [
-        "npx",
-        "--no-install",
-        "vitest",
-        "run",
-        "--config",
-        CONFIG,
-        "--reporter=default",
-        "--reporter=json",
-        f"--outputFile.json={results}",
-        *extra,
-    ]
+    (root / REPORTER).write_text(REPORTER_SOURCE)
+    results.unlink(missing_ok=True)
+    reporters = ["--reporter=default", f"--reporter=./{REPORTER}"]
+    cmd = ["npx", "--no-install", "vitest", "run", "--config", CONFIG, *reporters, *extra]
     with log.open("w") as out:
         return subprocess.Popen(
-            cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=root,
+            env={**env, "CUBE_CONFORMANCE_RESULTS": str(results)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
-def read_results(root: Path, results: Path) -> dict[str, dict[str, str]]:
-    """node id -> {outcome, message} from vitest's JSON report."""
+def read_results(results: Path) -> dict[str, dict[str, str]]:
+    """node id -> {outcome, message} from the reporter's lines (only tests that finished)."""
     found: dict[str, dict[str, str]] = {}
     if not results.exists():
         return found
-    for suite in json.loads(results.read_text()).get("testResults", []):
-        rel = Path(suite["name"]).relative_to(root)
-        for case in suite.get("assertionResults", []):
-            node = f"{rel}::" + " > ".join([*case.get("ancestorTitles", []), case["title"]])
-            status = case.get("status")
-            outcome = {"passed": "passed", "failed": "failed"}.get(status, "skipped")
-            message = (
-                (case.get("failureMessages") or [""])[0].splitlines()[0][:300] if outcome == "failed" else ""
-            )
-            found[node] = {"outcome": outcome, "message": message}
-        if suite.get("status") == "failed" and not suite.get("assertionResults"):
-            found[f"{rel}"] = {"outcome": "failed", "message": (suite.get("message") or "")[:300]}
+    for line in results.read_text().splitlines():
+        entry = json.loads(line)
+        outcome = entry["outcome"] if entry["outcome"] in ("passed", "failed") else "skipped"
+        found[entry["node"]] = {"outcome": outcome, "message": entry["message"]}
     return found
