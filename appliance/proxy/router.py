@@ -15,7 +15,8 @@ waiting on a guest that will never answer. One whose response has not started ge
 the 502 "was not found" answer; one whose response is streaming is cut off (over
 HTTP/1.1 the connection is closed mid-body, which the SDKs read as the sandbox
 having gone away and confirm with a /health that gets that 502; over HTTP/2 the
-stream ends, since the server cannot reset it from ASGI).
+stream ends, since the server cannot reset it from ASGI). A pause ends them the same
+way: the frozen guest would answer nothing until a resume that may never come.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class SandboxRouter:
                 return
             if not (scope.get("raw_path") or scope["path"].encode()).startswith(b"/"):
                 raise Refused(400, "the request target must be a path starting with '/'")
-            address, gone = await self._guest_address(scope, target)
+            address, stopped = await self._guest_address(scope, target)
         except Refused as refused:
             if scope["type"] == "http":
                 await _send_json_error(send, refused.status, refused.message)
@@ -121,9 +122,9 @@ class SandboxRouter:
                 await _deny_websocket(send, refused.status, refused.message)
             return
         if scope["type"] == "http":
-            await self._forward_http(scope, receive, send, target, address, gone)
+            await self._forward_http(scope, receive, send, target, address, stopped)
         else:
-            await self._forward_websocket(scope, receive, send, target, address, gone)
+            await self._forward_websocket(scope, receive, send, target, address, stopped)
 
     def target(self, scope: Scope) -> Target | None:
         """Which sandbox port this request is for; None for the control plane. Raises Refused (a bad port)."""
@@ -152,7 +153,8 @@ class SandboxRouter:
 
     async def _guest_address(self, scope: Scope, target: Target) -> tuple[tuple[str, int], trio.Event]:
         """Where the guest port is, once the request shows it may go there, and the event set when
-        the sandbox ends; Refused otherwise."""
+        the sandbox stops serving (paused or gone: a frozen guest answers nothing, so the forward
+        ends with a 502 like a request to a paused sandbox); Refused otherwise."""
         live = self.cubelet.live(target.sandbox_id)
         if live is None or live.instance is None or live.record is None:
             raise Refused(502, not_found_message(target.sandbox_id))
@@ -162,7 +164,7 @@ class SandboxRouter:
                 message = f"The sandbox {target.sandbox_id} is paused and was not found running"
                 raise Refused(502, message + "; connect to resume it")
             await self.cubelet.connect(target.sandbox_id, AUTO_RESUME_TIMEOUT_S)
-        return live.instance.endpoint(target.port), live.gone
+        return live.instance.endpoint(target.port), live.stopped  # (after a resume: the new run's)
 
     async def _forward_http(
         self,
@@ -171,7 +173,7 @@ class SandboxRouter:
         send: Send,
         target: Target,
         address: tuple[str, int],
-        gone: trio.Event,
+        stopped: trio.Event,
     ) -> None:
         sandbox_id, port = target.sandbox_id, target.port
         headers = forwarded_headers(scope)
@@ -188,7 +190,7 @@ class SandboxRouter:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, body_done, nursery.cancel_scope)
-            nursery.start_soon(_cancel_when_set, gone, nursery.cancel_scope)
+            nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
             try:
                 response = await self._client.send(request, stream=True)
             except ClientDisconnected:
@@ -196,15 +198,18 @@ class SandboxRouter:
                 return
             except httpx.HTTPError as exc:
                 log.info("sandbox %s port %d unreachable: %r", sandbox_id, port, exc)
-                if not gone.is_set():
+                if not stopped.is_set():
                     await _send_json_error(send, 502, port_not_open_message(sandbox_id))
                     progress.finished = True
                 nursery.cancel_scope.cancel()
             else:
                 await _relay_response(send, response, progress, sandbox_id, port)
                 nursery.cancel_scope.cancel()
-        if gone.is_set() and not progress.finished:
-            await _end_for_gone(scope, send, sandbox_id, progress)
+        if stopped.is_set() and not progress.finished:
+            live = self.cubelet.live(sandbox_id)
+            paused = live is not None and live.state == PAUSED
+            message = f"The sandbox {sandbox_id} was paused" if paused else not_found_message(sandbox_id)
+            await _end_for_stopped(scope, send, message, progress)
 
     async def _forward_websocket(
         self,
@@ -213,7 +218,7 @@ class SandboxRouter:
         send: Send,
         target: Target,
         address: tuple[str, int],
-        gone: trio.Event,
+        stopped: trio.Event,
     ) -> None:
         sandbox_id, port = target.sandbox_id, target.port
         message = await receive()  # websocket.connect
@@ -252,8 +257,8 @@ class SandboxRouter:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_client_to_guest, receive, stream, guest, nursery.cancel_scope)
                 nursery.start_soon(_guest_to_client, send, stream, guest, nursery.cancel_scope)
-                nursery.start_soon(_cancel_when_set, gone, nursery.cancel_scope)
-            if gone.is_set():
+                nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
+            if stopped.is_set():
                 await send({"type": "websocket.close", "code": WS_GOING_AWAY})
 
 
@@ -289,11 +294,11 @@ async def _relay_response(
             await response.aclose()
 
 
-async def _end_for_gone(scope: Scope, send: Send, sandbox_id: str, progress: _Progress) -> None:
-    """The sandbox ended while its request was in flight: say so if nothing was answered yet,
+async def _end_for_stopped(scope: Scope, send: Send, message: str, progress: _Progress) -> None:
+    """The sandbox ended or was paused while its request was in flight: say so if nothing was answered yet,
     else cut the answer off (HTTP/1.x: returning mid-body makes the server close the connection)."""
     if not progress.started:
-        await _send_json_error(send, 502, not_found_message(sandbox_id))
+        await _send_json_error(send, 502, message)
     elif scope.get("http_version") == "2":
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -182,3 +182,41 @@ def test_run_code_raises_promptly_when_its_sandbox_is_killed(
         sandbox.run_code("import time; time.sleep(300)", timeout=300)
     killer.join()
     assert time.monotonic() - started < PROMPT_S
+
+
+@pytest.mark.parametrize("silent_guest", [False], indirect=True)
+def test_a_request_waiting_on_a_sandbox_that_is_paused_gets_502_was_paused(
+    service: ServiceHarness, fake_runtime: FakeRuntime, api_key: str, silent_guest: SilentGuest
+) -> None:
+    # A paused guest answers nothing (UML's mconsole `stop` freezes it): E2B's proxy answers 502,
+    # which the SDKs' is_running() reads as "not running" (python-sdk test_create.py's
+    # test_keep_memory_none_defaults_to_full_memory polls it through the pause).
+    sandbox_id = create_sandbox(service, api_key)["sandboxID"]
+    route_port_to(fake_runtime, sandbox_id, SILENT_PORT, silent_guest)
+    headers = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(SILENT_PORT)}
+
+    def pause() -> None:
+        time.sleep(KILL_AFTER_S)
+        paused = httpx.post(f"{service.url}/sandboxes/{sandbox_id}/pause", headers={"X-API-KEY": api_key})
+        assert paused.status_code == 204, paused.text
+
+    pauser = threading.Thread(target=pause)
+    pauser.start()
+    started = time.monotonic()
+    response = httpx.post(
+        f"{service.url}/contexts", json={}, headers=headers, timeout=httpx.Timeout(CLIENT_READ_TIMEOUT_S)
+    )
+    pauser.join()
+    assert time.monotonic() - started < PROMPT_S
+    assert silent_guest.requests == 1
+    assert response.json() == {"code": 502, "message": f"The sandbox {sandbox_id} was paused"}
+    assert silent_guest.released.wait(PROMPT_S)  # the router let go of the frozen guest
+
+    resumed = httpx.post(
+        f"{service.url}/sandboxes/{sandbox_id}/resume", json={"timeout": 60}, headers={"X-API-KEY": api_key}
+    )
+    assert resumed.status_code == 201, resumed.text
+    # The resumed run's requests reach the guest again (this one waits on it until the client gives up).
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{service.url}/contexts", json={}, headers=headers, timeout=httpx.Timeout(10.0))
+    assert silent_guest.requests == 2
