@@ -6,6 +6,7 @@ guests, the installed `code-interpreter` template), through run_e2b_suites.py.
 - test_full_conformance_report: opt-in, CUBE_CONFORMANCE_FULL=1 (about an hour on two cores):
   every suite in run_e2b_suites.py (or those named in CUBE_CONFORMANCE_SUITES, comma-separated);
   CUBE_CONFORMANCE_BUDGET_S bounds the whole run (shared out equally between the suites);
+  CUBE_CONFORMANCE_ARGS adds runner arguments (e.g. "-- -k test_files": pytest's, to the pytest suites);
   asserts issue #23's bar (>= 95 % of the tests run pass) and leaves
   <CUBE_CONFORMANCE_WORK or a temp dir>/summary.json for docs/CONFORMANCE.md.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -123,7 +125,9 @@ def test_full_conformance_report(conformance_service: tuple[str, Path]) -> None:
     work = Path(os.environ.get("CUBE_CONFORMANCE_WORK") or tempfile.mkdtemp(prefix="cube-conformance-"))
     chosen = [f"--suite={name}" for name in os.environ.get("CUBE_CONFORMANCE_SUITES", "").split(",") if name]
     budget = os.environ.get("CUBE_CONFORMANCE_BUDGET_S")
-    suites = _run_suites(conformance_service, work, *chosen, *([f"--budget={budget}"] if budget else []))
+    chosen += [f"--budget={budget}"] if budget else []
+    chosen += shlex.split(os.environ.get("CUBE_CONFORMANCE_ARGS", ""))  # e.g. "-- -k test_files"
+    suites = _run_suites(conformance_service, work, *chosen)
     below = {}
     for name, suite in suites.items():
         ran = len(suite["passed"]) + len(suite["failed"])
