@@ -395,9 +395,13 @@ def run_vitest_suite(
         return result
     results = args.work / f"{suite.name}.jsonl"
     print(f"== {suite.name}: vitest in {root} ({len(result.chosen.deselect)} deselected)", flush=True)
-    process = vitest_suite.run(root, env, extra, results, args.suite_timeout, results.with_suffix(".log"))
+    # After --: vitest's own arguments (e.g. a test file), as pytest's go to the pytest suites.
+    cmd_extra = [*extra, *args.pytest_args]
+    process = vitest_suite.run(root, env, cmd_extra, results, args.suite_timeout, results.with_suffix(".log"))
     result.rc = wait_bounded(args, suite, process)
-    result.outcome = read_outcome(vitest_suite.read_results(results))
+    # vitest reports the tests its name filter left out as skipped: they are deselected.
+    recorded = vitest_suite.read_results(results)
+    result.outcome = read_outcome({k: v for k, v in recorded.items() if k not in result.chosen.deselect})
     return result
 
 
