@@ -334,6 +334,11 @@ def run_pytest_suite(
     ids = collect(python, suite, root, env)
     flagged = flagged_tests(root, {i.split("::", 1)[0] for i in ids})
     result = SuiteRun(ids, plan(suite, ids, flagged, *lists))
+    # pytest's --deselect matches node id prefixes: test_fork would take test_fork_invalid_count too.
+    if swept := [
+        i for i in ids if i not in result.chosen.deselect and i.startswith(tuple(result.chosen.deselect))
+    ]:
+        raise SystemExit(f"{suite.name}: --deselect would also leave out (list them too): {swept}")
     if args.dry_run:
         return result
     results = args.work / f"{suite.name}.json"
