@@ -3,7 +3,7 @@ guests, the installed `code-interpreter` template), through run_e2b_suites.py.
 
 - test_smoke_code_interpreter_basics: always (root): code-interpreter's test_basic files only, a
   minute or two, so CI sees that the runner, the pinned SDKs and the appliance still fit together.
-- test_full_conformance_report: opt-in, CUBE_CONFORMANCE_FULL=1 (about an hour on two cores):
+- test_full_conformance_report: opt-in, CUBE_CONFORMANCE_FULL=1 (about 13 minutes on two cores):
   every suite in run_e2b_suites.py (or those named in CUBE_CONFORMANCE_SUITES, comma-separated);
   CUBE_CONFORMANCE_BUDGET_S bounds the whole run (shared out equally between the suites);
   CUBE_CONFORMANCE_ARGS adds runner arguments (e.g. "-- -k test_files": pytest's, to the pytest suites);
