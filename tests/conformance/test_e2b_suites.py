@@ -119,7 +119,7 @@ def test_smoke_code_interpreter_basics(conformance_service: tuple[str, Path], tm
 
 
 @pytest.mark.skipif(
-    os.environ.get("CUBE_CONFORMANCE_FULL") != "1", reason="opt-in: CUBE_CONFORMANCE_FULL=1 (about an hour)"
+    os.environ.get("CUBE_CONFORMANCE_FULL") != "1", reason="opt-in: CUBE_CONFORMANCE_FULL=1 (13 minutes)"
 )
 def test_full_conformance_report(conformance_service: tuple[str, Path]) -> None:
     work = Path(os.environ.get("CUBE_CONFORMANCE_WORK") or tempfile.mkdtemp(prefix="cube-conformance-"))
