@@ -14,6 +14,7 @@ Schema = dict[str, Any]
 
 STRING: Schema = {"type": "string"}
 INTEGER: Schema = {"type": "integer"}
+UNIX_SECONDS: Schema = {"type": "integer", "minimum": 0, "maximum": 999999999999}
 BOOLEAN: Schema = {"type": "boolean"}
 STRINGS: Schema = {"type": "array", "items": STRING}
 STRING_MAP: Schema = {"type": "object", "additionalProperties": STRING}
@@ -354,7 +355,12 @@ PATHS: dict[str, Schema] = {
     },
     "/sandboxes/{sandboxID}/metrics": {
         "parameters": SANDBOX,
-        "get": _operation("Metrics", "200", {"type": "array"}, query={"start": INTEGER, "end": INTEGER}),
+        "get": _operation(
+            "Metrics in a time range",
+            "200",
+            {"type": "array"},
+            query={"start": UNIX_SECONDS, "end": UNIX_SECONDS},
+        ),
     },
     "/sandboxes/metrics": {
         "get": _operation(

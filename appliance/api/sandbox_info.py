@@ -64,8 +64,14 @@ async def list_v1() -> Response:
 
 @blueprint.get("/sandboxes/<sandbox_id>/metrics")
 async def metrics(sandbox_id: str) -> Response:
+    """The samples the cubelet kept, in `?start=&end=` (unix seconds, both optional and inclusive)."""
+    start = v.unix_seconds(request.args.get("start"), "start")
+    end = v.unix_seconds(request.args.get("end"), "end")
+    if start is not None and end is not None and start > end:
+        raise ApiError(400, "'start' must not be after 'end'")
     owned_live_record(sandbox_id)
-    return json_response([await services().cubelet.metrics(sandbox_id)])
+    samples = await services().cubelet.metrics_history.query(sandbox_id, start, end)
+    return json_response([sample.body(rfc3339) for sample in samples])
 
 
 @blueprint.get("/sandboxes/metrics")

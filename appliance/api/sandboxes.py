@@ -191,7 +191,8 @@ async def set_timeout(sandbox_id: str) -> Response:
     data = await v.request_object(required=True)
     if "timeout" not in data:
         raise ApiError(400, "'timeout' is required")
-    timeout_s = v.timeout_seconds(data, "timeout", s.config.default_timeout_s)
+    # 0 is E2B's "time out now": the sandbox's on-timeout action (kill or pause) runs at once.
+    timeout_s = v.timeout_seconds(data, "timeout", s.config.default_timeout_s, minimum=0)
     owned_live_record(sandbox_id)
     s.cubelet.set_timeout(sandbox_id, timeout_s)
     return no_content()

@@ -52,15 +52,16 @@ def optional_bool(data: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
-def timeout_seconds(data: dict[str, Any], key: str, default: int) -> int:
+def timeout_seconds(data: dict[str, Any], key: str, default: int, *, minimum: int = 1) -> int:
     value = data.get(key)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
         raise ApiError(400, f"'{key}' must be a whole number of seconds")
     seconds = int(value)
-    if seconds <= 0:
-        raise ApiError(400, f"'{key}' must be positive, got {seconds}")
+    if seconds < minimum:
+        allowed = "positive" if minimum > 0 else "0 (now) or positive"
+        raise ApiError(400, f"'{key}' must be {allowed}, got {seconds}")
     if seconds > MAX_TIMEOUT_S:
         raise ApiError(400, f"'{key}' must be at most {MAX_TIMEOUT_S} seconds, got {seconds}")
     return seconds
@@ -142,6 +143,15 @@ def parse_rfc3339(text: str | None, key: str) -> float | None:
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except ValueError as exc:
         raise ApiError(400, f"'{key}' must be an RFC3339 timestamp") from exc
+
+
+def unix_seconds(text: str | None, key: str) -> int | None:
+    """A query's unix time in whole seconds (E2B's metrics range), or None if absent."""
+    if text is None or text == "":
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        raise ApiError(400, f"'{key}' must be a unix time in seconds")
+    return int(text)
 
 
 def encode_page_token(started_at: float, sandbox_id: str) -> str:

@@ -40,6 +40,7 @@ from appliance.cubelet.capacity import BootCapacity
 from appliance.cubelet.envd_client import EnvdError
 from appliance.cubelet.health import HealthProber
 from appliance.cubelet.lifecycle import GuestLifecycle, trio_deadline_for
+from appliance.cubelet.metrics import MetricsHistory, user_sandboxes
 from appliance.cubelet.pools import WarmPools
 from appliance.cubelet.sandboxes import (
     LiveSandbox,
@@ -156,6 +157,7 @@ class Cubelet:
             self._templates,
             self.memory_budget_mb,
         )
+        self.metrics_history = MetricsHistory(self.metrics, user_sandboxes(self.sandboxes))
 
     # Service task.
 
@@ -169,6 +171,7 @@ class Cubelet:
                     self.adoption = await self._adopt(self.runtime)
                 nursery.start_soon(self.pools.keep)
                 nursery.start_soon(self.health.run)
+                nursery.start_soon(self.metrics_history.run)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:

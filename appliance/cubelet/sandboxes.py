@@ -142,6 +142,9 @@ class LiveSandbox:
     end_reason: str = "killed"
     health_failures: int = 0
     gone: trio.Event = field(default_factory=trio.Event)  # set on ENDED, FAILED or DETACHED
+    # Set when the guest stops serving its users: paused, or gone; a fresh one when a paused guest
+    # runs again. The proxy ends in-flight forwards with it (a frozen guest answers nothing).
+    stopped: trio.Event = field(default_factory=trio.Event)
 
     def envd_headers(self) -> dict[str, str]:
         """Auth for the host's own envd calls to this guest."""
@@ -299,6 +302,10 @@ class SandboxTable:
         live.state = new
         if record is not None:
             live.record = record
+        if new is SandboxState.PAUSED:
+            live.stopped.set()
+        elif old is SandboxState.PAUSED and new is SandboxState.RUNNING:
+            live.stopped = trio.Event()
         log.debug("sandbox %s: %s -> %s (%s)", live.sandbox_id, old, new, message)
         if live.record is not None and new in RECORD_STATE:
             live.record.state = RECORD_STATE[new]
@@ -335,6 +342,7 @@ class SandboxTable:
         self._guests.pop(live.sandbox_id, None)
         self._slots.discard(live.slot)
         live.gone.set()
+        live.stopped.set()
 
     def _allocate_slot(self) -> int:
         """The next free slot after the last one handed out, wrapping around.

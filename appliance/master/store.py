@@ -27,7 +27,7 @@ from appliance.records import (
 )
 from appliance.tenancy import SYSTEM_TEAM
 
-KEY_PREFIX = "cube_"
+KEY_PREFIX = "e2b_"  # what E2B's SDKs accept: newer ones check `^e2b_[0-9a-f]+$` before any request
 _KEY_COLUMNS = "key_id, name, prefix, created_at, revoked_at, last_used_at, team_id"  # ApiKeyRecord's order
 IDEMPOTENCY_TTL_S = 24 * 3600
 LAST_USED_RESOLUTION_S = 60.0  # a key's last-use time is written at most this often
@@ -265,7 +265,7 @@ class SqliteStore:
 
     def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]:
         """A new key in `team_id` (an existing team: the caller checks), else in a team of its own."""
-        key = KEY_PREFIX + secrets.token_hex(16)
+        key = KEY_PREFIX + secrets.token_hex(20)  # 40 hex digits, like an E2B key
         record = ApiKeyRecord(
             key_id=secrets.token_hex(4),
             name=name,

@@ -7,7 +7,11 @@ Sandbox traffic carries no API key: the sandbox's tokens are its credentials.
 - envd's port: `X-Access-Token` must be the sandbox's envd token, or the request a
   `/files` URL signed with it (PROTOCOL.md §3.7). Otherwise the answer is the same
   502 "was not found" as for a sandbox that does not exist, so a sandbox's existence
-  does not leak to whoever lacks its token.
+  does not leak to whoever lacks its token. A URL signed with it whose expiry has
+  passed is 401 "signature is already expired", as envd answers it.
+- A signed `/files` URL needs no sandbox id: in single-port mode the SDKs build
+  `download_url()` / `upload_url()` from E2B_SANDBOX_URL, without one, so the router
+  routes it to the sandbox whose envd token signed it (router.py).
 - Every other port of a sandbox created with `allowPublicTraffic: false`:
   `e2b-traffic-access-token` must be its traffic token (403 otherwise, as E2B's edge).
   Public sandboxes have one too (the code interpreter in the guest takes it, as the SDKs
@@ -102,31 +106,51 @@ def _same(presented: str | None, expected: str) -> bool:
     return presented is not None and hmac.compare_digest(presented.encode(), expected.encode())
 
 
-def signed_file_url(scope: Scope, token: str) -> bool:
-    """A `/files` download or upload URL signed with the sandbox's envd token, not expired."""
+@dataclass(frozen=True)
+class FileSignature:
+    """What a signed `/files` download or upload URL carries (PROTOCOL.md §3.7)."""
+
+    signature: str
+    path: str
+    operation: str
+    user: str
+    expiration: str | None
+
+    def signed_with(self, token: str) -> bool:
+        expected = file_signature(self.path, self.operation, self.user, token, self.expiration)
+        return _same(self.signature, expected)
+
+    def expired(self) -> bool:
+        return self.expiration is not None and int(self.expiration) < time.time()
+
+
+def file_url_signature(scope: Scope) -> FileSignature | None:
+    """The signature on a `/files` URL; None if the request is not one or carries no valid-looking one."""
     if scope.get("path") != "/files" or scope.get("method") not in ("GET", "POST"):
-        return False
+        return None
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
 
     def value(name: str) -> str | None:
         return query[name][0] if name in query else None
 
     signature, expiration = value("signature"), value("signature_expiration")
-    if not signature:
-        return False
-    if expiration is not None and (not expiration.isdigit() or int(expiration) < time.time()):
-        return False
+    if not signature or (expiration is not None and not (expiration.isascii() and expiration.isdigit())):
+        return None
     operation = "read" if scope["method"] == "GET" else "write"
-    expected = file_signature(value("path") or "", operation, value("username") or "", token, expiration)
-    return _same(signature, expected)
+    return FileSignature(signature, value("path") or "", operation, value("username") or "", expiration)
 
 
 def check_credentials(scope: Scope, record: SandboxRecord, port: int) -> None:
     """Raises Refused unless the request carries what this sandbox port needs (module docstring)."""
     if port == ENVD_PORT:
         token = record.envd_access_token
-        if token and not (_same(header(scope, ACCESS_TOKEN_HEADER), token) or signed_file_url(scope, token)):
+        if not token or _same(header(scope, ACCESS_TOKEN_HEADER), token):
+            return
+        signed = file_url_signature(scope)
+        if signed is None or not signed.signed_with(token):
             raise Refused(502, not_found_message(record.sandbox_id))
+        if signed.expired():  # signed with the token: its holder may learn that much (envd's words)
+            raise Refused(401, "signature is already expired")
         return
     expected = record.traffic_access_token
     if record.allow_public_traffic or expected is None:

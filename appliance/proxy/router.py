@@ -8,6 +8,15 @@ chunk by chunk as the client sends them, response bodies flushed per chunk, for
 as long as the stream lives. WebSocket upgrades are relayed frame by frame.
 Everything else goes to the control-plane app.
 What a request must carry to get through: appliance/proxy/access.py.
+
+A forward lives no longer than its sandbox: when the sandbox ends (killed, timed
+out, crashed) its in-flight forwards end at once, as E2B's proxy does, instead of
+waiting on a guest that will never answer. One whose response has not started gets
+the 502 "was not found" answer; one whose response is streaming is cut off (over
+HTTP/1.1 the connection is closed mid-body, which the SDKs read as the sandbox
+having gone away and confirm with a /health that gets that 502; over HTTP/2 the
+stream ends, since the server cannot reset it from ASGI). A pause ends them the same
+way: the frozen guest would answer nothing until a resume that may never come.
 """
 
 from __future__ import annotations
@@ -24,14 +33,17 @@ import wsproto
 import wsproto.events as ws_events
 
 from appliance.cubelet.cubelet import Cubelet
+from appliance.cubelet.state import USER_VISIBLE
 from appliance.proxy.access import (
     HOP_BY_HOP,
     SANDBOX_ID_HEADER,
     SANDBOX_PORT_HEADER,
+    FileSignature,
     Refused,
     Scope,
     Target,
     check_credentials,
+    file_url_signature,
     forwarded_headers,
     header,
     not_found_message,
@@ -49,6 +61,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CONNECT_TIMEOUT_S = 5.0
 WS_READ_SIZE = 65536
+WS_GOING_AWAY = 1001  # the close code a WebSocket gets when its sandbox ends
 AUTO_RESUME_TIMEOUT_S = 300
 # Idle connections to guests are reused for this long: under the 5 s idle timeout
 # common HTTP servers (hypercorn's default) use, so a reused one is rarely stale.
@@ -57,6 +70,11 @@ GUEST_KEEPALIVE_S = 4.0
 
 class ClientDisconnected(Exception):
     pass
+
+
+def port_not_open_message(sandbox_id: str) -> str:
+    """What the SDKs read as "the sandbox runs but this port does not answer" (E2B's wording)."""
+    return f"The sandbox {sandbox_id} is running but port is not open"
 
 
 def upstream_url(host: str, port: int, scope: Scope) -> httpx.URL:
@@ -96,7 +114,7 @@ class SandboxRouter:
                 return
             if not (scope.get("raw_path") or scope["path"].encode()).startswith(b"/"):
                 raise Refused(400, "the request target must be a path starting with '/'")
-            address = await self._guest_address(scope, target)
+            address, stopped = await self._guest_address(scope, target)
         except Refused as refused:
             if scope["type"] == "http":
                 await _send_json_error(send, refused.status, refused.message)
@@ -104,9 +122,9 @@ class SandboxRouter:
                 await _deny_websocket(send, refused.status, refused.message)
             return
         if scope["type"] == "http":
-            await self._forward_http(scope, receive, send, target, address)
+            await self._forward_http(scope, receive, send, target, address, stopped)
         else:
-            await self._forward_websocket(scope, receive, send, target, address)
+            await self._forward_websocket(scope, receive, send, target, address, stopped)
 
     def target(self, scope: Scope) -> Target | None:
         """Which sandbox port this request is for; None for the control plane. Raises Refused (a bad port)."""
@@ -118,10 +136,25 @@ class SandboxRouter:
         match = self._host_pattern.match(host.lower().encode("latin-1")) if host is not None else None
         if match:
             return Target(match.group(2).decode(), parse_port(match.group(1).decode()))
+        signed = file_url_signature(scope)
+        if signed is not None and (signer := self._signer(signed)) is not None:
+            return Target(signer, ENVD_PORT)
         return None
 
-    async def _guest_address(self, scope: Scope, target: Target) -> tuple[str, int]:
-        """Where the guest port is, once the request shows it may go there; Refused otherwise."""
+    def _signer(self, signed: FileSignature) -> str | None:
+        """The sandbox whose envd token signed this /files URL (single-port mode's download and upload
+        URLs name no sandbox); None if no sandbox's did. Costs one hash per sandbox on this node."""
+        for live in self.cubelet.sandboxes:
+            record = live.record
+            if live.state in USER_VISIBLE and record is not None and record.envd_access_token:
+                if signed.signed_with(record.envd_access_token):
+                    return record.sandbox_id
+        return None
+
+    async def _guest_address(self, scope: Scope, target: Target) -> tuple[tuple[str, int], trio.Event]:
+        """Where the guest port is, once the request shows it may go there, and the event set when
+        the sandbox stops serving (paused or gone: a frozen guest answers nothing, so the forward
+        ends with a 502 like a request to a paused sandbox); Refused otherwise."""
         live = self.cubelet.live(target.sandbox_id)
         if live is None or live.instance is None or live.record is None:
             raise Refused(502, not_found_message(target.sandbox_id))
@@ -131,10 +164,16 @@ class SandboxRouter:
                 message = f"The sandbox {target.sandbox_id} is paused and was not found running"
                 raise Refused(502, message + "; connect to resume it")
             await self.cubelet.connect(target.sandbox_id, AUTO_RESUME_TIMEOUT_S)
-        return live.instance.endpoint(target.port)
+        return live.instance.endpoint(target.port), live.stopped  # (after a resume: the new run's)
 
     async def _forward_http(
-        self, scope: Scope, receive: Receive, send: Send, target: Target, address: tuple[str, int]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        target: Target,
+        address: tuple[str, int],
+        stopped: trio.Event,
     ) -> None:
         sandbox_id, port = target.sandbox_id, target.port
         headers = forwarded_headers(scope)
@@ -147,9 +186,11 @@ class SandboxRouter:
             body_done.set()
         url = upstream_url(*address, scope)
         request = self._client.build_request(scope["method"], url, headers=headers, content=content)
+        progress = _Progress()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, body_done, nursery.cancel_scope)
+            nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
             try:
                 response = await self._client.send(request, stream=True)
             except ClientDisconnected:
@@ -157,29 +198,27 @@ class SandboxRouter:
                 return
             except httpx.HTTPError as exc:
                 log.info("sandbox %s port %d unreachable: %r", sandbox_id, port, exc)
-                await _send_json_error(send, 502, f"The sandbox {sandbox_id} is running but port is not open")
+                if not stopped.is_set():
+                    await _send_json_error(send, 502, port_not_open_message(sandbox_id))
+                    progress.finished = True
                 nursery.cancel_scope.cancel()
-                return
-            try:
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": response.status_code,
-                        "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP],
-                    }
-                )
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except httpx.HTTPError as exc:
-                log.info("stream from sandbox %s port %d broke: %r", sandbox_id, port, exc)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await response.aclose()
-            nursery.cancel_scope.cancel()
+            else:
+                await _relay_response(send, response, progress, sandbox_id, port)
+                nursery.cancel_scope.cancel()
+        if stopped.is_set() and not progress.finished:
+            live = self.cubelet.live(sandbox_id)
+            paused = live is not None and live.state == PAUSED
+            message = f"The sandbox {sandbox_id} was paused" if paused else not_found_message(sandbox_id)
+            await _end_for_stopped(scope, send, message, progress)
 
     async def _forward_websocket(
-        self, scope: Scope, receive: Receive, send: Send, target: Target, address: tuple[str, int]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        target: Target,
+        address: tuple[str, int],
+        stopped: trio.Event,
     ) -> None:
         sandbox_id, port = target.sandbox_id, target.port
         message = await receive()  # websocket.connect
@@ -188,7 +227,7 @@ class SandboxRouter:
         try:
             stream = await trio.open_tcp_stream(*address)
         except OSError:
-            await _deny_websocket(send, 502, f"The sandbox {sandbox_id} is running but port is not open")
+            await _deny_websocket(send, 502, port_not_open_message(sandbox_id))
             return
         async with stream:
             guest = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
@@ -218,6 +257,55 @@ class SandboxRouter:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_client_to_guest, receive, stream, guest, nursery.cancel_scope)
                 nursery.start_soon(_guest_to_client, send, stream, guest, nursery.cancel_scope)
+                nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
+            if stopped.is_set():
+                await send({"type": "websocket.close", "code": WS_GOING_AWAY})
+
+
+class _Progress:
+    """How far a forwarded response got to the client."""
+
+    def __init__(self) -> None:
+        self.started = False  # http.response.start sent
+        self.finished = False  # the whole answer sent
+
+
+async def _relay_response(
+    send: Send, response: httpx.Response, progress: _Progress, sandbox_id: str, port: int
+) -> None:
+    """The guest's response to the client, chunk by chunk as it comes."""
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP],
+            }
+        )
+        progress.started = True
+        async for chunk in response.aiter_raw():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        progress.finished = True
+    except httpx.HTTPError as exc:
+        log.info("stream from sandbox %s port %d broke: %r", sandbox_id, port, exc)
+    finally:
+        with trio.CancelScope(shield=True):
+            await response.aclose()
+
+
+async def _end_for_stopped(scope: Scope, send: Send, message: str, progress: _Progress) -> None:
+    """The sandbox ended or was paused while its request was in flight: say so if nothing was answered yet,
+    else cut the answer off (HTTP/1.x: returning mid-body makes the server close the connection)."""
+    if not progress.started:
+        await _send_json_error(send, 502, message)
+    elif scope.get("http_version") == "2":
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _request_body(receive: Receive, done: trio.Event) -> AsyncIterator[bytes]:

@@ -191,7 +191,18 @@ async def add_host_cas(root: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for path in cas:
         shutil.copy2(path, target / path.name)
-    await trio.run_process(["chroot", str(root), "update-ca-certificates"], stdout=subprocess.DEVNULL)
+    # Its ca-certificates-java hook runs dpkg's trigger, which imports the new CAs into Java's
+    # cacerts with the JDK's keytool: that needs /proc (see run_in_image).
+    await run_in_image(root, "update-ca-certificates")
+
+
+async def run_in_image(root: Path, command: str) -> None:
+    """`command` (a shell word list) chrooted into the image, with a /proc of its own: the JDK's
+    launchers find libjli.so through /proc/self/exe, and fail without it. The mount lives in a
+    mount namespace of its own and is gone with it."""
+    script = f'mount -t proc proc "$1/proc" && exec chroot "$1" {command}'
+    argv = ["unshare", "--mount", "--fork", "--propagation", "private", "sh", "-c", script, "sh", str(root)]
+    await trio.run_process(argv, stdout=subprocess.DEVNULL)
 
 
 def inject_agent(root: Path) -> None:
@@ -207,12 +218,7 @@ async def compile_java_kernel(root: Path) -> None:
     if not os.path.lexists(root / "usr/bin/javac"):
         return
     guest = f"{AGENT_DIR}/appliance/guest"
-    javac = f"javac -d {guest}/java_kernel_classes {guest}/JavaKernel.java"
-    # The JDK's launchers find their libraries through /proc/self/exe: a /proc for the chroot,
-    # in a mount namespace of its own, gone with it.
-    script = f'mount -t proc proc "$1/proc" && exec chroot "$1" {javac}'
-    argv = ["unshare", "--mount", "--fork", "--propagation", "private", "sh", "-c", script, "sh", str(root)]
-    await trio.run_process(argv, stdout=subprocess.DEVNULL)
+    await run_in_image(root, f"javac -d {guest}/java_kernel_classes {guest}/JavaKernel.java")
 
 
 def default_manifest(directory: Path, source: str) -> TemplateManifest:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,14 @@ def test_auth_is_required_and_checked(service: ServiceHarness, api_key: str) -> 
     assert httpx.get(f"{service.url}/health").status_code == 200  # health needs no key
     # Only the admin token manages keys.
     assert_json_error(httpx.get(f"{service.url}/cube/keys", headers={"X-API-KEY": api_key}), 403, "admin")
+
+
+def test_keys_have_the_format_e2bs_sdks_accept(service: ServiceHarness, api_key: str) -> None:
+    # E2B's JS SDK (packages/js-sdk src/api/index.ts, validateApiKey) refuses any other key before
+    # sending a request: "Invalid API key format: expected "e2b_" followed by hex characters".
+    assert re.fullmatch(r"e2b_[0-9a-f]{40}", api_key), api_key
+    response = httpx.get(f"{service.url}/v2/sandboxes", headers={"X-API-KEY": api_key})
+    assert response.status_code == 200, response.text
 
 
 def test_revoked_key_stops_working(service: ServiceHarness) -> None:

@@ -92,6 +92,9 @@ def test_pause_then_connect_resumes(sdk_env: ServiceHarness, fake_runtime: FakeR
         assert not sandbox.is_running()  # the proxy answers 502 "... was not found running"
 
         resumed = Sandbox.connect(sandbox.sandbox_id)
+        # The handle connect gives holds the tokens create gave: envd and the ports accept them.
+        assert resumed._envd_access_token == sandbox._envd_access_token is not None
+        assert resumed.traffic_access_token == sandbox.traffic_access_token is not None
         assert resumed.get_info().state == SandboxState.RUNNING
         assert resumed.is_running()
         # Connecting to a running sandbox is fine too (200).
@@ -105,7 +108,7 @@ def test_metrics(sdk_env: ServiceHarness) -> None:
     sandbox = Sandbox.create()
     try:
         metrics = sandbox.get_metrics()
-        assert len(metrics) == 1
+        assert len(metrics) >= 1  # one per 5 s sampling interval so far
         assert metrics[0].mem_used == 1234  # envd's own view wins over the host's
         assert metrics[0].cpu_used_pct == 12.5
         assert metrics[0].mem_total == 4321
