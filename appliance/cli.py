@@ -31,6 +31,7 @@ from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
 from appliance.config import load_config
 from appliance.master.upgrade import upgrade_command
+from appliance.runtime.kvm.kernel import build_kvm_kernel
 from appliance.runtime.uml.kernel import build_uml_kernel
 from appliance.templates.cli import BUILD_COMMANDS
 from appliance.templates.default import build_default
@@ -288,6 +289,7 @@ def image() -> None:
 
 
 image.add_command(build_uml_kernel)
+image.add_command(build_kvm_kernel)
 
 
 @image.command("build-iso")

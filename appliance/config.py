@@ -50,6 +50,9 @@ class Config:
     # fifth of it (three in a row unanswered: the guest counts as hung), a readiness probe while
     # it boots a tenth. Raise it with the boot limits on a software-emulated host.
     guest_agent_timeout_s: int = 10
+    # kvm: launch (or restore) to the guest agent answering, and, for the boot that makes a
+    # template's snapshot, to its default kernel answering. Raise it on an emulated host.
+    kvm_boot_timeout_s: int = 60
 
     # Network (CubeVS).
     host_network: str = "10.213.0.0/16"  # one /30 per sandbox slot for the host<->netns veth

@@ -38,6 +38,8 @@ def check_kvm(config: Config) -> tuple[Check, str | None, str]:
     detail = f"{host.kvm}, /dev/kvm {'usable' if host.kvm_usable else 'not usable'}"
     if host.kvm == "PVM":
         detail += f", PVM guest kernel: {host.pvm_guest_kernel or 'not configured'}"
+    elif host.kvm in ("VMX", "SVM"):
+        detail += f", guest kernel: {host.guest_kernel or 'none (cube image build-kvm-kernel)'}"
     return Check("kvm", host.runtime == "kvm", detail), host.runtime, host.reason
 
 

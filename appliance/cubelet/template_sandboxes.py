@@ -2,9 +2,10 @@
 
 - `boot(manifest)`: a temporary guest of this node's runtime from the template's
   rootfs.ext4 (the runtime gives it a throwaway writable layer), killed on exit.
-- `finalize`: kvm snapshots the probed guest into the template directory
-  (SNAPSHOTTING); uml has no snapshot, its fast start is the warm pool, which the
-  cubelet fills once the template is published (POOLING; `published` wakes it).
+- `finalize`: nothing: kvm's runtime snapshots a template's first boot (the probe
+  boot) into its snapshot store (SNAPSHOTTING); uml has no snapshot, its fast start
+  is the warm pool, which the cubelet fills once the template is published (POOLING;
+  `published` wakes it).
 - `run_command` (Dockerfile RUN): the step's rootfs directory, with the guest agent
   added to a hardlinked copy, becomes a scratch ext4; a temporary guest boots from
   it; `guest_diff.py` records the filesystem, the command runs through envd's
@@ -45,7 +46,6 @@ RUN_MEMORY_MB = 1024
 OUTPUT_TAIL_LINES = 40
 _STATE_FILE = "/run/cube-run-before.json"  # /run is a tmpfs in the guest: not part of the image
 _DIFF_SOURCE = Path(guest_diff.__file__).read_text()
-_KVM_SNAPSHOT_DIR = "kvm-snapshot"
 
 
 def _innermost(exc: BaseException) -> BaseException:
@@ -88,14 +88,9 @@ class CubeletTemplateSandboxes:
                 await guest.__aexit__(None, None, None)
 
     async def finalize(self, manifest: TemplateManifest, instance: Instance) -> None:
-        snapshot = getattr(instance, "snapshot", None)
-        if self.runtime_name == "kvm" and snapshot is not None:
-            try:
-                from appliance.runtime.kvm.runtime import TEMPLATE_SNAPSHOT_DIR
-            except ImportError:
-                TEMPLATE_SNAPSHOT_DIR = _KVM_SNAPSHOT_DIR
-            await snapshot(manifest.directory / TEMPLATE_SNAPSHOT_DIR)
-        # uml: the warm pool is filled by the cubelet once the template is published.
+        """Nothing left to do for either runtime: kvm snapshotted the probed guest into its
+        snapshot store when it booted it (a published template's first boot does), uml fills
+        its warm pool once the template is published."""
 
     def published(self, manifest: TemplateManifest) -> None:
         if self._on_published is not None:

@@ -97,6 +97,12 @@ class VirtioVsock(VirtioDevice):
         self._changes = _wakeup_fd()
         self._next_host_port = FIRST_HOST_PORT
 
+    def close(self) -> None:
+        """Release the device's own fd (its connections are closed when `run_io` ends)."""
+        if self._changes >= 0:
+            os.close(self._changes)
+            self._changes = -1
+
     def available_features(self) -> int:
         return VIRTIO_F_VERSION_1
 
