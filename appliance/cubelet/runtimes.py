@@ -83,6 +83,7 @@ def choose_runtime_name(config: Config, host: Any = None) -> str:
         host = detect_host(config)
     if host.runtime == "none":
         raise RuntimeUnavailable(f"no sandbox runtime on this host: {host.reason} (see `cube doctor`)")
+    log.info("sandbox runtime: %s (%s)", host.runtime, host.reason)
     return str(host.runtime)
 
 

@@ -158,8 +158,22 @@ class GuestSource:
     """Where a sandbox's guest comes from: a template snapshot to restore, or a cold boot
     (which, holding `build`, snapshots the template once ready)."""
 
+    key: SnapshotKey | None = None
     snapshot: Path | None = None
     build: SnapshotBuild | None = None
+
+
+class Handover:
+    """`task_status`, remembering whether the instance was handed out: a failure before
+    that is the runtime's (the template or its snapshot), after it the sandbox's own."""
+
+    def __init__(self, task_status: trio.TaskStatus[Instance]) -> None:
+        self._task_status = task_status
+        self.done = False
+
+    def started(self, instance: Instance) -> None:
+        self.done = True
+        self._task_status.started(instance)
 
 
 class KvmRuntime:
@@ -206,18 +220,14 @@ class KvmRuntime:
     ) -> None:
         kernel = self.guest_kernel(spec.sandbox_id)
         source = await self._source(spec, kernel)
+        handover = Handover(task_status)
         try:
             await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, spec.disk)
-            await self._run_sandbox(spec, kernel, source, task_status)
+            await self._run_sandbox(spec, kernel, source, handover)
         except Exception as exc:
-            if source.build is None or source.build.done:
+            if handover.done or source.key is None:
                 raise
-            # The template (this version) cannot be booted here: this create and the next
-            # ones go to the fallback runtime (the service's uml), never to a 500.
-            reason = getattr(exc, "reason", None) or repr(exc)
-            self.snapshots.abandon(source.build, reason)
-            tail = getattr(exc, "console_tail", "")
-            raise TemplateUnservable(spec.sandbox_id, spec.template.template_id, reason, tail) from exc
+            raise self._unservable(spec, source, exc) from exc
         except BaseException:
             if source.build is not None:
                 self.snapshots.abandon(source.build, None)  # cancelled: the next create tries again
@@ -226,6 +236,24 @@ class KvmRuntime:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(shutil.rmtree, spec.sandbox_dir, True)
 
+    def _unservable(self, spec: BootSpec, source: GuestSource, exc: Exception) -> TemplateUnservable:
+        """A template whose first boot, or whose snapshot's restore, failed: this create and
+        the next ones of that version go to the fallback runtime (the service's uml), never
+        to an error; a snapshot that did not restore is deleted (the next start rebuilds it)."""
+        assert source.key is not None
+        reason = getattr(exc, "reason", None) or repr(exc)
+        if source.build is not None:
+            self.snapshots.abandon(source.build, reason)
+        else:
+            reason = f"its snapshot did not restore: {reason}"
+            assert source.snapshot is not None
+            pool = self._pools.pop(source.snapshot, None)
+            if pool is not None:
+                pool.close()
+            self.snapshots.refuse(source.key, reason)
+        tail = getattr(exc, "console_tail", "")
+        return TemplateUnservable(spec.sandbox_id, spec.template.template_id, reason, tail)
+
     async def _source(self, spec: BootSpec, kernel: Path) -> GuestSource:
         if spec.disk is not None or not self.snapshots_template(spec.template.directory):
             return GuestSource()
@@ -233,10 +261,12 @@ class KvmRuntime:
             SnapshotKey.of, spec.template, kernel, spec.memory_mb, spec.cpu_count
         )
         found = await self.snapshots.ready_or_claim(key, spec.sandbox_id)
-        return GuestSource(snapshot=found) if isinstance(found, Path) else GuestSource(build=found)
+        if isinstance(found, Path):
+            return GuestSource(key, snapshot=found)
+        return GuestSource(key, build=found)
 
     async def _run_sandbox(
-        self, spec: BootSpec, kernel: Path, source: GuestSource, task_status: trio.TaskStatus[Instance]
+        self, spec: BootSpec, kernel: Path, source: GuestSource, handover: Handover
     ) -> None:
         policy = NetworkPolicy.from_e2b(spec.network_policy)
         pool = self.pool_for(source.snapshot) if source.snapshot is not None else None
@@ -302,7 +332,7 @@ class KvmRuntime:
                 console=console,
                 restored=pool is not None,
             )
-            await self._serve(spec, instance, serial, devices, transports, source, task_status)
+            await self._serve(spec, instance, serial, devices, transports, source, handover)
 
     @staticmethod
     async def _load_kernel(
@@ -323,7 +353,7 @@ class KvmRuntime:
         devices: list[tuple[str, VirtioDevice]],
         transports: list[MmioTransport],
         source: GuestSource,
-        task_status: trio.TaskStatus[Instance],
+        handover: Handover,
     ) -> None:
         """The sandbox's nursery: vCPU threads, device handlers, console; hands the instance
         over once ready and returns only when the guest stopped by itself (then raises)."""
@@ -342,7 +372,7 @@ class KvmRuntime:
             await self._wait_ready(spec, instance, stopped)
             if source.build is not None:
                 await self._snapshot_template(spec, instance, source.build, stopped)
-            task_status.started(instance)
+            handover.started(instance)
         # Reached only when the guest stopped by itself (cancelling `run` is the kill).
         assert instance.console is not None
         raise GuestExited(spec.sandbox_id, stopped[0] if stopped else "stopped", instance.console.tail())

@@ -206,6 +206,12 @@ class TemplateSnapshots:
             self.unservable[build.key] = reason
         self._finish(build)
 
+    def refuse(self, key: SnapshotKey, reason: str) -> None:
+        """A snapshot of `key` that could not be restored: deleted, and its template version
+        unservable until the service restarts (then rebuilt)."""
+        shutil.rmtree(self.directory(key), ignore_errors=True)
+        self.unservable[key] = reason
+
     def _finish(self, build: SnapshotBuild) -> None:
         build.done = True
         self._building.pop(build.key, None)

@@ -215,7 +215,11 @@ class VcpuRunner:
         v.set_sregs(struct_from_bytes("struct kvm_sregs *", state.sregs))
         v.set_fpu(struct_from_bytes("struct kvm_fpu *", state.fpu))
         v.set_xsave(struct_from_bytes("struct kvm_xsave *", state.xsave))
-        v.set_xcrs(struct_from_bytes("struct kvm_xcrs *", state.xcrs))
+        xcrs = struct_from_bytes("struct kvm_xcrs *", state.xcrs)
+        if xcrs.nr_xcrs:
+            # A host CPU without XSAVE (e.g. qemu64, as emulated by qemu) has no XCR0: KVM
+            # reports none and refuses KVM_SET_XCRS (EINVAL) even with none to set.
+            v.set_xcrs(xcrs)
         v.set_debugregs(struct_from_bytes("struct kvm_debugregs *", state.debugregs))
         v.set_lapic(struct_from_bytes("struct kvm_lapic_state *", state.lapic))
         remaining = list(state.msrs)
