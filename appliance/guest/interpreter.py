@@ -67,13 +67,17 @@ class Interpreter:
         spec = KernelSpec(
             user=user, cwd=cwd, env=self._state.environment(user), runtime_dir=self._runtime_dir
         )
+        kernel: Kernel
         if language == "python":
             from appliance.guest.python_kernel import PythonKernel  # lazy: start-up time
 
-            return PythonKernel(spec)
-        from appliance.guest.node_kernel import NodeKernel
+            kernel = PythonKernel(spec)
+        else:
+            from appliance.guest.node_kernel import NodeKernel
 
-        return NodeKernel(spec)
+            kernel = NodeKernel(spec)
+        kernel.rng_generation = self._state.rng_generation  # it seeds itself from the OS now
+        return kernel
 
     async def _start_kernel(self, language: str, cwd: str) -> Kernel:
         kernel = self._new_kernel(language, cwd)
@@ -197,6 +201,9 @@ class Interpreter:
                     }
                     await emit(error)
             if context.kernel.alive:
+                if context.kernel.rng_generation != self._state.rng_generation:
+                    context.kernel.reseed()  # running since before this clone's /init
+                    context.kernel.rng_generation = self._state.rng_generation
                 env = {str(k): str(v) for k, v in env_vars.items()}
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_cancel_when_client_leaves, response, nursery.cancel_scope)

@@ -119,12 +119,25 @@ ENV_RESTORE_CODE = (
 )
 
 
+# `random` (and numpy's global generator, once imported) seed themselves from the OS when
+# imported: in a kernel that was running when a template was snapshotted, every clone would
+# draw the same numbers. The kernel's OS entropy is the clone's own once /init reseeded it.
+RESEED_CODE = (
+    "import random as _cube_random, sys as _cube_sys\n"
+    "_cube_random.seed()\n"
+    "if 'numpy' in _cube_sys.modules:\n"
+    "    _cube_sys.modules['numpy'].random.seed()\n"
+    "del _cube_random, _cube_sys\n"
+)
+
+
 class PythonKernel(Kernel[Routed]):
     language = "python"
 
     def __init__(self, spec: KernelSpec) -> None:
         super().__init__(spec)
         self._pending_env: dict[str, str] = {}
+        self._reseed_pending = False
         self._process: trio.Process | None = None
         self._session: Session | None = None
         self._shell: TrioSocket | None = None
@@ -281,7 +294,13 @@ class PythonKernel(Kernel[Routed]):
         # kernel round trip (~30 ms of its one vCPU) while its creator waits.
         self._pending_env.update(env_vars)
 
+    def reseed(self) -> None:
+        self._reseed_pending = True
+
     async def execute(self, code: str, env_vars: dict[str, str], emit: Emit) -> None:
+        if self._reseed_pending:
+            self._send_silently(RESEED_CODE)
+            self._reseed_pending = False
         if self._pending_env:
             self._send_silently(f"import os as _cube_os\n_cube_os.environ.update({self._pending_env!r})\n")
             self._pending_env.clear()

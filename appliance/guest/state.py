@@ -31,6 +31,9 @@ class AgentState:
     default_workdir: str | None = None
     env_vars: dict[str, str] = field(default_factory=dict)
     access_token: str | None = None
+    # Bumped by each /init that reseeds the kernel's RNG (a clone of a snapshot gets its own
+    # seed): running interpreter kernels reseed their own generators before their next run.
+    rng_generation: int = 0
 
     def user(self, name: str | None = None) -> User:
         return lookup_user(name or self.default_user)

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from emulated_host import SOURCE, EmulatedHost, emulated_host  # noqa: E402
+from emulated_host import SOURCE, EmulatedHost, emulated_host
 
 OPT_IN = os.environ.get("CUBE_KVM_HOST_TEST") == "1"
 
@@ -52,7 +52,9 @@ def kvm_host_api_key(kvm_host: EmulatedHost) -> str:
 
 
 @pytest.fixture
-def kvm_host_sdk(kvm_host: EmulatedHost, kvm_host_api_key: str, monkeypatch: pytest.MonkeyPatch) -> EmulatedHost:
+def kvm_host_sdk(
+    kvm_host: EmulatedHost, kvm_host_api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> EmulatedHost:
     """The E2B SDKs pointed at the emulated host's forwarded API port (single-port mode)."""
     monkeypatch.setenv("E2B_API_URL", kvm_host.url)
     monkeypatch.setenv("E2B_SANDBOX_URL", kvm_host.url)

@@ -15,9 +15,13 @@ def test_doctor_says_kvm_is_usable_and_picks_kvm_with_no_configuration(kvm_host:
     doctor = json.loads(kvm_host.run("cube doctor --json", timeout=300).check().stdout)
     kvm = next(check for check in doctor["checks"] if check["name"] == "kvm")
     assert kvm["ok"], doctor
-    assert kvm["detail"].startswith("SVM, /dev/kvm usable, guest kernel: /var/cache/cube/kernels/microvm-"), kvm
+    assert kvm["detail"].startswith("SVM, /dev/kvm usable, guest kernel: /var/cache/cube/kernels/microvm-"), (
+        kvm
+    )
     assert doctor["runtime"] == "kvm", doctor
     assert "hardware virtualization, SVM" in doctor["reason"], doctor
     # The running service chose the same, by itself.
     journal = kvm_host.run("journalctl -u cube.service -o cat --no-pager | grep 'sandbox runtime:'").check()
-    assert "sandbox runtime: kvm (KVM is usable (hardware virtualization, SVM)" in journal.stdout, journal.stdout
+    assert "sandbox runtime: kvm (KVM is usable (hardware virtualization, SVM)" in journal.stdout, (
+        journal.stdout
+    )
