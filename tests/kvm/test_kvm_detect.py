@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,11 +37,26 @@ def sys_module(tmp_path: Path) -> Path:
 
 
 def device_node(tmp_path: Path, numbers: int) -> Path:
+    """A device node for `numbers`; under /dev when tmp_path's filesystem is mounted nodev (a
+    live system's /tmp), where a node could not be opened at all."""
     if os.geteuid() != 0:
         pytest.skip("making a device node needs root")
-    path = tmp_path / f"dev-{os.major(numbers)}-{os.minor(numbers)}"
+    name = f"cubetest-{os.getpid()}-{os.major(numbers)}-{os.minor(numbers)}"
+    directory = Path("/dev") if os.statvfs(tmp_path).f_flag & os.ST_NODEV else tmp_path
+    path = directory / name
     os.mknod(path, 0o600 | stat.S_IFCHR, numbers)
+    NODES.append(path)
     return path
+
+
+NODES: list[Path] = []
+
+
+@pytest.fixture(autouse=True)
+def remove_device_nodes() -> Iterator[None]:
+    yield
+    while NODES:
+        NODES.pop().unlink(missing_ok=True)
 
 
 def built_guest_kernel(cache_dir: Path) -> Path:

@@ -43,7 +43,7 @@ from appliance.runtime.kvm.vcpu import VcpuExit
 from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.mmio import MMIO_SIZE, MmioTransport, cmdline_device
-from appliance.runtime.virtio.vhost_user.uml_frontend import BUSYBOX, build_initramfs
+from appliance.runtime.virtio.vhost_user.uml_frontend import BUSYBOX, build_initramfs, statically_linked
 from appliance.templates.default import TEMPLATE_ID as DEFAULT_TEMPLATE_ID
 from appliance.templates.manifest import MANIFEST_NAME, ROOTFS_NAME, TemplateManifest
 from cffi_kvm import Kvm
@@ -62,7 +62,9 @@ def _why_not() -> str | None:
 
 
 WHY_NOT = _why_not()
-WHY_NO_INITRAMFS = WHY_NOT or (None if BUSYBOX.exists() else "no static busybox (install busybox-static)")
+WHY_NO_INITRAMFS = WHY_NOT or (
+    None if statically_linked(BUSYBOX) else f"{BUSYBOX} is no static busybox (install busybox-static)"
+)
 
 
 @pytest.mark.skipif(WHY_NO_INITRAMFS is not None, reason=WHY_NO_INITRAMFS or "")

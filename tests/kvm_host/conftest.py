@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from emulated_host import SOURCE, EmulatedHost, emulated_host
+from emulated_host import SOURCE, EmulatedHost, emulated_host, pytest_packages
 
 OPT_IN = os.environ.get("CUBE_KVM_HOST_TEST") == "1"
 
@@ -40,9 +40,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def kvm_host() -> Iterator[EmulatedHost]:
-    """The emulated KVM host with this checkout's appliance; the checkout is also mounted
-    read-only inside at /mnt/cube-share (to run tests/kvm there)."""
-    with emulated_host(share=SOURCE) as host:
+    """The emulated KVM host with this checkout's appliance; the checkout and pytest are also
+    mounted read-only inside, at /mnt/cubesrc and /mnt/cubepytest (to run tests/kvm there)."""
+    with emulated_host(shares={"cubesrc": SOURCE, "cubepytest": pytest_packages()}) as host:
         yield host
 
 

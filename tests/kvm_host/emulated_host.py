@@ -63,7 +63,6 @@ CPUS = int(os.environ.get("CUBE_KVM_HOST_CPUS", "1"))
 # 2-core host and in 17-28 min at load 10-24 (tests/iso).
 BOOT_TIMEOUT_S = 45 * 60
 CONTROL_PORT = "cube.test"
-SHARE_MOUNT = "/mnt/cube-share"
 # First-boot configuration: no `runtime` key (auto: the appliance picks kvm by itself), no
 # warm pool (the emulated CPUs boot only what a test asks for) and the guest limits an
 # emulated host needs (a kvm guest boots in minutes under TCG; so does a UML guest).
@@ -163,6 +162,35 @@ def appliance_iso() -> IsoArtifacts:
     return artifacts
 
 
+# What running pytest inside needs beside the appliance's own environment (trio, httpx...).
+PYTEST_PACKAGES = ("pytest", "pytest-trio", "pluggy", "iniconfig", "packaging", "pygments")
+
+
+def pytest_packages() -> Path:
+    """pytest and pytest-trio, at the versions this machine's tests use, installed (from PyPI)
+    into a directory of their own that a share hands to the emulated host, with this
+    machine's static busybox; cached."""
+    from importlib.metadata import version
+
+    pins = [f"{name}=={version(name)}" for name in PYTEST_PACKAGES]
+    directory = CACHE / f"pytest-{hashlib.sha256(' '.join(pins).encode()).hexdigest()[:16]}"
+    if not directory.is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="pytest-installing-", dir=CACHE))
+        try:
+            install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(staging)]
+            subprocess.run([*install, *pins], check=True, timeout=600)
+            # tests/kvm's initramfs guests need a static busybox; the appliance has Debian's dynamic one.
+            shutil.copy2("/bin/busybox", staging / "busybox")
+            for old in CACHE.glob("pytest-*"):
+                if old.is_dir() and not old.name.startswith("pytest-installing-"):
+                    shutil.rmtree(old, ignore_errors=True)
+            os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -184,7 +212,8 @@ class Result:
 class EmulatedHost:
     artifacts: IsoArtifacts
     workdir: Path
-    share: Path | None = None  # a directory shown read-only inside at /mnt/cube-share (9p)
+    # Directories of this machine shown read-only inside, at /mnt/<tag> (9p).
+    shares: dict[str, Path] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     _control: socket.socket | None = None
@@ -244,11 +273,8 @@ class EmulatedHost:
             "-chardev", f"socket,id=control,path={self.workdir / 'control.sock'},server=on,wait=off",
             "-device", f"virtserialport,chardev=control,name={CONTROL_PORT}",
         ]  # fmt: skip
-        if self.share is not None:
-            argv += [
-                "-virtfs",
-                f"local,path={self.share},mount_tag=cubeshare,security_model=none,readonly=on",
-            ]
+        for tag, path in self.shares.items():
+            argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,readonly=on"]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_ready(self, timeout: float = BOOT_TIMEOUT_S) -> None:
@@ -259,9 +285,9 @@ class EmulatedHost:
             self.assert_running()
             try:
                 if httpx.get(f"{self.url}/health", timeout=30, trust_env=False).status_code == 200:
-                    if self.share is not None:
-                        mount = f"mount -t 9p -o trans=virtio,ro cubeshare {SHARE_MOUNT}"
-                        self.run(f"mkdir -p {SHARE_MOUNT} && {mount}").check()
+                    for tag in self.shares:
+                        mount = f"mount -t 9p -o trans=virtio,ro {tag} /mnt/{tag}"
+                        self.run(f"mkdir -p /mnt/{tag} && {mount}").check()
                     return
             except httpx.HTTPError:
                 pass
@@ -341,11 +367,11 @@ class EmulatedHost:
 
 
 @contextlib.contextmanager
-def emulated_host(share: Path | None = None) -> Iterator[EmulatedHost]:
+def emulated_host(shares: dict[str, Path] | None = None) -> Iterator[EmulatedHost]:
     """A booted emulated KVM host (the appliance answering), stopped and deleted afterwards."""
     artifacts = appliance_iso()
     workdir = Path(tempfile.mkdtemp(prefix="cube-kvm-host-", dir=os.environ.get("CUBE_KVM_HOST_WORKDIR")))
-    host = EmulatedHost(artifacts, workdir, share=share)
+    host = EmulatedHost(artifacts, workdir, shares=shares or {})
     started = time.monotonic()
     try:
         host.start()
