@@ -21,6 +21,7 @@ from appliance.config import Config
 from appliance.cubelet.cubelet import (
     ENVD_VERSION,
     Cubelet,
+    SandboxCapacityExceeded,
     SandboxNotFound,
     SandboxRequest,
     SandboxStartFailed,
@@ -246,6 +247,8 @@ def build_app(services: Services, blueprints: Iterable[Blueprint] = ()) -> Quart
     async def create_now(sandbox_request: SandboxRequest) -> Response:
         try:
             record = await cubelet.create(sandbox_request)
+        except SandboxCapacityExceeded as exc:
+            raise ApiError(503, f"no capacity for another sandbox now, retry later: {exc}") from exc
         except SandboxStartFailed as exc:
             raise ApiError(500, f"sandbox failed to start: {exc}") from exc
         return json_response(created_body(record), status=201)

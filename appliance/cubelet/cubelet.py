@@ -43,7 +43,16 @@ import trio
 
 from appliance.config import Config
 from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxRecord, Store
-from appliance.runtime.base import ENVD_PORT, BootSpec, BootStalled, GuestExited, Instance, Runtime
+from appliance.runtime.base import (
+    ENVD_PORT,
+    BootSpec,
+    BootStalled,
+    GuestExited,
+    HostBusy,
+    Instance,
+    Runtime,
+    read_console_tail,
+)
 from appliance.templates.manifest import TemplateManifest
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,7 @@ FULLY_READY_TIMEOUT_S = 180.0
 # pool_size = -1 sizes each pool to the memory budget, but never above this: a pool deeper than
 # a burst of creates costs idle memory and boots the host's cores for nothing.
 AUTO_POOL_CAP = 16
+CONSOLE_TAIL_CHARS = 2000  # of a dead guest's console, in the service log
 
 
 class SandboxNotFound(Exception):
@@ -73,6 +83,10 @@ class SandboxNotFound(Exception):
 
 class SandboxStartFailed(Exception):
     """Booting or initialising a guest failed; the message is for the user."""
+
+
+class SandboxCapacityExceeded(SandboxStartFailed):
+    """The runtime refused the sandbox for want of host resources (HostBusy): retry later."""
 
 
 class NetworkPolicyService(Protocol):
@@ -158,6 +172,18 @@ def _innermost(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+def _log_death(live: LiveSandbox, console_tail: str) -> None:
+    """A sandbox that died of its guest: the reason (also its record's and event's) and what
+    its console said last, for the operator (the console log is deleted with the sandbox)."""
+    tail = console_tail[-CONSOLE_TAIL_CHARS:]
+    log.warning(
+        "sandbox %s is dead: %s%s",
+        live.sandbox_id,
+        live.end_reason,
+        f"; console tail:\n{tail}" if tail else "",
+    )
 
 
 def _envd_client(instance: Instance, timeout: float) -> httpx.AsyncClient:
@@ -532,6 +558,8 @@ class Cubelet:
             )
             if isinstance(cause, GuestExited):
                 raise SandboxStartFailed(f"guest exited while booting: {cause.reason}") from exc
+            if isinstance(cause, HostBusy):
+                raise SandboxCapacityExceeded(cause.reason) from exc
             raise SandboxStartFailed(str(cause)) from exc
 
     async def _sandbox_task(self, live: LiveSandbox, *, task_status: trio.TaskStatus[LiveSandbox]) -> None:
@@ -563,6 +591,7 @@ class Cubelet:
             if live.instance is None:
                 raise
             live.end_reason = f"guest exited: {exc.reason}"
+            _log_death(live, exc.console_tail)
         self._terminate(live, live.end_reason)
 
     async def _watch_deadline(self, live: LiveSandbox) -> None:
@@ -850,3 +879,4 @@ class Cubelet:
         live.health_failures += 1
         if live.health_failures >= HEALTH_FAILURES_BEFORE_KILL:
             self._terminate(live, "guest agent unresponsive")
+            _log_death(live, read_console_tail(live.instance.console_log) if live.instance else "")

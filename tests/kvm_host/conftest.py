@@ -1,4 +1,4 @@
-"""tests/kvm_host: the kvm runtime end to end, inside an emulated KVM host (emulated_host.py).
+"""tests/kvm_host: the kvm runtime end to end, inside an emulated KVM host (tests/emulated_host.py).
 
 Opt-in (`CUBE_KVM_HOST_TEST=1 bash tests/run.sh tests/kvm_host`): the appliance ISO is built
 (or taken from /var/cache/cube/kvm-host) and booted under qemu's software emulation of AMD
@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from emulated_host import SOURCE, EmulatedHost, emulated_host, pytest_packages
+from emulated_host import SOURCE, EmulatedHost, emulated_host, inner_test_tools
 
 OPT_IN = os.environ.get("CUBE_KVM_HOST_TEST") == "1"
 
@@ -42,7 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def kvm_host() -> Iterator[EmulatedHost]:
     """The emulated KVM host with this checkout's appliance; the checkout and pytest are also
     mounted read-only inside, at /mnt/cubesrc and /mnt/cubepytest (to run tests/kvm there)."""
-    with emulated_host(shares={"cubesrc": SOURCE, "cubepytest": pytest_packages()}) as host:
+    with emulated_host(shares={"cubesrc": SOURCE, "cubepytest": inner_test_tools()}) as host:
         yield host
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import re
@@ -44,7 +45,7 @@ import trio
 from appliance.config import Config
 from appliance.net.netns import entered
 from appliance.net.policy import NetworkPolicy
-from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance
+from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, HostBusy, Instance
 from appliance.runtime.detect import detect_host, find_guest_kernel
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
 from appliance.runtime.kvm.console import SerialConsole
@@ -98,7 +99,17 @@ DEVICE_SLOTS: tuple[tuple[str, type[VirtioDevice]], ...] = (
 SNAPSHOT_STORE = "kvm-snapshots"  # in the state directory: one snapshot per template (and key)
 CONSOLE_LOG = "console.log"
 PROBE_INTERVAL_S = 0.05
+# Host memory kept free beside a new guest's RAM (the service, page cache the clones share).
+HOST_RESERVE_MB = 256
 _PANIC = re.compile(r"Kernel panic - not syncing: ([^\r\n]*)")
+
+
+def host_memory_available_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """MemAvailable: what the host can give without swapping or reclaiming what it needs."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
 
 
 def guest_mac(slot: int) -> bytes:
@@ -211,6 +222,19 @@ class KvmRuntime:
             raise BootFailed(sandbox_id, f"the kvm runtime cannot run here: {host.reason}")
         return kernel
 
+    def check_memory(self, spec: BootSpec) -> None:
+        """HostBusy (a 503 for the client, nothing started, nothing killed) unless the host has
+        the guest's whole RAM available beside what it keeps for itself: a guest may touch
+        all of it, and the kernel's OOM killer must never have to choose a sandbox (or the
+        service) to make room."""
+        available_mb = host_memory_available_mb()
+        if available_mb < spec.memory_mb + HOST_RESERVE_MB:
+            raise HostBusy(
+                spec.sandbox_id,
+                f"the host has {available_mb} MiB of memory available; a {spec.memory_mb} MiB sandbox "
+                f"needs {spec.memory_mb + HOST_RESERVE_MB} MiB",
+            )
+
     def snapshots_template(self, template_dir: Path) -> bool:
         """Published templates get a snapshot; a build's throwaway guests do not."""
         return template_dir.parent == self.config.templates_dir
@@ -219,6 +243,7 @@ class KvmRuntime:
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
     ) -> None:
         kernel = self.guest_kernel(spec.sandbox_id)
+        self.check_memory(spec)
         source = await self._source(spec, kernel)
         handover = Handover(task_status)
         try:
@@ -313,6 +338,8 @@ class KvmRuntime:
                     kvm, MachineConfig(spec.memory_mb * MIB, spec.cpu_count), console=serial.write
                 )
                 attach_devices(machine)
+
+            serial.on_power_down = functools.partial(machine.request_stop, VcpuExit.POWEROFF)
 
             async def close_machine() -> None:
                 with trio.CancelScope(shield=True):  # runs while the sandbox is being cancelled

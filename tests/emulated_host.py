@@ -1,8 +1,9 @@
-"""An emulated KVM host: the appliance ISO under qemu's software emulation of AMD SVM.
+"""The appliance ISO booted in qemu (software emulation) and driven from this machine
+(tests/kvm_host, tests/iso).
 
-`qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt` gives its guest hardware
-virtualization with nested paging; the appliance's stock Debian kernel loads kvm_amd
-there and the appliance picks the `kvm` runtime by itself, as on a server.
+With `-cpu qemu64,+svm,+npt` (the default) it is an emulated KVM host: qemu emulates AMD
+SVM with nested paging, the appliance's stock Debian kernel loads kvm_amd there and the
+appliance picks the `kvm` runtime by itself, as on a server.
 
 - `appliance_iso()`: the ISO of this checkout (`image/iso/build.sh`), its kernel and
   initrd, cached in /var/cache/cube/kvm-host/iso-<key> where the key is a digest of
@@ -17,9 +18,9 @@ there and the appliance picks the `kvm` runtime by itself, as on a server.
   port of this machine. Its user-mode network is `restrict=on`: the only way in is the
   forward, there is no way out (no route to anything outside this machine).
   A test-only control channel (a virtio-serial port whose outer end is a unix socket in
-  the host's private directory) runs shell commands inside: `control_agent.py`, handed
-  over by fw_cfg and started by the kernel command line's `systemd.run`. Nothing of it
-  is in the ISO.
+  the host's private directory) runs shell commands inside: `emulated_host_control.py`,
+  handed over by fw_cfg and started by the kernel command line's `systemd.run`. Nothing
+  of it is in the ISO.
 - Every wait is bounded; `stop()` kills qemu and the machine's directory is deleted.
   qemu runs under `nice`: the machine is shared.
 """
@@ -47,9 +48,10 @@ import trio
 
 from appliance.config import Config, load_config
 
-SOURCE = Path(__file__).resolve().parents[2]
+SOURCE = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("CUBE_KVM_HOST_CACHE", "/var/cache/cube/kvm-host"))
-CONTROL_AGENT = Path(__file__).with_name("control_agent.py")
+CONTROL_AGENT = Path(__file__).with_name("emulated_host_control.py")
+SVM_CPU = "qemu64,+svm,+npt"
 # What goes into the ISO from the checkout (image/iso/build.sh copies these).
 ISO_INPUTS = ("appliance", "cffi_kvm", "image", "systemd", "pyproject.toml", "setup.py", "README.md")
 BUILD_TIMEOUT_S = 90 * 60  # a cold Debian base layer and guest kernel on two busy cores
@@ -166,7 +168,7 @@ def appliance_iso() -> IsoArtifacts:
 PYTEST_PACKAGES = ("pytest", "pytest-trio", "pluggy", "iniconfig", "packaging", "pygments")
 
 
-def pytest_packages() -> Path:
+def inner_test_tools() -> Path:
     """pytest and pytest-trio, at the versions this machine's tests use, installed (from PyPI)
     into a directory of their own that a share hands to the emulated host, with this
     machine's static busybox; cached."""
@@ -212,6 +214,10 @@ class Result:
 class EmulatedHost:
     artifacts: IsoArtifacts
     workdir: Path
+    # qemu64 (not max: ERMS makes the kernel's page copies byte loops under TCG); by default
+    # with AMD SVM and nested paging: kvm_amd loads, /dev/kvm behaves like a server's.
+    cpu: str = SVM_CPU
+    seed_config: str = SEED_CONFIG  # first-boot appliance.toml, handed over by fw_cfg
     # Directories of this machine shown read-only inside, at /mnt/<tag> (9p).
     shares: dict[str, Path] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
@@ -235,7 +241,7 @@ class EmulatedHost:
         with disk.open("wb") as sparse:  # CUBE-DATA: an empty 24 GiB disk, costs what is written
             sparse.truncate(24 << 30)
         seed = self.workdir / "appliance.toml"
-        seed.write_text(SEED_CONFIG)
+        seed.write_text(self.seed_config)
         # The kernel command line's command runs as a oneshot job that boot waits for: it
         # starts the agent as a service of its own and returns.
         run_agent = (
@@ -256,9 +262,7 @@ class EmulatedHost:
         argv = [
             "nice", "-n", "10", "qemu-system-x86_64",
             "-machine", "q35", "-accel", "tcg,thread=multi",
-            # qemu64 (not max: ERMS makes the kernel's page copies byte loops under TCG) with
-            # AMD SVM and nested paging: kvm_amd loads, /dev/kvm behaves like a server's.
-            "-cpu", "qemu64,+svm,+npt", "-smp", str(CPUS), "-m", str(MEMORY_MB),
+            "-cpu", self.cpu, "-smp", str(CPUS), "-m", str(MEMORY_MB),
             "-display", "none", "-vga", "none", "-no-reboot",
             "-serial", f"file:{self.serial_log}",
             "-monitor", f"unix:{self.workdir / 'monitor.sock'},server=on,wait=off",
@@ -367,11 +371,14 @@ class EmulatedHost:
 
 
 @contextlib.contextmanager
-def emulated_host(shares: dict[str, Path] | None = None) -> Iterator[EmulatedHost]:
-    """A booted emulated KVM host (the appliance answering), stopped and deleted afterwards."""
+def emulated_host(
+    shares: dict[str, Path] | None = None, cpu: str = SVM_CPU, seed_config: str = SEED_CONFIG
+) -> Iterator[EmulatedHost]:
+    """A booted appliance (its API answering), stopped and deleted afterwards: an emulated
+    KVM host unless `cpu` says otherwise."""
     artifacts = appliance_iso()
     workdir = Path(tempfile.mkdtemp(prefix="cube-kvm-host-", dir=os.environ.get("CUBE_KVM_HOST_WORKDIR")))
-    host = EmulatedHost(artifacts, workdir, shares=shares or {})
+    host = EmulatedHost(artifacts, workdir, cpu=cpu, seed_config=seed_config, shares=shares or {})
     started = time.monotonic()
     try:
         host.start()
