@@ -175,7 +175,8 @@ def inner_test_tools() -> Path:
     from importlib.metadata import version
 
     pins = [f"{name}=={version(name)}" for name in PYTEST_PACKAGES]
-    directory = CACHE / f"pytest-{hashlib.sha256(' '.join(pins).encode()).hexdigest()[:16]}"
+    contents = " ".join([*pins, f"busybox:{Path('/bin/busybox').stat().st_size}"])
+    directory = CACHE / f"pytest-{hashlib.sha256(contents.encode()).hexdigest()[:16]}"
     if not directory.is_dir():
         CACHE.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix="pytest-installing-", dir=CACHE))
@@ -386,6 +387,22 @@ def emulated_host(
         print(f"emulated KVM host ready in {time.monotonic() - started:.0f} s (port {host.port})")
         yield host
     finally:
+        keep_logs(host)
         host.stop()
         print(f"--- emulated host serial console (last lines)\n{host.tail(40)}")
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def keep_logs(host: EmulatedHost) -> None:
+    """The last session's service journal and serial console, kept in CACHE/last-session for
+    whoever reads a failure (the machine and its disk are gone once the session ends)."""
+    logs = CACHE / "last-session"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
+    if host.serial_log.exists():
+        shutil.copy2(host.serial_log, logs / "serial.log")
+    if host.process is not None and host.process.poll() is None:
+        with contextlib.suppress(AssertionError, OSError):
+            journal = host.run("journalctl --no-pager -o short-precise -n 5000", timeout=300)
+            (logs / "journal.txt").write_text(journal.stdout)
+    print(f"emulated host logs: {logs}")

@@ -12,6 +12,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from collections import Counter as Tally
@@ -395,3 +396,53 @@ def test_a_snapshot_of_another_kernel_is_refused_not_restored(kvm: Kvm) -> None:
                     runtime.close()
 
         trio.run(main)
+
+
+async def test_a_paused_sandboxs_nic_takes_no_frame_until_resumed() -> None:
+    """Frames that reach a paused sandbox's tap stay there until resume: delivering one would
+    write guest memory that the pause's diff holds as it was (the resume would write the
+    old rings back under the device model's feet, and the guest's network would be dead)."""
+    if os.geteuid() != 0:
+        pytest.skip("a netns and a tap need root")
+    from test_kvm_virtio_mmio import BUFFERS, USED, attach
+
+    from appliance.runtime.kvm.memory import GuestMemory
+
+    namespace = "cubetest-kvmrx-" + secrets.token_hex(3)
+    netns = ["ip", "-n", namespace]
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        subprocess.run([*netns, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr"], check=True)
+        subprocess.run([*netns, "addr", "add", "10.9.9.1/24", "dev", "tap0"], check=True)
+        subprocess.run([*netns, "link", "set", "tap0", "up"], check=True)
+        fd = open_sandbox_tap(f"/run/netns/{namespace}", "tap0")
+        memory = GuestMemory.anonymous(4 * MIB)
+        device = VirtioNet(fd, guest_mac(1))
+        driver, transport, irq = attach(device, memory)
+        try:
+            driver.probe()
+            driver.submit([(BUFFERS, 2048, True)])  # one rx buffer for the guest
+            device.pause_io()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(device.run_io)
+                # A datagram to 10.9.9.2: the kernel asks for it on tap0 (ARP frames toward the guest).
+                send = "import socket as s; s.socket(s.AF_INET, s.SOCK_DGRAM).sendto(b'x', ('10.9.9.2', 9))"
+                await trio.run_process(["ip", "netns", "exec", namespace, sys.executable, "-c", send])
+                await trio.sleep(0.5)
+                assert device.metrics.rx_packets == 0 and memory.read_int(USED + 2, 2) == 0, (
+                    "a frame reached a paused guest"
+                )
+                device.resume_io()
+                with trio.fail_after(10):
+                    while memory.read_int(USED + 2, 2) == 0:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            assert device.metrics.rx_packets >= 1
+        finally:
+            transport.close()
+            device.close()
+            os.close(irq)
+            os.close(fd)
+            memory.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], check=True)

@@ -313,3 +313,36 @@ async def test_guest_queue_notify_through_ioeventfd_is_served_by_a_trio_task(kvm
         os.close(notify)
         transport.close()
         machine.close()
+
+
+async def test_a_paused_device_takes_no_notification_until_resumed() -> None:
+    """A notification the guest sent just before it was stopped (an ioeventfd still set) is
+    served only after resume: while paused the device must not touch guest memory, which a
+    pause's diff or a snapshot holds as it was when the vCPUs stopped."""
+    memory = GuestMemory.anonymous(4 * MIB)
+    device = VirtioRng()
+    driver, transport, irq = attach(device, memory)
+    notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        driver.probe()
+        # The chain is available; the notification comes through KVM's ioeventfd, not the bus.
+        memory.write(DESC, struct.pack("<QIHH", BUFFERS, 256, VIRTQ_DESC_F_WRITE, 0))
+        memory.write_int(AVAIL + 4, 2, 0)
+        memory.write_int(AVAIL + 2, 2, 1)
+        device.pause_io()
+        os.eventfd_write(notify, 1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.serve_notifications, [notify])
+            await trio.sleep(0.3)
+            assert memory.read_int(USED + 2, 2) == 0 and memory.read(BUFFERS, 256) == bytes(256)
+            device.resume_io()
+            with trio.fail_after(10):
+                while memory.read_int(USED + 2, 2) == 0:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert driver.used() == (0, 256)
+    finally:
+        transport.close()
+        for fd in (irq, notify):
+            os.close(fd)
+        memory.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -15,6 +15,7 @@ from appliance.runtime.kvm.snapshot import MEMORY_FILE
 from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
 from appliance.runtime.kvm.vcpu import VcpuExit
 from appliance.runtime.uml.console import ConsoleLog
+from appliance.runtime.virtio.device import VirtioDevice
 
 # In the sandbox's directory while it is paused: the pause's diff snapshot.
 PAUSED_SNAPSHOT_DIR = "kvm-paused"
@@ -36,6 +37,9 @@ class KvmInstance:
     console: ConsoleLog | None = None
     # Restored from a template snapshot taken once the default kernel answered.
     restored: bool = False
+    # Its virtio devices: stopped with the vCPUs (host-side I/O must not write guest memory
+    # while a pause's diff or a snapshot holds it).
+    devices: list[VirtioDevice] = field(default_factory=list)
     _run_scope: trio.CancelScope | None = None
     _resumed: trio.Event | None = None
     _paused: trio.Event | None = None
@@ -78,6 +82,8 @@ class KvmInstance:
         self._continue_vcpus()
 
     async def _stop_vcpus(self) -> None:
+        for device in self.devices:
+            device.pause_io()
         self._resumed, self._paused = trio.Event(), trio.Event()
         if self._run_scope is not None:
             self._run_scope.cancel()  # kicks the vCPUs out of KVM_RUN; threads are joined
@@ -87,6 +93,8 @@ class KvmInstance:
         if self._resumed is not None:
             resumed, self._resumed = self._resumed, None
             resumed.set()
+        for device in self.devices:
+            device.resume_io()
 
     async def snapshot(self, directory: Path) -> None:
         """Stop, write the whole machine (vCPUs, devices, all of RAM) and the disk overlay,

@@ -358,6 +358,7 @@ class KvmRuntime:
                 overlay,
                 console=console,
                 restored=pool is not None,
+                devices=[device for _name, device in devices],
             )
             await self._serve(spec, instance, serial, devices, transports, source, handover)
 

@@ -213,8 +213,9 @@ class VirtioVsock(VirtioDevice):
     # ---- device → guest -----------------------------------------------------------
 
     def _deliver(self) -> None:
-        """Move queued packets into the guest's rx buffers (any thread)."""
-        if self.memory is None:
+        """Move queued packets into the guest's rx buffers (any thread); while paused they
+        stay queued until `catch_up`."""
+        if self.memory is None or self.io_paused:
             return
         with self._lock:
             queue = self.queues[RX]
@@ -234,6 +235,9 @@ class VirtioVsock(VirtioDevice):
                 delivered = True
             if delivered:
                 self.interrupt(RX)
+
+    def catch_up(self) -> None:
+        self._deliver()
 
     @staticmethod
     def _split(data: bytes, capacity: int) -> tuple[bytes, bytes]:
