@@ -53,10 +53,22 @@ class Config:
     # kvm: launch (or restore) to the guest agent answering, and, for the boot that makes a
     # template's snapshot, to its default kernel answering. Raise it on an emulated host.
     kvm_boot_timeout_s: int = 60
+    # Live (running or paused) sandboxes one team may have at once; a create past it is a 429.
+    # 0: no cap. The admin token is not capped (the memory budget still is).
+    max_sandboxes_per_team: int = 100
+    # Per-sandbox IO ceiling on the disk holding state_dir (cgroup v2 io.max, else v1 blkio),
+    # for reads and writes each; 0 = unlimited.
+    uml_io_bps_max: int = 256 << 20
+    uml_io_iops_max: int = 8000
 
     # Network (CubeVS).
     host_network: str = "10.213.0.0/16"  # one /30 per sandbox slot for the host<->netns veth
     allow_unenforced_network: bool = False  # start sandboxes even when eBPF cannot be loaded
+    # CIDRs (comma-separated) taken out of the always-blocked set (other sandboxes, this host,
+    # link-local/metadata, loopback, private ranges), e.g. a LAN service sandboxes may use. Only
+    # this key opens them; a sandbox's own allowOut never does. The most specific entry wins:
+    # "10.0.0.0/8" here leaves host_network and the host's own addresses blocked.
+    operator_open_networks: str = ""
 
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -203,7 +203,9 @@ APT_PACKAGES=(
   mmdebstrap linux-source build-essential flex bison bc libelf-dev libssl-dev xz-utils
 )
 DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 ovmf busybox-static
-  grub-pc-bin grub-efi-amd64-bin grub-common mtools squashfs-tools)  # the last five: cube image build-iso; ovmf: tests/iso's UEFI boot
+  grub-pc-bin grub-efi-amd64-bin grub-common mtools squashfs-tools  # the last five: cube image build-iso; ovmf: tests/iso's UEFI boot
+  # The code interpreter's languages, as the default template has them (tests/guest run the agent here)
+  r-base-core r-cran-irkernel openjdk-17-jdk-headless node-typescript node-acorn)
 
 if host_wide; then
   say "Installing Debian packages"
@@ -244,9 +246,10 @@ if [ ! -x "$VENV/bin/python" ] || { host_wide && ! "$VENV/bin/python" -c 'import
   /usr/bin/python3 -m venv --system-site-packages "$VENV"
 fi
 if [ "$DEV" = 1 ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$SRC[test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$SRC[test,bench]"
 else
-  "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC"
+  # With the bench extra: `cube bench` drives the appliance through the E2B SDK.
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$SRC[bench]"
 fi
 mkdir -p "$BINDIR"
 ln -sfn "$VENV/bin/cube" "$BINDIR/cube"

@@ -18,6 +18,7 @@ so test modules must not import from this file, except under TYPE_CHECKING):
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import shutil
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import hypercorn.trio
@@ -37,10 +38,49 @@ from hypercorn.config import Config as HypercornConfig
 from appliance.config import Config
 from appliance.cubelet.runtimes import RuntimeBundle
 from appliance.master.service import RunningService, run_service
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec, GuestExited, Instance
-from appliance.templates.manifest import TemplateManifest
 
 FAKE_MEMORY_BYTES = 64 * 1024 * 1024
+
+# What a test needs beyond an ordinary user's machine, as the markers pyproject.toml lists:
+# `uml`, `kvm`, `root`, `slow`. The developer loop (README) deselects them all:
+#     pytest -m "not uml and not kvm and not root and not slow"
+# runs as any user in seconds; tests/run.sh runs it first, as an unprivileged user.
+# A test module marks what only its tests know (`@pytest.mark.root`); these rules mark what
+# follows from where a test lives or which fixture it uses, once for the whole suite.
+NEEDS_BY_PATH: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("tests/uml/*", ("uml", "root")),  # UML guests, their cgroups, seccomp, nftables
+    ("tests/e2e/*", ("uml", "root")),  # the installed appliance and its guests
+    ("tests/iso/*", ("root", "slow")),  # builds the ISO, boots it in qemu
+    ("tests/virtio/test_virtio_*_uml.py::*", ("uml",)),  # boots linux.uml (as any user)
+    ("tests/kvm/test_kvm_bench.py::*", ("kvm",)),
+    ("tests/kvm/test_kvm_linux.py::*", ("kvm",)),
+    ("tests/kvm/test_kvm_runtime.py::test_sandbox_taps_get_the_gateway_mac*", ("root",)),  # netns, tap
+    ("tests/kvm/test_kvm_guest_kernel.py::test_fragment_survives_kconfig", ("slow",)),  # runs kconfig: ~20 s
+    ("tests/net/test_service.py::test_doctor_checks_pass_here", ("root",)),  # makes a netns
+    ("tests/guest/test_guest_users.py::*", ("root",)),  # runs as other users
+    ("tests/guest/test_guest_js_sdk.py::*", ("slow",)),  # npm install into /var/cache/cube/npm
+    ("tests/shipping/test_installer.py::*", ("root",)),  # apt, systemd, /etc
+    ("tests/shipping/test_systemd_unit.py::test_cube_serve_*", ("root",)),  # the real service
+    ("tests/shipping/test_upgrade_sources.py::test_a_wheel_that_does_not_install*", ("slow",)),  # a venv, pip
+)
+NEEDS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
+    "kvm": ("kvm",),  # tests/kvm/conftest.py: an open /dev/kvm
+    "kvm_runtime": ("kvm",),
+    "world": ("root",),  # tests/net: CubeVS in network namespaces of its own
+    "tap_in_netns": ("root",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = {mark for fixture in item.fixturenames for mark in NEEDS_BY_FIXTURE.get(fixture, ())}
+        for pattern, marks in NEEDS_BY_PATH:
+            if fnmatch.fnmatchcase(item.nodeid, pattern):
+                needs.update(marks)
+        for mark in sorted(needs):
+            item.add_marker(mark)
 
 
 class FakeGuestApp:
@@ -50,6 +90,8 @@ class FakeGuestApp:
     /echo (POST)          streams the request body back chunk by chunk as it arrives
     /digest (POST)        sha256 and size of the request body, answered after reading all of it
     /headers              the request headers as JSON
+    /contexts             [] (the code interpreter's context list)
+    /service              204 while `service_up`, else 503 (a template's own service, its probe)
     /ws (WebSocket)       echoes messages
     While paused, requests wait until resume (like a frozen UML guest).
     """
@@ -62,75 +104,116 @@ class FakeGuestApp:
         self.fail_init = False
         self.answer_delay_s = 0.0  # /health and /init answer this late (a busy or emulated guest)
         self.open_streams = 0  # /stream responses in progress
+        self.service_up = True  # /service: a template's own service (its probe) answers
+        self.access_tokens: list[tuple[str, str | None]] = []  # (path, X-Access-Token) of host calls
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await _lifespan(receive, send)
+            return
         await self.running.wait()
         if scope["type"] == "websocket":
-            await receive()
-            await send({"type": "websocket.accept"})
-            while True:
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                await send(
-                    {"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")}
-                )
+            await _echo_websocket(receive, send)
+            return
         path = scope["path"]
+        if path in ("/health", "/init", "/metrics"):
+            token = dict(scope["headers"]).get(b"x-access-token")
+            self.access_tokens.append((path, token.decode() if token is not None else None))
         if path in ("/health", "/init"):
             await trio.sleep(self.answer_delay_s)
-        if path == "/health":
-            await self._reply(send, 204 if self.healthy else 503, b"")
-        elif path == "/init":
-            self.init_calls.append(json.loads(await _read_body(receive)))
-            await self._reply(send, 500 if self.fail_init else 204, b"")
-        elif path == "/metrics":
-            body = {"cpu_count": 1, "cpu_used_pct": 12.5, "mem_used": 1234, "mem_total": 4321}
-            await self._reply(send, 200, json.dumps(body).encode(), b"application/json")
-        elif path == "/digest":
-            body = await _read_body(receive)
-            digest = {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
-            await self._reply(send, 200, json.dumps(digest).encode(), b"application/json")
-        elif path == "/headers":
-            headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-            await self._reply(send, 200, json.dumps(headers).encode(), b"application/json")
-        elif path == "/stream":
-            query = dict(p.split("=") for p in scope["query_string"].decode().split("&") if "=" in p)
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            self.open_streams += 1
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-                    for i in range(int(query.get("n", "3"))):
-                        line = f"line {i}\n".encode()
-                        await send({"type": "http.response.body", "body": line, "more_body": True})
-                        await trio.sleep(float(query.get("delay", "0")))
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    nursery.cancel_scope.cancel()
-            finally:
-                self.open_streams -= 1
-        elif path == "/echo":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            while True:
-                message = await receive()
-                if message.get("body"):
-                    await send({"type": "http.response.body", "body": message["body"], "more_body": True})
-                if not message.get("more_body"):
-                    break
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        else:
+        routes = {
+            "/health": self._health,
+            "/init": self._init,
+            "/service": self._service,
+            "/metrics": self._metrics,
+            "/digest": self._digest,
+            "/headers": self._headers,
+            "/contexts": self._contexts,
+            "/stream": self._stream,
+            "/echo": self._echo,
+        }
+        route = routes.get(path)
+        if route is None:
             await self._reply(send, 404, b"no such path")
+        else:
+            await route(scope, receive, send)
+
+    async def _health(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._reply(send, 204 if self.healthy else 503, b"")
+
+    async def _init(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.init_calls.append(json.loads(await _read_body(receive)))
+        await self._reply(send, 500 if self.fail_init else 204, b"")
+
+    async def _service(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await self._reply(send, 204 if self.service_up else 503, b"")
+
+    async def _metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = {"cpu_count": 1, "cpu_used_pct": 12.5, "mem_used": 1234, "mem_total": 4321}
+        await self._reply(send, 200, json.dumps(body).encode(), b"application/json")
+
+    async def _digest(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await _read_body(receive)
+        digest = {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+        await self._reply(send, 200, json.dumps(digest).encode(), b"application/json")
+
+    async def _headers(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        await self._reply(send, 200, json.dumps(headers).encode(), b"application/json")
+
+    async def _contexts(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # The code interpreter's, as `list_code_contexts()` reads it.
+        await self._reply(send, 200, b"[]", b"application/json")
+
+    async def _stream(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        query = dict(p.split("=") for p in scope["query_string"].decode().split("&") if "=" in p)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        self.open_streams += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                for i in range(int(query.get("n", "3"))):
+                    line = f"line {i}\n".encode()
+                    await send({"type": "http.response.body", "body": line, "more_body": True})
+                    await trio.sleep(float(query.get("delay", "0")))
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                nursery.cancel_scope.cancel()
+        finally:
+            self.open_streams -= 1
+
+    async def _echo(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:
+            message = await receive()
+            if message.get("body"):
+                await send({"type": "http.response.body", "body": message["body"], "more_body": True})
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _reply(self, send: Any, status: int, body: bytes, content_type: bytes = b"text/plain") -> None:
         await send(
             {"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]}
         )
         await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
+async def _echo_websocket(receive: Any, send: Any) -> None:
+    await receive()
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
 
 
 async def _cancel_on_disconnect(receive: Any, scope: trio.CancelScope) -> None:
@@ -156,6 +239,7 @@ class FakeInstance:
     app: FakeGuestApp
     paused_count: int = 0
     crash: trio.Event = field(default_factory=trio.Event)
+    agent_token: str = ""
 
     def endpoint(self, port: int) -> tuple[str, int]:
         return ("127.0.0.1", 1 if port == FakeRuntime.CLOSED_PORT else self.port)
@@ -170,11 +254,18 @@ class FakeInstance:
     def memory_usage_bytes(self) -> int:
         return FAKE_MEMORY_BYTES
 
+    async def wait_fully_ready(self) -> None:
+        """At once: a fake guest is fully ready when it is handed out."""
+
+    def fully_ready(self) -> bool:
+        return True
+
 
 class FakeRuntime:
     """A `Runtime` whose guests are FakeGuestApp servers on 127.0.0.1 (one per sandbox)."""
 
     name = "fake"
+    snapshots_templates = False
     CLOSED_PORT = 9  # a guest port the fake never serves: the proxy must say "port is not open"
 
     def __init__(self) -> None:
@@ -183,8 +274,15 @@ class FakeRuntime:
         self.fail_next_boot = False
         self.fail_init = False  # guests booted from now on answer /init with 500
         self.answer_delay_s = 0.0  # guests booted from now on answer /health and /init this late
+        self.service_up = True  # guests booted from now on answer /service (a template's probe path)
 
-    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> None:
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """Nothing to keep: fake guests start fast anyway."""
+
+    def close(self) -> None:
+        """Nothing is kept between sandboxes."""
+
+    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> NoReturn:
         self.boots += 1
         if self.fail_next_boot:
             self.fail_next_boot = False
@@ -195,6 +293,7 @@ class FakeRuntime:
         app = FakeGuestApp()
         app.fail_init = self.fail_init
         app.answer_delay_s = self.answer_delay_s
+        app.service_up = self.service_up
         hconfig = HypercornConfig()
         hconfig.bind = ["127.0.0.1:0"]
         hconfig.accesslog = None
@@ -203,7 +302,7 @@ class FakeRuntime:
             async with trio.open_nursery() as nursery:
                 binds = await nursery.start(hypercorn.trio.serve, app, hconfig)
                 port = int(binds[0].rsplit(":", 1)[1])
-                instance = FakeInstance(spec.sandbox_id, console, port, app)
+                instance = FakeInstance(spec.sandbox_id, console, port, app, agent_token=spec.agent_token)
                 self.instances[spec.sandbox_id] = instance
                 task_status.started(instance)
                 await instance.crash.wait()

@@ -16,6 +16,23 @@ bash installer/install.sh --dev || { echo "tests/run.sh: install failed" >&2; ex
 status=0
 "$VENV/bin/ruff" check appliance cffi_kvm tests image || status=1
 "$VENV/bin/mypy" appliance cffi_kvm || status=1
+# The layering and no import cycles (pyproject.toml [tool.importlinter]).
+"$VENV/bin/lint-imports" --no-cache --no-logo || status=1
+
+# The developer loop first (README "Developer loop"): the tests that need no root, UML, KVM
+# or package registry, run as an unprivileged user, so they stay green without a root install.
+DEV_LOOP="not uml and not kvm and not root and not slow"
+if [ "$#" -eq 0 ]; then
+  echo "== developer loop: pytest -m \"$DEV_LOOP\""
+  if [ "$(id -u)" = 0 ] && runuser -u nobody -- test -r "$SRC/pyproject.toml" 2>/dev/null; then
+    loop_home=$(mktemp -d) && chown nobody "$loop_home"
+    runuser -u nobody -- env HOME="$loop_home" PYTHONDONTWRITEBYTECODE=1 \
+      "$VENV/bin/pytest" -p no:cacheprovider -q -m "$DEV_LOOP" tests || status=1
+    rm -rf "$loop_home"
+  else
+    "$VENV/bin/pytest" -p no:cacheprovider -q -m "$DEV_LOOP" tests || status=1
+  fi
+fi
 
 # The service the installer started is what the acceptance examples and the
 # e2e tests talk to.

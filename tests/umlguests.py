@@ -8,6 +8,9 @@
   mconsole's must fit in 107 bytes; pytest's tmp_path is too deep), with the host's
   cache directory (the built UML kernel) and a test-only sandbox network and uid range,
   so nothing collides with a running `cube serve`; removed afterwards.
+- `claim(instance)`: `/init` with the guest's boot token, as the cubelet claims a pooled
+  guest, and no access token: its agent is then open to the raw calls below (an unclaimed
+  agent answers nothing but /health without its boot token).
 - `execute_code(host, code)`: Python in a guest's default kernel, as the E2B SDKs run it,
   over raw HTTP: the code interpreter's `POST /execute` (its NDJSON events). Commands go
   through envd with `appliance.cubelet.envd_client.run_command`.
@@ -28,8 +31,8 @@ import pytest
 import trio
 
 from appliance.config import Config, load_config
-from appliance.runtime.base import CODE_INTERPRETER_PORT
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import TemplateManifest
+from appliance.runtime.base import CODE_INTERPRETER_PORT, ENVD_PORT, Instance
 
 
 def default_template() -> TemplateManifest:
@@ -59,6 +62,14 @@ def private_config(
         )
     finally:
         shutil.rmtree(work)
+
+
+async def claim(instance: Instance, body: dict[str, object] | None = None) -> None:
+    host, port = instance.endpoint(ENVD_PORT)
+    headers = {"X-Access-Token": instance.agent_token}
+    async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+        response = await client.post(f"http://{host}:{port}/init", json=body or {}, headers=headers)
+    assert response.status_code == 204, response.text
 
 
 async def execute_code(host: str, code: str, timeout: float = 60.0) -> list[dict[str, object]]:

@@ -1,29 +1,37 @@
-"""Who is calling: an API key (stored hashed), the local admin token, or anyone in local-dev mode.
+"""Who is calling: an API key (stored hashed), the local admin token, or anyone in local-dev mode;
+and what each blueprint lets them do.
 
 Keys arrive as `X-API-KEY` (what the E2B SDKs send) or `Authorization: Bearer`.
 The admin token lives in `<state_dir>/admin-token` (mode 0600) and is what the
-CLI on the appliance itself uses; it may also manage API keys.
+CLI on the appliance itself uses; it may also manage API keys. Every blueprint
+declares its `Access` when it is made (`guarded`); `build_app` refuses one that
+does not, so no route is served without a rule.
 """
 
 from __future__ import annotations
 
+import enum
 import hmac
 import ipaddress
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
+from quart import Blueprint, current_app, g, request
+
+from appliance.api.errors import ApiError
 from appliance.config import Config
-from appliance.master.store import Store
+from appliance.records import Store
+from appliance.tenancy import ADMIN, LOCAL_DEV_TEAM, Principal, current_principal
 
 ADMIN_TOKEN_FILE = "admin-token"
+AUTHENTICATOR = "cube.authenticator"  # its key in app.extensions
 
 
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    is_admin: bool
+class Access(enum.Enum):
+    PUBLIC = "public"  # no key
+    KEY = "key"  # any valid key; what it reaches is scoped to its team
+    ADMIN = "admin"  # the admin token only
 
 
 def admin_token_path(state_dir: Path) -> Path:
@@ -43,12 +51,22 @@ def ensure_admin_token(state_dir: Path) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without the port (and the brackets of an IPv6 address)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
 
 
 def check_local_dev_allowed(config: Config) -> None:
@@ -72,19 +90,71 @@ def presented_key(headers: dict[str, str]) -> str:
 
 class Authenticator:
     def __init__(self, config: Config, store: Store, admin_token: str) -> None:
-        self.local_dev = config.local_dev
+        # Any key goes only while the service listens on loopback alone (checked at start too).
+        self.local_dev = config.local_dev and is_loopback(config.api_host)
         self.store = store
         self.admin_token = admin_token
 
     def authenticate(self, headers: dict[str, str]) -> Principal | None:
+        """`headers` with lower-case names."""
         key = presented_key(headers)
         if not key:
             return None
         if hmac.compare_digest(key.encode(), self.admin_token.encode()):
-            return Principal("admin", is_admin=True)
+            return ADMIN
         record = self.store.check_api_key(key)
         if record is not None:
-            return Principal(record.name, is_admin=False)
-        if self.local_dev:
-            return Principal("local-dev", is_admin=False)
+            return Principal(record.name, record.team_id)
+        # local_dev: a web page the developer opens could reach a loopback port through
+        # a DNS name its attacker points at 127.0.0.1 (DNS rebinding): that request
+        # names the attacker's host, so any key is accepted only for a loopback Host.
+        if self.local_dev and is_loopback(host_name(headers.get("host", ""))):
+            return Principal("local-dev", LOCAL_DEV_TEAM)
         return None
+
+
+def _authenticate(access: Access) -> None:
+    authenticator: Authenticator = current_app.extensions[AUTHENTICATOR]
+    principal = authenticator.authenticate({k.lower(): v for k, v in request.headers.items()})
+    if principal is None:
+        raise ApiError(401, "missing or invalid API key (send it as X-API-KEY)")
+    if access is Access.ADMIN and not principal.is_admin:
+        raise ApiError(403, "this call needs the admin token")
+    g.principal = principal
+
+
+def protect(blueprint: Blueprint, access: Access) -> Blueprint:
+    """Every route of `blueprint` needs `access` (for blueprints made elsewhere, e.g. template builds)."""
+    if access_of(blueprint) is not None:
+        raise ValueError(f"blueprint {blueprint.name} already declares its access")
+    blueprint.access = access  # type: ignore[attr-defined]  # read by build_app and the tests
+    if access is not Access.PUBLIC:
+
+        @blueprint.before_request
+        async def _check() -> None:
+            _authenticate(access)
+
+    return blueprint
+
+
+def guarded(name: str, import_name: str, access: Access) -> Blueprint:
+    """A new blueprint whose every route needs `access`."""
+    return protect(Blueprint(name, import_name), access)
+
+
+def access_of(blueprint: Blueprint) -> Access | None:
+    access = getattr(blueprint, "access", None)
+    return access if isinstance(access, Access) else None
+
+
+__all__ = [
+    "Access",
+    "Authenticator",
+    "Principal",
+    "access_of",
+    "check_local_dev_allowed",
+    "current_principal",
+    "ensure_admin_token",
+    "guarded",
+    "protect",
+]

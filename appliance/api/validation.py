@@ -10,6 +10,8 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl
 
+from quart import request
+
 from appliance.api.errors import ApiError
 
 MAX_TIMEOUT_S = 24 * 3600
@@ -33,6 +35,12 @@ def parse_json_object(raw: bytes, *, required: bool = False) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
     return data
+
+
+async def request_object(*, required: bool = False) -> dict[str, Any]:
+    """The current request's JSON object body ({} when empty, unless `required`)."""
+    raw = await request.get_data(as_text=False)
+    return parse_json_object(raw if isinstance(raw, bytes) else raw.encode(), required=required)
 
 
 def optional_bool(data: dict[str, Any], key: str, default: bool) -> bool:

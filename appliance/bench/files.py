@@ -71,55 +71,7 @@ def run_files_bench(api: ApiClient, template: str, sizes: tuple[tuple[str, int, 
         sandbox = Sandbox.create(template=template, timeout=SANDBOX_TIMEOUT_S)
         try:
             for label, size, repeats in sizes:
-                payload = os.urandom(size)
-                path = f"/home/user/bench-{size}.bin"
-                timeout = max(30.0, size / MIB)  # ≥ 1 MiB/s or it counts as failed
-
-                def write(path: str = path, payload: bytes = payload, timeout: float = timeout) -> None:
-                    sandbox.files.write(path, payload, request_timeout=timeout)
-
-                def read(path: str = path, size: int = size, timeout: float = timeout) -> None:
-                    data = sandbox.files.read(path, format="bytes", request_timeout=timeout)
-                    if len(data) != size:
-                        raise click.ClickException(f"read {len(data)} bytes back, wrote {size}")
-
-                rate = _upload_rate(sandbox)  # bytes/s, so a size that would take minutes is skipped
-                projected = size * repeats / rate
-                if projected > WRITE_BUDGET_S:
-                    writes: list[float] = []
-                    write_error: str | None = (
-                        f"skipped: {repeats} x {label} would take ~{projected:.0f} s at the "
-                        f"{rate / KIB:.0f} KiB/s a 64 KiB upload just measured "
-                        f"(budget {WRITE_BUDGET_S:.0f} s)"
-                    )
-                else:
-                    writes, write_error = _timed_loop(write, repeats, f"files.write {label}")
-                reads: list[float] = []
-                read_error: str | None = None
-                guest_gone = False
-                try:
-                    if write_error is not None:
-                        # Make the file inside the guest so the read direction is still measured.
-                        sandbox.run_code(
-                            f"import os\nwith open({path!r}, 'wb') as f: f.write(os.urandom({size}))",
-                            request_timeout=120,
-                        )
-                    reads, read_error = _timed_loop(read, repeats, f"files.read {label}")
-                    sandbox.run_code(f"import os\nos.remove({path!r})", request_timeout=60)
-                except Exception as exc:  # the guest is gone or stuck: report what was measured
-                    read_error = read_error or f"{type(exc).__name__}: {exc}"[:200]
-                    report.notes.append(f"stopped after {label}: the sandbox stopped answering")
-                    guest_gone = True
-                for op, durations, error in (("write", writes, write_error), ("read", reads, read_error)):
-                    report.samples[f"files.{op} {label}"] = durations
-                    row: dict[str, Any] = {"op": f"files.{op}", "size": label, **percentiles(durations)}
-                    if durations:
-                        row["mib_per_s"] = size / MIB / statistics.median(durations)
-                    row["errors"] = int(error is not None)
-                    report.add(**row)
-                    if error is not None:
-                        report.notes.append(f"files.{op} {label} failed: {error}")
-                if guest_gone:
+                if not _bench_size(sandbox, report, label, size, repeats):
                     break
         finally:
             try:
@@ -129,6 +81,60 @@ def run_files_bench(api: ApiClient, template: str, sizes: tuple[tuple[str, int, 
     report.notes.append("E2B SDK files.write (multipart upload) / files.read(format='bytes'), via the router")
     report.notes.append("mib_per_s = size / median duration; data from os.urandom (incompressible)")
     return report
+
+
+def _bench_size(sandbox: Any, report: Report, label: str, size: int, repeats: int) -> bool:
+    """Writes, then reads, of `repeats` files of `size` bytes into the report; False once the
+    sandbox stopped answering (the other sizes are not tried)."""
+    payload = os.urandom(size)
+    path = f"/home/user/bench-{size}.bin"
+    timeout = max(30.0, size / MIB)  # ≥ 1 MiB/s or it counts as failed
+
+    def write() -> None:
+        sandbox.files.write(path, payload, request_timeout=timeout)
+
+    def read() -> None:
+        data = sandbox.files.read(path, format="bytes", request_timeout=timeout)
+        if len(data) != size:
+            raise click.ClickException(f"read {len(data)} bytes back, wrote {size}")
+
+    rate = _upload_rate(sandbox)  # bytes/s, so a size that would take minutes is skipped
+    projected = size * repeats / rate
+    if projected > WRITE_BUDGET_S:
+        writes: list[float] = []
+        write_error: str | None = (
+            f"skipped: {repeats} x {label} would take ~{projected:.0f} s at the "
+            f"{rate / KIB:.0f} KiB/s a 64 KiB upload just measured "
+            f"(budget {WRITE_BUDGET_S:.0f} s)"
+        )
+    else:
+        writes, write_error = _timed_loop(write, repeats, f"files.write {label}")
+    reads: list[float] = []
+    read_error: str | None = None
+    answering = True
+    try:
+        if write_error is not None:
+            # Make the file inside the guest so the read direction is still measured.
+            sandbox.run_code(
+                f"import os\nwith open({path!r}, 'wb') as f: f.write(os.urandom({size}))",
+                request_timeout=120,
+            )
+        reads, read_error = _timed_loop(read, repeats, f"files.read {label}")
+        sandbox.run_code(f"import os\nos.remove({path!r})", request_timeout=60)
+    except Exception as exc:  # the guest is gone or stuck: report what was measured
+        read_error = read_error or f"{type(exc).__name__}: {exc}"[:200]
+        report.notes.append(f"stopped after {label}: the sandbox stopped answering")
+        answering = False
+    for op, durations, error in (("write", writes, write_error), ("read", reads, read_error)):
+        report.samples[f"files.{op} {label}"] = durations
+        row: dict[str, Any] = {"op": f"files.{op}", "size": label, **percentiles(durations)}
+        if durations:
+            row["mib_per_s"] = size / MIB / statistics.median(durations)
+        row["errors"] = int(error is not None)
+        report.add(**row)
+        if error is not None:
+            report.notes.append(f"files.{op} {label} failed: {error}")
+    return answering
 
 
 @click.command("files")

@@ -18,13 +18,31 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
 from appliance.config import Config
 from appliance.cubelet.cubelet import NetworkPolicyService
-from appliance.runtime.base import BootSpec, Runtime
+from appliance.net.policy import NetworkPolicy
+from appliance.records import TemplateManifest
+from appliance.runtime.base import BootSpec, Instance, Runtime
+
+if TYPE_CHECKING:
+    from appliance.runtime.kvm.runtime import KvmInstance, KvmRuntime
+    from appliance.runtime.uml.instance import UmlInstance
+    from appliance.runtime.uml.runtime import UmlRuntime
+
+    def _satisfy_the_protocols(
+        uml: UmlRuntime,
+        kvm: KvmRuntime,
+        fallback: KvmWithUmlFallback,
+        uml_guest: UmlInstance,
+        kvm_guest: KvmInstance,
+    ) -> tuple[Runtime, Runtime, Runtime, Instance, Instance]:
+        """Never called: mypy checks here that the runtimes offer all the cubelet calls."""
+        return uml, kvm, fallback, uml_guest, kvm_guest
+
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +71,13 @@ def _import(module: str, attribute: str, purpose: str) -> Any:
 
 
 class CubeVSPolicies:
-    """Adapts CubeVS (which takes `NetworkPolicy` objects) to the cubelet's E2B-body interface."""
+    """CubeVS as the cubelet's NetworkPolicyService (a sandbox CubeVS does not know has no counters)."""
 
-    def __init__(self, cubevs: Any, policy_class: Any) -> None:
+    def __init__(self, cubevs: Any) -> None:
         self._cubevs = cubevs
-        self._policy_class = policy_class
 
-    async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None:
-        await self._cubevs.update_policy(sandbox_id, self._policy_class.from_e2b(policy))
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None:
+        await self._cubevs.update_policy(sandbox_id, policy)
 
     def counters(self, sandbox_id: str) -> dict[str, int]:
         try:
@@ -98,8 +115,9 @@ class KvmWithUmlFallback:
     """
 
     name = "kvm"
+    snapshots_templates = True
 
-    def __init__(self, kvm: Any, uml: Any) -> None:
+    def __init__(self, kvm: Runtime, uml: Runtime) -> None:
         self.kvm = kvm
         self.uml = uml
         self._told: set[str] = set()
@@ -107,11 +125,10 @@ class KvmWithUmlFallback:
         self._unservable: type[Exception] = unservable
 
     async def run(
-        self, spec: BootSpec, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+        self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
         try:
             await self.kvm.run(spec, task_status=task_status)
-            return
         except self._unservable as exc:  # raised before the instance was handed out
             reason = getattr(exc, "reason", str(exc))
         if spec.template.template_id not in self._told:
@@ -119,8 +136,13 @@ class KvmWithUmlFallback:
             log.warning("template %s runs on uml: %s", spec.template.template_id, reason)
         await self.uml.run(spec, task_status=task_status)
 
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """A build's probe guest is kvm's (builds never fall back): kvm's finalize."""
+        await self.kvm.finalize_template(template, instance)
+
     def close(self) -> None:
         self.kvm.close()
+        self.uml.close()
 
 
 def _runtime_class(name: str) -> Any:
@@ -146,12 +168,10 @@ def build_runtime(name: str, config: Config, cubevs: Any) -> Any:
 async def open_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
     name = choose_runtime_name(config)
     cubevs_class = _import("appliance.net.service", "CubeVS", "sandbox networking (CubeVS)")
-    policy_class = _import("appliance.net.policy", "NetworkPolicy", "sandbox network policies")
     _runtime_class(name)  # a missing runtime module is reported before CubeVS starts
     async with cubevs_class.start(config) as cubevs:
         runtime = build_runtime(name, config, cubevs)
         try:
-            yield RuntimeBundle(runtime=runtime, network=CubeVSPolicies(cubevs, policy_class))
+            yield RuntimeBundle(runtime=runtime, network=CubeVSPolicies(cubevs))
         finally:
-            if hasattr(runtime, "close"):
-                runtime.close()  # the kvm runtime's pooled VM shells
+            runtime.close()  # e.g. the kvm runtime's pooled VM shells

@@ -2,9 +2,10 @@
 
 - `boot(manifest)`: a temporary guest of this node's runtime from the template's
   rootfs.ext4 (the runtime gives it a throwaway writable layer), killed on exit.
-- `finalize`: nothing: kvm's runtime snapshots a template's first boot (the probe
-  boot) into its snapshot store (SNAPSHOTTING); uml has no snapshot, its fast start
-  is the warm pool, which the cubelet fills once the template is published (POOLING;
+- `finalize`: the runtime's `finalize_template`: nothing for kvm, whose runtime
+  snapshots a published template's first boot into its snapshot store (SNAPSHOTTING);
+  uml has no snapshot, its fast start is the warm pool, which the cubelet fills once
+  the template is published (POOLING;
   `published` wakes it).
 - `run_command` (Dockerfile RUN): the step's rootfs directory, with the guest agent
   added to a hardlinked copy, becomes a scratch ext4; a temporary guest boots from
@@ -17,7 +18,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -30,14 +30,15 @@ import trio
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
 from appliance.cubelet.envd_client import EnvdError, start_process
-from appliance.runtime.base import ENVD_PORT, BootFailed, GuestExited, Instance
+from appliance.errors import first_leaf
+from appliance.records import TemplateManifest
+from appliance.runtime.base import ENVD_PORT, BootFailed, GuestFailure, Instance
 from appliance.templates import guest_diff
 from appliance.templates.ext4 import build_ext4
 from appliance.templates.guest_setup import AGENT_DIR, account_name, prepare_rootfs
 from appliance.templates.jobs import Phase
-from appliance.templates.manifest import TemplateManifest
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
-from appliance.templates.unpack import apply_layer, resolve_in_root
+from appliance.templates.unpack import apply_layer
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,11 @@ _STATE_FILE = "/run/cube-run-before.json"  # /run is a tmpfs in the guest: not p
 _DIFF_SOURCE = Path(guest_diff.__file__).read_text()
 
 
-def _innermost(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
-
-
 def _as_boot_failed(exc: SandboxStartFailed) -> BootFailed:
-    cause = _innermost(exc.__cause__) if exc.__cause__ is not None else exc
+    cause = first_leaf(exc.__cause__ or exc)
     if isinstance(cause, BootFailed):
         return cause
-    tail = cause.console_tail if isinstance(cause, GuestExited) else ""
+    tail = cause.console_tail if isinstance(cause, GuestFailure) else ""
     return BootFailed("template-build", str(exc), tail)
 
 
@@ -68,8 +63,7 @@ class CubeletTemplateSandboxes:
     ) -> None:
         self.config = config
         self.cubelet = cubelet
-        self.runtime_name = getattr(cubelet.runtime, "name", "uml")
-        self.finalize_phase = Phase.SNAPSHOTTING if self.runtime_name == "kvm" else Phase.POOLING
+        self.finalize_phase = Phase.SNAPSHOTTING if cubelet.runtime.snapshots_templates else Phase.POOLING
         self._on_published = on_published
 
     # Template builds.
@@ -88,9 +82,7 @@ class CubeletTemplateSandboxes:
                 await guest.__aexit__(None, None, None)
 
     async def finalize(self, manifest: TemplateManifest, instance: Instance) -> None:
-        """Nothing left to do for either runtime: kvm snapshotted the probed guest into its
-        snapshot store when it booted it (a published template's first boot does), uml fills
-        its warm pool once the template is published."""
+        await self.cubelet.runtime.finalize_template(manifest, instance)
 
     def published(self, manifest: TemplateManifest) -> None:
         if self._on_published is not None:
@@ -108,7 +100,10 @@ class CubeletTemplateSandboxes:
                 host, port = instance.endpoint(ENVD_PORT)
                 base = f"http://{host}:{port}"
                 excluded = [AGENT_DIR]
-                async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None), trust_env=False) as http:
+                # Never claimed (/init): the guest's agent takes its boot token for the guest's whole life.
+                headers = {"X-Access-Token": instance.agent_token}
+                timeout = httpx.Timeout(30.0, read=None)
+                async with httpx.AsyncClient(headers=headers, timeout=timeout, trust_env=False) as http:
                     await self._checked(http, base, ["snapshot", _STATE_FILE, *excluded])
                     await self._user_command(http, base, rootfs, command)
                     layer = work / "changes.tar"
@@ -141,7 +136,9 @@ class CubeletTemplateSandboxes:
             raise OSError(
                 f"copying the step's rootfs failed: {result.stderr.decode(errors='replace')[-300:]}"
             )
-        await trio.to_thread.run_sync(_prepare_copy, tree)
+        # prepare_rootfs never writes into an existing file (it renames new ones over them), so the
+        # hardlinked step rootfs stays as it was.
+        await trio.to_thread.run_sync(prepare_rootfs, tree, (), {}, "/", "root", ())
         manifest = TemplateManifest(
             template_id="run-" + work.name,
             directory=work,
@@ -175,17 +172,6 @@ class CubeletTemplateSandboxes:
         lines.close()
         if code != 0:
             raise RunFailed(code, "\n".join(lines.tail))
-
-
-def _prepare_copy(tree: Path) -> None:
-    # prepare_rootfs appends to these: give the copy its own inodes first.
-    for name in ("/etc/passwd", "/etc/group"):
-        path = resolve_in_root(tree, name)
-        if path.is_file() and not path.is_symlink():
-            private = path.with_name(path.name + ".cube-copy")
-            shutil.copy2(path, private)
-            os.replace(private, path)
-    prepare_rootfs(tree, (), {}, "/", "root", ())
 
 
 def _python_argv(args: list[str]) -> list[str]:

@@ -1,12 +1,15 @@
 """`python3 -m appliance.guest [--host H] [--envd-port P] [--interpreter-port P]
-[--default-user U] [--no-interpreter]`; the guest's init calls `start()` directly."""
+[--default-user U] [--no-interpreter]`; the guest's init calls `start()` directly.
+
+The boot token is never an argument (argv is world-readable): the kernel command line, or
+CUBE_AGENT_TOKEN for an agent run as a host process (options.host_boot_token)."""
 
 from __future__ import annotations
 
 import gc
 
 from appliance.guest.lazy_imports import import_lazily
-from appliance.guest.options import AgentOptions
+from appliance.guest.options import AgentOptions, host_boot_token
 
 
 def start(options: AgentOptions) -> None:
@@ -42,6 +45,7 @@ def main() -> None:
             interpreter_port=args.interpreter_port,
             default_user=args.default_user,
             interpreter=not args.no_interpreter,
+            boot_token=host_boot_token(),
         )
     )
 

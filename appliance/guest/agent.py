@@ -26,10 +26,12 @@ import trio
 from appliance.guest import INTERPRETER_READY_LINE, READY_LINE, http2, lazy_imports
 from appliance.guest.connect import Router
 from appliance.guest.envd import EnvdApp
-from appliance.guest.http import Request, Response, serve
+from appliance.guest.http import Request, Response
+from appliance.guest.http_server import serve
 from appliance.guest.memory import release_boot_memory
 from appliance.guest.options import AgentOptions
 from appliance.guest.state import AgentState
+from appliance.guest.users import UnknownUser
 
 if TYPE_CHECKING:
     from appliance.guest.interpreter import Interpreter
@@ -93,7 +95,9 @@ def _lazy_services(state: AgentState, nursery: trio.Nursery) -> dict[str, Callab
 
 
 async def run_agent(options: AgentOptions) -> None:
-    state = AgentState(default_user=options.default_user)
+    state = AgentState(default_user=options.default_user, boot_token=options.boot_token)
+    if options.boot_token is None:
+        log("no boot token (cube.agent_token= on the kernel command line): every call but /health is refused")
     runtime_dir: str | None = None  # the kernels' connection files; made after start-up
     try:
         async with trio.open_nursery() as nursery:
@@ -147,7 +151,7 @@ async def _start_default_kernel(interpreter: Interpreter) -> None:
 
     try:
         await interpreter.start_default()
-    except InterpreterError as exc:
+    except (InterpreterError, UnknownUser) as exc:
         log(f"the default Python kernel did not start (the next execution retries): {exc}")
 
 

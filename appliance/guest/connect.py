@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,13 +17,16 @@ from dataclasses import dataclass, field
 
 import trio
 
+from appliance.guest.connect_framing import (
+    FLAG_END_STREAM,
+    EnvelopeDecoder,
+    MessageTooLarge,
+    TruncatedEnvelope,
+    envelope,
+)
 from appliance.guest.http import Request, Response
 from appliance.guest.users import User
 
-FLAG_COMPRESSED = 0x01
-FLAG_END_STREAM = 0x02
-ENVELOPE_HEADER = struct.Struct(">BI")
-MAX_MESSAGE = 64 * 1024 * 1024
 DEFAULT_KEEPALIVE_S = 50.0
 
 HTTP_STATUS = {
@@ -160,30 +162,23 @@ async def _send_unary_error(response: Response, error: ConnectError, status: int
     await response.send(status or HTTP_STATUS.get(error.code, 500), body, "application/json")
 
 
-def envelope(payload: bytes, flags: int = 0) -> bytes:
-    return ENVELOPE_HEADER.pack(flags, len(payload)) + payload
-
-
 async def read_envelopes(request: Request) -> AsyncIterator[Message]:
     """Decode request envelopes as they arrive (the body is usually chunked)."""
-    buffer = bytearray()
+    decoder = EnvelopeDecoder()
     async for chunk in request.body_chunks():
-        buffer += chunk
-        while len(buffer) >= ENVELOPE_HEADER.size:
-            flags, length = ENVELOPE_HEADER.unpack_from(buffer)
-            if length > MAX_MESSAGE:
-                raise ConnectError("resource_exhausted", "message too large")
-            if len(buffer) < ENVELOPE_HEADER.size + length:
-                break
-            payload = bytes(buffer[ENVELOPE_HEADER.size : ENVELOPE_HEADER.size + length])
-            del buffer[: ENVELOPE_HEADER.size + length]
-            if flags & FLAG_COMPRESSED:
+        try:
+            envelopes = decoder.feed(chunk)
+        except MessageTooLarge as exc:
+            raise ConnectError("resource_exhausted", "message too large") from exc
+        for message in envelopes:
+            if message.compressed:
                 raise ConnectError("internal", "compressed messages are not supported")
-            if flags & FLAG_END_STREAM:
-                continue
-            yield _decode(payload)
-    if buffer:
-        raise ConnectError("invalid_argument", "truncated envelope")
+            if not message.end_stream:
+                yield _decode(message.payload)
+    try:
+        decoder.close()
+    except TruncatedEnvelope as exc:
+        raise ConnectError("invalid_argument", "truncated envelope") from exc
 
 
 def _keepalive_interval(headers: dict[str, str]) -> float:

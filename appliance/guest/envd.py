@@ -6,9 +6,6 @@ import base64
 import json
 import os
 import time
-
-# Constant-time comparison without loading OpenSSL (hmac imports _hashlib): slow under UML.
-from _operator import _compare_digest as compare_digest
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -16,8 +13,8 @@ import trio
 from appliance.guest import ENVD_VERSION
 from appliance.guest.connect import CallContext, Router
 from appliance.guest.http import HttpError, Request, Response
-from appliance.guest.state import AgentState
-from appliance.guest.users import user_from_basic_auth
+from appliance.guest.state import AgentState, same_secret
+from appliance.guest.users import UnknownUser, User, user_from_basic_auth
 
 EnvListener = Callable[[dict[str, str]], Awaitable[None]]
 # Clock corrections smaller than this are noise (PROTOCOL: set it when off by more than 1 s).
@@ -73,10 +70,12 @@ class EnvdApp:
 
     async def _route(self, request: Request, response: Response) -> None:
         path = request.path
+        if path == "/health" and request.method == "GET":  # liveness only: open, as in E2B's envd
+            await response.send(204)
+            self.health_answered.set()
+            return
         if path == "/files" and request.method in ("GET", "POST"):
-            if not self._files_authorized(request):
-                raise HttpError(401, "invalid or missing access token or signature")
-            user = self.state.user(request.query_value("username") or self._basic_user(request))
+            user = self._files_user(request)
             # Imported on first use: not needed for the first /health (start-up time).
             from appliance.guest.files_endpoint import download, upload
 
@@ -85,22 +84,20 @@ class EnvdApp:
             else:
                 await upload(request, response, user)
             return
+        is_rpc = self.router.handles(path)
         if not self.state.token_accepted(request.headers):
-            if self.router.handles(path):
-                body = {"code": "unauthenticated", "message": "invalid access token", "details": []}
-                await response.send_json(401, body)
-            else:
-                await response.send_json(401, {"code": 401, "message": "invalid access token"})
+            await _refuse(response, is_rpc, "invalid or missing access token")
             return
-        if self.router.handles(path):
-            context = CallContext(user=self.state.user(self._basic_user(request)), headers=request.headers)
-            await self.router.dispatch(request, response, context)
+        if is_rpc:
+            try:
+                user = self.state.user(self._basic_user(request))
+            except UnknownUser as exc:
+                await _refuse(response, is_rpc, str(exc))
+                return
+            await self.router.dispatch(request, response, CallContext(user=user, headers=request.headers))
         elif path.count("/") == 2 and path.split("/")[1].startswith(("process.", "filesystem.")):
             body = {"code": "unimplemented", "message": f"unknown method {path}", "details": []}
             await response.send_json(404, body)
-        elif path == "/health" and request.method == "GET":
-            await response.send(204)
-            self.health_answered.set()
         elif path == "/init" and request.method == "POST":
             await self._init(request, response)
         elif path == "/envs" and request.method == "GET":
@@ -114,29 +111,49 @@ class EnvdApp:
     def _basic_user(request: Request) -> str | None:
         return user_from_basic_auth(request.headers.get("authorization"))
 
-    def _files_authorized(self, request: Request) -> bool:
+    def _files_user(self, request: Request) -> User:
+        """Who an authorized `/files` call acts as (HttpError 401 if it is not authorized).
+
+        With the access token: the `username` query, else the Basic header's user. With a
+        signed URL: exactly the user it was signed for (`username`, else the default user);
+        an Authorization header cannot raise it to another user.
+        """
+        username = request.query_value("username")
+        if self.state.token_accepted(request.headers):
+            username = username or self._basic_user(request)
+        else:
+            self._check_signature(request)
+        try:
+            return self.state.user(username)
+        except UnknownUser as exc:
+            raise HttpError(401, str(exc)) from None
+
+    def _check_signature(self, request: Request) -> None:
+        """A signed download/upload URL's signature (PROTOCOL.md §3.7); HttpError 401 says what is wrong."""
         token = self.state.access_token
-        if token is None or self.state.token_accepted(request.headers):
-            return True
+        if not self.state.initialized or token is None:
+            raise HttpError(401, "invalid or missing access token")  # nothing to sign with before /init
         signature = request.query_value("signature")
         if not signature:
-            return False
+            raise HttpError(401, "missing signature query parameter")
         expiration = request.query_value("signature_expiration")
-        if expiration:
+        expires_at = None
+        if expiration is not None:
             try:
-                if int(expiration) < time.time():
-                    return False
+                expires_at = int(expiration)
             except ValueError:
-                return False
-        operation = "read" if request.method == "GET" else "write"
+                raise HttpError(400, "signature_expiration must be an integer (unix seconds)") from None
         expected = file_signature(
             request.query_value("path") or "",
-            operation,
+            "read" if request.method == "GET" else "write",
             request.query_value("username") or "",
             token,
             expiration,
         )
-        return compare_digest(signature, expected)
+        if not same_secret(signature, expected):
+            raise HttpError(401, "invalid signature")
+        if expires_at is not None and expires_at < time.time():
+            raise HttpError(401, "signature is already expired")
 
     async def _init(self, request: Request, response: Response) -> None:
         try:
@@ -148,8 +165,10 @@ class EnvdApp:
         env_vars = body.get("envVars") or {}
         if not isinstance(env_vars, dict):
             raise HttpError(400, "envVars must be an object")
-        if "accessToken" in body:
-            self.state.access_token = body["accessToken"] or None
+        # Absent: unchanged (a later /init); null or "": none.
+        access_token = _optional_token(body, "accessToken", self.state.access_token)
+        traffic_token = _optional_token(body, "trafficAccessToken", self.state.traffic_token)
+        self.state.initialize(access_token, traffic_token)
         if body.get("defaultUser"):
             self.state.default_user = str(body["defaultUser"])
         if body.get("defaultWorkdir"):
@@ -166,6 +185,7 @@ class EnvdApp:
         await response.send(204)
 
     def _metrics(self) -> dict[str, object]:
+        """One sample in envd's shape (what the host turns into E2B's SandboxMetric)."""
         memory: dict[str, int] = {}
         with open("/proc/meminfo") as f:
             for line in f:
@@ -174,18 +194,38 @@ class EnvdApp:
         disk = os.statvfs("/")
         mem_total = memory.get("MemTotal", 0)
         mem_used = mem_total - memory.get("MemAvailable", 0)
+        disk_total = disk.f_blocks * disk.f_frsize
         return {
             "ts": int(time.time()),
             "cpu_count": os.cpu_count(),
             "cpu_used_pct": self._cpu.used_percent(),
             "mem_total": mem_total,
             "mem_used": mem_used,
+            "mem_cache": memory.get("Cached", 0),
             "mem_total_mib": mem_total // (1024 * 1024),
             "mem_used_mib": mem_used // (1024 * 1024),
-            "disk_total": disk.f_blocks * disk.f_frsize,
-            "disk_used": (disk.f_blocks - disk.f_bfree) * disk.f_frsize,
+            "disk_total": disk_total,
+            # What users may still write, as envd counts it (blocks reserved for root are used).
+            "disk_used": disk_total - disk.f_bavail * disk.f_frsize,
             "envd_version": ENVD_VERSION,
         }
+
+
+async def _refuse(response: Response, is_rpc: bool, message: str) -> None:
+    """401 in the caller's error shape: Connect's `unauthenticated` for RPCs, E2B's JSON for the rest."""
+    if is_rpc:
+        await response.send_json(401, {"code": "unauthenticated", "message": message, "details": []})
+    else:
+        await response.send_json(401, {"code": 401, "message": message})
+
+
+def _optional_token(body: dict[str, object], key: str, current: str | None) -> str | None:
+    if key not in body:
+        return current
+    value = body[key]
+    if value is not None and not isinstance(value, str):
+        raise HttpError(400, f"{key} must be a string or null")
+    return value or None
 
 
 def _seed_rng(seed_hex: str) -> None:

@@ -6,12 +6,18 @@ import errno
 import os
 import stat
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
 
 from appliance.guest.connect import ConnectError
-from appliance.guest.filesystem_service import METADATA_XATTR_PREFIX, make_directories, resolve_path
+from appliance.guest.filesystem_service import (
+    METADATA_XATTR_PREFIX,
+    make_directories,
+    read_metadata,
+    resolve_path,
+)
 from appliance.guest.http import HttpError, Request, Response
 from appliance.guest.identity import as_user
 from appliance.guest.multipart import (
@@ -29,6 +35,8 @@ CHUNK = 1024 * 1024
 # do not stall the event loop; small files stay on the loop (a thread hop costs more).
 WRITE_BATCH = 1024 * 1024
 METADATA_HEADER_PREFIX = "x-metadata-"
+MAX_XATTR_NAME = 255  # the VFS's limit on a whole xattr name
+MAX_METADATA_BYTES = 4096  # ext4 keeps an inode's xattrs in one block
 
 HTTP_STATUS_FOR_ERRNO = {
     errno.ENOENT: 404,
@@ -130,9 +138,18 @@ class FileSink:
             raise HttpError(400, f"path is a directory: {self.path}")
         try:
             make_directories(os.path.dirname(self.path))
-            return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            new = not os.path.lexists(self.path)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise files_error(exc, self.path) from exc
+        if new:
+            # Already the user's (fsuid), but envd chowns what it creates, so watchers see a new
+            # file's create, chmod, write: E2B's suite counts those events.
+            try:
+                os.fchown(fd, self.user.uid, self.user.gid)
+            except PermissionError:
+                pass
+        return fd
 
     async def write(self, data: bytes) -> None:
         self.pending.append(data)
@@ -154,26 +171,58 @@ class FileSink:
 
     async def close(self) -> dict[str, object]:
         await self.flush()
-        os.close(self.fd)
-        self.fd = -1
-        if self.metadata:
-            await as_user(self.user, self._store_metadata)
+        try:
+            # The upload's metadata replaces the file's whole set (O_TRUNC keeps old xattrs).
+            await as_user(self.user, _replace_metadata, self.fd, self.path, self.metadata)
+            stored = read_metadata(self.path)  # what the file has, as a later stat reports it
+        finally:
+            os.close(self.fd)
+            self.fd = -1
         info: dict[str, object] = {"name": os.path.basename(self.path), "type": "file", "path": self.path}
-        if self.metadata:
-            info["metadata"] = self.metadata
+        if stored:
+            info["metadata"] = stored
         return info
-
-    def _store_metadata(self) -> None:
-        for key, value in self.metadata.items():
-            try:
-                os.setxattr(self.path, METADATA_XATTR_PREFIX + key, value.encode())
-            except OSError as exc:
-                raise files_error(exc, self.path) from exc
 
     def abort(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _replace_metadata(fd: int, path: str, metadata: dict[str, str]) -> None:
+    """`metadata` as the file's whole `user.e2b.*` set. Without xattr support (some tmpfs, /proc)
+    an upload without metadata still succeeds; one with metadata fails."""
+    try:
+        stale = [name for name in os.listxattr(fd) if name.startswith(METADATA_XATTR_PREFIX)]
+        for name in stale:
+            if name[len(METADATA_XATTR_PREFIX) :] not in metadata:
+                os.removexattr(fd, name)
+        for key, value in metadata.items():
+            os.setxattr(fd, METADATA_XATTR_PREFIX + key, value.encode())
+    except OSError as exc:
+        if exc.errno == errno.ENOTSUP and not metadata:
+            return
+        raise files_error(exc, path) from exc
+
+
+def metadata_of(headers: dict[str, str]) -> dict[str, str]:
+    """The upload's `X-Metadata-<key>: <value>` headers (names arrive lower-cased), checked as envd
+    checks them: printable ASCII, a key, within what one ext4 block holds. HttpError 400 if not."""
+    metadata = {
+        name[len(METADATA_HEADER_PREFIX) :]: value
+        for name, value in headers.items()
+        if name.startswith(METADATA_HEADER_PREFIX)
+    }
+    total = 0
+    for key, value in metadata.items():
+        if not key or len(METADATA_XATTR_PREFIX) + len(key) > MAX_XATTR_NAME:
+            raise HttpError(400, f"metadata key {key!r} is empty or too long")
+        if not all(0x20 <= ord(c) <= 0x7E for c in key + value):
+            raise HttpError(400, f"metadata {key!r}: keys and values must be printable ASCII")
+        total += len(METADATA_XATTR_PREFIX) + len(key) + len(value)
+    if total > MAX_METADATA_BYTES:
+        raise HttpError(400, f"metadata takes {total} bytes, more than {MAX_METADATA_BYTES}")
+    return metadata
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -183,55 +232,72 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 async def upload(request: Request, response: Response, user: User) -> None:
-    metadata = {
-        name[len(METADATA_HEADER_PREFIX) :]: value
-        for name, value in request.headers.items()
-        if name.startswith(METADATA_HEADER_PREFIX)
-    }
+    metadata = metadata_of(request.headers)
     query_path = request.query_value("path")
     content_type = request.headers.get("content-type", "")
-    decompressor = None
-    if request.headers.get("content-encoding", "").strip().lower() == "gzip":
-        decompressor = zlib.decompressobj(31)
-    written: list[dict[str, object]] = []
-    sink: FileSink | None = None
+    gzipped = request.headers.get("content-encoding", "").strip().lower() == "gzip"
+    body = _decoded(request.body_chunks(), gzipped)
     try:
         if content_type.lower().startswith("multipart/form-data"):
             boundary = boundary_of(content_type)
             if not boundary:
                 raise HttpError(400, "multipart body without boundary")
-            parser = MultipartParser(boundary)
-            async for chunk in request.body_chunks():
-                if decompressor:
-                    chunk = decompressor.decompress(chunk)
-                for event in parser.feed(chunk):
-                    if isinstance(event, PartStart):
-                        # One file: ?path= names it. Several (write_files): each part's filename does.
-                        destination = query_path or event.filename
-                        sink = FileSink(_resolve(destination, user), user, metadata)
-                        await sink.open()
-                    elif isinstance(event, PartData) and sink is not None:
-                        await sink.write(event.data)
-                    elif isinstance(event, PartEnd) and sink is not None:
-                        written.append(await sink.close())
-                        sink = None
-            parser.finish()
+            written = await _write_parts(body, boundary, query_path, user, metadata)
         else:
-            sink = FileSink(_resolve(query_path, user), user, metadata)
-            await sink.open()
-            async for chunk in request.body_chunks():
-                await sink.write(decompressor.decompress(chunk) if decompressor else chunk)
-            if decompressor:
-                await sink.write(decompressor.flush())
-            written.append(await sink.close())
-            sink = None
+            written = [await _write_file(body, _resolve(query_path, user), user, metadata)]
     except MultipartError as exc:
         raise HttpError(400, str(exc)) from exc
     except zlib.error as exc:
         raise HttpError(400, f"invalid gzip body: {exc}") from exc
-    finally:
-        if sink is not None:
-            sink.abort()
     if not written:
         raise HttpError(400, "no file in the request")
     await response.send_json(200, written)
+
+
+async def _decoded(chunks: AsyncIterator[bytes], gzipped: bool) -> AsyncIterator[bytes]:
+    """The request body as it arrives, gunzipped for `Content-Encoding: gzip`."""
+    decompressor = zlib.decompressobj(31) if gzipped else None  # 31: with the gzip header and trailer
+    async for chunk in chunks:
+        yield decompressor.decompress(chunk) if decompressor else chunk
+    if decompressor:
+        yield decompressor.flush()
+
+
+async def _write_file(
+    body: AsyncIterator[bytes], path: str, user: User, metadata: dict[str, str]
+) -> dict[str, object]:
+    """One file from the whole body (application/octet-stream)."""
+    sink = FileSink(path, user, metadata)
+    try:
+        await sink.open()
+        async for chunk in body:
+            await sink.write(chunk)
+        return await sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+async def _write_parts(
+    body: AsyncIterator[bytes], boundary: str, query_path: str | None, user: User, metadata: dict[str, str]
+) -> list[dict[str, object]]:
+    """A file per part of a multipart body: ?path= names a single one, each part's filename several."""
+    parser = MultipartParser(boundary)
+    written: list[dict[str, object]] = []
+    sink: FileSink | None = None
+    try:
+        async for chunk in body:
+            for event in parser.feed(chunk):
+                if isinstance(event, PartStart):
+                    sink = FileSink(_resolve(query_path or event.filename, user), user, metadata)
+                    await sink.open()
+                elif isinstance(event, PartData) and sink is not None:
+                    await sink.write(event.data)
+                elif isinstance(event, PartEnd) and sink is not None:
+                    written.append(await sink.close())
+                    sink = None
+        parser.finish()
+    finally:
+        if sink is not None:
+            sink.abort()
+    return written

@@ -108,14 +108,22 @@ def entry_type(mode: int) -> str:
 
 
 def entry_info(path: str) -> Message:
-    """EntryInfo of a path, not following a final symlink (its target is reported instead)."""
+    """EntryInfo of a path, not following a final symlink. A link is reported as envd does: the
+    type and mode of what it resolves to, and that resolved path as `symlinkTarget` (a dangling
+    link: type symlink, and the path it would resolve to)."""
     info = os.lstat(path)
+    kind = info.st_mode
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            kind = os.stat(path).st_mode
+        except OSError:
+            pass  # dangling (or unreadable on the way): it stays a symlink
     entry: Message = {
         "name": os.path.basename(path) or path,
-        "type": entry_type(info.st_mode),
+        "type": entry_type(kind),
         "path": path,
         "size": info.st_size,
-        "mode": stat.S_IMODE(info.st_mode),
+        "mode": stat.S_IMODE(kind),
         "permissions": stat.filemode(info.st_mode),
         "owner": _name_of_user(info.st_uid),
         "group": _name_of_group(info.st_gid),
@@ -223,9 +231,11 @@ def _list_dir(path: str, depth: int) -> list[Message]:
 
 
 def _remove(path: str) -> None:
+    """envd's os.RemoveAll: a path that is not there is already removed."""
     try:
-        os.lstat(path)
         remove_path(path)
+    except FileNotFoundError:
+        pass
     except OSError as exc:
         raise connect_error(exc, path) from exc
 

@@ -9,6 +9,8 @@ agent is useless, and a UML `reboot` loops.
 
 Settings come from the kernel command line, which hands unknown `key=value`
 words to init as environment variables: cube_hostname, cube_resolver, cube_netdev.
+The agent's boot token is a dotted word (`cube.agent_token=`), which the kernel keeps
+out of that environment: the agent reads it from /proc/cmdline (options.py).
 Written against the standard library only, and without `site` (-S): every
 exec and import costs more under UML than on a host. A module, not the init script
 itself: the template holds its bytecode, while a script is compiled on every run.
@@ -148,9 +150,9 @@ def start_agent() -> int:
         sys.argv = ["/usr/bin/python3 -m appliance.guest", "--default-user", AGENT_USER]
         sys.executable = "/usr/bin/python3"
         from appliance.guest.__main__ import start
-        from appliance.guest.options import AgentOptions
+        from appliance.guest.options import AgentOptions, host_boot_token
 
-        start(AgentOptions(default_user=AGENT_USER))
+        start(AgentOptions(default_user=AGENT_USER, boot_token=host_boot_token()))
         status = 0
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1

@@ -1,6 +1,6 @@
 """HTTP/2 over cleartext (h2c) for the agent's servers, on the `h2` state machine.
 
-Reached from http.py either with prior knowledge (the connection starts with the HTTP/2
+Reached from http_server.py either with prior knowledge (the connection starts with the HTTP/2
 preface) or through `Upgrade: h2c` on an HTTP/1.1 request, which becomes stream 1.
 Each stream is one Exchange served by the same handlers as HTTP/1.1: Connect unary
 and streaming calls need nothing else (Connect puts end-of-stream in the body, not in

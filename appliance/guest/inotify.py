@@ -71,15 +71,31 @@ class DirectoryWatch:
             raise OSError(error, os.strerror(error), directory)
         self._directories[wd] = directory
 
-    def _add_tree(self, top: str) -> None:
-        for directory, subdirectories, _files in os.walk(top):
+    def _add_tree(self, top: str) -> list[str]:
+        """Watch every directory below `top`; the paths of everything found there."""
+        found = []
+        for directory, subdirectories, files in os.walk(top):
             for name in subdirectories:
                 path = os.path.join(directory, name)
+                found.append(path)
                 if not os.path.islink(path):
                     try:
                         self._add(path)
                     except OSError:
                         pass  # removed meanwhile, or unreadable: watch what can be watched
+            found.extend(os.path.join(directory, name) for name in files)
+        return found
+
+    def _watch_new_directory(self, path: str) -> list[WatchEvent]:
+        """A directory made under a recursive watch: watched from now on; what was made in it
+        before its watch was (`mkdir -p a/b && touch a/b/f` outruns any watcher) is reported
+        as created, like the directory itself."""
+        try:
+            self._add(path)
+            found = self._add_tree(path)
+        except OSError:
+            return []  # gone again
+        return [WatchEvent(os.path.relpath(inner, self.root), "EVENT_TYPE_CREATE", inner) for inner in found]
 
     async def events(self) -> AsyncIterator[WatchEvent]:
         while True:
@@ -105,15 +121,11 @@ class DirectoryWatch:
             if directory is None or not raw_name:
                 continue
             path = os.path.join(directory, os.fsdecode(raw_name.rstrip(b"\0")))
-            if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-                try:
-                    self._add(path)
-                    self._add_tree(path)
-                except OSError:
-                    pass
             for bits, type_name in EVENT_TYPES:
                 if mask & bits:
                     events.append(WatchEvent(os.path.relpath(path, self.root), type_name, path))
+            if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                events.extend(self._watch_new_directory(path))
         return events
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import trio
@@ -47,8 +47,9 @@ class KernelSpec:
 
     user: User
     cwd: str
-    env: dict[str, str]
+    env: dict[str, str]  # the kernel process's whole environment
     runtime_dir: str  # a private directory for connection files and sockets
+    sandbox_env: dict[str, str] = field(default_factory=dict)  # of it, the sandbox's own (/init) vars
 
 
 def output_event(stream: str, text: str) -> dict[str, object]:
@@ -62,6 +63,10 @@ def died_event(language: str) -> dict[str, object]:
         "value": f"The {language} kernel died during execution; it is restarted on the next call.",
         "traceback": "",
     }
+
+
+async def discard_event(event: dict[str, object]) -> None:
+    """Where an interrupted cell's last events go: its client is gone."""
 
 
 async def spawn_kernel_process(argv: list[str], spec: KernelSpec, **streams: object) -> trio.Process:

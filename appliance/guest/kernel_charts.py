@@ -1,34 +1,49 @@
-"""Runs INSIDE each Python kernel: matplotlib figures → the `chart` field of a result (PROTOCOL.md §4.1).
+"""Runs INSIDE each Python kernel: a matplotlib figure → the `chart` field of a result (PROTOCOL.md §4.1).
 
-The agent sends this file's source to a new kernel (kernels do not have the agent's
-packages on their path). It registers an IPython display formatter that recognises
-`matplotlib.figure.Figure` without importing matplotlib (user code does that), so
-every displayed figure carries, next to its PNG, a JSON description in the
-shape `e2b_code_interpreter.charts` parses:
+The agent defines this module in every new kernel from its source (kernels do not have the
+agent's packages on their path); kernel_display.py calls `figure_chart` when IPython displays
+a figure, after its PNG was drawn. The JSON is what `e2b_code_interpreter.charts` parses, with
+E2B's template's rules (its extractor, PyPI `e2b-charts`, needs matplotlib 3.10, numpy 2 and
+pydantic 2, which Debian's stack the guest runs does not have):
 
-- line / scatter: x/y labels, units, ticks, tick labels, scales; elements `{label, points}`
-- bar: elements `{label, group, value}`; pie: `{label, angle, radius}`
-- box_and_whisker: `{label, min, first_quartile, median, third_quartile, max, outliers}`
-- superchart: a figure of several axes, elements are the charts of each.
+- an axes whose artists are all lines is a `line` chart; lines and path patches a
+  `box_and_whisker`; (grid lines aside) all point collections `scatter`, all wedges `pie`,
+  all rectangles `bar`; anything else `unknown` (type and title only);
+- a figure of several axes is a `superchart` of one chart per axes; a figure without data is none;
+- line / scatter: labels, units (`Time (s)` → `s`), ticks, tick labels, scales (linear, log...,
+  `datetime` for date axes, `categorical` for string axes); elements `{label, points}`
+- bar: `{label, group, value}`; pie: `{label, angle, radius}`;
+  box_and_whisker: `{label, min, first_quartile, median, third_quartile, max, outliers}`.
 
-Anything it cannot read becomes no chart at all (the PNG still comes back): it must never
-break a user's figure.
+Anything it cannot read becomes no chart (the PNG still comes back): it must never break a
+user's figure.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
+from decimal import Decimal, localcontext
 from typing import Any
 
-CHART_MIME = "application/vnd.cube.chart+json"
-UNIT = re.compile(r"[(\[]\s*([^()\[\]]+?)\s*[)\]]\s*$")
+UNIT = re.compile(r"\s\((.*?)\)|\[(.*?)\]")
+SIGNIFICANT_DIGITS = 8  # box and pie numbers: drawing arithmetic leaves noise beyond these
 
 
-def _number(value: Any) -> Any:
-    """JSON-safe scalar: numbers as float (NaN/inf as None), dates as ISO text, others as text."""
-    if hasattr(value, "isoformat"):
+def _rounded(value: Any) -> float:
+    number = Decimal(str(float(value)))
+    with localcontext() as context:
+        context.prec = max(1, SIGNIFICANT_DIGITS - number.adjusted())
+        return float(+number)
+
+
+def _scalar(value: Any) -> Any:
+    """JSON-safe: numbers as float (NaN/inf as None), dates as ISO text, strings as they are."""
+    if isinstance(value, datetime.date):
         return value.isoformat()
+    if type(value).__name__ == "datetime64":
+        return str(value.astype("datetime64[s]"))
     if isinstance(value, str):
         return value
     try:
@@ -38,107 +53,135 @@ def _number(value: Any) -> Any:
     return number if math.isfinite(number) else None
 
 
-def _unit(label: str) -> str | None:
+def _text_or_none(text: str) -> str | None:
+    return text or None
+
+
+def _unit(label: str | None) -> str | None:
     match = UNIT.search(label or "")
-    return match.group(1) if match else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
-def _is_datetime_axis(axis: Any) -> bool:
+def _converter(axis: Any) -> Any:
+    getter = getattr(axis, "get_converter", None)
+    return getter() if getter is not None else getattr(axis, "converter", None)
+
+
+def _is_date_axis(axis: Any) -> bool:
     import matplotlib.dates as mdates
 
-    return isinstance(
-        axis.get_major_formatter(),
-        (mdates.DateFormatter, mdates.AutoDateFormatter, mdates.ConciseDateFormatter),
+    converters = tuple(
+        getattr(mdates, name)
+        for name in ("DateConverter", "ConciseDateConverter", "_SwitchableDateConverter")
+        if hasattr(mdates, name)
     )
+    return isinstance(_converter(axis), converters)
 
 
-def _axis_values(axis: Any, values: Any) -> list[Any]:
-    if _is_datetime_axis(axis):
+def _is_category_axis(axis: Any) -> bool:
+    from matplotlib.category import StrCategoryConverter
+
+    return isinstance(_converter(axis), StrCategoryConverter)
+
+
+def _ticks(axis: Any) -> list[Any]:
+    if _is_date_axis(axis):
         import matplotlib.dates as mdates
 
-        return [mdates.num2date(float(v)).isoformat() if _number(v) is not None else None for v in values]
-    return [_number(v) for v in values]
+        return [mdates.num2date(float(tick)).isoformat() for tick in axis.get_ticklocs()]
+    return [_scalar(tick) for tick in axis.get_ticklocs()]
 
 
-def _scale(axis: Any, name: str) -> str:
-    return "datetime" if _is_datetime_axis(axis) else name
+def _scale(axis: Any) -> str:
+    if _is_date_axis(axis):
+        return "datetime"
+    if _is_category_axis(axis):
+        return "categorical"
+    return str(axis.get_scale())
 
 
 def _tick_labels(axis: Any) -> list[str]:
     return [label.get_text() for label in axis.get_ticklabels()]
 
 
-def _two_d(ax: Any, chart_type: str) -> dict[str, Any]:
-    x_label, y_label = ax.get_xlabel(), ax.get_ylabel()
+def _chart_2d(ax: Any, chart_type: str) -> dict[str, Any]:
+    x_label, y_label = _text_or_none(ax.get_xlabel()), _text_or_none(ax.get_ylabel())
     return {
         "type": chart_type,
-        "title": ax.get_title(),
-        "x_label": x_label or None,
-        "y_label": y_label or None,
+        "title": _text_or_none(ax.get_title()),
+        "x_label": x_label,
+        "y_label": y_label,
         "x_unit": _unit(x_label),
         "y_unit": _unit(y_label),
+        "elements": [],
     }
 
 
-def _point_chart(ax: Any, chart_type: str, elements: list[dict[str, Any]]) -> dict[str, Any]:
-    chart = _two_d(ax, chart_type)
-    chart.update(
-        x_ticks=_axis_values(ax.xaxis, ax.get_xticks()),
-        x_tick_labels=_tick_labels(ax.xaxis),
-        x_scale=_scale(ax.xaxis, ax.get_xscale()),
-        y_ticks=_axis_values(ax.yaxis, ax.get_yticks()),
-        y_tick_labels=_tick_labels(ax.yaxis),
-        y_scale=_scale(ax.yaxis, ax.get_yscale()),
-        elements=elements,
-    )
+def _point_chart(ax: Any, chart_type: str) -> dict[str, Any]:
+    chart = _chart_2d(ax, chart_type)
+    for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)):
+        chart[f"{name}_ticks"] = _ticks(axis)
+        chart[f"{name}_tick_labels"] = _tick_labels(axis)
+        chart[f"{name}_scale"] = _scale(axis)
     return chart
 
 
-def _points(ax: Any, xs: Any, ys: Any) -> list[list[Any]]:
-    return [list(pair) for pair in zip(_axis_values(ax.xaxis, xs), _axis_values(ax.yaxis, ys), strict=False)]
+def _points(xs: Any, ys: Any) -> list[list[Any]]:
+    return [[_scalar(x), _scalar(y)] for x, y in zip(xs, ys, strict=False)]
+
+
+def _is_grid_line(line: Any) -> bool:
+    xs, ys = line.get_xdata(), line.get_ydata()
+    return len(xs) == 2 and len(ys) == 2 and (xs[0] == xs[1] or ys[0] == ys[1])
 
 
 def _line_chart(ax: Any) -> dict[str, Any]:
-    elements = [
-        {"label": line.get_label(), "points": _points(ax, line.get_xdata(), line.get_ydata())}
-        for line in ax.get_lines()
-    ]
-    return _point_chart(ax, "line", elements)
+    chart = _point_chart(ax, "line")
+    for line in ax.get_lines():
+        if _is_grid_line(line):
+            continue
+        label = line.get_label()
+        if label.startswith("_child"):  # matplotlib's name for an unlabelled line
+            label = "Line " + label.removeprefix("_child")
+        chart["elements"].append({"label": label, "points": _points(line.get_xdata(), line.get_ydata())})
+    return chart
 
 
 def _scatter_chart(ax: Any) -> dict[str, Any]:
-    elements = []
+    chart = _point_chart(ax, "scatter")
     for collection in ax.collections:
         offsets = collection.get_offsets()
-        elements.append(
-            {"label": collection.get_label(), "points": _points(ax, offsets[:, 0], offsets[:, 1])}
-        )
-    return _point_chart(ax, "scatter", elements)
+        points = _points(offsets[:, 0], offsets[:, 1]) if len(offsets) else []
+        chart["elements"].append({"label": collection.get_label(), "points": points})
+    return chart
 
 
-def _label_at(ax: Any, position: float) -> str:
-    """The x tick label at a bar's or box's position (categories), else the position itself."""
-    for tick, label in zip(ax.get_xticks(), _tick_labels(ax.xaxis), strict=False):
+def _label_at(axis: Any, position: float) -> str:
+    """The tick label at a bar's or box's position (its category), else the position itself."""
+    for tick, label in zip(axis.get_ticklocs(), _tick_labels(axis), strict=False):
         if math.isclose(float(tick), position, abs_tol=1e-6) and label:
-            return label
-    return str(_number(position))
+            return str(label)
+    return str(_scalar(position))
 
 
 def _bar_chart(ax: Any) -> dict[str, Any]:
-    from matplotlib.container import BarContainer
-
-    elements = []
+    chart = _chart_2d(ax, "bar")
     for container in ax.containers:
-        if not isinstance(container, BarContainer):
-            continue
         group = container.get_label()
+        if group.startswith("_container"):  # matplotlib's name for an unlabelled group
+            group = "Group " + group.removeprefix("_container")
+        horizontal = getattr(container, "orientation", "vertical") == "horizontal"
         for bar in container:
-            center = bar.get_x() + bar.get_width() / 2
-            elements.append(
-                {"label": _label_at(ax, center), "group": group, "value": _number(bar.get_height())}
-            )
-    chart = _two_d(ax, "bar")
-    chart["elements"] = elements
+            if horizontal:
+                label = _label_at(ax.yaxis, bar.get_y() + bar.get_height() / 2)
+                value = bar.get_width()
+            else:
+                label = _label_at(ax.xaxis, bar.get_x() + bar.get_width() / 2)
+                value = bar.get_height()
+            chart["elements"].append({"label": label, "group": group, "value": _scalar(value)})
+        if horizontal:  # the categories are on y: name the axes as E2B does, category first
+            for key in ("label", "unit"):
+                chart[f"x_{key}"], chart[f"y_{key}"] = chart[f"y_{key}"], chart[f"x_{key}"]
     return chart
 
 
@@ -146,15 +189,11 @@ def _pie_chart(ax: Any) -> dict[str, Any]:
     from matplotlib.patches import Wedge
 
     elements = [
-        {
-            "label": wedge.get_label(),
-            "angle": _number(abs(wedge.theta2 - wedge.theta1)),
-            "radius": _number(wedge.r),
-        }
+        {"label": wedge.get_label(), "angle": abs(_rounded(wedge.theta2 - wedge.theta1)), "radius": wedge.r}
         for wedge in ax.patches
         if isinstance(wedge, Wedge)
     ]
-    return {"type": "pie", "title": ax.get_title(), "elements": elements}
+    return {"type": "pie", "title": _text_or_none(ax.get_title()), "elements": elements}
 
 
 def _box_extents(ax: Any) -> list[tuple[float, float, float, float]]:
@@ -178,7 +217,7 @@ def _box_extents(ax: Any) -> list[tuple[float, float, float, float]]:
 
 
 def _box_chart(ax: Any) -> dict[str, Any]:
-    elements = []
+    chart = _chart_2d(ax, "box_and_whisker")
     for x0, x1, q1, q3 in sorted(_box_extents(ax)):
         center = (x0 + x1) / 2
         low, high, median, outliers = q1, q3, None, []
@@ -191,86 +230,75 @@ def _box_chart(ax: Any) -> dict[str, Any]:
             elif len(xs) == 2 and xs[0] == xs[1] == center:
                 low, high = min(low, *ys), max(high, *ys)  # whiskers
             elif len(xs) == 2 and ys[0] == ys[1] and q1 <= ys[0] <= q3 and xs[0] >= x0 and xs[1] <= x1:
-                median = ys[0]
-        elements.append(
+                median = ys[0]  # drawn after the caps, so the last such line
+        chart["elements"].append(
             {
-                "label": _label_at(ax, center),
-                "min": _number(low),
-                "first_quartile": _number(q1),
-                "median": _number(median if median is not None else (q1 + q3) / 2),
-                "third_quartile": _number(q3),
-                "max": _number(high),
-                "outliers": [_number(v) for v in outliers],
+                "label": _label_at(ax.xaxis, center),
+                "min": _rounded(low),
+                "first_quartile": _rounded(q1),
+                "median": _rounded(median if median is not None else (q1 + q3) / 2),
+                "third_quartile": _rounded(q3),
+                "max": _rounded(high),
+                "outliers": [_rounded(v) for v in outliers],
             }
         )
-    chart = _two_d(ax, "box_and_whisker")
-    chart["elements"] = elements
     return chart
 
 
-def _axes_chart(ax: Any) -> dict[str, Any] | None:
+def _chart_type(ax: Any) -> str:
     from matplotlib.collections import PathCollection
-    from matplotlib.container import BarContainer
-    from matplotlib.patches import Wedge
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import PathPatch, Rectangle, Wedge
+    from matplotlib.text import Text
 
-    if any(isinstance(patch, Wedge) for patch in ax.patches):
-        return _pie_chart(ax)
-    if any(isinstance(container, BarContainer) for container in ax.containers):
-        return _bar_chart(ax)
-    if _box_extents(ax):
-        return _box_chart(ax)
-    if any(isinstance(collection, PathCollection) for collection in ax.collections):
-        return _scatter_chart(ax)
-    if ax.get_lines():
-        return _line_chart(ax)
-    return None
+    artists = [artist for artist in ax.get_children() if _is_data_artist(ax, artist, Text)]
+    if all(isinstance(artist, Line2D) for artist in artists):
+        return "box_and_whisker" if _box_extents(ax) else "line"
+    if all(isinstance(artist, PathPatch | Line2D) for artist in artists):
+        return "box_and_whisker"
+    artists = [a for a in artists if not (isinstance(a, Line2D) and _is_grid_line(a))]
+    for chart_type, kind in (("scatter", PathCollection), ("pie", Wedge), ("bar", Rectangle)):
+        if all(isinstance(artist, kind) for artist in artists):
+            return chart_type
+    return "unknown"
+
+
+def _is_data_artist(ax: Any, artist: Any, text_type: type) -> bool:
+    """What the user drew: not text, nor the axes' own frame, spines, axis, title or legend."""
+    own = (ax.patch, ax.xaxis, ax.yaxis, ax.legend_, *ax.spines.values())
+    return not isinstance(artist, text_type) and all(artist is not part for part in own)
+
+
+CHARTS = {
+    "line": _line_chart,
+    "scatter": _scatter_chart,
+    "bar": _bar_chart,
+    "pie": _pie_chart,
+    "box_and_whisker": _box_chart,
+}
+
+
+def axes_chart(ax: Any) -> dict[str, Any]:
+    chart_type = _chart_type(ax)
+    extract = CHARTS.get(chart_type)
+    if extract is None:
+        return {"type": chart_type, "title": _text_or_none(ax.get_title()), "elements": []}
+    return extract(ax)
 
 
 def figure_chart(figure: Any) -> dict[str, Any] | None:
-    """The chart JSON of a figure, or None for one without a chart we can read."""
+    """The chart JSON of a figure, or None for one without data or that cannot be read."""
     try:
-        charts = [chart for chart in (_axes_chart(ax) for ax in figure.get_axes()) if chart is not None]
-        if not charts:
+        axes = figure.get_axes()
+        if not axes or not any(ax.has_data() for ax in axes):
             return None
-        if len(charts) == 1:
-            return charts[0]
+        if len(axes) == 1:
+            return axes_chart(axes[0])
         suptitle = getattr(figure, "_suptitle", None)
-        return {"type": "superchart", "title": suptitle.get_text() if suptitle else "", "elements": charts}
+        return {
+            "type": "superchart",
+            "title": suptitle.get_text() if suptitle is not None else "",
+            "elements": [axes_chart(ax) for ax in axes],
+        }
     except Exception:
         return None
-
-
-def register() -> None:
-    import sys
-
-    from IPython import get_ipython
-    from IPython.core.formatters import BaseFormatter
-    from traitlets import ObjectName, Unicode
-
-    class ChartFormatter(BaseFormatter):  # type: ignore[misc]
-        """Figures only, recognised by class rather than registered with for_type: matplotlib's
-        inline backend removes every formatter's Figure printer when it activates."""
-
-        format_type = Unicode(CHART_MIME)
-        print_method = ObjectName("_repr_cube_chart_")
-        _return_type = dict
-
-        def __call__(self, obj: Any) -> dict[str, Any] | None:
-            figure_module = sys.modules.get("matplotlib.figure")
-            if self.enabled and figure_module is not None and isinstance(obj, figure_module.Figure):
-                return figure_chart(obj)
-            return None
-
-    shell = get_ipython()
-    if shell is None:
-        return
-    display_formatter = shell.display_formatter
-    display_formatter.formatters[CHART_MIME] = ChartFormatter(parent=display_formatter)
-    if display_formatter.active_types and CHART_MIME not in display_formatter.active_types:
-        display_formatter.active_types = [*display_formatter.active_types, CHART_MIME]
-
-
-# The agent runs this source in the kernel under this name; importing the module does nothing.
-KERNEL_MODULE_NAME = "__cube_charts__"
-if __name__ == KERNEL_MODULE_NAME:
-    register()

@@ -76,49 +76,64 @@ class MultipartParser:
     def feed(self, data: bytes) -> list[Event]:
         self._buffer += data
         events: list[Event] = []
-        while True:
-            if self._state == "preamble":
-                index = self._buffer.find(self._delimiter)
-                if index < 0:
-                    del self._buffer[: max(0, len(self._buffer) - len(self._delimiter))]
-                    return events
-                del self._buffer[: index + len(self._delimiter)]
-                self._state = "after_delimiter"
-            elif self._state == "after_delimiter":
-                if len(self._buffer) < 2:
-                    return events
-                if self._buffer[:2] == b"--":
-                    self._state = "done"
-                    return events
-                line_end = self._buffer.find(b"\r\n")
-                if line_end < 0:
-                    return events
-                del self._buffer[: line_end + 2]  # transport padding after the delimiter
-                self._state = "headers"
-            elif self._state == "headers":
-                end = self._buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._buffer) > MAX_HEADER_BYTES:
-                        raise MultipartError("part headers too large")
-                    return events
-                events.append(self._part_start(bytes(self._buffer[:end])))
-                del self._buffer[: end + 4]
-                self._state = "body"
-            elif self._state == "body":
-                index = self._buffer.find(self._delimiter)
-                if index < 0:
-                    keep = len(self._delimiter) - 1
-                    if len(self._buffer) > keep:
-                        events.append(PartData(bytes(self._buffer[:-keep])))
-                        del self._buffer[:-keep]
-                    return events
-                if index:
-                    events.append(PartData(bytes(self._buffer[:index])))
-                events.append(PartEnd())
-                del self._buffer[: index + len(self._delimiter)]
-                self._state = "after_delimiter"
-            else:
-                return events
+        steps = {
+            "preamble": self._skip_preamble,
+            "after_delimiter": self._after_delimiter,
+            "headers": self._read_headers,
+            "body": self._read_body,
+        }
+        # Each step consumes what it can; False: it needs more data (or the body is done).
+        while (step := steps.get(self._state)) is not None and step(events):
+            pass
+        return events
+
+    def _skip_preamble(self, events: list[Event]) -> bool:
+        index = self._buffer.find(self._delimiter)
+        if index < 0:
+            del self._buffer[: max(0, len(self._buffer) - len(self._delimiter))]
+            return False
+        del self._buffer[: index + len(self._delimiter)]
+        self._state = "after_delimiter"
+        return True
+
+    def _after_delimiter(self, events: list[Event]) -> bool:
+        if len(self._buffer) < 2:
+            return False
+        if self._buffer[:2] == b"--":
+            self._state = "done"
+            return False
+        line_end = self._buffer.find(b"\r\n")
+        if line_end < 0:
+            return False
+        del self._buffer[: line_end + 2]  # transport padding after the delimiter
+        self._state = "headers"
+        return True
+
+    def _read_headers(self, events: list[Event]) -> bool:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEADER_BYTES:
+                raise MultipartError("part headers too large")
+            return False
+        events.append(self._part_start(bytes(self._buffer[:end])))
+        del self._buffer[: end + 4]
+        self._state = "body"
+        return True
+
+    def _read_body(self, events: list[Event]) -> bool:
+        index = self._buffer.find(self._delimiter)
+        if index < 0:
+            keep = len(self._delimiter) - 1
+            if len(self._buffer) > keep:
+                events.append(PartData(bytes(self._buffer[:-keep])))
+                del self._buffer[:-keep]
+            return False
+        if index:
+            events.append(PartData(bytes(self._buffer[:index])))
+        events.append(PartEnd())
+        del self._buffer[: index + len(self._delimiter)]
+        self._state = "after_delimiter"
+        return True
 
     def finish(self) -> None:
         if self._state != "done":

@@ -9,6 +9,14 @@ import stat
 from dataclasses import dataclass
 
 
+class UnknownUser(LookupError):
+    """A call named (or the sandbox defaults to) a user this system does not have."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown user {name!r}")
+        self.name = name
+
+
 @dataclass(frozen=True)
 class User:
     name: str
@@ -63,12 +71,13 @@ def agent_user() -> User:
 
 
 def lookup_user(name: str) -> User:
-    """The named user. The agent's own user stands in for one that does not exist (e.g. `user` on
-    a test host) and for every user when the agent is not root (it could not switch anyway)."""
+    """The named user; UnknownUser if there is none (never the agent's own user: that is root in a
+    guest). The agent's own user stands in for every user when the agent is not root (it could
+    not switch anyway)."""
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        return agent_user()
+        raise UnknownUser(name) from None
     if entry.pw_uid == os.geteuid() or os.geteuid() != 0:
         return agent_user()
     return User(

@@ -31,8 +31,8 @@ import trio
 
 from appliance.cubelet.cubelet import Cubelet, SandboxStartFailed
 from appliance.cubelet.envd_client import EnvdError, start_process
-from appliance.master.store import LIVE_STATES, PAUSED, SandboxQuery, SandboxRecord, Store
 from appliance.master.templates import TemplateRegistry
+from appliance.records import LIVE_STATES, PAUSED, SandboxQuery, SandboxRecord, Store
 from appliance.runtime.base import ENVD_PORT
 from appliance.runtime.uml.runtime import COW_FILE, VM_DIR
 

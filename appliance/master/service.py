@@ -16,7 +16,8 @@ registry (and the warm pools) right away.
 
 Other modules add control-plane routes through `blueprint_factories`: callables
 that get the `Services` (config, store, cubelet, templates) and return a Quart
-blueprint, served behind the same auth and JSON errors.
+blueprint that declares who may call it (`appliance.api.auth.protect`), served
+with the same JSON errors.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from quart import Blueprint
 
-from appliance.api.app import Services, build_app
-from appliance.api.auth import Authenticator, check_local_dev_allowed, ensure_admin_token
+from appliance.api.app import build_app
+from appliance.api.auth import Access, Authenticator, check_local_dev_allowed, ensure_admin_token, protect
+from appliance.api.services import Services
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
@@ -149,7 +151,8 @@ async def run_service(
                 config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)
             )
             await nursery.start(builds.run)
-            blueprints = [create_build_blueprint(builds)]
+            # Any key may build; what a build sees and makes is its team's (templates/api.py).
+            blueprints = [protect(create_build_blueprint(builds), Access.KEY)]
             blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]
             control_plane = cast(ASGIApp, build_app(services, blueprints))
             router = SandboxRouter(control_plane, cubelet, config.domain)

@@ -14,96 +14,21 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from appliance import __version__
-from appliance.templates.manifest import TemplateManifest
-
-RUNNING = "running"
-PAUSED = "paused"
-DEAD = "dead"
-LIVE_STATES = (RUNNING, PAUSED)
-
-
-@dataclass
-class SandboxRecord:
-    sandbox_id: str
-    template_id: str
-    alias: str | None
-    client_id: str
-    state: str
-    started_at: float  # unix seconds
-    end_at: float  # unix seconds; the E2B timeout deadline
-    cpu_count: int
-    memory_mb: int
-    disk_size_mb: int
-    envd_access_token: str
-    metadata: dict[str, str] = field(default_factory=dict)
-    on_timeout: str = "kill"  # kill | pause
-    auto_resume: bool = False
-    allow_internet_access: bool = True
-    network: dict[str, object] = field(default_factory=dict)
-    console_log: str = ""
-    ended_at: float | None = None
-    end_reason: str = ""
-
-
-@dataclass(frozen=True)
-class ApiKeyRecord:
-    key_id: str
-    name: str
-    prefix: str  # first characters of the key, shown in listings
-    created_at: float
-    revoked_at: float | None
-    last_used_at: float | None
-
-
-@dataclass(frozen=True)
-class Event:
-    at: float
-    sandbox_id: str
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True)
-class SandboxQuery:
-    states: Sequence[str] = LIVE_STATES
-    metadata: dict[str, str] = field(default_factory=dict)
-    template_id: str | None = None
-    started_after: float | None = None
-    newest_first: bool = True
-    limit: int = 100
-    after: tuple[float, str] | None = None  # pagination cursor: (started_at, sandbox_id) of the last item
-
-
-class Store(Protocol):
-    def put_sandbox(self, record: SandboxRecord) -> None: ...
-    def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None: ...
-    def query_sandboxes(self, query: SandboxQuery) -> list[SandboxRecord]: ...
-    def mark_live_sandboxes_dead(self, reason: str) -> list[str]: ...
-
-    def put_template(self, manifest: TemplateManifest) -> None: ...
-    def list_templates(self) -> list[TemplateManifest]: ...
-    def delete_template(self, template_id: str) -> None: ...
-
-    def create_api_key(self, name: str) -> tuple[ApiKeyRecord, str]: ...
-    def list_api_keys(self) -> list[ApiKeyRecord]: ...
-    def revoke_api_key(self, key_id: str) -> bool: ...
-    def check_api_key(self, key: str) -> ApiKeyRecord | None: ...
-
-    def idempotent_sandbox(self, key: str) -> str | None: ...
-    def remember_idempotency_key(self, key: str, sandbox_id: str) -> None: ...
-
-    def add_event(self, sandbox_id: str, kind: str, message: str) -> None: ...
-    def events(self, sandbox_id: str | None = None, limit: int = 100) -> list[Event]: ...
-
-    def close(self) -> None: ...
-
+from appliance.records import (
+    DEAD,
+    ApiKeyRecord,
+    Event,
+    SandboxQuery,
+    SandboxRecord,
+    TemplateManifest,
+)
+from appliance.tenancy import SYSTEM_TEAM
 
 KEY_PREFIX = "cube_"
+_KEY_COLUMNS = "key_id, name, prefix, created_at, revoked_at, last_used_at, team_id"  # ApiKeyRecord's order
 IDEMPOTENCY_TTL_S = 24 * 3600
 LAST_USED_RESOLUTION_S = 60.0  # a key's last-use time is written at most this often
 
@@ -115,6 +40,11 @@ LAST_USED_RESOLUTION_S = 60.0  # a key's last-use time is written at most this o
 # statements are idempotent so a database made then (version 0, tables already
 # there) is adopted as it is.
 Migration = tuple[str, ...]
+
+_OWNER_OF_OLD_ROWS = (
+    "COALESCE((SELECT team_id FROM api_keys WHERE name = 'default' AND revoked_at IS NULL"
+    f" ORDER BY created_at LIMIT 1), '{SYSTEM_TEAM}')"
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     (
@@ -152,6 +82,31 @@ MIGRATIONS: tuple[Migration, ...] = (
             message TEXT NOT NULL
         )""",
         "CREATE INDEX IF NOT EXISTS events_by_sandbox ON events(sandbox_id, id)",
+    ),
+    # 2: teams (appliance/tenancy.py). Every key gets a team of its own; what existed before
+    # belongs to the team of the installer's key (`default`, the one key most appliances
+    # have, so its sandboxes stay its own) or, without one, to the admin's system team.
+    (
+        "ALTER TABLE api_keys ADD COLUMN team_id TEXT NOT NULL DEFAULT ''",
+        "UPDATE api_keys SET team_id = 'team-' || key_id",
+        "CREATE INDEX api_keys_by_team ON api_keys(team_id)",
+        f"ALTER TABLE sandboxes ADD COLUMN team_id TEXT NOT NULL DEFAULT '{SYSTEM_TEAM}'",
+        f"UPDATE sandboxes SET team_id = {_OWNER_OF_OLD_ROWS}",
+        "CREATE INDEX sandboxes_by_team ON sandboxes(team_id, state, started_at)",
+        f"ALTER TABLE events ADD COLUMN team_id TEXT NOT NULL DEFAULT '{SYSTEM_TEAM}'",
+        f"UPDATE events SET team_id = {_OWNER_OF_OLD_ROWS} WHERE sandbox_id != ''",
+        "CREATE INDEX events_by_team ON events(team_id, id)",
+        """CREATE TABLE team_idempotency_keys (
+            team_id TEXT NOT NULL,
+            key TEXT NOT NULL,
+            sandbox_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (team_id, key)
+        )""",
+        "INSERT INTO team_idempotency_keys(team_id, key, sandbox_id, created_at)"
+        f" SELECT {_OWNER_OF_OLD_ROWS}, key, sandbox_id, created_at FROM idempotency_keys",
+        "DROP TABLE idempotency_keys",
+        "ALTER TABLE team_idempotency_keys RENAME TO idempotency_keys",
     ),
 )
 
@@ -204,8 +159,11 @@ def _record_to_json(record: SandboxRecord) -> str:
     return json.dumps(record.__dict__, sort_keys=True)
 
 
-def _record_from_json(text: str) -> SandboxRecord:
-    return SandboxRecord(**json.loads(text))
+def _record_from_row(text: str, team_id: str) -> SandboxRecord:
+    """The column is the owner: records written before teams have no `team_id` in their JSON."""
+    record = SandboxRecord(**json.loads(text))
+    record.team_id = team_id
+    return record
 
 
 class SqliteStore:
@@ -228,18 +186,30 @@ class SqliteStore:
 
     def put_sandbox(self, record: SandboxRecord) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO sandboxes(sandbox_id, state, template_id, started_at, record)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (record.sandbox_id, record.state, record.template_id, record.started_at, _record_to_json(record)),
+            "INSERT OR REPLACE INTO sandboxes(sandbox_id, state, template_id, started_at, record, team_id)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.sandbox_id,
+                record.state,
+                record.template_id,
+                record.started_at,
+                _record_to_json(record),
+                record.team_id,
+            ),
         )
 
     def get_sandbox(self, sandbox_id: str) -> SandboxRecord | None:
-        row = self._db.execute("SELECT record FROM sandboxes WHERE sandbox_id = ?", (sandbox_id,)).fetchone()
-        return _record_from_json(row[0]) if row else None
+        row = self._db.execute(
+            "SELECT record, team_id FROM sandboxes WHERE sandbox_id = ?", (sandbox_id,)
+        ).fetchone()
+        return _record_from_row(*row) if row else None
 
     def query_sandboxes(self, query: SandboxQuery) -> list[SandboxRecord]:
         clauses = [f"state IN ({','.join('?' * len(query.states))})"]
         params: list[object] = list(query.states)
+        if query.team_id is not None:
+            clauses.append("team_id = ?")
+            params.append(query.team_id)
         if query.template_id is not None:
             clauses.append("template_id = ?")
             params.append(query.template_id)
@@ -252,12 +222,12 @@ class SqliteStore:
             params.extend(query.after)
         order = "DESC" if query.newest_first else "ASC"
         sql = (
-            f"SELECT record FROM sandboxes WHERE {' AND '.join(clauses)}"
+            f"SELECT record, team_id FROM sandboxes WHERE {' AND '.join(clauses)}"
             f" ORDER BY started_at {order}, sandbox_id {order}"
         )
         found: list[SandboxRecord] = []
-        for (text,) in self._db.execute(sql, params):
-            record = _record_from_json(text)
+        for text, team_id in self._db.execute(sql, params):
+            record = _record_from_row(text, team_id)
             if all(record.metadata.get(k) == v for k, v in query.metadata.items()):
                 found.append(record)
                 if len(found) >= query.limit:
@@ -267,9 +237,9 @@ class SqliteStore:
     def mark_live_sandboxes_dead(self, reason: str) -> list[str]:
         now = time.time()
         marked: list[str] = []
-        rows = self._db.execute("SELECT record FROM sandboxes WHERE state != ?", (DEAD,)).fetchall()
-        for (text,) in rows:
-            record = _record_from_json(text)
+        rows = self._db.execute("SELECT record, team_id FROM sandboxes WHERE state != ?", (DEAD,)).fetchall()
+        for text, team_id in rows:
+            record = _record_from_row(text, team_id)
             record.state, record.ended_at, record.end_reason = DEAD, now, reason
             self.put_sandbox(record)
             self.add_event(record.sandbox_id, "dead", reason)
@@ -293,7 +263,8 @@ class SqliteStore:
 
     # API keys.
 
-    def create_api_key(self, name: str) -> tuple[ApiKeyRecord, str]:
+    def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]:
+        """A new key in `team_id` (an existing team: the caller checks), else in a team of its own."""
         key = KEY_PREFIX + secrets.token_hex(16)
         record = ApiKeyRecord(
             key_id=secrets.token_hex(4),
@@ -302,18 +273,20 @@ class SqliteStore:
             created_at=time.time(),
             revoked_at=None,
             last_used_at=None,
+            team_id=team_id or "team-" + secrets.token_hex(4),
         )
         self._db.execute(
-            "INSERT INTO api_keys(key_id, name, prefix, key_hash, created_at) VALUES (?, ?, ?, ?, ?)",
-            (record.key_id, record.name, record.prefix, hash_api_key(key), record.created_at),
+            "INSERT INTO api_keys(key_id, name, prefix, key_hash, created_at, team_id)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (record.key_id, record.name, record.prefix, hash_api_key(key), record.created_at, record.team_id),
         )
         return record, key
 
+    def team_exists(self, team_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM api_keys WHERE team_id = ?", (team_id,)).fetchone() is not None
+
     def list_api_keys(self) -> list[ApiKeyRecord]:
-        rows = self._db.execute(
-            "SELECT key_id, name, prefix, created_at, revoked_at, last_used_at"
-            " FROM api_keys ORDER BY created_at"
-        ).fetchall()
+        rows = self._db.execute(f"SELECT {_KEY_COLUMNS} FROM api_keys ORDER BY created_at").fetchall()
         return [ApiKeyRecord(*row) for row in rows]
 
     def revoke_api_key(self, key_id: str) -> bool:
@@ -325,8 +298,7 @@ class SqliteStore:
 
     def check_api_key(self, key: str) -> ApiKeyRecord | None:
         row = self._db.execute(
-            "SELECT key_id, name, prefix, created_at, revoked_at, last_used_at FROM api_keys"
-            " WHERE key_hash = ? AND revoked_at IS NULL",
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
             (hash_api_key(key),),
         ).fetchone()
         if row is None:
@@ -339,39 +311,44 @@ class SqliteStore:
 
     # Idempotency keys for create.
 
-    def idempotent_sandbox(self, key: str) -> str | None:
+    def idempotent_sandbox(self, team_id: str, key: str) -> str | None:
         row = self._db.execute(
-            "SELECT sandbox_id FROM idempotency_keys WHERE key = ? AND created_at > ?",
-            (key, time.time() - IDEMPOTENCY_TTL_S),
+            "SELECT sandbox_id FROM idempotency_keys WHERE team_id = ? AND key = ? AND created_at > ?",
+            (team_id, key, time.time() - IDEMPOTENCY_TTL_S),
         ).fetchone()
         return row[0] if row else None
 
-    def remember_idempotency_key(self, key: str, sandbox_id: str) -> None:
+    def remember_idempotency_key(self, team_id: str, key: str, sandbox_id: str) -> None:
         self._db.execute(
             "DELETE FROM idempotency_keys WHERE created_at < ?", (time.time() - IDEMPOTENCY_TTL_S,)
         )
         self._db.execute(
-            "INSERT OR REPLACE INTO idempotency_keys(key, sandbox_id, created_at) VALUES (?, ?, ?)",
-            (key, sandbox_id, time.time()),
+            "INSERT OR REPLACE INTO idempotency_keys(team_id, key, sandbox_id, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            (team_id, key, sandbox_id, time.time()),
         )
 
     # Events.
 
     def add_event(self, sandbox_id: str, kind: str, message: str) -> None:
+        """An event belongs to its sandbox's team (the node's own, like pool boots, to the system's)."""
         self._db.execute(
-            "INSERT INTO events(at, sandbox_id, kind, message) VALUES (?, ?, ?, ?)",
-            (time.time(), sandbox_id, kind, message),
+            "INSERT INTO events(at, sandbox_id, kind, message, team_id) VALUES (?, ?, ?, ?,"
+            " COALESCE((SELECT team_id FROM sandboxes WHERE sandbox_id = ?), ?))",
+            (time.time(), sandbox_id, kind, message, sandbox_id, SYSTEM_TEAM),
         )
 
-    def events(self, sandbox_id: str | None = None, limit: int = 100) -> list[Event]:
-        if sandbox_id is None:
-            rows: Iterable[tuple[float, str, str, str]] = self._db.execute(
-                "SELECT at, sandbox_id, kind, message FROM events ORDER BY id DESC LIMIT ?", (limit,)
-            ).fetchall()
-        else:
-            rows = self._db.execute(
-                "SELECT at, sandbox_id, kind, message FROM events"
-                " WHERE sandbox_id = ? ORDER BY id DESC LIMIT ?",
-                (sandbox_id, limit),
-            ).fetchall()
+    def events(
+        self, sandbox_id: str | None = None, limit: int = 100, team_id: str | None = None
+    ) -> list[Event]:
+        clauses, params = [], []
+        for column, value in (("sandbox_id", sandbox_id), ("team_id", team_id)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows: Iterable[tuple[float, str, str, str]] = self._db.execute(
+            f"SELECT at, sandbox_id, kind, message FROM events{where} ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
         return [Event(*row) for row in reversed(list(rows))]

@@ -11,13 +11,11 @@ import logging
 import shutil
 
 from appliance.config import Config
-from appliance.master.store import Store
-from appliance.templates.manifest import MANIFEST_NAME, TemplateManifest
+from appliance.records import MANIFEST_NAME, Store, TemplateManifest
+from appliance.templates.catalog import SDK_DEFAULT_TEMPLATE_NAMES
+from appliance.tenancy import ADMIN, Principal
 
 log = logging.getLogger(__name__)
-
-# Names the SDKs send when the user names no template (PROTOCOL.md §2.2).
-SDK_DEFAULT_TEMPLATE_NAMES = frozenset({"base", "code-interpreter-v1"})
 
 
 class TemplateRegistry:
@@ -48,14 +46,19 @@ class TemplateRegistry:
     def all(self) -> dict[str, TemplateManifest]:
         return dict(self._by_id)
 
-    def resolve(self, name: str) -> TemplateManifest | None:
-        """A template by id or alias; the SDK default names map to config.default_template."""
-        self.refresh()
-        if name in SDK_DEFAULT_TEMPLATE_NAMES and name not in self._by_id:
+    def visible(self, principal: Principal) -> dict[str, TemplateManifest]:
+        """The templates `principal` may see: its team's and the built-in ones (all, for the admin)."""
+        return {k: m for k, m in self.refresh().items() if principal.sees(m.owner)}
+
+    def resolve(self, name: str, principal: Principal = ADMIN) -> TemplateManifest | None:
+        """A template `principal` may see, by id or alias; the SDK default names map to
+        config.default_template. Another team's template is not found."""
+        visible = self.visible(principal)
+        if name in SDK_DEFAULT_TEMPLATE_NAMES and name not in visible:
             name = self.config.default_template
-        if name in self._by_id:
-            return self._by_id[name]
-        for manifest in self._by_id.values():
+        if name in visible:
+            return visible[name]
+        for manifest in visible.values():
             if name in manifest.aliases:
                 return manifest
         return None

@@ -23,12 +23,15 @@ host (one thread setns'ed into the netns, libnftables in-process), teardown ≈ 
 
 Policy: a bcc-compiled tc program on the host-side veth's ingress with per-sandbox
 LPM tries (IPv4 and IPv6, at most `MAX_ENTRIES_PER_LIST` = 8192 entries per list)
-keyed by that veth's ifindex, pinned under /sys/fs/bpf/cube/<tag>. Always blocked
-unless allow-listed: other sandboxes, this host's addresses (except the resolver's
-port 53), 169.254.0.0/16 (metadata), loopback, 10/8, 172.16/12, 192.168/16,
-100.64/10, multicast, fc00::/7, fe80::/10. Domain entries ("pypi.org",
-"*.example.com") are enforced through the A/AAAA answers of the node resolver
-(answers inside the always-blocked ranges are not learned: those need a CIDR).
+keyed by that veth's ifindex, pinned under /sys/fs/bpf/cube/<tag>. Always blocked,
+whatever the sandbox's own lists say: other sandboxes, this host's addresses (followed
+as they change; the resolver's port 53 excepted), 169.254.0.0/16 (metadata),
+loopback, 10/8, 172.16/12, 192.168/16, 100.64/10, multicast, fc00::/7, fe80::/10;
+only the operator's `operator_open_networks` takes ranges out of that set.
+Domain entries ("pypi.org", "*.example.com") are enforced through the A/AAAA
+answers of the node resolver. A sandbox without egress (no internet access, or
+0.0.0.0/0 denied) gets only the names its allow list's domains match resolved;
+others are REFUSED without reaching the upstream, so DNS is no tunnel out.
 The program only judges what a sandbox sends; replies on TCP connections the
 host opened to the guest (DNAT) pass, UDP to the guest via DNAT gets no reply.
 """

@@ -19,9 +19,13 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
-from appliance.runtime.base import GATEWAY_IP, GUEST_IP, GUEST_PREFIX
-
-# The IPv6 counterparts of runtime.base's GUEST_IP/GATEWAY_IP: the same in every sandbox.
+# Every guest has the same address (snapshots and warm instances need it); the host
+# reaches guest ports through the sandbox's `SandboxNetwork.host_ip`. The default
+# template's init (guest/guest_init.py, which imports nothing of the host) says the same.
+GUEST_IP = "169.254.0.2"
+GATEWAY_IP = "169.254.0.1"
+GUEST_PREFIX = 30
+# Their IPv6 counterparts: the same in every sandbox.
 GUEST_IP6 = "fdcb:e0::2"
 GATEWAY_IP6 = "fdcb:e0::1"
 GUEST_PREFIX6 = 126

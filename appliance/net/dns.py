@@ -5,6 +5,12 @@ query unchanged to the host's resolvers and, before returning the answer,
 tells CubeVS which addresses the asking sandbox was given for which name — how
 domain entries in allow/deny lists become addresses in the eBPF maps. The
 asking sandbox is known from the query's source address (its host_ip).
+
+Before forwarding, CubeVS is asked whether this client may have this name
+resolved (`may_ask`); if not, the client gets REFUSED and the upstream never
+sees the name. That keeps DNS from being a tunnel out of a sandbox without
+egress: data encoded in query names would otherwise reach whoever runs the
+authoritative server of any domain.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ log = logging.getLogger(__name__)
 
 _TYPE_A = 1
 _TYPE_AAAA = 28
+_HEADER = struct.Struct("!6H")  # id, flags, qdcount, ancount, nscount, arcount
+_FLAG_RESPONSE = 0x8000
+_FLAG_OPCODE = 0x7800
+_FLAG_RECURSION_DESIRED = 0x0100
+_FLAG_RECURSION_AVAILABLE = 0x0080
+RCODE_REFUSED = 5
 _UPSTREAM_TIMEOUT_S = 2.0
 _MAX_IN_FLIGHT = 256
 _MAX_TCP_CONNECTIONS = 128
@@ -102,15 +114,56 @@ def parse_answer(msg: bytes) -> Answer | None:
         return None
 
 
+def _question(msg: bytes) -> tuple[str, int] | None:
+    """(name, offset just past the question) of a message with exactly one question, else None."""
+    try:
+        if _HEADER.unpack_from(msg)[2] != 1:
+            return None
+        name, offset = _read_name(msg, _HEADER.size)
+        if offset + 4 > len(msg):
+            return None
+        return name, offset + 4
+    except (IndexError, struct.error, ValueError):
+        return None
+
+
+def question_name(msg: bytes) -> str | None:
+    """The name a query asks about (lower case, no trailing dot), None unless it asks exactly one."""
+    question = _question(msg)
+    return question[0] if question else None
+
+
+def refused(query: bytes) -> bytes | None:
+    """A REFUSED response to `query`, with its question echoed when it has one (None: not DNS)."""
+    if len(query) < _HEADER.size:
+        return None
+    qid, flags = struct.unpack_from("!HH", query)
+    question = _question(query)
+    flags = (
+        _FLAG_RESPONSE
+        | flags & (_FLAG_OPCODE | _FLAG_RECURSION_DESIRED)
+        | _FLAG_RECURSION_AVAILABLE
+        | RCODE_REFUSED
+    )
+    if question is None:
+        return _HEADER.pack(qid, flags, 0, 0, 0, 0)
+    return _HEADER.pack(qid, flags, 1, 0, 0, 0) + query[_HEADER.size : question[1]]
+
+
 # (client address, answer) → awaited before the answer is sent back.
 OnAnswer = Callable[[str, Answer], Awaitable[None]]
+# (client address, the one name the query asks about or None) → may it go upstream?
+MayAsk = Callable[[str, str | None], bool]
 
 
 class Resolver:
-    def __init__(self, listen_ip: str, upstreams: Sequence[Upstream], on_answer: OnAnswer) -> None:
+    def __init__(
+        self, listen_ip: str, upstreams: Sequence[Upstream], on_answer: OnAnswer, may_ask: MayAsk
+    ) -> None:
         self.listen_ip = listen_ip
         self.upstreams = list(upstreams)
         self.on_answer = on_answer
+        self.may_ask = may_ask
         self._in_flight = trio.CapacityLimiter(_MAX_IN_FLIGHT)
         self._tcp_connections = trio.CapacityLimiter(_MAX_TCP_CONNECTIONS)
 
@@ -123,10 +176,18 @@ class Resolver:
             nursery.start_soon(trio.serve_listeners, self._serve_tcp, listeners)
             task_status.started()
 
-    async def _learn(self, client_ip: str, response: bytes) -> None:
-        answer = parse_answer(response)
-        if answer is not None and answer.addresses:
-            await self.on_answer(client_ip, answer)
+    async def _resolve(
+        self, client_ip: str, query: bytes, forward: Callable[[bytes], Awaitable[bytes | None]]
+    ) -> bytes | None:
+        """The response for `client_ip`: forwarded if it may ask, learned from; else REFUSED."""
+        if not self.may_ask(client_ip, question_name(query)):
+            return refused(query)
+        response = await forward(query)
+        if response is not None:
+            answer = parse_answer(response)
+            if answer is not None and answer.addresses:
+                await self.on_answer(client_ip, answer)
+        return response
 
     # --- UDP --------------------------------------------------------------
 
@@ -140,11 +201,9 @@ class Resolver:
 
     async def _answer_udp(self, sock: trio.socket.SocketType, query: bytes, client: tuple[str, int]) -> None:
         async with self._in_flight:
-            response = await self._forward_udp(query)
-            if response is None:
-                return
-            await self._learn(client[0], response)
-            await sock.sendto(response, client)
+            response = await self._resolve(client[0], query, self._forward_udp)
+            if response is not None:
+                await sock.sendto(response, client)
 
     async def _forward_udp(self, query: bytes) -> bytes | None:
         for upstream in self.upstreams:
@@ -171,10 +230,9 @@ class Resolver:
                     query = await _read_framed(stream)
                     if query is None:
                         return
-                    response = await self._forward_tcp(query)
+                    response = await self._resolve(client_ip, query, self._forward_tcp)
                     if response is None:
                         return
-                    await self._learn(client_ip, response)
                     await stream.send_all(struct.pack("!H", len(response)) + response)
 
     async def _forward_tcp(self, query: bytes) -> bytes | None:

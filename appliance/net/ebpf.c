@@ -10,10 +10,12 @@
 //   2. DNS to the node's resolver (IPv4) is always allowed;
 //   3. TCP segments other than a bare SYN to the host-side veth address are
 //      replies on connections the host (the proxy) opened to the guest;
-//   4. the sandbox's allow list (allow beats everything below);
-//   5. the sandbox's deny list;
-//   6. the always-blocked set (other sandboxes, the host, link-local and
-//      metadata, loopback, private ranges);
+//   4. the always-blocked set (other sandboxes, the host, link-local and
+//      metadata, loopback, private ranges): no list of the sandbox's own opens
+//      it. Its longest matching entry decides: 1 blocked, 0 opened by the
+//      operator's config (then the sandbox's lists apply as for any address);
+//   5. the sandbox's allow list (allow beats deny and the internet flag);
+//   6. the sandbox's deny list;
 //   7. allow_internet_access.
 // Only uapi structures are used, so any kernel's headers compile it.
 // The @-placeholders are filled in by ebpf.py (pin paths and sizes).
@@ -66,10 +68,10 @@ BPF_TABLE_PINNED("hash", u32, struct sandbox, sandboxes, @MAX_SANDBOXES, "@PIN/s
 BPF_TABLE_PINNED("percpu_hash", u32, struct counters, counters, @MAX_SANDBOXES, "@PIN/counters");
 BPF_TABLE_PINNED("lpm_trie", struct v4_key, u8, allow_v4, @MAX_ENTRIES, "@PIN/allow_v4", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct v4_key, u8, deny_v4, @MAX_ENTRIES, "@PIN/deny_v4", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lpm_trie", struct v4_key, u8, blocked_v4, 4096, "@PIN/blocked_v4", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct v4_key, u8, blocked_v4, @MAX_BLOCKED, "@PIN/blocked_v4", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct v6_key, u8, allow_v6, @MAX_ENTRIES, "@PIN/allow_v6", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct v6_key, u8, deny_v6, @MAX_ENTRIES, "@PIN/deny_v6", BPF_F_NO_PREALLOC);
-BPF_TABLE_PINNED("lpm_trie", struct v6_key, u8, blocked_v6, 4096, "@PIN/blocked_v6", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct v6_key, u8, blocked_v6, @MAX_BLOCKED, "@PIN/blocked_v6", BPF_F_NO_PREALLOC);
 
 static __always_inline int verdict(struct __sk_buff *skb, u32 ifindex, int allowed) {
     struct counters zero = {};
@@ -116,13 +118,14 @@ static __always_inline int check_v4(struct sandbox *sb, u32 ifindex, void *data,
         return 1;
     if (dst == sb->host_side_ip && ip->protocol == IPPROTO_TCP && has_ports && !bare_syn)
         return 1;
-    struct v4_key key = {.prefixlen = 64, .ifindex = ifindex, .addr = dst};
+    struct v4_key key = {.prefixlen = 64, .ifindex = 0, .addr = dst};
+    u8 *blocked = blocked_v4.lookup(&key);
+    if (blocked && *blocked)
+        return 0;
+    key.ifindex = ifindex;
     if (allow_v4.lookup(&key))
         return 1;
     if (deny_v4.lookup(&key))
-        return 0;
-    key.ifindex = 0;
-    if (blocked_v4.lookup(&key))
         return 0;
     return sb->flags & FLAG_INTERNET;
 }
@@ -157,14 +160,15 @@ static __always_inline int check_v6(struct sandbox *sb, u32 ifindex, void *data,
         return 0;
     if (same_ip6(daddr, sb->host_side_ip6) && ip6->nexthdr == IPPROTO_TCP && has_ports && !bare_syn)
         return 1;
-    struct v6_key key = {.prefixlen = 160, .ifindex = ifindex};
+    struct v6_key key = {.prefixlen = 160, .ifindex = 0};
     __builtin_memcpy(key.addr, daddr, 16);
+    u8 *blocked = blocked_v6.lookup(&key);
+    if (blocked && *blocked)
+        return 0;
+    key.ifindex = ifindex;
     if (allow_v6.lookup(&key))
         return 1;
     if (deny_v6.lookup(&key))
-        return 0;
-    key.ifindex = 0;
-    if (blocked_v6.lookup(&key))
         return 0;
     return sb->flags & FLAG_INTERNET;
 }

@@ -26,6 +26,8 @@ MAX_SANDBOXES = 16384
 # Sum over all sandboxes of CIDR entries (lists + DNS-learned addresses). LPM
 # tries allocate per entry, so a large ceiling costs nothing until used.
 MAX_ENTRIES = 1 << 20
+# The always-blocked set: fixed ranges, the operator's openings and this host's addresses.
+MAX_BLOCKED = 1 << 16
 FLAG_INTERNET = 1
 
 _TC_INGRESS_PARENT = "ffff:fff2"  # clsact ingress: packets arriving from the sandbox netns
@@ -66,6 +68,7 @@ class PolicyProgram:
             .replace("@PIN", str(pin_dir))
             .replace("@MAX_SANDBOXES", str(MAX_SANDBOXES))
             .replace("@MAX_ENTRIES", str(MAX_ENTRIES))
+            .replace("@MAX_BLOCKED", str(MAX_BLOCKED))
         )
         self._bpf = BPF(text=text.encode(), cflags=["-Wno-macro-redefined"])
         self._fn = self._bpf.load_func(b"cube_egress", BPF.SCHED_CLS)
@@ -76,6 +79,7 @@ class PolicyProgram:
             for list_name in ("allow", "deny", "blocked")
             for version in (4, 6)
         }
+        self._blocked: dict[Network, bool] = {}  # what the blocked tries hold
 
     def close(self) -> None:
         self._bpf.cleanup()
@@ -124,13 +128,13 @@ class PolicyProgram:
             return trie.Key(32 + network.prefixlen, ifindex, _addr_u32(network.network_address))
         return trie.Key(32 + network.prefixlen, ifindex, _addr16(network.network_address))
 
-    def add(self, list_name: str, ifindex: int, networks: Iterable[Network]) -> None:
+    def add(self, list_name: str, ifindex: int, networks: Iterable[Network], value: int = 1) -> None:
         """Add all or, if the maps are full, none (what was added is taken out again)."""
         added: list[Network] = []
         try:
             for network in networks:
                 trie = self.tries[(list_name, network.version)]
-                trie[self._key(list_name, ifindex, network)] = trie.Leaf(1)
+                trie[self._key(list_name, ifindex, network)] = trie.Leaf(value)
                 added.append(network)
         except Exception:
             self.remove(list_name, ifindex, added)
@@ -160,10 +164,18 @@ class PolicyProgram:
         self.sandboxes.clear()
         self.counters.clear()
 
-    def set_blocked(self, networks: Iterable[Network]) -> None:
-        for version in (4, 6):
-            self.tries[("blocked", version)].clear()
-        self.add("blocked", 0, networks)
+    def set_blocked(self, entries: dict[Network, bool]) -> None:
+        """Make the blocked tries hold `entries` (network → blocked; False: opened by the
+        operator), tightening before loosening so no packet meets a set looser than both."""
+        old = self._blocked
+        if not old:  # first call of this service: whatever an earlier one left goes
+            for version in (4, 6):
+                self.tries[("blocked", version)].clear()
+        self.add("blocked", 0, [n for n, b in entries.items() if b and old.get(n) is not True], 1)
+        self.remove("blocked", 0, [n for n, b in old.items() if not b and n not in entries])
+        self.add("blocked", 0, [n for n, b in entries.items() if not b and old.get(n) is not False], 0)
+        self.remove("blocked", 0, [n for n, b in old.items() if b and n not in entries])
+        self._blocked = dict(entries)
 
     def read_counters(self, ifindex: int) -> dict[str, int]:
         try:

@@ -6,17 +6,25 @@
 - the resolver address (first address of host_network) on the loopback device,
   labelled `lo:cube<tag>`; every sandbox reaches it as its gateway's port 53
   (a dummy link would be tidier, but not every kernel has CONFIG_DUMMY);
-- the always-blocked destination set, including this host's own addresses.
+- the always-blocked destination set, including this host's own addresses
+  (`BlockedSet`; the service follows address changes and refreshes it).
+
+The always-blocked set beats every sandbox's own lists: a request's allowOut
+never opens it. Only the operator's config (`operator_open_networks`) takes
+ranges out of it, and the most specific entry wins, so opening 10.0.0.0/8 leaves
+host_network and the host's own addresses blocked.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from appliance.net import nft
 from appliance.net.addressing import Addressing
@@ -87,14 +95,71 @@ def tear_down(addressing: Addressing) -> None:
                 raise
 
 
-def blocked_networks(addressing: Addressing) -> list[Network]:
-    """Everything a guest may never reach unless its allow list names it."""
-    networks: list[Network] = [ipaddress.ip_network(n) for n in ALWAYS_BLOCKED]
-    networks.append(addressing.network)  # other sandboxes and the resolver's other ports
-    networks.append(addressing.network6)
+def parse_open_networks(text: str, addressing: Addressing) -> tuple[Network, ...]:
+    """`operator_open_networks` ("192.168.50.0/24, fd12::/48") as networks; ValueError if malformed
+    or if it lies inside the sandboxes' own networks (those stay closed: no sandbox reaches another;
+    a wider entry, say 10.0.0.0/8 around host_network, leaves them blocked, being less specific)."""
+    networks = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        try:
+            network = ipaddress.ip_network(entry)
+        except ValueError as e:
+            raise ValueError(f"operator_open_networks: {entry!r} is not a CIDR ({e})") from None
+        for own in (addressing.network, addressing.network6):
+            if network.version == own.version and network.subnet_of(own):  # type: ignore[arg-type]
+                raise ValueError(f"operator_open_networks: {entry} is inside the sandbox network {own}")
+        networks.append(network)
+    return tuple(networks)
+
+
+@dataclass(frozen=True)
+class BlockedSet:
+    """Destinations a sandbox can never open itself: the longest matching entry decides."""
+
+    entries: dict[Network, bool]  # network → blocked (False: opened by the operator)
+
+    def blocks(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        matches = [n for n in self.entries if n.version == address.version and address in n]
+        return bool(matches) and self.entries[max(matches, key=lambda n: n.prefixlen)]
+
+
+# A dump that addresses changed under (NLM_F_DUMP_INTR) is taken again, this many times at most.
+_DUMP_ATTEMPTS = 10
+
+
+def host_addresses() -> set[Network]:
+    """Every address of every link of the host netns, as /32 and /128 networks."""
     with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if address:
-                networks.append(ipaddress.ip_network(address))
-    return list(dict.fromkeys(networks))
+        for attempt in range(_DUMP_ATTEMPTS):
+            try:
+                messages = ipr.get_addr()
+                break
+            except NetlinkDumpInterrupted:  # sandboxes come and go: their veths' addresses too
+                if attempt == _DUMP_ATTEMPTS - 1:
+                    raise
+    networks: set[Network] = set()
+    for msg in messages:
+        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if address:
+            networks.add(ipaddress.ip_network(address.split("%")[0]))
+    return networks
+
+
+def blocked_set(addressing: Addressing, opened: tuple[Network, ...]) -> BlockedSet:
+    """The always-blocked set as of now (the host's addresses change: call again when they do)."""
+    blocked: list[Network] = [ipaddress.ip_network(n) for n in ALWAYS_BLOCKED]
+    # Other sandboxes, the veths' host ends, the resolver's other ports.
+    blocked.extend((addressing.network, addressing.network6))
+
+    def covered(address: Network, networks: Sequence[Network]) -> bool:
+        return any(address.network_address in n for n in networks)
+
+    # An address of the host needs its own entry unless a blocked range holds it already (the
+    # veths' ends, loopback, link-local ...) and no operator's opening takes it out of there.
+    own = [a for a in host_addresses() if not covered(a, blocked) or covered(a, opened)]
+    blocked.extend(sorted(own, key=lambda n: (n.version, n)))
+    entries = dict.fromkeys(blocked, True)
+    entries.update(dict.fromkeys(opened, False))
+    return BlockedSet(entries)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import re
 import shutil
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+import socket
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -29,6 +31,7 @@ _LEARNED_MIN_S = 60.0
 _LEARNED_GRACE_S = 60.0
 _EXPIRY_CHECK_S = 5.0
 _LISTS = ("allow", "deny")
+_ALL_IPV4 = ipaddress.ip_network("0.0.0.0/0")
 
 
 class NetworkUnenforced(RuntimeError):
@@ -89,7 +92,9 @@ class CubeVS:
         self.unenforced_reason = unenforced_reason
         self._live: dict[str, _Live] = {}
         self._by_host_ip: dict[str, _Live] = {}
-        self._blocked: list[Network] = []  # always-blocked destinations, set at start
+        self._opened = host.parse_open_networks(config.operator_open_networks, addressing)
+        # Always-blocked destinations: set at start, refreshed when the host's addresses change.
+        self._blocked = host.BlockedSet({})
 
     @property
     def enforced(self) -> bool:
@@ -112,26 +117,29 @@ class CubeVS:
             [Upstream.parse(u) for u in dns_upstreams] if dns_upstreams is not None else host_upstreams()
         )
 
-        def prepare_host() -> list[Network]:
+        def prepare_host() -> host.BlockedSet:
             netns.prepare_netns_dir()
             sweep(records)
             host.set_up(addressing)
-            return host.blocked_networks(addressing)
+            return host.blocked_set(addressing, service._opened)
 
         service = cls(config, addressing, records, None, "not loaded yet")
         try:
-            service._blocked = await trio.to_thread.run_sync(prepare_host)
-            service._program, service.unenforced_reason = await trio.to_thread.run_sync(
-                _load_program, addressing, service._blocked
-            )
-            if service._program is None:
-                log.warning("CubeVS: eBPF enforcement unavailable: %s", service.unenforced_reason)
-            async with trio.open_nursery() as nursery:
-                resolver = Resolver(addressing.resolver_ip, upstreams, service._learn)
-                await nursery.start(resolver.serve)
-                nursery.start_soon(service._expire_learned)
-                yield service
-                nursery.cancel_scope.cancel()
+            # Subscribed before the first listing: no address change falls in between.
+            with _address_changes() as changes:
+                service._blocked = await trio.to_thread.run_sync(prepare_host)
+                service._program, service.unenforced_reason = await trio.to_thread.run_sync(
+                    _load_program, addressing, service._blocked
+                )
+                if service._program is None:
+                    log.warning("CubeVS: eBPF enforcement unavailable: %s", service.unenforced_reason)
+                async with trio.open_nursery() as nursery:
+                    resolver = Resolver(addressing.resolver_ip, upstreams, service._learn, service._may_ask)
+                    await nursery.start(resolver.serve)
+                    nursery.start_soon(service._expire_learned)
+                    nursery.start_soon(service._follow_host_addresses, changes)
+                    yield service
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(service._shut_down)
@@ -274,7 +282,21 @@ class CubeVS:
         program = self._require_program()
         await trio.to_thread.run_sync(program.attach if attached else program.detach, live.ifindex)
 
-    # --- DNS-learned addresses ---------------------------------------------
+    # --- DNS ----------------------------------------------------------------
+
+    def _may_ask(self, client_ip: str, qname: str | None) -> bool:
+        """May this client have this name resolved upstream?
+
+        Only sandboxes use the resolver. One with egress may resolve anything. One without
+        (allow_internet_access false, or 0.0.0.0/0 denied) gets only the names its allow list's
+        domains need: any other name would carry data out in the query to whoever serves it.
+        """
+        live = self._by_host_ip.get(client_ip)
+        if live is None:
+            return False
+        if live.policy.allow_internet_access and _ALL_IPV4 not in live.deny.networks:
+            return True
+        return qname is not None and live.allow.matches_domain(qname)
 
     async def _learn(self, client_ip: str, answer: Answer) -> None:
         live = self._by_host_ip.get(client_ip)
@@ -293,11 +315,9 @@ class CubeVS:
     def _remember(self, learned: dict[Network, tuple[float, str]], list_name: str, answer: Answer) -> bool:
         changed = False
         for address, ttl in answer.addresses:
-            if list_name == "allow" and any(
-                address.version == blocked.version and address in blocked for blocked in self._blocked
-            ):
-                # A name may resolve to anything (DNS rebinding): reaching the
-                # metadata service, the host or a private range takes a CIDR entry.
+            if list_name == "allow" and self._blocked.blocks(address):
+                # A name may resolve to anything (DNS rebinding); the program would drop
+                # it anyway, an entry would only take room.
                 continue
             expiry = trio.current_time() + max(float(ttl), _LEARNED_MIN_S) + _LEARNED_GRACE_S
             network = ipaddress.ip_network(address)
@@ -325,8 +345,48 @@ class CubeVS:
                     if expired:
                         await trio.to_thread.run_sync(self._sync, live, live.policy.allow_internet_access)
 
+    # --- the host's addresses ----------------------------------------------
 
-def _load_program(addressing: Addressing, blocked: list[Network]) -> tuple[PolicyProgram | None, str]:
+    async def _follow_host_addresses(self, changes: socket.socket) -> None:
+        """Keep the host's addresses in the always-blocked set as they come and go."""
+        while True:
+            await trio.lowlevel.wait_readable(changes)
+            while True:  # one refresh for a burst of changes
+                try:
+                    changes.recv(_NETLINK_BUFFER)
+                except BlockingIOError:
+                    break
+                except OSError as e:  # ENOBUFS: changes were lost, the listing below has them
+                    if e.errno != errno.ENOBUFS:
+                        raise
+            try:
+                blocked = await trio.to_thread.run_sync(host.blocked_set, self.addressing, self._opened)
+                if blocked != self._blocked:
+                    if self._program is not None:
+                        await trio.to_thread.run_sync(self._program.set_blocked, blocked.entries)
+                    self._blocked = blocked
+                    log.info("CubeVS: the host's addresses changed; always-blocked set refreshed")
+            except Exception:  # netlink or map trouble: keep the set, the next change retries
+                log.exception("CubeVS: refreshing the host's addresses in the always-blocked set failed")
+
+
+_NETLINK_BUFFER = 1 << 16
+_RTMGRP_IPV4_IFADDR = 0x10
+_RTMGRP_IPV6_IFADDR = 0x100
+
+
+@contextmanager
+def _address_changes() -> Iterator[socket.socket]:
+    """A non-blocking netlink socket that becomes readable whenever an address comes or goes."""
+    with socket.socket(
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, socket.NETLINK_ROUTE
+    ) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.bind((0, _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV6_IFADDR))
+        yield sock
+
+
+def _load_program(addressing: Addressing, blocked: host.BlockedSet) -> tuple[PolicyProgram | None, str]:
     pin_dir = PIN_ROOT / addressing.tag
     try:
         try:
@@ -344,5 +404,5 @@ def _load_program(addressing: Addressing, blocked: list[Network]) -> tuple[Polic
         return None, f"{type(e).__name__}: {e}"
     # The sweep removed every network a previous run left; their map entries go too.
     program.forget_all()
-    program.set_blocked(blocked)
+    program.set_blocked(blocked.entries)
     return program, ""

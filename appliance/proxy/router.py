@@ -7,6 +7,7 @@ runtime exposes (`instance.endpoint(port)`), streaming both ways: request bodies
 chunk by chunk as the client sends them, response bodies flushed per chunk, for
 as long as the stream lives. WebSocket upgrades are relayed frame by frame.
 Everything else goes to the control-plane app.
+What a request must carry to get through: appliance/proxy/access.py.
 """
 
 from __future__ import annotations
@@ -23,32 +24,29 @@ import wsproto
 import wsproto.events as ws_events
 
 from appliance.cubelet.cubelet import Cubelet
-from appliance.master.store import PAUSED
+from appliance.proxy.access import (
+    HOP_BY_HOP,
+    SANDBOX_ID_HEADER,
+    SANDBOX_PORT_HEADER,
+    Refused,
+    Scope,
+    Target,
+    check_credentials,
+    forwarded_headers,
+    header,
+    not_found_message,
+    parse_port,
+)
+from appliance.records import PAUSED
 from appliance.runtime.base import ENVD_PORT
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-SANDBOX_ID_HEADER = b"e2b-sandbox-id"
-SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
 CONNECT_TIMEOUT_S = 5.0
 WS_READ_SIZE = 65536
 AUTO_RESUME_TIMEOUT_S = 300
@@ -61,8 +59,11 @@ class ClientDisconnected(Exception):
     pass
 
 
-def not_found_message(sandbox_id: str) -> str:
-    return f"The sandbox {sandbox_id} was not found"
+def upstream_url(host: str, port: int, scope: Scope) -> httpx.URL:
+    """The guest's URL for this request, assembled from parts: the target can only add a path."""
+    path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    return httpx.URL(scheme="http", host=host, port=port, raw_path=path + (b"?" + query if query else b""))
 
 
 class SandboxRouter:
@@ -85,55 +86,58 @@ class SandboxRouter:
         await self._client.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket"):
+            await self.control_plane(scope, receive, send)
+            return
+        try:
             target = self.target(scope)
-            if target is not None:
-                sandbox_id, port = target
-                if scope["type"] == "http":
-                    await self._forward_http(scope, receive, send, sandbox_id, port)
-                else:
-                    await self._forward_websocket(scope, receive, send, sandbox_id, port)
+            if target is None:
+                await self.control_plane(scope, receive, send)
                 return
-        await self.control_plane(scope, receive, send)
+            if not (scope.get("raw_path") or scope["path"].encode()).startswith(b"/"):
+                raise Refused(400, "the request target must be a path starting with '/'")
+            address = await self._guest_address(scope, target)
+        except Refused as refused:
+            if scope["type"] == "http":
+                await _send_json_error(send, refused.status, refused.message)
+            elif (await receive())["type"] == "websocket.connect":
+                await _deny_websocket(send, refused.status, refused.message)
+            return
+        if scope["type"] == "http":
+            await self._forward_http(scope, receive, send, target, address)
+        else:
+            await self._forward_websocket(scope, receive, send, target, address)
 
-    def target(self, scope: Scope) -> tuple[str, int] | None:
-        """(sandbox id, guest port) if this request is for a sandbox, else None."""
-        sandbox_id = port_text = host = None
-        for name, value in scope["headers"]:
-            if name == SANDBOX_ID_HEADER:
-                sandbox_id = value.decode("latin-1").strip()
-            elif name == SANDBOX_PORT_HEADER:
-                port_text = value.decode("latin-1").strip()
-            elif name == b"host":
-                host = value.lower()
-        if sandbox_id:
-            return sandbox_id, int(port_text) if port_text and port_text.isdigit() else ENVD_PORT
-        if host is not None:
-            match = self._host_pattern.match(host)
-            if match:
-                return match.group(2).decode(), int(match.group(1))
+    def target(self, scope: Scope) -> Target | None:
+        """Which sandbox port this request is for; None for the control plane. Raises Refused (a bad port)."""
+        sandbox_id = header(scope, SANDBOX_ID_HEADER)
+        if sandbox_id is not None and sandbox_id.strip():
+            port_text = (header(scope, SANDBOX_PORT_HEADER) or "").strip()
+            return Target(sandbox_id.strip(), parse_port(port_text) if port_text else ENVD_PORT)
+        host = header(scope, b"host")
+        match = self._host_pattern.match(host.lower().encode("latin-1")) if host is not None else None
+        if match:
+            return Target(match.group(2).decode(), parse_port(match.group(1).decode()))
         return None
 
-    async def _guest_address(self, sandbox_id: str, port: int) -> tuple[str, int] | str:
-        """Where the guest port is, or why there is nowhere to go (a 502 message)."""
-        live = self.cubelet.live(sandbox_id)
+    async def _guest_address(self, scope: Scope, target: Target) -> tuple[str, int]:
+        """Where the guest port is, once the request shows it may go there; Refused otherwise."""
+        live = self.cubelet.live(target.sandbox_id)
         if live is None or live.instance is None or live.record is None:
-            return not_found_message(sandbox_id)
+            raise Refused(502, not_found_message(target.sandbox_id))
+        check_credentials(scope, live.record, target.port)
         if live.state == PAUSED:
             if not live.record.auto_resume:
-                return f"The sandbox {sandbox_id} is paused and was not found running; connect to resume it"
-            await self.cubelet.connect(sandbox_id, AUTO_RESUME_TIMEOUT_S)
-        return live.instance.endpoint(port)
+                message = f"The sandbox {target.sandbox_id} is paused and was not found running"
+                raise Refused(502, message + "; connect to resume it")
+            await self.cubelet.connect(target.sandbox_id, AUTO_RESUME_TIMEOUT_S)
+        return live.instance.endpoint(target.port)
 
     async def _forward_http(
-        self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int
+        self, scope: Scope, receive: Receive, send: Send, target: Target, address: tuple[str, int]
     ) -> None:
-        address = await self._guest_address(sandbox_id, port)
-        if isinstance(address, str):
-            await _send_json_error(send, 502, address)
-            return
-        host, guest_port = address
-        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
+        sandbox_id, port = target.sandbox_id, target.port
+        headers = forwarded_headers(scope)
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"]) or (
             scope.get("http_version") == "2" and scope["method"] not in ("GET", "HEAD", "OPTIONS", "DELETE")
         )
@@ -141,11 +145,7 @@ class SandboxRouter:
         content: AsyncIterator[bytes] | bytes = _request_body(receive, body_done) if has_body else b""
         if not has_body:
             body_done.set()
-        path = scope["raw_path"] or scope["path"].encode()
-        query = scope.get("query_string", b"")
-        url = f"http://{host}:{guest_port}{path.decode('latin-1')}" + (
-            f"?{query.decode('latin-1')}" if query else ""
-        )
+        url = upstream_url(*address, scope)
         request = self._client.build_request(scope["method"], url, headers=headers, content=content)
 
         async with trio.open_nursery() as nursery:
@@ -179,14 +179,11 @@ class SandboxRouter:
             nursery.cancel_scope.cancel()
 
     async def _forward_websocket(
-        self, scope: Scope, receive: Receive, send: Send, sandbox_id: str, port: int
+        self, scope: Scope, receive: Receive, send: Send, target: Target, address: tuple[str, int]
     ) -> None:
+        sandbox_id, port = target.sandbox_id, target.port
         message = await receive()  # websocket.connect
         if message["type"] != "websocket.connect":
-            return
-        address = await self._guest_address(sandbox_id, port)
-        if isinstance(address, str):
-            await _deny_websocket(send, 502, address)
             return
         try:
             stream = await trio.open_tcp_stream(*address)
@@ -199,8 +196,8 @@ class SandboxRouter:
             query = scope.get("query_string", b"").decode("latin-1")
             extra = [
                 (k, v)
-                for k, v in scope["headers"]
-                if k not in HOP_BY_HOP and not k.startswith(b"sec-websocket") and k != b"host"
+                for k, v in forwarded_headers(scope)
+                if not k.startswith(b"sec-websocket") and k != b"host"
             ]
             await stream.send_all(
                 guest.send(

@@ -2,54 +2,60 @@
 
 Trio shape: a runtime's `run()` is a task. The cubelet starts it with
 `instance = await sandbox_nursery.start(runtime.run, spec)`; `run()` boots the
-guest, waits until the guest agent answers, hands the `Instance` back through
-`task_status.started()`, then stays running for as long as the guest lives.
-Cancelling the task kills the guest and tears down everything `run()` set up
-(processes, network, files) before it returns. `run()` returns normally when the
-guest exits on its own, raising `GuestExited` with the reason.
+guest, waits until the guest agent answers (`appliance.runtime.readiness`), hands
+the `Instance` back through `task_status.started()`, then stays running for as
+long as the guest lives.
+
+`run()` never returns. It ends in one of three ways, each after tearing down
+everything it set up (processes, network, files):
+- cancelled (that is how the cubelet kills a guest): `trio.Cancelled` goes through;
+- before `started()`, the guest never became ready: `BootFailed` (`BootStalled`
+  when it showed no sign of life at all, which is worth one more try);
+- after `started()`, the guest stopped on its own (crash, panic, poweroff):
+  `GuestExited` with the reason and the console's last words.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import trio
 
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import TemplateManifest
 
 if TYPE_CHECKING:
     from appliance.config import Config
+    from appliance.net.policy import NetworkPolicy
 
 ENVD_PORT = 49983
 CODE_INTERPRETER_PORT = 49999
 
-# Every guest has the same address (snapshots and warm instances need it); the
-# host reaches guest ports through the sandbox's `SandboxNetwork.host_ip`.
-GUEST_IP = "169.254.0.2"
-GATEWAY_IP = "169.254.0.1"
-GUEST_PREFIX = 30
+
+class GuestFailure(Exception):
+    """How a runtime's `run()` reports a guest that failed; carries the console tail for the user."""
+
+    what = "failed"
+
+    def __init__(self, sandbox_id: str, reason: str, console_tail: str = "") -> None:
+        super().__init__(f"sandbox {sandbox_id} {self.what}: {reason}")
+        self.sandbox_id = sandbox_id
+        self.reason = reason
+        self.console_tail = console_tail
 
 
-class GuestExited(Exception):
+class GuestExited(GuestFailure):
     """The guest stopped without being asked to (crash, panic, poweroff)."""
 
-    def __init__(self, sandbox_id: str, reason: str, console_tail: str = "") -> None:
-        super().__init__(f"sandbox {sandbox_id} exited: {reason}")
-        self.sandbox_id = sandbox_id
-        self.reason = reason
-        self.console_tail = console_tail
+    what = "exited"
 
 
-class BootFailed(Exception):
-    """The guest never became ready; carries the console tail for the user."""
+class BootFailed(GuestFailure):
+    """The guest never became ready."""
 
-    def __init__(self, sandbox_id: str, reason: str, console_tail: str = "") -> None:
-        super().__init__(f"sandbox {sandbox_id} failed to boot: {reason}")
-        self.sandbox_id = sandbox_id
-        self.reason = reason
-        self.console_tail = console_tail
+    what = "failed to boot"
 
 
 class HostBusy(BootFailed):
@@ -60,6 +66,14 @@ class HostBusy(BootFailed):
 class BootStalled(BootFailed):
     """The guest kernel showed no sign of life at all (no console output) in time: a launch
     that hung rather than a slow boot; worth one more try."""
+
+
+def _open_policy() -> NetworkPolicy:
+    """E2B's default: everything allowed that is not always blocked (imported late: appliance.net
+    imports this module)."""
+    from appliance.net.policy import NetworkPolicy
+
+    return NetworkPolicy()
 
 
 @dataclass(frozen=True)
@@ -74,14 +88,18 @@ class BootSpec:
     sandbox_dir: Path  # private per-sandbox files: COW disk, console log, sockets
     memory_mb: int
     cpu_count: int
-    # Network policy handed to CubeVS; plain data (see appliance.net).
-    network_policy: dict[str, object] = field(default_factory=dict)
+    # Egress policy handed to CubeVS (parsed once, at the API's edge).
+    network_policy: NetworkPolicy = field(default_factory=lambda: _open_policy())
     # Nobody waits for this boot (a warm-pool refill): runtimes that can give it the least CPU
     # weight until the guest is fully ready, so it does not slow the sandboxes being claimed.
     background: bool = False
     # The writable disk layer to continue from instead of a fresh one: a sandbox carried
     # over a service restart onto new code (`cube upgrade`, appliance/master/carryover.py).
     disk: Path | None = None
+    # A secret of this boot, on the guest kernel's command line (`cube.agent_token=`): until
+    # /init hands the guest its sandbox's token, its agent accepts calls carrying only this
+    # (appliance/guest/state.py). Never logged.
+    agent_token: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
 
     @classmethod
     def for_template(
@@ -93,7 +111,7 @@ class BootSpec:
         *,
         memory_mb: int | None = None,
         cpu_count: int | None = None,
-        network_policy: dict[str, object] | None = None,
+        network_policy: NetworkPolicy | None = None,
         background: bool = False,
         disk: Path | None = None,
     ) -> BootSpec:
@@ -106,7 +124,7 @@ class BootSpec:
             sandbox_dir=config.sandboxes_dir / sandbox_id,
             memory_mb=template.memory_mb if memory_mb is None else memory_mb,
             cpu_count=template.cpu_count if cpu_count is None else cpu_count,
-            network_policy=network_policy or {},
+            network_policy=network_policy or _open_policy(),
             background=background,
             disk=disk,
         )
@@ -117,6 +135,9 @@ class Instance(Protocol):
 
     sandbox_id: str
     console_log: Path
+    # What the guest's agent accepts until /init: the boot's `BootSpec.agent_token`, or for a
+    # kvm snapshot clone the snapshot's (the same in every clone; it dies at /init).
+    agent_token: str
 
     def endpoint(self, port: int) -> tuple[str, int]:
         """(host, port) on which the host reaches `port` inside the guest."""
@@ -132,11 +153,35 @@ class Instance(Protocol):
         """Host memory charged to this guest right now."""
         ...
 
+    async def wait_fully_ready(self) -> None:
+        """Until the guest agent's default Python kernel answers too: an instance is handed out
+        once envd answers, and warm pools wait for this as well. Returns at once for runtimes
+        that hand out instances only when fully ready."""
+        ...
+
+    def fully_ready(self) -> bool:
+        """Whether `wait_fully_ready` would return at once."""
+        ...
+
 
 class Runtime(Protocol):
     name: str
+    # How a template starts fast: True, from the snapshot `finalize_template` takes of the build's
+    # probed guest (kvm); False, from the cubelet's warm pool of booted guests (uml).
+    snapshots_templates: bool
 
-    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> None: ...
+    async def run(self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance]) -> NoReturn:
+        """Boot, hand over the instance, live as long as the guest: see the module's docstring."""
+        ...
+
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """The template build's last step on its probed guest (`instance`, a guest of this runtime):
+        the snapshot into the template's directory, or nothing."""
+        ...
+
+    def close(self) -> None:
+        """Release what the runtime keeps between sandboxes (after the last one is gone)."""
+        ...
 
 
 def read_console_tail(path: Path, max_bytes: int = 4096) -> str:

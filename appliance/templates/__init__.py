@@ -1,11 +1,11 @@
 """Templates: the root filesystem image and the metadata a sandbox is started from.
 
 Where things are:
-  manifest.py        TemplateManifest: what a built template is on disk
+  (TemplateManifest, what a built template is on disk, is in appliance/records.py)
   catalog.py         lookup by id/alias, versions, publish, delete, garbage collection
   builds.py          TemplateBuilds: the build service (jobs run in its nursery)
   jobs.py            BuildJob, phases, JSON persistence under <state_dir>/template-builds
-  api.py, cli.py     HTTP blueprint and `tpl create-from-image|watch|build|cache list|cache prune`
+  api.py             HTTP blueprint (the `cube tpl` build verbs: appliance/cli/templates.py)
   build_caches.py    size cap + least-recently-used eviction of the layer and step caches
   requests.py        build requests and template settings, validated
   sandbox_steps.py   what the service provides for BOOTING/PROBING/finalize and Dockerfile RUN

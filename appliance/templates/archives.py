@@ -10,6 +10,7 @@ import trio
 
 from appliance.templates.image_source import LayerBlob, LayerProgress, ResolvedImage, resolve_manifests
 from appliance.templates.layer_cache import digest_hex, file_sha256
+from appliance.templates.limits import BuildLimits, SizeBudget, SizeLimitExceeded
 from appliance.templates.manifests import (
     Descriptor,
     DigestMismatch,
@@ -20,29 +21,33 @@ from appliance.templates.manifests import (
     verify_digest,
 )
 from appliance.templates.reference import LocalReference
+from appliance.templates.untrusted_tree import Tree, join_path, split_path
 
 _REF_NAME = "org.opencontainers.image.ref.name"
 _DOCKER_LAYER_PATH = "cube.docker-archive.path"
+_TAR_HEADER = 512
 
 
-def extract_plain_archive(archive: Path, dest: Path) -> None:
-    """Unpack the regular files and directories of an image archive, refusing paths that escape `dest`."""
+def extract_plain_archive(archive: Path, dest: Path, max_bytes: int) -> None:
+    """Unpack the regular files and directories of an image archive (at most `max_bytes`), refusing
+    paths that escape `dest`."""
+    budget = SizeBudget(max_bytes, f"image archive {archive}", "build_unpacked_max_size")
     try:
-        with tarfile.open(archive) as tar:
+        with tarfile.open(archive) as tar, Tree.open(dest) as tree:
             for member in tar:
-                parts = PurePosixPath(member.name).parts
+                parts = split_path(member.name)
                 if not parts or member.name.startswith("/") or ".." in parts:
                     raise ManifestError(f"{archive}: unsafe path {member.name!r} in archive")
-                target = dest.joinpath(*parts)
+                budget.spend(_TAR_HEADER + (member.size if member.isfile() else 0))
                 if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
+                    tree.makedirs(join_path(parts))
                 elif member.isfile():
-                    target.parent.mkdir(parents=True, exist_ok=True)
                     source = tar.extractfile(member)
                     assert source is not None
-                    with target.open("wb") as out:
-                        while chunk := source.read(1 << 20):
-                            out.write(chunk)
+                    tree.makedirs(join_path(parts[:-1]))
+                    tree.write_from(join_path(parts), source, 0o644)
+    except SizeLimitExceeded as exc:
+        raise ManifestError(str(exc)) from exc
     except (tarfile.TarError, OSError) as exc:
         raise ManifestError(f"cannot read image archive {archive}: {exc}") from exc
 
@@ -165,7 +170,9 @@ class DockerArchiveSource:
         return LayerBlob(path, from_cache=False)
 
 
-async def open_local_source(ref: LocalReference, work_dir: Path) -> OciLayoutSource | DockerArchiveSource:
+async def open_local_source(
+    ref: LocalReference, work_dir: Path, limits: BuildLimits
+) -> OciLayoutSource | DockerArchiveSource:
     """Archives are extracted into `work_dir` (the job's scratch space) first."""
     if not ref.path.exists():
         raise ManifestError(f"{ref}: {ref.path} does not exist")
@@ -173,7 +180,7 @@ async def open_local_source(ref: LocalReference, work_dir: Path) -> OciLayoutSou
         return OciLayoutSource(ref.path, ref.ref, str(ref))
     extracted = work_dir / "archive"
     extracted.mkdir(parents=True, exist_ok=True)
-    await trio.to_thread.run_sync(extract_plain_archive, ref.path, extracted)
+    await trio.to_thread.run_sync(extract_plain_archive, ref.path, extracted, limits.unpacked_bytes)
     if ref.transport == "oci-archive":
         return OciLayoutSource(extracted, ref.ref, str(ref))
     return DockerArchiveSource(extracted, ref.ref, str(ref))

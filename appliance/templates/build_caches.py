@@ -8,6 +8,10 @@ build, and on `cube tpl cache prune`, the least recently used entries go until
 the total fits the cap (`build_cache_max_size` in the config file, default
 20G).
 
+Both caches, and the builds' scratch space (`<cache_dir>/build-work`: unpacked image trees with
+their setuid files and device nodes, uploaded contexts), live in directories only root may enter
+(0700, `private_dir`): a device node an image carries is a live device node on the host.
+
 What a running build uses is never evicted: a build only uses entries it
 touched or wrote after it started, so everything used at or after the start of
 the oldest running build stays, and so do unfinished downloads (`.partial`) and
@@ -51,6 +55,13 @@ class CacheEntry:
 
 def max_cache_bytes(config: Config) -> int:
     return parse_size_mb(config.extra.get("build_cache_max_size", DEFAULT_MAX_SIZE)) << 20
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only its owner (root) may list or enter, made so if it was not."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 def mark_used(path: Path) -> None:

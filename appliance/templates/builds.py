@@ -18,8 +18,10 @@ from pathlib import Path
 import trio
 
 from appliance.config import Config
+from appliance.errors import first_leaf
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootFailed, read_console_tail
-from appliance.templates.build_caches import BuildCaches, max_cache_bytes
+from appliance.templates.build_caches import BuildCaches, max_cache_bytes, private_dir
 from appliance.templates.catalog import (
     begin_template,
     discard_template,
@@ -35,17 +37,17 @@ from appliance.templates.jobs import (
     BuildJob,
     JobStore,
     Phase,
-    first_leaf,
     new_job_id,
     utc_now,
 )
 from appliance.templates.layer_cache import LayerCache
-from appliance.templates.manifest import TemplateManifest
+from appliance.templates.limits import BuildLimits
 from appliance.templates.probe import ProbeFailed, wait_until_ready
 from appliance.templates.pull import pull_image
 from appliance.templates.registry import insecure_registries
 from appliance.templates.requests import ImageBuildRequest, TemplateSettings
 from appliance.templates.sandbox_steps import TemplateSandboxes
+from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class TemplateBuilds:
         self.store = JobStore(config.state_dir / "template-builds")
         self.layer_cache = LayerCache(config.cache_dir / "layers")
         self.caches = BuildCaches(config.cache_dir, self.running_since)
+        self.limits = BuildLimits.from_config(config)
         self._running: dict[str, float] = {}  # job id -> when it started (epoch)
         self._limiter = trio.CapacityLimiter(PARALLEL_BUILDS)
         self._nursery: trio.Nursery | None = None
@@ -72,13 +75,15 @@ class TemplateBuilds:
         for template_id in remove_unfinished(self.config):
             log.info("removed unfinished template %s", template_id)
         await trio.to_thread.run_sync(lambda: shutil.rmtree(self._work_root(), ignore_errors=True))
+        for directory in (self.layer_cache.root, self.caches.steps_dir, self._work_root()):
+            private_dir(directory)  # also tightens the modes of caches older versions left open
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
 
     def _work_root(self) -> Path:
-        return self.config.cache_dir / "build-work"
+        return private_dir(self.config.cache_dir / "build-work")
 
     def context_root(self) -> Path:
         """Where uploaded Dockerfile build contexts are unpacked (removed when their job ends)."""
@@ -106,16 +111,25 @@ class TemplateBuilds:
         return self.store.get(job_id)
 
     def _start(
-        self, kind: str, request: dict[str, object], settings: TemplateSettings, build: RootfsBuilder
+        self,
+        kind: str,
+        request: dict[str, object],
+        settings: TemplateSettings,
+        build: RootfsBuilder,
+        team: str,
     ) -> BuildJob:
         if self._nursery is None:
             raise RuntimeError("the template build service is not running")
-        job = BuildJob(job_id=new_job_id(), kind=kind, request=request, template_id=new_template_id())
+        job = BuildJob(
+            job_id=new_job_id(), kind=kind, request=request, template_id=new_template_id(), team=team
+        )
         self.store.add(job)
         self._nursery.start_soon(self._run_job, job, settings, build)
         return job
 
-    def submit_image(self, request: ImageBuildRequest, public: dict[str, object]) -> BuildJob:
+    def submit_image(
+        self, request: ImageBuildRequest, public: dict[str, object], team: str = SYSTEM_TEAM
+    ) -> BuildJob:
         async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
             image = await pull_image(
                 self.store,
@@ -126,6 +140,7 @@ class TemplateBuilds:
                 self.layer_cache,
                 request.credentials,
                 insecure_registries(self.config),
+                self.limits,
             )
             config = image.config
             return self._manifest(
@@ -140,9 +155,11 @@ class TemplateBuilds:
                 labels=config.labels,
             )
 
-        return self._start("image", public, request.settings, build)
+        return self._start("image", public, request.settings, build, team)
 
-    def submit_dockerfile(self, request: DockerfileBuildRequest, public: dict[str, object]) -> BuildJob:
+    def submit_dockerfile(
+        self, request: DockerfileBuildRequest, public: dict[str, object], team: str = SYSTEM_TEAM
+    ) -> BuildJob:
         async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
             try:
                 result = await build_dockerfile_rootfs(self, job, request, rootfs, work)
@@ -160,7 +177,7 @@ class TemplateBuilds:
                 labels=result.labels,
             )
 
-        return self._start("dockerfile", public, request.settings, build)
+        return self._start("dockerfile", public, request.settings, build, team)
 
     def _manifest(
         self,
@@ -193,6 +210,7 @@ class TemplateBuilds:
             source=source,
             labels=labels,
             created_at=utc_now(),
+            owner=job.team,
         )
 
     async def _run_job(self, job: BuildJob, settings: TemplateSettings, build: RootfsBuilder) -> None:

@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import TypedDict
 
 from appliance.config import Config
+from appliance.records import MANIFEST_NAME, TemplateManifest
 from appliance.templates.jobs import utc_now
-from appliance.templates.manifest import MANIFEST_NAME, TemplateManifest
+from appliance.tenancy import SYSTEM_TEAM, team_sees
 
 BUILDING_MARKER = ".building"
 ALIASES_FILE = "aliases.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 # Path segments of the build API that a template name must not shadow.
 RESERVED_NAMES = frozenset({"builds", "aliases"})
+# Names the SDKs send when the user names no template (PROTOCOL.md §2.2): the default template's.
+SDK_DEFAULT_TEMPLATE_NAMES = frozenset({"base", "code-interpreter-v1"})
 
 
 class AliasVersion(TypedDict):
@@ -36,9 +39,10 @@ class AliasVersion(TypedDict):
     created_at: str
 
 
-class AliasEntry(TypedDict):
+class AliasEntry(TypedDict, total=False):
     template_id: str  # the current version
     versions: list[AliasVersion]  # oldest first; superseded ones until collected
+    owner: str  # the team whose builds may move it (absent in records from before teams: the system)
 
 
 class TemplateNotFound(LookupError):
@@ -47,6 +51,32 @@ class TemplateNotFound(LookupError):
 
 class TemplateInUse(Exception):
     pass
+
+
+class NameTaken(ValueError):
+    """The template name (id or alias) belongs to another team, or is a built-in template's."""
+
+
+def name_owner(config: Config, name: str) -> str | None:
+    """Who holds a template name: the owner of the template with that id or alias (the system for
+    the default template's names), or None while it is free."""
+    if name in SDK_DEFAULT_TEMPLATE_NAMES or name == config.default_template:
+        return SYSTEM_TEAM
+    entry = load_aliases(config).get(name)
+    if entry is not None:
+        return entry.get("owner", SYSTEM_TEAM)
+    for manifest in list_templates(config):
+        if name == manifest.template_id or name in manifest.aliases:
+            return manifest.owner
+    return None
+
+
+def check_name_free(config: Config, name: str, owner: str) -> None:
+    """Raises NameTaken unless `name` is free or already `owner`'s (a rebuild moves its alias)."""
+    holder = name_owner(config, name)
+    if holder is not None and holder != owner:
+        whose = "a built-in template" if holder == SYSTEM_TEAM else "another team"
+        raise NameTaken(f"the template name {name!r} belongs to {whose}")
 
 
 def validate_name(name: str) -> str:
@@ -91,16 +121,19 @@ def list_templates(config: Config) -> list[TemplateManifest]:
     return sorted(found, key=lambda m: (m.created_at, m.template_id))
 
 
-def resolve_template(config: Config, name: str) -> TemplateManifest:
-    """A template by id, or the current version of an alias."""
+def resolve_template(config: Config, name: str, team_id: str = SYSTEM_TEAM) -> TemplateManifest:
+    """A template by id, or the current version of an alias, that `team_id` may use."""
+    manifest = None
     if _NAME_RE.match(name):
         directory = config.templates_dir / name
-        if directory.is_dir() and _is_ready(directory):
-            return TemplateManifest.load(directory)
         entry = load_aliases(config).get(name)
-        if entry is not None:
-            return TemplateManifest.load(config.templates_dir / entry["template_id"])
-    raise TemplateNotFound(f"template {name!r} not found")
+        if directory.is_dir() and _is_ready(directory):
+            manifest = TemplateManifest.load(directory)
+        elif entry is not None:
+            manifest = TemplateManifest.load(config.templates_dir / entry["template_id"])
+    if manifest is None or not team_sees(team_id, manifest.owner):
+        raise TemplateNotFound(f"template {name!r} not found")
+    return manifest
 
 
 def template_versions(config: Config, alias: str) -> list[AliasVersion]:
@@ -143,8 +176,9 @@ def publish_template(config: Config, manifest: TemplateManifest, alias: str | No
     previous = None
     current = load_aliases(config).get(alias or "")
     if alias and (current is None or current["template_id"] != manifest.template_id):
+        check_name_free(config, alias, manifest.owner)  # again: another build may have taken it since
         aliases = load_aliases(config)
-        entry = aliases.setdefault(alias, {"template_id": "", "versions": []})
+        entry = aliases.setdefault(alias, {"template_id": "", "versions": [], "owner": manifest.owner})
         versions = entry["versions"]
         previous = entry["template_id"] or None
         versions.append(

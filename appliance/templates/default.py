@@ -13,6 +13,7 @@ Two cached stages:
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -25,13 +26,18 @@ import trio
 import appliance
 from appliance.config import IMAGE_DIR, Config
 from appliance.progress import Progress, shown
+from appliance.records import TemplateManifest
 from appliance.templates import guest_setup
 from appliance.templates.catalog import BUILDING_MARKER, load_aliases, publish_template
 from appliance.templates.ext4 import build_ext4
-from appliance.templates.guest_setup import INIT_PATH, compile_in_image_argv, copy_agent
+from appliance.templates.guest_setup import (
+    AGENT_DIR,
+    INIT_PATH,
+    compile_in_image_argv,
+    copy_agent,
+    install_file,
+)
 from appliance.templates.jobs import utc_now
-from appliance.templates.manifest import TemplateManifest
-from appliance.templates.unpack import resolve_in_root
 
 RECIPE_DIR = IMAGE_DIR / "rootfs"
 AGENT_PACKAGES = Path(appliance.__file__).parent / "guest" / "DEBIAN_PACKAGES"
@@ -51,15 +57,46 @@ USER_UID = 1000
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 
+# What Debian does not package, from PyPI (pinned; their dependencies are Debian's, in packages.txt).
+PYPI_PACKAGES = ("bash_kernel==0.10.0", "bokeh==3.1.1")
+# Imported once at build: a recipe whose Python stack does not import fails here, not in a sandbox.
+IMPORT_CHECK = "import bash_kernel.kernel, bokeh.plotting, docx, openpyxl, plotly, scipy, seaborn, sklearn"
+# Text in CJK scripts falls back to Noto Sans CJK: matplotlib (>= 3.6) falls back glyph by glyph
+# from one family of `font.family` to the next (not within the font.sans-serif list).
+MATPLOTLIB_FONTS = "font.family: sans-serif, Noto Sans CJK JP"
+
+# Run by mmdebstrap after the essential packages, before the rest (`$1` is the root).
+ESSENTIAL_HOOKS = (
+    # Without documentation (dpkg path-exclude) man1 does not exist, and the JDK's
+    # update-alternatives fails on the man page links it makes there.
+    'mkdir -p "$1/usr/share/man/man1"',
+)
 # Run inside the new root by mmdebstrap (`$1` is the root). Part of the recipe hash.
 CUSTOMIZE_HOOKS = (
     f'chroot "$1" useradd --create-home --uid {USER_UID} --user-group --shell /bin/bash {USER}',
+    # As in E2B's template, the user may sudo without a password: the sandbox is the boundary.
+    f'printf "{USER} ALL=(ALL:ALL) NOPASSWD: ALL\\n" > "$1/etc/sudoers.d/{USER}"',
+    f'chmod 0440 "$1/etc/sudoers.d/{USER}"',
     # pip may install for users (into ~/.local) and for root: a sandbox is disposable.
     'rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
+    # pip in the root with the build host's CAs (an egress proxy's included), removed after; the
+    # host's own CA and pip settings in the environment name host paths, so they are overridden.
+    'cp /etc/ssl/certs/ca-certificates.crt "$1/tmp/cube-build-ca.crt"',
+    'chroot "$1" env PIP_CERT=/tmp/cube-build-ca.crt REQUESTS_CA_BUNDLE=/tmp/cube-build-ca.crt '
+    "SSL_CERT_FILE=/tmp/cube-build-ca.crt PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1 "
+    "python3 -m pip install --no-cache-dir --no-deps " + " ".join(PYPI_PACKAGES),
+    'rm -f "$1/tmp/cube-build-ca.crt"',
+    f'chroot "$1" python3 -c "{IMPORT_CHECK}"',
+    f'printf "\\n# Cube: CJK text falls back to Noto Sans CJK\\n{MATPLOTLIB_FONTS}\\n" '
+    '>> "$1/etc/matplotlibrc"',
     # site.py adds the user site directory only if it exists when Python starts: a
     # kernel started before `pip install --user` must still import what it installs.
     f'chroot "$1" runuser -u {USER} -- env HOME=/home/{USER} python3 -c '
     '"import os, site; os.makedirs(site.getusersitepackages(), exist_ok=True)"',
+    # matplotlib's font list, made once here rather than at each sandbox's first plot (a scan of
+    # every font, CJK ones included: seconds under UML).
+    f'chroot "$1" runuser -u {USER} -- env HOME=/home/{USER} python3 -c "import matplotlib.font_manager"',
+    'chroot "$1" env HOME=/root python3 -c "import matplotlib.font_manager"',
     'printf "sandbox\\n" > "$1/etc/hostname"',
     'printf "127.0.0.1 localhost sandbox\\n::1 localhost\\n" > "$1/etc/hosts"',
     'rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*',
@@ -72,9 +109,13 @@ class Recipe:
     mirror: str
     packages: tuple[str, ...]
     hooks: tuple[str, ...]
+    essential_hooks: tuple[str, ...] = ()
 
     def digest(self) -> str:
-        text = "\n".join([self.suite, self.mirror, *self.packages, "--", *self.hooks])
+        parts = [self.suite, self.mirror, *self.packages, "--", *self.hooks]
+        if self.essential_hooks:  # (a recipe without them keeps the digest it had)
+            parts += ["-- essential", *self.essential_hooks]
+        text = "\n".join(parts)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -87,7 +128,7 @@ def load_recipe() -> Recipe:
     if not AGENT_PACKAGES.is_file():
         raise RuntimeError(f"{AGENT_PACKAGES} is missing: the guest agent's Debian packages are unknown")
     packages = sorted(set(_package_list(RECIPE_DIR / "packages.txt") + _package_list(AGENT_PACKAGES)))
-    return Recipe(SUITE, MIRROR, tuple(packages), CUSTOMIZE_HOOKS)
+    return Recipe(SUITE, MIRROR, tuple(packages), CUSTOMIZE_HOOKS, ESSENTIAL_HOOKS)
 
 
 def assembly_digest() -> str:
@@ -120,6 +161,7 @@ async def bootstrap_tarball(recipe: Recipe, cache_dir: Path, progress: Progress)
         "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
         "--include=" + ",".join(recipe.packages),
+        *(f"--essential-hook={hook}" for hook in recipe.essential_hooks),
         *(f"--customize-hook={hook}" for hook in recipe.hooks),
         recipe.suite, str(partial), recipe.mirror,
     ]  # fmt: skip
@@ -155,10 +197,22 @@ async def add_host_cas(root: Path) -> None:
 def inject_agent(root: Path) -> None:
     """The guest agent (its dependencies are Debian packages of the recipe here) and the recipe's init."""
     copy_agent(root, dependencies=())
-    init = resolve_in_root(root, INIT_PATH)
-    init.unlink(missing_ok=True)
-    shutil.copy2(RECIPE_DIR / "cube-init", init)
-    init.chmod(0o755)
+    install_file(root, INIT_PATH, RECIPE_DIR / "cube-init", 0o755)
+
+
+async def compile_java_kernel(root: Path) -> None:
+    """The agent's JavaKernel.java → classes beside it (java_kernel.py's CLASSES), by the image's JDK:
+    Java contexts then start without the source launcher compiling it each time (~1 s, more in a guest)."""
+    # A link into /etc/alternatives: whether it is there, not where it points (on the host).
+    if not os.path.lexists(root / "usr/bin/javac"):
+        return
+    guest = f"{AGENT_DIR}/appliance/guest"
+    javac = f"javac -d {guest}/java_kernel_classes {guest}/JavaKernel.java"
+    # The JDK's launchers find their libraries through /proc/self/exe: a /proc for the chroot,
+    # in a mount namespace of its own, gone with it.
+    script = f'mount -t proc proc "$1/proc" && exec chroot "$1" {javac}'
+    argv = ["unshare", "--mount", "--fork", "--propagation", "private", "sh", "-c", script, "sh", str(root)]
+    await trio.run_process(argv, stdout=subprocess.DEVNULL)
 
 
 def default_manifest(directory: Path, source: str) -> TemplateManifest:
@@ -206,6 +260,7 @@ async def build_default_template(config: Config, progress: Progress | None = Non
         inject_agent(tree)
         await add_host_cas(tree)
         await trio.run_process(compile_in_image_argv(tree), stdout=subprocess.DEVNULL)
+        await compile_java_kernel(tree)
         report("writing rootfs.ext4", None)
         await build_ext4(tree, staging / "rootfs.ext4", WRITABLE_LAYER_MB << 20)
         await trio.to_thread.run_sync(shutil.rmtree, tree)

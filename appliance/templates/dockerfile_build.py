@@ -26,11 +26,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-import httpx
 import trio
 
+from appliance.config import Config
 from appliance.templates.build_context import (
     context_sources,
     copy_from_context,
@@ -38,6 +38,7 @@ from appliance.templates.build_context import (
     copy_url_download,
     ensure_dir,
     hash_sources,
+    ignore_rules,
 )
 from appliance.templates.catalog import TemplateNotFound, resolve_template
 from appliance.templates.dockerfile import (
@@ -50,17 +51,28 @@ from appliance.templates.dockerfile import (
     parse_key_values,
 )
 from appliance.templates.dockerignore import IgnoreRules
+from appliance.templates.fetch import FetchFailed, fetch_to_file
 from appliance.templates.guest_setup import DEFAULT_PATH
-from appliance.templates.jobs import BuildJob, Phase
+from appliance.templates.jobs import BuildJob, JobStore, Phase
+from appliance.templates.layer_cache import LayerCache
+from appliance.templates.limits import BuildLimits, SizeBudget
 from appliance.templates.pull import fetch_and_unpack, open_image
 from appliance.templates.registry import insecure_registries
 from appliance.templates.registry_auth import Credentials
-from appliance.templates.requests import TemplateSettings
-from appliance.templates.sandbox_steps import RunCommand, RunFailed
+from appliance.templates.requests import TemplateSettings, redact_urls
+from appliance.templates.sandbox_steps import RunCommand, RunFailed, TemplateSandboxes
 from appliance.templates.step_cache import StepCache, copy_tree, export_template_rootfs
+from appliance.templates.untrusted_tree import Tree
 
-if TYPE_CHECKING:
-    from appliance.templates.builds import TemplateBuilds
+
+class BuildTools(Protocol):
+    """What a Dockerfile build uses of the template builder (`builds.TemplateBuilds`)."""
+
+    config: Config
+    store: JobStore
+    limits: BuildLimits
+    layer_cache: LayerCache
+    sandboxes: TemplateSandboxes
 
 
 class StepFailed(Exception):
@@ -70,7 +82,6 @@ class StepFailed(Exception):
 
 
 FILE_STEPS = frozenset({"RUN", "COPY", "ADD"})
-_DOWNLOAD_TIMEOUT = httpx.Timeout(30.0, read=300.0)
 
 
 @dataclass(frozen=True)
@@ -254,120 +265,168 @@ def plan_steps(
     body: tuple[Instruction, ...] | list[Instruction], base: ImageState, base_key: str, inputs: PlanInputs
 ) -> list[PlannedStep]:
     """Evaluate a stage's instructions (those after its FROM); blocking (hashes the context)."""
-    context = inputs.context
-    ignore = IgnoreRules.load(context)
+    with Tree.open(inputs.context) as context:
+        return _plan_steps(body, base, base_key, inputs, context)
+
+
+def _plan_steps(
+    body: tuple[Instruction, ...] | list[Instruction],
+    base: ImageState,
+    base_key: str,
+    inputs: PlanInputs,
+    context: Tree,
+) -> list[PlannedStep]:
+    ignore = ignore_rules(context)
     state, key = base, base_key
     steps: list[PlannedStep] = []
     cmd_set_here = False
     for ins in body:
-        variables = state.variables()
         keyword = ins.keyword
         if keyword == "FROM":
             raise DockerfileError(ins.line, "FROM inside a stage's instructions")
         if keyword == "RUN":
             argv = command_words(ins, state.shell)
             key = chain_key(key, "RUN", argv, state.run_env(), state.workdir, state.user)
-            steps.append(PlannedStep(ins, state, key))
-            continue
-        if keyword in ("COPY", "ADD"):
-            words = (
-                list(ins.exec_form)
-                if ins.exec_form is not None
-                else expand(ins.text, variables, ins.line).split()
-            )
-            if len(words) < 2:
-                raise DockerfileError(ins.line, f"{keyword} needs a source and a destination")
-            dest = posixpath.join(state.workdir, words[-1])
-            if words[-1].endswith("/") and not dest.endswith("/"):
-                dest += "/"
-            flags = {k: expand(v, variables, ins.line) for k, v in ins.flags.items()}
-            from_stage = None
-            urls = [w for w in words[:-1] if "://" in w]
-            if "from" in flags:
-                found = inputs.stage_keys.get(flags["from"].lower())
-                if found is None:
-                    raise DockerfileError(
-                        ins.line,
-                        f"COPY --from={flags['from']}: no earlier stage has that name or number "
-                        "(copying from another image: add a stage `FROM <image> AS <name>`)",
-                    )
-                from_stage, stage_key = found
-                sources = tuple(posixpath.normpath("/" + w.lstrip("/")) for w in words[:-1])
-                content: object = stage_key
-            elif urls:
-                if len(words) != 2 or not all(is_url(u) for u in urls):
-                    raise DockerfileError(ins.line, "ADD takes one http(s) URL and a destination")
-                sources = (urls[0],)
-                content = inputs.url_digests.get(urls[0], "not downloaded yet")
-            else:
-                sources = tuple(
-                    s for pattern in words[:-1] for s in context_sources(context, pattern, ignore, ins.line)
-                )
-                content = hash_sources(context, sources, ignore)
-            key = chain_key(key, keyword, sources, dest, flags, content)
-            steps.append(PlannedStep(replace(ins, flags=flags), state, key, sources, dest, from_stage))
-            continue
-        warning = ""
-        if keyword == "ENV":
-            env = dict(state.env)
-            for name, value in parse_key_values(expand(ins.text, variables, ins.line), ins.line, "ENV"):
-                env[name] = value
-            state = replace(state, env=env)
-        elif keyword in ("LABEL", "MAINTAINER"):
-            pairs = (
-                parse_key_values(expand(ins.text, variables, ins.line), ins.line, "LABEL")
-                if keyword == "LABEL"
-                else [("maintainer", ins.text)]
-            )
-            state = replace(state, labels={**state.labels, **dict(pairs)})
-        elif keyword == "ARG":
-            arg_name, arg_value = _arg(ins, variables, inputs.build_args, inputs.global_args)
-            state = replace(state, args={**state.args, arg_name: arg_value or ""})
-        elif keyword == "WORKDIR":
-            state = replace(
-                state,
-                workdir=posixpath.normpath(
-                    posixpath.join(state.workdir, expand(ins.text, variables, ins.line))
-                ),
-            )
-        elif keyword == "USER":
-            state = replace(state, user=expand(ins.text, variables, ins.line).strip())
-        elif keyword == "EXPOSE":
-            ports = set(state.exposed_ports)
-            for spec in expand(ins.text, variables, ins.line).split():
-                number, _, protocol = spec.partition("/")
-                if not number.isdigit() or protocol not in ("", "tcp", "udp"):
-                    raise DockerfileError(ins.line, f"EXPOSE: bad port {spec!r}")
-                if protocol != "udp":
-                    ports.add(int(number))
-            state = replace(state, exposed_ports=tuple(sorted(ports)))
-        elif keyword == "VOLUME":
-            paths = (
-                ins.exec_form if ins.exec_form is not None else expand(ins.text, variables, ins.line).split()
-            )
-            volumes = tuple(posixpath.normpath(posixpath.join(state.workdir, v)) for v in paths)
-            state = replace(state, volumes=tuple(dict.fromkeys(state.volumes + volumes)))
-            warning = (
-                f"VOLUME {' '.join(volumes)}: made as directories of the rootfs; a sandbox's disk is one "
-                "filesystem that lives and dies with it"
-            )
-        elif keyword in IGNORED:
-            warning = f"{keyword} ignored: {IGNORED[keyword]}"
-        elif keyword == "CMD":
-            state = replace(state, cmd=command_words(ins, state.shell))
-            cmd_set_here = True
-        elif keyword == "ENTRYPOINT":
-            # As in Docker: a new ENTRYPOINT drops the CMD inherited from the base.
-            state = replace(
-                state, entrypoint=command_words(ins, state.shell), cmd=state.cmd if cmd_set_here else ()
-            )
-        elif keyword == "SHELL":
-            if ins.exec_form is None or not ins.exec_form:
-                raise DockerfileError(ins.line, 'SHELL needs the JSON form, e.g. SHELL ["/bin/bash", "-c"]')
-            state = replace(state, shell=ins.exec_form)
-        key = chain_key(key, keyword, str(ins), state)
-        steps.append(PlannedStep(ins, state, key, warning=warning))
+            step = PlannedStep(ins, state, key)
+        elif keyword in ("COPY", "ADD"):
+            step = _plan_copy(ins, state, key, inputs, context, ignore)
+        else:
+            state, warning = _evaluate(ins, state, inputs, cmd_set_here)
+            cmd_set_here = cmd_set_here or keyword == "CMD"
+            step = PlannedStep(ins, state, chain_key(key, keyword, str(ins), state), warning=warning)
+        key = step.key
+        steps.append(step)
     return steps
+
+
+def _plan_copy(
+    ins: Instruction, state: ImageState, key: str, inputs: PlanInputs, context: Tree, ignore: IgnoreRules
+) -> PlannedStep:
+    """COPY or ADD: its sources and destination, keyed on the content it copies."""
+    variables = state.variables()
+    words = (
+        list(ins.exec_form) if ins.exec_form is not None else expand(ins.text, variables, ins.line).split()
+    )
+    if len(words) < 2:
+        raise DockerfileError(ins.line, f"{ins.keyword} needs a source and a destination")
+    dest = posixpath.join(state.workdir, words[-1])
+    if words[-1].endswith("/") and not dest.endswith("/"):
+        dest += "/"
+    flags = {k: expand(v, variables, ins.line) for k, v in ins.flags.items()}
+    from_stage = None
+    urls = [w for w in words[:-1] if "://" in w]
+    if "from" in flags:
+        found = inputs.stage_keys.get(flags["from"].lower())
+        if found is None:
+            raise DockerfileError(
+                ins.line,
+                f"COPY --from={flags['from']}: no earlier stage has that name or number "
+                "(copying from another image: add a stage `FROM <image> AS <name>`)",
+            )
+        from_stage, stage_key = found
+        sources = tuple(posixpath.normpath("/" + w.lstrip("/")) for w in words[:-1])
+        content: object = stage_key
+    elif urls:
+        if len(words) != 2 or not all(is_url(u) for u in urls):
+            raise DockerfileError(ins.line, "ADD takes one http(s) URL and a destination")
+        sources = (urls[0],)
+        content = inputs.url_digests.get(urls[0], "not downloaded yet")
+    else:
+        sources = tuple(
+            s for pattern in words[:-1] for s in context_sources(context, pattern, ignore, ins.line)
+        )
+        content = hash_sources(context, sources, ignore)
+    key = chain_key(key, ins.keyword, sources, dest, flags, content)
+    return PlannedStep(replace(ins, flags=flags), state, key, sources, dest, from_stage)
+
+
+def _evaluate(
+    ins: Instruction, state: ImageState, inputs: PlanInputs, cmd_set_here: bool
+) -> tuple[ImageState, str]:
+    """An instruction that changes no files: the image state after it, and what to log about it."""
+    keyword = ins.keyword
+    if keyword in IGNORED:
+        return state, f"{keyword} ignored: {IGNORED[keyword]}"
+    if keyword == "ARG":
+        arg_name, arg_value = _arg(ins, state.variables(), inputs.build_args, inputs.global_args)
+        return replace(state, args={**state.args, arg_name: arg_value or ""}), ""
+    if keyword == "CMD":
+        return replace(state, cmd=command_words(ins, state.shell)), ""
+    if keyword == "ENTRYPOINT":
+        # As in Docker: a new ENTRYPOINT drops the CMD inherited from the base.
+        cmd = state.cmd if cmd_set_here else ()
+        return replace(state, entrypoint=command_words(ins, state.shell), cmd=cmd), ""
+    if keyword == "VOLUME":
+        return _volume(ins, state)
+    evaluate = _STATE_CHANGES.get(keyword)
+    return (evaluate(ins, state) if evaluate else state), ""
+
+
+def _expanded(ins: Instruction, state: ImageState) -> str:
+    return expand(ins.text, state.variables(), ins.line)
+
+
+def _env(ins: Instruction, state: ImageState) -> ImageState:
+    env = dict(state.env)
+    for name, value in parse_key_values(_expanded(ins, state), ins.line, "ENV"):
+        env[name] = value
+    return replace(state, env=env)
+
+
+def _label(ins: Instruction, state: ImageState) -> ImageState:
+    pairs = parse_key_values(_expanded(ins, state), ins.line, "LABEL")
+    return replace(state, labels={**state.labels, **dict(pairs)})
+
+
+def _maintainer(ins: Instruction, state: ImageState) -> ImageState:
+    return replace(state, labels={**state.labels, "maintainer": ins.text})
+
+
+def _workdir(ins: Instruction, state: ImageState) -> ImageState:
+    return replace(state, workdir=posixpath.normpath(posixpath.join(state.workdir, _expanded(ins, state))))
+
+
+def _user(ins: Instruction, state: ImageState) -> ImageState:
+    return replace(state, user=_expanded(ins, state).strip())
+
+
+def _expose(ins: Instruction, state: ImageState) -> ImageState:
+    ports = set(state.exposed_ports)
+    for spec in _expanded(ins, state).split():
+        number, _, protocol = spec.partition("/")
+        if not number.isdigit() or protocol not in ("", "tcp", "udp"):
+            raise DockerfileError(ins.line, f"EXPOSE: bad port {spec!r}")
+        if protocol != "udp":
+            ports.add(int(number))
+    return replace(state, exposed_ports=tuple(sorted(ports)))
+
+
+def _shell(ins: Instruction, state: ImageState) -> ImageState:
+    if not ins.exec_form:
+        raise DockerfileError(ins.line, 'SHELL needs the JSON form, e.g. SHELL ["/bin/bash", "-c"]')
+    return replace(state, shell=ins.exec_form)
+
+
+def _volume(ins: Instruction, state: ImageState) -> tuple[ImageState, str]:
+    paths = ins.exec_form if ins.exec_form is not None else _expanded(ins, state).split()
+    volumes = tuple(posixpath.normpath(posixpath.join(state.workdir, v)) for v in paths)
+    warning = (
+        f"VOLUME {' '.join(volumes)}: made as directories of the rootfs; a sandbox's disk is one "
+        "filesystem that lives and dies with it"
+    )
+    return replace(state, volumes=tuple(dict.fromkeys(state.volumes + volumes))), warning
+
+
+# The instructions that only change the image's metadata, each from the state before it.
+_STATE_CHANGES: dict[str, Callable[[Instruction, ImageState], ImageState]] = {
+    "ENV": _env,
+    "LABEL": _label,
+    "MAINTAINER": _maintainer,
+    "WORKDIR": _workdir,
+    "USER": _user,
+    "EXPOSE": _expose,
+    "SHELL": _shell,
+}
 
 
 Materialize = Callable[[Path], Awaitable[None]]
@@ -394,7 +453,7 @@ class DockerfileRun:
     """One Dockerfile build: the stages' plans, lazily realized stage directories, downloads."""
 
     def __init__(
-        self, builds: TemplateBuilds, job: BuildJob, request: DockerfileBuildRequest, work: Path
+        self, builds: BuildTools, job: BuildJob, request: DockerfileBuildRequest, work: Path
     ) -> None:
         self.builds = builds
         self.job = job
@@ -434,25 +493,18 @@ class DockerfileRun:
                     stage_keys[stage.name] = (stage.index, plan.final_key)
 
     async def _download(self, url: str) -> str:
-        """ADD <url>: the file into the job's scratch space; returns its sha256."""
-        self.builds.store.log(self.job, f"downloading {url}")
+        """ADD <url>: the file into the job's scratch space (see fetch.py); returns its sha256."""
+        shown = redact_urls(url)
+        self.builds.store.log(self.job, f"downloading {shown}")
         directory = self.work / "downloads"
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / f"{len(self.downloads)}"
-        hasher = hashlib.sha256()
         try:
-            async with httpx.AsyncClient(timeout=_DOWNLOAD_TIMEOUT, follow_redirects=True) as client:
-                async with client.stream("GET", url) as response:
-                    if response.status_code != 200:
-                        raise StepFailed(f"ADD {url}: the server answered HTTP {response.status_code}")
-                    with target.open("wb") as out:
-                        async for chunk in response.aiter_bytes(1 << 20):
-                            hasher.update(chunk)
-                            out.write(chunk)
-        except httpx.HTTPError as exc:
-            raise StepFailed(f"ADD {url}: download failed: {exc}") from exc
+            digest = await fetch_to_file(url, target, self.builds.limits)
+        except FetchFailed as exc:
+            raise StepFailed(f"ADD {shown}: {exc}") from exc
         self.downloads[url] = target
-        return "sha256:" + hasher.hexdigest()
+        return digest
 
     async def realize(self, plan: StagePlan, rootfs: Path) -> None:
         """Build `plan`'s stage into the empty directory `rootfs`, from the step cache where it can."""
@@ -472,46 +524,50 @@ class DockerfileRun:
             job, Phase.BUILDING, f"{prefix}running {sum(s.changes_files for s in steps)} file steps"
         )
         for index, step in enumerate(steps):
-            label = f"{prefix}step {index + 1}/{len(steps)}: {step.instruction}"
+            label = redact_urls(f"{prefix}step {index + 1}/{len(steps)}: {step.instruction}")
             if index <= cached_upto and step.changes_files:
                 store.log(job, f"{label} (cached)")
                 continue
             store.log(job, label)
             if step.warning:
                 store.log(job, f"warning: {step.warning}")
-            if not step.changes_files:
-                continue
-            flags = step.instruction.flags
-            if step.instruction.keyword == "RUN":
-                await self._run(rootfs, step)
-            elif step.from_stage is not None:
-                source_root = await self.stage_root(step.from_stage)
-                await trio.to_thread.run_sync(
-                    copy_from_stage,
-                    rootfs,
-                    source_root,
-                    step.sources,
-                    step.dest,
-                    flags,
-                    step.instruction.line,
-                )
-            elif step.downloads:
-                url = step.sources[0]
-                name = posixpath.basename(urllib.parse.urlsplit(url).path) or "index.html"
-                await trio.to_thread.run_sync(
-                    copy_url_download, rootfs, self.downloads[url], name, step.dest, flags
-                )
-            else:
-                await trio.to_thread.run_sync(
-                    copy_from_context,
-                    rootfs,
-                    self.request.context,
-                    step.instruction.keyword,
-                    step.sources,
-                    step.dest,
-                    flags,
-                )
-            await self.cache.save(step.key, rootfs)
+            if step.changes_files:
+                await self._file_step(rootfs, step)
+                await self.cache.save(step.key, rootfs)
+
+    async def _file_step(self, rootfs: Path, step: PlannedStep) -> None:
+        """RUN, COPY or ADD."""
+        flags = step.instruction.flags
+        if step.instruction.keyword == "RUN":
+            await self._run(rootfs, step)
+        elif step.from_stage is not None:
+            source_root = await self.stage_root(step.from_stage)
+            await trio.to_thread.run_sync(
+                copy_from_stage,
+                rootfs,
+                source_root,
+                step.sources,
+                step.dest,
+                flags,
+                step.instruction.line,
+            )
+        elif step.downloads:
+            url = step.sources[0]
+            name = posixpath.basename(urllib.parse.urlsplit(url).path) or "index.html"
+            await trio.to_thread.run_sync(
+                copy_url_download, rootfs, self.downloads[url], name, step.dest, flags
+            )
+        else:
+            await trio.to_thread.run_sync(
+                copy_from_context,
+                rootfs,
+                self.request.context,
+                step.instruction.keyword,
+                step.sources,
+                step.dest,
+                flags,
+                SizeBudget(self.builds.limits.unpacked_bytes, "an ADD'ed archive", "build_unpacked_max_size"),
+            )
 
     async def stage_root(self, index: int) -> Path:
         """An earlier stage's files, built the first time they are asked for."""
@@ -535,9 +591,9 @@ class DockerfileRun:
         try:
             await self.builds.sandboxes.run_command(rootfs, command)
         except RunFailed as exc:
+            shown = redact_urls(str(step.instruction))
             raise StepFailed(
-                f"{step.instruction} (Dockerfile line {step.instruction.line}) failed with exit status "
-                f"{exc.exit_code}",
+                f"{shown} (Dockerfile line {step.instruction.line}) failed with exit status {exc.exit_code}",
                 exc.output_tail,
             ) from exc
 
@@ -568,7 +624,7 @@ class DockerfileRun:
             yield plan.final_key, replace(plan.final_state, args={}), from_stage
             return
         try:
-            template = resolve_template(builds.config, name)
+            template = resolve_template(builds.config, name, job.team)
         except TemplateNotFound:
             template = None
         if template is not None:
@@ -591,7 +647,12 @@ class DockerfileRun:
         work = self.work / "bases" / str(stage.index)
         work.mkdir(parents=True)
         async with open_image(
-            name, work, builds.layer_cache, self.request.credentials, insecure_registries(builds.config)
+            name,
+            work,
+            builds.layer_cache,
+            self.request.credentials,
+            insecure_registries(builds.config),
+            builds.limits,
         ) as source:
             image = await source.resolve()
             config = image.config
@@ -606,13 +667,13 @@ class DockerfileRun:
             )
 
             async def pull(rootfs: Path) -> None:
-                await fetch_and_unpack(builds.store, job, source, image, rootfs)
+                await fetch_and_unpack(builds.store, job, source, image, rootfs, builds.limits)
 
             yield chain_key(f"image:{image.digest}"), state, pull
 
 
 async def build_dockerfile_rootfs(
-    builds: TemplateBuilds, job: BuildJob, request: DockerfileBuildRequest, rootfs: Path, work: Path
+    builds: BuildTools, job: BuildJob, request: DockerfileBuildRequest, rootfs: Path, work: Path
 ) -> DockerfileResult:
     stages, global_args = split_stages(parse_dockerfile(request.dockerfile), request.build_args)
     builds.store.set_phase(job, Phase.PULLING, f"resolving FROM {stages[-1].base}")

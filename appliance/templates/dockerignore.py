@@ -70,6 +70,8 @@ class IgnoreRules:
 
     @classmethod
     def load(cls, context: Path) -> IgnoreRules:
+        """The client's own context directory (the build service reads an uploaded one through
+        build_context.ignore_rules)."""
         path = context / IGNORE_FILE
         return cls.parse(path.read_text()) if path.is_file() else cls()
 

@@ -2,7 +2,7 @@
 
 The kernel starts /sbin/cube-init as PID 1. It mounts the kernel filesystems,
 configures the network interface (eth0 under kvm, vec0 with UML's vector
-transport; every guest has the same address, see runtime.base), starts
+transport; every guest has the same address, see net/addressing.py), starts
 the guest agent if the image has python3, then the image's own entrypoint+cmd
 (/opt/cube/start, generated here from the image config) with its env, workdir
 and user, and reaps orphans for as long as the machine runs.
@@ -13,14 +13,17 @@ from __future__ import annotations
 import compileall
 import importlib
 import os
+import posixpath
 import py_compile
 import shlex
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import appliance
-from appliance.runtime.base import GATEWAY_IP, GUEST_IP, GUEST_PREFIX
-from appliance.templates.unpack import resolve_in_root
+from appliance.net.addressing import GATEWAY_IP, GUEST_IP, GUEST_PREFIX
+from appliance.templates.untrusted_tree import Tree
 
 AGENT_DIR = "/opt/cube/agent"
 # The agent's pure-Python dependencies, copied from the host beside it: an image
@@ -114,56 +117,64 @@ def init_script(default_user: str) -> str:
     return INIT_SCRIPT_TEMPLATE.replace("@DEFAULT_USER@", shlex.quote(default_user))
 
 
+def _records(tree: Tree, path: str) -> list[list[str]]:
+    """The colon-separated lines of /etc/passwd or /etc/group (a regular file inside the tree)."""
+    text = tree.read_text(path)
+    return [line.split(":") for line in text.splitlines()] if text else []
+
+
 def account_name(rootfs: Path, user_spec: str) -> str:
     """The passwd name for an image USER (`1000:1000` -> `app`): the guest agent looks users up by name."""
-    uid, _, _ = lookup_ids(rootfs, user_spec or "root")
-    passwd = resolve_in_root(rootfs, "/etc/passwd")
-    for line in passwd.read_text(errors="replace").splitlines() if passwd.is_file() else ():
-        fields = line.split(":")
+    with Tree.open(rootfs) as tree:
+        return _account_name(tree, user_spec)
+
+
+def _account_name(tree: Tree, user_spec: str) -> str:
+    uid, _, _ = lookup_ids(tree, user_spec or "root")
+    for fields in _records(tree, "/etc/passwd"):
         if len(fields) >= 3 and fields[2] == str(uid):
             return fields[0]
     return "root" if uid == 0 else str(uid)
 
 
-def ensure_sandbox_user(rootfs: Path) -> None:
-    """E2B clients run commands as `user` by default: give images without one such an account."""
-    passwd = resolve_in_root(rootfs, "/etc/passwd")
-    group = resolve_in_root(rootfs, "/etc/group")
-    users = (
-        [line.split(":") for line in passwd.read_text(errors="replace").splitlines()]
-        if passwd.is_file()
-        else []
-    )
+def _with_line(text: str | None, line: str) -> bytes:
+    body = text or ""
+    if body and not body.endswith("\n"):
+        body += "\n"
+    return (body + line + "\n").encode()
+
+
+def ensure_sandbox_user(tree: Tree) -> None:
+    """E2B clients run commands as `user` by default: give images without one such an account.
+
+    The account files get new inodes (renamed over the old ones), never written in place: they may
+    be hardlinks into a tree shared with a cached build step."""
+    users = _records(tree, "/etc/passwd")
     if any(fields[0] == SANDBOX_USER for fields in users):
         return
-    groups = (
-        [line.split(":") for line in group.read_text(errors="replace").splitlines()]
-        if group.is_file()
-        else []
-    )
+    groups = _records(tree, "/etc/group")
     taken = {f[2] for f in users if len(f) > 2} | {f[2] for f in groups if len(f) > 2}
     number = next(n for n in range(1000, 65534) if str(n) not in taken)
-    passwd.parent.mkdir(parents=True, exist_ok=True)
-    if not users:
-        passwd.write_text("root:x:0:0:root:/root:/bin/sh\n")
-        group.write_text("root:x:0:\n")
-    with passwd.open("a") as f:
-        f.write(f"{SANDBOX_USER}:x:{number}:{number}::/home/{SANDBOX_USER}:/bin/sh\n")
-    with group.open("a") as f:
-        f.write(f"{SANDBOX_USER}:x:{number}:\n")
-    home = resolve_in_root(rootfs, f"/home/{SANDBOX_USER}")
-    home.mkdir(parents=True, exist_ok=True)
-    os.chown(home, number, number)
-    home.chmod(0o755)
+    passwd_text = tree.read_text("/etc/passwd") if users else "root:x:0:0:root:/root:/bin/sh\n"
+    group_text = tree.read_text("/etc/group") if users else "root:x:0:\n"
+    tree.makedirs("/etc")
+    tree.replace_file(
+        "/etc/passwd",
+        _with_line(passwd_text, f"{SANDBOX_USER}:x:{number}:{number}::/home/{SANDBOX_USER}:/bin/sh"),
+    )
+    tree.replace_file("/etc/group", _with_line(group_text, f"{SANDBOX_USER}:x:{number}:"))
+    home = f"/home/{SANDBOX_USER}"
+    tree.makedirs("/home")
+    tree.mkdir(home)
+    tree.chown(home, number, number, follow=True)
+    tree.chmod(home, 0o755, follow=True)
 
 
-def lookup_ids(rootfs: Path, user_spec: str) -> tuple[int, int, str]:
+def lookup_ids(tree: Tree, user_spec: str) -> tuple[int, int, str]:
     """(uid, gid, home) for an image's USER (`name`, `uid`, `name:group`, `uid:gid`)."""
     user, _, group = user_spec.partition(":")
     uid, gid, home = None, None, "/"
-    passwd = resolve_in_root(rootfs, "/etc/passwd")
-    for line in passwd.read_text(errors="replace").splitlines() if passwd.is_file() else ():
-        fields = line.split(":")
+    for fields in _records(tree, "/etc/passwd"):
         if len(fields) >= 6 and (fields[0] == user or fields[2] == user):
             uid, gid, home = int(fields[2]), int(fields[3]), fields[5] or "/"
             break
@@ -175,9 +186,7 @@ def lookup_ids(rootfs: Path, user_spec: str) -> tuple[int, int, str]:
         uid = int(user)
     if group:
         gid = None
-        groups = resolve_in_root(rootfs, "/etc/group")
-        for line in groups.read_text(errors="replace").splitlines() if groups.is_file() else ():
-            fields = line.split(":")
+        for fields in _records(tree, "/etc/group"):
             if len(fields) >= 3 and (fields[0] == group or fields[2] == group):
                 gid = int(fields[2])
                 break
@@ -189,9 +198,9 @@ def lookup_ids(rootfs: Path, user_spec: str) -> tuple[int, int, str]:
 
 
 def start_script(
-    rootfs: Path, start_cmd: tuple[str, ...], envs: dict[str, str], workdir: str, user: str
+    tree: Tree, start_cmd: tuple[str, ...], envs: dict[str, str], workdir: str, user: str
 ) -> str:
-    uid, gid, home = lookup_ids(rootfs, user or "root")
+    uid, gid, home = lookup_ids(tree, user or "root")
     exports = {"PATH": DEFAULT_PATH, "HOME": home, **envs}
     lines = ["#!/bin/sh", "# The image's entrypoint + cmd, as its config says to run it."]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in exports.items()]
@@ -215,13 +224,40 @@ def start_script(
     return "\n".join(lines) + "\n"
 
 
-def _write(rootfs: Path, guest_path: str, text: str, mode: int) -> None:
-    target = resolve_in_root(rootfs, guest_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
-        target.unlink()
-    target.write_text(text)
-    target.chmod(mode)
+def _write(tree: Tree, guest_path: str, text: str, mode: int) -> None:
+    tree.makedirs(posixpath.dirname(guest_path))
+    tree.write_bytes(guest_path, text.encode(), mode)
+
+
+def _agent_bundle(directory: Path, dependencies: tuple[str, ...]) -> None:
+    """The agent (appliance/__init__.py and appliance/guest) and the host's copies of the pure-Python
+    `dependencies` in the (host) directory `directory`, compiled."""
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    package = Path(appliance.__file__).parent
+    shutil.copytree(package / "guest", directory / "appliance" / "guest", ignore=skip)
+    shutil.copy2(package / "__init__.py", directory / "appliance" / "__init__.py")
+    for name in dependencies:
+        module = importlib.import_module(name)
+        shutil.copytree(Path(str(module.__file__)).parent, directory / name, ignore=skip)
+    compileall.compile_dir(
+        directory,
+        ddir=AGENT_DIR,  # the paths tracebacks show: the guest's
+        quiet=2,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+
+
+def copy_host_tree(source: Path, tree: Tree, dest: str) -> None:
+    """The host directory `source` (trusted: ours) into the directory `dest` of the tree."""
+    for directory, dirnames, filenames in os.walk(source):
+        relative = os.path.relpath(directory, source)
+        base = posixpath.normpath(posixpath.join(dest, relative))
+        tree.makedirs(base)
+        for name in filenames:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                tree.write_from(posixpath.join(base, name), f, os.fstat(f.fileno()).st_mode & 0o777)
+        dirnames.sort()
 
 
 def copy_agent(rootfs: Path, dependencies: tuple[str, ...]) -> None:
@@ -231,23 +267,19 @@ def copy_agent(rootfs: Path, dependencies: tuple[str, ...]) -> None:
     Compiled by this (the host's) Python too, for guests whose python3 is the same version:
     otherwise every sandbox would compile the agent as it starts (seconds under UML), into
     its own copy-on-write disk. Other versions ignore these files (their cache tag differs).
+    Compiled on the host side first, then copied in: nothing but untrusted_tree writes into the tree.
     """
-    agent_dir = resolve_in_root(rootfs, AGENT_DIR)
-    if agent_dir.exists():
-        shutil.rmtree(agent_dir)
-    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    package = Path(appliance.__file__).parent
-    shutil.copytree(package / "guest", agent_dir / "appliance" / "guest", ignore=skip)
-    shutil.copy2(package / "__init__.py", agent_dir / "appliance" / "__init__.py")
-    for name in dependencies:
-        module = importlib.import_module(name)
-        shutil.copytree(Path(str(module.__file__)).parent, agent_dir / name, ignore=skip)
-    compileall.compile_dir(
-        agent_dir,
-        ddir=AGENT_DIR,  # the paths tracebacks show: the guest's
-        quiet=2,
-        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
-    )
+    with tempfile.TemporaryDirectory(prefix="cube-agent-") as bundle, Tree.open(rootfs) as tree:
+        _agent_bundle(Path(bundle), dependencies)
+        tree.remove(AGENT_DIR)
+        copy_host_tree(Path(bundle), tree, AGENT_DIR)
+
+
+def install_file(rootfs: Path, guest_path: str, source: Path, mode: int) -> None:
+    """The host file `source` at `guest_path` in the tree (replacing whatever is there)."""
+    with Tree.open(rootfs) as tree, source.open("rb") as f:
+        tree.makedirs(posixpath.dirname(guest_path))
+        tree.write_from(guest_path, f, mode)
 
 
 def compile_in_image_argv(rootfs: Path) -> list[str]:
@@ -273,22 +305,25 @@ def prepare_rootfs(
 ) -> str:
     """Inject agent, init and start script; make the mount points, accounts and resolv.conf the init
     expects. Returns the account name the agent uses by default (the image's USER, else root)."""
-    for mount_point in ("proc", "sys", "dev", "run", "tmp"):
-        resolve_in_root(rootfs, mount_point).mkdir(mode=0o755, exist_ok=True)
-    resolve_in_root(rootfs, "tmp").chmod(0o1777)
     copy_agent(rootfs, AGENT_DEPENDENCIES)
-    ensure_sandbox_user(rootfs)
-    default_user = account_name(rootfs, user)
-    _write(rootfs, INIT_PATH, init_script(default_user), 0o755)
-    if start_cmd:
-        _write(rootfs, START_PATH, start_script(rootfs, start_cmd, envs, workdir, user), 0o755)
-    resolv = resolve_in_root(rootfs, "/etc/resolv.conf")
-    has_own = (
-        resolv.is_file() and not resolv.is_symlink() and "nameserver" in resolv.read_text(errors="replace")
-    )
-    if dns or not has_own:
-        _write(rootfs, "/etc/resolv.conf", "".join(f"nameserver {s}\n" for s in dns or DEFAULT_DNS), 0o644)
-    hosts = resolve_in_root(rootfs, "/etc/hosts")
-    if not hosts.is_file() or "localhost" not in hosts.read_text(errors="replace"):
-        _write(rootfs, "/etc/hosts", "127.0.0.1 localhost sandbox\n::1 localhost\n", 0o644)
+    with Tree.open(rootfs) as tree:
+        for mount_point in ("proc", "sys", "dev", "run", "tmp"):
+            tree.mkdir(mount_point)
+        tree.chmod("tmp", 0o1777, follow=True)
+        ensure_sandbox_user(tree)
+        default_user = _account_name(tree, user)
+        _write(tree, INIT_PATH, init_script(default_user), 0o755)
+        if start_cmd:
+            _write(tree, START_PATH, start_script(tree, start_cmd, envs, workdir, user), 0o755)
+        resolv = tree.lstat("/etc/resolv.conf")
+        has_own = (
+            resolv is not None
+            and stat.S_ISREG(resolv.st_mode)
+            and "nameserver" in (tree.read_text("/etc/resolv.conf") or "")
+        )
+        if dns or not has_own:
+            text = "".join(f"nameserver {s}\n" for s in dns or DEFAULT_DNS)
+            _write(tree, "/etc/resolv.conf", text, 0o644)
+        if "localhost" not in (tree.read_text("/etc/hosts") or ""):
+            _write(tree, "/etc/hosts", "127.0.0.1 localhost sandbox\n::1 localhost\n", 0o644)
     return default_user

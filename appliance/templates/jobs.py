@@ -18,6 +18,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from appliance.tenancy import SYSTEM_TEAM
+
 log = logging.getLogger(__name__)
 
 LOG_LINES_KEPT = 500
@@ -54,13 +56,6 @@ PHASE_PROGRESS = {
 }
 
 
-def first_leaf(error: BaseException) -> BaseException:
-    """The first real error inside (nested) exception groups: what a job reports as its reason."""
-    while isinstance(error, BaseExceptionGroup) and error.exceptions:
-        error = error.exceptions[0]
-    return error
-
-
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -85,6 +80,9 @@ class BuildJob:
     log_total: int = 0  # lines ever logged: `log[0]` is line number log_total - len(log)
     created_at: str = field(default_factory=utc_now)
     updated_at: str = field(default_factory=utc_now)
+    # The team that asked (appliance/tenancy.py): only it (and the admin) sees the job, and the
+    # template belongs to it. Jobs recorded before teams existed are the system's (admin-only).
+    team: str = SYSTEM_TEAM
 
     @property
     def finished(self) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from appliance.templates.build_caches import mark_used
+from appliance.templates.build_caches import mark_used, private_dir
 from appliance.templates.manifests import DigestMismatch, ManifestError
 
 _SHA256_RE = re.compile(r"^sha256:([0-9a-f]{64})$")
@@ -63,7 +63,8 @@ class LayerCache:
     def prepare_partial(self, digest: str) -> tuple[Path, int]:
         """The partial file to append to and how many bytes it already has."""
         partial = self.partial_path(digest)
-        partial.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
+        partial.parent.mkdir(exist_ok=True)
         return partial, partial.stat().st_size if partial.exists() else 0
 
     async def commit(self, digest: str, what: str) -> Path:

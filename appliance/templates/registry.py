@@ -1,8 +1,14 @@
-"""OCI distribution (registry v2) client: manifests, configs and layer blobs, on Trio via httpx."""
+"""OCI distribution (registry v2) client: manifests, configs and layer blobs, on Trio via httpx.
+
+A registry is reached over https unless the operator listed it in `insecure_registries`; what it
+sends is bounded (manifests and configs in memory, each layer to its declared size and
+`build_layer_max_size`). Credentials go only to the registry itself (httpx drops the
+Authorization header on a redirect to another origin) and to a token realm over https (see
+registry_auth).
+"""
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from types import TracebackType
 
@@ -12,6 +18,7 @@ import trio
 from appliance.config import Config
 from appliance.templates.image_source import LayerBlob, LayerProgress, ResolvedImage, resolve_manifests
 from appliance.templates.layer_cache import LayerCache
+from appliance.templates.limits import config_list
 from appliance.templates.manifests import (
     MANIFEST_MEDIA_TYPES,
     Descriptor,
@@ -23,6 +30,7 @@ from appliance.templates.registry_auth import Credentials, RegistryAuth, Registr
 
 _CHUNK = 1 << 16
 _TIMEOUT = httpx.Timeout(30.0, read=120.0)
+_MAX_DOCUMENT_BYTES = 4 << 20  # a manifest, index or config (containerd's limit for manifests)
 
 
 class RegistryError(Exception):
@@ -34,20 +42,15 @@ class ImageNotFound(RegistryError):
 
 
 def registry_base_url(host: str, insecure_registries: frozenset[str]) -> str:
-    """https, except for loopback registries and those the operator listed as plain HTTP."""
-    hostname = httpx.URL(f"http://{host}").host
-    loopback = hostname == "localhost"
-    try:
-        loopback = loopback or ipaddress.ip_address(hostname).is_loopback
-    except ValueError:
-        pass
-    scheme = "http" if loopback or host in insecure_registries else "https"
-    return f"{scheme}://{host}"
+    """https, except for the registries the operator listed as plain HTTP (loopback ones too: a
+    build request must not make the host talk plain HTTP to its own services)."""
+    return f"{'http' if host in insecure_registries else 'https'}://{host}"
 
 
 def insecure_registries(config: Config) -> frozenset[str]:
-    """Registries served over plain HTTP: `insecure_registries = "host:port,..."` in the config file."""
-    return frozenset(h.strip() for h in config.extra.get("insecure_registries", "").split(",") if h.strip())
+    """Registries (and token services) served over plain HTTP: `insecure_registries =
+    "host:port,..."` in the config file."""
+    return frozenset(config_list(config, "insecure_registries"))
 
 
 def _registry_error_text(response: httpx.Response) -> str:
@@ -71,8 +74,8 @@ class RegistryImageSource:
         self.ref = ref
         self._cache = cache
         self._base = f"{registry_base_url(ref.api_host, insecure_registries)}/v2/{ref.repository}"
-        self._http = httpx.AsyncClient(timeout=_TIMEOUT, follow_redirects=True)
-        self._auth = RegistryAuth(self._http, ref.registry, ref.repository, credentials)
+        self._http = httpx.AsyncClient(timeout=_TIMEOUT, follow_redirects=True, trust_env=False)
+        self._auth = RegistryAuth(self._http, ref.registry, ref.repository, credentials, insecure_registries)
 
     async def __aenter__(self) -> RegistryImageSource:
         return self
@@ -88,11 +91,24 @@ class RegistryImageSource:
             headers["Authorization"] = self._auth.header
         return headers
 
+    async def _get_document(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        """GET a manifest or config, its body read into memory up to _MAX_DOCUMENT_BYTES."""
+        async with self._http.stream("GET", url, headers=headers) as response:
+            body = bytearray()
+            async for chunk in response.aiter_bytes(_CHUNK):
+                body += chunk
+                if len(body) > _MAX_DOCUMENT_BYTES:
+                    limit = _MAX_DOCUMENT_BYTES >> 20
+                    raise RegistryError(f"registry {self.ref.registry} sent more than {limit} MiB for {url}")
+        return httpx.Response(
+            response.status_code, headers=response.headers, content=bytes(body), request=response.request
+        )
+
     async def _get(self, url: str, headers: dict[str, str] | None = None) -> httpx.Response:
         """GET with one retry after answering an auth challenge."""
         for attempt in range(2):
             try:
-                response = await self._http.get(url, headers=self._headers(headers))
+                response = await self._get_document(url, self._headers(headers))
             except httpx.HTTPError as exc:
                 raise RegistryError(f"cannot reach registry {self.ref.registry}: {exc}") from exc
             if response.status_code != 401:
@@ -151,6 +167,27 @@ class RegistryImageSource:
                 from_cache=False,
             )
 
+    async def _save_blob(
+        self, response: httpx.Response, layer: Descriptor, partial: Path, offset: int, progress: LayerProgress
+    ) -> None:
+        """The body into the partial file, never more than the layer's declared size (what is
+        beyond cannot match the digest: the partial goes and the build fails)."""
+        # 200 to a Range request: the registry restarts from byte 0.
+        mode = "ab" if response.status_code == 206 else "wb"
+        done = offset if response.status_code == 206 else 0
+        async with await trio.open_file(partial, mode) as out:
+            async for chunk in response.aiter_bytes(_CHUNK):
+                done += len(chunk)
+                if done > layer.size:
+                    await out.aclose()
+                    partial.unlink(missing_ok=True)
+                    raise RegistryError(
+                        f"registry {self.ref.registry} sent more than the {layer.size} bytes of layer "
+                        f"{layer.digest}"
+                    )
+                await out.write(chunk)
+                progress(done)
+
     async def _download(self, layer: Descriptor, partial: Path, offset: int, progress: LayerProgress) -> None:
         url = f"{self._base}/blobs/{layer.digest}"
         for attempt in range(2):
@@ -167,14 +204,7 @@ class RegistryImageSource:
                             f"registry {self.ref.registry} answered {response.status_code} "
                             f"for layer {layer.digest}"
                         )
-                    # 200 to a Range request: the registry restarts from byte 0.
-                    mode = "ab" if response.status_code == 206 else "wb"
-                    done = offset if response.status_code == 206 else 0
-                    async with await trio.open_file(partial, mode) as out:
-                        async for chunk in response.aiter_bytes(_CHUNK):
-                            await out.write(chunk)
-                            done += len(chunk)
-                            progress(done)
+                    await self._save_blob(response, layer, partial, offset, progress)
                     return
             except httpx.HTTPError as exc:
                 raise RegistryError(

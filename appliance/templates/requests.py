@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.config import Config
 from appliance.runtime.base import ENVD_PORT
 from appliance.templates.catalog import validate_name
 from appliance.templates.registry_auth import Credentials
 
 _SIZE_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MIN_WRITABLE_MB = 16
+MIN_MEMORY_MB = 64
+MAX_PROBE_TIMEOUT_S = 3600.0
+MAX_PROBE_PERIOD_S = 60.0
+# user:password@ and query strings of URLs (presigned URLs carry their signature there).
+_URL_SECRETS = re.compile(
+    r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/\s@]*@)?(?P<rest>[^\s?#]*)(?P<query>\?[^\s#]*)?"
+)
 
 
 def parse_size_mb(text: str | int) -> int:
@@ -26,6 +36,8 @@ def parse_size_mb(text: str | int) -> int:
         size = float(number) * _SIZE_UNITS[unit]
     except ValueError as exc:
         raise ValueError(f"invalid size {text!r} (use e.g. 512M or 1G)") from exc
+    if not math.isfinite(size):
+        raise ValueError(f"invalid size {text!r} (use e.g. 512M or 1G)")
     return int(size) >> 20
 
 
@@ -38,6 +50,46 @@ def _port(value: Any) -> int:
 
 def _cidrs(values: Any) -> list[str]:
     return [str(ipaddress.ip_network(str(v), strict=False)) for v in (values or [])]
+
+
+@dataclass(frozen=True)
+class TemplateLimits:
+    """The most one template may ask for (a request beyond is refused with 400), from the config file:
+    `template_max_cpu = 16`, `template_max_memory = "32G"`, `template_max_writable_layer_size = "64G"`."""
+
+    cpu_count: int = 16
+    memory_mb: int = 32 << 10
+    writable_layer_mb: int = 64 << 10
+
+    @classmethod
+    def from_config(cls, config: Config) -> TemplateLimits:
+        extra = config.extra
+        return cls(
+            cpu_count=int(extra.get("template_max_cpu", cls.cpu_count)),
+            memory_mb=parse_size_mb(extra.get("template_max_memory", f"{cls.memory_mb}M")),
+            writable_layer_mb=parse_size_mb(
+                extra.get("template_max_writable_layer_size", f"{cls.writable_layer_mb}M")
+            ),
+        )
+
+    def check(self, settings: TemplateSettings) -> None:
+        if not 1 <= settings.cpu_count <= self.cpu_count:
+            raise ValueError(f"--cpu must be 1..{self.cpu_count} (template_max_cpu in the config file)")
+        if not MIN_MEMORY_MB <= settings.memory_mb <= self.memory_mb:
+            raise ValueError(
+                f"--memory must be at least {MIN_MEMORY_MB}M and at most {self.memory_mb}M "
+                "(template_max_memory in the config file)"
+            )
+        if not MIN_WRITABLE_MB <= settings.writable_layer_mb <= self.writable_layer_mb:
+            raise ValueError(
+                f"--writable-layer-size must be at least {MIN_WRITABLE_MB}M "
+                f"and at most {self.writable_layer_mb}M "
+                "(template_max_writable_layer_size in the config file)"
+            )
+        if not 0 < settings.probe_timeout_s <= MAX_PROBE_TIMEOUT_S:
+            raise ValueError(f"the probe timeout must be more than 0 and at most {MAX_PROBE_TIMEOUT_S:.0f}s")
+        if not 0 < settings.probe_period_s <= MAX_PROBE_PERIOD_S:
+            raise ValueError(f"the probe period must be more than 0 and at most {MAX_PROBE_PERIOD_S:.0f}s")
 
 
 @dataclass(frozen=True)
@@ -60,7 +112,7 @@ class TemplateSettings:
     alias: str | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TemplateSettings:
+    def from_json(cls, data: dict[str, Any], limits: TemplateLimits | None = None) -> TemplateSettings:
         envs: dict[str, str] = {}
         raw_env = data.get("env") or {}
         # The API takes {"K": "V"}; the CLI sends ["K=V", ...].
@@ -96,12 +148,7 @@ class TemplateSettings:
             network_defaults=network,
             alias=validate_name(str(data["alias"])) if data.get("alias") else None,
         )
-        if settings.writable_layer_mb < MIN_WRITABLE_MB:
-            raise ValueError(f"--writable-layer-size must be at least {MIN_WRITABLE_MB}M")
-        if not 1 <= settings.cpu_count <= 64 or settings.memory_mb < 64:
-            raise ValueError("--cpu must be 1..64 and --memory at least 64M")
-        if settings.probe_timeout_s <= 0 or settings.probe_period_s <= 0:
-            raise ValueError("probe timeout and period must be positive")
+        (limits or TemplateLimits()).check(settings)
         return settings
 
     def start_cmd(self, entrypoint: tuple[str, ...], cmd: tuple[str, ...]) -> tuple[str, ...]:
@@ -123,7 +170,7 @@ class ImageBuildRequest:
     credentials: Credentials | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ImageBuildRequest:
+    def from_json(cls, data: dict[str, Any], limits: TemplateLimits | None = None) -> ImageBuildRequest:
         image = str(data.get("image") or "").strip()
         if not image:
             raise ValueError("image is required")
@@ -131,11 +178,24 @@ class ImageBuildRequest:
         if bool(username) != bool(password):
             raise ValueError("--registry-username and --registry-password go together")
         credentials = Credentials(str(username), str(password)) if username else None
-        return cls(image, TemplateSettings.from_json(data), credentials)
+        return cls(image, TemplateSettings.from_json(data, limits), credentials)
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the user:password@ and query string of every URL in it replaced by ***."""
+
+    def clean(match: re.Match[str]) -> str:
+        userinfo = "***@" if match["userinfo"] else ""
+        return f"{match['scheme']}{userinfo}{match['rest']}{'?***' if match['query'] else ''}"
+
+    return _URL_SECRETS.sub(clean, text)
 
 
 def public_request(data: dict[str, Any]) -> dict[str, Any]:
-    """The request as recorded in the job: without the registry password."""
+    """The request as recorded in the job: without the registry password or credentials in URLs (a
+    Dockerfile's `ADD https://user:token@...`)."""
     return {
-        k: ("***" if k == "registry_password" else v) for k, v in data.items() if v not in (None, "", [], {})
+        k: "***" if k == "registry_password" else redact_urls(v) if isinstance(v, str) else v
+        for k, v in data.items()
+        if v not in (None, "", [], {})
     }

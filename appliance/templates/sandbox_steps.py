@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from appliance.records import TemplateManifest
 from appliance.runtime.base import Instance
 from appliance.templates.jobs import Phase
-from appliance.templates.manifest import TemplateManifest
 
 
 class RunFailed(Exception):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import trio
 
-from appliance.templates.build_caches import mark_used
+from appliance.templates.build_caches import mark_used, private_dir
+from appliance.templates.untrusted_tree import Tree
 
 
 class StepCache:
@@ -28,7 +29,7 @@ class StepCache:
         return True
 
     async def save(self, key: str, rootfs: Path) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         tmp = self.root / f"{key}.tmp"
         await trio.to_thread.run_sync(lambda: shutil.rmtree(tmp, ignore_errors=True))
         await copy_tree(rootfs, tmp)
@@ -75,6 +76,11 @@ async def export_template_rootfs(image: Path, dest: Path) -> None:
     if result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip()[-300:]
         raise OSError(f"could not read the template image {image}: {detail}")
-    lost_found = dest / "lost+found"  # mkfs.ext4's, not the template's
-    if lost_found.is_dir() and not any(lost_found.iterdir()):
-        lost_found.rmdir()
+    await trio.to_thread.run_sync(_drop_empty_lost_found, dest)
+
+
+def _drop_empty_lost_found(tree_root: Path) -> None:
+    """mkfs.ext4's lost+found, not the template's (the tree is the template's: read it as untrusted)."""
+    with Tree.open(tree_root) as tree:
+        if tree.is_dir("lost+found", follow=False) and not tree.listdir("lost+found"):
+            tree.remove("lost+found")

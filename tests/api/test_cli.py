@@ -63,6 +63,16 @@ def test_keys_and_ca(cli: CliRunner, service: ServiceHarness) -> None:
     created = json.loads(run(cli, "keys", "create", "--name", "ci-bot", "--json"))
     assert httpx.get(f"{service.url}/v2/sandboxes", headers={"X-API-KEY": created["key"]}).status_code == 200
     assert "ci-bot" in run(cli, "keys", "list")
+    # A second key in the first one's team sees that team's sandboxes; a key of its own team does not.
+    teammate = json.loads(
+        run(cli, "keys", "create", "--name", "ci-bot-2", "--team", created["team"], "--json")
+    )
+    loner = json.loads(run(cli, "keys", "create", "--name", "other", "--json"))
+    assert teammate["team"] == created["team"] != loner["team"]
+    sandbox = httpx.post(f"{service.url}/v2/sandboxes", json={}, headers={"X-API-KEY": created["key"]}).json()
+    for key, status in ((teammate["key"], 200), (loner["key"], 404)):
+        seen = httpx.get(f"{service.url}/sandboxes/{sandbox['sandboxID']}", headers={"X-API-KEY": key})
+        assert seen.status_code == status
     run(cli, "keys", "revoke", created["id"])
     assert httpx.get(f"{service.url}/v2/sandboxes", headers={"X-API-KEY": created["key"]}).status_code == 401
     assert run(cli, "ca", "path").strip() == str(service.config.state_dir / "ca" / "ca.pem")

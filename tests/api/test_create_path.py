@@ -63,7 +63,7 @@ def test_a_guest_that_fails_init_fails_the_create_and_leaves_nothing(
     def pooled() -> list[str]:
         cubelet = service.running.cubelet
         return service.run_sync_in_service(
-            lambda: [live.sandbox_id for live in cubelet._pools["code-interpreter"]]
+            lambda: [live.sandbox_id for live in cubelet.pools.ready("code-interpreter")]
         )
 
     with _sdk_env(service, monkeypatch) as client:

@@ -161,16 +161,22 @@ def test_idempotency_key_returns_the_same_sandbox(client: httpx.Client, fake_run
     assert len(live_ids(client)) == 2
 
 
-def test_templates_list_get_and_delete_refused_while_running(client: httpx.Client) -> None:
+def test_templates_list_get_and_delete_refused_while_running(
+    client: httpx.Client, service: ServiceHarness
+) -> None:
     listed = client.get("/templates").json()
     assert [t["templateID"] for t in listed] == ["code-interpreter"]
     assert listed[0]["aliases"] == ["ci"]
     assert client.get("/templates/ci").json()["templateID"] == "code-interpreter"
     assert_json_error(client.get("/templates/nope"), 404, "not found")
     sandbox_id = client.post("/v2/sandboxes", json={"templateID": "ci"}).json()["sandboxID"]
-    assert_json_error(client.delete("/templates/code-interpreter"), 409, "live sandboxes")
+    # A built-in template is the admin's to delete.
+    assert_json_error(client.delete("/templates/code-interpreter"), 403, "only the admin")
+    admin = {"X-API-KEY": service.admin_token}
+    assert_json_error(client.delete("/templates/code-interpreter", headers=admin), 409, "live sandboxes")
     assert client.get(f"/sandboxes/{sandbox_id}").status_code == 200
-    assert client.delete("/templates/code-interpreter", params={"force": "true"}).status_code == 204
+    deleted = client.delete("/templates/code-interpreter", params={"force": "true"}, headers=admin)
+    assert deleted.status_code == 204
     assert client.get(f"/sandboxes/{sandbox_id}").status_code == 404
     assert client.get("/templates").json() == []
 

@@ -21,24 +21,30 @@ if TYPE_CHECKING:
     from conftest import FakeRuntime, ServiceHarness
 
 
+TOKENS: dict[str, str] = {}  # sandbox id -> envd access token, as create returned it
+
+
 @pytest.fixture
 def sandbox_id(service: ServiceHarness, api_key: str) -> str:
     response = httpx.post(f"{service.url}/v2/sandboxes", json={}, headers={"X-API-KEY": api_key})
     assert response.status_code == 201
+    TOKENS[response.json()["sandboxID"]] = response.json()["envdAccessToken"]
     return str(response.json()["sandboxID"])
 
 
 def routed(sandbox_id: str, port: int = 49983) -> dict[str, str]:
-    return {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(port)}
+    """The headers the SDK sends to a sandbox port (the envd token with every request, as the SDK does)."""
+    headers = {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(port)}
+    if sandbox_id in TOKENS:
+        headers["X-Access-Token"] = TOKENS[sandbox_id]
+    return headers
 
 
 def test_header_routing_reaches_the_guest_port(service: ServiceHarness, sandbox_id: str) -> None:
-    response = httpx.get(
-        f"{service.url}/headers", headers={**routed(sandbox_id, 49999), "X-Access-Token": "t"}
-    )
+    response = httpx.get(f"{service.url}/headers", headers=routed(sandbox_id, 49999))
     assert response.status_code == 200
     seen = response.json()
-    assert seen["e2b-sandbox-port"] == "49999" and seen["x-access-token"] == "t"
+    assert seen["e2b-sandbox-port"] == "49999" and seen["x-access-token"] == TOKENS[sandbox_id]
     assert httpx.get(f"{service.url}/health", headers=routed(sandbox_id)).status_code == 204
 
 
@@ -107,7 +113,7 @@ def test_websocket_is_relayed(service: ServiceHarness, sandbox_id: str) -> None:
     host, port = service.url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        extra = [(b"e2b-sandbox-id", sandbox_id.encode()), (b"e2b-sandbox-port", b"49983")]
+        extra = [(k.lower().encode(), v.encode()) for k, v in routed(sandbox_id).items()]
         sock.sendall(client.send(ws.Request(host="localhost", target="/ws", extra_headers=extra)))
 
         def next_event() -> ws.Event:
@@ -131,7 +137,7 @@ def test_host_routing_over_tls_with_http2(service: ServiceHarness, sandbox_id: s
     with httpx.Client(verify=context, http2=True) as client:
         response = client.get(
             f"https://127.0.0.1:{port}/headers",
-            headers={"Host": hostname},
+            headers={"Host": hostname, "X-Access-Token": TOKENS[sandbox_id]},
             extensions={"sni_hostname": hostname},
         )
         assert response.status_code == 200
@@ -149,7 +155,9 @@ def test_host_routing_over_tls_with_http2(service: ServiceHarness, sandbox_id: s
 def test_auto_resume_on_traffic(service: ServiceHarness, api_key: str) -> None:
     headers = {"X-API-KEY": api_key}
     body = {"autoPause": True, "autoResume": {"enabled": True}}
-    sandbox_id = httpx.post(f"{service.url}/v2/sandboxes", json=body, headers=headers).json()["sandboxID"]
+    created = httpx.post(f"{service.url}/v2/sandboxes", json=body, headers=headers).json()
+    sandbox_id = created["sandboxID"]
+    TOKENS[sandbox_id] = created["envdAccessToken"]
     assert httpx.post(f"{service.url}/sandboxes/{sandbox_id}/pause", headers=headers).status_code == 204
     assert httpx.get(f"{service.url}/health", headers=routed(sandbox_id)).status_code == 204
     detail = httpx.get(f"{service.url}/sandboxes/{sandbox_id}", headers=headers).json()

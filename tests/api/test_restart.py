@@ -10,7 +10,8 @@ import httpx
 
 from appliance.config import Config
 from appliance.master.service import RESTART_REASON, STOP_REASON
-from appliance.master.store import RUNNING, SandboxRecord, SqliteStore
+from appliance.master.store import SqliteStore
+from appliance.records import RUNNING, SandboxRecord
 
 if TYPE_CHECKING:
     from conftest import ServiceHarness
@@ -36,7 +37,8 @@ def test_stop_and_start_again_reports_sandboxes_dead_and_keeps_keys(
         assert httpx.get(f"{second.url}/v2/sandboxes", headers=headers).json() == []
         gone = httpx.get(f"{second.url}/sandboxes/{sandbox_id}", headers=headers)
         assert gone.status_code == 404 and STOP_REASON in gone.json()["message"]
-        detail = httpx.get(f"{second.url}/cube/sandboxes/{sandbox_id}", headers=headers).json()
+        admin = {"X-API-KEY": second.admin_token}
+        detail = httpx.get(f"{second.url}/cube/sandboxes/{sandbox_id}", headers=admin).json()
         assert detail["state"] == "dead" and detail["endReason"] == STOP_REASON
         assert [e["kind"] for e in detail["events"]] == ["created", "dead"]
         templates = httpx.get(f"{second.url}/templates", headers=headers).json()

@@ -14,8 +14,8 @@ import pytest
 import trio
 from quart import Blueprint
 
-from appliance.api.app import Services
-from appliance.api.auth import check_local_dev_allowed
+from appliance.api.auth import Access, check_local_dev_allowed, protect
+from appliance.api.services import Services
 from appliance.config import Config
 from appliance.master.service import serve_until_signalled
 
@@ -66,7 +66,7 @@ def test_blueprints_from_other_modules_are_served_behind_auth(
     service_config: Config, start_service: Callable[..., ServiceHarness]
 ) -> None:
     def make_blueprint(services: Services) -> Blueprint:
-        blueprint = Blueprint("extra", __name__)
+        blueprint = protect(Blueprint("extra", __name__), Access.ADMIN)
 
         @blueprint.get("/extra/templates")
         async def extra() -> dict[str, object]:
@@ -76,8 +76,32 @@ def test_blueprints_from_other_modules_are_served_behind_auth(
 
     harness = start_service(service_config, None, [make_blueprint])
     assert httpx.get(f"{harness.url}/extra/templates").status_code == 401
+    key = httpx.post(
+        f"{harness.url}/cube/keys", json={"name": "k"}, headers={"X-API-KEY": harness.admin_token}
+    ).json()["key"]
+    assert httpx.get(f"{harness.url}/extra/templates", headers={"X-API-KEY": key}).status_code == 403
     response = httpx.get(f"{harness.url}/extra/templates", headers={"X-API-KEY": harness.admin_token})
     assert response.json() == {"templates": ["code-interpreter"]}
+
+
+def test_a_blueprint_that_declares_no_access_is_refused_at_start(
+    service_config: Config, start_service: Callable[..., ServiceHarness]
+) -> None:
+    def make_blueprint(services: Services) -> Blueprint:
+        blueprint = Blueprint("open", __name__)
+
+        @blueprint.get("/open")
+        async def wide_open() -> dict[str, object]:
+            return {}
+
+        return blueprint
+
+    with pytest.raises(BaseException) as raised:
+        start_service(service_config, None, [make_blueprint])
+    error: BaseException = raised.value
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert "does not declare who may call it" in str(error)
 
 
 def test_cube_serve_without_a_runtime_says_why(tmp_path: Path) -> None:

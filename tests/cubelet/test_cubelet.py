@@ -4,49 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from cubelets import next_pooled, request_for, running_cubelet, slot_of, wait_until
 
 from appliance.config import Config
-from appliance.cubelet import cubelet as cubelet_module
-from appliance.cubelet.cubelet import Cubelet, NetworkPolicyService, SandboxRequest, SandboxStartFailed
-from appliance.master.store import DEAD, PAUSED, RUNNING, SandboxQuery, SqliteStore
-from appliance.master.templates import TemplateRegistry
+from appliance.cubelet import capacity as capacity_module
+from appliance.cubelet import health as health_module
+from appliance.cubelet import lifecycle as lifecycle_module
+from appliance.cubelet import pools as pools_module
+from appliance.cubelet.cubelet import Cubelet, SandboxRequest, SandboxStartFailed
+from appliance.net.policy import NetworkPolicy
+from appliance.records import DEAD, PAUSED, RUNNING, SandboxQuery, SandboxRecord
 
 if TYPE_CHECKING:
     from conftest import FakeRuntime
-
-
-@asynccontextmanager
-async def running_cubelet(
-    config: Config, runtime: FakeRuntime, network: NetworkPolicyService | None = None
-) -> AsyncIterator[Cubelet]:
-    store = SqliteStore(config.db_path)
-    registry = TemplateRegistry(config, store)
-    try:
-        async with trio.open_nursery() as nursery:
-            cubelet = Cubelet(config, runtime, store, network, templates=registry.refresh)
-            await nursery.start(cubelet.run)
-            yield cubelet
-            await cubelet.shutdown("test over")
-            nursery.cancel_scope.cancel()
-    finally:
-        store.close()
-
-
-def request_for(cubelet: Cubelet, **changes: object) -> SandboxRequest:
-    template = cubelet._templates()["code-interpreter"]
-    return dataclasses.replace(SandboxRequest(template=template, alias=None, timeout_s=300), **changes)
-
-
-async def wait_until(predicate: object, timeout: float = 10) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():  # type: ignore[operator]
-            await trio.sleep(0.05)
 
 
 async def test_deadline_kills_and_set_timeout_moves_it(
@@ -90,7 +65,7 @@ async def test_guest_crash_is_recorded(service_config: Config, fake_runtime: Fak
 async def test_unhealthy_guest_is_killed(
     service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cubelet_module, "HEALTH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(health_module, "HEALTH_INTERVAL_S", 0.05)
     async with running_cubelet(service_config, fake_runtime) as cubelet:
         record = await cubelet.create(request_for(cubelet))
         fake_runtime.instances[record.sandbox_id].app.healthy = False
@@ -104,7 +79,7 @@ async def test_slow_agent_is_given_the_configured_time(
 ) -> None:
     """guest_agent_timeout_s bounds /init and (a fifth of it) each health probe: agents answering
     in 0.5 s are fine with 5 s (1 s per probe) and count as hung with 1 s (0.2 s per probe)."""
-    monkeypatch.setattr(cubelet_module, "HEALTH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(health_module, "HEALTH_INTERVAL_S", 0.05)
     fake_runtime.answer_delay_s = 0.5
     patient = dataclasses.replace(service_config, guest_agent_timeout_s=5)
     async with running_cubelet(patient, fake_runtime) as cubelet:
@@ -126,13 +101,22 @@ async def test_warm_pool_claim_inits_guest_and_tops_up(
     async with running_cubelet(config, fake_runtime) as cubelet:
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
         assert fake_runtime.boots == 1
-        pooled_id = cubelet._pools["code-interpreter"][0].sandbox_id
+        pooled_id = next_pooled(cubelet)
         record = await cubelet.create(request_for(cubelet, env_vars={"A": "b"}))
         assert record.sandbox_id == pooled_id  # claimed, not booted
         init = fake_runtime.instances[record.sandbox_id].app.init_calls
         assert len(init) == 1 and init[0]["envVars"] == {"TEMPLATE_VAR": "1", "A": "b"}
         assert init[0]["accessToken"] == record.envd_access_token
         assert init[0]["defaultUser"] == "user"
+        # The pooled guest answered to its boot token until the claim's /init, to the sandbox's after.
+        instance = fake_runtime.instances[record.sandbox_id]
+        calls = instance.app.access_tokens
+        claim = calls.index(("/init", instance.agent_token))
+        assert len(instance.agent_token) == 32 and instance.agent_token != record.envd_access_token
+        assert {token for _path, token in calls[:claim]} == {instance.agent_token}
+        await cubelet.metrics(record.sandbox_id)
+        after = {token for _path, token in calls[claim + 1 :]}
+        assert after == {record.envd_access_token}
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
         assert fake_runtime.boots == 2
         # Pooled guests are not sandboxes: invisible to lookups and the store.
@@ -157,15 +141,15 @@ async def test_freed_slots_rest_before_reuse(service_config: Config, fake_runtim
     async with running_cubelet(config, fake_runtime) as cubelet:
         first = await cubelet.create(request_for(cubelet))
         second = await cubelet.create(request_for(cubelet))
-        assert [cubelet._live[s.sandbox_id].slot for s in (first, second)] == [0, 1]
+        assert [slot_of(cubelet, s.sandbox_id) for s in (first, second)] == [0, 1]
         await cubelet.kill(first.sandbox_id)
         third = await cubelet.create(request_for(cubelet))
-        assert cubelet._live[third.sandbox_id].slot == 2
+        assert slot_of(cubelet, third.sandbox_id) == 2
         await cubelet.kill(second.sandbox_id)
         fourth = await cubelet.create(request_for(cubelet))
-        assert cubelet._live[fourth.sandbox_id].slot == 0  # wrapped; slot 1 rests longest
+        assert slot_of(cubelet, fourth.sandbox_id) == 0  # wrapped; slot 1 rests longest
         fifth = await cubelet.create(request_for(cubelet))
-        assert cubelet._live[fifth.sandbox_id].slot == 1
+        assert slot_of(cubelet, fifth.sandbox_id) == 1
         with pytest.raises(SandboxStartFailed, match="slots are in use"):
             await cubelet.create(request_for(cubelet))
 
@@ -186,7 +170,7 @@ async def test_warm_instance_that_fails_init_falls_back_to_cold_boot(
     fake_runtime.fail_init = True
     async with running_cubelet(config, fake_runtime) as cubelet:
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
-        broken = cubelet._pools["code-interpreter"][0].sandbox_id
+        broken = next_pooled(cubelet)
         fake_runtime.fail_init = False
         record = await cubelet.create(request_for(cubelet))
         assert record.sandbox_id != broken
@@ -257,15 +241,15 @@ async def test_pool_holds_only_fully_ready_guests_and_cold_creates_do_not_wait(
         assert fake_runtime.boots == 2 and cubelet.live(record.sandbox_id) is not None
         runtime.kernel_up.set()
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
-        pooled_id = cubelet._pools["code-interpreter"][0].sandbox_id
+        pooled_id = next_pooled(cubelet)
         assert (await cubelet.create(request_for(cubelet))).sandbox_id == pooled_id
 
 
 async def test_pooled_guest_whose_kernel_never_starts_is_killed(
     service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cubelet_module, "FULLY_READY_TIMEOUT_S", 0.3)
-    monkeypatch.setattr(cubelet_module, "POOL_RETRY_DELAY_S", 60)
+    monkeypatch.setattr(lifecycle_module, "FULLY_READY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(pools_module, "POOL_RETRY_DELAY_S", 60)
     runtime = KernelGatedRuntime(fake_runtime)
     config = dataclasses.replace(service_config, pool_size=1)
     async with running_cubelet(config, runtime) as cubelet:  # type: ignore[arg-type]
@@ -278,9 +262,9 @@ class CountingNetwork:
     """Stands in for CubeVS's policy service: counts per sandbox like its eBPF maps do."""
 
     def __init__(self) -> None:
-        self.policies: dict[str, dict[str, object]] = {}
+        self.policies: dict[str, NetworkPolicy] = {}
 
-    async def update_policy(self, sandbox_id: str, policy: dict[str, object]) -> None:
+    async def update_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None:
         self.policies[sandbox_id] = policy
 
     def counters(self, sandbox_id: str) -> dict[str, int]:
@@ -291,7 +275,7 @@ async def test_network_counters_reach_metrics(service_config: Config, fake_runti
     network = CountingNetwork()
     async with running_cubelet(service_config, fake_runtime, network) as cubelet:
         sandbox = await cubelet.create(request_for(cubelet))
-        await cubelet.update_network(sandbox.sandbox_id, {"allow_internet_access": False})
+        await cubelet.update_network(sandbox.sandbox_id, NetworkPolicy(allow_internet_access=False))
         sample = await cubelet.metrics(sandbox.sandbox_id)
         assert sample["network"] == {"allowed_packets": 7, "dropped_packets": 2}
         assert cubelet.network_counters(sandbox.sandbox_id)["dropped_packets"] == 2
@@ -354,20 +338,20 @@ async def test_kill_answers_before_the_teardown_and_holds_the_slot_until_it_ends
         assert runtime.tearing_down == 1
         assert cubelet.memory_committed_mb() == committed
         third = await cubelet.create(request_for(cubelet))
-        assert cubelet._live[third.sandbox_id].slot == 2
+        assert slot_of(cubelet, third.sandbox_id) == 2
         with pytest.raises(SandboxStartFailed, match="slots are in use"):
             await cubelet.create(request_for(cubelet))
         runtime.teardown_done.set()
-        await wait_until(lambda: first.sandbox_id not in cubelet._live)
+        await wait_until(lambda: first.sandbox_id not in cubelet.sandboxes)
         fourth = await cubelet.create(request_for(cubelet))
-        assert cubelet._live[fourth.sandbox_id].slot == 0  # free once its teardown ended
+        assert slot_of(cubelet, fourth.sandbox_id) == 0  # free once its teardown ended
         assert cubelet.live(second.sandbox_id) is not None
 
 
 async def test_auto_sized_pool_fills_to_the_memory_budget_with_parallel_boots(
     service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cubelet_module.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
     runtime = SlowRuntime(fake_runtime)
     runtime.teardown_done.set()
     # 256 MB guests in a 1800 MB budget: 7 fit; a create then takes one, the pool refills
@@ -387,8 +371,8 @@ async def test_auto_sized_pool_fills_to_the_memory_budget_with_parallel_boots(
 async def test_auto_sized_pool_is_capped(service_config: Config, fake_runtime: FakeRuntime) -> None:
     config = dataclasses.replace(service_config, pool_size=-1, memory_budget_mb=1 << 20)
     async with running_cubelet(config, fake_runtime) as cubelet:
-        assert cubelet.pool_state("code-interpreter")["target"] == cubelet_module.AUTO_POOL_CAP
-        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == cubelet_module.AUTO_POOL_CAP)
+        assert cubelet.pool_state("code-interpreter")["target"] == pools_module.AUTO_POOL_CAP
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == pools_module.AUTO_POOL_CAP)
 
 
 async def test_a_claim_changes_the_network_policy_only_when_the_request_asks_for_another(
@@ -401,17 +385,18 @@ async def test_a_claim_changes_the_network_policy_only_when_the_request_asks_for
         default = await cubelet.create(request_for(cubelet))
         assert network.policies == {}  # the pooled guest already runs the template's default policy
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
-        pooled_id = cubelet._pools["code-interpreter"][0].sandbox_id
-        closed = await cubelet.create(request_for(cubelet, allow_internet_access=False))
+        pooled_id = next_pooled(cubelet)
+        no_internet = NetworkPolicy(allow_internet_access=False)
+        closed = await cubelet.create(request_for(cubelet, network=no_internet))
         assert closed.sandbox_id == pooled_id
-        assert network.policies == {closed.sandbox_id: {"allow_internet_access": False, "network": {}}}
+        assert network.policies == {closed.sandbox_id: no_internet}
         assert default.sandbox_id not in network.policies
 
 
 async def test_refills_wait_until_a_burst_of_claims_is_answered(
     service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cubelet_module, "REFILL_QUIET_S", 3600.0)
+    monkeypatch.setattr(capacity_module, "REFILL_QUIET_S", 3600.0)
     config = dataclasses.replace(service_config, pool_size=4)
     async with running_cubelet(config, fake_runtime) as cubelet:
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 4)
@@ -419,7 +404,7 @@ async def test_refills_wait_until_a_burst_of_claims_is_answered(
         await cubelet.create(request_for(cubelet))
         await trio.sleep(0.3)
         assert fake_runtime.boots == 4  # both claims were answered and no refill started
-        cubelet._refills_held_until = -math.inf  # the quiet period is over
+        cubelet.capacity._refills_held_until = -math.inf  # the quiet period is over
         cubelet.wake_pools()
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 4)
         assert fake_runtime.boots == 6
@@ -428,7 +413,7 @@ async def test_refills_wait_until_a_burst_of_claims_is_answered(
 async def test_steady_claims_do_not_starve_the_refills_past_half_the_pool(
     service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cubelet_module, "REFILL_QUIET_S", 3600.0)  # claims never go quiet
+    monkeypatch.setattr(capacity_module, "REFILL_QUIET_S", 3600.0)  # claims never go quiet
     config = dataclasses.replace(service_config, pool_size=4)
     async with running_cubelet(config, fake_runtime) as cubelet:
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 4)
@@ -453,17 +438,56 @@ async def test_init_reuses_the_connection_the_pool_opened_and_kill_closes_it(
         await serve(app, scope, receive, send)
 
     monkeypatch.setattr(guest_app, "__call__", recording)
-    monkeypatch.setattr(cubelet_module, "HEALTH_INTERVAL_S", 3600.0)  # no probes but the pool's own
+    monkeypatch.setattr(health_module, "HEALTH_INTERVAL_S", 3600.0)  # no probes but the pool's own
     config = dataclasses.replace(service_config, pool_size=1)
     async with running_cubelet(config, fake_runtime) as cubelet:
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 1)
-        live = cubelet._pools["code-interpreter"][0]
+        live = cubelet.pools.ready("code-interpreter")[0]
         record = await cubelet.create(request_for(cubelet))
         assert record.sandbox_id == live.sandbox_id
         (health, init) = requests[:2]
         assert (health[0], init[0]) == ("/health", "/init")
         assert init[1] == health[1]  # same client address and port: one connection
-        assert live.envd is not None
+        assert live.agent is not None
         await cubelet.kill(record.sandbox_id)
         await live.gone.wait()
-        assert live.envd.is_closed
+        assert live.agent.is_closed
+
+
+def _with_service_probe(cubelet: Cubelet) -> SandboxRequest:
+    """A create of a template whose own service (its probe: GET /service on port 8080) must answer."""
+    template = dataclasses.replace(
+        cubelet._templates()["code-interpreter"], probe_port=8080, probe_path="/service"
+    )
+    return request_for(cubelet, template=template)
+
+
+async def test_a_cold_create_returns_once_the_templates_service_answers(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    fake_runtime.service_up = False  # the agent answers at once, the template's service not yet
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        created: list[SandboxRecord] = []
+
+        async def create() -> None:
+            created.append(await cubelet.create(_with_service_probe(cubelet)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create)
+            await wait_until(lambda: len(fake_runtime.instances) == 1)
+            await trio.sleep(0.5)
+            assert created == []  # the agent answered, the service did not: not handed out yet
+            next(iter(fake_runtime.instances.values())).app.service_up = True
+        assert created[0].state == RUNNING and cubelet.live(created[0].sandbox_id) is not None
+
+
+async def test_a_template_service_that_never_answers_fails_the_create(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "TEMPLATE_PROBE_TIMEOUT_S", 0.5)
+    fake_runtime.service_up = False
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        with pytest.raises(SandboxStartFailed, match="did not answer"):
+            await cubelet.create(_with_service_probe(cubelet))
+        await wait_until(lambda: fake_runtime.instances == {})  # the guest was torn down
+        assert cubelet.store.query_sandboxes(SandboxQuery()) == []

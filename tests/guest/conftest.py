@@ -3,7 +3,9 @@
 Debug mode (`E2B_DEBUG=true`) makes the SDK skip the control plane and talk to
 localhost:49983 (envd) and localhost:49999 (code interpreter), so the agent must own
 those ports for the session. One agent serves the whole session (kernel start-up is
-the slow part); tests that change its global state (/init) restore it.
+the slow part); tests that change its global state (/init) restore it. It is claimed at
+start with its boot token and no access token, which leaves it open: the SDK's debug
+mode sends no token (test_guest_auth.py starts unclaimed agents of its own).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from appliance.guest import INTERPRETER_READY_LINE, READY_LINE
 from appliance.guest.launcher import running_agent
 
 ENVD_URL = "http://127.0.0.1:49983"
+TOKEN = "test-access-token"
+TRAFFIC_TOKEN = "test-traffic-token"
 INTERPRETER_URL = "http://127.0.0.1:49999"
 
 
@@ -54,6 +58,7 @@ def agent() -> Iterator[Agent]:
         # envd first, then the default kernel: the session's tests expect both.
         started.wait_for_line(READY_LINE)
         started.wait_for_line(INTERPRETER_READY_LINE)
+        assert started.claim() == 204
         scratch = started.home / "scratch"
         scratch.mkdir()
         yield Agent(started.process, started.home, scratch)
@@ -75,3 +80,28 @@ def sandbox(agent: Agent, debug_sdk: None) -> Iterator[object]:
     # In debug mode kill() makes no call; stop whatever a test left running.
     for process in sandbox.commands.list():
         sandbox.commands.kill(process.pid)
+
+
+@pytest.fixture
+def token_set(agent: Agent) -> Iterator[str]:
+    """The session agent secured as the cubelet's /init secures a sandbox; open again afterwards."""
+    assert agent.init({"accessToken": TOKEN, "trafficAccessToken": TRAFFIC_TOKEN}).status_code == 204
+    yield TOKEN
+    assert agent.init({"accessToken": None, "trafficAccessToken": None}, token=TOKEN).status_code == 204
+
+
+@pytest.fixture
+def secure_sandbox(token_set: str, debug_sdk: None) -> object:
+    """What Sandbox.create() builds when the control plane returns both tokens (debug-mode URLs)."""
+    from e2b import ConnectionConfig
+    from e2b_code_interpreter import Sandbox
+    from packaging.version import Version
+
+    return Sandbox(
+        sandbox_id="debug_sandbox_id",
+        sandbox_domain=None,
+        envd_version=Version("0.6.4"),
+        envd_access_token=token_set,
+        traffic_access_token=TRAFFIC_TOKEN,
+        connection_config=ConnectionConfig(debug=True, extra_sandbox_headers={"X-Access-Token": token_set}),
+    )

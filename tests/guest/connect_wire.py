@@ -1,20 +1,20 @@
-"""Connect streaming envelopes written independently of the agent's code: what tests send and check."""
+"""Connect streaming envelopes of JSON messages, as the tests send and check them (framing:
+`appliance.guest.connect_framing`, the decoder the agent and the host use too)."""
 
 from __future__ import annotations
 
 import json
-import struct
+
+from appliance.guest.connect_framing import EnvelopeDecoder
+from appliance.guest.connect_framing import envelope as frame
 
 
 def envelope(message: dict[str, object], flags: int = 0) -> bytes:
-    payload = json.dumps(message).encode()
-    return struct.pack(">BI", flags, len(payload)) + payload
+    return frame(json.dumps(message).encode(), flags)
 
 
 def parse_envelopes(body: bytes) -> list[tuple[int, dict[str, object]]]:
-    messages = []
-    while body:
-        flags, length = struct.unpack_from(">BI", body)
-        messages.append((flags, json.loads(body[5 : 5 + length])))
-        body = body[5 + length :]
+    decoder = EnvelopeDecoder()
+    messages = [(e.flags, json.loads(e.payload)) for e in decoder.feed(body)]
+    decoder.close()
     return messages

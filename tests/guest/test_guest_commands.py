@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -31,6 +32,17 @@ def test_envs_cwd_and_home(sandbox, agent) -> None:
     assert result.stdout.splitlines() == ["hi there", str(agent.scratch / "work"), str(agent.home)]
 
 
+def test_command_env_vars_stay_with_their_command(sandbox) -> None:
+    assert sandbox.commands.run('echo "$SCOPED"', envs={"SCOPED": "secret"}).stdout == "secret\n"
+    background = sandbox.commands.run('sleep 0.2; echo "$SCOPED"', envs={"SCOPED": "bg"}, background=True)
+    assert sandbox.commands.run('echo "[$SCOPED]"').stdout == "[]\n"
+    assert (
+        sandbox.commands.run("python3 -c \"import os; print(os.environ.get('SCOPED'))\"").stdout == "None\n"
+    )
+    assert background.wait().stdout == "bg\n"
+    assert sandbox.commands.run('echo "[$SCOPED]"').stdout == "[]\n"
+
+
 def test_default_cwd_is_the_users_home(sandbox, agent) -> None:
     assert sandbox.commands.run("pwd").stdout.strip() == str(agent.home)
 
@@ -50,14 +62,16 @@ def test_background_command_wait_and_list(sandbox) -> None:
 
 
 def test_kill_background_command_and_its_children(sandbox) -> None:
-    handle = sandbox.commands.run("sleep 100 & sleep 100; wait", background=True)
+    # A duration no other test on this (shared) host runs: pgrep sees every process here.
+    duration = f"100.{random.randrange(10**9)}"
+    handle = sandbox.commands.run(f"sleep {duration} & sleep {duration}; wait", background=True)
     time.sleep(0.2)
     assert handle.kill() is True
     with pytest.raises(CommandExitException) as caught:
         handle.wait()
     assert caught.value.exit_code == -1 and "killed" in caught.value.error
-    # the whole process group went: no `sleep 100` is left behind
-    survivors = sandbox.commands.run("pgrep -f '^sleep 100$' || true").stdout
+    # the whole process group went: no `sleep` of it is left behind
+    survivors = sandbox.commands.run(f"pgrep -f '^sleep {duration}$' || true").stdout
     assert survivors == ""
 
 
@@ -103,8 +117,10 @@ def test_run_as_root_via_basic_auth(sandbox) -> None:
 def test_pty_create_send_resize(sandbox) -> None:
     output = bytearray()
     terminal = sandbox.pty.create(PtySize(rows=24, cols=80), envs={"PS1": "$ "})
-    sandbox.pty.send_stdin(terminal.pid, b"stty size; tty; exit\n")
+    sandbox.pty.send_stdin(terminal.pid, b"stty size; tty\n")
+    # The shell exits only after the resize: resizing a terminal whose shell is gone is a 404.
     sandbox.pty.resize(terminal.pid, PtySize(rows=40, cols=120))
+    sandbox.pty.send_stdin(terminal.pid, b"exit\n")
     result = terminal.wait(on_pty=lambda data: output.extend(data))
     text = output.decode(errors="replace")
     assert "/dev/pts/" in text

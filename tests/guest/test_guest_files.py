@@ -105,9 +105,14 @@ def test_missing_paths_raise_not_found(sandbox, agent) -> None:
     with pytest.raises(NotFoundException):
         sandbox.files.get_info(missing)
     with pytest.raises(NotFoundException):
-        sandbox.files.remove(missing)
-    with pytest.raises(NotFoundException):
         sandbox.files.list(missing)
+
+
+def test_removing_a_missing_path_is_not_an_error(sandbox, agent) -> None:
+    """As envd's os.RemoveAll: the path is gone afterwards either way."""
+    sandbox.files.remove(str(agent.scratch / "never-was.txt"))
+    sandbox.files.remove(str(agent.scratch / "never-was/below/it"))
+    assert sandbox.files.exists(str(agent.scratch / "never-was.txt")) is False
 
 
 def test_watch_dir_sync(sandbox, agent) -> None:
@@ -144,3 +149,90 @@ def test_watch_dir_async_recursive(agent, debug_sdk) -> None:
 
     seen = asyncio.run(scenario())
     assert ("sub/file.txt", "create") in seen and ("sub/file.txt", "remove") in seen
+
+
+def test_symlinks_are_reported_as_newer_envd_reports_them(sandbox, agent) -> None:
+    """A link's EntryInfo: `type` and `mode` of what it resolves to, `isSymlink`, and the resolved
+    absolute path as `symlinkTarget`. SDKs that know `isSymlink` (2.63) show a symlink; older
+    ones, the target's type. A dangling link is a symlink in `type` too."""
+    root = agent.scratch / "links"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir/file.txt").write_text("target")
+    (root / "dir/file.txt").chmod(0o640)
+    command = "ln -s file.txt to-file && ln -s ../dir to-dir && ln -s gone dangling"
+    sandbox.commands.run(command, cwd=str(root / "dir"))
+
+    def stat(name: str) -> dict[str, object]:
+        response = httpx.post(
+            f"{agent.envd_url}/filesystem.Filesystem/Stat",
+            json={"path": str(root / "dir" / name)},
+            headers={"Connect-Protocol-Version": "1"},
+        )
+        return response.json()["entry"]
+
+    to_file, to_dir, dangling = stat("to-file"), stat("to-dir"), stat("dangling")
+    assert (to_file["type"], to_file["mode"], to_file["isSymlink"]) == ("FILE_TYPE_FILE", 0o640, True)
+    assert to_file["symlinkTarget"] == str(root / "dir/file.txt")
+    assert (to_dir["type"], to_dir["symlinkTarget"]) == ("FILE_TYPE_DIRECTORY", str(root / "dir"))
+    assert (dangling["type"], dangling["symlinkTarget"]) == ("FILE_TYPE_SYMLINK", str(root / "dir/gone"))
+    assert "isSymlink" not in stat("file.txt") and "symlinkTarget" not in stat("file.txt")
+    info = sandbox.files.get_info(str(root / "dir/to-file"))
+    assert (info.type, info.symlink_target) == (FileType.SYMLINK, str(root / "dir/file.txt"))
+    listed = {e.name: (e.type, e.symlink_target) for e in sandbox.files.list(str(root / "dir"))}
+    assert listed["file.txt"] == (FileType.FILE, None)
+    assert listed["dangling"] == (FileType.SYMLINK, str(root / "dir/gone"))
+
+
+def test_overwriting_a_file_replaces_its_metadata(sandbox, agent) -> None:
+    path = str(agent.scratch / "meta-overwrite.txt")
+    try:
+        sandbox.files.write(path, "first", metadata={"author": "a", "stage": "draft"})
+    except Exception as exc:  # xattrs unsupported on this filesystem (e.g. some tmpfs)
+        pytest.skip(f"user xattrs not supported here: {exc}")
+    assert sandbox.files.write(path, "second").metadata is None
+    assert sandbox.files.get_info(path).metadata is None
+    sandbox.files.write(path, "third", metadata={"stage": "final"})
+    assert sandbox.files.write(
+        path, "fourth", metadata={"reviewer": "b"}, use_octet_stream=True
+    ).metadata == {"reviewer": "b"}
+    assert sandbox.files.get_info(path).metadata == {"reviewer": "b"}
+
+
+def test_invalid_metadata_is_refused_before_the_file_is_written(agent) -> None:
+    path = agent.scratch / "bad-meta.txt"
+    for name, value in (("X-Metadata-Key", "caf\xe9".encode("latin-1")), ("X-Metadata-Key", b"tab\there")):
+        response = httpx.post(
+            f"{agent.envd_url}/files",
+            params={"path": str(path)},
+            content=b"x",
+            headers={"Content-Type": "application/octet-stream", name: value},
+        )
+        assert response.status_code == 400 and "metadata" in response.json()["message"]
+    assert not path.exists()
+
+
+def test_a_new_file_is_watched_as_create_chmod_write(sandbox, agent) -> None:
+    """What envd's upload does to a new file, in watch events: E2B's suite counts them."""
+    watched = agent.scratch / "watched-upload"
+    watched.mkdir()
+    handle = sandbox.files.watch_dir(str(watched))
+    sandbox.files.write(str(watched / "new.txt"), "content")
+    time.sleep(0.2)
+    events = [(e.name, e.type.value) for e in handle.get_new_events()]
+    handle.stop()
+    assert events == [("new.txt", "create"), ("new.txt", "chmod"), ("new.txt", "write")]
+
+
+def test_recursive_watch_covers_folders_made_after_it_started(sandbox, agent) -> None:
+    watched = agent.scratch / "watched-later"
+    watched.mkdir()
+    handle = sandbox.files.watch_dir(str(watched), recursive=True)
+    sandbox.files.make_dir(str(watched / "nested"))
+    sandbox.files.write(str(watched / "nested/file.txt"), "x")
+    # Made and filled by one command: faster than any watch can be added to the new folders.
+    sandbox.commands.run(f"mkdir -p {watched}/a/b/c && echo y > {watched}/a/b/c/deep.txt")
+    time.sleep(0.3)
+    events = {(e.name, e.type.value) for e in handle.get_new_events()}
+    handle.stop()
+    assert {("nested", "create"), ("nested/file.txt", "create"), ("nested/file.txt", "write")} <= events
+    assert {("a", "create"), ("a/b/c", "create"), ("a/b/c/deep.txt", "create")} <= events

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
-from packaging.version import Version
-
-TOKEN = "test-access-token"
 
 
 def test_init_env_vars_reach_commands_running_and_new_kernels(sandbox, agent) -> None:
@@ -21,44 +20,43 @@ def test_init_env_vars_reach_commands_running_and_new_kernels(sandbox, agent) ->
 
 
 def test_metrics(agent) -> None:
+    """envd's sample: what the host turns into E2B's SandboxMetric (cpu, memory, page cache, disk)."""
     metrics = httpx.get(f"{agent.envd_url}/metrics").json()
     assert metrics["cpu_count"] >= 1 and metrics["mem_total"] > metrics["mem_used"] > 0
-
-
-@pytest.fixture
-def token_set(agent):
-    assert agent.init({"accessToken": TOKEN}).status_code == 204
-    yield TOKEN
-    assert agent.init({"accessToken": None}, token=TOKEN).status_code == 204
-
-
-@pytest.fixture
-def secure_sandbox(token_set, debug_sdk):
-    from e2b import ConnectionConfig
-    from e2b_code_interpreter import Sandbox
-
-    return Sandbox(
-        sandbox_id="debug_sandbox_id",
-        sandbox_domain=None,
-        envd_version=Version("0.6.4"),
-        envd_access_token=token_set,
-        traffic_access_token=None,
-        # what Sandbox.create() builds when the control plane returns an envdAccessToken
-        connection_config=ConnectionConfig(debug=True, extra_sandbox_headers={"X-Access-Token": token_set}),
-    )
+    assert 0 <= metrics["mem_cache"] < metrics["mem_total"]
+    assert 0 < metrics["disk_used"] <= metrics["disk_total"]
+    assert abs(metrics["ts"] - time.time()) < 60
 
 
 def test_access_token_is_enforced(agent, token_set) -> None:
-    assert httpx.get(f"{agent.envd_url}/health").status_code == 401
-    assert httpx.get(f"{agent.envd_url}/health", headers={"X-Access-Token": TOKEN}).status_code == 204
+    assert httpx.get(f"{agent.envd_url}/health").status_code == 204  # liveness is open, as in E2B's envd
     assert httpx.get(f"{agent.envd_url}/files", params={"path": "/etc/hostname"}).status_code == 401
     rpc = httpx.post(
         f"{agent.envd_url}/process.Process/List", json={}, headers={"Content-Type": "application/json"}
     )
     assert rpc.status_code == 401 and rpc.json()["code"] == "unauthenticated"
     assert httpx.post(f"{agent.interpreter_url}/execute", json={"code": "1"}).status_code == 401
-    assert httpx.get(f"{agent.interpreter_url}/contexts").status_code == 200  # never behind the token
+    assert httpx.get(f"{agent.interpreter_url}/contexts").status_code == 401
     assert agent.init({"envVars": {"X": "y"}}).status_code == 401
+
+
+def test_sdk_code_contexts_pass_with_the_traffic_token(secure_sandbox, token_set) -> None:
+    """The SDKs send X-Access-Token only on /execute; /contexts calls carry the traffic token."""
+    context = secure_sandbox.create_code_context()
+    assert context.id in {c.id for c in secure_sandbox.list_code_contexts()}
+    assert secure_sandbox.run_code("21 * 2", context=context).text == "42"
+    secure_sandbox.restart_code_context(context)
+    secure_sandbox.remove_code_context(context)
+
+
+def test_sdk_without_tokens_cannot_touch_code_contexts(sandbox, token_set) -> None:
+    """The same calls from a client that holds neither token: refused, not served."""
+    from e2b import SandboxException
+
+    with pytest.raises(SandboxException, match="401"):
+        sandbox.create_code_context()
+    with pytest.raises(SandboxException, match="401"):
+        sandbox.list_code_contexts()
 
 
 def test_sdk_with_token_and_signed_urls(secure_sandbox, agent) -> None:
@@ -73,3 +71,28 @@ def test_sdk_with_token_and_signed_urls(secure_sandbox, agent) -> None:
     assert (agent.scratch / "up.txt").read_bytes() == b"uploaded"
     forged = secure_sandbox.download_url(path).replace("signature=v1_", "signature=v1_x")
     assert httpx.get(forged).status_code == 401
+
+
+def test_expired_tampered_or_unsigned_urls_are_refused(secure_sandbox, agent) -> None:
+    path = str(agent.scratch / "expiring.txt")
+    secure_sandbox.files.write(path, "expiring")
+    expired = httpx.get(secure_sandbox.download_url(path, use_signature_expiration=-120))
+    assert (expired.status_code, expired.json()) == (
+        401,
+        {"code": 401, "message": "signature is already expired"},
+    )
+    upload = secure_sandbox.upload_url(str(agent.scratch / "late.txt"), use_signature_expiration=-120)
+    assert httpx.post(upload, files={"file": ("late.txt", b"late")}).status_code == 401
+    assert not (agent.scratch / "late.txt").exists()
+    # An expiry pushed into the future breaks the signature that covered it.
+    valid = secure_sandbox.download_url(path, use_signature_expiration=60)
+    stamp = valid.split("signature_expiration=")[1].split("&")[0]
+    extended = valid.replace(f"signature_expiration={stamp}", f"signature_expiration={int(stamp) + 3600}")
+    refused = httpx.get(extended)
+    assert (refused.status_code, refused.json()["message"]) == (401, "invalid signature")
+    malformed = httpx.get(
+        extended.replace(f"signature_expiration={int(stamp) + 3600}", "signature_expiration=--5")
+    )
+    assert malformed.status_code == 400
+    unsigned = httpx.get(f"{agent.envd_url}/files", params={"path": path})
+    assert (unsigned.status_code, unsigned.json()["message"]) == (401, "missing signature query parameter")

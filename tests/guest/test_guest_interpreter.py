@@ -61,9 +61,8 @@ def test_contexts_create_list_restart_remove(sandbox, agent) -> None:
     (agent.scratch / "ctx").mkdir(exist_ok=True)
     context = sandbox.create_code_context(cwd=str(agent.scratch / "ctx"))
     assert context.cwd == str(agent.scratch / "ctx") and context.language == "python"
-    assert sandbox.run_code("import os; os.getcwd()", context=context).text == repr(
-        str(agent.scratch / "ctx")
-    )
+    # A string result's text comes without its quotes, as from E2B's interpreter.
+    assert sandbox.run_code("import os; os.getcwd()", context=context).text == str(agent.scratch / "ctx")
     sandbox.run_code("y = 1", context=context)
     assert sandbox.run_code("y", context=context).text == "1"
     assert sandbox.run_code("'y' in dir()").text == "False"  # the default context is separate
@@ -102,8 +101,8 @@ def test_javascript_last_expression_and_top_level_await(sandbox) -> None:
         assert run("const base = 5; base * 2").text == "10"
         assert run("await Promise.resolve(42)").text == "42"
         waited = run("let later = await new Promise((r) => setTimeout(() => r('later'), 10));\nlater")
-        assert waited.text == "'later'" and waited.results[0].is_main_result
-        assert run("later + '!'").text == "'later!'"  # declarations in an awaiting cell persist
+        assert waited.text == "later" and waited.results[0].is_main_result
+        assert run("later + '!'").text == "later!"  # declarations in an awaiting cell persist
         assert run("await null; base + 1").text == "6"
         assert run("Promise.resolve(9)").text == "9"  # a promise as the value: its result
         assert run("console.log('only output')").results == []  # undefined is no result
@@ -130,7 +129,7 @@ def test_javascript_errors_have_name_value_and_the_users_traceback(sandbox) -> N
         assert incomplete.error.name == "SyntaxError"
         thrown = sandbox.run_code("throw 'plain'", context=context)
         assert (thrown.error.name, thrown.error.value) == ("Error", "plain")
-        assert sandbox.run_code("'still alive'", context=context).text == "'still alive'"
+        assert sandbox.run_code("'still alive'", context=context).text == "still alive"
     finally:
         sandbox.remove_code_context(context)
 
@@ -160,7 +159,7 @@ def test_client_timeout_interrupts_the_cell_and_frees_the_context(sandbox) -> No
     with pytest.raises(TimeoutException):
         sandbox.run_code("import time\nwhile True: time.sleep(0.1)", context=context, timeout=1)
     started = time.monotonic()
-    assert sandbox.run_code("kept", context=context, timeout=10).text == "'state'"
+    assert sandbox.run_code("kept", context=context, timeout=10).text == "state"
     assert time.monotonic() - started < 5
     sandbox.remove_code_context(context)
 
@@ -191,3 +190,140 @@ def test_async_sdk_concurrent_runs_and_commands(agent, debug_sdk) -> None:
 
     for index, (printed, echoed) in enumerate(asyncio.run(main())):
         assert (printed, echoed) == (f"task {index**2}\n", f"command {index}\n")
+
+
+def test_execution_counts_start_at_one_per_context(sandbox) -> None:
+    context = sandbox.create_code_context()
+    try:
+        failed = sandbox.run_code("echo 'not python'", context=context)  # a SyntaxError counts too
+        assert failed.error.name == "SyntaxError" and failed.execution_count == 1
+        assert sandbox.run_code("1", context=context).execution_count == 2
+        # Env vars for one execution are set and restored around it, without counting.
+        assert sandbox.run_code("2", context=context, envs={"A": "b"}).execution_count == 3
+        assert sandbox.run_code("3", context=context).execution_count == 4
+    finally:
+        sandbox.remove_code_context(context)
+
+
+def test_ipython_shell_escape_and_indented_cells(sandbox, agent) -> None:
+    (agent.scratch / "bang").mkdir(exist_ok=True)
+    context = sandbox.create_code_context(cwd=str(agent.scratch / "bang"))
+    try:
+        assert "".join(sandbox.run_code("!pwd", context=context).logs.stdout).strip() == str(
+            agent.scratch / "bang"
+        )
+        # Code sent indented (as from a triple-quoted string in the caller) runs as written.
+        indented = sandbox.run_code("\n        a = 20\n        a * 2\n        ", context=context)
+        assert indented.error is None and indented.text == "40"
+    finally:
+        sandbox.remove_code_context(context)
+
+
+def test_sandbox_env_var_overridden_for_one_execution_comes_back(sandbox, agent) -> None:
+    assert agent.init({"envVars": {"CUBE_GLOBAL_VAR": "global"}}).status_code == 204
+    code = "import os; os.getenv('CUBE_GLOBAL_VAR')"
+    assert sandbox.run_code(code, envs={"CUBE_GLOBAL_VAR": "overwrite"}).text == "overwrite"
+    assert sandbox.run_code(code).text == "global"
+
+
+def test_default_contexts_are_listed_before_their_first_use(agent) -> None:
+    contexts = httpx.get(f"{agent.interpreter_url}/contexts").json()
+    languages = [context["language"] for context in contexts]
+    assert "python" in languages and "javascript" in languages
+
+
+def test_context_and_language_together_are_refused(agent) -> None:
+    context = httpx.post(f"{agent.interpreter_url}/contexts", json={"language": "python"}).json()
+    try:
+        response = httpx.post(
+            f"{agent.interpreter_url}/execute",
+            json={"code": "1", "context_id": context["id"], "language": "javascript"},
+        )
+        assert response.status_code == 400 and "context_id" in response.json()["message"]
+    finally:
+        httpx.delete(f"{agent.interpreter_url}/contexts/{context['id']}")
+
+
+def test_unknown_language_is_a_clear_400(agent) -> None:
+    for path, body in (
+        ("/execute", {"code": "1", "language": "cobol"}),
+        ("/contexts", {"language": "cobol"}),
+    ):
+        response = httpx.post(f"{agent.interpreter_url}{path}", json=body)
+        assert response.status_code == 400
+        languages = "python, javascript, typescript, r, java, bash (or js, ts)"
+        assert response.json() == {
+            "code": 400,
+            "message": f"unsupported language 'cobol'; use one of {languages}",
+        }
+
+
+def test_rich_results_data_json_latex_and_display_data(sandbox) -> None:
+    frame = sandbox.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2, 3], 'b': [0.5, None, 2.0]})")
+    data = frame.results[0].data
+    assert data == {"a": [1, 2, 3], "b": [0.5, None, 2.0]}  # NaN becomes null
+    assert "<table" in frame.results[0].html and "data" in frame.results[0].formats()
+
+    assert sandbox.run_code("{'k': [1, 2], 'n': None}").results[0].json == {"k": [1, 2], "n": None}
+
+    latex = sandbox.run_code(
+        "from IPython.display import display\ndisplay({'text/latex': r'\\text{Custom}'}, raw=True)"
+    )
+    assert latex.results[0].formats() == ["latex"] and latex.results[0].latex == r"\text{Custom}"
+    assert latex.results[0].is_main_result is False
+
+    class_code = (
+        "class Card:\n"
+        "    def _repr_html_(self): return '<b>card</b>'\n"
+        "    def _repr_markdown_(self): return '**card**'\n"
+        "    def _repr_json_(self): return {'card': True}\n"
+        "Card()"
+    )
+    card = sandbox.run_code(class_code).results[0]
+    assert (card.html, card.markdown, card.json, card.is_main_result) == (
+        "<b>card</b>",
+        "**card**",
+        {"card": True},
+        True,
+    )
+
+    figure = sandbox.run_code(
+        "import matplotlib.pyplot as plt\nimport numpy as np\n"
+        "x = np.linspace(0, 20, 100)\nplt.plot(x, np.sin(x))\nplt.show()"
+    ).results[0]
+    assert figure.png and figure.text and not figure.extra and figure.chart is not None
+
+
+def test_pil_images_on_show_save_and_as_the_value(sandbox, agent) -> None:
+    make = (
+        "import numpy\nfrom PIL import Image\n"
+        "image = Image.fromarray((numpy.random.rand(16, 16, 3) * 255).astype('uint8')).convert('RGBA')\n"
+    )
+    shown = sandbox.run_code(make + "image.show()\nprint('Image shown.')")
+    assert shown.logs.stdout == ["Image shown.\n"]
+    assert base64.b64decode(shown.results[0].png).startswith(b"\x89PNG")
+    saved = sandbox.run_code(make + f"image.save({str(agent.scratch / 'saved.png')!r})")
+    assert saved.results[0].png and (agent.scratch / "saved.png").read_bytes().startswith(b"\x89PNG")
+    assert sandbox.run_code(make + "image").results[0].png
+
+
+def test_javascript_esm_imports_and_typescript(sandbox) -> None:
+    imported = sandbox.run_code(
+        "\n    import { readFileSync } from 'fs'\n    import * as path from 'node:path'\n"
+        "    console.log(typeof readFileSync, path.sep)\n    ",
+        language="js",
+    )
+    assert imported.error is None and imported.logs.stdout == ["function /\n"]
+    # A cell imports again when re-run (its imports are `var`s).
+    assert sandbox.run_code("import { join } from 'path'\njoin('a', 'b')", language="js").text == "a/b"
+    assert sandbox.run_code("import { join } from 'path'\njoin('c', 'd')", language="js").text == "c/d"
+    assert sandbox.run_code("await Promise.resolve('Hello World!')", language="js").text == "Hello World!"
+
+    typed = sandbox.run_code("const message: string = 'Hello, World!'; console.log(message)", language="ts")
+    assert typed.error is None and typed.logs.stdout == ["Hello, World!\n"]
+    generic = (
+        "function first<T>(items: T[]): T { return items[0] }\nawait Promise.resolve(first<number>([7, 8]))"
+    )
+    assert sandbox.run_code(generic, language="typescript").text == "7"
+    broken = sandbox.run_code("const x: = 1", language="ts")
+    assert broken.error.name == "SyntaxError" and "expected" in broken.error.value

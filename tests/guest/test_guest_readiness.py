@@ -24,8 +24,7 @@ def test_envd_is_ready_before_the_kernel_and_executions_wait_for_it() -> None:
         assert INTERPRETER_READY_LINE not in lines
         envd = f"http://127.0.0.1:{ENVD_PORT}"
         assert httpx.get(f"{envd}/health", timeout=5).status_code in (200, 204)
-        init = httpx.post(f"{envd}/init", json={"envVars": {"CUBE_EARLY": "yes"}}, timeout=10)
-        assert init.status_code == 204
+        assert agent.claim(ENVD_PORT, {"envVars": {"CUBE_EARLY": "yes"}}) == 204
         # The kernel's start-up blocked debugpy; it is importable again once the kernel answers.
         code = (
             "import os, sys\nprint(os.environ.get('CUBE_EARLY'), sys.modules.get('debugpy', 1) is not None)"

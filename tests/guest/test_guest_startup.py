@@ -36,8 +36,7 @@ def test_deferred_modules_load_after_the_first_health_answer() -> None:
         # Without a kernel to start, the second line follows the first /health answer and the preload.
         agent.wait_for_line(INTERPRETER_READY_LINE, timeout=30)
         # Requests after start-up find the deferred modules loaded: one that decodes JSON.
-        init = httpx.post(f"http://127.0.0.1:{ENVD_PORT}/init", json={"envVars": {"A": "1"}}, timeout=10)
-        assert init.status_code == 204
+        assert agent.claim(ENVD_PORT, {"envVars": {"A": "1"}}) == 204
         stderr = agent.stderr().splitlines()
     ready_at = next(i for i, line in enumerate(stderr) if line.startswith(ENVD_READY_LOG))
     before, after = _imported(stderr[:ready_at]), _imported(stderr[ready_at:])

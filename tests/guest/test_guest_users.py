@@ -184,5 +184,32 @@ def test_kernels_run_as_the_default_user(sandbox, agent, nobody) -> None:
         assert ipython_dir.startswith(str(agent.home)), "IPython's directory is the kernel's own"
         sandbox.remove_code_context(context)
     finally:
-        agent.init({"defaultUser": "user"})
+        agent.init({"defaultUser": pwd.getpwuid(os.geteuid()).pw_name})  # the session agent's default
     assert _tmp_entries_of(nobody.pw_uid) - before == set()
+
+
+def test_a_signed_url_cannot_be_raised_to_another_user(
+    secure_sandbox, token_set, agent, root_only, nobody_home, nobody
+) -> None:
+    """A signed URL acts as the user it was signed for (the default user when it names none),
+    whatever Authorization header comes with it."""
+    secret = str(root_only / "secret")
+    download = secure_sandbox.download_url(secret, user="nobody")
+    assert httpx.get(download).status_code == 403
+    assert httpx.get(download, headers=_basic("root")).status_code == 403
+    planted = str(root_only / "planted-by-url.txt")
+    upload = secure_sandbox.upload_url(planted, user="nobody")
+    assert httpx.post(upload, files={"file": ("x", b"x")}, headers=_basic("root")).status_code == 403
+    assert not os.path.exists(planted)
+    assert agent.init({"defaultUser": "nobody"}, token=token_set).status_code == 204
+    try:
+        unnamed = secure_sandbox.download_url(secret)  # signed for the default user: nobody now
+        assert httpx.get(unnamed, headers=_basic("root")).status_code == 403
+        mine = str(nobody_home / "by-url.txt")
+        written = httpx.post(
+            secure_sandbox.upload_url(mine), files={"file": ("x", b"x")}, headers=_basic("root")
+        )
+        assert written.status_code == 200 and os.stat(mine).st_uid == nobody.pw_uid
+    finally:
+        own_name = pwd.getpwuid(os.geteuid()).pw_name
+        assert agent.init({"defaultUser": own_name}, token=token_set).status_code == 204

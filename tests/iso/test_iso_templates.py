@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from appliance.templates.manifest import TemplateManifest
+from appliance.records import TemplateManifest
 
 
 def test_a_template_mounted_elsewhere_is_where_it_is_loaded_from(tmp_path: Path) -> None:

@@ -23,11 +23,11 @@ from umlguests import default_template, private_config
 from appliance.config import Config, load_config
 from appliance.cubelet.runtimes import KvmWithUmlFallback, build_runtime, choose_runtime_name
 from appliance.net.service import CubeVS
+from appliance.records import ROOTFS_NAME, TemplateManifest
 from appliance.runtime.base import ENVD_PORT, BootSpec
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.template_snapshots import SnapshotKey
 from appliance.runtime.uml.instance import UmlInstance
-from appliance.templates.manifest import ROOTFS_NAME, TemplateManifest
 
 TEST_HOST_NETWORK = "10.236.0.0/24"
 TEST_UID_BASE = 340_000

@@ -20,6 +20,7 @@ import trio
 from kvm_guest import assemble
 
 from appliance.config import Config
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec, HostBusy, Instance
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.console import SerialConsole
@@ -28,7 +29,6 @@ from appliance.runtime.kvm.runtime import KvmRuntime, exit_reason, host_memory_a
 from appliance.runtime.kvm.vcpu import VcpuExit
 from appliance.runtime.kvm.x86 import enter_long_mode
 from appliance.runtime.uml.console import ConsoleLog
-from appliance.templates.manifest import TemplateManifest
 from cffi_kvm import Kvm
 
 MIB = 1 << 20

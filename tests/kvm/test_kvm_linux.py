@@ -32,6 +32,7 @@ from appliance.config import Config, load_config
 from appliance.cubelet.cubelet import rfc3339
 from appliance.cubelet.envd_client import CommandResult, run_command
 from appliance.net.service import CubeVS
+from appliance.records import MANIFEST_NAME, ROOTFS_NAME, TemplateManifest
 from appliance.runtime.base import ENVD_PORT, BootSpec
 from appliance.runtime.detect import detect_host, find_guest_kernel
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
@@ -45,7 +46,6 @@ from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.mmio import MMIO_SIZE, MmioTransport, cmdline_device
 from appliance.runtime.virtio.vhost_user.uml_frontend import BUSYBOX, build_initramfs, statically_linked
 from appliance.templates.default import TEMPLATE_ID as DEFAULT_TEMPLATE_ID
-from appliance.templates.manifest import MANIFEST_NAME, ROOTFS_NAME, TemplateManifest
 from cffi_kvm import Kvm
 
 MIB = 1 << 20
@@ -146,7 +146,9 @@ async def _init(instance: KvmInstance, template: TemplateManifest, env: dict[str
     async with httpx.AsyncClient(
         timeout=max(30, load_config().guest_agent_timeout_s), trust_env=False
     ) as http:
-        response = await http.post(f"http://{host}:{port}/init", json=body)
+        # The clone's boot token is the snapshot's; no accessToken: its agent stays open to _run.
+        headers = {"X-Access-Token": instance.agent_token}
+        response = await http.post(f"http://{host}:{port}/init", json=body, headers=headers)
     assert response.status_code == 204, response.text
 
 

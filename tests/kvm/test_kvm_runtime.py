@@ -34,6 +34,7 @@ from test_kvm_snapshot import (
 
 from appliance.config import Config
 from appliance.net.service import CubeVS
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootFailed, BootSpec
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.machine import Machine, MachineConfig
@@ -55,7 +56,6 @@ from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.net.device import VirtioNet
 from appliance.runtime.virtio.rng.device import VirtioRng
 from appliance.runtime.virtio.vsock.device import VirtioVsock
-from appliance.templates.manifest import TemplateManifest
 from cffi_kvm import Kvm
 
 MIB = 1 << 20

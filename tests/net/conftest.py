@@ -1,39 +1,93 @@
 """Fixtures for CubeVS tests (root only): the namespace world, a running CubeVS, a fake upstream DNS.
 
 - `world` (session): internet/metadata/LAN hosts in namespaces, see networld.py.
-- `dns_upstream`: a DNS server on 127.0.0.1 answering `UPSTREAM_RECORDS`.
+- `upstream_server`: a DNS server on 127.0.0.1 answering `UPSTREAM_RECORDS`, logging the names
+  it is asked; `dns_upstream`: its "ip:port".
 - `vs`: a started CubeVS on the world's host_network with private run dir and pins.
 - `sandbox`: factory `async with sandbox(policy, guest="veth"|"tap") as (net, guest)`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
-from networld import TAP_OWNER_UID, Guest, SandboxFactory, World, dns_upstream_server, tap_guest, veth_guest
+from networld import (
+    TAP_OWNER_UID,
+    DnsUpstream,
+    Guest,
+    SandboxFactory,
+    World,
+    dns_upstream_server,
+    tap_guest,
+    veth_guest,
+)
 
 from appliance.config import Config
 from appliance.net import CubeVS, NetworkPolicy, SandboxNetwork
+
+WORLDS = 50  # test worlds 200..249: 10.254.<n>.0/24 each
+
+
+def _lock(path: str) -> int | None:
+    """An fd holding an exclusive lock on the file at `path` (made if missing), or None if
+    someone else holds it. The file is removed by whoever holds the lock when done, so the
+    lock only counts while the path still names the locked file."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+    except (BlockingIOError, FileNotFoundError):
+        pass
+    os.close(fd)
+    return None
+
+
+@contextmanager
+def _world_number() -> Iterator[int]:
+    """A world number (its host_network, routing table, CubeVS tag) no other test session on
+    this host holds: concurrent sessions sharing one tore down each other's routes."""
+    first = os.getpid() % WORLDS
+    for i in range(WORLDS):
+        n = 200 + (first + i) % WORLDS
+        path = f"/run/lock/cubetest-net-world-{n}"
+        fd = _lock(path)
+        if fd is None:
+            continue
+        try:
+            yield n
+        finally:
+            os.unlink(path)
+            os.close(fd)
+        return
+    raise RuntimeError(f"all {WORLDS} CubeVS test worlds are in use on this host")
 
 
 @pytest.fixture(scope="session")
 def world() -> Iterator[World]:
     if os.geteuid() != 0:
         pytest.skip("CubeVS tests need root")
-    w = World.create(n=200 + os.getpid() % 50)
-    yield w
-    w.destroy()
+    with _world_number() as n:
+        w = World.create(n=n)
+        yield w
+        w.destroy()
 
 
 @pytest.fixture
-async def dns_upstream() -> AsyncIterator[str]:
+async def upstream_server() -> AsyncIterator[DnsUpstream]:
     async with dns_upstream_server() as upstream:
         yield upstream
+
+
+@pytest.fixture
+def dns_upstream(upstream_server: DnsUpstream) -> str:
+    return upstream_server.address
 
 
 @pytest.fixture

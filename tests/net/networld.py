@@ -32,6 +32,7 @@ import trio
 
 from appliance.net import netns
 from appliance.net.addressing import Addressing
+from appliance.net.dns import parse_answer
 from appliance.net.service import SandboxNetwork
 
 UPSTREAM_RECORDS = {  # name → (address, TTL s)
@@ -251,36 +252,65 @@ async def serving(path: str, ip: str = "::", port: int = SERVICE_PORT) -> AsyncI
             nursery.cancel_scope.cancel()
 
 
+def _udp_and_tcp_on_one_port(ip: str) -> tuple[socket.socket, socket.socket]:
+    """A UDP socket and a listening TCP socket bound to the same free port of `ip`."""
+    for _ in range(100):  # port allocation: a port free for UDP may be taken for TCP
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((ip, 0))
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tcp.bind((ip, udp.getsockname()[1]))
+        except OSError as e:
+            udp.close()
+            tcp.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            continue
+        tcp.listen(16)
+        return udp, tcp
+    raise RuntimeError(f"no port of {ip} free for both UDP and TCP")
+
+
+@dataclass
+class DnsUpstream:
+    address: str  # "127.0.0.1:port"
+    names: list[str] = field(default_factory=list)  # every question name it was asked, in order
+
+
 @asynccontextmanager
-async def dns_upstream_server() -> AsyncIterator[str]:
-    """A DNS server on 127.0.0.1 (UDP and TCP, one port) answering `UPSTREAM_RECORDS`; yields "ip:port"."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    await sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+async def dns_upstream_server() -> AsyncIterator[DnsUpstream]:
+    """A DNS server on 127.0.0.1 (UDP and TCP, one port) answering `UPSTREAM_RECORDS`."""
+    udp, tcp = _udp_and_tcp_on_one_port("127.0.0.1")
+    sock = trio.socket.from_stdlib_socket(udp)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(tcp))
+    upstream = DnsUpstream(f"127.0.0.1:{udp.getsockname()[1]}")
+
+    def answer(query: bytes) -> bytes:
+        answer = parse_answer(query)
+        upstream.names.append(answer.qname if answer is not None else "<unparseable>")
+        return dns_response(query)
 
     async def serve_udp() -> None:
         while True:
             query, peer = await sock.recvfrom(2048)
-            await sock.sendto(dns_response(query), peer)
+            await sock.sendto(answer(query), peer)
 
     async def serve_tcp(stream: trio.SocketStream) -> None:
         async with stream:
             header = await stream.receive_some(2)
             query = await stream.receive_some(struct.unpack("!H", header)[0])
-            response = dns_response(query)
+            response = answer(query)
             await stream.send_all(struct.pack("!H", len(response)) + response)
 
     try:
         with sock:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve_udp)
-                nursery.start_soon(trio.serve_listeners, serve_tcp, listeners)
-                yield f"127.0.0.1:{port}"
+                nursery.start_soon(trio.serve_listeners, serve_tcp, [listener])
+                yield upstream
                 nursery.cancel_scope.cancel()
     finally:
-        for listener in listeners:
-            await listener.aclose()
+        await listener.aclose()
 
 
 # --- guests ------------------------------------------------------------------

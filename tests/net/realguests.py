@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+import umlguests
 from hostprocs import processes_of_uid
 from networld import dns_upstream_server
 
@@ -35,11 +36,11 @@ from appliance.cubelet.envd_client import run_command
 from appliance.net import CubeVS, NetworkPolicy
 from appliance.net.addressing import Addressing, Plan
 from appliance.net.ebpf import PIN_ROOT
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec
 from appliance.runtime.uml.cgroups import CGROUP_ROOT
 from appliance.runtime.uml.instance import UmlInstance
 from appliance.runtime.uml.runtime import UmlRuntime
-from appliance.templates.manifest import TemplateManifest
 
 T = TypeVar("T")
 BOOT_WAIT_S = 300.0  # two cold boots on a busy 2-core host, with margin
@@ -261,7 +262,7 @@ class RealGuests:
         self._stop = trio.Event()
         async with (
             dns_upstream_server() as upstream,
-            CubeVS.start(self.config, dns_upstreams=[upstream]) as vs,
+            CubeVS.start(self.config, dns_upstreams=[upstream.address]) as vs,
         ):
             self.vs = vs
             runtime = UmlRuntime(self.config, vs)
@@ -276,10 +277,11 @@ class RealGuests:
                         slot,
                         memory_mb=256,
                         cpu_count=1,
-                        network_policy=policy,
+                        network_policy=NetworkPolicy.from_e2b(policy),
                     )
                     instance = await nursery.start(runtime.run, spec)
                     assert isinstance(instance, UmlInstance)
+                    await umlguests.claim(instance)  # opens its agent to run_command
                     self.guests[name] = Booted(name, spec, instance, self.addressing.plan(sandbox_id, slot))
                 self._ready.set()
                 await self._stop.wait()

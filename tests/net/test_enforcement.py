@@ -8,7 +8,6 @@ from networld import (
     INTERNET_IP,
     INTERNET_IP6,
     LAN_IP,
-    METADATA_IP,
     SERVICE_PORT,
     SandboxFactory,
     World,
@@ -67,19 +66,21 @@ async def test_sandboxes_cannot_reach_each_other(sandbox: SandboxFactory) -> Non
 
 
 async def test_no_internet_with_allow_list(world: World, sandbox: SandboxFactory) -> None:
-    policy = NetworkPolicy(allow_internet_access=False, allow_out=(f"{LAN_IP}/32",))
+    policy = NetworkPolicy(allow_internet_access=False, allow_out=(f"{INTERNET_IP}/32", f"{LAN_IP}/32"))
     async with sandbox(policy) as (_net, guest):
-        assert await reaches(world, guest.netns_path, "inet", b"i") == (False, False)
-        # allow beats the always-blocked private ranges
-        assert await reaches(world, guest.netns_path, "lan", b"l") == (True, True)
+        assert await reaches(world, guest.netns_path, "inet", b"i") == (True, True)
+        # The always-blocked private ranges beat the sandbox's own allow list (test_always_blocked.py).
+        assert await reaches(world, guest.netns_path, "lan", b"l") == (False, False)
         assert await reaches(world, guest.netns_path, "meta", b"m") == (False, False)
 
 
-async def test_allow_beats_deny(world: World, sandbox: SandboxFactory) -> None:
-    policy = NetworkPolicy(allow_out=(METADATA_IP,), deny_out=("0.0.0.0/0",))
-    async with sandbox(policy) as (_net, guest):
+async def test_allow_beats_deny(vs: CubeVS, world: World, sandbox: SandboxFactory) -> None:
+    async with sandbox(NetworkPolicy(deny_out=("0.0.0.0/0",))) as (net, guest):
         assert await reaches(world, guest.netns_path, "inet", b"i") == (False, False)
-        assert await reaches(world, guest.netns_path, "meta", b"m") == (True, True)
+        await vs.update_policy(
+            net.sandbox_id, NetworkPolicy(allow_out=(INTERNET_IP,), deny_out=("0.0.0.0/0",))
+        )
+        assert await reaches(world, guest.netns_path, "inet", b"i2") == (True, True)
 
 
 async def test_runtime_update_within_one_second(vs: CubeVS, world: World, sandbox: SandboxFactory) -> None:
@@ -138,10 +139,10 @@ async def test_ipv6_default_policy(world: World, sandbox: SandboxFactory) -> Non
 
 
 async def test_ipv6_lists(vs: CubeVS, world: World, sandbox: SandboxFactory) -> None:
-    policy = NetworkPolicy(allow_internet_access=False, allow_out=("fd77::/16",))
+    policy = NetworkPolicy(allow_internet_access=False, allow_out=("2001:db8:cbe::/48", "fd77::/16"))
     async with sandbox(policy) as (net, guest):
-        assert await reaches(world, guest.netns_path, "inet", b"i6", ipv6=True) == (False, False)
-        assert await reaches(world, guest.netns_path, "lan", b"l6", ipv6=True) == (True, True)
+        assert await reaches(world, guest.netns_path, "inet", b"i6", ipv6=True) == (True, True)
+        assert await reaches(world, guest.netns_path, "lan", b"l6", ipv6=True) == (False, False)
         await vs.update_policy(net.sandbox_id, NetworkPolicy(deny_out=(f"{INTERNET_IP6}/128",)))
         assert await reaches(world, guest.netns_path, "inet", b"i6b", ipv6=True) == (False, False)
         assert await reaches(world, guest.netns_path, "inet", b"i4") == (True, True)

@@ -126,16 +126,18 @@ async def test_created_without_internet_access(guests: RealGuests, world: World)
 
 
 async def test_no_internet_access_with_allow_list(guests: RealGuests, world: World) -> None:
-    await guests.set_policy("a", NetworkPolicy(allow_internet_access=False, allow_out=(f"{LAN_IP}/32",)))
+    policy = NetworkPolicy(allow_internet_access=False, allow_out=(f"{INTERNET_IP}/32", f"{LAN_IP}/32"))
+    await guests.set_policy("a", policy)
     got = await reaches(guests, world, "a", ["inet", "meta", "lan"])
-    # No egress, but an allow entry beats it and the always-blocked private ranges.
-    assert got == {"inet": (False, False), "meta": (False, False), "lan": (True, True)}
+    # No egress, but an allow entry beats it; the always-blocked private ranges beat the allow entry.
+    assert got == {"inet": (True, True), "meta": (False, False), "lan": (False, False)}
 
 
-async def test_allow_out_beats_deny_out(guests: RealGuests, world: World) -> None:
-    await guests.set_policy("a", NetworkPolicy(allow_out=(METADATA_IP,), deny_out=("0.0.0.0/0",)))
+async def test_allow_out_beats_deny_out_but_not_the_always_blocked(guests: RealGuests, world: World) -> None:
+    policy = NetworkPolicy(allow_out=(INTERNET_IP, METADATA_IP), deny_out=("0.0.0.0/0",))
+    await guests.set_policy("a", policy)
     got = await reaches(guests, world, "a", ["inet", "meta", "lan"])
-    assert got == {"inet": (False, False), "meta": (True, True), "lan": (False, False)}
+    assert got == {"inet": (True, True), "meta": (False, False), "lan": (False, False)}
 
 
 async def test_host_and_other_sandbox_are_blocked(guests: RealGuests, world: World) -> None:
@@ -225,8 +227,9 @@ async def test_domain_allow_list_through_the_guest_resolver(guests: RealGuests, 
         # Not resolved yet: the address is not allowed.
         (direct,) = await probe(host, [{"ip": INTERNET_IP, "port": port, "udp": "dom-direct"}])
         assert direct["tcp"] is False and not await inet.got_udp(b"dom-direct", timeout=0.3)
-        # The apex does not match "*.example.test"; a matching name that answers the
-        # metadata address does not open it (the guest resolves via 169.254.0.1).
+        # The apex does not match "*.example.test": without egress it is not even resolved
+        # (REFUSED, no DNS tunnel); a matching name that answers the metadata address does not
+        # open it (the guest resolves via 169.254.0.1).
         apex, rebound = await probe(
             host,
             [
@@ -234,7 +237,7 @@ async def test_domain_allow_list_through_the_guest_resolver(guests: RealGuests, 
                 {"name": "metadata.example.test", "port": port, "udp": "dom-meta"},
             ],
         )
-        assert apex["resolved"] == [INTERNET_IP] and apex["tcp"] is False, apex
+        assert apex["resolved"] == [] and "name resolution" in apex["error"], apex
         assert rebound["resolved"] == [METADATA_IP] and rebound["tcp"] is False, rebound
         assert not inet.tcp_peers and not await inet.got_udp(b"dom-apex", timeout=0.3)
         assert not meta.tcp_peers and not await meta.got_udp(b"dom-meta", timeout=0.3)

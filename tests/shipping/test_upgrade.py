@@ -202,12 +202,11 @@ def _cube(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def assert_carried_over(sandbox: Any) -> None:
+def assert_carried_over(sandbox: Any, admin: dict[str, str]) -> None:
+    """`admin`: the admin token's header (/cube/* is the admin's)."""
     assert sandbox.files.read("/home/user/kept.txt") == "written before the upgrade"
     assert sandbox.run_code("print(6 * 7)").logs.stdout == ["42\n"]
-    detail = httpx.get(
-        f"{API}/cube/sandboxes/{sandbox.sandbox_id}", headers={"X-API-KEY": os.environ["E2B_API_KEY"]}
-    ).json()
+    detail = httpx.get(f"{API}/cube/sandboxes/{sandbox.sandbox_id}", headers=admin).json()
     assert detail["state"] == "running"
     assert "restored" in [e["kind"] for e in detail["events"]]
 
@@ -263,7 +262,7 @@ def test_upgrade_from_a_wheel_keeps_state_and_rolls_back_a_failed_one(
     assert [s["sandboxID"] for s in listed] == [before.sandbox_id]
     templates = httpx.get(f"{API}/templates", headers=headers).json()
     assert [t["templateID"] for t in templates] == ["code-interpreter"]
-    assert_carried_over(before)
+    assert_carried_over(before, admin)
 
     after = Sandbox.create(template="code-interpreter", timeout=600)
     try:
@@ -280,5 +279,5 @@ def test_upgrade_from_a_wheel_keeps_state_and_rolls_back_a_failed_one(
     assert layout.link.resolve() == new_venv
     assert [p.name for p in layout.versions_dir.iterdir() if p.name.startswith(BROKEN_VERSION)] == []
     assert httpx.get(f"{API}/v2/sandboxes", headers=headers).status_code == 200
-    assert_carried_over(before)  # kept by the stop, restored by the version put back
+    assert_carried_over(before, admin)  # kept by the stop, restored by the version put back
     before.kill()

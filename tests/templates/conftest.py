@@ -35,6 +35,7 @@ from appliance.config import Config
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.jobs import BuildJob, JobStore
 from appliance.templates.layer_cache import LayerCache
+from appliance.templates.registry import insecure_registries
 
 
 @pytest.fixture(scope="session")
@@ -126,8 +127,24 @@ def scratch() -> Iterator[Path]:
 
 
 @pytest.fixture
-def config(scratch: Path) -> Config:
-    return Config(state_dir=scratch / "state", cache_dir=scratch / "cache", run_dir=scratch / "run")
+def config_extra() -> dict[str, str]:
+    """More config file keys for one test: `@pytest.mark.parametrize("config_extra", [{...}])`."""
+    return {}
+
+
+@pytest.fixture
+def config(scratch: Path, registries: Registries, config_extra: dict[str, str]) -> Config:
+    return Config(
+        state_dir=scratch / "state",
+        cache_dir=scratch / "cache",
+        run_dir=scratch / "run",
+        extra={"insecure_registries": registries.plain_http_hosts, **config_extra},
+    )
+
+
+@pytest.fixture
+def insecure(config: Config) -> frozenset[str]:
+    return insecure_registries(config)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import subprocess
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+
+from appliance.templates.jobs import BuildJob, JobStore
+from appliance.templates.layer_cache import LayerCache
+from appliance.templates.pull import pull_image
+from appliance.templates.registry_auth import Credentials
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -169,21 +175,118 @@ class QuietHandler(BaseHTTPRequestHandler):
 
 
 class LoopbackHttpServer:
-    """An http.server on 127.0.0.1:<free port>, served by a thread until close()."""
+    """An http.server on 127.0.0.1:<free port> (or another loopback address), served by a thread
+    until close()."""
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler], address: str = "127.0.0.1") -> None:
+        self.server = ThreadingHTTPServer((address, 0), handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.server.server_address[0]}:{self.server.server_address[1]}"
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join()
+
+
+Respond = Callable[[BaseHTTPRequestHandler], None]
+
+
+class RecordingServer:
+    """A loopback HTTP server that answers every GET with `respond` and records its path and
+    Authorization header."""
+
+    def __init__(self, respond: Respond, address: str = "127.0.0.1") -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # http.server's naming
+                outer.requests.append((self.path, self.headers.get("Authorization")))
+                respond(self)
+
+        self.http = LoopbackHttpServer(Handler, address)
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.requests]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http.host}"
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def send(status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> Respond:
+    """A `respond` for RecordingServer: always the same answer."""
+
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return respond
+
+
+class FakeRegistry(RecordingServer):
+    """A read-only registry (v2 manifests and blobs) served from an OCI layout, for what a real
+    registry would not do: ask for credentials with any challenge (and accept only the
+    Authorization header `accept`, or none), redirect blob downloads to another server, serve other
+    bytes than a blob's."""
+
+    def __init__(
+        self,
+        layout: Path,
+        *,
+        challenge: str | None = None,
+        accept: str | None = None,
+        blob_location: str | None = None,
+        blob_bodies: dict[str, bytes] | None = None,
+    ) -> None:
+        self.layout = layout
+
+        def respond(handler: BaseHTTPRequestHandler) -> None:
+            authorization = handler.headers.get("Authorization")
+            if challenge is not None and (accept is None or authorization != accept):
+                send(401, headers={"WWW-Authenticate": challenge})(handler)
+                return
+            kind, ref = urlparse(handler.path).path.split("/")[-2:]
+            if kind == "blobs" and blob_location is not None:
+                send(307, headers={"Location": f"{blob_location}{handler.path}"})(handler)
+                return
+            data = (blob_bodies or {}).get(ref) or self.document(ref if kind == "blobs" else self.digest(ref))
+            if data is None:
+                send(404)(handler)
+                return
+            media_type = json.loads(data).get("mediaType", "") if kind == "manifests" else ""
+            send(200, data, {"Content-Type": media_type or "application/octet-stream"})(handler)
+
+        super().__init__(respond)
+
+    def digest(self, reference: str) -> str:
+        if reference.startswith("sha256:"):
+            return reference
+        index = json.loads((self.layout / "index.json").read_text())
+        for entry in index["manifests"]:
+            if entry.get("annotations", {}).get("org.opencontainers.image.ref.name") == reference:
+                return str(entry["digest"])
+        return ""
+
+    def document(self, digest: str) -> bytes | None:
+        path = self.layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+        return path.read_bytes() if digest and path.is_file() else None
+
+    @property
+    def host(self) -> str:
+        return self.http.host
 
 
 def _b64url(data: bytes) -> str:
@@ -213,6 +316,7 @@ class TokenServer:
         self.cert_path = directory / "token-ca.pem"
         self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         self.requests: list[tuple[str | None, list[str]]] = []
+        self.paths: list[str] = []  # as asked for, query string and all
         outer = self
 
         class Handler(QuietHandler):
@@ -221,6 +325,7 @@ class TokenServer:
                 scopes = query.get("scope", [])
                 user = outer.authenticate(self.headers.get("Authorization"))
                 outer.requests.append((user, scopes))
+                outer.paths.append(self.path)
                 if user is False:
                     self.send_response(401)
                     self.end_headers()
@@ -429,6 +534,12 @@ class Registries:
     token: Registry
     token_server: TokenServer
 
+    @property
+    def plain_http_hosts(self) -> str:
+        """The registries and token service, all plain HTTP on loopback, as the operator must list
+        them in `insecure_registries`."""
+        return ",".join((self.plain.host, self.token.host, self.token_server.http.host))
+
 
 @dataclass
 class Images:
@@ -440,3 +551,19 @@ class Images:
     corrupt: str
     private: str
     multi_layer_digests: list[str]
+
+
+async def pull(
+    store: JobStore,
+    job: BuildJob,
+    image: str,
+    scratch: Path,
+    cache: LayerCache,
+    insecure: frozenset[str],
+    credentials: Credentials | None = None,
+) -> Path:
+    """`image` pulled and unpacked as a template build does, into `scratch/rootfs`."""
+    rootfs = scratch / "rootfs"
+    rootfs.mkdir(exist_ok=True)
+    await pull_image(store, job, image, rootfs, scratch / "work", cache, credentials, insecure)
+    return rootfs

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import trio
 
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootFailed
 from appliance.templates.jobs import Phase
-from appliance.templates.manifest import TemplateManifest
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
 
 CONSOLE_TEXT = "Linux version 6.1 (uml)\ncube-init: starting the image's entrypoint\n"
@@ -21,6 +21,7 @@ class LoopbackGuest:
     def __init__(self, port: int, console_log: Path) -> None:
         self.sandbox_id = "template-probe"
         self.console_log = console_log
+        self.agent_token = "loopback-boot-token"
         self.port = port
 
     def endpoint(self, port: int) -> tuple[str, int]:
@@ -59,6 +60,7 @@ class LoopbackSandboxes:
         self.booted: list[TemplateManifest] = []
         self.finalized: list[str] = []
         self.commands: list[RunCommand] = []
+        self.rootfs_paths: list[Path] = []  # where each RUN step's tree was
 
     @asynccontextmanager
     async def boot(self, manifest: TemplateManifest) -> AsyncIterator[LoopbackGuest]:
@@ -84,6 +86,7 @@ class LoopbackSandboxes:
 
     async def run_command(self, rootfs: Path, command: RunCommand) -> None:
         self.commands.append(command)
+        self.rootfs_paths.append(rootfs)
         command.output(f"running {' '.join(command.argv)}")
         if self.failing_command and self.failing_command in " ".join(command.argv):
             raise RunFailed(2, "pip: error: no such package")

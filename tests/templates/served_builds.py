@@ -13,6 +13,7 @@ import hypercorn.trio
 import trio
 from click.testing import CliRunner, Result
 from hypercorn.config import Config as HypercornConfig
+from quart import g
 from quart_trio import QuartTrio
 from sandbox_doubles import LoopbackSandboxes
 
@@ -20,6 +21,7 @@ from appliance.config import Config
 from appliance.templates.api import create_blueprint
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.jobs import BuildJob
+from appliance.tenancy import ADMIN
 
 
 @dataclass
@@ -33,6 +35,11 @@ class Served:
 async def serve_builds(config: Config, scratch: Path) -> AsyncIterator[Served]:
     builds = TemplateBuilds(config, LoopbackSandboxes(scratch))
     app = QuartTrio(__name__)
+
+    @app.before_request
+    async def _as_admin() -> None:  # the service authenticates; these tests act as its admin
+        g.principal = ADMIN
+
     app.register_blueprint(create_blueprint(builds))
     hypercorn_config = HypercornConfig()
     hypercorn_config.bind = ["127.0.0.1:0"]

@@ -6,25 +6,26 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 import trio
 from registry_world import Images
 from served_builds import Served, run_cli
 
+from appliance.cli.templates import build, create_from_image, watch
 from appliance.config import Config
-from appliance.templates.cli import build, create_from_image, watch
 
 
 async def test_api_errors_are_json(served: Served) -> None:
     client = served.app.test_client()
     response = await client.post("/templates/builds", json={"image": ""})
     assert response.status_code == 400
-    assert (await response.get_json())["code"] == "invalid_request"
+    assert (await response.get_json())["error_code"] == "invalid_request"
     response = await client.post("/templates/builds", json={"image": "x/y:z", "writable_layer_size": "1M"})
     assert "at least 16M" in (await response.get_json())["message"]
     response = await client.post("/templates/builds", json={"image": "UPPER/Case"})
     assert response.status_code == 400
     response = await client.get("/templates/builds/job-nope")
-    assert response.status_code == 404 and (await response.get_json())["code"] == "not_found"
+    assert response.status_code == 404 and (await response.get_json())["error_code"] == "not_found"
     response = await client.post(
         "/templates/builds/dockerfile",
         query_string={"options": json.dumps({"dockerfile": "RUN true"})},
@@ -32,11 +33,12 @@ async def test_api_errors_are_json(served: Served) -> None:
     )
     assert response.status_code == 400 and "before FROM" in (await response.get_json())["message"]
     response = await client.post("/templates/builds/dockerfile", data=b"not a tar")
-    assert response.status_code == 400 and (await response.get_json())["code"] == "invalid_context"
+    assert response.status_code == 400 and (await response.get_json())["error_code"] == "invalid_context"
     response = await client.post("/templates/builds/dockerfile", data=b"\0" * 10240)
     assert "no Dockerfile 'Dockerfile'" in (await response.get_json())["message"]
 
 
+@pytest.mark.root
 async def test_api_job_view_pages_the_log(served: Served, images: Images) -> None:
     client = served.app.test_client()
     response = await client.post(
@@ -54,6 +56,7 @@ async def test_api_job_view_pages_the_log(served: Served, images: Images) -> Non
     assert [j["job_id"] for j in listing] == [job_id] and "log" not in listing[0]
 
 
+@pytest.mark.root
 async def test_seed_commands_create_and_watch(served: Served, config: Config, images: Images) -> None:
     created = await trio.to_thread.run_sync(
         run_cli,
@@ -100,6 +103,7 @@ async def test_watch_of_a_failed_build_exits_non_zero_with_the_reason(
     assert "FAILED: image" in watched.output and "linux/amd64 only" in watched.output
 
 
+@pytest.mark.root
 async def test_build_command_uploads_the_context(
     served: Served, config: Config, images: Images, scratch: Path
 ) -> None:
@@ -139,6 +143,7 @@ async def test_build_command_uploads_the_context(
     assert any("COPY hello.txt /srv/$WHO.txt" in line for line in job.log)
 
 
+@pytest.mark.root
 async def test_build_command_with_the_dockerfile_in_the_context(
     served: Served, config: Config, images: Images, scratch: Path
 ) -> None:

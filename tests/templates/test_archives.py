@@ -30,6 +30,7 @@ def skopeo_local(source: str, dest: str) -> None:
     )
 
 
+@pytest.mark.root
 async def test_oci_layout_directory(
     images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
 ) -> None:
@@ -38,6 +39,7 @@ async def test_oci_layout_directory(
     assert not (rootfs / "data/gone.txt").exists()
 
 
+@pytest.mark.root
 async def test_oci_layout_index_picks_amd64(
     images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
 ) -> None:
@@ -52,6 +54,7 @@ async def test_oci_layout_without_ref_needs_one(
         await unpack(job_store, job, f"oci:{images.layout}", scratch, layer_cache)
 
 
+@pytest.mark.root
 async def test_oci_archive(
     images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
 ) -> None:
@@ -61,6 +64,7 @@ async def test_oci_archive(
     assert sorted(p.name for p in (rootfs / "opaque").iterdir()) == ["upper.txt"]
 
 
+@pytest.mark.root
 async def test_docker_archive(
     images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
 ) -> None:
@@ -76,6 +80,7 @@ async def test_docker_archive(
     assert (rootfs / "data/original").stat().st_ino == (rootfs / "data/link").stat().st_ino
 
 
+@pytest.mark.root
 async def test_arm64_archive_is_refused(
     images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
 ) -> None:

@@ -8,13 +8,14 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import trio
 from registry_world import Images
 from served_builds import Served, run_cli
 
+from appliance.cli.templates import cache
 from appliance.config import Config
 from appliance.templates.build_caches import BuildCaches
-from appliance.templates.cli import cache
 from appliance.templates.layer_cache import LayerCache
 from appliance.templates.requests import ImageBuildRequest
 from appliance.templates.step_cache import StepCache
@@ -87,6 +88,7 @@ async def _wait_for(served: Served, job_id: str, phases: tuple[str, ...]) -> Non
             await trio.sleep(0.05)
 
 
+@pytest.mark.root
 async def test_cache_list_and_prune_commands(served: Served, config: Config, images: Images) -> None:
     first = served.builds.submit_image(
         ImageBuildRequest.from_json({"image": images.multi, "writable_layer_size": "32M"}), {}

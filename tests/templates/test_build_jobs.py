@@ -14,6 +14,7 @@ from sandbox_doubles import CONSOLE_TEXT, LoopbackSandboxes
 from served_builds import finished
 
 from appliance.config import Config
+from appliance.records import TemplateManifest
 from appliance.templates.builds import TemplateBuilds
 from appliance.templates.catalog import (
     TemplateInUse,
@@ -27,7 +28,6 @@ from appliance.templates.catalog import (
     template_versions,
 )
 from appliance.templates.jobs import BuildJob, JobStore, Phase
-from appliance.templates.manifest import TemplateManifest
 from appliance.templates.requests import ImageBuildRequest, public_request
 
 
@@ -42,6 +42,7 @@ def debugfs(image: Path, command: str) -> str:
     ).stdout
 
 
+@pytest.mark.root
 async def test_image_build_reaches_ready_with_a_complete_template(
     builds: TemplateBuilds, sandboxes: LoopbackSandboxes, images: Images, config: Config
 ) -> None:
@@ -146,6 +147,7 @@ def small_templates_disk(config: Config) -> Iterator[Path]:
     subprocess.run(["umount", str(config.templates_dir)], check=True)
 
 
+@pytest.mark.root
 async def test_disk_too_small_fails_clearly_and_leaves_no_template(
     builds: TemplateBuilds, images: Images, config: Config, small_templates_disk: Path
 ) -> None:
@@ -157,6 +159,7 @@ async def test_disk_too_small_fails_clearly_and_leaves_no_template(
     assert_no_trace(config, job, "bad")
 
 
+@pytest.mark.root
 async def test_private_image_builds_with_credentials(builds: TemplateBuilds, images: Images) -> None:
     job = await finished(
         submit(builds, image=images.private, registry_username=USER, registry_password=PASSWORD)
@@ -165,6 +168,7 @@ async def test_private_image_builds_with_credentials(builds: TemplateBuilds, ima
     assert job.request["registry_password"] == "***"
 
 
+@pytest.mark.root
 async def test_probe_that_never_answers_fails_with_the_console_tail(
     builds: TemplateBuilds, sandboxes: LoopbackSandboxes, images: Images, config: Config
 ) -> None:
@@ -178,6 +182,7 @@ async def test_probe_that_never_answers_fails_with_the_console_tail(
     assert not (config.templates_dir / job.template_id).exists()
 
 
+@pytest.mark.root
 async def test_boot_failure_reports_reason_and_console(
     builds: TemplateBuilds, sandboxes: LoopbackSandboxes, images: Images, config: Config
 ) -> None:
@@ -189,6 +194,7 @@ async def test_boot_failure_reports_reason_and_console(
     assert not (config.templates_dir / job.template_id).exists()
 
 
+@pytest.mark.root
 async def test_job_history_survives_a_restart(builds: TemplateBuilds, images: Images, config: Config) -> None:
     done = await finished(submit(builds, image=images.multiarch))
     store = JobStore(config.state_dir / "template-builds")
@@ -204,6 +210,7 @@ async def test_job_history_survives_a_restart(builds: TemplateBuilds, images: Im
     assert "service stopped" in reloaded.jobs["job-interrupted"].reason
 
 
+@pytest.mark.root
 async def test_rebuild_under_an_alias_keeps_the_old_version_until_unused(
     builds: TemplateBuilds, images: Images, config: Config
 ) -> None:

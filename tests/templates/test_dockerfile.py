@@ -218,6 +218,7 @@ def debugfs(image: Path, command: str) -> str:
     ).stdout
 
 
+@pytest.mark.root
 async def test_dockerfile_build_then_rebuild_from_cache(
     builds: TemplateBuilds, sandboxes: LoopbackSandboxes, images: Images, config: Config, scratch: Path
 ) -> None:
@@ -254,6 +255,7 @@ async def test_dockerfile_build_then_rebuild_from_cache(
     assert not any(config.cache_dir.joinpath("build-work", "contexts").iterdir())
 
 
+@pytest.mark.root
 async def test_failing_run_step_fails_the_build(
     builds: TemplateBuilds, sandboxes: LoopbackSandboxes, images: Images, config: Config, scratch: Path
 ) -> None:
@@ -265,6 +267,7 @@ async def test_failing_run_step_fails_the_build(
     assert not (config.templates_dir / job.template_id).exists()
 
 
+@pytest.mark.root
 async def test_from_a_template(builds: TemplateBuilds, images: Images, config: Config, scratch: Path) -> None:
     base = await finished(
         builds.submit_image(
@@ -341,6 +344,9 @@ async def multi_stage_build(builds: TemplateBuilds, images: Images, context: Pat
     return await finished(builds.submit_dockerfile(request, {}))
 
 
+# The file server is on loopback, which ADD <url> refuses unless the operator allows it.
+@pytest.mark.parametrize("config_extra", [{"build_fetch_allow": "127.0.0.1/32"}])
+@pytest.mark.root
 async def test_multi_stage_build_with_add_url_and_tar(
     builds: TemplateBuilds,
     sandboxes: LoopbackSandboxes,

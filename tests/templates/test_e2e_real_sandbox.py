@@ -44,7 +44,11 @@ from registry_world import (
 from appliance.config import Config, load_config
 from appliance.cubelet.runtimes import RuntimeBundle
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root")
+pytestmark = [
+    pytest.mark.uml,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root"),
+]
 
 TEST_HOST_NETWORK = "10.215.0.0/24"
 TEST_UID_BASE = 400_000
@@ -53,6 +57,8 @@ SERVER_PORT = 49999
 # What the test image does not need from the default template's /usr (numpy, node, compilers...).
 PRUNE = (
     "lib/gcc",
+    "lib/jvm",
+    "lib/R",
     "lib/git-core",
     "lib/node_modules",
     "lib/x86_64-linux-gnu/openblas-pthread",
@@ -219,16 +225,15 @@ def test_image(registries: Registries, session_dir: Path, python_rootfs: Path) -
 async def open_test_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
     """open_runtime for uml, with guest DNS going nowhere."""
     from appliance.cubelet.runtimes import CubeVSPolicies
-    from appliance.net.policy import NetworkPolicy
     from appliance.net.service import CubeVS
     from appliance.runtime.uml.runtime import UmlRuntime
 
     async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs, NetworkPolicy))
+        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
 
 
 @pytest.fixture
-def uml_service_config() -> Iterator[Config]:
+def uml_service_config(registries: Registries) -> Iterator[Config]:
     _default_rootfs_image()
     # Short paths: unix socket paths (mconsole) must fit in 107 bytes.
     work = Path(tempfile.mkdtemp(prefix="cubetest-tpl-"))
@@ -249,6 +254,7 @@ def uml_service_config() -> Iterator[Config]:
         host_network=TEST_HOST_NETWORK,
         uid_base=TEST_UID_BASE,
         allow_unenforced_network=True,
+        extra={"insecure_registries": registries.plain_http_hosts},
     )
     shutil.rmtree(work, ignore_errors=True)
 

@@ -12,6 +12,7 @@ import pytest
 
 from appliance.templates.ext4 import Ext4Error, build_ext4
 from appliance.templates.guest_setup import PYTHON_NET_SETUP, prepare_rootfs, start_script
+from appliance.templates.untrusted_tree import Tree
 
 
 def make_rootfs(root: Path) -> Path:
@@ -23,6 +24,7 @@ def make_rootfs(root: Path) -> Path:
     return rootfs
 
 
+@pytest.mark.root
 def test_agent_imports_with_nothing_but_what_was_injected(scratch: Path) -> None:
     rootfs = make_rootfs(scratch)
     prepare_rootfs(rootfs, ("/app/serve", "--port", "8080"), {"MODE": "it's prod"}, "/app", "web", ())
@@ -45,6 +47,7 @@ def test_agent_imports_with_nothing_but_what_was_injected(scratch: Path) -> None
         assert loaded and all(line.endswith(".pyc'") for line in loaded), loaded
 
 
+@pytest.mark.root
 def test_init_and_start_scripts(scratch: Path) -> None:
     rootfs = make_rootfs(scratch)
     prepare_rootfs(
@@ -69,6 +72,7 @@ def test_init_and_start_scripts(scratch: Path) -> None:
     assert (rootfs / "home/user").stat().st_uid == 1000
 
 
+@pytest.mark.root
 def test_scratch_image_gets_root_and_user_accounts(scratch: Path) -> None:
     rootfs = scratch / "rootfs"
     rootfs.mkdir()
@@ -81,11 +85,11 @@ def test_scratch_image_gets_root_and_user_accounts(scratch: Path) -> None:
 
 
 def test_root_start_script_execs_directly_and_unknown_users_fail(scratch: Path) -> None:
-    rootfs = make_rootfs(scratch)
-    assert "exec /bin/app\n" in start_script(rootfs, ("/bin/app",), {}, "/", "")
-    assert "--reuid=1234 --regid=1234" in start_script(rootfs, ("/bin/app",), {}, "/", "1234")
-    with pytest.raises(ValueError, match="user 'ghost' does not exist"):
-        start_script(rootfs, ("/bin/app",), {}, "/", "ghost")
+    with Tree.open(make_rootfs(scratch)) as rootfs:
+        assert "exec /bin/app\n" in start_script(rootfs, ("/bin/app",), {}, "/", "")
+        assert "--reuid=1234 --regid=1234" in start_script(rootfs, ("/bin/app",), {}, "/", "1234")
+        with pytest.raises(ValueError, match="user 'ghost' does not exist"):
+            start_script(rootfs, ("/bin/app",), {}, "/", "ghost")
 
 
 async def test_ext4_refuses_when_the_host_disk_is_too_small(
@@ -115,6 +119,7 @@ async def test_ext4_holds_content_plus_writable_space(scratch: Path) -> None:
     assert free_blocks * 4096 >= 32 << 20
 
 
+@pytest.mark.root
 def test_python_network_fallback_configures_the_interface() -> None:
     """Slim images have neither ip nor ifconfig: the init's ioctl fallback, run in a private netns."""
     if shutil.which("unshare") is None or shutil.which("ip") is None or os.geteuid() != 0:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import pytest
 from registry_world import Entry, compress, layer_tar
 
 from appliance.templates.manifests import DigestMismatch
-from appliance.templates.unpack import UnpackError, apply_layer, resolve_in_root
+from appliance.templates.unpack import UnpackError, apply_layer
+from appliance.templates.untrusted_tree import NotRegularFile, Tree
 
 
 def write_layer(
@@ -28,16 +31,45 @@ def rootfs(scratch: Path) -> Path:
     return path
 
 
-def test_resolve_in_root_clamps_dotdot_and_absolute_symlinks(rootfs: Path) -> None:
+def test_tree_lookups_clamp_dotdot_and_absolute_symlinks_to_the_root(rootfs: Path) -> None:
     (rootfs / "etc").mkdir()
+    (rootfs / "etc/passwd").write_text("inside")
     (rootfs / "abs").symlink_to("/etc")
     (rootfs / "up").symlink_to("../../../../..")
-    assert resolve_in_root(rootfs, "../../etc/passwd") == rootfs / "etc/passwd"
-    assert resolve_in_root(rootfs, "abs/passwd") == rootfs / "etc/passwd"
-    assert resolve_in_root(rootfs, "up/etc/passwd") == rootfs / "etc/passwd"
-    assert resolve_in_root(rootfs, "abs") == rootfs / "abs", "the last component is not followed"
+    with Tree.open(rootfs) as tree:
+        for path in ("../../etc/passwd", "abs/passwd", "up/etc/passwd", "/up/up/abs/passwd"):
+            assert tree.read_text(path) == "inside", path
+        tree.write_bytes("up/abs/new", b"made")
+        assert tree.lstat("abs") is not None and tree.is_dir("abs") and not tree.is_dir("abs", follow=False)
+    assert (rootfs / "etc/new").read_bytes() == b"made"
 
 
+@pytest.mark.root
+def test_tree_never_opens_what_is_not_a_regular_file(rootfs: Path) -> None:
+    """A device node an image plants is a live host device: only an O_PATH fd may touch it."""
+    os.mknod(rootfs / "zero", stat.S_IFCHR | 0o666, os.makedev(1, 5))  # /dev/zero
+    os.mkfifo(rootfs / "fifo")
+    (rootfs / "link").symlink_to("zero")
+    with Tree.open(rootfs) as tree:
+        for name in ("zero", "fifo", "link"):
+            assert tree.read_bytes(name) is None, name
+        with pytest.raises(NotRegularFile):
+            tree.open_regular("zero", os.O_WRONLY)
+
+
+@pytest.mark.root
+def test_tree_makedirs_creates_a_dangling_links_target_inside(rootfs: Path) -> None:
+    (rootfs / "opt").symlink_to("/elsewhere/opt")
+    (rootfs / "up").symlink_to("../../../../../../srv")
+    with Tree.open(rootfs) as tree:
+        tree.makedirs("/opt/app/bin")
+        tree.makedirs("/up/data")
+        assert not tree.crosses_symlink("/elsewhere/opt/app") and tree.crosses_symlink("/opt/app")
+    assert (rootfs / "elsewhere/opt/app/bin").is_dir() and (rootfs / "srv/data").is_dir()
+    assert (rootfs / "opt").is_symlink()
+
+
+@pytest.mark.root
 def test_whiteout_of_a_directory_removes_the_tree_and_opaque_keeps_same_layer_entries(
     scratch: Path, rootfs: Path
 ) -> None:
@@ -79,6 +111,7 @@ def test_hardlink_outside_the_rootfs_is_clamped(scratch: Path, rootfs: Path) -> 
         apply_layer(rootfs, layer, diff_id, "layer")
 
 
+@pytest.mark.root
 def test_content_that_does_not_match_the_diff_id_is_refused(scratch: Path, rootfs: Path) -> None:
     layer, _ = write_layer(scratch, "layer", [Entry("a.txt", data=b"a")], "none")
     with pytest.raises(DigestMismatch, match="the image config says sha256:0000"):

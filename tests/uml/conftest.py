@@ -8,7 +8,7 @@
 - `cubevs`: a CubeVS started for the test, whose resolver forwards to a dead
   loopback port (no test traffic leaves the host); `runtime`: an `UmlRuntime` over it.
 - `boot`: `async with boot(slot) as (instance, spec):` one running sandbox,
-  killed at exit.
+  killed at exit; claimed open (`umlguests.claim`) unless `claimed=False`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import umlguests
 
 from appliance.config import Config
 from appliance.net.service import CubeVS
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec
 from appliance.runtime.uml.instance import UmlInstance
 from appliance.runtime.uml.runtime import UmlRuntime
-from appliance.templates.manifest import TemplateManifest
 
 TEST_HOST_NETWORK = "10.231.0.0/24"
 TEST_UID_BASE = 310_000
@@ -61,13 +61,15 @@ async def runtime(uml_config: Config, cubevs: CubeVS) -> UmlRuntime:
 @pytest.fixture
 def boot(runtime: UmlRuntime, uml_config: Config, default_template: TemplateManifest) -> Boot:
     @asynccontextmanager
-    async def booted(slot: int = 0) -> AsyncIterator[tuple[UmlInstance, BootSpec]]:
+    async def booted(slot: int = 0, claimed: bool = True) -> AsyncIterator[tuple[UmlInstance, BootSpec]]:
         spec = BootSpec.for_template(
             uml_config, default_template, "cubetest-uml-" + secrets.token_hex(4), slot
         )
         async with trio.open_nursery() as nursery:
             instance = await nursery.start(runtime.run, spec)
             assert isinstance(instance, UmlInstance)
+            if claimed:
+                await umlguests.claim(instance)
             yield instance, spec
             nursery.cancel_scope.cancel()
 

@@ -24,14 +24,14 @@ from appliance.net.addressing import Addressing
 from appliance.runtime.base import ENVD_PORT, BootSpec, BootStalled, GuestExited
 from appliance.runtime.detect import find_uml_kernel
 from appliance.runtime.uml.cgroups import CGROUP_ROOT
-from appliance.runtime.uml.runtime import UmlRuntime, http_status
+from appliance.runtime.uml.runtime import UmlRuntime
 
 if TYPE_CHECKING:
     from conftest import Boot
 
     from appliance.config import Config
     from appliance.net.service import CubeVS
-    from appliance.templates.manifest import TemplateManifest
+    from appliance.records import TemplateManifest
 
 pytestmark = [pytest.mark.uml, pytest.mark.slow]
 
@@ -133,11 +133,21 @@ async def test_guest_exit_is_reported_and_cleaned_up(
             host, _ = instance.endpoint(ENVD_PORT)  # type: ignore[attr-defined]
             # The init powers the guest off when its agent dies.
             try:
-                await run_command(host, "kill -9 $(pgrep -x cube-agent)", user="root", timeout=5)
+                await run_command(
+                    host, "kill -9 $(pgrep -x cube-agent)", user="root", timeout=5, token=spec.agent_token
+                )
             except httpx.HTTPError:
                 pass  # the agent died mid-answer
     assert len(errors) == 1 and "powering off" in errors[0].console_tail, errors
     assert leftovers(uml_config, spec) == []
+
+
+async def http_status(host: str, port: int, timeout: float = 1.0) -> int | None:
+    """The status of envd's `GET /health`, or None when nothing answered within `timeout`."""
+    with trio.move_on_after(timeout):
+        async with httpx.AsyncClient(timeout=None, trust_env=False) as client:
+            return (await client.get(f"http://{host}:{port}/health")).status_code
+    return None
 
 
 async def test_pause_freezes_and_resume_unfreezes(boot: Boot) -> None:

@@ -7,19 +7,24 @@ from the uml runtime (default template), watching its cgroup's memory.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import socket
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from umlguests import default_template, private_config
+from umlguests import claim, default_template, private_config
 
 from appliance.config import Config
 from appliance.cubelet.envd_client import run_command
 from appliance.net.service import CubeVS
+from appliance.records import TemplateManifest
 from appliance.runtime.base import BootSpec
 from appliance.runtime.uml.balloon import kernel_has_balloon
 from appliance.runtime.uml.instance import UmlInstance
@@ -30,7 +35,6 @@ from appliance.runtime.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from appliance.runtime.virtio.vhost_user.backend import VhostUserBackend
 from appliance.runtime.virtio.vhost_user.memory import FrontendMemory
 from appliance.runtime.virtio.vhost_user.uml_frontend import missing_prerequisite, run_uml
-from appliance.templates.manifest import TemplateManifest
 
 DRIVERS = ["virtio_balloon"]
 MISSING = missing_prerequisite(DRIVERS)
@@ -194,6 +198,7 @@ async def test_sandbox_gives_freed_memory_back(
     async with trio.open_nursery() as nursery:
         instance = await nursery.start(runtime.run, spec)
         assert isinstance(instance, UmlInstance)
+        await claim(instance)  # opens its agent to run_command
         host = instance.host_ip
 
         filled = await run_command(host, f"dd if=/dev/zero of=/dev/shm/big bs=1M count={FILLED_MIB}")
@@ -215,3 +220,156 @@ async def test_sandbox_gives_freed_memory_back(
         assert again.exit_code == 0 and again.stdout.split() == ["0", "alive"], again
         nursery.cancel_scope.cancel()
     assert not spec.sandbox_dir.exists()
+
+
+# ---- a hostile frontend: one sandbox must never take the service down -----------------------
+
+# The service side, in its own process so that a SIGBUS (how a mapped memory file that its
+# owner truncated used to end the service) is observed instead of ending the test run: two
+# sandboxes' balloons served exactly as the runtime serves them (SandboxBalloon.serve).
+SERVICE = """
+import json, logging, sys
+from pathlib import Path
+import trio
+from appliance.runtime.uml.balloon import SandboxBalloon
+from appliance.runtime.virtio.balloon.device import VirtioBalloon
+from appliance.runtime.virtio.vhost_user.backend import VhostUserBackend
+
+async def main() -> None:
+    balloons = {}
+    for name in ("attacker", "victim"):
+        backend = VhostUserBackend(VirtioBalloon(), Path(sys.argv[1]) / name)
+        balloons[name] = SandboxBalloon(backend.device, backend, backend.listen())
+    async with trio.open_nursery() as nursery:
+        for name, balloon in balloons.items():
+            nursery.start_soon(balloon.serve, name)
+        print("listening", flush=True)
+        await trio.wrap_file(sys.stdin).read()  # until the test closes our stdin
+        nursery.cancel_scope.cancel()
+    print(json.dumps({n: b.device.metrics.released_bytes for n, b in balloons.items()}), flush=True)
+
+logging.basicConfig(level=logging.WARNING)
+trio.run(main)
+"""
+
+# vhost-user requests the frontend below sends (QEMU's docs/interop/vhost-user.rst).
+GET_FEATURES, SET_FEATURES, SET_OWNER, SET_MEM_TABLE = 1, 2, 3, 5
+SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, SET_VRING_KICK, SET_VRING_CALL = 8, 9, 10, 12, 13
+RAM_GPA, RAM_SIZE, RAM_USER_ADDR, RING_SIZE = 0x100000, 4 * MIB, 0x7F00_0000_0000, 8
+
+
+class HostileFrontend:
+    """What a UML process under the sandbox's control can do: serve the balloon its own memory
+    file over vhost-user, post free page reports, and truncate that file whenever it likes."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.memory = os.memfd_create("frontend-ram")
+        os.ftruncate(self.memory, RAM_SIZE)
+        os.pwrite(self.memory, b"\xaa" * RAM_SIZE, 0)
+        self.kicks = [os.eventfd(0) for _ in range(3)]  # one per queue: a kick names its queue
+        self.kick = self.kicks[REPORTING_QUEUE]
+        self.call = os.eventfd(0, os.EFD_NONBLOCK)
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.reports = 0
+
+    def ring(self, queue: int) -> tuple[int, int, int]:
+        base = RAM_GPA + 3 * 0x1000 * queue  # desc, avail, used: a page each
+        return base, base + 0x1000, base + 0x2000
+
+    async def send(self, request: int, payload: bytes = b"", fd: int | None = None) -> None:
+        message = struct.pack("<III", request, 1, len(payload)) + payload
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))] if fd is not None else []
+        await self.sock.sendmsg([message], ancillary)
+
+    async def connect(self) -> None:
+        await self.sock.connect(str(self.socket_path))
+        await self.send(GET_FEATURES)
+        reply = await self.sock.recv(12 + 8)
+        features = struct.unpack_from("<Q", reply, 12)[0] & ~(1 << 30)  # no protocol features
+        await self.send(SET_FEATURES, struct.pack("<Q", features))
+        await self.send(SET_OWNER)
+        table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", RAM_GPA, RAM_SIZE, RAM_USER_ADDR, 0)
+        await self.send(SET_MEM_TABLE, table, self.memory)
+        for queue in range(3):
+            desc, avail, used = (a - RAM_GPA + RAM_USER_ADDR for a in self.ring(queue))
+            await self.send(SET_VRING_NUM, struct.pack("<II", queue, RING_SIZE))
+            await self.send(SET_VRING_BASE, struct.pack("<II", queue, 0))
+            await self.send(SET_VRING_ADDR, struct.pack("<IIQQQQ", queue, 0, desc, used, avail, 0))
+            await self.send(SET_VRING_CALL, struct.pack("<Q", queue), self.call)
+            await self.send(SET_VRING_KICK, struct.pack("<Q", queue), self.kicks[queue])
+
+    def post_report(self, offset: int) -> None:
+        """Report RAM [offset, offset + 1 MiB) free on the reporting queue (not kicked yet)."""
+        desc, avail, _used = (a - RAM_GPA for a in self.ring(REPORTING_QUEUE))
+        slot = self.reports % RING_SIZE
+        os.pwrite(
+            self.memory, struct.pack("<QIHH", RAM_GPA + offset, MIB, VIRTQ_DESC_F_WRITE, 0), desc + 16 * slot
+        )
+        os.pwrite(self.memory, struct.pack("<H", slot), avail + 4 + 2 * slot)
+        self.reports += 1
+        os.pwrite(self.memory, struct.pack("<HH", 0, self.reports), avail)
+
+    def returned(self) -> int:
+        _desc, _avail, used = (a - RAM_GPA for a in self.ring(REPORTING_QUEUE))
+        return int(struct.unpack("<H", os.pread(self.memory, 2, used + 2))[0])
+
+    async def report(self, offset: int) -> None:
+        self.post_report(offset)
+        os.eventfd_write(self.kick, 1)
+        with trio.fail_after(30):
+            while self.returned() != self.reports:
+                await trio.sleep(0.01)
+
+    def allocated(self) -> int:
+        return os.fstat(self.memory).st_blocks * 512
+
+    def close(self) -> None:
+        self.sock.close()
+        for fd in (self.memory, *self.kicks, self.call):
+            os.close(fd)
+
+
+async def test_truncated_memory_file_stops_only_that_balloon(tmp_path: Path) -> None:
+    service = await trio.lowlevel.open_process(
+        [sys.executable, "-c", SERVICE, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    attacker, victim = HostileFrontend(tmp_path / "attacker"), HostileFrontend(tmp_path / "victim")
+    try:
+        assert service.stdout is not None and service.stdin is not None
+        with trio.fail_after(30):
+            assert (await service.stdout.receive_some(64)).startswith(b"listening")
+        await attacker.connect()
+        await victim.connect()
+        await attacker.report(MIB)
+        assert attacker.allocated() == RAM_SIZE - MIB  # a working balloon until now
+
+        # The attack: a report is waiting, the memory file is cut to nothing, then the kick.
+        attacker.post_report(2 * MIB)
+        os.ftruncate(attacker.memory, 0)
+        os.eventfd_write(attacker.kick, 1)
+        with trio.fail_after(30):
+            assert await attacker.sock.recv(1) == b""  # the service ended that balloon's session
+        assert service.returncode is None, f"the service died (status {service.returncode})"
+
+        # Another sandbox's balloon is served as before.
+        await victim.report(MIB)
+        await victim.report(2 * MIB)
+        assert victim.allocated() == RAM_SIZE - 2 * MIB
+        await service.stdin.aclose()
+        with trio.fail_after(30):
+            await service.wait()
+        output = (await service.stdout.receive_some(4096)).decode()
+        errors = (await service.stderr.receive_some(65536)).decode() if service.stderr else ""
+        assert service.returncode == 0, errors
+        assert json.loads(output.strip().splitlines()[-1]) == {"attacker": MIB, "victim": 2 * MIB}
+        assert "attacker: balloon backend stopped" in errors and "FrontendMemoryGone" in errors, errors
+    finally:
+        if service.returncode is None:
+            service.kill()
+            await service.wait()
+        attacker.close()
+        victim.close()

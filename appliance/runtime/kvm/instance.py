@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -19,11 +20,33 @@ from appliance.runtime.virtio.device import VirtioDevice
 
 # In the sandbox's directory while it is paused: the pause's diff snapshot.
 PAUSED_SNAPSHOT_DIR = "kvm-paused"
+# Beside a template snapshot: the boot token its guest's agent holds, and so every clone's.
+AGENT_TOKEN_FILE = "agent-token"
 
 
 def copy_sparse(source: Path, target: Path) -> None:
     """Copy keeping holes (and sharing blocks where the filesystem can reflink)."""
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)], check=True)
+
+
+def save_agent_token(directory: Path, token: str) -> None:
+    fd = os.open(
+        directory / AGENT_TOKEN_FILE,
+        os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o600,
+    )
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+
+
+def snapshot_agent_token(directory: Path) -> str:
+    """The boot token a template snapshot's agent holds. The clones of one snapshot all hold it
+    (it is in their memory and on their /proc/cmdline): safe only because /init kills it, and
+    the cubelet sends /init before anything else. "" if unknown."""
+    try:
+        return (directory / AGENT_TOKEN_FILE).read_text().strip()
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -40,6 +63,7 @@ class KvmInstance:
     # Its virtio devices: stopped with the vCPUs (host-side I/O must not write guest memory
     # while a pause's diff or a snapshot holds it).
     devices: list[VirtioDevice] = field(default_factory=list)
+    agent_token: str = field(default="", repr=False)  # see Instance.agent_token
     _run_scope: trio.CancelScope | None = None
     _resumed: trio.Event | None = None
     _paused: trio.Event | None = None
@@ -103,6 +127,7 @@ class KvmInstance:
         try:
             await trio.to_thread.run_sync(self.machine.snapshot, directory)  # flushes the disk
             await trio.to_thread.run_sync(copy_sparse, self.disk_overlay, directory / OVERLAY_NAME)
+            save_agent_token(directory, self.agent_token)
         finally:
             self._continue_vcpus()
 

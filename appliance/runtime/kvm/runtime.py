@@ -29,7 +29,6 @@ guest kernel configured (`detect_host` says which, and why not).
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -38,18 +37,18 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
 from appliance.config import Config
+from appliance.guest.options import BOOT_TOKEN_PARAMETER
 from appliance.net.netns import entered
-from appliance.net.policy import NetworkPolicy
 from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, HostBusy, Instance
 from appliance.runtime.detect import detect_host, find_guest_kernel
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
 from appliance.runtime.kvm.console import SerialConsole
-from appliance.runtime.kvm.instance import PAUSED_SNAPSHOT_DIR, KvmInstance, copy_sparse
+from appliance.runtime.kvm.instance import PAUSED_SNAPSHOT_DIR, KvmInstance, copy_sparse, snapshot_agent_token
 from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.pool import ShellPool
 from appliance.runtime.kvm.snapshot import STATE_FILE
@@ -61,6 +60,7 @@ from appliance.runtime.kvm.template_snapshots import (
     TemplateUnservable,
 )
 from appliance.runtime.kvm.vcpu import VcpuExit, VcpuFault
+from appliance.runtime.readiness import ReadinessProbe
 from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
@@ -73,6 +73,9 @@ from appliance.runtime.virtio.vsock.device import VirtioVsock
 from cffi_kvm import Kvm
 
 __all__ = ["OVERLAY_NAME", "PAUSED_SNAPSHOT_DIR", "KvmInstance", "KvmRuntime", "TemplateUnservable"]
+
+if TYPE_CHECKING:
+    from appliance.records import TemplateManifest
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +192,7 @@ class Handover:
 
 class KvmRuntime:
     name = "kvm"
+    snapshots_templates = True  # into the snapshot store, at a published template's first boot
 
     def __init__(self, config: Config, cubevs: Any) -> None:
         self.config = config
@@ -239,9 +243,14 @@ class KvmRuntime:
         """Published templates get a snapshot; a build's throwaway guests do not."""
         return template_dir.parent == self.config.templates_dir
 
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """Nothing: a build's probe guest is a throwaway; the published template's first kvm
+        boot (its first create, or the service's start-up warm-up) is what gets snapshotted,
+        into the store keyed by kernel, template, VMM and size (template_snapshots.py)."""
+
     async def run(
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    ) -> NoReturn:
         kernel = self.guest_kernel(spec.sandbox_id)
         self.check_memory(spec)
         source = await self._source(spec, kernel)
@@ -249,6 +258,7 @@ class KvmRuntime:
         try:
             await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, spec.disk)
             await self._run_sandbox(spec, kernel, source, handover)
+            raise AssertionError("_run_sandbox returned")  # it raises GuestExited when the guest stops
         except Exception as exc:
             if handover.done or source.key is None:
                 raise
@@ -293,7 +303,7 @@ class KvmRuntime:
     async def _run_sandbox(
         self, spec: BootSpec, kernel: Path, source: GuestSource, handover: Handover
     ) -> None:
-        policy = NetworkPolicy.from_e2b(spec.network_policy)
+        policy = spec.network_policy
         pool = self.pool_for(source.snapshot) if source.snapshot is not None else None
         async with contextlib.AsyncExitStack() as resources:
             async with trio.open_nursery() as setting_up:
@@ -349,7 +359,10 @@ class KvmRuntime:
             for transport in transports:
                 resources.callback(transport.close)
             if pool is None:
-                await self._load_kernel(machine, kernel, transports, net.resolver_ip, spec.cpu_count)
+                await self._load_kernel(machine, kernel, transports, net.resolver_ip, spec)
+            # A clone's agent holds the boot token of the guest its template was snapshotted from.
+            assert source.snapshot is None or pool is not None
+            agent_token = snapshot_agent_token(source.snapshot) if source.snapshot else spec.agent_token
             instance = KvmInstance(
                 spec.sandbox_id,
                 console.path,
@@ -359,19 +372,24 @@ class KvmRuntime:
                 console=console,
                 restored=pool is not None,
                 devices=[device for _name, device in devices],
+                agent_token=agent_token,
             )
             await self._serve(spec, instance, serial, devices, transports, source, handover)
 
     @staticmethod
     async def _load_kernel(
-        machine: Machine, kernel: Path, transports: list[MmioTransport], resolver_ip: str, cpu_count: int
+        machine: Machine, kernel: Path, transports: list[MmioTransport], resolver_ip: str, spec: BootSpec
     ) -> None:
         # The default template's init reads cube_* words (the kernel hands them to it as
-        # environment); a template snapshot keeps what its boot got.
-        identity = [f"cube_hostname={GUEST_HOSTNAME}", f"cube_resolver={resolver_ip}"]
+        # environment), the agent its boot token; a template snapshot keeps what its boot got.
+        identity = [
+            f"cube_hostname={GUEST_HOSTNAME}",
+            f"cube_resolver={resolver_ip}",
+            f"{BOOT_TOKEN_PARAMETER}={spec.agent_token}",
+        ]
         cmdline = " ".join([KERNEL_CMDLINE, *identity, *(cmdline_device(t.base, t.irq) for t in transports)])
         entry = await trio.to_thread.run_sync(load_linux, machine.memory, kernel, cmdline)
-        prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry, cpu_count)
+        prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry, spec.cpu_count)
 
     async def _serve(
         self,
@@ -438,20 +456,17 @@ class KvmRuntime:
         assert instance.console is not None
         port = spec.template.probe_port or ENVD_PORT
         timeout = self._boot_timeout()
+        probe = ReadinessProbe((instance.host_ip, port), None, attempt_timeout_s=timeout)
         with trio.move_on_after(timeout):
             if not instance.restored:
                 await instance.console.ready.wait()
-            while not stopped:
-                try:
-                    stream = await trio.open_tcp_stream(instance.host_ip, port)
-                except OSError as e:
-                    if e.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ETIMEDOUT, None):
-                        raise
-                    await trio.sleep(PROBE_INTERVAL_S)
-                    continue
-                await stream.aclose()
+            if await probe.wait(PROBE_INTERVAL_S, gave_up=lambda: bool(stopped)):
                 return
-        why = f"guest stopped: {stopped[0]}" if stopped else f"no answer on port {port} in {timeout:.0f} s"
+        why = (
+            f"guest stopped: {stopped[0]}"
+            if stopped
+            else f"no answer on port {port} in {timeout:.0f} s ({probe.last_error})"
+        )
         raise BootFailed(spec.sandbox_id, why, instance.console.tail())
 
     async def _snapshot_template(

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import trio
 
+from appliance.records import MANIFEST_NAME, TemplateManifest
 from appliance.runtime.base import BootFailed
 from appliance.runtime.kvm.snapshot import FORMAT_VERSION, MEMORY_FILE, STATE_FILE
-from appliance.templates.manifest import MANIFEST_NAME, TemplateManifest
 
 KEY_FILE = "key.json"
 OVERLAY_NAME = "rootfs.overlay"  # the template guest's disk overlay at the snapshot

@@ -19,7 +19,6 @@ the guest only loses its reporting.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -27,6 +26,7 @@ from types import TracebackType
 
 import trio
 
+from appliance.runtime.uml.kernel import kernel_config
 from appliance.runtime.virtio.balloon.device import VirtioBalloon
 from appliance.runtime.virtio.device import DEVICE_ID_BALLOON
 from appliance.runtime.virtio.vhost_user.backend import VhostUserBackend
@@ -34,17 +34,12 @@ from appliance.runtime.virtio.vhost_user.backend import VhostUserBackend
 log = logging.getLogger(__name__)
 
 BALLOON_SOCKET = "balloon"  # in the vm directory; shorter than the mconsole client's name
-BALLOON_OPTION = "CONFIG_VIRTIO_BALLOON=y"
+BALLOON_OPTION = "CONFIG_VIRTIO_BALLOON"
 
 
-@functools.cache  # asked at every boot; a kernel path's content never changes (keyed by config hash)
 def kernel_has_balloon(kernel: Path) -> bool:
-    """Built kernels keep their .config beside them (`config`); Debian's linux.uml has the
-    driver only as a module, which sandboxes cannot load."""
-    try:
-        return BALLOON_OPTION in kernel.with_name("config").read_text().splitlines()
-    except OSError:
-        return False
+    """Built in (a module, as in Debian's linux.uml, is of no use: sandboxes load none)."""
+    return kernel_config(kernel).get(BALLOON_OPTION) == "y"
 
 
 class SandboxBalloon:

@@ -9,15 +9,18 @@ is one host pid until bwrap forks, and it is the service's child):
    private tmpfs (moved over /tmp): the vm directory, the base image and the kernel
    (bind mounts, so the unprivileged uid needs no access to their real
    parents, e.g. the 0700 state dir) and a /dev/net/tun node owned by the
-   sandbox uid (/dev/net/tun itself is root-only).
+   sandbox uid (/dev/net/tun itself is root-only), and the root-owned
+   directory the mconsole client's sockets live in (mconsole.py).
 3. `setpriv`: the sandbox uid, no groups, every capability dropped (bounding
-   and inheritable sets too), no_new_privs, SIGKILL when the service dies;
-   `setarch --addr-no-randomize`: a fixed memory layout (see launcher_argv).
+   and inheritable sets too), no_new_privs, SIGKILL when the service dies.
+   Address space layout randomization stays on (see launcher_argv).
 4. `bwrap`: user/pid/ipc/uts/cgroup namespaces and a root that holds only the
    kernel, its libraries, the read-only base image, the vm directory, a fresh
    /dev and /proc, and a tmpfs for the guest's memory file; then the seccomp
-   deny-list (see seccomp.py). UML's built-in hostfs, where the kernel has it,
-   finds nothing of the host there.
+   allow-list (see seccomp.py). The kernel is the namespace's pid 1
+   (`--as-pid-1`): no process of bwrap's stays in there without the filter,
+   for a kernel that was taken over to attach to. Kernels with hostfs are
+   refused (kernel.py: refuse_unsafe_kernel).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import functools
 import re
 import shlex
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from appliance.guest.options import BOOT_TOKEN_PARAMETER
 
 # Paths inside the confined root.
 KERNEL_INSIDE = "/cube/linux"
@@ -46,8 +51,9 @@ LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 class LaunchPlan:
     kernel: Path
     base_image: Path
-    vm_dir: Path  # owned by the sandbox uid: COW file, uml_dir, mconsole client sockets
+    vm_dir: Path  # owned by the sandbox uid: COW file, uml_dir (the mconsole socket)
     stage_dir: Path  # an empty root-only directory: the launcher's staging mount point
+    reply_dir: Path  # root's, 0711: the mconsole client's sockets, which the guest answers
     memory_mb: int
     uid: int
     netns_path: str
@@ -58,6 +64,7 @@ class LaunchPlan:
     hostname: str = "sandbox"
     # `virtio_uml.device=<socket>:5` of the sandbox's balloon (uml/balloon.py), if it has one.
     balloon_argument: str | None = None
+    agent_token: str = field(default="", repr=False)  # BootSpec.agent_token
 
     @property
     def cow_file(self) -> Path:
@@ -76,16 +83,16 @@ class LaunchPlan:
         return self.uml_dir / self.umid / "mconsole"
 
 
-# sun_path holds 107 bytes; the mconsole client binds `<vm_dir>/mc-XXXXXXXX` beside it.
+# sun_path holds 107 bytes; the mconsole client binds `<reply_dir>/mc-XXXXXXXX`.
 MAX_SOCKET_PATH = 107
 
 
 def check_paths(plan: LaunchPlan) -> None:
     """UML silently runs without mconsole when its socket path is too long: refuse instead."""
-    longest = max(len(str(plan.mconsole_socket)), len(str(plan.vm_dir / "mc-00000000")))
+    longest = max(len(str(plan.mconsole_socket)), len(str(plan.reply_dir / "mc-00000000")))
     if longest > MAX_SOCKET_PATH:
         raise ValueError(
-            f"sandbox directory {plan.vm_dir} is too deep for unix sockets "
+            f"sandbox directory {plan.vm_dir.parent} is too deep for unix sockets "
             f"({longest} > {MAX_SOCKET_PATH} bytes): use a shorter state_dir"
         )
 
@@ -120,6 +127,10 @@ def kernel_command_line(plan: LaunchPlan) -> list[str]:
         f"cube_resolver={plan.resolver_ip}",
         f"cube_netdev={GUEST_NETDEV}",
         *([plan.balloon_argument] if plan.balloon_argument else []),
+        # The agent's boot token: a dotted word never reaches init's environment; with `quiet`
+        # the kernel does not print its command line to the console log (which users read).
+        # The UML process's argv is readable by the host's local users (docs/SECURITY.md).
+        f"{BOOT_TOKEN_PARAMETER}={plan.agent_token}",
     ]
 
 
@@ -140,9 +151,10 @@ def _stage_script(plan: LaunchPlan) -> str:
     # /tmp, where the sandbox uid can reach it (sources may live under /tmp too).
     return (
         "set -e\n" + join_cgroups + f"mount -t tmpfs -o mode=0711,size=64k cube-uml-stage {stage}\n"
-        f"mkdir {stage}/vm\n"
+        f"mkdir {stage}/vm {stage}/reply\n"
         f"touch {stage}/base {stage}/linux\n"
         f"mount --bind {q(str(plan.vm_dir))} {stage}/vm\n"
+        f"mount --bind {q(str(plan.reply_dir))} {stage}/reply\n"
         f"mount --bind {q(str(plan.base_image))} {stage}/base\n"
         f"mount --bind {q(str(plan.kernel))} {stage}/linux\n"
         f"mknod -m 600 {stage}/tun c 10 200\n"
@@ -164,16 +176,18 @@ def launcher_argv(plan: LaunchPlan) -> list[str]:
         "--pdeathsig=KILL",
         "--",
     ]
-    # No address randomization for the kernel process: UML extends its physical memory over the
-    # gap between its binary and the heap start (randomized, up to 1 GiB), and initializes page
-    # structs for that gap in the memory file: up to 16 MiB more host memory per sandbox (6 MiB
-    # median measured) and a guest MemTotal that varies by as much. (The kernel binary is not
-    # position-independent: its code and guest memory sit at fixed addresses regardless.)
-    fixed_layout = ["setarch", "--addr-no-randomize", "--"]
+    # Address space layout randomization stays on: libraries, stack, vDSO and heap of the kernel
+    # process land at random places (its own code and guest memory are fixed: UML is not
+    # position-independent). The price: UML counts the gap between its binary and the
+    # randomized heap start as physical memory and initializes page structs for it, 64 bytes
+    # per 4 KiB of gap. The gap is up to 32 MiB on host kernels before 6.9 (< 0.5 MiB of page
+    # structs) and up to 1 GiB since (< 16 MiB, inside HOST_OVERHEAD_MB); MemTotal in the
+    # guest varies by as much.
     bwrap = [
         "bwrap",
         "--die-with-parent",
         "--new-session",
+        "--as-pid-1",
         "--unshare-user",
         "--unshare-pid",
         "--unshare-ipc",
@@ -191,6 +205,7 @@ def launcher_argv(plan: LaunchPlan) -> list[str]:
     bwrap += [
         "--ro-bind", f"{STAGE}/base", str(plan.base_image),
         "--bind", f"{STAGE}/vm", str(plan.vm_dir),
+        "--ro-bind", f"{STAGE}/reply", str(plan.reply_dir),
         "--dev", "/dev",
         "--dev-bind", f"{STAGE}/tun", "/dev/net/tun",
         "--proc", "/proc",
@@ -214,7 +229,6 @@ def launcher_argv(plan: LaunchPlan) -> list[str]:
         _stage_script(plan),
         "cube-uml-launch",
         *setpriv,
-        *fixed_layout,
         *bwrap,
     ]
 

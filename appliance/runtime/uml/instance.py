@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.runtime.uml.cgroups import SandboxCgroup
@@ -15,6 +15,7 @@ from appliance.runtime.uml.mconsole import Mconsole
 class UmlInstance:
     sandbox_id: str
     console_log: Path
+    agent_token: str = field(repr=False)
     host_ip: str
     mconsole: Mconsole
     cgroup: SandboxCgroup
@@ -60,6 +61,3 @@ class UmlInstance:
             return self.cgroup.memory_usage_bytes()
         except FileNotFoundError:
             return 0
-
-    def console_tail(self, max_bytes: int = 4096) -> str:
-        return self.console.tail(max_bytes)

@@ -1,7 +1,8 @@
 """Build the sandbox UML kernel from Debian's `linux-source` (ARCH=um), cached by input hash.
 
 Inputs: the source tarball (`/usr/src/linux-source-<ver>.tar.xz`, from the
-`linux-source` package) and the config fragment `image/uml/sandbox.config`.
+`linux-source` package), the patches in `image/uml/patches/` (applied in name
+order) and the config fragment `image/uml/sandbox.config`.
 Output: `<cache_dir>/kernels/uml-<hash>/linux` (+ the final `.config` beside it),
 which `appliance.runtime.detect.find_uml_kernel` picks up. A build runs only when
 that file is missing; it takes ~7 minutes on two cores, so make runs under
@@ -10,6 +11,7 @@ that file is missing; it takes ~7 minutes on two cores, so make runs under
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -27,6 +29,7 @@ from appliance.config import IMAGE_DIR, Config
 from appliance.progress import Progress, shown
 
 FRAGMENT = IMAGE_DIR / "uml" / "sandbox.config"
+PATCH_DIR = IMAGE_DIR / "uml" / "patches"
 SOURCE_DIR = Path("/usr/src")
 # Objects a `make ARCH=um linux` with our config compiles; only used to turn the
 # count of "CC"/"AS"/"LD" lines into a fraction, so being off just skews the bar.
@@ -52,15 +55,53 @@ def find_kernel_source(source_dir: Path = SOURCE_DIR) -> KernelSource:
     return KernelSource(tarball, version or f"size-{tarball.stat().st_size}")
 
 
-def kernel_key(source: KernelSource, fragment: Path = FRAGMENT) -> str:
+def kernel_patches(patch_dir: Path = PATCH_DIR) -> list[Path]:
+    return sorted(patch_dir.glob("*.patch")) if patch_dir.is_dir() else []
+
+
+def kernel_key(source: KernelSource, fragment: Path = FRAGMENT, patch_dir: Path = PATCH_DIR) -> str:
     digest = hashlib.sha256()
     digest.update(source.tarball.name.encode() + b"\0" + source.version.encode() + b"\0")
     digest.update(fragment.read_bytes())
+    for patch in kernel_patches(patch_dir):
+        digest.update(b"\0patch\0" + patch.name.encode() + b"\0" + patch.read_bytes())
     return "uml-" + digest.hexdigest()[:16]
 
 
 def kernel_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / "kernels" / key / "linux"
+
+
+# Options a sandbox kernel must not have, and why.
+FORBIDDEN_OPTIONS = {
+    "CONFIG_HOSTFS": "hostfs lets the guest mount whatever the UML process can see",
+}
+
+
+@functools.cache  # asked at every runtime start and boot; a kernel path's content does not change
+def kernel_config(kernel: Path) -> dict[str, str]:
+    """CONFIG_X → value of the options the kernel binary itself says it was built with
+    (`--showconfig`: UML prints its .config and exits before touching anything)."""
+    try:
+        out = subprocess.run(
+            [str(kernel), "--showconfig"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{kernel} --showconfig failed: {e}") from e
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(CONFIG_\w+)=(.*)$", out, re.MULTILINE)}
+
+
+def refuse_unsafe_kernel(kernel: Path) -> None:
+    """Raise RuntimeError if `kernel` has an option sandboxes must not have (built in or a module)."""
+    config = kernel_config(kernel)
+    if "CONFIG_UML" not in config:
+        raise RuntimeError(f"{kernel} printed no UML kernel configuration (--showconfig)")
+    found = [f"{name}={config[name]} ({why})" for name, why in FORBIDDEN_OPTIONS.items() if name in config]
+    if found:
+        raise RuntimeError(
+            f"UML kernel {kernel} is refused for sandboxes: {'; '.join(found)}. "
+            "Build the sandbox kernel (`cube image build-uml-kernel`) or set uml_kernel to one without it"
+        )
 
 
 def fragment_options(fragment: Path) -> dict[str, str | None]:
@@ -139,6 +180,8 @@ async def build_kernel(
     log = work / "build.log"
     report("unpacking linux-source", None)
     await _run_logged(["tar", "-xf", str(source.tarball), "--strip-components=1"], work, log)
+    for patch in kernel_patches():
+        await _run_logged(["patch", "-p1", "--forward", "-i", str(patch)], work, log)
 
     report("configuring", None)
     make = ["make", "ARCH=um", "SUBARCH=x86_64"]

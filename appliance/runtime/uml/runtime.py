@@ -18,26 +18,31 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
 from appliance.config import Config
-from appliance.net.policy import NetworkPolicy
+from appliance.net.addressing import Addressing
 from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, BootStalled, GuestExited, Instance
-from appliance.runtime.detect import DEBIAN_UML, find_uml_kernel
+from appliance.runtime.detect import find_uml_kernel
+from appliance.runtime.readiness import ReadinessProbe
 from appliance.runtime.uml.balloon import SandboxBalloon
-from appliance.runtime.uml.cgroups import SandboxCgroup, create_cgroup, sweep_empty_leaves
+from appliance.runtime.uml.cgroups import SandboxCgroup, create_cgroup, io_limits_for, sweep_empty_leaves
 from appliance.runtime.uml.command import LaunchPlan, check_paths, launcher_argv, launcher_environment
 from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.uml.instance import UmlInstance
+from appliance.runtime.uml.kernel import refuse_unsafe_kernel
 from appliance.runtime.uml.mconsole import Mconsole
 from appliance.runtime.uml.process import SpawnedProcess, spawn
 from appliance.runtime.uml.seccomp import compile_filter, filter_fd
+from appliance.runtime.uml.uids import SUBID_FILES, check_uid_range
 
 if TYPE_CHECKING:
     from appliance.net.service import CubeVS, SandboxNetwork
+    from appliance.records import TemplateManifest
 
 log = logging.getLogger(__name__)
 
@@ -61,34 +66,42 @@ CONSOLE_LOG = "console.log"
 VM_DIR = "vm"
 COW_FILE = "disk.cow"  # in VM_DIR: LaunchPlan.cow_file
 STAGE_DIR = "stage"
+REPLY_DIR = "reply"  # LaunchPlan.reply_dir
 
 
 class UmlRuntime:
     name = "uml"
+    snapshots_templates = False  # a template's fast start is the cubelet's warm pool
 
-    def __init__(self, config: Config, cubevs: CubeVS) -> None:
+    def __init__(self, config: Config, cubevs: CubeVS, *, subid_files: Sequence[Path] = SUBID_FILES) -> None:
         kernel = find_uml_kernel(config)
         if kernel is None:
-            raise RuntimeError(
-                "no UML kernel: run `cube image build-uml-kernel` (or apt-get install user-mode-linux)"
-            )
-        if kernel == DEBIAN_UML:
-            log.warning(
-                "uml runtime: using Debian's linux.uml (slower boot, hostfs built in); "
-                "run `cube image build-uml-kernel`"
-            )
+            raise RuntimeError("no UML kernel: run `cube image build-uml-kernel`")
+        refuse_unsafe_kernel(kernel)  # e.g. Debian's linux.uml: hostfs built in
+        check_uid_range(config.uid_base, Addressing(config.host_network).max_slots, subid_files)
         self.config = config
         self.kernel = kernel
+        disk = next(p for p in (config.sandboxes_dir, *config.sandboxes_dir.parents) if p.exists())
+        self.io_limits = io_limits_for(disk, config.uml_io_bps_max, config.uml_io_iops_max)
+        if self.io_limits.device is None:
+            log.warning("uml runtime: sandboxes get no IO limit: %s", self.io_limits.unavailable)
         self._cubevs = cubevs
         self._seccomp = compile_filter()
-        if swept := sweep_empty_leaves():
+        # A sandbox this service had still has its directory (removed at a clean teardown).
+        if swept := sweep_empty_leaves(lambda sandbox_id: (config.sandboxes_dir / sandbox_id).is_dir()):
             log.info("uml runtime: removed %d stale cgroup leaves: %s", len(swept), ", ".join(swept))
+
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """Nothing to keep of the build's guest: the warm pool boots fresh ones."""
+
+    def close(self) -> None:
+        """Nothing is kept between sandboxes."""
 
     async def run(
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    ) -> NoReturn:
         uid = self.config.uid_base + spec.slot
-        policy = NetworkPolicy.from_e2b(spec.network_policy)
+        policy = spec.network_policy
         async with self._cubevs.sandbox_network(spec.sandbox_id, spec.slot, uid, policy) as net:
             try:
                 await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, uid)
@@ -96,7 +109,7 @@ class UmlRuntime:
                     await trio.to_thread.run_sync(_adopt_disk, spec.disk, spec.sandbox_dir, uid)
                 limit = (spec.memory_mb + HOST_OVERHEAD_MB) << 20
                 cgroup = await trio.to_thread.run_sync(
-                    create_cgroup, spec.sandbox_id, limit, spec.cpu_count, spec.background
+                    create_cgroup, spec.sandbox_id, limit, spec.cpu_count, spec.background, self.io_limits
                 )
                 try:
                     with SandboxBalloon.open(spec.sandbox_dir / VM_DIR, uid, self.kernel) as balloon:
@@ -116,7 +129,7 @@ class UmlRuntime:
         uid: int,
         task_status: trio.TaskStatus[Instance],
         balloon: SandboxBalloon,
-    ) -> None:
+    ) -> NoReturn:
         vm_dir = spec.sandbox_dir / VM_DIR
         seccomp_fd = filter_fd(self._seccomp)
         try:
@@ -125,6 +138,7 @@ class UmlRuntime:
                 base_image=spec.template.rootfs,
                 vm_dir=vm_dir,
                 stage_dir=spec.sandbox_dir / STAGE_DIR,
+                reply_dir=spec.sandbox_dir / REPLY_DIR,
                 memory_mb=spec.memory_mb,
                 uid=uid,
                 netns_path=net.netns_path,
@@ -133,6 +147,7 @@ class UmlRuntime:
                 seccomp_fd=seccomp_fd,
                 resolver_ip=net.resolver_ip,
                 balloon_argument=balloon.kernel_argument(),
+                agent_token=spec.agent_token,
             )
             try:
                 check_paths(plan)
@@ -171,7 +186,8 @@ class UmlRuntime:
                         await _first_of(console.ready, exited)
                         if not exited.is_set():
                             probe_timeout = self.config.guest_agent_timeout_s * PROBE_TIMEOUT_SHARE
-                            await _wait_healthy(net.host_ip, ENVD_PORT, exited, probe_timeout)
+                            probe = ReadinessProbe((net.host_ip, ENVD_PORT), "/health", probe_timeout)
+                            await probe.wait(PROBE_INTERVAL_S, gave_up=exited.is_set)
                     if exited.is_set():
                         await _drain(console)
                         failure = BootFailed(
@@ -193,8 +209,9 @@ class UmlRuntime:
                         instance = UmlInstance(
                             sandbox_id=spec.sandbox_id,
                             console_log=console.path,
+                            agent_token=spec.agent_token,
                             host_ip=net.host_ip,
-                            mconsole=Mconsole(plan.mconsole_socket, vm_dir, uid),
+                            mconsole=Mconsole(plan.mconsole_socket, vm_dir, plan.reply_dir, uid),
                             cgroup=cgroup,
                             console=console,
                             boot_seconds=trio.current_time() - started,
@@ -225,10 +242,12 @@ def _adopt_disk(disk: Path, sandbox_dir: Path, uid: int) -> None:
 
 
 def _prepare_sandbox_dir(sandbox_dir: Path, uid: int) -> None:
-    """The sandbox directory: root's (console log), with `vm/` for the guest's uid."""
+    """The sandbox directory: root's (console log, `reply/`), with `vm/` for the guest's uid."""
     shutil.rmtree(sandbox_dir, ignore_errors=True)  # a crashed service's leftovers
     sandbox_dir.mkdir(parents=True, mode=0o700)
     (sandbox_dir / STAGE_DIR).mkdir(mode=0o700)
+    (sandbox_dir / REPLY_DIR).mkdir()
+    os.chmod(sandbox_dir / REPLY_DIR, 0o711)  # the guest reaches a socket there, never lists or adds
     vm_dir = sandbox_dir / VM_DIR
     (vm_dir / "uml").mkdir(parents=True, mode=0o700)
     for directory in (vm_dir, vm_dir / "uml"):
@@ -236,7 +255,8 @@ def _prepare_sandbox_dir(sandbox_dir: Path, uid: int) -> None:
 
 
 class _GuestInit:
-    """A pidfd on the guest's pid-namespace init (bwrap's inner process), taken once the guest runs.
+    """A pidfd on the guest's pid-namespace init (the UML kernel process: `bwrap --as-pid-1`),
+    taken once the guest runs.
 
     When the guest exits on its own, bwrap's outer process (our child) exits as soon as the
     init reports the exit status, before the init itself is reaped: it is then an orphan of
@@ -337,30 +357,3 @@ async def _drain(console: ConsoleLog) -> None:
     """Give the console pump a moment to copy the guest's last words."""
     with trio.move_on_after(0.5):
         await console.finished.wait()
-
-
-async def http_status(host: str, port: int, path: str = "/health", timeout: float = 1.0) -> int | None:
-    """Status code of `GET path`, or None when nothing answers (yet)."""
-    with trio.move_on_after(timeout):
-        try:
-            stream = await trio.open_tcp_stream(host, port)
-            async with stream:
-                request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
-                await stream.send_all(request.encode())
-                head = b""
-                while b"\r\n" not in head:
-                    chunk = await stream.receive_some(4096)
-                    if not chunk:
-                        return None
-                    head += chunk
-                return int(head.split(b" ", 2)[1])
-        except (OSError, ValueError, IndexError, trio.BrokenResourceError):
-            return None
-    return None
-
-
-async def _wait_healthy(host: str, port: int, exited: trio.Event, probe_timeout: float) -> None:
-    while not exited.is_set():
-        if await http_status(host, port, timeout=probe_timeout) in (200, 204):
-            return
-        await trio.sleep(PROBE_INTERVAL_S)

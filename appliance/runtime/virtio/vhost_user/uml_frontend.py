@@ -3,9 +3,9 @@
 Boots a throwaway UML kernel whose init runs a shell script (tests, `cube bench
 kvm`). Its root filesystem is a small ext4 image (ubd0) holding a static busybox,
 the virtio driver modules the script needs and the script. Two kernels qualify:
-the UML kernel built into the cache (drivers built in; no initrd, no vsock) and
-Debian's linux.uml (drivers as modules; vsock yes, virtio-rng no), so the kernel
-is picked by the drivers a script needs. The guest has no network beyond what
+the UML kernel built into the cache (drivers built in, vsock too; no initrd) and
+Debian's linux.uml (drivers as modules; no virtio-rng; it does not boot on CPUs with
+AMX), so the kernel is picked by the drivers a script needs. The guest has no network beyond what
 the caller gives it; its console (stdout) comes back as text.
 """
 
@@ -105,9 +105,8 @@ def missing_prerequisite(drivers: list[str]) -> str | None:
         return "no mkfs.ext4 (install e2fsprogs)"
     if kernel_for(drivers) is None:
         return (
-            f"no UML kernel with {', '.join(drivers)}: Debian's linux.uml has virtio blk/net/vsock "
-            "as modules but no virtio-rng; the built UML kernel (/var/cache/cube/kernels/uml-*/linux) has "
-            "blk/net/rng built in but no vsock"
+            f"no UML kernel with {', '.join(drivers)}: build one (`cube image build-uml-kernel`: "
+            "blk/net/vsock/rng/balloon built in); Debian's linux.uml has virtio blk/net/vsock as modules"
         )
     return None
 

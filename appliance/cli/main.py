@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,40 +28,14 @@ from appliance.bench.files import files_bench
 from appliance.bench.floor import floor_command
 from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
+from appliance.cli.common import api_key_option, emit, json_option, print_table
+from appliance.cli.templates import BUILD_COMMANDS
 from appliance.config import load_config
+from appliance.errors import first_leaf
 from appliance.master.upgrade import upgrade_command
 from appliance.runtime.kvm.kernel import build_kvm_kernel
 from appliance.runtime.uml.kernel import build_uml_kernel
-from appliance.templates.cli import BUILD_COMMANDS
 from appliance.templates.default import build_default
-
-
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    if not rows:
-        click.echo("(none)")
-        return
-    cells = [[str(row.get(c) if row.get(c) is not None else "") for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
-
-
-def emit(data: Any, as_json: bool, columns: Sequence[str]) -> None:
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-    elif isinstance(data, list):
-        print_table(data, columns)
-    else:
-        for key, value in data.items():
-            if not isinstance(value, list | dict):
-                click.echo(f"{key}: {value}")
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-api_key_option = click.option(
-    "--api-key", envvar="CUBE_API_KEY", default=None, help="API key (default: admin token)."
-)
 
 
 @click.group()
@@ -99,10 +72,7 @@ def serve(config: Any) -> None:
         matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew))
         if matching is None:
             raise
-        cause: BaseException = matching
-        while isinstance(cause, BaseExceptionGroup):
-            cause = cause.exceptions[0]
-        raise click.ClickException(str(cause)) from group
+        raise click.ClickException(str(first_leaf(matching))) from group
 
 
 @main.command()
@@ -330,15 +300,22 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", required=True, help="Who or what the key is for.")
+@click.option(
+    "--team",
+    default=None,
+    help="Put the key in this existing team (it shares the team's sandboxes and templates); "
+    "default: a new team of its own.",
+)
 @json_option
 @click.pass_obj
-def keys_create(config: Any, name: str, as_json: bool) -> None:
+def keys_create(config: Any, name: str, team: str | None, as_json: bool) -> None:
     """Create a key; it is shown once."""
-    created = ApiClient.from_config(config).json("POST", "/cube/keys", json={"name": name})
+    body = {"name": name} if team is None else {"name": name, "team": team}
+    created = ApiClient.from_config(config).json("POST", "/cube/keys", json=body)
     if as_json:
         click.echo(json.dumps(created, indent=2))
     else:
-        click.echo(f"id {created['id']} ({created['name']})\n{created['key']}")
+        click.echo(f"id {created['id']} ({created['name']}, team {created['team']})\n{created['key']}")
 
 
 @keys.command("list")
@@ -347,7 +324,7 @@ def keys_create(config: Any, name: str, as_json: bool) -> None:
 def keys_list(config: Any, as_json: bool) -> None:
     """Keys (never their secrets)."""
     rows = ApiClient.from_config(config).json("GET", "/cube/keys")
-    emit(rows, as_json, ["id", "name", "prefix", "createdAt", "lastUsedAt", "revokedAt"])
+    emit(rows, as_json, ["id", "name", "team", "prefix", "createdAt", "lastUsedAt", "revokedAt"])
 
 
 @keys.command("revoke")

@@ -1,6 +1,6 @@
 """Template build verbs of `cube tpl` / `cubemastercli tpl`, talking to the running service over HTTP.
 
-appliance.cli adds them to its `tpl` group: `for c in BUILD_COMMANDS: tpl.add_command(c)`.
+cli/main.py adds them to its `tpl` group: `for c in BUILD_COMMANDS: tpl.add_command(c)`.
 Credentials and the service URL come the way appliance.api.client finds them.
 """
 
@@ -18,14 +18,12 @@ from typing import Any
 import click
 
 from appliance.api.client import ApiClient
+from appliance.cli.common import api_key_option, emit, json_option
 from appliance.config import Config, load_config
 from appliance.templates.build_context import OUTSIDE_DOCKERFILE
 from appliance.templates.dockerignore import IgnoreRules
 
 _POLL_INTERVAL_S = 0.5
-api_key_option = click.option(
-    "--api-key", envvar="CUBE_API_KEY", default=None, help="API key (default: admin token)."
-)
 
 
 def _client(api_key: str | None) -> ApiClient:
@@ -215,17 +213,14 @@ def cache() -> None:
     """The build caches: layer blobs and Dockerfile step snapshots (LRU, size-capped)."""
 
 
-_json_flag = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 _CACHE_COLUMNS = ["kind", "name", "size", "last_used", "in_use"]
 
 
 @cache.command("list")
-@_json_flag
+@json_option
 @api_key_option
 def cache_list(as_json: bool, api_key: str | None) -> None:
     """Cache entries, least recently used (first to be evicted) first."""
-    from appliance.cli import emit  # the CLI's table printer (appliance.cli imports this module)
-
     data = _client(api_key).json("GET", "/templates/build-cache")
     if as_json:
         emit(data, True, [])
@@ -237,12 +232,10 @@ def cache_list(as_json: bool, api_key: str | None) -> None:
 @cache.command("prune")
 @click.option("--max-size", help="Evict least recently used entries down to this size (default: the cap).")
 @click.option("--all", "everything", is_flag=True, help="Evict everything no running build uses.")
-@_json_flag
+@json_option
 @api_key_option
 def cache_prune(max_size: str | None, everything: bool, as_json: bool, api_key: str | None) -> None:
     """Evict cache entries; what a running build uses stays."""
-    from appliance.cli import emit
-
     body: dict[str, Any] = {"all": True} if everything else {"max_size": max_size} if max_size else {}
     data = _client(api_key).json("POST", "/templates/build-cache/prune", json=body)
     if as_json:

@@ -1,0 +1,285 @@
+"""Guests as tasks: boot, deadline, pause and resume, end.
+
+Every guest is a task in the cubelet's nursery (`_sandbox_task`) owning a lifetime
+`CancelScope` (cancel = kill) and, inside it, a deadline scope whose deadline is
+the E2B timeout (`set_timeout` and `connect` move it). The runtime's `run()` is a
+child of that task, so cancelling the lifetime tears the guest down; the task
+forgets the guest (its slot is free again) only once `run()` has ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from appliance.config import Config
+from appliance.cubelet.capacity import BootCapacity
+from appliance.cubelet.envd_client import GuestAgent
+from appliance.cubelet.sandboxes import (
+    LiveSandbox,
+    OutOfMemoryBudget,
+    SandboxNotFound,
+    SandboxStartFailed,
+    SandboxTable,
+)
+from appliance.cubelet.state import SandboxState
+from appliance.errors import first_leaf
+from appliance.net.policy import NetworkPolicy
+from appliance.records import SandboxRecord, TemplateManifest
+from appliance.runtime.base import (
+    ENVD_PORT,
+    BootStalled,
+    GuestExited,
+    GuestFailure,
+    HostBusy,
+    Instance,
+    Runtime,
+)
+from appliance.runtime.readiness import ReadinessProbe
+
+log = logging.getLogger(__name__)
+
+# A guest whose default kernel is not up by then counts as broken (refills boot at a low CPU weight).
+FULLY_READY_TIMEOUT_S = 180.0
+# A template's own service (its probe, e.g. an image's web server) gets this long after the agent.
+TEMPLATE_PROBE_TIMEOUT_S = 60.0
+TEMPLATE_PROBE_INTERVAL_S = 0.05
+CONSOLE_TAIL_LOGGED = 800
+
+
+def trio_deadline_for(end_at_unix: float) -> float:
+    return trio.current_time() + (end_at_unix - time.time())
+
+
+class GuestLifecycle:
+    def __init__(
+        self,
+        config: Config,
+        runtime: Runtime,
+        table: SandboxTable,
+        capacity: BootCapacity,
+        make_room: Callable[[TemplateManifest], Awaitable[None]],
+    ) -> None:
+        self.config = config
+        # Frees memory for a cold boot or refuses it (`WarmPools.make_room`: OutOfMemoryBudget).
+        self._make_room = make_room
+        self.runtime = runtime
+        self.table = table
+        self.capacity = capacity
+        self.nursery: trio.Nursery | None = None  # the cubelet's, while it runs
+
+    def _running(self) -> trio.Nursery:
+        assert self.nursery is not None, "cubelet is not running"
+        return self.nursery
+
+    # Booting.
+
+    async def boot(self, template: TemplateManifest, network_policy: NetworkPolicy) -> LiveSandbox:
+        """A cold boot for a caller who waits for it (create, template builds); returns once the
+        guest agent answers (READY). The boot keeps its place in the boot capacity until the
+        guest's default kernel has started too: that start is as CPU-bound as the boot, and
+        boots queued behind it would otherwise run out their timeout on a busy host."""
+        live: LiveSandbox = await self._running().start(self._cold_boot, template, network_policy)
+        return live
+
+    async def _cold_boot(
+        self,
+        template: TemplateManifest,
+        network_policy: NetworkPolicy,
+        *,
+        task_status: trio.TaskStatus[LiveSandbox],
+    ) -> None:
+        async with self.capacity.cold_boot():
+            await self._make_room(template)
+            live = self.table.add(template, network_policy)
+            try:
+                await self.start(live)
+            except SandboxStartFailed as exc:
+                if not isinstance(first_leaf(exc.__cause__ or exc), BootStalled):
+                    raise
+                log.warning("retrying the stalled boot of %s once", live.sandbox_id)
+                live = self.table.add(template, network_policy)
+                await self.start(live)
+            task_status.started(live)
+            await self.until_fully_ready_or_gone(live)
+
+    async def start(self, live: LiveSandbox) -> None:
+        """Boot `live`'s guest in the cubelet's nursery; returns once its agent answers (READY).
+        Raises SandboxStartFailed (the guest is then gone)."""
+        try:
+            # From here on `_sandbox_task` owns `live` and forgets it however it ends.
+            await self._running().start(self._sandbox_task, live)
+        except BaseException as exc:
+            if not live.gone.is_set():
+                self.table.forget(live)  # cancelled before `_sandbox_task` ran
+            if not isinstance(exc, Exception):
+                raise
+            # BootFailed, GuestExited or anything the runtime raised while booting
+            cause = first_leaf(exc)
+            tail = cause.console_tail[-CONSOLE_TAIL_LOGGED:] if isinstance(cause, GuestFailure) else ""
+            log.warning(
+                "boot of %s failed: %r%s", live.sandbox_id, cause, f"; console tail:\n{tail}" if tail else ""
+            )
+            if isinstance(cause, GuestExited):
+                raise SandboxStartFailed(f"guest exited while booting: {cause.reason}") from exc
+            if isinstance(cause, HostBusy):  # nothing was started: the client may retry (503)
+                raise OutOfMemoryBudget(cause.reason) from exc
+            raise SandboxStartFailed(str(cause)) from exc
+
+    async def until_fully_ready_or_gone(self, live: LiveSandbox) -> None:
+        """Until the guest's default kernel answers, the guest is gone, or FULLY_READY_TIMEOUT_S."""
+        instance = self._instance(live)
+        with trio.move_on_after(FULLY_READY_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+
+                async def until_gone() -> None:
+                    await live.gone.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until_gone)
+                await instance.wait_fully_ready()
+                nursery.cancel_scope.cancel()
+
+    async def until_template_ready(self, live: LiveSandbox) -> None:
+        """Until the template's own probe answers (an image's service on its port), for guests that
+        become users' sandboxes: a sandbox's ports work once its create returns. The runtimes hand
+        a guest over once its agent answers; only kvm's restores also wait for the probe port.
+        Raises SandboxStartFailed (and kills the guest) if it does not answer in time."""
+        template = live.template
+        if not template.probe_port or template.probe_port == ENVD_PORT:
+            return
+        probe = ReadinessProbe(
+            self._instance(live).endpoint(template.probe_port), template.probe_path, TEMPLATE_PROBE_TIMEOUT_S
+        )
+        with trio.move_on_after(TEMPLATE_PROBE_TIMEOUT_S):
+            if await probe.wait(TEMPLATE_PROBE_INTERVAL_S, gave_up=live.gone.is_set):
+                return
+        self.terminate(live, "the template's probe did not answer")
+        raise SandboxStartFailed(
+            f"the template's service did not answer ({probe.describe()} on port {template.probe_port}) "
+            f"within {TEMPLATE_PROBE_TIMEOUT_S:.0f} s: {probe.last_error}"
+        )
+
+    # A guest's task.
+
+    async def _sandbox_task(self, live: LiveSandbox, *, task_status: trio.TaskStatus[LiveSandbox]) -> None:
+        try:
+            with live.lifetime:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        live.instance = await nursery.start(self._run_guest, live)
+                        live.agent = GuestAgent(
+                            live.instance.endpoint(ENVD_PORT),
+                            self.config.guest_agent_timeout_s,
+                            boot_token=live.instance.agent_token,
+                        )
+                        if live.state is SandboxState.BOOTING:  # not killed while the runtime handed it over
+                            self.table.transition(live, SandboxState.READY)
+                        task_status.started(live)
+                        await self._watch_deadline(live)
+                except Exception as exc:
+                    if live.instance is None:
+                        raise  # a boot failure: `start` reports it
+                    # One sandbox's runtime failing must not take the node down: record it, it is dead.
+                    log.exception("sandbox %s failed", live.sandbox_id)
+                    live.end_reason = f"runtime failure: {first_leaf(exc)!r}"
+        finally:
+            self.table.forget(live)
+            if live.agent is not None:
+                with trio.CancelScope(shield=True):
+                    await live.agent.aclose()
+
+    async def _run_guest(self, live: LiveSandbox, *, task_status: trio.TaskStatus[Instance]) -> None:
+        """The runtime's `run()`, which never returns (runtime.base): GuestExited once the guest
+        was handed over is its end; anything else raised ends `_sandbox_task`."""
+        try:
+            await self.runtime.run(live.spec, task_status=task_status)
+            raise AssertionError(f"the {self.runtime.name} runtime's run() returned")  # a contract breach
+        except GuestExited as exc:
+            if live.instance is None:
+                raise  # it exited while booting: the boot failed
+            # The operator's only trace of why: the console log is deleted with the sandbox.
+            tail = exc.console_tail[-CONSOLE_TAIL_LOGGED:]
+            log.warning(
+                "sandbox %s is dead: %s%s",
+                live.sandbox_id,
+                exc.reason,
+                f"; console tail:\n{tail}" if tail else "",
+            )
+            self.terminate(live, f"guest exited: {exc.reason}")
+
+    async def _watch_deadline(self, live: LiveSandbox) -> None:
+        while True:
+            with trio.CancelScope(deadline=live.deadline) as live.deadline_scope:
+                await trio.sleep_forever()
+            live.deadline_scope = None
+            if live.state is not SandboxState.RUNNING or live.deadline > trio.current_time():
+                continue  # the deadline moved while the scope was being torn down
+            if self._record(live).on_timeout == "pause":
+                await self.pause(live, reason="timeout (auto-pause)")
+                continue  # a pause that raised ends the sandbox through _sandbox_task
+            self.terminate(live, "timeout")
+            return
+
+    # Changes of a user's sandbox.
+
+    def terminate(self, live: LiveSandbox, reason: str) -> None:
+        """End the guest for its users now (ENDING) and start its teardown (`forget` completes it)."""
+        self.table.end(live, reason)
+        live.lifetime.cancel()
+
+    async def pause(self, live: LiveSandbox, reason: str) -> bool:
+        """Freeze a running sandbox (no deadline while paused). False if it was already paused."""
+        async with live.changing:
+            if live.state is SandboxState.PAUSED:
+                return False
+            self._expect(live, SandboxState.RUNNING)
+            await self._instance(live).pause()
+            self._expect(live, SandboxState.RUNNING)  # not killed meanwhile
+            live.set_deadline(math.inf)
+            self.table.transition(live, SandboxState.PAUSED, reason)
+            return True
+
+    async def resume_or_extend(self, live: LiveSandbox, timeout_s: int) -> bool:
+        """Resume a paused sandbox with `timeout_s` to run, or give a running one at least that
+        long (never shorten it). True if it was resumed."""
+        record = self._record(live)
+        async with live.changing:
+            resumed = live.state is SandboxState.PAUSED
+            if resumed:
+                await self._instance(live).resume()
+                self._expect(live, SandboxState.PAUSED)  # not killed meanwhile
+                record.end_at = time.time() + timeout_s
+                self.table.transition(live, SandboxState.RUNNING, "resumed by connect")
+            else:
+                self._expect(live, SandboxState.RUNNING)
+                record.end_at = max(record.end_at, time.time() + timeout_s)
+                self.table.save(live)
+            live.set_deadline(trio_deadline_for(record.end_at))
+        return resumed
+
+    def set_timeout(self, live: LiveSandbox, timeout_s: int) -> None:
+        record = self._record(live)
+        record.end_at = time.time() + timeout_s
+        if live.state is SandboxState.RUNNING:
+            live.set_deadline(trio_deadline_for(record.end_at))
+        self.table.save(live)
+
+    @staticmethod
+    def _expect(live: LiveSandbox, state: SandboxState) -> None:
+        if live.state is not state:
+            raise SandboxNotFound(live.sandbox_id)
+
+    @staticmethod
+    def _instance(live: LiveSandbox) -> Instance:
+        assert live.instance is not None, "the guest was not handed over yet"
+        return live.instance
+
+    @staticmethod
+    def _record(live: LiveSandbox) -> SandboxRecord:
+        assert live.record is not None, "not a user's sandbox"
+        return live.record
