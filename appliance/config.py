@@ -56,6 +56,8 @@ class Config:
     # Live (running or paused) sandboxes one team may have at once; a create past it is a 429.
     # 0: no cap. The admin token is not capped (the memory budget still is).
     max_sandboxes_per_team: int = 100
+    # What one volume (`/volumes`, master/volumes.py) may hold, in MiB.
+    volume_max_mb: int = 1024
     # Per-sandbox IO ceiling on the disk holding state_dir (cgroup v2 io.max, else v1 blkio),
     # for reads and writes each; 0 = unlimited.
     uml_io_bps_max: int = 256 << 20

@@ -48,6 +48,9 @@ class TemplateManifest:
     # The team that built it (appliance/tenancy.py); built-in templates, and any from before
     # templates had owners, are the system's: every team may use them, only the admin change them.
     owner: str = SYSTEM_TEAM
+    # A filesystem snapshot (appliance/master/snapshots.py): the sandbox it was taken from. Its
+    # rootfs is that sandbox's disk at the time; it is never pooled.
+    snapshot_of: str = ""
 
     @property
     def rootfs(self) -> Path:

@@ -15,7 +15,7 @@ from quart import Blueprint, Response
 from quart_trio import QuartTrio
 from quart_trio.wrappers.request import TrioBody, TrioRequest
 
-from appliance.api import admin, health, sandbox_info, sandboxes, templates
+from appliance.api import admin, health, sandbox_info, sandboxes, secrets, snapshots, templates, volumes
 from appliance.api.auth import AUTHENTICATOR, access_of
 from appliance.api.errors import error_response, install_error_handlers
 from appliance.api.services import SERVICES, Services
@@ -32,6 +32,10 @@ BLUEPRINTS = (
     sandboxes.blueprint,
     sandbox_info.blueprint,
     templates.blueprint,
+    snapshots.blueprint,
+    secrets.blueprint,
+    volumes.blueprint,
+    volumes.content,
     admin.blueprint,
 )
 

@@ -42,6 +42,48 @@ SCHEMAS: dict[str, Schema] = {
             "network": {"$ref": "#/components/schemas/Network"},
         },
     },
+    "SnapshotInfo": {
+        "type": "object",
+        "required": ["snapshotID", "names"],
+        "properties": {"snapshotID": STRING, "names": STRINGS},
+    },
+    "ForkResult": {
+        "type": "object",
+        "properties": {"sandbox": {"$ref": "#/components/schemas/Sandbox"}, "error": ERROR_REF},
+    },
+    "Secret": {
+        "type": "object",
+        "required": ["secretID", "name", "currentVersion", "metadata", "createdAt", "updatedAt"],
+        "properties": {
+            "secretID": STRING,
+            "name": STRING,
+            "currentVersion": INTEGER,
+            "metadata": STRING_MAP,
+            "createdAt": STRING,
+            "updatedAt": STRING,
+        },
+    },
+    "Volume": {
+        "type": "object",
+        "required": ["volumeID", "name"],
+        "properties": {"volumeID": STRING, "name": STRING, "token": STRING},
+    },
+    "VolumeEntry": {
+        "type": "object",
+        "properties": {
+            "name": STRING,
+            "type": STRING,
+            "path": STRING,
+            "size": INTEGER,
+            "mode": INTEGER,
+            "uid": INTEGER,
+            "gid": INTEGER,
+            "atime": STRING,
+            "mtime": STRING,
+            "ctime": STRING,
+            "target": STRING,
+        },
+    },
     "Sandbox": {
         "type": "object",
         "required": ["templateID", "sandboxID", "clientID", "envdVersion"],
@@ -149,6 +191,27 @@ LIST_QUERY = {
     "limit": INTEGER,
     "nextToken": STRING,
 }
+SECRET_BODY: Schema = {
+    "type": "object",
+    "required": ["value"],
+    "properties": {"name": STRING, "value": STRING, "metadata": STRING_MAP},
+}
+VOLUME = _path_parameter("volumeID")
+
+
+def content_operation(summary: str, status: str, response: Schema | None = None, **kwargs: Any) -> Schema:
+    """A `/volumecontent` operation: the volume's bearer token, not an API key."""
+    query = {
+        "path": STRING,
+        "uid": INTEGER,
+        "gid": INTEGER,
+        "mode": INTEGER,
+        "force": BOOLEAN,
+        "depth": INTEGER,
+    }
+    return {**_operation(summary, status, response, query=query, **kwargs), "security": [{"VolumeToken": []}]}
+
+
 LOG_QUERY = {"start": INTEGER, "limit": INTEGER}
 CREATE = _operation(
     "Create a sandbox", "201", _ref("Sandbox"), body=_ref("NewSandbox"), errors=("404", "429", "503")
@@ -213,6 +276,97 @@ PATHS: dict[str, Schema] = {
     },
     "/sandboxes/{sandboxID}/logs": {"parameters": SANDBOX, "get": LOGS},
     "/v2/sandboxes/{sandboxID}/logs": {"parameters": SANDBOX, "get": LOGS},
+    "/sandboxes/{sandboxID}/snapshots": {
+        "parameters": SANDBOX,
+        "post": _operation(
+            "Snapshot a sandbox (a template of the caller's team)",
+            "201",
+            _ref("SnapshotInfo"),
+            body={"type": "object", "properties": {"name": STRING, "memory": BOOLEAN}},
+            errors=("404", "409"),
+        ),
+    },
+    "/snapshots": {
+        "get": _operation(
+            "The caller's snapshots",
+            "200",
+            {"type": "array", "items": _ref("SnapshotInfo")},
+            query={"sandboxID": STRING, "name": STRING, "limit": INTEGER, "nextToken": STRING},
+        )
+    },
+    "/sandboxes/{sandboxID}/fork": {
+        "parameters": SANDBOX,
+        "post": _operation(
+            "Fork a sandbox: one result per requested fork",
+            "201",
+            {"type": "array", "items": _ref("ForkResult")},
+            body={"type": "object", "properties": {"timeout": INTEGER, "count": INTEGER}},
+        ),
+    },
+    "/secrets": {
+        "get": _operation(
+            "The team's secrets (never their values)",
+            "200",
+            {"type": "array", "items": _ref("Secret")},
+            query={"limit": INTEGER, "nextToken": STRING},
+        ),
+        "post": _operation(
+            "Create a secret",
+            "201",
+            _ref("Secret"),
+            body=SECRET_BODY,
+            errors=("409",),
+        ),
+    },
+    "/secrets/{secretID}": {
+        "parameters": _path_parameter("secretID"),
+        "get": _operation("A secret (never its value)", "200", _ref("Secret")),
+        "post": _operation("A new version of a secret", "200", _ref("Secret"), body=SECRET_BODY),
+        "delete": _operation("Delete a secret", "204"),
+    },
+    "/volumes": {
+        "get": _operation("The team's volumes", "200", {"type": "array", "items": _ref("Volume")}),
+        "post": _operation(
+            "Create a volume",
+            "201",
+            _ref("Volume"),
+            body={"type": "object", "required": ["name"], "properties": {"name": STRING}},
+            errors=("409",),
+        ),
+    },
+    "/volumes/{volumeID}": {
+        "parameters": VOLUME,
+        "get": _operation("A volume and its content token", "200", _ref("Volume")),
+        "delete": _operation("Destroy a volume", "204"),
+    },
+    "/volumecontent/{volumeID}/path": {
+        "parameters": VOLUME,
+        "get": content_operation("An entry's stat", "200", _ref("VolumeEntry")),
+        "patch": content_operation(
+            "Change an entry's owner or mode",
+            "200",
+            _ref("VolumeEntry"),
+            body={"type": "object", "properties": {"uid": INTEGER, "gid": INTEGER, "mode": INTEGER}},
+        ),
+        "delete": content_operation("Delete an entry", "204"),
+    },
+    "/volumecontent/{volumeID}/dir": {
+        "parameters": VOLUME,
+        "get": content_operation(
+            "A directory listing", "200", {"type": "array", "items": _ref("VolumeEntry")}
+        ),
+        "post": content_operation("Make a directory", "201", _ref("VolumeEntry"), errors=("404", "409")),
+    },
+    "/volumecontent/{volumeID}/file": {
+        "parameters": VOLUME,
+        "get": content_operation("A file's content", "200"),
+        "put": {
+            **content_operation("Write a file (the body)", "201", _ref("VolumeEntry"), errors=("404", "409")),
+            "requestBody": {
+                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+            },
+        },
+    },
     "/templates": {"get": _operation("Templates", "200", {"type": "array", "items": _ref("Template")})},
     "/templates/{templateID}": {
         "parameters": _path_parameter("templateID"),
@@ -304,7 +458,10 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "Cube appliance control plane (E2B-compatible)", "version": __version__},
         "components": {
             "schemas": SCHEMAS,
-            "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"}},
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+                "VolumeToken": {"type": "http", "scheme": "bearer"},
+            },
         },
         "security": [{"ApiKey": []}],
         "paths": PATHS,

@@ -18,6 +18,7 @@ from appliance.api.auth import Access, guarded
 from appliance.api.bodies import created_body, json_response, no_content
 from appliance.api.errors import ApiError
 from appliance.api.network import create_network, update_network
+from appliance.api.secrets import refuse_placeholders
 from appliance.api.services import Services, services
 from appliance.cubelet.cubelet import OutOfMemoryBudget, SandboxRequest, SandboxStartFailed
 from appliance.net.policy import PolicyError
@@ -68,6 +69,7 @@ def sandbox_request(data: dict[str, Any], principal: Principal, s: Services) -> 
         auto_resume = v.optional_bool(auto_resume_value, "enabled", False)
     else:
         auto_resume = v.optional_bool(data, "autoResume", False)
+    refuse_placeholders(data)
     v.optional_bool(data, "allow_internet_access", True)  # its type checked here, its value in create_network
     if data.get("volumeMounts"):
         raise ApiError(400, "volume mounts are not supported by this appliance")

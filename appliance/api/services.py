@@ -12,7 +12,9 @@ from quart import current_app
 from appliance.api.auth import Authenticator
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
+from appliance.master.secrets import SecretStore
 from appliance.master.templates import TemplateRegistry
+from appliance.master.volumes import VolumeStore
 from appliance.records import Store
 
 SERVICES = "cube.services"  # its key in app.extensions
@@ -25,6 +27,8 @@ class Services:
     cubelet: Cubelet
     templates: TemplateRegistry
     auth: Authenticator
+    secrets: SecretStore | None = None  # None: a service without secrets (a test's)
+    volumes: VolumeStore | None = None  # None: a service without volumes (a test's)
     started_at: float = field(default_factory=time.time)
     # Creates under one (team, Idempotency-Key) wait for the first one's answer.
     creates_in_flight: dict[tuple[str, str], trio.Event] = field(default_factory=dict)

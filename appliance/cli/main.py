@@ -28,6 +28,7 @@ from appliance.bench.files import files_bench
 from appliance.bench.floor import floor_command
 from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
+from appliance.bench.snapshot import snapshot_bench
 from appliance.cli.common import api_key_option, emit, json_option, print_table
 from appliance.cli.templates import BUILD_COMMANDS
 from appliance.config import load_config
@@ -374,3 +375,4 @@ bench.add_command(files_bench)
 bench.add_command(floor_command)
 bench.add_command(kvm_command)
 bench.add_command(net_bench)
+bench.add_command(snapshot_bench)

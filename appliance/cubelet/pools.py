@@ -68,6 +68,8 @@ class WarmPools:
         return list(self._pools.get(template_id, ()))
 
     def target(self, template: TemplateManifest) -> int:
+        if template.snapshot_of:
+            return 0  # a snapshot is booted when asked for: pooling each one would hold memory idle
         if self.config.pool_size >= 0:
             return self.config.pool_size
         return min(AUTO_POOL_CAP, self.memory_budget_mb // max(1, template.memory_mb))

@@ -61,7 +61,7 @@ async def carry_over(cubelet: Cubelet, store: Store, state_dir: Path) -> list[st
         try:
             if live.record.state == PAUSED:
                 await live.instance.resume()
-            await _sync_guest(live.instance.endpoint(ENVD_PORT), live.envd_headers())
+            await sync_guest(live.instance.endpoint(ENVD_PORT), live.envd_headers())
             await live.instance.pause()
         except (OSError, httpx.HTTPError, EnvdError) as exc:
             log.warning("sandbox %s not carried over: %r", record.sandbox_id, exc)
@@ -76,7 +76,8 @@ async def carry_over(cubelet: Cubelet, store: Store, state_dir: Path) -> list[st
     return kept
 
 
-async def _sync_guest(endpoint: tuple[str, int], headers: dict[str, str]) -> None:
+async def sync_guest(endpoint: tuple[str, int], headers: dict[str, str]) -> None:
+    """`sync` in the guest (through its agent): its page cache written to its disk."""
     host, port = endpoint
     async with httpx.AsyncClient(headers=headers, timeout=SYNC_TIMEOUT_S, trust_env=False) as http:
         code = await start_process(

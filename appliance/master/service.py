@@ -45,8 +45,10 @@ from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
 from appliance.cubelet.template_sandboxes import CubeletTemplateSandboxes
 from appliance.master import sdnotify
 from appliance.master.carryover import carry_over, restore_carried
+from appliance.master.secrets import SECRETS_DB, SecretStore
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
+from appliance.master.volumes import VolumeStore
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
 from appliance.templates.api import create_blueprint as create_build_blueprint
@@ -126,6 +128,7 @@ async def run_service(
     except BaseException:
         pid_file.unlink(missing_ok=True)
         raise
+    secret_store: SecretStore | None = None
     try:
         reported_dead = store.mark_live_sandboxes_dead(RESTART_REASON)
         if reported_dead:
@@ -134,6 +137,7 @@ async def run_service(
         tls = ensure_tls_files(config.state_dir, config.domain)
         registry = TemplateRegistry(config, store)
         registry.refresh()
+        secret_store = SecretStore(config.state_dir / SECRETS_DB)
         async with runtime_factory(config) as bundle, trio.open_nursery() as nursery:
             cubelet = Cubelet(config, bundle.runtime, store, bundle.network, templates=registry.refresh)
             await nursery.start(cubelet.run)
@@ -146,6 +150,8 @@ async def run_service(
                 cubelet=cubelet,
                 templates=registry,
                 auth=Authenticator(config, store, admin_token),
+                secrets=secret_store,
+                volumes=VolumeStore(config.state_dir, config.volume_max_mb << 20),
             )
             builds = TemplateBuilds(
                 config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)
@@ -186,6 +192,8 @@ async def run_service(
                 await router.aclose()
             nursery.cancel_scope.cancel()
     finally:
+        if secret_store is not None:
+            secret_store.close()
         store.close()
         pid_file.unlink(missing_ok=True)
 

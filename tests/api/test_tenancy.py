@@ -156,6 +156,82 @@ def on_a_sandbox(path: str, **kwargs: Any) -> Check:
     return lambda world, method, _: same_as_missing(world, method, path, **kwargs)
 
 
+def a_secret(world: World) -> str:
+    created = world.a.post("/secrets", json={"name": "a-token", "value": "a-secret-value"})
+    assert created.status_code in (201, 409), created.text
+    return next(str(s["secretID"]) for s in world.a.get("/secrets").json() if s["name"] == "a-token")
+
+
+def secrets_hidden(world: World, method: str, path: str) -> None:
+    secret_id = a_secret(world)
+    listing_hides_a(world, method, path)
+    assert secret_id not in world.b.get(path).text and "a-token" not in world.b.get(path).text
+
+
+def on_a_secret(world: World, method: str, path: str) -> None:
+    """A's secret, by id and by name, is as missing to B as one that never existed."""
+    secret_id = a_secret(world)
+    for name in (secret_id, "a-token"):
+        body = {"value": "overwritten-by-b"} if method == "POST" else None
+        response = world.b.request(method, f"/secrets/{name}", json=body)
+        assert is_e2b_error(response, 404) and response.json()["message"] == f"secret {name} not found"
+    assert world.a.get(f"/secrets/{secret_id}").json()["currentVersion"] == 1
+
+
+def a_volume(world: World) -> dict[str, Any]:
+    """A's volume (made once), holding /kept.txt."""
+    found = [v for v in world.a.get("/volumes").json() if v["name"] == "a-vol"]
+    if found:
+        return dict(world.a.get(f"/volumes/{found[0]['volumeID']}").json())
+    created = world.a.post("/volumes", json={"name": "a-vol"})
+    assert created.status_code == 201, created.text
+    volume = dict(created.json())
+    written = world.a.put(
+        f"/volumecontent/{volume['volumeID']}/file",
+        params={"path": "/kept.txt"},
+        content=b"a's data",
+        headers={"Authorization": f"Bearer {volume['token']}"},
+    )
+    assert written.status_code == 201, written.text
+    return volume
+
+
+def volumes_hidden(world: World, method: str, path: str) -> None:
+    volume = a_volume(world)
+    listing_hides_a(world, method, path)
+    assert volume["volumeID"] not in world.b.get(path).text
+
+
+def on_a_volume(world: World, method: str, path: str) -> None:
+    volume = a_volume(world)
+    theirs = world.b.request(method, f"/volumes/{volume['volumeID']}")
+    missing = world.b.request(method, "/volumes/vol-0000000000000000")
+    assert is_e2b_error(theirs, 404) and is_e2b_error(missing, 404)
+    assert theirs.json()["message"].replace(volume["volumeID"], "X") == missing.json()["message"].replace(
+        "vol-0000000000000000", "X"
+    )
+
+
+def on_a_volumes_content(world: World, method: str, path: str) -> None:
+    """B's own volume token, B's API key, or none, on A's volume: 404, as for no such volume."""
+    volume = a_volume(world)
+    b_volume = world.b.post(
+        "/volumes", json={"name": f"b-vol-{method.lower()}-{path.rpartition('/')[2]}"}
+    ).json()
+    url = path.replace("<volume_id>", volume["volumeID"])
+    for headers in ({"Authorization": f"Bearer {b_volume['token']}"}, {}, {"Authorization": "Bearer x"}):
+        response = world.b.request(
+            method, url, params={"path": "/kept.txt"}, headers=headers, json={} if method == "PATCH" else None
+        )
+        assert is_e2b_error(response, 404), (method, url, response.text)
+    kept = world.a.get(
+        f"/volumecontent/{volume['volumeID']}/file",
+        params={"path": "/kept.txt"},
+        headers={"Authorization": f"Bearer {volume['token']}"},
+    )
+    assert kept.status_code == 200 and kept.content == b"a's data"
+
+
 # (method, rule) -> what B gets when it goes for A's things through it.
 ROUTES: dict[tuple[str, str], Check] = {
     ("GET", "/health"): lambda world, method, path: None,  # public, names nothing
@@ -179,6 +255,27 @@ ROUTES: dict[tuple[str, str], Check] = {
     ),
     ("GET", "/sandboxes/<sandbox_id>/logs"): on_a_sandbox(S + "/logs"),
     ("GET", "/v2/sandboxes/<sandbox_id>/logs"): on_a_sandbox("/v2" + S + "/logs"),
+    ("POST", "/sandboxes/<sandbox_id>/snapshots"): on_a_sandbox(S + "/snapshots", json={}),
+    ("POST", "/sandboxes/<sandbox_id>/fork"): on_a_sandbox(S + "/fork", json={"count": 2}),
+    ("GET", "/snapshots"): lambda world, method, _: listing_hides_a(
+        world, method, f"/snapshots?sandboxID={world.sandbox}"
+    ),
+    ("GET", "/secrets"): secrets_hidden,
+    ("POST", "/secrets"): lambda world, method, path: None,  # makes B's own secret; names nothing of A's
+    ("GET", "/secrets/<secret_id>"): on_a_secret,
+    ("POST", "/secrets/<secret_id>"): on_a_secret,
+    ("DELETE", "/secrets/<secret_id>"): on_a_secret,
+    ("GET", "/volumes"): volumes_hidden,
+    ("POST", "/volumes"): lambda world, method, path: None,  # makes B's own volume; names nothing of A's
+    ("GET", "/volumes/<volume_id>"): on_a_volume,
+    ("DELETE", "/volumes/<volume_id>"): on_a_volume,
+    ("GET", "/volumecontent/<volume_id>/path"): on_a_volumes_content,
+    ("PATCH", "/volumecontent/<volume_id>/path"): on_a_volumes_content,
+    ("DELETE", "/volumecontent/<volume_id>/path"): on_a_volumes_content,
+    ("GET", "/volumecontent/<volume_id>/dir"): on_a_volumes_content,
+    ("POST", "/volumecontent/<volume_id>/dir"): on_a_volumes_content,
+    ("GET", "/volumecontent/<volume_id>/file"): on_a_volumes_content,
+    ("PUT", "/volumecontent/<volume_id>/file"): on_a_volumes_content,
     ("GET", "/templates"): listing_hides_a,
     ("GET", "/templates/<template_id>"): read_a_template,
     ("DELETE", "/templates/<template_id>"): delete_templates,

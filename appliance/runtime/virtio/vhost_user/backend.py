@@ -15,6 +15,7 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,17 @@ class _Session:
     slave_fd: int = -1
     watchers: dict[int, trio.CancelScope] = field(default_factory=dict)
     io_nursery: trio.Nursery = field(init=False)
+
+
+@dataclass
+class _Message:
+    """One frontend request being handled: what its handler reads and the fds it may keep."""
+
+    session: _Session
+    nursery: trio.Nursery
+    request: int
+    payload: bytes
+    fds: list[int]
 
 
 class VhostUserBackend:
@@ -152,91 +164,119 @@ class VhostUserBackend:
     def _handle(
         self, s: _Session, nursery: trio.Nursery, request: int, payload: bytes, fds: list[int]
     ) -> bytes | None:
-        device = self.device
-        if request == GET_FEATURES:
-            return struct.pack("<Q", device.available_features() | F_PROTOCOL_FEATURES)
-        if request == SET_FEATURES:
-            device.ack_features(struct.unpack_from("<Q", payload)[0] & ~F_PROTOCOL_FEATURES)
-        elif request == GET_PROTOCOL_FEATURES:
-            return struct.pack("<Q", OFFERED_PROTOCOL_FEATURES)
-        elif request == SET_PROTOCOL_FEATURES:
-            s.protocol_features = struct.unpack_from("<Q", payload)[0] & OFFERED_PROTOCOL_FEATURES
-        elif request == GET_QUEUE_NUM:
-            return struct.pack("<Q", len(s.vrings))
-        elif request in (SET_OWNER, RESET_OWNER):
-            device.reset()
-        elif request == SET_MEM_TABLE:
-            previous, s.memory = s.memory, FrontendMemory.from_table(payload, fds)
-            fds = []
-            if device.active:
-                device.memory = s.memory  # a running device follows the new table
-            if previous is not None:
-                previous.close()
-        elif request in (SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ENABLE):
-            index, number = struct.unpack_from("<II", payload)
-            vring = s.vrings[index]
-            if request == SET_VRING_NUM:
-                vring.queue.state.size = number
-            elif request == SET_VRING_BASE:
-                vring.queue.state.next_avail = vring.queue.state.next_used = number
-            else:
-                vring.enabled = bool(number)
-        elif request == SET_VRING_ADDR:
-            if s.memory is None:
-                raise ProtocolError("SET_VRING_ADDR before SET_MEM_TABLE")
-            index, _flags, desc, used, avail, _log = struct.unpack_from("<IIQQQQ", payload)
-            q = s.vrings[index].queue.state
-            q.desc_table = s.memory.user_to_guest(desc)
-            q.used_ring = s.memory.user_to_guest(used)
-            q.avail_ring = s.memory.user_to_guest(avail)
-            q.ready = True
-        elif request == GET_VRING_BASE:
-            index = struct.unpack_from("<I", payload)[0]
-            vring = s.vrings[index]
-            if index in s.watchers:
-                s.watchers.pop(index).cancel()
-            vring.enabled = False
-            return struct.pack("<II", index, vring.queue.state.next_avail)
-        elif request in (SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR):
-            value = struct.unpack_from("<Q", payload)[0]
-            vring = s.vrings[value & VRING_INDEX_MASK]
-            fd = -1 if value & VRING_NOFD or not fds else fds.pop(0)
-            if request == SET_VRING_ERR:
-                if fd >= 0:
-                    os.close(fd)  # errors are never reported through it
-            elif request == SET_VRING_CALL:
-                if vring.call_fd >= 0:
-                    os.close(vring.call_fd)
-                vring.call_fd = fd
-                if fd >= 0:
-                    os.set_blocking(fd, False)
-            else:
-                index = value & VRING_INDEX_MASK
-                if index in s.watchers:
-                    s.watchers.pop(index).cancel()
-                if vring.kick_fd >= 0:
-                    os.close(vring.kick_fd)
-                vring.kick_fd = fd
-                if fd >= 0:
-                    os.set_blocking(fd, False)
-                    if not s.protocol_features:
-                        vring.enabled = True  # without protocol features a kick fd starts the ring
-                    scope = trio.CancelScope()
-                    s.watchers[index] = scope
-                    nursery.start_soon(self._watch_kicks, s, index, scope)
-        elif request == SET_SLAVE_REQ_FD:
-            # Kept open for the session: the frontend treats a closed channel as an error.
-            s.slave_fd = fds.pop(0) if fds else -1
-        elif request == GET_CONFIG:
-            offset, size, flags = struct.unpack_from("<III", payload)
-            config = device.config_space()[offset : offset + size].ljust(size, b"\0")
-            return struct.pack("<III", offset, size, flags) + config
-        elif request == SET_CONFIG:
-            offset, size, _flags = struct.unpack_from("<III", payload)
-            device.write_config(offset, payload[12 : 12 + size])
-        for fd in fds:  # fds of messages that do not keep them
-            os.close(fd)
-        return None
+        """Carry out one frontend message; its reply, if the request has one.
+
+        Handlers take the fds they keep out of `fds`; the rest are closed here.
+        """
+        handler = _HANDLERS.get(request)
+        try:
+            return handler(self, _Message(s, nursery, request, payload, fds)) if handler else None
+        finally:
+            for fd in fds:  # fds of messages that do not keep them
+                os.close(fd)
+
+    def _get_features(self, m: _Message) -> bytes:
+        return struct.pack("<Q", self.device.available_features() | F_PROTOCOL_FEATURES)
+
+    def _set_features(self, m: _Message) -> None:
+        self.device.ack_features(struct.unpack_from("<Q", m.payload)[0] & ~F_PROTOCOL_FEATURES)
+
+    def _get_protocol_features(self, m: _Message) -> bytes:
+        return struct.pack("<Q", OFFERED_PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, m: _Message) -> None:
+        m.session.protocol_features = struct.unpack_from("<Q", m.payload)[0] & OFFERED_PROTOCOL_FEATURES
+
+    def _get_queue_num(self, m: _Message) -> bytes:
+        return struct.pack("<Q", len(m.session.vrings))
+
+    def _reset(self, m: _Message) -> None:
+        self.device.reset()
+
+    def _set_mem_table(self, m: _Message) -> None:
+        s = m.session
+        table_fds = m.fds[:]
+        m.fds.clear()  # the memory table owns them now (it closes any it does not keep)
+        previous, s.memory = s.memory, FrontendMemory.from_table(m.payload, table_fds)
+        if self.device.active:
+            self.device.memory = s.memory  # a running device follows the new table
+        if previous is not None:
+            previous.close()
+
+    def _set_vring_number(self, m: _Message) -> None:
+        index, number = struct.unpack_from("<II", m.payload)
+        vring = m.session.vrings[index]
+        if m.request == SET_VRING_NUM:
+            vring.queue.state.size = number
+        elif m.request == SET_VRING_BASE:
+            vring.queue.state.next_avail = vring.queue.state.next_used = number
+        else:
+            vring.enabled = bool(number)
+
+    def _set_vring_addr(self, m: _Message) -> None:
+        memory = m.session.memory
+        if memory is None:
+            raise ProtocolError("SET_VRING_ADDR before SET_MEM_TABLE")
+        index, _flags, desc, used, avail, _log = struct.unpack_from("<IIQQQQ", m.payload)
+        q = m.session.vrings[index].queue.state
+        q.desc_table = memory.user_to_guest(desc)
+        q.used_ring = memory.user_to_guest(used)
+        q.avail_ring = memory.user_to_guest(avail)
+        q.ready = True
+
+    def _get_vring_base(self, m: _Message) -> bytes:
+        index = struct.unpack_from("<I", m.payload)[0]
+        vring = m.session.vrings[index]
+        if index in m.session.watchers:
+            m.session.watchers.pop(index).cancel()
+        vring.enabled = False
+        return struct.pack("<II", index, vring.queue.state.next_avail)
+
+    def _set_vring_fd(self, m: _Message) -> None:
+        value = struct.unpack_from("<Q", m.payload)[0]
+        index = value & VRING_INDEX_MASK
+        vring = m.session.vrings[index]
+        fd = -1 if value & VRING_NOFD or not m.fds else m.fds.pop(0)
+        if m.request == SET_VRING_ERR:
+            if fd >= 0:
+                os.close(fd)  # errors are never reported through it
+        elif m.request == SET_VRING_CALL:
+            if vring.call_fd >= 0:
+                os.close(vring.call_fd)
+            vring.call_fd = fd
+            if fd >= 0:
+                os.set_blocking(fd, False)
+        else:
+            self._set_vring_kick(m, index, fd)
+
+    def _set_vring_kick(self, m: _Message, index: int, fd: int) -> None:
+        s, vring = m.session, m.session.vrings[index]
+        if index in s.watchers:
+            s.watchers.pop(index).cancel()
+        if vring.kick_fd >= 0:
+            os.close(vring.kick_fd)
+        vring.kick_fd = fd
+        if fd < 0:
+            return
+        os.set_blocking(fd, False)
+        if not s.protocol_features:
+            vring.enabled = True  # without protocol features a kick fd starts the ring
+        scope = trio.CancelScope()
+        s.watchers[index] = scope
+        m.nursery.start_soon(self._watch_kicks, s, index, scope)
+
+    def _set_slave_req_fd(self, m: _Message) -> None:
+        # Kept open for the session: the frontend treats a closed channel as an error.
+        m.session.slave_fd = m.fds.pop(0) if m.fds else -1
+
+    def _get_config(self, m: _Message) -> bytes:
+        offset, size, flags = struct.unpack_from("<III", m.payload)
+        config = self.device.config_space()[offset : offset + size].ljust(size, b"\0")
+        return struct.pack("<III", offset, size, flags) + config
+
+    def _set_config(self, m: _Message) -> None:
+        offset, size, _flags = struct.unpack_from("<III", m.payload)
+        self.device.write_config(offset, m.payload[12 : 12 + size])
 
     def _interrupt(self, s: _Session, index: int) -> None:
         fd = s.vrings[index].call_fd
@@ -305,3 +345,28 @@ async def _send_all(connection: trio.socket.SocketType, data: bytes) -> None:
     while view:
         sent = await connection.send(view)
         view = view[sent:]
+
+
+# The request table (the vhost-user spec's message types this backend serves); others are
+# acknowledged and ignored, as the spec allows for what a backend did not offer.
+_HANDLERS: dict[int, Callable[[VhostUserBackend, _Message], bytes | None]] = {
+    GET_FEATURES: VhostUserBackend._get_features,
+    SET_FEATURES: VhostUserBackend._set_features,
+    GET_PROTOCOL_FEATURES: VhostUserBackend._get_protocol_features,
+    SET_PROTOCOL_FEATURES: VhostUserBackend._set_protocol_features,
+    GET_QUEUE_NUM: VhostUserBackend._get_queue_num,
+    SET_OWNER: VhostUserBackend._reset,
+    RESET_OWNER: VhostUserBackend._reset,
+    SET_MEM_TABLE: VhostUserBackend._set_mem_table,
+    SET_VRING_NUM: VhostUserBackend._set_vring_number,
+    SET_VRING_BASE: VhostUserBackend._set_vring_number,
+    SET_VRING_ENABLE: VhostUserBackend._set_vring_number,
+    SET_VRING_ADDR: VhostUserBackend._set_vring_addr,
+    GET_VRING_BASE: VhostUserBackend._get_vring_base,
+    SET_VRING_KICK: VhostUserBackend._set_vring_fd,
+    SET_VRING_CALL: VhostUserBackend._set_vring_fd,
+    SET_VRING_ERR: VhostUserBackend._set_vring_fd,
+    SET_SLAVE_REQ_FD: VhostUserBackend._set_slave_req_fd,
+    GET_CONFIG: VhostUserBackend._get_config,
+    SET_CONFIG: VhostUserBackend._set_config,
+}

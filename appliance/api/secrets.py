@@ -1,0 +1,139 @@
+"""Secrets (E2B's `/secrets`): create, list, get, update, delete; values are write-only.
+
+No response carries a value: the bodies are built from `SecretRecord`, which has none.
+Another team's secret is "not found", exactly as one that never existed.
+
+`${e2b.secrets.NAME}` placeholders: E2B resolves them at the sandbox's egress (its proxy
+rewrites matching HTTP requests, `network.rules[*].transform.headers`), so the value never
+sits in the sandbox. This appliance has no HTTP egress proxy, and resolving a placeholder
+anywhere else (env vars, a file) would put the value in the sandbox in clear: a create
+whose body carries a placeholder is refused (400), saying so (`refuse_placeholders`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from quart import Response, request
+
+from appliance.api import validation as v
+from appliance.api.auth import Access, guarded
+from appliance.api.bodies import json_response, no_content
+from appliance.api.errors import ApiError
+from appliance.api.services import services
+from appliance.cubelet.cubelet import rfc3339
+from appliance.master.secrets import SECRET_ID_PREFIX, SecretNameTaken, SecretRecord, SecretStore
+from appliance.tenancy import current_principal
+
+blueprint = guarded("secrets", __name__, Access.KEY)
+
+_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+MAX_VALUE_BYTES = 64 * 1024
+MAX_METADATA_ENTRIES = 32
+PLACEHOLDER = "${e2b.secrets."
+
+
+def secret_body(record: SecretRecord) -> dict[str, object]:
+    return {
+        "secretID": record.secret_id,
+        "name": record.name,
+        "currentVersion": record.version,
+        "metadata": record.metadata,
+        "createdAt": rfc3339(record.created_at),
+        "updatedAt": rfc3339(record.updated_at),
+    }
+
+
+def _store() -> SecretStore:
+    store = services().secrets
+    if store is None:
+        raise ApiError(503, "secrets are not available on this service")
+    return store
+
+
+def _value(data: dict[str, Any]) -> str:
+    value = data.get("value")
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "'value' must be a non-empty string")
+    if len(value.encode()) > MAX_VALUE_BYTES:
+        raise ApiError(400, f"'value' is larger than {MAX_VALUE_BYTES} bytes")
+    return value
+
+
+def _metadata(data: dict[str, Any]) -> dict[str, str] | None:
+    if data.get("metadata") is None:
+        return None
+    return v.string_map(data, "metadata", max_bytes=8192, max_entries=MAX_METADATA_ENTRIES)
+
+
+def _not_found(secret: str) -> ApiError:
+    return ApiError(404, f"secret {secret} not found")
+
+
+@blueprint.get("/secrets")
+async def list_secrets() -> Response:
+    limit = v.parse_limit(request.args.get("limit"))
+    after = request.args.get("nextToken") or ""
+    found = _store().list(current_principal().team_id)
+    if after:
+        ids = [r.secret_id for r in found]
+        found = found[ids.index(after) + 1 :] if after in ids else []
+    page = found[:limit]
+    response = json_response([secret_body(r) for r in page])
+    if len(found) > limit:
+        response.headers["X-Next-Token"] = page[-1].secret_id
+    return response
+
+
+@blueprint.post("/secrets")
+async def create_secret() -> Response:
+    data = await v.request_object(required=True)
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ApiError(400, "'name' must be 1-128 of a-z A-Z 0-9 _ -")
+    if name.lower().startswith(SECRET_ID_PREFIX):
+        raise ApiError(400, f"secret names may not start with {SECRET_ID_PREFIX!r} (secret ids do)")
+    value, metadata = _value(data), _metadata(data) or {}
+    try:
+        record = _store().create(current_principal().team_id, name, value, metadata)
+    except SecretNameTaken as exc:
+        raise ApiError(409, str(exc)) from exc
+    return json_response(secret_body(record), status=201)
+
+
+@blueprint.get("/secrets/<secret_id>")
+async def get_secret(secret_id: str) -> Response:
+    record = _store().get(current_principal().team_id, secret_id)
+    if record is None:
+        raise _not_found(secret_id)
+    return json_response(secret_body(record))
+
+
+@blueprint.post("/secrets/<secret_id>")
+async def update_secret(secret_id: str) -> Response:
+    data = await v.request_object(required=True)
+    value, metadata = _value(data), _metadata(data)
+    record = _store().update(current_principal().team_id, secret_id, value, metadata)
+    if record is None:
+        raise _not_found(secret_id)
+    return json_response(secret_body(record))
+
+
+@blueprint.delete("/secrets/<secret_id>")
+async def delete_secret(secret_id: str) -> Response:
+    if not _store().delete(current_principal().team_id, secret_id):
+        raise _not_found(secret_id)
+    return no_content()
+
+
+def refuse_placeholders(data: dict[str, Any]) -> None:
+    """A create body naming a secret (`${e2b.secrets.NAME}`) anywhere: refused, with the reason."""
+    if PLACEHOLDER in json.dumps(data):
+        raise ApiError(
+            400,
+            "secret placeholders (${e2b.secrets.NAME}) are resolved by an egress proxy that rewrites "
+            "the sandbox's outgoing HTTP requests; this appliance has none, and it will not put a "
+            "secret's value inside the sandbox instead",
+        )

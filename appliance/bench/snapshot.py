@@ -1,0 +1,105 @@
+"""`cube bench snapshot`: what a filesystem snapshot costs, through the unmodified E2B SDK.
+
+One sandbox writes `--write-mb` MiB (so the snapshot has a disk to capture), then per round:
+- snapshot: `create_snapshot(mode="filesystem")` → its answer (sync, freeze, COW copy, thaw,
+  merge over a copy of the template image: master/snapshots.py);
+- create from it: `Sandbox.create(<snapshot id>)` → ready (a cold boot: snapshots are never
+  pooled), then a read of the written file to prove it is there;
+- delete: `Sandbox.delete_snapshot` (outside the timings above).
+Plus `fork(count=1)`: its answer (on uml, each fork's error, at once).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from appliance.api.client import ApiClient
+from appliance.bench.live import SANDBOX_TIMEOUT_S, progress, sdk_pointed_at, target, timed
+from appliance.bench.report import Report, percentiles
+from appliance.config import Config
+
+MARKER = "/home/user/bench-snapshot.bin"
+
+
+def _one_round(source: Any, write_mb: int, samples: dict[str, list[float]]) -> None:
+    from e2b import Sandbox
+
+    started = time.perf_counter()
+    snapshot_id = source.create_snapshot(mode="filesystem").snapshot_id
+    samples["create_snapshot"].append(time.perf_counter() - started)
+    try:
+        started = time.perf_counter()
+        created = Sandbox.create(snapshot_id, timeout=SANDBOX_TIMEOUT_S)
+        samples["create from snapshot"].append(time.perf_counter() - started)
+        try:
+            size = created.commands.run(f"stat -c %s {MARKER}").stdout.strip()
+            if size != str(write_mb << 20):
+                raise click.ClickException(f"the snapshot's sandbox has {size!r} bytes in {MARKER}")
+        finally:
+            created.kill()
+    finally:
+        Sandbox.delete_snapshot(snapshot_id)
+    samples["fork (count=1)"].append(timed(lambda: source.fork(count=1)))
+
+
+def _rounds(template: str, rounds: int, write_mb: int, report: Report) -> None:
+    from e2b import Sandbox
+
+    samples: dict[str, list[float]] = {
+        "create_snapshot": [],
+        "create from snapshot": [],
+        "fork (count=1)": [],
+    }
+    source = Sandbox.create(template=template, timeout=SANDBOX_TIMEOUT_S)
+    try:
+        source.commands.run(f"head -c {write_mb << 20} /dev/urandom > {MARKER}", timeout=120)
+        with progress(rounds, "snapshot → create from it → delete") as bar:
+            for _ in range(rounds):
+                _one_round(source, write_mb, samples)
+                bar.update(1)
+    finally:
+        source.kill()
+    for name, durations in samples.items():
+        report.samples[name] = durations
+        report.add(metric=name, **percentiles(durations))
+
+
+def run_snapshot_bench(api: ApiClient, template: str, rounds: int, write_mb: int) -> Report:
+    report = Report("snapshot")
+    with sdk_pointed_at(api):
+        _rounds(template, rounds, write_mb, report)
+    report.notes.append(
+        f"E2B Python SDK (sync) against {api.base_url}; the source sandbox wrote {write_mb} MiB first"
+    )
+    report.notes.append("create from snapshot is a cold boot (snapshots are never pooled)")
+    return report
+
+
+@click.command("snapshot")
+@click.option("--rounds", default=3, show_default=True, help="snapshot → create → delete rounds")
+@click.option("--write-mb", default=64, show_default=True, help="MiB the source sandbox writes first")
+@click.option("--template", default=None, help="Template (default: the config's default_template).")
+@click.option(
+    "--json-dir", type=click.Path(path_type=Path), default=None, help="Also write snapshot.json here."
+)
+@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@click.pass_obj
+def snapshot_bench(
+    config: Config,
+    rounds: int,
+    write_mb: int,
+    template: str | None,
+    json_dir: Path | None,
+    api_key: str | None,
+) -> None:
+    """Filesystem snapshot, create-from-snapshot and fork latency through the E2B SDK."""
+    report = run_snapshot_bench(
+        target(config, api_key), template or config.default_template, rounds, write_mb
+    )
+    report.print_table()
+    if json_dir is not None:
+        click.echo(f"wrote {report.write_json(json_dir)}")

@@ -1,0 +1,117 @@
+"""Secrets through the unmodified E2B SDK: CRUD, values write-only, placeholders refused (the
+appliance has no egress proxy to resolve them), and the value found nowhere it could leak: no API
+response, no log record of the service, not the main store."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+from e2b import Sandbox, Secret
+from e2b.exceptions import SandboxException, SecretException, SecretNotFoundException
+
+if TYPE_CHECKING:
+    from conftest import ServiceHarness
+
+VALUE = "sk-live-0123456789abcdef-do-not-leak"
+NEW_VALUE = "sk-live-fedcba9876543210-rotated"
+
+
+def new_key(service: ServiceHarness, name: str) -> str:
+    response = httpx.post(
+        f"{service.url}/cube/keys", json={"name": name}, headers={"X-API-KEY": service.admin_token}
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["key"])
+
+
+def test_secret_crud_through_the_sdk_never_returns_the_value(
+    sdk_env: ServiceHarness, api_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    created = Secret.create("OpenAI-Key", VALUE, metadata={"owner": "alice"})
+    assert created.name == "openai-key" and created.version == 1 and created.secret_id.startswith("sec_")
+    assert created.metadata == {"owner": "alice"}
+    assert Secret.exists("openai-key") and Secret.exists(created.secret_id)
+    assert Secret.get_info("OPENAI-KEY").secret_id == created.secret_id
+
+    updated = Secret.update("openai-key", NEW_VALUE)
+    assert updated.version == 2 and updated.metadata == {"owner": "alice"}
+    assert [s.name for s in Secret.list().next_items()] == ["openai-key"]
+    with pytest.raises(SecretException) as caught:
+        Secret.create("openai-key", "again")
+    assert "409" in str(caught.value)
+
+    headers = {"X-API-KEY": api_key}
+    responses = [
+        httpx.get(f"{sdk_env.url}/secrets", headers=headers),
+        httpx.get(f"{sdk_env.url}/secrets/{created.secret_id}", headers=headers),
+        httpx.get(f"{sdk_env.url}/secrets/openai-key", headers=headers),
+        httpx.post(f"{sdk_env.url}/secrets/openai-key", json={"value": NEW_VALUE}, headers=headers),
+        httpx.get(f"{sdk_env.url}/openapi.json"),
+    ]
+    for response in responses:
+        assert response.status_code == 200, response.text
+        assert VALUE not in response.text and NEW_VALUE not in response.text
+        assert "value" not in response.json() if isinstance(response.json(), dict) else True
+
+    assert Secret.destroy("openai-key") is True
+    assert Secret.destroy("openai-key") is False
+    with pytest.raises(SecretNotFoundException):
+        Secret.get_info(created.secret_id)
+
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert VALUE not in logged and NEW_VALUE not in logged
+    main_store = sdk_env.config.db_path.read_bytes()
+    assert VALUE.encode() not in main_store and NEW_VALUE.encode() not in main_store
+    secrets_file = sdk_env.config.state_dir / "secrets.db"
+    assert secrets_file.stat().st_mode & 0o077 == 0  # root's alone
+
+
+def test_another_team_cannot_read_rotate_or_delete_a_secret(sdk_env: ServiceHarness) -> None:
+    created = Secret.create("db-password", VALUE)
+    other = new_key(sdk_env, "other-team")
+    assert Secret.list(api_key=other).next_items() == []
+    for name in (created.secret_id, "db-password"):
+        assert not Secret.exists(name, api_key=other)
+        with pytest.raises(SecretNotFoundException):
+            Secret.update(name, "taken-over", api_key=other)
+        assert Secret.destroy(name, api_key=other) is False
+    # The other team may have its own secret of that name.
+    assert Secret.create("db-password", "theirs", api_key=other).secret_id != created.secret_id
+    assert Secret.get_info("db-password").version == 1
+
+
+def test_bad_secret_requests_are_e2b_400s(sdk_env: ServiceHarness, api_key: str) -> None:
+    headers = {"X-API-KEY": api_key}
+    for body in (
+        {"name": "x"},
+        {"name": "x", "value": ""},
+        {"name": "x", "value": 5},
+        {"name": "has space", "value": "v"},
+        {"name": "sec_abc", "value": "v"},
+        {"name": "a" * 129, "value": "v"},
+        {"name": "x", "value": "v" * 70_000},
+        {"name": "x", "value": "v", "metadata": {"k": 1}},
+    ):
+        response = httpx.post(f"{sdk_env.url}/secrets", json=body, headers=headers)
+        assert response.status_code == 400 and response.json()["code"] == 400, (body, response.text)
+    assert Secret.list().next_items() == []
+
+
+def test_a_placeholder_is_refused_rather_than_resolved_into_the_sandbox(sdk_env: ServiceHarness) -> None:
+    Secret.create("openai-key", VALUE)
+    placeholder = Secret.fill("openai-key")
+    assert placeholder == "${e2b.secrets.openai-key}"
+    with pytest.raises(SandboxException) as caught:
+        Sandbox.create(envs={"OPENAI_API_KEY": placeholder})
+    assert "egress proxy" in str(caught.value) and VALUE not in str(caught.value)
+    with pytest.raises(SandboxException):
+        Sandbox.create(
+            network={
+                "rules": {"api.openai.com": [{"transform": {"headers": {"Authorization": placeholder}}}]}
+            }
+        )
+    assert Sandbox.list().next_items() == []

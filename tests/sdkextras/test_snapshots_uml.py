@@ -1,0 +1,157 @@
+"""Filesystem snapshots of real UML sandboxes through the unmodified E2B SDK (root only; the
+template this host's installer built, read-only through a symlink, as tests/guest does).
+
+A `cube serve` of the test's own (uml runtime, guest DNS going nowhere): a sandbox writes a file,
+is snapshotted, writes another, is killed; the service restarts; a sandbox created from the
+snapshot has the first file and not the second. Another team sees and reaches none of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import umlguests
+from e2b import Sandbox
+from e2b.exceptions import SandboxException
+
+from appliance.config import Config, load_config
+from appliance.cubelet.runtimes import RuntimeBundle
+
+pytestmark = [
+    pytest.mark.uml,
+    pytest.mark.root,
+    pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root"),
+]
+
+TEST_HOST_NETWORK = "10.219.0.0/24"
+TEST_UID_BASE = 440_000
+DEAD_DNS_UPSTREAM = "127.0.0.1:9"  # nothing listens: guest lookups fail fast, nothing leaves
+
+
+@asynccontextmanager
+async def _uml_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
+    from appliance.cubelet.runtimes import CubeVSPolicies
+    from appliance.net.service import CubeVS
+    from appliance.runtime.uml.runtime import UmlRuntime
+
+    async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
+        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
+
+
+@dataclass
+class UmlService:
+    config: Config
+    start_service: Any
+    monkeypatch: pytest.MonkeyPatch
+    harness: Any = None
+
+    def start(self) -> Any:
+        self.harness = self.start_service(self.config, runtime_factory=_uml_runtime)
+        for name in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_VOLUME_API_URL"):
+            self.monkeypatch.setenv(name, self.harness.url)
+        return self.harness
+
+    def key(self, name: str) -> str:
+        response = httpx.post(
+            f"{self.harness.url}/cube/keys",
+            json={"name": name},
+            headers={"X-API-KEY": self.harness.admin_token},
+        )
+        assert response.status_code == 201, response.text
+        return str(response.json()["key"])
+
+
+@pytest.fixture
+def uml_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[UmlService]:
+    template = umlguests.default_template()
+    work = Path(tempfile.mkdtemp(prefix="cubetest-snap-"))  # short: unix socket paths must fit
+    try:
+        (work / "state" / "templates").mkdir(parents=True)
+        (work / "state" / "templates" / template.template_id).symlink_to(template.directory)
+        config = Config(
+            state_dir=work / "state",
+            cache_dir=load_config().cache_dir,
+            run_dir=work / "run",
+            api_port=0,
+            tls_port=0,
+            runtime="uml",
+            pool_size=0,
+            memory_budget_mb=4096,
+            host_network=TEST_HOST_NETWORK,
+            uid_base=TEST_UID_BASE,
+            allow_unenforced_network=True,
+        )
+        monkeypatch.delenv("E2B_DOMAIN", raising=False)
+        monkeypatch.delenv("E2B_DEBUG", raising=False)
+        service = UmlService(config, start_service, monkeypatch)
+        service.start()
+        yield service
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_filesystem_snapshot_outlives_its_sandbox_and_a_restart(uml_service: UmlService) -> None:
+    alice, bob = uml_service.key("alice"), uml_service.key("bob")
+    source = Sandbox.create(timeout=600, api_key=alice)
+    source.files.write("/home/user/kept.txt", "written before the snapshot")
+    snapshot = source.create_snapshot("alice-snap")  # no mode: filesystem, what uml can take
+    source.files.write("/home/user/later.txt", "written after the snapshot")
+    assert source.commands.run("cat /home/user/kept.txt").stdout == "written before the snapshot"
+
+    listed = Sandbox.list_snapshots(api_key=alice).next_items()
+    assert [s.snapshot_id for s in listed] == [snapshot.snapshot_id]  # before the paused one
+    assert "alice-snap" in listed[0].names
+    mine = Sandbox.list_snapshots(sandbox_id=source.sandbox_id, api_key=alice).next_items()
+    assert [s.snapshot_id for s in mine] == [snapshot.snapshot_id]
+
+    # A paused sandbox: thawed for its `sync`, snapshotted, left paused.
+    assert source.pause()
+    paused = Sandbox.create_snapshot(source.sandbox_id, api_key=alice)
+    assert Sandbox.get_info(source.sandbox_id, api_key=alice).state.value == "paused"
+    source.connect()
+
+    with pytest.raises(SandboxException) as caught:
+        source.create_snapshot(mode="full")
+    assert "409" in str(caught.value) and "uml runtime" in str(caught.value)
+    assert 'mode="filesystem"' in str(caught.value)
+    forks = source.fork(count=2)
+    assert len(forks) == 2 and all(isinstance(f, SandboxException) for f in forks)
+    assert all("uml runtime" in str(f) and "create_snapshot" in str(f) for f in forks)
+
+    # Another team: not listed, cannot boot it or delete it (E2B's 404, as for no such snapshot).
+    assert Sandbox.list_snapshots(api_key=bob).next_items() == []
+    for name in (snapshot.snapshot_id, "alice-snap"):
+        with pytest.raises(SandboxException) as caught:
+            Sandbox.create(name, api_key=bob)
+        assert "not found" in str(caught.value)
+        assert Sandbox.delete_snapshot(name, api_key=bob) is False
+
+    source.kill()
+    uml_service.harness.stop()
+    uml_service.start()
+
+    restored = Sandbox.create(snapshot.snapshot_id, timeout=600, api_key=alice)
+    assert restored.files.read("/home/user/kept.txt") == "written before the snapshot"
+    assert not restored.files.exists("/home/user/later.txt")
+    assert restored.get_info().template_id == snapshot.snapshot_id
+    restored.kill()
+    by_name = Sandbox.create("alice-snap", timeout=600, api_key=alice)
+    assert by_name.files.read("/home/user/kept.txt") == "written before the snapshot"
+    by_name.kill()
+    from_paused = Sandbox.create(paused.snapshot_id, timeout=600, api_key=alice)
+    assert from_paused.files.read("/home/user/later.txt") == "written after the snapshot"
+    from_paused.kill()
+    assert Sandbox.delete_snapshot(paused.snapshot_id, api_key=alice) is True
+
+    assert Sandbox.delete_snapshot(snapshot.snapshot_id, api_key=alice) is True
+    assert Sandbox.list_snapshots(api_key=alice).next_items() == []
+    assert not (uml_service.config.templates_dir / snapshot.snapshot_id).exists()
