@@ -50,6 +50,9 @@ class Config:
     # fifth of it (three in a row unanswered: the guest counts as hung), a readiness probe while
     # it boots a tenth. Raise it with the boot limits on a software-emulated host.
     guest_agent_timeout_s: int = 10
+    # kvm: launch (or restore) to the guest agent answering, and, for the boot that makes a
+    # template's snapshot, to its default kernel answering. Raise it on an emulated host.
+    kvm_boot_timeout_s: int = 60
     # Live (running or paused) sandboxes one team may have at once; a create past it is a 429.
     # 0: no cap. The admin token is not capped (the memory budget still is).
     max_sandboxes_per_team: int = 100

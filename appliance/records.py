@@ -86,7 +86,10 @@ class TemplateManifest:
 
     @classmethod
     def load(cls, directory: Path) -> TemplateManifest:
-        return cls.from_json((directory / MANIFEST_NAME).read_text())
+        """The template in `directory`: there, whatever directory it was built in (the ISO
+        mounts templates built elsewhere; a restored backup may live elsewhere too)."""
+        manifest = cls.from_json((directory / MANIFEST_NAME).read_text())
+        return dataclasses.replace(manifest, directory=directory)
 
 
 RUNNING = "running"

@@ -275,6 +275,14 @@ if [ "$BUILD" = 1 ]; then
   CUBE_IMAGE_DIR="$SRC/image" CUBE_CACHE_DIR="$CACHE" CUBE_STATE_DIR="$STATE" \
     "$VENV/bin/cube" image build-uml-kernel
 
+  if [ -e /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then
+    # Hardware virtualization: sandboxes get the kvm runtime, which boots this kernel
+    # (without it the service falls back to uml and `cube doctor` says why).
+    say "Building the kvm guest kernel (cached in $CACHE/kernels)"
+    CUBE_IMAGE_DIR="$SRC/image" CUBE_CACHE_DIR="$CACHE" CUBE_STATE_DIR="$STATE" \
+      "$VENV/bin/cube" image build-kvm-kernel
+  fi
+
   say "Building the default template (cached in $CACHE/rootfs)"
   CUBE_IMAGE_DIR="$SRC/image" CUBE_CACHE_DIR="$CACHE" CUBE_STATE_DIR="$STATE" \
     "$VENV/bin/cube" tpl build-default

@@ -111,7 +111,7 @@ async def create_now(sandbox_request: SandboxRequest) -> Response:
     try:
         record = await s.cubelet.create(sandbox_request)
     except OutOfMemoryBudget as exc:
-        raise ApiError(503, f"the appliance is out of sandbox memory: {exc}") from exc
+        raise ApiError(503, f"the appliance is out of sandbox memory, retry later: {exc}") from exc
     except SandboxStartFailed as exc:
         raise ApiError(500, f"sandbox failed to start: {exc}") from exc
     finally:

@@ -35,6 +35,7 @@ from appliance.cli.templates import BUILD_COMMANDS
 from appliance.config import load_config
 from appliance.errors import first_leaf
 from appliance.master.upgrade import upgrade_command
+from appliance.runtime.kvm.kernel import build_kvm_kernel
 from appliance.runtime.uml.kernel import build_uml_kernel
 from appliance.templates.default import build_default
 
@@ -260,6 +261,7 @@ def image() -> None:
 
 
 image.add_command(build_uml_kernel)
+image.add_command(build_kvm_kernel)
 
 
 @image.command("build-iso")

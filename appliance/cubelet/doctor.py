@@ -38,16 +38,23 @@ def check_kvm(config: Config) -> tuple[Check, str | None, str]:
     detail = f"{host.kvm}, /dev/kvm {'usable' if host.kvm_usable else 'not usable'}"
     if host.kvm == "PVM":
         detail += f", PVM guest kernel: {host.pvm_guest_kernel or 'not configured'}"
+    elif host.kvm in ("VMX", "SVM"):
+        detail += f", guest kernel: {host.guest_kernel or 'none (cube image build-kvm-kernel)'}"
     return Check("kvm", host.runtime == "kvm", detail), host.runtime, host.reason
 
 
 def check_uml(config: Config) -> Check:
-    candidates = [config.uml_kernel] if config.uml_kernel else []
-    candidates.append(DEBIAN_UML)
-    for candidate in candidates:
-        if candidate is not None and candidate.exists() and os.access(candidate, os.X_OK):
-            return Check("uml", True, str(candidate))
-    return Check("uml", False, "no linux.uml (apt install user-mode-linux)")
+    """The UML kernel the uml runtime would run: configured, built into the cache, or Debian's."""
+    try:
+        find_uml_kernel = importlib.import_module("appliance.runtime.detect").find_uml_kernel
+    except (ImportError, AttributeError):
+        candidates = [config.uml_kernel] if config.uml_kernel else [DEBIAN_UML]
+        found = next((c for c in candidates if c is not None and c.exists()), None)
+    else:
+        found = find_uml_kernel(config)
+    if found is not None and os.access(found, os.X_OK):
+        return Check("uml", True, str(found))
+    return Check("uml", False, "no UML kernel (cube image build-uml-kernel, or apt install user-mode-linux)")
 
 
 def check_bcc() -> Check:

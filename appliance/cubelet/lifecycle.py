@@ -25,6 +25,7 @@ from appliance.cubelet.capacity import BootCapacity
 from appliance.cubelet.envd_client import GuestAgent
 from appliance.cubelet.sandboxes import (
     LiveSandbox,
+    OutOfMemoryBudget,
     SandboxNotFound,
     SandboxStartFailed,
     SandboxTable,
@@ -40,6 +41,7 @@ from appliance.runtime.base import (
     Detachable,
     GuestExited,
     GuestFailure,
+    HostBusy,
     Instance,
     Runtime,
 )
@@ -131,6 +133,8 @@ class GuestLifecycle:
             )
             if isinstance(cause, GuestExited):
                 raise SandboxStartFailed(f"guest exited while booting: {cause.reason}") from exc
+            if isinstance(cause, HostBusy):  # nothing was started: the client may retry (503)
+                raise OutOfMemoryBudget(cause.reason) from exc
             raise SandboxStartFailed(str(cause)) from exc
 
     async def until_fully_ready_or_gone(self, live: LiveSandbox) -> None:
@@ -211,6 +215,14 @@ class GuestLifecycle:
         except GuestExited as exc:
             if live.instance is None:
                 raise  # it exited while booting: the boot failed
+            # The operator's only trace of why: the console log is deleted with the sandbox.
+            tail = exc.console_tail[-CONSOLE_TAIL_LOGGED:]
+            log.warning(
+                "sandbox %s is dead: %s%s",
+                live.sandbox_id,
+                exc.reason,
+                f"; console tail:\n{tail}" if tail else "",
+            )
             self.terminate(live, f"guest exited: {exc.reason}")
 
     async def _watch_deadline(self, live: LiveSandbox) -> None:

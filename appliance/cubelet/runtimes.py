@@ -4,20 +4,29 @@ The runtime modules are imported lazily so that the control plane, the CLI and
 the API tests work on hosts (and checkouts) without them. `open_runtime` is an
 async context manager: it starts CubeVS (the sandbox network service, started
 once per `cube serve`), builds the runtime over it and tears both down on exit.
+
+Which runtime: the host detector's pick (`cube doctor` prints it and why). A host
+where no runtime can run refuses to start with that reason; a kvm host gets uml as
+well, for the templates kvm cannot serve (`KvmWithUmlFallback`): a create never
+fails because kvm could not boot a template.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import trio
 
 from appliance.config import Config
 from appliance.cubelet.cubelet import NetworkPolicyService
 from appliance.net.policy import NetworkPolicy
-from appliance.runtime.base import Instance, Runtime
+from appliance.records import TemplateManifest
+from appliance.runtime.base import BootSpec, Instance, Runtime
 
 if TYPE_CHECKING:
     from appliance.runtime.kvm.runtime import KvmInstance, KvmRuntime
@@ -25,10 +34,17 @@ if TYPE_CHECKING:
     from appliance.runtime.uml.runtime import UmlRuntime
 
     def _satisfy_the_protocols(
-        uml: UmlRuntime, kvm: KvmRuntime, uml_guest: UmlInstance, kvm_guest: KvmInstance
-    ) -> tuple[Runtime, Runtime, Instance, Instance]:
-        """Never called: mypy checks here that both runtimes offer all the cubelet calls."""
-        return uml, kvm, uml_guest, kvm_guest
+        uml: UmlRuntime,
+        kvm: KvmRuntime,
+        fallback: KvmWithUmlFallback,
+        uml_guest: UmlInstance,
+        kvm_guest: KvmInstance,
+    ) -> tuple[Runtime, Runtime, Runtime, Instance, Instance]:
+        """Never called: mypy checks here that the runtimes offer all the cubelet calls."""
+        return uml, kvm, fallback, uml_guest, kvm_guest
+
+
+log = logging.getLogger(__name__)
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -70,32 +86,91 @@ class CubeVSPolicies:
             return {}
 
 
-def choose_runtime_name(config: Config) -> str:
-    """`auto` asks the host detector (kvm only where a full guest kernel can run), else uml."""
-    if config.runtime != "auto":
-        return config.runtime
-    try:
-        detect_host = importlib.import_module("appliance.runtime.detect").detect_host
-    except (ImportError, AttributeError):
-        return "uml"
-    host = detect_host(config)
+def choose_runtime_name(config: Config, host: Any = None) -> str:
+    """The runtime the host detector picks for this config (`auto`: kvm only where it can boot
+    a sandbox, else uml); RuntimeUnavailable with its reason where none can run. `host` is a
+    detection already made (`detect_host`), else this host is inspected."""
+    if config.runtime not in ("auto", "uml", "kvm"):
+        raise RuntimeUnavailable(f"unknown runtime {config.runtime!r} in config; expected auto, uml or kvm")
+    if host is None:
+        try:
+            detect_host = importlib.import_module("appliance.runtime.detect").detect_host
+        except (ImportError, AttributeError):
+            return "uml" if config.runtime == "auto" else config.runtime
+        host = detect_host(config)
     if host.runtime == "none":
-        raise RuntimeUnavailable(f"no sandbox runtime on this host: {host.reason}")
+        raise RuntimeUnavailable(f"no sandbox runtime on this host: {host.reason} (see `cube doctor`)")
+    log.info("sandbox runtime: %s (%s)", host.runtime, host.reason)
     return str(host.runtime)
+
+
+class KvmWithUmlFallback:
+    """The kvm runtime, and uml for the templates kvm cannot serve.
+
+    kvm boots a template once to snapshot it; when that boot fails (the template's
+    image does not boot under the microVM kernel, its agent never answers), that create
+    and every later one of the template version go to uml instead of failing, and the
+    service logs why once. kvm raises TemplateUnservable only before it hands an
+    instance out, having torn down what it set up. A sandbox stays on the runtime it started on.
+    """
+
+    name = "kvm"
+    snapshots_templates = True
+
+    def __init__(self, kvm: Runtime, uml: Runtime) -> None:
+        self.kvm = kvm
+        self.uml = uml
+        self._told: set[str] = set()
+        unservable = importlib.import_module("appliance.runtime.kvm.template_snapshots").TemplateUnservable
+        self._unservable: type[Exception] = unservable
+
+    async def run(
+        self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
+    ) -> NoReturn:
+        try:
+            await self.kvm.run(spec, task_status=task_status)
+        except self._unservable as exc:  # raised before the instance was handed out
+            reason = getattr(exc, "reason", str(exc))
+        if spec.template.template_id not in self._told:
+            self._told.add(spec.template.template_id)
+            log.warning("template %s runs on uml: %s", spec.template.template_id, reason)
+        await self.uml.run(spec, task_status=task_status)
+
+    async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
+        """A build's probe guest is kvm's (builds never fall back): kvm's finalize."""
+        await self.kvm.finalize_template(template, instance)
+
+    def close(self) -> None:
+        self.kvm.close()
+        self.uml.close()
+
+
+def _runtime_class(name: str) -> Any:
+    if name == "uml":
+        return _import("appliance.runtime.uml.runtime", "UmlRuntime", "the uml runtime")
+    return _import("appliance.runtime.kvm.runtime", "KvmRuntime", "the kvm runtime")
+
+
+def build_runtime(name: str, config: Config, cubevs: Any) -> Any:
+    """The named runtime over `cubevs`; kvm with the uml fallback where uml can run too."""
+    runtime = _runtime_class(name)(config, cubevs)
+    if name != "kvm":
+        return runtime
+    try:
+        uml = _runtime_class("uml")(config, cubevs)
+    except (RuntimeUnavailable, RuntimeError) as exc:
+        log.warning("kvm runtime without a uml fallback: %s", exc)
+        return runtime
+    return KvmWithUmlFallback(runtime, uml)
 
 
 @asynccontextmanager
 async def open_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
     name = choose_runtime_name(config)
     cubevs_class = _import("appliance.net.service", "CubeVS", "sandbox networking (CubeVS)")
-    if name == "uml":
-        runtime_class = _import("appliance.runtime.uml.runtime", "UmlRuntime", "the uml runtime")
-    elif name == "kvm":
-        runtime_class = _import("appliance.runtime.kvm.runtime", "KvmRuntime", "the kvm runtime")
-    else:
-        raise RuntimeUnavailable(f"unknown runtime {config.runtime!r} in config; expected auto, uml or kvm")
+    _runtime_class(name)  # a missing runtime module is reported before CubeVS starts
     async with cubevs_class.start(config) as cubevs:
-        runtime = runtime_class(config, cubevs)
+        runtime = build_runtime(name, config, cubevs)
         try:
             yield RuntimeBundle(runtime=runtime, network=CubeVSPolicies(cubevs))
         finally:

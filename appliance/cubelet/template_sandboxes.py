@@ -2,9 +2,10 @@
 
 - `boot(manifest)`: a temporary guest of this node's runtime from the template's
   rootfs.ext4 (the runtime gives it a throwaway writable layer), killed on exit.
-- `finalize`: the runtime's `finalize_template`: kvm snapshots the probed guest into
-  the template directory (SNAPSHOTTING); uml has no snapshot, its fast start is the
-  warm pool, which the cubelet fills once the template is published (POOLING;
+- `finalize`: the runtime's `finalize_template`: nothing for kvm, whose runtime
+  snapshots a published template's first boot into its snapshot store (SNAPSHOTTING);
+  uml has no snapshot, its fast start is the warm pool, which the cubelet fills once
+  the template is published (POOLING;
   `published` wakes it).
 - `run_in`: a command through envd in a guest `boot` started (a template's ready command).
 - `run_command` (Dockerfile RUN): the step's rootfs directory, with the guest agent

@@ -177,6 +177,7 @@ class EnvdApp:
             _set_clock(str(body["timestamp"]))
         if body.get("rngSeed"):
             _seed_rng(str(body["rngSeed"]))
+            self.state.rng_generation += 1
         if env_vars:
             env_vars = {str(k): str(v) for k, v in env_vars.items()}
             self.state.env_vars.update(env_vars)

@@ -149,6 +149,7 @@ class Interpreter:
 
     async def _start_kernel(self, language: str, cwd: str) -> Kernel:
         kernel = KERNELS[language](self._kernel_spec(cwd))
+        kernel.rng_generation = self._state.rng_generation  # it seeds itself from the OS now
         self._starting.add(kernel)
         try:
             await self._nursery.start(kernel.run)
@@ -291,6 +292,9 @@ class Interpreter:
         except InterpreterError as exc:
             await emit({"type": "error", "name": "KernelStartError", "value": str(exc), "traceback": ""})
             return
+        if kernel.rng_generation != self._state.rng_generation:
+            kernel.reseed()  # running since before this clone's /init
+            kernel.rng_generation = self._state.rng_generation
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_client_leaves, response, nursery.cancel_scope)
             await kernel.execute(code, env_vars, emit)

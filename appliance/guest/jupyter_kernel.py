@@ -81,6 +81,7 @@ class JupyterKernel(Kernel[Routed]):
     def __init__(self, spec: KernelSpec) -> None:
         super().__init__(spec)
         self._pending_env: dict[str, str] = {}
+        self._reseed_pending = False
         self._process: trio.Process | None = None
         self._session: Session | None = None
         self._shell: TrioSocket | None = None
@@ -106,6 +107,10 @@ class JupyterKernel(Kernel[Routed]):
     def scoped_env_code(self, env_vars: dict[str, str]) -> tuple[str, str]:
         """(set, restore): env vars for one execution, then the values from before it."""
         raise NotImplementedError
+
+    def reseed_code(self) -> str:
+        """Code that reseeds the language's own random generators from the OS (`reseed`)."""
+        return ""
 
     # The protocol.
 
@@ -250,7 +255,13 @@ class JupyterKernel(Kernel[Routed]):
         # kernel round trip (~30 ms of its one vCPU) while its creator waits.
         self._pending_env.update(env_vars)
 
+    def reseed(self) -> None:
+        self._reseed_pending = bool(self.reseed_code())
+
     async def execute(self, code: str, env_vars: dict[str, str], emit: Emit) -> None:
+        if self._reseed_pending:
+            self._send_silently(self.reseed_code())
+            self._reseed_pending = False
         if self._pending_env:
             self._send_silently(self.set_env_code(self._pending_env))
             self._pending_env.clear()

@@ -110,6 +110,7 @@ class Kernel(Generic[Reply]):
         self.spec = spec
         self.alive = False
         self.cancel_scope = trio.CancelScope()
+        self.rng_generation = 0  # the agent state's rng_generation its generators were seeded at
         self._waiters: dict[object, trio.MemorySendChannel[Reply | None]] = {}
 
     def _wait_for(self, request_id: object) -> trio.MemoryReceiveChannel[Reply | None]:
@@ -148,6 +149,11 @@ class Kernel(Generic[Reply]):
     def update_env(self, env_vars: dict[str, str]) -> None:
         """Apply sandbox env vars to the running kernel, ordered before any later execution."""
         raise NotImplementedError
+
+    def reseed(self) -> None:
+        """Fresh seeds for the kernel's own random generators before its next execution: a
+        kernel that was running when a snapshot was taken is running in every clone of it,
+        with the same generator state. Kernels that hold none keep this no-op."""
 
     def stop(self) -> None:
         self.alive = False  # at once: the next execution must not pick this kernel

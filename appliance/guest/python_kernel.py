@@ -66,6 +66,18 @@ def display_setup_code() -> str:
     )
 
 
+# `random` (and numpy's global generator, once imported) seed themselves from the OS when
+# imported: in a kernel that was running when a template was snapshotted, every clone would
+# draw the same numbers. The kernel's OS entropy is the clone's own once /init reseeded it.
+RESEED_CODE = (
+    "import random as _cube_random, sys as _cube_sys\n"
+    "_cube_random.seed()\n"
+    "if 'numpy' in _cube_sys.modules:\n"
+    "    _cube_sys.modules['numpy'].random.seed()\n"
+    "del _cube_random, _cube_sys\n"
+)
+
+
 class PythonKernel(JupyterKernel):
     language = "python"
     mime_fields = PYTHON_MIME_FIELDS
@@ -83,6 +95,9 @@ class PythonKernel(JupyterKernel):
         # ipykernel imports debugpy, which otherwise warns about frozen modules on every start.
         env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
         return env
+
+    def reseed_code(self) -> str:
+        return RESEED_CODE
 
     def startup_code(self) -> str:
         return RESTORE_DEBUGPY + display_setup_code()

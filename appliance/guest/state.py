@@ -51,6 +51,9 @@ class AgentState:
     initialized: bool = False  # /init has been accepted: the boot token is dead
     access_token: str | None = field(default=None, repr=False)
     traffic_token: str | None = field(default=None, repr=False)
+    # Bumped by each /init that reseeds the kernel's RNG (a clone of a snapshot gets its own
+    # seed): running interpreter kernels reseed their own generators before their next run.
+    rng_generation: int = 0
 
     def user(self, name: str | None = None) -> User:
         """The named user, else the default one; raises UnknownUser (never falls back to root)."""

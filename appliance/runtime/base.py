@@ -65,6 +65,11 @@ class BootFailed(GuestFailure):
     what = "failed to boot"
 
 
+class HostBusy(BootFailed):
+    """The host cannot take another sandbox now (e.g. not enough memory for its guest): nothing
+    was started and nothing else was touched; the client may retry later (HTTP 503)."""
+
+
 class BootStalled(BootFailed):
     """The guest kernel showed no sign of life at all (no console output) in time: a launch
     that hung rather than a slow boot; worth one more try."""

@@ -4,6 +4,8 @@
 KVM's flavour is read from the loaded module (kvm_intel → VMX, kvm_amd → SVM,
 kvm_pvm → PVM): on PVM an ordinary guest kernel's ring 0 is emulated (~1000x
 slower), so only a kernel built with CONFIG_PVM_GUEST is worth booting there.
+`auto` picks kvm only where it can boot a sandbox: KVM usable and a guest kernel to
+boot (a VMX/SVM host without the microVM kernel gets uml, and says how to build it).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class HostVirt:
     uml_available: bool
     uml_kernel: str | None  # the UML kernel the uml runtime would run
     pvm_guest_kernel: str | None  # configured kvm_guest_kernel, when the host is PVM
+    guest_kernel: str | None  # the kernel the kvm runtime would boot (None: it cannot boot any)
     runtime: str  # kvm | uml | none
     reason: str
 
@@ -77,28 +80,58 @@ def find_uml_kernel(config: Config) -> Path | None:
     return Path(on_path) if on_path else None
 
 
-def detect_host(config: Config | None = None, *, kvm_device: Path = Path("/dev/kvm")) -> HostVirt:
-    config = config or load_config()
-    kind = kvm_kind()
-    usable = kvm_device.exists() and _kvm_usable(kvm_device)
-    uml = find_uml_kernel(config)
-    pvm_kernel = config.kvm_guest_kernel if kind == "PVM" else None
+def find_guest_kernel(config: Config) -> Path | None:
+    """The kvm runtime's guest kernel: the configured one, else the newest microVM kernel
+    image/kernel/build.py put into the cache (`cube image build-kvm-kernel`)."""
+    if config.kvm_guest_kernel is not None:
+        return config.kvm_guest_kernel if config.kvm_guest_kernel.exists() else None
+    built = sorted((config.cache_dir / "kernels").glob("microvm-*/vmlinux"), key=lambda p: p.stat().st_mtime)
+    return built[-1] if built else None
 
+
+def _kvm_verdict(kind: str, usable: bool, device: Path, guest_kernel: Path | None) -> tuple[bool, str]:
+    """Whether the kvm runtime can boot sandboxes here, and why (not)."""
     if not usable:
-        kvm_ok, why = False, f"{kvm_device} is missing or not read-write for this user"
-    elif kind in ("VMX", "SVM"):
-        kvm_ok, why = True, f"hardware virtualization ({kind}) through {kvm_device}"
-    elif kind == "PVM":
-        if pvm_kernel is not None and pvm_kernel.exists():
-            kvm_ok, why = True, f"KVM is PVM and a PVM guest kernel is configured ({pvm_kernel})"
-        else:
-            kvm_ok = False
-            why = (
+        return False, f"{device} is missing or not read-write for this user"
+    if kind == "PVM":
+        # The microVM kernel built here is no PVM guest: only a configured kernel counts.
+        if guest_kernel is None:
+            return False, (
                 "KVM is PVM: an ordinary guest kernel's ring 0 is emulated (~1000x slower) and no "
                 "PVM guest kernel (CONFIG_PVM_GUEST) is configured as kvm_guest_kernel"
             )
+        return True, f"KVM is PVM and a PVM guest kernel is configured ({guest_kernel})"
+    if kind not in ("VMX", "SVM"):
+        return False, f"{device} exists but no KVM module (kvm_intel/kvm_amd/kvm_pvm) is loaded"
+    if guest_kernel is None:
+        return False, (
+            f"KVM is usable (hardware virtualization, {kind}) but there is no microVM guest kernel: "
+            "build it with `cube image build-kvm-kernel` or set kvm_guest_kernel"
+        )
+    return True, (
+        f"KVM is usable (hardware virtualization, {kind}) through {device}; guest kernel: {guest_kernel}"
+    )
+
+
+def detect_host(
+    config: Config | None = None,
+    *,
+    kvm_device: Path = Path("/dev/kvm"),
+    sys_module: Path = Path("/sys/module"),
+) -> HostVirt:
+    """What this host offers and which runtime `runtime = auto` gets. Inputs are read for
+    real: the loaded KVM module under `sys_module`, whether `kvm_device` opens read-write,
+    the guest and UML kernels the config names or the cache holds."""
+    config = config or load_config()
+    kind = kvm_kind(sys_module)
+    usable = kvm_device.exists() and _kvm_usable(kvm_device)
+    uml = find_uml_kernel(config)
+    if kind == "PVM":
+        configured = config.kvm_guest_kernel
+        guest_kernel = configured if configured is not None and configured.exists() else None
     else:
-        kvm_ok, why = False, f"{kvm_device} exists but no KVM module (kvm_intel/kvm_amd/kvm_pvm) is loaded"
+        guest_kernel = find_guest_kernel(config)
+    kvm_ok, why = _kvm_verdict(kind, usable, kvm_device, guest_kernel)
 
     if config.runtime == "kvm":
         runtime, reason = (
@@ -119,7 +152,8 @@ def detect_host(config: Config | None = None, *, kvm_device: Path = Path("/dev/k
         kvm_usable=usable,
         uml_available=uml is not None,
         uml_kernel=str(uml) if uml else None,
-        pvm_guest_kernel=str(pvm_kernel) if pvm_kernel else None,
+        pvm_guest_kernel=str(guest_kernel) if kind == "PVM" and guest_kernel else None,
+        guest_kernel=str(guest_kernel) if guest_kernel else None,
         runtime=runtime,
         reason=reason,
     )

@@ -9,8 +9,10 @@
 # hash of its inputs:
 #   base-<hash>/       Debian 12 + packages.txt (base.sh), kernel, initrd, squashfs
 #   template-<hash>.squashfs   the default template, keyed by its manifest and image
-#   app.squashfs       /opt/cube/venv from a wheel of this checkout, the UML kernel,
-#                      systemd units and first-boot scripts (overlay/): every build
+#   app.squashfs       /opt/cube/venv from a wheel of this checkout, the UML kernel, the
+#                      kvm runtime's microVM kernel (built here if missing: image/kernel,
+#                      cached by its inputs), systemd units and first-boot scripts
+#                      (overlay/): every build
 set -euo pipefail
 
 output="$(realpath -m "$1")"
@@ -81,9 +83,13 @@ else
 fi
 
 # 3. App layer: venv from a wheel of this checkout, on top of the base via overlayfs.
-progress "app layer: wheel, venv, UML kernel, units"
+progress "app layer: wheel, venv, UML and microVM kernels, units"
 kernel="$(ls -t "$kernels"/uml-*/linux 2>/dev/null | head -1 || true)"
 [ -n "$kernel" ] || { echo "build-iso: no UML kernel in $kernels: run \`cube image build-uml-kernel\`" >&2; exit 1; }
+# The kvm runtime's guest kernel (servers with VMX/SVM boot sandboxes with it): built here
+# when this checkout's microvm.config has not been built yet (cached by its inputs).
+guest_kernel="$(nice -n 10 "$python" "$src/image/kernel/build.py" --cache-dir "$(dirname "$kernels")" | tail -1)"
+[ -f "$guest_kernel" ] || { echo "build-iso: the microVM guest kernel build failed" >&2; exit 1; }
 mkdir -p "$work/wheels" "$work/upper" "$work/ovl" "$work/merged"
 # From a copy: a wheel build writes build/ and egg-info into its source tree.
 mkdir -p "$work/src"
@@ -106,9 +112,12 @@ for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount "${mounts[i]}"; done
 mounts=()
 app="$work/upper"
 rm -rf "$app/tmp" "$app/root/.cache" "$app/var/cache/ldconfig"
-mkdir -p "$app/opt/cube/image" "$app/usr/local/bin" "$app/var/cache/cube/kernels/$(basename "$(dirname "$kernel")")"
-# With its .config: the runtime reads it to know the kernel has the balloon driver (uml/balloon.py).
-cp "$kernel" "$(dirname "$kernel")/config" "$app/var/cache/cube/kernels/$(basename "$(dirname "$kernel")")/"
+mkdir -p "$app/opt/cube/image" "$app/usr/local/bin"
+# With their .config: the uml runtime reads it to know the kernel has the balloon driver (uml/balloon.py).
+for built in "$kernel" "$guest_kernel"; do
+  mkdir -p "$app/var/cache/cube/kernels/$(basename "$(dirname "$built")")"
+  cp "$built" "$(dirname "$built")/config" "$app/var/cache/cube/kernels/$(basename "$(dirname "$built")")/"
+done
 cp -r "$src/image/rootfs" "$src/image/uml" "$app/opt/cube/image/"
 ln -sfn /opt/cube/venv/bin/cube "$app/usr/local/bin/cube"
 cp -a "$here/overlay/." "$app/"

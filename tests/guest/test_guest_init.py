@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 
 import httpx
@@ -96,3 +97,17 @@ def test_expired_tampered_or_unsigned_urls_are_refused(secure_sandbox, agent) ->
     assert malformed.status_code == 400
     unsigned = httpx.get(f"{agent.envd_url}/files", params={"path": path})
     assert (unsigned.status_code, unsigned.json()["message"]) == (401, "missing signature query parameter")
+
+
+def test_a_running_kernel_draws_new_random_numbers_after_an_init_with_a_new_seed(sandbox, agent) -> None:
+    """A kvm template snapshot holds its default kernel running: every clone starts with the
+    same `random` state. The clone's /init brings its own seed: the kernel reseeds before
+    its next run, so clones do not draw the same numbers."""
+    draw = "print(random.random())"
+    sandbox.run_code("import random; random.seed(1234)")
+    first = sandbox.run_code(draw).logs.stdout
+    sandbox.run_code("random.seed(1234)")  # the state every clone of the snapshot has
+    assert sandbox.run_code(draw).logs.stdout == first  # the control: same state, same draw
+    sandbox.run_code("random.seed(1234)")
+    assert agent.init({"rngSeed": secrets.token_hex(32)}).status_code == 204
+    assert sandbox.run_code(draw).logs.stdout != first

@@ -34,23 +34,17 @@ from appliance.cubelet.envd_client import CommandResult, run_command
 from appliance.net.service import CubeVS
 from appliance.records import MANIFEST_NAME, ROOTFS_NAME, TemplateManifest
 from appliance.runtime.base import ENVD_PORT, BootSpec
-from appliance.runtime.detect import detect_host
+from appliance.runtime.detect import detect_host, find_guest_kernel
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
 from appliance.runtime.kvm.machine import Machine, MachineConfig
-from appliance.runtime.kvm.runtime import (
-    KERNEL_CMDLINE,
-    OVERLAY_NAME,
-    TEMPLATE_SNAPSHOT_DIR,
-    KvmInstance,
-    KvmRuntime,
-    find_guest_kernel,
-)
+from appliance.runtime.kvm.runtime import KERNEL_CMDLINE, OVERLAY_NAME, KvmInstance, KvmRuntime
 from appliance.runtime.kvm.snapshot import MEMORY_FILE
+from appliance.runtime.kvm.template_snapshots import SnapshotKey
 from appliance.runtime.kvm.vcpu import VcpuExit
 from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.mmio import MMIO_SIZE, MmioTransport, cmdline_device
-from appliance.runtime.virtio.vhost_user.uml_frontend import BUSYBOX, build_initramfs
+from appliance.runtime.virtio.vhost_user.uml_frontend import BUSYBOX, build_initramfs, statically_linked
 from appliance.templates.default import TEMPLATE_ID as DEFAULT_TEMPLATE_ID
 from cffi_kvm import Kvm
 
@@ -68,7 +62,9 @@ def _why_not() -> str | None:
 
 
 WHY_NOT = _why_not()
-WHY_NO_INITRAMFS = WHY_NOT or (None if BUSYBOX.exists() else "no static busybox (install busybox-static)")
+WHY_NO_INITRAMFS = WHY_NOT or (
+    None if statically_linked(BUSYBOX) else f"{BUSYBOX} is no static busybox (install busybox-static)"
+)
 
 
 @pytest.mark.skipif(WHY_NO_INITRAMFS is not None, reason=WHY_NO_INITRAMFS or "")
@@ -90,7 +86,7 @@ async def test_linux_boots_to_init_and_reads_virtio_blk(tmp_path: Path) -> None:
             cmdline = KERNEL_CMDLINE.replace("root=/dev/vda rw init=/sbin/cube-init", "rdinit=/init")
             entry = load_linux(machine.memory, kernel, f"{cmdline} {cmdline_device(0xD000_0000, 5)}", initrd)
             prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry)
-            with trio.fail_after(60):
+            with trio.fail_after(max(60, load_config().kvm_boot_timeout_s)):
                 outcome = await machine.run()
         finally:
             machine.close()
@@ -116,6 +112,9 @@ async def kvm_runtime() -> AsyncIterator[tuple[KvmRuntime, Config]]:
         run_dir=work / "run",
         cache_dir=base.cache_dir,  # the built microVM kernel
         kvm_guest_kernel=base.kvm_guest_kernel,
+        # Raised through the environment on a software-emulated host (tests/kvm_host).
+        kvm_boot_timeout_s=base.kvm_boot_timeout_s,
+        guest_agent_timeout_s=base.guest_agent_timeout_s,
         host_network=TEST_HOST_NETWORK,
         allow_unenforced_network=True,
     )
@@ -144,7 +143,9 @@ async def _init(instance: KvmInstance, template: TemplateManifest, env: dict[str
         "defaultUser": template.user,
         "defaultWorkdir": template.workdir,
     }
-    async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
+    async with httpx.AsyncClient(
+        timeout=max(30, load_config().guest_agent_timeout_s), trust_env=False
+    ) as http:
         # The clone's boot token is the snapshot's; no accessToken: its agent stays open to _run.
         headers = {"X-Access-Token": instance.agent_token}
         response = await http.post(f"http://{host}:{port}/init", json=body, headers=headers)
@@ -153,7 +154,8 @@ async def _init(instance: KvmInstance, template: TemplateManifest, env: dict[str
 
 async def _run(instance: KvmInstance, code: str) -> CommandResult:
     host, _port = instance.endpoint(ENVD_PORT)
-    return await run_command(host, f"python3 -c {shlex.quote(code)}", timeout=60)
+    timeout = max(60, 6 * load_config().guest_agent_timeout_s)
+    return await run_command(host, f"python3 -c {shlex.quote(code)}", timeout=timeout)
 
 
 def _sha256(path: Path) -> str:
@@ -188,28 +190,33 @@ async def test_template_snapshot_clones_get_their_own_init_and_diverge(
     if not (installed_dir / MANIFEST_NAME).is_file():
         pytest.skip(f"no default template installed in {installed_dir} (installer/install.sh builds it)")
     installed = TemplateManifest.load(installed_dir)
-    # A template directory of the test's own (the installed one is not the test's to
-    # write): the same read-only root image, a snapshot of its own.
+    # A template directory of the test's own, published in its own store (the installed one
+    # is not the test's to write): the same read-only root image and manifest.
     directory = config.templates_dir / installed.template_id
     directory.mkdir(parents=True)
     (directory / ROOTFS_NAME).symlink_to(installed.rootfs)
     template = dataclasses.replace(installed, directory=directory)
-    snapshot = directory / TEMPLATE_SNAPSHOT_DIR
+    template.save()
 
-    # The template build: boot (kernel → cube-init → the agent answers), then snapshot.
-    with trio.fail_after(300):
-        await _build_snapshot_and_clone(runtime, config, template, snapshot)
+    # The first create boots (kernel → cube-init → the agent and its default kernel answer),
+    # snapshots the template, then serves; the next ones restore that snapshot.
+    with trio.fail_after(600):
+        await _build_snapshot_and_clone(runtime, config, template)
 
 
-async def _build_snapshot_and_clone(
-    runtime: KvmRuntime, config: Config, template: TemplateManifest, snapshot: Path
-) -> None:
+async def _build_snapshot_and_clone(runtime: KvmRuntime, config: Config, template: TemplateManifest) -> None:
+    kernel = find_guest_kernel(config)
+    assert kernel is not None
     async with trio.open_nursery() as nursery:
         builder = await nursery.start(runtime.run, _spec(config, template, 0))
         assert isinstance(builder, KvmInstance)
+        assert not builder.restored and builder.fully_ready()
         assert b"Linux version" in builder.console_log.read_bytes()
-        await builder.snapshot(snapshot)
         nursery.cancel_scope.cancel()
+    snapshot = runtime.snapshots.valid(
+        SnapshotKey.of(template, kernel, template.memory_mb, template.cpu_count)
+    )
+    assert snapshot is not None
     memory_before = _sha256(snapshot / MEMORY_FILE)
     overlay_before = _sha256(snapshot / OVERLAY_NAME)
 
@@ -220,7 +227,7 @@ async def _build_snapshot_and_clone(
         for slot, name in ((1, "a"), (2, "b")):
             clone = await nursery.start(runtime.run, _spec(config, template, slot))
             assert isinstance(clone, KvmInstance)
-            assert clone.machine.memory.backing_file == snapshot / MEMORY_FILE  # a restore, not a boot
+            assert clone.restored and clone.machine.memory.backing_file == snapshot / MEMORY_FILE
             await _init(clone, template, {"CUBE_CLONE": name})
             clones[name] = clone
         first = {name: await _run(clone, REPORT_AND_MARK) for name, clone in clones.items()}

@@ -256,6 +256,18 @@ async def test_i8042_reset_stops_the_machine(kvm: Kvm) -> None:
         machine.close()
 
 
+async def test_a_triple_fault_stops_the_machine_as_a_shutdown(kvm: Kvm) -> None:
+    """enter_long_mode's IDT has no usable gate: any exception faults again, then a third
+    time. KVM reports the triple fault as a shutdown; the runtime calls the guest dead."""
+    machine = Machine.new(kvm, MachineConfig(memory_size=16 * MIB))
+    try:
+        load(machine, "ud2")
+        enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=CODE, rsp=STACK)
+        assert await run_until_stopped(machine) is VcpuExit.SHUTDOWN
+    finally:
+        machine.close()
+
+
 async def test_ioeventfd_signals_without_a_userspace_exit(kvm: Kvm) -> None:
     machine = Machine.new(kvm, MachineConfig(memory_size=16 * MIB))
     notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -5,18 +5,32 @@ the one gateway MAC snapshot clones expect."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
+from collections import Counter as Tally
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from kvm_guest import RecordingDevice, assemble
-from test_kvm_snapshot import PAGE_WRITER, PAGES, Counter, expected_page_values, page_values, snapshot_after
+from test_kvm_snapshot import (
+    PAGE_TABLE_PAGES,
+    PAGE_WRITER,
+    PAGES,
+    Counter,
+    expected_page_values,
+    page_values,
+    snapshot_after,
+)
 
 from appliance.config import Config
 from appliance.net.service import CubeVS
@@ -29,13 +43,13 @@ from appliance.runtime.kvm.runtime import (
     GATEWAY_MAC,
     OVERLAY_NAME,
     PAUSED_SNAPSHOT_DIR,
-    TEMPLATE_SNAPSHOT_DIR,
     KvmInstance,
     KvmRuntime,
     guest_mac,
     open_sandbox_tap,
 )
 from appliance.runtime.kvm.snapshot import read_state
+from appliance.runtime.kvm.template_snapshots import KEY_FILE, SnapshotBuild, SnapshotKey, TemplateUnservable
 from appliance.runtime.kvm.x86 import enter_long_mode
 from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
@@ -126,7 +140,8 @@ async def test_pause_of_a_clone_writes_its_diff_frees_its_memory_and_resume_cont
             steps = len(clone_counter.values())
             # The diff holds the pages the clone wrote; its RAM is the template's again.
             state = read_state(paused_dir)
-            assert PAGES <= sum(count for _first, count in state.diff_runs) <= PAGES + 1
+            diff_pages = sum(count for _first, count in state.diff_runs)
+            assert PAGES <= diff_pages <= PAGES + PAGE_TABLE_PAGES, state.diff_runs
             assert page_values(clone) == expected_page_values(5) != expected_page_values(5 + steps)
             await trio.sleep(0.1)
             assert len(clone_counter.values()) == steps  # nothing runs while paused
@@ -183,10 +198,13 @@ jmp again
 """
 
 
-def _template_snapshot(kvm: Kvm, template: TemplateManifest, work: Path) -> None:
-    """A template snapshot as KvmInstance.snapshot writes one, of a small payload instead of
-    a booted Linux, with the runtime's devices (never activated) in their slots."""
-    machine = Machine.new(kvm, MachineConfig(memory_size=16 * MIB))
+def _template_snapshot(
+    kvm: Kvm, runtime: KvmRuntime, template: TemplateManifest, kernel: Path, work: Path
+) -> Path:
+    """A template snapshot as the runtime's first boot of a template publishes one, of a small
+    payload instead of a booted Linux, with the runtime's devices (never activated) in their
+    slots; published in the runtime's store under the key a create of `template` looks up."""
+    machine = Machine.new(kvm, MachineConfig(memory_size=SNAPSHOT_MEMORY_MB * MIB))
     disk = CowDisk(work / "template-overlay", base=template.rootfs)
     try:
         devices = [
@@ -199,26 +217,30 @@ def _template_snapshot(kvm: Kvm, template: TemplateManifest, work: Path) -> None
             KvmRuntime._attach(machine, index, name, device)
         machine.memory.write(0x10000, assemble(MAGIC_TO_SERIAL, origin=0x10000))
         enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=0x10000, rsp=0x8000)
-        snapshot = template.directory / TEMPLATE_SNAPSHOT_DIR
-        machine.snapshot(snapshot)
-        (snapshot / OVERLAY_NAME).write_bytes((work / "template-overlay").read_bytes())
+        key = SnapshotKey.of(template, kernel, SNAPSHOT_MEMORY_MB, 1)
+        build = trio.run(runtime.snapshots.ready_or_claim, key, "test")
+        assert isinstance(build, SnapshotBuild)
+        machine.snapshot(build.staging)
+        (build.staging / OVERLAY_NAME).write_bytes((work / "template-overlay").read_bytes())
+        return runtime.snapshots.publish(build)
     finally:
         machine.close()
         disk.close()
 
 
-async def test_a_create_restores_the_template_snapshot_into_the_sandbox_machine(kvm: Kvm) -> None:
-    """KvmRuntime.run on a template with a snapshot: network, tap, the snapshot's overlay
-    copied, a pooled shell restored with the sandbox's devices, vCPU running. The payload
-    stands in for Linux (which cannot boot on PVM): its serial output in the sandbox's
-    console log shows the restored guest running on the runtime's MMIO bus. Readiness (the
-    guest agent) is the Linux test's; this one cancels the create once the guest ran."""
+SNAPSHOT_MEMORY_MB = 16
+
+
+@contextlib.contextmanager
+def kvm_runtime_on_this_host() -> Iterator[tuple[Path, Config, TemplateManifest]]:
+    """A private config whose kvm runtime can restore here (PVM with a kernel configured: a
+    restore never runs the kernel, which cannot boot on PVM), and a published template."""
     if os.geteuid() != 0:
         pytest.skip("the sandbox network needs root")
     work = Path(tempfile.mkdtemp(prefix="cubetest-kvmrt-"))  # short paths: unix sockets
     try:
-        kernel = work / "vmlinux"  # configured, never run: a restore does not load a kernel
-        kernel.write_bytes(b"")
+        kernel = work / "vmlinux"  # a stand-in: a cold boot of it fails at once
+        kernel.write_bytes(b"not a kernel")
         config = Config(
             state_dir=work / "state",
             run_dir=work / "run",
@@ -229,33 +251,198 @@ async def test_a_create_restores_the_template_snapshot_into_the_sandbox_machine(
         )
         if not detect_host(config).kvm_usable:
             pytest.skip(detect_host(config).reason)
-        template = TemplateManifest(template_id="t", directory=work / "template")
-        template.directory.mkdir()
+        template = TemplateManifest(template_id="t", directory=config.templates_dir / "t")
+        template.directory.mkdir(parents=True)
         template.rootfs.write_bytes(os.urandom(MIB))
-        _template_snapshot(kvm, template, work)
-        sandbox_dir = work / "sbx"
-        spec = BootSpec("cubetest-kvmrt", template, 1, sandbox_dir, memory_mb=16, cpu_count=1)
-        async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-            runtime = KvmRuntime(config, cubevs)
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(runtime.run, spec)
-                    console = spec.sandbox_dir / "console.log"
-                    with trio.fail_after(30):
-                        while not (console.exists() and b"virt" in console.read_bytes()):
-                            await trio.sleep(0.05)
-                    assert (spec.sandbox_dir / OVERLAY_NAME).read_bytes() == (
-                        template.directory / TEMPLATE_SNAPSHOT_DIR / OVERLAY_NAME
-                    ).read_bytes()
-                    # The create started a refill for the template's next sandbox beside it;
-                    # on a loaded host the shell may still be in the making.
-                    pool = runtime.pool_for(template.directory / TEMPLATE_SNAPSHOT_DIR)
-                    with trio.fail_after(30):
-                        while pool.ready < 1:
-                            await trio.sleep(0.05)
-                    nursery.cancel_scope.cancel()
-            finally:
-                runtime.close()
-        assert not Path(f"/run/netns/cube-{spec.sandbox_id}").exists()
+        template.save()
+        yield work, config, template
     finally:
         shutil.rmtree(work)
+
+
+def _spec(config: Config, template: TemplateManifest, name: str) -> BootSpec:
+    return BootSpec.for_template(config, template, f"cubetest-{name}-{secrets.token_hex(2)}", 1, memory_mb=16)
+
+
+async def _until_console_has(spec: BootSpec, text: bytes) -> None:
+    console = spec.sandbox_dir / "console.log"
+    with trio.fail_after(30):
+        while not (console.exists() and text in console.read_bytes()):
+            await trio.sleep(0.05)
+
+
+def test_a_create_restores_the_template_snapshot_into_the_sandbox_machine(kvm: Kvm) -> None:
+    """KvmRuntime.run on a template with a snapshot: network, tap, the snapshot's overlay
+    copied, a pooled shell restored with the sandbox's devices, vCPU running. The payload
+    stands in for Linux (which cannot boot on PVM): its serial output in the sandbox's
+    console log shows the restored guest running on the runtime's MMIO bus. Readiness (the
+    guest agent) is the Linux test's; this one cancels the create once the guest ran."""
+    with kvm_runtime_on_this_host() as (work, config, template):
+        kernel = config.kvm_guest_kernel
+        assert kernel is not None
+
+        async def main() -> None:
+            async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
+                runtime = KvmRuntime(config, cubevs)
+                snapshot = await trio.to_thread.run_sync(
+                    _template_snapshot, kvm, runtime, template, kernel, work
+                )
+                spec = _spec(config, template, "kvmrt")
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(runtime.run, spec)
+                        await _until_console_has(spec, b"virt")
+                        overlay = (spec.sandbox_dir / OVERLAY_NAME).read_bytes()
+                        assert overlay == (snapshot / OVERLAY_NAME).read_bytes()
+                        # The create started a refill for the template's next sandbox beside it;
+                        # on a loaded host the shell may still be in the making.
+                        pool = runtime.pool_for(snapshot)
+                        with trio.fail_after(30):
+                            while pool.ready < 1:
+                                await trio.sleep(0.05)
+                        nursery.cancel_scope.cancel()
+                finally:
+                    runtime.close()
+                assert not Path(f"/run/netns/cube-{spec.sandbox_id}").exists()
+                assert not spec.sandbox_dir.exists()
+
+        trio.run(main)
+
+
+def _busy_threads_fds_netns() -> tuple[set[str], Tally[str], set[str]]:
+    """Threads doing work (trio's idle cached workers are named `Trio thread N` again), the
+    open fds (what they point at), the named network namespaces."""
+    busy = {
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not re.fullmatch(r"Trio thread \d+", t.name)
+    }
+    fds: Tally[str] = Tally()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own fd, gone by now
+            fds[os.readlink(f"/proc/self/fd/{fd}")] += 1
+    netns = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    return busy, fds, netns
+
+
+def test_killing_a_sandbox_leaves_no_thread_fd_netns_or_file(kvm: Kvm) -> None:
+    """The sandbox's nursery owns its vCPU threads and device handlers; cancelling `run` (the
+    kill) joins them and closes every fd (VM, vCPUs, eventfds, tap, disk), removes the netns
+    and its tap, and deletes the sandbox directory. Counted in this very process."""
+    with kvm_runtime_on_this_host() as (work, config, template):
+        kernel = config.kvm_guest_kernel
+        assert kernel is not None
+
+        async def main() -> None:
+            async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
+                runtime = KvmRuntime(config, cubevs)
+                try:
+                    snapshot = await trio.to_thread.run_sync(
+                        _template_snapshot, kvm, runtime, template, kernel, work
+                    )
+                    pool = runtime.pool_for(snapshot)
+                    await pool.refill()  # the shells a create takes and leaves: not the sandbox's
+                    before = _busy_threads_fds_netns()
+                    spec = _spec(config, template, "kill")
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(runtime.run, spec)
+                        await _until_console_has(spec, b"virt")
+                        with trio.fail_after(30):
+                            while pool.ready < pool.size:  # the refill the create started
+                                await trio.sleep(0.05)
+                        during = _busy_threads_fds_netns()
+                        nursery.cancel_scope.cancel()
+                    after = _busy_threads_fds_netns()
+                finally:
+                    runtime.close()
+            assert any("run_loop" in name for name in during[0] - before[0]), during[0]
+            assert any(fd.endswith("kvm-vcpu:0") for fd in during[1] - before[1]), during[1] - before[1]
+            assert f"cube-{spec.sandbox_id}" in during[2] - before[2]
+            assert after[0] == before[0], after[0] ^ before[0]
+            assert after[1] == before[1], (after[1] - before[1], before[1] - after[1])
+            assert after[2] == before[2], after[2] ^ before[2]
+            assert not spec.sandbox_dir.exists()
+
+        trio.run(main)
+
+
+def test_a_snapshot_of_another_kernel_is_refused_not_restored(kvm: Kvm) -> None:
+    """A snapshot in the store whose key names another guest kernel (or template version, VMM,
+    size, host) is never restored: the create boots instead, and (the kernel here being a
+    stand-in that cannot boot) the template is reported unservable with the boot's error,
+    which sends the service's creates to its uml fallback."""
+    with kvm_runtime_on_this_host() as (work, config, template):
+        kernel = config.kvm_guest_kernel
+        assert kernel is not None
+
+        async def main() -> None:
+            async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
+                runtime = KvmRuntime(config, cubevs)
+                try:
+                    snapshot = await trio.to_thread.run_sync(
+                        _template_snapshot, kvm, runtime, template, kernel, work
+                    )
+                    stamped = json.loads((snapshot / KEY_FILE).read_text())
+                    (snapshot / KEY_FILE).write_text(json.dumps({**stamped, "kernel": "0" * 16}))
+                    spec = _spec(config, template, "stale")
+                    with pytest.raises(TemplateUnservable) as refused:
+                        await runtime.run(spec)
+                    # It booted (loading the kernel failed) instead of restoring the refused snapshot.
+                    assert "neither an ELF vmlinux nor a bzImage" in refused.value.reason, refused.value
+                    # The next create is told at once, without another boot.
+                    with pytest.raises(TemplateUnservable):
+                        await runtime.run(_spec(config, template, "again"))
+                finally:
+                    runtime.close()
+
+        trio.run(main)
+
+
+async def test_a_paused_sandboxs_nic_takes_no_frame_until_resumed() -> None:
+    """Frames that reach a paused sandbox's tap stay there until resume: delivering one would
+    write guest memory that the pause's diff holds as it was (the resume would write the
+    old rings back under the device model's feet, and the guest's network would be dead)."""
+    if os.geteuid() != 0:
+        pytest.skip("a netns and a tap need root")
+    from test_kvm_virtio_mmio import BUFFERS, USED, attach
+
+    from appliance.runtime.kvm.memory import GuestMemory
+
+    namespace = "cubetest-kvmrx-" + secrets.token_hex(3)
+    netns = ["ip", "-n", namespace]
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        subprocess.run([*netns, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr"], check=True)
+        subprocess.run([*netns, "addr", "add", "10.9.9.1/24", "dev", "tap0"], check=True)
+        subprocess.run([*netns, "link", "set", "tap0", "up"], check=True)
+        fd = open_sandbox_tap(f"/run/netns/{namespace}", "tap0")
+        memory = GuestMemory.anonymous(4 * MIB)
+        device = VirtioNet(fd, guest_mac(1))
+        driver, transport, irq = attach(device, memory)
+        try:
+            driver.probe()
+            driver.submit([(BUFFERS, 2048, True)])  # one rx buffer for the guest
+            device.pause_io()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(device.run_io)
+                # A datagram to 10.9.9.2: the kernel asks for it on tap0 (ARP frames toward the guest).
+                send = "import socket as s; s.socket(s.AF_INET, s.SOCK_DGRAM).sendto(b'x', ('10.9.9.2', 9))"
+                await trio.run_process(["ip", "netns", "exec", namespace, sys.executable, "-c", send])
+                await trio.sleep(0.5)
+                assert device.metrics.rx_packets == 0 and memory.read_int(USED + 2, 2) == 0, (
+                    "a frame reached a paused guest"
+                )
+                device.resume_io()
+                with trio.fail_after(10):
+                    while memory.read_int(USED + 2, 2) == 0:
+                        await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+            assert device.metrics.rx_packets >= 1
+        finally:
+            transport.close()
+            device.close()
+            os.close(irq)
+            os.close(fd)
+            memory.close()
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], check=True)

@@ -173,6 +173,10 @@ again:
 
 
 DEVICE_PAGE = 0x200000
+# Besides what the program writes: the identity map's PML4, PDPT and PD pages, whose
+# accessed/dirty bits the CPU's page walk sets. With hardware paging (VMX/SVM) those are
+# guest writes that KVM logs; under PVM they are not.
+PAGE_TABLE_PAGES = 3
 DEVICE_DATA = b"written by a device model"
 
 
@@ -209,11 +213,12 @@ async def test_pause_writes_only_the_pages_dirtied_since_the_template_and_resume
         paused = sandbox.snapshot(tmp_path / "paused", incremental=True)
     finally:
         sandbox.close()
-    # Only the written pages (and at most one more, e.g. the page tables' accessed bits).
+    # Only the written pages: the program's, the device's, the page tables' accessed bits.
     diff_pages = paused.memory_bytes_written // 4096
-    assert PAGES + 1 <= diff_pages <= PAGES + 2, paused.state.diff_runs
+    assert PAGES + 1 <= diff_pages <= PAGES + 1 + PAGE_TABLE_PAGES, paused.state.diff_runs
     diff_file = tmp_path / "paused" / MEMORY_FILE
-    assert allocated_bytes(diff_file) <= (PAGES + 2) * 4096 + 64 * 1024  # sparse: the diff alone
+    sparse_bound = (PAGES + 1 + PAGE_TABLE_PAGES) * 4096 + 64 * 1024
+    assert allocated_bytes(diff_file) <= sparse_bound  # sparse: the diff alone
     assert read_state(tmp_path / "paused").base_memory == str(tmp_path / "template" / MEMORY_FILE)
 
     # resume = restore of the diff over the template's memory file: continues exactly.
@@ -236,7 +241,7 @@ async def test_pause_writes_only_the_pages_dirtied_since_the_template_and_resume
         again = resumed.snapshot(tmp_path / "paused-again", incremental=True)
     finally:
         resumed.close()
-    assert PAGES + 1 <= again.memory_bytes_written // 4096 <= PAGES + 2
+    assert PAGES + 1 <= again.memory_bytes_written // 4096 <= PAGES + 1 + PAGE_TABLE_PAGES
     last = Machine.restore(kvm, tmp_path / "paused-again", add_devices=Counter().attach)
     try:
         assert page_values(last) == expected_page_values(count + 10)

@@ -8,6 +8,7 @@ import os
 import struct
 from pathlib import Path
 
+import pytest
 import trio
 from kvm_guest import RecordingDevice, assemble
 
@@ -19,7 +20,7 @@ from appliance.runtime.virtio import mmio
 from appliance.runtime.virtio.blk.device import T_IN, T_OUT, VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.device import VIRTIO_F_VERSION_1, VirtioDevice
-from appliance.runtime.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from appliance.runtime.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, QueueError
 from appliance.runtime.virtio.rate_limiter import RateLimiter, TokenBucket
 from appliance.runtime.virtio.rng.device import VirtioRng
 from cffi_kvm import Kvm
@@ -313,3 +314,72 @@ async def test_guest_queue_notify_through_ioeventfd_is_served_by_a_trio_task(kvm
         os.close(notify)
         transport.close()
         machine.close()
+
+
+async def test_a_paused_device_takes_no_notification_until_resumed() -> None:
+    """A notification the guest sent just before it was stopped (an ioeventfd still set) is
+    served only after resume: while paused the device must not touch guest memory, which a
+    pause's diff or a snapshot holds as it was when the vCPUs stopped."""
+    memory = GuestMemory.anonymous(4 * MIB)
+    device = VirtioRng()
+    driver, transport, irq = attach(device, memory)
+    notify = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    try:
+        driver.probe()
+        # The chain is available; the notification comes through KVM's ioeventfd, not the bus.
+        memory.write(DESC, struct.pack("<QIHH", BUFFERS, 256, VIRTQ_DESC_F_WRITE, 0))
+        memory.write_int(AVAIL + 4, 2, 0)
+        memory.write_int(AVAIL + 2, 2, 1)
+        device.pause_io()
+        os.eventfd_write(notify, 1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.serve_notifications, [notify])
+            await trio.sleep(0.3)
+            assert memory.read_int(USED + 2, 2) == 0 and memory.read(BUFFERS, 256) == bytes(256)
+            device.resume_io()
+            with trio.fail_after(10):
+                while memory.read_int(USED + 2, 2) == 0:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert driver.used() == (0, 256)
+    finally:
+        transport.close()
+        for fd in (irq, notify):
+            os.close(fd)
+        memory.close()
+
+
+def test_a_hostile_driver_cannot_reach_past_guest_ram_or_loop_the_device() -> None:
+    """A guest kernel is untrusted: its virtqueues may point anywhere. Each malformed chain
+    (a buffer across the end of RAM, one of 4 GiB, one far above RAM, a descriptor loop,
+    rings outside RAM) is refused before a byte is read or written: the error ends that sandbox's device
+    model (and so that sandbox), never the host's memory next to the guest's."""
+    ram = 4 * MIB
+    memory = GuestMemory.anonymous(ram)
+    driver, transport, irq = attach(VirtioRng(), memory)
+    try:
+        driver.probe()
+        tail = memory.read(ram - 256, 256)
+        for chain in ([(ram - 256, 512, True)], [(ram - 16, 0xFFFF_FFFF, True)], [(1 << 48, 64, True)]):
+            with pytest.raises(ValueError, match="not in guest RAM"):
+                driver.submit(chain)
+            assert memory.read(ram - 256, 256) == tail
+        assert memory.read_int(USED + 2, 2) == 0  # nothing was returned as served
+        # A chain whose last descriptor points back at its first: the walk stops at the queue size.
+        memory.write(DESC, struct.pack("<QIHH", BUFFERS, 16, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 1))
+        memory.write(DESC + 16, struct.pack("<QIHH", BUFFERS, 16, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 0))
+        memory.write_int(AVAIL + 4 + 2 * (driver.avail_idx % driver.queue_size), 2, 0)
+        driver.avail_idx += 1
+        memory.write_int(AVAIL + 2, 2, driver.avail_idx)
+        with pytest.raises(QueueError, match="malformed"):
+            driver.reg(mmio.QUEUE_NOTIFY, 0)
+        # Rings outside RAM: refused as the device reads them.
+        driver.reg(mmio.QUEUE_SEL, 0)
+        driver.reg(mmio.QUEUE_DRIVER_LOW, 0)
+        driver.reg(mmio.QUEUE_DRIVER_LOW + 4, 0x10000)
+        with pytest.raises(ValueError, match="not in guest RAM"):
+            driver.reg(mmio.QUEUE_NOTIFY, 0)
+    finally:
+        transport.close()
+        os.close(irq)
+        memory.close()

@@ -11,6 +11,10 @@
 - mptable.py   MP table (vCPUs, IOAPIC) for guests without ACPI
 - snapshot.py  state.json (plain data) + memory file (whole, or a diff over a base file)
 - pool.py      restore shells made ahead of time, per template snapshot
+- template_snapshots.py  one snapshot per template, keyed by kernel/template/VMM/host; refused when stale
+- console.py   serial output to the sandbox's console log, a line at a time
+- instance.py  KvmInstance: a running sandbox (pause/resume with a diff, snapshot, memory)
 - runtime.py   KvmRuntime, runtime.base's Runtime over all of the above
+- kernel.py    `cube image build-kvm-kernel` (image/kernel/build.py)
 Virtio devices live in runtime/virtio and reach a guest through virtio/mmio.py.
 """

@@ -1,17 +1,26 @@
 """`KvmRuntime`: one microVM per sandbox, behind runtime.base's Runtime interface.
 
-Per sandbox (all owned by the sandbox's nursery, torn down when `run` ends):
-CubeVS's netns with tap0 → virtio-net; the template's rootfs as a copy-on-write
-virtio-blk; virtio-vsock (host side `<sandbox_dir>/vsock.sock`); virtio-rng; the
-guest kernel (PVH or 64-bit entry) with the devices on its command line; vCPU
-threads; the console in `<sandbox_dir>/console.log`. Ready = the guest agent
-accepts TCP on its port through the sandbox's host address.
+Per sandbox, `run()` owns (and tears down in reverse, however it ends): the sandbox
+directory; CubeVS's netns with tap0 → virtio-net; the template's rootfs as a
+copy-on-write virtio-blk; virtio-vsock (host side `<sandbox_dir>/vsock.sock`);
+virtio-rng; the machine (VM, memory, vCPUs); and the sandbox's nursery, which owns
+the vCPU threads (`Machine.run`), every device's handlers and the console pump. The
+nursery's cancel scope is the sandbox's lifetime: the cubelet cancels `run()` to kill
+it (its E2B deadline is the cubelet's scope around this task), and nothing of the
+sandbox outlives `run()`: no thread, fd, tap, netns or file.
 
-With a template snapshot (taken by the template build once the agent is ready), a
-sandbox is a restore instead of a boot: a pooled VM shell gets the snapshot's state,
-the guest clock moves on, and the cubelet's /init hands over env, token, time and RNG
-seed. A clone's pause writes only what it changed since the template (a diff) and
-gives those pages back to the host; resume copies them back.
+Where the guest comes from:
+- a template snapshot (template_snapshots.py), the normal case: a pooled VM shell
+  gets the snapshot's state, the guest clock moves on, and the cubelet's /init
+  hands over env, a fresh access token, time and an RNG seed;
+- a cold boot of the microVM kernel, for the first sandbox of a template (or a
+  template version, kernel or VMM) without a valid snapshot: once its agent's
+  default kernel answers, it is snapshotted into the store, then handed out; other
+  creates of the template wait for that snapshot and restore it;
+- a cold boot without a snapshot: throwaway guests of template builds (Dockerfile
+  RUN) and sandboxes carried over a restart on their kept disk (`spec.disk`).
+A clone's pause writes only what it changed since the template (a diff) and gives
+those pages back to the host; resume copies them back.
 
 Runs only where a guest kernel can run at full speed: VMX/SVM, or PVM with a PVM
 guest kernel configured (`detect_host` says which, and why not).
@@ -21,11 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
+import re
 import shutil
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -34,14 +44,24 @@ import trio
 from appliance.config import Config
 from appliance.guest.options import BOOT_TOKEN_PARAMETER
 from appliance.net.netns import entered
-from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, Instance, read_console_tail
-from appliance.runtime.detect import detect_host
+from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, HostBusy, Instance
+from appliance.runtime.detect import detect_host, find_guest_kernel
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
+from appliance.runtime.kvm.console import SerialConsole
+from appliance.runtime.kvm.instance import PAUSED_SNAPSHOT_DIR, KvmInstance, copy_sparse, snapshot_agent_token
 from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.pool import ShellPool
-from appliance.runtime.kvm.snapshot import MEMORY_FILE, STATE_FILE
-from appliance.runtime.kvm.vcpu import VcpuExit
+from appliance.runtime.kvm.snapshot import STATE_FILE
+from appliance.runtime.kvm.template_snapshots import (
+    OVERLAY_NAME,
+    SnapshotBuild,
+    SnapshotKey,
+    TemplateSnapshots,
+    TemplateUnservable,
+)
+from appliance.runtime.kvm.vcpu import VcpuExit, VcpuFault
 from appliance.runtime.readiness import ReadinessProbe
+from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.device import VirtioDevice
@@ -52,8 +72,12 @@ from appliance.runtime.virtio.rng.device import VirtioRng
 from appliance.runtime.virtio.vsock.device import VirtioVsock
 from cffi_kvm import Kvm
 
+__all__ = ["OVERLAY_NAME", "PAUSED_SNAPSHOT_DIR", "KvmInstance", "KvmRuntime", "TemplateUnservable"]
+
 if TYPE_CHECKING:
     from appliance.records import TemplateManifest
+
+log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 VIRTIO_MMIO_BASE = 0xD000_0000
@@ -62,8 +86,6 @@ GUEST_CID = 3
 # The host side of every sandbox's tap: a guest restored from a template snapshot has
 # the template guest's ARP entry for its gateway, which must still be right in its own netns.
 GATEWAY_MAC = bytes.fromhex("06cbe0000001")
-BOOT_TIMEOUT_S = 60
-READY_PROBE_INTERVAL_S = 0.05
 KERNEL_CMDLINE = (
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd "
     "root=/dev/vda rw init=/sbin/cube-init"
@@ -77,21 +99,20 @@ DEVICE_SLOTS: tuple[tuple[str, type[VirtioDevice]], ...] = (
     ("virtio-vsock", VirtioVsock),
     ("virtio-rng", VirtioRng),
 )
-OVERLAY_NAME = "rootfs.overlay"
-TEMPLATE_SNAPSHOT_DIR = "kvm-snapshot"  # in the template's directory: state.json, memory, rootfs.overlay
-# In the sandbox's directory while it is paused: the pause's diff snapshot (a `run` of a
-# sandbox that has one, e.g. after the service restarted, resumes from it).
-PAUSED_SNAPSHOT_DIR = "kvm-paused"
-# Beside a template snapshot: the boot token its guest's agent holds, and so every clone's.
-AGENT_TOKEN_FILE = "agent-token"
+SNAPSHOT_STORE = "kvm-snapshots"  # in the state directory: one snapshot per template (and key)
+CONSOLE_LOG = "console.log"
+PROBE_INTERVAL_S = 0.05
+# Host memory kept free beside a new guest's RAM (the service, page cache the clones share).
+HOST_RESERVE_MB = 256
+_PANIC = re.compile(r"Kernel panic - not syncing: ([^\r\n]*)")
 
 
-def find_guest_kernel(config: Config) -> Path | None:
-    """Configured kernel, else the newest microVM kernel image/kernel built into the cache."""
-    if config.kvm_guest_kernel is not None:
-        return config.kvm_guest_kernel if config.kvm_guest_kernel.exists() else None
-    built = sorted((config.cache_dir / "kernels").glob("microvm-*/vmlinux"), key=lambda p: p.stat().st_mtime)
-    return built[-1] if built else None
+def host_memory_available_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """MemAvailable: what the host can give without swapping or reclaiming what it needs."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return 0
 
 
 def guest_mac(slot: int) -> bytes:
@@ -125,123 +146,60 @@ def wire_device_slots(machine: Machine) -> None:
         machine.notify_eventfds(base + QUEUE_NOTIFY, len(device_class.queue_max_sizes))
 
 
-def _save_agent_token(directory: Path, token: str) -> None:
-    path = directory / AGENT_TOKEN_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+def exit_reason(outcome: VcpuExit | str, console_tail: str) -> str:
+    """Why a guest stopped, in words: its kernel's panic message when it printed one."""
+    panic = _PANIC.search(console_tail)
+    if panic:
+        return f"guest kernel panic: {panic.group(1).strip()}"
+    if outcome is VcpuExit.SHUTDOWN:
+        return "the guest shut down (triple fault or shutdown request)"
+    if outcome is VcpuExit.RESET:
+        return "the guest reset itself (reboot)"
+    if outcome is VcpuExit.POWEROFF:
+        return "the guest powered off"
+    return str(outcome.value if isinstance(outcome, VcpuExit) else outcome)
 
 
-def _snapshot_agent_token(directory: Path) -> str:
-    """The boot token a snapshot's agent holds. The clones of one template snapshot all hold it
-    (it is in their memory and on their /proc/cmdline): safe only because /init kills it, and
-    the cubelet sends /init before anything else. "" if unknown (a paused sandbox's diff: its
-    agent was initialized already; a snapshot taken before agents had boot tokens)."""
-    try:
-        return (directory / AGENT_TOKEN_FILE).read_text().strip()
-    except OSError:
-        return ""
+def _prepare_sandbox_dir(sandbox_dir: Path, disk: Path | None) -> None:
+    shutil.rmtree(sandbox_dir, ignore_errors=True)  # a crashed service's leftovers
+    sandbox_dir.mkdir(parents=True, mode=0o700)
+    if disk is not None:  # a sandbox carried over a restart: its kept disk is the overlay
+        os.replace(disk, sandbox_dir / OVERLAY_NAME)
 
 
-def _copy_sparse(source: Path, target: Path) -> None:
-    """Copy keeping holes (and sharing blocks where the filesystem can reflink)."""
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)], check=True)
+@dataclass(frozen=True)
+class GuestSource:
+    """Where a sandbox's guest comes from: a template snapshot to restore, or a cold boot
+    (which, holding `build`, snapshots the template once ready)."""
+
+    key: SnapshotKey | None = None
+    snapshot: Path | None = None
+    build: SnapshotBuild | None = None
 
 
-@dataclass
-class KvmInstance:
-    sandbox_id: str
-    console_log: Path
-    host_ip: str
-    machine: Machine
-    disk_overlay: Path
-    agent_token: str = field(default="", repr=False)  # see Instance.agent_token
-    _run_scope: trio.CancelScope | None = None
-    _resumed: trio.Event | None = None
-    _paused: trio.Event | None = None
-    _swapped_out: tuple[Path, list[tuple[int, int]]] | None = None  # while paused: the diff
+class Handover:
+    """`task_status`, remembering whether the instance was handed out: a failure before
+    that is the runtime's (the template or its snapshot), after it the sandbox's own."""
 
-    def endpoint(self, port: int) -> tuple[str, int]:
-        return self.host_ip, port
+    def __init__(self, task_status: trio.TaskStatus[Instance]) -> None:
+        self._task_status = task_status
+        self.done = False
 
-    async def pause(self) -> None:
-        """Stop the vCPUs. A guest restored from a snapshot also writes what it changed
-        since (a diff: the pages dirtied since the template snapshot, its vCPU and device
-        state) into PAUSED_SNAPSHOT_DIR and gives those pages back to the host: its RAM
-        is the template's page cache again until resume copies the diff back."""
-        if self._resumed is not None:
-            return
-        await self._stop_vcpus()
-        memory = self.machine.memory
-        if memory.track_dirty and memory.backing_file is not None:
-            directory = self.disk_overlay.parent / PAUSED_SNAPSHOT_DIR
-            write = functools.partial(self.machine.snapshot, directory, incremental=True)
-            info = await trio.to_thread.run_sync(write)
-            memory.discard_private_pages()
-            self._swapped_out = (directory, info.state.diff_runs)
-
-    async def resume(self) -> None:
-        if self._swapped_out is not None:
-            directory, runs = self._swapped_out
-            memory = self.machine.memory
-            await trio.to_thread.run_sync(memory.apply_diff, directory / MEMORY_FILE, runs)
-            self._swapped_out = None
-            # Only a paused sandbox has the directory: a later `run` must not resume from it.
-            await trio.to_thread.run_sync(shutil.rmtree, directory)
-        self._continue_vcpus()
-
-    async def _stop_vcpus(self) -> None:
-        self._resumed, self._paused = trio.Event(), trio.Event()
-        if self._run_scope is not None:
-            self._run_scope.cancel()  # kicks the vCPUs out of KVM_RUN; threads are joined
-        await self._paused.wait()
-
-    def _continue_vcpus(self) -> None:
-        if self._resumed is not None:
-            resumed, self._resumed = self._resumed, None
-            resumed.set()
-
-    async def snapshot(self, directory: Path) -> None:
-        """Stop, write the whole machine (vCPUs, devices, all of RAM) and the disk overlay,
-        continue. Taken once the guest agent is ready, into the template's
-        TEMPLATE_SNAPSHOT_DIR, it makes every later sandbox of the template a restore."""
-        await self._stop_vcpus()
-        try:
-            await trio.to_thread.run_sync(self.machine.snapshot, directory)  # flushes the disk
-            await trio.to_thread.run_sync(_copy_sparse, self.disk_overlay, directory / OVERLAY_NAME)
-            _save_agent_token(directory, self.agent_token)
-        finally:
-            self._continue_vcpus()
-
-    def memory_usage_bytes(self) -> int:
-        return self.machine.memory.resident_bytes()
-
-    async def wait_fully_ready(self) -> None:
-        """At once: a kvm guest is handed out only when its probe port answers."""
-
-    def fully_ready(self) -> bool:
-        return True
-
-    async def run_until_exit(self) -> VcpuExit:
-        """Run the vCPUs; a pause stops them (nothing runs) until resume."""
-        while True:
-            self._run_scope = trio.CancelScope()
-            with self._run_scope:
-                outcome = await self.machine.run()
-            if not self._run_scope.cancelled_caught:
-                return outcome
-            assert self._paused is not None and self._resumed is not None
-            self._paused.set()
-            await self._resumed.wait()
+    def started(self, instance: Instance) -> None:
+        self.done = True
+        self._task_status.started(instance)
 
 
 class KvmRuntime:
     name = "kvm"
-    snapshots_templates = True
+    snapshots_templates = True  # into the snapshot store, at a published template's first boot
 
     def __init__(self, config: Config, cubevs: Any) -> None:
         self.config = config
         self.cubevs = cubevs
+        self.snapshots = TemplateSnapshots(config.state_dir / SNAPSHOT_STORE)
+        if removed := self.snapshots.prune(config.templates_dir):
+            log.info("kvm: removed the snapshots of templates that are gone: %s", ", ".join(removed))
         self._pools: dict[Path, ShellPool] = {}  # by template snapshot directory
 
     def pool_for(self, snapshot_dir: Path) -> ShellPool:
@@ -260,30 +218,93 @@ class KvmRuntime:
             pool.close()
         self._pools.clear()
 
+    def guest_kernel(self, sandbox_id: str) -> Path:
+        """The kernel to boot; BootFailed with the detector's reason where none can run."""
+        host = detect_host(self.config)
+        kernel = find_guest_kernel(self.config)
+        if not host.kvm_usable or host.guest_kernel is None or kernel is None:
+            raise BootFailed(sandbox_id, f"the kvm runtime cannot run here: {host.reason}")
+        return kernel
+
+    def check_memory(self, spec: BootSpec) -> None:
+        """HostBusy (a 503 for the client, nothing started, nothing killed) unless the host has
+        the guest's whole RAM available beside what it keeps for itself: a guest may touch
+        all of it, and the kernel's OOM killer must never have to choose a sandbox (or the
+        service) to make room."""
+        available_mb = host_memory_available_mb()
+        if available_mb < spec.memory_mb + HOST_RESERVE_MB:
+            raise HostBusy(
+                spec.sandbox_id,
+                f"the host has {available_mb} MiB of memory available; a {spec.memory_mb} MiB sandbox "
+                f"needs {spec.memory_mb + HOST_RESERVE_MB} MiB",
+            )
+
+    def snapshots_template(self, template_dir: Path) -> bool:
+        """Published templates get a snapshot; a build's throwaway guests do not."""
+        return template_dir.parent == self.config.templates_dir
+
     async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
-        """Snapshot the build's probed guest: every later sandbox of the template is a restore."""
-        assert isinstance(instance, KvmInstance), "a guest of another runtime"
-        await instance.snapshot(template.directory / TEMPLATE_SNAPSHOT_DIR)
+        """Nothing: a build's probe guest is a throwaway; the published template's first kvm
+        boot (its first create, or the service's start-up warm-up) is what gets snapshotted,
+        into the store keyed by kernel, template, VMM and size (template_snapshots.py)."""
 
     async def run(
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
-        host = detect_host(self.config)
-        kernel = find_guest_kernel(self.config)
-        if not host.kvm_usable or (host.kvm == "PVM" and host.pvm_guest_kernel is None):
-            raise BootFailed(spec.sandbox_id, f"the kvm runtime cannot run here: {host.reason}")
-        if kernel is None:
-            raise BootFailed(spec.sandbox_id, "no guest kernel: set kvm_guest_kernel or build image/kernel")
-        spec.sandbox_dir.mkdir(parents=True, exist_ok=True)
-        console_log = spec.sandbox_dir / "console.log"
+        kernel = self.guest_kernel(spec.sandbox_id)
+        self.check_memory(spec)
+        source = await self._source(spec, kernel)
+        handover = Handover(task_status)
+        try:
+            await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, spec.disk)
+            await self._run_sandbox(spec, kernel, source, handover)
+            raise AssertionError("_run_sandbox returned")  # it raises GuestExited when the guest stops
+        except Exception as exc:
+            if handover.done or source.key is None:
+                raise
+            raise self._unservable(spec, source, exc) from exc
+        except BaseException:
+            if source.build is not None:
+                self.snapshots.abandon(source.build, None)  # cancelled: the next create tries again
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(shutil.rmtree, spec.sandbox_dir, True)
+
+    def _unservable(self, spec: BootSpec, source: GuestSource, exc: Exception) -> TemplateUnservable:
+        """A template whose first boot, or whose snapshot's restore, failed: this create and
+        the next ones of that version go to the fallback runtime (the service's uml), never
+        to an error; a snapshot that did not restore is deleted (the next start rebuilds it)."""
+        assert source.key is not None
+        reason = getattr(exc, "reason", None) or repr(exc)
+        if source.build is not None:
+            self.snapshots.abandon(source.build, reason)
+        else:
+            reason = f"its snapshot did not restore: {reason}"
+            assert source.snapshot is not None
+            pool = self._pools.pop(source.snapshot, None)
+            if pool is not None:
+                pool.close()
+            self.snapshots.refuse(source.key, reason)
+        tail = getattr(exc, "console_tail", "")
+        return TemplateUnservable(spec.sandbox_id, spec.template.template_id, reason, tail)
+
+    async def _source(self, spec: BootSpec, kernel: Path) -> GuestSource:
+        if spec.disk is not None or not self.snapshots_template(spec.template.directory):
+            return GuestSource()
+        key = await trio.to_thread.run_sync(
+            SnapshotKey.of, spec.template, kernel, spec.memory_mb, spec.cpu_count
+        )
+        found = await self.snapshots.ready_or_claim(key, spec.sandbox_id)
+        if isinstance(found, Path):
+            return GuestSource(key, snapshot=found)
+        return GuestSource(key, build=found)
+
+    async def _run_sandbox(
+        self, spec: BootSpec, kernel: Path, source: GuestSource, handover: Handover
+    ) -> None:
         policy = spec.network_policy
-        # Resume a paused sandbox, else clone the template's snapshot, else boot.
-        snapshot_dir = spec.sandbox_dir / PAUSED_SNAPSHOT_DIR
-        resuming = (snapshot_dir / STATE_FILE).exists()
-        if not resuming:
-            snapshot_dir = spec.template.directory / TEMPLATE_SNAPSHOT_DIR
-        from_snapshot = (snapshot_dir / STATE_FILE).exists()
-        pool = self.pool_for(snapshot_dir) if from_snapshot and not resuming else None
+        pool = self.pool_for(source.snapshot) if source.snapshot is not None else None
         async with contextlib.AsyncExitStack() as resources:
             async with trio.open_nursery() as setting_up:
                 if pool is not None:
@@ -295,19 +316,22 @@ class KvmRuntime:
                 )
             tap_fd = await trio.to_thread.run_sync(open_sandbox_tap, net.netns_path, net.tap)
             resources.callback(os.close, tap_fd)
-            console = resources.enter_context(console_log.open("ab", buffering=0))
             kvm = resources.enter_context(Kvm())
+            console = ConsoleLog(spec.sandbox_dir / CONSOLE_LOG)
+            serial = SerialConsole(console)
             overlay = spec.sandbox_dir / OVERLAY_NAME
-            if from_snapshot and not resuming:
-                # The guest's page cache matches the template's disk as it was at the snapshot
-                # (a paused sandbox's own overlay is already in place).
-                await trio.to_thread.run_sync(_copy_sparse, snapshot_dir / OVERLAY_NAME, overlay)
+            if source.snapshot is not None:
+                # The guest's page cache matches the template's disk as it was at the snapshot.
+                await trio.to_thread.run_sync(copy_sparse, source.snapshot / OVERLAY_NAME, overlay)
             disk = resources.enter_context(contextlib.closing(CowDisk(overlay, base=spec.template.rootfs)))
             network = resources.enter_context(contextlib.closing(VirtioNet(tap_fd, guest_mac(spec.slot))))
+            vsock = resources.enter_context(
+                contextlib.closing(VirtioVsock(GUEST_CID, spec.sandbox_dir / "vsock.sock"))
+            )
             devices: list[tuple[str, VirtioDevice]] = [
                 ("virtio-blk", VirtioBlock(disk, disk_id=spec.template.template_id)),
                 ("virtio-net", network),
-                ("virtio-vsock", VirtioVsock(GUEST_CID, spec.sandbox_dir / "vsock.sock")),
+                ("virtio-vsock", vsock),
                 ("virtio-rng", VirtioRng()),
             ]
             assert [name for name, _ in devices] == [name for name, _ in DEVICE_SLOTS]
@@ -318,73 +342,86 @@ class KvmRuntime:
                     transports.append(self._attach(machine, index, name, device))
 
             if pool is not None:
-                # A clone of the template: a pooled shell (or a new one) gets the snapshot's
-                # state, devices included; the cubelet's /init then hands it its env, token,
-                # time and RNG seed.
-                machine = await pool.restore(add_devices=attach_devices, console=console.write)
-            elif from_snapshot:
-                # Same devices, same names: Machine.restore applies their saved state and
-                # moves the guest clock on; dirty pages are tracked so a pause writes a diff.
-                machine = await trio.to_thread.run_sync(
-                    functools.partial(
-                        Machine.restore,
-                        kvm,
-                        snapshot_dir,
-                        add_devices=attach_devices,
-                        track_dirty_pages=True,
-                        console=console.write,
-                    )
-                )
+                machine = await pool.restore(add_devices=attach_devices, console=serial.write)
             else:
                 machine = Machine.new(
-                    kvm, MachineConfig(spec.memory_mb * MIB, spec.cpu_count), console=console.write
+                    kvm, MachineConfig(spec.memory_mb * MIB, spec.cpu_count), console=serial.write
                 )
                 attach_devices(machine)
+
+            serial.on_power_down = functools.partial(machine.request_stop, VcpuExit.POWEROFF)
 
             async def close_machine() -> None:
                 with trio.CancelScope(shield=True):  # runs while the sandbox is being cancelled
                     await machine.aclose()
 
             resources.push_async_callback(close_machine)
-            notify_fds: dict[int, list[int]] = {}
             for transport in transports:
                 resources.callback(transport.close)
-                # The machine owns them (a pooled shell made them ahead).
-                notify_fds[transport.base] = machine.notify_eventfds(
-                    transport.base + QUEUE_NOTIFY, len(transport.queues)
-                )
-            if not from_snapshot:
-                # The default template's init reads cube_* words (the kernel hands them to it
-                # as environment); a template snapshot keeps what its boot got.
-                identity = [
-                    f"cube_hostname={GUEST_HOSTNAME}",
-                    f"cube_resolver={net.resolver_ip}",
-                    f"{BOOT_TOKEN_PARAMETER}={spec.agent_token}",
-                ]
-                cmdline = " ".join(
-                    [KERNEL_CMDLINE, *identity, *(cmdline_device(t.base, t.irq) for t in transports)]
-                )
-                entry = await trio.to_thread.run_sync(load_linux, machine.memory, kernel, cmdline)
-                prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry, spec.cpu_count)
-            agent_token = _snapshot_agent_token(snapshot_dir) if from_snapshot else spec.agent_token
-            instance = KvmInstance(spec.sandbox_id, console_log, net.host_ip, machine, overlay, agent_token)
-            exited: list[VcpuExit] = []
-            async with trio.open_nursery() as nursery:
-                if pool is not None:
-                    nursery.start_soon(pool.refill)  # a shell for the template's next sandbox
-                for _name, device in devices:
-                    nursery.start_soon(device.run_io)
-                for transport in transports:
-                    nursery.start_soon(transport.serve_throttled)
-                    nursery.start_soon(transport.serve_notifications, notify_fds[transport.base])
-                nursery.start_soon(self._run_guest, instance, exited, nursery.cancel_scope.cancel)
-                await self._wait_ready(spec, instance, net.host_ip, exited)
-                if resuming:  # the pause is over: its diff must not be resumed again
-                    await trio.to_thread.run_sync(shutil.rmtree, snapshot_dir)
-                task_status.started(instance)
-            # Reached only when the guest stopped by itself (cancelling `run` is the kill).
-            reason = exited[0].value if exited else "stopped"
-            raise GuestExited(spec.sandbox_id, reason, read_console_tail(console_log))
+            if pool is None:
+                await self._load_kernel(machine, kernel, transports, net.resolver_ip, spec)
+            # A clone's agent holds the boot token of the guest its template was snapshotted from.
+            assert source.snapshot is None or pool is not None
+            agent_token = snapshot_agent_token(source.snapshot) if source.snapshot else spec.agent_token
+            instance = KvmInstance(
+                spec.sandbox_id,
+                console.path,
+                net.host_ip,
+                machine,
+                overlay,
+                console=console,
+                restored=pool is not None,
+                devices=[device for _name, device in devices],
+                agent_token=agent_token,
+            )
+            await self._serve(spec, instance, serial, devices, transports, source, handover)
+
+    @staticmethod
+    async def _load_kernel(
+        machine: Machine, kernel: Path, transports: list[MmioTransport], resolver_ip: str, spec: BootSpec
+    ) -> None:
+        # The default template's init reads cube_* words (the kernel hands them to it as
+        # environment), the agent its boot token; a template snapshot keeps what its boot got.
+        identity = [
+            f"cube_hostname={GUEST_HOSTNAME}",
+            f"cube_resolver={resolver_ip}",
+            f"{BOOT_TOKEN_PARAMETER}={spec.agent_token}",
+        ]
+        cmdline = " ".join([KERNEL_CMDLINE, *identity, *(cmdline_device(t.base, t.irq) for t in transports)])
+        entry = await trio.to_thread.run_sync(load_linux, machine.memory, kernel, cmdline)
+        prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry, spec.cpu_count)
+
+    async def _serve(
+        self,
+        spec: BootSpec,
+        instance: KvmInstance,
+        serial: SerialConsole,
+        devices: list[tuple[str, VirtioDevice]],
+        transports: list[MmioTransport],
+        source: GuestSource,
+        handover: Handover,
+    ) -> None:
+        """The sandbox's nursery: vCPU threads, device handlers, console; hands the instance
+        over once ready and returns only when the guest stopped by itself (then raises)."""
+        machine = instance.machine
+        stopped: list[str] = []
+        async with trio.open_nursery() as nursery:
+            if source.snapshot is not None:
+                nursery.start_soon(self.pool_for(source.snapshot).refill)  # the template's next shell
+            for _name, device in devices:
+                nursery.start_soon(device.run_io)
+            for transport in transports:
+                nursery.start_soon(transport.serve_throttled)
+                notify_fds = machine.notify_eventfds(transport.base + QUEUE_NOTIFY, len(transport.queues))
+                nursery.start_soon(transport.serve_notifications, notify_fds)
+            nursery.start_soon(self._run_guest, instance, serial, stopped, nursery.cancel_scope.cancel)
+            await self._wait_ready(spec, instance, stopped)
+            if source.build is not None:
+                await self._snapshot_template(spec, instance, source.build, stopped)
+            handover.started(instance)
+        # Reached only when the guest stopped by itself (cancelling `run` is the kill).
+        assert instance.console is not None
+        raise GuestExited(spec.sandbox_id, stopped[0] if stopped else "stopped", instance.console.tail())
 
     @staticmethod
     def _attach(machine: Machine, index: int, name: str, device: VirtioDevice) -> MmioTransport:
@@ -397,21 +434,56 @@ class KvmRuntime:
         return transport
 
     @staticmethod
-    async def _run_guest(instance: KvmInstance, exited: list[VcpuExit], stop_all: Callable[[], None]) -> None:
-        exited.append(await instance.run_until_exit())
+    async def _run_guest(
+        instance: KvmInstance, serial: SerialConsole, stopped: list[str], stop_all: Callable[[], None]
+    ) -> None:
+        """Run the vCPUs until the guest stops by itself; record why, then end the sandbox."""
+        try:
+            outcome: VcpuExit | str = await instance.run_until_exit()
+        except VcpuFault as exc:
+            outcome = f"KVM could not run the guest: {exc}"
+        serial.drain()  # the guest's last words (a panic message) into the log
+        assert instance.console is not None
+        stopped.append(exit_reason(outcome, instance.console.tail()))
         stop_all()
 
-    async def _wait_ready(
-        self, spec: BootSpec, instance: KvmInstance, host_ip: str, exited: list[VcpuExit]
-    ) -> None:
+    def _boot_timeout(self) -> float:
+        return float(self.config.kvm_boot_timeout_s)
+
+    async def _wait_ready(self, spec: BootSpec, instance: KvmInstance, stopped: list[str]) -> None:
+        """Until the guest agent accepts connections on the template's probe port (a cold
+        boot prints its ready line first); BootFailed with the console tail otherwise."""
+        assert instance.console is not None
         port = spec.template.probe_port or ENVD_PORT
-        probe = ReadinessProbe((host_ip, port), None, attempt_timeout_s=BOOT_TIMEOUT_S)
-        with trio.move_on_after(BOOT_TIMEOUT_S):
-            if await probe.wait(READY_PROBE_INTERVAL_S, gave_up=lambda: bool(exited)):
+        timeout = self._boot_timeout()
+        probe = ReadinessProbe((instance.host_ip, port), None, attempt_timeout_s=timeout)
+        with trio.move_on_after(timeout):
+            if not instance.restored:
+                await instance.console.ready.wait()
+            if await probe.wait(PROBE_INTERVAL_S, gave_up=lambda: bool(stopped)):
                 return
         why = (
-            f"guest stopped ({exited[0].value})"
-            if exited
-            else f"no answer on port {port} in {BOOT_TIMEOUT_S} s ({probe.last_error})"
+            f"guest stopped: {stopped[0]}"
+            if stopped
+            else f"no answer on port {port} in {timeout:.0f} s ({probe.last_error})"
         )
-        raise BootFailed(spec.sandbox_id, why, read_console_tail(instance.console_log))
+        raise BootFailed(spec.sandbox_id, why, instance.console.tail())
+
+    async def _snapshot_template(
+        self, spec: BootSpec, instance: KvmInstance, build: SnapshotBuild, stopped: list[str]
+    ) -> None:
+        """Once the default kernel answers, save the guest as the template's snapshot."""
+        assert instance.console is not None
+        timeout = self._boot_timeout()
+        with trio.move_on_after(timeout):
+            await instance.console.interpreter_ready.wait()
+        if not instance.console.interpreter_ready.is_set() or stopped:
+            why = (
+                f"guest stopped: {stopped[0]}"
+                if stopped
+                else f"its default kernel was not up in {timeout:.0f} s"
+            )
+            raise BootFailed(spec.sandbox_id, why, instance.console.tail())
+        await instance.snapshot(build.staging)
+        directory = await trio.to_thread.run_sync(self.snapshots.publish, build)
+        log.info("kvm: template %s snapshotted into %s", spec.template.template_id, directory)

@@ -119,6 +119,7 @@ class VcpuRunner:
         run = self.vcpu.run_state
         while True:
             if self.stop_requested:
+                self._complete_pending_exit()
                 return VcpuExit.STOPPED
             if not self.vcpu.run():
                 continue  # kicked: re-check stop_requested
@@ -148,6 +149,15 @@ class VcpuRunner:
                 )
             else:
                 raise VcpuFault(f"vCPU {self.vcpu.id}: unhandled exit {reason}")
+
+    def _complete_pending_exit(self) -> None:
+        """Let KVM finish the instruction of the last I/O or MMIO exit before anyone saves the
+        vCPU: with VMX/SVM it does so only at the next KVM_RUN (an `out` is skipped, an `in` or
+        an MMIO read gets its data), so registers read now would point at the instruction
+        again, and a snapshot's clones would repeat it. KVM_RUN with immediate_exit set
+        completes it and returns at once (the kernel's documented way)."""
+        self.vcpu.run_state.immediate_exit = 1
+        self.vcpu.run()
 
     def _port_io(self) -> None:
         io = lib.cube_run_io(self.vcpu.run_state)
@@ -215,7 +225,11 @@ class VcpuRunner:
         v.set_sregs(struct_from_bytes("struct kvm_sregs *", state.sregs))
         v.set_fpu(struct_from_bytes("struct kvm_fpu *", state.fpu))
         v.set_xsave(struct_from_bytes("struct kvm_xsave *", state.xsave))
-        v.set_xcrs(struct_from_bytes("struct kvm_xcrs *", state.xcrs))
+        xcrs = struct_from_bytes("struct kvm_xcrs *", state.xcrs)
+        if xcrs.nr_xcrs:
+            # A host CPU without XSAVE (e.g. qemu64, as emulated by qemu) has no XCR0: KVM
+            # reports none and refuses KVM_SET_XCRS (EINVAL) even with none to set.
+            v.set_xcrs(xcrs)
         v.set_debugregs(struct_from_bytes("struct kvm_debugregs *", state.debugregs))
         v.set_lapic(struct_from_bytes("struct kvm_lapic_state *", state.lapic))
         remaining = list(state.msrs)

@@ -13,6 +13,7 @@ guest would block on its console.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import trio
 
@@ -56,13 +57,21 @@ class ConsoleLog:
         try:
             with self.path.open("ab", buffering=0) as log:
                 async for chunk in stream:
-                    self._note(chunk)
-                    if self._written < self.limit:
-                        piece = chunk[: self.limit - self._written]
-                        log.write(piece)
-                        self._written += len(piece)
+                    self._log(log, chunk)
         finally:
             self.finished.set()
+
+    def feed(self, chunk: bytes) -> None:
+        """Log one piece of output that arrives by call, not on a stream (the kvm serial port)."""
+        with self.path.open("ab", buffering=0) as log:
+            self._log(log, chunk)
+
+    def _log(self, log: BinaryIO, chunk: bytes | bytearray) -> None:
+        self._note(chunk)
+        if self._written < self.limit:
+            piece = chunk[: self.limit - self._written]
+            log.write(piece)
+            self._written += len(piece)
 
     def _note(self, chunk: bytes | bytearray) -> None:
         # Search across the chunk boundary: a line may arrive split.

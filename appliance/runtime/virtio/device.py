@@ -12,6 +12,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from appliance.runtime.virtio.memory import GuestMemoryAccess
 from appliance.runtime.virtio.queue import Queue
 
@@ -40,6 +42,7 @@ class VirtioDevice(ABC):
         self.memory: GuestMemoryAccess | None = None
         self.queues: list[Queue] = []
         self._interrupt: InterruptCallback | None = None
+        self._io_resumed: trio.Event | None = None  # set while host-side I/O is paused
 
     # ---- negotiation --------------------------------------------------------------
 
@@ -80,6 +83,35 @@ class VirtioDevice(ABC):
         """Host-side I/O while active (a tap to read, sockets to serve), run as a Trio task
         by whoever activated the device. Devices that only answer the driver have none."""
         return
+
+    # ---- pausing ------------------------------------------------------------------
+
+    @property
+    def io_paused(self) -> bool:
+        return self._io_resumed is not None
+
+    def pause_io(self) -> None:
+        """The guest is stopped (a pause, a snapshot): until `resume_io`, nothing from the
+        host side (a frame on the tap, data on a socket, a queue notification or retry
+        still pending) may write guest memory or interrupt the guest. A pause's diff and a
+        snapshot hold guest memory as it was when the vCPUs stopped; a write after that
+        would be lost (or half in the snapshot) while the device model kept its effect."""
+        if self._io_resumed is None:
+            self._io_resumed = trio.Event()
+
+    def resume_io(self) -> None:
+        if self._io_resumed is not None:
+            resumed, self._io_resumed = self._io_resumed, None
+            resumed.set()
+            self.catch_up()
+
+    async def wait_io_allowed(self) -> None:
+        """Until host-side I/O may touch the guest (at once unless paused)."""
+        while self._io_resumed is not None:
+            await self._io_resumed.wait()
+
+    def catch_up(self) -> None:  # noqa: B027 (a hook: most devices queue nothing)
+        """Deliver what arrived for the guest while its I/O was paused (devices that queue)."""
 
     def reset(self) -> None:
         self.acked_features = 0

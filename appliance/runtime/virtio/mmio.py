@@ -101,6 +101,7 @@ class MmioTransport:
                 continue
             while (retry := self.device.retry_after) is not None:
                 await trio.sleep(retry)
+                await self.device.wait_io_allowed()
                 with self._lock:
                     self.device.process_queue(self._throttled_queue)
 
@@ -121,6 +122,9 @@ class MmioTransport:
     async def _serve_notification(self, queue_index: int, fd: int) -> None:
         while True:
             await trio.lowlevel.wait_readable(fd)
+            # A notification the guest sent just before it was stopped waits for the resume:
+            # its chains are in the guest memory the resume brings back.
+            await self.device.wait_io_allowed()
             try:
                 os.eventfd_read(fd)
             except BlockingIOError:

@@ -118,8 +118,9 @@ class VirtioNet(VirtioDevice):
             self.interrupt(TX)
 
     def receive(self) -> bool:
-        """Move frames from the tap into rx buffers; False when the guest has no buffer left."""
-        if self.memory is None:
+        """Move frames from the tap into rx buffers; False when the guest has no buffer left
+        (or cannot take frames now: paused)."""
+        if self.memory is None or self.io_paused:
             return False
         with self._rx_lock:
             queue = self.queues[RX]
@@ -158,6 +159,7 @@ class VirtioNet(VirtioDevice):
     async def run_io(self) -> None:
         """Feed the guest from the tap for as long as the device is active."""
         while True:
+            await self.wait_io_allowed()
             has_buffers = self.receive()
             if has_buffers and self._pending_frame is not None and self.rx_rate_limiter is not None:
                 await trio.sleep(self.rx_rate_limiter.wait_time(len(self._pending_frame)))

@@ -26,7 +26,9 @@ import trio
 from appliance.config import load_config
 from appliance.runtime.detect import DEBIAN_UML
 
-BUSYBOX = Path("/bin/busybox")
+# busybox-static's; CUBE_BUSYBOX names another static one (a host without the package).
+BUSYBOX = Path(os.environ.get("CUBE_BUSYBOX", "/bin/busybox"))
+PT_INTERP = 3
 DEBIAN_UML_MODULES = Path("/usr/lib/uml/modules")
 DONE_MARKER = "CUBETEST-DONE"
 ROOTFS_MB = 32
@@ -77,8 +79,27 @@ def kernel_for(drivers: list[str]) -> Path | None:
     return None
 
 
+def statically_linked(executable: Path) -> bool:
+    """An ELF with no program interpreter (PT_INTERP): it runs in a root with no libraries."""
+    try:
+        image = executable.read_bytes()
+    except OSError:
+        return False
+    if image[:4] != b"\x7fELF" or image[4] != 2:
+        return False
+    phoff = int.from_bytes(image[0x20:0x28], "little")
+    entry_size = int.from_bytes(image[0x36:0x38], "little")
+    count = int.from_bytes(image[0x38:0x3A], "little")
+    types = (
+        int.from_bytes(image[phoff + i * entry_size : phoff + i * entry_size + 4], "little")
+        for i in range(count)
+    )
+    return PT_INTERP not in types
+
+
 def missing_prerequisite(drivers: list[str]) -> str | None:
-    if not BUSYBOX.exists():
+    if not statically_linked(BUSYBOX):
+        # Debian's `busybox` (dynamic, e.g. the appliance ISO's) would not start as the guest's init.
         return "no static busybox for the guest's root filesystem (install busybox-static)"
     if shutil.which("mkfs.ext4") is None:
         return "no mkfs.ext4 (install e2fsprogs)"

@@ -97,6 +97,12 @@ class VirtioVsock(VirtioDevice):
         self._changes = _wakeup_fd()
         self._next_host_port = FIRST_HOST_PORT
 
+    def close(self) -> None:
+        """Release the device's own fd (its connections are closed when `run_io` ends)."""
+        if self._changes >= 0:
+            os.close(self._changes)
+            self._changes = -1
+
     def available_features(self) -> int:
         return VIRTIO_F_VERSION_1
 
@@ -207,8 +213,9 @@ class VirtioVsock(VirtioDevice):
     # ---- device → guest -----------------------------------------------------------
 
     def _deliver(self) -> None:
-        """Move queued packets into the guest's rx buffers (any thread)."""
-        if self.memory is None:
+        """Move queued packets into the guest's rx buffers (any thread); while paused they
+        stay queued until `catch_up`."""
+        if self.memory is None or self.io_paused:
             return
         with self._lock:
             queue = self.queues[RX]
@@ -228,6 +235,9 @@ class VirtioVsock(VirtioDevice):
                 delivered = True
             if delivered:
                 self.interrupt(RX)
+
+    def catch_up(self) -> None:
+        self._deliver()
 
     @staticmethod
     def _split(data: bytes, capacity: int) -> tuple[bytes, bytes]:

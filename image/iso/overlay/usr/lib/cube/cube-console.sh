@@ -1,6 +1,8 @@
 #!/bin/sh
 # The appliance's console screen: address, API key, CA fingerprint and status on
 # tty1 (redrawn every few seconds) and on the serial console (whenever it changes).
+# The API key is shown on tty1 only: a serial line is often logged or shared (a BMC's
+# serial-over-LAN, a console server), the local screen is not.
 set -u
 STATE=/var/lib/cube
 KEY_FILE="$STATE/default-api-key"
@@ -26,7 +28,8 @@ lan_address() {
   fi
 }
 
-screen() {
+# What the screens show, read once per round into variables.
+gather() {
   address="$(lan_address)"
   if curl -fsS --max-time 5 "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
     status="running"
@@ -39,12 +42,21 @@ screen() {
   else
     status="starting ($(systemctl is-active cube.service 2>/dev/null))"
   fi
-  key="$(cat "$KEY_FILE" 2>/dev/null || echo '(created when the service is up)')"
   fingerprint="$(openssl x509 -noout -fingerprint -sha256 -in "$CA" 2>/dev/null | cut -d= -f2)"
   # The service's latest warnings and errors: what an operator at the console needs first.
   problems="$(journalctl -u cube.service -n 300 -o cat --no-pager 2>/dev/null \
     | grep -E ' (WARNING|ERROR|CRITICAL) |Traceback' | tail -n 6 | cut -c1-300)"
   data="$(findmnt -no SOURCE "$STATE" 2>/dev/null || echo 'RAM (no disk: lost at reboot)')"
+  templates="$(ls "$STATE/templates" 2>/dev/null | tr '\n' ' ')"
+}
+
+# screen tty1|serial: the text for that console; the key itself only on tty1.
+screen() {
+  if [ "$1" = tty1 ]; then
+    key="$(cat "$KEY_FILE" 2>/dev/null || echo '(created when the service is up)')"
+  else
+    key="(shown on the local console, tty1)"
+  fi
   cat <<SCREEN
 ==================== Cube appliance ====================
 Status:          $status
@@ -52,7 +64,7 @@ Address:         http://${address:-(no address yet)}:$PORT
 API key:         $key
 CA SHA-256:      ${fingerprint:-(created when the service is up)}
 Data:            $data
-Templates:       $(ls "$STATE/templates" 2>/dev/null | tr '\n' ' ')
+Templates:       $templates
 
   export E2B_API_URL=http://${address:-ADDRESS}:$PORT
   export E2B_SANDBOX_URL=http://${address:-ADDRESS}:$PORT
@@ -63,8 +75,9 @@ SCREEN
 }
 
 while :; do
-  text="$(screen)"
-  printf '\033[H\033[2J%s\n' "$text" > /dev/tty1 2>/dev/null
+  gather
+  printf '\033[H\033[2J%s\n' "$(screen tty1)" > /dev/tty1 2>/dev/null
+  text="$(screen serial)"
   if [ "$text" != "$last" ]; then
     printf '\n%s\n' "$text" > /dev/ttyS0 2>/dev/null
     last="$text"

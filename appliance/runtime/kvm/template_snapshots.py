@@ -1,0 +1,218 @@
+"""Template snapshots: one booted guest per template, saved once, restored by every create.
+
+A snapshot is only valid for the exact inputs that made it: the guest kernel, the
+template (its root image), the VMM (the code of the kvm runtime and
+its device models, whose saved state the restore reads back), the guest's size and
+the host (its kernel release and CPU model: KVM's CPUID and MSRs come from them).
+`SnapshotKey` is those inputs; its digest names the snapshot's directory in the
+store, and the directory's `key.json` must equal the key, or the snapshot is
+refused (never restored) and rebuilt. A snapshot of another key for the same
+template is deleted once the new one is in place: running clones keep the old
+memory file mapped (the inode lives on while mapped), nothing else reads it.
+
+Only one guest builds a key's snapshot; other creates of the template wait for it
+(then restore), and a build that failed says so for the rest of the service's life
+(the kvm runtime cannot serve that template version: the service falls back to uml for it).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import trio
+
+from appliance.records import MANIFEST_NAME, TemplateManifest
+from appliance.runtime.base import BootFailed
+from appliance.runtime.kvm.snapshot import FORMAT_VERSION, MEMORY_FILE, STATE_FILE
+
+KEY_FILE = "key.json"
+OVERLAY_NAME = "rootfs.overlay"  # the template guest's disk overlay at the snapshot
+# The code whose behaviour and saved state a snapshot depends on.
+_VMM_SOURCES = (Path(__file__).parent, Path(__file__).parents[1] / "virtio")
+_STAGING_PREFIX = ".staging-"
+
+
+class TemplateUnservable(BootFailed):
+    """The kvm runtime could not boot this template (version) to make its snapshot."""
+
+    def __init__(self, sandbox_id: str, template_id: str, reason: str, console_tail: str = "") -> None:
+        why = f"the kvm runtime cannot serve template {template_id}: {reason}"
+        super().__init__(sandbox_id, why, console_tail)
+        self.template_id = template_id
+
+
+@functools.cache
+def vmm_version() -> str:
+    """A digest of the VMM's code (the kvm runtime, the virtio models) and the snapshot format."""
+    digest = hashlib.sha256(f"format {FORMAT_VERSION}".encode())
+    for root in _VMM_SOURCES:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in this process."""
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+@dataclass(frozen=True)
+class SnapshotKey:
+    template_id: str
+    template: str  # the root image's size, mtime and inode
+    kernel: str  # digest of the guest kernel image
+    vmm: str  # vmm_version()
+    memory_mb: int
+    cpu_count: int
+    host: str  # host kernel release and CPU model
+
+    @classmethod
+    def of(cls, template: TemplateManifest, kernel: Path, memory_mb: int, cpu_count: int) -> SnapshotKey:
+        # What the guest runs is the root image (agent, init, start script included); a rebuilt
+        # image is a new file. Env vars and the access token come with /init, after the restore.
+        rootfs = template.rootfs.stat()
+        return cls(
+            template_id=template.template_id,
+            template=f"{rootfs.st_size}:{rootfs.st_mtime_ns}:{rootfs.st_ino}",
+            kernel=file_digest(kernel),
+            vmm=vmm_version(),
+            memory_mb=memory_mb,
+            cpu_count=cpu_count,
+            host=f"{platform.release()} / {_cpu_model()}",
+        )
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SnapshotBuild:
+    """The right to build one key's snapshot (held by the guest booted to make it)."""
+
+    key: SnapshotKey
+    staging: Path  # where the snapshot is written before it is published
+    finished: trio.Event
+    done: bool = False
+
+
+class TemplateSnapshots:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._building: dict[SnapshotKey, SnapshotBuild] = {}
+        self.unservable: dict[SnapshotKey, str] = {}  # why a key's snapshot could not be built
+        if root.exists():  # a build interrupted by a crash or a restart leaves its staging dir
+            for leftover in root.glob(_STAGING_PREFIX + "*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def prune(self, templates_dir: Path) -> list[str]:
+        """Delete the snapshots of templates that no longer exist (or never got published)."""
+        removed = []
+        if self.root.is_dir():
+            for directory in self.root.iterdir():
+                template_id = directory.name[: -len("-0123456789abcdef")]
+                if not (templates_dir / template_id / MANIFEST_NAME).is_file():
+                    shutil.rmtree(directory, ignore_errors=True)
+                    removed.append(directory.name)
+        return removed
+
+    def directory(self, key: SnapshotKey) -> Path:
+        return self.root / f"{key.template_id}-{key.digest}"
+
+    def valid(self, key: SnapshotKey) -> Path | None:
+        """The key's snapshot directory if it holds a complete snapshot made for exactly `key`."""
+        directory = self.directory(key)
+        try:
+            recorded = json.loads((directory / KEY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if recorded != asdict(key):
+            return None
+        if not all((directory / name).is_file() for name in (STATE_FILE, MEMORY_FILE, OVERLAY_NAME)):
+            return None
+        return directory
+
+    async def ready_or_claim(self, key: SnapshotKey, sandbox_id: str) -> Path | SnapshotBuild:
+        """The valid snapshot for `key`, or (when there is none and nobody builds it) the build,
+        which the caller must `publish` or `abandon`. Waits while another guest builds it;
+        TemplateUnservable if a build of `key` failed."""
+        while True:
+            directory = await trio.to_thread.run_sync(self.valid, key)
+            if directory is not None:
+                return directory
+            why = self.unservable.get(key)
+            if why is not None:
+                raise TemplateUnservable(sandbox_id, key.template_id, why)
+            build = self._building.get(key)
+            if build is None:
+                break
+            await build.finished.wait()
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f"{_STAGING_PREFIX}{key.template_id}-{key.digest}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        build = self._building[key] = SnapshotBuild(key, staging, trio.Event())
+        return build
+
+    def publish(self, build: SnapshotBuild) -> Path:
+        """Stamp the staging directory with its key and move it into place (atomically); the
+        template's snapshots of other keys are deleted."""
+        (build.staging / KEY_FILE).write_text(json.dumps(asdict(build.key), sort_keys=True))
+        target = self.directory(build.key)
+        shutil.rmtree(target, ignore_errors=True)  # refused (stale or partial) content of this key
+        os.replace(build.staging, target)
+        of_template = re.compile(re.escape(build.key.template_id) + r"-[0-9a-f]{16}")
+        for other in self.root.iterdir():
+            if other != target and of_template.fullmatch(other.name):
+                shutil.rmtree(other, ignore_errors=True)
+        self._finish(build)
+        return target
+
+    def abandon(self, build: SnapshotBuild, reason: str | None) -> None:
+        """The build ended without a snapshot; `reason` marks the template unservable (None: the
+        build was only interrupted, e.g. cancelled: the next create tries again)."""
+        if build.done:
+            return
+        shutil.rmtree(build.staging, ignore_errors=True)
+        if reason is not None:
+            self.unservable[build.key] = reason
+        self._finish(build)
+
+    def refuse(self, key: SnapshotKey, reason: str) -> None:
+        """A snapshot of `key` that could not be restored: deleted, and its template version
+        unservable until the service restarts (then rebuilt)."""
+        shutil.rmtree(self.directory(key), ignore_errors=True)
+        self.unservable[key] = reason
+
+    def _finish(self, build: SnapshotBuild) -> None:
+        build.done = True
+        self._building.pop(build.key, None)
+        build.finished.set()
