@@ -94,8 +94,8 @@ async def test_shells_carry_the_runtime_device_eventfds_a_restore_binds(kvm: Kvm
 
 def _device_eventfds(machine: Machine) -> list[tuple[int, list[int]]]:
     fds = []
-    for index, (_name, device_class) in enumerate(DEVICE_SLOTS):
+    for index, slot in enumerate(DEVICE_SLOTS):
         base, irq = device_slot(index)
-        notify = machine.notify_eventfds(base + QUEUE_NOTIFY, len(device_class.queue_max_sizes))
+        notify = machine.notify_eventfds(base + QUEUE_NOTIFY, len(slot.device_class.queue_max_sizes))
         fds.append((machine.irq_eventfd(irq), notify))
     return fds

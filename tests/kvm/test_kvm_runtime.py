@@ -45,17 +45,15 @@ from appliance.runtime.kvm.runtime import (
     PAUSED_SNAPSHOT_DIR,
     KvmInstance,
     KvmRuntime,
+    SandboxDeviceParts,
     guest_mac,
     open_sandbox_tap,
 )
 from appliance.runtime.kvm.snapshot import read_state
 from appliance.runtime.kvm.template_snapshots import KEY_FILE, SnapshotBuild, SnapshotKey, TemplateUnservable
 from appliance.runtime.kvm.x86 import enter_long_mode
-from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.net.device import VirtioNet
-from appliance.runtime.virtio.rng.device import VirtioRng
-from appliance.runtime.virtio.vsock.device import VirtioVsock
 from cffi_kvm import Kvm
 
 MIB = 1 << 20
@@ -207,14 +205,9 @@ def _template_snapshot(
     machine = Machine.new(kvm, MachineConfig(memory_size=SNAPSHOT_MEMORY_MB * MIB))
     disk = CowDisk(work / "template-overlay", base=template.rootfs)
     try:
-        devices = [
-            VirtioBlock(disk),
-            VirtioNet(-1, guest_mac(0)),
-            VirtioVsock(3, work / "unused.sock"),
-            VirtioRng(),
-        ]
-        for index, ((name, _class), device) in enumerate(zip(DEVICE_SLOTS, devices, strict=True)):
-            KvmRuntime._attach(machine, index, name, device)
+        parts = SandboxDeviceParts(disk, "cube", -1, guest_mac(0), work / "unused.sock")
+        for index, slot in enumerate(DEVICE_SLOTS):
+            KvmRuntime._attach(machine, index, slot.name, slot.build(parts))
         machine.memory.write(0x10000, assemble(MAGIC_TO_SERIAL, origin=0x10000))
         enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=0x10000, rsp=0x8000)
         key = SnapshotKey.of(template, kernel, SNAPSHOT_MEMORY_MB, 1)

@@ -91,14 +91,36 @@ KERNEL_CMDLINE = (
     "root=/dev/vda rw init=/sbin/cube-init"
 )
 GUEST_HOSTNAME = "sandbox"
-# Every sandbox's devices in virtio-mmio slot order (their names key the snapshot's device
-# state); a pooled shell has their interrupt and queue-notify eventfds made ahead.
-DEVICE_SLOTS: tuple[tuple[str, type[VirtioDevice]], ...] = (
-    ("virtio-blk", VirtioBlock),
-    ("virtio-net", VirtioNet),
-    ("virtio-vsock", VirtioVsock),
-    ("virtio-rng", VirtioRng),
+
+
+@dataclass(frozen=True)
+class SandboxDeviceParts:
+    """What a sandbox's devices are made of: host resources the runtime opened for it."""
+
+    disk: CowDisk
+    disk_id: str
+    tap_fd: int
+    mac: bytes
+    vsock_path: Path
+
+
+@dataclass(frozen=True)
+class DeviceSlot:
+    name: str  # keys the device's state in a snapshot
+    device_class: type[VirtioDevice]  # its queues: a pooled shell wires them before it exists
+    build: Callable[[SandboxDeviceParts], VirtioDevice]
+
+
+# The one device table: every sandbox's devices in virtio-mmio slot order, built from it;
+# a pooled shell has their interrupt and queue-notify eventfds made ahead from it.
+DEVICE_SLOTS: tuple[DeviceSlot, ...] = (
+    DeviceSlot("virtio-blk", VirtioBlock, lambda parts: VirtioBlock(parts.disk, disk_id=parts.disk_id)),
+    DeviceSlot("virtio-net", VirtioNet, lambda parts: VirtioNet(parts.tap_fd, parts.mac)),
+    DeviceSlot("virtio-vsock", VirtioVsock, lambda parts: VirtioVsock(GUEST_CID, parts.vsock_path)),
+    DeviceSlot("virtio-rng", VirtioRng, lambda _parts: VirtioRng()),
 )
+
+
 SNAPSHOT_STORE = "kvm-snapshots"  # in the state directory: one snapshot per template (and key)
 CONSOLE_LOG = "console.log"
 PROBE_INTERVAL_S = 0.05
@@ -140,10 +162,10 @@ def device_slot(index: int) -> tuple[int, int]:
 def wire_device_slots(machine: Machine) -> None:
     """Make the interrupt and queue-notify eventfds of every DEVICE_SLOTS device in
     `machine`: a pooled shell's `prepare`, so a restore only binds the devices to them."""
-    for index, (_name, device_class) in enumerate(DEVICE_SLOTS):
+    for index, slot in enumerate(DEVICE_SLOTS):
         base, irq = device_slot(index)
         machine.irq_eventfd(irq)
-        machine.notify_eventfds(base + QUEUE_NOTIFY, len(device_class.queue_max_sizes))
+        machine.notify_eventfds(base + QUEUE_NOTIFY, len(slot.device_class.queue_max_sizes))
 
 
 def exit_reason(outcome: VcpuExit | str, console_tail: str) -> str:
@@ -324,17 +346,14 @@ class KvmRuntime:
                 # The guest's page cache matches the template's disk as it was at the snapshot.
                 await trio.to_thread.run_sync(copy_sparse, source.snapshot / OVERLAY_NAME, overlay)
             disk = resources.enter_context(contextlib.closing(CowDisk(overlay, base=spec.template.rootfs)))
-            network = resources.enter_context(contextlib.closing(VirtioNet(tap_fd, guest_mac(spec.slot))))
-            vsock = resources.enter_context(
-                contextlib.closing(VirtioVsock(GUEST_CID, spec.sandbox_dir / "vsock.sock"))
+            parts = SandboxDeviceParts(
+                disk, spec.template.template_id, tap_fd, guest_mac(spec.slot), spec.sandbox_dir / "vsock.sock"
             )
-            devices: list[tuple[str, VirtioDevice]] = [
-                ("virtio-blk", VirtioBlock(disk, disk_id=spec.template.template_id)),
-                ("virtio-net", network),
-                ("virtio-vsock", vsock),
-                ("virtio-rng", VirtioRng()),
-            ]
-            assert [name for name, _ in devices] == [name for name, _ in DEVICE_SLOTS]
+            devices: list[tuple[str, VirtioDevice]] = []
+            for slot in DEVICE_SLOTS:
+                device = slot.build(parts)
+                resources.callback(device.close)  # at once: a later slot's failure closes it
+                devices.append((slot.name, device))
             transports: list[MmioTransport] = []
 
             def attach_devices(machine: Machine) -> None:

@@ -8,9 +8,11 @@ whenever the driver notifies queue i.
 
 from __future__ import annotations
 
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, TypeVar
 
 import trio
 
@@ -27,6 +29,42 @@ DEVICE_ID_BALLOON = 5
 DEVICE_ID_VSOCK = 19
 
 InterruptCallback = Callable[[int], None]  # argument: the queue that has used buffers
+
+State = TypeVar("State")
+
+
+@dataclass
+class DeviceState:
+    """What every device saves (Firecracker's VirtioDeviceState): the features the driver acked.
+
+    Each device's own state extends it; `save()` writes it as plain data and `restore()`
+    reads back every field (`state_from_json` refuses a missing or an unknown one).
+    """
+
+    acked_features: int
+
+
+def state_from_json(state_type: type[State], saved: Mapping[str, Any]) -> State:
+    """A saved state dataclass rebuilt, nested dataclasses and lists of them included.
+
+    The saved fields must be exactly the dataclass's: a snapshot of another version of a
+    device is refused, never half restored.
+    """
+    assert is_dataclass(state_type)
+    names = {f.name for f in fields(state_type)}
+    if set(saved) != names:
+        raise ValueError(f"{state_type.__name__}: saved fields {sorted(saved)} are not {sorted(names)}")
+    hints = typing.get_type_hints(state_type)
+    return state_type(**{name: _field_from_json(hints[name], saved[name]) for name in names})
+
+
+def _field_from_json(kind: Any, value: Any) -> Any:
+    if isinstance(kind, type) and is_dataclass(kind):
+        return state_from_json(kind, value)
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        return [_field_from_json(item, v) for v in value]
+    return value
 
 
 class VirtioDevice(ABC):
@@ -113,6 +151,9 @@ class VirtioDevice(ABC):
     def catch_up(self) -> None:  # noqa: B027 (a hook: most devices queue nothing)
         """Deliver what arrived for the guest while its I/O was paused (devices that queue)."""
 
+    def close(self) -> None:  # noqa: B027 (a hook: most devices hold no host fd of their own)
+        """Release the device's own host resources (its backing disk or tap is its owner's)."""
+
     def reset(self) -> None:
         self.acked_features = 0
         self.memory = None
@@ -122,7 +163,7 @@ class VirtioDevice(ABC):
     # ---- persistence --------------------------------------------------------------
 
     def save(self) -> dict[str, Any]:
-        return {"acked_features": self.acked_features}
+        return asdict(DeviceState(self.acked_features))
 
     def restore(self, saved: dict[str, Any]) -> None:
-        self.acked_features = int(saved["acked_features"])
+        self.acked_features = state_from_json(DeviceState, saved).acked_features

@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import trio
 
-from appliance.runtime.virtio.device import VirtioDevice
+from appliance.runtime.virtio.device import VirtioDevice, state_from_json
 from appliance.runtime.virtio.memory import GuestMemoryAccess
 from appliance.runtime.virtio.queue import Queue, QueueState
 
@@ -58,6 +58,21 @@ INTERRUPT_USED_RING = 1
 def cmdline_device(base: int, irq: int, size: int = MMIO_SIZE) -> str:
     """The kernel command-line entry declaring one virtio-mmio device."""
     return f"virtio_mmio.device={size // 1024}K@{base:#x}:{irq}"
+
+
+@dataclass
+class MmioTransportState:
+    """The transport's registers and queues, and its device's own state (plain data)."""
+
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: int
+    queue_sel: int
+    interrupt_status: int
+    config_generation: int
+    queues: list[QueueState]
+    device: dict[str, Any]  # the device's save(): its own state dataclass as plain data
 
 
 class MmioTransport:
@@ -239,30 +254,32 @@ class MmioTransport:
     # ---- persistence --------------------------------------------------------------
 
     def save(self) -> dict[str, Any]:
-        return {
-            "status": self.status,
-            "device_features_sel": self.device_features_sel,
-            "driver_features_sel": self.driver_features_sel,
-            "driver_features": self.driver_features,
-            "queue_sel": self.queue_sel,
-            "interrupt_status": self.interrupt_status,
-            "config_generation": self.config_generation,
-            "queues": [asdict(q.state) for q in self.queues],
-            "device": self.device.save(),
-        }
+        return asdict(
+            MmioTransportState(
+                status=self.status,
+                device_features_sel=self.device_features_sel,
+                driver_features_sel=self.driver_features_sel,
+                driver_features=self.driver_features,
+                queue_sel=self.queue_sel,
+                interrupt_status=self.interrupt_status,
+                config_generation=self.config_generation,
+                queues=[q.state for q in self.queues],
+                device=self.device.save(),
+            )
+        )
 
     def restore(self, saved: dict[str, Any]) -> None:
-        for name in (
-            "status",
-            "device_features_sel",
-            "driver_features_sel",
-            "driver_features",
-            "queue_sel",
-            "interrupt_status",
-            "config_generation",
-        ):
-            setattr(self, name, int(saved[name]))
-        self.queues = [Queue(q["max_size"], QueueState(**q)) for q in saved["queues"]]
-        self.device.restore(saved["device"])
+        state = state_from_json(MmioTransportState, saved)
+        if len(state.queues) != len(self.device.queue_max_sizes):
+            raise ValueError(f"snapshot has {len(state.queues)} queues, the device {len(self.queues)}")
+        self.status = state.status
+        self.device_features_sel = state.device_features_sel
+        self.driver_features_sel = state.driver_features_sel
+        self.driver_features = state.driver_features
+        self.queue_sel = state.queue_sel
+        self.interrupt_status = state.interrupt_status
+        self.config_generation = state.config_generation
+        self.queues = [Queue(q.max_size, q) for q in state.queues]
+        self.device.restore(state.device)
         if self.status & STATUS_DRIVER_OK:
             self.device.activate(self.memory, self.queues, self._signal_used)

@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import trio
 
 from appliance.runtime.virtio.balloon.metrics import BalloonMetrics
-from appliance.runtime.virtio.device import DEVICE_ID_BALLOON, VirtioDevice
+from appliance.runtime.virtio.device import DEVICE_ID_BALLOON, DeviceState, VirtioDevice, state_from_json
 from appliance.runtime.virtio.memory import punch_hole
 from appliance.runtime.virtio.queue import QueueError
 
@@ -58,6 +58,12 @@ class FileBackedMemory(Protocol):
 class _Report:
     head: int
     ranges: tuple[tuple[int, int], ...]  # guest-physical (address, length)
+
+
+@dataclass
+class BalloonState(DeviceState):
+    actual_pages: int
+    metrics: BalloonMetrics
 
 
 class VirtioBalloon(VirtioDevice):
@@ -164,12 +170,15 @@ class VirtioBalloon(VirtioDevice):
         self._reports.clear()
 
     def save(self) -> dict[str, Any]:
-        return {**super().save(), "actual_pages": self.actual_pages, "metrics": asdict(self.metrics)}
+        return asdict(BalloonState(self.acked_features, self.actual_pages, self.metrics))
 
     def restore(self, saved: dict[str, Any]) -> None:
-        super().restore(saved)
-        self.actual_pages = int(saved["actual_pages"])
-        self.metrics = BalloonMetrics(**saved["metrics"])
+        state = state_from_json(BalloonState, saved)
+        self.acked_features, self.actual_pages, self.metrics = (
+            state.acked_features,
+            state.actual_pages,
+            state.metrics,
+        )
 
 
 def _punch(jobs: list[tuple[int, int, int]]) -> tuple[int, int]:

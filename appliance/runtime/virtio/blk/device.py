@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict
+from dataclasses import asdict, astuple, dataclass
 from typing import Any
 
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.blk.metrics import BlockMetrics
-from appliance.runtime.virtio.device import DEVICE_ID_BLOCK, VIRTIO_F_VERSION_1, VirtioDevice
+from appliance.runtime.virtio.device import (
+    DEVICE_ID_BLOCK,
+    VIRTIO_F_VERSION_1,
+    DeviceState,
+    VirtioDevice,
+    state_from_json,
+)
 from appliance.runtime.virtio.queue import DescriptorChain, QueueError, read_chain_bytes
 from appliance.runtime.virtio.rate_limiter import RateLimiter
 
@@ -38,6 +44,44 @@ S_UNSUPP = 2
 ID_BYTES = 20
 
 
+@dataclass(frozen=True)
+class BlockConfig:
+    """virtio-blk's config space (virtio 1.x §5.2.4, struct virtio_blk_config), little-endian."""
+
+    capacity: int  # in 512-byte sectors
+    size_max: int = 0  # not offered
+    seg_max: int = 0
+    cylinders: int = 0  # geometry: not offered
+    heads: int = 0
+    sectors: int = 0
+    blk_size: int = 0
+    physical_block_exp: int = 0  # topology: not offered
+    alignment_offset: int = 0
+    min_io_size: int = 0
+    opt_io_size: int = 0
+    writeback: int = 0
+    unused0: int = 0
+    num_queues: int = 0
+    max_discard_sectors: int = 0
+    max_discard_seg: int = 0
+    discard_sector_alignment: int = 0
+    max_write_zeroes_sectors: int = 0
+    max_write_zeroes_seg: int = 0
+    write_zeroes_may_unmap: int = 0
+
+    LAYOUT = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+    def pack(self) -> bytes:
+        return self.LAYOUT.pack(*astuple(self))
+
+
+@dataclass
+class BlockState(DeviceState):
+    size: int  # bytes: the disk the guest's driver was shown
+    read_only: bool
+    metrics: BlockMetrics
+
+
 class VirtioBlock(VirtioDevice):
     device_type = DEVICE_ID_BLOCK
     queue_max_sizes = (QUEUE_SIZE,)
@@ -64,29 +108,17 @@ class VirtioBlock(VirtioDevice):
         return features | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
 
     def config_space(self) -> bytes:
-        return struct.pack(
-            "<QIIHBBIBBHIBBHIIIIIB3x",
-            self.disk.size // SECTOR,  # capacity
-            0,  # size_max (not offered)
-            SEG_MAX,
-            0,
-            0,
-            0,  # geometry
-            SECTOR,  # blk_size
-            0,
-            0,
-            0,
-            0,  # topology
-            0,
-            0,
-            1,  # writeback, unused, num_queues
-            MAX_DISCARD_SECTORS,
-            1,  # max_discard_seg
-            8,  # discard_sector_alignment (4 KiB: the overlay's block)
-            MAX_DISCARD_SECTORS,
-            1,  # max_write_zeroes_seg
-            0,  # write_zeroes_may_unmap
-        )
+        return BlockConfig(
+            capacity=self.disk.size // SECTOR,
+            seg_max=SEG_MAX,
+            blk_size=SECTOR,
+            num_queues=1,
+            max_discard_sectors=MAX_DISCARD_SECTORS,
+            max_discard_seg=1,
+            discard_sector_alignment=8,  # 4 KiB: the overlay's block
+            max_write_zeroes_sectors=MAX_DISCARD_SECTORS,
+            max_write_zeroes_seg=1,
+        ).pack()
 
     def process_queue(self, index: int) -> None:
         assert self.memory is not None
@@ -178,16 +210,18 @@ class VirtioBlock(VirtioDevice):
         return S_UNSUPP, 0
 
     def save(self) -> dict[str, Any]:
-        self.disk.flush()  # the overlay file is part of the snapshot
-        return {
-            **super().save(),
-            "overlay": str(self.disk.overlay_path),
-            "base": str(self.disk.base_path) if self.disk.base_path else None,
-            "size": self.disk.size,
-            "read_only": self.read_only,
-            "metrics": asdict(self.metrics),
-        }
+        # The overlay file is part of the snapshot (the runtime copies it for every clone),
+        # so it is flushed; the device state names what the guest's driver was shown.
+        self.disk.flush()
+        return asdict(BlockState(self.acked_features, self.disk.size, self.read_only, self.metrics))
 
     def restore(self, saved: dict[str, Any]) -> None:
-        super().restore(saved)
-        self.metrics = BlockMetrics(**saved["metrics"])
+        state = state_from_json(BlockState, saved)
+        # The restored guest's page cache and driver know that disk: a clone's disk must be
+        # the same size and mode, never another disk under the same name.
+        if (state.size, state.read_only) != (self.disk.size, self.read_only):
+            raise ValueError(
+                f"snapshot's disk was {state.size} bytes (read-only {state.read_only}), "
+                f"this one is {self.disk.size} (read-only {self.read_only})"
+            )
+        self.acked_features, self.metrics = state.acked_features, state.metrics

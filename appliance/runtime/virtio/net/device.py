@@ -12,12 +12,18 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import trio
 
-from appliance.runtime.virtio.device import DEVICE_ID_NET, VIRTIO_F_VERSION_1, VirtioDevice
+from appliance.runtime.virtio.device import (
+    DEVICE_ID_NET,
+    VIRTIO_F_VERSION_1,
+    DeviceState,
+    VirtioDevice,
+    state_from_json,
+)
 from appliance.runtime.virtio.net import tap
 from appliance.runtime.virtio.net.metrics import NetMetrics
 from appliance.runtime.virtio.queue import read_chain_bytes, write_chain_bytes
@@ -34,6 +40,12 @@ F_GUEST_TSO4 = 1 << 7
 F_GUEST_TSO6 = 1 << 8
 F_HOST_TSO4 = 1 << 11
 F_HOST_TSO6 = 1 << 12
+
+
+@dataclass
+class NetState(DeviceState):
+    mac: str  # hex: the MAC the guest's driver read
+    metrics: NetMetrics
 
 
 class VirtioNet(VirtioDevice):
@@ -173,8 +185,10 @@ class VirtioNet(VirtioDevice):
                     pass
 
     def save(self) -> dict[str, Any]:
-        return {**super().save(), "mac": self.mac.hex(), "metrics": asdict(self.metrics)}
+        return asdict(NetState(self.acked_features, self.mac.hex(), self.metrics))
 
     def restore(self, saved: dict[str, Any]) -> None:
-        super().restore(saved)
-        self.metrics = NetMetrics(**saved["metrics"])
+        state = state_from_json(NetState, saved)
+        self.acked_features, self.metrics = state.acked_features, state.metrics
+        # The restored guest's driver read its MAC from the snapshotted device: keep showing it.
+        self.mac = bytes.fromhex(state.mac)

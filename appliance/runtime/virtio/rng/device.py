@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from appliance.runtime.virtio.device import DEVICE_ID_RNG, VirtioDevice
+from appliance.runtime.virtio.device import DEVICE_ID_RNG, DeviceState, VirtioDevice, state_from_json
 from appliance.runtime.virtio.queue import write_chain_bytes
 from appliance.runtime.virtio.rng.metrics import RngMetrics
 
 QUEUE_SIZE = 64
 MAX_REQUEST = 64 * 1024  # bound what one request can make us generate
+
+
+@dataclass
+class RngState(DeviceState):
+    metrics: RngMetrics
 
 
 class VirtioRng(VirtioDevice):
@@ -37,8 +42,8 @@ class VirtioRng(VirtioDevice):
             self.interrupt(index)
 
     def save(self) -> dict[str, Any]:
-        return {**super().save(), "metrics": asdict(self.metrics)}
+        return asdict(RngState(self.acked_features, self.metrics))
 
     def restore(self, saved: dict[str, Any]) -> None:
-        super().restore(saved)
-        self.metrics = RngMetrics(**saved["metrics"])
+        state = state_from_json(RngState, saved)
+        self.acked_features, self.metrics = state.acked_features, state.metrics

@@ -24,7 +24,13 @@ from typing import Any
 
 import trio
 
-from appliance.runtime.virtio.device import DEVICE_ID_VSOCK, VIRTIO_F_VERSION_1, VirtioDevice
+from appliance.runtime.virtio.device import (
+    DEVICE_ID_VSOCK,
+    VIRTIO_F_VERSION_1,
+    DeviceState,
+    VirtioDevice,
+    state_from_json,
+)
 from appliance.runtime.virtio.queue import read_chain_bytes, write_chain_bytes
 from appliance.runtime.virtio.vsock import packet as pkt
 from appliance.runtime.virtio.vsock.metrics import VsockMetrics
@@ -54,6 +60,12 @@ async def _wait(fd: int) -> None:
         os.eventfd_read(fd)
     except BlockingIOError:
         pass
+
+
+@dataclass
+class VsockState(DeviceState):
+    guest_cid: int  # the CID the guest's driver read
+    metrics: VsockMetrics
 
 
 @dataclass(eq=False)
@@ -403,8 +415,10 @@ class VirtioVsock(VirtioDevice):
 
     def save(self) -> dict[str, Any]:
         # Connections do not survive a snapshot (Firecracker resets them too).
-        return {**super().save(), "guest_cid": self.guest_cid, "metrics": asdict(self.metrics)}
+        return asdict(VsockState(self.acked_features, self.guest_cid, self.metrics))
 
     def restore(self, saved: dict[str, Any]) -> None:
-        super().restore(saved)
-        self.metrics = VsockMetrics(**saved["metrics"])
+        state = state_from_json(VsockState, saved)
+        self.acked_features, self.metrics = state.acked_features, state.metrics
+        # The restored guest's driver read its CID from the snapshotted device's config.
+        self.guest_cid = state.guest_cid
