@@ -153,7 +153,9 @@ def install_venv(wheel: Path, layout: VenvLayout, version: str, log: LogFn) -> P
                 "--disable-pip-version-check",
                 "--find-links",
                 str(wheel.parent),
-                str(wheel),
+                # With the bench extra, as the installer installs it: `cube bench` drives the
+                # appliance through the E2B SDKs (found beside the wheel in an ISO, else on PyPI).
+                f"{wheel}[bench]",
             ]
         )
         reported = _run([str(target / "bin/cube"), "--version"]).strip()

@@ -97,7 +97,8 @@ cp -r "$src/appliance" "$src/cffi_kvm" "$src/pyproject.toml" "$src/setup.py" "$s
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 "$python" -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheels" "$work/src" > "$work/wheel.log" 2>&1 || {
   cat "$work/wheel.log" >&2; exit 1; }
-"$python" -m pip download -q -d "$work/wheels" --only-binary=:all: "$(ls "$work"/wheels/cube_appliance-*.whl)" 2>&1 \
+# With the bench extra (the E2B SDKs): `cube bench` works in the appliance as after the installer.
+"$python" -m pip download -q -d "$work/wheels" --only-binary=:all: "$(ls "$work"/wheels/cube_appliance-*.whl)[bench]" 2>&1 \
   | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 mount -t overlay overlay -o "lowerdir=$base/root,upperdir=$work/upper,workdir=$work/ovl" "$work/merged"
 mounts+=("$work/merged")
@@ -106,7 +107,8 @@ mkdir -p "$work/merged/tmp/wheels" && cp "$work"/wheels/*.whl "$work/merged/tmp/
 # A clean environment: the host's PIP_* settings name paths that are not in the chroot.
 in_root() { chroot "$work/merged" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
 in_root python3 -m venv --system-site-packages /opt/cube/venv
-in_root /opt/cube/venv/bin/pip install -q --no-index --find-links /tmp/wheels cube-appliance
+in_root /opt/cube/venv/bin/pip install -q --no-index --find-links /tmp/wheels 'cube-appliance[bench]'
+in_root /opt/cube/venv/bin/python -c 'import e2b_code_interpreter'
 in_root /opt/cube/venv/bin/python -c 'import appliance.cli, bcc'
 for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount "${mounts[i]}"; done
 mounts=()
