@@ -23,6 +23,7 @@ import pytest
 from emulated_host import EmulatedHost
 
 CONFIG = "/etc/cube/appliance.toml"
+SAVED = "/run/cube-bench-appliance.toml"
 INSIDE_JSON = "/run/cube-bench-json"
 BENCH_TIMEOUT_S = 3600  # a bound, not an expectation: a uml cold boot under TCG takes minutes
 RESTART_TIMEOUT_S = 900
@@ -62,14 +63,18 @@ def runtime(request: pytest.FixtureRequest, kvm_host: EmulatedHost) -> Iterator[
     by itself), and the configuration is put back afterwards."""
     name: str = request.param
     if name == "uml":
-        kvm_host.run(f"cp {CONFIG} {CONFIG}.bench-saved && echo 'runtime = \"uml\"' >> {CONFIG}").check()
+        # Line 1: a top-level key, whatever tables the file may hold. (/etc/cube/appliance.toml
+        # is a link to the data disk's copy: written through, never replaced.)
+        kvm_host.run(
+            f"cp {CONFIG} {SAVED} && sed -i --follow-symlinks '1i runtime = \"uml\"' {CONFIG}"
+        ).check()
         restart_service(kvm_host)
     try:
         assert chosen_runtime(kvm_host) == name
         yield name
     finally:
         if name == "uml":
-            kvm_host.run(f"mv {CONFIG}.bench-saved {CONFIG}").check()
+            kvm_host.run(f"cat {SAVED} > {CONFIG} && rm {SAVED}").check()
             restart_service(kvm_host)
 
 
