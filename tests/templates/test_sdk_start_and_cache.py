@@ -31,6 +31,8 @@ START_DELAY_S = 8
 START_CMD = (
     f"sleep {START_DELAY_S} && echo $$ > /tmp/start-pid && exec python3 -m http.server 8000 --bind 127.0.0.1"
 )
+# A cold UML boot plus the start command's delay, on a loaded host: more than the SDK's default 60 s.
+CREATE_REQUEST_TIMEOUT_S = 300
 FETCH = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/').status)"
 STAMP_RUN = "date +%s%N > /home/user/stamp && echo stamp=$(cat /home/user/stamp)"
 STAMP_LINE = re.compile(r"stamp=(\d+)")
@@ -48,7 +50,7 @@ def test_start_command_runs_and_its_ready_command_is_awaited_at_create(
     print("build log:", *messages, sep="\n  ")
     assert any("ready command succeeded" in m for m in messages), messages
 
-    sandbox = Sandbox.create("sdk-started", timeout=120)
+    sandbox = Sandbox.create("sdk-started", timeout=120, request_timeout=CREATE_REQUEST_TIMEOUT_S)
     try:
         # At once, no waiting: the server the start command started answers when create has returned.
         result = sandbox.commands.run(
@@ -96,7 +98,7 @@ def _build_stamp(template: Any, name: str, **options: Any) -> str | None:
 def _stamp_in(name: str) -> str:
     from e2b import Sandbox
 
-    sandbox = Sandbox.create(name, timeout=120)
+    sandbox = Sandbox.create(name, timeout=120, request_timeout=CREATE_REQUEST_TIMEOUT_S)
     try:
         return sandbox.commands.run("cat /home/user/stamp").stdout.strip()
     finally:
