@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
+import httpx
 import trio
 
 from appliance.config import Config
@@ -194,8 +195,8 @@ class GuestLifecycle:
             while not live.gone.is_set():
                 try:
                     code = await agent.run(argv, template.user, env, template.workdir)
-                except EnvdError as exc:
-                    outcome = str(exc)
+                except (EnvdError, httpx.HTTPError) as exc:  # e.g. a silent command past the read timeout
+                    outcome = str(exc) or type(exc).__name__
                 else:
                     if code == 0:
                         return
