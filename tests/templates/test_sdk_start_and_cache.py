@@ -34,7 +34,8 @@ START_CMD = (
 # A cold UML boot plus the start command's delay, on a loaded host: more than the SDK's default 60 s.
 CREATE_REQUEST_TIMEOUT_S = 300
 FETCH = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8000/').status)"
-STAMP_RUN = "date +%s%N > /home/user/stamp && echo stamp=$(cat /home/user/stamp)"
+# As root: the test image's user has no home (its WORKDIR is /app).
+STAMP_RUN = "date +%s%N > /stamp && echo stamp=$(cat /stamp)"
 STAMP_LINE = re.compile(r"stamp=(\d+)")
 
 
@@ -100,7 +101,7 @@ def _stamp_in(name: str) -> str:
 
     sandbox = Sandbox.create(name, timeout=120, request_timeout=CREATE_REQUEST_TIMEOUT_S)
     try:
-        return sandbox.commands.run("cat /home/user/stamp").stdout.strip()
+        return sandbox.commands.run("cat /stamp").stdout.strip()
     finally:
         sandbox.kill()
 
@@ -109,7 +110,7 @@ def test_skip_cache_runs_a_cached_step_again(uml_service: Any, test_image: Pushe
     from e2b import Template
 
     def stamped() -> Any:
-        return Template().from_image(test_image.ref).run_cmd(STAMP_RUN)
+        return Template().from_image(test_image.ref).run_cmd(STAMP_RUN, user="root")
 
     first = _build_stamp(stamped(), "sdk-stamp:v1")
     assert first is not None
@@ -124,6 +125,6 @@ def test_skip_cache_runs_a_cached_step_again(uml_service: Any, test_image: Pushe
 
     # So does .skip_cache() before the step.
     step_forced = _build_stamp(
-        Template().from_image(test_image.ref).skip_cache().run_cmd(STAMP_RUN), "sdk-stamp:v4"
+        Template().from_image(test_image.ref).skip_cache().run_cmd(STAMP_RUN, user="root"), "sdk-stamp:v4"
     )
     assert step_forced is not None and step_forced not in (first, forced)
