@@ -37,6 +37,9 @@ class TemplateManifest:
     writable_layer_mb: int = 1024  # how much a sandbox may write over the image
     envs: dict[str, str] = field(default_factory=dict)
     start_cmd: tuple[str, ...] = ()  # the image's entrypoint + cmd, started by the guest init
+    # A shell command that exits 0 once the start command's service is ready (the SDKs' readyCmd):
+    # awaited in every new guest before it is handed over (cubelet/lifecycle.py).
+    ready_cmd: str = ""
     workdir: str = "/"
     user: str = "user"  # default user for processes and files
     expose_ports: tuple[int, ...] = (49983, 49999)

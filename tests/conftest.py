@@ -23,6 +23,7 @@ so test modules must not import from this file, except under TYPE_CHECKING):
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 import json
@@ -47,6 +48,7 @@ from hypercorn.config import Config as HypercornConfig
 from appliance.bench.private import PrivateService, PrivateSettings
 from appliance.config import Config, load_config
 from appliance.cubelet.runtimes import RuntimeBundle
+from appliance.guest.connect_framing import ENVELOPE_HEADER, FLAG_END_STREAM, envelope
 from appliance.master.service import RunningService, run_service
 from appliance.net.addressing import Addressing
 from appliance.records import TemplateManifest
@@ -109,6 +111,8 @@ class FakeGuestApp:
     /headers              the request headers as JSON
     /contexts             [] (the code interpreter's context list)
     /service              204 while `service_up`, else 503 (a template's own service, its probe)
+    /process.Process/Start  any command exits 0 while `service_up`, else 1 (a template's ready
+                          command); recorded in `processes` as (argv, user, X-Access-Token)
     /ws (WebSocket)       echoes messages
     While paused, requests wait until resume (like a frozen UML guest).
     """
@@ -123,6 +127,7 @@ class FakeGuestApp:
         self.open_streams = 0  # /stream responses in progress
         self.service_up = True  # /service: a template's own service (its probe) answers
         self.access_tokens: list[tuple[str, str | None]] = []  # (path, X-Access-Token) of host calls
+        self.processes: list[tuple[list[str], str, str | None]] = []  # (argv, user, X-Access-Token)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -148,6 +153,7 @@ class FakeGuestApp:
             "/contexts": self._contexts,
             "/stream": self._stream,
             "/echo": self._echo,
+            "/process.Process/Start": self._process,
         }
         route = routes.get(path)
         if route is None:
@@ -164,6 +170,16 @@ class FakeGuestApp:
 
     async def _service(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         await self._reply(send, 204 if self.service_up else 503, b"")
+
+    async def _process(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = dict(scope["headers"])
+        process = json.loads((await _read_body(receive))[ENVELOPE_HEADER.size :])["process"]
+        user = base64.b64decode(headers[b"authorization"].split()[1]).decode().rstrip(":")
+        token = headers.get(b"x-access-token")
+        self.processes.append(([process["cmd"], *process["args"]], user, token.decode() if token else None))
+        end = {"event": {"end": {"exitCode": 0 if self.service_up else 1, "exited": True}}}
+        body = envelope(json.dumps(end).encode()) + envelope(b"{}", FLAG_END_STREAM)
+        await self._reply(send, 200, body, b"application/connect+json")
 
     async def _metrics(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = {"cpu_count": 1, "cpu_used_pct": 12.5, "mem_used": 1234, "mem_total": 4321}

@@ -148,8 +148,21 @@ class GuestAgent:
             e2b: data[envd] for envd, e2b in METRIC_KEYS.items() if isinstance(data.get(envd), int | float)
         }
 
+    async def run(self, argv: list[str], user: str, env: dict[str, str], cwd: str) -> int:
+        """`argv` as `user` in the guest, its output dropped; its exit status (EnvdError: the agent
+        failed). For the host's own checks (a template's ready command), before `/init` too."""
+        # No read timeout: a command may be silent as long as it runs (the caller bounds it).
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None)
+        return await start_process(
+            self._http, "", user, argv, env, cwd, _drop, _drop, auth=self.headers(), timeout=timeout
+        )
+
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def _drop(_chunk: bytes) -> None:
+    pass
 
 
 async def start_process(
@@ -161,10 +174,13 @@ async def start_process(
     cwd: str | None,
     stdout: Callable[[bytes], Any],
     stderr: Callable[[bytes], Any],
+    auth: dict[str, str] | None = None,
+    timeout: httpx.Timeout | None = None,
 ) -> int:
     """Run `argv` as `user` in the guest at `base` (http://host:port), streaming its output
     to the callbacks as it comes; its exit status (-1: killed by a signal). `cwd` None: the
-    user's default working directory."""
+    user's default working directory. `auth`: headers for the agent (X-Access-Token) when the
+    client `http` sends none of its own; `timeout`: instead of the client's."""
     process: dict[str, object] = {"cmd": argv[0], "args": argv[1:], "envs": env}
     if cwd is not None:
         process["cwd"] = cwd
@@ -173,12 +189,18 @@ async def start_process(
         "Content-Type": "application/connect+json",
         "Connect-Protocol-Version": "1",
         "Authorization": "Basic " + base64.b64encode(f"{user}:".encode()).decode(),
+        **(auth or {}),
     }
     exit_code: int | None = None
     decoder = EnvelopeDecoder(max_message=MAX_ENVELOPE_BYTES)
-    async with http.stream(
-        "POST", f"{base}/process.Process/Start", content=envelope(body), headers=headers
-    ) as response:
+    stream = http.stream(
+        "POST",
+        f"{base}/process.Process/Start",
+        content=envelope(body),
+        headers=headers,
+        timeout=timeout or httpx.USE_CLIENT_DEFAULT,
+    )
+    async with stream as response:
         if response.status_code != 200:
             try:
                 text = (await read_bounded(response)).decode(errors="replace")[:500]

@@ -18,11 +18,12 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
+import httpx
 import trio
 
 from appliance.config import Config
 from appliance.cubelet.capacity import BootCapacity
-from appliance.cubelet.envd_client import GuestAgent
+from appliance.cubelet.envd_client import EnvdError, GuestAgent
 from appliance.cubelet.sandboxes import (
     LiveSandbox,
     OutOfMemoryBudget,
@@ -46,6 +47,7 @@ from appliance.runtime.base import (
     Runtime,
 )
 from appliance.runtime.readiness import ReadinessProbe
+from appliance.templates.guest_setup import DEFAULT_PATH
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ FULLY_READY_TIMEOUT_S = 180.0
 # A template's own service (its probe, e.g. an image's web server) gets this long after the agent.
 TEMPLATE_PROBE_TIMEOUT_S = 60.0
 TEMPLATE_PROBE_INTERVAL_S = 0.05
+# And its ready command (the SDKs' readyCmd) as long as a template build gives it (TemplateSettings).
+READY_CMD_TIMEOUT_S = 120.0
+READY_CMD_INTERVAL_S = 0.2
 CONSOLE_TAIL_LOGGED = 800
 
 
@@ -152,10 +157,17 @@ class GuestLifecycle:
                 nursery.cancel_scope.cancel()
 
     async def until_template_ready(self, live: LiveSandbox) -> None:
-        """Until the template's own probe answers (an image's service on its port), for guests that
-        become users' sandboxes: a sandbox's ports work once its create returns. The runtimes hand
-        a guest over once its agent answers; only kvm's restores also wait for the probe port.
-        Raises SandboxStartFailed (and kills the guest) if it does not answer in time."""
+        """Until the template's own probe answers (an image's service on its port) and its ready
+        command succeeds, for guests that become users' sandboxes: a sandbox's ports and the
+        service its start command starts work once its create returns (E2B's sandboxes resume
+        from a snapshot taken once the ready command succeeded). The runtimes hand a guest over
+        once its agent answers; only kvm's restores also wait for the probe port.
+        Raises SandboxStartFailed (and kills the guest) if either fails in time."""
+        await self._until_probe_answers(live)
+        if live.template.ready_cmd:
+            await self._until_ready_command_succeeds(live)
+
+    async def _until_probe_answers(self, live: LiveSandbox) -> None:
         template = live.template
         if not template.probe_port or template.probe_port == ENVD_PORT:
             return
@@ -169,6 +181,31 @@ class GuestLifecycle:
         raise SandboxStartFailed(
             f"the template's service did not answer ({probe.describe()} on port {template.probe_port}) "
             f"within {TEMPLATE_PROBE_TIMEOUT_S:.0f} s: {probe.last_error}"
+        )
+
+    async def _until_ready_command_succeeds(self, live: LiveSandbox) -> None:
+        """The template's ready command, as its user with its env, until it exits 0 (its build
+        showed it does); the guest is killed if it does not within READY_CMD_TIMEOUT_S."""
+        template, agent = live.template, live.agent
+        assert agent is not None
+        argv = ["/bin/sh", "-c", template.ready_cmd]
+        env = {"PATH": DEFAULT_PATH, **template.envs}
+        outcome = "it never ran"
+        with trio.move_on_after(READY_CMD_TIMEOUT_S):
+            while not live.gone.is_set():
+                try:
+                    code = await agent.run(argv, template.user, env, template.workdir)
+                except (EnvdError, httpx.HTTPError) as exc:  # e.g. a silent command past the read timeout
+                    outcome = str(exc) or type(exc).__name__
+                else:
+                    if code == 0:
+                        return
+                    outcome = f"last exit status {code}"
+                await trio.sleep(READY_CMD_INTERVAL_S)
+        self.terminate(live, "the template's ready command did not succeed")
+        raise SandboxStartFailed(
+            f"the template's ready command {template.ready_cmd!r} did not succeed within "
+            f"{READY_CMD_TIMEOUT_S:.0f} s ({outcome})"
         )
 
     # A guest's task.

@@ -241,6 +241,7 @@ class TemplateBuilds:
             writable_layer_mb=settings.writable_layer_mb,
             envs={**envs, **settings.envs},
             start_cmd=start_cmd,
+            ready_cmd=settings.ready_cmd or "",
             workdir=workdir or "/",
             user=user or "root",
             expose_ports=settings.ports(image_ports),

@@ -24,7 +24,9 @@ Steps as E2B runs them:
 
 The start command (`startCmd`) runs at every boot of the template as its user, with its env, in
 its workdir; an image's own ENTRYPOINT/CMD is not run (as on E2B), a base template's start command
-is kept unless the SDK gives another.
+is kept unless the SDK gives another. The ready command (`readyCmd`) must succeed in the build's
+guest (else the build fails), and is awaited in every new guest before it becomes a sandbox
+(cubelet/lifecycle.py), so the start command's service answers once `Sandbox.create` returns.
 """
 
 from __future__ import annotations

@@ -491,3 +491,46 @@ async def test_a_template_service_that_never_answers_fails_the_create(
             await cubelet.create(_with_service_probe(cubelet))
         await wait_until(lambda: fake_runtime.instances == {})  # the guest was torn down
         assert cubelet.store.query_sandboxes(SandboxQuery()) == []
+
+
+def _with_ready_command(cubelet: Cubelet) -> SandboxRequest:
+    """A create of a template whose ready command (the SDKs' readyCmd) must succeed first."""
+    template = dataclasses.replace(cubelet._templates()["code-interpreter"], ready_cmd="check-ready")
+    return request_for(cubelet, template=template)
+
+
+async def test_a_cold_create_returns_once_the_ready_command_succeeds(
+    service_config: Config, fake_runtime: FakeRuntime
+) -> None:
+    fake_runtime.service_up = False  # the ready command fails until the service is up
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        request = _with_ready_command(cubelet)
+        created: list[SandboxRecord] = []
+
+        async def create() -> None:
+            created.append(await cubelet.create(request))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(create)
+            await wait_until(lambda: len(fake_runtime.instances) == 1)
+            app = next(iter(fake_runtime.instances.values())).app
+            await wait_until(lambda: len(app.processes) >= 2)  # it runs again while it fails
+            assert created == []  # the agent answered, the ready command did not succeed: not handed out
+            app.service_up = True
+        assert created[0].state == RUNNING and cubelet.live(created[0].sandbox_id) is not None
+        argv, user, token = app.processes[-1]
+        # As the template's user, with the guest's boot token (before /init).
+        assert (argv, user) == (["/bin/sh", "-c", "check-ready"], request.template.user)
+        assert token is not None and app.init_calls and token != app.init_calls[0]["accessToken"]
+
+
+async def test_a_ready_command_that_never_succeeds_fails_the_create(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "READY_CMD_TIMEOUT_S", 0.5)
+    fake_runtime.service_up = False
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        with pytest.raises(SandboxStartFailed, match="ready command 'check-ready' did not succeed"):
+            await cubelet.create(_with_ready_command(cubelet))
+        await wait_until(lambda: fake_runtime.instances == {})  # the guest was torn down
+        assert cubelet.store.query_sandboxes(SandboxQuery()) == []
