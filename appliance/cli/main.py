@@ -60,6 +60,11 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 @click.pass_obj
 def serve(config: Any) -> None:
     """Run the appliance: API, sandbox router, state store and cubelet."""
+    from appliance.net.addressing import Addressing
+    from appliance.net.ebpf import compile_ahead, pin_dir_of
+
+    # The eBPF compile (a second of clang) runs beside the rest of the start-up from here.
+    compile_ahead(pin_dir_of(Addressing(config.host_network)))
     from appliance.cubelet.runtimes import RuntimeUnavailable
     from appliance.master.service import serve_until_signalled
     from appliance.master.store import DatabaseTooNew
