@@ -7,6 +7,7 @@ import json
 import pytest
 
 from appliance.process_identity import ProcessIdentity
+from appliance.runtime.supervisor.framing import LineBuffer
 from appliance.runtime.supervisor.protocol import (
     CONSOLE_TAIL_MAX_BYTES,
     MAX_REQUEST_BYTES,
@@ -105,3 +106,22 @@ def test_launch_specs_round_trip() -> None:
         guest={"slot": 1, "template_id": "t"},
     )
     assert LaunchSpec.decode(spec.encode()) == spec
+
+
+def test_framing_makes_lines_of_chunks_however_they_are_cut() -> None:
+    lines = LineBuffer(limit=64)
+    received = []
+    for chunk in (b'{"op":', b' "state"}\n{"op": "wa', b'tch"}\n{"op"'):
+        lines.feed(chunk)
+        while (line := lines.next_line()) is not None:
+            received.append(Request.decode(line).op)
+    assert received == [Op.STATE, Op.WATCH] and lines.pending == len(b'{"op"')
+
+
+@pytest.mark.parametrize("data", [b"x" * 65, b"x" * 65 + b"\n", b"ok\n" + b"y" * 65])
+def test_framing_refuses_a_line_over_its_limit_whole_or_not(data: bytes) -> None:
+    lines = LineBuffer(limit=64)
+    lines.feed(data)
+    with pytest.raises(ProtocolError, match="over 64 bytes"):
+        while lines.next_line() is not None:
+            pass
