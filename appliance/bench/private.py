@@ -68,7 +68,8 @@ class PrivateService:
 
     @property
     def run_dir(self) -> Path:
-        return self.root / "run"
+        """Its own, unless the settings' environment names another (an install's layout)."""
+        return Path(self.settings.extra_env.get("CUBE_RUN_DIR", self.root / "run"))
 
     def environment(self) -> dict[str, str]:
         s = self.settings

@@ -234,15 +234,23 @@ async def serve_until_signalled(
     config: Config,
     runtime_factory: RuntimeFactory = open_runtime,
     blueprint_factories: Iterable[BlueprintFactory] = (),
+    *,
+    end_sandboxes: bool = False,
 ) -> None:
     """Run until SIGTERM, SIGUSR2 or SIGINT (caught from before start-up, so none is lost), then
     shut down. SIGTERM (systemd's stop and restart) and SIGUSR2 (`cube upgrade`) leave the
-    sandboxes running for the next start; SIGINT (an interactive stop) ends them."""
+    sandboxes running for the next start; SIGINT (an interactive stop) ends them.
+    `end_sandboxes`: stop as SIGINT does as soon as started, so every sandbox a previous service
+    left running is taken over and ended, with all it holds on the host (the uninstaller's)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningService = await nursery.start(
                 run_service, config, runtime_factory, blueprint_factories
             )
+            if end_sandboxes:
+                log.info("ending every sandbox: %s", running.adopted_at_start)
+                running.stop.set()
+                return
             log.info("cube serve: API on %s, TLS on %s", running.api_url, running.tls_url)
             sdnotify.notify("READY=1")
             watchdog_s = sdnotify.watchdog_interval_s()
