@@ -7,9 +7,9 @@ Everything here blocks (bcc, netlink, bpf syscalls): callers use a thread.
 
 The compile is clang's: about a second of CPU, the largest single step of a service
 start, which is on the way of every sandbox that outlived the previous service. So
-`cube serve` starts it first thing (`compile_ahead`, in a thread: bcc holds no GIL
-while it compiles), beside its own imports and start-up, and `PolicyProgram` takes
-what it made.
+`cube serve` starts it first thing when a previous service's maps are pinned
+(`compile_ahead`, in a thread: bcc holds no GIL while it compiles), beside its own
+imports and start-up, and `PolicyProgram` takes what it made.
 """
 
 from __future__ import annotations
@@ -105,7 +105,13 @@ def _compile(pin_dir: Path) -> Any:
 def compile_ahead(pin_dir: Path) -> None:
     """Start compiling the program for `pin_dir` in a thread of its own, for the next
     `PolicyProgram(pin_dir)` of this process to take. Whatever goes wrong there is not
-    raised here: that `PolicyProgram` compiles again, and fails or recovers as it would."""
+    raised here: that `PolicyProgram` compiles again, and fails or recovers as it would.
+
+    Only where a previous service left its maps pinned (a crash, or a stop that let its
+    sandboxes run on: the start that must be quick): opening them makes nothing on the host
+    that a start failing before CubeVS would leave behind."""
+    if not pin_dir.is_dir():
+        return
     future: Future[Any] = Future()
     with _compiling_lock:
         if pin_dir in _compiling:
