@@ -44,13 +44,23 @@ def install_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def alive(record: SupervisorRecord) -> bool:
+    """The supervisor of this record runs (its pid with its start time: never a recycled pid)."""
+    pidfd = record.identity.open_pidfd()
+    if pidfd is None:
+        return False
+    os.close(pidfd)
+    return True
+
+
 def host_links() -> set[str]:
     shown = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     return {line.split()[1].split("@")[0].rstrip(":") for line in shown.splitlines()}
 
 
 def test_uninstall_ends_the_sandboxes_that_outlived_the_service(
-    private_service: Callable[..., PrivateService], install_root: Path
+    install_root: Path,  # first: removed after the service's own teardown, which may need its run dir
+    private_service: Callable[..., PrivateService],
 ) -> None:
     service = private_service(extra_env={"CUBE_RUN_DIR": str(install_root / "run" / "cube")})
     service.start()
@@ -66,11 +76,24 @@ def test_uninstall_ends_the_sandboxes_that_outlived_the_service(
     service.stop(signal.SIGTERM)  # as `systemctl stop`: the sandboxes run on
     supervisors = service.run_dir / "supervisors"
     records = [SupervisorRecord.decode((supervisors / i / RECORD_FILE).read_bytes()) for i in ids]
-    running = [pidfd for record in records if (pidfd := record.identity.open_pidfd()) is not None]
-    for pidfd in running:
-        os.close(pidfd)
-    assert len(records) == SANDBOXES and len(running) == SANDBOXES
+    assert len(records) == SANDBOXES and all(alive(record) for record in records)
 
+    # Hard links of the run dir (its sockets too): should the uninstaller leave the sandboxes
+    # running, they go back in place for the fixture's end to take over and end.
+    kept_run_dir = service.root / "kept-run"
+    shutil.copytree(service.run_dir, kept_run_dir, copy_function=os.link)
+    try:
+        check_uninstall(service, install_root, ids, records)
+    finally:
+        if any(alive(record) for record in records):
+            service.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(service.run_dir, ignore_errors=True)
+            kept_run_dir.rename(service.run_dir)
+
+
+def check_uninstall(
+    service: PrivateService, install_root: Path, ids: set[str], records: list[SupervisorRecord]
+) -> None:
     uninstall = subprocess.run(
         ["bash", str(INSTALLER), "--root", str(install_root), "--uninstall"],
         env={**os.environ, **service.environment()},
@@ -81,7 +104,7 @@ def test_uninstall_ends_the_sandboxes_that_outlived_the_service(
 
     assert uninstall.returncode == 0, uninstall.stdout + uninstall.stderr + service.log_tail()
     assert "Ending the sandboxes that outlived the service" in uninstall.stdout
-    assert [record.pid for record in records if record.identity.open_pidfd() is not None] == []
+    assert [record.pid for record in records if alive(record)] == []
     addressing = Addressing(service.settings.host_network)
     slots = addressing.max_slots
     assert sandbox_leftovers(ids, service.settings.uid_base, slots) == {
