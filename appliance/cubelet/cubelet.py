@@ -52,6 +52,7 @@ from appliance.cubelet.sandboxes import (
     template_network_policy,
 )
 from appliance.cubelet.state import ACTIVE, USER_VISIBLE, SandboxState
+from appliance.cubelet.volume_mounts import VolumeMounts
 from appliance.net.policy import NetworkPolicy
 from appliance.records import (
     LIVE_STATES,
@@ -146,6 +147,10 @@ class Cubelet:
         self.lifecycle = GuestLifecycle(
             config, runtime, self.sandboxes, self.capacity, make_room=lambda t: self.pools.make_room(t)
         )
+        self.volume_mounts = VolumeMounts(
+            config.state_dir, config.volume_max_mb << 20, holder_alive=lambda sid: sid in self.sandboxes
+        )
+        self.lifecycle.volume_mounts = self.volume_mounts
         self.health = HealthProber(config, self.sandboxes, self.lifecycle.terminate)
         self.adoption = Adoption()  # what `run` took over of the previous service's guests
         self.pools = WarmPools(
@@ -325,6 +330,10 @@ class Cubelet:
         console_log = str(live.instance.console_log) if live.instance else ""
         record = request.new_record(live.sandbox_id, console_log, now)
         await self._init_guest(live, request, record, now)
+        if request.volume_mounts:
+            await self.volume_mounts.attach(
+                live.sandbox_id, live.instance, live.agent, list(request.volume_mounts), request.template.user
+            )
         # A warm guest was booted with the template's default policy, a cold one with the
         # request's: most requests ask for the default, and then there is nothing to change.
         if self.network is not None and request.network != live.spec.network_policy:
