@@ -210,7 +210,12 @@ class VolumeMounts:
                 self._claim(mount, sandbox_id)
                 claimed.append(mount)
             for slot, mount in enumerate(mounts, start=1):
+                started = trio.current_time()
                 await self._mount(instance, agent, slot, mount, user)
+                took = trio.current_time() - started
+                log.info(
+                    "volume %s mounted at %s in %s (%.2f s)", mount.volume_id, mount.path, sandbox_id, took
+                )
                 self._write(
                     mount.volume_id, MountRecord(sandbox_id, mount.path, mounted=True), exclusive=False
                 )
