@@ -263,7 +263,7 @@ class GuestLifecycle:
                 exc.reason,
                 f"; console tail:\n{tail}" if tail else "",
             )
-            self.terminate(live, f"guest exited: {exc.reason}")
+            self.terminate(live, f"guest exited: {exc.reason}", guest_gone=True)
 
     async def _watch_deadline(self, live: LiveSandbox) -> None:
         while True:
@@ -280,9 +280,10 @@ class GuestLifecycle:
 
     # Changes of a user's sandbox.
 
-    def terminate(self, live: LiveSandbox, reason: str) -> None:
+    def terminate(self, live: LiveSandbox, reason: str, *, guest_gone: bool = False) -> None:
         """End the guest for its users now (ENDING) and start its teardown (`forget` completes it);
-        a guest with volumes mounted first hands their files back (cubelet/volume_mounts.py)."""
+        a guest with volumes mounted first hands their files back (cubelet/volume_mounts.py),
+        unless it is gone already (`guest_gone`: then its volumes are only released)."""
         was_paused = live.state is SandboxState.PAUSED
         ending = self.table.end(live, reason)
         mounts = self.volume_mounts
@@ -292,20 +293,25 @@ class GuestLifecycle:
             self._saving_volumes.add(live.sandbox_id)
             mounts.begin_saving(live.sandbox_id)
             live.set_deadline(math.inf)  # no timeout while its volumes are saved
-            self.nursery.start_soon(self._sync_volumes_then_end, live, mounts, was_paused)
+            agent = None if guest_gone else live.agent
+            self.nursery.start_soon(self._sync_volumes_then_end, live, mounts, agent, was_paused)
         else:
             live.lifetime.cancel()
 
-    async def _sync_volumes_then_end(self, live: LiveSandbox, mounts: VolumeMounts, was_paused: bool) -> None:
+    async def _sync_volumes_then_end(
+        self, live: LiveSandbox, mounts: VolumeMounts, agent: GuestAgent | None, was_paused: bool
+    ) -> None:
         try:
-            if was_paused and live.instance is not None:
+            if was_paused and agent is not None and live.instance is not None:
                 try:
                     await live.instance.resume()  # a frozen guest cannot tar its volumes
                 except Exception as exc:
                     log.warning(
                         "sandbox %s could not be resumed to save its volumes: %s", live.sandbox_id, exc
                     )
-            await mounts.sync_out(live.sandbox_id, live.agent)
+            await mounts.sync_out(live.sandbox_id, agent)
+        except Exception:  # one sandbox's volumes must not take the node down
+            log.exception("sandbox %s: saving its volumes failed", live.sandbox_id)
         finally:
             self._saving_volumes.discard(live.sandbox_id)
             live.lifetime.cancel()

@@ -37,7 +37,6 @@ from typing import IO, Protocol, runtime_checkable
 
 import trio
 
-from appliance.cubelet.envd_client import EnvdError
 from appliance.templates.untrusted_tree import Tree, fd_chmod, fd_chown, fd_set_times, join_path, split_path
 
 log = logging.getLogger(__name__)
@@ -50,6 +49,7 @@ INCOMING_DIR = "incoming"  # the tree being unpacked from it
 OLD_DIR = "data.old"  # the tree it replaces, while it is removed
 SYNC_TIMEOUT_S = 300.0  # the guest's tar of one volume, streamed and unpacked
 MOUNT_TIMEOUT_S = 60.0
+HEALTH_TIMEOUT_S = 5.0  # a guest that does not answer /health by then is not asked for its volumes
 # ext4 without a journal (the image is never reused after the guest) loses ~3% to metadata.
 IMAGE_OVERHEAD_BYTES = 4 << 20
 # What the host accepts of a guest's tar: the data (at most the image's size) and headers.
@@ -254,12 +254,16 @@ class VolumeMounts:
                 event.set()
 
     async def _sync_all(self, sandbox_id: str, agent: GuestRunner | None) -> None:
-        for volume_id, record in self.held_by(sandbox_id):
+        held = self.held_by(sandbox_id)
+        # A guest that does not answer (it crashed, or hangs) is not waited for: its writes are lost.
+        answers = agent is not None and bool(held) and await agent.healthy(HEALTH_TIMEOUT_S)
+        for volume_id, record in held:
             try:
-                if record.mounted and agent is not None:
-                    with trio.fail_after(SYNC_TIMEOUT_S):
-                        await self._sync_one(volume_id, record.path, agent)
-            except (EnvdError, OSError, tarfile.TarError, trio.TooSlowError, VolumeMountError) as exc:
+                if not (record.mounted and answers and agent is not None):
+                    raise VolumeMountError(500, "its guest does not answer")
+                with trio.fail_after(SYNC_TIMEOUT_S):
+                    await self._sync_one(volume_id, record.path, agent)
+            except Exception as exc:  # whatever the guest did, the node goes on
                 log.warning(
                     "volume %s: the files of sandbox %s could not be brought back (%s); it keeps "
                     "its files from before the mount",
@@ -289,7 +293,9 @@ class VolumeMounts:
 
 
 class GuestRunner(Protocol):
-    """What of the guest agent's client (`envd_client.GuestAgent.run`) this module uses."""
+    """What of the guest agent's client (`envd_client.GuestAgent`) this module uses."""
+
+    async def healthy(self, timeout: float) -> bool: ...
 
     async def run(
         self,

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -155,7 +156,18 @@ def test_a_volume_written_in_one_sandbox_is_read_by_the_next(uml_service: Any) -
         assert second.files.read("/home/user/vol/out/result.txt") == "written in sandbox 1"
         assert second.commands.run("readlink /home/user/vol/shadow").stdout.strip() == "/etc/shadow"
         second.files.write("/home/user/vol/second.txt", "and sandbox 2")
+        assert second.pause()  # a paused sandbox's volume comes back too (thawed for it)
     finally:
         second.kill()
     assert volume.read_file("/second.txt") == "and sandbox 2"
+
+    # A guest that dies before its volume is copied back: the volume keeps what it had, and is free.
+    third = Sandbox.create(volume_mounts={"/mnt/data": "work"}, timeout=600, api_key=alice)
+    third.files.write("/mnt/data/lost.txt", "written before the crash")
+    third.commands.run("(sleep 1; echo o > /proc/sysrq-trigger) >/dev/null 2>&1 &", user="root")
+    deadline = time.monotonic() + 120  # the service notices the guest's exit (health, supervisor)
+    while (data.parent / MOUNT_FILE).exists():
+        assert time.monotonic() < deadline, "the crashed sandbox still holds the volume"
+        time.sleep(0.5)
+    assert not volume.exists("/lost.txt") and volume.read_file("/second.txt") == "and sandbox 2"
     assert Volume.destroy(volume.volume_id, api_key=alice) is True
