@@ -12,6 +12,7 @@ from appliance.api.bodies import detail_body, json_response, listed_body
 from appliance.api.errors import ApiError
 from appliance.api.sandboxes import owned_live_record, owned_record
 from appliance.api.services import services
+from appliance.api.volumes import mounts_body
 from appliance.cubelet.cubelet import SandboxNotFound, rfc3339
 from appliance.records import LIVE_STATES, RUNNING, SandboxQuery, SandboxRecord
 from appliance.tenancy import current_principal
@@ -24,7 +25,8 @@ blueprint = guarded("sandbox_info", __name__, Access.KEY)
 
 @blueprint.get("/sandboxes/<sandbox_id>")
 async def get_sandbox(sandbox_id: str) -> Response:
-    return json_response(detail_body(owned_live_record(sandbox_id)))
+    record = owned_live_record(sandbox_id)
+    return json_response({**detail_body(record), "volumeMounts": mounts_body(sandbox_id, record.team_id)})
 
 
 @blueprint.get("/v2/sandboxes")

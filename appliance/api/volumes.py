@@ -146,6 +146,19 @@ def volume_mounts(value: object, team_id: str) -> tuple[VolumeMount, ...]:
     return tuple(mounts)
 
 
+def mounts_body(sandbox_id: str, team_id: str) -> list[dict[str, str]]:
+    """The sandbox's volume mounts as the SDKs read them in its info (`volumeMounts`)."""
+    store = services().volumes
+    if store is None:
+        return []
+    mounts = []
+    for volume_id, mount in services().cubelet.volume_mounts.held_by(sandbox_id):
+        record = store.get(team_id, volume_id)
+        if record is not None:
+            mounts.append({"name": record.name, "path": mount.path})
+    return mounts
+
+
 # Content.
 
 

@@ -109,6 +109,7 @@ def test_a_volume_written_in_one_sandbox_is_read_by_the_next(uml_service: Any) -
     first = Sandbox.create(volume_mounts={"/mnt/data": volume}, timeout=600, api_key=alice)
     assert first.commands.run("cat /mnt/data/seed.txt").stdout == "from the content API"
     assert first.commands.run("stat -c %U /mnt/data").stdout.strip() == "user"
+    assert first.get_info().volume_mounts == [{"name": "work", "path": "/mnt/data"}]
     first.files.write("/mnt/data/out/result.txt", "written in sandbox 1")
     first.commands.run(
         "ln -s /etc/shadow /mnt/data/shadow && ln -s ../../../../etc /mnt/data/up"
