@@ -70,8 +70,11 @@ mount -t ext4 -o nosuid,nodev,noatime -- "$1" "$2"
 chown -- "$3": "$2"
 """
 # Run as root in the guest at the end: freeze the mount (writers wait; reads go on), tar it to
-# stdout. $1 mount point. tar's status 1 ("file changed as we read it") still wrote an archive.
+# stdout. $1 mount point: if nothing is mounted there (the sandbox was carried over a restart
+# without its mounts), an empty directory must not replace the volume. tar's status 1 ("file
+# changed as we read it") still wrote an archive.
 SYNC_SCRIPT = """
+mountpoint -q -- "$1" || { echo "$1 is not mounted" >&2; exit 3; }
 sync
 fsfreeze -f "$1" 2>/dev/null
 exec tar -C "$1" --sparse --numeric-owner -cf - .
@@ -373,7 +376,14 @@ def unpack_volume(archive: Path, volume_dir: Path, cap_bytes: int) -> list[str]:
 def _unpack_members(tar: tarfile.TarFile, tree: Tree, cap_bytes: int) -> list[str]:
     skipped: list[str] = []
     left = cap_bytes
+    # More entries than the image could hold inodes (mke2fs: one per 4 KiB at most) is a
+    # fabricated stream: the rest is left out rather than filling the host's inode table.
+    entries_left = cap_bytes // 4096 + 1024
     for member in _members(tar):
+        entries_left -= 1
+        if entries_left < 0:
+            skipped.append(member.name)
+            continue
         parts = split_path(member.name)
         if ".." in parts or (not parts and not member.isdir()):
             skipped.append(member.name)

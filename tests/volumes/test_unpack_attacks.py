@@ -134,3 +134,10 @@ def test_a_broken_archive_leaves_the_volume_as_it_was(volume: Path, tmp_path: Pa
     data = volume / DATA_DIR
     assert sorted(p.name for p in data.iterdir()) == ["before.txt"]
     assert not (volume / INCOMING_DIR).exists()
+
+
+def test_more_entries_than_the_image_could_hold_are_left_out(volume: Path, tmp_path: Path) -> None:
+    limit = CAP // 4096 + 1024  # inodes a capped image can have at most, and then some
+    archive = _archive(tmp_path / "e.tar", *(_entry(f"./f{i}") for i in range(limit + 50)))
+    skipped = unpack_volume(archive, volume, CAP)
+    assert len(skipped) == 50 and len(list((volume / DATA_DIR).iterdir())) == limit
