@@ -6,6 +6,8 @@ volume, sees what the content API put there, writes (as the sandbox's user), lea
 host files and passes the cap; a second mount, changes through the content API and destroying the
 volume are refused while it is mounted; bad mounts kill nothing; after the kill the content API
 and sandbox 2 see sandbox 1's files, and nothing of the host was read or written through its links.
+A paused sandbox's and a timed-out one's files come back too; a crashed guest's do not, and the
+volume is left as it was, free for the next sandbox.
 """
 
 from __future__ import annotations
@@ -171,4 +173,14 @@ def test_a_volume_written_in_one_sandbox_is_read_by_the_next(uml_service: Any) -
         assert time.monotonic() < deadline, "the crashed sandbox still holds the volume"
         time.sleep(0.5)
     assert not volume.exists("/lost.txt") and volume.read_file("/second.txt") == "and sandbox 2"
+
+    # A sandbox that times out hands its volume back as a killed one does.
+    fourth = Sandbox.create(volume_mounts={"/mnt/data": "work"}, timeout=600, api_key=alice)
+    fourth.files.write("/mnt/data/timed-out.txt", "written before the timeout")
+    fourth.set_timeout(0)  # E2B's "time out now"
+    deadline = time.monotonic() + 120
+    while not volume.exists("/timed-out.txt"):
+        assert time.monotonic() < deadline, "the timed-out sandbox's files did not come back"
+        time.sleep(0.5)
+    assert volume.read_file("/timed-out.txt") == "written before the timeout"
     assert Volume.destroy(volume.volume_id, api_key=alice) is True
