@@ -186,6 +186,13 @@ class EtcdClient:
     async def prefix(self, prefix: bytes) -> list[KeyValue]:
         return await self.range(prefix, prefix_end(prefix))
 
+    async def snapshot(self, prefix: bytes) -> tuple[list[KeyValue], int]:
+        """Every key under `prefix` and the revision they are read at (a watch goes on from there)."""
+        answer = await self._call(
+            "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))}
+        )
+        return [KeyValue.decode(kv) for kv in answer.get("kvs", [])], int(answer["header"]["revision"])
+
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         """The revision of the write."""
         body = Put(key, value, lease).encode()["request_put"]

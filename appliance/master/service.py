@@ -45,6 +45,7 @@ from quart import Blueprint
 from appliance.api.app import build_app
 from appliance.api.auth import Access, Authenticator, check_local_dev_allowed, ensure_admin_token, protect
 from appliance.api.services import Services
+from appliance.cluster.node import ClusterNode, ClusterSettings
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
@@ -55,6 +56,7 @@ from appliance.master.secrets import SECRETS_DB, SecretStore
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.master.volumes import VolumeStore
+from appliance.proxy.node_hop import NodeHop
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
 from appliance.records import DEAD, LIVE_STATES, SandboxQuery
@@ -82,6 +84,7 @@ class RunningService:
     restored_at_start: list[str] = field(default_factory=list)
     # Set before `stop`: sandboxes whose runtime can keep them run on, for the next start.
     keep_sandboxes: bool = False
+    cluster: ClusterNode | None = None  # this node's part in a cluster (None: a single node)
 
 
 def _hostport(host: str, port: int) -> str:
@@ -147,6 +150,7 @@ async def run_service(
     task_status: trio.TaskStatus[RunningService] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     check_local_dev_allowed(config)
+    cluster_settings = ClusterSettings.from_config(config)  # a bad cluster config stops us here
     for directory in (config.state_dir, config.templates_dir, config.sandboxes_dir):
         directory.mkdir(parents=True, exist_ok=True)
     pid_file = _write_pid_file(config.run_dir)
@@ -186,22 +190,32 @@ async def run_service(
                 volumes=VolumeStore(config.state_dir, config.volume_max_mb << 20),
                 builds=builds,
             )
+            cluster = (
+                None if cluster_settings is None else ClusterNode(cluster_settings, cubelet, registry.all)
+            )
+            if cluster is not None:
+                services.auth.cluster_token_check = cluster.verify_token
             # Any key may build; what a build sees and makes is its team's (templates/api.py).
             blueprints = [protect(create_build_blueprint(builds), Access.KEY)]
             blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]
             control_plane = cast(ASGIApp, build_app(services, blueprints))
             router = SandboxRouter(control_plane, cubelet, config.domain)
+            front: SandboxRouter | NodeHop = router
+            if cluster is not None:
+                front = NodeHop(router, router.target, cluster, services.auth.authenticate)
             stop = trio.Event()
             binds = await nursery.start(
                 partial(
                     hypercorn.trio.serve,
-                    cast(Any, router),  # hypercorn's ASGI types are TypedDicts; ours are plain mappings
+                    cast(Any, front),  # hypercorn's ASGI types are TypedDicts; ours are plain mappings
                     _hypercorn_config(config, tls.server_cert, tls.server_key),
                     shutdown_trigger=stop.wait,
                 )
             )
             api_url = next(b for b in binds if b.startswith("http://"))
             tls_url = next(b for b in binds if b.startswith("https://"))
+            if cluster is not None:
+                await nursery.start(cluster.run, api_url)
             running = RunningService(
                 api_url,
                 tls_url,
@@ -211,6 +225,7 @@ async def run_service(
                 reported_dead_at_start=reported_dead,
                 adopted_at_start=adopted,
                 restored_at_start=restored,
+                cluster=cluster,
             )
             task_status.started(running)
             await stop.wait()
@@ -222,6 +237,9 @@ async def run_service(
                 if kept:
                     log.info("%d sandboxes run on for the next start: %s", len(kept), kept)
                 await router.aclose()
+                if isinstance(front, NodeHop):
+                    await front.aclose()
+                    await front.node.leave()
             nursery.cancel_scope.cancel()
     finally:
         if secret_store is not None:
