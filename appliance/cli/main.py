@@ -31,6 +31,7 @@ from appliance.bench.net import net_bench
 from appliance.bench.restart import restart_bench
 from appliance.bench.snapshot import snapshot_bench
 from appliance.cli.common import api_key_option, emit, json_option, print_table
+from appliance.cli.node import node as node_commands
 from appliance.cli.templates import BUILD_COMMANDS
 from appliance.config import load_config
 from appliance.errors import first_leaf
@@ -293,6 +294,7 @@ def build_iso(config: Any, output: Path) -> None:
 
 
 main.add_command(upgrade_command)
+main.add_command(node_commands)
 
 
 @main.group()

@@ -150,3 +150,19 @@ async def watch_view(etcd: EtcdClient, view: ClusterView, *, task_status: trio.T
         except EtcdError as exc:
             log.warning("cluster watch: %s; reading again", exc)
         await trio.sleep(WATCH_RETRY_S)
+
+
+async def read_view(etcd: EtcdClient) -> ClusterView:
+    """The cluster as etcd has it now (what `cube node` shows)."""
+    view = ClusterView()
+    kvs, revision = await etcd.snapshot(PREFIX)
+    view.load(kvs, revision)
+    return view
+
+
+async def set_drained(etcd: EtcdClient, node_id: str, drained: bool) -> None:
+    """A drained node gets no new placements; its sandboxes run on. Outlives the node's lease."""
+    if drained:
+        await etcd.put(drain_key(node_id), b"1")
+    else:
+        await etcd.delete(drain_key(node_id))

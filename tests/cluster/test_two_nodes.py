@@ -7,6 +7,7 @@ The same with real `cube serve` processes and UML guests: test_processes.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from appliance.cli.main import main
 from appliance.cluster.forwarding import NAME_HEADER, TEAM_HEADER, TOKEN_HEADER
 from appliance.cluster.node import ClusterNode
 from appliance.config import Config
@@ -60,6 +63,18 @@ def wait_for(node: ServiceHarness, seen: Callable[[ClusterNode], bool]) -> None:
         time.sleep(0.05)
 
 
+def cube_node(node: ServiceHarness, *args: str) -> Any:
+    """`cube node ARGS` with this node's etcd endpoints (as its config would name them)."""
+    result = CliRunner().invoke(
+        main,
+        ["node", *args],
+        env={"CUBE_CONFIG": "/nonexistent", "CUBE_ETCD_ENDPOINTS": node.config.etcd_endpoints},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output) if "--json" in args else result.output
+
+
 @pytest.fixture
 def two_nodes(
     etcd: Callable[..., EtcdCluster], start_service: Any, service_config: Config, tmp_path: Path
@@ -82,11 +97,13 @@ def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_throug
 ) -> None:
     a, b, key = two_nodes
     with httpx.Client(base_url=a.url, headers={"X-API-KEY": key}, timeout=30, trust_env=False) as api:
-        drained = httpx.post(
-            f"{cluster_of(a).settings.endpoints[0]}/v3/kv/put",
-            json={"key": "L2N1YmUvZHJhaW4vYQ==", "value": "MQ=="},  # /cube/drain/a = 1
-        )
-        assert drained.status_code == 200
+        listed = cube_node(a, "list", "--json")
+        assert [(n["node_id"], n["state"], n["api_url"]) for n in listed] == [
+            ("a", "ready", a.url),
+            ("b", "ready", b.url),
+        ]
+        cube_node(a, "drain", "a")
+        assert [n["state"] for n in cube_node(a, "list", "--json")] == ["drained", "ready"]
         wait_for(a, lambda c: "a" in c.view.drained)
 
         created = api.post("/sandboxes", json={"templateID": "ci"})
