@@ -33,6 +33,7 @@ from appliance.cluster.membership import (
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.records import TemplateManifest
+from appliance.tenancy import Principal
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,14 @@ class ClusterNode:
         settings: ClusterSettings,
         cubelet: Cubelet,
         templates: Callable[[], dict[str, TemplateManifest]],
+        resolve: Callable[[str, Principal], TemplateManifest | None],
         etcd: EtcdClient | None = None,
     ) -> None:
         self.settings = settings
         self.node_id = settings.node_id
         self.cubelet = cubelet
         self.templates = templates
+        self.resolve = resolve  # a template name (alias, SDK default) as the caller means it
         self.etcd = etcd or EtcdClient(settings.endpoints)
         self.view = ClusterView()
         self.api_url = settings.node_url
@@ -180,6 +183,12 @@ class ClusterNode:
                 log.warning("cluster: leaving: %s", exc)
 
     # Placement and ownership.
+
+    def placement_for(self, name: str, principal: Principal) -> list[NodeRecord]:
+        """`placement` of the template `name` means to `principal` here (the SDKs' default names,
+        aliases: by its id); a name unknown here is looked for as it is."""
+        manifest = self.resolve(name, principal)
+        return self.placement(manifest.template_id if manifest is not None else name)
 
     def placement(self, template: str) -> list[NodeRecord]:
         """Where a create for `template` should go, best first: nodes not drained that have the

@@ -191,7 +191,9 @@ async def run_service(
                 builds=builds,
             )
             cluster = (
-                None if cluster_settings is None else ClusterNode(cluster_settings, cubelet, registry.all)
+                None
+                if cluster_settings is None
+                else ClusterNode(cluster_settings, cubelet, registry.all, registry.resolve)
             )
             if cluster is not None:
                 services.auth.cluster_token_check = cluster.verify_token

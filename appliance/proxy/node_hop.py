@@ -157,7 +157,11 @@ class NodeHop:
                 template = data["templateID"]
         except ValueError:
             pass  # here, where the API answers it with its own 400
-        for node in self.node.placement(template):
+        placement = self.node.placement_for(template, principal)
+        if not placement and self.node.node_id in self.node.view.drained:
+            message = f"no node of the cluster can take a sandbox of '{template}' now (this one is drained)"
+            return await _send_json_error(send, 503, message)
+        for node in placement:
             if node.node_id == self.node.node_id:
                 break
             if await self._forward_whole(node, principal, scope, body, send):

@@ -138,6 +138,15 @@ def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_throug
         assert b.run_sync_in_service(lambda: b.running.cubelet.live(sandbox_id) is None)  # type: ignore[union-attr]
         assert api.get(f"/sandboxes/{sandbox_id}").status_code == 404
 
+        cube_node(a, "drain", "b")
+        wait_for(a, lambda c: c.view.drained == {"a", "b"})
+        refused_create = api.post("/sandboxes", json={})
+        assert refused_create.json() == {
+            "code": 503,
+            "message": "no node of the cluster can take a sandbox of 'code-interpreter' now"
+            " (this one is drained)",
+        }
+
 
 def test_node_to_node_auth_cannot_be_forged(two_nodes: tuple[ServiceHarness, ServiceHarness, str]) -> None:
     a, b, key = two_nodes
