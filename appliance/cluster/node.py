@@ -1,9 +1,10 @@
 """This node's part in the cluster: its lease and record, the watched view, placement, the
 sandbox→node records, and the token nodes prove themselves to each other with.
 
-`ClusterNode.run` is a task of the service's nursery: it reads the view, publishes this node's
-record under a lease and keeps both current; `leave()` revokes the lease at a clean stop, so the
-others see the node gone at once (a crash: after the lease's TTL).
+`ClusterNode.watch` and `ClusterNode.publish` are tasks of the service's nursery: the first
+keeps the view (loaded before the API serves), the second this node's record under its lease.
+`leave()` revokes the lease at a clean stop, so the others see the node gone at once (after a
+crash: once the lease's TTL has passed).
 """
 
 from __future__ import annotations
@@ -137,22 +138,25 @@ class ClusterNode:
             started_at=self.started_at,
         )
 
-    async def run(
-        self, api_url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Watch the cluster and publish this node (its API at `api_url` unless node_url says
-        otherwise) until cancelled."""
-        self.api_url = self.settings.node_url or api_url
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the view until cancelled; started once it is loaded (before the API serves: no
+        request is placed on an empty view). Owns the etcd client: closed when it ends."""
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(watch_view, self.etcd, self.view)
-                await self._join()
-                log.info("cluster: node %s joined at %s", self.node_id, self.api_url)
-                task_status.started()
-                await self._keep_alive()
+            await watch_view(self.etcd, self.view, task_status=task_status)
         finally:
             with trio.CancelScope(shield=True):
                 await self.etcd.aclose()
+
+    async def publish(
+        self, api_url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Join (this node's record under its lease, its API at `api_url` unless node_url says
+        otherwise) and keep the lease and record current until cancelled."""
+        self.api_url = self.settings.node_url or api_url
+        await self._join()
+        log.info("cluster: node %s joined at %s", self.node_id, self.api_url)
+        task_status.started()
+        await self._keep_alive()
 
     async def _join(self) -> None:
         lease = await self.etcd.grant(self.settings.lease_ttl_s)

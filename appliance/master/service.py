@@ -197,6 +197,7 @@ async def run_service(
             )
             if cluster is not None:
                 services.auth.cluster_token_check = cluster.verify_token
+                await nursery.start(cluster.watch)
             # Any key may build; what a build sees and makes is its team's (templates/api.py).
             blueprints = [protect(create_build_blueprint(builds), Access.KEY)]
             blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]
@@ -217,7 +218,7 @@ async def run_service(
             api_url = next(b for b in binds if b.startswith("http://"))
             tls_url = next(b for b in binds if b.startswith("https://"))
             if cluster is not None:
-                await nursery.start(cluster.run, api_url)
+                await nursery.start(cluster.publish, api_url)
             running = RunningService(
                 api_url,
                 tls_url,
