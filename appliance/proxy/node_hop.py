@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import httpx
 
+from appliance.cluster.etcd import EtcdError
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, principal_headers
 from appliance.cluster.membership import NodeRecord, SandboxOwner
 from appliance.cluster.node import ClusterNode
@@ -105,8 +106,13 @@ class NodeHop:
         await self.app(scope, receive, hold)
         principal = self.authenticate(headers)
         if held and held[0].get("status") == 201 and principal is not None:
-            body = b"".join(m.get("body", b"") for m in held[1:])
-            await self.node.record_sandbox(json.loads(body)["sandboxID"], principal.team_id)
+            sandbox_id = json.loads(b"".join(m.get("body", b"") for m in held[1:]))["sandboxID"]
+            try:
+                await self.node.record_sandbox(sandbox_id, principal.team_id)
+            except EtcdError as exc:  # unrecorded, no other node could find it: not kept
+                await self.node.cubelet.kill(sandbox_id, reason=f"the cluster could not record it: {exc}")
+                unavailable = f"the cluster's etcd is unavailable, retry later: {exc}"
+                return await _send_json_error(send, 503, unavailable)
         for message in held:
             await send(message)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,10 +77,15 @@ def cube_node(node: ServiceHarness, *args: str) -> Any:
 
 
 @pytest.fixture
+def etcd_of(etcd: Callable[..., EtcdCluster]) -> EtcdCluster:
+    return etcd()
+
+
+@pytest.fixture
 def two_nodes(
-    etcd: Callable[..., EtcdCluster], start_service: Any, service_config: Config, tmp_path: Path
+    etcd_of: EtcdCluster, start_service: Any, service_config: Config, tmp_path: Path
 ) -> Iterator[tuple[ServiceHarness, ServiceHarness, str]]:
-    cluster = etcd()
+    cluster = etcd_of
     token_file = tmp_path / "cluster-token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
@@ -185,3 +191,21 @@ def test_a_sandbox_of_a_node_that_left_is_reported_ended(
     )
     other_team = httpx.get(f"{a.url}/sandboxes/{sandbox_id}", headers=headers, trust_env=False)
     assert other_team.json() == {"code": 404, "message": f"sandbox {sandbox_id} not found"}
+
+
+def test_with_etcd_down_a_create_is_a_503_and_running_sandboxes_keep_answering(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str], etcd_of: Any
+) -> None:
+    a, _b, key = two_nodes
+    with httpx.Client(base_url=a.url, headers={"X-API-KEY": key}, timeout=30, trust_env=False) as api:
+        running = api.post("/sandboxes", json={})
+        assert running.status_code == 201, running.text
+        running_id = running.json()["sandboxID"]
+        for member in etcd_of.members:
+            member.stop(signal.SIGKILL)
+        refused = api.post("/sandboxes", json={})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["message"].startswith("the cluster's etcd is unavailable, retry later: ")
+        live = [s["sandboxID"] for s in api.get("/sandboxes").json()]
+        assert live == [running_id]  # the refused create's sandbox was not kept
+        assert api.get(f"/sandboxes/{running_id}").status_code == 200
