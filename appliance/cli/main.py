@@ -61,6 +61,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 @click.pass_obj
 def serve(config: Any) -> None:
     """Run the appliance: API, sandbox router, state store and cubelet."""
+    from appliance.cluster.node import ClusterConfigError
     from appliance.cubelet.runtimes import RuntimeUnavailable
     from appliance.master.service import serve_until_signalled
     from appliance.master.store import DatabaseTooNew
@@ -72,7 +73,7 @@ def serve(config: Any) -> None:
     try:
         trio.run(serve_until_signalled, config)
     except BaseExceptionGroup as group:
-        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew))
+        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew, ClusterConfigError))
         if matching is None:
             raise
         raise click.ClickException(str(first_leaf(matching))) from group
