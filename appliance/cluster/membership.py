@@ -87,7 +87,6 @@ class ClusterView:
     drained: set[str] = field(default_factory=set)
     owners: dict[str, SandboxOwner] = field(default_factory=dict)
     revision: int = 0
-    changed: trio.Event = field(default_factory=trio.Event)
 
     def load(self, kvs: list[KeyValue], revision: int) -> None:
         self.nodes.clear()
@@ -96,17 +95,11 @@ class ClusterView:
         for kv in kvs:
             self._apply(False, kv)
         self.revision = revision
-        self._notify()
 
     def apply(self, events: list[WatchEvent]) -> None:
         for event in events:
             self._apply(event.deleted, event.kv)
             self.revision = max(self.revision, event.kv.mod_revision)
-        self._notify()
-
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
 
     def _apply(self, deleted: bool, kv: KeyValue) -> None:
         table: dict[str, NodeRecord] | dict[str, SandboxOwner] | set[str]

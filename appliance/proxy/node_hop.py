@@ -28,7 +28,7 @@ from appliance.cluster.etcd import EtcdError
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, principal_headers
 from appliance.cluster.membership import NodeRecord, SandboxOwner
 from appliance.cluster.node import ClusterNode
-from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target
+from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target, not_found_message
 from appliance.proxy.router import Message, Receive, Send, _send_json_error
 from appliance.tenancy import Principal
 
@@ -39,6 +39,9 @@ COLLECTION = frozenset({"/sandboxes", "/v2/sandboxes"})
 NOT_SANDBOX_IDS = frozenset({"metrics"})  # /sandboxes/metrics lists this node's
 MAX_CREATE_BODY = 1024 * 1024
 CONNECT_TIMEOUT_S = 5.0
+# A forwarded API call (a create boots a guest: minutes on an emulated host) answers within this;
+# sandbox traffic has no limit (its streams live as long as the caller wants).
+API_CALL_TIMEOUT_S = 600.0
 ASGIApp = Callable[[Scope, Receive, Send], Any]
 Authenticate = Callable[[dict[str, str]], Principal | None]
 TargetOf = Callable[[Scope], Target | None]
@@ -133,6 +136,8 @@ class NodeHop:
         if principal is not None and not principal.owns(owner.team_id):
             return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found")
         node = self.node.view.nodes.get(owner.node_id)
+        if node is None and principal is None:  # sandbox traffic: the router's own answer
+            return await _send_json_error(send, 502, not_found_message(sandbox_id))
         if node is None:
             gone = f"it ended: its node {owner.node_id} left the cluster"
             return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found ({gone})")
@@ -224,8 +229,9 @@ class NodeHop:
         url = node.api_url + scope["raw_path"].decode("latin-1")
         try:
             response = await self.client.request(
-                scope["method"],
-                url,
+                timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=API_CALL_TIMEOUT_S),
+                method=scope["method"],
+                url=url,
                 params=scope.get("query_string", b"").decode("latin-1") or None,
                 content=body,
                 headers=self._headers(scope, principal),

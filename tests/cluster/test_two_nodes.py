@@ -108,6 +108,9 @@ def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_throug
             ("a", "ready", a.url),
             ("b", "ready", b.url),
         ]
+        info = cube_node(a, "info", "b", "--json")
+        assert info["state"] == "ready" and info["memory_budget_mb"] == 4096
+        assert {"code-interpreter", "ci"} <= set(info["templates"])
         cube_node(a, "drain", "a")
         assert [n["state"] for n in cube_node(a, "list", "--json")] == ["drained", "ready"]
         wait_for(a, lambda c: "a" in c.view.drained)
@@ -189,6 +192,9 @@ def test_a_sandbox_of_a_node_that_left_is_reported_ended(
     assert (
         admin.json()["message"] == f"sandbox {sandbox_id} not found (it ended: its node b left the cluster)"
     )
+    traffic = httpx.get(f"{a.url}/health", headers={"E2b-Sandbox-Id": sandbox_id}, trust_env=False)
+    assert traffic.status_code == 502  # what the SDKs read as "the sandbox is gone"
+    assert traffic.json()["message"] == f"The sandbox {sandbox_id} was not found"
     other_team = httpx.get(f"{a.url}/sandboxes/{sandbox_id}", headers=headers, trust_env=False)
     assert other_team.json() == {"code": 404, "message": f"sandbox {sandbox_id} not found"}
 
