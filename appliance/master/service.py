@@ -58,7 +58,7 @@ from appliance.master.volumes import VolumeStore
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
 from appliance.records import DEAD, LIVE_STATES, SandboxQuery
-from appliance.runtime.base import AdoptingRuntime
+from appliance.runtime.base import AdoptingRuntime, Runtime
 from appliance.templates.api import create_blueprint as create_build_blueprint
 from appliance.templates.builds import TemplateBuilds
 
@@ -136,6 +136,33 @@ def _report_ended(store: SqliteStore, adopted: list[str], ended: dict[str, str])
     return marked
 
 
+async def _take_over(
+    cubelet: Cubelet, registry: TemplateRegistry, store: SqliteStore, state_dir: Path
+) -> tuple[list[str], list[str], list[str]]:
+    """What this start made of the previous run's sandboxes (the cubelet has adopted the guests
+    that ran on): those adopted, those recorded dead, those carried over and booted again."""
+    adopted = cubelet.adoption.adopted
+    if adopted:
+        log.info("%d sandboxes run on from the previous start: %s", len(adopted), adopted)
+    reported_dead = _report_ended(store, adopted, cubelet.adoption.ended)
+    restored = await restore_carried(cubelet, registry, store, state_dir)
+    if restored:
+        log.info("%d sandboxes carried over the restart are back: %s", len(restored), restored)
+    return adopted, reported_dead, restored
+
+
+async def _shut_down(running: RunningService, runtime: Runtime, router: SandboxRouter) -> None:
+    """End the sandboxes (or, with `keep_sandboxes`, leave those running whose runtime can keep
+    them) and the router's connections."""
+    reason = STOP_REASON
+    if running.keep_sandboxes and not isinstance(runtime, AdoptingRuntime):
+        reason += f" (the {runtime.name} runtime's sandboxes cannot outlive the service)"
+    kept = await running.cubelet.shutdown(reason, detach=running.keep_sandboxes)
+    if kept:
+        log.info("%d sandboxes run on for the next start: %s", len(kept), kept)
+    await router.aclose()
+
+
 BlueprintFactory = Callable[[Services], Blueprint]
 
 
@@ -165,13 +192,7 @@ async def run_service(
         async with runtime_factory(config) as bundle, trio.open_nursery() as nursery:
             cubelet = Cubelet(config, bundle.runtime, store, bundle.network, templates=registry.refresh)
             await nursery.start(cubelet.run)
-            adopted = cubelet.adoption.adopted
-            if adopted:
-                log.info("%d sandboxes run on from the previous start: %s", len(adopted), adopted)
-            reported_dead = _report_ended(store, cubelet.adoption.adopted, cubelet.adoption.ended)
-            restored = await restore_carried(cubelet, registry, store, config.state_dir)
-            if restored:
-                log.info("%d sandboxes carried over the restart are back: %s", len(restored), restored)
+            adopted, reported_dead, restored = await _take_over(cubelet, registry, store, config.state_dir)
             builds = TemplateBuilds(
                 config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)
             )
@@ -215,13 +236,7 @@ async def run_service(
             task_status.started(running)
             await stop.wait()
             with trio.CancelScope(shield=True):
-                reason = STOP_REASON
-                if running.keep_sandboxes and not isinstance(bundle.runtime, AdoptingRuntime):
-                    reason += f" (the {bundle.runtime.name} runtime's sandboxes cannot outlive the service)"
-                kept = await cubelet.shutdown(reason, detach=running.keep_sandboxes)
-                if kept:
-                    log.info("%d sandboxes run on for the next start: %s", len(kept), kept)
-                await router.aclose()
+                await _shut_down(running, bundle.runtime, router)
             nursery.cancel_scope.cancel()
     finally:
         if secret_store is not None:
