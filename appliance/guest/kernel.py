@@ -18,6 +18,9 @@ from appliance.guest.users import User
 # One NDJSON object of the /execute stream (PROTOCOL.md §4.1).
 Emit = Callable[[dict[str, object]], Awaitable[None]]
 KERNEL_START_TIMEOUT_S = 120.0
+# How long a cell interrupted because its client left may take to wind down (keeping the
+# kernel's state) before the context takes the next request or the kernel is restarted instead.
+INTERRUPT_GRACE_S = 5.0
 
 
 class KernelStartError(Exception):
