@@ -59,7 +59,7 @@ from appliance.templates.manifests import ManifestError
 from appliance.templates.reference import DOCKER_HUB, RegistryReference, parse_image_reference
 from appliance.templates.registry import RegistryError
 from appliance.templates.registry_auth import RegistryAuthError
-from appliance.templates.requests import TemplateSettings
+from appliance.templates.requests import BuiltRootfs, TemplateSettings
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
 from appliance.templates.sdk_files import UploadedFiles
 from appliance.templates.sdk_steps import PlannedSdkStep, SdkTemplate, copy_source_base, plan_steps
@@ -106,17 +106,6 @@ class SdkBuildRequest:
     settings: TemplateSettings  # alias, tags, cpu, memory, ready command
 
 
-@dataclass(frozen=True)
-class SdkResult:
-    cache_key: str
-    env: dict[str, str]
-    start_cmd: tuple[str, ...]
-    workdir: str
-    user: str
-    exposed_ports: tuple[int, ...]
-    labels: dict[str, str]
-
-
 def mirrored(config: Config, image: str) -> str:
     """`image` as pulled: a Docker Hub name from `docker_hub_mirror` when the operator set one."""
     mirror = config.extra.get("docker_hub_mirror", "").strip()
@@ -149,7 +138,7 @@ class SdkRun:
     def log(self, line: str) -> None:
         self.builds.store.log(self.job, line)
 
-    async def build(self, rootfs: Path) -> SdkResult:
+    async def build(self, rootfs: Path) -> BuiltRootfs:
         template = self.request.template
         async with AsyncExitStack() as exits:
             base_key, base_state, materialize, from_image = await self._base(exits)
@@ -169,7 +158,7 @@ class SdkRun:
         if template.start_cmd:
             start_cmd = (await self._shell(rootfs)) + (template.start_cmd,)
         key = steps[-1].key if steps else base_key
-        return SdkResult(
+        return BuiltRootfs(
             key, final.env, start_cmd, final.workdir, final.user, final.exposed_ports, final.labels
         )
 
@@ -299,5 +288,5 @@ def copy_upload(rootfs: Path, files: Path, args: tuple[str, ...], state: ImageSt
 
 async def build_sdk_rootfs(
     builds: SdkBuildTools, job: BuildJob, request: SdkBuildRequest, rootfs: Path, work: Path
-) -> SdkResult:
+) -> BuiltRootfs:
     return await SdkRun(builds, job, request, work).build(rootfs)
