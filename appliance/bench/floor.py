@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import trio
 
+from appliance.bench.options import json_dir_option
 from appliance.bench.report import Report, percentiles
 
 PYTHON = "/usr/bin/python3" if shutil.which("/usr/bin/python3") else sys.executable
@@ -75,7 +76,7 @@ async def measure_floor(runs: int = 20) -> dict[str, dict[str, float]]:
 
 @click.command("floor")
 @click.option("--runs", default=20, show_default=True, help="Starts measured per path.")
-@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write floor.json here.")
+@json_dir_option("floor.json")
 def floor_command(runs: int, json_dir: Path | None) -> None:
     """Start cost of isolated code on this host without the appliance."""
     report = Report("floor")
