@@ -36,6 +36,7 @@ from appliance.templates.guest_setup import DEFAULT_PATH, prepare_rootfs
 from appliance.templates.jobs import (
     PHASE_PROGRESS,
     BuildJob,
+    BuildStepFailed,
     JobStore,
     Phase,
     new_job_id,
@@ -51,6 +52,7 @@ from appliance.templates.sandbox_steps import RunCommand, TemplateSandboxes
 from appliance.templates.sdk_build import SdkBuildRequest, build_sdk_rootfs
 from appliance.templates.sdk_builds import SdkBuilds
 from appliance.templates.sdk_files import UploadedFiles
+from appliance.templates.sdk_steps import StepRefused
 from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,9 @@ PARALLEL_BUILDS = 1
 READY_OUTPUT_LINES = 40  # of a ready command's last run, in the failure
 
 
-class ReadyCommandFailed(Exception):
-    step = "finalize"  # the E2B SDKs' name for what runs after the last step
-
+class ReadyCommandFailed(BuildStepFailed):
     def __init__(self, message: str, output: str) -> None:
-        super().__init__(message)
-        self.console_tail = output
+        super().__init__(message, output, "finalize")  # the SDKs' name for what runs after the last step
 
 
 class TemplateBuilds:
@@ -302,9 +301,7 @@ class TemplateBuilds:
             self.store.set_phase(job, self.sandboxes.finalize_phase)
             await self.sandboxes.finalize(manifest, instance)
         superseded = publish_template(self.config, manifest, settings.alias, settings.tags)
-        published = getattr(self.sandboxes, "published", None)
-        if published is not None:
-            published(manifest)  # the service's registry and warm pools pick it up now
+        self.sandboxes.published(manifest)  # the service's registry and warm pools pick it up now
         if superseded:
             self.store.log(job, f"alias {settings.alias} moved from {superseded} to {manifest.template_id}")
         job.progress = PHASE_PROGRESS[Phase.READY]
@@ -344,9 +341,11 @@ class TemplateBuilds:
 
 def _failure(leaf: BaseException) -> tuple[str, str, str]:
     """(reason, console tail or the failing command's output, failed step) of a failed build."""
-    step = str(getattr(leaf, "step", "") or "")
     if isinstance(leaf, BootFailed):
         return f"the template's sandbox did not boot: {leaf.reason}", leaf.console_tail, "finalize"
-    if isinstance(leaf, ProbeFailed):
-        step = "finalize"
-    return str(leaf) or type(leaf).__name__, getattr(leaf, "console_tail", ""), step
+    reason = str(leaf) or type(leaf).__name__
+    if isinstance(leaf, BuildStepFailed):
+        return reason, leaf.console_tail, leaf.step
+    if isinstance(leaf, StepRefused):  # a step its build could not plan
+        return reason, "", str(leaf.step)
+    return reason, "", ""

@@ -54,7 +54,7 @@ from appliance.templates.dockerfile import (
 from appliance.templates.dockerignore import IgnoreRules
 from appliance.templates.fetch import FetchFailed, fetch_to_file
 from appliance.templates.guest_setup import DEFAULT_PATH
-from appliance.templates.jobs import BuildJob, JobStore, Phase
+from appliance.templates.jobs import BuildJob, BuildStepFailed, JobStore, Phase
 from appliance.templates.layer_cache import LayerCache
 from appliance.templates.limits import BuildLimits, SizeBudget
 from appliance.templates.pull import fetch_and_unpack, open_image
@@ -76,10 +76,8 @@ class BuildTools(Protocol):
     sandboxes: TemplateSandboxes
 
 
-class StepFailed(Exception):
-    def __init__(self, message: str, console_tail: str = "") -> None:
-        super().__init__(message)
-        self.console_tail = console_tail
+class StepFailed(BuildStepFailed):
+    """A Dockerfile instruction failed (no SDK step name)."""
 
 
 FILE_STEPS = frozenset({"RUN", "COPY", "ADD"})

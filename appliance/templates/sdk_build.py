@@ -54,7 +54,7 @@ from appliance.templates.dockerfile_build import (
     template_base,
 )
 from appliance.templates.guest_setup import SANDBOX_USER, ensure_account, lookup_ids
-from appliance.templates.jobs import BuildJob
+from appliance.templates.jobs import BuildJob, BuildStepFailed
 from appliance.templates.manifests import ManifestError
 from appliance.templates.reference import DOCKER_HUB, RegistryReference, parse_image_reference
 from appliance.templates.registry import RegistryError
@@ -89,13 +89,11 @@ class SdkBuildTools(BuildTools, Protocol):
     uploads: UploadedFiles
 
 
-class SdkStepFailed(Exception):
-    """A failed step: `step` is the SDKs' name for it ("base", "1", "2"...), `console_tail` its output."""
+class SdkStepFailed(BuildStepFailed):
+    """A failed step of an SDK build, named as the SDKs name it ("base", "1", "2"...)."""
 
     def __init__(self, message: str, step: str, output: str = "") -> None:
-        super().__init__(message)
-        self.step = step
-        self.console_tail = output
+        super().__init__(message, output, step)
 
 
 @dataclass(frozen=True)
