@@ -37,10 +37,7 @@ def start_failure(exc: BaseException) -> KernelStartError | None:
     if isinstance(exc, BaseExceptionGroup):
         failures, rest = exc.split((KernelStartError, trio.TooSlowError))
         if failures is not None and rest is None:
-            leaves = failures.exceptions
-            while isinstance(leaves[0], BaseExceptionGroup):
-                leaves = leaves[0].exceptions
-            return start_failure(leaves[0])
+            return start_failure(failures.exceptions[0])  # a nested group: split again
     return None
 
 
