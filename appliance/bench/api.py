@@ -102,6 +102,4 @@ def api_bench(
     """Control-plane requests/s for list and get at concurrency 1/10/50."""
     api = ApiClient.from_config(config, api_key)
     report = trio.run(run_api_bench, api, concurrencies, seconds, sandbox_id, config.default_template)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

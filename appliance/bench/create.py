@@ -323,6 +323,4 @@ def create_bench(
         report = trio.run(
             run_api_create_bench, api, template, concurrencies, count, pool_wait, sustain, sustain_concurrency
         )
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -158,6 +158,4 @@ def density_bench(
     report = run_density_bench(
         target(config, api_key), template or config.default_template, max_sandboxes, reserve_mib, settle_each
     )
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -133,6 +133,4 @@ def exec_bench(
 ) -> None:
     """First-exec loop and run_code / commands.run round trips through the E2B SDK."""
     report = run_exec_bench(target(config, api_key), template or config.default_template, loops, samples)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -167,6 +167,4 @@ def files_bench(
         default_repeats = 30 if size <= 64 * KIB else 10 if size <= 8 * MIB else 2
         plan.append((label_size(size), size, repeats or default_repeats))
     report = run_files_bench(target(config, api_key), template or config.default_template, tuple(plan))
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

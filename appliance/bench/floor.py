@@ -82,6 +82,4 @@ def floor_command(runs: int, json_dir: Path | None) -> None:
     report = Report("floor")
     for name, stats in trio.run(measure_floor, runs).items():
         report.add(path=name, **stats)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

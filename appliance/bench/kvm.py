@@ -279,9 +279,7 @@ def kvm_command(
         report.notes.append(f"virtio-blk via UML skipped: {blk}")
     else:
         report.add(metric=f"virtio-blk via UML vhost-user ({blk_mb} MiB, O_DIRECT, 1 MiB blocks)", **blk)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"  wrote {report.write_json(json_dir)}")
+    report.show(json_dir)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,4 @@ def net_bench(
 ) -> None:
     """Sandbox network set-up cost, and TCP throughput/latency with the eBPF policy on vs off."""
     report = trio.run(run_net_bench, config, host_network, sandboxes, rounds, seconds)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

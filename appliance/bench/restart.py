@@ -188,6 +188,4 @@ def restart_bench(
     budget = max(counts) * 1024  # the sandboxes' memory is checked against MemAvailable instead
     settings = PrivateSettings(api_port, tls_port, host_network, uid_base, memory_budget_mb=budget)
     report = run_restart_bench(config, tuple(counts), mode, rounds, reserve_mib, settings)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -99,6 +99,4 @@ def snapshot_bench(
     report = run_snapshot_bench(
         target(config, api_key), template or config.default_template, rounds, write_mb
     )
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)
