@@ -249,6 +249,7 @@ def test_javascript_requires_resolve_from_the_contexts_directory(sandbox, agent)
         sandbox.remove_code_context(context)
 
 
+@pytest.mark.root
 def test_kernels_run_as_the_default_user(sandbox, agent) -> None:
     """As root (the agent in a guest), kernels run as the sandbox's user: here `nobody`."""
     if os.geteuid() != 0:

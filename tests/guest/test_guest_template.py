@@ -8,7 +8,6 @@ template read-only through a symlink in its private templates directory.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +22,7 @@ import umlguests
 from appliance.config import Config, load_config
 from appliance.cubelet.runtimes import RuntimeBundle
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root")
+pytestmark = [pytest.mark.uml, pytest.mark.root]
 
 TEST_HOST_NETWORK = "10.217.0.0/24"
 TEST_UID_BASE = 420_000
