@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hostprocs import descendants
 
 from appliance.guest import INTERPRETER_READY_LINE, READY_LINE
 from appliance.guest.launcher import running_agent
@@ -140,6 +141,7 @@ def test_errors_have_name_and_value(sandbox, language: str, code: str, name: str
     assert value in execution.error.value
 
 
+@pytest.mark.slow  # a fresh R, Java and bash kernel each, and a client timeout: ~5 s apiece
 @pytest.mark.parametrize(
     ("language", "setup", "stuck", "check", "expected"),
     [
@@ -167,22 +169,7 @@ def test_client_timeout_interrupts_the_cell_and_keeps_state(
 
 def _kernel_processes(agent_pid: int) -> list[str]:
     """The command lines of every process below the agent (its kernels and theirs)."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(ppid, []).append((int(entry.name), command))
-    found, stack = [], [agent_pid]
-    while stack:
-        for pid, command in children.get(stack.pop(), []):
-            found.append(command)
-            stack.append(pid)
-    return found
+    return [command for _, _, command in descendants(agent_pid)]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -198,6 +185,7 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
+@pytest.mark.slow  # an agent of its own, then R's and Java's kernels started
 def test_other_languages_start_only_on_first_use() -> None:
     """An agent starts Python's kernel alone: R, Java, Node and bash_kernel cost a sandbox nothing
     until code in them runs. (An agent of its own, on other ports than the session's.)"""

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from hostprocs import descendants
+
 from appliance.guest.launcher import IMPORT_ROOT
 
 # A stand-in for pytest: starts an agent (ports the kernel picks, its default kernel running) as
@@ -31,32 +33,13 @@ with running_agent("--envd-port", "0", "--interpreter-port", "0") as started:
 GONE_WITHIN_S = 60  # the agent's orderly stop on a loaded 2-core host
 
 
-def _identity(pid: int) -> tuple[int, str] | None:
-    """(pid, start time) of a live process (a zombie counts as gone); None when there is none."""
+def _alive(pid: int, start_time: str) -> bool:
+    """The process `pid` that started at `start_time` is still there (a zombie is gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return None if fields[0] == "Z" else (pid, fields[19])
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z" and fields[19] == start_time
 
 
 def test_an_agent_and_its_kernel_die_with_the_process_that_started_it() -> None:
@@ -70,13 +53,14 @@ def test_an_agent_and_its_kernel_die_with_the_process_that_started_it() -> None:
     assert starter.stdout is not None
     try:
         pid, home = starter.stdout.readline().split()
-        family = {_identity(p) for p in {int(pid), *_descendants(int(pid))}} - {None}
+        [agent] = [(p, started) for p, started, _ in descendants(starter.pid) if p == int(pid)]
+        family = [agent, *((p, started) for p, started, _ in descendants(int(pid)))]
         assert len(family) >= 2, "the agent and its default kernel"
     finally:
         starter.kill()  # SIGKILL: no `finally` of the launcher runs
         starter.wait()
     deadline = time.monotonic() + GONE_WITHIN_S
-    while (left := {p for p in family if p and _identity(p[0]) == p}) and time.monotonic() < deadline:
+    while (left := [p for p in family if _alive(*p)]) and time.monotonic() < deadline:
         time.sleep(0.1)
     shutil.rmtree(home, ignore_errors=True)  # the launcher's to remove, had it lived
-    assert left == set(), f"outlived their starter: {left}"
+    assert left == [], f"outlived their starter: {left}"
