@@ -31,6 +31,7 @@ from appliance.bench.net import net_bench
 from appliance.bench.restart import restart_bench
 from appliance.bench.snapshot import snapshot_bench
 from appliance.cli.common import api_key_option, emit, json_option, print_table
+from appliance.cli.node import node as node_commands
 from appliance.cli.templates import BUILD_COMMANDS
 from appliance.config import load_config
 from appliance.errors import first_leaf
@@ -60,6 +61,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 @click.pass_obj
 def serve(config: Any) -> None:
     """Run the appliance: API, sandbox router, state store and cubelet."""
+    from appliance.cluster.node import ClusterConfigError
     from appliance.cubelet.runtimes import RuntimeUnavailable
     from appliance.master.service import serve_until_signalled
     from appliance.master.store import DatabaseTooNew
@@ -71,7 +73,7 @@ def serve(config: Any) -> None:
     try:
         trio.run(serve_until_signalled, config)
     except BaseExceptionGroup as group:
-        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew))
+        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew, ClusterConfigError))
         if matching is None:
             raise
         raise click.ClickException(str(first_leaf(matching))) from group
@@ -293,6 +295,7 @@ def build_iso(config: Any, output: Path) -> None:
 
 
 main.add_command(upgrade_command)
+main.add_command(node_commands)
 
 
 @main.group()
