@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.cubelet.volume_mounts import DATA_DIR, INCOMING_DIR, OLD_DIR, unpack_volume
+from appliance.cubelet.volume_unpack import DATA_DIR, INCOMING_DIR, OLD_DIR, unpack_volume
 
 pytestmark = [
     pytest.mark.root,
