@@ -222,6 +222,8 @@ APT_PACKAGES=(
   user-mode-linux bubblewrap util-linux e2fsprogs iproute2 nftables iptables procps logrotate
   python3 python3-venv python3-dev python3-bpfcc bpfcc-tools
   libseccomp2 zstd ca-certificates curl xorriso
+  # multi-node clusters (docs/CLUSTER.md): etcd 3.4; its unit stays off unless a cluster is set up
+  etcd-server
   # template and kernel builds
   mmdebstrap linux-source build-essential flex bison bc libelf-dev libssl-dev xz-utils
 )
@@ -246,6 +248,10 @@ if host_wide; then
       need=("${need[@]/npm}")
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${need[@]} >/dev/null
+    # Debian enables etcd's own unit on install; a single node needs none (docs/CLUSTER.md).
+    if printf '%s\n' "${need[@]}" | grep -qx etcd-server && have_systemd; then
+      systemctl disable --now etcd.service 2>/dev/null || true
+    fi
   fi
 
   say "Linking kernel headers for bcc"

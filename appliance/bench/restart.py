@@ -27,6 +27,7 @@ import click
 import httpx
 
 from appliance.bench.create import mem_available_bytes
+from appliance.bench.options import json_dir_option
 from appliance.bench.private import PrivateService, PrivateSettings
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
@@ -187,9 +188,7 @@ def run_restart_bench(
 @click.option("--tls-port", default=3881, show_default=True)
 @click.option("--host-network", default="10.225.0.0/22", show_default=True, help="The private service's.")
 @click.option("--uid-base", default=560000, show_default=True, help="The private service's sandbox uids.")
-@click.option(
-    "--json-dir", type=click.Path(path_type=Path), default=None, help="Also write restart.json here."
-)
+@json_dir_option("restart.json")
 @click.pass_obj
 def restart_bench(
     config: Config,
@@ -207,6 +206,4 @@ def restart_bench(
     budget = max(counts) * 1024  # the sandboxes' memory is checked against MemAvailable instead
     settings = PrivateSettings(api_port, tls_port, host_network, uid_base, memory_budget_mb=budget)
     report = run_restart_bench(config, tuple(counts), mode, rounds, reserve_mib, settings)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -32,6 +32,7 @@ from appliance.bench.net import net_bench
 from appliance.bench.restart import restart_bench
 from appliance.bench.snapshot import snapshot_bench
 from appliance.cli.common import api_key_option, emit, json_option, print_table
+from appliance.cli.node import node as node_commands
 from appliance.cli.templates import BUILD_COMMANDS
 from appliance.config import load_config
 from appliance.errors import first_leaf
@@ -72,6 +73,7 @@ def serve(config: Any, end_sandboxes: bool) -> None:
 
     # The eBPF compile (a second of clang) runs beside the rest of the start-up from here.
     compile_ahead(pin_dir_of(Addressing(config.host_network)))
+    from appliance.cluster.node import ClusterConfigError
     from appliance.cubelet.runtimes import RuntimeUnavailable
     from appliance.master.service import serve_until_signalled
     from appliance.master.store import DatabaseTooNew
@@ -83,7 +85,7 @@ def serve(config: Any, end_sandboxes: bool) -> None:
     try:
         trio.run(partial(serve_until_signalled, config, end_sandboxes=end_sandboxes))
     except BaseExceptionGroup as group:
-        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew))
+        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew, ClusterConfigError))
         if matching is None:
             raise
         raise click.ClickException(str(first_leaf(matching))) from group
@@ -305,6 +307,7 @@ def build_iso(config: Any, output: Path) -> None:
 
 
 main.add_command(upgrade_command)
+main.add_command(node_commands)
 
 
 @main.group()
