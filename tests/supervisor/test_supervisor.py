@@ -272,6 +272,34 @@ async def test_watchers_that_go_away_free_their_slot(fake_guest: FakeGuest) -> N
         assert answer.state is not None and answer.state.exit is None
 
 
+async def test_a_watcher_that_leaves_with_states_unread_does_not_end_the_supervisor(
+    fake_guest: FakeGuest,
+) -> None:
+    """A service that dies with states it never read resets its connection (ECONNRESET at the
+    supervisor's next read): that ends the watch, not the supervisor and its guest."""
+    async with fake_guest("read _ < /dev/null; sleep 1; " + READY + "exec sleep 600") as supervisor:
+        async with supervisor.watch() as states:
+            first = await states.next()
+            assert first is not None and not first.interpreter_ready
+            await until_ready(supervisor)  # the watcher's own copies of the changes stay unread
+        await trio.sleep(0.5)  # the supervisor reads the reset
+        assert (await state_of(supervisor)).interpreter_ready
+
+
+async def test_more_connections_at_once_than_slots_all_reach_the_supervisor(fake_guest: FakeGuest) -> None:
+    """Connections beyond the listen backlog must wait, not half-connect: trio takes a unix
+    socket's EAGAIN (backlog full) for a connect in progress and hands back an unconnected socket."""
+    async with fake_guest(READY + "exec sleep 600") as supervisor:
+        await until_ready(supervisor)
+
+        async def ask() -> None:
+            assert (await state_of(supervisor)).interpreter_ready
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(MAX_CONNECTIONS * 6):
+                nursery.start_soon(ask)
+
+
 async def test_a_panicked_kernel_is_ended_with_its_panic_line(fake_guest: FakeGuest) -> None:
     """A panicked UML kernel stops without exiting; its supervisor ends it and says why."""
     script = READY + "echo 'Kernel panic - not syncing: Attempted to kill init!'; exec sleep 600"

@@ -76,6 +76,11 @@ MAX_CONNECTIONS = 8  # at once; the service holds one (its watch) plus short req
 # How long a connection over MAX_CONNECTIONS waits for a slot before it is refused: a watcher
 # that just went away (a service restarting) frees its slot a moment after its close.
 SLOT_WAIT_S = 2.0
+# Connections waiting to be accepted. Above MAX_CONNECTIONS so that a burst waits for a slot
+# (or its refusal) instead of finding the backlog full: a non-blocking unix connect then fails
+# with EAGAIN, which trio takes for a connect in progress, handing back a socket that never
+# connected (SO_PEERCRED pid 0: the client would think the supervisor gone).
+LISTEN_BACKLOG = 128
 REQUEST_READ_TIMEOUT_S = 5.0
 CONNECTIONS_DRAIN_S = 2.0  # after the guest ended: for watchers to read its exit, kills their answer
 CONSOLE_DRAIN_S = 0.5
@@ -197,7 +202,10 @@ class Supervisor:
             admitted = True
         if not admitted:
             with connection, trio.move_on_after(1):
-                await connection.send(Reply.failed("too many connections").encode())
+                try:
+                    await connection.send(Reply.failed("too many connections").encode())
+                except OSError:
+                    pass  # it did not wait for the answer; nothing here may end the supervisor
             return
         try:
             await self._serve_connection(connection)
@@ -249,18 +257,27 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
 
             async def until_the_watcher_leaves() -> None:
-                while await connection.recv(MAX_REQUEST_BYTES):
-                    pass  # a watcher has nothing more to say
+                try:
+                    while await connection.recv(MAX_REQUEST_BYTES):
+                        pass  # a watcher has nothing more to say
+                except OSError:
+                    pass  # reset: it left with states unread (a service that died)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(until_the_watcher_leaves)
-            while True:
-                changed = self._changed
-                state = self.state()
-                await send_all(connection, Reply(ok=True, state=state).encode())
-                if state.exit is not None:
-                    break
-                await changed.wait()
+            # OSErrors are caught here, inside the nursery: out of it they come as an
+            # ExceptionGroup, which _serve_connection's `except OSError` does not catch, and that
+            # would end the supervisor (and its guest) for one watcher that went away.
+            try:
+                while True:
+                    changed = self._changed
+                    state = self.state()
+                    await send_all(connection, Reply(ok=True, state=state).encode())
+                    if state.exit is not None:
+                        break
+                    await changed.wait()
+            except OSError:
+                pass  # the watcher went away
             nursery.cancel_scope.cancel()
 
     async def _pause_or_resume(self, pause: bool) -> Reply:
@@ -311,7 +328,7 @@ async def _open_listener(path: Path) -> trio.socket.SocketType:
         await listener.bind(str(path))
     finally:
         os.umask(old)
-    listener.listen(MAX_CONNECTIONS)
+    listener.listen(LISTEN_BACKLOG)
     return listener
 
 
