@@ -56,6 +56,7 @@ from appliance.master.secrets import SECRETS_DB, SecretStore
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.master.volumes import VolumeStore
+from appliance.proxy.complete_close import CompleteClose
 from appliance.proxy.node_hop import NodeHop
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import ensure_tls_files
@@ -210,7 +211,7 @@ async def run_service(
             binds = await nursery.start(
                 partial(
                     hypercorn.trio.serve,
-                    cast(Any, front),  # hypercorn's ASGI types are TypedDicts; ours are plain mappings
+                    cast(Any, CompleteClose(front)),  # hypercorn's ASGI types are TypedDicts; ours: mappings
                     _hypercorn_config(config, tls.server_cert, tls.server_key),
                     shutdown_trigger=stop.wait,
                 )

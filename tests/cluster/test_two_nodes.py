@@ -142,6 +142,17 @@ def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_throug
         )
         # B's own access check still holds (its router's answer to a wrong token).
         assert refused.json() == {"code": 502, "message": f"The sandbox {sandbox_id} was not found"}
+        # Chunked uploads B answers before their end, each followed by a call through A: B closes
+        # such a connection, A never pools it, so the next call is answered (it used to hang
+        # now and then on a connection B had left open and unread: proxy/complete_close.py).
+        for _ in range(3):
+            early = api.post(
+                "/echo",
+                content=iter([b"x"]),
+                headers={"E2b-Sandbox-Id": sandbox_id, "X-Access-Token": "wrong"},
+            )
+            assert early.status_code == 502
+            assert api.get(f"/sandboxes/{sandbox_id}").status_code == 200
 
         assert api.delete(f"/sandboxes/{sandbox_id}").status_code == 204
         assert b.run_sync_in_service(lambda: b.running.cubelet.live(sandbox_id) is None)  # type: ignore[union-attr]
