@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdError
+from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap
 from appliance.cluster.membership import (
     ClusterView,
     NodeRecord,
@@ -114,6 +115,7 @@ class ClusterNode:
         self.api_url = settings.node_url
         self.lease_id = 0
         self.started_at = time.time()
+        self.record_retention_s = RECORD_RETENTION_S
 
     def verify_token(self, presented: str) -> bool:
         return hmac.compare_digest(presented.encode(), self.settings.token.encode())
@@ -162,6 +164,14 @@ class ClusterNode:
         lease = await self.etcd.grant(self.settings.lease_ttl_s)
         self.lease_id = lease.lease_id
         await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+        await self._end_reaped_here()
+
+    async def _end_reaped_here(self) -> None:
+        """Back in the cluster after the leader wrote this node's sandboxes ended (its lease had
+        expired): they are ended here too, so what every node reported holds."""
+        for sandbox_id, owner in list(self.view.owners.items()):
+            if owner.node_id == self.node_id and owner.ended_at and self.cubelet.live(sandbox_id) is not None:
+                await self.cubelet.kill(sandbox_id, reason=f"the cluster ended it: {owner.reason}")
 
     async def _keep_alive(self) -> None:
         """Renew the lease, and rewrite the record with the capacity of the moment, every third of
@@ -174,6 +184,8 @@ class ClusterNode:
                     await self._join()
                     continue
                 await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+                if await campaign(self.etcd, self.view, self.node_id, self.lease_id):
+                    await reap(self.etcd, self.view, time.time(), self.record_retention_s)
             except EtcdError as exc:
                 log.warning("cluster membership: %s", exc)
 

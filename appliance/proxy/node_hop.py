@@ -26,7 +26,7 @@ import httpx
 
 from appliance.cluster.etcd import EtcdError
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, principal_headers
-from appliance.cluster.membership import NodeRecord, SandboxOwner
+from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
 from appliance.cluster.node import ClusterNode
 from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target, not_found_message
 from appliance.proxy.router import Message, Receive, Send, _send_json_error
@@ -135,11 +135,12 @@ class NodeHop:
             return await self._here(scope, receive, send, headers)
         if principal is not None and not principal.owns(owner.team_id):
             return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found")
-        node = self.node.view.nodes.get(owner.node_id)
+        # Ended: written so by the leader, or its node left and the leader has not yet written it.
+        node = None if owner.ended_at else self.node.view.nodes.get(owner.node_id)
         if node is None and principal is None:  # sandbox traffic: the router's own answer
             return await _send_json_error(send, 502, not_found_message(sandbox_id))
         if node is None:
-            gone = f"it ended: its node {owner.node_id} left the cluster"
+            gone = f"it ended: {owner.reason or left_reason(owner.node_id)}"
             return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found ({gone})")
         if principal is not None:  # an API call: small, answered whole
             body = await _read_body(receive)

@@ -6,6 +6,7 @@ The same with real `cube serve` processes and UML guests: test_processes.py."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import secrets
@@ -183,8 +184,17 @@ def test_node_to_node_auth_cannot_be_forged(two_nodes: tuple[ServiceHarness, Ser
     assert httpx.get(f"{a.url}/sandboxes", headers={"X-API-KEY": key}, trust_env=False).status_code == 200
 
 
+def etcd_record(etcd: EtcdCluster, key: bytes) -> Any:
+    """A key's JSON value as etcd has it (read through its JSON gateway), None if absent."""
+    answer = httpx.post(
+        f"{etcd.endpoints[0]}/v3/kv/range", json={"key": base64.b64encode(key).decode()}, trust_env=False
+    )
+    kvs = answer.json().get("kvs", [])
+    return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
+
+
 def test_a_sandbox_of_a_node_that_left_is_reported_ended(
-    two_nodes: tuple[ServiceHarness, ServiceHarness, str],
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str], etcd_of: EtcdCluster
 ) -> None:
     a, b, key = two_nodes
     headers = {"X-API-KEY": key}
@@ -203,6 +213,21 @@ def test_a_sandbox_of_a_node_that_left_is_reported_ended(
     assert (
         admin.json()["message"] == f"sandbox {sandbox_id} not found (it ended: its node b left the cluster)"
     )
+    # The leader (A, the one node left) writes it ended into the cluster's records, with the
+    # reason: what every node, and one that joins later, reports.
+    record_key = f"/cube/sandboxes/{sandbox_id}".encode()
+    wait_for(a, lambda c: c.view.leader == "a" and bool(c.view.owners[sandbox_id].ended_at))
+    record = etcd_record(etcd_of, record_key)
+    assert record["node_id"] == "b" and record["reason"] == "its node b left the cluster"
+    assert 0 < time.time() - record["ended_at"] < 600
+    again = httpx.get(
+        f"{a.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": a.admin_token}, trust_env=False
+    )
+    assert again.json()["message"] == admin.json()["message"]
+    # Past the retention period, the leader collects the record.
+    a.run_sync_in_service(lambda c: setattr(c, "record_retention_s", 0.0), cluster_of(a))
+    wait_for(a, lambda c: sandbox_id not in c.view.owners)
+    assert etcd_record(etcd_of, record_key) is None
     traffic = httpx.get(f"{a.url}/health", headers={"E2b-Sandbox-Id": sandbox_id}, trust_env=False)
     assert traffic.status_code == 502  # what the SDKs read as "the sandbox is gone"
     assert traffic.json()["message"] == f"The sandbox {sandbox_id} was not found"
