@@ -8,6 +8,8 @@ Keys (all under `/cube/`):
 - `/cube/sandboxes/<sandbox id>`: a `SandboxOwner` (JSON), written once with a create-only
   transaction by the node the sandbox was created on; rewritten as ended (when, why) by the
   leader once that node has left, and deleted by it after the retention period (cluster/leader.py).
+- `/cube/removed/<node id>`: present once `cube node remove` took the node out: it leaves and
+  does not join again while the key is there (`cube node remove --undo` deletes it).
 - `/cube/leader`: the elected leader's node id, created only if absent, under that node's lease.
 """
 
@@ -27,6 +29,7 @@ PREFIX = b"/cube/"
 NODES = b"/cube/nodes/"
 DRAIN = b"/cube/drain/"
 SANDBOXES = b"/cube/sandboxes/"
+REMOVED = b"/cube/removed/"
 LEADER = b"/cube/leader"
 WATCH_RETRY_S = 1.0
 
@@ -41,6 +44,10 @@ def drain_key(node_id: str) -> bytes:
 
 def sandbox_key(sandbox_id: str) -> bytes:
     return SANDBOXES + sandbox_id.encode()
+
+
+def removed_key(node_id: str) -> bytes:
+    return REMOVED + node_id.encode()
 
 
 def left_reason(node_id: str) -> str:
@@ -100,6 +107,7 @@ class ClusterView:
 
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     drained: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
     owners: dict[str, SandboxOwner] = field(default_factory=dict)
     leader: str = ""  # the elected leader's node id ("" while there is none)
     revision: int = 0
@@ -107,6 +115,7 @@ class ClusterView:
     def load(self, kvs: list[KeyValue], revision: int) -> None:
         self.nodes.clear()
         self.drained.clear()
+        self.removed.clear()
         self.owners.clear()
         self.leader = ""
         for kv in kvs:
@@ -127,6 +136,7 @@ class ClusterView:
             (NODES, self.nodes, NodeRecord.decode),
             (SANDBOXES, self.owners, SandboxOwner.decode),
             (DRAIN, self.drained, None),
+            (REMOVED, self.removed, None),
         ):
             if not kv.key.startswith(prefix):
                 continue
@@ -179,3 +189,25 @@ async def set_drained(etcd: EtcdClient, node_id: str, drained: bool) -> None:
         await etcd.put(drain_key(node_id), b"1")
     else:
         await etcd.delete(drain_key(node_id))
+
+
+def live_sandboxes(view: ClusterView, node_id: str) -> list[str]:
+    """The sandboxes recorded on `node_id` and not (yet) written ended."""
+    return sorted(
+        sid for sid, owner in view.owners.items() if owner.node_id == node_id and not owner.ended_at
+    )
+
+
+async def remove_node(etcd: EtcdClient, node_id: str) -> None:
+    """Take `node_id` out of the cluster: marked removed (it leaves and does not join again), its
+    lease revoked (its record goes now, and the leader writes its sandboxes ended), not drained."""
+    await etcd.put(removed_key(node_id), b"1")
+    record = await etcd.get(node_key(node_id))
+    if record is not None and record.lease:
+        await etcd.revoke(record.lease)
+    await etcd.delete(drain_key(node_id))
+
+
+async def undo_remove(etcd: EtcdClient, node_id: str) -> bool:
+    """Let a removed node join again; False if it was not removed."""
+    return await etcd.delete(removed_key(node_id)) > 0

@@ -29,6 +29,7 @@ from appliance.cluster.membership import (
     NodeRecord,
     SandboxOwner,
     node_key,
+    removed_key,
     sandbox_key,
     watch_view,
 )
@@ -45,6 +46,10 @@ LEAVE_TIMEOUT_S = 3.0
 
 class ClusterConfigError(Exception):
     pass
+
+
+class NodeRemoved(ClusterConfigError):
+    """`cube node remove` took this node out of the cluster: it does not join."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class ClusterNode:
         self.lease_id = 0
         self.started_at = time.time()
         self.record_retention_s = RECORD_RETENTION_S
+        self.joined = False  # this node's record is published under its lease
 
     def verify_token(self, presented: str) -> bool:
         return hmac.compare_digest(presented.encode(), self.settings.token.encode())
@@ -161,9 +167,15 @@ class ClusterNode:
         await self._keep_alive()
 
     async def _join(self) -> None:
+        if await self.etcd.get(removed_key(self.node_id)) is not None:
+            raise NodeRemoved(
+                f"node {self.node_id} was removed from the cluster (`cube node remove`);"
+                f" `cube node remove --undo {self.node_id}` lets it join again"
+            )
         lease = await self.etcd.grant(self.settings.lease_ttl_s)
         self.lease_id = lease.lease_id
         await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+        self.joined = True
         await self._end_reaped_here()
 
     async def _end_reaped_here(self) -> None:
@@ -178,6 +190,11 @@ class ClusterNode:
         the TTL; a lease etcd let expire (unreachable for a TTL) is granted anew."""
         while True:
             await trio.sleep(max(self.settings.lease_ttl_s / 3, 0.5))
+            if self.node_id in self.view.removed:
+                log.error("cluster: node %s was removed from the cluster; leaving it", self.node_id)
+                await self.leave()
+                self.joined = False
+                return
             try:
                 if await self.etcd.keepalive(self.lease_id) <= 0:
                     log.warning("cluster: this node's lease expired; joining again")
@@ -186,6 +203,10 @@ class ClusterNode:
                 await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
                 if await campaign(self.etcd, self.view, self.node_id, self.lease_id):
                     await reap(self.etcd, self.view, time.time(), self.record_retention_s)
+            except NodeRemoved as exc:
+                log.error("cluster: %s", exc)
+                self.joined = False
+                return
             except EtcdError as exc:
                 log.warning("cluster membership: %s", exc)
 

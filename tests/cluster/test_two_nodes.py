@@ -65,7 +65,7 @@ def wait_for(node: ServiceHarness, seen: Callable[[ClusterNode], bool]) -> None:
         time.sleep(0.05)
 
 
-def cube_node(node: ServiceHarness, *args: str) -> Any:
+def cube_node(node: ServiceHarness, *args: str, exit_code: int = 0) -> Any:
     """`cube node ARGS` with this node's etcd endpoints (as its config would name them)."""
     result = CliRunner().invoke(
         main,
@@ -73,8 +73,8 @@ def cube_node(node: ServiceHarness, *args: str) -> Any:
         env={"CUBE_CONFIG": "/nonexistent", "CUBE_ETCD_ENDPOINTS": node.config.etcd_endpoints},
         catch_exceptions=False,
     )
-    assert result.exit_code == 0, result.output
-    return json.loads(result.output) if "--json" in args else result.output
+    assert result.exit_code == exit_code, result.output
+    return json.loads(result.output) if "--json" in args and exit_code == 0 else result.output
 
 
 @pytest.fixture
@@ -251,3 +251,28 @@ def test_with_etcd_down_a_create_is_a_503_and_running_sandboxes_keep_answering(
         live = [s["sandboxID"] for s in api.get("/sandboxes").json()]
         assert live == [running_id]  # the refused create's sandbox was not kept
         assert api.get(f"/sandboxes/{running_id}").status_code == 200
+
+
+def test_node_remove_refuses_a_live_node_unless_drained_and_empty_or_forced(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str],
+) -> None:
+    a, b, _key = two_nodes
+    assert "live and not drained" in cube_node(a, "remove", "b", exit_code=1)
+    created = httpx.post(
+        f"{b.url}/sandboxes", json={}, headers={TOKEN_HEADER: cluster_of(a).token, TEAM_HEADER: "t"}
+    )
+    assert created.status_code == 201, created.text
+    sandbox_id = created.json()["sandboxID"]
+    cube_node(a, "drain", "b")
+    wait_for(a, lambda c: "b" in c.view.drained and sandbox_id in c.view.owners)
+    assert f"still runs 1 sandbox(es) ({sandbox_id})" in cube_node(a, "remove", "b", exit_code=1)
+    assert "b" in cube_node(a, "list")
+    assert "1 sandbox(es) reported ended" in cube_node(a, "remove", "b", "--force")
+    # B leaves and stays out (it does not join again on its next tick); its sandbox is reported ended.
+    wait_for(b, lambda c: not c.joined)
+    wait_for(a, lambda c: "b" not in c.view.nodes and bool(c.view.owners[sandbox_id].ended_at))
+    assert [n["node_id"] for n in cube_node(a, "list", "--json")] == ["a"]
+    gone = httpx.get(f"{a.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": a.admin_token}, trust_env=False)
+    assert gone.json()["message"] == f"sandbox {sandbox_id} not found (it ended: its node b left the cluster)"
+    assert "no node nope" in cube_node(a, "remove", "nope", exit_code=1)
+    assert "may join the cluster again" in cube_node(a, "remove", "b", "--undo")
