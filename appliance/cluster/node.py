@@ -101,6 +101,23 @@ def template_names(templates: dict[str, TemplateManifest]) -> list[str]:
     return sorted(names)
 
 
+def placement(view: ClusterView, here: str, template: str) -> list[NodeRecord]:
+    """Where a create for `template` arriving at node `here` should go, best first: nodes not
+    drained that have the template and free memory; the first is the best of K sampled by free
+    memory, the rest follow by free memory (tried in turn when a node refuses)."""
+    fitting = [
+        node
+        for node in view.nodes.values()
+        if node.node_id not in view.drained and template in node.templates and node.memory_free_mb > 0
+    ]
+    by_memory = sorted(fitting, key=lambda n: (-n.memory_free_mb, n.node_id != here, n.node_id))
+    if len(by_memory) <= 1:
+        return by_memory
+    sample = random.sample(by_memory, min(BEST_OF_K, len(by_memory)))
+    best = max(sample, key=lambda n: (n.memory_free_mb, n.node_id == here))
+    return [best, *(n for n in by_memory if n is not best)]
+
+
 class ClusterNode:
     def __init__(
         self,
@@ -228,22 +245,7 @@ class ClusterNode:
         return self.placement(manifest.template_id if manifest is not None else name)
 
     def placement(self, template: str) -> list[NodeRecord]:
-        """Where a create for `template` should go, best first: nodes not drained that have the
-        template and free memory; the first is the best of K sampled by free memory, the rest
-        follow by free memory (tried in turn when a node refuses)."""
-        fitting = [
-            node
-            for node in self.view.nodes.values()
-            if node.node_id not in self.view.drained
-            and template in node.templates
-            and node.memory_free_mb > 0
-        ]
-        by_memory = sorted(fitting, key=lambda n: (-n.memory_free_mb, n.node_id != self.node_id, n.node_id))
-        if len(by_memory) <= 1:
-            return by_memory
-        sample = random.sample(by_memory, min(BEST_OF_K, len(by_memory)))
-        best = max(sample, key=lambda n: (n.memory_free_mb, n.node_id == self.node_id))
-        return [best, *(n for n in by_memory if n is not best)]
+        return placement(self.view, self.node_id, template)
 
     def owner(self, sandbox_id: str) -> SandboxOwner | None:
         return self.view.owners.get(sandbox_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import secrets
 import signal
 import time
@@ -276,3 +277,29 @@ def test_node_remove_refuses_a_live_node_unless_drained_and_empty_or_forced(
     assert gone.json()["message"] == f"sandbox {sandbox_id} not found (it ended: its node b left the cluster)"
     assert "no node nope" in cube_node(a, "remove", "nope", exit_code=1)
     assert "may join the cluster again" in cube_node(a, "remove", "b", "--undo")
+
+
+def test_bench_cluster_measures_local_and_forwarded_creates(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str],
+) -> None:
+    a, _b, key = two_nodes
+    env = {"CUBE_CONFIG": "/nonexistent", "CUBE_ETCD_ENDPOINTS": a.config.etcd_endpoints, "CUBE_API_KEY": key}
+    for drained, path in (("b", "local"), ("a", "forwarded")):
+        cube_node(a, "drain", drained)
+        cube_node(a, "drain", "b" if drained == "a" else "a", "--undo")
+        wait_for(a, lambda c, drained=drained: c.view.drained == {drained})  # type: ignore[misc]
+        result = CliRunner().invoke(
+            main,
+            ["bench", "cluster", "--via", "a", "--creates", "5", "--json"],
+            env=env,
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output.strip().splitlines()[-1])  # after the nodes' own log lines
+        print(report["rows"], report["notes"])
+        creates, placed = report["rows"]
+        assert (creates["create"], creates["n"], placed["create"]) == (path, 5, "placement")
+        assert 0 < creates["p50_ms"] <= creates["p95_ms"] and placed["mean_us"] > 0
+        # The create-only sandbox record: at least one etcd transaction per create.
+        txn = re.search(r"Txn ([0-9.]+)", report["notes"][0])
+        assert txn is not None and float(txn.group(1)) >= 1.0, report["notes"]
