@@ -149,6 +149,22 @@ stop_service() {
 
 # Uninstall.
 
+end_outliving_sandboxes() {
+  # Sandboxes outlive a stop (their supervisors keep them for the next start): a last start
+  # of this install's service takes them over and ends each one with everything it holds on
+  # the host (guest, supervisor, network, cgroup leaves, files), as an interactive stop does.
+  local supervisors
+  supervisors="$(ls -A "$RUNDIR/supervisors" 2>/dev/null || true)"
+  [ -n "$supervisors" ] || return 0
+  if [ ! -x "$VENV/bin/cube" ]; then
+    warn "sandboxes outlived the service but $VENV/bin/cube is gone: left to the host-wide clean-up"
+    return 0
+  fi
+  say "Ending the sandboxes that outlived the service"
+  "$VENV/bin/cube" --config "$ETC/appliance.toml" serve --end-sandboxes \
+    || warn "cube serve --end-sandboxes failed: left to the host-wide clean-up"
+}
+
 remove_host_wide_leftovers() {
   say "Ending sandboxes; removing sandbox namespaces, eBPF pins, nftables tables and cgroups"
   # Sandboxes outlive a stop (their supervisors keep them for the next start): end them,
@@ -184,6 +200,7 @@ fi
 if [ "$MODE" = uninstall ]; then
   say "Stopping the service"
   stop_service
+  end_outliving_sandboxes
   if host_wide && have_systemd; then systemctl disable cube.service 2>/dev/null || true; fi
   rm -f "$UNIT" "$LOGROTATE" "$BINDIR/cube" "$BINDIR/cubemastercli"
   if host_wide; then

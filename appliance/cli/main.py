@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,20 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--end-sandboxes",
+    is_flag=True,
+    help="Take over the sandboxes a previous service left running, end them all, and exit "
+    "(what the uninstaller runs).",
+)
 @click.pass_obj
-def serve(config: Any) -> None:
+def serve(config: Any, end_sandboxes: bool) -> None:
     """Run the appliance: API, sandbox router, state store and cubelet."""
+    from appliance.net.addressing import Addressing
+    from appliance.net.ebpf import compile_ahead, pin_dir_of
+
+    # The eBPF compile (a second of clang) runs beside the rest of the start-up from here.
+    compile_ahead(pin_dir_of(Addressing(config.host_network)))
     from appliance.cluster.node import ClusterConfigError
     from appliance.cubelet.runtimes import RuntimeUnavailable
     from appliance.master.service import serve_until_signalled
@@ -72,7 +84,7 @@ def serve(config: Any) -> None:
     # drown the service log (and /init bodies must never be logged).
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        trio.run(serve_until_signalled, config)
+        trio.run(partial(serve_until_signalled, config, end_sandboxes=end_sandboxes))
     except BaseExceptionGroup as group:
         matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew, ClusterConfigError))
         if matching is None:
