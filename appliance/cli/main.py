@@ -22,6 +22,7 @@ from appliance.api.client import ApiClient
 from appliance.bench.agent import agent as agent_bench
 from appliance.bench.all import all_bench
 from appliance.bench.api import api_bench
+from appliance.bench.cluster import cluster_bench
 from appliance.bench.create import create_bench
 from appliance.bench.density import density_bench
 from appliance.bench.exec import exec_bench
@@ -384,6 +385,7 @@ def bench() -> None:
 bench.add_command(agent_bench)
 bench.add_command(all_bench)
 bench.add_command(api_bench)
+bench.add_command(cluster_bench)
 bench.add_command(create_bench)
 bench.add_command(density_bench)
 bench.add_command(exec_bench)

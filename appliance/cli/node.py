@@ -1,4 +1,4 @@
-"""`cube node list|info|drain`: the cluster's nodes as etcd has them (docs/CLUSTER.md).
+"""`cube node list|info|drain|remove`: the cluster's nodes as etcd has them (docs/CLUSTER.md).
 
 Reads etcd directly (the endpoints of the config's `etcd_endpoints`), so it answers while
 any node's API is down; a single node (no endpoints) has no cluster to show.
@@ -15,7 +15,15 @@ import trio
 
 from appliance.cli.common import emit, json_option
 from appliance.cluster.etcd import EtcdClient, EtcdError
-from appliance.cluster.membership import ClusterView, NodeRecord, read_view, set_drained
+from appliance.cluster.membership import (
+    ClusterView,
+    NodeRecord,
+    live_sandboxes,
+    read_view,
+    remove_node,
+    set_drained,
+    undo_remove,
+)
 from appliance.config import Config
 
 T = TypeVar("T")
@@ -96,3 +104,39 @@ def node_drain(config: Config, node_id: str, undo: bool) -> None:
     if not _with_etcd(config, drain):
         raise click.ClickException(f"no node {node_id} in the cluster")
     click.echo(f"{node_id}: {'taking new sandboxes again' if undo else 'drained (no new sandboxes)'}")
+
+
+@node.command("remove")
+@click.argument("node_id")
+@click.option("--force", is_flag=True, help="Remove a live node even if it is not drained or runs sandboxes.")
+@click.option("--undo", is_flag=True, help="Let a removed node join again.")
+@click.pass_obj
+def node_remove(config: Config, node_id: str, force: bool, undo: bool) -> None:
+    """Take NODE_ID out of the cluster: it leaves and does not join again (until --undo); its
+    sandboxes are reported ended. A live node must be drained and run no sandboxes, or --force."""
+
+    async def remove(etcd: EtcdClient) -> str:
+        if undo:
+            if not await undo_remove(etcd, node_id):
+                raise click.ClickException(f"node {node_id} was not removed")
+            return f"{node_id}: may join the cluster again"
+        view = await read_view(etcd)
+        running = live_sandboxes(view, node_id)
+        if node_id in view.nodes and not force:
+            if node_id not in view.drained:
+                raise click.ClickException(
+                    f"node {node_id} is live and not drained: `cube node drain {node_id}` first, or --force"
+                )
+            if running:
+                raise click.ClickException(
+                    f"node {node_id} still runs {len(running)} sandbox(es) ({', '.join(running[:5])});"
+                    " wait for them to end, or --force (they are then reported ended)"
+                )
+        elif node_id not in view.nodes and node_id not in view.drained and not running:
+            raise click.ClickException(f"no node {node_id} in the cluster")
+        await remove_node(etcd, node_id)
+        return f"{node_id}: removed from the cluster" + (
+            f" ({len(running)} sandbox(es) reported ended)" if running else ""
+        )
+
+    click.echo(_with_etcd(config, remove))

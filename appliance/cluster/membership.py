@@ -6,7 +6,11 @@ Keys (all under `/cube/`):
 - `/cube/drain/<node id>`: present while the node is drained (no new placements); any node or
   `cube node drain` writes it, and it outlives the node's lease.
 - `/cube/sandboxes/<sandbox id>`: a `SandboxOwner` (JSON), written once with a create-only
-  transaction by the node the sandbox was created on.
+  transaction by the node the sandbox was created on; rewritten as ended (when, why) by the
+  leader once that node has left, and deleted by it after the retention period (cluster/leader.py).
+- `/cube/removed/<node id>`: present once `cube node remove` took the node out: it leaves and
+  does not join again while the key is there (`cube node remove --undo` deletes it).
+- `/cube/leader`: the elected leader's node id, created only if absent, under that node's lease.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ PREFIX = b"/cube/"
 NODES = b"/cube/nodes/"
 DRAIN = b"/cube/drain/"
 SANDBOXES = b"/cube/sandboxes/"
+REMOVED = b"/cube/removed/"
+LEADER = b"/cube/leader"
 WATCH_RETRY_S = 1.0
 
 
@@ -38,6 +44,15 @@ def drain_key(node_id: str) -> bytes:
 
 def sandbox_key(sandbox_id: str) -> bytes:
     return SANDBOXES + sandbox_id.encode()
+
+
+def removed_key(node_id: str) -> bytes:
+    return REMOVED + node_id.encode()
+
+
+def left_reason(node_id: str) -> str:
+    """Why a sandbox of a node that left is ended: the same words on every node."""
+    return f"its node {node_id} left the cluster"
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,8 @@ class NodeRecord:
 class SandboxOwner:
     node_id: str
     team_id: str
+    ended_at: float = 0.0  # set by the leader once the node left (0: not known to have ended)
+    reason: str = ""
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -76,7 +93,12 @@ class SandboxOwner:
     @classmethod
     def decode(cls, data: bytes) -> SandboxOwner:
         raw = json.loads(data)
-        return cls(str(raw["node_id"]), str(raw["team_id"]))
+        return cls(
+            str(raw["node_id"]),
+            str(raw["team_id"]),
+            float(raw.get("ended_at", 0.0)),
+            str(raw.get("reason", "")),
+        )
 
 
 @dataclass
@@ -85,13 +107,17 @@ class ClusterView:
 
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     drained: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
     owners: dict[str, SandboxOwner] = field(default_factory=dict)
+    leader: str = ""  # the elected leader's node id ("" while there is none)
     revision: int = 0
 
     def load(self, kvs: list[KeyValue], revision: int) -> None:
         self.nodes.clear()
         self.drained.clear()
+        self.removed.clear()
         self.owners.clear()
+        self.leader = ""
         for kv in kvs:
             self._apply(False, kv)
         self.revision = revision
@@ -102,11 +128,15 @@ class ClusterView:
             self.revision = max(self.revision, event.kv.mod_revision)
 
     def _apply(self, deleted: bool, kv: KeyValue) -> None:
+        if kv.key == LEADER:
+            self.leader = "" if deleted else kv.value.decode(errors="replace")
+            return
         table: dict[str, NodeRecord] | dict[str, SandboxOwner] | set[str]
         for prefix, table, decode in (
             (NODES, self.nodes, NodeRecord.decode),
             (SANDBOXES, self.owners, SandboxOwner.decode),
             (DRAIN, self.drained, None),
+            (REMOVED, self.removed, None),
         ):
             if not kv.key.startswith(prefix):
                 continue
@@ -159,3 +189,25 @@ async def set_drained(etcd: EtcdClient, node_id: str, drained: bool) -> None:
         await etcd.put(drain_key(node_id), b"1")
     else:
         await etcd.delete(drain_key(node_id))
+
+
+def live_sandboxes(view: ClusterView, node_id: str) -> list[str]:
+    """The sandboxes recorded on `node_id` and not (yet) written ended."""
+    return sorted(
+        sid for sid, owner in view.owners.items() if owner.node_id == node_id and not owner.ended_at
+    )
+
+
+async def remove_node(etcd: EtcdClient, node_id: str) -> None:
+    """Take `node_id` out of the cluster: marked removed (it leaves and does not join again), its
+    lease revoked (its record goes now, and the leader writes its sandboxes ended), not drained."""
+    await etcd.put(removed_key(node_id), b"1")
+    record = await etcd.get(node_key(node_id))
+    if record is not None and record.lease:
+        await etcd.revoke(record.lease)
+    await etcd.delete(drain_key(node_id))
+
+
+async def undo_remove(etcd: EtcdClient, node_id: str) -> bool:
+    """Let a removed node join again; False if it was not removed."""
+    return await etcd.delete(removed_key(node_id)) > 0

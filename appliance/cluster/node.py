@@ -23,11 +23,13 @@ from pathlib import Path
 import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdError
+from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap
 from appliance.cluster.membership import (
     ClusterView,
     NodeRecord,
     SandboxOwner,
     node_key,
+    removed_key,
     sandbox_key,
     watch_view,
 )
@@ -44,6 +46,10 @@ LEAVE_TIMEOUT_S = 3.0
 
 class ClusterConfigError(Exception):
     pass
+
+
+class NodeRemoved(ClusterConfigError):
+    """`cube node remove` took this node out of the cluster: it does not join."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,23 @@ def template_names(templates: dict[str, TemplateManifest]) -> list[str]:
     return sorted(names)
 
 
+def placement(view: ClusterView, here: str, template: str) -> list[NodeRecord]:
+    """Where a create for `template` arriving at node `here` should go, best first: nodes not
+    drained that have the template and free memory; the first is the best of K sampled by free
+    memory, the rest follow by free memory (tried in turn when a node refuses)."""
+    fitting = [
+        node
+        for node in view.nodes.values()
+        if node.node_id not in view.drained and template in node.templates and node.memory_free_mb > 0
+    ]
+    by_memory = sorted(fitting, key=lambda n: (-n.memory_free_mb, n.node_id != here, n.node_id))
+    if len(by_memory) <= 1:
+        return by_memory
+    sample = random.sample(by_memory, min(BEST_OF_K, len(by_memory)))
+    best = max(sample, key=lambda n: (n.memory_free_mb, n.node_id == here))
+    return [best, *(n for n in by_memory if n is not best)]
+
+
 class ClusterNode:
     def __init__(
         self,
@@ -114,6 +137,8 @@ class ClusterNode:
         self.api_url = settings.node_url
         self.lease_id = 0
         self.started_at = time.time()
+        self.record_retention_s = RECORD_RETENTION_S
+        self.joined = False  # this node's record is published under its lease
 
     def verify_token(self, presented: str) -> bool:
         return hmac.compare_digest(presented.encode(), self.settings.token.encode())
@@ -159,21 +184,46 @@ class ClusterNode:
         await self._keep_alive()
 
     async def _join(self) -> None:
+        if await self.etcd.get(removed_key(self.node_id)) is not None:
+            raise NodeRemoved(
+                f"node {self.node_id} was removed from the cluster (`cube node remove`);"
+                f" `cube node remove --undo {self.node_id}` lets it join again"
+            )
         lease = await self.etcd.grant(self.settings.lease_ttl_s)
         self.lease_id = lease.lease_id
         await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+        self.joined = True
+        await self._end_reaped_here()
+
+    async def _end_reaped_here(self) -> None:
+        """Back in the cluster after the leader wrote this node's sandboxes ended (its lease had
+        expired): they are ended here too, so what every node reported holds."""
+        for sandbox_id, owner in list(self.view.owners.items()):
+            if owner.node_id == self.node_id and owner.ended_at and self.cubelet.live(sandbox_id) is not None:
+                await self.cubelet.kill(sandbox_id, reason=f"the cluster ended it: {owner.reason}")
 
     async def _keep_alive(self) -> None:
         """Renew the lease, and rewrite the record with the capacity of the moment, every third of
         the TTL; a lease etcd let expire (unreachable for a TTL) is granted anew."""
         while True:
             await trio.sleep(max(self.settings.lease_ttl_s / 3, 0.5))
+            if self.node_id in self.view.removed:
+                log.error("cluster: node %s was removed from the cluster; leaving it", self.node_id)
+                await self.leave()
+                self.joined = False
+                return
             try:
                 if await self.etcd.keepalive(self.lease_id) <= 0:
                     log.warning("cluster: this node's lease expired; joining again")
                     await self._join()
                     continue
                 await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+                if await campaign(self.etcd, self.view, self.node_id, self.lease_id):
+                    await reap(self.etcd, self.view, time.time(), self.record_retention_s)
+            except NodeRemoved as exc:
+                log.error("cluster: %s", exc)
+                self.joined = False
+                return
             except EtcdError as exc:
                 log.warning("cluster membership: %s", exc)
 
@@ -195,22 +245,7 @@ class ClusterNode:
         return self.placement(manifest.template_id if manifest is not None else name)
 
     def placement(self, template: str) -> list[NodeRecord]:
-        """Where a create for `template` should go, best first: nodes not drained that have the
-        template and free memory; the first is the best of K sampled by free memory, the rest
-        follow by free memory (tried in turn when a node refuses)."""
-        fitting = [
-            node
-            for node in self.view.nodes.values()
-            if node.node_id not in self.view.drained
-            and template in node.templates
-            and node.memory_free_mb > 0
-        ]
-        by_memory = sorted(fitting, key=lambda n: (-n.memory_free_mb, n.node_id != self.node_id, n.node_id))
-        if len(by_memory) <= 1:
-            return by_memory
-        sample = random.sample(by_memory, min(BEST_OF_K, len(by_memory)))
-        best = max(sample, key=lambda n: (n.memory_free_mb, n.node_id == self.node_id))
-        return [best, *(n for n in by_memory if n is not best)]
+        return placement(self.view, self.node_id, template)
 
     def owner(self, sandbox_id: str) -> SandboxOwner | None:
         return self.view.owners.get(sandbox_id)

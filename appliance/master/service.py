@@ -56,6 +56,7 @@ from appliance.master.secrets import SECRETS_DB, SecretStore
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.master.volumes import VolumeStore
+from appliance.proxy.complete_close import CompleteClose
 from appliance.proxy.node_hop import NodeHop
 from appliance.proxy.router import ASGIApp, SandboxRouter
 from appliance.proxy.tls import TlsFiles, ensure_tls_files
@@ -110,7 +111,7 @@ async def _serve(
     binds = await nursery.start(
         partial(
             hypercorn.trio.serve,
-            cast(Any, app),  # hypercorn's ASGI types are TypedDicts; ours are plain mappings
+            cast(Any, CompleteClose(app)),  # hypercorn's ASGI types are TypedDicts; ours: mappings
             hconfig,
             shutdown_trigger=stop.wait,
         )

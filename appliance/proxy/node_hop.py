@@ -26,7 +26,7 @@ import httpx
 
 from appliance.cluster.etcd import EtcdError
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, principal_headers
-from appliance.cluster.membership import NodeRecord, SandboxOwner
+from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
 from appliance.cluster.node import ClusterNode
 from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target, not_found_message
 from appliance.proxy.router import Message, Receive, Send, _send_json_error
@@ -135,11 +135,12 @@ class NodeHop:
             return await self._here(scope, receive, send, headers)
         if principal is not None and not principal.owns(owner.team_id):
             return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found")
-        node = self.node.view.nodes.get(owner.node_id)
+        # Ended: written so by the leader, or its node left and the leader has not yet written it.
+        node = None if owner.ended_at else self.node.view.nodes.get(owner.node_id)
         if node is None and principal is None:  # sandbox traffic: the router's own answer
             return await _send_json_error(send, 502, not_found_message(sandbox_id))
         if node is None:
-            gone = f"it ended: its node {owner.node_id} left the cluster"
+            gone = f"it ended: {owner.reason or left_reason(owner.node_id)}"
             return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found ({gone})")
         if principal is not None:  # an API call: small, answered whole
             body = await _read_body(receive)
@@ -147,7 +148,8 @@ class NodeHop:
                 return await _send_json_error(send, 413, "request body too large")
             forwarded = await self._forward_whole(node, principal, scope, body, send)
         else:
-            # A request without a body is sent without one (not as an empty chunked stream).
+            # A request without a body is sent without one, not as an empty chunked stream (which
+            # the other node may answer before the stream's end: proxy/complete_close.py).
             has_body = "content-length" in headers or "transfer-encoding" in headers
             forwarded = await self._forward(node, None, scope, _body(receive) if has_body else None, send)
         if not forwarded:
@@ -234,7 +236,7 @@ class NodeHop:
                 url=url,
                 params=scope.get("query_string", b"").decode("latin-1") or None,
                 content=body,
-                headers=self._headers(scope, principal),
+                headers=self._headers(scope, principal, with_body=bool(body)),
             )
         except httpx.TransportError:
             return False
@@ -244,13 +246,20 @@ class NodeHop:
         await send_whole(send, response.status_code, response.headers.raw, response.content)
         return True
 
-    def _headers(self, scope: Scope, principal: Principal | None) -> list[tuple[bytes, bytes]]:
+    def _headers(
+        self, scope: Scope, principal: Principal | None, with_body: bool
+    ) -> list[tuple[bytes, bytes]]:
         """The request's headers for the other node: no hop-by-hop ones, no cluster ones but ours,
-        and, when this node speaks for the caller, not the caller's key (the other has its own)."""
+        and, when this node speaks for the caller, not the caller's key (the other has its own).
+        A request with a body goes on a connection of its own: the other node may answer before
+        the body ends and then closes the connection (proxy/complete_close.py); pooled, it could
+        be picked for the next request in the moment before its close arrives."""
         dropped = HOP_BY_HOP | {h.encode() for h in CLUSTER_HEADERS}
         if principal is not None:
             dropped |= {b"x-api-key", b"authorization", b"content-length"}
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in dropped]
+        if with_body:
+            headers.append((b"connection", b"close"))
         return headers + principal_headers(self.node.token, principal)
 
     async def _forward(
@@ -263,7 +272,7 @@ class NodeHop:
     ) -> bool:
         """Relay the request to `node` and its answer back; False if the node could not be reached
         (nothing was sent back yet)."""
-        headers = self._headers(scope, principal)
+        headers = self._headers(scope, principal, with_body=body is not None)
         url = httpx.URL(node.api_url + scope["raw_path"].decode("latin-1"))
         if scope.get("query_string"):
             url = url.copy_with(query=scope["query_string"])

@@ -1,0 +1,51 @@
+"""The elected leader: it reaps the sandboxes of nodes that left and collects their records.
+
+Election: `/cube/leader` created only if absent (a create-only transaction), under the creating
+node's own membership lease: the leader is whoever holds that key, and when it stops renewing its
+lease (a crash, a partition) or leaves (its lease revoked) the key goes with it, and the next node
+to try creates it. Every node tries on each of its membership ticks while there is no leader.
+Nothing on the create path depends on the leader.
+
+Reaping (leader only, on each tick): a sandbox record whose node is gone from the cluster is
+rewritten as ended, with when and why, so every node reports the same ended sandbox
+(proxy/node_hop.py); an ended record older than the retention period is deleted. A node that comes
+back (its lease renewed or granted anew) ends its own sandboxes the leader wrote as ended
+(`ClusterNode._end_reaped_here`), so what the cluster reported holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from appliance.cluster.etcd import EtcdClient
+from appliance.cluster.membership import LEADER, ClusterView, left_reason, sandbox_key
+
+log = logging.getLogger(__name__)
+
+# An ended sandbox's record is kept this long (every node answers "it ended: why" meanwhile).
+RECORD_RETENTION_S = 24 * 3600.0
+
+
+async def campaign(etcd: EtcdClient, view: ClusterView, node_id: str, lease_id: int) -> bool:
+    """True if this node leads: it holds `/cube/leader`, or creates it now that none does."""
+    if view.leader:
+        return view.leader == node_id
+    held = await etcd.create(LEADER, node_id.encode(), lease=lease_id)
+    view.leader = node_id if held is None else held.value.decode(errors="replace")
+    if held is None:
+        log.info("cluster: node %s is the leader", node_id)
+    return held is None
+
+
+async def reap(etcd: EtcdClient, view: ClusterView, now: float, retention_s: float) -> None:
+    """End the records of sandboxes whose node left; delete ended ones past `retention_s`."""
+    for sandbox_id, owner in list(view.owners.items()):
+        if not owner.ended_at and owner.node_id not in view.nodes:
+            ended = dataclasses.replace(owner, ended_at=now, reason=left_reason(owner.node_id))
+            await etcd.put(sandbox_key(sandbox_id), ended.encode())
+            view.owners[sandbox_id] = ended
+            log.info("cluster: sandbox %s ended: %s", sandbox_id, ended.reason)
+        elif owner.ended_at and now - owner.ended_at >= retention_s:
+            await etcd.delete(sandbox_key(sandbox_id))
+            view.owners.pop(sandbox_id, None)
