@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.runtime.base import MemoryFootprint
 from appliance.runtime.kvm import memory as kvm_memory
 from appliance.runtime.kvm.memory import PAGE_SIZE, GuestMemory, default_layout
 
 SIZE = 8 << 20  # 2048 pages
+HUGE_PAGE = 2 << 20
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,10 @@ def test_a_fresh_guest_holds_only_the_pages_it_touched_and_shares_nothing() -> N
         assert memory.footprint().private_bytes == 0
         touch(memory, range(0, 64), write=True)
         footprint = memory.footprint()
-        assert footprint == MemoryFootprint(64 * PAGE_SIZE)
+        assert (footprint.shared_key, footprint.shared_bytes) == ("", 0)
+        # With transparent huge pages the kernel may back part of the written range with a
+        # 2 MiB page (seen in the emulated host): the guest then holds all of it.
+        assert 64 * PAGE_SIZE <= footprint.private_bytes <= 64 * PAGE_SIZE + HUGE_PAGE
     finally:
         memory.close()
 
