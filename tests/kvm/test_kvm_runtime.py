@@ -409,6 +409,10 @@ async def test_a_paused_sandboxs_nic_takes_no_frame_until_resumed() -> None:
     netns = ["ip", "-n", namespace]
     subprocess.run(["ip", "netns", "add", namespace], check=True)
     try:
+        # No IPv6: a tap coming up sends its own frames toward the guest (MLD, DAD), which can
+        # reach the rx buffer before the pause on a slow host (seen in the emulated one).
+        no_ipv6 = ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
+        subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-qw", *no_ipv6], check=True)
         subprocess.run([*netns, "tuntap", "add", "dev", "tap0", "mode", "tap", "vnet_hdr"], check=True)
         subprocess.run([*netns, "addr", "add", "10.9.9.1/24", "dev", "tap0"], check=True)
         subprocess.run([*netns, "link", "set", "tap0", "up"], check=True)
