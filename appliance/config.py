@@ -72,6 +72,13 @@ class Config:
     # "10.0.0.0/8" here leaves host_network and the host's own addresses blocked.
     operator_open_networks: str = ""
 
+    # Cluster (docs/CLUSTER.md): off unless etcd_endpoints names etcd's client URLs (comma-separated).
+    etcd_endpoints: str = ""
+    node_id: str = ""  # this node's name in the cluster; "" = the host's name
+    node_url: str = ""  # where the other nodes reach this node's API; "" = http://<api_host>:<bound port>
+    cluster_token_file: Path | None = None  # the secret every node of the cluster shares (mode 0600)
+    node_lease_ttl_s: int = 10  # a node that stops renewing its lease leaves the cluster after this
+
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

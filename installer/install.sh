@@ -149,6 +149,22 @@ stop_service() {
 
 # Uninstall.
 
+end_outliving_sandboxes() {
+  # Sandboxes outlive a stop (their supervisors keep them for the next start): a last start
+  # of this install's service takes them over and ends each one with everything it holds on
+  # the host (guest, supervisor, network, cgroup leaves, files), as an interactive stop does.
+  local supervisors
+  supervisors="$(ls -A "$RUNDIR/supervisors" 2>/dev/null || true)"
+  [ -n "$supervisors" ] || return 0
+  if [ ! -x "$VENV/bin/cube" ]; then
+    warn "sandboxes outlived the service but $VENV/bin/cube is gone: left to the host-wide clean-up"
+    return 0
+  fi
+  say "Ending the sandboxes that outlived the service"
+  "$VENV/bin/cube" --config "$ETC/appliance.toml" serve --end-sandboxes \
+    || warn "cube serve --end-sandboxes failed: left to the host-wide clean-up"
+}
+
 remove_host_wide_leftovers() {
   say "Ending sandboxes; removing sandbox namespaces, eBPF pins, nftables tables and cgroups"
   # Sandboxes outlive a stop (their supervisors keep them for the next start): end them,
@@ -184,6 +200,7 @@ fi
 if [ "$MODE" = uninstall ]; then
   say "Stopping the service"
   stop_service
+  end_outliving_sandboxes
   if host_wide && have_systemd; then systemctl disable cube.service 2>/dev/null || true; fi
   rm -f "$UNIT" "$LOGROTATE" "$BINDIR/cube" "$BINDIR/cubemastercli"
   if host_wide; then
@@ -205,6 +222,8 @@ APT_PACKAGES=(
   user-mode-linux bubblewrap util-linux e2fsprogs iproute2 nftables iptables procps logrotate
   python3 python3-venv python3-dev python3-bpfcc bpfcc-tools
   libseccomp2 zstd ca-certificates curl xorriso
+  # multi-node clusters (docs/CLUSTER.md): etcd 3.4; its unit stays off unless a cluster is set up
+  etcd-server
   # template and kernel builds
   mmdebstrap linux-source build-essential flex bison bc libelf-dev libssl-dev xz-utils
 )
@@ -229,6 +248,10 @@ if host_wide; then
       need=("${need[@]/npm}")
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${need[@]} >/dev/null
+    # Debian enables etcd's own unit on install; a single node needs none (docs/CLUSTER.md).
+    if printf '%s\n' "${need[@]}" | grep -qx etcd-server && have_systemd; then
+      systemctl disable --now etcd.service 2>/dev/null || true
+    fi
   fi
 
   say "Linking kernel headers for bcc"

@@ -70,6 +70,14 @@ NEEDS_BY_PATH: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("tests/kvm/test_kvm_bench.py::*", ("kvm",)),
     ("tests/kvm/test_kvm_linux.py::*", ("kvm",)),
     ("tests/kvm/test_kvm_runtime.py::test_sandbox_taps_get_the_gateway_mac*", ("root",)),  # netns, tap
+    ("tests/kvm/test_kvm_runtime.py::test_a_paused_sandboxs_nic_takes_no_frame*", ("root",)),  # netns, tap
+    ("tests/kvm/test_kvm_fallback.py::*", ("uml", "root")),  # a real UML guest serves the create
+    ("tests/kvm/test_kvm_faults.py::test_a_guest_bigger_than_the_hosts_free_memory*", ("kvm",)),
+    # A device node with /dev/kvm's numbers (mknod).
+    ("tests/kvm/test_kvm_detect.py::test_svm_host_with_the_guest_kernel_gets_kvm", ("root",)),
+    ("tests/kvm/test_kvm_detect.py::test_svm_host_without_a_guest_kernel_falls_back*", ("root",)),
+    ("tests/kvm/test_kvm_detect.py::test_a_kvm_device_that_does_not_open_falls_back_to_uml", ("root",)),
+    ("tests/kvm/test_kvm_detect.py::test_pvm_boots_only_a_configured_pvm_kernel", ("root",)),
     ("tests/kvm/test_kvm_guest_kernel.py::test_fragment_survives_kconfig", ("slow",)),  # runs kconfig: ~20 s
     ("tests/net/test_service.py::test_doctor_checks_pass_here", ("root",)),  # makes a netns
     ("tests/guest/test_guest_users.py::*", ("root",)),  # runs as other users

@@ -1,4 +1,5 @@
-"""What the sandbox teardown tests look for on the host (shared by tests/uml and tests/net)."""
+"""What the sandbox teardown tests look for on the host (shared by tests/uml and tests/net), and
+the processes below one (tests/guest: an agent's kernels)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,28 @@ def processes_of_uid_range(first: int, count: int) -> list[str]:
         uid_line = next((line for line in text.splitlines() if line.startswith("Uid:")), "")
         if any(first <= int(uid) < first + count for uid in uid_line.split()[1:]):
             found.append(status.parent.name)
+    return found
+
+
+def descendants(pid: int) -> list[tuple[int, str, str]]:
+    """(pid, start time, command line) of every live process below `pid` (zombies left out): the
+    start time tells a process from a later one that got its pid."""
+    children: dict[int, list[tuple[int, str, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19], command))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child[0])
     return found
 
 

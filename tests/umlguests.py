@@ -8,6 +8,10 @@
   mconsole's must fit in 107 bytes; pytest's tmp_path is too deep), with the host's
   cache directory (the built UML kernel) and a test-only sandbox network and uid range,
   so nothing collides with a running `cube serve`; removed afterwards.
+- `uml_service(start_service, monkeypatch)`: a `cube serve` of the test's own (start_service's, in
+  a thread) over a `private_config`: uml runtime, no warm pool, the default template linked in
+  read-only, guest DNS going nowhere (nothing a guest looks up leaves the host); the E2B SDK's
+  URL variables point at it. `.start()` again after `.harness.stop()` is a restart.
 - `claim(instance)`: `/init` with the guest's boot token, as the cubelet claims a pooled
   guest, and no access token: its agent is then open to the raw calls below (an unclaimed
   agent answers nothing but /health without its boot token).
@@ -22,15 +26,18 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
 from appliance.config import Config, load_config
+from appliance.cubelet.runtimes import RuntimeBundle
 from appliance.records import TemplateManifest
 from appliance.runtime.base import CODE_INTERPRETER_PORT, ENVD_PORT, Instance
 
@@ -48,8 +55,9 @@ def default_template() -> TemplateManifest:
 
 @contextmanager
 def private_config(
-    prefix: str, host_network: str, uid_base: int, *, allow_unenforced_network: bool = True
+    prefix: str, host_network: str, uid_base: int, *, allow_unenforced_network: bool = True, **settings: Any
 ) -> Iterator[Config]:
+    """`settings`: more Config fields (ports, runtime, pool size...)."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     try:
         yield Config(
@@ -59,9 +67,80 @@ def private_config(
             host_network=host_network,
             uid_base=uid_base,
             allow_unenforced_network=allow_unenforced_network,
+            **settings,
         )
     finally:
         shutil.rmtree(work)
+
+
+# `uml_service`'s sandbox network and uid range: apart from tests/uml, tests/net, tests/kvm,
+# tests/templates and conftest's private_service. Its users run one after another (the shared lock).
+SERVICE_NETWORK = "10.217.0.0/24"
+SERVICE_UID_BASE = 420_000
+DEAD_DNS_UPSTREAM = "127.0.0.1:9"  # nothing listens: guest lookups fail fast, nothing leaves
+
+
+@asynccontextmanager
+async def uml_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
+    """What `run_service` takes as runtime factory: the uml runtime on CubeVS, DNS to nowhere."""
+    from appliance.cubelet.runtimes import CubeVSPolicies
+    from appliance.net.service import CubeVS
+    from appliance.runtime.uml.runtime import UmlRuntime
+
+    async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
+        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
+
+
+@dataclass
+class UmlService:
+    config: Config
+    start_service: Callable[..., Any]  # tests/conftest.py's fixture
+    monkeypatch: pytest.MonkeyPatch
+    harness: Any = None  # the running ServiceHarness
+
+    @property
+    def url(self) -> str:
+        return str(self.harness.url)
+
+    def start(self) -> Any:
+        self.harness = self.start_service(self.config, runtime_factory=uml_runtime)
+        for name in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_VOLUME_API_URL"):
+            self.monkeypatch.setenv(name, self.url)
+        return self.harness
+
+    def key(self, name: str) -> str:
+        """A new API key (a team of its own) made through the admin API."""
+        response = httpx.post(
+            f"{self.url}/cube/keys", json={"name": name}, headers={"X-API-KEY": self.harness.admin_token}
+        )
+        assert response.status_code == 201, response.text
+        return str(response.json()["key"])
+
+
+@contextmanager
+def uml_service(
+    start_service: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    template: TemplateManifest | None = None,
+    memory_budget_mb: int = 4096,
+) -> Iterator[UmlService]:
+    """A started UmlService serving `template` (default: `default_template()`), stopped at the end."""
+    template = template or default_template()
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    settings: dict[str, Any] = {"api_port": 0, "tls_port": 0, "runtime": "uml", "pool_size": 0}
+    with private_config(
+        "cubetest-svc-", SERVICE_NETWORK, SERVICE_UID_BASE, memory_budget_mb=memory_budget_mb, **settings
+    ) as config:
+        config.templates_dir.mkdir(parents=True)
+        (config.templates_dir / template.template_id).symlink_to(template.directory)
+        service = UmlService(config, start_service, monkeypatch)
+        try:
+            service.start()
+            yield service
+        finally:
+            if service.harness is not None:
+                service.harness.stop()  # before its directories go (start_service's stop is then a no-op)
 
 
 async def claim(instance: Instance, body: dict[str, object] | None = None) -> None:

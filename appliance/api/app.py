@@ -20,6 +20,7 @@ from appliance.api import (
     health,
     sandbox_info,
     sandboxes,
+    sdk_template_names,
     sdk_templates,
     secrets,
     snapshots,
@@ -49,6 +50,7 @@ BLUEPRINTS = (
     volumes.content,
     sdk_templates.blueprint,
     sdk_templates.uploads_blueprint,
+    sdk_template_names.blueprint,
     admin.blueprint,
 )
 

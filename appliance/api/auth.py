@@ -15,11 +15,13 @@ import hmac
 import ipaddress
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from quart import Blueprint, current_app, g, request
 
 from appliance.api.errors import ApiError
+from appliance.cluster.forwarding import forwarded_principal
 from appliance.config import Config
 from appliance.records import Store
 from appliance.tenancy import ADMIN, LOCAL_DEV_TEAM, Principal, current_principal
@@ -89,14 +91,26 @@ def presented_key(headers: dict[str, str]) -> str:
 
 
 class Authenticator:
-    def __init__(self, config: Config, store: Store, admin_token: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        admin_token: str,
+        cluster_token_check: Callable[[str], bool] | None = None,
+    ) -> None:
         # Any key goes only while the service listens on loopback alone (checked at start too).
         self.local_dev = config.local_dev and is_loopback(config.api_host)
         self.store = store
         self.admin_token = admin_token
+        # In a cluster: a caller another node authenticated (appliance/cluster/forwarding.py).
+        self.cluster_token_check = cluster_token_check
 
     def authenticate(self, headers: dict[str, str]) -> Principal | None:
         """`headers` with lower-case names."""
+        if self.cluster_token_check is not None:
+            forwarded = forwarded_principal(headers, self.cluster_token_check)
+            if forwarded is not None:
+                return forwarded
         key = presented_key(headers)
         if not key:
             return None

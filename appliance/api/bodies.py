@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from quart import Response
 
@@ -17,6 +19,29 @@ def json_response(data: object, status: int = 200, headers: dict[str, str] | Non
 
 def no_content() -> Response:
     return Response("", status=204)
+
+
+Item = TypeVar("Item")
+
+
+def id_page(
+    found: Sequence[Item],
+    id_of: Callable[[Item], str],
+    body: Callable[[Item], object],
+    limit: int,
+    after: str,
+) -> Response:
+    """One page of `found` (in its order): at most `limit` items after the one whose id is `after`
+    (the previous page's X-Next-Token; none if that id is gone), and the header naming the page's
+    last item when more follow."""
+    if after:
+        ids = [id_of(item) for item in found]
+        found = found[ids.index(after) + 1 :] if after in ids else []
+    page = found[:limit]
+    response = json_response([body(item) for item in page])
+    if len(found) > limit:
+        response.headers["X-Next-Token"] = id_of(page[-1])
+    return response
 
 
 def created_body(record: SandboxRecord) -> dict[str, object]:

@@ -12,8 +12,10 @@ from appliance.api.bodies import detail_body, json_response, listed_body
 from appliance.api.errors import ApiError
 from appliance.api.sandboxes import owned_live_record, owned_record
 from appliance.api.services import services
+from appliance.api.volumes import mounts_body
 from appliance.cubelet.cubelet import SandboxNotFound, rfc3339
 from appliance.records import LIVE_STATES, RUNNING, SandboxQuery, SandboxRecord
+from appliance.runtime.base import read_console_tail
 from appliance.tenancy import current_principal
 
 MAX_LOG_BYTES = 1024 * 1024
@@ -24,7 +26,8 @@ blueprint = guarded("sandbox_info", __name__, Access.KEY)
 
 @blueprint.get("/sandboxes/<sandbox_id>")
 async def get_sandbox(sandbox_id: str) -> Response:
-    return json_response(detail_body(owned_live_record(sandbox_id)))
+    record = owned_live_record(sandbox_id)
+    return json_response({**detail_body(record), "volumeMounts": mounts_body(sandbox_id, record.team_id)})
 
 
 @blueprint.get("/v2/sandboxes")
@@ -95,15 +98,14 @@ async def metrics_many() -> Response:
 
 def _console_lines(record: SandboxRecord, start_ms: int | None, limit: int) -> list[tuple[str, str]]:
     path = Path(record.console_log) if record.console_log else None
-    if path is None or not path.exists():
+    try:
+        written = path.stat().st_mtime if path is not None else None
+    except OSError:
+        written = None
+    if path is None or written is None or (start_ms is not None and written * 1000 < start_ms):
         return []
-    with path.open("rb") as f:
-        f.seek(max(0, path.stat().st_size - MAX_LOG_BYTES))
-        text = f.read().decode("utf-8", "replace")
-    stamp = rfc3339(path.stat().st_mtime)
-    if start_ms is not None and path.stat().st_mtime * 1000 < start_ms:
-        return []
-    return [(stamp, line) for line in text.splitlines()][-limit:]
+    stamp = rfc3339(written)
+    return [(stamp, line) for line in read_console_tail(path, MAX_LOG_BYTES).splitlines()][-limit:]
 
 
 def log_lines(sandbox_id: str) -> list[tuple[str, str]]:

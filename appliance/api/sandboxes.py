@@ -20,7 +20,9 @@ from appliance.api.errors import ApiError
 from appliance.api.network import create_network, update_network
 from appliance.api.secrets import refuse_placeholders
 from appliance.api.services import Services, services
+from appliance.api.volumes import volume_mounts
 from appliance.cubelet.cubelet import OutOfMemoryBudget, SandboxRequest, SandboxStartFailed
+from appliance.cubelet.volume_mounts import VolumeMountError
 from appliance.net.policy import PolicyError
 from appliance.records import DEAD, LIVE_STATES, PAUSED, SandboxQuery, SandboxRecord
 from appliance.tenancy import Principal, current_principal
@@ -71,14 +73,13 @@ def sandbox_request(data: dict[str, Any], principal: Principal, s: Services) -> 
         auto_resume = v.optional_bool(data, "autoResume", False)
     refuse_placeholders(data)
     v.optional_bool(data, "allow_internet_access", True)  # its type checked here, its value in create_network
-    if data.get("volumeMounts"):
-        raise ApiError(400, "volume mounts are not supported by this appliance")
     if data.get("mcp"):
         raise ApiError(400, "MCP gateways are not supported by this appliance")
     template = s.templates.resolve(template_name, principal)
     if template is None:
         raise ApiError(404, f"template '{template_name}' not found")
     network = create_network(data, template)
+    mounts = volume_mounts(data.get("volumeMounts"), principal.team_id)
     return SandboxRequest(
         template=template,
         alias=template_name if template_name != template.template_id else None,
@@ -90,6 +91,7 @@ def sandbox_request(data: dict[str, Any], principal: Principal, s: Services) -> 
         network=network.egress,
         allow_public_traffic=network.allow_public_traffic,
         team_id=principal.team_id,
+        volume_mounts=mounts,
     )
 
 
@@ -114,6 +116,8 @@ async def create_now(sandbox_request: SandboxRequest) -> Response:
         raise ApiError(503, f"the appliance is out of sandbox memory, retry later: {exc}") from exc
     except SandboxStartFailed as exc:
         raise ApiError(500, f"sandbox failed to start: {exc}") from exc
+    except VolumeMountError as exc:
+        raise ApiError(exc.status, str(exc)) from exc
     finally:
         s.creating[principal.team_id] -= 1
     return json_response(created_body(record), status=201)
@@ -180,8 +184,10 @@ async def resume(sandbox_id: str) -> Response:
 @blueprint.delete("/sandboxes/<sandbox_id>")
 async def kill(sandbox_id: str) -> Response:
     owned_live_record(sandbox_id)
-    if not await services().cubelet.kill(sandbox_id, reason="killed by request"):
+    cubelet = services().cubelet
+    if not await cubelet.kill(sandbox_id, reason="killed by request"):
         raise not_found(sandbox_id)
+    await cubelet.volume_mounts.wait_saved(sandbox_id)  # its volumes hold its files when this answers
     return no_content()
 
 

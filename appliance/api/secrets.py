@@ -20,7 +20,7 @@ from quart import Response, request
 
 from appliance.api import validation as v
 from appliance.api.auth import Access, guarded
-from appliance.api.bodies import json_response, no_content
+from appliance.api.bodies import id_page, json_response, no_content
 from appliance.api.errors import ApiError
 from appliance.api.services import services
 from appliance.cubelet.cubelet import rfc3339
@@ -77,14 +77,7 @@ async def list_secrets() -> Response:
     limit = v.parse_limit(request.args.get("limit"))
     after = request.args.get("nextToken") or ""
     found = _store().list(current_principal().team_id)
-    if after:
-        ids = [r.secret_id for r in found]
-        found = found[ids.index(after) + 1 :] if after in ids else []
-    page = found[:limit]
-    response = json_response([secret_body(r) for r in page])
-    if len(found) > limit:
-        response.headers["X-Next-Token"] = page[-1].secret_id
-    return response
+    return id_page(found, lambda r: r.secret_id, secret_body, limit, after)
 
 
 @blueprint.post("/secrets")

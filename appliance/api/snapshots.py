@@ -18,7 +18,7 @@ from quart import Response, request
 
 from appliance.api import validation as v
 from appliance.api.auth import Access, guarded
-from appliance.api.bodies import json_response
+from appliance.api.bodies import id_page, json_response
 from appliance.api.errors import ApiError
 from appliance.api.sandboxes import owned_live_record
 from appliance.api.services import services
@@ -115,14 +115,7 @@ async def list_snapshots() -> Response:
         found = [m for m in found if m.snapshot_of == source]
     if name:
         found = [m for m in found if _matches(m, name)]
-    if after:
-        ids = [m.template_id for m in found]
-        found = found[ids.index(after) + 1 :] if after in ids else []
-    page = found[:limit]
-    response = json_response([snapshot_body(m) for m in page])
-    if len(found) > limit:
-        response.headers["X-Next-Token"] = page[-1].template_id
-    return response
+    return id_page(found, lambda m: m.template_id, snapshot_body, limit, after)
 
 
 def _fork_count(data: dict[str, Any]) -> int:

@@ -102,6 +102,13 @@ def env_vars(data: dict[str, Any]) -> dict[str, str]:
     return envs
 
 
+def string_list(data: dict[str, Any], key: str) -> list[str]:
+    value = data.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(400, f"{key!r} must be a list of strings")
+    return list(value)
+
+
 def optional_object(data: dict[str, Any], key: str) -> dict[str, Any]:
     value = data.get(key)
     if value is None:

@@ -24,6 +24,7 @@ from appliance.api.auth import Access, guarded
 from appliance.api.bodies import json_response, no_content
 from appliance.api.errors import ApiError
 from appliance.api.services import services
+from appliance.cubelet.volume_mounts import VolumeMount
 from appliance.master.volumes import VolumeNameTaken, VolumeRecord, VolumeStore
 from appliance.templates.untrusted_tree import Tree, split_path
 from appliance.tenancy import current_principal
@@ -33,6 +34,11 @@ content = guarded("volume_content", __name__, Access.PUBLIC)
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 MAX_DEPTH = 16
+# Where volumes may be mounted in a sandbox: strictly below one of these (never over the system's
+# own directories), in plain path components.
+MOUNT_ROOTS = ("/mnt", "/data", "/workspace", "/home", "/volumes", "/srv", "/opt")
+MAX_MOUNTS = 4
+_MOUNT_PART_RE = re.compile(r"^[a-zA-Z0-9._-]{1,64}$")
 
 
 def _store() -> VolumeStore:
@@ -81,9 +87,76 @@ async def get_volume(volume_id: str) -> Response:
 
 @blueprint.delete("/volumes/<volume_id>")
 async def delete_volume(volume_id: str) -> Response:
+    record = _store().get(current_principal().team_id, volume_id)
+    if record is not None:
+        _refuse_if_mounted(record)
     if not await trio.to_thread.run_sync(_store().delete, current_principal().team_id, volume_id):
         raise _not_found(volume_id)
     return no_content()
+
+
+# Mounts into sandboxes (`volumeMounts` on create; cubelet/volume_mounts.py mounts them).
+
+
+def _refuse_if_mounted(record: VolumeRecord) -> None:
+    holder = services().cubelet.volume_mounts.holder(record.volume_id)
+    if holder is not None:
+        raise ApiError(
+            409,
+            f"volume {record.volume_id} is mounted in sandbox {holder}: its files come back when that "
+            "sandbox ends; change or destroy it then",
+        )
+
+
+def mount_path(path: object) -> str:
+    """A sandbox path a volume may be mounted at: absolute, plain, strictly below a MOUNT_ROOTS entry."""
+    if not isinstance(path, str) or not path.startswith("/") or len(path) > 255:
+        raise ApiError(400, f"volume mount path {path!r} must be an absolute path")
+    parts = path.rstrip("/").split("/")[1:]
+    if not all(_MOUNT_PART_RE.match(p) and p not in (".", "..") for p in parts):
+        raise ApiError(400, f"volume mount path {path!r} must be plain names joined by '/' (no '..')")
+    clean = "/" + "/".join(parts)
+    if len(parts) < 2 or not any(clean.startswith(root + "/") for root in MOUNT_ROOTS):
+        raise ApiError(400, f"volume mount path {path!r} must be below one of {', '.join(MOUNT_ROOTS)}")
+    return clean
+
+
+def volume_mounts(value: object, team_id: str) -> tuple[VolumeMount, ...]:
+    """The SDK's `volumeMounts` ([{name, path}]) as the team's volumes and checked paths."""
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise ApiError(400, "'volumeMounts' must be a list of {name, path}")
+    if len(value) > MAX_MOUNTS:
+        raise ApiError(400, f"at most {MAX_MOUNTS} volumes can be mounted in a sandbox")
+    by_name = {r.name: r for r in _store().list(team_id)}
+    mounts: list[VolumeMount] = []
+    for item in value:
+        name, path = item.get("name"), mount_path(item.get("path"))
+        record = by_name.get(name) if isinstance(name, str) else None
+        if record is None:
+            raise ApiError(404, f"volume {name!r} not found")
+        for other in mounts:
+            if other.volume_id == record.volume_id:
+                raise ApiError(400, f"volume {name!r} is mounted twice")
+            if (path + "/").startswith(other.path + "/") or (other.path + "/").startswith(path + "/"):
+                raise ApiError(400, f"volume mount paths {other.path} and {path} overlap")
+        _refuse_if_mounted(record)
+        mounts.append(VolumeMount(record.volume_id, path))
+    return tuple(mounts)
+
+
+def mounts_body(sandbox_id: str, team_id: str) -> list[dict[str, str]]:
+    """The sandbox's volume mounts as the SDKs read them in its info (`volumeMounts`)."""
+    store = services().volumes
+    if store is None:
+        return []
+    mounts = []
+    for volume_id, mount in services().cubelet.volume_mounts.held_by(sandbox_id):
+        record = store.get(team_id, volume_id)
+        if record is not None:
+            mounts.append({"name": record.name, "path": mount.path})
+    return mounts
 
 
 # Content.
@@ -193,6 +266,7 @@ async def stat_path(volume_id: str) -> Response:
 async def update_path(volume_id: str) -> Response:
     data = await v.request_object(required=True)  # read first: see `_volume`
     record, path = _volume(volume_id), _path()
+    _refuse_if_mounted(record)
     for key in ("uid", "gid", "mode"):
         value = data.get(key)
         if value is not None and (
@@ -216,6 +290,7 @@ async def delete_path(volume_id: str) -> Response:
     record, path = _volume(volume_id), _path()
     if path == "/":
         raise ApiError(400, "the volume's root cannot be deleted (destroy the volume)")
+    _refuse_if_mounted(record)
 
     def remove(tree: Tree) -> None:
         _stat(tree, path)
@@ -235,6 +310,7 @@ async def list_dir(volume_id: str) -> Response:
 @content.post("/volumecontent/<volume_id>/dir")
 async def make_dir(volume_id: str) -> Response:
     record, path = _volume(volume_id), _path()
+    _refuse_if_mounted(record)
     uid, gid, mode = _uint("uid", 0), _uint("gid", 0), _uint("mode", 0o755)
     force = request.args.get("force", "false").lower() == "true"
 
@@ -272,6 +348,7 @@ async def write_file(volume_id: str) -> Response:
     data = await request.get_data()  # read first: see `_volume`
     assert isinstance(data, bytes)
     record, path = _volume(volume_id), _path()
+    _refuse_if_mounted(record)
     uid, gid, mode = _uint("uid", 0), _uint("gid", 0), _uint("mode", 0o644)
     force = request.args.get("force", "true").lower() != "false"
     store = _store()

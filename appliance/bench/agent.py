@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import trio
 
+from appliance.bench.options import results_dir_option
 from appliance.bench.report import Report, percentiles
 from appliance.guest import READY_LINE
 from appliance.guest.launcher import AgentProcess, running_agent
@@ -72,13 +73,7 @@ def throughput(sandbox: object, path: str, size: int, repeats: int) -> tuple[flo
 
 @click.command("agent")
 @click.option("--samples", default=100, show_default=True, help="round trips per latency metric")
-@click.option(
-    "--json-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="where agent.json is written",
-)
+@results_dir_option("where agent.json is written")
 def agent(samples: int, json_dir: Path) -> None:
     """Guest agent latency and file throughput on this host (no VM), through the E2B SDK."""
     os.environ["E2B_DEBUG"] = "true"

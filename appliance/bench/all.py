@@ -26,6 +26,7 @@ from appliance.bench.files import KIB, MIB, run_files_bench
 from appliance.bench.floor import measure_floor
 from appliance.bench.live import target, wait_memory_settled
 from appliance.bench.net import run_net_bench
+from appliance.bench.options import api_key_option, results_dir_option, template_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
@@ -79,21 +80,15 @@ def _kvm(ctx: click.Context, json_dir: Path) -> None:
 
 
 @click.command("all")
-@click.option(
-    "--json-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("bench-results"),
-    show_default=True,
-    help="Where every <scenario>.json and chart PNG is written.",
-)
-@click.option("--template", default=None, help="Template (default: the config's default_template).")
+@results_dir_option("Where every <scenario>.json and chart PNG is written.")
+@template_option
 @click.option(
     "--skip", multiple=True, type=click.Choice(SCENARIOS), help="Scenarios to leave out (repeatable)."
 )
 @click.option("--concurrency", "concurrencies", multiple=True, type=int, default=(1, 10), show_default=True)
 @click.option("--creates", default=12, show_default=True, help="Creates per concurrency round.")
 @click.option("--density-max", default=12, show_default=True, help="At most this many live sandboxes.")
-@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@api_key_option
 @click.pass_context
 def all_bench(
     ctx: click.Context,

@@ -10,6 +10,7 @@ import httpx
 import trio
 
 from appliance.api.client import ApiClient
+from appliance.bench.options import api_key_option, json_dir_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
@@ -87,8 +88,8 @@ async def run_api_bench(
     "--concurrency", "concurrencies", multiple=True, type=int, default=(1, 10, 50), show_default=True
 )
 @click.option("--sandbox-id", default=None, help="Sandbox for 'get' (default: a running one, or a new one).")
-@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write api.json here.")
-@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@json_dir_option("api.json")
+@api_key_option
 @click.pass_obj
 def api_bench(
     config: Config,
@@ -101,6 +102,4 @@ def api_bench(
     """Control-plane requests/s for list and get at concurrency 1/10/50."""
     api = ApiClient.from_config(config, api_key)
     report = trio.run(run_api_bench, api, concurrencies, seconds, sandbox_id, config.default_template)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -30,6 +30,7 @@ import trio
 
 from appliance.api.client import ApiClient
 from appliance.bench.live import pool_state_of, target
+from appliance.bench.options import api_key_option, json_dir_option, template_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
@@ -292,12 +293,12 @@ async def run_direct_bench(
     help="Seconds of create → delete loops (0: off).",
 )
 @click.option("--sustain-concurrency", default=2, show_default=True, help="Workers in the sustained loop.")
-@click.option("--template", default=None, help="Template (default: the config's default_template).")
+@template_option
 @click.option("--direct", is_flag=True, help="Boot with the uml runtime in-process instead (root).")
 @click.option("--boots", default=10, show_default=True, help="--direct: sequential cold boots to time.")
 @click.option("--held", default=10, show_default=True, help="--direct: guests held at once for memory.")
-@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
-@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@json_dir_option("the JSON")
+@api_key_option
 @click.pass_obj
 def create_bench(
     config: Config,
@@ -322,6 +323,4 @@ def create_bench(
         report = trio.run(
             run_api_create_bench, api, template, concurrencies, count, pool_wait, sustain, sustain_concurrency
         )
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

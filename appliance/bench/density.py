@@ -27,6 +27,7 @@ from appliance.bench.live import (
     wait_memory_settled,
     wait_pool_idle,
 )
+from appliance.bench.options import api_key_option, json_dir_option, template_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
@@ -140,11 +141,9 @@ def run_density_bench(
 @click.option("--max", "max_sandboxes", default=20, show_default=True, help="Stop after this many.")
 @click.option("--reserve-mib", default=2048, show_default=True, help="Stop before MemAvailable goes below.")
 @click.option("--settle-each", is_flag=True, help="Wait for memory to settle after every create (slower).")
-@click.option("--template", default=None, help="Template (default: the config's default_template).")
-@click.option(
-    "--json-dir", type=click.Path(path_type=Path), default=None, help="Also write density.json here."
-)
-@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@template_option
+@json_dir_option("density.json")
+@api_key_option
 @click.pass_obj
 def density_bench(
     config: Config,
@@ -159,6 +158,4 @@ def density_bench(
     report = run_density_bench(
         target(config, api_key), template or config.default_template, max_sandboxes, reserve_mib, settle_each
     )
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -16,6 +16,7 @@ import httpx
 
 from appliance.api.client import ApiClient
 from appliance.bench.live import SANDBOX_TIMEOUT_S, progress, sdk_pointed_at, target, timed
+from appliance.bench.options import api_key_option, json_dir_option, template_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
@@ -123,15 +124,13 @@ def run_exec_bench(api: ApiClient, template: str, loops: int, samples: int) -> R
 @click.command("exec")
 @click.option("--loops", default=10, show_default=True, help="first-exec loops (create → run → kill)")
 @click.option("--samples", default=50, show_default=True, help="round trips per call on a live sandbox")
-@click.option("--template", default=None, help="Template (default: the config's default_template).")
-@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write exec.json here.")
-@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@template_option
+@json_dir_option("exec.json")
+@api_key_option
 @click.pass_obj
 def exec_bench(
     config: Config, loops: int, samples: int, template: str | None, json_dir: Path | None, api_key: str | None
 ) -> None:
     """First-exec loop and run_code / commands.run round trips through the E2B SDK."""
     report = run_exec_bench(target(config, api_key), template or config.default_template, loops, samples)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

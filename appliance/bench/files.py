@@ -13,6 +13,7 @@ import click
 
 from appliance.api.client import ApiClient
 from appliance.bench.live import SANDBOX_TIMEOUT_S, progress, sdk_pointed_at, target
+from appliance.bench.options import api_key_option, json_dir_option, template_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
@@ -147,9 +148,9 @@ def _bench_size(sandbox: Any, report: Report, label: str, size: int, repeats: in
     help="File sizes (KiB/MiB suffix).",
 )
 @click.option("--repeats", default=0, help="Repeats per size (default: 30 / 10 / 2 by size).")
-@click.option("--template", default=None, help="Template (default: the config's default_template).")
-@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write files.json here.")
-@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@template_option
+@json_dir_option("files.json")
+@api_key_option
 @click.pass_obj
 def files_bench(
     config: Config,
@@ -166,6 +167,4 @@ def files_bench(
         default_repeats = 30 if size <= 64 * KIB else 10 if size <= 8 * MIB else 2
         plan.append((label_size(size), size, repeats or default_repeats))
     report = run_files_bench(target(config, api_key), template or config.default_template, tuple(plan))
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

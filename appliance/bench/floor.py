@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import trio
 
+from appliance.bench.options import json_dir_option
 from appliance.bench.report import Report, percentiles
 
 PYTHON = "/usr/bin/python3" if shutil.which("/usr/bin/python3") else sys.executable
@@ -75,12 +76,10 @@ async def measure_floor(runs: int = 20) -> dict[str, dict[str, float]]:
 
 @click.command("floor")
 @click.option("--runs", default=20, show_default=True, help="Starts measured per path.")
-@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write floor.json here.")
+@json_dir_option("floor.json")
 def floor_command(runs: int, json_dir: Path | None) -> None:
     """Start cost of isolated code on this host without the appliance."""
     report = Report("floor")
     for name, stats in trio.run(measure_floor, runs).items():
         report.add(path=name, **stats)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 import trio
 
+from appliance.bench.options import json_dir_option
 from appliance.bench.report import Report, percentiles
 from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.pool import ShellPool
@@ -232,7 +233,7 @@ def _dd_rate(line: str, size_mb: int) -> float:
 @click.option("--clones", default=10, show_default=True, help="live clones for the memory measurement")
 @click.option("--exits", default=2000, show_default=True, help="guest exits to time")
 @click.option("--blk-mb", default=128, show_default=True, help="MiB the UML guest writes and reads")
-@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="also write <dir>/kvm.json")
+@json_dir_option("kvm.json")
 def kvm_command(
     memory_mb: int, rounds: int, clones: int, exits: int, blk_mb: int, json_dir: Path | None
 ) -> None:
@@ -278,9 +279,7 @@ def kvm_command(
         report.notes.append(f"virtio-blk via UML skipped: {blk}")
     else:
         report.add(metric=f"virtio-blk via UML vhost-user ({blk_mb} MiB, O_DIRECT, 1 MiB blocks)", **blk)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"  wrote {report.write_json(json_dir)}")
+    report.show(json_dir)
 
 
 if __name__ == "__main__":

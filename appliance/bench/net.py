@@ -23,6 +23,7 @@ import click
 import trio
 from pyroute2 import IPRoute
 
+from appliance.bench.options import json_dir_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 from appliance.net import CubeVS, NetworkPolicy, SandboxNetwork, netns
@@ -241,13 +242,11 @@ async def run_net_bench(
     show_default=True,
     help="Bench-only host_network (must not overlap a running service's).",
 )
-@click.option("--json-dir", type=click.Path(path_type=Path), default=None, help="Also write net.json here.")
+@json_dir_option("net.json")
 @click.pass_obj
 def net_bench(
     config: Config, sandboxes: int, rounds: int, seconds: float, host_network: str, json_dir: Path | None
 ) -> None:
     """Sandbox network set-up cost, and TCP throughput/latency with the eBPF policy on vs off."""
     report = trio.run(run_net_bench, config, host_network, sandboxes, rounds, seconds)
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import trio
 
 from appliance.config import Config
+from appliance.runtime.readiness import ReadinessProbe
 
 START_TIMEOUT_S = 600.0  # start-up compiles the eBPF programs: minutes on a loaded 2-core host
 STOP_TIMEOUT_S = 120.0
@@ -68,7 +70,8 @@ class PrivateService:
 
     @property
     def run_dir(self) -> Path:
-        return self.root / "run"
+        """Its own, unless the settings' environment names another (an install's layout)."""
+        return Path(self.settings.extra_env.get("CUBE_RUN_DIR", self.root / "run"))
 
     def environment(self) -> dict[str, str]:
         s = self.settings
@@ -116,18 +119,25 @@ class PrivateService:
         return started
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> float:
-        """Until /health answers; the monotonic time it first did. RuntimeError if the service
-        exited or did not answer in time (with its log's tail)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"cube serve exited ({self.process.returncode}):\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+        """Until /health answers (`runtime.readiness`, the one probe); the monotonic time it first
+        did. RuntimeError if the service exited or did not answer in time (with its log's tail)."""
+        probe = ReadinessProbe(("127.0.0.1", self.settings.api_port), "/health", attempt_timeout_s=2.0)
+
+        def exited() -> bool:
+            return self.process is not None and self.process.poll() is not None
+
+        async def answered_at() -> float | None:
+            with trio.move_on_after(timeout):
+                if await probe.wait(0.05, gave_up=exited):
                     return time.monotonic()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+            return None
+
+        answered = trio.run(answered_at)
+        if answered is not None:
+            return answered
+        if exited():
+            assert self.process is not None
+            raise RuntimeError(f"cube serve exited ({self.process.returncode}):\n{self.log_tail()}")
         raise RuntimeError(f"cube serve did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> None:

@@ -87,6 +87,12 @@ class Report:
         for note in self.notes:
             click.echo(f"  note: {note}")
 
+    def show(self, json_dir: Path | None) -> None:
+        """The table on stdout, and the JSON in `json_dir` if one is given (a scenario's last step)."""
+        self.print_table()
+        if json_dir is not None:
+            click.echo(f"wrote {self.write_json(json_dir)}")
+
     def write_json(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.name}.json"

@@ -19,6 +19,7 @@ import click
 
 from appliance.api.client import ApiClient
 from appliance.bench.live import SANDBOX_TIMEOUT_S, progress, sdk_pointed_at, target, timed
+from appliance.bench.options import api_key_option, json_dir_option, template_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
@@ -82,11 +83,9 @@ def run_snapshot_bench(api: ApiClient, template: str, rounds: int, write_mb: int
 @click.command("snapshot")
 @click.option("--rounds", default=3, show_default=True, help="snapshot → create → delete rounds")
 @click.option("--write-mb", default=64, show_default=True, help="MiB the source sandbox writes first")
-@click.option("--template", default=None, help="Template (default: the config's default_template).")
-@click.option(
-    "--json-dir", type=click.Path(path_type=Path), default=None, help="Also write snapshot.json here."
-)
-@click.option("--api-key", envvar="CUBE_API_KEY", default=None)
+@template_option
+@json_dir_option("snapshot.json")
+@api_key_option
 @click.pass_obj
 def snapshot_bench(
     config: Config,
@@ -100,6 +99,4 @@ def snapshot_bench(
     report = run_snapshot_bench(
         target(config, api_key), template or config.default_template, rounds, write_mb
     )
-    report.print_table()
-    if json_dir is not None:
-        click.echo(f"wrote {report.write_json(json_dir)}")
+    report.show(json_dir)

@@ -8,10 +8,11 @@ from typing import Any
 
 import click
 
+from appliance.bench.options import api_key_option
+
+__all__ = ["api_key_option", "json_option", "print_table"]
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-api_key_option = click.option(
-    "--api-key", envvar="CUBE_API_KEY", default=None, help="API key (default: admin token)."
-)
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

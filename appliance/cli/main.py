@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from appliance.bench.net import net_bench
 from appliance.bench.restart import restart_bench
 from appliance.bench.snapshot import snapshot_bench
 from appliance.cli.common import api_key_option, emit, json_option, print_table
+from appliance.cli.node import node as node_commands
 from appliance.cli.templates import BUILD_COMMANDS
 from appliance.config import load_config
 from appliance.errors import first_leaf
@@ -57,9 +59,21 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 
 
 @main.command()
+@click.option(
+    "--end-sandboxes",
+    is_flag=True,
+    help="Take over the sandboxes a previous service left running, end them all, and exit "
+    "(what the uninstaller runs).",
+)
 @click.pass_obj
-def serve(config: Any) -> None:
+def serve(config: Any, end_sandboxes: bool) -> None:
     """Run the appliance: API, sandbox router, state store and cubelet."""
+    from appliance.net.addressing import Addressing
+    from appliance.net.ebpf import compile_ahead, pin_dir_of
+
+    # The eBPF compile (a second of clang) runs beside the rest of the start-up from here.
+    compile_ahead(pin_dir_of(Addressing(config.host_network)))
+    from appliance.cluster.node import ClusterConfigError
     from appliance.cubelet.runtimes import RuntimeUnavailable
     from appliance.master.service import serve_until_signalled
     from appliance.master.store import DatabaseTooNew
@@ -69,9 +83,9 @@ def serve(config: Any) -> None:
     # drown the service log (and /init bodies must never be logged).
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
-        trio.run(serve_until_signalled, config)
+        trio.run(partial(serve_until_signalled, config, end_sandboxes=end_sandboxes))
     except BaseExceptionGroup as group:
-        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew))
+        matching, _ = group.split((RuntimeUnavailable, DatabaseTooNew, ClusterConfigError))
         if matching is None:
             raise
         raise click.ClickException(str(first_leaf(matching))) from group
@@ -293,6 +307,7 @@ def build_iso(config: Any, output: Path) -> None:
 
 
 main.add_command(upgrade_command)
+main.add_command(node_commands)
 
 
 @main.group()

@@ -10,7 +10,7 @@
 - `envd_client.GuestAgent`: the host's calls to one guest's agent.
 
 At start, before its pools or health probes run, it takes over the guests the previous
-service left running (`Adoption`, if the runtime keeps guests across restarts: uml).
+service left running (`adoption.Adopter`, if the runtime keeps guests across restarts: uml).
 
 A create claims a pooled guest if there is one, else boots one cold; either way it
 then hands the guest its user's env vars, access token and clock through the agent's
@@ -29,13 +29,13 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
 from appliance.config import Config
+from appliance.cubelet.adoption import Adopter, Adoption
 from appliance.cubelet.capacity import BootCapacity
 from appliance.cubelet.envd_client import EnvdError
 from appliance.cubelet.health import HealthProber
@@ -52,17 +52,15 @@ from appliance.cubelet.sandboxes import (
     template_network_policy,
 )
 from appliance.cubelet.state import ACTIVE, USER_VISIBLE, SandboxState
+from appliance.cubelet.volume_mounts import VolumeMounts
 from appliance.net.policy import NetworkPolicy
 from appliance.records import (
-    LIVE_STATES,
-    PAUSED,
     RUNNING,
-    SandboxQuery,
     SandboxRecord,
     Store,
     TemplateManifest,
 )
-from appliance.runtime.base import AdoptingRuntime, Instance, KeptGuest, Runtime
+from appliance.runtime.base import AdoptingRuntime, Instance, Runtime
 
 __all__ = [
     "ENVD_VERSION",
@@ -106,24 +104,6 @@ def memory_budget_mb(config: Config) -> int:
     return 0
 
 
-@dataclass
-class Adoption:
-    """What a start made of the guests the previous service had."""
-
-    adopted: list[str] = field(default_factory=list)  # users' sandboxes running (or paused) again
-    ended: dict[str, str] = field(default_factory=dict)  # sandbox id → why it is not
-
-
-def _gone_template(kept: KeptGuest) -> TemplateManifest:
-    """Stands in for a kept guest's template that no longer exists (the guest is only ended)."""
-    return TemplateManifest(
-        template_id=kept.template_id,
-        directory=Path("/nonexistent") / kept.template_id,
-        memory_mb=kept.memory_mb,
-        cpu_count=kept.cpu_count,
-    )
-
-
 class Cubelet:
     def __init__(
         self,
@@ -146,6 +126,10 @@ class Cubelet:
         self.lifecycle = GuestLifecycle(
             config, runtime, self.sandboxes, self.capacity, make_room=lambda t: self.pools.make_room(t)
         )
+        self.volume_mounts = VolumeMounts(
+            config.state_dir, config.volume_max_mb << 20, holder_alive=lambda sid: sid in self.sandboxes
+        )
+        self.lifecycle.volume_mounts = self.volume_mounts
         self.health = HealthProber(config, self.sandboxes, self.lifecycle.terminate)
         self.adoption = Adoption()  # what `run` took over of the previous service's guests
         self.pools = WarmPools(
@@ -168,7 +152,8 @@ class Cubelet:
             async with trio.open_nursery() as nursery:
                 self.lifecycle.nursery = nursery
                 if isinstance(self.runtime, AdoptingRuntime):
-                    self.adoption = await self._adopt(self.runtime)
+                    adopter = Adopter(self.store, self.sandboxes, self.lifecycle, self._templates)
+                    self.adoption = await adopter.adopt(self.runtime)
                 nursery.start_soon(self.pools.keep)
                 nursery.start_soon(self.health.run)
                 nursery.start_soon(self.metrics_history.run)
@@ -191,78 +176,6 @@ class Cubelet:
         for live in lives:
             await live.gone.wait()
         return detached
-
-    # Taking over the guests of the previous service.
-
-    async def _adopt(self, runtime: AdoptingRuntime) -> Adoption:
-        kept, gone = await runtime.kept_guests()
-        adoption = Adoption(ended=dict(gone))
-        if not kept:
-            return adoption
-        records = {
-            r.sandbox_id: r
-            for r in self.store.query_sandboxes(SandboxQuery(states=LIVE_STATES, limit=1 << 30))
-        }
-        templates = self._templates()
-        async with trio.open_nursery() as nursery:
-            for guest in kept:
-                nursery.start_soon(self._adopt_one, guest, records.get(guest.sandbox_id), templates, adoption)
-        return adoption
-
-    async def _adopt_one(
-        self,
-        kept: KeptGuest,
-        record: SandboxRecord | None,
-        templates: dict[str, TemplateManifest],
-        adoption: Adoption,
-    ) -> None:
-        """Take over one kept guest: a user's sandbox again (as its record says: running or paused,
-        its deadline kept), or ended if it is nobody's (a pooled or build guest), its template is
-        gone or it cannot be taken over; either way with nothing of it left behind."""
-        template = templates.get(kept.template_id)
-        if record is not None:
-            policy = record.egress_policy()
-        elif template is not None:
-            policy = template_network_policy(template)
-        else:
-            policy = NetworkPolicy(allow_internet_access=False)
-        try:
-            live = self.sandboxes.adopt(kept, template or _gone_template(kept), policy, record)
-            await self.lifecycle.start(live)
-        except SandboxStartFailed as exc:
-            adoption.ended[kept.sandbox_id] = f"it could not be taken over: {exc}"
-            return
-        if record is None or template is None:
-            why = "nobody's sandbox (pooled or building)" if record is None else "its template is gone"
-            self.lifecycle.terminate(live, f"not taken over: {why}")
-            await live.gone.wait()
-            return
-        try:
-            await self._resume_as_recorded(live, kept, record)
-        except Exception as exc:  # its runtime could not pause or resume it: that sandbox ends, no other
-            why = f"it could not be taken over: {exc}"
-            self.lifecycle.terminate(live, why)
-            adoption.ended[kept.sandbox_id] = why
-            return
-        adoption.adopted.append(kept.sandbox_id)
-
-    async def _resume_as_recorded(self, live: LiveSandbox, kept: KeptGuest, record: SandboxRecord) -> None:
-        """ADOPTING → RUNNING or PAUSED as its record says (what its users were told), the guest
-        frozen or not to match, the deadline of a running one where it was."""
-        instance = live.instance
-        assert instance is not None
-        paused = record.state == PAUSED
-        async with live.changing:
-            if paused and not kept.paused:
-                await instance.pause()
-            elif not paused and kept.paused:
-                await instance.resume()
-            if live.state is not SandboxState.ADOPTING:
-                raise SandboxNotFound(live.sandbox_id)  # it ended meanwhile
-            new = SandboxState.PAUSED if paused else SandboxState.RUNNING
-            self.sandboxes.transition(live, new, "taken over after a service restart")
-            if not paused:
-                live.set_deadline(trio_deadline_for(record.end_at))
 
     # Queries.
 
@@ -325,6 +238,10 @@ class Cubelet:
         console_log = str(live.instance.console_log) if live.instance else ""
         record = request.new_record(live.sandbox_id, console_log, now)
         await self._init_guest(live, request, record, now)
+        if request.volume_mounts:
+            await self.volume_mounts.attach(
+                live.sandbox_id, live.instance, live.agent, list(request.volume_mounts), request.template.user
+            )
         # A warm guest was booted with the template's default policy, a cold one with the
         # request's: most requests ask for the default, and then there is nothing to change.
         if self.network is not None and request.network != live.spec.network_policy:

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.config import Config
-
-DEBIAN_UML = Path("/usr/bin/linux.uml")
+from appliance.runtime.detect import detect_host, find_uml_kernel
+from appliance.runtime.uml.kernel import refuse_unsafe_kernel
 
 
 @dataclass(frozen=True)
@@ -24,16 +24,6 @@ class Check:
 
 def check_kvm(config: Config) -> tuple[Check, str | None, str]:
     """(check, the runtime the host detector picks or None if it is unavailable, its reason)."""
-    try:
-        detect_host = importlib.import_module("appliance.runtime.detect").detect_host
-    except (ImportError, AttributeError):
-        exists = Path("/dev/kvm").exists()
-        detail = (
-            "/dev/kvm present (kind unknown: appliance.runtime.detect unavailable)"
-            if exists
-            else "no /dev/kvm"
-        )
-        return Check("kvm", exists, detail), None, ""
     host = detect_host(config)
     detail = f"{host.kvm}, /dev/kvm {'usable' if host.kvm_usable else 'not usable'}"
     if host.kvm == "PVM":
@@ -58,17 +48,16 @@ def check_kvm_templates(config: Config) -> Check:
 
 
 def check_uml(config: Config) -> Check:
-    """The UML kernel the uml runtime would run: configured, built into the cache, or Debian's."""
+    """The UML kernel the uml runtime would run (configured, built into the cache, or Debian's),
+    and whether sandboxes may run it: a kernel with hostfs (Debian's linux.uml) is refused."""
+    found = find_uml_kernel(config)
+    if found is None or not os.access(found, os.X_OK):
+        return Check("uml", False, "no UML kernel (cube image build-uml-kernel)")
     try:
-        find_uml_kernel = importlib.import_module("appliance.runtime.detect").find_uml_kernel
-    except (ImportError, AttributeError):
-        candidates = [config.uml_kernel] if config.uml_kernel else [DEBIAN_UML]
-        found = next((c for c in candidates if c is not None and c.exists()), None)
-    else:
-        found = find_uml_kernel(config)
-    if found is not None and os.access(found, os.X_OK):
-        return Check("uml", True, str(found))
-    return Check("uml", False, "no UML kernel (cube image build-uml-kernel, or apt install user-mode-linux)")
+        refuse_unsafe_kernel(found)
+    except RuntimeError as e:
+        return Check("uml", False, str(e))
+    return Check("uml", True, str(found))
 
 
 def check_bcc() -> Check:

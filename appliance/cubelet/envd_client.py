@@ -148,13 +148,21 @@ class GuestAgent:
             e2b: data[envd] for envd, e2b in METRIC_KEYS.items() if isinstance(data.get(envd), int | float)
         }
 
-    async def run(self, argv: list[str], user: str, env: dict[str, str], cwd: str) -> int:
-        """`argv` as `user` in the guest, its output dropped; its exit status (EnvdError: the agent
-        failed). For the host's own checks (a template's ready command), before `/init` too."""
+    async def run(
+        self,
+        argv: list[str],
+        user: str,
+        env: dict[str, str],
+        cwd: str,
+        stdout: Callable[[bytes], Any] | None = None,
+    ) -> int:
+        """`argv` as `user` in the guest, its output dropped (or stdout to `stdout`); its exit status
+        (EnvdError: the agent failed). For the host's own checks (a template's ready command), before
+        `/init` too, and the host's own work in a guest (volume mounts)."""
         # No read timeout: a command may be silent as long as it runs (the caller bounds it).
         timeout = httpx.Timeout(self._http.timeout.connect, read=None)
         return await start_process(
-            self._http, "", user, argv, env, cwd, _drop, _drop, auth=self.headers(), timeout=timeout
+            self._http, "", user, argv, env, cwd, stdout or _drop, _drop, auth=self.headers(), timeout=timeout
         )
 
     async def aclose(self) -> None:

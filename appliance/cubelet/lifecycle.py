@@ -32,6 +32,7 @@ from appliance.cubelet.sandboxes import (
     SandboxTable,
 )
 from appliance.cubelet.state import USER_VISIBLE, SandboxState
+from appliance.cubelet.volume_mounts import VolumeMounts
 from appliance.errors import first_leaf
 from appliance.net.policy import NetworkPolicy
 from appliance.records import SandboxRecord, TemplateManifest
@@ -82,6 +83,8 @@ class GuestLifecycle:
         self.table = table
         self.capacity = capacity
         self.nursery: trio.Nursery | None = None  # the cubelet's, while it runs
+        self.volume_mounts: VolumeMounts | None = None  # volumes copied back out before a guest stops
+        self._saving_volumes: set[str] = set()  # sandboxes whose volumes are being copied back
 
     def _running(self) -> trio.Nursery:
         assert self.nursery is not None, "cubelet is not running"
@@ -260,7 +263,7 @@ class GuestLifecycle:
                 exc.reason,
                 f"; console tail:\n{tail}" if tail else "",
             )
-            self.terminate(live, f"guest exited: {exc.reason}")
+            self.terminate(live, f"guest exited: {exc.reason}", guest_gone=True)
 
     async def _watch_deadline(self, live: LiveSandbox) -> None:
         while True:
@@ -277,10 +280,41 @@ class GuestLifecycle:
 
     # Changes of a user's sandbox.
 
-    def terminate(self, live: LiveSandbox, reason: str) -> None:
-        """End the guest for its users now (ENDING) and start its teardown (`forget` completes it)."""
-        self.table.end(live, reason)
-        live.lifetime.cancel()
+    def terminate(self, live: LiveSandbox, reason: str, *, guest_gone: bool = False) -> None:
+        """End the guest for its users now (ENDING) and start its teardown (`forget` completes it);
+        a guest with volumes mounted first hands their files back (cubelet/volume_mounts.py),
+        unless it is gone already (`guest_gone`: then its volumes are only released)."""
+        was_paused = live.state is SandboxState.PAUSED
+        ending = self.table.end(live, reason)
+        mounts = self.volume_mounts
+        if live.sandbox_id in self._saving_volumes:
+            return  # it ends once they are saved
+        if ending and mounts is not None and self.nursery is not None and mounts.held_by(live.sandbox_id):
+            self._saving_volumes.add(live.sandbox_id)
+            mounts.begin_saving(live.sandbox_id)
+            live.set_deadline(math.inf)  # no timeout while its volumes are saved
+            agent = None if guest_gone else live.agent
+            self.nursery.start_soon(self._sync_volumes_then_end, live, mounts, agent, was_paused)
+        else:
+            live.lifetime.cancel()
+
+    async def _sync_volumes_then_end(
+        self, live: LiveSandbox, mounts: VolumeMounts, agent: GuestAgent | None, was_paused: bool
+    ) -> None:
+        try:
+            if was_paused and agent is not None and live.instance is not None:
+                try:
+                    await live.instance.resume()  # a frozen guest cannot tar its volumes
+                except Exception as exc:
+                    log.warning(
+                        "sandbox %s could not be resumed to save its volumes: %s", live.sandbox_id, exc
+                    )
+            await mounts.sync_out(live.sandbox_id, agent)
+        except Exception:  # one sandbox's volumes must not take the node down
+            log.exception("sandbox %s: saving its volumes failed", live.sandbox_id)
+        finally:
+            self._saving_volumes.discard(live.sandbox_id)
+            live.lifetime.cancel()
 
     async def detach(self, live: LiveSandbox) -> bool:
         """Let go of a user's sandbox without ending it (DETACHED): its runtime keeps the guest

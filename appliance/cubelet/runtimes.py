@@ -26,7 +26,7 @@ from appliance.config import Config
 from appliance.cubelet.cubelet import NetworkPolicyService
 from appliance.net.policy import NetworkPolicy
 from appliance.records import TemplateManifest
-from appliance.runtime.base import BootSpec, Instance, Runtime
+from appliance.runtime.base import BootFailed, BootSpec, Instance, Runtime
 
 if TYPE_CHECKING:
     from appliance.runtime.kvm.runtime import KvmInstance, KvmRuntime
@@ -122,7 +122,7 @@ class KvmWithUmlFallback:
         self.uml = uml
         self._told: set[str] = set()
         unservable = importlib.import_module("appliance.runtime.kvm.template_snapshots").TemplateUnservable
-        self._unservable: type[Exception] = unservable
+        self._unservable: type[BootFailed] = unservable  # a BootFailed: its `reason` says why
 
     async def run(
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
@@ -130,7 +130,7 @@ class KvmWithUmlFallback:
         try:
             await self.kvm.run(spec, task_status=task_status)
         except self._unservable as exc:  # raised before the instance was handed out
-            reason = getattr(exc, "reason", str(exc))
+            reason = exc.reason
         if spec.template.template_id not in self._told:
             self._told.add(spec.template.template_id)
             log.warning("template %s runs on uml: %s", spec.template.template_id, reason)

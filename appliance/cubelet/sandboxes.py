@@ -31,6 +31,7 @@ from appliance.cubelet.state import (
     SandboxState,
     check_transition,
 )
+from appliance.cubelet.volume_mounts import VolumeMount
 from appliance.net.policy import NetworkPolicy
 from appliance.records import RUNNING, SandboxRecord, Store, TemplateManifest
 from appliance.runtime.base import BootSpec, Instance, KeptGuest
@@ -66,6 +67,7 @@ class SandboxRequest:
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     allow_public_traffic: bool = True  # False: the sandbox's ports need its traffic access token
     team_id: str = SYSTEM_TEAM
+    volume_mounts: tuple[VolumeMount, ...] = ()  # mounted at the claim (cubelet/volume_mounts.py)
 
     def new_record(self, sandbox_id: str, console_log: str, now: float) -> SandboxRecord:
         """The record of the sandbox this request makes (RUNNING from `now`), with new access and

@@ -20,6 +20,7 @@ import trio
 
 from appliance.guest.http import ClientGone
 from appliance.guest.kernel import (
+    INTERRUPT_GRACE_S,
     KERNEL_START_TIMEOUT_S,
     Emit,
     Kernel,
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
 # How long to wait for the iopub status echo of a kernel_info request before asking again:
 # a SUB socket only receives once its subscription reached the kernel.
 IOPUB_HANDSHAKE_S = 0.5
-# How long an interrupted cell may take to wind down before the context is used again.
-INTERRUPT_GRACE_S = 5.0
 # Jupyter MIME types → fields of an /execute `result` event (PROTOCOL.md §4.1); others go to `extra`.
 MIME_FIELDS = {
     "text/plain": "text",

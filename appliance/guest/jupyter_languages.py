@@ -17,7 +17,7 @@ import sys
 
 from appliance.guest.jupyter_kernel import JupyterKernel
 from appliance.guest.kernel import KernelStartError
-from appliance.guest.python_kernel import KERNEL_BOOTSTRAP, RESTORE_DEBUGPY
+from appliance.guest.python_kernel import KERNEL_BOOTSTRAP, RESTORE_SKIPPED_MODULES
 
 SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -62,12 +62,12 @@ class RKernel(JupyterKernel):
         return saved + self.set_env_code(env_vars), restore
 
 
-# ipykernel's launcher with bash_kernel's kernel class, minus the debugger (see python_kernel.py).
+# ipykernel's launcher with bash_kernel's kernel class, minus debugpy and jedi (see python_kernel.py).
 BASH_BOOTSTRAP = KERNEL_BOOTSTRAP.replace(
     "from ipykernel import kernelapp\nkernelapp.launch_new_instance()\n",
     "from ipykernel.kernelapp import IPKernelApp\n"
     "from bash_kernel.kernel import BashKernel\n"
-    f"exec({RESTORE_DEBUGPY!r})\n"
+    f"exec({RESTORE_SKIPPED_MODULES!r})\n"
     "IPKernelApp.launch_instance(kernel_class=BashKernel)\n",
 )
 

@@ -18,6 +18,9 @@ from appliance.guest.users import User
 # One NDJSON object of the /execute stream (PROTOCOL.md §4.1).
 Emit = Callable[[dict[str, object]], Awaitable[None]]
 KERNEL_START_TIMEOUT_S = 120.0
+# How long a cell interrupted because its client left may take to wind down (keeping the
+# kernel's state) before the context takes the next request or the kernel is restarted instead.
+INTERRUPT_GRACE_S = 5.0
 
 
 class KernelStartError(Exception):
@@ -34,10 +37,7 @@ def start_failure(exc: BaseException) -> KernelStartError | None:
     if isinstance(exc, BaseExceptionGroup):
         failures, rest = exc.split((KernelStartError, trio.TooSlowError))
         if failures is not None and rest is None:
-            leaves = failures.exceptions
-            while isinstance(leaves[0], BaseExceptionGroup):
-                leaves = leaves[0].exceptions
-            return start_failure(leaves[0])
+            return start_failure(failures.exceptions[0])  # a nested group: split again
     return None
 
 

@@ -33,6 +33,11 @@ READY_TIMEOUT_S = 60
 # against bookworm's versions (trio 0.22, h11 0.14, ipykernel 6.17).
 GUEST_PYTHON = os.environ.get("CUBE_GUEST_PYTHON", sys.executable)
 GUEST_PYTHONPATH = os.environ.get("CUBE_GUEST_PYTHONPATH")
+# The agent gets SIGTERM (its orderly stop, which ends its kernels and processes too) when the
+# thread that started it exits: a test run killed with SIGKILL (a CI timeout, a developer's
+# kill -9) must not leave an agent holding 49983/49999 for the next run. util-linux's setpriv
+# sets it and execs, so the pid is the agent's.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig=TERM", "--")
 
 
 @dataclass
@@ -92,6 +97,8 @@ def running_agent(
 
     It gets a fresh boot token (`boot_token` names one; "" gives it none), and acts for
     this process's own user by default: other users exist only where this runs as root.
+    It ends when the calling thread ends (DIE_WITH_PARENT): call this from a thread that
+    outlives the agent (not a worker thread of a pool).
     """
     boot_token = secrets.token_hex(16) if boot_token is None else boot_token
     if "--default-user" not in agent_args:
@@ -112,7 +119,7 @@ def running_agent(
     with stderr_path.open("w") as stderr:
         started_at = time.perf_counter()
         process = subprocess.Popen(
-            [GUEST_PYTHON, *python_args, "--host", "127.0.0.1", *agent_args],
+            [*DIE_WITH_PARENT, GUEST_PYTHON, *python_args, "--host", "127.0.0.1", *agent_args],
             cwd=home, env=full_env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True,
         )  # fmt: skip
     try:

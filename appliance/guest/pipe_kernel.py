@@ -18,6 +18,7 @@ import trio
 
 from appliance.guest.http import ClientGone
 from appliance.guest.kernel import (
+    INTERRUPT_GRACE_S,
     KERNEL_START_TIMEOUT_S,
     Emit,
     Kernel,
@@ -30,8 +31,6 @@ from appliance.guest.kernel import (
 )
 
 Reply = dict[str, object]  # one JSON line of the kernel
-# How long an interrupted cell may take to wind down before the kernel is restarted instead.
-INTERRUPT_GRACE_S = 5.0
 
 
 class PipeKernel(Kernel[Reply]):

@@ -18,23 +18,26 @@ from appliance.guest.jupyter_kernel import MIME_FIELDS, JupyterKernel
 from appliance.guest.kernel_display import CHART_MIME, CHARTS_MODULE_NAME, DATA_MIME, KERNEL_MODULE_NAME
 
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
-# `python3 -m ipykernel_launcher`, minus ipykernel's debugger: importing debugpy (pydevd) is
-# about a quarter of a kernel's start-up under UML, for a feature no E2B client uses.
-# `import debugpy` fails while sys.modules holds None for it; RESTORE_DEBUGPY undoes that
-# once the kernel answers, so user code can still import it.
+# `python3 -m ipykernel_launcher`, minus what no E2B client uses: ipykernel's debugger (importing
+# debugpy (pydevd) is about a quarter of a kernel's start-up under UML) and IPython's jedi
+# completer (jedi and parso: ~5 MiB of every idle sandbox; IPython's own completer stands in).
+# `import X` fails while sys.modules holds None for it; RESTORE_SKIPPED_MODULES undoes that once
+# the kernel answers, so user code can still import them.
+SKIPPED_MODULES = ("debugpy", "jedi")
 KERNEL_BOOTSTRAP = (
     "import sys\n"
     "if sys.path and sys.path[0] == '':\n"
     "    del sys.path[0]\n"
-    "sys.modules['debugpy'] = None\n"
+    f"sys.modules.update(dict.fromkeys({SKIPPED_MODULES!r}))\n"
     "from ipykernel import kernelapp\n"
     "kernelapp.launch_new_instance()\n"
 )
-RESTORE_DEBUGPY = (
+RESTORE_SKIPPED_MODULES = (
     "import sys as _cube_sys\n"
-    "if 'debugpy' in _cube_sys.modules and _cube_sys.modules['debugpy'] is None:\n"
-    "    del _cube_sys.modules['debugpy']\n"
-    "del _cube_sys\n"
+    f"for _cube_name in {SKIPPED_MODULES!r}:\n"
+    "    if _cube_name in _cube_sys.modules and _cube_sys.modules[_cube_name] is None:\n"
+    "        del _cube_sys.modules[_cube_name]\n"
+    "del _cube_sys, _cube_name\n"
 )
 KERNEL_OPTIONS = (
     # No history database (sqlite) and no thread saving to it: nothing reads it back.
@@ -100,7 +103,7 @@ class PythonKernel(JupyterKernel):
         return RESEED_CODE
 
     def startup_code(self) -> str:
-        return RESTORE_DEBUGPY + display_setup_code()
+        return RESTORE_SKIPPED_MODULES + display_setup_code()
 
     def set_env_code(self, env_vars: dict[str, str]) -> str:
         return f"import os as _cube_os\n_cube_os.environ.update({env_vars!r})\ndel _cube_os\n"

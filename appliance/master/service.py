@@ -45,6 +45,7 @@ from quart import Blueprint
 from appliance.api.app import build_app
 from appliance.api.auth import Access, Authenticator, check_local_dev_allowed, ensure_admin_token, protect
 from appliance.api.services import Services
+from appliance.cluster.node import ClusterNode, ClusterSettings
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
@@ -55,10 +56,11 @@ from appliance.master.secrets import SECRETS_DB, SecretStore
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.master.volumes import VolumeStore
+from appliance.proxy.node_hop import NodeHop
 from appliance.proxy.router import ASGIApp, SandboxRouter
-from appliance.proxy.tls import ensure_tls_files
+from appliance.proxy.tls import TlsFiles, ensure_tls_files
 from appliance.records import DEAD, LIVE_STATES, SandboxQuery
-from appliance.runtime.base import AdoptingRuntime
+from appliance.runtime.base import AdoptingRuntime, Runtime
 from appliance.templates.api import create_blueprint as create_build_blueprint
 from appliance.templates.builds import TemplateBuilds
 
@@ -82,22 +84,40 @@ class RunningService:
     restored_at_start: list[str] = field(default_factory=list)
     # Set before `stop`: sandboxes whose runtime can keep them run on, for the next start.
     keep_sandboxes: bool = False
+    cluster: ClusterNode | None = None  # this node's part in a cluster (None: a single node)
 
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _hypercorn_config(config: Config, certfile: Path, keyfile: Path) -> HypercornConfig:
+def _hypercorn_config(config: Config, tls: TlsFiles) -> HypercornConfig:
     hconfig = HypercornConfig()
     hconfig.insecure_bind = [_hostport(config.api_host, config.api_port)]
     hconfig.bind = [_hostport(config.api_host, config.tls_port)]
-    hconfig.certfile = str(certfile)
-    hconfig.keyfile = str(keyfile)
+    hconfig.certfile = str(tls.server_cert)
+    hconfig.keyfile = str(tls.server_key)
     hconfig.graceful_timeout = GRACEFUL_TIMEOUT_S
     hconfig.accesslog = None
     hconfig.keep_alive_timeout = 75
     return hconfig
+
+
+async def _serve(
+    nursery: trio.Nursery, app: SandboxRouter | NodeHop, hconfig: HypercornConfig, stop: trio.Event
+) -> tuple[str, str]:
+    """Serve `app` until `stop` is set; (the plain HTTP URL, the HTTPS URL) once listening."""
+    binds = await nursery.start(
+        partial(
+            hypercorn.trio.serve,
+            cast(Any, app),  # hypercorn's ASGI types are TypedDicts; ours are plain mappings
+            hconfig,
+            shutdown_trigger=stop.wait,
+        )
+    )
+    return next(b for b in binds if b.startswith("http://")), next(
+        b for b in binds if b.startswith("https://")
+    )
 
 
 def _write_pid_file(run_dir: Path) -> Path:
@@ -136,6 +156,55 @@ def _report_ended(store: SqliteStore, adopted: list[str], ended: dict[str, str])
     return marked
 
 
+async def _take_over(
+    cubelet: Cubelet, registry: TemplateRegistry, store: SqliteStore, state_dir: Path
+) -> tuple[list[str], list[str], list[str]]:
+    """What this start made of the previous run's sandboxes (the cubelet has adopted the guests
+    that ran on): those adopted, those recorded dead, those carried over and booted again."""
+    adopted = cubelet.adoption.adopted
+    if adopted:
+        log.info("%d sandboxes run on from the previous start: %s", len(adopted), adopted)
+    reported_dead = _report_ended(store, adopted, cubelet.adoption.ended)
+    restored = await restore_carried(cubelet, registry, store, state_dir)
+    if restored:
+        log.info("%d sandboxes carried over the restart are back: %s", len(restored), restored)
+    return adopted, reported_dead, restored
+
+
+async def _shut_down(
+    running: RunningService, runtime: Runtime, router: SandboxRouter, front: SandboxRouter | NodeHop
+) -> None:
+    """End the sandboxes (or, with `keep_sandboxes`, leave those running whose runtime can keep
+    them), the router's connections and, in a cluster, the node hop's and this node's membership."""
+    reason = STOP_REASON
+    if running.keep_sandboxes and not isinstance(runtime, AdoptingRuntime):
+        reason += f" (the {runtime.name} runtime's sandboxes cannot outlive the service)"
+    kept = await running.cubelet.shutdown(reason, detach=running.keep_sandboxes)
+    if kept:
+        log.info("%d sandboxes run on for the next start: %s", len(kept), kept)
+    await router.aclose()
+    if isinstance(front, NodeHop):
+        await front.aclose()
+        await front.node.leave()
+
+
+async def _watch_cluster(
+    settings: ClusterSettings | None,
+    cubelet: Cubelet,
+    registry: TemplateRegistry,
+    services: Services,
+    nursery: trio.Nursery,
+) -> ClusterNode | None:
+    """In a cluster (etcd_endpoints set): this node's watched view of the others, loaded before
+    the API serves, and the other nodes' forwarded calls believed only with the cluster token."""
+    if settings is None:
+        return None
+    cluster = ClusterNode(settings, cubelet, registry.all, registry.resolve)
+    services.auth.cluster_token_check = cluster.verify_token
+    await nursery.start(cluster.watch)
+    return cluster
+
+
 BlueprintFactory = Callable[[Services], Blueprint]
 
 
@@ -147,6 +216,7 @@ async def run_service(
     task_status: trio.TaskStatus[RunningService] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     check_local_dev_allowed(config)
+    cluster_settings = ClusterSettings.from_config(config)  # a bad cluster config stops us here
     for directory in (config.state_dir, config.templates_dir, config.sandboxes_dir):
         directory.mkdir(parents=True, exist_ok=True)
     pid_file = _write_pid_file(config.run_dir)
@@ -165,13 +235,7 @@ async def run_service(
         async with runtime_factory(config) as bundle, trio.open_nursery() as nursery:
             cubelet = Cubelet(config, bundle.runtime, store, bundle.network, templates=registry.refresh)
             await nursery.start(cubelet.run)
-            adopted = cubelet.adoption.adopted
-            if adopted:
-                log.info("%d sandboxes run on from the previous start: %s", len(adopted), adopted)
-            reported_dead = _report_ended(store, cubelet.adoption.adopted, cubelet.adoption.ended)
-            restored = await restore_carried(cubelet, registry, store, config.state_dir)
-            if restored:
-                log.info("%d sandboxes carried over the restart are back: %s", len(restored), restored)
+            adopted, reported_dead, restored = await _take_over(cubelet, registry, store, config.state_dir)
             builds = TemplateBuilds(
                 config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)
             )
@@ -186,22 +250,21 @@ async def run_service(
                 volumes=VolumeStore(config.state_dir, config.volume_max_mb << 20),
                 builds=builds,
             )
+            cluster = await _watch_cluster(cluster_settings, cubelet, registry, services, nursery)
             # Any key may build; what a build sees and makes is its team's (templates/api.py).
             blueprints = [protect(create_build_blueprint(builds), Access.KEY)]
             blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]
             control_plane = cast(ASGIApp, build_app(services, blueprints))
             router = SandboxRouter(control_plane, cubelet, config.domain)
-            stop = trio.Event()
-            binds = await nursery.start(
-                partial(
-                    hypercorn.trio.serve,
-                    cast(Any, router),  # hypercorn's ASGI types are TypedDicts; ours are plain mappings
-                    _hypercorn_config(config, tls.server_cert, tls.server_key),
-                    shutdown_trigger=stop.wait,
-                )
+            front: SandboxRouter | NodeHop = (
+                router
+                if cluster is None
+                else NodeHop(router, router.target, cluster, services.auth.authenticate)
             )
-            api_url = next(b for b in binds if b.startswith("http://"))
-            tls_url = next(b for b in binds if b.startswith("https://"))
+            stop = trio.Event()
+            api_url, tls_url = await _serve(nursery, front, _hypercorn_config(config, tls), stop)
+            if cluster is not None:
+                await nursery.start(cluster.publish, api_url)
             running = RunningService(
                 api_url,
                 tls_url,
@@ -211,17 +274,12 @@ async def run_service(
                 reported_dead_at_start=reported_dead,
                 adopted_at_start=adopted,
                 restored_at_start=restored,
+                cluster=cluster,
             )
             task_status.started(running)
             await stop.wait()
             with trio.CancelScope(shield=True):
-                reason = STOP_REASON
-                if running.keep_sandboxes and not isinstance(bundle.runtime, AdoptingRuntime):
-                    reason += f" (the {bundle.runtime.name} runtime's sandboxes cannot outlive the service)"
-                kept = await cubelet.shutdown(reason, detach=running.keep_sandboxes)
-                if kept:
-                    log.info("%d sandboxes run on for the next start: %s", len(kept), kept)
-                await router.aclose()
+                await _shut_down(running, bundle.runtime, router, front)
             nursery.cancel_scope.cancel()
     finally:
         if secret_store is not None:
@@ -234,15 +292,23 @@ async def serve_until_signalled(
     config: Config,
     runtime_factory: RuntimeFactory = open_runtime,
     blueprint_factories: Iterable[BlueprintFactory] = (),
+    *,
+    end_sandboxes: bool = False,
 ) -> None:
     """Run until SIGTERM, SIGUSR2 or SIGINT (caught from before start-up, so none is lost), then
     shut down. SIGTERM (systemd's stop and restart) and SIGUSR2 (`cube upgrade`) leave the
-    sandboxes running for the next start; SIGINT (an interactive stop) ends them."""
+    sandboxes running for the next start; SIGINT (an interactive stop) ends them.
+    `end_sandboxes`: stop as SIGINT does as soon as started, so every sandbox a previous service
+    left running is taken over and ended, with all it holds on the host (the uninstaller's)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningService = await nursery.start(
                 run_service, config, runtime_factory, blueprint_factories
             )
+            if end_sandboxes:
+                log.info("ending every sandbox: %s", running.adopted_at_start)
+                running.stop.set()
+                return
             log.info("cube serve: API on %s, TLS on %s", running.api_url, running.tls_url)
             sdnotify.notify("READY=1")
             watchdog_s = sdnotify.watchdog_interval_s()

@@ -7,8 +7,8 @@ leave it; entries created and removed through their parent's fd), whatever path 
 caller sends. A volume holds at most `config.volume_max_mb` (the sum of its files'
 allocated blocks); a write that would pass it is refused before it lands.
 
-Mounting a volume into a sandbox (`volume_mounts`) is not offered yet: the API refuses it
-clearly (see docs/SECURITY.md, "Volumes").
+Mounted into a sandbox (`volume_mounts`), a volume is held by that sandbox alone and its files
+come back when it ends (cubelet/volume_mounts.py, which also owns this directory layout).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from appliance.cubelet.volume_mounts import DATA_DIR, VOLUMES_DIR
 from appliance.templates.untrusted_tree import Tree
 
-VOLUMES_DIR = "volumes"
 META_FILE = "volume.json"
-DATA_DIR = "data"
+__all__ = ["DATA_DIR", "VOLUMES_DIR", "VolumeNameTaken", "VolumeRecord", "VolumeStore"]
 VOLUME_ID_PREFIX = "vol-"
 _ID_RE = re.compile(r"^vol-[0-9a-f]{16}$")
 

@@ -4,6 +4,12 @@ Compiled with bcc once per service start; its maps are pinned under
 /sys/fs/bpf/cube/<tag>/, so programs still attached after the service stops
 keep enforcing the last policy, and the next start reuses the same maps.
 Everything here blocks (bcc, netlink, bpf syscalls): callers use a thread.
+
+The compile is clang's: about a second of CPU, the largest single step of a service
+start, which is on the way of every sandbox that outlived the previous service. So
+`cube serve` starts it first thing when a previous service's maps are pinned
+(`compile_ahead`, in a thread: bcc holds no GIL while it compiles), beside its own
+imports and start-up, and `PolicyProgram` takes what it made.
 """
 
 from __future__ import annotations
@@ -12,14 +18,16 @@ import ctypes
 import errno
 import ipaddress
 import os
+import threading
 from collections.abc import Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from appliance.net.addressing import Plan
+from appliance.net.addressing import Addressing, Plan
 from appliance.net.policy import Network
 
 BPF_FS = Path("/sys/fs/bpf")
@@ -67,23 +75,77 @@ def _network(version: int, key: Any) -> Network:
     return ipaddress.IPv6Network((ipaddress.IPv6Address(bytes(key.addr)), prefixlen))
 
 
+def pin_dir_of(addressing: Addressing) -> Path:
+    """Where the maps of the service of this host network are pinned."""
+    return PIN_ROOT / addressing.tag
+
+
+# Programs being compiled ahead in this process (`compile_ahead`), by pin directory.
+_compiling: dict[Path, Future[Any]] = {}
+_compiling_lock = threading.Lock()
+
+
+def _compile(pin_dir: Path) -> Any:
+    """The program compiled and loaded by bcc (a `bcc.BPF`), its maps pinned in `pin_dir`:
+    opened where a previous service pinned them, made otherwise."""
+    from bcc import BPF
+
+    ensure_bpf_fs()
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    text = (
+        _PROGRAM.read_text()
+        .replace("@PIN", str(pin_dir))
+        .replace("@MAX_SANDBOXES", str(MAX_SANDBOXES))
+        .replace("@MAX_ENTRIES", str(MAX_ENTRIES))
+        .replace("@MAX_BLOCKED", str(MAX_BLOCKED))
+    )
+    return BPF(text=text.encode(), cflags=["-Wno-macro-redefined"])
+
+
+def compile_ahead(pin_dir: Path) -> None:
+    """Start compiling the program for `pin_dir` in a thread of its own, for the next
+    `PolicyProgram(pin_dir)` of this process to take. Whatever goes wrong there is not
+    raised here: that `PolicyProgram` compiles again, and fails or recovers as it would.
+
+    Only where a previous service left its maps pinned (a crash, or a stop that let its
+    sandboxes run on: the start that must be quick): opening them makes nothing on the host
+    that a start failing before CubeVS would leave behind."""
+    if not pin_dir.is_dir():
+        return
+    future: Future[Any] = Future()
+    with _compiling_lock:
+        if pin_dir in _compiling:
+            return
+        _compiling[pin_dir] = future
+
+    def compile_into_future() -> None:
+        try:
+            future.set_result(_compile(pin_dir))
+        except BaseException as exc:  # handed to the taker, who compiles again
+            future.set_exception(exc)
+
+    threading.Thread(target=compile_into_future, name="ebpf-compile-ahead", daemon=True).start()
+
+
+def _take_compiled_ahead(pin_dir: Path) -> Any:
+    """What `compile_ahead(pin_dir)` made (waiting for it), or None: none was started, or it
+    failed (e.g. maps pinned by an older build: the caller's own compile says so)."""
+    with _compiling_lock:
+        future = _compiling.pop(pin_dir, None)
+    if future is None or future.exception() is not None:
+        return None
+    return future.result()
+
+
 class PolicyProgram:
     """The loaded program and its maps."""
 
     def __init__(self, pin_dir: Path) -> None:
         from bcc import BPF  # optional (python3-bpfcc): without it the service runs unenforced
 
-        ensure_bpf_fs()
-        pin_dir.mkdir(parents=True, exist_ok=True)
         self.pin_dir = pin_dir
-        text = (
-            _PROGRAM.read_text()
-            .replace("@PIN", str(pin_dir))
-            .replace("@MAX_SANDBOXES", str(MAX_SANDBOXES))
-            .replace("@MAX_ENTRIES", str(MAX_ENTRIES))
-            .replace("@MAX_BLOCKED", str(MAX_BLOCKED))
-        )
-        self._bpf = BPF(text=text.encode(), cflags=["-Wno-macro-redefined"])
+        ahead = _take_compiled_ahead(pin_dir)
+        self._bpf = _compile(pin_dir) if ahead is None else ahead  # (a BPF with no table open is falsy)
         self._fn = self._bpf.load_func(b"cube_egress", BPF.SCHED_CLS)
         self.sandboxes = self._bpf[b"sandboxes"]
         self.counters = self._bpf[b"counters"]

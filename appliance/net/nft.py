@@ -89,30 +89,29 @@ def host_ruleset(table: str, host_network: str, host_network6: str, resolver_ip:
     """
     return f"""
 table ip {table} {{
-    chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        ip saddr {host_network} oifname != "{veth_glob}" masquerade
-    }}
-    chain forward {{
-        type filter hook forward priority filter; policy accept;
-        ip daddr {host_network} iifname != "{veth_glob}" ct state new drop
-    }}
+{_egress_chains("ip", host_network, veth_glob)}
     chain input {{
         type filter hook input priority filter; policy accept;
         ip daddr {resolver_ip} iifname != {{ "lo", "{veth_glob}" }} drop
     }}
 }}
 table ip6 {table} {{
-    chain postrouting {{
+{_egress_chains("ip6", host_network6, veth_glob)}
+}}
+"""
+
+
+def _egress_chains(family: str, network: str, veth_glob: str) -> str:
+    """The chains of one address family (`ip`, `ip6`): masquerade what the sandboxes send out; drop new
+    connections towards them that did not come from their own veths."""
+    return f"""    chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-        ip6 saddr {host_network6} oifname != "{veth_glob}" masquerade
+        {family} saddr {network} oifname != "{veth_glob}" masquerade
     }}
     chain forward {{
         type filter hook forward priority filter; policy accept;
-        ip6 daddr {host_network6} iifname != "{veth_glob}" ct state new drop
-    }}
-}}
-"""
+        {family} daddr {network} iifname != "{veth_glob}" ct state new drop
+    }}"""
 
 
 def delete_tables(table: str) -> str:

@@ -26,7 +26,7 @@ from appliance.config import Config
 from appliance.net import host, links, netns
 from appliance.net.addressing import TAP_NAME, Addressing, Plan
 from appliance.net.dns import Answer, Resolver, Upstream, host_upstreams
-from appliance.net.ebpf import FLAG_INTERNET, PIN_ROOT, PolicyProgram
+from appliance.net.ebpf import FLAG_INTERNET, PolicyProgram, pin_dir_of
 from appliance.net.policy import MAX_ENTRIES_PER_LIST, CompiledList, Network, NetworkPolicy, PolicyError
 from appliance.net.sweep import Records, sweep
 from appliance.process_identity import ProcessIdentity
@@ -171,7 +171,7 @@ class CubeVS:
         host.tear_down(self.addressing)
         # Pins exist so a crashed service keeps enforcing; after a clean stop no
         # sandbox network is left to enforce on.
-        shutil.rmtree(PIN_ROOT / self.addressing.tag, ignore_errors=True)
+        shutil.rmtree(pin_dir_of(self.addressing), ignore_errors=True)
 
     # --- sandbox networks -------------------------------------------------
 
@@ -501,7 +501,7 @@ def _load_program(
     addressing: Addressing, blocked: host.BlockedSet, keep: frozenset[int]
 ) -> tuple[PolicyProgram | None, str, dict[int, dict[str, set[Network]]]]:
     """The program and what its maps hold for the kept networks' veths `keep`."""
-    pin_dir = PIN_ROOT / addressing.tag
+    pin_dir = pin_dir_of(addressing)
     try:
         try:
             program = PolicyProgram(pin_dir)

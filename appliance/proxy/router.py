@@ -25,7 +25,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import trio
@@ -114,7 +114,7 @@ class SandboxRouter:
                 return
             if not (scope.get("raw_path") or scope["path"].encode()).startswith(b"/"):
                 raise Refused(400, "the request target must be a path starting with '/'")
-            address, stopped = await self._guest_address(scope, target)
+            upstream = await self._upstream(scope, target)
         except Refused as refused:
             if scope["type"] == "http":
                 await _send_json_error(send, refused.status, refused.message)
@@ -122,9 +122,9 @@ class SandboxRouter:
                 await _deny_websocket(send, refused.status, refused.message)
             return
         if scope["type"] == "http":
-            await self._forward_http(scope, receive, send, target, address, stopped)
+            await self._forward_http(scope, receive, send, upstream)
         else:
-            await self._forward_websocket(scope, receive, send, target, address, stopped)
+            await self._forward_websocket(scope, receive, send, upstream)
 
     def target(self, scope: Scope) -> Target | None:
         """Which sandbox port this request is for; None for the control plane. Raises Refused (a bad port)."""
@@ -151,10 +151,8 @@ class SandboxRouter:
                     return record.sandbox_id
         return None
 
-    async def _guest_address(self, scope: Scope, target: Target) -> tuple[tuple[str, int], trio.Event]:
-        """Where the guest port is, once the request shows it may go there, and the event set when
-        the sandbox stops serving (paused or gone: a frozen guest answers nothing, so the forward
-        ends with a 502 like a request to a paused sandbox); Refused otherwise."""
+    async def _upstream(self, scope: Scope, target: Target) -> Upstream:
+        """Where the guest port is, once the request shows it may go there; Refused otherwise."""
         live = self.cubelet.live(target.sandbox_id)
         if live is None or live.instance is None or live.record is None:
             raise Refused(502, not_found_message(target.sandbox_id))
@@ -164,18 +162,11 @@ class SandboxRouter:
                 message = f"The sandbox {target.sandbox_id} is paused and was not found running"
                 raise Refused(502, message + "; connect to resume it")
             await self.cubelet.connect(target.sandbox_id, AUTO_RESUME_TIMEOUT_S)
-        return live.instance.endpoint(target.port), live.stopped  # (after a resume: the new run's)
+        # (after a resume: the new run's `stopped`)
+        return Upstream(target.sandbox_id, target.port, live.instance.endpoint(target.port), live.stopped)
 
-    async def _forward_http(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        target: Target,
-        address: tuple[str, int],
-        stopped: trio.Event,
-    ) -> None:
-        sandbox_id, port = target.sandbox_id, target.port
+    async def _forward_http(self, scope: Scope, receive: Receive, send: Send, to: Upstream) -> None:
+        sandbox_id, port, address, stopped = to
         headers = forwarded_headers(scope)
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"]) or (
             scope.get("http_version") == "2" and scope["method"] not in ("GET", "HEAD", "OPTIONS", "DELETE")
@@ -211,16 +202,8 @@ class SandboxRouter:
             message = f"The sandbox {sandbox_id} was paused" if paused else not_found_message(sandbox_id)
             await _end_for_stopped(scope, send, message, progress)
 
-    async def _forward_websocket(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        target: Target,
-        address: tuple[str, int],
-        stopped: trio.Event,
-    ) -> None:
-        sandbox_id, port = target.sandbox_id, target.port
+    async def _forward_websocket(self, scope: Scope, receive: Receive, send: Send, to: Upstream) -> None:
+        sandbox_id, port, address, stopped = to
         message = await receive()  # websocket.connect
         if message["type"] != "websocket.connect":
             return
@@ -260,6 +243,17 @@ class SandboxRouter:
                 nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
             if stopped.is_set():
                 await send({"type": "websocket.close", "code": WS_GOING_AWAY})
+
+
+class Upstream(NamedTuple):
+    """A request's way to its guest port: where it is, and the event set when the sandbox stops
+    serving (paused or gone: a frozen guest answers nothing, so the forward ends with a 502 like
+    a request to a paused sandbox)."""
+
+    sandbox_id: str
+    port: int
+    address: tuple[str, int]
+    stopped: trio.Event
 
 
 class _Progress:

@@ -36,6 +36,7 @@ from appliance.templates.guest_setup import DEFAULT_PATH, prepare_rootfs
 from appliance.templates.jobs import (
     PHASE_PROGRESS,
     BuildJob,
+    BuildStepFailed,
     JobStore,
     Phase,
     new_job_id,
@@ -46,11 +47,12 @@ from appliance.templates.limits import BuildLimits
 from appliance.templates.probe import ProbeFailed, wait_until_ready
 from appliance.templates.pull import pull_image
 from appliance.templates.registry import insecure_registries
-from appliance.templates.requests import ImageBuildRequest, TemplateSettings
+from appliance.templates.requests import BuiltRootfs, ImageBuildRequest, TemplateSettings
 from appliance.templates.sandbox_steps import RunCommand, TemplateSandboxes
 from appliance.templates.sdk_build import SdkBuildRequest, build_sdk_rootfs
 from appliance.templates.sdk_builds import SdkBuilds
 from appliance.templates.sdk_files import UploadedFiles
+from appliance.templates.sdk_steps import StepRefused
 from appliance.tenancy import SYSTEM_TEAM
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,9 @@ PARALLEL_BUILDS = 1
 READY_OUTPUT_LINES = 40  # of a ready command's last run, in the failure
 
 
-class ReadyCommandFailed(Exception):
-    step = "finalize"  # the E2B SDKs' name for what runs after the last step
-
+class ReadyCommandFailed(BuildStepFailed):
     def __init__(self, message: str, output: str) -> None:
-        super().__init__(message)
-        self.console_tail = output
+        super().__init__(message, output, "finalize")  # the SDKs' name for what runs after the last step
 
 
 class TemplateBuilds:
@@ -160,17 +159,16 @@ class TemplateBuilds:
                 self.limits,
             )
             config = image.config
-            return self._manifest(
-                job,
-                request.settings,
-                source=image.digest,
-                envs=config.env_dict(),
-                start_cmd=request.settings.start_cmd(config.entrypoint, config.cmd),
-                workdir=config.workdir,
-                user=config.user,
-                image_ports=config.exposed_ports,
-                labels=config.labels,
+            built = BuiltRootfs(
+                image.digest,
+                config.env_dict(),
+                request.settings.start_cmd(config.entrypoint, config.cmd),
+                config.workdir,
+                config.user,
+                config.exposed_ports,
+                config.labels,
             )
+            return self._manifest(job, request.settings, built)
 
         return self._start("image", public, request.settings, build, team)
 
@@ -179,20 +177,10 @@ class TemplateBuilds:
     ) -> BuildJob:
         async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
             try:
-                result = await build_dockerfile_rootfs(self, job, request, rootfs, work)
+                built = await build_dockerfile_rootfs(self, job, request, rootfs, work)
             finally:
                 await trio.to_thread.run_sync(lambda: shutil.rmtree(request.context, ignore_errors=True))
-            return self._manifest(
-                job,
-                request.settings,
-                source=result.cache_key,
-                envs=result.env,
-                start_cmd=request.settings.start_cmd(result.entrypoint, result.cmd),
-                workdir=result.workdir,
-                user=result.user,
-                image_ports=result.exposed_ports,
-                labels=result.labels,
-            )
+            return self._manifest(job, request.settings, built)
 
         return self._start("dockerfile", public, request.settings, build, team)
 
@@ -202,36 +190,15 @@ class TemplateBuilds:
         """A build from the E2B SDKs' step list (sdk_build.py)."""
 
         async def build(job: BuildJob, rootfs: Path, work: Path) -> TemplateManifest:
-            result = await build_sdk_rootfs(self, job, request, rootfs, work)
-            return self._manifest(
-                job,
-                request.settings,
-                source=result.cache_key,
-                envs=result.env,
-                start_cmd=result.start_cmd,
-                workdir=result.workdir,
-                user=result.user,
-                image_ports=result.exposed_ports,
-                labels=result.labels,
-                build_id=request.build_id,
-            )
+            built = await build_sdk_rootfs(self, job, request, rootfs, work)
+            return self._manifest(job, request.settings, built, build_id=request.build_id)
 
         return self._start("sdk", public, request.settings, build, team)
 
     def _manifest(
-        self,
-        job: BuildJob,
-        settings: TemplateSettings,
-        *,
-        source: str,
-        envs: dict[str, str],
-        start_cmd: tuple[str, ...],
-        workdir: str,
-        user: str,
-        image_ports: tuple[int, ...],
-        labels: dict[str, str],
-        build_id: str = "",
+        self, job: BuildJob, settings: TemplateSettings, built: BuiltRootfs, build_id: str = ""
     ) -> TemplateManifest:
+        image_ports = built.exposed_ports
         return TemplateManifest(
             template_id=job.template_id,
             directory=self.config.templates_dir / job.template_id,
@@ -239,17 +206,17 @@ class TemplateBuilds:
             memory_mb=settings.memory_mb,
             cpu_count=settings.cpu_count,
             writable_layer_mb=settings.writable_layer_mb,
-            envs={**envs, **settings.envs},
-            start_cmd=start_cmd,
+            envs={**built.env, **settings.envs},
+            start_cmd=built.start_cmd,
             ready_cmd=settings.ready_cmd or "",
-            workdir=workdir or "/",
-            user=user or "root",
+            workdir=built.workdir or "/",
+            user=built.user or "root",
             expose_ports=settings.ports(image_ports),
             probe_port=settings.probe(image_ports),
             probe_path=settings.probe_path,
             network_defaults=settings.network_defaults,
-            source=source,
-            labels=labels,
+            source=built.cache_key,
+            labels=built.labels,
             created_at=utc_now(),
             owner=job.team,
             build_id=build_id or str(uuid.uuid4()),
@@ -334,9 +301,7 @@ class TemplateBuilds:
             self.store.set_phase(job, self.sandboxes.finalize_phase)
             await self.sandboxes.finalize(manifest, instance)
         superseded = publish_template(self.config, manifest, settings.alias, settings.tags)
-        published = getattr(self.sandboxes, "published", None)
-        if published is not None:
-            published(manifest)  # the service's registry and warm pools pick it up now
+        self.sandboxes.published(manifest)  # the service's registry and warm pools pick it up now
         if superseded:
             self.store.log(job, f"alias {settings.alias} moved from {superseded} to {manifest.template_id}")
         job.progress = PHASE_PROGRESS[Phase.READY]
@@ -376,9 +341,11 @@ class TemplateBuilds:
 
 def _failure(leaf: BaseException) -> tuple[str, str, str]:
     """(reason, console tail or the failing command's output, failed step) of a failed build."""
-    step = str(getattr(leaf, "step", "") or "")
     if isinstance(leaf, BootFailed):
         return f"the template's sandbox did not boot: {leaf.reason}", leaf.console_tail, "finalize"
-    if isinstance(leaf, ProbeFailed):
-        step = "finalize"
-    return str(leaf) or type(leaf).__name__, getattr(leaf, "console_tail", ""), step
+    reason = str(leaf) or type(leaf).__name__
+    if isinstance(leaf, BuildStepFailed):
+        return reason, leaf.console_tail, leaf.step
+    if isinstance(leaf, StepRefused):  # a step its build could not plan
+        return reason, "", str(leaf.step)
+    return reason, "", ""

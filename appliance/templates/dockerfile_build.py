@@ -54,13 +54,13 @@ from appliance.templates.dockerfile import (
 from appliance.templates.dockerignore import IgnoreRules
 from appliance.templates.fetch import FetchFailed, fetch_to_file
 from appliance.templates.guest_setup import DEFAULT_PATH
-from appliance.templates.jobs import BuildJob, JobStore, Phase
+from appliance.templates.jobs import BuildJob, BuildStepFailed, JobStore, Phase
 from appliance.templates.layer_cache import LayerCache
 from appliance.templates.limits import BuildLimits, SizeBudget
 from appliance.templates.pull import fetch_and_unpack, open_image
 from appliance.templates.registry import insecure_registries
 from appliance.templates.registry_auth import Credentials
-from appliance.templates.requests import TemplateSettings, redact_urls
+from appliance.templates.requests import BuiltRootfs, TemplateSettings, redact_urls
 from appliance.templates.sandbox_steps import RunCommand, RunFailed, TemplateSandboxes
 from appliance.templates.step_cache import StepCache, copy_tree, export_template_rootfs
 from appliance.templates.untrusted_tree import Tree
@@ -76,10 +76,8 @@ class BuildTools(Protocol):
     sandboxes: TemplateSandboxes
 
 
-class StepFailed(Exception):
-    def __init__(self, message: str, console_tail: str = "") -> None:
-        super().__init__(message)
-        self.console_tail = console_tail
+class StepFailed(BuildStepFailed):
+    """A Dockerfile instruction failed (no SDK step name)."""
 
 
 FILE_STEPS = frozenset({"RUN", "COPY", "ADD"})
@@ -145,18 +143,6 @@ class Stage:
     name: str  # the `AS` name, lower-cased; "" without one
     base: str  # the FROM argument, expanded with the ARGs declared before the first FROM
     body: tuple[Instruction, ...]  # the instructions after its FROM
-
-
-@dataclass(frozen=True)
-class DockerfileResult:
-    cache_key: str
-    env: dict[str, str]
-    entrypoint: tuple[str, ...]
-    cmd: tuple[str, ...]
-    workdir: str
-    user: str
-    exposed_ports: tuple[int, ...]
-    labels: dict[str, str]
 
 
 def is_url(source: str) -> bool:
@@ -734,7 +720,7 @@ async def realize_steps(
 
 async def build_dockerfile_rootfs(
     builds: BuildTools, job: BuildJob, request: DockerfileBuildRequest, rootfs: Path, work: Path
-) -> DockerfileResult:
+) -> BuiltRootfs:
     stages, global_args = split_stages(parse_dockerfile(request.dockerfile), request.build_args)
     builds.store.set_phase(job, Phase.PULLING, f"resolving FROM {stages[-1].base}")
     run = DockerfileRun(builds, job, request, work)
@@ -745,11 +731,10 @@ async def build_dockerfile_rootfs(
     state = final.final_state
     for directory in (state.workdir, *state.volumes):
         await trio.to_thread.run_sync(ensure_dir, rootfs, directory)
-    return DockerfileResult(
+    return BuiltRootfs(
         final.final_key,
         state.env,
-        state.entrypoint,
-        state.cmd,
+        request.settings.start_cmd(state.entrypoint, state.cmd),
         state.workdir,
         state.user,
         state.exposed_ports,

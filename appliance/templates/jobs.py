@@ -26,6 +26,16 @@ LOG_LINES_KEPT = 500
 _SAVE_INTERVAL_S = 1.0
 
 
+class BuildStepFailed(Exception):
+    """A build failed in one of its steps: `step` is the E2B SDKs' name for it ("base", "1", "2"...,
+    "finalize"; "" for none), `console_tail` the output that shows why (a RUN's, the guest's console)."""
+
+    def __init__(self, message: str, console_tail: str = "", step: str = "") -> None:
+        super().__init__(message)
+        self.console_tail = console_tail
+        self.step = step
+
+
 class Phase(StrEnum):
     QUEUED = "QUEUED"
     PULLING = "PULLING"

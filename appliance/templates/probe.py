@@ -6,10 +6,14 @@ from __future__ import annotations
 import trio
 
 from appliance.runtime.readiness import ReadinessProbe
+from appliance.templates.jobs import BuildStepFailed
 
 
-class ProbeFailed(Exception):
-    console_tail = ""  # the guest's console, filled in by the build that ran the probe
+class ProbeFailed(BuildStepFailed):
+    """The template's probe did not answer; the build that ran it fills in the guest's console."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, step="finalize")
 
 
 async def wait_until_ready(

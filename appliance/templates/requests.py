@@ -204,3 +204,17 @@ def public_request(data: dict[str, Any]) -> dict[str, Any]:
         for k, v in data.items()
         if v not in (None, "", [], {})
     }
+
+
+@dataclass(frozen=True)
+class BuiltRootfs:
+    """What a build (an image, a Dockerfile, an E2B SDK step list) made: its cache key and the
+    image settings the template's manifest takes (the request's settings override them)."""
+
+    cache_key: str
+    env: dict[str, str]
+    start_cmd: tuple[str, ...]
+    workdir: str
+    user: str
+    exposed_ports: tuple[int, ...]
+    labels: dict[str, str]

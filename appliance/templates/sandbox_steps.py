@@ -12,7 +12,7 @@ satisfying `TemplateSandboxes`:
 - `finalize(manifest, instance)`: the runtime's fast-start artifact from the
   probed guest: a kvm snapshot into `manifest.directory` or uml warm-pool
   instances. `finalize_phase` says which (SNAPSHOTTING or POOLING).
-- `published(manifest)` (optional): called once the template is READY and
+- `published(manifest)`: called once the template is READY and
   visible, so the service can refresh what it serves and warm pools for it.
 - `run_command(rootfs, command)`: a Dockerfile RUN: boot a sandbox whose
   root filesystem is the directory `rootfs` (writable, changes must end up in
@@ -62,3 +62,5 @@ class TemplateSandboxes(Protocol):
     async def run_command(self, rootfs: Path, command: RunCommand) -> None: ...
 
     async def run_in(self, instance: Instance, command: RunCommand) -> int: ...
+
+    def published(self, manifest: TemplateManifest) -> None: ...

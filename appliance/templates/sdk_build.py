@@ -54,12 +54,12 @@ from appliance.templates.dockerfile_build import (
     template_base,
 )
 from appliance.templates.guest_setup import SANDBOX_USER, ensure_account, lookup_ids
-from appliance.templates.jobs import BuildJob
+from appliance.templates.jobs import BuildJob, BuildStepFailed
 from appliance.templates.manifests import ManifestError
 from appliance.templates.reference import DOCKER_HUB, RegistryReference, parse_image_reference
 from appliance.templates.registry import RegistryError
 from appliance.templates.registry_auth import RegistryAuthError
-from appliance.templates.requests import TemplateSettings
+from appliance.templates.requests import BuiltRootfs, TemplateSettings
 from appliance.templates.sandbox_steps import RunCommand, RunFailed
 from appliance.templates.sdk_files import UploadedFiles
 from appliance.templates.sdk_steps import PlannedSdkStep, SdkTemplate, copy_source_base, plan_steps
@@ -89,13 +89,11 @@ class SdkBuildTools(BuildTools, Protocol):
     uploads: UploadedFiles
 
 
-class SdkStepFailed(Exception):
-    """A failed step: `step` is the SDKs' name for it ("base", "1", "2"...), `console_tail` its output."""
+class SdkStepFailed(BuildStepFailed):
+    """A failed step of an SDK build, named as the SDKs name it ("base", "1", "2"...)."""
 
     def __init__(self, message: str, step: str, output: str = "") -> None:
-        super().__init__(message)
-        self.step = step
-        self.console_tail = output
+        super().__init__(message, output, step)
 
 
 @dataclass(frozen=True)
@@ -104,17 +102,6 @@ class SdkBuildRequest:
     team: str
     template: SdkTemplate
     settings: TemplateSettings  # alias, tags, cpu, memory, ready command
-
-
-@dataclass(frozen=True)
-class SdkResult:
-    cache_key: str
-    env: dict[str, str]
-    start_cmd: tuple[str, ...]
-    workdir: str
-    user: str
-    exposed_ports: tuple[int, ...]
-    labels: dict[str, str]
 
 
 def mirrored(config: Config, image: str) -> str:
@@ -149,7 +136,7 @@ class SdkRun:
     def log(self, line: str) -> None:
         self.builds.store.log(self.job, line)
 
-    async def build(self, rootfs: Path) -> SdkResult:
+    async def build(self, rootfs: Path) -> BuiltRootfs:
         template = self.request.template
         async with AsyncExitStack() as exits:
             base_key, base_state, materialize, from_image = await self._base(exits)
@@ -169,7 +156,7 @@ class SdkRun:
         if template.start_cmd:
             start_cmd = (await self._shell(rootfs)) + (template.start_cmd,)
         key = steps[-1].key if steps else base_key
-        return SdkResult(
+        return BuiltRootfs(
             key, final.env, start_cmd, final.workdir, final.user, final.exposed_ports, final.labels
         )
 
@@ -299,5 +286,5 @@ def copy_upload(rootfs: Path, files: Path, args: tuple[str, ...], state: ImageSt
 
 async def build_sdk_rootfs(
     builds: SdkBuildTools, job: BuildJob, request: SdkBuildRequest, rootfs: Path, work: Path
-) -> SdkResult:
+) -> BuiltRootfs:
     return await SdkRun(builds, job, request, work).build(rootfs)

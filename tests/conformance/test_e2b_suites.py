@@ -19,20 +19,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+import umlguests
 
-from appliance.config import Config, load_config
-from appliance.cubelet.runtimes import RuntimeBundle
+from appliance.config import load_config
 from appliance.records import TemplateManifest
 from appliance.templates.default import TEMPLATE_ID
 
@@ -44,57 +41,21 @@ pytestmark = [
 ]
 
 RUNNER = Path(__file__).resolve().parent / "run_e2b_suites.py"
-TEST_HOST_NETWORK = "10.219.0.0/24"  # apart from tests/uml, tests/guest, tests/templates, tests/kvm
-TEST_UID_BASE = 430_000
-DEAD_DNS_UPSTREAM = "127.0.0.1:9"  # nothing listens: guest lookups fail fast, nothing leaves
 PASS_BAR = 0.95  # issue #23: "both suites at >= 95 % passing of the tests in scope"
 
 
-@asynccontextmanager
-async def _uml_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
-    from appliance.cubelet.runtimes import CubeVSPolicies
-    from appliance.net.service import CubeVS
-    from appliance.runtime.uml.runtime import UmlRuntime
-
-    async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
-
-
 @pytest.fixture
-def conformance_service(start_service: Any) -> Iterator[tuple[str, Path]]:
+def conformance_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
     """(API URL, API key file) of a private service serving the installed default template, as it is
     (never rebuilt here: the conformance report is about the template users have)."""
     installed = load_config().templates_dir / TEMPLATE_ID
     if not (installed / "rootfs.ext4").is_file():
         pytest.skip(f"no installed default template in {installed} (installer/install.sh builds it)")
     template = TemplateManifest.load(installed)
-    work = Path(tempfile.mkdtemp(prefix="cubeconf-"))  # short: unix socket paths must fit
-    try:
-        (work / "state" / "templates").mkdir(parents=True)
-        (work / "state" / "templates" / template.template_id).symlink_to(template.directory)
-        config = Config(
-            state_dir=work / "state",
-            cache_dir=load_config().cache_dir,
-            run_dir=work / "run",
-            api_port=0,
-            tls_port=0,
-            runtime="uml",
-            pool_size=0,
-            memory_budget_mb=6144,
-            host_network=TEST_HOST_NETWORK,
-            uid_base=TEST_UID_BASE,
-            allow_unenforced_network=True,
-        )
-        service = start_service(config, runtime_factory=_uml_runtime)
-        key = httpx.post(
-            f"{service.url}/cube/keys", json={"name": "cf"}, headers={"X-API-KEY": service.admin_token}
-        )
-        assert key.status_code == 201, key.text
-        key_file = work / "api-key"
-        key_file.write_text(key.json()["key"])
+    with umlguests.uml_service(start_service, monkeypatch, template, memory_budget_mb=6144) as service:
+        key_file = service.config.state_dir.parent / "api-key"
+        key_file.write_text(service.key("cf"))
         yield service.url, key_file
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _run_suites(service: tuple[str, Path], work: Path, *args: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
@@ -486,22 +487,37 @@ async def test_a_cold_create_returns_once_the_templates_service_answers(
         assert created[0].state == RUNNING and cubelet.live(created[0].sandbox_id) is not None
 
 
-async def test_a_template_service_that_never_answers_fails_the_create(
-    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(lifecycle_module, "TEMPLATE_PROBE_TIMEOUT_S", 0.5)
-    fake_runtime.service_up = False
-    async with running_cubelet(service_config, fake_runtime) as cubelet:
-        with pytest.raises(SandboxStartFailed, match="did not answer"):
-            await cubelet.create(_with_service_probe(cubelet))
-        await wait_until(lambda: fake_runtime.instances == {})  # the guest was torn down
-        assert cubelet.store.query_sandboxes(SandboxQuery()) == []
-
-
 def _with_ready_command(cubelet: Cubelet) -> SandboxRequest:
     """A create of a template whose ready command (the SDKs' readyCmd) must succeed first."""
     template = dataclasses.replace(cubelet._templates()["code-interpreter"], ready_cmd="check-ready")
     return request_for(cubelet, template=template)
+
+
+@pytest.mark.parametrize(
+    ("timeout_name", "gated_request", "refusal"),
+    [
+        ("TEMPLATE_PROBE_TIMEOUT_S", _with_service_probe, "did not answer"),
+        ("READY_CMD_TIMEOUT_S", _with_ready_command, "ready command 'check-ready' did not succeed"),
+    ],
+    ids=["template-service", "ready-command"],
+)
+async def test_a_readiness_gate_that_never_passes_fails_the_create(
+    service_config: Config,
+    fake_runtime: FakeRuntime,
+    monkeypatch: pytest.MonkeyPatch,
+    timeout_name: str,
+    gated_request: Callable[[Cubelet], SandboxRequest],
+    refusal: str,
+) -> None:
+    """The template's service never answers / its ready command never succeeds: the create
+    fails saying so, and the guest is torn down with no record left."""
+    monkeypatch.setattr(lifecycle_module, timeout_name, 0.5)
+    fake_runtime.service_up = False
+    async with running_cubelet(service_config, fake_runtime) as cubelet:
+        with pytest.raises(SandboxStartFailed, match=refusal):
+            await cubelet.create(gated_request(cubelet))
+        await wait_until(lambda: fake_runtime.instances == {})  # the guest was torn down
+        assert cubelet.store.query_sandboxes(SandboxQuery()) == []
 
 
 async def test_a_cold_create_returns_once_the_ready_command_succeeds(
@@ -527,15 +543,3 @@ async def test_a_cold_create_returns_once_the_ready_command_succeeds(
         # As the template's user, with the guest's boot token (before /init).
         assert (argv, user) == (["/bin/sh", "-c", "check-ready"], request.template.user)
         assert token is not None and app.init_calls and token != app.init_calls[0]["accessToken"]
-
-
-async def test_a_ready_command_that_never_succeeds_fails_the_create(
-    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(lifecycle_module, "READY_CMD_TIMEOUT_S", 0.5)
-    fake_runtime.service_up = False
-    async with running_cubelet(service_config, fake_runtime) as cubelet:
-        with pytest.raises(SandboxStartFailed, match="ready command 'check-ready' did not succeed"):
-            await cubelet.create(_with_ready_command(cubelet))
-        await wait_until(lambda: fake_runtime.instances == {})  # the guest was torn down
-        assert cubelet.store.query_sandboxes(SandboxQuery()) == []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hostprocs import descendants
 
 from appliance.guest import INTERPRETER_READY_LINE, READY_LINE
 from appliance.guest.launcher import running_agent
@@ -46,7 +47,11 @@ READ_ENV = {
     "java": ('System.getProperty("{name}")', 'System.getProperty("{name}", "default")', "text"),
     "bash": ("echo ${name}", "echo ${{{name}:-default}}", "stdout"),
 }
-LANGUAGES = list(HELLO)
+# R, Java and bash run a second or more per cell (IRkernel, jshell, bash_kernel's prompt
+# round trips): the per-language tests run them outside the developer loop; the error and
+# quoting tests below keep all six in it.
+HEAVY = ("r", "java", "bash")
+LANGUAGES = [pytest.param(name, marks=pytest.mark.slow) if name in HEAVY else name for name in HELLO]
 
 
 def _answer(execution, how: str) -> str:
@@ -140,6 +145,7 @@ def test_errors_have_name_and_value(sandbox, language: str, code: str, name: str
     assert value in execution.error.value
 
 
+@pytest.mark.slow  # a fresh R, Java and bash kernel each, and a client timeout: ~5 s apiece
 @pytest.mark.parametrize(
     ("language", "setup", "stuck", "check", "expected"),
     [
@@ -167,22 +173,7 @@ def test_client_timeout_interrupts_the_cell_and_keeps_state(
 
 def _kernel_processes(agent_pid: int) -> list[str]:
     """The command lines of every process below the agent (its kernels and theirs)."""
-    children: dict[int, list[tuple[int, str]]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        children.setdefault(ppid, []).append((int(entry.name), command))
-    found, stack = [], [agent_pid]
-    while stack:
-        for pid, command in children.get(stack.pop(), []):
-            found.append(command)
-            stack.append(pid)
-    return found
+    return [command for _, _, command in descendants(agent_pid)]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -198,6 +189,7 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
+@pytest.mark.slow  # an agent of its own, then R's and Java's kernels started
 def test_other_languages_start_only_on_first_use() -> None:
     """An agent starts Python's kernel alone: R, Java, Node and bash_kernel cost a sandbox nothing
     until code in them runs. (An agent of its own, on other ports than the session's.)"""
@@ -249,6 +241,7 @@ def test_javascript_requires_resolve_from_the_contexts_directory(sandbox, agent)
         sandbox.remove_code_context(context)
 
 
+@pytest.mark.root
 def test_kernels_run_as_the_default_user(sandbox, agent) -> None:
     """As root (the agent in a guest), kernels run as the sandbox's user: here `nobody`."""
     if os.geteuid() != 0:

@@ -25,9 +25,10 @@ def test_envd_is_ready_before_the_kernel_and_executions_wait_for_it() -> None:
         envd = f"http://127.0.0.1:{ENVD_PORT}"
         assert httpx.get(f"{envd}/health", timeout=5).status_code in (200, 204)
         assert agent.claim(ENVD_PORT, {"envVars": {"CUBE_EARLY": "yes"}}) == 204
-        # The kernel's start-up blocked debugpy; it is importable again once the kernel answers.
+        # The kernel's start-up blocked debugpy and jedi; they are importable again once it answers.
         code = (
-            "import os, sys\nprint(os.environ.get('CUBE_EARLY'), sys.modules.get('debugpy', 1) is not None)"
+            "import os, sys\nprint(os.environ.get('CUBE_EARLY'), "
+            "all(sys.modules.get(m, 1) is not None for m in ('debugpy', 'jedi')))"
         )
         response = httpx.post(
             f"http://127.0.0.1:{INTERPRETER_PORT}/execute", json={"code": code}, timeout=120

@@ -2,77 +2,26 @@
 languages, libraries, tools and fonts E2B's template gives agents (root only; the template this
 host's installer built, built here when missing).
 
-A `cube serve` of the test's own (uml runtime, guest DNS going nowhere) serves the installed
-template read-only through a symlink in its private templates directory.
+A `cube serve` of the test's own (umlguests.uml_service: uml runtime, guest DNS going nowhere)
+serves the installed template read-only through a symlink in its private templates directory.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import umlguests
 
-from appliance.config import Config, load_config
-from appliance.cubelet.runtimes import RuntimeBundle
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root")
-
-TEST_HOST_NETWORK = "10.217.0.0/24"
-TEST_UID_BASE = 420_000
-DEAD_DNS_UPSTREAM = "127.0.0.1:9"  # nothing listens: guest lookups fail fast, nothing leaves
-
-
-@asynccontextmanager
-async def _uml_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
-    from appliance.cubelet.runtimes import CubeVSPolicies
-    from appliance.net.service import CubeVS
-    from appliance.runtime.uml.runtime import UmlRuntime
-
-    async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
+pytestmark = [pytest.mark.uml, pytest.mark.root]
 
 
 @pytest.fixture
-def template_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    template = umlguests.default_template()
-    work = Path(tempfile.mkdtemp(prefix="cubetest-ci-"))  # short: unix socket paths must fit
-    try:
-        (work / "state" / "templates").mkdir(parents=True)
-        (work / "state" / "templates" / template.template_id).symlink_to(template.directory)
-        config = Config(
-            state_dir=work / "state",
-            cache_dir=load_config().cache_dir,
-            run_dir=work / "run",
-            api_port=0,
-            tls_port=0,
-            runtime="uml",
-            pool_size=0,
-            memory_budget_mb=4096,
-            host_network=TEST_HOST_NETWORK,
-            uid_base=TEST_UID_BASE,
-            allow_unenforced_network=True,
-        )
-        service = start_service(config, runtime_factory=_uml_runtime)
-        key = httpx.post(
-            f"{service.url}/cube/keys", json={"name": "t"}, headers={"X-API-KEY": service.admin_token}
-        )
-        assert key.status_code == 201, key.text
-        for name, value in (("E2B_API_URL", service.url), ("E2B_SANDBOX_URL", service.url)):
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("E2B_API_KEY", key.json()["key"])
-        monkeypatch.delenv("E2B_DOMAIN", raising=False)
-        monkeypatch.delenv("E2B_DEBUG", raising=False)
+def template_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[umlguests.UmlService]:
+    with umlguests.uml_service(start_service, monkeypatch) as service:
+        monkeypatch.setenv("E2B_API_KEY", service.key("t"))
         yield service
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture

@@ -24,6 +24,25 @@ def assemble(source: str, *, origin: int) -> bytes:
         return (work / "p.bin").read_bytes()
 
 
+def serial_print(message: str, then: str) -> str:
+    """Assembly that writes `message` (a C string in GNU as's escapes) to the serial port (COM1,
+    0x3F8) byte by byte, then runs `then`: how the guest ends (a halt loop, a stop port...)."""
+    return f"""
+        lea message(%rip), %rsi
+        mov $0x3F8, %dx
+    next:
+        lodsb
+        test %al, %al
+        jz done
+        out %al, %dx
+        jmp next
+    done:
+        {then}
+    message:
+        .asciz "{message}"
+    """
+
+
 class RecordingDevice:
     """A bus device that logs every access and answers reads from a callback."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from kvm_guest import assemble
+from kvm_guest import assemble, serial_print
 
 from appliance.config import Config
 from appliance.records import TemplateManifest
@@ -106,22 +106,7 @@ async def test_a_guest_that_powers_off_stops_its_machine(kvm: Kvm, tmp_path: Pat
     machine = Machine.new(kvm, MachineConfig(memory_size=16 * MIB), console=console.write)
     console.on_power_down = functools.partial(machine.request_stop, VcpuExit.POWEROFF)
     try:
-        code = """
-            lea message(%rip), %rsi
-            mov $0x3F8, %dx
-        next:
-            lodsb
-            test %al, %al
-            jz done
-            out %al, %dx
-            jmp next
-        done:
-            cli
-            hlt
-            jmp done
-        message:
-            .asciz "[   12.345678] LAST_LINE\\r\\n"
-        """.replace("LAST_LINE", last_line)
+        code = serial_print(f"[   12.345678] {last_line}\\r\\n", then="cli; hlt; jmp done")
         machine.memory.write(0x10000, assemble(code, origin=0x10000))
         enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=0x10000, rsp=0x8000)
         with trio.fail_after(20):

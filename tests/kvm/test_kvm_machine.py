@@ -6,7 +6,7 @@ import os
 import struct
 
 import trio
-from kvm_guest import RecordingDevice, assemble
+from kvm_guest import RecordingDevice, assemble, serial_print
 
 from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.vcpu import VcpuExit
@@ -104,23 +104,7 @@ async def test_serial_output_is_captured(kvm: Kvm) -> None:
     machine = Machine.new(kvm, MachineConfig(memory_size=16 * MIB))
     try:
         add_stop_device(machine)
-        load(
-            machine,
-            """
-            lea message(%rip), %rsi
-            mov $0x3F8, %dx
-        next:
-            lodsb
-            test %al, %al
-            jz done
-            out %al, %dx
-            jmp next
-        done:
-            out %al, $0xF4
-        message:
-            .asciz "hello from the guest\\n"
-            """,
-        )
+        load(machine, serial_print("hello from the guest\\n", then="out %al, $0xF4"))
         enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=CODE, rsp=STACK)
         await run_until_stopped(machine)
         assert bytes(machine.console_output) == b"hello from the guest\n"

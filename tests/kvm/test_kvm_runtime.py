@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -253,6 +253,23 @@ def kvm_runtime_on_this_host() -> Iterator[tuple[Path, Config, TemplateManifest]
         shutil.rmtree(work)
 
 
+@contextlib.asynccontextmanager
+async def kvm_runtime_with_a_snapshot(
+    kvm: Kvm, work: Path, config: Config, template: TemplateManifest
+) -> AsyncIterator[tuple[KvmRuntime, Path]]:
+    """kvm_runtime_on_this_host's kvm runtime on CubeVS, `template`'s snapshot published in its
+    store (the snapshot's directory); the runtime is closed at the end, then CubeVS stopped."""
+    kernel = config.kvm_guest_kernel
+    assert kernel is not None
+    async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
+        runtime = KvmRuntime(config, cubevs)
+        try:
+            snapshot = await trio.to_thread.run_sync(_template_snapshot, kvm, runtime, template, kernel, work)
+            yield runtime, snapshot
+        finally:
+            runtime.close()
+
+
 def _spec(config: Config, template: TemplateManifest, name: str) -> BootSpec:
     return BootSpec.for_template(config, template, f"cubetest-{name}-{secrets.token_hex(2)}", 1, memory_mb=16)
 
@@ -271,31 +288,23 @@ def test_a_create_restores_the_template_snapshot_into_the_sandbox_machine(kvm: K
     console log shows the restored guest running on the runtime's MMIO bus. Readiness (the
     guest agent) is the Linux test's; this one cancels the create once the guest ran."""
     with kvm_runtime_on_this_host() as (work, config, template):
-        kernel = config.kvm_guest_kernel
-        assert kernel is not None
 
         async def main() -> None:
-            async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-                runtime = KvmRuntime(config, cubevs)
-                snapshot = await trio.to_thread.run_sync(
-                    _template_snapshot, kvm, runtime, template, kernel, work
-                )
+            async with kvm_runtime_with_a_snapshot(kvm, work, config, template) as (runtime, snapshot):
                 spec = _spec(config, template, "kvmrt")
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(runtime.run, spec)
-                        await _until_console_has(spec, b"virt")
-                        overlay = (spec.sandbox_dir / OVERLAY_NAME).read_bytes()
-                        assert overlay == (snapshot / OVERLAY_NAME).read_bytes()
-                        # The create started a refill for the template's next sandbox beside it;
-                        # on a loaded host the shell may still be in the making.
-                        pool = runtime.pool_for(snapshot)
-                        with trio.fail_after(30):
-                            while pool.ready < 1:
-                                await trio.sleep(0.05)
-                        nursery.cancel_scope.cancel()
-                finally:
-                    runtime.close()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(runtime.run, spec)
+                    await _until_console_has(spec, b"virt")
+                    overlay = (spec.sandbox_dir / OVERLAY_NAME).read_bytes()
+                    assert overlay == (snapshot / OVERLAY_NAME).read_bytes()
+                    # The create started a refill for the template's next sandbox beside it;
+                    # on a loaded host the shell may still be in the making.
+                    pool = runtime.pool_for(snapshot)
+                    with trio.fail_after(30):
+                        while pool.ready < 1:
+                            await trio.sleep(0.05)
+                    nursery.cancel_scope.cancel()
+                # Gone with the cancelled create, before the runtime closes.
                 assert not Path(f"/run/netns/cube-{spec.sandbox_id}").exists()
                 assert not spec.sandbox_dir.exists()
 
@@ -335,33 +344,24 @@ def test_killing_a_sandbox_leaves_no_thread_fd_netns_or_file(kvm: Kvm) -> None:
     kill) joins them and closes every fd (VM, vCPUs, eventfds, tap, disk), removes the netns
     and its tap, and deletes the sandbox directory. Counted in this very process."""
     with kvm_runtime_on_this_host() as (work, config, template):
-        kernel = config.kvm_guest_kernel
-        assert kernel is not None
 
         async def main() -> None:
-            async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-                runtime = KvmRuntime(config, cubevs)
-                try:
-                    snapshot = await trio.to_thread.run_sync(
-                        _template_snapshot, kvm, runtime, template, kernel, work
-                    )
-                    pool = runtime.pool_for(snapshot)
-                    await pool.refill()  # the shells a create takes and leaves: not the sandbox's
-                    await _until_cubevs_is_idle()
-                    before = _busy_threads_fds_netns()
-                    spec = _spec(config, template, "kill")
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(runtime.run, spec)
-                        await _until_console_has(spec, b"virt")
-                        with trio.fail_after(30):
-                            while pool.ready < pool.size:  # the refill the create started
-                                await trio.sleep(0.05)
-                        during = _busy_threads_fds_netns()
-                        nursery.cancel_scope.cancel()
-                    await _until_cubevs_is_idle()
-                    after = _busy_threads_fds_netns()
-                finally:
-                    runtime.close()
+            async with kvm_runtime_with_a_snapshot(kvm, work, config, template) as (runtime, snapshot):
+                pool = runtime.pool_for(snapshot)
+                await pool.refill()  # the shells a create takes and leaves: not the sandbox's
+                await _until_cubevs_is_idle()
+                before = _busy_threads_fds_netns()
+                spec = _spec(config, template, "kill")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(runtime.run, spec)
+                    await _until_console_has(spec, b"virt")
+                    with trio.fail_after(30):
+                        while pool.ready < pool.size:  # the refill the create started
+                            await trio.sleep(0.05)
+                    during = _busy_threads_fds_netns()
+                    nursery.cancel_scope.cancel()
+                await _until_cubevs_is_idle()
+                after = _busy_threads_fds_netns()
             assert any("run_loop" in name for name in during[0] - before[0]), during[0]
             assert any(fd.endswith("kvm-vcpu:0") for fd in during[1] - before[1]), during[1] - before[1]
             assert f"cube-{spec.sandbox_id}" in during[2] - before[2]
@@ -379,28 +379,19 @@ def test_a_snapshot_of_another_kernel_is_refused_not_restored(kvm: Kvm) -> None:
     stand-in that cannot boot) the template is reported unservable with the boot's error,
     which sends the service's creates to its uml fallback."""
     with kvm_runtime_on_this_host() as (work, config, template):
-        kernel = config.kvm_guest_kernel
-        assert kernel is not None
 
         async def main() -> None:
-            async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-                runtime = KvmRuntime(config, cubevs)
-                try:
-                    snapshot = await trio.to_thread.run_sync(
-                        _template_snapshot, kvm, runtime, template, kernel, work
-                    )
-                    stamped = json.loads((snapshot / KEY_FILE).read_text())
-                    (snapshot / KEY_FILE).write_text(json.dumps({**stamped, "kernel": "0" * 16}))
-                    spec = _spec(config, template, "stale")
-                    with pytest.raises(TemplateUnservable) as refused:
-                        await runtime.run(spec)
-                    # It booted (loading the kernel failed) instead of restoring the refused snapshot.
-                    assert "neither an ELF vmlinux nor a bzImage" in refused.value.reason, refused.value
-                    # The next create is told at once, without another boot.
-                    with pytest.raises(TemplateUnservable):
-                        await runtime.run(_spec(config, template, "again"))
-                finally:
-                    runtime.close()
+            async with kvm_runtime_with_a_snapshot(kvm, work, config, template) as (runtime, snapshot):
+                stamped = json.loads((snapshot / KEY_FILE).read_text())
+                (snapshot / KEY_FILE).write_text(json.dumps({**stamped, "kernel": "0" * 16}))
+                spec = _spec(config, template, "stale")
+                with pytest.raises(TemplateUnservable) as refused:
+                    await runtime.run(spec)
+                # It booted (loading the kernel failed) instead of restoring the refused snapshot.
+                assert "neither an ELF vmlinux nor a bzImage" in refused.value.reason, refused.value
+                # The next create is told at once, without another boot.
+                with pytest.raises(TemplateUnservable):
+                    await runtime.run(_spec(config, template, "again"))
 
         trio.run(main)
 

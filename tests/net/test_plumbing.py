@@ -22,9 +22,9 @@ from networld import (
 )
 
 from appliance.config import Config
-from appliance.net import CubeVS, NetworkPolicy, SandboxNetwork, links
+from appliance.net import CubeVS, NetworkPolicy, SandboxNetwork, ebpf, links
 from appliance.net.addressing import Addressing
-from appliance.net.ebpf import PIN_ROOT
+from appliance.net.ebpf import PIN_ROOT, pin_dir_of
 from appliance.net.links import TAP_FLAGS
 from appliance.net.sweep import Records
 
@@ -145,6 +145,20 @@ async def test_service_stop_removes_host_setup(net_config: Config, dns_upstream:
     assert addressing.resolver_label not in run("ip -o addr show dev lo")
     assert addressing.nft_table not in run("nft list tables")
     assert not (PIN_ROOT / addressing.tag).exists()
+
+
+async def test_the_service_takes_the_program_compiled_ahead(net_config: Config, dns_upstream: str) -> None:
+    """`cube serve` compiles the eBPF program while it starts up (compile_ahead): the service
+    must enforce with that very program, not compile a second one on its way to the sandboxes."""
+    pin_dir = pin_dir_of(Addressing(net_config.host_network))
+    ebpf.compile_ahead(pin_dir)
+    assert pin_dir not in ebpf._compiling  # no previous service's maps: nothing to be quick for
+    pin_dir.mkdir(parents=True)  # as a previous service whose sandboxes run on leaves it
+    ebpf.compile_ahead(pin_dir)
+    compiled = ebpf._compiling[pin_dir]
+    async with CubeVS.start(net_config, dns_upstreams=[dns_upstream]) as vs:
+        assert vs._program is not None and vs._program._bpf is compiled.result()
+    assert pin_dir not in ebpf._compiling
 
 
 async def test_start_sweeps_networks_left_by_a_crash(net_config: Config, dns_upstream: str) -> None:

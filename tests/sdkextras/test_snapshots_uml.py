@@ -9,22 +9,13 @@ snapshot has the first file and not the second. Another team sees and reaches no
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import umlguests
 from e2b import Sandbox
 from e2b.exceptions import SandboxException
-
-from appliance.config import Config, load_config
-from appliance.cubelet.runtimes import RuntimeBundle
 
 pytestmark = [
     pytest.mark.uml,
@@ -32,74 +23,14 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root"),
 ]
 
-TEST_HOST_NETWORK = "10.219.0.0/24"
-TEST_UID_BASE = 440_000
-DEAD_DNS_UPSTREAM = "127.0.0.1:9"  # nothing listens: guest lookups fail fast, nothing leaves
-
-
-@asynccontextmanager
-async def _uml_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
-    from appliance.cubelet.runtimes import CubeVSPolicies
-    from appliance.net.service import CubeVS
-    from appliance.runtime.uml.runtime import UmlRuntime
-
-    async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
-
-
-@dataclass
-class UmlService:
-    config: Config
-    start_service: Any
-    monkeypatch: pytest.MonkeyPatch
-    harness: Any = None
-
-    def start(self) -> Any:
-        self.harness = self.start_service(self.config, runtime_factory=_uml_runtime)
-        for name in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_VOLUME_API_URL"):
-            self.monkeypatch.setenv(name, self.harness.url)
-        return self.harness
-
-    def key(self, name: str) -> str:
-        response = httpx.post(
-            f"{self.harness.url}/cube/keys",
-            json={"name": name},
-            headers={"X-API-KEY": self.harness.admin_token},
-        )
-        assert response.status_code == 201, response.text
-        return str(response.json()["key"])
-
 
 @pytest.fixture
-def uml_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[UmlService]:
-    template = umlguests.default_template()
-    work = Path(tempfile.mkdtemp(prefix="cubetest-snap-"))  # short: unix socket paths must fit
-    try:
-        (work / "state" / "templates").mkdir(parents=True)
-        (work / "state" / "templates" / template.template_id).symlink_to(template.directory)
-        config = Config(
-            state_dir=work / "state",
-            cache_dir=load_config().cache_dir,
-            run_dir=work / "run",
-            api_port=0,
-            tls_port=0,
-            runtime="uml",
-            pool_size=0,
-            memory_budget_mb=4096,
-            host_network=TEST_HOST_NETWORK,
-            uid_base=TEST_UID_BASE,
-            allow_unenforced_network=True,
-        )
-        monkeypatch.delenv("E2B_DOMAIN", raising=False)
-        monkeypatch.delenv("E2B_DEBUG", raising=False)
-        service = UmlService(config, start_service, monkeypatch)
-        service.start()
+def uml_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[umlguests.UmlService]:
+    with umlguests.uml_service(start_service, monkeypatch) as service:
         yield service
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
-def test_a_filesystem_snapshot_outlives_its_sandbox_and_a_restart(uml_service: UmlService) -> None:
+def test_a_filesystem_snapshot_outlives_its_sandbox_and_a_restart(uml_service: umlguests.UmlService) -> None:
     alice, bob = uml_service.key("alice"), uml_service.key("bob")
     source = Sandbox.create(timeout=600, api_key=alice)
     source.files.write("/home/user/kept.txt", "written before the snapshot")

@@ -1,6 +1,6 @@
 """Volumes through the unmodified E2B SDK (`Volume`, its content client on E2B_VOLUME_API_URL):
 files kept under the data dir, owned by a team, capped, and nothing outside a volume reachable
-through its paths. Mounting into sandboxes is refused clearly (not offered yet)."""
+through its paths; bad `volume_mounts` on create get E2B's errors (mounting itself: tests/volumes)."""
 
 from __future__ import annotations
 
@@ -127,9 +127,38 @@ def test_another_team_reaches_no_volume(volume_env: ServiceHarness) -> None:
     assert volume.read_file("/kept.txt") == "mine"
 
 
-def test_mounting_a_volume_is_refused_clearly(volume_env: ServiceHarness) -> None:
-    volume = Volume.create("data")
+def _create_error(**kwargs: Any) -> str:
     with pytest.raises(SandboxException) as caught:
-        Sandbox.create(volume_mounts={"/mnt/data": volume})
-    assert "400" in str(caught.value) and "volume mounts" in str(caught.value)
-    assert Sandbox.list().next_items() == []
+        Sandbox.create(**kwargs)
+    return str(caught.value)
+
+
+def test_bad_volume_mounts_get_e2b_errors_and_kill_nothing(volume_env: ServiceHarness) -> None:
+    volume = Volume.create("data")
+    volume.write_file("/kept.txt", "kept")
+    running = Sandbox.create()
+    other = new_key(volume_env, "other-team")
+    theirs = Volume.create("theirs", api_key=other)
+    for path, status, words in (
+        ("mnt/data", "400", "absolute"),
+        ("/etc/data", "400", "must be below"),
+        ("/mnt", "400", "must be below"),
+        ("/mnt/../etc", "400", "no '..'"),
+        ("/mnt/a b", "400", "plain names"),
+    ):
+        message = _create_error(volume_mounts={path: volume})
+        assert status in message and words in message, (path, message)
+    for name in ("no-such-volume", theirs.name):  # another team's volume is as missing as none
+        message = _create_error(volume_mounts={"/mnt/data": name})
+        assert "404" in message and "not found" in message, message
+    message = _create_error(volume_mounts={"/mnt/a": volume, "/mnt/a/b": "theirs-not-mine"})
+    assert "404" in message or "overlap" in message
+    message = _create_error(volume_mounts={"/mnt/a": volume, "/mnt/b": volume})
+    assert "400" in message and "mounted twice" in message
+    # This runtime (the test double, like kvm) takes no disks: refused, the volume left free.
+    message = _create_error(volume_mounts={"/mnt/data": volume})
+    assert "400" in message and "uml runtime" in message
+    assert [s.sandbox_id for s in Sandbox.list().next_items()] == [running.sandbox_id]
+    assert volume.read_file("/kept.txt") == "kept"
+    volume.write_file("/still-writable.txt", "yes")  # not left held by the refused create
+    assert Volume.destroy(volume.volume_id) is True

@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from wheel_builds import build_wheel, copy_checkout
 
 from appliance import __version__
 from appliance.config import load_config
@@ -40,7 +40,6 @@ from appliance.master.upgrade import (
 
 pytestmark = [pytest.mark.uml, pytest.mark.slow]
 
-CHECKOUT = Path(__file__).resolve().parents[2]
 ROOT = Path("/tmp/h9")
 INSTALLED_TEMPLATE = Path("/var/lib/cube/templates/code-interpreter")
 INSTALLED_KERNELS = Path("/var/cache/cube/kernels")
@@ -76,19 +75,6 @@ class Wheels:
     new_iso: Path  # the new wheel in /cube/wheels of an ISO 9660 image, as the appliance ISO has it
 
 
-def _copy_checkout(dest: Path) -> None:
-    listed = subprocess.run(
-        ["git", "-C", str(CHECKOUT), "ls-files", "-co", "--exclude-standard", "-z"],
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = CHECKOUT / name
-        if source.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-
-
 def _set_version(tree: Path, version: str) -> None:
     for path, before, after in (
         (tree / "pyproject.toml", f'version = "{__version__}"', f'version = "{version}"'),
@@ -99,24 +85,13 @@ def _set_version(tree: Path, version: str) -> None:
         path.write_text(text.replace(before, after, 1))
 
 
-def _build_wheel(tree: Path, out: Path) -> Path:
-    pip_wheel = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-    subprocess.run(
-        [*pip_wheel, "-w", str(out), str(tree)],
-        check=True,
-        capture_output=True,
-    )
-    [wheel] = out.glob("cube_appliance-*.whl")
-    return wheel
-
-
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Wheels:
     work = tmp_path_factory.mktemp("wheels")
     built = []
     for name, version in (("current", __version__), ("new", NEW_VERSION), ("broken", BROKEN_VERSION)):
         tree = work / f"src-{name}"
-        _copy_checkout(tree)
+        copy_checkout(tree)
         _set_version(tree, version)
         if name == "broken":
             # A migration that fails: the new service refuses to start on it.
@@ -124,7 +99,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> Wheels:
             marker = "class DatabaseTooNew("
             failing = 'MIGRATIONS = (*MIGRATIONS, ("INSERT INTO no_such_table VALUES (1)",))\n\n\n'
             store.write_text(store.read_text().replace(marker, failing + marker, 1))
-        built.append(_build_wheel(tree, work / f"wheel-{name}"))
+        built.append(build_wheel(tree, work / f"wheel-{name}"))
         shutil.rmtree(tree)
     iso_tree = work / "iso-tree"
     (iso_tree / "cube" / "wheels").mkdir(parents=True)

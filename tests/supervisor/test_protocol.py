@@ -7,27 +7,15 @@ import json
 import pytest
 
 from appliance.process_identity import ProcessIdentity
-from appliance.runtime.supervisor.protocol import (
-    CONSOLE_TAIL_MAX_BYTES,
-    MAX_REQUEST_BYTES,
-    GuestExit,
-    GuestState,
-    LaunchSpec,
-    Op,
-    ProtocolError,
-    Reply,
-    Request,
-    SupervisorRecord,
-    decode_exit,
-    encode_exit,
-)
+from appliance.runtime.supervisor import protocol
+from appliance.runtime.supervisor.framing import LineBuffer
 
 
 def test_requests_round_trip_and_console_tails_are_capped() -> None:
-    for op in Op:
-        assert Request.decode(Request(op).encode()) == Request(op)
+    for op in protocol.Op:
+        assert protocol.Request.decode(protocol.Request(op).encode()) == protocol.Request(op)
     asked = json.dumps({"op": "console", "max_bytes": 10**9}).encode()
-    assert Request.decode(asked).max_bytes == CONSOLE_TAIL_MAX_BYTES
+    assert protocol.Request.decode(asked).max_bytes == protocol.CONSOLE_TAIL_MAX_BYTES
 
 
 @pytest.mark.parametrize(
@@ -39,25 +27,29 @@ def test_requests_round_trip_and_console_tails_are_capped() -> None:
         (b'{"op": "state", "max_bytes": -1}', "non-negative"),
         (b'{"op": "state", "max_bytes": true}', "non-negative"),
         (b'{"op": "state", "exec": "sh"}', "unknown request fields"),
-        (b'{"op": "state", "pad": "' + b"x" * MAX_REQUEST_BYTES + b'"}', "limit"),
+        (b'{"op": "state", "pad": "' + b"x" * protocol.MAX_REQUEST_BYTES + b'"}', "limit"),
         (b"\xff\xfe", "not JSON"),
     ],
 )
 def test_malformed_requests_are_refused_with_the_reason(line: bytes, why: str) -> None:
-    with pytest.raises(ProtocolError, match=why):
-        Request.decode(line)
+    with pytest.raises(protocol.ProtocolError, match=why):
+        protocol.Request.decode(line)
 
 
 def test_replies_and_states_round_trip() -> None:
-    state = GuestState("sb1", first_output=True, agent_ready=True, exit=GuestExit(-9, "killed", "tail"))
+    state = protocol.GuestState(
+        "sb1", first_output=True, agent_ready=True, exit=protocol.GuestExit(-9, "killed", "tail")
+    )
     for reply in (
-        Reply(ok=True, state=state),
-        Reply(ok=True, console="last words"),
-        Reply(ok=True, metrics={"memory_bytes": 1.0}),
-        Reply.failed("nope"),
+        protocol.Reply(ok=True, state=state),
+        protocol.Reply(ok=True, console="last words"),
+        protocol.Reply(ok=True, metrics={"memory_bytes": 1.0}),
+        protocol.Reply.failed("nope"),
     ):
-        assert Reply.decode(reply.encode()) == reply
-    assert decode_exit(encode_exit(GuestExit(None, "gone"))) == GuestExit(None, "gone", "")
+        assert protocol.Reply.decode(reply.encode()) == reply
+    assert protocol.decode_exit(protocol.encode_exit(protocol.GuestExit(None, "gone"))) == protocol.GuestExit(
+        None, "gone", ""
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,21 +64,21 @@ def test_replies_and_states_round_trip() -> None:
     ],
 )
 def test_replies_of_the_wrong_shape_are_refused(data: dict[str, object]) -> None:
-    with pytest.raises(ProtocolError):
-        Reply.decode(json.dumps(data).encode())
+    with pytest.raises(protocol.ProtocolError):
+        protocol.Reply.decode(json.dumps(data).encode())
 
 
 def test_a_newer_writer_s_extra_fields_are_ignored_missing_optional_ones_defaulted() -> None:
-    record = SupervisorRecord("sb1", 123, 456, "/venv", 1.5, {"slot": 3})
+    record = protocol.SupervisorRecord("sb1", 123, 456, "/venv", 1.5, {"slot": 3})
     data = json.loads(record.encode())
     data["added_in_a_later_release"] = [1, 2]
     del data["protocol"]
-    loaded = SupervisorRecord.decode(json.dumps(data).encode())
+    loaded = protocol.SupervisorRecord.decode(json.dumps(data).encode())
     assert loaded == record and loaded.identity == ProcessIdentity(123, 456)
 
 
 def test_launch_specs_round_trip() -> None:
-    spec = LaunchSpec(
+    spec = protocol.LaunchSpec(
         sandbox_id="sb1",
         control_dir="/run/cube/supervisors/sb1",
         argv=["nsenter", "--", "x"],
@@ -104,4 +96,23 @@ def test_launch_specs_round_trip() -> None:
         supervisor_cgroup=["/sys/fs/cgroup/cube/sb1.supervisor/cgroup.procs"],
         guest={"slot": 1, "template_id": "t"},
     )
-    assert LaunchSpec.decode(spec.encode()) == spec
+    assert protocol.LaunchSpec.decode(spec.encode()) == spec
+
+
+def test_framing_makes_lines_of_chunks_however_they_are_cut() -> None:
+    lines = LineBuffer(limit=64)
+    received = []
+    for chunk in (b'{"op":', b' "state"}\n{"op": "wa', b'tch"}\n{"op"'):
+        lines.feed(chunk)
+        while (line := lines.next_line()) is not None:
+            received.append(protocol.Request.decode(line).op)
+    assert received == [protocol.Op.STATE, protocol.Op.WATCH] and lines.pending == len(b'{"op"')
+
+
+@pytest.mark.parametrize("data", [b"x" * 65, b"x" * 65 + b"\n", b"ok\n" + b"y" * 65])
+def test_framing_refuses_a_line_over_its_limit_whole_or_not(data: bytes) -> None:
+    lines = LineBuffer(limit=64)
+    lines.feed(data)
+    with pytest.raises(protocol.ProtocolError, match="over 64 bytes"):
+        while lines.next_line() is not None:
+            pass

@@ -23,6 +23,7 @@ from registry_world import (
     Entry,
     Images,
     OciLayout,
+    Puller,
     Registries,
     TokenServer,
     skopeo_copy,
@@ -163,6 +164,13 @@ def job(job_store: JobStore) -> BuildJob:
 @pytest.fixture
 def layer_cache(config: Config) -> LayerCache:
     return LayerCache(config.cache_dir / "layers")
+
+
+@pytest.fixture
+def puller(
+    job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache, insecure: frozenset[str]
+) -> Puller:
+    return Puller(job_store, job, scratch, layer_cache, insecure)
 
 
 @pytest.fixture

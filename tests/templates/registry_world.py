@@ -553,17 +553,33 @@ class Images:
     multi_layer_digests: list[str]
 
 
-async def pull(
-    store: JobStore,
-    job: BuildJob,
-    image: str,
-    scratch: Path,
-    cache: LayerCache,
-    insecure: frozenset[str],
-    credentials: Credentials | None = None,
-) -> Path:
-    """`image` pulled and unpacked as a template build does, into `scratch/rootfs`."""
-    rootfs = scratch / "rootfs"
-    rootfs.mkdir(exist_ok=True)
-    await pull_image(store, job, image, rootfs, scratch / "work", cache, credentials, insecure)
-    return rootfs
+@dataclass(frozen=True)
+class Puller:
+    """Pulls as a template build does, with one test's job store, job, layer cache and
+    insecure (plain-HTTP) registries: the `puller` fixture (tests/templates/conftest.py)."""
+
+    store: JobStore
+    job: BuildJob
+    scratch: Path
+    cache: LayerCache
+    insecure: frozenset[str]
+
+    async def __call__(
+        self,
+        image: str,
+        credentials: Credentials | None = None,
+        *,
+        into: str = "",
+        job: BuildJob | None = None,
+        insecure: frozenset[str] | None = None,
+    ) -> Path:
+        """`image` pulled and unpacked into `scratch/<into>/rootfs` (scratch/rootfs without `into`);
+        `job` and `insecure` replace the fixture's."""
+        scratch = self.scratch / into
+        rootfs = scratch / "rootfs"
+        rootfs.mkdir(parents=True, exist_ok=True)
+        chosen = self.insecure if insecure is None else insecure
+        await pull_image(
+            self.store, job or self.job, image, rootfs, scratch / "work", self.cache, credentials, chosen
+        )
+        return rootfs

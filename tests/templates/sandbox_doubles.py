@@ -90,6 +90,9 @@ class LoopbackSandboxes:
         command.output(f"ready check {' '.join(command.argv)}")
         return 1 if self.failing_command and self.failing_command in " ".join(command.argv) else 0
 
+    def published(self, manifest: TemplateManifest) -> None:
+        pass  # no registry or pools to tell
+
     async def run_command(self, rootfs: Path, command: RunCommand) -> None:
         self.commands.append(command)
         self.rootfs_paths.append(rootfs)

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
-from registry_world import Images
+from registry_world import Images, Puller
 
-from appliance.templates.jobs import BuildJob, JobStore
-from appliance.templates.layer_cache import LayerCache
 from appliance.templates.manifests import ManifestError
 from appliance.templates.pull import pull_image
-
-
-async def unpack(store: JobStore, job: BuildJob, image: str, scratch: Path, cache: LayerCache) -> Path:
-    rootfs = scratch / "rootfs"
-    rootfs.mkdir()
-    await pull_image(store, job, image, rootfs, scratch / "work", cache)
-    return rootfs
 
 
 def skopeo_local(source: str, dest: str) -> None:
@@ -31,49 +21,39 @@ def skopeo_local(source: str, dest: str) -> None:
 
 
 @pytest.mark.root
-async def test_oci_layout_directory(
-    images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
-) -> None:
-    rootfs = await unpack(job_store, job, f"oci:{images.layout}:multi", scratch, layer_cache)
+async def test_oci_layout_directory(images: Images, puller: Puller) -> None:
+    rootfs = await puller(f"oci:{images.layout}:multi")
     assert (rootfs / "data/keep.txt").read_bytes() == b"keep v2"
     assert not (rootfs / "data/gone.txt").exists()
 
 
 @pytest.mark.root
-async def test_oci_layout_index_picks_amd64(
-    images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
-) -> None:
-    rootfs = await unpack(job_store, job, f"oci:{images.layout}:multiarch", scratch, layer_cache)
+async def test_oci_layout_index_picks_amd64(images: Images, puller: Puller) -> None:
+    rootfs = await puller(f"oci:{images.layout}:multiarch")
     assert (rootfs / "arch.txt").read_text() == "amd64"
 
 
-async def test_oci_layout_without_ref_needs_one(
-    images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
-) -> None:
+async def test_oci_layout_without_ref_needs_one(images: Images, puller: Puller) -> None:
     with pytest.raises(ManifestError, match="name one"):
-        await unpack(job_store, job, f"oci:{images.layout}", scratch, layer_cache)
+        await puller(f"oci:{images.layout}")
 
 
 @pytest.mark.root
-async def test_oci_archive(
-    images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
-) -> None:
-    archive = scratch / "image.oci.tar"
+async def test_oci_archive(images: Images, puller: Puller) -> None:
+    archive = puller.scratch / "image.oci.tar"
     skopeo_local(f"oci:{images.layout}:multi", f"oci-archive:{archive}")
-    rootfs = await unpack(job_store, job, f"oci-archive:{archive}", scratch, layer_cache)
+    rootfs = await puller(f"oci-archive:{archive}")
     assert sorted(p.name for p in (rootfs / "opaque").iterdir()) == ["upper.txt"]
 
 
 @pytest.mark.root
-async def test_docker_archive(
-    images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
-) -> None:
-    archive = scratch / "image.docker.tar"
+async def test_docker_archive(images: Images, puller: Puller) -> None:
+    archive = puller.scratch / "image.docker.tar"
     skopeo_local(f"oci:{images.layout}:multi-gzip", f"docker-archive:{archive}:test/multi:v1")
-    rootfs = scratch / "rootfs"
+    rootfs = puller.scratch / "rootfs"
     rootfs.mkdir()
     image = await pull_image(
-        job_store, job, f"docker-archive:{archive}", rootfs, scratch / "work", layer_cache
+        puller.store, puller.job, f"docker-archive:{archive}", rootfs, puller.scratch / "work", puller.cache
     )
     assert image.config.entrypoint == ("/usr/bin/tool",)
     assert (rootfs / "data/keep.txt").read_bytes() == b"keep v2"
@@ -81,10 +61,8 @@ async def test_docker_archive(
 
 
 @pytest.mark.root
-async def test_arm64_archive_is_refused(
-    images: Images, job_store: JobStore, job: BuildJob, scratch: Path, layer_cache: LayerCache
-) -> None:
-    archive = scratch / "arm.oci.tar"
+async def test_arm64_archive_is_refused(images: Images, puller: Puller) -> None:
+    archive = puller.scratch / "arm.oci.tar"
     skopeo_local(f"oci:{images.layout}:arm64", f"oci-archive:{archive}")
     with pytest.raises(ManifestError, match="linux/amd64 only"):
-        await unpack(job_store, job, f"oci-archive:{archive}", scratch, layer_cache)
+        await puller(f"oci-archive:{archive}")

@@ -21,17 +21,16 @@ from registry_world import (
     FakeRegistry,
     Images,
     OciLayout,
+    Puller,
     RecordingServer,
     Registries,
-    pull,
     send,
 )
 from served_builds import Served, finished
 
 from appliance.config import Config
 from appliance.templates.builds import TemplateBuilds
-from appliance.templates.jobs import BuildJob, JobStore, Phase
-from appliance.templates.layer_cache import LayerCache
+from appliance.templates.jobs import BuildJob, Phase
 from appliance.templates.registry import RegistryError
 from appliance.templates.registry_auth import Credentials, RegistryAuthError
 from appliance.templates.requests import ImageBuildRequest, public_request
@@ -57,33 +56,22 @@ def servers() -> Iterator[list[RecordingServer]]:
 
 @pytest.mark.root
 async def test_a_plain_http_registry_the_operator_did_not_list_gets_nothing_in_clear(
-    job_store: JobStore,
-    job: BuildJob,
-    scratch: Path,
-    layer_cache: LayerCache,
+    puller: Puller,
     layout: Path,
     servers: list[RecordingServer],
 ) -> None:
     registry = FakeRegistry(layout, challenge='Basic realm="cube-test"', accept=BASIC)
     servers.append(registry)
     with pytest.raises(RegistryError, match="cannot reach registry"):
-        await pull(
-            job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset(), CREDENTIALS
-        )
+        await puller(f"{registry.host}/test/app:v1", CREDENTIALS, insecure=frozenset())
     assert registry.requests == [], "no HTTP request (let alone credentials) reached it: https only"
-    rootfs = await pull(
-        job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset({registry.host}),
-        CREDENTIALS,
-    )  # fmt: skip
+    rootfs = await puller(f"{registry.host}/test/app:v1", CREDENTIALS, insecure=frozenset({registry.host}))
     assert (rootfs / "hello.txt").read_text() == "hello", "listed in insecure_registries: plain HTTP"
 
 
 @pytest.mark.parametrize("credentials", [CREDENTIALS, None])
 async def test_a_token_realm_over_plain_http_is_refused(
-    job_store: JobStore,
-    job: BuildJob,
-    scratch: Path,
-    layer_cache: LayerCache,
+    puller: Puller,
     layout: Path,
     servers: list[RecordingServer],
     credentials: Credentials | None,
@@ -92,18 +80,12 @@ async def test_a_token_realm_over_plain_http_is_refused(
     registry = FakeRegistry(layout, challenge=f'Bearer realm="{realm.url}/token",service="cube"')
     servers += [realm, registry]
     with pytest.raises(RegistryAuthError, match="a token service must use https"):
-        await pull(
-            job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset({registry.host}),
-            credentials,
-        )  # fmt: skip
+        await puller(f"{registry.host}/test/app:v1", credentials, insecure=frozenset({registry.host}))
     assert realm.requests == [], "the realm got no request, with or without credentials"
 
 
 async def test_a_token_realm_redirect_is_not_followed(
-    job_store: JobStore,
-    job: BuildJob,
-    scratch: Path,
-    layer_cache: LayerCache,
+    puller: Puller,
     layout: Path,
     servers: list[RecordingServer],
 ) -> None:
@@ -113,9 +95,7 @@ async def test_a_token_realm_redirect_is_not_followed(
     servers += [elsewhere, realm, registry]
     insecure = frozenset({registry.host, realm.http.host, elsewhere.http.host})
     with pytest.raises(RegistryAuthError, match="answered 302"):
-        await pull(
-            job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, insecure, CREDENTIALS
-        )
+        await puller(f"{registry.host}/test/app:v1", CREDENTIALS, insecure=insecure)
     assert [auth for _, auth in realm.requests] == [BASIC], "the realm itself gets the credentials"
     assert "s3cret" not in realm.requests[0][0], "in the Authorization header, not the query"
     assert elsewhere.requests == []
@@ -123,20 +103,14 @@ async def test_a_token_realm_redirect_is_not_followed(
 
 @pytest.mark.root
 async def test_a_blob_redirect_to_another_host_carries_no_credentials(
-    job_store: JobStore,
-    job: BuildJob,
-    scratch: Path,
-    layer_cache: LayerCache,
+    puller: Puller,
     layout: Path,
     servers: list[RecordingServer],
 ) -> None:
     cdn = FakeRegistry(layout)
     registry = FakeRegistry(layout, challenge='Basic realm="cube-test"', accept=BASIC, blob_location=cdn.url)
     servers += [cdn, registry]
-    rootfs = await pull(
-        job_store, job, f"{registry.host}/test/app:v1", scratch, layer_cache, frozenset({registry.host}),
-        CREDENTIALS,
-    )  # fmt: skip
+    rootfs = await puller(f"{registry.host}/test/app:v1", CREDENTIALS, insecure=frozenset({registry.host}))
     assert (rootfs / "hello.txt").read_text() == "hello"
     assert cdn.requests and all(auth is None for _, auth in cdn.requests), cdn.requests
     assert any(auth == BASIC for _, auth in registry.requests)

@@ -29,6 +29,7 @@ import trio
 
 import appliance
 from appliance.process_identity import ProcessIdentity
+from appliance.runtime.supervisor.framing import LineBuffer, receive_line, send_all
 from appliance.runtime.supervisor.protocol import (
     CONTROL_SOCKET,
     EXIT_FILE,
@@ -201,9 +202,8 @@ class SupervisorClient:
             with trio.fail_after(timeout):
                 sock = await self._connect()
                 with sock:
-                    await _send_all(sock, request.encode())
-                    reader = _LineReader(sock)
-                    line = await reader.next()
+                    await send_all(sock, request.encode())
+                    line = await receive_line(sock, LineBuffer(MAX_REPLY_BYTES))
         except (OSError, trio.TooSlowError) as exc:
             raise SupervisorGone(f"its supervisor does not answer ({op}): {exc!r}") from exc
         if line is None:
@@ -222,12 +222,11 @@ class Watch:
     def __init__(self, client: SupervisorClient) -> None:
         self._client = client
         self._sock: trio.socket.SocketType | None = None
-        self._reader: _LineReader | None = None
+        self._lines = LineBuffer(MAX_REPLY_BYTES)
 
     async def __aenter__(self) -> Watch:
         self._sock = await self._client._connect()
-        await _send_all(self._sock, Request(Op.WATCH).encode())
-        self._reader = _LineReader(self._sock)
+        await send_all(self._sock, Request(Op.WATCH).encode())
         return self
 
     async def __aexit__(
@@ -237,9 +236,9 @@ class Watch:
             self._sock.close()
 
     async def next(self) -> GuestState | None:
-        assert self._reader is not None
+        assert self._sock is not None
         try:
-            line = await self._reader.next()
+            line = await receive_line(self._sock, self._lines)
         except OSError:
             return None
         if line is None:
@@ -248,31 +247,6 @@ class Watch:
         if not reply.ok or reply.state is None:
             raise ProtocolError(f"watch: {reply.error or 'no state'}")
         return reply.state
-
-
-class _LineReader:
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-
-    async def next(self) -> bytes | None:
-        while b"\n" not in self._buffer:
-            chunk = await self._sock.recv(65536)
-            if not chunk:
-                return None
-            self._buffer += chunk
-            if len(self._buffer) > MAX_REPLY_BYTES:
-                raise ProtocolError(f"a reply over {MAX_REPLY_BYTES} bytes")
-        line, _, rest = bytes(self._buffer).partition(b"\n")
-        self._buffer = bytearray(rest)
-        return line
-
-
-async def _send_all(sock: trio.socket.SocketType, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        sent = await sock.send(view)
-        view = view[sent:]
 
 
 async def launch(spec: LaunchSpec, timeout: float) -> SupervisorClient:

@@ -39,6 +39,7 @@ from pathlib import Path
 import trio
 
 from appliance.process_identity import ProcessIdentity
+from appliance.runtime.supervisor.framing import LineBuffer, receive_line, send_all
 from appliance.runtime.supervisor.guest import (
     GuestInit,
     become_subreaper,
@@ -215,7 +216,7 @@ class Supervisor:
                     return
                 try:
                     with trio.fail_after(REQUEST_READ_TIMEOUT_S):
-                        request = Request.decode(await _read_line(connection))
+                        request = await _read_request(connection)
                 except (ProtocolError, trio.TooSlowError) as exc:
                     await connection.send(Reply.failed(f"bad request: {str(exc) or 'too slow'}").encode())
                     return
@@ -240,7 +241,7 @@ class Supervisor:
             reply = Reply(ok=True, metrics=self.metrics())
         else:
             reply = Reply(ok=True, state=self.state())
-        await _send_all(connection, reply.encode())
+        await send_all(connection, reply.encode())
 
     async def _watch(self, connection: trio.socket.SocketType) -> None:
         """Send the state now and after every change until the guest has ended, or until the
@@ -256,7 +257,7 @@ class Supervisor:
             while True:
                 changed = self._changed
                 state = self.state()
-                await _send_all(connection, Reply(ok=True, state=state).encode())
+                await send_all(connection, Reply(ok=True, state=state).encode())
                 if state.exit is not None:
                     break
                 await changed.wait()
@@ -287,23 +288,11 @@ class Supervisor:
         }
 
 
-async def _read_line(connection: trio.socket.SocketType) -> bytes:
-    data = b""
-    while b"\n" not in data:
-        chunk = await connection.recv(MAX_REQUEST_BYTES)
-        if not chunk:
-            raise ProtocolError("the request ended before its newline")
-        data += chunk
-        if len(data) > MAX_REQUEST_BYTES:
-            raise ProtocolError(f"request over {MAX_REQUEST_BYTES} bytes")
-    return data.split(b"\n", 1)[0]
-
-
-async def _send_all(connection: trio.socket.SocketType, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        sent = await connection.send(view)
-        view = view[sent:]
+async def _read_request(connection: trio.socket.SocketType) -> Request:
+    line = await receive_line(connection, LineBuffer(MAX_REQUEST_BYTES))
+    if line is None:
+        raise ProtocolError("the request ended before its newline")
+    return Request.decode(line)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

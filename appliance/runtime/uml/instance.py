@@ -4,6 +4,7 @@ through its supervisor (runtime/supervisor), which owns it."""
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from appliance.runtime.supervisor.client import GuestEvents, SupervisorClient, S
 from appliance.runtime.supervisor.protocol import Op
 from appliance.runtime.uml.cgroups import SandboxCgroup
 from appliance.runtime.uml.mconsole import Mconsole
+from appliance.runtime.uml.volumes import hotplug_image
 
 
 class GuestControlFailed(RuntimeError):
@@ -69,6 +71,12 @@ class UmlInstance:
 
     def detach(self) -> None:
         self.detached = True
+
+    async def attach_disk(self, slot: int, size_bytes: int, fill: Callable[[int], Awaitable[None]]) -> str:
+        """A new disk image of `size_bytes` (`fill(fd)` writes it) plugged into the running guest as
+        ubd device `slot`; the guest's device path (cubelet/volume_mounts.py, runtime/uml/volumes.py)."""
+        m = self.mconsole
+        return await hotplug_image(m, m.guest_dir, m.owner_uid, slot, size_bytes, fill)
 
     def memory_usage_bytes(self) -> int:
         """Everything the sandbox's cgroup is charged: guest memory file, UML processes.

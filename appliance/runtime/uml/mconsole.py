@@ -77,6 +77,15 @@ class Mconsole:
         self._owner_uid = owner_uid
         self._lock = trio.Lock()
 
+    @property
+    def guest_dir(self) -> Path:
+        """The guest uid's own directory (its vm directory), at the same path in its namespace."""
+        return self._guest_dir
+
+    @property
+    def owner_uid(self) -> int:
+        return self._owner_uid
+
     async def request(self, command: str, timeout: float = 5.0) -> str:
         """Send `command`; return the reply text or raise MconsoleError with the guest's message."""
         data = command.encode()

@@ -294,16 +294,23 @@ class UmlRuntime:
         directories, kept networks. Call once, before any boot."""
         kept: list[KeptGuest] = []
         gone: dict[str, str] = {}
-        for control_dir in control_dirs(self.config.run_dir):
+
+        async def attach(control_dir: Path) -> None:
             sandbox_id = control_dir.name
             try:
                 found = await self._attach(control_dir)
             except SupervisorGone as exc:
                 gone[sandbox_id] = str(exc)
                 await trio.to_thread.run_sync(self._remove_leftovers, sandbox_id)
-                continue
+                return
             self._kept[sandbox_id] = found.supervisor
             kept.append(found.guest)
+
+        # All at once: each is a round trip to another process, on the way of every sandbox.
+        async with trio.open_nursery() as nursery:
+            for control_dir in control_dirs(self.config.run_dir):
+                nursery.start_soon(attach, control_dir)
+        kept.sort(key=lambda guest: guest.sandbox_id)
         await trio.to_thread.run_sync(self._remove_orphan_directories, set(self._kept))
         released = await self._cubevs.release_kept(set(self._kept))
         if released:

@@ -1,0 +1,161 @@
+"""What the cluster's keys in etcd hold, and the watched view of them every node keeps.
+
+Keys (all under `/cube/`):
+- `/cube/nodes/<node id>`: a `NodeRecord` (JSON), written under the node's lease: when the node
+  stops renewing it (a crash, a kill -9, a partition) etcd deletes it after the TTL.
+- `/cube/drain/<node id>`: present while the node is drained (no new placements); any node or
+  `cube node drain` writes it, and it outlives the node's lease.
+- `/cube/sandboxes/<sandbox id>`: a `SandboxOwner` (JSON), written once with a create-only
+  transaction by the node the sandbox was created on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdUnavailable, KeyValue, WatchEvent
+
+log = logging.getLogger(__name__)
+
+PREFIX = b"/cube/"
+NODES = b"/cube/nodes/"
+DRAIN = b"/cube/drain/"
+SANDBOXES = b"/cube/sandboxes/"
+WATCH_RETRY_S = 1.0
+
+
+def node_key(node_id: str) -> bytes:
+    return NODES + node_id.encode()
+
+
+def drain_key(node_id: str) -> bytes:
+    return DRAIN + node_id.encode()
+
+
+def sandbox_key(sandbox_id: str) -> bytes:
+    return SANDBOXES + sandbox_id.encode()
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node_id: str
+    api_url: str  # where the other nodes reach this node's API (and its sandboxes' traffic)
+    runtime: str
+    cpus: int
+    memory_budget_mb: int
+    memory_committed_mb: int
+    free_pool_slots: int  # warm guests ready to be claimed, over every template
+    templates: list[str] = field(default_factory=list)  # template ids and aliases present here
+    started_at: float = 0.0
+
+    @property
+    def memory_free_mb(self) -> int:
+        return self.memory_budget_mb - self.memory_committed_mb
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeRecord:
+        raw = json.loads(data)
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
+
+
+@dataclass(frozen=True)
+class SandboxOwner:
+    node_id: str
+    team_id: str
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> SandboxOwner:
+        raw = json.loads(data)
+        return cls(str(raw["node_id"]), str(raw["team_id"]))
+
+
+@dataclass
+class ClusterView:
+    """The nodes, the drained ones and the sandbox→node map, as etcd has them, kept by one watch."""
+
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    drained: set[str] = field(default_factory=set)
+    owners: dict[str, SandboxOwner] = field(default_factory=dict)
+    revision: int = 0
+
+    def load(self, kvs: list[KeyValue], revision: int) -> None:
+        self.nodes.clear()
+        self.drained.clear()
+        self.owners.clear()
+        for kv in kvs:
+            self._apply(False, kv)
+        self.revision = revision
+
+    def apply(self, events: list[WatchEvent]) -> None:
+        for event in events:
+            self._apply(event.deleted, event.kv)
+            self.revision = max(self.revision, event.kv.mod_revision)
+
+    def _apply(self, deleted: bool, kv: KeyValue) -> None:
+        table: dict[str, NodeRecord] | dict[str, SandboxOwner] | set[str]
+        for prefix, table, decode in (
+            (NODES, self.nodes, NodeRecord.decode),
+            (SANDBOXES, self.owners, SandboxOwner.decode),
+            (DRAIN, self.drained, None),
+        ):
+            if not kv.key.startswith(prefix):
+                continue
+            name = kv.key[len(prefix) :].decode()
+            if isinstance(table, set):
+                (table.discard if deleted else table.add)(name)
+            elif deleted:
+                table.pop(name, None)
+            else:
+                try:
+                    table[name] = decode(kv.value)  # type: ignore[assignment, misc]
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("ignoring the unreadable cluster key %r: %s", kv.key, exc)
+            return
+
+
+async def watch_view(etcd: EtcdClient, view: ClusterView, *, task_status: trio.TaskStatus[None]) -> None:
+    """Keep `view` as etcd has it: a full read, then a watch from that revision; when etcd goes
+    away, read everything again once it is back (what happened meanwhile is in the new read)."""
+    started = False
+    while True:
+        try:
+            kvs, revision = await etcd.snapshot(PREFIX)
+            view.load(kvs, revision)
+            if not started:
+                task_status.started()
+                started = True
+            async for batch in etcd.watch(PREFIX, revision + 1):
+                view.apply(batch)
+        except EtcdUnavailable as exc:
+            if not started:
+                raise
+            log.warning("cluster watch: %s; reading again in %.0f s", exc, WATCH_RETRY_S)
+        except EtcdError as exc:
+            log.warning("cluster watch: %s; reading again", exc)
+        await trio.sleep(WATCH_RETRY_S)
+
+
+async def read_view(etcd: EtcdClient) -> ClusterView:
+    """The cluster as etcd has it now (what `cube node` shows)."""
+    view = ClusterView()
+    kvs, revision = await etcd.snapshot(PREFIX)
+    view.load(kvs, revision)
+    return view
+
+
+async def set_drained(etcd: EtcdClient, node_id: str, drained: bool) -> None:
+    """A drained node gets no new placements; its sandboxes run on. Outlives the node's lease."""
+    if drained:
+        await etcd.put(drain_key(node_id), b"1")
+    else:
+        await etcd.delete(drain_key(node_id))

@@ -1,0 +1,228 @@
+"""This node's part in the cluster: its lease and record, the watched view, placement, the
+sandbox→node records, and the token nodes prove themselves to each other with.
+
+`ClusterNode.watch` and `ClusterNode.publish` are tasks of the service's nursery: the first
+keeps the view (loaded before the API serves), the second this node's record under its lease.
+`leave()` revokes the lease at a clean stop, so the others see the node gone at once (after a
+crash: once the lease's TTL has passed).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import random
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from appliance.cluster.etcd import EtcdClient, EtcdError
+from appliance.cluster.membership import (
+    ClusterView,
+    NodeRecord,
+    SandboxOwner,
+    node_key,
+    sandbox_key,
+    watch_view,
+)
+from appliance.config import Config
+from appliance.cubelet.cubelet import Cubelet
+from appliance.records import TemplateManifest
+from appliance.tenancy import Principal
+
+log = logging.getLogger(__name__)
+
+BEST_OF_K = 2  # placement samples this many fitting nodes and takes the one with most free memory
+LEAVE_TIMEOUT_S = 3.0
+
+
+class ClusterConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    endpoints: list[str]
+    node_id: str
+    node_url: str  # "" = the API's bound URL, known once it listens
+    token: str
+    lease_ttl_s: int
+
+    def __repr__(self) -> str:  # never the token
+        return f"ClusterSettings(endpoints={self.endpoints}, node_id={self.node_id!r})"
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClusterSettings | None:
+        """None when the config names no etcd endpoints (a single node)."""
+        endpoints = [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+        if not endpoints:
+            return None
+        return cls(
+            endpoints=endpoints,
+            node_id=config.node_id or socket.gethostname(),
+            node_url=config.node_url.rstrip("/"),
+            token=read_token(config.cluster_token_file),
+            lease_ttl_s=config.node_lease_ttl_s,
+        )
+
+
+def read_token(path: Path | None) -> str:
+    """The cluster token: a file only its owner may read, at least 32 characters."""
+    if path is None:
+        raise ClusterConfigError("etcd_endpoints is set: cluster_token_file must name the cluster's token")
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ClusterConfigError(f"cannot read the cluster token file {path}: {exc.strerror}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ClusterConfigError(f"the cluster token file {path} must be readable by its owner only (0600)")
+    if len(token) < 32:
+        raise ClusterConfigError(f"the cluster token in {path} is too short (at least 32 characters)")
+    return token
+
+
+def template_names(templates: dict[str, TemplateManifest]) -> list[str]:
+    names = set(templates)
+    for manifest in templates.values():
+        names.update(manifest.aliases)
+    return sorted(names)
+
+
+class ClusterNode:
+    def __init__(
+        self,
+        settings: ClusterSettings,
+        cubelet: Cubelet,
+        templates: Callable[[], dict[str, TemplateManifest]],
+        resolve: Callable[[str, Principal], TemplateManifest | None],
+        etcd: EtcdClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.cubelet = cubelet
+        self.templates = templates
+        self.resolve = resolve  # a template name (alias, SDK default) as the caller means it
+        self.etcd = etcd or EtcdClient(settings.endpoints)
+        self.view = ClusterView()
+        self.api_url = settings.node_url
+        self.lease_id = 0
+        self.started_at = time.time()
+
+    def verify_token(self, presented: str) -> bool:
+        return hmac.compare_digest(presented.encode(), self.settings.token.encode())
+
+    @property
+    def token(self) -> str:
+        return self.settings.token
+
+    # Membership.
+
+    def record(self) -> NodeRecord:
+        templates = self.templates()
+        return NodeRecord(
+            node_id=self.node_id,
+            api_url=self.api_url,
+            runtime=self.cubelet.runtime.name,
+            cpus=os.cpu_count() or 1,
+            memory_budget_mb=self.cubelet.memory_budget_mb,
+            memory_committed_mb=self.cubelet.memory_committed_mb(),
+            free_pool_slots=sum(self.cubelet.pooled_count(t) for t in templates),
+            templates=template_names(templates),
+            started_at=self.started_at,
+        )
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the view until cancelled; started once it is loaded (before the API serves: no
+        request is placed on an empty view). Owns the etcd client: closed when it ends."""
+        try:
+            await watch_view(self.etcd, self.view, task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.etcd.aclose()
+
+    async def publish(
+        self, api_url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Join (this node's record under its lease, its API at `api_url` unless node_url says
+        otherwise) and keep the lease and record current until cancelled."""
+        self.api_url = self.settings.node_url or api_url
+        await self._join()
+        log.info("cluster: node %s joined at %s", self.node_id, self.api_url)
+        task_status.started()
+        await self._keep_alive()
+
+    async def _join(self) -> None:
+        lease = await self.etcd.grant(self.settings.lease_ttl_s)
+        self.lease_id = lease.lease_id
+        await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+
+    async def _keep_alive(self) -> None:
+        """Renew the lease, and rewrite the record with the capacity of the moment, every third of
+        the TTL; a lease etcd let expire (unreachable for a TTL) is granted anew."""
+        while True:
+            await trio.sleep(max(self.settings.lease_ttl_s / 3, 0.5))
+            try:
+                if await self.etcd.keepalive(self.lease_id) <= 0:
+                    log.warning("cluster: this node's lease expired; joining again")
+                    await self._join()
+                    continue
+                await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+            except EtcdError as exc:
+                log.warning("cluster membership: %s", exc)
+
+    async def leave(self) -> None:
+        """Revoke the lease: this node's record goes at once (bounded: etcd may be gone)."""
+        with trio.move_on_after(LEAVE_TIMEOUT_S), trio.CancelScope(shield=True):
+            try:
+                if self.lease_id:
+                    await self.etcd.revoke(self.lease_id)
+            except EtcdError as exc:
+                log.warning("cluster: leaving: %s", exc)
+
+    # Placement and ownership.
+
+    def placement_for(self, name: str, principal: Principal) -> list[NodeRecord]:
+        """`placement` of the template `name` means to `principal` here (the SDKs' default names,
+        aliases: by its id); a name unknown here is looked for as it is."""
+        manifest = self.resolve(name, principal)
+        return self.placement(manifest.template_id if manifest is not None else name)
+
+    def placement(self, template: str) -> list[NodeRecord]:
+        """Where a create for `template` should go, best first: nodes not drained that have the
+        template and free memory; the first is the best of K sampled by free memory, the rest
+        follow by free memory (tried in turn when a node refuses)."""
+        fitting = [
+            node
+            for node in self.view.nodes.values()
+            if node.node_id not in self.view.drained
+            and template in node.templates
+            and node.memory_free_mb > 0
+        ]
+        by_memory = sorted(fitting, key=lambda n: (-n.memory_free_mb, n.node_id != self.node_id, n.node_id))
+        if len(by_memory) <= 1:
+            return by_memory
+        sample = random.sample(by_memory, min(BEST_OF_K, len(by_memory)))
+        best = max(sample, key=lambda n: (n.memory_free_mb, n.node_id == self.node_id))
+        return [best, *(n for n in by_memory if n is not best)]
+
+    def owner(self, sandbox_id: str) -> SandboxOwner | None:
+        return self.view.owners.get(sandbox_id)
+
+    async def record_sandbox(self, sandbox_id: str, team_id: str) -> None:
+        """The sandbox→node record, written once (create-only): a second write of the same id is
+        refused by etcd, whichever node tries it."""
+        owner = SandboxOwner(self.node_id, team_id)
+        existing = await self.etcd.create(sandbox_key(sandbox_id), owner.encode())
+        if existing is not None:
+            log.error(
+                "cluster: sandbox %s is already recorded (%r); not overwritten", sandbox_id, existing.value
+            )
+        else:
+            self.view.owners.setdefault(sandbox_id, owner)  # before the watch brings it back

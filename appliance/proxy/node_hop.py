@@ -1,0 +1,332 @@
+"""The "sandbox lives on node X" hop: the ASGI layer in front of the router in a cluster.
+
+Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
+- sandbox traffic (envd, the interpreter, user ports) for a sandbox another node runs goes to
+  that node's API port as it came (its Host, its access token), plus the cluster token;
+- `/sandboxes/<id>/...` calls for another node's sandbox go to it on the caller's behalf
+  (authenticated here; the team travels with the cluster token, appliance/cluster/forwarding.py);
+- a create is placed (`ClusterNode.placement`) and, placed elsewhere, forwarded there; a node
+  that cannot be reached is skipped for the next;
+- a list merges every live node's own list.
+A request carrying the cluster token came from another node: it is handled here and never
+forwarded again (no loops, whatever the views say); a wrong token is a 401.
+A sandbox whose node left the cluster (its lease expired) is reported ended, naming the node.
+Streams are relayed chunk by chunk both ways. WebSockets are not forwarded yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import httpx
+
+from appliance.cluster.etcd import EtcdError
+from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, principal_headers
+from appliance.cluster.membership import NodeRecord, SandboxOwner
+from appliance.cluster.node import ClusterNode
+from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target, not_found_message
+from appliance.proxy.router import Message, Receive, Send, _send_json_error
+from appliance.tenancy import Principal
+
+log = logging.getLogger(__name__)
+
+SANDBOX_CALL = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)(?:/.*)?$")
+COLLECTION = frozenset({"/sandboxes", "/v2/sandboxes"})
+NOT_SANDBOX_IDS = frozenset({"metrics"})  # /sandboxes/metrics lists this node's
+MAX_CREATE_BODY = 1024 * 1024
+CONNECT_TIMEOUT_S = 5.0
+# A forwarded API call (a create boots a guest: minutes on an emulated host) answers within this;
+# sandbox traffic has no limit (its streams live as long as the caller wants).
+API_CALL_TIMEOUT_S = 600.0
+ASGIApp = Callable[[Scope, Receive, Send], Any]
+Authenticate = Callable[[dict[str, str]], Principal | None]
+TargetOf = Callable[[Scope], Target | None]
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+class NodeHop:
+    def __init__(
+        self, app: ASGIApp, target_of: TargetOf, node: ClusterNode, authenticate: Authenticate
+    ) -> None:
+        self.app = app
+        self.target_of = target_of
+        self.node = node
+        self.authenticate = authenticate
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=None), trust_env=False, follow_redirects=False
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = _headers(scope)
+        presented = headers.get(TOKEN_HEADER)
+        if presented is not None:
+            if not self.node.verify_token(presented):
+                return await _send_json_error(send, 401, "invalid cluster token")
+            return await self._here(scope, receive, send, headers)
+        try:
+            target = self.target_of(scope)
+        except Refused:
+            target = None
+        if target is not None:
+            return await self._to_owner(target.sandbox_id, None, scope, receive, send, headers)
+        path, method = scope["path"], scope["method"]
+        call = SANDBOX_CALL.match(path)
+        principal = self.authenticate(headers) if call or path in COLLECTION else None
+        if principal is None:
+            return await self._here(scope, receive, send, headers)
+        if call and call.group(1) not in NOT_SANDBOX_IDS:
+            return await self._to_owner(call.group(1), principal, scope, receive, send, headers)
+        if path in COLLECTION and method == "POST":
+            return await self._create(principal, scope, receive, send, headers)
+        if path in COLLECTION and method == "GET":
+            return await self._list(principal, scope, receive, send, headers)
+        return await self._here(scope, receive, send, headers)
+
+    # Here.
+
+    async def _here(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
+        """This node handles it; a create made here is recorded in the sandbox→node map before it
+        is answered (so the node that forwarded it, or the caller's next call anywhere, finds it)."""
+        if not (scope["path"] in COLLECTION and scope["method"] == "POST"):
+            return await self.app(scope, receive, send)
+        held: list[Message] = []
+
+        async def hold(message: Message) -> None:
+            held.append(message)
+
+        await self.app(scope, receive, hold)
+        principal = self.authenticate(headers)
+        if held and held[0].get("status") == 201 and principal is not None:
+            sandbox_id = json.loads(b"".join(m.get("body", b"") for m in held[1:]))["sandboxID"]
+            try:
+                await self.node.record_sandbox(sandbox_id, principal.team_id)
+            except EtcdError as exc:  # unrecorded, no other node could find it: not kept
+                await self.node.cubelet.kill(sandbox_id, reason=f"the cluster could not record it: {exc}")
+                unavailable = f"the cluster's etcd is unavailable, retry later: {exc}"
+                return await _send_json_error(send, 503, unavailable)
+        for message in held:
+            await send(message)
+
+    # Elsewhere.
+
+    async def _to_owner(
+        self,
+        sandbox_id: str,
+        principal: Principal | None,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+    ) -> None:
+        owner = None if self.node.cubelet.live(sandbox_id) is not None else self.node.owner(sandbox_id)
+        if owner is None or owner.node_id == self.node.node_id:
+            return await self._here(scope, receive, send, headers)
+        if principal is not None and not principal.owns(owner.team_id):
+            return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found")
+        node = self.node.view.nodes.get(owner.node_id)
+        if node is None and principal is None:  # sandbox traffic: the router's own answer
+            return await _send_json_error(send, 502, not_found_message(sandbox_id))
+        if node is None:
+            gone = f"it ended: its node {owner.node_id} left the cluster"
+            return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found ({gone})")
+        if principal is not None:  # an API call: small, answered whole
+            body = await _read_body(receive)
+            if body is None:
+                return await _send_json_error(send, 413, "request body too large")
+            forwarded = await self._forward_whole(node, principal, scope, body, send)
+        else:
+            # A request without a body is sent without one (not as an empty chunked stream).
+            has_body = "content-length" in headers or "transfer-encoding" in headers
+            forwarded = await self._forward(node, None, scope, _body(receive) if has_body else None, send)
+        if not forwarded:
+            await _send_json_error(
+                send, 502, f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
+            )
+
+    async def _create(
+        self, principal: Principal, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+    ) -> None:
+        body = await _read_body(receive)
+        if body is None:
+            return await _send_json_error(send, 413, "request body too large")
+        template = self.node.cubelet.config.default_template
+        try:
+            data = json.loads(body or b"{}")
+            if isinstance(data, dict) and isinstance(data.get("templateID"), str):
+                template = data["templateID"]
+        except ValueError:
+            pass  # here, where the API answers it with its own 400
+        placement = self.node.placement_for(template, principal)
+        if not placement and self.node.node_id in self.node.view.drained:
+            message = f"no node of the cluster can take a sandbox of '{template}' now (this one is drained)"
+            return await _send_json_error(send, 503, message)
+        for node in placement:
+            if node.node_id == self.node.node_id:
+                break
+            if await self._forward_whole(node, principal, scope, body, send):
+                return
+            log.warning("cluster: node %s is unreachable; placing the create elsewhere", node.node_id)
+        await self._here(scope, _replaying(body, receive), send, headers)
+
+    async def _list(
+        self, principal: Principal, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+    ) -> None:
+        """Every live node's own list, merged (pagination across nodes: not yet)."""
+        merged: list[Any] = []
+        for node in list(self.node.view.nodes.values()):
+            if node.node_id == self.node.node_id:
+                continue
+            try:
+                response = await self.client.get(
+                    node.api_url + scope["path"],
+                    params=scope.get("query_string", b"").decode("latin-1") or None,
+                    headers=[
+                        (k.decode(), v.decode()) for k, v in principal_headers(self.node.token, principal)
+                    ],
+                )
+                if response.status_code == 200:
+                    merged.extend(response.json())
+                else:
+                    log.warning("cluster: node %s answered the list %d", node.node_id, response.status_code)
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("cluster: node %s did not answer the list: %r", node.node_id, exc)
+        status, body, start = 0, bytearray(), cast(Message, {})
+
+        async def collect(message: Message) -> None:
+            nonlocal status, start
+            if message["type"] == "http.response.start":
+                status, start = message["status"], message
+            elif message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+
+        await self.app(scope, receive, collect)
+        if status != 200:
+            await send(start)
+            await send({"type": "http.response.body", "body": bytes(body)})
+            return
+        merged = json.loads(bytes(body)) + merged
+        payload = json.dumps(merged).encode()
+        await send_whole(send, 200, [(b"content-type", b"application/json")], payload)
+
+    async def _forward_whole(
+        self, node: NodeRecord, principal: Principal, scope: Scope, body: bytes, send: Send
+    ) -> bool:
+        """An API call for the caller to `node`, answered whole (they are small); False if `node`
+        could not be reached. A create's new sandbox goes into this node's view at once (its watch
+        follows)."""
+        url = node.api_url + scope["raw_path"].decode("latin-1")
+        try:
+            response = await self.client.request(
+                timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=API_CALL_TIMEOUT_S),
+                method=scope["method"],
+                url=url,
+                params=scope.get("query_string", b"").decode("latin-1") or None,
+                content=body,
+                headers=self._headers(scope, principal),
+            )
+        except httpx.TransportError:
+            return False
+        if response.status_code == 201 and scope["path"] in COLLECTION:
+            sandbox_id = str(response.json()["sandboxID"])
+            self.node.view.owners.setdefault(sandbox_id, SandboxOwner(node.node_id, principal.team_id))
+        await send_whole(send, response.status_code, response.headers.raw, response.content)
+        return True
+
+    def _headers(self, scope: Scope, principal: Principal | None) -> list[tuple[bytes, bytes]]:
+        """The request's headers for the other node: no hop-by-hop ones, no cluster ones but ours,
+        and, when this node speaks for the caller, not the caller's key (the other has its own)."""
+        dropped = HOP_BY_HOP | {h.encode() for h in CLUSTER_HEADERS}
+        if principal is not None:
+            dropped |= {b"x-api-key", b"authorization", b"content-length"}
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in dropped]
+        return headers + principal_headers(self.node.token, principal)
+
+    async def _forward(
+        self,
+        node: NodeRecord,
+        principal: Principal | None,
+        scope: Scope,
+        body: AsyncIterator[bytes] | None,
+        send: Send,
+    ) -> bool:
+        """Relay the request to `node` and its answer back; False if the node could not be reached
+        (nothing was sent back yet)."""
+        headers = self._headers(scope, principal)
+        url = httpx.URL(node.api_url + scope["raw_path"].decode("latin-1"))
+        if scope.get("query_string"):
+            url = url.copy_with(query=scope["query_string"])
+        request = self.client.build_request(scope["method"], url, headers=headers, content=body)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TransportError:
+            return False
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP],
+                }
+            )
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await response.aclose()
+        return True
+
+
+async def send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    kept = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != b"content-length"]
+    kept.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": kept})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        yield message.get("body", b"")
+        if not message.get("more_body"):
+            return
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    body = bytearray()
+    async for chunk in _body(receive):
+        body.extend(chunk)
+        if len(body) > MAX_CREATE_BODY:
+            return None
+    return bytes(body)
+
+
+async def _replay(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives `body` once, then what the client sends (its disconnect)."""
+    given = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return dict(await receive())
+
+    return replay

@@ -1,0 +1,217 @@
+"""Two `run_service` nodes in this process (guests: the FakeRuntime's loopback HTTP servers) over
+one real etcd member: placement, forwarding of API calls and sandbox traffic, the merged list,
+node-to-node auth attacked, a node leaving.
+
+The same with real `cube serve` processes and UML guests: test_processes.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli.main import main
+from appliance.cluster.forwarding import NAME_HEADER, TEAM_HEADER, TOKEN_HEADER
+from appliance.cluster.node import ClusterNode
+from appliance.config import Config
+from appliance.records import TemplateManifest
+
+if TYPE_CHECKING:
+    from conftest import EtcdCluster, ServiceHarness
+
+VIEW_WAIT_S = 30.0  # a watch event on a loaded host
+
+
+def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token_file: Path) -> Config:
+    config = dataclasses.replace(
+        base,
+        state_dir=root / node_id / "state",
+        cache_dir=root / node_id / "cache",
+        run_dir=root / node_id / "run",
+        etcd_endpoints=",".join(etcd.endpoints),
+        node_id=node_id,
+        cluster_token_file=token_file,
+        node_lease_ttl_s=5,
+    )
+    TemplateManifest(
+        template_id="code-interpreter",
+        directory=config.templates_dir / "code-interpreter",
+        aliases=("ci",),
+        memory_mb=256,
+        created_at="2026-01-01T00:00:00Z",
+    ).save()
+    return config
+
+
+def cluster_of(node: ServiceHarness) -> ClusterNode:
+    assert node.running is not None and node.running.cluster is not None
+    return node.running.cluster
+
+
+def wait_for(node: ServiceHarness, seen: Callable[[ClusterNode], bool]) -> None:
+    deadline = time.monotonic() + VIEW_WAIT_S
+    while not node.run_sync_in_service(seen, cluster_of(node)):
+        assert time.monotonic() < deadline, f"{node.config.node_id}'s view: {cluster_of(node).view}"
+        time.sleep(0.05)
+
+
+def cube_node(node: ServiceHarness, *args: str) -> Any:
+    """`cube node ARGS` with this node's etcd endpoints (as its config would name them)."""
+    result = CliRunner().invoke(
+        main,
+        ["node", *args],
+        env={"CUBE_CONFIG": "/nonexistent", "CUBE_ETCD_ENDPOINTS": node.config.etcd_endpoints},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output) if "--json" in args else result.output
+
+
+@pytest.fixture
+def etcd_of(etcd: Callable[..., EtcdCluster]) -> EtcdCluster:
+    return etcd()
+
+
+@pytest.fixture
+def two_nodes(
+    etcd_of: EtcdCluster, start_service: Any, service_config: Config, tmp_path: Path
+) -> Iterator[tuple[ServiceHarness, ServiceHarness, str]]:
+    cluster = etcd_of
+    token_file = tmp_path / "cluster-token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    a = start_service(node_config(service_config, tmp_path, "a", cluster, token_file))
+    b = start_service(node_config(service_config, tmp_path, "b", cluster, token_file))
+    wait_for(a, lambda c: set(c.view.nodes) == {"a", "b"})
+    key = httpx.post(f"{a.url}/cube/keys", json={"name": "t"}, headers={"X-API-KEY": a.admin_token}).json()[
+        "key"
+    ]
+    yield a, b, key
+
+
+def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_through_it(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str],
+) -> None:
+    a, b, key = two_nodes
+    with httpx.Client(base_url=a.url, headers={"X-API-KEY": key}, timeout=30, trust_env=False) as api:
+        listed = cube_node(a, "list", "--json")
+        assert [(n["node_id"], n["state"], n["api_url"]) for n in listed] == [
+            ("a", "ready", a.url),
+            ("b", "ready", b.url),
+        ]
+        info = cube_node(a, "info", "b", "--json")
+        assert info["state"] == "ready" and info["memory_budget_mb"] == 4096
+        assert {"code-interpreter", "ci"} <= set(info["templates"])
+        cube_node(a, "drain", "a")
+        assert [n["state"] for n in cube_node(a, "list", "--json")] == ["drained", "ready"]
+        wait_for(a, lambda c: "a" in c.view.drained)
+
+        created = api.post("/sandboxes", json={"templateID": "ci"})
+        assert created.status_code == 201, created.text
+        sandbox = created.json()
+        sandbox_id = sandbox["sandboxID"]
+        assert b.run_sync_in_service(lambda: b.running.cubelet.live(sandbox_id) is not None)  # type: ignore[union-attr]
+        assert a.run_sync_in_service(lambda: a.running.cubelet.live(sandbox_id) is None)  # type: ignore[union-attr]
+
+        assert api.get(f"/sandboxes/{sandbox_id}").json()["sandboxID"] == sandbox_id
+        assert sandbox_id in [s["sandboxID"] for s in api.get("/sandboxes").json()]
+        assert sandbox_id in [s["sandboxID"] for s in api.get("/v2/sandboxes").json()]
+
+        # Sandbox traffic for B's sandbox, sent to A: answered by the guest on B.
+        echoed = api.post(
+            "/echo",
+            content=b"through a",
+            headers={
+                "E2b-Sandbox-Id": sandbox_id,
+                "E2b-Sandbox-Port": "49983",
+                "X-Access-Token": sandbox["envdAccessToken"],
+            },
+        )
+        assert echoed.status_code == 200 and echoed.content == b"through a"
+        refused = api.post(
+            "/echo", content=b"x", headers={"E2b-Sandbox-Id": sandbox_id, "X-Access-Token": "wrong"}
+        )
+        # B's own access check still holds (its router's answer to a wrong token).
+        assert refused.json() == {"code": 502, "message": f"The sandbox {sandbox_id} was not found"}
+
+        assert api.delete(f"/sandboxes/{sandbox_id}").status_code == 204
+        assert b.run_sync_in_service(lambda: b.running.cubelet.live(sandbox_id) is None)  # type: ignore[union-attr]
+        assert api.get(f"/sandboxes/{sandbox_id}").status_code == 404
+
+        cube_node(a, "drain", "b")
+        wait_for(a, lambda c: c.view.drained == {"a", "b"})
+        refused_create = api.post("/sandboxes", json={})
+        assert refused_create.json() == {
+            "code": 503,
+            "message": "no node of the cluster can take a sandbox of 'code-interpreter' now"
+            " (this one is drained)",
+        }
+
+
+def test_node_to_node_auth_cannot_be_forged(two_nodes: tuple[ServiceHarness, ServiceHarness, str]) -> None:
+    a, b, key = two_nodes
+    for node in (a, b):
+        forged = {TOKEN_HEADER: "x" * 64, TEAM_HEADER: "system", NAME_HEADER: "attacker"}
+        wrong_token = httpx.get(f"{node.url}/sandboxes", headers=forged, trust_env=False)
+        assert wrong_token.status_code == 401, wrong_token.text
+        assert wrong_token.json() == {"code": 401, "message": "invalid cluster token"}
+        # A team without the token is no one: the request is authenticated as any other.
+        no_token = httpx.get(f"{node.url}/cube/keys", headers={TEAM_HEADER: "system"}, trust_env=False)
+        assert no_token.status_code == 401, no_token.text
+    # A key of A's team, presented at B (which has its own keys): refused; through A, it works.
+    assert httpx.get(f"{b.url}/sandboxes", headers={"X-API-KEY": key}, trust_env=False).status_code == 401
+    assert httpx.get(f"{a.url}/sandboxes", headers={"X-API-KEY": key}, trust_env=False).status_code == 200
+
+
+def test_a_sandbox_of_a_node_that_left_is_reported_ended(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str],
+) -> None:
+    a, b, key = two_nodes
+    headers = {"X-API-KEY": key}
+    created = httpx.post(
+        f"{b.url}/sandboxes", json={}, headers={TOKEN_HEADER: cluster_of(a).token, TEAM_HEADER: "t"}
+    )
+    assert created.status_code == 201, created.text  # as A forwards: B's own create, recorded by B
+    sandbox_id = created.json()["sandboxID"]
+    wait_for(a, lambda c: sandbox_id in c.view.owners)
+    b.stop()  # a clean stop revokes B's lease: A sees B gone at once
+    wait_for(a, lambda c: "b" not in c.view.nodes)
+    admin = httpx.get(
+        f"{a.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": a.admin_token}, trust_env=False
+    )
+    assert admin.status_code == 404
+    assert (
+        admin.json()["message"] == f"sandbox {sandbox_id} not found (it ended: its node b left the cluster)"
+    )
+    traffic = httpx.get(f"{a.url}/health", headers={"E2b-Sandbox-Id": sandbox_id}, trust_env=False)
+    assert traffic.status_code == 502  # what the SDKs read as "the sandbox is gone"
+    assert traffic.json()["message"] == f"The sandbox {sandbox_id} was not found"
+    other_team = httpx.get(f"{a.url}/sandboxes/{sandbox_id}", headers=headers, trust_env=False)
+    assert other_team.json() == {"code": 404, "message": f"sandbox {sandbox_id} not found"}
+
+
+def test_with_etcd_down_a_create_is_a_503_and_running_sandboxes_keep_answering(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str], etcd_of: Any
+) -> None:
+    a, _b, key = two_nodes
+    with httpx.Client(base_url=a.url, headers={"X-API-KEY": key}, timeout=30, trust_env=False) as api:
+        running = api.post("/sandboxes", json={})
+        assert running.status_code == 201, running.text
+        running_id = running.json()["sandboxID"]
+        for member in etcd_of.members:
+            member.stop(signal.SIGKILL)
+        refused = api.post("/sandboxes", json={})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["message"].startswith("the cluster's etcd is unavailable, retry later: ")
+        live = [s["sandboxID"] for s in api.get("/sandboxes").json()]
+        assert live == [running_id]  # the refused create's sandbox was not kept
+        assert api.get(f"/sandboxes/{running_id}").status_code == 200
