@@ -295,6 +295,10 @@ class FakeInstance:
     def memory_usage_bytes(self) -> int:
         return FAKE_MEMORY_BYTES
 
+    def memory_footprint(self) -> None:
+        """Not measured: the budget charges a fake guest its template's memory_mb."""
+        return None
+
     async def wait_fully_ready(self) -> None:
         """At once: a fake guest is fully ready when it is handed out."""
 

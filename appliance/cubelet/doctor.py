@@ -33,6 +33,20 @@ def check_kvm(config: Config) -> tuple[Check, str | None, str]:
     return Check("kvm", host.runtime == "kvm", detail), host.runtime, host.reason
 
 
+def check_kvm_templates(config: Config) -> Check:
+    """The templates the running service's kvm runtime could not boot or restore, which it
+    serves on uml instead (recorded in its snapshot store; cleared when it starts)."""
+    try:
+        unservable = importlib.import_module("appliance.runtime.kvm.template_snapshots").unservable_templates
+    except (ImportError, AttributeError) as exc:
+        return Check("kvm templates", False, f"cannot read the kvm snapshot store: {exc}")
+    found: dict[str, str] = unservable(config.state_dir)
+    if not found:
+        return Check("kvm templates", True, "no template has fallen back to uml")
+    detail = "; ".join(f"{template} runs on uml: {reason}" for template, reason in found.items())
+    return Check("kvm templates", False, detail)
+
+
 def check_uml(config: Config) -> Check:
     """The UML kernel the uml runtime would run (configured, built into the cache, or Debian's),
     and whether sandboxes may run it: a kernel with hostfs (Debian's linux.uml) is refused."""
@@ -95,6 +109,8 @@ def diagnose(config: Config) -> Diagnosis:
     kvm, detected_runtime, detected_reason = check_kvm(config)
     uml = check_uml(config)
     checks = [kvm, uml, check_bcc(), check_netns(), check_headers(), check_cgroups()]
+    if detected_runtime == "kvm":
+        checks.insert(1, check_kvm_templates(config))
     if detected_runtime is not None:
         return Diagnosis(checks, None if detected_runtime == "none" else detected_runtime, detected_reason)
     if config.runtime in ("auto", "uml") and uml.ok:

@@ -8,6 +8,7 @@ and are not asked; a probe that was in flight when its guest paused does not cou
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import trio
@@ -15,12 +16,16 @@ import trio
 from appliance.config import Config
 from appliance.cubelet.sandboxes import LiveSandbox, SandboxTable
 from appliance.cubelet.state import AGENT_UP, SandboxState
+from appliance.runtime.base import read_console_tail
+
+log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 5.0
 # A health probe's share of config.guest_agent_timeout_s (10 s by default: 2 s per probe).
 HEALTH_TIMEOUT_SHARE = 0.2
 HEALTH_FAILURES_BEFORE_KILL = 3
 UNRESPONSIVE = "guest agent unresponsive"
+CONSOLE_TAIL_LOGGED = 800  # of an unresponsive guest's console, in the service log
 
 
 class HealthProber:
@@ -45,4 +50,13 @@ class HealthProber:
             return
         live.health_failures += 1
         if live.health_failures >= HEALTH_FAILURES_BEFORE_KILL:
+            # The operator's only trace of why (as for a guest that exits: lifecycle.py): the
+            # console log is deleted with the sandbox.
+            tail = read_console_tail(live.instance.console_log, CONSOLE_TAIL_LOGGED) if live.instance else ""
+            log.warning(
+                "sandbox %s is dead: %s%s",
+                live.sandbox_id,
+                UNRESPONSIVE,
+                f"; console tail:\n{tail}" if tail else "",
+            )
             self.kill(live, UNRESPONSIVE)

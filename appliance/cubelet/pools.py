@@ -98,13 +98,15 @@ class WarmPools:
         right after (no checkpoint in between): pooled guests give theirs back first (idle, and
         refilled later within the budget); a boot that still does not fit is refused
         (OutOfMemoryBudget) rather than left to the kernel's OOM killer."""
-        with self.table.reserved(template.memory_mb):
+        needed_mb = self.table.boot_charge_mb(template)
+        with self.table.reserved(needed_mb):
             while self.table.memory_committed_mb() > self.memory_budget_mb:
                 pooled = next((live for pool in self._pools.values() for live in pool), None)
                 if pooled is None:
-                    in_use = self.table.memory_committed_mb() - template.memory_mb
+                    in_use = self.table.memory_committed_mb() - needed_mb
                     raise OutOfMemoryBudget(
-                        f"not enough memory for another {template.memory_mb} MiB sandbox: "
+                        f"not enough memory for another {template.memory_mb} MiB sandbox "
+                        f"(charged {needed_mb} MiB until measured): "
                         f"{in_use} of {self.memory_budget_mb} MiB are in use"
                     )
                 self.lifecycle.terminate(pooled, "memory needed for a cold boot")
@@ -158,7 +160,8 @@ class WarmPools:
             and pooled + self.capacity.refilling(template_id) < target
             and trio.current_time() >= self._retry_at.get(template_id, -math.inf)
             # Everything alive counts, guests still tearing down too: pools never exceed the budget.
-            and self.table.memory_committed_mb() + template.memory_mb <= self.memory_budget_mb
+            and self.table.memory_committed_mb() + self.table.boot_charge_mb(template)
+            <= self.memory_budget_mb
         )
 
     async def _refill(self, template: TemplateManifest, *, task_status: trio.TaskStatus[None]) -> None:

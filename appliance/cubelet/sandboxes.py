@@ -22,6 +22,7 @@ import trio
 
 from appliance.config import Config
 from appliance.cubelet.envd_client import GuestAgent
+from appliance.cubelet.memory_charges import MemoryCharges
 from appliance.cubelet.state import (
     ACTIVE,
     EVENT_KIND,
@@ -176,6 +177,7 @@ class SandboxTable:
         # One /30 of host_network per slot; the first /30 is the node resolver's.
         self._slot_count = ipaddress.ip_network(config.host_network).num_addresses // 4 - 1
         self._reserved_mb = 0  # cold boots making room for themselves (`reserved`)
+        self.memory_charges = MemoryCharges()  # what each guest really holds (memory_charges.py)
 
     # Queries.
 
@@ -207,8 +209,13 @@ class SandboxTable:
         )
 
     def memory_committed_mb(self) -> int:
-        """Everything still holding memory, guests tearing down too, and what cold boots reserved."""
-        return self._reserved_mb + sum(live.template.memory_mb for live in self._guests.values())
+        """Everything still holding memory, guests tearing down too, and what cold boots reserved:
+        each guest charged what it really holds (`MemoryCharges`), not its nominal size."""
+        return self._reserved_mb + self.memory_charges.committed_mb(self._guests.values())
+
+    def boot_charge_mb(self, template: TemplateManifest) -> int:
+        """What one more guest of `template` is charged until it is measured."""
+        return self.memory_charges.estimate_mb(template)
 
     @contextmanager
     def reserved(self, memory_mb: int) -> Iterator[None]:

@@ -137,6 +137,18 @@ class BootSpec:
         )
 
 
+@dataclass(frozen=True)
+class MemoryFootprint:
+    """What a guest really holds of the host's memory, as its runtime measures it (what the
+    cubelet's memory budget charges it: appliance/cubelet/memory_charges.py)."""
+
+    private_bytes: int  # held for this guest alone (pages it wrote, its own allocations)
+    # Held once for every guest that maps it (a kvm template snapshot's page cache): what it
+    # is ("" if nothing) and how much of it this guest maps.
+    shared_key: str = ""
+    shared_bytes: int = 0
+
+
 class Instance(Protocol):
     """A running guest, as seen by the cubelet and the proxy."""
 
@@ -158,6 +170,11 @@ class Instance(Protocol):
 
     def memory_usage_bytes(self) -> int:
         """Host memory charged to this guest right now."""
+        ...
+
+    def memory_footprint(self) -> MemoryFootprint | None:
+        """What the guest holds now, private and shared apart; None where the runtime cannot
+        tell them apart (the budget then charges the guest its template's whole memory_mb)."""
         ...
 
     async def wait_fully_ready(self) -> None:

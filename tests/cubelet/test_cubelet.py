@@ -64,7 +64,10 @@ async def test_guest_crash_is_recorded(service_config: Config, fake_runtime: Fak
 
 
 async def test_unhealthy_guest_is_killed(
-    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+    service_config: Config,
+    fake_runtime: FakeRuntime,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(health_module, "HEALTH_INTERVAL_S", 0.05)
     async with running_cubelet(service_config, fake_runtime) as cubelet:
@@ -73,6 +76,8 @@ async def test_unhealthy_guest_is_killed(
         await wait_until(lambda: cubelet.live(record.sandbox_id) is None)
         stored = cubelet.store.get_sandbox(record.sandbox_id)
         assert stored is not None and stored.end_reason == "guest agent unresponsive"
+    # The service log says so too (the operator's trace, as for a guest that exits).
+    assert f"sandbox {record.sandbox_id} is dead: guest agent unresponsive" in caplog.text
 
 
 async def test_slow_agent_is_given_the_configured_time(

@@ -21,12 +21,13 @@ import trio
 from umlguests import default_template, private_config
 
 from appliance.config import Config, load_config
+from appliance.cubelet.doctor import diagnose
 from appliance.cubelet.runtimes import KvmWithUmlFallback, build_runtime, choose_runtime_name
 from appliance.net.service import CubeVS
 from appliance.records import ROOTFS_NAME, TemplateManifest
 from appliance.runtime.base import ENVD_PORT, BootSpec
 from appliance.runtime.detect import detect_host
-from appliance.runtime.kvm.template_snapshots import SnapshotKey
+from appliance.runtime.kvm.template_snapshots import SNAPSHOT_STORE, UNSERVABLE_DIR, SnapshotKey
 from appliance.runtime.uml.instance import UmlInstance
 
 TEST_HOST_NETWORK = "10.236.0.0/24"
@@ -93,6 +94,10 @@ def test_a_template_kvm_cannot_boot_is_served_by_uml() -> None:
                     runtime.close()
 
         trio.run(main)
-        assert not list((config.state_dir / "kvm-snapshots").glob("*")), (
-            "no snapshot of a failed boot is kept"
-        )
+        kept = [p for p in (config.state_dir / SNAPSHOT_STORE).iterdir() if p.name != UNSERVABLE_DIR]
+        assert not kept, "no snapshot of a failed boot is kept"
+        # `cube doctor` says which template runs on uml, and why.
+        templates = next(c for c in diagnose(config).checks if c.name == "kvm templates")
+        assert not templates.ok
+        assert f"{template.template_id} runs on uml: " in templates.detail
+        assert "neither an ELF vmlinux nor a bzImage" in templates.detail

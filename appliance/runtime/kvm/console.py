@@ -7,10 +7,12 @@ guest agent's ready events): one Trio callback at a time takes everything writte
 since the last one, so a busy console costs a callback per batch, not per byte.
 Nothing blocks a vCPU.
 
-It also watches for the kernel's last line before it powers off ("reboot: Power down"):
-without ACPI a microVM kernel has no way to power the machine off, it halts its CPUs
-and KVM keeps them asleep in HLT, so the runtime would never see the guest stop. The
-line ends the machine instead (`on_power_down`).
+It also watches for the kernel's last line before it powers off: without ACPI a microVM
+kernel has no way to power the machine off, it halts its CPUs and KVM keeps them asleep
+in HLT, so the runtime would never see the guest stop. The line ends the machine instead
+(`on_power_down`). Which line: "reboot: Power down" where the kernel has a power-off
+method, "reboot: System halted" where it has none (kernel/reboot.c turns the power-off
+request into a halt: what the microVM kernel does when cube-init powers off).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import trio
 
 from appliance.runtime.uml.console import ConsoleLog
 
-POWER_DOWN_LINE = b"reboot: Power down"
+POWER_DOWN_LINES = (b"reboot: Power down", b"reboot: System halted")
+_LINE_KEPT = 2 * max(map(len, POWER_DOWN_LINES)) + 32  # a timestamp, then the text
 
 
 class SerialConsole:
@@ -33,7 +36,7 @@ class SerialConsole:
         self._token = token or trio.lowlevel.current_trio_token()
         self._lock = threading.Lock()
         self._pending = bytearray()
-        self._line = bytearray()  # the current line's start, enough to recognise POWER_DOWN_LINE
+        self._line = bytearray()  # the current line's start, enough to recognise POWER_DOWN_LINES
         self._drain_scheduled = False
 
     def write(self, data: bytes) -> None:
@@ -49,10 +52,10 @@ class SerialConsole:
     def _watch(self, data: bytes) -> None:
         for byte in data:
             if byte == 0x0A:
-                if self._line.rstrip(b"\r").endswith(POWER_DOWN_LINE):
+                if self._line.rstrip(b"\r").endswith(POWER_DOWN_LINES):
                     self.on_power_down()
                 self._line.clear()
-            elif len(self._line) < 2 * len(POWER_DOWN_LINE) + 32:  # a timestamp, then the text
+            elif len(self._line) < _LINE_KEPT:
                 self._line.append(byte)
 
     def drain(self) -> None:

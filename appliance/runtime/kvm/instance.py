@@ -11,6 +11,7 @@ from pathlib import Path
 
 import trio
 
+from appliance.runtime.base import MemoryFootprint
 from appliance.runtime.kvm.machine import Machine
 from appliance.runtime.kvm.snapshot import MEMORY_FILE
 from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
@@ -133,6 +134,11 @@ class KvmInstance:
 
     def memory_usage_bytes(self) -> int:
         return self.machine.memory.resident_bytes()
+
+    def memory_footprint(self) -> MemoryFootprint:
+        """A clone's private copies apart from its template snapshot's page cache (shared by
+        every clone); a paused clone's diff is on disk, not in memory."""
+        return self.machine.memory.footprint()
 
     async def run_until_exit(self) -> VcpuExit:
         """Run the vCPUs; a pause stops them (nothing runs) until resume."""

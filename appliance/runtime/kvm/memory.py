@@ -7,11 +7,14 @@ guest writes become private copies, which is what makes clones cheap.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.runtime.base import MemoryFootprint
 from appliance.runtime.virtio.memory import MappedGuestMemory
 from cffi_kvm import CData, KvmError, Vm, ffi, lib
 
@@ -190,21 +193,68 @@ class GuestMemory(MappedGuestMemory):
 
     def resident_bytes(self) -> int:
         """Host memory the guest's RAM occupies now (Rss of its mappings, from smaps)."""
-        starts = {f"{int(ffi.cast('uintptr_t', r.host_addr)):x}-" for r in self.regions}
-        total = 0
-        inside = False
-        with open("/proc/self/smaps") as smaps:
-            for line in smaps:
-                if "-" in line.split(" ", 1)[0]:
-                    inside = any(line.startswith(start) for start in starts)
-                elif inside and line.startswith("Rss:"):
-                    total += int(line.split()[1]) * 1024
-        return total
+        return sum(usage.rss for usage in read_smaps(self._host_starts()).values())
+
+    def footprint(self) -> MemoryFootprint:
+        """What the guest's RAM holds now: the private copies (pages it wrote, anonymous or
+        copy-on-write over the memory file) apart from the memory file's page cache it maps,
+        which every guest restored from that file shares. From a parse of smaps at most
+        SMAPS_MAX_AGE_S old (one parse serves every guest of the service)."""
+        usage = cached_smaps(self._host_starts()).values()
+        private = sum(u.anonymous + u.swap for u in usage)
+        if self.backing_file is None:
+            return MemoryFootprint(private)
+        return MemoryFootprint(private, str(self.backing_file), sum(u.rss - u.anonymous for u in usage))
+
+    def _host_starts(self) -> set[int]:
+        return {int(ffi.cast("uintptr_t", r.host_addr)) for r in self.regions}
 
     def reset_dirty_log(self, vm: Vm) -> None:
         """Forget pages dirtied so far (e.g. right after restoring from a template)."""
         for region in self.regions:
             vm.get_dirty_log(region.layout.slot, region.layout.size // PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class MappingUsage:
+    """One mapping's memory, from /proc/self/smaps."""
+
+    rss: int  # resident: its page cache pages and its private copies
+    anonymous: int  # resident pages that belong to no file (copy-on-write copies of a private file mapping)
+    swap: int  # private pages swapped out
+
+
+# How old a parse of /proc/self/smaps the memory budget may use: one parse (all of the service's
+# mappings) then serves every guest's footprint, however many guests there are.
+SMAPS_MAX_AGE_S = 1.0
+_smaps_cache: tuple[float, dict[int, MappingUsage]] = (-math.inf, {})
+
+
+def read_smaps(starts: set[int] | None = None) -> dict[int, MappingUsage]:
+    """The usage of this process's mappings by start address (only those in `starts`, if given)."""
+    mappings: dict[int, dict[str, int]] = {}
+    current: dict[str, int] | None = None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(" ", 1)[0]
+            if "-" in head:  # a mapping's first line: "start-end perms offset dev inode path"
+                start = int(head.split("-", 1)[0], 16)
+                current = None
+                if starts is None or start in starts:
+                    current = mappings[start] = {"Rss:": 0, "Anonymous:": 0, "Swap:": 0}
+            elif current is not None and head in current:
+                current[head] = int(line.split()[1]) * 1024  # "Rss:   1234 kB"
+    return {start: MappingUsage(f["Rss:"], f["Anonymous:"], f["Swap:"]) for start, f in mappings.items()}
+
+
+def cached_smaps(starts: set[int]) -> dict[int, MappingUsage]:
+    """`read_smaps` for `starts`, from the last parse if it is fresh and has them all."""
+    global _smaps_cache
+    at, usage = _smaps_cache
+    if time.monotonic() - at > SMAPS_MAX_AGE_S or not starts <= usage.keys():
+        _smaps_cache = (time.monotonic(), read_smaps())
+        usage = _smaps_cache[1]
+    return {start: usage[start] for start in starts if start in usage}
 
 
 PAGEMAP_PRESENT_OR_SWAPPED = 0b11 << 62

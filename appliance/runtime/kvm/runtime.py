@@ -54,6 +54,7 @@ from appliance.runtime.kvm.pool import ShellPool
 from appliance.runtime.kvm.snapshot import STATE_FILE
 from appliance.runtime.kvm.template_snapshots import (
     OVERLAY_NAME,
+    SNAPSHOT_STORE,
     SnapshotBuild,
     SnapshotKey,
     TemplateSnapshots,
@@ -121,7 +122,6 @@ DEVICE_SLOTS: tuple[DeviceSlot, ...] = (
 )
 
 
-SNAPSHOT_STORE = "kvm-snapshots"  # in the state directory: one snapshot per template (and key)
 CONSOLE_LOG = "console.log"
 PROBE_INTERVAL_S = 0.05
 # Host memory kept free beside a new guest's RAM (the service, page cache the clones share).

@@ -33,7 +33,11 @@ from appliance.records import MANIFEST_NAME, TemplateManifest
 from appliance.runtime.base import BootFailed
 from appliance.runtime.kvm.snapshot import FORMAT_VERSION, MEMORY_FILE, STATE_FILE
 
+SNAPSHOT_STORE = "kvm-snapshots"  # in the state directory: one snapshot per template (and key)
 KEY_FILE = "key.json"
+# In the store: a record per template version the kvm runtime cannot serve (the service runs it
+# on uml), for `cube doctor`; cleared when the service starts (every version is tried again).
+UNSERVABLE_DIR = "unservable"
 OVERLAY_NAME = "rootfs.overlay"  # the template guest's disk overlay at the snapshot
 # The code whose behaviour and saved state a snapshot depends on.
 _VMM_SOURCES = (Path(__file__).parent, Path(__file__).parents[1] / "virtio")
@@ -133,12 +137,15 @@ class TemplateSnapshots:
         if root.exists():  # a build interrupted by a crash or a restart leaves its staging dir
             for leftover in root.glob(_STAGING_PREFIX + "*"):
                 shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(root / UNSERVABLE_DIR, ignore_errors=True)  # the last service's verdicts
 
     def prune(self, templates_dir: Path) -> list[str]:
         """Delete the snapshots of templates that no longer exist (or never got published)."""
         removed = []
         if self.root.is_dir():
             for directory in self.root.iterdir():
+                if directory.name == UNSERVABLE_DIR:
+                    continue
                 template_id = directory.name[: -len("-0123456789abcdef")]
                 if not (templates_dir / template_id / MANIFEST_NAME).is_file():
                     shutil.rmtree(directory, ignore_errors=True)
@@ -184,7 +191,8 @@ class TemplateSnapshots:
 
     def publish(self, build: SnapshotBuild) -> Path:
         """Stamp the staging directory with its key and move it into place (atomically); the
-        template's snapshots of other keys are deleted."""
+        template's snapshots of other keys, and any record that an older version of it could
+        not be served, are deleted."""
         (build.staging / KEY_FILE).write_text(json.dumps(asdict(build.key), sort_keys=True))
         target = self.directory(build.key)
         shutil.rmtree(target, ignore_errors=True)  # refused (stale or partial) content of this key
@@ -193,6 +201,9 @@ class TemplateSnapshots:
         for other in self.root.iterdir():
             if other != target and of_template.fullmatch(other.name):
                 shutil.rmtree(other, ignore_errors=True)
+        for record in (self.root / UNSERVABLE_DIR).glob("*.json"):  # an older version's verdict
+            if of_template.fullmatch(record.stem):
+                record.unlink(missing_ok=True)
         self._finish(build)
         return target
 
@@ -203,16 +214,36 @@ class TemplateSnapshots:
             return
         shutil.rmtree(build.staging, ignore_errors=True)
         if reason is not None:
-            self.unservable[build.key] = reason
+            self._mark_unservable(build.key, reason)
         self._finish(build)
 
     def refuse(self, key: SnapshotKey, reason: str) -> None:
         """A snapshot of `key` that could not be restored: deleted, and its template version
         unservable until the service restarts (then rebuilt)."""
         shutil.rmtree(self.directory(key), ignore_errors=True)
+        self._mark_unservable(key, reason)
+
+    def _mark_unservable(self, key: SnapshotKey, reason: str) -> None:
         self.unservable[key] = reason
+        records = self.root / UNSERVABLE_DIR
+        records.mkdir(mode=0o700, parents=True, exist_ok=True)
+        record = {"template_id": key.template_id, "reason": reason}
+        (records / f"{key.template_id}-{key.digest}.json").write_text(json.dumps(record))
 
     def _finish(self, build: SnapshotBuild) -> None:
         build.done = True
         self._building.pop(build.key, None)
         build.finished.set()
+
+
+def unservable_templates(state_dir: Path) -> dict[str, str]:
+    """The templates the running service's kvm runtime cannot serve (it runs them on uml), and
+    why: what its snapshot store recorded since the service started (`cube doctor`)."""
+    found = {}
+    for path in sorted((state_dir / SNAPSHOT_STORE / UNSERVABLE_DIR).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            found[str(record["template_id"])] = str(record["reason"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
