@@ -123,12 +123,14 @@ def uml_service(
     monkeypatch: pytest.MonkeyPatch,
     template: TemplateManifest | None = None,
     memory_budget_mb: int = 4096,
+    **settings: Any,
 ) -> Iterator[UmlService]:
-    """A started UmlService serving `template` (default: `default_template()`), stopped at the end."""
+    """A started UmlService serving `template` (default: `default_template()`), stopped at the end;
+    `settings`: more Config fields (e.g. volume_max_mb)."""
     template = template or default_template()
     monkeypatch.delenv("E2B_DOMAIN", raising=False)
     monkeypatch.delenv("E2B_DEBUG", raising=False)
-    settings: dict[str, Any] = {"api_port": 0, "tls_port": 0, "runtime": "uml", "pool_size": 0}
+    settings = {"api_port": 0, "tls_port": 0, "runtime": "uml", "pool_size": 0, **settings}
     with private_config(
         "cubetest-svc-", SERVICE_NETWORK, SERVICE_UID_BASE, memory_budget_mb=memory_budget_mb, **settings
     ) as config:

@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import umlguests
 from e2b import CommandExitException, Sandbox, Volume
 from e2b.exceptions import SandboxException, VolumeException, VolumePathNotFoundException
 
-from appliance.config import Config, load_config
-from appliance.cubelet.runtimes import RuntimeBundle
 from appliance.cubelet.volume_mounts import DATA_DIR, MOUNT_FILE, VOLUMES_DIR
 
 pytestmark = [
@@ -38,59 +32,13 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="real UML guests need root"),
 ]
 
-TEST_HOST_NETWORK = "10.238.0.0/24"  # apart from the other UML test folders
-TEST_UID_BASE = 460_000
-DEAD_DNS_UPSTREAM = "127.0.0.1:9"  # nothing listens: guest lookups fail fast, nothing leaves
 CAP_MB = 16
 
 
-@asynccontextmanager
-async def _uml_runtime(config: Config) -> AsyncIterator[RuntimeBundle]:
-    from appliance.cubelet.runtimes import CubeVSPolicies
-    from appliance.net.service import CubeVS
-    from appliance.runtime.uml.runtime import UmlRuntime
-
-    async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
-        yield RuntimeBundle(UmlRuntime(config, cubevs), CubeVSPolicies(cubevs))
-
-
 @pytest.fixture
-def uml_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    template = umlguests.default_template()
-    work = Path(tempfile.mkdtemp(prefix="cubetest-vol-"))  # short: unix socket paths must fit
-    try:
-        (work / "state" / "templates").mkdir(parents=True)
-        (work / "state" / "templates" / template.template_id).symlink_to(template.directory)
-        config = Config(
-            state_dir=work / "state",
-            cache_dir=load_config().cache_dir,
-            run_dir=work / "run",
-            api_port=0,
-            tls_port=0,
-            runtime="uml",
-            pool_size=0,
-            memory_budget_mb=4096,
-            host_network=TEST_HOST_NETWORK,
-            uid_base=TEST_UID_BASE,
-            allow_unenforced_network=True,
-            volume_max_mb=CAP_MB,
-        )
-        monkeypatch.delenv("E2B_DOMAIN", raising=False)
-        monkeypatch.delenv("E2B_DEBUG", raising=False)
-        harness = start_service(config, runtime_factory=_uml_runtime)
-        for name in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_VOLUME_API_URL"):
-            monkeypatch.setenv(name, harness.url)
-        yield harness
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _key(harness: Any, name: str) -> str:
-    response = httpx.post(
-        f"{harness.url}/cube/keys", json={"name": name}, headers={"X-API-KEY": harness.admin_token}
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["key"])
+def uml_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[umlguests.UmlService]:
+    with umlguests.uml_service(start_service, monkeypatch, volume_max_mb=CAP_MB) as service:
+        yield service
 
 
 def _digest(path: str) -> str:
@@ -101,8 +49,8 @@ def _usage(root: Path) -> int:
     return sum(os.lstat(os.path.join(d, f)).st_blocks * 512 for d, _, files in os.walk(root) for f in files)
 
 
-def test_a_volume_written_in_one_sandbox_is_read_by_the_next(uml_service: Any) -> None:
-    alice, bob = _key(uml_service, "alice"), _key(uml_service, "bob")
+def test_a_volume_written_in_one_sandbox_is_read_by_the_next(uml_service: umlguests.UmlService) -> None:
+    alice, bob = uml_service.key("alice"), uml_service.key("bob")
     volume = Volume.create("work", api_key=alice)
     volume.write_file("/seed.txt", "from the content API")
     data = uml_service.config.state_dir / VOLUMES_DIR / volume.volume_id / DATA_DIR
