@@ -28,9 +28,7 @@ import fnmatch
 import hashlib
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -43,6 +41,7 @@ import httpx
 import hypercorn.trio
 import pytest
 import trio
+from freeports import free_ports
 from hypercorn.config import Config as HypercornConfig
 
 from appliance.bench.private import PrivateService, PrivateSettings
@@ -557,19 +556,6 @@ PRIVATE_UID_BASE = 540_000
 _PRIVATE_PORTS = range(20_000, 32_000)
 
 
-def _free_port(taken: set[int]) -> int:
-    while True:
-        port = random.choice(_PRIVATE_PORTS)
-        if port in taken:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
 @pytest.fixture
 def private_service() -> Iterator[Any]:
     if os.geteuid() != 0:
@@ -580,10 +566,10 @@ def private_service() -> Iterator[Any]:
     made: list[PrivateService] = []
 
     def make(**settings: Any) -> PrivateService:
-        api_port = _free_port(set())
+        api_port, tls_port = free_ports(2, _PRIVATE_PORTS)
         values: dict[str, Any] = {
             "api_port": api_port,
-            "tls_port": _free_port({api_port}),
+            "tls_port": tls_port,
             "host_network": PRIVATE_NETWORK,
             "uid_base": PRIVATE_UID_BASE,
             **settings,

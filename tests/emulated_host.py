@@ -45,6 +45,7 @@ from pathlib import Path
 
 import httpx
 import trio
+from freeports import free_port
 
 from appliance.config import Config, load_config
 
@@ -192,12 +193,6 @@ def inner_test_tools() -> Path:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return directory
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

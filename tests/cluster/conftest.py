@@ -8,10 +8,8 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from freeports import free_ports
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 # Not the private services' range (20000-32000, tests/conftest.py), below the ephemeral one.
@@ -29,19 +28,7 @@ START_TIMEOUT_S = 60.0
 
 
 def reserve_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports nothing listens on now."""
-    chosen: list[int] = []
-    while len(chosen) < count:
-        port = random.choice(_ETCD_PORTS)
-        if port in chosen:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        chosen.append(port)
-    return chosen
+    return free_ports(count, _ETCD_PORTS)
 
 
 @dataclass

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import httpx
 import pytest
+from freeports import free_ports
 from hostprocs import descendants
 
 from appliance.guest import INTERPRETER_READY_LINE, READY_LINE
@@ -176,24 +176,11 @@ def _kernel_processes(agent_pid: int) -> list[str]:
     return [command for _, _, command in descendants(agent_pid)]
 
 
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: all held open while picked (a port freed at once may be
-    handed out again by the next bind)."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
 @pytest.mark.slow  # an agent of its own, then R's and Java's kernels started
 def test_other_languages_start_only_on_first_use() -> None:
     """An agent starts Python's kernel alone: R, Java, Node and bash_kernel cost a sandbox nothing
     until code in them runs. (An agent of its own, on other ports than the session's.)"""
-    envd_port, interpreter_port = _free_ports(2)
+    envd_port, interpreter_port = free_ports(2)
     ports = ("--envd-port", str(envd_port), "--interpreter-port", str(interpreter_port))
     url = f"http://127.0.0.1:{interpreter_port}"
     with running_agent(*ports) as started:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from freeports import free_port
 
 # Bounds, not expectations: a TCG boot to /health took ~3 min on a quiet 2-core host,
 # 17-28 min at load 10-24 with qemu at nice 10.
@@ -80,12 +81,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="building the ISO needs root"),
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

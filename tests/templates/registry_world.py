@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import tarfile
 import threading
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+from freeports import free_port
 
 from appliance.templates.jobs import BuildJob, JobStore
 from appliance.templates.layer_cache import LayerCache
@@ -152,12 +152,6 @@ class OciLayout:
         self.refs.append(entry)
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": self.refs}
         (self.root / "index.json").write_text(json.dumps(index))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def skopeo_copy(source: str, dest: str, creds: str | None = None, all_images: bool = False) -> None:
