@@ -132,6 +132,7 @@ long cube_ioctl_int(int fd, unsigned long request, unsigned long arg);
 #define MADV_MERGEABLE ...
 void *cube_mmap(size_t length, int prot, int flags, int fd, int64_t offset);  /* NULL + errno */
 int munmap(void *addr, size_t length);
+int mprotect(void *addr, size_t length, int prot);
 int madvise(void *addr, size_t length, int advice);
 
 /* A do-nothing handler for the signal that kicks a vCPU thread out of KVM_RUN. */

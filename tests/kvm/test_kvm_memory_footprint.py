@@ -102,3 +102,19 @@ def test_one_parse_serves_every_guest_until_it_is_too_old_or_lacks_one(
         assert clone.footprint().private_bytes == 10 * PAGE_SIZE
     finally:
         newcomer.close()
+
+
+def test_guests_mapped_side_by_side_are_measured_apart() -> None:
+    """Anonymous mappings with the same flags placed next to each other are one VMA to the kernel
+    (one smaps entry): without guard pages between them, one guest was charged the other's pages
+    (and the other nothing)."""
+    guests = [GuestMemory.anonymous(SIZE) for _ in range(4)]
+    try:
+        for count, memory in enumerate(guests, start=1):
+            touch(memory, range(0, count * 16), write=True)
+        measured = [memory.footprint().private_bytes for memory in guests]
+        for count, private in enumerate(measured, start=1):
+            assert count * 16 * PAGE_SIZE <= private <= count * 16 * PAGE_SIZE + HUGE_PAGE, measured
+    finally:
+        for memory in guests:
+            memory.close()

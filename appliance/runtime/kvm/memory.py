@@ -19,6 +19,7 @@ from appliance.runtime.virtio.memory import MappedGuestMemory
 from cffi_kvm import CData, KvmError, Vm, ffi, lib
 
 PAGE_SIZE = 4096
+GUARD_BYTES = PAGE_SIZE  # around anonymous guest RAM (`GuestMemory.anonymous`)
 # x86 keeps 3 GiB..4 GiB free for MMIO (virtio-mmio devices, IOAPIC, LAPIC).
 MMIO_GAP_START = 0xC000_0000
 MMIO_GAP_END = 0x1_0000_0000
@@ -43,9 +44,10 @@ def default_layout(size: int) -> list[RegionLayout]:
 
 
 class MemoryRegion:
-    def __init__(self, layout: RegionLayout, host_addr: CData) -> None:
+    def __init__(self, layout: RegionLayout, host_addr: CData, *, guard: int = 0) -> None:
         self.layout = layout
         self.host_addr = host_addr
+        self.guard = guard  # bytes of PROT_NONE mapping on each side, unmapped with it
         self.view = memoryview(ffi.buffer(host_addr, layout.size))  # type: ignore[arg-type]
 
     @property
@@ -67,18 +69,26 @@ class GuestMemory(MappedGuestMemory):
 
     @classmethod
     def anonymous(cls, size: int, *, track_dirty: bool = False) -> GuestMemory:
+        """Zeroed RAM, each region between two PROT_NONE guard pages: the kernel merges adjacent
+        anonymous mappings with the same flags into one VMA (another guest's RAM, a heap), and
+        smaps, which `footprint` reads per VMA, would then count their pages as this guest's."""
         regions = []
         for layout in default_layout(size):
-            address = lib.cube_mmap(
-                layout.size,
-                lib.PROT_READ | lib.PROT_WRITE,
+            reservation = lib.cube_mmap(
+                layout.size + 2 * GUARD_BYTES,
+                lib.PROT_NONE,
                 lib.MAP_PRIVATE | lib.MAP_ANONYMOUS | lib.MAP_NORESERVE,
                 -1,
                 0,
             )
-            if address == ffi.NULL:
+            if reservation == ffi.NULL:
                 raise KvmError(ffi.errno, "mmap(guest memory)")
-            regions.append(MemoryRegion(layout, address))
+            address = ffi.cast("char *", reservation) + GUARD_BYTES
+            if lib.mprotect(address, layout.size, lib.PROT_READ | lib.PROT_WRITE) != 0:
+                error = ffi.errno
+                lib.munmap(reservation, layout.size + 2 * GUARD_BYTES)
+                raise KvmError(error, "mprotect(guest memory)")
+            regions.append(MemoryRegion(layout, address, guard=GUARD_BYTES))
         return cls(regions, backing_file=None, track_dirty=track_dirty)
 
     @classmethod
@@ -119,7 +129,8 @@ class GuestMemory(MappedGuestMemory):
     def close(self) -> None:
         for region in self.regions:
             region.view.release()
-            lib.munmap(region.host_addr, region.layout.size)
+            mapped = ffi.cast("char *", region.host_addr) - region.guard
+            lib.munmap(mapped, region.layout.size + 2 * region.guard)
         self.regions = []
 
     def mapped_regions(self) -> Iterator[tuple[int, memoryview]]:
