@@ -33,6 +33,7 @@ from typing import IO, Protocol, runtime_checkable
 
 import trio
 
+from appliance.cubelet.envd_client import GuestAgent
 from appliance.cubelet.volume_unpack import DATA_DIR, unpack_volume
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class VolumeMounts:
         self,
         sandbox_id: str,
         instance: object,
-        agent: GuestRunner | None,
+        agent: GuestAgent | None,
         mounts: list[VolumeMount],
         user: str,
     ) -> None:
@@ -221,7 +222,7 @@ class VolumeMounts:
             raise
 
     async def _mount(
-        self, instance: DiskHotplug, agent: GuestRunner, slot: int, mount: VolumeMount, user: str
+        self, instance: DiskHotplug, agent: GuestAgent, slot: int, mount: VolumeMount, user: str
     ) -> None:
         data = self._dir(mount.volume_id) / DATA_DIR
         try:
@@ -238,7 +239,7 @@ class VolumeMounts:
 
     # At the end.
 
-    async def sync_out(self, sandbox_id: str, agent: GuestRunner | None) -> None:
+    async def sync_out(self, sandbox_id: str, agent: GuestAgent | None) -> None:
         """Bring the files of every volume `sandbox_id` holds back from its (still running) guest,
         then release them. A guest that cannot answer loses its writes; the volume keeps its
         files from before the mount."""
@@ -249,7 +250,7 @@ class VolumeMounts:
             if event is not None:
                 event.set()
 
-    async def _sync_all(self, sandbox_id: str, agent: GuestRunner | None) -> None:
+    async def _sync_all(self, sandbox_id: str, agent: GuestAgent | None) -> None:
         held = self.held_by(sandbox_id)
         # A guest that does not answer (it crashed, or hangs) is not waited for: its writes are lost.
         answers = agent is not None and bool(held) and await agent.healthy(HEALTH_TIMEOUT_S)
@@ -270,7 +271,7 @@ class VolumeMounts:
             finally:
                 self.release(volume_id, sandbox_id)
 
-    async def _sync_one(self, volume_id: str, path: str, agent: GuestRunner) -> None:
+    async def _sync_one(self, volume_id: str, path: str, agent: GuestAgent) -> None:
         directory = self._dir(volume_id)
         limit = 2 * (self.cap_bytes + IMAGE_OVERHEAD_BYTES) + STREAM_SLACK_BYTES
         archive = directory / OUTGOING_FILE
@@ -286,21 +287,6 @@ class VolumeMounts:
             archive.unlink(missing_ok=True)
         if skipped:
             log.warning("volume %s: left out of it (over its cap or not a file): %s", volume_id, skipped[:20])
-
-
-class GuestRunner(Protocol):
-    """What of the guest agent's client (`envd_client.GuestAgent`) this module uses."""
-
-    async def healthy(self, timeout: float) -> bool: ...
-
-    async def run(
-        self,
-        argv: list[str],
-        user: str,
-        env: dict[str, str],
-        cwd: str,
-        stdout: Callable[[bytes], object] | None = None,
-    ) -> int: ...
 
 
 def _mke2fs(data: Path) -> Callable[[int], Awaitable[None]]:
