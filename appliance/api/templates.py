@@ -29,6 +29,7 @@ def find_template(template_id: str) -> TemplateManifest:
 
 
 @blueprint.get("/templates")
+@blueprint.get("/v2/templates")
 async def list_templates() -> Response:
     s = services()
     visible = s.templates.visible(current_principal()).values()

@@ -4,17 +4,12 @@ share once; a guest its runtime cannot measure (uml) its whole memory_mb."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from appliance.config import Config
 from appliance.cubelet.memory_charges import MIB, growth_headroom_mb
 from appliance.cubelet.sandboxes import LiveSandbox, SandboxTable, template_network_policy
 from appliance.cubelet.state import SandboxState
-from appliance.master.store import SqliteStore
 from appliance.records import TemplateManifest
 from appliance.runtime.base import MemoryFootprint
 
@@ -36,15 +31,6 @@ class MeasuredGuest:
 
     def fully_ready(self) -> bool:
         return self.ready
-
-
-@pytest.fixture
-def table(service_config: Config) -> Iterator[SandboxTable]:
-    store = SqliteStore(service_config.db_path)
-    try:
-        yield SandboxTable(service_config, store)
-    finally:
-        store.close()
 
 
 def template(tmp_path: Path, template_id: str = "t") -> TemplateManifest:

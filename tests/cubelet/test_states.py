@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -16,7 +15,6 @@ from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet, SandboxNotFound, SandboxStartFailed
 from appliance.cubelet.sandboxes import LiveSandbox, SandboxTable, template_network_policy
 from appliance.cubelet.state import TRANSITIONS, IllegalTransition, SandboxState
-from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.records import DEAD, PAUSED, RUNNING, SandboxRecord
 
@@ -62,15 +60,6 @@ def record_for(live: LiveSandbox) -> SandboxRecord:
         disk_size_mb=1,
         envd_access_token="token",
     )
-
-
-@pytest.fixture
-def table(service_config: Config) -> Iterator[SandboxTable]:
-    store = SqliteStore(service_config.db_path)
-    try:
-        yield SandboxTable(service_config, store)
-    finally:
-        store.close()
 
 
 def guest_in(table: SandboxTable, state: SandboxState) -> LiveSandbox:
