@@ -17,7 +17,7 @@ from __future__ import annotations
 from quart import Response
 
 from appliance.api.auth import Access, guarded
-from appliance.api.bodies import json_response, no_content, template_body
+from appliance.api.bodies import json_response, no_content
 from appliance.api.errors import ApiError
 from appliance.api.services import Services, services
 from appliance.api.validation import request_object, string_list
@@ -99,9 +99,10 @@ async def delete_template_tags() -> Response:
     name, tags = data.get("name"), string_list(data, "tags")
     if not isinstance(name, str) or not name or not tags:
         raise ApiError(400, "'name' and 'tags' are required")
-    _alias_entry(s, split_name_tag(name)[0], principal, write=True)
+    base = split_name_tag(name)[0]
+    _alias_entry(s, base, principal, write=True)
     try:
-        remove_tags(s.config, split_name_tag(name)[0], tuple(tags))
+        remove_tags(s.config, base, tuple(tags))
     except ValueError as exc:
         raise ApiError(400, str(exc)) from exc
     except TemplateNotFound as exc:
@@ -129,14 +130,7 @@ async def get_template_tags(template_id: str) -> Response:
     return json_response(body)
 
 
-# Listing and updating.
-
-
-@blueprint.get("/v2/templates")
-async def list_templates_v2() -> Response:
-    s = services()
-    visible = s.templates.visible(current_principal()).values()
-    return json_response([template_body(t, s.cubelet) for t in visible])
+# Updating.
 
 
 @blueprint.patch("/templates/<template_id>")
