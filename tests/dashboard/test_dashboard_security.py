@@ -218,6 +218,7 @@ def test_the_overview_counts_creates_and_their_latency(service: ServiceHarness, 
     overview = admin.get("/dashboard/api/overview").json()
     assert overview["sandboxes"]["running"] == 2
     assert sum(p["creates"] for p in overview["creates"]) == 2
+    assert overview["createsLastMinute"] == 2
     assert all(0 < p["p50Ms"] <= p["p95Ms"] for p in overview["creates"])
     assert overview["host"]["memTotal"] > 0
     assert "code-interpreter" in overview["pools"]

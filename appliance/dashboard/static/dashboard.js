@@ -132,11 +132,10 @@ function overviewPage() {
   poll(async () => {
     const data = await api("overview");
     const host = data.host;
-    const lastMinute = data.creates.length ? data.creates[data.creates.length - 1] : null;
     const cards = el("div", { class: "cards", id: "cards" },
       el("div", { class: "card" }, el("b", { id: "running-count" }, data.sandboxes.running), " running"),
       el("div", { class: "card" }, el("b", {}, data.sandboxes.paused), " paused"),
-      el("div", { class: "card" }, el("b", {}, lastMinute ? lastMinute.creates : 0), " creates in the last minute"),
+      el("div", { class: "card" }, el("b", { id: "creates-per-minute" }, data.createsLastMinute), " creates in the last minute"),
       el("div", { class: "card" }, el("b", {}, mib(host.memTotal - host.memAvailable)), " of ", mib(host.memTotal), " host memory used"),
       el("div", { class: "card" }, el("b", {}, host.load1.toFixed(2)), ` load (${host.cpuCount} CPUs)`),
       el("div", { class: "card" }, el("b", {}, host.memoryCommittedMB + " MiB"), ` of ${host.memoryBudgetMB} MiB sandbox budget`));
@@ -264,7 +263,7 @@ function buildForm() {
     } catch (error) {
       showError(String(error.message || error));
     }
-  } } }, el("h2", {}, "Build a template from an image"), image, alias, el("button", { type: "submit" }, "Build"));
+  } } }, el("b", {}, "Build a template from an image:"), image, alias, el("button", { type: "submit" }, "Build"));
 }
 
 function buildsTable(jobs) {
@@ -317,7 +316,7 @@ function buildPage(id) {
     since = job.log_start + job.log.length;
     progress.value = job.progress;
     phase.textContent = `${job.phase} ${job.progress.toFixed(0)} % ${job.message || ""} ${job.reason || ""}`;
-    return !["ready", "failed"].includes(job.phase);
+    return !["READY", "FAILED"].includes(String(job.phase).toUpperCase());
   });
 }
 
