@@ -162,3 +162,54 @@ def test_a_template_build_streams_its_log(admin_page: Page, service: ServiceHarn
     page.wait_for_url(f"{service.url}/dashboard/templates")
     listed = httpx.get(f"{service.url}/templates", headers={"X-API-KEY": service.admin_token}).json()
     assert all("tiny" not in t["aliases"] for t in listed)
+
+
+def test_sandboxes_are_filtered_paused_resumed_and_given_time(
+    admin_page: Page, service: ServiceHarness, api_key: str
+) -> None:
+    def create(metadata: dict[str, str]) -> str:
+        body = {"templateID": "ci", "metadata": metadata, "timeout": 120}
+        response = httpx.post(f"{service.url}/sandboxes", json=body, headers={"X-API-KEY": api_key})
+        assert response.status_code == 201, response.text
+        return str(response.json()["sandboxID"])
+
+    web, batch = create({"role": "web"}), create({"role": "batch"})
+    page = admin_page
+    page.goto(f"{service.url}/dashboard/sandboxes")
+    rows = page.locator("#sandboxes tbody tr")
+    expect(rows).to_have_count(2, timeout=10_000)
+    expect(rows.first.locator("td").nth(4)).to_contain_text("%")  # live CPU, from the guest's metrics
+    page.fill("#filter-metadata", "role=web")
+    page.click("#filters button[type=submit]")
+    expect(rows).to_have_count(1, timeout=10_000)
+    expect(rows.first).to_have_attribute("data-sandbox", web)
+    page.fill("#filter-metadata", "")
+    page.fill("#search", batch[:8])
+    page.click("#filters button[type=submit]")
+    expect(rows).to_have_count(1, timeout=10_000)
+    expect(rows.first).to_have_attribute("data-sandbox", batch)
+
+    def state() -> dict[str, object]:
+        found = httpx.get(f"{service.url}/sandboxes/{web}", headers={"X-API-KEY": api_key})
+        assert found.status_code == 200, found.text
+        return dict(found.json())
+
+    page.goto(f"{service.url}/dashboard/sandboxes/{web}")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#action-pause")
+    expect(page.locator("#state")).to_have_text("paused", timeout=10_000)
+    assert state()["state"] == "paused"
+    page.click("#action-resume")
+    expect(page.locator("#state")).to_have_text("running", timeout=10_000)
+    assert state()["state"] == "running"
+    before = str(state()["endAt"])
+    page.fill("#timeout-minutes", "30")
+    page.click("#action-timeout")
+    expect(page.locator("#details dd").nth(5)).not_to_have_text(before, timeout=10_000)
+    assert str(state()["endAt"]) > before
+    kills: list[str] = []
+    page.on("request", lambda request: kills.append(request.url) if request.url.endswith("/kill") else None)
+    page.once("dialog", lambda dialog: dialog.dismiss())  # a kill not confirmed is not asked for
+    page.click("#action-kill")
+    page.evaluate("() => fetch('/dashboard/api/overview')")  # a request made after the click's
+    assert kills == [] and state()["state"] == "running"
