@@ -77,41 +77,25 @@ async def logout() -> Response:
     return response
 
 
-@blueprint.get("/")
-async def overview() -> str:
-    return await page("overview")
+# Each page's rule and its name in PAGES; an id in the rule goes to the page.
+PAGE_RULES = (
+    ("/", "overview"),
+    ("/sandboxes", "sandboxes"),
+    ("/sandboxes/<item_id>", "sandbox"),
+    ("/templates", "templates"),
+    ("/templates/<item_id>", "template"),
+    ("/builds/<item_id>", "build"),
+    ("/keys", "keys"),
+    ("/events", "events"),
+)
 
 
-@blueprint.get("/sandboxes")
-async def sandboxes_page() -> str:
-    return await page("sandboxes")
+def _add_page(rule: str, name: str) -> None:
+    async def view(item_id: str = "") -> str:
+        return await page(name, item_id)
+
+    blueprint.add_url_rule(rule, f"{name}_page", view, methods=["GET"])
 
 
-@blueprint.get("/sandboxes/<sandbox_id>")
-async def sandbox_page(sandbox_id: str) -> str:
-    return await page("sandbox", sandbox_id)
-
-
-@blueprint.get("/templates")
-async def templates_page() -> str:
-    return await page("templates")
-
-
-@blueprint.get("/templates/<template_id>")
-async def template_page(template_id: str) -> str:
-    return await page("template", template_id)
-
-
-@blueprint.get("/builds/<job_id>")
-async def build_page(job_id: str) -> str:
-    return await page("build", job_id)
-
-
-@blueprint.get("/keys")
-async def keys_page() -> str:
-    return await page("keys")
-
-
-@blueprint.get("/events")
-async def events_page() -> str:
-    return await page("events")
+for _rule, _name in PAGE_RULES:
+    _add_page(_rule, _name)

@@ -33,14 +33,6 @@ def signed_in(url: str, credential: str) -> Iterator[httpx.Client]:
         yield client
 
 
-def make_key(service: ServiceHarness, name: str) -> str:
-    response = httpx.post(
-        f"{service.url}/cube/keys", json={"name": name}, headers={"X-API-KEY": service.admin_token}
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["key"])
-
-
 def create_sandbox(service: ServiceHarness, key: str, metadata: dict[str, str] | None = None) -> str:
     response = httpx.post(
         f"{service.url}/sandboxes",
@@ -147,7 +139,7 @@ def test_a_forged_cross_site_post_is_refused(
 
 
 def test_an_altered_or_expired_session_is_no_session(service: ServiceHarness, admin: httpx.Client) -> None:
-    api_key = make_key(service, "someone")
+    api_key = service.key("someone")
     with signed_in(service.url, api_key) as user:
         cookie = user.cookies[COOKIE_NAME]
     payload, signature = cookie.split(".")
@@ -164,7 +156,7 @@ def test_an_altered_or_expired_session_is_no_session(service: ServiceHarness, ad
 
 
 def test_a_revoked_key_ends_its_sessions(service: ServiceHarness, admin: httpx.Client) -> None:
-    api_key = make_key(service, "leaving")
+    api_key = service.key("leaving")
     with signed_in(service.url, api_key) as user:
         assert user.get("/dashboard/api/sandboxes").status_code == 200
         key_id = next(k["id"] for k in admin.get("/dashboard/api/keys").json() if k["name"] == "leaving")
@@ -176,7 +168,7 @@ def test_a_revoked_key_ends_its_sessions(service: ServiceHarness, admin: httpx.C
 def test_a_key_sees_and_changes_only_its_own_teams_things(
     service: ServiceHarness, admin: httpx.Client
 ) -> None:
-    key_a, key_b = make_key(service, "team-a"), make_key(service, "team-b")
+    key_a, key_b = service.key("team-a"), service.key("team-b")
     theirs = create_sandbox(service, key_a)
     with signed_in(service.url, key_b) as b:
         csrf = {"X-CSRF-Token": b.csrf}  # type: ignore[attr-defined]
@@ -212,7 +204,7 @@ def test_metrics_are_the_admins_in_prometheus_text(service: ServiceHarness, api_
 
 
 def test_the_overview_counts_creates_and_their_latency(service: ServiceHarness, admin: httpx.Client) -> None:
-    key = make_key(service, "counted")
+    key = service.key("counted")
     for _ in range(2):
         create_sandbox(service, key)
     overview = admin.get("/dashboard/api/overview").json()
