@@ -120,4 +120,6 @@ def overview(s: Services, principal: Principal) -> dict[str, object]:
         "creates": times.per_minute(principal, now),
         "host": host_figures(s),
         "pools": pool_fill(s, principal),
+        # The cluster's nodes (the admin's to see; none on a single node).
+        "nodes": s.cluster.view.node_rows() if s.cluster is not None and principal.is_admin else [],
     }

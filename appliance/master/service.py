@@ -203,6 +203,7 @@ async def _watch_cluster(
         return None
     cluster = ClusterNode(settings, cubelet, registry.all, registry.resolve)
     services.auth.cluster_token_check = cluster.verify_token
+    services.cluster = cluster
     await nursery.start(cluster.watch)
     return cluster
 

@@ -148,6 +148,11 @@ function overviewPage() {
     replace(cards, "cards");
     replace(latency, "latency");
     replace(pools, "pools");
+    replace(data.nodes.length ? el("section", { id: "nodes" }, el("h2", {}, "Nodes"),
+      table(["Node", "State", "API", "Runtime", "CPUs", "Free memory", "Warm guests", "Sandboxes"], data.nodes.map((n) =>
+        el("tr", { "data-node": n.node_id }, el("td", {}, n.node_id), el("td", {}, n.state), el("td", {}, n.api_url),
+          el("td", {}, n.runtime), el("td", {}, n.cpus), el("td", {}, n.memory_free_mb + " MiB"),
+          el("td", {}, n.free_pool_slots), el("td", {}, n.sandboxes))))) : el("div", { id: "nodes" }), "nodes");
   });
 }
 
