@@ -104,6 +104,9 @@ def test_pages_forbid_inline_script_and_foreign_origins(admin: httpx.Client) -> 
         assert "script-src 'self'" in policy and "default-src 'none'" in policy
         assert "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
         assert response.headers["x-content-type-options"] == "nosniff"
+    reflected = admin.get('/dashboard/sandboxes/"><img src=x onerror=alert(1)>')  # an id from the URL
+    assert reflected.status_code == 200
+    assert "<img" not in reflected.text and "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in reflected.text
     page = admin.get("/dashboard/sandboxes").text
     assert "<script>" not in page and " on" + "click=" not in page
     assert "http://" not in page and "https://" not in page  # nothing from another origin
