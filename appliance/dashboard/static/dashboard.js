@@ -7,6 +7,7 @@ const CSRF = document.querySelector('meta[name="csrf-token"]')?.content || "";
 const BODY = document.body;
 const CONTENT = document.getElementById("content");
 const POLL_MS = 2000;
+const LIST_POLL_MS = 5000; // the list asks every running guest's agent for its CPU and memory
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -60,7 +61,7 @@ async function act(path, json, question) {
   }
 }
 
-function poll(render) {
+function poll(render, everyMs = POLL_MS) {
   let stopped = false;
   async function tick() {
     if (stopped) return;
@@ -71,7 +72,7 @@ function poll(render) {
     } catch (error) {
       showError(String(error.message || error));
     }
-    setTimeout(tick, POLL_MS);
+    setTimeout(tick, everyMs);
   }
   tick();
   return () => { stopped = true; };
@@ -200,7 +201,7 @@ function sandboxesPage() {
     replace(table(["Sandbox", "Template", "State", "Metadata", "CPU", "Memory", "Started", "Ends"], rows, "sandboxes"), "sandboxes");
   };
   refresh = () => render().catch((e) => showError(String(e.message || e)));
-  poll(render);
+  poll(render, LIST_POLL_MS);
 }
 
 function sandboxActions(id, state, reload) {
