@@ -23,7 +23,16 @@ from appliance.api.sandboxes import owned_record
 from appliance.api.services import services
 from appliance.dashboard.pages import blueprint
 from appliance.dashboard.stats import overview
+from appliance.templates.api import Refused
+from appliance.templates.api import error as build_error
 from appliance.tenancy import current_principal
+
+
+@blueprint.errorhandler(Refused)
+async def _build_refused(refused: Refused) -> tuple[Response, int]:
+    """What the build handlers raise, answered as their blueprint answers it (a blueprint's error
+    handlers serve only requests routed to it, and `call_api` runs them under the dashboard's)."""
+    return build_error(refused.status, refused.code, refused.message)
 
 
 async def call_api(endpoint: str, **arguments: str) -> Response:

@@ -217,3 +217,13 @@ def test_the_overview_counts_creates_and_their_latency(service: ServiceHarness, 
     assert all(0 < p["p50Ms"] <= p["p95Ms"] for p in overview["creates"])
     assert overview["host"]["memTotal"] > 0
     assert "code-interpreter" in overview["pools"]
+
+
+def test_a_build_the_api_refuses_is_refused_alike(service: ServiceHarness) -> None:
+    with signed_in(service.url, service.key("builder")) as user:
+        csrf = {"X-CSRF-Token": user.csrf}  # type: ignore[attr-defined]
+        host_path = user.post("/dashboard/api/builds", json={"image": "oci:/etc:v1"}, headers=csrf)
+        assert host_path.status_code == 403 and "host path" in host_path.json()["message"]
+        taken = user.post("/dashboard/api/builds", json={"image": "x/y:z", "alias": "ci"}, headers=csrf)
+        assert taken.status_code == 409, taken.text
+        assert user.get("/dashboard/api/builds/job-nope").status_code == 404
