@@ -195,6 +195,7 @@ def test_sandboxes_are_filtered_paused_resumed_and_given_time(
         return dict(found.json())
 
     page.goto(f"{service.url}/dashboard/sandboxes/{web}")
+    expect(page.locator("#usage")).to_contain_text("12.5 % CPU")  # what the guest's agent reports
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#action-pause")
     expect(page.locator("#state")).to_have_text("paused", timeout=10_000)

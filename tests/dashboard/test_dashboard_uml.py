@@ -48,6 +48,7 @@ def test_an_sdk_sandbox_is_seen_and_killed_in_the_dashboard(
             page.wait_for_url(f"{service.url}/dashboard/sandboxes/{sandbox.sandbox_id}")
             expect(page.locator("#metadata")).to_have_text(f"owner={XSS}, purpose=demo")
             expect(page.locator("#network")).to_contain_text("internet allowed")
+            expect(page.locator("#usage")).to_contain_text("MiB used")  # live, from the guest's agent
             expect(page.locator("#logs pre")).not_to_be_empty(timeout=10_000)  # the guest's console
             assert_nothing_ran(page)
             screenshot(page, "sandbox")

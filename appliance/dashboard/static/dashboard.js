@@ -224,6 +224,8 @@ function sandboxPage(id) {
   const render = async () => {
     const s = await api("sandboxes/" + encodeURIComponent(id));
     const live = s.state === "running" || s.state === "paused";
+    const usage = s.state === "running"
+      ? (await api("sandboxes/metrics?sandbox_ids=" + encodeURIComponent(id))).sandboxes[id] : null;
     const details = el("section", { id: "details" },
       el("dl", {},
         el("dt", {}, "State"), el("dd", { id: "state" }, s.state + (s.endReason ? ` (${s.endReason})` : "")),
@@ -232,7 +234,8 @@ function sandboxPage(id) {
         el("dt", {}, "Metadata"), el("dd", { id: "metadata" }, metadataText(s.metadata)),
         el("dt", {}, "Started"), el("dd", {}, s.startedAt),
         el("dt", {}, live ? "Times out" : "Ended"), el("dd", {}, live ? s.endAt : s.endedAt),
-        el("dt", {}, "CPU / memory"), el("dd", {}, `${s.cpuCount} vCPU, ${s.memoryMB} MiB`),
+        el("dt", {}, "CPU / memory"), el("dd", { id: "usage" }, `${s.cpuCount} vCPU, ${s.memoryMB} MiB` +
+          (usage ? `; now ${usage.cpuUsedPct.toFixed(1)} % CPU, ${mib(usage.memUsed)} used` : "")),
         el("dt", {}, "Network"), el("dd", { id: "network" },
           (s.allowInternetAccess ? "internet allowed" : "no internet") +
           (s.network.allowOut ? "; allow " + s.network.allowOut.join(", ") : "") +
