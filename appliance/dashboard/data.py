@@ -4,7 +4,7 @@ Each call runs the E2B API's own handler (`call_api`) as the signed-in principal
 dashboard request's query and body: listing, killing, pausing, deleting and their tenancy
 are that handler's, not a second copy. The handler's blueprint's access rule is checked
 here as its before_request would have (an admin-only call stays the admin's). Only what
-the API has no call for is here: a team's own API keys, a team's events, a sandbox's
+the API has no call for is here: a team's list of its API keys, a team's events, a sandbox's
 record once it ended.
 """
 
@@ -17,7 +17,7 @@ from quart import Blueprint, Response, current_app, request
 from appliance.api import validation as v
 from appliance.api.admin import key_body
 from appliance.api.auth import Access, access_of
-from appliance.api.bodies import admin_sandbox_body, event_body, json_response, network_body, no_content
+from appliance.api.bodies import admin_sandbox_body, event_body, json_response, network_body
 from appliance.api.errors import ApiError
 from appliance.api.sandboxes import owned_record
 from appliance.api.services import services
@@ -132,7 +132,8 @@ async def build(job_id: str) -> Response:
     return await call_api("template_builds.get_build", job_id=job_id)
 
 
-# API keys: the admin's are every team's (the admin API's calls); a key's, its own team's.
+# API keys: the admin's calls (every team's keys, create, revoke); a key sees its own team's
+# keys (never their secrets) and manages none, as on the API, where keys are the admin's.
 
 
 @blueprint.get("/api/keys")
@@ -140,34 +141,17 @@ async def keys() -> Response:
     principal = current_principal()
     if principal.is_admin:
         return await call_api("admin.list_keys")
-    listed = [key_body(k) for k in services().store.list_api_keys() if principal.owns(k.team_id)]
-    return json_response(listed)
+    return json_response([key_body(k) for k in services().store.list_api_keys() if principal.owns(k.team_id)])
 
 
 @blueprint.post("/api/keys")
 async def create_key() -> Response:
-    principal = current_principal()
-    if principal.is_admin:
-        return await call_api("admin.create_key")
-    data = await v.request_object(required=True)
-    name = data.get("name", "")
-    if not isinstance(name, str) or not name.strip():
-        raise ApiError(400, "'name' must be a non-empty string")
-    record, key = services().store.create_api_key(name.strip(), principal.team_id)
-    return json_response({**key_body(record), "key": key}, status=201)
+    return await call_api("admin.create_key")
 
 
 @blueprint.post("/api/keys/<key_id>/revoke")
 async def revoke_key(key_id: str) -> Response:
-    principal = current_principal()
-    if principal.is_admin:
-        return await call_api("admin.revoke_key", key_id=key_id)
-    store = services().store
-    if not any(k.key_id == key_id and principal.owns(k.team_id) for k in store.list_api_keys()):
-        raise ApiError(404, f"no active API key with id {key_id}")
-    if not store.revoke_api_key(key_id):
-        raise ApiError(404, f"no active API key with id {key_id}")
-    return no_content()
+    return await call_api("admin.revoke_key", key_id=key_id)
 
 
 @blueprint.get("/api/events")

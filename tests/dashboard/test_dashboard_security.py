@@ -182,10 +182,16 @@ def test_a_key_sees_and_changes_only_its_own_teams_things(
         assert all(e["sandboxID"] != theirs for e in b.get("/dashboard/api/events").json())
         keys = b.get("/dashboard/api/keys").json()
         assert [k["name"] for k in keys] == ["team-b"]
-        key_a_id = next(k["id"] for k in admin.get("/dashboard/api/keys").json() if k["name"] == "team-a")
-        assert b.post(f"/dashboard/api/keys/{key_a_id}/revoke", headers=csrf).status_code == 404
-        made = b.post("/dashboard/api/keys", json={"name": "b-second"}, headers=csrf)
-        assert made.status_code == 201 and made.json()["team"] == keys[0]["team"]
+        # Keys are the admin's to make and revoke, as on the API: a key cannot mint one that
+        # would outlive its own revocation, nor revoke a teammate's.
+        own_id, key_a_id = (
+            keys[0]["id"],
+            next(k["id"] for k in admin.get("/dashboard/api/keys").json() if k["name"] == "team-a"),
+        )
+        for key_id in (own_id, key_a_id):
+            assert b.post(f"/dashboard/api/keys/{key_id}/revoke", headers=csrf).status_code == 403
+        assert b.post("/dashboard/api/keys", json={"name": "b-second"}, headers=csrf).status_code == 403
+        assert [k["name"] for k in b.get("/dashboard/api/keys").json()] == ["team-b"]
         assert b.get("/metrics").status_code == 401  # the session is not the admin token
     assert is_alive(service, key_a, theirs)
     assert theirs in [s["sandboxID"] for s in admin.get("/dashboard/api/sandboxes").json()]

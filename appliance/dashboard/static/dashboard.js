@@ -335,7 +335,8 @@ function keysPage() {
   const name = el("input", { id: "key-name", placeholder: "name", required: true });
   const shown = el("p", { id: "new-key", class: "secret", hidden: true });
   let reload = () => {};
-  CONTENT.append(el("form", { id: "key-form", class: "filters", on: { submit: async (e) => {
+  const admin = BODY.dataset.admin === "yes"; // keys are the admin's to make and revoke
+  if (admin) CONTENT.append(el("form", { id: "key-form", class: "filters", on: { submit: async (e) => {
     e.preventDefault();
     try {
       const made = await api("keys", { method: "POST", json: { name: name.value.trim() } });
@@ -352,7 +353,7 @@ function keysPage() {
     replace(table(["Name", "Id", "Team", "Prefix", "Created", "Last used", "Revoked", ""], keys.map((k) => el("tr", { "data-key": k.id },
       el("td", {}, k.name), el("td", {}, k.id), el("td", {}, k.team), el("td", {}, k.prefix + "…"),
       el("td", {}, k.createdAt), el("td", {}, k.lastUsedAt || "—"), el("td", { class: "revoked" }, k.revokedAt || "—"),
-      el("td", {}, k.revokedAt ? null : el("button", { type: "button", class: "revoke", on: { click: async () => {
+      el("td", {}, k.revokedAt || !admin ? null : el("button", { type: "button", class: "revoke", on: { click: async () => {
         if (await act(`keys/${encodeURIComponent(k.id)}/revoke`, {}, `Revoke key ${k.name}? Clients using it stop working.`)) reload();
       } } }, "Revoke")))), "keys"), "keys");
   };
