@@ -230,7 +230,8 @@ APT_PACKAGES=(
 DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 ovmf busybox-static
   grub-pc-bin grub-efi-amd64-bin grub-common mtools squashfs-tools  # the last five: cube image build-iso; ovmf: tests/iso's UEFI boot
   # The code interpreter's languages, as the default template has them (tests/guest run the agent here)
-  r-base-core r-cran-irkernel openjdk-17-jdk-headless node-typescript node-acorn)
+  r-base-core r-cran-irkernel openjdk-17-jdk-headless node-typescript node-acorn
+  chromium)  # tests/dashboard drive the dashboard in it (Playwright, never a downloaded browser)
 
 if host_wide; then
   say "Installing Debian packages"

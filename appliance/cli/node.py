@@ -7,8 +7,7 @@ any node's API is down; a single node (no endpoints) has no cluster to show.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 import trio
@@ -16,8 +15,6 @@ import trio
 from appliance.cli.common import emit, json_option
 from appliance.cluster.etcd import EtcdClient, EtcdError
 from appliance.cluster.membership import (
-    ClusterView,
-    NodeRecord,
     live_sandboxes,
     read_view,
     remove_node,
@@ -45,16 +42,6 @@ def _with_etcd(config: Config, call: Callable[[EtcdClient], Awaitable[T]]) -> T:
         raise click.ClickException(str(exc)) from exc
 
 
-def _row(view: ClusterView, node: NodeRecord) -> dict[str, Any]:
-    owned = sum(1 for owner in view.owners.values() if owner.node_id == node.node_id)
-    return {
-        **asdict(node),
-        "state": "drained" if node.node_id in view.drained else "ready",
-        "memory_free_mb": node.memory_free_mb,
-        "sandboxes": owned,  # recorded on this node (ended ones too, until they are collected)
-    }
-
-
 @click.group()
 def node() -> None:
     """The cluster's nodes (needs etcd_endpoints in the config)."""
@@ -66,7 +53,7 @@ def node() -> None:
 def node_list(config: Config, as_json: bool) -> None:
     """Every node whose lease is alive."""
     view = _with_etcd(config, read_view)
-    emit([_row(view, n) for n in sorted(view.nodes.values(), key=lambda n: n.node_id)], as_json, COLUMNS)
+    emit(view.node_rows(), as_json, COLUMNS)
 
 
 @node.command("info")
@@ -81,7 +68,7 @@ def node_info(config: Config, node_id: str, as_json: bool) -> None:
         raise click.ClickException(
             f"no node {node_id} in the cluster (its lease expired, or it never joined)"
         )
-    row = _row(view, found)
+    row = view.node_row(found)
     emit(row, as_json, COLUMNS)
     if not as_json:
         click.echo(f"templates: {', '.join(found.templates) or '(none)'}")

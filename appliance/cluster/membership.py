@@ -112,6 +112,19 @@ class ClusterView:
     leader: str = ""  # the elected leader's node id ("" while there is none)
     revision: int = 0
 
+    def node_row(self, node: NodeRecord) -> dict[str, object]:
+        """A node as `cube node list` and the dashboard show it: its record, state and sandboxes."""
+        return {
+            **asdict(node),
+            "state": "drained" if node.node_id in self.drained else "ready",
+            "memory_free_mb": node.memory_free_mb,
+            # recorded on this node (ended ones too, until they are collected)
+            "sandboxes": sum(1 for owner in self.owners.values() if owner.node_id == node.node_id),
+        }
+
+    def node_rows(self) -> list[dict[str, object]]:
+        return [self.node_row(n) for n in sorted(self.nodes.values(), key=lambda n: n.node_id)]
+
     def load(self, kvs: list[KeyValue], revision: int) -> None:
         self.nodes.clear()
         self.drained.clear()

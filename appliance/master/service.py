@@ -50,6 +50,7 @@ from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
 from appliance.cubelet.template_sandboxes import CubeletTemplateSandboxes
+from appliance.dashboard import blueprints as dashboard_blueprints
 from appliance.master import sdnotify
 from appliance.master.carryover import restore_carried
 from appliance.master.secrets import SECRETS_DB, SecretStore
@@ -202,6 +203,7 @@ async def _watch_cluster(
         return None
     cluster = ClusterNode(settings, cubelet, registry.all, registry.resolve)
     services.auth.cluster_token_check = cluster.verify_token
+    services.cluster = cluster
     await nursery.start(cluster.watch)
     return cluster
 
@@ -253,7 +255,7 @@ async def run_service(
             )
             cluster = await _watch_cluster(cluster_settings, cubelet, registry, services, nursery)
             # Any key may build; what a build sees and makes is its team's (templates/api.py).
-            blueprints = [protect(create_build_blueprint(builds), Access.KEY)]
+            blueprints = [protect(create_build_blueprint(builds), Access.KEY), *dashboard_blueprints()]
             blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]
             control_plane = cast(ASGIApp, build_app(services, blueprints))
             router = SandboxRouter(control_plane, cubelet, config.domain)

@@ -303,3 +303,14 @@ def test_bench_cluster_measures_local_and_forwarded_creates(
         # The create-only sandbox record: at least one etcd transaction per create.
         txn = re.search(r"Txn ([0-9.]+)", report["notes"][0])
         assert txn is not None and float(txn.group(1)) >= 1.0, report["notes"]
+
+
+def test_the_dashboard_shows_the_admin_every_node(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str],
+) -> None:
+    a, b, key = two_nodes
+    for credential, shown in ((a.admin_token, [("a", "ready", a.url), ("b", "ready", b.url)]), (key, [])):
+        with httpx.Client(base_url=a.url, trust_env=False, timeout=30) as dashboard:
+            assert dashboard.post("/dashboard/login", data={"credential": credential}).status_code == 303
+            nodes = dashboard.get("/dashboard/api/overview").json()["nodes"]
+            assert [(n["node_id"], n["state"], n["api_url"]) for n in nodes] == shown
