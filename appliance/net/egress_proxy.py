@@ -191,19 +191,29 @@ def parse_head(head: bytes) -> RequestHead:
     return RequestHead(request_line, tuple(headers), _host_name(authority.rsplit("@", 1)[-1]))
 
 
+def _specificity(rule: EgressRule) -> tuple[int, int]:
+    """E2B's precedence: an exact name, then the longest wildcard suffix, then the narrowest network."""
+    try:
+        return 1, ipaddress.ip_network(rule.host).prefixlen
+    except ValueError:
+        return (2, len(rule.host)) if rule.host.startswith("*.") else (3, len(rule.host))
+
+
 def covering_rules(egress: SandboxEgress, request: RequestHead, address: IPAddress) -> list[EgressRule]:
-    """The rules that apply: named by the request, and the destination is really that host."""
+    """The rules of the most specific host covering the request (rule sets are not merged): a
+    domain's only if the request names it and its destination is an address the resolver gave
+    this sandbox for that name."""
     covering = []
     for rule in egress.policy().rules:
         if not rule.matches(request.host, address):
             continue
-        try:
-            ipaddress.ip_network(rule.host)
-        except ValueError:  # a domain rule: the name must have resolved to this address for it
-            if address not in egress.answered(request.host):
-                continue
+        if _specificity(rule)[0] > 1 and address not in egress.answered(request.host):
+            continue
         covering.append(rule)
-    return covering
+    if not covering:
+        return []
+    best = max(covering, key=_specificity).host
+    return [rule for rule in covering if rule.host == best]
 
 
 def transform(egress: SandboxEgress, request: RequestHead, address: IPAddress) -> bytes | None:
