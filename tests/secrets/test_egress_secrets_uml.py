@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -266,3 +267,28 @@ def test_a_rule_does_not_open_egress_the_policy_denies(
         assert_sandbox_never_holds(sandbox, results)
     finally:
         sandbox.kill()
+
+
+def test_the_js_sdk_gets_the_secret_resolved_too(
+    service: umlguests.UmlService, http_world: HttpWorld, js_sdk_dir: Path, tmp_path: Path
+) -> None:
+    probe_file = tmp_path / "probe.py"
+    probe_file.write_text(PROBE)
+    probes = [{"target": RULED, "host": RULED, "path": "/js", "headers": {}}]
+    env = {**os.environ, "E2B_API_KEY": service.key("js-team")}
+    env.pop("E2B_DEBUG", None)
+    result = subprocess.run(
+        ["node", "egress_secret.mjs", VALUE, RULED, str(probe_file), json.dumps(probes)],
+        cwd=js_sdk_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    [request] = http_world.at("/js")
+    assert ("X-Api-Key", VALUE) in request.headers
+    assert VALUE not in json.dumps(seen["results"]) and VALUE not in seen["env"]
+    assert seen["rules"] == {RULED: [{"transform": {"headers": {"X-Api-Key": "${e2b.secrets.js-key}"}}}]}
+    assert "nope" in seen["unknown"]["message"] and "400" in seen["unknown"]["message"], seen["unknown"]
