@@ -118,6 +118,12 @@ def test_rules_take_placeholders_and_show_them_never_the_value(sdk_env: ServiceH
     assert rules == {
         "api.openai.com": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.OpenAI-Key}"}}}]
     }
+    # PUT network replaces the rules, checked as at create.
+    with pytest.raises(SandboxException) as caught:
+        sandbox.update_network(_ruled("api.example.com", "${e2b.secrets.missing}"))  # type: ignore[arg-type]
+    assert "400" in str(caught.value) and "missing" in str(caught.value)
+    sandbox.update_network(_ruled("api.example.com", placeholder))  # type: ignore[arg-type]
+    assert list(sandbox.get_info().network["rules"]) == ["api.example.com"]  # type: ignore[index]
     for response in (
         httpx.get(f"{sdk_env.url}/sandboxes/{sandbox.sandbox_id}", headers={"X-API-KEY": api_key}),
         httpx.get(f"{sdk_env.url}/v2/sandboxes", headers={"X-API-KEY": api_key}),

@@ -44,6 +44,7 @@ pytestmark = [
 ]
 
 VALUE = "sk-egress-5ecret-value-0123456789"
+ROTATED = "sk-egress-r0tated-value-9876543210"
 RULED = "svc.example.test"  # the test upstream: 203.0.113.10
 UNRULED = "example.test"  # the test upstream: 203.0.113.10 too
 SERVER_IP = "203.0.113.10"
@@ -234,11 +235,20 @@ def test_the_ruled_host_gets_the_secret_and_nothing_else_does(
         ):
             assert response.status_code == 200 and VALUE not in response.text
         assert sandbox.get_info().network["rules"] == ruled_network()["rules"]  # type: ignore[index]
+
+        # Read per request: a rotated value is used at once, a deleted secret stops the request.
+        Secret.update("api-key", ROTATED, api_key=key)
+        [rotated] = probe(sandbox, [{"target": RULED, "host": RULED, "path": "/rotated", "headers": {}}])
+        assert rotated["response"].startswith("HTTP/1.0 200") and ROTATED not in json.dumps(rotated)
+        assert ("Authorization", f"Bearer {ROTATED}") in http_world.at("/rotated")[0].headers
+        assert Secret.destroy("api-key", api_key=key)
+        gone = probe(sandbox, [{"target": RULED, "host": RULED, "path": "/deleted", "headers": {}}])
+        assert gone[0]["response"].startswith("HTTP/1.1 502") and http_world.at("/deleted") == []
     finally:
         sandbox.kill()
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert f"rules of {RULED} applied" in logged  # the proxy did the work, and said so
-    assert VALUE not in logged
+    assert VALUE not in logged and ROTATED not in logged
 
 
 def test_a_rule_does_not_open_egress_the_policy_denies(
