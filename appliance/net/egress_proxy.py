@@ -41,6 +41,7 @@ HTTP_PORT = 80
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 256  # per sandbox, open at once
 _SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 _CHUNK = 65536
 _TABLE = "cube_egress"
@@ -104,11 +105,37 @@ async def serve(
     """Redirect the sandbox's HTTP here and proxy it until cancelled."""
     sock = await trio.to_thread.run_sync(_listen_in, egress)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    open_connections = trio.CapacityLimiter(MAX_CONNECTIONS)
     async with listener, trio.open_nursery() as nursery:
         task_status.started()
         while True:
-            stream = await listener.accept()
-            nursery.start_soon(_handle, egress, stream)
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE and the like: this sandbox waits, nothing else does
+                log.warning("egress proxy: sandbox %s: accept failed: %s", egress.sandbox_id, exc)
+                await trio.sleep(0.5)
+                continue
+            try:
+                open_connections.acquire_on_behalf_of_nowait(stream)
+            except trio.WouldBlock:
+                await stream.aclose()  # the sandbox holds MAX_CONNECTIONS already
+                continue
+            nursery.start_soon(_handle_guarded, egress, stream, open_connections)
+
+
+async def _handle_guarded(
+    egress: SandboxEgress, stream: trio.SocketStream, limiter: trio.CapacityLimiter
+) -> None:
+    """One connection; whatever goes wrong ends it alone (never the proxy, never CubeVS). Only the
+    error's type is logged: its message could quote the request."""
+    try:
+        await _handle(egress, stream)
+    except Exception as exc:
+        log.warning(
+            "egress proxy: sandbox %s: a connection failed: %s", egress.sandbox_id, type(exc).__name__
+        )
+    finally:
+        limiter.release_on_behalf_of(stream)
 
 
 def original_destination(stream: trio.SocketStream) -> tuple[IPAddress, int]:

@@ -374,7 +374,11 @@ class CubeVS:
                 n: {a: (t, q) for a, (t, q) in old[3][n].items() if live.lists(n).matches_domain(q)}
                 for n in _LISTS
             }
-            await self._start_proxy(live)
+            try:
+                await self._start_proxy(live)
+            except (OSError, RuntimeError) as e:  # nft or the listener, in a netns going away
+                live.policy, live.allow, live.deny, live.learned = old
+                raise PolicyError(f"the egress proxy for the rules could not start: {e}") from e
             if self._program is None:
                 return
             try:
@@ -423,9 +427,16 @@ class CubeVS:
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             assert live.proxy is not None
             with live.proxy:
-                await egress_proxy.serve(egress, task_status=task_status)
+                try:
+                    await egress_proxy.serve(egress, task_status=task_status)
+                except Exception:  # this sandbox's HTTP stops; CubeVS and the others go on
+                    log.exception("CubeVS: the egress proxy of sandbox %s failed", sandbox_id)
+                    if not task_status_started:
+                        raise
 
+        task_status_started = False
         await self._nursery.start(run)
+        task_status_started = True
 
     def _note_ruled_answer(self, live: _Live, answer: Answer) -> None:
         """Remember what the resolver told the sandbox a ruled name is: only there may the proxy

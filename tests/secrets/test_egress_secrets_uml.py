@@ -255,12 +255,13 @@ def test_a_rule_does_not_open_egress_the_policy_denies(
     service: umlguests.UmlService, http_world: HttpWorld
 ) -> None:
     """The rule's host is not in allowOut (everything else denied): the sandbox cannot resolve
-    it, its requests naming it go out without the secret, and denied addresses stay denied."""
+    it, its requests naming it go out without the secret, and denied addresses stay denied. The
+    rules arrive by `PUT /sandboxes/{id}/network` (as a warm guest's policy does at its claim)."""
     key = service.key("bob")
     Secret.create("api-key", VALUE, api_key=key)
-    network = ruled_network(allow_out=[UNRULED], deny_out=["0.0.0.0/0"])
-    sandbox = Sandbox.create(network=network, timeout=300, api_key=key)
+    sandbox = Sandbox.create(timeout=300, api_key=key)
     try:
+        sandbox.update_network(ruled_network(allow_out=[UNRULED], deny_out=["0.0.0.0/0"]))  # type: ignore[arg-type]
         results = probe(
             sandbox,
             [
