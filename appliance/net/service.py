@@ -43,6 +43,7 @@ _EXPIRY_CHECK_S = 5.0
 _LISTS = ("allow", "deny")
 _ALL_IPV4 = ipaddress.ip_network("0.0.0.0/0")
 _NO_ADDRESS = ipaddress.ip_address("0.0.0.0")  # matching a rule by name alone
+MAX_RULED_NAMES = 1024  # names per sandbox whose answers the egress proxy checks against
 
 
 class NetworkUnenforced(RuntimeError):
@@ -451,6 +452,11 @@ class CubeVS:
             )
         for address in [a for a, t in known.items() if t <= now]:
             del known[address]
+        # A wildcard rule matches endless names: the ones remembered longest ago go first.
+        while len(live.answers) > MAX_RULED_NAMES:
+            del live.answers[
+                min(live.answers, key=lambda name: max(live.answers[name].values(), default=0.0))
+            ]
 
     # --- DNS ----------------------------------------------------------------
 
