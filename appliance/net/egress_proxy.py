@@ -14,8 +14,9 @@ covers connections to those addresses. Anything else passes untouched, as withou
 
 The egress policy still applies: the proxy's upstream socket belongs to the sandbox's netns, so
 its packets leave through the sandbox's veth and meet the same eBPF program as the guest's own.
-HTTPS (and any port but 80) is not redirected: it passes untouched, unreadable to the proxy
-(docs/SECURITY.md, "Secrets and the egress proxy", says why).
+HTTPS (and any port but 80, and IPv6) is not redirected: it passes untouched, unreadable to the
+proxy (docs/SECURITY.md, "Secrets and the egress proxy", says why). In a sandbox with rules, port
+80 carries HTTP/1.x only: a head that is not one gets a 400.
 """
 
 from __future__ import annotations
