@@ -36,6 +36,7 @@ from appliance.cluster.membership import (
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.records import TemplateManifest
+from appliance.templates.catalog import split_name_tag
 from appliance.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,21 @@ def template_names(templates: dict[str, TemplateManifest]) -> list[str]:
 
 def placement(view: ClusterView, here: str, template: str) -> list[NodeRecord]:
     """Where a create for `template` arriving at node `here` should go, best first: nodes not
-    drained that have the template and free memory; the first is the best of K sampled by free
-    memory, the rest follow by free memory (tried in turn when a node refuses)."""
-    fitting = [
-        node
-        for node in view.nodes.values()
-        if node.node_id not in view.drained and template in node.templates and node.memory_free_mb > 0
-    ]
-    by_memory = sorted(fitting, key=lambda n: (-n.memory_free_mb, n.node_id != here, n.node_id))
+    drained with free memory, those that have the template before those that would pull it
+    (cluster/templates.py); in each group the first is the best of K sampled by free memory and
+    the rest follow by free memory (tried in turn when a node refuses). Empty when no node of
+    the cluster has the template (the create is then answered here: not found)."""
+    base = split_name_tag(template)[0]
+    if not any(template in n.templates or base in n.templates for n in view.nodes.values()):
+        return []
+    fitting = [n for n in view.nodes.values() if n.node_id not in view.drained and n.memory_free_mb > 0]
+    having = [n for n in fitting if template in n.templates or base in n.templates]
+    lacking = [n for n in fitting if n not in having]
+    return _best_of_k(having, here) + _best_of_k(lacking, here)
+
+
+def _best_of_k(nodes: list[NodeRecord], here: str) -> list[NodeRecord]:
+    by_memory = sorted(nodes, key=lambda n: (-n.memory_free_mb, n.node_id != here, n.node_id))
     if len(by_memory) <= 1:
         return by_memory
     sample = random.sample(by_memory, min(BEST_OF_K, len(by_memory)))

@@ -6,7 +6,8 @@ Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 - `/sandboxes/<id>/...` calls for another node's sandbox go to it on the caller's behalf
   (authenticated here; the team travels with the cluster token, appliance/cluster/forwarding.py);
 - a create is placed (`ClusterNode.placement`) and, placed elsewhere, forwarded there; a node
-  that cannot be reached is skipped for the next;
+  that cannot be reached is skipped for the next; the node that runs it first pulls the template
+  from another node if it lacks it (cluster/templates.py, whose two endpoints it serves here);
 - a list merges every live node's own list.
 A request carrying the cluster token came from another node: it is handled here and never
 forwarded again (no loops, whatever the views say); a wrong token is a 401.
@@ -18,24 +19,29 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
+from urllib.parse import parse_qs
 
 import httpx
+import trio
 
 from appliance.cluster.etcd import EtcdError
-from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, principal_headers
+from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, forwarded_principal, principal_headers
 from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
 from appliance.cluster.node import ClusterNode
+from appliance.cluster.templates import BLOBS_PATH, CHUNK, RESOLVE_PATH, TemplatePullFailed, TemplateShare
 from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target, not_found_message
-from appliance.proxy.router import Message, Receive, Send, _send_json_error
+from appliance.proxy.router import Message, Receive, Send, send_json_error
 from appliance.tenancy import Principal
 
 log = logging.getLogger(__name__)
 
 SANDBOX_CALL = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)(?:/.*)?$")
 COLLECTION = frozenset({"/sandboxes", "/v2/sandboxes"})
+SHARE_PREFIX = "/cube/cluster/"  # templates for the other nodes (cluster/templates.py)
 NOT_SANDBOX_IDS = frozenset({"metrics"})  # /sandboxes/metrics lists this node's
 MAX_CREATE_BODY = 1024 * 1024
 CONNECT_TIMEOUT_S = 5.0
@@ -62,6 +68,7 @@ class NodeHop:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=None), trust_env=False, follow_redirects=False
         )
+        self.share = TemplateShare(node.cubelet.config, node.token, self.client, node.templates, node.resolve)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -73,7 +80,9 @@ class NodeHop:
         presented = headers.get(TOKEN_HEADER)
         if presented is not None:
             if not self.node.verify_token(presented):
-                return await _send_json_error(send, 401, "invalid cluster token")
+                return await send_json_error(send, 401, "invalid cluster token")
+            if scope["path"].startswith(SHARE_PREFIX):
+                return await self._share(scope, send, headers)
             return await self._here(scope, receive, send, headers)
         try:
             target = self.target_of(scope)
@@ -101,13 +110,24 @@ class NodeHop:
         is answered (so the node that forwarded it, or the caller's next call anywhere, finds it)."""
         if not (scope["path"] in COLLECTION and scope["method"] == "POST"):
             return await self.app(scope, receive, send)
+        principal = self.authenticate(headers)
+        if principal is not None:  # a template another node has is brought here first
+            body = await _read_body(receive)
+            if body is None:
+                return await send_json_error(send, 413, "request body too large")
+            receive = _replaying(body, receive)
+            template = self._template_of(body)
+            sources = [n for n in self.node.view.nodes.values() if n.node_id != self.node.node_id]
+            try:
+                await self.share.ensure(template, principal, sources)
+            except TemplatePullFailed as exc:
+                return await send_json_error(send, 503, str(exc))
         held: list[Message] = []
 
         async def hold(message: Message) -> None:
             held.append(message)
 
         await self.app(scope, receive, hold)
-        principal = self.authenticate(headers)
         if held and held[0].get("status") == 201 and principal is not None:
             sandbox_id = json.loads(b"".join(m.get("body", b"") for m in held[1:]))["sandboxID"]
             try:
@@ -115,7 +135,7 @@ class NodeHop:
             except EtcdError as exc:  # unrecorded, no other node could find it: not kept
                 await self.node.cubelet.kill(sandbox_id, reason=f"the cluster could not record it: {exc}")
                 unavailable = f"the cluster's etcd is unavailable, retry later: {exc}"
-                return await _send_json_error(send, 503, unavailable)
+                return await send_json_error(send, 503, unavailable)
         for message in held:
             await send(message)
 
@@ -134,18 +154,18 @@ class NodeHop:
         if owner is None or owner.node_id == self.node.node_id:
             return await self._here(scope, receive, send, headers)
         if principal is not None and not principal.owns(owner.team_id):
-            return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found")
+            return await send_json_error(send, 404, f"sandbox {sandbox_id} not found")
         # Ended: written so by the leader, or its node left and the leader has not yet written it.
         node = None if owner.ended_at else self.node.view.nodes.get(owner.node_id)
         if node is None and principal is None:  # sandbox traffic: the router's own answer
-            return await _send_json_error(send, 502, not_found_message(sandbox_id))
+            return await send_json_error(send, 502, not_found_message(sandbox_id))
         if node is None:
             gone = f"it ended: {owner.reason or left_reason(owner.node_id)}"
-            return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found ({gone})")
+            return await send_json_error(send, 404, f"sandbox {sandbox_id} not found ({gone})")
         if principal is not None:  # an API call: small, answered whole
             body = await _read_body(receive)
             if body is None:
-                return await _send_json_error(send, 413, "request body too large")
+                return await send_json_error(send, 413, "request body too large")
             forwarded = await self._forward_whole(node, principal, scope, body, send)
         else:
             # A request without a body is sent without one, not as an empty chunked stream (which
@@ -153,7 +173,7 @@ class NodeHop:
             has_body = "content-length" in headers or "transfer-encoding" in headers
             forwarded = await self._forward(node, None, scope, _body(receive) if has_body else None, send)
         if not forwarded:
-            await _send_json_error(
+            await send_json_error(
                 send, 502, f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
             )
 
@@ -162,18 +182,12 @@ class NodeHop:
     ) -> None:
         body = await _read_body(receive)
         if body is None:
-            return await _send_json_error(send, 413, "request body too large")
-        template = self.node.cubelet.config.default_template
-        try:
-            data = json.loads(body or b"{}")
-            if isinstance(data, dict) and isinstance(data.get("templateID"), str):
-                template = data["templateID"]
-        except ValueError:
-            pass  # here, where the API answers it with its own 400
+            return await send_json_error(send, 413, "request body too large")
+        template = self._template_of(body)
         placement = self.node.placement_for(template, principal)
         if not placement and self.node.node_id in self.node.view.drained:
             message = f"no node of the cluster can take a sandbox of '{template}' now (this one is drained)"
-            return await _send_json_error(send, 503, message)
+            return await send_json_error(send, 503, message)
         for node in placement:
             if node.node_id == self.node.node_id:
                 break
@@ -181,6 +195,40 @@ class NodeHop:
                 return
             log.warning("cluster: node %s is unreachable; placing the create elsewhere", node.node_id)
         await self._here(scope, _replaying(body, receive), send, headers)
+
+    def _template_of(self, body: bytes) -> str:
+        """The template a create's body names (the default if none; a bad body is the API's 400)."""
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("templateID"), str):
+            return str(data["templateID"])
+        return self.node.cubelet.config.default_template
+
+    # Templates, for the other nodes (cluster token checked).
+
+    async def _share(self, scope: Scope, send: Send, headers: dict[str, str]) -> None:
+        path = scope["path"]
+        if scope["method"] == "GET" and path == RESOLVE_PATH:
+            principal = forwarded_principal(headers, self.node.verify_token)
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            name = (query.get("name") or [""])[0]
+            try:
+                described = await self.share.describe(name, principal) if principal and name else None
+            except OSError as exc:  # a symlink where the image should be: refused by O_NOFOLLOW
+                unreadable = f"template {name!r}: its image cannot be read: {exc.strerror}"
+                return await send_json_error(send, 500, unreadable)
+            if described is None:
+                return await send_json_error(send, 404, f"template {name!r} not found")
+            payload = json.dumps(described).encode()
+            return await send_whole(send, 200, [(b"content-type", b"application/json")], payload)
+        if scope["method"] == "GET" and path.startswith(BLOBS_PATH):
+            opened = await self.share.open_blob(path[len(BLOBS_PATH) :])
+            if opened is None:
+                return await send_json_error(send, 404, "no such blob")
+            return await _send_file(send, *opened)
+        await send_json_error(send, 404, f"no cluster endpoint {path}")
 
     async def _list(
         self, principal: Principal, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
@@ -302,6 +350,22 @@ async def send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]]
     kept.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": kept})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_file(send: Send, fd: int, size: int) -> None:
+    """The `size` bytes of the open file `fd` (then closed), chunk by chunk."""
+    headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode())]
+    with os.fdopen(fd, "rb") as file:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if size == 0:
+            await send({"type": "http.response.body", "body": b""})
+        left = size
+        while left > 0:
+            chunk = await trio.to_thread.run_sync(file.read, min(CHUNK, left))
+            if not chunk:
+                raise OSError(f"the file ended {left} bytes early")  # the client sees a short body
+            left -= len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": left > 0})
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:

@@ -117,7 +117,7 @@ class SandboxRouter:
             upstream = await self._upstream(scope, target)
         except Refused as refused:
             if scope["type"] == "http":
-                await _send_json_error(send, refused.status, refused.message)
+                await send_json_error(send, refused.status, refused.message)
             elif (await receive())["type"] == "websocket.connect":
                 await _deny_websocket(send, refused.status, refused.message)
             return
@@ -190,7 +190,7 @@ class SandboxRouter:
             except httpx.HTTPError as exc:
                 log.info("sandbox %s port %d unreachable: %r", sandbox_id, port, exc)
                 if not stopped.is_set():
-                    await _send_json_error(send, 502, port_not_open_message(sandbox_id))
+                    await send_json_error(send, 502, port_not_open_message(sandbox_id))
                     progress.finished = True
                 nursery.cancel_scope.cancel()
             else:
@@ -292,7 +292,7 @@ async def _end_for_stopped(scope: Scope, send: Send, message: str, progress: _Pr
     """The sandbox ended or was paused while its request was in flight: say so if nothing was answered yet,
     else cut the answer off (HTTP/1.x: returning mid-body makes the server close the connection)."""
     if not progress.started:
-        await _send_json_error(send, 502, message)
+        await send_json_error(send, 502, message)
     elif scope.get("http_version") == "2":
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -325,7 +325,7 @@ async def _cancel_on_disconnect(receive: Receive, body_done: trio.Event, scope: 
             return
 
 
-async def _send_json_error(send: Send, status: int, message: str) -> None:
+async def send_json_error(send: Send, status: int, message: str) -> None:
     body = json.dumps({"code": status, "message": message}).encode()
     await send(
         {

@@ -7,97 +7,21 @@ The same with real `cube serve` processes and UML guests: test_processes.py."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import re
-import secrets
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import pytest
 from click.testing import CliRunner
+from cluster_nodes import cluster_of, cube_node, wait_for
 
 from appliance.cli.main import main
 from appliance.cluster.forwarding import NAME_HEADER, TEAM_HEADER, TOKEN_HEADER
-from appliance.cluster.node import ClusterNode
-from appliance.config import Config
-from appliance.records import TemplateManifest
 
 if TYPE_CHECKING:
     from conftest import EtcdCluster, ServiceHarness
-
-VIEW_WAIT_S = 30.0  # a watch event on a loaded host
-
-
-def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token_file: Path) -> Config:
-    config = dataclasses.replace(
-        base,
-        state_dir=root / node_id / "state",
-        cache_dir=root / node_id / "cache",
-        run_dir=root / node_id / "run",
-        etcd_endpoints=",".join(etcd.endpoints),
-        node_id=node_id,
-        cluster_token_file=token_file,
-        node_lease_ttl_s=5,
-    )
-    TemplateManifest(
-        template_id="code-interpreter",
-        directory=config.templates_dir / "code-interpreter",
-        aliases=("ci",),
-        memory_mb=256,
-        created_at="2026-01-01T00:00:00Z",
-    ).save()
-    return config
-
-
-def cluster_of(node: ServiceHarness) -> ClusterNode:
-    assert node.running is not None and node.running.cluster is not None
-    return node.running.cluster
-
-
-def wait_for(node: ServiceHarness, seen: Callable[[ClusterNode], bool]) -> None:
-    deadline = time.monotonic() + VIEW_WAIT_S
-    while not node.run_sync_in_service(seen, cluster_of(node)):
-        assert time.monotonic() < deadline, f"{node.config.node_id}'s view: {cluster_of(node).view}"
-        time.sleep(0.05)
-
-
-def cube_node(node: ServiceHarness, *args: str, exit_code: int = 0) -> Any:
-    """`cube node ARGS` with this node's etcd endpoints (as its config would name them)."""
-    result = CliRunner().invoke(
-        main,
-        ["node", *args],
-        env={"CUBE_CONFIG": "/nonexistent", "CUBE_ETCD_ENDPOINTS": node.config.etcd_endpoints},
-        catch_exceptions=False,
-    )
-    assert result.exit_code == exit_code, result.output
-    return json.loads(result.output) if "--json" in args and exit_code == 0 else result.output
-
-
-@pytest.fixture
-def etcd_of(etcd: Callable[..., EtcdCluster]) -> EtcdCluster:
-    return etcd()
-
-
-@pytest.fixture
-def two_nodes(
-    etcd_of: EtcdCluster, start_service: Any, service_config: Config, tmp_path: Path
-) -> Iterator[tuple[ServiceHarness, ServiceHarness, str]]:
-    cluster = etcd_of
-    token_file = tmp_path / "cluster-token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
-    a = start_service(node_config(service_config, tmp_path, "a", cluster, token_file))
-    b = start_service(node_config(service_config, tmp_path, "b", cluster, token_file))
-    wait_for(a, lambda c: set(c.view.nodes) == {"a", "b"})
-    key = httpx.post(f"{a.url}/cube/keys", json={"name": "t"}, headers={"X-API-KEY": a.admin_token}).json()[
-        "key"
-    ]
-    yield a, b, key
 
 
 def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_through_it(
