@@ -12,7 +12,7 @@ Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 A request carrying the cluster token came from another node: it is handled here and never
 forwarded again (no loops, whatever the views say); a wrong token is a 401.
 A sandbox whose node left the cluster (its lease expired) is reported ended, naming the node.
-Streams are relayed chunk by chunk both ways. WebSockets are not forwarded yet.
+Streams are relayed chunk by chunk both ways, WebSockets message by message.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
 from appliance.cluster.node import ClusterNode
 from appliance.cluster.templates import BLOBS_PATH, CHUNK, RESOLVE_PATH, TemplatePullFailed, TemplateShare
 from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target, not_found_message
-from appliance.proxy.router import Message, Receive, Send, send_json_error
+from appliance.proxy.router import Message, Receive, Send, deny_websocket, relay_websocket, send_json_error
 from appliance.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ class NodeHop:
         await self.client.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = _headers(scope)
@@ -140,6 +142,46 @@ class NodeHop:
             await send(message)
 
     # Elsewhere.
+
+    def _owning_node(self, scope: Scope) -> tuple[str, NodeRecord] | None:
+        """The live other node running the sandbox this sandbox traffic is for, if any."""
+        try:
+            target = self.target_of(scope)
+        except Refused:
+            return None
+        if target is None or self.node.cubelet.live(target.sandbox_id) is not None:
+            return None
+        owner = self.node.owner(target.sandbox_id)
+        if owner is None or owner.ended_at or owner.node_id == self.node.node_id:
+            return None
+        node = self.node.view.nodes.get(owner.node_id)
+        return None if node is None else (target.sandbox_id, node)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket to another node's sandbox goes to that node as it came (its Host, its access
+        token) plus the cluster token; one with the cluster token is this node's own."""
+        presented = _headers(scope).get(TOKEN_HEADER)
+        if presented is not None and not self.node.verify_token(presented):
+            if (await receive())["type"] == "websocket.connect":
+                await deny_websocket(send, 401, "invalid cluster token")
+            return
+        owning = None if presented is not None else self._owning_node(scope)
+        if owning is None:  # here, or nowhere: the router's own answer
+            return await self.app(scope, receive, send)
+        sandbox_id, node = owning
+        if (await receive())["type"] != "websocket.connect":
+            return
+        url = httpx.URL(node.api_url)
+        try:
+            stream = await trio.open_tcp_stream(url.host, url.port or 80)
+        except OSError:
+            unreachable = f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
+            return await deny_websocket(send, 502, unreachable)
+        async with stream:
+            headers = [(k, v) for k, v in self._headers(scope, None, with_body=False) if k.lower() != b"host"]
+            host = _headers(scope).get("host", url.netloc.decode())
+            refused = f"node {node.node_id} refused the WebSocket to sandbox {sandbox_id}"
+            await relay_websocket(scope, receive, send, stream, host, headers, refused)
 
     async def _to_owner(
         self,
