@@ -8,7 +8,7 @@ Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 - a create is placed (`ClusterNode.placement`) and, placed elsewhere, forwarded there; a node
   that cannot be reached is skipped for the next; the node that runs it first pulls the template
   from another node if it lacks it (cluster/templates.py, whose two endpoints it serves here);
-- a list merges every live node's own list.
+- a list merges every live node's own list; `/v2/sandboxes` page by page (cluster/pages.py).
 A request carrying the cluster token came from another node: it is handled here and never
 forwarded again (no loops, whatever the views say); a wrong token is a 401.
 A sandbox whose node left the cluster (its lease expired) is reported ended, naming the node.
@@ -22,8 +22,9 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
-from urllib.parse import parse_qs
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlencode
 
 import httpx
 import trio
@@ -32,6 +33,7 @@ from appliance.cluster.etcd import EtcdError
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, forwarded_principal, principal_headers
 from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
 from appliance.cluster.node import ClusterNode
+from appliance.cluster.pages import EXHAUSTED, decode_cursors, encode_cursors, merge_pages
 from appliance.cluster.templates import BLOBS_PATH, CHUNK, RESOLVE_PATH, TemplatePullFailed, TemplateShare
 from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target, not_found_message
 from appliance.proxy.router import Message, Receive, Send, deny_websocket, relay_websocket, send_json_error
@@ -275,42 +277,94 @@ class NodeHop:
     async def _list(
         self, principal: Principal, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
-        """Every live node's own list, merged (pagination across nodes: not yet)."""
+        """Every live node's own list, merged; `/v2/sandboxes` page by page (`_list_pages`)."""
+        if scope["path"] == "/v2/sandboxes":
+            return await self._list_pages(principal, scope, receive, send)
+        query = scope.get("query_string", b"").decode("latin-1")
         merged: list[Any] = []
-        for node in list(self.node.view.nodes.values()):
-            if node.node_id == self.node.node_id:
+        for node_id, api_url in self._listing_nodes():
+            listed = await self._list_at(node_id, api_url, principal, scope, receive, query)
+            if listed is None:
                 continue
-            try:
-                response = await self.client.get(
-                    node.api_url + scope["path"],
-                    params=scope.get("query_string", b"").decode("latin-1") or None,
-                    headers=[
-                        (k.decode(), v.decode()) for k, v in principal_headers(self.node.token, principal)
-                    ],
-                )
-                if response.status_code == 200:
-                    merged.extend(response.json())
-                else:
-                    log.warning("cluster: node %s answered the list %d", node.node_id, response.status_code)
-            except (httpx.HTTPError, ValueError) as exc:
-                log.warning("cluster: node %s did not answer the list: %r", node.node_id, exc)
-        status, body, start = 0, bytearray(), cast(Message, {})
+            if node_id == self.node.node_id and listed.status != 200:  # the request's own error
+                return await send_whole(send, listed.status, listed.headers, listed.body)
+            merged += listed.records(node_id)
+        await send_whole(send, 200, [(b"content-type", b"application/json")], json.dumps(merged).encode())
 
-        async def collect(message: Message) -> None:
-            nonlocal status, start
-            if message["type"] == "http.response.start":
-                status, start = message["status"], message
-            elif message["type"] == "http.response.body":
-                body.extend(message.get("body", b""))
+    async def _list_pages(self, principal: Principal, scope: Scope, receive: Receive, send: Send) -> None:
+        """The SDKs' paginated list across nodes: each node's next page from its own cursor, merged,
+        the first `limit` shown, each node's cursor after what was shown in the next token."""
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        try:
+            cursors = decode_cursors((query.pop("nextToken", None) or [""])[0])
+        except ValueError:
+            return await send_json_error(send, 400, "'nextToken' is not a token this server issued")
+        limit_text = (query.get("limit") or [""])[0]
+        newest_first = (query.get("order") or ["desc"])[0] != "asc"
+        pages: dict[str, list[Any]] = {}
+        listed_at: dict[str, tuple[str, _Listed]] = {}
+        next_cursors: dict[str, str | None] = {}
+        for node_id, api_url in self._listing_nodes():
+            cursor = next_cursors[node_id] = cursors.get(node_id)
+            if cursor == EXHAUSTED:
+                continue
+            listed = await self._list_at(
+                node_id, api_url, principal, scope, receive, _page_query(query, cursor)
+            )
+            if listed is None:
+                continue
+            if node_id == self.node.node_id and listed.status != 200:  # the request's own error
+                return await send_whole(send, listed.status, listed.headers, listed.body)
+            pages[node_id] = listed.records(node_id)
+            listed_at[node_id] = (api_url, listed)
+        limit = int(limit_text) if limit_text.isdigit() else sum(len(p) for p in pages.values())
+        shown, taken = merge_pages(pages, newest_first, limit)
+        for node_id, (api_url, listed) in listed_at.items():
+            if taken[node_id] == len(pages[node_id]):
+                next_cursors[node_id] = listed.next_token or EXHAUSTED
+            elif taken[node_id]:  # part of its page shown: its own cursor after that part
+                part = _page_query({**query, "limit": [str(taken[node_id])]}, cursors.get(node_id))
+                again = await self._list_at(node_id, api_url, principal, scope, receive, part)
+                if again is not None and again.next_token:
+                    next_cursors[node_id] = again.next_token
+        token = encode_cursors(next_cursors)
+        headers = [(b"content-type", b"application/json")] + (
+            [(b"x-next-token", token.encode())] if token else []
+        )
+        await send_whole(send, 200, headers, json.dumps(shown).encode())
 
-        await self.app(scope, receive, collect)
-        if status != 200:
-            await send(start)
-            await send({"type": "http.response.body", "body": bytes(body)})
-            return
-        merged = json.loads(bytes(body)) + merged
-        payload = json.dumps(merged).encode()
-        await send_whole(send, 200, [(b"content-type", b"application/json")], payload)
+    def _listing_nodes(self) -> list[tuple[str, str]]:
+        """(node id, API URL) of this node, then every other live one."""
+        others = sorted(
+            (n.node_id, n.api_url) for n in self.node.view.nodes.values() if n.node_id != self.node.node_id
+        )
+        return [(self.node.node_id, ""), *others]
+
+    async def _list_at(
+        self, node_id: str, api_url: str, principal: Principal, scope: Scope, receive: Receive, query: str
+    ) -> _Listed | None:
+        """A list as node `node_id` answers it for the caller with `query`; None if unreachable."""
+        if node_id == self.node.node_id:
+            listed = _Listed(0, [], b"")
+
+            async def collect(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    listed.status, listed.headers = message["status"], list(message.get("headers", []))
+                elif message["type"] == "http.response.body":
+                    listed.body += message.get("body", b"")
+
+            await self.app({**scope, "query_string": query.encode()}, _replaying(b"", receive), collect)
+            return listed
+        try:
+            response = await self.client.get(
+                api_url + scope["path"],
+                params=query or None,
+                headers=[(k.decode(), v.decode()) for k, v in principal_headers(self.node.token, principal)],
+            )
+        except httpx.HTTPError as exc:
+            log.warning("cluster: node %s did not answer the list: %r", node_id, exc)
+            return None
+        return _Listed(response.status_code, list(response.headers.raw), response.content)
 
     async def _forward_whole(
         self, node: NodeRecord, principal: Principal, scope: Scope, body: bytes, send: Send
@@ -385,6 +439,35 @@ class NodeHop:
         finally:
             await response.aclose()
         return True
+
+
+@dataclass
+class _Listed:
+    """A node's answer to a list."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    @property
+    def next_token(self) -> str | None:
+        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == b"x-next-token"), None)
+
+    def records(self, node_id: str) -> list[Any]:
+        """Its sandboxes; none if it answered otherwise (logged)."""
+        try:
+            records = json.loads(self.body) if self.status == 200 else None
+        except ValueError:
+            records = None
+        if not isinstance(records, list):
+            log.warning("cluster: node %s answered the list %d", node_id, self.status)
+            return []
+        return records
+
+
+def _page_query(query: dict[str, list[str]], cursor: str | None) -> str:
+    """The list's query for one node: the caller's, with that node's own cursor."""
+    return urlencode({**query, **({"nextToken": [cursor]} if cursor else {})}, doseq=True)
 
 
 async def send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

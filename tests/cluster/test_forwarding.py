@@ -1,6 +1,7 @@
 """What node A forwards to a sandbox on node B (A drained): WebSockets, relayed both ways; the
 cluster's token never reaches the guest (attacked: the guest reads the headers it gets); a
-WebSocket with a wrong cluster token refused."""
+WebSocket with a wrong cluster token refused; the SDKs' paginated list (`limit`, `nextToken`)
+walking every node's sandboxes exactly once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import pytest
 import wsproto
 import wsproto.events as ws
 from cluster_nodes import cluster_of, cube_node, wait_for
@@ -72,3 +74,52 @@ def test_websockets_reach_b_through_a_and_the_guest_never_sees_the_cluster_token
     assert seen.status_code == 200, seen.text
     assert not {h.lower() for h in seen.json()} & CLUSTER_HEADERS, seen.json()
     assert cluster_of(a).token not in seen.text
+
+
+def test_the_paginated_list_walks_every_nodes_sandboxes_once(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _b, key = two_nodes
+    made: dict[str, str] = {}
+    with httpx.Client(base_url=a.url, headers={"X-API-KEY": key}, timeout=30, trust_env=False) as api:
+        for drained, undrained, count in (("b", "a", 3), ("a", "b", 4)):
+            cube_node(a, "drain", drained)
+            cube_node(a, "drain", undrained, "--undo")
+            wait_for(a, lambda c, d=drained: c.view.drained == {d})  # type: ignore[misc]
+            for i in range(count):
+                sandbox_id = create_on(api, {"n": f"{undrained}{i}"})["sandboxID"]
+                made[sandbox_id] = undrained
+        wait_for(a, lambda c: set(made) <= set(c.view.owners))
+        for order in ("desc", "asc"):
+            seen: list[str] = []
+            pages = 0
+            token: str | None = None
+            while True:
+                params = {"limit": "2", "order": order, **({"nextToken": token} if token else {})}
+                page = api.get("/v2/sandboxes", params=params)
+                assert page.status_code == 200, page.text
+                assert len(page.json()) <= 2
+                seen += [s["sandboxID"] for s in page.json()]
+                pages += 1
+                token = page.headers.get("x-next-token")
+                if not token:
+                    break
+                assert pages < 10, seen
+            assert sorted(seen) == sorted(made), (order, seen)  # each once, from both nodes
+            assert pages == 4
+        bad = api.get("/v2/sandboxes", params={"nextToken": "not-a-token"})
+        assert bad.json() == {"code": 400, "message": "'nextToken' is not a token this server issued"}
+
+    # The unmodified SDK's paginator, pointed at A, with metadata filtering on every node.
+    for name, value in (("E2B_API_URL", a.url), ("E2B_SANDBOX_URL", a.url), ("E2B_API_KEY", key)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    from e2b import Sandbox, SandboxQuery
+
+    paginator = Sandbox.list(limit=3)
+    listed = paginator.next_items()
+    while paginator.has_next:
+        listed += paginator.next_items()
+    assert sorted(s.sandbox_id for s in listed) == sorted(made)
+    on_b = Sandbox.list(query=SandboxQuery(metadata={"n": "b2"}), limit=1).next_items()
+    assert [made[s.sandbox_id] for s in on_b] == ["b"]
