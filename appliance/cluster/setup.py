@@ -225,6 +225,7 @@ def setup_node(
     etcd_peer_port: int = ETCD_PEER_PORT,
 ) -> list[str]:
     """Write what the node needs (module docstring); what was written, one line each."""
+    config_path = config_path.resolve()  # the file an operator's link names (the ISO's /etc/cube)
     if (address is None) == (endpoints is None):
         raise SetupError(
             "give either --new ADDRESS (a new cluster, its etcd member here) or --join ENDPOINTS"
