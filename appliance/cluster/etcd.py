@@ -136,6 +136,31 @@ class Absent:
         return {"target": "CREATE", "result": "EQUAL", "key": _b64(self.key), "create_revision": "0"}
 
 
+@dataclass(frozen=True)
+class ModRevision:
+    """Compare: the key was last written at `revision` (no one changed it since it was read)."""
+
+    key: bytes
+    revision: int
+
+    def encode(self) -> dict[str, Any]:
+        return {"target": "MOD", "result": "EQUAL", "key": _b64(self.key), "mod_revision": str(self.revision)}
+
+
+@dataclass(frozen=True)
+class ValueIs:
+    """Compare: the key holds `value` (e.g. the leader key still names this node)."""
+
+    key: bytes
+    value: bytes
+
+    def encode(self) -> dict[str, Any]:
+        return {"target": "VALUE", "result": "EQUAL", "key": _b64(self.key), "value": _b64(self.value)}
+
+
+Compare = Absent | ModRevision | ValueIs
+
+
 class EtcdClient:
     def __init__(self, endpoints: Sequence[str], client: httpx.AsyncClient | None = None) -> None:
         if not endpoints:
@@ -208,7 +233,7 @@ class EtcdClient:
         return int(answer.get("deleted", 0))
 
     async def txn(
-        self, compare: Sequence[Absent], success: Sequence[Operation], failure: Sequence[Operation] = ()
+        self, compare: Sequence[Compare], success: Sequence[Operation], failure: Sequence[Operation] = ()
     ) -> TxnResult:
         body = {
             "compare": [c.encode() for c in compare],

@@ -17,13 +17,13 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdError
-from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap
+from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap, rewrite
 from appliance.cluster.membership import (
     ClusterView,
     NodeRecord,
@@ -210,6 +210,18 @@ class ClusterNode:
             if owner.node_id == self.node_id and owner.ended_at and self.cubelet.live(sandbox_id) is not None:
                 await self.cubelet.kill(sandbox_id, reason=f"the cluster ended it: {owner.reason}")
 
+    async def _end_records_of_ended(self) -> None:
+        """The records of this node's sandboxes that ended here (killed, timed out, crashed) written
+        ended, with when and why as this node's store has it: every node then answers so, and
+        the leader collects them after the retention period."""
+        for sandbox_id, owner in list(self.view.owners.items()):
+            if owner.node_id != self.node_id or owner.ended_at or self.cubelet.live(sandbox_id) is not None:
+                continue
+            stored = self.cubelet.store.get_sandbox(sandbox_id)
+            ended_at = (stored.ended_at if stored is not None else 0.0) or time.time()
+            reason = (stored.end_reason if stored is not None else "") or f"it ended on node {self.node_id}"
+            await rewrite(self.etcd, self.view, sandbox_id, replace(owner, ended_at=ended_at, reason=reason))
+
     async def _keep_alive(self) -> None:
         """Renew the lease, and rewrite the record with the capacity of the moment, every third of
         the TTL; a lease etcd let expire (unreachable for a TTL) is granted anew."""
@@ -226,8 +238,9 @@ class ClusterNode:
                     await self._join()
                     continue
                 await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+                await self._end_records_of_ended()
                 if await campaign(self.etcd, self.view, self.node_id, self.lease_id):
-                    await reap(self.etcd, self.view, time.time(), self.record_retention_s)
+                    await reap(self.etcd, self.view, self.node_id, time.time(), self.record_retention_s)
             except NodeRemoved as exc:
                 log.error("cluster: %s", exc)
                 self.joined = False

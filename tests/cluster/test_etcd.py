@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,8 @@ import pytest
 import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdUnavailable, WatchEvent
+from appliance.cluster.leader import reap
+from appliance.cluster.membership import LEADER, SandboxOwner, read_view, sandbox_key
 
 if TYPE_CHECKING:
     from conftest import EtcdCluster  # tests/cluster/conftest.py
@@ -90,3 +93,32 @@ async def test_two_of_three_members_keep_the_cluster_working_none_is_unavailable
             member.stop(signal.SIGKILL)
         with pytest.raises(EtcdUnavailable, match="no etcd endpoint answered"):
             await client.get(b"/q")
+
+
+async def test_a_stale_view_or_a_replaced_leader_rewrites_no_record(etcd: Callable[..., EtcdCluster]) -> None:
+    """The leader's rewrites are transactions: compared with the record's revision as its view
+    saw it, and with /cube/leader still naming it."""
+    async with EtcdClient(etcd().endpoints) as client:
+        record = sandbox_key("sbx")
+        await client.put(record, SandboxOwner("gone", "team").encode())
+        await client.put(LEADER, b"b")  # b leads; a's view still says a does
+        view = await read_view(client)
+        view.leader = "a"
+        await reap(client, view, "a", time.time(), 3600.0)
+        stored = await client.get(record)
+        assert stored is not None and SandboxOwner.decode(stored.value).ended_at == 0.0  # unchanged
+
+        await client.put(LEADER, b"a")
+        await client.put(record, SandboxOwner("gone", "team", reason="written meanwhile").encode())
+        await reap(client, view, "a", time.time(), 3600.0)  # a's view predates that write
+        stored = await client.get(record)
+        assert stored is not None and SandboxOwner.decode(stored.value).reason == "written meanwhile"
+
+        view = await read_view(client)  # current: the rewrite holds
+        await reap(client, view, "a", time.time(), 3600.0)
+        stored = await client.get(record)
+        assert stored is not None
+        assert SandboxOwner.decode(stored.value).reason == "its node gone left the cluster"
+        view = await read_view(client)
+        await reap(client, view, "a", time.time(), 0.0)  # past the retention: collected
+        assert await client.get(record) is None

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -258,3 +259,69 @@ def test_the_iso_first_boot_choice_single_new_or_join(tmp_path: Path) -> None:
     ran = first_boot(unnamed, "boot=live cube.cluster=join")
     assert ran.returncode == 0 and "joining needs cube.etcd=ENDPOINTS" in ran.stdout
     assert not (unnamed / "cluster-mode").exists()
+
+
+@pytest.fixture
+def no_build_dir_left() -> Iterator[None]:
+    """`pip install REPO` (what the installer runs) builds in the tree: build/ (git-ignored)."""
+    existed = (REPO / "build").exists()
+    yield
+    if not existed:
+        shutil.rmtree(REPO / "build", ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("CUBE_CLUSTER_FULL") != "1",
+    reason="a real installer run (a venv, pip): CUBE_CLUSTER_FULL=1",
+)
+@pytest.mark.usefixtures("no_build_dir_left")
+def test_the_installer_s_cluster_modes_in_a_root(tmp_path: Path) -> None:
+    """install.sh --cluster, then --join with its token on another root, then --uninstall: under
+    --root (no systemd, no start), so the host is never touched."""
+    roots = {name: tmp_path / name for name in ("first", "second")}
+    for root in roots.values():
+        for directory in ("opt", "etc/systemd/system", "etc/logrotate.d", "usr/local/bin", "var/lib", "run"):
+            (root / directory).mkdir(parents=True)
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")}
+
+    def install(root: Path, *args: str) -> str:
+        ran = subprocess.run(
+            ["bash", str(INSTALLER), "--root", str(root), "--no-build", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        return ran.stdout + ran.stderr
+
+    first = roots["first"]
+    output = install(first, "--cluster", "--advertise", "10.0.0.1", "--node-id", "n1")
+    token = (first / "etc/cube/cluster-token").read_text().strip()
+    assert len(token) == 64 and token not in output
+    assert stat.S_IMODE((first / "etc/cube/cluster-token").stat().st_mode) == 0o600
+    etcd_yaml = (first / "etc/cube/etcd.yaml").read_text()
+    assert "enable-grpc-gateway: true" in etcd_yaml and f'data-dir: "{first}/var/lib/cube/etcd"' in etcd_yaml
+    assert "ExecStart=" in (first / "etc/systemd/system/cube-etcd.service").read_text()
+    loaded = load_config(first / "etc/cube/appliance.toml", environ={})
+    assert (loaded.etcd_endpoints, loaded.node_id) == ("http://10.0.0.1:2379", "n1")
+
+    second = roots["second"]
+    output = install(
+        second,
+        "--join",
+        "http://10.0.0.1:2379",
+        "--advertise",
+        "10.0.0.2",
+        "--token-file",
+        str(first / "etc/cube/cluster-token"),
+    )
+    assert token not in output
+    assert (second / "etc/cube/cluster-token").read_text().strip() == token
+    assert not (second / "etc/systemd/system/cube-etcd.service").exists()
+    loaded = load_config(second / "etc/cube/appliance.toml", environ={})
+    assert (loaded.etcd_endpoints, loaded.node_url) == ("http://10.0.0.1:2379", "http://10.0.0.2:3000")
+
+    install(first, "--uninstall")
+    assert not (first / "etc/systemd/system/cube-etcd.service").exists() and not (first / "etc/cube").exists()

@@ -160,6 +160,33 @@ def test_a_sandbox_of_a_node_that_left_is_reported_ended(
     assert other_team.json() == {"code": 404, "message": f"sandbox {sandbox_id} not found"}
 
 
+def test_a_sandbox_that_ended_on_its_node_is_reported_ended_everywhere_then_collected(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str], etcd_of: EtcdCluster
+) -> None:
+    a, b, _key = two_nodes
+    as_a = {TOKEN_HEADER: cluster_of(a).token, TEAM_HEADER: "t"}  # what A sends when it forwards
+    created = httpx.post(f"{b.url}/sandboxes", json={}, headers=as_a)
+    assert created.status_code == 201, created.text
+    sandbox_id = created.json()["sandboxID"]
+    wait_for(a, lambda c: sandbox_id in c.view.owners)
+    assert httpx.delete(f"{b.url}/sandboxes/{sandbox_id}", headers=as_a).status_code == 204
+    # B writes its record ended, with its own store's reason; every node answers so.
+    wait_for(a, lambda c: bool(c.view.owners[sandbox_id].ended_at))
+    record = etcd_record(etcd_of, f"/cube/sandboxes/{sandbox_id}".encode())
+    assert (record["node_id"], record["reason"]) == ("b", "killed by request")
+    answer = httpx.get(
+        f"{a.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": a.admin_token}, trust_env=False
+    )
+    assert answer.json() == {
+        "code": 404,
+        "message": f"sandbox {sandbox_id} not found (it ended: killed by request)",
+    }
+    for node in (a, b):  # whichever leads collects it past the retention period
+        node.run_sync_in_service(lambda c: setattr(c, "record_retention_s", 0.0), cluster_of(node))
+    wait_for(a, lambda c: sandbox_id not in c.view.owners)
+    assert etcd_record(etcd_of, f"/cube/sandboxes/{sandbox_id}".encode()) is None
+
+
 def test_with_etcd_down_a_create_is_a_503_and_running_sandboxes_keep_answering(
     two_nodes: tuple[ServiceHarness, ServiceHarness, str], etcd_of: Any
 ) -> None:
