@@ -26,7 +26,7 @@ from appliance.cluster.membership import (
     set_drained,
     undo_remove,
 )
-from appliance.cluster.node import ClusterConfigError
+from appliance.cluster.node import ClusterConfigError, etcd_endpoints, etcd_security
 from appliance.cluster.setup import ETCD_CLIENT_PORT, ETCD_PEER_PORT, ETCD_UNIT_NAME, SetupError, setup_node
 from appliance.config import DEFAULT_CONFIG_PATH, Config
 
@@ -35,17 +35,17 @@ COLUMNS = ("node_id", "state", "api_url", "runtime", "cpus", "memory_free_mb", "
 
 
 def _with_etcd(config: Config, call: Callable[[EtcdClient], Awaitable[T]]) -> T:
-    endpoints = [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+    endpoints = etcd_endpoints(config)
     if not endpoints:
         raise click.ClickException("this node is not in a cluster (the config names no etcd_endpoints)")
 
     async def run() -> T:
-        async with EtcdClient(endpoints) as etcd:
+        async with EtcdClient(endpoints, security=etcd_security(config)) as etcd:
             return await call(etcd)
 
     try:
         return trio.run(run)
-    except EtcdError as exc:
+    except (EtcdError, ClusterConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 

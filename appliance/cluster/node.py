@@ -17,12 +17,12 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
 
-from appliance.cluster.etcd import EtcdClient, EtcdError
+from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdSecurity
 from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap, rewrite
 from appliance.cluster.membership import (
     ClusterView,
@@ -60,6 +60,7 @@ class ClusterSettings:
     node_url: str  # "" = the API's bound URL, known once it listens
     token: str
     lease_ttl_s: int
+    security: EtcdSecurity = field(default_factory=EtcdSecurity)
 
     def __repr__(self) -> str:  # never the token
         return f"ClusterSettings(endpoints={self.endpoints}, node_id={self.node_id!r})"
@@ -67,7 +68,7 @@ class ClusterSettings:
     @classmethod
     def from_config(cls, config: Config) -> ClusterSettings | None:
         """None when the config names no etcd endpoints (a single node)."""
-        endpoints = [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+        endpoints = etcd_endpoints(config)
         if not endpoints:
             return None
         return cls(
@@ -76,23 +77,52 @@ class ClusterSettings:
             node_url=config.node_url.rstrip("/"),
             token=read_token(config.cluster_token_file),
             lease_ttl_s=config.node_lease_ttl_s,
+            security=etcd_security(config),
         )
+
+
+def etcd_endpoints(config: Config) -> list[str]:
+    return [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+
+
+def etcd_security(config: Config) -> EtcdSecurity:
+    """The config's TLS files and etcd user (its password read from its file, checked like the
+    cluster token's)."""
+    if config.etcd_key_file is not None and config.etcd_cert_file is None:
+        raise ClusterConfigError("etcd_key_file is set without etcd_cert_file")
+    password = ""
+    if config.etcd_user:
+        if config.etcd_password_file is None:
+            raise ClusterConfigError("etcd_user is set: etcd_password_file must name its password's file")
+        password = read_secret(config.etcd_password_file, "etcd password", 1)
+    return EtcdSecurity(
+        config.etcd_ca_file,
+        config.etcd_cert_file,
+        config.etcd_key_file or config.etcd_cert_file,
+        config.etcd_user,
+        password,
+    )
 
 
 def read_token(path: Path | None) -> str:
     """The cluster token: a file only its owner may read, at least 32 characters."""
     if path is None:
         raise ClusterConfigError("etcd_endpoints is set: cluster_token_file must name the cluster's token")
+    return read_secret(path, "cluster token", 32)
+
+
+def read_secret(path: Path, what: str, min_length: int) -> str:
+    """A secret from a file only its owner may read (0600), at least `min_length` characters."""
     try:
         mode = path.stat().st_mode
-        token = path.read_text().strip()
+        secret = path.read_text().strip()
     except OSError as exc:
-        raise ClusterConfigError(f"cannot read the cluster token file {path}: {exc.strerror}") from exc
+        raise ClusterConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ClusterConfigError(f"the cluster token file {path} must be readable by its owner only (0600)")
-    if len(token) < 32:
-        raise ClusterConfigError(f"the cluster token in {path} is too short (at least 32 characters)")
-    return token
+        raise ClusterConfigError(f"the {what} file {path} must be readable by its owner only (0600)")
+    if len(secret) < min_length:
+        raise ClusterConfigError(f"the {what} in {path} is too short (at least {min_length} characters)")
+    return secret
 
 
 def template_names(templates: dict[str, TemplateManifest]) -> list[str]:
@@ -140,7 +170,7 @@ class ClusterNode:
         self.cubelet = cubelet
         self.templates = templates
         self.resolve = resolve  # a template name (alias, SDK default) as the caller means it
-        self.etcd = etcd or EtcdClient(settings.endpoints)
+        self.etcd = etcd or EtcdClient(settings.endpoints, security=settings.security)
         self.view = ClusterView()
         self.api_url = settings.node_url
         self.lease_id = 0

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
 import trio
 
-from appliance.cluster.etcd import EtcdClient, EtcdUnavailable, WatchEvent
+from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdSecurity, EtcdUnavailable, WatchEvent
 from appliance.cluster.leader import reap
 from appliance.cluster.membership import LEADER, SandboxOwner, read_view, sandbox_key
+from appliance.cluster.node import ClusterConfigError, etcd_security
+from appliance.config import Config
 
 if TYPE_CHECKING:
     from conftest import EtcdCluster  # tests/cluster/conftest.py
@@ -122,3 +127,61 @@ async def test_a_stale_view_or_a_replaced_leader_rewrites_no_record(etcd: Callab
         view = await read_view(client)
         await reap(client, view, "a", time.time(), 0.0)  # past the retention: collected
         assert await client.get(record) is None
+
+
+async def test_an_etcd_with_users_is_reached_as_the_configured_user(
+    etcd: Callable[..., EtcdCluster], tmp_path: Path
+) -> None:
+    endpoint = etcd().endpoints[0]
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    async with httpx.AsyncClient(trust_env=False) as http:
+        for path, body in (
+            ("/v3/auth/user/add", {"name": "root", "password": "root-password"}),
+            ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+            ("/v3/auth/user/add", {"name": "cube", "password": "s3cret"}),
+            ("/v3/auth/role/add", {"name": "cube"}),
+            (
+                "/v3/auth/role/grant",
+                {
+                    "name": "cube",
+                    "perm": {"permType": "READWRITE", "key": b64(b"/cube/"), "range_end": b64(b"/cube0")},
+                },
+            ),
+            ("/v3/auth/user/grant", {"user": "cube", "role": "cube"}),
+            ("/v3/auth/enable", {}),
+        ):
+            answer = await http.post(endpoint + path, json=body)
+            assert answer.status_code == 200, (path, answer.text)
+
+    async with EtcdClient([endpoint]) as anonymous:
+        with pytest.raises(EtcdError):
+            await anonymous.put(b"/cube/x", b"1")
+    async with EtcdClient([endpoint], security=EtcdSecurity(user="cube", password="wrong")) as wrong:
+        with pytest.raises(EtcdError, match="etcd refused the user 'cube'"):
+            await wrong.get(b"/cube/x")
+
+    # From the config: the password in a file only its owner reads.
+    password_file = tmp_path / "etcd-password"
+    password_file.write_text("s3cret\n")
+    password_file.chmod(0o644)
+    config = Config(etcd_endpoints=endpoint, etcd_user="cube", etcd_password_file=password_file)
+    with pytest.raises(ClusterConfigError, match="readable by its owner only"):
+        etcd_security(config)
+    password_file.chmod(0o600)
+    security = etcd_security(config)
+    assert "s3cret" not in repr(security)
+    async with EtcdClient([endpoint], security=security) as client:
+        await client.put(b"/cube/x", b"1")
+        kvs, revision = await client.snapshot(b"/cube/")
+        assert [kv.value for kv in kvs] == [b"1"]
+        with pytest.raises(EtcdError, match="permission denied"):
+            await client.put(b"/elsewhere", b"1")  # the role reaches /cube/ only
+        client._tokens[endpoint] = "no-longer-valid"  # as after a member's restart: a new token is taken
+        await client.put(b"/cube/y", b"2")
+        with trio.fail_after(30):
+            async for batch in client.watch(b"/cube/", revision + 1):
+                assert [e.kv.key for e in batch] == [b"/cube/y"]
+                break
