@@ -78,6 +78,13 @@ class Config:
     node_url: str = ""  # where the other nodes reach this node's API; "" = http://<api_host>:<bound port>
     cluster_token_file: Path | None = None  # the secret every node of the cluster shares (mode 0600)
     node_lease_ttl_s: int = 10  # a node that stops renewing its lease leaves the cluster after this
+    # A secured etcd: the CA its https:// endpoints are verified by (None: the system's), a client
+    # certificate and key (etcd's --client-cert-auth), a user whose password is in a 0600 file.
+    etcd_ca_file: Path | None = None
+    etcd_cert_file: Path | None = None
+    etcd_key_file: Path | None = None
+    etcd_user: str = ""
+    etcd_password_file: Path | None = None
 
     extra: dict[str, str] = field(default_factory=dict)
 

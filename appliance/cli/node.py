@@ -1,4 +1,4 @@
-"""`cube node list|info|drain|remove`: the cluster's nodes as etcd has them (docs/CLUSTER.md).
+"""`cube node list|info|drain|remove|setup`: the cluster's nodes as etcd has them (docs/CLUSTER.md).
 
 Reads etcd directly (the endpoints of the config's `etcd_endpoints`), so it answers while
 any node's API is down; a single node (no endpoints) has no cluster to show.
@@ -6,8 +6,10 @@ any node's API is down; a single node (no endpoints) has no cluster to show.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 import trio
@@ -21,24 +23,26 @@ from appliance.cluster.membership import (
     set_drained,
     undo_remove,
 )
-from appliance.config import Config
+from appliance.cluster.node import ClusterConfigError, etcd_endpoints, etcd_security
+from appliance.cluster.setup import ETCD_CLIENT_PORT, ETCD_PEER_PORT, ETCD_UNIT_NAME, SetupError, setup_node
+from appliance.config import DEFAULT_CONFIG_PATH, Config
 
 T = TypeVar("T")
 COLUMNS = ("node_id", "state", "api_url", "runtime", "cpus", "memory_free_mb", "free_pool_slots", "sandboxes")
 
 
 def _with_etcd(config: Config, call: Callable[[EtcdClient], Awaitable[T]]) -> T:
-    endpoints = [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+    endpoints = etcd_endpoints(config)
     if not endpoints:
         raise click.ClickException("this node is not in a cluster (the config names no etcd_endpoints)")
 
     async def run() -> T:
-        async with EtcdClient(endpoints) as etcd:
+        async with EtcdClient(endpoints, security=etcd_security(config)) as etcd:
             return await call(etcd)
 
     try:
         return trio.run(run)
-    except EtcdError as exc:
+    except (EtcdError, ClusterConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -127,3 +131,55 @@ def node_remove(config: Config, node_id: str, force: bool, undo: bool) -> None:
         )
 
     click.echo(_with_etcd(config, remove))
+
+
+@node.command("setup")
+@click.option(
+    "--new",
+    "address",
+    metavar="ADDRESS",
+    help="Start a new cluster: this node hosts its etcd member at ADDRESS.",
+)
+@click.option(
+    "--join", "endpoints", metavar="ENDPOINTS", help="Join the cluster whose etcd client URLs these are."
+)
+@click.option("--node-id", help="This node's name in the cluster (default: the host name).")
+@click.option("--node-address", help="Where the other nodes reach this node (default: the --new ADDRESS).")
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    help="The cluster token's file (default: beside the config).",
+)
+@click.option(
+    "--etcd-dir", type=click.Path(path_type=Path), help="--new: etcd's data (default: <state_dir>/etcd)."
+)
+@click.option(
+    "--etcd-config",
+    type=click.Path(path_type=Path),
+    help="--new: etcd's config file (default: beside the config).",
+)
+@click.option(
+    "--etcd-unit",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/systemd/system") / ETCD_UNIT_NAME,
+    show_default=True,
+)
+@click.option("--etcd-client-port", type=int, default=ETCD_CLIENT_PORT, show_default=True)
+@click.option("--etcd-peer-port", type=int, default=ETCD_PEER_PORT, show_default=True)
+@click.pass_obj
+def node_setup(config: Config, address: str | None, endpoints: str | None, **options: Any) -> None:
+    """Write this node's cluster configuration (installer/install.sh --cluster / --join; the ISO's
+    first boot): the cluster keys in the config file, the token file (0600; a new one for --new,
+    else --token-file or CUBE_CLUSTER_TOKEN), and for --new etcd's config and systemd unit.
+    Starts nothing. The token is never printed."""
+    try:
+        written = setup_node(config, _config_path(), address, endpoints, **options)
+    except (SetupError, ClusterConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in written:
+        click.echo(line)
+
+
+def _config_path() -> Path:
+    given = click.get_current_context().find_root().params.get("config_path")
+    return Path(given or os.environ.get("CUBE_CONFIG") or DEFAULT_CONFIG_PATH)

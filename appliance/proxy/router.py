@@ -117,9 +117,9 @@ class SandboxRouter:
             upstream = await self._upstream(scope, target)
         except Refused as refused:
             if scope["type"] == "http":
-                await _send_json_error(send, refused.status, refused.message)
+                await send_json_error(send, refused.status, refused.message)
             elif (await receive())["type"] == "websocket.connect":
-                await _deny_websocket(send, refused.status, refused.message)
+                await deny_websocket(send, refused.status, refused.message)
             return
         if scope["type"] == "http":
             await self._forward_http(scope, receive, send, upstream)
@@ -190,7 +190,7 @@ class SandboxRouter:
             except httpx.HTTPError as exc:
                 log.info("sandbox %s port %d unreachable: %r", sandbox_id, port, exc)
                 if not stopped.is_set():
-                    await _send_json_error(send, 502, port_not_open_message(sandbox_id))
+                    await send_json_error(send, 502, port_not_open_message(sandbox_id))
                     progress.finished = True
                 nursery.cancel_scope.cancel()
             else:
@@ -210,39 +210,57 @@ class SandboxRouter:
         try:
             stream = await trio.open_tcp_stream(*address)
         except OSError:
-            await _deny_websocket(send, 502, port_not_open_message(sandbox_id))
+            await deny_websocket(send, 502, port_not_open_message(sandbox_id))
             return
         async with stream:
-            guest = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-            path = (scope["raw_path"] or scope["path"].encode()).decode("latin-1")
-            query = scope.get("query_string", b"").decode("latin-1")
-            extra = [
-                (k, v)
-                for k, v in forwarded_headers(scope)
-                if not k.startswith(b"sec-websocket") and k != b"host"
-            ]
-            await stream.send_all(
-                guest.send(
-                    ws_events.Request(
-                        host=f"{address[0]}:{address[1]}",
-                        target=path + (f"?{query}" if query else ""),
-                        subprotocols=list(scope.get("subprotocols", [])),
-                        extra_headers=extra,
-                    )
-                )
+            headers = [(k, v) for k, v in forwarded_headers(scope) if k != b"host"]
+            refused = f"sandbox {sandbox_id} port {port} refused the WebSocket"
+            await relay_websocket(
+                scope, receive, send, stream, f"{address[0]}:{address[1]}", headers, refused, stopped
             )
-            accepted = await _read_handshake(stream, guest)
-            if not isinstance(accepted, ws_events.AcceptConnection):
-                status = accepted.status_code if isinstance(accepted, ws_events.RejectConnection) else 502
-                await _deny_websocket(send, status, f"sandbox {sandbox_id} port {port} refused the WebSocket")
-                return
-            await send({"type": "websocket.accept", "subprotocol": accepted.subprotocol})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_client_to_guest, receive, stream, guest, nursery.cancel_scope)
-                nursery.start_soon(_guest_to_client, send, stream, guest, nursery.cancel_scope)
-                nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
-            if stopped.is_set():
-                await send({"type": "websocket.close", "code": WS_GOING_AWAY})
+
+
+async def relay_websocket(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    stream: trio.SocketStream,
+    host: str,
+    headers: list[tuple[bytes, bytes]],
+    refused: str,
+    stopped: trio.Event | None = None,
+) -> None:
+    """The client's WebSocket (its websocket.connect received) opened on `stream` as `host` with
+    `headers` (no Sec-WebSocket ones: wsproto makes its own), then relayed both ways until either
+    side closes (or `stopped` is set: the client gets 1001). Refused there: the client is denied
+    with that status and `refused`."""
+    upstream = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    path = (scope["raw_path"] or scope["path"].encode()).decode("latin-1")
+    query = scope.get("query_string", b"").decode("latin-1")
+    extra = [(k, v) for k, v in headers if not k.lower().startswith(b"sec-websocket")]
+    await stream.send_all(
+        upstream.send(
+            ws_events.Request(
+                host=host,
+                target=path + (f"?{query}" if query else ""),
+                subprotocols=list(scope.get("subprotocols", [])),
+                extra_headers=extra,
+            )
+        )
+    )
+    accepted = await _read_handshake(stream, upstream)
+    if not isinstance(accepted, ws_events.AcceptConnection):
+        status = accepted.status_code if isinstance(accepted, ws_events.RejectConnection) else 502
+        await deny_websocket(send, status, refused)
+        return
+    await send({"type": "websocket.accept", "subprotocol": accepted.subprotocol})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_client_to_guest, receive, stream, upstream, nursery.cancel_scope)
+        nursery.start_soon(_guest_to_client, send, stream, upstream, nursery.cancel_scope)
+        if stopped is not None:
+            nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
+    if stopped is not None and stopped.is_set():
+        await send({"type": "websocket.close", "code": WS_GOING_AWAY})
 
 
 class Upstream(NamedTuple):
@@ -292,7 +310,7 @@ async def _end_for_stopped(scope: Scope, send: Send, message: str, progress: _Pr
     """The sandbox ended or was paused while its request was in flight: say so if nothing was answered yet,
     else cut the answer off (HTTP/1.x: returning mid-body makes the server close the connection)."""
     if not progress.started:
-        await _send_json_error(send, 502, message)
+        await send_json_error(send, 502, message)
     elif scope.get("http_version") == "2":
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -325,7 +343,7 @@ async def _cancel_on_disconnect(receive: Receive, body_done: trio.Event, scope: 
             return
 
 
-async def _send_json_error(send: Send, status: int, message: str) -> None:
+async def send_json_error(send: Send, status: int, message: str) -> None:
     body = json.dumps({"code": status, "message": message}).encode()
     await send(
         {
@@ -337,7 +355,7 @@ async def _send_json_error(send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _deny_websocket(send: Send, status: int, message: str) -> None:
+async def deny_websocket(send: Send, status: int, message: str) -> None:
     body = json.dumps({"code": status, "message": message}).encode()
     await send(
         {
