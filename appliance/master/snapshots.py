@@ -18,8 +18,8 @@ pause or resume meanwhile):
 The image is crash-consistent at the freeze (ext4 replays its journal at the next
 boot). New sandboxes cold-boot from it: processes and memory are not kept.
 
-A memory ("full") snapshot needs a runtime that can checkpoint a guest's memory;
-`memory_checkpoints` is where one says so (uml cannot: see `MemoryCheckpointUnsupported`).
+A memory ("full") snapshot needs a runtime that can checkpoint a guest's memory
+(`memory_checkpoints`: kvm, `cubelet/checkpoints.py`; uml cannot).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import httpx
 import trio
 
 from appliance.config import Config
+from appliance.cubelet.checkpoints import checkpoints_memory
 from appliance.cubelet.cubelet import LiveSandbox, SandboxNotFound
 from appliance.cubelet.envd_client import EnvdError
 from appliance.cubelet.state import SandboxState
@@ -65,13 +66,11 @@ class SnapshotFailed(Exception):
 
 
 def memory_checkpoints(runtime: Runtime) -> bool:
-    """Whether `runtime` can snapshot a running guest's memory (fork, mode="full").
-
-    The seam for kvm's snapshot/restore machinery: none of the runtimes offers it to
-    sandboxes yet, and UML cannot (a UML guest is a tree of host processes; there is
-    no checkpoint of its memory and host-side state to restore from).
-    """
-    return False
+    """Whether `runtime` can snapshot a running guest's memory (fork, mode="full"): kvm, from
+    its snapshot/restore machinery (`cubelet/checkpoints.py`). UML cannot (a UML guest is a
+    tree of host processes; there is no checkpoint of its memory and host-side state to
+    restore from)."""
+    return checkpoints_memory(runtime)
 
 
 def refusal(runtime: Runtime, what: str) -> str:
