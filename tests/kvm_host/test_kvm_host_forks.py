@@ -1,0 +1,78 @@
+"""Full-memory snapshots and forks of kvm sandboxes (cubelet/checkpoints.py), driven through the
+unmodified E2B SDK in the emulated KVM host: what a Python kernel holds in memory and what the
+sandbox wrote to its disk are in every sandbox made from the checkpoint; the source keeps its
+id and deadline; a snapshot outlives its source."""
+
+from __future__ import annotations
+
+import pytest
+from e2b import SandboxState
+from e2b_code_interpreter import Sandbox
+from emulated_host import EmulatedHost
+from test_kvm_host_sandboxes import REQUEST_TIMEOUT_S, create, run_code
+
+SETUP = (
+    "import os\n"
+    "marker = os.urandom(8).hex()\n"
+    "survivor = [n * n for n in range(1000)]\n"
+    "open('/home/user/kept.txt', 'w').write('written before: ' + marker)\n"
+    "print(marker)"
+)
+CHECK = "print(marker, sum(survivor), open('/home/user/kept.txt').read())"
+
+
+def test_a_fork_into_three_keeps_the_python_variable_in_each(kvm_host_sdk: EmulatedHost) -> None:
+    source = create()
+    forks: list[Sandbox] = []
+    try:
+        marker = run_code(source, SETUP).strip()
+        before = source.get_info(request_timeout=REQUEST_TIMEOUT_S)
+        results = source.fork(count=3, timeout=3600, request_timeout=REQUEST_TIMEOUT_S)
+        forks = [result for result in results if isinstance(result, Sandbox)]
+        assert len(results) == 3 and len(forks) == 3, results
+        expected = f"{marker} 332833500 written before: {marker}\n"
+        ids = {source.sandbox_id}
+        for fork in forks:
+            assert fork.sandbox_id not in ids
+            ids.add(fork.sandbox_id)
+            assert run_code(fork, CHECK) == expected
+            run_code(fork, "marker = 'changed in ' + str(id(marker))")  # a fork's memory is its own
+        # Each fork has its own access token: one's opens nothing in another (the SDK keeps it).
+        tokens = {fork._envd_access_token for fork in forks} | {source._envd_access_token}
+        assert None not in tokens and len(tokens) == 4
+        # The source runs on, with its id, deadline and state, untouched by what the forks did.
+        after = source.get_info(request_timeout=REQUEST_TIMEOUT_S)
+        assert after.sandbox_id == source.sandbox_id and after.state == SandboxState.RUNNING
+        assert after.end_at == before.end_at
+        assert run_code(source, CHECK) == expected
+        # The checkpoint is a snapshot of the caller's, of the source: listed, deleted like any.
+        checkpoints = list(source.list_snapshots().next_items())
+        assert len(checkpoints) == 1 and {f.get_info().template_id for f in forks} == {
+            checkpoints[0].snapshot_id
+        }
+    finally:
+        for sandbox in (*forks, source):
+            sandbox.kill()
+        for checkpoint in Sandbox.list_snapshots(sandbox_id=source.sandbox_id).next_items():
+            Sandbox.delete_snapshot(checkpoint.snapshot_id)
+
+
+def test_a_full_snapshot_outlives_its_source_with_memory_and_files(kvm_host_sdk: EmulatedHost) -> None:
+    source = create()
+    marker = run_code(source, SETUP).strip()
+    snapshot = source.create_snapshot(mode="full", request_timeout=REQUEST_TIMEOUT_S)
+    restored = None
+    try:
+        assert run_code(source, "print('still running')") == "still running\n"
+        source.kill()
+        assert snapshot.snapshot_id in [s.snapshot_id for s in Sandbox.list_snapshots().next_items()]
+        restored = Sandbox.create(snapshot.snapshot_id, timeout=3600, request_timeout=REQUEST_TIMEOUT_S)
+        assert run_code(restored, CHECK) == f"{marker} 332833500 written before: {marker}\n"
+        assert restored._envd_access_token not in (None, source._envd_access_token)
+    finally:
+        if restored is not None:
+            restored.kill()
+        source.kill()
+        assert Sandbox.delete_snapshot(snapshot.snapshot_id) is True
+    with pytest.raises(Exception, match="not found"):
+        Sandbox.create(snapshot.snapshot_id, request_timeout=REQUEST_TIMEOUT_S)
