@@ -38,9 +38,9 @@ from appliance.master.snapshots import (
     SnapshotFailed,
     SnapshotRefused,
     default_mode,
+    filesystem_snapshot,
     memory_checkpoints,
     refusal,
-    take_filesystem_snapshot,
 )
 from appliance.records import SandboxRecord, TemplateManifest
 from appliance.templates.catalog import NameTaken, validate_name
@@ -89,7 +89,7 @@ async def create_snapshot(sandbox_id: str) -> Response:
         if mode == FULL:
             manifest = await _memory_snapshot(live, principal.team_id, name)
         else:
-            manifest = await take_filesystem_snapshot(s.config, live, principal.team_id, name)
+            manifest = await filesystem_snapshot(s.config, s.cubelet.runtime, live, principal.team_id, name)
     except SnapshotRefused as exc:
         raise ApiError(409, str(exc), error_code="snapshot_filesystem_only_unsupported_node") from exc
     except NameTaken as exc:

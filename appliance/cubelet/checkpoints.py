@@ -93,11 +93,18 @@ def _kvm_instance(live: LiveSandbox) -> KvmInstance | None:
 
 
 async def take_memory_snapshot(
-    config: Config, runtime: Runtime, live: LiveSandbox, team_id: str, name: str | None
+    config: Config,
+    runtime: Runtime,
+    live: LiveSandbox,
+    team_id: str,
+    name: str | None,
+    *,
+    memory: bool = True,
 ) -> TemplateManifest:
     """A new template of `team_id`'s holding `live`'s memory, devices and disk, published under
-    `name` if given. Raises CheckpointRefused, NameTaken, SandboxNotFound (it ended meanwhile)
-    or CheckpointFailed."""
+    `name` if given; without `memory`, only its disk (a filesystem snapshot: new sandboxes
+    cold-boot from it). Raises CheckpointRefused, NameTaken, SandboxNotFound (it ended
+    meanwhile) or CheckpointFailed."""
     kvm, instance = _kvm_runtime(runtime), _kvm_instance(live)
     if kvm is None or instance is None:
         raise CheckpointRefused(f"sandbox {live.sandbox_id} does not run on the kvm runtime")
@@ -111,6 +118,7 @@ async def take_memory_snapshot(
     directory = begin_template(config, template_id)
     staging = kvm.snapshots.staging_directory(template_id)
     installed: Path | None = None
+    kind = "memory" if memory else "filesystem"
     try:
         paused_s = await _checkpoint(live, instance, staging)
         token = live.agent.access_token if live.agent is not None else None
@@ -122,17 +130,18 @@ async def take_memory_snapshot(
             template_id=template_id,
             directory=directory,
             aliases=(name,) if name else (),
-            source=f"memory snapshot of sandbox {live.sandbox_id} (template {live.template.template_id})",
+            source=f"{kind} snapshot of sandbox {live.sandbox_id} (template {live.template.template_id})",
             created_at=utc_now(),
             owner=team_id,
             snapshot_of=live.sandbox_id,
         )
-        from appliance.runtime.kvm.template_snapshots import SnapshotKey
+        if memory:
+            from appliance.runtime.kvm.template_snapshots import SnapshotKey
 
-        key = await trio.to_thread.run_sync(
-            SnapshotKey.of, manifest, kernel, live.spec.memory_mb, live.spec.cpu_count
-        )
-        installed = kvm.snapshots.install(key, staging)
+            key = await trio.to_thread.run_sync(
+                SnapshotKey.of, manifest, kernel, live.spec.memory_mb, live.spec.cpu_count
+            )
+            installed = kvm.snapshots.install(key, staging)
         publish_template(config, manifest, name)
     except BaseException:
         discard_template(config, template_id)
@@ -140,7 +149,11 @@ async def take_memory_snapshot(
         if installed is not None:
             shutil.rmtree(installed, ignore_errors=True)
         raise
-    log.info("memory snapshot %s taken of sandbox %s (paused %.2f s)", template_id, live.sandbox_id, paused_s)
+    if not memory:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info(
+        "%s snapshot %s taken of sandbox %s (paused %.2f s)", kind, template_id, live.sandbox_id, paused_s
+    )
     return manifest
 
 

@@ -32,7 +32,12 @@ import httpx
 import trio
 
 from appliance.config import Config
-from appliance.cubelet.checkpoints import checkpoints_memory
+from appliance.cubelet.checkpoints import (
+    CheckpointFailed,
+    CheckpointRefused,
+    checkpoints_memory,
+    take_memory_snapshot,
+)
 from appliance.cubelet.cubelet import LiveSandbox, SandboxNotFound
 from appliance.cubelet.envd_client import EnvdError
 from appliance.cubelet.state import SandboxState
@@ -86,6 +91,28 @@ def refusal(runtime: Runtime, what: str) -> str:
 def default_mode(runtime: Runtime) -> str:
     """The mode of a snapshot whose request names none: E2B's default (full) where possible."""
     return FULL if memory_checkpoints(runtime) else FILESYSTEM
+
+
+async def filesystem_snapshot(
+    config: Config, runtime: Runtime, live: LiveSandbox, team_id: str, name: str | None
+) -> TemplateManifest:
+    """A filesystem snapshot of `live` on its runtime: uml's COW file, or kvm's checkpoint
+    without its memory (`cubelet/checkpoints.py`: the disk overlay written while the vCPUs
+    are stopped, folded into a copy of the template image), after a `sync` in the guest
+    (a paused guest is crash-consistent as it is). Raises as `take_filesystem_snapshot`."""
+    if memory_checkpoints(runtime) and not (live.spec.sandbox_dir / VM_DIR / COW_FILE).is_file():
+        if live.state is SandboxState.RUNNING and live.instance is not None:
+            try:
+                await sync_guest(live.instance.endpoint(ENVD_PORT), live.envd_headers())
+            except (OSError, httpx.HTTPError, EnvdError) as exc:
+                raise SnapshotFailed(f"the guest did not sync its disk: {exc}") from exc
+        try:
+            return await take_memory_snapshot(config, runtime, live, team_id, name, memory=False)
+        except CheckpointRefused as exc:
+            raise SnapshotRefused(str(exc)) from exc
+        except CheckpointFailed as exc:
+            raise SnapshotFailed(str(exc)) from exc
+    return await take_filesystem_snapshot(config, live, team_id, name)
 
 
 async def take_filesystem_snapshot(
