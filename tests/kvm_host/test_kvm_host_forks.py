@@ -9,7 +9,10 @@ import pytest
 from e2b import SandboxState
 from e2b_code_interpreter import Sandbox
 from emulated_host import EmulatedHost
-from test_kvm_host_sandboxes import REQUEST_TIMEOUT_S, create, run_code
+from test_kvm_host_sandboxes import REQUEST_TIMEOUT_S, TEMPLATE, create, run_code
+
+from appliance.api.client import ApiClient
+from appliance.bench.snapshot import run_snapshot_bench
 
 SETUP = (
     "import os\n"
@@ -76,3 +79,19 @@ def test_a_full_snapshot_outlives_its_source_with_memory_and_files(kvm_host_sdk:
         assert Sandbox.delete_snapshot(snapshot.snapshot_id) is True
     with pytest.raises(Exception, match="not found"):
         Sandbox.create(snapshot.snapshot_id, request_timeout=REQUEST_TIMEOUT_S)
+
+
+def test_snapshot_bench_in_full_mode_completes(kvm_host_sdk: EmulatedHost, kvm_host_api_key: str) -> None:
+    """`cube bench snapshot --mode full` against the emulated host (from outside, as
+    test_kvm_host_bench.py runs the SDK benches): every round's sandbox from the memory snapshot
+    holds the written file, the fork's sandbox and checkpoint are cleaned up. Its numbers are
+    software emulation's (TCG), printed for docs/BENCHMARKS.md, never asserted."""
+    report = run_snapshot_bench(ApiClient(kvm_host_sdk.url, kvm_host_api_key), TEMPLATE, 2, 8, mode="full")
+    report.print_table()
+    assert {row["metric"] for row in report.rows} == {
+        "create_snapshot (full)",
+        "create from snapshot",
+        "fork (count=1)",
+    }
+    assert all(len(samples) == 2 for samples in report.samples.values()), report.samples
+    assert list(Sandbox.list().next_items()) == []
