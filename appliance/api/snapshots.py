@@ -69,10 +69,10 @@ def _snapshot_name(data: dict[str, Any]) -> str | None:
         raise ApiError(400, str(exc)) from exc
 
 
-def _snapshot_mode(data: dict[str, Any]) -> str:
+def _snapshot_mode(data: dict[str, Any], live: LiveSandbox) -> str:
     memory = data.get("memory")
     if memory is None:
-        return default_mode(services().cubelet.runtime)
+        return default_mode(services().cubelet.runtime, live)
     if not isinstance(memory, bool):
         raise ApiError(400, "'memory' must be a boolean")
     return FULL if memory else FILESYSTEM
@@ -82,9 +82,10 @@ def _snapshot_mode(data: dict[str, Any]) -> str:
 async def create_snapshot(sandbox_id: str) -> Response:
     s, principal = services(), current_principal()
     data = await v.request_object()
-    name, mode = _snapshot_name(data), _snapshot_mode(data)
+    name = _snapshot_name(data)
     owned_live_record(sandbox_id)
     live = s.cubelet.require(sandbox_id)
+    mode = _snapshot_mode(data, live)
     try:
         if mode == FULL:
             manifest = await _memory_snapshot(live, principal.team_id, name)

@@ -92,6 +92,11 @@ def _kvm_instance(live: LiveSandbox) -> KvmInstance | None:
     return live.instance if isinstance(live.instance, KvmInstance) else None
 
 
+def checkpointable(runtime: Runtime, live: LiveSandbox) -> bool:
+    """Whether `live` itself can be checkpointed: a sandbox of the kvm runtime."""
+    return _kvm_runtime(runtime) is not None and _kvm_instance(live) is not None
+
+
 async def take_memory_snapshot(
     config: Config,
     runtime: Runtime,
@@ -106,7 +111,7 @@ async def take_memory_snapshot(
     cold-boot from it). Raises CheckpointRefused, NameTaken, SandboxNotFound (it ended
     meanwhile) or CheckpointFailed."""
     kvm, instance = _kvm_runtime(runtime), _kvm_instance(live)
-    if kvm is None or instance is None:
+    if kvm is None or instance is None:  # checkpointable() is False
         raise CheckpointRefused(f"sandbox {live.sandbox_id} does not run on the kvm runtime")
     if name:
         check_name_free(config, name, team_id)

@@ -35,6 +35,7 @@ from appliance.config import Config
 from appliance.cubelet.checkpoints import (
     CheckpointFailed,
     CheckpointRefused,
+    checkpointable,
     checkpoints_memory,
     take_memory_snapshot,
 )
@@ -88,9 +89,11 @@ def refusal(runtime: Runtime, what: str) -> str:
     )
 
 
-def default_mode(runtime: Runtime) -> str:
-    """The mode of a snapshot whose request names none: E2B's default (full) where possible."""
-    return FULL if memory_checkpoints(runtime) else FILESYSTEM
+def default_mode(runtime: Runtime, live: LiveSandbox) -> str:
+    """The mode of a snapshot whose request names none: E2B's default (full) where `live`'s
+    memory can be checkpointed (a kvm sandbox), else filesystem (uml, and a kvm host's
+    sandboxes of templates that run on uml)."""
+    return FULL if memory_checkpoints(runtime) and checkpointable(runtime, live) else FILESYSTEM
 
 
 async def filesystem_snapshot(
