@@ -194,7 +194,7 @@ class TemplateSnapshots:
         with every other staging leftover when the next service starts)."""
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f"{_STAGING_PREFIX}{template_id}-{os.getpid()}-{os.urandom(4).hex()}"
-        staging.mkdir()
+        staging.mkdir(mode=0o700)  # a sandbox's memory: its secrets (tokens, env) are in it
         return staging
 
     def install(self, key: SnapshotKey, staging: Path) -> Path:
