@@ -13,17 +13,19 @@ every clone. Taking one:
    device I/O stop, the machine (all of RAM, vCPU, irqchip, clock and device state)
    and the disk overlay are written into a staging directory of the store, and the
    sandbox continues: the pause lasts as long as writing its RAM;
-2. outside the pause, the template's root image is copied and the overlay folded into
-   it: the snapshot owns its whole disk and depends on nothing of its source (it
+2. outside the pause, the snapshot gets its own root image: a hard link to the source
+   template's (never written once published), restored with the saved overlay over it;
+   for a filesystem snapshot (no memory: new sandboxes cold-boot from the image) a copy
+   with the overlay folded in. Either way it depends on nothing of its source (it
    survives the source's end, the source template's deletion and a service restart);
-   the snapshot's own overlay is then empty;
 3. the staging directory is installed in the store under the new template's key, then
    the template is published.
 Everything is plain data under the state directory (`state.json`, `memory`, the
 image), deleted with the template (the store prunes snapshots of deleted templates).
 A snapshot whose key no longer matches (another VMM, kernel or host CPU) is never
-restored: its template then cold-boots from its image, keeping the files but not the
-memory.
+restored: its template then cold-boots from its image, without the memory and without
+what the sandbox wrote to its disk (kept in the snapshot's overlay, which only a restore
+reads).
 
 The agent of the snapshotted guest was initialised long ago: it accepts only the
 source's access token, which is therefore the snapshot's agent token (what the cubelet
@@ -33,7 +35,9 @@ sends the clone's `/init` with; that `/init` replaces it with the clone's own).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -127,9 +131,8 @@ async def take_memory_snapshot(
     try:
         paused_s = await _checkpoint(live, instance, staging)
         token = live.agent.access_token if live.agent is not None else None
-        await trio.to_thread.run_sync(
-            _own_disk, live.template.rootfs, staging, directory / ROOTFS_NAME, token
-        )
+        own_disk = functools.partial(_own_disk, fold=not memory)
+        await trio.to_thread.run_sync(own_disk, live.template.rootfs, staging, directory / ROOTFS_NAME, token)
         manifest = dataclasses.replace(
             live.template,
             template_id=template_id,
@@ -183,18 +186,26 @@ async def _checkpoint(live: LiveSandbox, instance: KvmInstance, staging: Path) -
         return trio.current_time() - stopped_at
 
 
-def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None) -> None:
-    """The snapshot's own root image (`base` with the overlay folded in), its overlay emptied,
-    and its agent token (the token the snapshotted agent accepts: the source's access token)."""
+def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None, *, fold: bool) -> None:
+    """The snapshot's own root image and its agent token (the token the snapshotted agent accepts:
+    the source's access token). `fold` (a filesystem snapshot, which new sandboxes cold-boot
+    from): a copy of `base` with the overlay folded in. Otherwise (a memory snapshot, restored
+    over its overlay) a hard link to `base`: template images are never written once published
+    (a rebuild is a new file), so the link keeps exactly the base the overlay was written
+    over, and a snapshot or fork costs its overlay, not a copy of the image."""
     from appliance.runtime.kvm.instance import copy_sparse, save_agent_token
     from appliance.runtime.kvm.snapshot import fold_overlay
     from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
 
     try:
-        copy_sparse(base, image)
-        overlay = staging / OVERLAY_NAME
-        fold_overlay(overlay, image)
-        overlay.write_bytes(b"")  # the image holds what it held: a clone's CowDisk starts empty
+        if fold:
+            copy_sparse(base, image)
+            fold_overlay(staging / OVERLAY_NAME, image)
+        else:
+            try:
+                os.link(base, image)
+            except OSError:  # another filesystem, or links refused: a copy is the same bytes
+                copy_sparse(base, image)
         save_agent_token(staging, agent_token or "")
     except (OSError, subprocess.CalledProcessError) as exc:
         raise CheckpointFailed(f"making the snapshot's disk failed: {exc}") from exc
