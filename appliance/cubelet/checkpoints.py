@@ -96,6 +96,23 @@ def _kvm_instance(live: LiveSandbox) -> KvmInstance | None:
     return live.instance if isinstance(live.instance, KvmInstance) else None
 
 
+def snapshot_manifest(
+    live: LiveSandbox, directory: Path, team_id: str, name: str | None, *, kind: str
+) -> TemplateManifest:
+    """The manifest of a snapshot of `live` (a new template of `team_id`'s in `directory`, under
+    `name` if given): its source template's settings, marked as a snapshot of `live`."""
+    return dataclasses.replace(
+        live.template,
+        template_id=directory.name,
+        directory=directory,
+        aliases=(name,) if name else (),
+        source=f"{kind} of sandbox {live.sandbox_id} (template {live.template.template_id})",
+        created_at=utc_now(),
+        owner=team_id,
+        snapshot_of=live.sandbox_id,
+    )
+
+
 def checkpointable(runtime: Runtime, live: LiveSandbox) -> bool:
     """Whether `live` itself can be checkpointed: a sandbox of the kvm runtime."""
     return _kvm_runtime(runtime) is not None and _kvm_instance(live) is not None
@@ -133,16 +150,7 @@ async def take_memory_snapshot(
         token = live.agent.access_token if live.agent is not None else None
         own_disk = functools.partial(_own_disk, fold=not memory)
         await trio.to_thread.run_sync(own_disk, live.template.rootfs, staging, directory / ROOTFS_NAME, token)
-        manifest = dataclasses.replace(
-            live.template,
-            template_id=template_id,
-            directory=directory,
-            aliases=(name,) if name else (),
-            source=f"{kind} snapshot of sandbox {live.sandbox_id} (template {live.template.template_id})",
-            created_at=utc_now(),
-            owner=team_id,
-            snapshot_of=live.sandbox_id,
-        )
+        manifest = snapshot_manifest(live, directory, team_id, name, kind=f"{kind} snapshot")
         if memory:
             from appliance.runtime.kvm.template_snapshots import SnapshotKey
 

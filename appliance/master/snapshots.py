@@ -24,7 +24,6 @@ A memory ("full") snapshot needs a runtime that can checkpoint a guest's memory
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from appliance.cubelet.checkpoints import (
     CheckpointRefused,
     checkpointable,
     checkpoints_memory,
+    snapshot_manifest,
     take_memory_snapshot,
 )
 from appliance.cubelet.cubelet import LiveSandbox, SandboxNotFound
@@ -54,7 +54,6 @@ from appliance.templates.catalog import (
     new_template_id,
     publish_template,
 )
-from appliance.templates.jobs import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +144,7 @@ async def take_filesystem_snapshot(
         except (OSError, CowError) as exc:
             raise SnapshotFailed(f"merging the sandbox's disk failed: {exc}") from exc
         frozen.unlink()
-        manifest = dataclasses.replace(
-            live.template,
-            template_id=template_id,
-            directory=directory,
-            aliases=(name,) if name else (),
-            source=f"snapshot of sandbox {live.sandbox_id} (template {live.template.template_id})",
-            created_at=utc_now(),
-            owner=team_id,
-            snapshot_of=live.sandbox_id,
-        )
+        manifest = snapshot_manifest(live, directory, team_id, name, kind="snapshot")
         publish_template(config, manifest, name)
     except BaseException:
         discard_template(config, template_id)
