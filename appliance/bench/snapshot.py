@@ -65,7 +65,9 @@ def _discard_forks(source: Any, forks: list[Any]) -> None:
         Sandbox.delete_snapshot(checkpoint.snapshot_id)
 
 
-def _rounds(template: str, mode: str, rounds: int, write_mb: int, report: Report) -> None:
+def _rounds(
+    template: str, mode: str, rounds: int, write_mb: int, report: Report, source_timeout_s: int
+) -> None:
     from e2b import Sandbox
 
     samples: dict[str, list[float]] = {
@@ -73,7 +75,7 @@ def _rounds(template: str, mode: str, rounds: int, write_mb: int, report: Report
         "create from snapshot": [],
         "fork (count=1)": [],
     }
-    source = Sandbox.create(template=template, timeout=SANDBOX_TIMEOUT_S)
+    source = Sandbox.create(template=template, timeout=source_timeout_s)
     try:
         source.commands.run(f"head -c {write_mb << 20} /dev/urandom > {MARKER}", timeout=120)
         with progress(rounds, "snapshot → create from it → delete, fork") as bar:
@@ -88,11 +90,17 @@ def _rounds(template: str, mode: str, rounds: int, write_mb: int, report: Report
 
 
 def run_snapshot_bench(
-    api: ApiClient, template: str, rounds: int, write_mb: int, mode: str = "filesystem"
+    api: ApiClient,
+    template: str,
+    rounds: int,
+    write_mb: int,
+    mode: str = "filesystem",
+    source_timeout_s: int = SANDBOX_TIMEOUT_S,
 ) -> Report:
+    """`source_timeout_s`: the source sandbox's E2B timeout (it lives through every round)."""
     report = Report("snapshot")
     with sdk_pointed_at(api):
-        _rounds(template, mode, rounds, write_mb, report)
+        _rounds(template, mode, rounds, write_mb, report, source_timeout_s)
     report.notes.append(
         f"E2B Python SDK (sync) against {api.base_url}; the source sandbox wrote {write_mb} MiB first"
     )
