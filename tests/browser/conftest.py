@@ -16,7 +16,7 @@ import pytest
 import trio
 import umlguests
 
-from appliance.config import load_config
+from appliance.config import Config, load_config
 from appliance.records import TemplateManifest
 
 OPT_IN = os.environ.get("CUBE_BROWSER_TEST") == "1"
@@ -36,9 +36,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def browser_template() -> TemplateManifest:
+    """Built (or cached) under the build cache, not the installed service's templates: the tests'
+    services use it through a symlink (umlguests.uml_service), the installed one never sees it."""
     from appliance.templates.browser import build_browser_template
 
-    return trio.run(build_browser_template, load_config())
+    cache_dir = load_config().cache_dir
+    return trio.run(
+        build_browser_template, Config(state_dir=cache_dir / "test-templates", cache_dir=cache_dir)
+    )
 
 
 @pytest.fixture

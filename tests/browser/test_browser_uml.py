@@ -79,7 +79,8 @@ def test_playwright_on_the_host_reads_a_page_served_inside_the_sandbox(
         image = Image.open(io.BytesIO(png))
         assert image.size[0] > 100 and image.size[1] > 100
         # Rendered text: not a blank page.
-        assert len(set(image.convert("L").getdata())) > 2
+        darkest, lightest = image.convert("L").getextrema()
+        assert darkest < lightest
         # Playwright inside the sandbox drives the same Debian Chromium (no browser download).
         inside = sandbox.commands.run(
             "python3 -c 'from playwright.sync_api import sync_playwright\n"
