@@ -25,6 +25,7 @@ from appliance.progress import shown
 from appliance.templates import default
 from appliance.templates.browser import browser_recipe_template
 from appliance.templates.build_context import OUTSIDE_DOCKERFILE
+from appliance.templates.desktop import desktop_recipe_template
 from appliance.templates.dockerignore import IgnoreRules
 
 _POLL_INTERVAL_S = 0.5
@@ -256,11 +257,13 @@ BUILD_COMMANDS = (create_from_image, watch, build, cache)
 
 
 @click.command("build-default")
-@click.option("--all", "build_all", is_flag=True, help="Also the `browser` template (Chromium + Playwright).")
+@click.option("--all", "build_all", is_flag=True, help="Also the `browser` and `desktop` templates.")
 @click.pass_obj
 def build_default(config: Config, build_all: bool) -> None:
     """Build the default template `code-interpreter` (cached by recipe and agent hash)."""
-    specs = [default.default_recipe_template()] + ([browser_recipe_template()] if build_all else [])
+    specs = [default.default_recipe_template()]
+    if build_all:
+        specs += [browser_recipe_template(), desktop_recipe_template()]
     for spec in specs:
         with shown(spec.template_id) as progress:
             manifest = trio.run(default.build_recipe_template, config, spec, progress)

@@ -56,6 +56,12 @@ def _pages(sandbox: Sandbox) -> list[str]:
     return [t["url"] for t in json.loads(out) if t["type"] == "page"]
 
 
+def _guest_logs(sandbox: Sandbox) -> str:
+    """Chromium's log (without its D-Bus complaints: the guest runs no bus), the front's, memory."""
+    script = "grep -v dbus /tmp/chromium.log | tail -40; tail -c 2000 /tmp/cdp-front.log; free -m"
+    return sandbox.commands.run(script, user="root").stdout
+
+
 def _chromium_processes(sandbox: Sandbox) -> int:
     return int(sandbox.commands.run(COUNT_CHROMIUM).stdout.strip() or 0)
 
@@ -91,6 +97,7 @@ def test_playwright_on_the_host_reads_a_page_served_inside_the_sandbox(
         )
         assert inside.stdout.strip() == "Hello from inside the sandbox"
     finally:
+        print(_guest_logs(sandbox))  # shown when the test fails
         sandbox.kill()
 
 
