@@ -34,13 +34,12 @@ from appliance.bench.restart import restart_bench
 from appliance.bench.snapshot import snapshot_bench
 from appliance.cli.common import api_key_option, emit, json_option, print_table
 from appliance.cli.node import node as node_commands
-from appliance.cli.templates import BUILD_COMMANDS
+from appliance.cli.templates import BUILD_COMMANDS, build_default
 from appliance.config import load_config
 from appliance.errors import first_leaf
 from appliance.master.upgrade import upgrade_command
 from appliance.runtime.kvm.kernel import build_kvm_kernel
 from appliance.runtime.uml.kernel import build_uml_kernel
-from appliance.templates.default import build_default
 
 
 @click.group()

@@ -61,6 +61,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CONNECT_TIMEOUT_S = 5.0
 WS_READ_SIZE = 65536
+# The largest message relayed from a guest (hypercorn's default limit for the other direction).
+WS_MAX_MESSAGE_BYTES = 16 << 20
+WS_MESSAGE_TOO_BIG = 1009
 WS_GOING_AWAY = 1001  # the close code a WebSocket gets when its sandbox ends
 AUTO_RESUME_TIMEOUT_S = 300
 # Idle connections to guests are reused for this long: under the 5 s idle timeout
@@ -394,17 +397,42 @@ async def _client_to_guest(
             await stream.send_all(guest.send(ws_events.TextMessage(data=message["text"])))
 
 
+_TOO_BIG: dict[str, Any] = {}
+
+
+def _whole_message(event: ws_events.Message[Any], pending: list[str | bytes]) -> dict[str, Any] | None:
+    """wsproto hands over a message in pieces as its frames arrive; the client gets it whole (a CDP
+    reply split in two would be two invalid JSON messages). None until the last piece; _TOO_BIG
+    past WS_MAX_MESSAGE_BYTES (a guest cannot make the router buffer without bound)."""
+    pending.append(event.data)
+    if sum(len(piece) for piece in pending) > WS_MAX_MESSAGE_BYTES:
+        return _TOO_BIG
+    if not event.message_finished:
+        return None
+    if isinstance(event, ws_events.TextMessage):
+        message: dict[str, Any] = {"type": "websocket.send", "text": "".join(str(p) for p in pending)}
+    else:
+        message = {"type": "websocket.send", "bytes": b"".join(p for p in pending if not isinstance(p, str))}
+    pending.clear()
+    return message
+
+
 async def _guest_to_client(
     send: Send, stream: trio.SocketStream, guest: wsproto.WSConnection, scope: trio.CancelScope
 ) -> None:
+    pending: list[str | bytes] = []
     while True:
         data = await stream.receive_some(WS_READ_SIZE)
         guest.receive_data(data or None)
         for event in guest.events():
-            if isinstance(event, ws_events.TextMessage):
-                await send({"type": "websocket.send", "text": event.data})
-            elif isinstance(event, ws_events.BytesMessage):
-                await send({"type": "websocket.send", "bytes": bytes(event.data)})
+            if isinstance(event, (ws_events.TextMessage, ws_events.BytesMessage)):
+                message = _whole_message(event, pending)
+                if message is _TOO_BIG:
+                    await send({"type": "websocket.close", "code": WS_MESSAGE_TOO_BIG})
+                    scope.cancel()
+                    return
+                if message is not None:
+                    await send(message)
             elif isinstance(event, ws_events.Ping):
                 await stream.send_all(guest.send(event.response()))
             elif isinstance(event, ws_events.CloseConnection):
