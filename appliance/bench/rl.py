@@ -8,13 +8,15 @@ p50/p95, the whole episode and its phases, and failures (an episode that could n
 produce a reward: a create, command or kill that raised; a wrong reward counts too).
 
 The task template is built once with the SDK's template builder (`Template.build`;
-cached by its steps afterwards). `examples/rl_rollouts.py` runs the same rollouts as
-a script.
+cached by its steps afterwards); it asks for its default Python kernel at first use
+(appliance/guest/options.py), so its guests boot without one. `examples/rl_rollouts.py`
+runs the same rollouts as a script.
 """
 
 from __future__ import annotations
 
 import itertools
+import posixpath
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from appliance.bench.live import SANDBOX_TIMEOUT_S, progress, sdk_pointed_at, ta
 from appliance.bench.options import api_key_option, json_dir_option
 from appliance.bench.report import Report, percentiles
 from appliance.config import Config
+from appliance.guest.options import LAZY_DEFAULT_KERNEL_MARKER
 
 TASK_TEMPLATE = "cube-rl-task"
 TASK_DIR = "/home/user/task"
@@ -52,13 +55,17 @@ CALL_TIMEOUT_S = 120.0
 
 def task_template_builder() -> Any:
     """The task template, with the SDK's builder: the default template plus the repository,
-    committed (git apply needs no repository, but a trainer's tasks usually are one)."""
+    committed (git apply needs no repository, but a trainer's tasks usually are one). Its
+    default Python kernel starts at first use (the marker file): episodes run commands only,
+    and its guests boot in about a third of the CPU."""
     from e2b import Template
 
     writes = [f"printf %s {_shell_quote(text)} > {name}" for name, text in TASK_FILES.items()]
+    marker = LAZY_DEFAULT_KERNEL_MARKER
     return (
         Template()
         .from_template("code-interpreter")
+        .run_cmd(f"mkdir -p {posixpath.dirname(marker)} && touch {marker}", user="root")
         .run_cmd(
             [
                 f"mkdir -p {TASK_DIR}",
