@@ -37,7 +37,7 @@ class Config:
     runtime: str = "auto"  # auto | uml | kvm
     default_template: str = "code-interpreter"
     default_timeout_s: int = 300
-    pool_size: int = -1  # warm instances per template; -1 = sized to memory
+    pool_size: int = -1  # warm instances per template; -1 = sized to memory and demand (cubelet/pools.py)
     memory_budget_mb: int = -1  # memory all sandboxes may use; -1 = 75 % of MemTotal
     uml_kernel: Path | None = None  # None = built kernel from cache_dir, else Debian's linux.uml
     kvm_guest_kernel: Path | None = None
