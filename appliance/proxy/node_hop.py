@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 SANDBOX_CALL = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)(?:/.*)?$")
 COLLECTION = frozenset({"/sandboxes", "/v2/sandboxes"})
 SHARE_PREFIX = "/cube/cluster/"  # templates for the other nodes (cluster/templates.py)
-NOT_SANDBOX_IDS = frozenset({"metrics"})  # /sandboxes/metrics lists this node's
+NOT_SANDBOX_IDS = frozenset({"metrics"})  # /sandboxes/metrics: every node's, merged (_metrics_many)
+METRICS_MANY = "/sandboxes/metrics"
 MAX_CREATE_BODY = 1024 * 1024
 CONNECT_TIMEOUT_S = 5.0
 # A forwarded API call (a create boots a guest: minutes on an emulated host) answers within this;
@@ -94,11 +95,26 @@ class NodeHop:
             target = None
         if target is not None:
             return await self._to_owner(target.sandbox_id, None, scope, receive, send, headers)
-        path, method = scope["path"], scope["method"]
+        path = scope["path"]
         call = SANDBOX_CALL.match(path)
         principal = self.authenticate(headers) if call or path in COLLECTION else None
         if principal is None:
             return await self._here(scope, receive, send, headers)
+        return await self._for_caller(principal, call, scope, receive, send, headers)
+
+    async def _for_caller(
+        self,
+        principal: Principal,
+        call: re.Match[str] | None,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+    ) -> None:
+        """An API call with the caller's key: to its sandbox's node, across every node, or here."""
+        path, method = scope["path"], scope["method"]
+        if path == METRICS_MANY and method == "GET":
+            return await self._metrics_many(principal, scope, receive, send)
         if call and call.group(1) not in NOT_SANDBOX_IDS:
             return await self._to_owner(call.group(1), principal, scope, receive, send, headers)
         if path in COLLECTION and method == "POST":
@@ -291,6 +307,21 @@ class NodeHop:
             merged += listed.records(node_id)
         await send_whole(send, 200, [(b"content-type", b"application/json")], json.dumps(merged).encode())
 
+    async def _metrics_many(self, principal: Principal, scope: Scope, receive: Receive, send: Send) -> None:
+        """`/sandboxes/metrics` for the caller's sandboxes on every live node: each node answers for
+        the ones it holds (it leaves out ids it does not know), the answers merged."""
+        query = scope.get("query_string", b"").decode("latin-1")
+        merged: dict[str, Any] = {}
+        for node_id, api_url in self._listing_nodes():
+            listed = await self._list_at(node_id, api_url, principal, scope, receive, query)
+            if listed is None:
+                continue
+            if node_id == self.node.node_id and listed.status != 200:  # the request's own error
+                return await send_whole(send, listed.status, listed.headers, listed.body)
+            merged.update(listed.metrics(node_id))
+        body = json.dumps({"sandboxes": merged}).encode()
+        await send_whole(send, 200, [(b"content-type", b"application/json")], body)
+
     async def _list_pages(self, principal: Principal, scope: Scope, receive: Receive, send: Send) -> None:
         """The SDKs' paginated list across nodes: each node's next page from its own cursor, merged,
         the first `limit` shown, each node's cursor after what was shown in the next token."""
@@ -453,16 +484,28 @@ class _Listed:
     def next_token(self) -> str | None:
         return next((v.decode("latin-1") for k, v in self.headers if k.lower() == b"x-next-token"), None)
 
+    def _json(self) -> Any:
+        try:
+            return json.loads(self.body) if self.status == 200 else None
+        except ValueError:
+            return None
+
     def records(self, node_id: str) -> list[Any]:
         """Its sandboxes; none if it answered otherwise (logged)."""
-        try:
-            records = json.loads(self.body) if self.status == 200 else None
-        except ValueError:
-            records = None
+        records = self._json()
         if not isinstance(records, list):
             log.warning("cluster: node %s answered the list %d", node_id, self.status)
             return []
         return records
+
+    def metrics(self, node_id: str) -> dict[str, Any]:
+        """Its sandboxes' metrics by id (`/sandboxes/metrics`); none if it answered otherwise (logged)."""
+        answer = self._json()
+        found = answer.get("sandboxes") if isinstance(answer, dict) else None
+        if not isinstance(found, dict):
+            log.warning("cluster: node %s answered the metrics %d", node_id, self.status)
+            return {}
+        return found
 
 
 def _page_query(query: dict[str, list[str]], cursor: str | None) -> str:

@@ -51,6 +51,10 @@ def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_throug
         assert api.get(f"/sandboxes/{sandbox_id}").json()["sandboxID"] == sandbox_id
         assert sandbox_id in [s["sandboxID"] for s in api.get("/sandboxes").json()]
         assert sandbox_id in [s["sandboxID"] for s in api.get("/v2/sandboxes").json()]
+        # The SDK's batch metrics (`Sandbox.get_metrics` of many) through A: B's sandbox is in it.
+        for params in ({"sandbox_ids": sandbox_id}, {}):
+            many = api.get("/sandboxes/metrics", params=params)
+            assert many.status_code == 200 and sandbox_id in many.json()["sandboxes"], many.text
 
         # Sandbox traffic for B's sandbox, sent to A: answered by the guest on B.
         echoed = api.post(
