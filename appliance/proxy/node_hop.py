@@ -296,31 +296,39 @@ class NodeHop:
         """Every live node's own list, merged; `/v2/sandboxes` page by page (`_list_pages`)."""
         if scope["path"] == "/v2/sandboxes":
             return await self._list_pages(principal, scope, receive, send)
-        query = scope.get("query_string", b"").decode("latin-1")
-        merged: list[Any] = []
-        for node_id, api_url in self._listing_nodes():
-            listed = await self._list_at(node_id, api_url, principal, scope, receive, query)
-            if listed is None:
-                continue
-            if node_id == self.node.node_id and listed.status != 200:  # the request's own error
-                return await send_whole(send, listed.status, listed.headers, listed.body)
-            merged += listed.records(node_id)
+        refused, answers = await self._every_node(principal, scope, receive)
+        if refused is not None:
+            return await send_whole(send, refused.status, refused.headers, refused.body)
+        merged = [record for node_id, listed in answers for record in listed.records(node_id)]
         await send_whole(send, 200, [(b"content-type", b"application/json")], json.dumps(merged).encode())
 
     async def _metrics_many(self, principal: Principal, scope: Scope, receive: Receive, send: Send) -> None:
         """`/sandboxes/metrics` for the caller's sandboxes on every live node: each node answers for
         the ones it holds (it leaves out ids it does not know), the answers merged."""
-        query = scope.get("query_string", b"").decode("latin-1")
+        refused, answers = await self._every_node(principal, scope, receive)
+        if refused is not None:
+            return await send_whole(send, refused.status, refused.headers, refused.body)
         merged: dict[str, Any] = {}
+        for node_id, listed in answers:
+            merged.update(listed.metrics(node_id))
+        body = json.dumps({"sandboxes": merged}).encode()
+        await send_whole(send, 200, [(b"content-type", b"application/json")], body)
+
+    async def _every_node(
+        self, principal: Principal, scope: Scope, receive: Receive
+    ) -> tuple[_Listed | None, list[tuple[str, _Listed]]]:
+        """The caller's GET as every live node answers it (unreachable ones left out), or this
+        node's own answer first when it refused it (the request's own error, sent back as it is)."""
+        query = scope.get("query_string", b"").decode("latin-1")
+        answers: list[tuple[str, _Listed]] = []
         for node_id, api_url in self._listing_nodes():
             listed = await self._list_at(node_id, api_url, principal, scope, receive, query)
             if listed is None:
                 continue
-            if node_id == self.node.node_id and listed.status != 200:  # the request's own error
-                return await send_whole(send, listed.status, listed.headers, listed.body)
-            merged.update(listed.metrics(node_id))
-        body = json.dumps({"sandboxes": merged}).encode()
-        await send_whole(send, 200, [(b"content-type", b"application/json")], body)
+            if node_id == self.node.node_id and listed.status != 200:
+                return listed, []
+            answers.append((node_id, listed))
+        return None, answers
 
     async def _list_pages(self, principal: Principal, scope: Scope, receive: Receive, send: Send) -> None:
         """The SDKs' paginated list across nodes: each node's next page from its own cursor, merged,
