@@ -23,6 +23,7 @@ from pathlib import Path
 import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdSecurity
+from appliance.cluster.keys import ClusterKeys
 from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap, rewrite
 from appliance.cluster.membership import (
     ClusterView,
@@ -172,6 +173,7 @@ class ClusterNode:
         self.resolve = resolve  # a template name (alias, SDK default) as the caller means it
         self.etcd = etcd or EtcdClient(settings.endpoints, security=settings.security)
         self.view = ClusterView()
+        self.keys = ClusterKeys(self.etcd, self.view)  # the API keys of every node
         self.api_url = settings.node_url
         self.lease_id = 0
         self.started_at = time.time()
