@@ -97,6 +97,7 @@ class ApiKeys(Protocol):
     request (no I/O: it must not wait); the admin's changes may wait on the store."""
 
     def check_api_key(self, key: str) -> ApiKeyRecord | None: ...
+    def active_key(self, key_id: str) -> ApiKeyRecord | None: ...
     async def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]: ...
     async def team_exists(self, team_id: str) -> bool: ...
     async def list_api_keys(self) -> list[ApiKeyRecord]: ...
@@ -111,6 +112,12 @@ class LocalKeys:
 
     def check_api_key(self, key: str) -> ApiKeyRecord | None:
         return self.store.check_api_key(key)
+
+    def active_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The key with this id, unless revoked (a dashboard session names its key by id)."""
+        return next(
+            (k for k in self.store.list_api_keys() if k.key_id == key_id and k.revoked_at is None), None
+        )
 
     async def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]:
         return self.store.create_api_key(name, team_id)

@@ -53,6 +53,10 @@ class ClusterKeys:
         record = self.view.api_keys.get(hash_api_key(key))
         return record if usable(record) else None
 
+    def active_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The key with this id, unless revoked (a dashboard session names its key by id)."""
+        return next((r for r in self.view.api_keys.values() if r.key_id == key_id and usable(r)), None)
+
     async def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]:
         """A new key in `team_id` (an existing team: the caller checks), else in a team of its own."""
         key = new_api_key()

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from cluster_nodes import make_template, new_key, node_config, publish_templates, wait_for
+from cluster_nodes import cluster_of, make_template, new_key, node_config, publish_templates, wait_for
 
+from appliance.cluster.forwarding import TEAM_HEADER, TOKEN_HEADER
 from appliance.master.store import SqliteStore
 
 if TYPE_CHECKING:
@@ -212,3 +213,74 @@ def test_a_nodes_own_keys_join_the_cluster_and_a_revoked_one_stays_revoked(
     a_again = start_service(config_a)
     for node in (a_again, b):
         assert status(node, old_key) == 401
+
+
+def sandbox_on(node: ServiceHarness, team: str) -> str:
+    """A sandbox of `team` created at `node` itself, as another node forwards a create (recorded)."""
+    created = httpx.post(
+        f"{node.url}/sandboxes",
+        json={},
+        headers={TOKEN_HEADER: cluster_of(node).token, TEAM_HEADER: team},
+        trust_env=False,
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["sandboxID"])
+
+
+def test_the_admin_routes_and_the_dashboard_list_answer_for_every_node(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str],
+) -> None:
+    a, b, key = two_nodes
+    admin = {"X-API-KEY": a.admin_token}
+    team = next(k["team"] for k in httpx.get(f"{a.url}/cube/keys", headers=admin, trust_env=False).json())
+    on_a, on_b = sandbox_on(a, team), sandbox_on(b, team)
+    wait_for(a, lambda c: on_b in c.view.owners)
+    listed = httpx.get(f"{a.url}/cube/sandboxes", headers=admin, trust_env=False)
+    assert listed.status_code == 200, listed.text
+    assert {(s["sandboxID"], s["nodeID"]) for s in listed.json()} == {(on_a, "a"), (on_b, "b")}
+    newest = httpx.get(f"{a.url}/cube/sandboxes", params={"limit": 1}, headers=admin, trust_env=False).json()
+    assert [s["sandboxID"] for s in newest] == [on_b]  # created last, on the other node
+    one = httpx.get(f"{a.url}/cube/sandboxes/{on_b}", headers=admin, trust_env=False)
+    assert one.status_code == 200 and one.json()["sandboxID"] == on_b, one.text
+    assert one.json()["events"], one.text  # B's own record of it, events and all
+    # Ended on B: the admin at A reads B's own record of it (its end and why).
+    killed = httpx.delete(f"{a.url}/sandboxes/{on_b}", headers={"X-API-KEY": key}, trust_env=False)
+    assert killed.status_code == 204, killed.text
+    wait_for(a, lambda c: c.view.owners[on_b].ended_at > 0)
+    ended = httpx.get(f"{a.url}/cube/sandboxes/{on_b}", headers=admin, trust_env=False).json()
+    assert (ended["sandboxID"], ended["endReason"]) == (on_b, "killed by request"), ended
+    on_b = sandbox_on(b, team)  # a live one on B again, for the lists below
+    wait_for(a, lambda c: on_b in c.view.owners)
+    events = httpx.get(f"{a.url}/cube/events", headers=admin, trust_env=False).json()
+    assert {on_a, on_b} <= {e["sandboxID"] for e in events}
+    times = [e["at"] for e in events]
+    assert times == sorted(times, reverse=True)
+    for node in (a, b):  # a key is no admin at any node, and learns nothing of the other node
+        for path in ("/cube/sandboxes", f"/cube/sandboxes/{on_b}", "/cube/events"):
+            assert status(node, key, path) == 403, (node.config.node_id, path)
+
+    # The dashboard's sandbox list (and its metrics), signed in with the key at A: both nodes'.
+    # Another team, signed in at B: neither. The key revoked at B ends its session at A.
+    other = new_key(b, "other team")["key"]
+    until_status(a, other, 200)
+    for node, credential, shown in ((a, key, {on_a, on_b}), (b, other, set())):
+        with httpx.Client(base_url=node.url, trust_env=False, timeout=30) as dashboard:
+            assert dashboard.post("/dashboard/login", data={"credential": credential}).status_code == 303
+            seen = dashboard.get("/dashboard/api/sandboxes", params={"limit": 100, "state": "running"})
+            assert seen.status_code == 200, seen.text
+            assert {s["sandboxID"] for s in seen.json()} == shown
+            metrics = dashboard.get("/dashboard/api/sandboxes/metrics").json()["sandboxes"]
+            assert set(metrics) == shown
+            if credential == key:
+                key_id = next(
+                    k["id"]
+                    for k in httpx.get(f"{b.url}/cube/keys", headers={"X-API-KEY": b.admin_token}).json()
+                    if k["team"] == team
+                )
+                revoked = httpx.delete(f"{b.url}/cube/keys/{key_id}", headers={"X-API-KEY": b.admin_token})
+                assert revoked.status_code == 204
+                deadline = time.monotonic() + PROPAGATION_S
+                while (ended := dashboard.get("/dashboard/api/sandboxes")).status_code == 200:
+                    assert time.monotonic() < deadline, "the revoked key's session still works at A"
+                    time.sleep(0.05)
+                assert ended.status_code == 401, ended.text
