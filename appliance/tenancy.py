@@ -10,10 +10,36 @@ does not leak (E2B answers 404 the same way).
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from dataclasses import dataclass
 
 SYSTEM_TEAM = "system"
 LOCAL_DEV_TEAM = "local-dev"
+KEY_PREFIX = "e2b_"  # what E2B's SDKs accept: newer ones check `^e2b_[0-9a-f]+$` before any request
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + secrets.token_hex(20)  # 40 hex digits, like an E2B key
+
+
+def hash_api_key(key: str) -> str:
+    """Keys are 160-bit random secrets, so one SHA-256 is enough (no password stretching needed);
+    only this hash is ever stored (the node's SQLite, a cluster's etcd)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_prefix(key: str) -> str:
+    """The first characters of a key, shown in listings to tell keys apart."""
+    return key[: len(KEY_PREFIX) + 4]
+
+
+def new_key_id() -> str:
+    return secrets.token_hex(4)
+
+
+def new_team_id() -> str:
+    return "team-" + secrets.token_hex(4)
 
 
 def team_owns(team_id: str, owner: str) -> bool:

@@ -18,6 +18,8 @@
 #   --join ENDPOINTS [--advertise ADDR]   join the cluster whose etcd client URLs these are
 #                (http://10.0.0.1:2379,...); the token from --token-file FILE or CUBE_CLUSTER_TOKEN
 #   --node-id ID (default: the host name)   --token-file FILE (copied to /etc/cube/cluster-token)
+#   --join ... --etcd-member INITIAL_CLUSTER   also host a new member of the cluster's etcd (HA),
+#                after `etcdctl member add ID --peer-urls=http://ADDR:2380` (what it printed)
 #
 # Idempotent: every step checks before it acts, so running it twice is safe.
 # Big builds (UML kernel, default template) are cached under /var/cache/cube and
@@ -37,6 +39,7 @@ ETCD_ENDPOINTS=
 ADVERTISE=
 NODE_ID=
 TOKEN_SOURCE=
+ETCD_MEMBER=
 CLUSTER_OPTIONS=0
 
 while [ "$#" -gt 0 ]; do
@@ -55,7 +58,8 @@ while [ "$#" -gt 0 ]; do
     --advertise) ADVERTISE="${2:-}"; CLUSTER_OPTIONS=1; shift $(($# > 1)) ;;
     --node-id) NODE_ID="${2:-}"; CLUSTER_OPTIONS=1; shift $(($# > 1)) ;;
     --token-file) TOKEN_SOURCE="${2:-}"; CLUSTER_OPTIONS=1; shift $(($# > 1)) ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --etcd-member) ETCD_MEMBER="${2:-}"; CLUSTER_OPTIONS=1; shift $(($# > 1)) ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -69,13 +73,16 @@ case "$CLUSTER" in
   join) printf '%s\n' "$ETCD_ENDPOINTS" | grep -qE '^https?://[^,/ ]+:[0-9]+(,https?://[^,/ ]+:[0-9]+)*$' \
           || usage_error "--join needs etcd client URLs: http://HOST:PORT[,http://HOST:PORT...]" ;;
   "") if [ "$CLUSTER_OPTIONS" = 1 ]; then
-        usage_error "--advertise, --node-id and --token-file go with --cluster or --join"
+        usage_error "--advertise, --node-id, --token-file and --etcd-member go with --cluster or --join"
       fi ;;
   *) usage_error "bad cluster mode $CLUSTER" ;;
 esac
 if [ -n "$TOKEN_SOURCE" ]; then
   [ "$CLUSTER" = join ] || usage_error "--token-file goes with --join (a new cluster makes its own token)"
   [ -f "$TOKEN_SOURCE" ] && [ -r "$TOKEN_SOURCE" ] || usage_error "--token-file $TOKEN_SOURCE: no such readable file"
+fi
+if [ -n "$ETCD_MEMBER" ] && [ "$CLUSTER" != join ]; then
+  usage_error "--etcd-member goes with --join (--cluster makes the first member itself)"
 fi
 if [ -n "$ADVERTISE" ] && ! printf '%s\n' "$ADVERTISE" | grep -qE '^([0-9]{1,3}\.){3}[0-9]{1,3}$|:'; then
   usage_error "--advertise needs this node's IP address"
@@ -204,6 +211,7 @@ setup_cluster() {
   fi
   if [ "$CLUSTER" = new ]; then args+=(--new "$address"); else args+=(--join "$ETCD_ENDPOINTS" --node-address "$address"); fi
   [ -n "$NODE_ID" ] && args+=(--node-id "$NODE_ID")
+  [ -n "$ETCD_MEMBER" ] && args+=(--etcd-member "$ETCD_MEMBER")
   "$VENV/bin/cube" --config "$ETC/appliance.toml" node setup "${args[@]}" \
     --token-file "$ETC/cluster-token" --etcd-dir "$STATE/etcd" --etcd-config "$ETC/etcd.yaml" --etcd-unit "$ETCD_UNIT"
 }
@@ -410,7 +418,7 @@ fi
 KEY_FILE="$STATE/default-api-key"
 if [ "$START" = 1 ]; then
   stop_service
-  [ "$CLUSTER" != new ] || start_etcd
+  if [ "$CLUSTER" = new ] || [ -n "$ETCD_MEMBER" ]; then start_etcd; fi
   say "Starting the service"
   if have_systemd; then
     systemctl daemon-reload

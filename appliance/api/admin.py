@@ -8,10 +8,11 @@ from __future__ import annotations
 from quart import Response, request
 
 from appliance.api import validation as v
-from appliance.api.auth import Access, guarded
+from appliance.api.auth import Access, ApiKeys, guarded
 from appliance.api.bodies import admin_sandbox_body, event_body, json_response, no_content
-from appliance.api.errors import ApiError
+from appliance.api.errors import ApiError, error_response
 from appliance.api.services import services
+from appliance.cluster.etcd import EtcdUnavailable
 from appliance.cubelet.cubelet import rfc3339
 from appliance.records import DEAD, LIVE_STATES, PAUSED, RUNNING, ApiKeyRecord, SandboxQuery
 from appliance.tenancy import SYSTEM_TEAM
@@ -60,10 +61,21 @@ def key_body(key: ApiKeyRecord) -> dict[str, object]:
     }
 
 
+def api_keys() -> ApiKeys:
+    """This node's keys, or in a cluster every node's (kept in etcd: cluster/keys.py)."""
+    return services().auth.keys
+
+
+@blueprint.errorhandler(EtcdUnavailable)
+async def etcd_unavailable(exc: EtcdUnavailable) -> Response:
+    """A change to a cluster's keys while its etcd cannot be reached: nothing was changed."""
+    return error_response(503, f"the cluster's etcd is unavailable, retry later: {exc}")
+
+
 @blueprint.post("/cube/keys")
 async def create_key() -> Response:
     """A key in a team of its own, or (`team`) in an existing team, which it then shares."""
-    store = services().store
+    keys = api_keys()
     data = await v.request_object()
     name = data.get("name", "")
     if not isinstance(name, str) or not name.strip():
@@ -74,19 +86,19 @@ async def create_key() -> Response:
             raise ApiError(400, "'team' must be the id of an existing team")
         if team == SYSTEM_TEAM:
             raise ApiError(400, f"'{SYSTEM_TEAM}' is the admin's team; no API key can join it")
-        if not store.team_exists(team):
+        if not await keys.team_exists(team):
             raise ApiError(404, f"no team {team}: give a team that a key was created in (`cube keys list`)")
-    record, key = store.create_api_key(name.strip(), team)
+    record, key = await keys.create_api_key(name.strip(), team)
     return json_response({**key_body(record), "key": key}, status=201)
 
 
 @blueprint.get("/cube/keys")
 async def list_keys() -> Response:
-    return json_response([key_body(k) for k in services().store.list_api_keys()])
+    return json_response([key_body(k) for k in await api_keys().list_api_keys()])
 
 
 @blueprint.delete("/cube/keys/<key_id>")
 async def revoke_key(key_id: str) -> Response:
-    if not services().store.revoke_api_key(key_id):
+    if not await api_keys().revoke_api_key(key_id):
         raise ApiError(404, f"no active API key with id {key_id}")
     return no_content()

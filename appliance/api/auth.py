@@ -17,13 +17,14 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from quart import Blueprint, current_app, g, request
 
 from appliance.api.errors import ApiError
 from appliance.cluster.forwarding import forwarded_principal
 from appliance.config import Config
-from appliance.records import Store
+from appliance.records import ApiKeyRecord, Store
 from appliance.tenancy import ADMIN, LOCAL_DEV_TEAM, Principal, current_principal
 
 ADMIN_TOKEN_FILE = "admin-token"
@@ -90,6 +91,47 @@ def presented_key(headers: dict[str, str]) -> str:
     return ""
 
 
+class ApiKeys(Protocol):
+    """Where API keys (and so teams) live: this node's SQLite (`LocalKeys`), or in a cluster its
+    etcd (cluster/keys.py `ClusterKeys`), so that a key works at every node. Checked on every
+    request (no I/O: it must not wait); the admin's changes may wait on the store."""
+
+    def check_api_key(self, key: str) -> ApiKeyRecord | None: ...
+    def active_key(self, key_id: str) -> ApiKeyRecord | None: ...
+    async def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]: ...
+    async def team_exists(self, team_id: str) -> bool: ...
+    async def list_api_keys(self) -> list[ApiKeyRecord]: ...
+    async def revoke_api_key(self, key_id: str) -> bool: ...
+
+
+class LocalKeys:
+    """A single node's keys: its own store's."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def check_api_key(self, key: str) -> ApiKeyRecord | None:
+        return self.store.check_api_key(key)
+
+    def active_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The key with this id, unless revoked (a dashboard session names its key by id)."""
+        return next(
+            (k for k in self.store.list_api_keys() if k.key_id == key_id and k.revoked_at is None), None
+        )
+
+    async def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]:
+        return self.store.create_api_key(name, team_id)
+
+    async def team_exists(self, team_id: str) -> bool:
+        return self.store.team_exists(team_id)
+
+    async def list_api_keys(self) -> list[ApiKeyRecord]:
+        return self.store.list_api_keys()
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        return self.store.revoke_api_key(key_id)
+
+
 class Authenticator:
     def __init__(
         self,
@@ -100,7 +142,7 @@ class Authenticator:
     ) -> None:
         # Any key goes only while the service listens on loopback alone (checked at start too).
         self.local_dev = config.local_dev and is_loopback(config.api_host)
-        self.store = store
+        self.keys: ApiKeys = LocalKeys(store)  # a cluster node's are its etcd's (master/service.py)
         self.admin_token = admin_token
         # In a cluster: a caller another node authenticated (appliance/cluster/forwarding.py).
         self.cluster_token_check = cluster_token_check
@@ -116,7 +158,7 @@ class Authenticator:
             return None
         if hmac.compare_digest(key.encode(), self.admin_token.encode()):
             return ADMIN
-        record = self.store.check_api_key(key)
+        record = self.keys.check_api_key(key)
         if record is not None:
             return Principal(record.name, record.team_id)
         # local_dev: a web page the developer opens could reach a loopback port through
@@ -163,7 +205,9 @@ def access_of(blueprint: Blueprint) -> Access | None:
 
 __all__ = [
     "Access",
+    "ApiKeys",
     "Authenticator",
+    "LocalKeys",
     "Principal",
     "access_of",
     "check_local_dev_allowed",

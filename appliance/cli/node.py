@@ -164,13 +164,20 @@ def node_remove(config: Config, node_id: str, force: bool, undo: bool) -> None:
     default=Path("/etc/systemd/system") / ETCD_UNIT_NAME,
     show_default=True,
 )
+@click.option(
+    "--etcd-member",
+    metavar="INITIAL_CLUSTER",
+    help="--join: also host a new member of the cluster's etcd (HA); the ETCD_INITIAL_CLUSTER that"
+    " `etcdctl member add NODE_ID --peer-urls=http://NODE_ADDRESS:2380` printed.",
+)
 @click.option("--etcd-client-port", type=int, default=ETCD_CLIENT_PORT, show_default=True)
 @click.option("--etcd-peer-port", type=int, default=ETCD_PEER_PORT, show_default=True)
 @click.pass_obj
 def node_setup(config: Config, address: str | None, endpoints: str | None, **options: Any) -> None:
     """Write this node's cluster configuration (installer/install.sh --cluster / --join; the ISO's
     first boot): the cluster keys in the config file, the token file (0600; a new one for --new,
-    else --token-file or CUBE_CLUSTER_TOKEN), and for --new etcd's config and systemd unit.
+    else --token-file or CUBE_CLUSTER_TOKEN), and for --new (or --join --etcd-member) etcd's
+    config and systemd unit.
     Starts nothing. The token is never printed."""
     try:
         written = setup_node(config, _config_path(), address, endpoints, **options)

@@ -1,7 +1,7 @@
 """How one node speaks for a caller to another: the headers of a forwarded request.
 
-A node forwards a request only after it has authenticated the caller itself (API keys live in
-each node's own store). The request then carries the cluster token and the caller's team; the
+A node forwards a request only after it has authenticated the caller itself (against the
+cluster's keys, cluster/keys.py). The request then carries the cluster token and the caller's team; the
 receiving node believes the team only with the right token (`forwarded_principal`), handles the
 request itself and never forwards it again. A wrong token is refused with a 401 before anything
 else (proxy/node_hop.py). The token is never logged (ClusterSettings' repr leaves it out).

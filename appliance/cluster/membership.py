@@ -14,6 +14,8 @@ Keys (all under `/cube/`):
 - `/cube/removed/<node id>`: present once `cube node remove` took the node out: it leaves and
   does not join again while the key is there (`cube node remove --undo` deletes it).
 - `/cube/leader`: the elected leader's node id, created only if absent, under that node's lease.
+- `/cube/keys/<SHA-256 of an API key>`: the key's record (cluster/keys.py): its id, name, team,
+  prefix, when it was made and revoked; never the key itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdUnavailable, KeyValue, WatchEvent
+from appliance.records import ApiKeyRecord
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ DRAIN = b"/cube/drain/"
 SANDBOXES = b"/cube/sandboxes/"
 REMOVED = b"/cube/removed/"
 LEADER = b"/cube/leader"
+KEYS = b"/cube/keys/"
 WATCH_RETRY_S = 1.0
 
 
@@ -104,9 +108,31 @@ class SandboxOwner:
         )
 
 
+def encode_api_key(record: ApiKeyRecord) -> bytes:
+    """A key's record as etcd keeps it: no last-use time (not tracked across the cluster)."""
+    fields = asdict(record)
+    del fields["last_used_at"]
+    return json.dumps(fields, sort_keys=True).encode()
+
+
+def decode_api_key(data: bytes) -> ApiKeyRecord:
+    raw = json.loads(data)
+    revoked_at = raw.get("revoked_at")
+    return ApiKeyRecord(
+        key_id=str(raw["key_id"]),
+        name=str(raw["name"]),
+        prefix=str(raw["prefix"]),
+        created_at=float(raw["created_at"]),
+        revoked_at=float(revoked_at) if revoked_at is not None else None,
+        last_used_at=None,
+        team_id=str(raw["team_id"]),
+    )
+
+
 @dataclass
 class ClusterView:
-    """The nodes, the drained ones and the sandbox→node map, as etcd has them, kept by one watch."""
+    """The nodes, the drained ones, the sandbox→node map and the API keys, as etcd has them, kept
+    by one watch."""
 
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     drained: set[str] = field(default_factory=set)
@@ -116,6 +142,7 @@ class ClusterView:
     revision: int = 0
     # Each sandbox record's last write (its mod revision): a rewrite is compared with it.
     record_revisions: dict[str, int] = field(default_factory=dict)
+    api_keys: dict[str, ApiKeyRecord] = field(default_factory=dict)  # by the key's SHA-256
 
     def node_row(self, node: NodeRecord) -> dict[str, object]:
         """A node as `cube node list` and the dashboard show it: its record, state and sandboxes."""
@@ -136,6 +163,7 @@ class ClusterView:
         self.removed.clear()
         self.owners.clear()
         self.record_revisions.clear()
+        self.api_keys.clear()
         self.leader = ""
         for kv in kvs:
             self._apply(False, kv)
@@ -156,10 +184,11 @@ class ClusterView:
         if kv.key == LEADER:
             self.leader = "" if deleted else kv.value.decode(errors="replace")
             return
-        table: dict[str, NodeRecord] | dict[str, SandboxOwner] | set[str]
+        table: dict[str, NodeRecord] | dict[str, SandboxOwner] | dict[str, ApiKeyRecord] | set[str]
         for prefix, table, decode in (
             (NODES, self.nodes, NodeRecord.decode),
             (SANDBOXES, self.owners, SandboxOwner.decode),
+            (KEYS, self.api_keys, decode_api_key),
             (DRAIN, self.drained, None),
             (REMOVED, self.removed, None),
         ):

@@ -20,9 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import httpx
 import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdSecurity
+from appliance.cluster.fanout import NodeAnswer, ask_node
+from appliance.cluster.keys import ClusterKeys
 from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap, rewrite
 from appliance.cluster.membership import (
     ClusterView,
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 BEST_OF_K = 2  # placement samples this many fitting nodes and takes the one with most free memory
 LEAVE_TIMEOUT_S = 3.0
+ASK_TIMEOUT_S = 10.0  # another node's answer to a list (the dashboard's)
 
 
 class ClusterConfigError(Exception):
@@ -172,6 +176,10 @@ class ClusterNode:
         self.resolve = resolve  # a template name (alias, SDK default) as the caller means it
         self.etcd = etcd or EtcdClient(settings.endpoints, security=settings.security)
         self.view = ClusterView()
+        self.keys = ClusterKeys(self.etcd, self.view)  # the API keys of every node
+        # Lists asked of the other nodes for this node's own pages (the dashboard's); closed
+        # with the etcd client when the watch ends.
+        self.client = httpx.AsyncClient(timeout=ASK_TIMEOUT_S, trust_env=False, follow_redirects=False)
         self.api_url = settings.node_url
         self.lease_id = 0
         self.started_at = time.time()
@@ -203,12 +211,13 @@ class ClusterNode:
 
     async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the view until cancelled; started once it is loaded (before the API serves: no
-        request is placed on an empty view). Owns the etcd client: closed when it ends."""
+        request is placed on an empty view). Owns the etcd and node clients: closed when it ends."""
         try:
             await watch_view(self.etcd, self.view, task_status=task_status)
         finally:
             with trio.CancelScope(shield=True):
                 await self.etcd.aclose()
+                await self.client.aclose()
 
     async def publish(
         self, api_url: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -312,3 +321,17 @@ class ClusterNode:
             )
         else:
             self.view.owners.setdefault(sandbox_id, owner)  # before the watch brings it back
+
+    async def ask_others(self, principal: Principal, path: str, query: str) -> list[tuple[str, NodeAnswer]]:
+        """`GET path?query` as every other live node answers it for `principal` (those that do not
+        answer left out), by node id."""
+        answers = []
+        for node in sorted(self.view.nodes.values(), key=lambda n: n.node_id):
+            if node.node_id == self.node_id:
+                continue
+            answer = await ask_node(
+                self.client, self.token, node.node_id, node.api_url, path, query, principal
+            )
+            if answer is not None:
+                answers.append((node.node_id, answer))
+        return answers

@@ -5,7 +5,10 @@ without systemd.
 - a new cluster: this node hosts an etcd member: its config file (`etcd.yaml`: the v3 gRPC
   gateway enabled, which the appliance's client speaks; data under the appliance's state
   directory) and our systemd unit for it (`cube-etcd.service`), and a new cluster token;
-- joining: the etcd endpoints and the cluster token given (a file, or CUBE_CLUSTER_TOKEN);
+- joining: the etcd endpoints and the cluster token given (a file, or CUBE_CLUSTER_TOKEN); with
+  `--etcd-member INITIAL_CLUSTER` (what `etcdctl member add` printed) this node also hosts a new
+  member of the existing etcd cluster (HA: three members), its config and unit as for a new one,
+  `initial-cluster-state: existing`;
 - both: the cluster keys in appliance.toml, in a block of their own that a later setup replaces
   (an earlier assignment of the same key is commented out: TOML refuses a key twice).
 The token is written to a file only its owner can read and is never printed.
@@ -82,17 +85,41 @@ def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
+def check_initial_cluster(text: str, name: str, peer: str) -> str:
+    """`etcdctl member add`'s ETCD_INITIAL_CLUSTER (`name=http://HOST:PORT,...`): well formed and
+    naming this member at its own peer URL (else etcd would refuse to start, or join as another)."""
+    members = {}
+    for part in (p.strip() for p in text.strip().strip('"').split(",") if p.strip()):
+        member, _, url = part.partition("=")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise SetupError(f"bad --etcd-member entry {part!r}: {exc}") from exc
+        if not _NODE_ID.match(member) or parts.scheme not in ("http", "https") or port is None:
+            raise SetupError(f"bad --etcd-member entry {part!r}: use NAME=http://HOST:PORT,...")
+        members[member] = url.rstrip("/")
+    if members.get(name) != peer:
+        raise SetupError(
+            f"--etcd-member must name this member {name}={peer} (run `etcdctl member add {name}"
+            f" --peer-urls={peer}` and pass the ETCD_INITIAL_CLUSTER it prints)"
+        )
+    return ",".join(f"{member}={url}" for member, url in members.items())
+
+
 def etcd_config_text(
     name: str,
     data_dir: Path,
     address: str,
     client_port: int = ETCD_CLIENT_PORT,
     peer_port: int = ETCD_PEER_PORT,
+    initial_cluster: str | None = None,
 ) -> str:
     """etcd 3.4's config file for the first member of a new cluster at `address` (also serving
-    clients on loopback). From a config file etcd serves the JSON gateway only when told to."""
+    clients on loopback), or with `initial_cluster` (`etcdctl member add`'s) a member added to an
+    existing one. From a config file etcd serves the JSON gateway only when told to."""
     client = f"http://{_host(address)}:{client_port}"
-    peer = f"http://{_host(address)}:{peer_port}"
+    peer = etcd_peer_url(address, peer_port)
     listen_clients = (
         client if ipaddress.ip_address(address).is_loopback else f"{client},http://127.0.0.1:{client_port}"
     )
@@ -103,14 +130,18 @@ def etcd_config_text(
         "advertise-client-urls": client,
         "listen-peer-urls": peer,
         "initial-advertise-peer-urls": peer,
-        "initial-cluster": f"{name}={peer}",
-        "initial-cluster-state": "new",
+        "initial-cluster": initial_cluster or f"{name}={peer}",
+        "initial-cluster-state": "existing" if initial_cluster else "new",
         "initial-cluster-token": f"cube-{name}",
         "enable-grpc-gateway": True,
     }
     lines = ["# etcd member of the Cube appliance's cluster (docs/CLUSTER.md); written by `cube node setup`."]
     lines += [f"{key}: {json.dumps(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def etcd_peer_url(address: str, peer_port: int = ETCD_PEER_PORT) -> str:
+    return f"http://{_host(address)}:{peer_port}"
 
 
 def etcd_unit_text(etcd: Path, config_file: Path, data_dir: Path) -> str:
@@ -223,6 +254,7 @@ def setup_node(
     etcd_unit: Path = Path("/etc/systemd/system") / ETCD_UNIT_NAME,
     etcd_client_port: int = ETCD_CLIENT_PORT,
     etcd_peer_port: int = ETCD_PEER_PORT,
+    etcd_member: str | None = None,
 ) -> list[str]:
     """Write what the node needs (module docstring); what was written, one line each."""
     config_path = config_path.resolve()  # the file an operator's link names (the ISO's /etc/cube)
@@ -240,15 +272,24 @@ def setup_node(
         endpoint_list = [f"http://{_host(address)}:{etcd_client_port}"]
     else:
         endpoint_list = parse_endpoints(endpoints or "")
+    initial_cluster = None
+    if etcd_member is not None:
+        if address is not None:
+            raise SetupError("--etcd-member goes with --join (--new makes the first member itself)")
+        initial_cluster = check_initial_cluster(etcd_member, name, etcd_peer_url(reached_at, etcd_peer_port))
     etc = config_path.parent
     token_file = token_file or etc / "cluster-token"
     _token(token_file, generate=address is not None)
     written = [f"cluster token: {token_file} (0600)"]
-    if address is not None:
+    member_at = address or (reached_at if initial_cluster else None)
+    if member_at is not None:
         data_dir = etcd_dir or config.state_dir / "etcd"
         config_file = etcd_config or etc / "etcd.yaml"
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_public(config_file, etcd_config_text(name, data_dir, address, etcd_client_port, etcd_peer_port))
+        rendered = etcd_config_text(
+            name, data_dir, member_at, etcd_client_port, etcd_peer_port, initial_cluster
+        )
+        write_public(config_file, rendered)
         etcd = Path(shutil.which("etcd") or "/usr/bin/etcd")
         write_public(etcd_unit, etcd_unit_text(etcd, config_file, data_dir))
         written += [f"etcd config: {config_file} (data in {data_dir})", f"etcd unit: {etcd_unit}"]

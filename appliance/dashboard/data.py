@@ -21,6 +21,8 @@ from appliance.api.bodies import admin_sandbox_body, event_body, json_response, 
 from appliance.api.errors import ApiError
 from appliance.api.sandboxes import owned_record
 from appliance.api.services import services
+from appliance.cluster.fanout import NodeAnswer
+from appliance.cluster.pages import merge_pages
 from appliance.dashboard.pages import blueprint
 from appliance.dashboard.stats import overview
 from appliance.templates.api import Refused
@@ -55,14 +57,44 @@ async def overview_data() -> Response:
 # Sandboxes.
 
 
+async def other_nodes(here: Response, path: str) -> tuple[str, list[tuple[str, NodeAnswer]]] | None:
+    """In a cluster, `path` with this request's query as every other live node answers it for the
+    signed-in principal (the node hop does so for the API's lists; the dashboard's come here
+    with a session, not a key), with this node's id; None for a single node, or when this node
+    refused the request."""
+    cluster = services().cluster
+    if cluster is None or here.status_code != 200:
+        return None
+    query = request.query_string.decode("latin-1")
+    return cluster.node_id, await cluster.ask_others(current_principal(), path, query)
+
+
 @blueprint.get("/api/sandboxes")
 async def sandboxes() -> Response:
-    return await call_api("sandbox_info.list_v2")
+    """The first page of the caller's sandboxes: in a cluster, every node's merged."""
+    here = await call_api("sandbox_info.list_v2")
+    cluster = await other_nodes(here, "/v2/sandboxes")
+    if cluster is None:
+        return here
+    this_node, others = cluster
+    pages = {this_node: await here.get_json()}
+    pages.update((node_id, answer.records(node_id)) for node_id, answer in others)
+    limit = v.parse_limit(request.args.get("limit"))
+    shown, _ = merge_pages(pages, request.args.get("order", "desc") != "asc", limit)
+    return json_response(shown)
 
 
 @blueprint.get("/api/sandboxes/metrics")
 async def sandboxes_metrics() -> Response:
-    return await call_api("sandbox_info.metrics_many")
+    here = await call_api("sandbox_info.metrics_many")
+    cluster = await other_nodes(here, "/sandboxes/metrics")
+    if cluster is None:
+        return here
+    _, others = cluster
+    merged = dict((await here.get_json())["sandboxes"])
+    for node_id, answer in others:
+        merged.update(answer.metrics(node_id))
+    return json_response({"sandboxes": merged})
 
 
 @blueprint.get("/api/sandboxes/<sandbox_id>")
@@ -141,7 +173,8 @@ async def keys() -> Response:
     principal = current_principal()
     if principal.is_admin:
         return await call_api("admin.list_keys")
-    return json_response([key_body(k) for k in services().store.list_api_keys() if principal.owns(k.team_id)])
+    listed = await services().auth.keys.list_api_keys()
+    return json_response([key_body(k) for k in listed if principal.owns(k.team_id)])
 
 
 @blueprint.post("/api/keys")

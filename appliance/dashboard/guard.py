@@ -46,7 +46,7 @@ def sessions() -> Sessions:
     found = current_app.extensions.get(SESSIONS)
     if found is None:
         s = services()
-        found = Sessions(session_key(s.config.state_dir), s.store, s.auth.admin_token)
+        found = Sessions(session_key(s.config.state_dir), s.auth.keys, s.auth.admin_token)
         current_app.extensions[SESSIONS] = found
     assert isinstance(found, Sessions)
     return found

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.records import Store
+from appliance.api.auth import ApiKeys
 from appliance.tenancy import ADMIN, Principal
 
 SESSION_KEY_FILE = "dashboard-session-key"
@@ -70,11 +70,13 @@ class Session:
 
 
 class Sessions:
-    """Issues and checks session cookies; `store` and `admin_token` are the API's own."""
+    """Issues and checks session cookies; `keys` and `admin_token` are the API's own (in a cluster,
+    its keys are every node's: a session opens with a key made at any node and ends with its
+    revocation at any node)."""
 
-    def __init__(self, key: bytes, store: Store, admin_token: str) -> None:
+    def __init__(self, key: bytes, keys: ApiKeys, admin_token: str) -> None:
         self._key = key
-        self._store = store
+        self._keys = keys
         self._admin_token = admin_token
 
     def _sign(self, purpose: bytes, payload: bytes) -> str:
@@ -85,7 +87,7 @@ class Sessions:
         if hmac.compare_digest(credential.encode(), self._admin_token.encode()):
             who = "admin:" + _fingerprint(self._admin_token)
         else:
-            record = self._store.check_api_key(credential)
+            record = self._keys.check_api_key(credential)
             if record is None:
                 return None
             who = "key:" + record.key_id
@@ -112,10 +114,8 @@ class Sessions:
         kind, _, ident = who.partition(":")
         if kind == "admin":
             return ADMIN if hmac.compare_digest(ident, _fingerprint(self._admin_token)) else None
-        for record in self._store.list_api_keys():
-            if kind == "key" and record.key_id == ident and record.revoked_at is None:
-                return Principal(record.name, record.team_id)
-        return None
+        record = self._keys.active_key(ident) if kind == "key" else None
+        return Principal(record.name, record.team_id) if record is not None else None
 
     def csrf_token(self, session: Session) -> str:
         return self._sign(b"csrf", session.nonce.encode())

@@ -195,6 +195,7 @@ async def _watch_cluster(
     cubelet: Cubelet,
     registry: TemplateRegistry,
     services: Services,
+    store: SqliteStore,
     nursery: trio.Nursery,
 ) -> ClusterNode | None:
     """In a cluster (etcd_endpoints set): this node's watched view of the others, loaded before
@@ -205,6 +206,12 @@ async def _watch_cluster(
     services.auth.cluster_token_check = cluster.verify_token
     services.cluster = cluster
     await nursery.start(cluster.watch)
+    # API keys are the cluster's (cluster/keys.py): this node's own join them, then every
+    # node's work here.
+    published = await cluster.keys.publish(store.api_keys_with_hashes())
+    if published:
+        log.info("cluster: this node's %d API keys published to the cluster", published)
+    services.auth.keys = cluster.keys
     return cluster
 
 
@@ -265,7 +272,7 @@ async def run_service(
                 volumes=VolumeStore(config.state_dir, config.volume_max_mb << 20),
                 builds=builds,
             )
-            cluster = await _watch_cluster(cluster_settings, cubelet, registry, services, nursery)
+            cluster = await _watch_cluster(cluster_settings, cubelet, registry, services, store, nursery)
             # Any key may build; what a build sees and makes is its team's (templates/api.py).
             blueprints = [protect(create_build_blueprint(builds), Access.KEY), *dashboard_blueprints()]
             blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]

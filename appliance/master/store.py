@@ -8,9 +8,7 @@ backend (etcd) implements the same methods.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -25,9 +23,8 @@ from appliance.records import (
     SandboxRecord,
     TemplateManifest,
 )
-from appliance.tenancy import SYSTEM_TEAM
+from appliance.tenancy import SYSTEM_TEAM, hash_api_key, key_prefix, new_api_key, new_key_id, new_team_id
 
-KEY_PREFIX = "e2b_"  # what E2B's SDKs accept: newer ones check `^e2b_[0-9a-f]+$` before any request
 _KEY_COLUMNS = "key_id, name, prefix, created_at, revoked_at, last_used_at, team_id"  # ApiKeyRecord's order
 IDEMPOTENCY_TTL_S = 24 * 3600
 LAST_USED_RESOLUTION_S = 60.0  # a key's last-use time is written at most this often
@@ -150,11 +147,6 @@ def migrate(db: sqlite3.Connection, path: Path, migrations: Sequence[Migration] 
         applied.append(current + 1)
 
 
-def hash_api_key(key: str) -> str:
-    """Keys are 128-bit random secrets, so one SHA-256 is enough (no password stretching needed)."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 def _record_to_json(record: SandboxRecord) -> str:
     return json.dumps(record.__dict__, sort_keys=True)
 
@@ -265,15 +257,15 @@ class SqliteStore:
 
     def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]:
         """A new key in `team_id` (an existing team: the caller checks), else in a team of its own."""
-        key = KEY_PREFIX + secrets.token_hex(20)  # 40 hex digits, like an E2B key
+        key = new_api_key()
         record = ApiKeyRecord(
-            key_id=secrets.token_hex(4),
+            key_id=new_key_id(),
             name=name,
-            prefix=key[: len(KEY_PREFIX) + 4],
+            prefix=key_prefix(key),
             created_at=time.time(),
             revoked_at=None,
             last_used_at=None,
-            team_id=team_id or "team-" + secrets.token_hex(4),
+            team_id=team_id or new_team_id(),
         )
         self._db.execute(
             "INSERT INTO api_keys(key_id, name, prefix, key_hash, created_at, team_id)"
@@ -281,6 +273,12 @@ class SqliteStore:
             (record.key_id, record.name, record.prefix, hash_api_key(key), record.created_at, record.team_id),
         )
         return record, key
+
+    def api_keys_with_hashes(self) -> list[tuple[str, ApiKeyRecord]]:
+        """Every key with its hash: what a node joining a cluster publishes (cluster/keys.py)."""
+        sql = f"SELECT key_hash, {_KEY_COLUMNS} FROM api_keys ORDER BY created_at"
+        rows = self._db.execute(sql).fetchall()
+        return [(row[0], ApiKeyRecord(*row[1:])) for row in rows]
 
     def team_exists(self, team_id: str) -> bool:
         return self._db.execute("SELECT 1 FROM api_keys WHERE team_id = ?", (team_id,)).fetchone() is not None

@@ -8,7 +8,9 @@ Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 - a create is placed (`ClusterNode.placement`) and, placed elsewhere, forwarded there; a node
   that cannot be reached is skipped for the next; the node that runs it first pulls the template
   from another node if it lacks it (cluster/templates.py, whose two endpoints it serves here);
-- a list merges every live node's own list; `/v2/sandboxes` page by page (cluster/pages.py).
+- a list merges every live node's own list; `/v2/sandboxes` page by page (cluster/pages.py);
+  so do the admin's `/cube/sandboxes` and `/cube/events`, and `/cube/sandboxes/<id>` goes to the
+  sandbox's node.
 A request carrying the cluster token came from another node: it is handled here and never
 forwarded again (no loops, whatever the views say); a wrong token is a 401.
 A sandbox whose node left the cluster (its lease expired) is reported ended, naming the node.
@@ -22,7 +24,6 @@ import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -30,6 +31,7 @@ import httpx
 import trio
 
 from appliance.cluster.etcd import EtcdError
+from appliance.cluster.fanout import NodeAnswer, ask_node, latest_first
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, forwarded_principal, principal_headers
 from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
 from appliance.cluster.node import ClusterNode
@@ -46,6 +48,8 @@ COLLECTION = frozenset({"/sandboxes", "/v2/sandboxes"})
 SHARE_PREFIX = "/cube/cluster/"  # templates for the other nodes (cluster/templates.py)
 NOT_SANDBOX_IDS = frozenset({"metrics"})  # /sandboxes/metrics: every node's, merged (_metrics_many)
 METRICS_MANY = "/sandboxes/metrics"
+ADMIN_SANDBOX = re.compile(r"^/cube/sandboxes/([^/]+)$")
+ADMIN_LISTS = {"/cube/sandboxes": "startedAt", "/cube/events": "at"}  # each merged by its time
 MAX_CREATE_BODY = 1024 * 1024
 CONNECT_TIMEOUT_S = 5.0
 # A forwarded API call (a create boots a guest: minutes on an emulated host) answers within this;
@@ -97,7 +101,8 @@ class NodeHop:
             return await self._to_owner(target.sandbox_id, None, scope, receive, send, headers)
         path = scope["path"]
         call = SANDBOX_CALL.match(path)
-        principal = self.authenticate(headers) if call or path in COLLECTION else None
+        admin_call = ADMIN_SANDBOX.match(path) or path in ADMIN_LISTS
+        principal = self.authenticate(headers) if call or path in COLLECTION or admin_call else None
         if principal is None:
             return await self._here(scope, receive, send, headers)
         return await self._for_caller(principal, call, scope, receive, send, headers)
@@ -115,6 +120,11 @@ class NodeHop:
         path, method = scope["path"], scope["method"]
         if path == METRICS_MANY and method == "GET":
             return await self._metrics_many(principal, scope, receive, send)
+        if principal.is_admin and method == "GET" and path in ADMIN_LISTS:
+            return await self._admin_list(principal, scope, receive, send)
+        admin_sandbox = ADMIN_SANDBOX.match(path)
+        if principal.is_admin and method == "GET" and admin_sandbox:
+            return await self._admin_sandbox(admin_sandbox.group(1), principal, scope, receive, send, headers)
         if call and call.group(1) not in NOT_SANDBOX_IDS:
             return await self._to_owner(call.group(1), principal, scope, receive, send, headers)
         if path in COLLECTION and method == "POST":
@@ -314,13 +324,53 @@ class NodeHop:
         body = json.dumps({"sandboxes": merged}).encode()
         await send_whole(send, 200, [(b"content-type", b"application/json")], body)
 
+    async def _admin_sandbox(
+        self,
+        sandbox_id: str,
+        principal: Principal,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+    ) -> None:
+        """The admin's `/cube/sandboxes/<id>`: the record of the node it ran on while that node is in
+        the cluster (ended ones too: their end, console log and events are there)."""
+        owner = None if self.node.cubelet.live(sandbox_id) is not None else self.node.owner(sandbox_id)
+        node = (
+            None
+            if owner is None or owner.node_id == self.node.node_id
+            else self.node.view.nodes.get(owner.node_id)
+        )
+        if node is None:
+            return await self._to_owner(sandbox_id, principal, scope, receive, send, headers)
+        if not await self._forward_whole(node, principal, scope, b"", send):
+            await send_json_error(
+                send, 502, f"node {node.node_id}, which ran sandbox {sandbox_id}, is unreachable"
+            )
+
+    async def _admin_list(self, principal: Principal, scope: Scope, receive: Receive, send: Send) -> None:
+        """The admin's `/cube/sandboxes` and `/cube/events`: every live node's, each item naming its
+        node, merged newest first; `?limit=` holds for the merged list."""
+        refused, answers = await self._every_node(principal, scope, receive)
+        if refused is not None:
+            return await send_whole(send, refused.status, refused.headers, refused.body)
+        merged = [
+            {**item, "nodeID": node_id} for node_id, answer in answers for item in answer.records(node_id)
+        ]
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        limit_text = (query.get("limit") or [""])[0]
+        shown = latest_first(
+            merged, ADMIN_LISTS[scope["path"]], int(limit_text) if limit_text.isdigit() else None
+        )
+        await send_whole(send, 200, [(b"content-type", b"application/json")], json.dumps(shown).encode())
+
     async def _every_node(
         self, principal: Principal, scope: Scope, receive: Receive
-    ) -> tuple[_Listed | None, list[tuple[str, _Listed]]]:
+    ) -> tuple[NodeAnswer | None, list[tuple[str, NodeAnswer]]]:
         """The caller's GET as every live node answers it (unreachable ones left out), or this
         node's own answer first when it refused it (the request's own error, sent back as it is)."""
         query = scope.get("query_string", b"").decode("latin-1")
-        answers: list[tuple[str, _Listed]] = []
+        answers: list[tuple[str, NodeAnswer]] = []
         for node_id, api_url in self._listing_nodes():
             listed = await self._list_at(node_id, api_url, principal, scope, receive, query)
             if listed is None:
@@ -341,7 +391,7 @@ class NodeHop:
         limit_text = (query.get("limit") or [""])[0]
         newest_first = (query.get("order") or ["desc"])[0] != "asc"
         pages: dict[str, list[Any]] = {}
-        listed_at: dict[str, tuple[str, _Listed]] = {}
+        listed_at: dict[str, tuple[str, NodeAnswer]] = {}
         next_cursors: dict[str, str | None] = {}
         for node_id, api_url in self._listing_nodes():
             cursor = next_cursors[node_id] = cursors.get(node_id)
@@ -381,10 +431,10 @@ class NodeHop:
 
     async def _list_at(
         self, node_id: str, api_url: str, principal: Principal, scope: Scope, receive: Receive, query: str
-    ) -> _Listed | None:
+    ) -> NodeAnswer | None:
         """A list as node `node_id` answers it for the caller with `query`; None if unreachable."""
         if node_id == self.node.node_id:
-            listed = _Listed(0, [], b"")
+            listed = NodeAnswer(0, [], b"")
 
             async def collect(message: Message) -> None:
                 if message["type"] == "http.response.start":
@@ -394,16 +444,7 @@ class NodeHop:
 
             await self.app({**scope, "query_string": query.encode()}, _replaying(b"", receive), collect)
             return listed
-        try:
-            response = await self.client.get(
-                api_url + scope["path"],
-                params=query or None,
-                headers=[(k.decode(), v.decode()) for k, v in principal_headers(self.node.token, principal)],
-            )
-        except httpx.HTTPError as exc:
-            log.warning("cluster: node %s did not answer the list: %r", node_id, exc)
-            return None
-        return _Listed(response.status_code, list(response.headers.raw), response.content)
+        return await ask_node(self.client, self.node.token, node_id, api_url, scope["path"], query, principal)
 
     async def _forward_whole(
         self, node: NodeRecord, principal: Principal, scope: Scope, body: bytes, send: Send
@@ -478,42 +519,6 @@ class NodeHop:
         finally:
             await response.aclose()
         return True
-
-
-@dataclass
-class _Listed:
-    """A node's answer to a list."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-    @property
-    def next_token(self) -> str | None:
-        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == b"x-next-token"), None)
-
-    def _json(self) -> Any:
-        try:
-            return json.loads(self.body) if self.status == 200 else None
-        except ValueError:
-            return None
-
-    def records(self, node_id: str) -> list[Any]:
-        """Its sandboxes; none if it answered otherwise (logged)."""
-        records = self._json()
-        if not isinstance(records, list):
-            log.warning("cluster: node %s answered the list %d", node_id, self.status)
-            return []
-        return records
-
-    def metrics(self, node_id: str) -> dict[str, Any]:
-        """Its sandboxes' metrics by id (`/sandboxes/metrics`); none if it answered otherwise (logged)."""
-        answer = self._json()
-        found = answer.get("sandboxes") if isinstance(answer, dict) else None
-        if not isinstance(found, dict):
-            log.warning("cluster: node %s answered the metrics %d", node_id, self.status)
-            return {}
-        return found
 
 
 def _page_query(query: dict[str, list[str]], cursor: str | None) -> str:

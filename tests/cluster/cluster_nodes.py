@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from click.testing import CliRunner
 
 from appliance.cli.main import main
 from appliance.cluster.node import ClusterNode
 from appliance.config import Config
-from appliance.records import TemplateManifest
+from appliance.records import ROOTFS_NAME, TemplateManifest
 
 if TYPE_CHECKING:
     from conftest import EtcdCluster, ServiceHarness
 
 VIEW_WAIT_S = 30.0  # a watch event on a loaded host
+MIB = 1 << 20
 
 
 def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token_file: Path) -> Config:
@@ -66,3 +69,37 @@ def cube_node(node: ServiceHarness, *args: str, exit_code: int = 0) -> Any:
     )
     assert result.exit_code == exit_code, result.output
     return json.loads(result.output) if "--json" in args and exit_code == 0 else result.output
+
+
+def make_template(node: ServiceHarness, template_id: str, alias: str, owner: str) -> Path:
+    """A template on `node` only: a sparse image (data, a hole of 4 MiB, data at its end)."""
+    directory = node.config.templates_dir / template_id
+    directory.mkdir(parents=True)
+    with (directory / ROOTFS_NAME).open("wb") as image:
+        image.write(os.urandom(MIB + 123))
+        image.seek(5 * MIB)
+        image.write(os.urandom(MIB // 2) + b"end of " + template_id.encode())
+    TemplateManifest(
+        template_id=template_id,
+        directory=directory,
+        aliases=(alias,),
+        memory_mb=128,
+        created_at="2026-12-07T00:00:00Z",
+        owner=owner,
+    ).save()
+    return directory / ROOTFS_NAME
+
+
+def new_key(node: ServiceHarness, name: str) -> dict[str, Any]:
+    made = httpx.post(
+        f"{node.url}/cube/keys", json={"name": name}, headers={"X-API-KEY": node.admin_token}, trust_env=False
+    )
+    assert made.status_code == 201, made.text
+    return dict(made.json())
+
+
+def publish_templates(node: ServiceHarness) -> None:
+    """What a build does when it publishes: the node's registry reads its templates again (its
+    next membership tick puts them into its record)."""
+    listed = httpx.get(f"{node.url}/templates", headers={"X-API-KEY": node.admin_token}, trust_env=False)
+    assert listed.status_code == 200, listed.text

@@ -131,8 +131,9 @@ def test_sdk_through_a_reaches_a_sandbox_on_b_and_b_killed_ends_it(
     sandbox = Sandbox.create(timeout=600)
     with b.admin() as admin_b:
         assert admin_b.get(f"/sandboxes/{sandbox.sandbox_id}").status_code == 200  # it runs on B
-    with a.admin() as admin_a:
-        assert admin_a.get(f"/cube/sandboxes/{sandbox.sandbox_id}").status_code == 404  # not on A
+    assert owner_of(nodes, sandbox.sandbox_id) == "b"  # every node's admin list says so
+    with a.admin() as admin_a:  # B's own record of it, through A
+        assert admin_a.get(f"/cube/sandboxes/{sandbox.sandbox_id}").json()["sandboxID"] == sandbox.sandbox_id
     ran = sandbox.commands.run("echo from $(hostname) && id -un")
     assert ran.exit_code == 0 and ran.stdout.splitlines()[-1] == "user", ran
 
@@ -187,11 +188,12 @@ def test_full_three_nodes_over_three_etcd_members(
 
 
 def owner_of(nodes: dict[str, PrivateService], sandbox_id: str) -> str:
-    """The node whose own store has the sandbox running."""
-    running = []
-    for node_id, node in nodes.items():
+    """The node running the sandbox, as every node's admin list (merged across the cluster, each
+    sandbox naming its node) has it: they must agree on exactly one."""
+    named = []
+    for node in nodes.values():
         with node.admin() as admin:
-            if admin.get(f"/cube/sandboxes/{sandbox_id}").status_code == 200:
-                running.append(node_id)
-    assert len(running) == 1, running
-    return running[0]
+            listed = admin.get("/cube/sandboxes").json()
+            named += [s["nodeID"] for s in listed if s["sandboxID"] == sandbox_id]
+    assert len(named) == len(nodes) and len(set(named)) == 1, named
+    return named[0]

@@ -6,6 +6,7 @@ file serves the JSON gateway the appliance's client speaks."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -15,6 +16,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -43,6 +45,8 @@ INSTALLER = REPO / "installer" / "install.sh"
         (["--cluster", "--advertise", "node-a"], "--advertise needs this node's IP address"),
         (["--cluster", "--token-file", "/etc/hostname"], "--token-file goes with --join"),
         (["--join", "http://10.0.0.1:2379", "--token-file", "/nonexistent"], "no such readable file"),
+        (["--cluster", "--etcd-member", "n1=http://10.0.0.1:2380"], "--etcd-member goes with --join"),
+        (["--etcd-member", "n1=http://10.0.0.1:2380"], "go with --cluster or --join"),
     ],
 )
 def test_the_installer_refuses_wrong_cluster_options_before_doing_anything(
@@ -108,26 +112,7 @@ def test_a_new_cluster_s_config_etcd_file_and_unit(tmp_path: Path) -> None:
     assert config.read_text().count(BLOCK_BEGIN) == 1 and token_file.read_text().strip() == token
 
     # etcd from the rendered file serves the JSON gateway (etcd 3.4 needs it enabled in a file).
-    etcd = subprocess.Popen(
-        [shutil.which("etcd") or "/usr/bin/etcd", "--config-file", str(paths["--etcd-config"])],
-        stdout=(tmp_path / "etcd.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert etcd.poll() is None, (tmp_path / "etcd.log").read_text()[-2000:]
-            try:
-                if (
-                    httpx.get(f"http://127.0.0.1:{client_port}/health", trust_env=False).json()["health"]
-                    == "true"
-                ):
-                    break
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "etcd.log").read_text()[-2000:]
-            time.sleep(0.1)
+    with etcd_from(paths["--etcd-config"], client_port, tmp_path / "etcd.log"):
 
         async def put_and_get() -> bytes | None:
             async with EtcdClient(settings.endpoints) as client:
@@ -136,9 +121,94 @@ def test_a_new_cluster_s_config_etcd_file_and_unit(tmp_path: Path) -> None:
                 return found.value if found else None
 
         assert trio.run(put_and_get) == b"works"
+
+
+@contextlib.contextmanager
+def etcd_from(config_file: Path, client_port: int, log: Path) -> Iterator[None]:
+    """etcd started from `config_file`, healthy on `client_port`; stopped when the block ends."""
+    etcd = subprocess.Popen(
+        [shutil.which("etcd") or "/usr/bin/etcd", "--config-file", str(config_file)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert etcd.poll() is None, log.read_text()[-2000:]
+            try:
+                if (
+                    httpx.get(f"http://127.0.0.1:{client_port}/health", trust_env=False).json()["health"]
+                    == "true"
+                ):
+                    break
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        yield
     finally:
         etcd.terminate()
         etcd.wait(timeout=30)
+
+
+def test_a_joining_node_hosts_a_new_member_of_the_etcd_cluster(etcd_of: Any, tmp_path: Path) -> None:
+    """`--join --etcd-member` (HA): after `etcdctl member add`, the joining node's etcd starts from
+    the rendered file as a member of the existing cluster and serves its data; a wrong
+    INITIAL_CLUSTER is refused before anything is written."""
+    first = etcd_of.members[0]
+    config = tmp_path / "etc" / "appliance.toml"
+    config.parent.mkdir()
+    shutil.copy(REPO / "installer" / "appliance.toml", config)
+    client_port, peer_port = free_ports(2, range(32_000, 32_700))
+    peer = f"http://127.0.0.1:{peer_port}"
+    paths = {
+        "--token-file": tmp_path / "etc" / "cluster-token",
+        "--etcd-dir": tmp_path / "state" / "etcd",
+        "--etcd-config": tmp_path / "etc" / "etcd.yaml",
+        "--etcd-unit": tmp_path / "units" / "cube-etcd.service",
+    }
+    options = [str(x) for pair in paths.items() for x in pair]
+    options += ["--etcd-client-port", str(client_port), "--etcd-peer-port", str(peer_port)]
+    join = ["--join", first.client_url, "--node-address", "127.0.0.1", "--node-id", "n2", *options]
+    env = {"CUBE_CLUSTER_TOKEN": "t" * 40}
+    for wrong in (f"m0={first.peer_url}", f"m0={first.peer_url},n2=http://127.0.0.1:1", "n2"):
+        refused = setup(config, *join, "--etcd-member", wrong, env=env, exit_code=1)
+        assert "--etcd-member" in refused
+    refused = setup(config, "--new", "127.0.0.1", "--etcd-member", f"n2={peer}", env=env, exit_code=1)
+    assert "--etcd-member goes with --join" in refused
+    assert not paths["--etcd-config"].exists() and not paths["--token-file"].exists()
+
+    added = httpx.post(
+        f"{first.client_url}/v3/cluster/member/add", json={"peerURLs": [peer]}, trust_env=False
+    )
+    assert added.status_code == 200, added.text
+    setup(config, *join, "--etcd-member", f'"m0={first.peer_url},n2={peer}"', env=env)
+    rendered = paths["--etcd-config"].read_text()
+    assert 'initial-cluster-state: "existing"' in rendered
+    assert f'initial-cluster: "m0={first.peer_url},n2={peer}"' in rendered
+    assert f"--config-file {paths['--etcd-config']}" in paths["--etcd-unit"].read_text()
+
+    async def put_at_first_get_at_new() -> bytes | None:
+        async with (
+            EtcdClient([first.client_url]) as old,
+            EtcdClient([f"http://127.0.0.1:{client_port}"]) as new,
+        ):
+            await old.put(b"/cube/ha-test", b"replicated")
+            found = await new.get(b"/cube/ha-test")
+            return found.value if found else None
+
+    with etcd_from(paths["--etcd-config"], client_port, tmp_path / "etcd.log"):
+        assert trio.run(put_at_first_get_at_new) == b"replicated"
+        # The new member publishes its name through the cluster once it runs (bounded: a raft write).
+        deadline = time.monotonic() + 30
+        while True:
+            members = httpx.post(f"{first.client_url}/v3/cluster/member/list", json={}, trust_env=False)
+            names = sorted(m.get("name", "") for m in members.json()["members"])
+            if names == ["m0", "n2"]:
+                break
+            assert time.monotonic() < deadline, members.text
+            time.sleep(0.1)
 
 
 def test_joining_needs_the_token_and_valid_endpoints_and_never_prints_the_token(tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
-from cluster_nodes import cluster_of, cube_node, wait_for
+from cluster_nodes import cluster_of, cube_node, make_template, new_key, publish_templates, wait_for
 
 from appliance.cluster.forwarding import TEAM_HEADER, TOKEN_HEADER
 from appliance.cluster.templates import BLOBS_PATH, DIGEST_SIDECAR, RESOLVE_PATH
@@ -22,40 +22,6 @@ if TYPE_CHECKING:
     from conftest import ServiceHarness
 
 MIB = 1 << 20
-
-
-def make_template(node: ServiceHarness, template_id: str, alias: str, owner: str) -> Path:
-    """A template on `node` only: a sparse image (data, a hole of 4 MiB, data at its end)."""
-    directory = node.config.templates_dir / template_id
-    directory.mkdir(parents=True)
-    with (directory / ROOTFS_NAME).open("wb") as image:
-        image.write(os.urandom(MIB + 123))
-        image.seek(5 * MIB)
-        image.write(os.urandom(MIB // 2) + b"end of " + template_id.encode())
-    TemplateManifest(
-        template_id=template_id,
-        directory=directory,
-        aliases=(alias,),
-        memory_mb=128,
-        created_at="2026-12-07T00:00:00Z",
-        owner=owner,
-    ).save()
-    return directory / ROOTFS_NAME
-
-
-def new_key(node: ServiceHarness, name: str) -> dict[str, Any]:
-    made = httpx.post(
-        f"{node.url}/cube/keys", json={"name": name}, headers={"X-API-KEY": node.admin_token}, trust_env=False
-    )
-    assert made.status_code == 201, made.text
-    return dict(made.json())
-
-
-def publish_templates(node: ServiceHarness) -> None:
-    """What a build does when it publishes: the node's registry reads its templates again (its
-    next membership tick puts them into its record)."""
-    listed = httpx.get(f"{node.url}/templates", headers={"X-API-KEY": node.admin_token}, trust_env=False)
-    assert listed.status_code == 200, listed.text
 
 
 def test_a_template_made_on_a_is_pulled_by_b_for_a_create_through_b(

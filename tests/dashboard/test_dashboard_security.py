@@ -151,7 +151,7 @@ def test_an_altered_or_expired_session_is_no_session(service: ServiceHarness, ad
     forged = base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=") + "." + signature
     with httpx.Client(base_url=service.url, trust_env=False, cookies={COOKIE_NAME: forged}) as client:
         assert client.get("/dashboard/api/keys").status_code == 401
-    sessions = Sessions(b"k" * 32, service.running.services.store, service.admin_token)  # type: ignore[union-attr]
+    sessions = Sessions(b"k" * 32, service.running.services.auth.keys, service.admin_token)  # type: ignore[union-attr]
     value = sessions.sign_in(api_key, now=1000.0)
     assert value is not None
     assert sessions.check(value, now=1000.0 + SESSION_LIFETIME_S - 1) is not None
