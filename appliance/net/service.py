@@ -28,6 +28,7 @@ from appliance.net.addressing import TAP_NAME, Addressing, Plan
 from appliance.net.dns import Answer, Resolver, Upstream, host_upstreams
 from appliance.net.ebpf import FLAG_INTERNET, PolicyProgram, pin_dir_of
 from appliance.net.egress_proxy import IPAddress, SandboxEgress, SecretValues
+from appliance.net.egress_tls import EgressTls
 from appliance.net.policy import MAX_ENTRIES_PER_LIST, CompiledList, Network, NetworkPolicy, PolicyError
 from appliance.net.sweep import Records, sweep
 from appliance.process_identity import ProcessIdentity
@@ -120,6 +121,8 @@ class CubeVS:
         # What the egress proxy resolves `${e2b.secrets.NAME}` with; set by the service that owns
         # the secrets (master), None: rules naming secrets get 502s.
         self.secret_values: SecretValues | None = None
+        # The egress CA (made once per state_dir) and the proxy's TLS contexts; loaded at start.
+        self.egress_tls: EgressTls | None = None
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -144,6 +147,7 @@ class CubeVS:
         )
 
         def prepare_host() -> host.BlockedSet:
+            service.egress_tls = EgressTls.load(config.state_dir, config.egress_upstream_ca_file)
             netns.prepare_netns_dir()
             service._kept = sweep(records)
             host.set_up(addressing)
@@ -419,9 +423,11 @@ class CubeVS:
             sandbox_id=sandbox_id,
             netns_path=str(netns.netns_path(live.plan.netns)),
             gateway_ip=live.plan.gateway_ip,
+            gateway_ip6=live.plan.gateway_ip6,
             policy=lambda: live.policy,
             answered=answered,
             secret_values=lambda: self.secret_values,
+            tls=self.egress_tls,
         )
         live.proxy = trio.CancelScope()
 
