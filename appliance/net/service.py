@@ -121,13 +121,20 @@ class CubeVS:
         # What the egress proxy resolves `${e2b.secrets.NAME}` with; set by the service that owns
         # the secrets (master), None: rules naming secrets get 502s.
         self.secret_values: SecretValues | None = None
-        # The egress CA (made once per state_dir) and the proxy's TLS contexts; loaded at start.
-        self.egress_tls: EgressTls | None = None
+        self._egress_tls: EgressTls | None = None  # `egress_tls`, loaded at first use
         self._nursery: trio.Nursery | None = None
 
     @property
     def enforced(self) -> bool:
         return self._program is not None
+
+    @property
+    def egress_tls(self) -> EgressTls:
+        """The egress CA (made once per state_dir, at the first guest boot or ruled sandbox: a
+        CubeVS that boots nothing never touches it) and the proxy's TLS contexts."""
+        if self._egress_tls is None:
+            self._egress_tls = EgressTls.load(self.config.state_dir, self.config.egress_upstream_ca_file)
+        return self._egress_tls
 
     # --- service lifetime -------------------------------------------------
 
@@ -147,7 +154,6 @@ class CubeVS:
         )
 
         def prepare_host() -> host.BlockedSet:
-            service.egress_tls = EgressTls.load(config.state_dir, config.egress_upstream_ca_file)
             netns.prepare_netns_dir()
             service._kept = sweep(records)
             host.set_up(addressing)
