@@ -88,7 +88,10 @@ def redirect_ruleset(gateway_ip: str, gateway_ip6: str, tls: bool) -> str:
         for family, gateway in (("ip", gateway_ip), ("ip6", gateway_ip6))
         for port, proxy in ports
     )
-    return f"""add table inet {_TABLE}
+    # (An `ip` table of that name is what a service before IPv6 redirection left: gone too.)
+    return f"""add table ip {_TABLE}
+delete table ip {_TABLE}
+add table inet {_TABLE}
 delete table inet {_TABLE}
 table inet {_TABLE} {{
     chain prerouting {{
