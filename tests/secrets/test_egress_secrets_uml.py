@@ -509,8 +509,8 @@ def test_https_to_the_ruled_host_gets_the_secret_and_nothing_else_does(
         ca_key = (service.config.state_dir / "egress-ca" / "ca-key.pem").read_text()
         key_line = ca_key.splitlines()[1]
         found = sandbox.commands.run(
-            f"cat /proc/cmdline; grep -rlsF {shlex.quote(key_line)} / --exclude-dir=proc --exclude-dir=sys "
-            "--exclude-dir=dev || true",
+            f"cat /proc/cmdline; grep -rlsF {shlex.quote(key_line)} /etc /home /root /tmp /run /var /opt "
+            "/usr/local /usr/share/ca-certificates || true",
             user="root",
             timeout=300,
         )
