@@ -71,6 +71,9 @@ class Config:
     # this key opens them; a sandbox's own allowOut never does. The most specific entry wins:
     # "10.0.0.0/8" here leaves host_network and the host's own addresses blocked.
     operator_open_networks: str = ""
+    # What the egress proxy verifies ruled hosts' HTTPS certificates against (it resolves
+    # secrets inside that TLS): unset, the host's trust store; set, only this PEM file's CAs.
+    egress_upstream_ca_file: Path | None = None
 
     # Cluster (docs/CLUSTER.md): off unless etcd_endpoints names etcd's client URLs (comma-separated).
     etcd_endpoints: str = ""

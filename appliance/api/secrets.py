@@ -5,7 +5,8 @@ Another team's secret is "not found", exactly as one that never existed.
 
 `${e2b.secrets.NAME}` placeholders: E2B resolves them at the sandbox's egress (its proxy
 rewrites matching HTTP requests, `network.rules[*].transform.headers`), so the value never
-sits in the sandbox. So does this appliance (net/egress_proxy.py): placeholders are taken in
+sits in the sandbox. So does this appliance (net/egress_proxy.py, over HTTP and HTTPS: the TLS of
+ruled hosts only is terminated with the appliance's egress CA): placeholders are taken in
 rule header values only, and each must name a secret of the caller's team (else 400, at
 create). Anywhere else in a create body (env vars, metadata...) resolving one would put the
 value in the sandbox in clear: refused (400), saying so (`refuse_placeholders`).

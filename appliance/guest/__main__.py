@@ -20,6 +20,9 @@ def start(options: AgentOptions) -> None:
     at UML's page-fault prices (init freezes its own objects before forking, for the same reason).
     """
     gc.disable()
+    from appliance.guest.egress_ca import install_from_cmdline
+
+    install_from_cmdline()  # before anything that could start a child: they inherit its environment
     import_lazily()
     import trio
 

@@ -1,11 +1,18 @@
 """The egress proxy: E2B's `network.rules` header transforms, secrets resolved on the way out.
 
 A sandbox whose policy has rules gets, inside its netns, an nft `redirect` of the guest's TCP to
-port 80 (plain HTTP) to a listener of this module on the netns's gateway address; nothing runs in
-the guest. Per connection the proxy reads the request head and, when a rule covers the request,
-sets the rule's headers with every `${e2b.secrets.NAME}` replaced by the team secret's value
-(read at that moment through `SecretValues`; never logged), asks for `Connection: close`, and
-forwards it to the connection's original destination. Then it pipes the bytes both ways.
+ports 80 (HTTP) and 443 (HTTPS), over IPv4 and IPv6, to listeners of this module on the netns's
+gateway addresses; nothing runs in the guest. Per HTTP connection the proxy reads the request head
+and, when a rule covers the request, sets the rule's headers with every `${e2b.secrets.NAME}`
+replaced by the team secret's value (read at that moment through `SecretValues`; never logged),
+asks for `Connection: close`, and forwards it to the connection's original destination. Then it
+pipes the bytes both ways.
+
+Per HTTPS connection it reads the ClientHello. Only when its SNI names a ruled host and the
+destination is an address resolved for that name (below) does it terminate the TLS, with a leaf
+for that name from the appliance's egress CA (egress_tls.py; every guest trusts it), open TLS to
+the destination verifying the server's certificate for that name, and handle the first request as
+above, a rule applying only if its Host is the SNI's name. Any other TLS is spliced untouched.
 
 Where a secret may go: a domain rule covers a request only if its Host names the ruled domain AND
 the connection goes to an address the node resolver gave this sandbox for that name (a sandbox
@@ -14,9 +21,8 @@ covers connections to those addresses. Anything else passes untouched, as withou
 
 The egress policy still applies: the proxy's upstream socket belongs to the sandbox's netns, so
 its packets leave through the sandbox's veth and meet the same eBPF program as the guest's own.
-HTTPS (and any port but 80, and IPv6) is not redirected: it passes untouched, unreadable to the
-proxy (docs/SECURITY.md, "Secrets and the egress proxy", says why). In a sandbox with rules, port
-80 carries HTTP/1.x only: a head that is not one gets a 400.
+Other ports are not redirected. In a sandbox with rules, port 80 carries HTTP/1.x only (a head
+that is not one gets a 400), and so does TLS to a ruled host on 443 (ALPN offers http/1.1 alone).
 """
 
 from __future__ import annotations
@@ -26,24 +32,27 @@ import logging
 import re
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
 from appliance.net import netns, nft
 from appliance.net.addressing import TAP_NAME
+from appliance.net.egress_tls import EgressTls, NotClientHello, client_hello_length, server_name
 from appliance.net.policy import SECRET_PLACEHOLDER, EgressRule, NetworkPolicy
 
 log = logging.getLogger(__name__)
 
-PROXY_PORT = 15080  # inside each ruled sandbox's netns, on its gateway address
+PROXY_PORT = 15080  # inside each ruled sandbox's netns, on its gateway addresses: HTTP
+PROXY_TLS_PORT = 15443  # and HTTPS
 HTTP_PORT = 80
+HTTPS_PORT = 443
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 256  # per sandbox, open at once
-_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST (netfilter_ipv6) is 80 too
 _CHUNK = 65536
 _TABLE = "cube_egress"
 
@@ -63,52 +72,89 @@ class SandboxEgress:
     sandbox_id: str
     netns_path: str
     gateway_ip: str
+    gateway_ip6: str
     policy: Callable[[], NetworkPolicy]
     answered: Callable[[str], frozenset[IPAddress]]  # addresses the resolver gave it for a name
     secret_values: Callable[[], SecretValues | None]
+    tls: EgressTls | None = None  # None: HTTPS is not redirected (passes untouched)
 
 
-def redirect_ruleset(gateway_ip: str) -> str:
-    """In the sandbox netns: the guest's plain HTTP goes to the proxy (before cube's own NAT)."""
+def redirect_ruleset(gateway_ip: str, gateway_ip6: str, tls: bool) -> str:
+    """In the sandbox netns: the guest's HTTP (and HTTPS) over IPv4 and IPv6 goes to the proxy
+    (before cube's own NAT)."""
+    ports = [(HTTP_PORT, PROXY_PORT)] + ([(HTTPS_PORT, PROXY_TLS_PORT)] if tls else [])
+    rules = "".join(
+        f'        iifname "{TAP_NAME}" {family} daddr != {gateway} tcp dport {port} redirect to :{proxy}\n'
+        for family, gateway in (("ip", gateway_ip), ("ip6", gateway_ip6))
+        for port, proxy in ports
+    )
+    # (An `ip` table of that name is what a service before IPv6 redirection left: gone too.)
     return f"""add table ip {_TABLE}
 delete table ip {_TABLE}
-table ip {_TABLE} {{
+add table inet {_TABLE}
+delete table inet {_TABLE}
+table inet {_TABLE} {{
     chain prerouting {{
         type nat hook prerouting priority dstnat - 10; policy accept;
-        iifname "{TAP_NAME}" ip daddr != {gateway_ip} tcp dport {HTTP_PORT} redirect to :{PROXY_PORT}
-    }}
+{rules}    }}
 }}
 """
 
 
-def _listen_in(egress: SandboxEgress) -> socket.socket:
-    with netns.entered(egress.netns_path):
-        nft.run(redirect_ruleset(egress.gateway_ip))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def _listen_in(egress: SandboxEgress) -> list[tuple[socket.socket, int]]:
+    """The listeners (socket, proxy port): HTTP and HTTPS, on each gateway address."""
+    ports = [PROXY_PORT] + ([PROXY_TLS_PORT] if egress.tls is not None else [])
+    made: list[tuple[socket.socket, int]] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((egress.gateway_ip, PROXY_PORT))
-        sock.listen(64)
+        with netns.entered(egress.netns_path):
+            nft.run(redirect_ruleset(egress.gateway_ip, egress.gateway_ip6, egress.tls is not None))
+            for family, address in (
+                (socket.AF_INET, egress.gateway_ip),
+                (socket.AF_INET6, egress.gateway_ip6),
+            ):
+                for port in ports:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    made.append((sock, port))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((address, port))
+                    sock.listen(64)
     except BaseException:
-        sock.close()
+        for sock, _port in made:
+            sock.close()
         raise
-    return sock
+    return made
 
 
-def _socket_in(path: str) -> socket.socket:
+def _socket_in(path: str, family: socket.AddressFamily) -> socket.socket:
     with netns.entered(path):
-        return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        return socket.socket(family, socket.SOCK_STREAM)
 
 
 async def serve(
     egress: SandboxEgress, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Redirect the sandbox's HTTP here and proxy it until cancelled."""
-    sock = await trio.to_thread.run_sync(_listen_in, egress)
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    open_connections = trio.CapacityLimiter(MAX_CONNECTIONS)
+    """Redirect the sandbox's HTTP and HTTPS here and proxy them until cancelled."""
+    sockets = await trio.to_thread.run_sync(_listen_in, egress)
+    open_connections = trio.CapacityLimiter(MAX_CONNECTIONS)  # per sandbox, all listeners together
+    try:
+        async with trio.open_nursery() as nursery:
+            for sock, port in sockets:
+                listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                handler = _handle_tls if port == PROXY_TLS_PORT else _handle
+                nursery.start_soon(_accept, egress, listener, handler, open_connections)
+            task_status.started()
+    finally:
+        for sock, _port in sockets:
+            sock.close()
+
+
+Handler = Callable[["SandboxEgress", trio.SocketStream], Awaitable[None]]
+
+
+async def _accept(
+    egress: SandboxEgress, listener: trio.SocketListener, handler: Handler, limiter: trio.CapacityLimiter
+) -> None:
     async with listener, trio.open_nursery() as nursery:
-        task_status.started()
         while True:
             try:
                 stream = await listener.accept()
@@ -117,20 +163,20 @@ async def serve(
                 await trio.sleep(0.5)
                 continue
             try:
-                open_connections.acquire_on_behalf_of_nowait(stream)
+                limiter.acquire_on_behalf_of_nowait(stream)
             except trio.WouldBlock:
                 await stream.aclose()  # the sandbox holds MAX_CONNECTIONS already
                 continue
-            nursery.start_soon(_handle_guarded, egress, stream, open_connections)
+            nursery.start_soon(_handle_guarded, egress, stream, handler, limiter)
 
 
 async def _handle_guarded(
-    egress: SandboxEgress, stream: trio.SocketStream, limiter: trio.CapacityLimiter
+    egress: SandboxEgress, stream: trio.SocketStream, handler: Handler, limiter: trio.CapacityLimiter
 ) -> None:
     """One connection; whatever goes wrong ends it alone (never the proxy, never CubeVS). Only the
     error's type is logged: its message could quote the request."""
     try:
-        await _handle(egress, stream)
+        await handler(egress, stream)
     except Exception as exc:
         log.warning(
             "egress proxy: sandbox %s: a connection failed: %s", egress.sandbox_id, type(exc).__name__
@@ -140,6 +186,10 @@ async def _handle_guarded(
 
 
 def original_destination(stream: trio.SocketStream) -> tuple[IPAddress, int]:
+    if stream.socket.family == socket.AF_INET6:
+        raw = stream.socket.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)  # sockaddr_in6
+        port, address6 = struct.unpack_from("!2xH4x16s", raw)
+        return ipaddress.IPv6Address(address6), int(port)
     raw = stream.socket.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
     port, address = struct.unpack_from("!2xH4s", raw)
     return ipaddress.IPv4Address(address), int(port)
@@ -149,21 +199,31 @@ async def _handle(egress: SandboxEgress, stream: trio.SocketStream) -> None:
     async with stream:
         try:
             address, port = original_destination(stream)
-            head, rest = await _read_head(stream)
-            request = parse_head(head)
-            forwarded = transform(egress, request, address)
-        except BadRequest as exc:
-            await _answer(stream, 400, str(exc))
-            return
+            first = await _first_request(egress, stream, address)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError):
             return
-        if forwarded is None:
-            await _answer(stream, 502, "a secret this request's rule names no longer exists")
-            return
-        await _forward(egress, stream, address, port, forwarded + rest)
+        if first is not None:
+            await _forward(egress, stream, address, port, first, answer_errors=True)
 
 
-async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+async def _first_request(
+    egress: SandboxEgress, guest: trio.abc.Stream, address: IPAddress, tls_name: str | None = None
+) -> bytes | None:
+    """The guest's first request head as it is to be forwarded (what followed it too); None when
+    the proxy answered it itself (a 400, or a 502 for a secret gone)."""
+    try:
+        head, rest = await _read_head(guest)
+        forwarded = transform(egress, parse_head(head), address, tls_name)
+    except BadRequest as exc:
+        await _answer(guest, 400, str(exc))
+        return None
+    if forwarded is None:
+        await _answer(guest, 502, "a secret this request's rule names no longer exists")
+        return None
+    return forwarded + rest
+
+
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bytes]:
     buffer = b""
     with trio.fail_after(HEAD_TIMEOUT_S):
         while b"\r\n\r\n" not in buffer:
@@ -175,6 +235,117 @@ async def _read_head(stream: trio.SocketStream) -> tuple[bytes, bytes]:
             buffer += chunk
     head, _, rest = buffer.partition(b"\r\n\r\n")
     return head, rest
+
+
+# --- HTTPS ---------------------------------------------------------------------
+
+
+async def _handle_tls(egress: SandboxEgress, stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            address, port = original_destination(stream)
+            hello, name = await _read_client_hello(stream)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+            return
+        if egress.tls is None or name is None or not rules_for(egress, name, address):
+            await _forward(egress, stream, address, port, hello, answer_errors=False)  # spliced untouched
+            return
+        await _intercept(egress, egress.tls, stream, (address, port), hello, name)
+
+
+async def _read_client_hello(stream: trio.SocketStream) -> tuple[bytes, str | None]:
+    """The bytes of the guest's ClientHello and the host name it names (None: none, or not TLS)."""
+    buffer = b""
+    with trio.fail_after(HEAD_TIMEOUT_S):
+        while True:
+            try:
+                length = client_hello_length(buffer) if buffer else None
+                if length is not None:
+                    return buffer, server_name(buffer[:length])
+            except NotClientHello:
+                return buffer, None
+            chunk = await stream.receive_some(_CHUNK)
+            if not chunk:
+                raise trio.BrokenResourceError("closed before the ClientHello ended")
+            buffer += chunk
+
+
+class _Replayed(trio.abc.Stream):
+    """The guest's stream with the bytes already read from it (its ClientHello) put back in front."""
+
+    def __init__(self, stream: trio.SocketStream, first: bytes) -> None:
+        self._stream, self._first = stream, first
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._first:
+            size = max_bytes or len(self._first)
+            data, self._first = self._first[:size], self._first[size:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _intercept(
+    egress: SandboxEgress,
+    tls: EgressTls,
+    stream: trio.SocketStream,
+    destination: tuple[IPAddress, int],
+    hello: bytes,
+    name: str,
+) -> None:
+    """TLS to a ruled host: verified TLS upstream first, then the guest's TLS terminated with a leaf
+    for `name`, then its first request transformed as plain HTTP's is."""
+    upstream, failure = await _verified_upstream(egress, tls, destination, name)
+    guest = trio.SSLStream(
+        _Replayed(stream, hello), tls.server_context(name), server_side=True, https_compatible=True
+    )
+    try:
+        with trio.fail_after(HEAD_TIMEOUT_S):
+            await guest.do_handshake()
+        if upstream is None:
+            await _answer(guest, 502, failure)
+            return
+        first = await _first_request(egress, guest, destination[0], name)
+        if first is None:
+            return
+        await upstream.send_all(first)
+        await _relay(guest, upstream)
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+        return
+    finally:
+        if upstream is not None:
+            await upstream.aclose()
+
+
+async def _verified_upstream(
+    egress: SandboxEgress, tls: EgressTls, destination: tuple[IPAddress, int], name: str
+) -> tuple[trio.SSLStream[trio.SocketStream] | None, str]:
+    """TLS to the destination whose certificate verifies for `name`; else None and why (for the guest)."""
+    tcp = await _connect(egress, *destination)
+    if tcp is None:
+        return None, f"{destination[0]}:{destination[1]} is not reachable from this sandbox (egress policy?)"
+    upstream = trio.SSLStream(tcp, tls.upstream, server_hostname=name, https_compatible=True)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            await upstream.do_handshake()
+    except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+        await tcp.aclose()
+        log.warning(
+            "egress proxy: sandbox %s: %s at %s failed TLS verification: no request sent",
+            egress.sandbox_id,
+            name,
+            destination[0],
+        )
+        return None, f"the server at {destination[0]} did not prove it is {name} (TLS verification failed)"
+    return upstream, ""
 
 
 @dataclass(frozen=True)
@@ -228,14 +399,19 @@ def _specificity(rule: EgressRule) -> tuple[int, int]:
 
 
 def covering_rules(egress: SandboxEgress, request: RequestHead, address: IPAddress) -> list[EgressRule]:
-    """The rules of the most specific host covering the request (rule sets are not merged): a
-    domain's only if the request names it and its destination is an address the resolver gave
-    this sandbox for that name."""
+    """The rules of the most specific host covering the request (rule sets are not merged)."""
+    return rules_for(egress, request.host, address)
+
+
+def rules_for(egress: SandboxEgress, host: str, address: IPAddress) -> list[EgressRule]:
+    """The rules of the most specific host covering a connection to `address` for the name `host`:
+    a domain's only if `host` is it (or under its wildcard) and `address` is one the resolver gave
+    this sandbox for `host`; a network's if `address` is in it."""
     covering = []
     for rule in egress.policy().rules:
-        if not rule.matches(request.host, address):
+        if not rule.matches(host, address):
             continue
-        if _specificity(rule)[0] > 1 and address not in egress.answered(request.host):
+        if _specificity(rule)[0] > 1 and address not in egress.answered(host):
             continue
         covering.append(rule)
     if not covering:
@@ -244,8 +420,14 @@ def covering_rules(egress: SandboxEgress, request: RequestHead, address: IPAddre
     return [rule for rule in covering if rule.host == best]
 
 
-def transform(egress: SandboxEgress, request: RequestHead, address: IPAddress) -> bytes | None:
-    """The head to forward (ending in its blank line); None if a named secret is gone."""
+def transform(
+    egress: SandboxEgress, request: RequestHead, address: IPAddress, tls_name: str | None = None
+) -> bytes | None:
+    """The head to forward (ending in its blank line); None if a named secret is gone. Inside TLS
+    terminated for `tls_name`, only a request for that very name is transformed: the upstream proved
+    it is `tls_name`, not whatever the Host header says."""
+    if tls_name is not None and request.host != tls_name:
+        return _serialize(request.request_line, request.headers)
     rules = covering_rules(egress, request, address)
     if not rules:
         return _serialize(request.request_line, request.headers)
@@ -294,7 +476,7 @@ def _serialize(request_line: str, headers: tuple[tuple[str, str], ...]) -> bytes
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
 
 
-async def _answer(stream: trio.SocketStream, status: int, message: str) -> None:
+async def _answer(stream: trio.abc.Stream, status: int, message: str) -> None:
     body = (message + "\n").encode()
     reason = {400: "Bad Request", 502: "Bad Gateway"}[status]
     head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
@@ -306,41 +488,66 @@ async def _answer(stream: trio.SocketStream, status: int, message: str) -> None:
 
 def _refused_destination(address: IPAddress, port: int) -> bool:
     """The netns's own addresses (the proxy itself, the guest's gateway) are no destination."""
-    return address.is_loopback or address.is_link_local or port == PROXY_PORT
+    return address.is_loopback or address.is_link_local or port in (PROXY_PORT, PROXY_TLS_PORT)
 
 
-async def _forward(
-    egress: SandboxEgress, stream: trio.SocketStream, address: IPAddress, port: int, first: bytes
-) -> None:
+async def _connect(egress: SandboxEgress, address: IPAddress, port: int) -> trio.SocketStream | None:
+    """A TCP connection from the sandbox's netns (its egress policy applies); None if refused."""
     if _refused_destination(address, port):
-        await _answer(stream, 400, "the proxy does not forward to the sandbox's own network")
-        return
+        return None
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     upstream_sock = trio.socket.from_stdlib_socket(
-        await trio.to_thread.run_sync(_socket_in, egress.netns_path)
+        await trio.to_thread.run_sync(_socket_in, egress.netns_path, family)
     )
     try:
         with trio.fail_after(CONNECT_TIMEOUT_S):
             await upstream_sock.connect((str(address), port))
     except (OSError, trio.TooSlowError):
         upstream_sock.close()
-        await _answer(stream, 502, f"{address}:{port} is not reachable from this sandbox (egress policy?)")
+        return None
+    return trio.SocketStream(upstream_sock)
+
+
+async def _forward(
+    egress: SandboxEgress,
+    stream: trio.SocketStream,
+    address: IPAddress,
+    port: int,
+    first: bytes,
+    *,
+    answer_errors: bool,
+) -> None:
+    """`first`, then the rest of the guest's bytes, to the destination; its bytes back. A destination
+    it cannot reach gets the guest an HTTP answer saying so (`answer_errors`), else a closed stream."""
+    upstream = await _connect(egress, address, port)
+    if upstream is None:
+        if answer_errors:
+            await _answer(
+                stream, 502, f"{address}:{port} is not reachable from this sandbox (egress policy?)"
+            )
         return
-    async with trio.SocketStream(upstream_sock) as upstream:
+    async with upstream:
         await upstream.send_all(first)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pipe, stream, upstream, nursery.cancel_scope, False)
-            nursery.start_soon(_pipe, upstream, stream, nursery.cancel_scope, True)
+        await _relay(stream, upstream)
+
+
+async def _relay(guest: trio.abc.Stream, upstream: trio.abc.Stream) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pipe, guest, upstream, nursery.cancel_scope, False)
+        nursery.start_soon(_pipe, upstream, guest, nursery.cancel_scope, True)
 
 
 async def _pipe(
-    source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope, ends_all: bool
+    source: trio.abc.Stream, sink: trio.abc.Stream, scope: trio.CancelScope, ends_all: bool
 ) -> None:
-    """Copy until EOF; the guest's EOF half-closes upstream, upstream's ends the exchange."""
+    """Copy until EOF; the guest's EOF half-closes upstream (where the stream can: TCP, not TLS),
+    upstream's ends the exchange."""
     try:
         while chunk := await source.receive_some(_CHUNK):
             await sink.send_all(chunk)
         if not ends_all:
-            await sink.send_eof()
+            if isinstance(sink, trio.abc.HalfCloseableStream):
+                await sink.send_eof()
             return
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass

@@ -28,6 +28,7 @@ from appliance.net.addressing import TAP_NAME, Addressing, Plan
 from appliance.net.dns import Answer, Resolver, Upstream, host_upstreams
 from appliance.net.ebpf import FLAG_INTERNET, PolicyProgram, pin_dir_of
 from appliance.net.egress_proxy import IPAddress, SandboxEgress, SecretValues
+from appliance.net.egress_tls import EgressTls
 from appliance.net.policy import MAX_ENTRIES_PER_LIST, CompiledList, Network, NetworkPolicy, PolicyError
 from appliance.net.sweep import Records, sweep
 from appliance.process_identity import ProcessIdentity
@@ -120,11 +121,20 @@ class CubeVS:
         # What the egress proxy resolves `${e2b.secrets.NAME}` with; set by the service that owns
         # the secrets (master), None: rules naming secrets get 502s.
         self.secret_values: SecretValues | None = None
+        self._egress_tls: EgressTls | None = None  # `egress_tls`, loaded at first use
         self._nursery: trio.Nursery | None = None
 
     @property
     def enforced(self) -> bool:
         return self._program is not None
+
+    @property
+    def egress_tls(self) -> EgressTls:
+        """The egress CA (made once per state_dir, at the first guest boot or ruled sandbox: a
+        CubeVS that boots nothing never touches it) and the proxy's TLS contexts."""
+        if self._egress_tls is None:
+            self._egress_tls = EgressTls.load(self.config.state_dir, self.config.egress_upstream_ca_file)
+        return self._egress_tls
 
     # --- service lifetime -------------------------------------------------
 
@@ -419,9 +429,11 @@ class CubeVS:
             sandbox_id=sandbox_id,
             netns_path=str(netns.netns_path(live.plan.netns)),
             gateway_ip=live.plan.gateway_ip,
+            gateway_ip6=live.plan.gateway_ip6,
             policy=lambda: live.policy,
             answered=answered,
             secret_values=lambda: self.secret_values,
+            tls=self.egress_tls,
         )
         live.proxy = trio.CancelScope()
 

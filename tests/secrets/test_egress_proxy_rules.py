@@ -30,6 +30,7 @@ def egress(
         sandbox_id="sbx",
         netns_path="/nonexistent",
         gateway_ip="169.254.0.1",
+        gateway_ip6="fdcb:e0::1",
         policy=lambda: policy,
         answered=lambda name: frozenset(resolved.get(name, set())),
         secret_values=lambda: lambda _sandbox, name: secrets.get(name),
@@ -103,3 +104,19 @@ def test_the_forwarded_head_carries_the_secret_and_nothing_else_changes() -> Non
     )
     secrets.clear()
     assert transform(e, head, SERVER) is None  # a deleted secret: the request is not sent
+
+
+def test_inside_tls_only_a_request_for_the_verified_name_gets_the_secret() -> None:
+    """TLS terminated for the SNI svc: the upstream proved it is `api.test`; a request inside it
+    naming another host (ruled too, same address) gets no secret, not even that host's."""
+    secrets = {"key": "s3cret", "other": "0ther"}
+    e = egress(
+        {"api.test": rule(A="${e2b.secrets.key}"), "other.test": rule(B="${e2b.secrets.other}")},
+        secrets,
+        {"api.test": {SERVER}, "other.test": {SERVER}},
+    )
+    assert b"A: s3cret" in (
+        transform(e, parse_head(b"GET / HTTP/1.1\r\nHost: api.test"), SERVER, "api.test") or b""
+    )
+    mismatch = transform(e, parse_head(b"GET / HTTP/1.1\r\nHost: other.test"), SERVER, "api.test")
+    assert mismatch == b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n"

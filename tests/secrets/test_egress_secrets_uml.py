@@ -5,19 +5,26 @@ upstream answers for svc.example.test and example.test) and 203.0.113.11 (a serv
 sandbox's own choosing, an attacker's), reached only by the service's sandbox network through a
 policy-routing table that knows nothing else. The server records what arrives and echoes nothing.
 
-What a user relies on: the ruled host gets the secret's value in the rule's header; the sandbox
-never holds it (env, files, what it sent, what it got back); no API response or log record carries
-it. Attacks: the ruled Host sent to another address, a placeholder in the sandbox's own header, a
-rule for a host the egress policy does not allow (tests/sdkextras/test_secrets.py: another team's
-secret and placeholders outside rules, refused at create).
+What a user relies on: the ruled host gets the secret's value in the rule's header, over HTTP and
+HTTPS (the server there holds a certificate of the test's own CA, which the service's upstream
+verification is pointed at: `egress_upstream_ca_file`); the sandbox never holds it (env, files,
+what it sent, what it got back); no API response or log record carries it. Attacks: the ruled Host
+sent to another address, a placeholder in the sandbox's own header, a rule for a host the egress
+policy does not allow (tests/sdkextras/test_secrets.py: another team's secret and placeholders
+outside rules, refused at create); over HTTPS: a ruled host whose server's certificate does not
+verify, the ruled SNI to an address not resolved for it, a Host inside the TLS that is not its SNI,
+and the egress CA's private key looked for in the guest.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
 import shlex
+import socket
+import ssl
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -30,12 +37,17 @@ from typing import Any
 import httpx
 import pytest
 import umlguests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from e2b import Sandbox, Secret
 from net.networld import dns_upstream_server
 
 from appliance.config import Config
 from appliance.cubelet.runtimes import CubeVSPolicies, RuntimeBundle
 from appliance.net import netns
+from appliance.net.addressing import GATEWAY_IP6, GUEST_IP6, GUEST_PREFIX6, Addressing
 
 pytestmark = [
     pytest.mark.uml,
@@ -49,8 +61,10 @@ RULED = "svc.example.test"  # the test upstream: 203.0.113.10
 UNRULED = "example.test"  # the test upstream: 203.0.113.10 too
 SERVER_IP = "203.0.113.10"
 ATTACKER_IP = "203.0.113.11"
+SERVER_IP6 = "2001:db8:5ec::10"  # the world's server over IPv6 (no name resolves to it)
 TABLE = 26917  # policy routing of the uml_service network (its users hold the shared lock)
 LINK_NET = "198.51.100"  # .1 host side, .2 the world's
+LINK_NET6 = "2001:db8:5ec:ff::"  # likewise, a /126
 
 
 @dataclass
@@ -63,6 +77,7 @@ class Seen:
 @dataclass
 class HttpWorld:
     netns: str
+    upstream_ca: Path  # what the proxy's upstream verification trusts (the test's own CA)
     seen: list[Seen] = field(default_factory=list)
 
     def at(self, path: str) -> list[Seen]:
@@ -74,7 +89,64 @@ def _sh(*commands: str, check: bool = True) -> None:
         subprocess.run(command, shell=True, check=check, capture_output=True, text=True)
 
 
-def _server(world: HttpWorld) -> ThreadingHTTPServer:
+def _issue(
+    name: str, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None, ca: bool
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_name, issuer_key = issuer or (subject, key)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+def _pem_files(directory: Path, label: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Path:
+    path = directory / f"{label}.pem"
+    path.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return path
+
+
+def _tls_context(directory: Path) -> ssl.SSLContext:
+    """The world's HTTPS: RULED's certificate from the test CA (trusted by the proxy's upstream
+    verification); for UNRULED one that names it but comes from a CA nobody trusts."""
+    ca_cert, ca_key = _issue("cube-test-upstream-ca", None, ca=True)
+    (directory / "upstream-ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    good = _pem_files(directory, "good", *_issue(RULED, (ca_cert.subject, ca_key), ca=False))
+    rogue_cert, rogue_key = _issue("cube-test-untrusted-ca", None, ca=True)
+    bad = _pem_files(directory, "bad", *_issue(UNRULED, (rogue_cert.subject, rogue_key), ca=False))
+    context, impostor = (ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) for _ in range(2))
+    context.load_cert_chain(good)
+    impostor.load_cert_chain(bad)
+
+    def by_name(connection: ssl.SSLObject, name: str | None, _context: ssl.SSLContext) -> None:
+        if name == UNRULED:
+            connection.context = impostor
+
+    context.sni_callback = by_name  # type: ignore[assignment]
+    return context
+
+
+class _Ipv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _server(world: HttpWorld, tls: ssl.SSLContext | None = None, ipv6: bool = False) -> ThreadingHTTPServer:
     class Recorder(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             world.seen.append(Seen(self.connection.getsockname()[0], self.path, list(self.headers.items())))
@@ -88,13 +160,21 @@ def _server(world: HttpWorld) -> ThreadingHTTPServer:
             pass
 
     with netns.entered(netns.netns_path(world.netns)):
-        return ThreadingHTTPServer(("0.0.0.0", 80), Recorder)
+        if ipv6:
+            server: ThreadingHTTPServer = _Ipv6Server((SERVER_IP6, 80), Recorder)
+        else:
+            server = ThreadingHTTPServer(("0.0.0.0", 443 if tls else 80), Recorder)
+    if tls is not None:  # the handshake in the handler's thread, not in accept
+        server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    return server
 
 
 @pytest.fixture
-def http_world() -> Iterator[HttpWorld]:
+def http_world(tmp_path: Path) -> Iterator[HttpWorld]:
     tag = f"{os.getpid() % 0x10000:04x}"
-    world, link, network = HttpWorld(f"cubetest-sec-{tag}"), f"ctsec{tag}", umlguests.SERVICE_NETWORK
+    world = HttpWorld(f"cubetest-sec-{tag}", tmp_path / "upstream-ca.pem")
+    link, network = f"ctsec{tag}", umlguests.SERVICE_NETWORK
+    network6 = Addressing(network).network6
     try:
         _sh(
             f"ip netns add {world.netns}",
@@ -112,20 +192,32 @@ def http_world() -> Iterator[HttpWorld]:
             f"ip route add throw {network} table {TABLE}",
             f"ip route add unreachable default table {TABLE}",
             f"ip rule add from {network} lookup {TABLE} priority {TABLE}",
+            f"ip addr add {LINK_NET6}1/126 dev {link} nodad",
+            f"ip -n {world.netns} addr add {SERVER_IP6}/128 dev lo",
+            f"ip -n {world.netns} addr add {LINK_NET6}2/126 dev w0 nodad",
+            f"ip -n {world.netns} -6 route add default via {LINK_NET6}1",
+            f"ip -6 route add {SERVER_IP6}/128 via {LINK_NET6}2 table {TABLE}",
+            f"ip -6 route add throw {network6} table {TABLE}",
+            f"ip -6 route add unreachable default table {TABLE}",
+            f"ip -6 rule add from {network6} lookup {TABLE} priority {TABLE}",
         )
-        server = _server(world)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
+        servers = [_server(world), _server(world, _tls_context(tmp_path)), _server(world, ipv6=True)]
+        threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in servers]
+        for thread in threads:
+            thread.start()
         try:
             yield world
         finally:
-            server.shutdown()
-            server.server_close()
-            thread.join()
+            for server, thread in zip(servers, threads, strict=True):
+                server.shutdown()
+                server.server_close()
+                thread.join()
     finally:
         _sh(
             f"ip rule del from {network} lookup {TABLE} priority {TABLE}",
             f"ip route flush table {TABLE}",
+            f"ip -6 rule del from {network6} lookup {TABLE} priority {TABLE}",
+            f"ip -6 route flush table {TABLE}",
             f"ip link del {link}",
             f"ip netns del {world.netns}",
             check=False,
@@ -150,7 +242,10 @@ def service(
     http_world: HttpWorld, start_service: Any, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[umlguests.UmlService]:
     with umlguests.uml_service(
-        start_service, monkeypatch, runtime_factory=uml_runtime_with_test_dns
+        start_service,
+        monkeypatch,
+        runtime_factory=uml_runtime_with_test_dns,
+        egress_upstream_ca_file=http_world.upstream_ca,
     ) as running:
         yield running
 
@@ -163,7 +258,7 @@ def send(target, host, path, headers):
     sent = "GET %s HTTP/1.1\r\nHost: %s\r\n%sConnection: close\r\n\r\n" % (
         path, host, "".join("%s: %s\r\n" % kv for kv in headers.items()))
     try:
-        ip = socket.gethostbyname(target)
+        ip = socket.getaddrinfo(target, 80, type=socket.SOCK_STREAM)[0][4][0]
         with socket.create_connection((ip, 80), timeout=30) as s:
             s.sendall(sent.encode())
             data = b""
@@ -303,3 +398,150 @@ def test_the_js_sdk_gets_the_secret_resolved_too(
     assert VALUE not in json.dumps(seen["results"]) and VALUE not in seen["env"]
     assert seen["rules"] == {RULED: [{"transform": {"headers": {"X-Api-Key": "${e2b.secrets.js-key}"}}}]}
     assert "nope" in seen["unknown"]["message"] and "400" in seen["unknown"]["message"], seen["unknown"]
+
+
+# Runs in the guest: HTTPS requests it builds itself over Python's ssl (the guest's default trust:
+# the system bundle, where the egress CA was put at boot, unless `verify` is false); prints
+# [{sent, response, egress_leaf} | {sent, error}] as JSON. `egress_leaf`: the certificate the guest
+# got was one of the egress CA's (the proxy terminated the TLS), else the server's own (spliced).
+TLS_PROBE = r"""
+import json, socket, ssl, sys
+def send(target, sni, host, path, verify, headers):
+    sent = "GET %s HTTP/1.1\r\nHost: %s\r\n%sConnection: close\r\n\r\n" % (
+        path, host, "".join("%s: %s\r\n" % kv for kv in headers.items()))
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        ip = socket.gethostbyname(target)
+        with socket.create_connection((ip, 443), timeout=30) as raw:
+            with context.wrap_socket(raw, server_hostname=sni) as s:
+                leaf = s.getpeercert(binary_form=True)
+                s.sendall(sent.encode())
+                data = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        return {"sent": sent, "response": data.decode(errors="replace"),
+                "egress_leaf": b"Cube appliance egress CA" in leaf}
+    except OSError as e:
+        return {"sent": sent, "error": repr(e)}
+print(json.dumps([send(**p) for p in json.loads(sys.argv[1])]))
+"""
+
+# Other clients, with their own trust stores: curl (the system bundle), Node (its own store plus
+# NODE_EXTRA_CA_CERTS), requests (certifi, or REQUESTS_CA_BUNDLE).
+OTHER_CLIENTS = {
+    "curl": f"curl -sS --max-time 60 https://{RULED}/tls-curl",
+    "node": "node -e \"require('https').get('https://"
+    + RULED
+    + "/tls-node', r => { r.resume(); r.on('end', () => console.log(r.statusCode)) })"
+    + ".on('error', e => { console.error(e.message); process.exit(1) })\"",
+    "requests": f"python3 -c \"import requests; print(requests.get('https://{RULED}/tls-requests').text)\"",
+}
+
+
+def tls_probe(sandbox: Sandbox, probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    sandbox.files.write("/tmp/tls_probe.py", TLS_PROBE)
+    result = sandbox.commands.run(f"python3 /tmp/tls_probe.py {shlex.quote(json.dumps(probes))}", timeout=180)
+    return list(json.loads(result.stdout))
+
+
+def tls_request(
+    target: str, path: str, sni: str = RULED, host: str = RULED, verify: bool = True
+) -> dict[str, Any]:
+    return {"target": target, "sni": sni, "host": host, "path": path, "verify": verify, "headers": {}}
+
+
+def test_https_to_the_ruled_host_gets_the_secret_and_nothing_else_does(
+    service: umlguests.UmlService, http_world: HttpWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    key = service.key("carol")
+    Secret.create("api-key", VALUE, api_key=key)
+    header = {"Authorization": f"Bearer {Secret.fill('api-key')}"}
+    rules = {name: [{"transform": {"headers": header}}] for name in (RULED, UNRULED)}
+    sandbox = Sandbox.create(network={"rules": rules}, timeout=300, api_key=key)
+    try:
+        results = tls_probe(
+            sandbox,
+            [
+                tls_request(RULED, "/tls-ruled"),
+                # Ruled, but its server's certificate (for the right name) is from a CA nobody trusts.
+                tls_request(UNRULED, "/tls-impostor", sni=UNRULED, host=UNRULED),
+                # The ruled name, sent to the sandbox's own server: spliced, its own certificate.
+                tls_request(ATTACKER_IP, "/tls-spoofed", verify=False),
+                # Inside TLS verified for RULED, a request for another (also ruled) host.
+                tls_request(RULED, "/tls-mismatch", host=UNRULED),
+                # No rule for the name: spliced untouched, the server's own certificate.
+                tls_request("short.example.test", "/tls-unruled", sni="short.example.test", verify=False),
+            ],
+        )
+        ruled, impostor, spoofed, mismatch, unruled = results
+        assert ruled["response"].startswith("HTTP/1.0 200") and ruled["egress_leaf"], ruled
+        [seen] = http_world.at("/tls-ruled")
+        assert seen.local_ip == SERVER_IP and ("Authorization", f"Bearer {VALUE}") in seen.headers
+        assert impostor["response"].startswith("HTTP/1.1 502") and "did not prove" in impostor["response"]
+        assert http_world.at("/tls-impostor") == []  # nothing was sent to it
+        assert spoofed["response"].startswith("HTTP/1.0 200") and not spoofed["egress_leaf"], spoofed
+        assert unruled["response"].startswith("HTTP/1.0 200") and not unruled["egress_leaf"], unruled
+        assert mismatch["response"].startswith("HTTP/1.0 200") and mismatch["egress_leaf"], mismatch
+        for path, address in (
+            ("/tls-spoofed", ATTACKER_IP),
+            ("/tls-mismatch", SERVER_IP),
+            ("/tls-unruled", SERVER_IP),
+        ):
+            [other] = http_world.at(path)
+            assert other.local_ip == address and VALUE not in json.dumps(other.headers), path
+
+        for client, command in OTHER_CLIENTS.items():
+            result = sandbox.commands.run(command, timeout=120)
+            assert result.exit_code == 0, (client, result.stderr)
+            [seen] = http_world.at(f"/tls-{client}")
+            assert ("Authorization", f"Bearer {VALUE}") in seen.headers, client
+            assert VALUE not in result.stdout + result.stderr
+
+        assert_sandbox_never_holds(sandbox, results)
+        # The CA's certificate is in the guest, its key nowhere in it.
+        ca_key = (service.config.state_dir / "egress-ca" / "ca-key.pem").read_text()
+        key_line = ca_key.splitlines()[1]
+        found = sandbox.commands.run(
+            f"cat /proc/cmdline; grep -rlsF {shlex.quote(key_line)} /etc /home /root /tmp /run /var /opt "
+            "/usr/local /usr/share/ca-certificates || true",
+            user="root",
+            timeout=300,
+        )
+        assert "cube.egress_ca=" in found.stdout and key_line not in found.stdout
+        assert found.stdout.strip().splitlines()[1:] == []
+    finally:
+        sandbox.kill()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"{UNRULED} at {SERVER_IP} failed TLS verification" in logged
+    assert VALUE not in logged and key_line not in logged
+
+
+def test_ipv6_is_redirected_too(service: umlguests.UmlService, http_world: HttpWorld) -> None:
+    """A guest that configures IPv6 itself (root may): its HTTP over IPv6 goes through the proxy as
+    IPv4's does; an address rule for the server's IPv6 network gets the secret there."""
+    key = service.key("dave")
+    Secret.create("api-key", VALUE, api_key=key)
+    header = {"Authorization": f"Bearer {Secret.fill('api-key')}"}
+    network = {"rules": {"2001:db8:5ec::/64": [{"transform": {"headers": header}}]}}
+    sandbox = Sandbox.create(network=network, timeout=300, api_key=key)
+    try:
+        sandbox.commands.run(
+            "dev=$(ip -o -4 addr show | awk '/169.254.0.2\\//{print $2}') && "
+            f"ip -6 addr replace {GUEST_IP6}/{GUEST_PREFIX6} dev $dev nodad && "
+            f"ip -6 route replace default via {GATEWAY_IP6}",
+            user="root",
+        )
+        [ruled] = probe(sandbox, [{"target": SERVER_IP6, "host": "v6.test", "path": "/v6", "headers": {}}])
+        assert ruled.get("response", "").startswith("HTTP/1.0 200"), ruled
+        [seen] = http_world.at("/v6")
+        assert seen.local_ip == SERVER_IP6 and ("Authorization", f"Bearer {VALUE}") in seen.headers
+        assert_sandbox_never_holds(sandbox, [ruled])
+    finally:
+        sandbox.kill()

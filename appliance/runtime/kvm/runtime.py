@@ -378,7 +378,9 @@ class KvmRuntime:
             for transport in transports:
                 resources.callback(transport.close)
             if pool is None:
-                await self._load_kernel(machine, kernel, transports, net.resolver_ip, spec)
+                egress = getattr(self.cubevs, "egress_tls", None)
+                ca_word = egress.kernel_word() if egress is not None else ""
+                await self._load_kernel(machine, kernel, transports, net.resolver_ip, spec, ca_word)
             # A clone's agent holds the boot token of the guest its template was snapshotted from.
             assert source.snapshot is None or pool is not None
             agent_token = snapshot_agent_token(source.snapshot) if source.snapshot else spec.agent_token
@@ -397,7 +399,12 @@ class KvmRuntime:
 
     @staticmethod
     async def _load_kernel(
-        machine: Machine, kernel: Path, transports: list[MmioTransport], resolver_ip: str, spec: BootSpec
+        machine: Machine,
+        kernel: Path,
+        transports: list[MmioTransport],
+        resolver_ip: str,
+        spec: BootSpec,
+        egress_ca_argument: str = "",
     ) -> None:
         # The default template's init reads cube_* words (the kernel hands them to it as
         # environment), the agent its boot token; a template snapshot keeps what its boot got.
@@ -405,6 +412,8 @@ class KvmRuntime:
             f"cube_hostname={GUEST_HOSTNAME}",
             f"cube_resolver={resolver_ip}",
             f"{BOOT_TOKEN_PARAMETER}={spec.agent_token}",
+            # The egress CA's certificate, for the agent to trust (net/egress_tls.py).
+            *([egress_ca_argument] if egress_ca_argument else []),
         ]
         cmdline = " ".join([KERNEL_CMDLINE, *identity, *(cmdline_device(t.base, t.irq) for t in transports)])
         entry = await trio.to_thread.run_sync(load_linux, machine.memory, kernel, cmdline)

@@ -73,6 +73,9 @@ class LaunchPlan:
     # `virtio_uml.device=<socket>:5` of the sandbox's balloon (uml/balloon.py), if it has one.
     balloon_argument: str | None = None
     agent_token: str = field(default="", repr=False)  # BootSpec.agent_token
+    # `cube.egress_ca=<base64 DER>`: the egress CA's certificate the guest agent installs into the
+    # guest's trust stores at its start (net/egress_tls.py); "" for none.
+    egress_ca_argument: str = ""
 
     @property
     def cow_file(self) -> Path:
@@ -135,6 +138,7 @@ def kernel_command_line(plan: LaunchPlan) -> list[str]:
         f"cube_resolver={plan.resolver_ip}",
         f"cube_netdev={GUEST_NETDEV}",
         *([plan.balloon_argument] if plan.balloon_argument else []),
+        *([plan.egress_ca_argument] if plan.egress_ca_argument else []),
         # The agent's boot token: a dotted word never reaches init's environment; with `quiet`
         # the kernel does not print its command line to the console log (which users read).
         # The UML process's argv is readable by the host's local users (docs/SECURITY.md).

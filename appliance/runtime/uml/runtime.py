@@ -251,6 +251,7 @@ class UmlRuntime:
                 resolver_ip=net.resolver_ip,
                 balloon_argument=kernel_argument(vm_dir) if self.balloon else None,
                 agent_token=spec.agent_token,
+                egress_ca_argument=self._cubevs.egress_tls.kernel_word(),
             )
             try:
                 check_paths(plan)
