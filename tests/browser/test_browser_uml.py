@@ -9,14 +9,25 @@ nowhere). Opt-in: tests/browser/conftest.py.
 from __future__ import annotations
 
 import io
+import json
+import socket
+import ssl
 import time
+from typing import Any
+from urllib.parse import urlsplit
 
 import browsing
+import httpx
 import pytest
 import umlguests
+import wsproto
+import wsproto.events
 from e2b import Sandbox
 from PIL import Image
 from playwright.sync_api import sync_playwright
+
+from appliance.proxy.tls import ca_cert_path
+from appliance.templates.browser import CDP_PORT
 
 pytestmark = [pytest.mark.uml, pytest.mark.root]
 
@@ -88,3 +99,52 @@ def test_the_template_is_listed(browser_service: umlguests.UmlService) -> None:
     )
     assert response.status_code == 200, response.text
     assert any(t["templateID"] == "browser" for t in response.json())
+
+
+def test_cdp_over_tls_through_host_routing(browser_service: umlguests.UmlService) -> None:
+    """`9222-<id>.<domain>` on the TLS port (SNI and Host; the appliance's CA): /json/version names a
+    `wss://` URL on that host, and a DevTools WebSocket opened there over TLS answers CDP."""
+    sandbox = Sandbox.create("browser", timeout=600, api_key=browser_service.key("browser"))
+    try:
+        config = browser_service.config
+        hostname = f"{CDP_PORT}-{sandbox.sandbox_id}.{config.domain}"
+        context = ssl.create_default_context(cafile=str(ca_cert_path(config.state_dir)))
+        port = int(browser_service.harness.tls_url.rsplit(":", 1)[1])
+        with httpx.Client(verify=context) as client:
+            version = client.get(
+                f"https://127.0.0.1:{port}/json/version",
+                headers={"Host": hostname},
+                extensions={"sni_hostname": hostname},
+                timeout=60,
+            )
+        assert version.status_code == 200, version.text
+        url = urlsplit(version.json()["webSocketDebuggerUrl"])
+        assert (url.scheme, url.netloc) == ("wss", hostname) and url.path.startswith("/devtools/browser/")
+        answer = _cdp_call_over_tls(("127.0.0.1", port), hostname, url.path, context, "Browser.getVersion")
+        assert answer["id"] == 1 and "Chrome/" in answer["result"]["product"]
+    finally:
+        sandbox.kill()
+
+
+def _cdp_call_over_tls(
+    address: tuple[str, int], hostname: str, path: str, context: ssl.SSLContext, method: str
+) -> dict[str, Any]:
+    """One CDP command on a DevTools WebSocket at wss://hostname/path, reached at `address`."""
+    connection = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    with (
+        socket.create_connection(address, timeout=60) as raw,
+        context.wrap_socket(raw, server_hostname=hostname) as sock,
+    ):
+        sock.sendall(connection.send(wsproto.events.Request(host=hostname, target=path)))
+        sock.sendall(connection.send(wsproto.events.TextMessage(json.dumps({"id": 1, "method": method}))))
+        text = ""
+        while True:
+            received = sock.recv(65536)
+            assert received, "the DevTools WebSocket closed"
+            connection.receive_data(received)
+            for event in connection.events():
+                assert not isinstance(event, wsproto.events.RejectConnection), event
+                if isinstance(event, wsproto.events.TextMessage):
+                    text += event.data
+                    if event.message_finished:
+                        return dict(json.loads(text))
