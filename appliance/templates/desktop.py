@@ -38,7 +38,10 @@ MEMORY_MB = 1024  # Xvfb, Xfce and a browser
 
 
 # Files of image/rootfs-desktop/ installed into the image: guest path → (source, mode).
-GUEST_FILES = {"/etc/chromium.d/cube": (RECIPE_DIR / "chromium-flags", 0o644)}
+GUEST_FILES = {
+    "/etc/chromium.d/cube": (RECIPE_DIR / "chromium-flags", 0o644),
+    "/etc/xdg/mimeapps.list": (RECIPE_DIR / "mimeapps.list", 0o644),
+}
 
 
 def assembly_digest() -> str:
