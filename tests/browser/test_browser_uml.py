@@ -136,7 +136,6 @@ def _cdp_call_over_tls(
         context.wrap_socket(raw, server_hostname=hostname) as sock,
     ):
         sock.sendall(connection.send(wsproto.events.Request(host=hostname, target=path)))
-        sock.sendall(connection.send(wsproto.events.TextMessage(json.dumps({"id": 1, "method": method}))))
         text = ""
         while True:
             received = sock.recv(65536)
@@ -144,6 +143,9 @@ def _cdp_call_over_tls(
             connection.receive_data(received)
             for event in connection.events():
                 assert not isinstance(event, wsproto.events.RejectConnection), event
+                if isinstance(event, wsproto.events.AcceptConnection):
+                    command = json.dumps({"id": 1, "method": method})
+                    sock.sendall(connection.send(wsproto.events.TextMessage(command)))
                 if isinstance(event, wsproto.events.TextMessage):
                     text += event.data
                     if event.message_finished:

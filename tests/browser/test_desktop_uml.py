@@ -131,8 +131,14 @@ def _novnc_page(service: umlguests.UmlService, sandbox_id: str) -> httpx.Respons
 
 
 def _await_window(desktop: Sandbox, search: str) -> str:
-    """The first visible window `xdotool search` finds (bounded: --sync waits, the timeout ends it)."""
-    found = desktop.commands.run(f"xdotool search --sync --onlyvisible {search} | head -1", timeout=240)
+    """The first visible window `xdotool search` finds. Bounded: the window's appearance is awaited
+    (polled: `--sync` dies on an X error when a window it looks at goes away, as Chromium's
+    start-up windows do)."""
+    found = desktop.commands.run(
+        f"for i in $(seq 240); do w=$(xdotool search --onlyvisible {search} 2>/dev/null | head -1);"
+        ' [ -n "$w" ] && echo "$w" && exit 0; sleep 1; done; exit 1',
+        timeout=300,
+    )
     return found.stdout.strip()
 
 
