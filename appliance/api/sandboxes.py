@@ -25,6 +25,7 @@ from appliance.cubelet.cubelet import OutOfMemoryBudget, SandboxRequest, Sandbox
 from appliance.cubelet.volume_mounts import VolumeMountError
 from appliance.net.policy import PolicyError
 from appliance.records import DEAD, LIVE_STATES, PAUSED, SandboxQuery, SandboxRecord
+from appliance.templates.built_in import template_not_found_message
 from appliance.tenancy import Principal, current_principal
 
 blueprint = guarded("sandboxes", __name__, Access.KEY)
@@ -77,7 +78,7 @@ def sandbox_request(data: dict[str, Any], principal: Principal, s: Services) -> 
         raise ApiError(400, "MCP gateways are not supported by this appliance")
     template = s.templates.resolve(template_name, principal)
     if template is None:
-        raise ApiError(404, f"template '{template_name}' not found")
+        raise ApiError(404, template_not_found_message(template_name))
     network = create_network(data, template)
     mounts = volume_mounts(data.get("volumeMounts"), principal.team_id)
     return SandboxRequest(

@@ -55,6 +55,7 @@ ACCESS_TOKEN_HEADER = b"x-access-token"
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
 # The caller's control-plane credentials, and the cluster's (a node forwarding sandbox traffic
 # adds its token): a guest never sees them.
+FORWARDED_PROTO = b"x-forwarded-proto"
 CONTROL_PLANE_CREDENTIALS = frozenset({b"x-api-key", *(h.encode() for h in CLUSTER_HEADERS)})
 
 
@@ -93,14 +94,17 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 def forwarded_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
     """The request's headers as the guest gets them: no hop-by-hop ones, no control-plane
-    credentials (`X-API-Key`, `Authorization: Bearer`); envd's `Authorization: Basic <user>:` stays."""
+    credentials (`X-API-Key`, `Authorization: Bearer`); envd's `Authorization: Basic <user>:` stays.
+    `X-Forwarded-Proto` says whether the client came over TLS (the router's own, never the client's):
+    a guest server that hands out URLs to itself (the browser template's CDP front: `wss://`) needs it."""
     kept = []
     for key, value in scope["headers"]:
-        if key in HOP_BY_HOP or key in CONTROL_PLANE_CREDENTIALS:
+        if key in HOP_BY_HOP or key in CONTROL_PLANE_CREDENTIALS or key == FORWARDED_PROTO:
             continue
         if key == b"authorization" and not value.lstrip()[:6].lower() == b"basic ":
             continue
         kept.append((key, value))
+    kept.append((FORWARDED_PROTO, b"https" if scope.get("scheme") in ("https", "wss") else b"http"))
     return kept
 
 

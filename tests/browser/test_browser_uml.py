@@ -10,60 +10,26 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import ssl
 import time
+from typing import Any
+from urllib.parse import urlsplit
 
+import browsing
+import httpx
 import pytest
 import umlguests
+import wsproto
+import wsproto.events
 from e2b import Sandbox
 from PIL import Image
-from playwright.sync_api import Browser, Playwright, sync_playwright
+from playwright.sync_api import sync_playwright
 
-from appliance.templates.browser import CDP_PORT, CHROMIUM_DEBUG_PORT
+from appliance.proxy.tls import ca_cert_path
+from appliance.templates.browser import CDP_PORT
 
 pytestmark = [pytest.mark.uml, pytest.mark.root]
-
-PAGE = (
-    "<html><head><title>cube</title></head>"
-    "<body><h1 id='greeting'>Hello from inside the sandbox</h1></body></html>"
-)
-SITE_PORT = 8000
-# Chromium's processes (browser, zygotes, utility, renderers) by their executable.
-COUNT_CHROMIUM = "pgrep -c -f ^/usr/lib/chromium/chromium || true"
-
-
-def _serve_page(sandbox: Sandbox) -> str:
-    """An HTTP server inside the sandbox (loopback only) serving PAGE; returns its URL there."""
-    sandbox.files.write("/home/user/site/index.html", PAGE)
-    sandbox.commands.run(
-        f"python3 -m http.server {SITE_PORT} --bind 127.0.0.1 --directory /home/user/site", background=True
-    )
-    url = f"http://127.0.0.1:{SITE_PORT}/"
-    # Bounded: the server's start is what is awaited.
-    sandbox.commands.run(
-        f"for i in $(seq 100); do curl -sf -o /dev/null {url} && exit 0; sleep 0.2; done; exit 1"
-    )
-    return url
-
-
-def _attach(playwright: Playwright, service: umlguests.UmlService, sandbox: Sandbox) -> Browser:
-    headers = {"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": str(CDP_PORT)}
-    return playwright.chromium.connect_over_cdp(service.url, headers=headers, timeout=120_000)
-
-
-def _pages(sandbox: Sandbox) -> list[str]:
-    """The page targets' URLs, as Chromium itself lists them (inside the guest)."""
-    out = sandbox.commands.run(f"curl -sf http://127.0.0.1:{CHROMIUM_DEBUG_PORT}/json/list").stdout
-    return [t["url"] for t in json.loads(out) if t["type"] == "page"]
-
-
-def _guest_logs(sandbox: Sandbox) -> str:
-    """Chromium's log (without its D-Bus complaints: the guest runs no bus), the front's, memory."""
-    script = "grep -v dbus /tmp/chromium.log | tail -40; tail -c 2000 /tmp/cdp-front.log; free -m"
-    return sandbox.commands.run(script, user="root").stdout
-
-
-def _chromium_processes(sandbox: Sandbox) -> int:
-    return int(sandbox.commands.run(COUNT_CHROMIUM).stdout.strip() or 0)
 
 
 def test_playwright_on_the_host_reads_a_page_served_inside_the_sandbox(
@@ -72,9 +38,9 @@ def test_playwright_on_the_host_reads_a_page_served_inside_the_sandbox(
     key = browser_service.key("browser")
     sandbox = Sandbox.create("browser", timeout=600, api_key=key)
     try:
-        url = _serve_page(sandbox)
+        url = browsing.serve_page(sandbox)
         with sync_playwright() as playwright:
-            browser = _attach(playwright, browser_service, sandbox)
+            browser = browsing.attach(playwright, browser_service, sandbox)
             page = browser.contexts[0].new_page()
             page.goto(url)
             assert page.title() == "cube"
@@ -97,7 +63,7 @@ def test_playwright_on_the_host_reads_a_page_served_inside_the_sandbox(
         )
         assert inside.stdout.strip() == "Hello from inside the sandbox"
     finally:
-        print(_guest_logs(sandbox))  # shown when the test fails
+        print(browsing.guest_logs(sandbox))  # shown when the test fails
         sandbox.kill()
 
 
@@ -107,20 +73,21 @@ def test_a_cdp_client_that_disconnects_leaves_no_tabs_or_processes(
     key = browser_service.key("browser")
     sandbox = Sandbox.create("browser", timeout=600, api_key=key)
     try:
-        url = _serve_page(sandbox)
-        assert _pages(sandbox) == ["about:blank"]
-        before = _chromium_processes(sandbox)
+        url = browsing.serve_page(sandbox)
+        assert browsing.pages(sandbox) == ["about:blank"]
+        before = browsing.chromium_processes(sandbox)
         with sync_playwright() as playwright:
-            browser = _attach(playwright, browser_service, sandbox)
+            browser = browsing.attach(playwright, browser_service, sandbox)
             for _ in range(3):
                 browser.contexts[0].new_page().goto(url)
-            assert sorted(_pages(sandbox)) == sorted(["about:blank", url, url, url])
-            assert _chromium_processes(sandbox) > before
+            assert sorted(browsing.pages(sandbox)) == sorted(["about:blank", url, url, url])
+            assert browsing.chromium_processes(sandbox) > before
         # The client is gone (its driver exited): the browser is back to one blank tab. Bounded
         # wait: the front resets the tabs once it sees the WebSocket close.
         deadline = time.monotonic() + 60
-        while (_pages(sandbox), _chromium_processes(sandbox)) != (["about:blank"], before):
-            assert time.monotonic() < deadline, (_pages(sandbox), _chromium_processes(sandbox), before)
+        blank = (["about:blank"], before)
+        while (seen := (browsing.pages(sandbox), browsing.chromium_processes(sandbox))) != blank:
+            assert time.monotonic() < deadline, (seen, blank)
             time.sleep(1)
     finally:
         sandbox.kill()
@@ -132,3 +99,54 @@ def test_the_template_is_listed(browser_service: umlguests.UmlService) -> None:
     )
     assert response.status_code == 200, response.text
     assert any(t["templateID"] == "browser" for t in response.json())
+
+
+def test_cdp_over_tls_through_host_routing(browser_service: umlguests.UmlService) -> None:
+    """`9222-<id>.<domain>` on the TLS port (SNI and Host; the appliance's CA): /json/version names a
+    `wss://` URL on that host, and a DevTools WebSocket opened there over TLS answers CDP."""
+    sandbox = Sandbox.create("browser", timeout=600, api_key=browser_service.key("browser"))
+    try:
+        config = browser_service.config
+        hostname = f"{CDP_PORT}-{sandbox.sandbox_id}.{config.domain}"
+        context = ssl.create_default_context(cafile=str(ca_cert_path(config.state_dir)))
+        port = int(browser_service.harness.tls_url.rsplit(":", 1)[1])
+        with httpx.Client(verify=context) as client:
+            version = client.get(
+                f"https://127.0.0.1:{port}/json/version",
+                headers={"Host": hostname},
+                extensions={"sni_hostname": hostname},
+                timeout=60,
+            )
+        assert version.status_code == 200, version.text
+        url = urlsplit(version.json()["webSocketDebuggerUrl"])
+        assert (url.scheme, url.netloc) == ("wss", hostname) and url.path.startswith("/devtools/browser/")
+        answer = _cdp_call_over_tls(("127.0.0.1", port), hostname, url.path, context, "Browser.getVersion")
+        assert answer["id"] == 1 and "Chrome/" in answer["result"]["product"]
+    finally:
+        sandbox.kill()
+
+
+def _cdp_call_over_tls(
+    address: tuple[str, int], hostname: str, path: str, context: ssl.SSLContext, method: str
+) -> dict[str, Any]:
+    """One CDP command on a DevTools WebSocket at wss://hostname/path, reached at `address`."""
+    connection = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    with (
+        socket.create_connection(address, timeout=60) as raw,
+        context.wrap_socket(raw, server_hostname=hostname) as sock,
+    ):
+        sock.sendall(connection.send(wsproto.events.Request(host=hostname, target=path)))
+        text = ""
+        while True:
+            received = sock.recv(65536)
+            assert received, "the DevTools WebSocket closed"
+            connection.receive_data(received)
+            for event in connection.events():
+                assert not isinstance(event, wsproto.events.RejectConnection), event
+                if isinstance(event, wsproto.events.AcceptConnection):
+                    command = json.dumps({"id": 1, "method": method})
+                    sock.sendall(connection.send(wsproto.events.TextMessage(command)))
+                if isinstance(event, wsproto.events.TextMessage):
+                    text += event.data
+                    if event.message_finished:
+                        return dict(json.loads(text))
