@@ -13,12 +13,12 @@ Where clients look:
 - environment every child of the agent inherits: NODE_EXTRA_CA_CERTS (Node's bundled store ignores
   the system's), REQUESTS_CA_BUNDLE and SSL_CERT_FILE naming the system bundle (requests and httpx
   from pip carry certifi's own bundle otherwise).
-Standard library only; no `ssl` import (slow under UML): PEM is base64 in 64-column lines.
+Standard library only, and only what the agent has loaded before envd answers (no `ssl`, slow under
+UML; no `base64`, deferred: guest/lazy_imports.py): PEM is base64 in 64-column lines.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
 import os
 import sys
@@ -36,12 +36,12 @@ def ca_from_cmdline(cmdline: str) -> str | None:
         if name != CA_PARAMETER or not value:
             continue
         try:
-            der = base64.b64decode(value, validate=True)
+            der = binascii.a2b_base64(value, strict_mode=True)
         except (binascii.Error, ValueError):
             return None
         if not der or len(der) > MAX_DER_BYTES:
             return None
-        body = base64.b64encode(der).decode()
+        body = binascii.b2a_base64(der, newline=False).decode()
         lines = [body[i : i + 64] for i in range(0, len(body), 64)]
         return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
     return None
