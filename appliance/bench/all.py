@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 import trio
 
+from appliance.api.client import ApiClient
 from appliance.bench.charts import write_charts
 from appliance.bench.compare import find_row, published_report, ratio_rows, target_rows
 from appliance.bench.create import mem_available_bytes, run_api_create_bench, run_direct_bench
@@ -103,16 +104,42 @@ def all_bench(
     """Every scenario, bounded; tables, JSON, PNG charts and the side-by-side with the floor."""
     config: Config = ctx.obj
     template = template or config.default_template
-    api = target(config, api_key)
     run_started = time.perf_counter()
-    reports: dict[str, Report] = {}
-    failures: list[str] = []
+    steps = _steps(
+        ctx, config, json_dir, template, target(config, api_key), concurrencies, creates, density_max
+    )
+    reports, failures = _run_steps([step for step in steps if step[0] not in skip], json_dir, run_started)
+    summary = side_by_side(reports)
+    summary.notes.extend(f"scenario failed: {f}" for f in failures)
+    summary.notes.append(f"whole run: {time.perf_counter() - run_started:.0f} s")
+    for report in (summary, published_report()):
+        report.print_table()
+        report.write_json(json_dir)
+    click.echo(f"\nwrote JSON and PNG charts to {json_dir.resolve()}")
+    if failures:
+        raise SystemExit(1)
 
+
+# A scenario: its --skip key, its title, and what runs it (None: it reported nothing).
+Step = tuple[str, str, Callable[[], Report | None]]
+
+
+def _steps(
+    ctx: click.Context,
+    config: Config,
+    json_dir: Path,
+    template: str,
+    api: ApiClient,
+    concurrencies: tuple[int, ...],
+    creates: int,
+    density_max: int,
+) -> list[Step]:
     def pool_settled() -> None:
         # Warm pools refill in the background after a scenario: wait so the next starts warm.
         wait_memory_settled(mem_available_bytes, window_s=3.0, limit_s=45.0)
 
-    steps: list[tuple[str, str, Callable[[], Report | None]]] = [
+    file_sizes = (("1 KiB", KIB, 20), ("1 MiB", MIB, 5), ("100 MiB", 100 * MIB, 2))
+    return [
         ("floor", "floor: python3 -c pass, bwrap", lambda: _floor_report()),
         (
             "create",
@@ -124,13 +151,7 @@ def all_bench(
         (
             "files",
             "files through the SDK",
-            lambda: _after(
-                pool_settled,
-                run_files_bench,
-                api,
-                template,
-                (("1 KiB", KIB, 20), ("1 MiB", MIB, 5), ("100 MiB", 100 * MIB, 2)),
-            ),
+            lambda: _after(pool_settled, run_files_bench, api, template, file_sizes),
         ),
         (
             "density",
@@ -144,14 +165,20 @@ def all_bench(
         ),
         ("kvm", "kvm runtime pieces", lambda: _kvm(ctx, json_dir)),
     ]
-    active = [step for step in steps if step[0] not in skip]
-    for index, (key, title, run) in enumerate(active, 1):
+
+
+def _run_steps(steps: list[Step], json_dir: Path, run_started: float) -> tuple[dict[str, Report], list[str]]:
+    """Each step in turn, its table printed and its JSON and charts written; a scenario that
+    fails must not lose the others' numbers."""
+    reports: dict[str, Report] = {}
+    failures: list[str] = []
+    for index, (key, title, run) in enumerate(steps, 1):
         click.echo(
-            f"\n[{index}/{len(active)}] {title}  (t={time.perf_counter() - run_started:.0f} s)", err=True
+            f"\n[{index}/{len(steps)}] {title}  (t={time.perf_counter() - run_started:.0f} s)", err=True
         )
         try:
             report = run()
-        except Exception as exc:  # a scenario failing must not lose the others' numbers
+        except Exception as exc:
             failures.append(f"{key}: {type(exc).__name__}: {exc}")
             click.echo(traceback.format_exc(), err=True)
             continue
@@ -161,16 +188,7 @@ def all_bench(
         report.print_table()
         report.write_json(json_dir)
         write_charts(report, json_dir)
-
-    summary = side_by_side(reports)
-    summary.notes.extend(f"scenario failed: {f}" for f in failures)
-    summary.notes.append(f"whole run: {time.perf_counter() - run_started:.0f} s")
-    for report in (summary, published_report()):
-        report.print_table()
-        report.write_json(json_dir)
-    click.echo(f"\nwrote JSON and PNG charts to {json_dir.resolve()}")
-    if failures:
-        raise SystemExit(1)
+    return reports, failures
 
 
 def _floor_report() -> Report:

@@ -144,67 +144,63 @@ def _round_trip_us(guest: str, peer: str, peer_ip: str, count: int) -> float:
     return statistics.median(samples) * 1e6
 
 
-async def run_net_bench(
-    config: Config, host_network: str, sandboxes: int, rounds: int, seconds: float
-) -> Report:
-    report = Report("net")
-    tag = f"{os.getpid() % 0x10000:04x}"
+# Per detached/attached: each round's throughput (MB/s) and median round trip (µs).
+Results = dict[bool, dict[str, list[float]]]
+
+
+async def _setup_teardown(vs: CubeVS, report: Report, tag: str, uid: int, sandboxes: int) -> None:
+    """Create and remove `sandboxes` sandbox networks one at a time, timing each half."""
+    setup, teardown = [], []
+    for i in range(sandboxes):
+        async with AsyncExitStack() as stack:
+            t0 = time.perf_counter()
+            await stack.enter_async_context(
+                vs.sandbox_network(f"cubebench-{tag}-{i}", i, uid, NetworkPolicy())
+            )
+            setup.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+        teardown.append(time.perf_counter() - t0)
+    for name, samples in (("setup", setup), ("teardown", teardown)):
+        stats = percentiles(samples)
+        report.add(
+            measure=f"sandbox network {name}",
+            n=stats["n"],
+            p50_ms=stats["p50_ms"],
+            p95_ms=stats["p95_ms"],
+            max_ms=stats["max_ms"],
+        )
+
+
+async def _traffic(
+    vs: CubeVS, tag: str, uid: int, rounds: int, seconds: float
+) -> tuple[Results, dict[str, int]]:
+    """Throughput and round trips through one sandbox network, policy detached and attached in
+    turn; the policy's counters after."""
     peer_ns, guest_ns, host_link = f"cubebench-{tag}-peer", f"cubebench-{tag}-guest", f"cbench{tag}"
     host_side, peer_ip = "198.18.255.1", "198.18.255.2"
-    uid = config.uid_base
-    with tempfile.TemporaryDirectory(prefix="cube-bench-net-") as tmp:
-        bench_config = dataclasses.replace(config, host_network=host_network, run_dir=Path(tmp))
-        async with CubeVS.start(bench_config, dns_upstreams=[]) as vs:
-            if not vs.enforced:
-                raise click.ClickException(f"eBPF enforcement is not active: {vs.unenforced_reason}")
-
-            setup, teardown = [], []
-            for i in range(sandboxes):
-                async with AsyncExitStack() as stack:
-                    t0 = time.perf_counter()
-                    await stack.enter_async_context(
-                        vs.sandbox_network(f"cubebench-{tag}-{i}", i, uid, NetworkPolicy())
+    await trio.to_thread.run_sync(_make_peer, peer_ns, host_link, host_side, peer_ip)
+    try:
+        async with vs.sandbox_network(f"cubebench-{tag}-tp", 0, uid, NetworkPolicy()) as net:
+            await trio.to_thread.run_sync(_make_guest, net, guest_ns)
+            results: Results = {attached: {"mb_s": [], "rtt_us": []} for attached in (False, True)}
+            for _ in range(rounds):
+                for attached in (False, True):
+                    await vs.set_policy_attached(net.sandbox_id, attached)
+                    results[attached]["mb_s"].append(
+                        await trio.to_thread.run_sync(_throughput_mb_s, guest_ns, peer_ns, peer_ip, seconds)
                     )
-                    setup.append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                teardown.append(time.perf_counter() - t0)
-            for name, samples in (("setup", setup), ("teardown", teardown)):
-                stats = percentiles(samples)
-                report.add(
-                    measure=f"sandbox network {name}",
-                    n=stats["n"],
-                    p50_ms=stats["p50_ms"],
-                    p95_ms=stats["p95_ms"],
-                    max_ms=stats["max_ms"],
-                )
+                    rtt_us = await trio.to_thread.run_sync(_round_trip_us, guest_ns, peer_ns, peer_ip, 2000)
+                    results[attached]["rtt_us"].append(rtt_us)
+            return results, dict(vs.counters(net.sandbox_id))
+    finally:
+        await trio.to_thread.run_sync(netns.remove, guest_ns)
+        await trio.to_thread.run_sync(netns.remove, peer_ns)
+        with IPRoute() as host:
+            for index in host.link_lookup(ifname=host_link):
+                host.link("del", index=index)
 
-            await trio.to_thread.run_sync(_make_peer, peer_ns, host_link, host_side, peer_ip)
-            try:
-                async with vs.sandbox_network(f"cubebench-{tag}-tp", 0, uid, NetworkPolicy()) as net:
-                    await trio.to_thread.run_sync(_make_guest, net, guest_ns)
-                    results: dict[bool, dict[str, list[float]]] = {
-                        attached: {"mb_s": [], "rtt_us": []} for attached in (False, True)
-                    }
-                    for _ in range(rounds):
-                        for attached in (False, True):
-                            await vs.set_policy_attached(net.sandbox_id, attached)
-                            results[attached]["mb_s"].append(
-                                await trio.to_thread.run_sync(
-                                    _throughput_mb_s, guest_ns, peer_ns, peer_ip, seconds
-                                )
-                            )
-                            rtt_us = await trio.to_thread.run_sync(
-                                _round_trip_us, guest_ns, peer_ns, peer_ip, 2000
-                            )
-                            results[attached]["rtt_us"].append(rtt_us)
-                    counters = vs.counters(net.sandbox_id)
-            finally:
-                await trio.to_thread.run_sync(netns.remove, guest_ns)
-                await trio.to_thread.run_sync(netns.remove, peer_ns)
-                with IPRoute() as host:
-                    for index in host.link_lookup(ifname=host_link):
-                        host.link("del", index=index)
 
+def _traffic_report(report: Report, results: Results, rounds: int, seconds: float) -> None:
     medians = {
         attached: {k: statistics.median(v) for k, v in values.items()} for attached, values in results.items()
     }
@@ -228,6 +224,22 @@ async def run_net_bench(
         "host the round-to-round spread (mb_s_min..max) is larger than the program's cost: read the "
         "ratio against it"
     )
+
+
+async def run_net_bench(
+    config: Config, host_network: str, sandboxes: int, rounds: int, seconds: float
+) -> Report:
+    report = Report("net")
+    tag = f"{os.getpid() % 0x10000:04x}"
+    uid = config.uid_base
+    with tempfile.TemporaryDirectory(prefix="cube-bench-net-") as tmp:
+        bench_config = dataclasses.replace(config, host_network=host_network, run_dir=Path(tmp))
+        async with CubeVS.start(bench_config, dns_upstreams=[]) as vs:
+            if not vs.enforced:
+                raise click.ClickException(f"eBPF enforcement is not active: {vs.unenforced_reason}")
+            await _setup_teardown(vs, report, tag, uid, sandboxes)
+            results, counters = await _traffic(vs, tag, uid, rounds, seconds)
+    _traffic_report(report, results, rounds, seconds)
     report.notes.append(f"policy counters after the run: {counters}")
     return report
 

@@ -16,6 +16,7 @@ runs the same rollouts as a script.
 from __future__ import annotations
 
 import itertools
+import os
 import posixpath
 import threading
 import time
@@ -154,10 +155,20 @@ def run_episode(number: int, template: str = TASK_TEMPLATE) -> Episode:
     return episode
 
 
+def host_busy_cpu_s() -> float:
+    """CPU-seconds every core of this host has spent busy since boot (/proc/stat: all but idle
+    and iowait), whoever spent them."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Rollouts:
     episodes: list[Episode]
     wall_s: float
+    busy_cpu_s: float = 0.0  # the host's, over the rollouts (other work on the host included)
 
     @property
     def failures(self) -> list[Episode]:
@@ -185,11 +196,12 @@ def run_rollouts(workers: int, episodes: int, template: str = TASK_TEMPLATE, on_
                 if on_done is not None:
                     on_done(episode)
 
-    started = time.perf_counter()
+    started, busy_before = time.perf_counter(), host_busy_cpu_s()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for future in [pool.submit(worker) for _ in range(workers)]:
             future.result()
-    return Rollouts(sorted(done, key=lambda e: e.number), time.perf_counter() - started)
+    wall_s, busy_s = time.perf_counter() - started, host_busy_cpu_s() - busy_before
+    return Rollouts(sorted(done, key=lambda e: e.number), wall_s, busy_s)
 
 
 def rollouts_report(rollouts: Rollouts, workers: int, build_s: float) -> Report:
@@ -208,6 +220,11 @@ def rollouts_report(rollouts: Rollouts, workers: int, build_s: float) -> Report:
         wall_s=round(rollouts.wall_s, 2),
         episodes_per_s=round(rollouts.rate(), 3),
         mean_reward=round(sum(rewards) / len(rewards), 3) if rewards else "",
+        host_cpu_s_per_episode=round(rollouts.busy_cpu_s / max(1, len(rollouts.episodes)), 2),
+    )
+    report.notes.append(
+        "host_cpu_s_per_episode: the host's busy CPU-seconds over the rollouts / episodes, whoever "
+        "spent them (the service, supervisors, guests, the bench's SDK clients, and any other work)"
     )
     report.notes.append(f"task template {TASK_TEMPLATE} built (or found cached) in {build_s:.1f} s")
     report.notes.extend(f"episode {e.number}: {e.error}" for e in rollouts.failures[:5])

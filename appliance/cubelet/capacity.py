@@ -7,8 +7,9 @@ makes each slower. Three kinds compete for the cores:
 - refills, the warm pools' boots, which nobody waits for: they take only the cores
   the cold boots leave (at most `cores` boots of both kinds at once);
 - claims, warm creates initialising their guest: a boot started meanwhile slows
-  every claim still in flight, so refills wait until a burst of claims has been
-  answered and quiet for REFILL_QUIET_S (the pools decide how far to wait).
+  every claim still in flight (its network set-up and supervisor start run on the
+  service's own cores), so refills wait until a burst of claims has been answered
+  (and quiet for REFILL_QUIET_S while the pool is at least half full: the pools decide).
 Each is counted by a context manager held for exactly as long as it runs, so the
 counts cannot drift; leaving one wakes the pool keeper (`on_release`).
 """
@@ -78,6 +79,10 @@ class BootCapacity:
         (at most `parallelism` refills at once, default every core)."""
         limit = min(self.refill_limit, parallelism or self.refill_limit)
         return self._refills.total() + self._cold_boots < limit
+
+    def claiming(self) -> bool:
+        """Whether a warm create is initialising its guest right now."""
+        return self._claims > 0
 
     def claims_quiet_in(self) -> float:
         """Seconds until the last burst of claims counts as answered; 0 when it does."""

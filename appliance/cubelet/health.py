@@ -36,11 +36,18 @@ class HealthProber:
         self.kill = kill
 
     async def run(self) -> None:
+        """Each guest once per HEALTH_INTERVAL_S, their probes spread evenly over the interval:
+        probing a full warm pool (dozens of guests) at one instant woke every guest and the
+        service at once, and a burst of creates landing then waited behind all of it."""
         while True:
-            await trio.sleep(HEALTH_INTERVAL_S)
+            guests = [live for live in self.table if live.state in AGENT_UP]
+            gap_s = HEALTH_INTERVAL_S / max(1, len(guests))
+            if not guests:
+                await trio.sleep(gap_s)
             async with trio.open_nursery() as nursery:
-                for live in self.table:
-                    if live.state in AGENT_UP:
+                for live in guests:
+                    await trio.sleep(gap_s)
+                    if live.state in AGENT_UP:  # not ended or paused meanwhile
                         nursery.start_soon(self.probe, live)
 
     async def probe(self, live: LiveSandbox) -> None:

@@ -226,8 +226,13 @@ class WarmPools:
         return (
             self.capacity.refill_allowed(self.refill_parallelism())
             # A burst of warm creates is answered first: a boot started meanwhile slows every
-            # claim. Not past half the pool, though: steady creates must not starve the refills.
-            and (self.capacity.claims_quiet_in() == 0 or pooled * 2 < target)
+            # claim (a burst of 50 on a pool of 56 took half the pool at once, and two refills'
+            # network set-ups ran amid its claims). Below half the pool the quiet time after the
+            # burst is not waited for: steady creates must not starve the refills; they leave
+            # gaps between claims, and an empty pool has no claims.
+            and (
+                self.capacity.claims_quiet_in() == 0 or (pooled * 2 < target and not self.capacity.claiming())
+            )
             and pooled + self.capacity.refilling(template_id) < target
             and trio.current_time() >= self._retry_at.get(template_id, -math.inf)
             # Everything alive counts, guests still tearing down too: pools never exceed the budget.

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,19 +149,75 @@ def host_addresses() -> set[Network]:
     return networks
 
 
+def _static_blocked(addressing: Addressing) -> list[Network]:
+    """The ranges blocked whatever the host's addresses: ALWAYS_BLOCKED, other sandboxes, the
+    veths' host ends, the resolver's other ports."""
+    blocked: list[Network] = [ipaddress.ip_network(n) for n in ALWAYS_BLOCKED]
+    blocked.extend((addressing.network, addressing.network6))
+    return blocked
+
+
+def _covered(address: Network, networks: Sequence[Network]) -> bool:
+    return any(address.network_address in n for n in networks)
+
+
+def needs_own_entry(address: Network, addressing: Addressing, opened: tuple[Network, ...]) -> bool:
+    """Whether a host address needs an entry of its own in the blocked set: unless a blocked range
+    holds it already (the veths' ends, loopback, link-local ...) and no operator's opening takes it
+    out of there. A sandbox's veth coming or going changes no entry."""
+    return not _covered(address, _static_blocked(addressing)) or _covered(address, opened)
+
+
 def blocked_set(addressing: Addressing, opened: tuple[Network, ...]) -> BlockedSet:
     """The always-blocked set as of now (the host's addresses change: call again when they do)."""
-    blocked: list[Network] = [ipaddress.ip_network(n) for n in ALWAYS_BLOCKED]
-    # Other sandboxes, the veths' host ends, the resolver's other ports.
-    blocked.extend((addressing.network, addressing.network6))
-
-    def covered(address: Network, networks: Sequence[Network]) -> bool:
-        return any(address.network_address in n for n in networks)
-
-    # An address of the host needs its own entry unless a blocked range holds it already (the
-    # veths' ends, loopback, link-local ...) and no operator's opening takes it out of there.
-    own = [a for a in host_addresses() if not covered(a, blocked) or covered(a, opened)]
+    blocked = _static_blocked(addressing)
+    own = [a for a in host_addresses() if needs_own_entry(a, addressing, opened)]
     blocked.extend(sorted(own, key=lambda n: (n.version, n)))
     entries = dict.fromkeys(blocked, True)
     entries.update(dict.fromkeys(opened, False))
     return BlockedSet(entries)
+
+
+# rtnetlink address notifications (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h).
+_NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, seq, pid
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, ifindex
+_RTATTR = struct.Struct("=HH")  # length, type
+_RTM_NEWADDR, _RTM_DELADDR = 20, 21
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_ADDRESS_SIZES = {socket.AF_INET: 4, socket.AF_INET6: 16}
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def changed_addresses(buffer: bytes) -> list[Network] | None:
+    """The host addresses that the RTM_NEWADDR / RTM_DELADDR notifications in `buffer` (one
+    datagram of an address-group netlink socket) add or remove, as /32 and /128 networks; None
+    if it holds anything else or anything it cannot read (the caller then re-reads them all)."""
+    addresses: list[Network] = []
+    offset = 0
+    while offset + _NLMSG_HEADER.size <= len(buffer):
+        length, kind, _flags, _seq, _pid = _NLMSG_HEADER.unpack_from(buffer, offset)
+        end = offset + length
+        if kind not in (_RTM_NEWADDR, _RTM_DELADDR) or length < _NLMSG_HEADER.size + _IFADDRMSG.size:
+            return None
+        if end > len(buffer):
+            return None
+        family = _IFADDRMSG.unpack_from(buffer, offset + _NLMSG_HEADER.size)[0]
+        size = _ADDRESS_SIZES.get(family)
+        if size is None:
+            return None
+        at = offset + _NLMSG_HEADER.size + _IFADDRMSG.size
+        while at + _RTATTR.size <= end:
+            attr_length, attr_type = _RTATTR.unpack_from(buffer, at)
+            if attr_length < _RTATTR.size or at + attr_length > end:
+                return None
+            if attr_type in (_IFA_ADDRESS, _IFA_LOCAL):
+                if attr_length - _RTATTR.size != size:
+                    return None
+                raw = buffer[at + _RTATTR.size : at + _RTATTR.size + size]
+                addresses.append(ipaddress.ip_network(ipaddress.ip_address(raw)))
+            at += _align4(attr_length)
+        offset = _align4(end)
+    return addresses if offset >= len(buffer) else None

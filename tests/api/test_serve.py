@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import signal
 from collections.abc import Callable
@@ -37,6 +38,22 @@ async def test_sigterm_shuts_down_gracefully(
         assert pid_file.read_text().strip() == str(os.getpid())
         os.kill(os.getpid(), signal.SIGTERM)
     assert not pid_file.exists()
+
+
+async def test_what_start_up_made_is_frozen_out_of_the_cyclic_gc(
+    service_config: Config, fake_runtime: FakeRuntime, fake_runtime_factory: Any
+) -> None:
+    """Once serving, a full collection no longer walks the modules, the app and the store (it
+    stalled bursts of creates on the event loop: docs/BENCHMARKS.md)."""
+    gc.unfreeze()  # whatever an earlier test in this process froze
+    config = dataclasses.replace(service_config, api_port=0, local_dev=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_until_signalled, config, fake_runtime_factory(fake_runtime))
+        with trio.fail_after(10):
+            while gc.get_freeze_count() == 0:
+                await trio.sleep(0.05)
+        assert gc.get_freeze_count() > 10_000
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def test_end_sandboxes_starts_ends_everything_and_returns(

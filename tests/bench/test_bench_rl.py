@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from appliance.bench.rl import CANDIDATES, TASK_FILES, Episode, Rollouts, candidate_patch
+from appliance.bench.rl import CANDIDATES, TASK_FILES, Episode, Rollouts, candidate_patch, host_busy_cpu_s
 
 
 def _task(directory: Path) -> Path:
@@ -42,3 +43,13 @@ def test_each_candidate_applies_and_earns_its_reward(tmp_path: Path) -> None:
 def test_failures_are_the_episodes_with_an_error() -> None:
     rollouts = Rollouts([Episode(0, reward=1.0), Episode(1, error="ReadTimeout")], wall_s=2.0)
     assert [e.number for e in rollouts.failures] == [1] and rollouts.rate() == 1.0
+
+
+def test_host_busy_cpu_counts_a_busy_loop() -> None:
+    """The CPU-seconds per episode come from /proc/stat: a 0.3 s busy loop shows up (at least most
+    of it; other work on the host only adds)."""
+    before = host_busy_cpu_s()
+    started = time.process_time()
+    while time.process_time() - started < 0.3:
+        pass
+    assert host_busy_cpu_s() - before >= 0.2

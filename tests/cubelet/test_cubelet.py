@@ -440,6 +440,28 @@ async def test_steady_claims_do_not_starve_the_refills_past_half_the_pool(
         assert fake_runtime.boots >= 5
 
 
+async def test_no_refill_starts_amid_a_burst_of_claims_even_below_half_the_pool(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst takes most of the pool at once: refills (network set-up, supervisor, boot) wait until
+    its claims are answered, then start without the quiet time (the pool is below half)."""
+    monkeypatch.setattr(capacity_module, "REFILL_QUIET_S", 3600.0)
+    config = dataclasses.replace(service_config, pool_size=4)
+    async with running_cubelet(config, fake_runtime) as cubelet:
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 4)
+        # The first claim is answered at once, the next two after 2 s.
+        for live in cubelet.pools.ready("code-interpreter")[1:3]:
+            fake_runtime.instances[live.sandbox_id].app.answer_delay_s = 2.0
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(cubelet.create, request_for(cubelet))
+            await trio.sleep(1.0)
+            assert cubelet.pooled_count("code-interpreter") == 1 and cubelet.capacity.claiming()
+            assert fake_runtime.boots == 4  # one guest of four left, and still no refill
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") >= 2)
+        assert fake_runtime.boots >= 5
+
+
 async def test_init_reuses_the_connection_the_pool_opened_and_kill_closes_it(
     service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
