@@ -43,15 +43,19 @@ from appliance.runtime.kvm.runtime import (
     GATEWAY_MAC,
     OVERLAY_NAME,
     PAUSED_SNAPSHOT_DIR,
+    VMMS_DIR,
     KvmInstance,
     KvmRuntime,
     SandboxDeviceParts,
+    attach_device,
     guest_mac,
     open_sandbox_tap,
 )
 from appliance.runtime.kvm.snapshot import read_state
 from appliance.runtime.kvm.template_snapshots import KEY_FILE, SnapshotBuild, SnapshotKey, TemplateUnservable
 from appliance.runtime.kvm.x86 import enter_long_mode
+from appliance.runtime.supervisor.protocol import RECORD_FILE
+from appliance.runtime.uml.cgroups import SUPERVISOR_SUFFIX, open_cgroup
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.net.device import VirtioNet
 from cffi_kvm import Kvm
@@ -207,7 +211,7 @@ def _template_snapshot(
     try:
         parts = SandboxDeviceParts(disk, "cube", -1, guest_mac(0), work / "unused.sock")
         for index, slot in enumerate(DEVICE_SLOTS):
-            KvmRuntime._attach(machine, index, slot.name, slot.build(parts))
+            attach_device(machine, index, slot.name, slot.build(parts))
         machine.memory.write(0x10000, assemble(MAGIC_TO_SERIAL, origin=0x10000))
         enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=0x10000, rsp=0x8000)
         key = SnapshotKey.of(template, kernel, SNAPSHOT_MEMORY_MB, 1)
@@ -281,12 +285,32 @@ async def _until_console_has(spec: BootSpec, text: bytes) -> None:
             await trio.sleep(0.05)
 
 
-def test_a_create_restores_the_template_snapshot_into_the_sandbox_machine(kvm: Kvm) -> None:
+def _vmm_pid(config: Config, spec: BootSpec) -> int:
+    record = json.loads((config.run_dir / VMMS_DIR / spec.sandbox_id / RECORD_FILE).read_text())
+    return int(record["pid"])
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {name: value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+
+def _fds_of(pid: int) -> list[str]:
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return fds
+
+
+def test_a_create_restores_the_template_snapshot_in_its_own_unprivileged_vmm(kvm: Kvm) -> None:
     """KvmRuntime.run on a template with a snapshot: network, tap, the snapshot's overlay
-    copied, a pooled shell restored with the sandbox's devices, vCPU running. The payload
+    copied, a VMM process restoring it with the sandbox's devices, vCPU running. The payload
     stands in for Linux (which cannot boot on PVM): its serial output in the sandbox's
-    console log shows the restored guest running on the runtime's MMIO bus. Readiness (the
-    guest agent) is the Linux test's; this one cancels the create once the guest ran."""
+    console log shows the restored guest running on the VMM's MMIO bus. The VMM runs as the
+    sandbox's uid with no capability in any set and no_new_privs, /dev/kvm and the tap
+    handed to it as descriptors. Readiness (the guest agent) is the Linux test's; this one
+    cancels the create once the guest ran."""
     with kvm_runtime_on_this_host() as (work, config, template):
 
         async def main() -> None:
@@ -297,16 +321,23 @@ def test_a_create_restores_the_template_snapshot_into_the_sandbox_machine(kvm: K
                     await _until_console_has(spec, b"virt")
                     overlay = (spec.sandbox_dir / OVERLAY_NAME).read_bytes()
                     assert overlay == (snapshot / OVERLAY_NAME).read_bytes()
-                    # The create started a refill for the template's next sandbox beside it;
-                    # on a loaded host the shell may still be in the making.
-                    pool = runtime.pool_for(snapshot)
-                    with trio.fail_after(30):
-                        while pool.ready < 1:
-                            await trio.sleep(0.05)
+                    pid = _vmm_pid(config, spec)
+                    status = _status(pid)
+                    uid = str(config.uid_base + spec.slot)
+                    assert status["Uid"].split() == [uid] * 4 and status["Gid"].split() == [uid] * 4
+                    assert status["Groups"] == ""
+                    for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                        assert int(status[capabilities], 16) == 0, (capabilities, status[capabilities])
+                    assert status["NoNewPrivs"] == "1"
+                    fds = _fds_of(pid)
+                    assert "/dev/kvm" in fds and "/dev/net/tun" in fds, fds
+                    assert any(fd.endswith("kvm-vcpu:0") for fd in fds), fds
                     nursery.cancel_scope.cancel()
                 # Gone with the cancelled create, before the runtime closes.
+                assert not Path(f"/proc/{pid}").exists()
                 assert not Path(f"/run/netns/cube-{spec.sandbox_id}").exists()
                 assert not spec.sandbox_dir.exists()
+                assert not (config.run_dir / VMMS_DIR / spec.sandbox_id).exists()
 
         trio.run(main)
 
@@ -339,36 +370,36 @@ async def _until_cubevs_is_idle() -> None:
             await trio.sleep(0.05)
 
 
-def test_killing_a_sandbox_leaves_no_thread_fd_netns_or_file(kvm: Kvm) -> None:
-    """The sandbox's nursery owns its vCPU threads and device handlers; cancelling `run` (the
-    kill) joins them and closes every fd (VM, vCPUs, eventfds, tap, disk), removes the netns
-    and its tap, and deletes the sandbox directory. Counted in this very process."""
+def test_killing_a_sandbox_leaves_no_process_thread_fd_netns_or_file(kvm: Kvm) -> None:
+    """The machine is its VMM's: the service holds no vCPU thread or KVM fd of it. Cancelling
+    `run` (the kill) ends the VMM, removes the netns and its tap, the VMM's cgroup leaf and
+    control directory and the sandbox directory; the service is left as it was."""
     with kvm_runtime_on_this_host() as (work, config, template):
 
         async def main() -> None:
-            async with kvm_runtime_with_a_snapshot(kvm, work, config, template) as (runtime, snapshot):
-                pool = runtime.pool_for(snapshot)
-                await pool.refill()  # the shells a create takes and leaves: not the sandbox's
+            async with kvm_runtime_with_a_snapshot(kvm, work, config, template) as (runtime, _snapshot):
                 await _until_cubevs_is_idle()
                 before = _busy_threads_fds_netns()
                 spec = _spec(config, template, "kill")
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(runtime.run, spec)
                     await _until_console_has(spec, b"virt")
-                    with trio.fail_after(30):
-                        while pool.ready < pool.size:  # the refill the create started
-                            await trio.sleep(0.05)
+                    pid = _vmm_pid(config, spec)
                     during = _busy_threads_fds_netns()
                     nursery.cancel_scope.cancel()
                 await _until_cubevs_is_idle()
                 after = _busy_threads_fds_netns()
-            assert any("run_loop" in name for name in during[0] - before[0]), during[0]
-            assert any(fd.endswith("kvm-vcpu:0") for fd in during[1] - before[1]), during[1] - before[1]
+            assert not any("kvm-vcpu" in fd or "kvm-vm" in fd for fd in during[1]), during[1]
             assert f"cube-{spec.sandbox_id}" in during[2] - before[2]
+            assert not Path(f"/proc/{pid}").exists()
             assert after[0] == before[0], after[0] ^ before[0]
             assert after[1] == before[1], (after[1] - before[1], before[1] - after[1])
             assert after[2] == before[2], after[2] ^ before[2]
             assert not spec.sandbox_dir.exists()
+            assert not (config.run_dir / VMMS_DIR / spec.sandbox_id).exists()
+            assert not any(
+                leaf.exists() for leaf in open_cgroup(spec.sandbox_id + SUPERVISOR_SUFFIX).leaves.values()
+            )
 
         trio.run(main)
 

@@ -176,6 +176,8 @@ class UmlRuntime:
         self._seccomp = compile_filter()
         self._supervisors = supervisors_dir(config.run_dir)
         self._kept: dict[str, SupervisorClient] = {}  # found at start, until adopted
+        # Sandboxes another runtime of this service keeps (the kvm runtime's): not swept here.
+        self.also_kept: set[str] = set()
         # A sandbox this service had still has its directory (removed at a clean teardown).
         if swept := sweep_empty_leaves(lambda sandbox_id: (config.sandboxes_dir / sandbox_id).is_dir()):
             log.info("uml runtime: removed %d stale cgroup leaves: %s", len(swept), ", ".join(swept))
@@ -311,8 +313,9 @@ class UmlRuntime:
             for control_dir in control_dirs(self.config.run_dir):
                 nursery.start_soon(attach, control_dir)
         kept.sort(key=lambda guest: guest.sandbox_id)
-        await trio.to_thread.run_sync(self._remove_orphan_directories, set(self._kept))
-        released = await self._cubevs.release_kept(set(self._kept))
+        keep = set(self._kept) | self.also_kept
+        await trio.to_thread.run_sync(self._remove_orphan_directories, keep)
+        released = await self._cubevs.release_kept(keep)
         if released:
             log.info("uml runtime: removed the networks of %d guests that are gone", len(released))
         return kept, gone
