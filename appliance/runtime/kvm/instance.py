@@ -26,8 +26,12 @@ AGENT_TOKEN_FILE = "agent-token"
 
 
 def copy_sparse(source: Path, target: Path) -> None:
-    """Copy keeping holes (and sharing blocks where the filesystem can reflink)."""
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)], check=True)
+    """Copy keeping holes (and sharing blocks where the filesystem can reflink). A path through
+    a descriptor of this process (/proc/self/fd/N: how the VMM reaches its sandbox directory)
+    is handed to cp as that same descriptor."""
+    fds = {int(p.parts[4]) for p in (source, target) if p.parts[:4] == ("/", "proc", "self", "fd")}
+    command = ["cp", "--sparse=always", "--reflink=auto", str(source), str(target)]
+    subprocess.run(command, check=True, pass_fds=tuple(fds))
 
 
 def save_agent_token(directory: Path, token: str) -> None:

@@ -161,6 +161,11 @@ def open_sandbox_tap(netns_path: str, tap_name: str) -> int:
     return fd
 
 
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
 def _prepare_sandbox_dir(sandbox_dir: Path, disk: Path | None, uid: int) -> None:
     """The sandbox directory, the sandbox uid's (its VMM writes the console log, the pause's
     diff and its snapshots there)."""
@@ -438,10 +443,15 @@ class KvmRuntime:
         port = spec.template.probe_port or ENVD_PORT
         timeout = self._boot_timeout()
         probe = ReadinessProbe((host_ip, port), None, attempt_timeout_s=timeout)
+        ready = False
         with trio.move_on_after(timeout):
-            await first_of(events.ready, events.exited)
-            if await probe.wait(PROBE_INTERVAL_S, gave_up=events.exited.is_set):
-                return None
+            async with trio.open_nursery() as nursery:  # cancelled if the guest ends meanwhile
+                nursery.start_soon(_cancel_when, events.exited, nursery.cancel_scope)
+                await events.ready.wait()
+                ready = await probe.wait(PROBE_INTERVAL_S, gave_up=events.exited.is_set)
+                nursery.cancel_scope.cancel()
+        if ready:
+            return None
         why = (
             f"guest stopped: {events.exit.reason}"
             if events.exit is not None

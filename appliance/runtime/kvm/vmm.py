@@ -36,9 +36,11 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -284,6 +286,7 @@ def build_machine(
 
 # Privileges.
 
+_PR_SET_DUMPABLE = 4
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_CAP_AMBIENT = 47
@@ -326,6 +329,12 @@ def drop_privileges(uid: int) -> None:
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)  # clears the permitted and effective sets
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    # The uid change made the process non-dumpable, which gives its /proc/self files to root:
+    # the VMM reads its own pagemap (a pause's diff, memory figures). Dumpable again, with
+    # no core file ever (guest memory must not land on disk): only its own uid, which no other
+    # process has while the sandbox lives, may then trace it.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _prctl(_PR_SET_DUMPABLE, 1)
     left = {k: v for k, v in capabilities(Path("/proc/self/status").read_text()).items() if v}
     if left or os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid) or os.getgroups():
         raise RuntimeError(f"privileges left after the drop: {left}")
@@ -389,7 +398,13 @@ class Vmm(ControlServer):
             if self.exit is not None or self.kill_requested.is_set():
                 return Reply(ok=False, error="the guest has ended", state=self.state())
             if pause != self.paused:
-                await (self.instance.pause() if pause else self.instance.resume())
+                try:
+                    await (self.instance.pause() if pause else self.instance.resume())
+                except OSError as exc:  # its diff could not be written or read back: the host's disk
+                    log.exception("%s failed", "pause" if pause else "resume")
+                    return Reply(
+                        ok=False, error=f"{'pause' if pause else 'resume'}: {exc!r}", state=self.state()
+                    )
                 self.paused = pause
                 self._notify()
             return Reply(ok=True, state=self.state())
@@ -400,7 +415,11 @@ class Vmm(ControlServer):
                 return Reply(ok=False, error="the guest is paused or has ended", state=self.state())
             directory = self.console.path.parent / SNAPSHOT_OUT
             await trio.to_thread.run_sync(shutil.rmtree, directory, True)
-            await self.instance.snapshot(directory)
+            try:
+                await self.instance.snapshot(directory)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                log.exception("snapshot failed")
+                return Reply(ok=False, error=f"snapshot: {exc!r}", state=self.state())
             return Reply(ok=True, state=self.state())
 
     def metrics(self) -> dict[str, float]:

@@ -1,0 +1,123 @@
+"""The kvm VMM process's boundaries: what it keeps of root once it dropped it (nothing: it
+cannot open /dev/kvm, become root again or gain anything by execve), and what the service
+takes of what it wrote (a snapshot: regular files only, never a link it planted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.runtime.kvm.sandbox import GuestControlFailed, _take_over
+from appliance.runtime.kvm.vmm import CAPABILITY_FIELDS, capabilities, drop_privileges
+
+SANDBOX_UID = 2_000_000_000 - 7  # far from config.uid_base's range: nobody else's
+
+
+def _dropped_child_report() -> dict[str, object]:
+    """Fork; the child (one thread) drops to SANDBOX_UID and tries to get root back."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        try:
+            os.close(read_end)
+            drop_privileges(SANDBOX_UID)
+            report: dict[str, object] = {
+                "status": Path("/proc/self/status").read_text(),
+                "ids": [os.getresuid(), os.getresgid(), os.getgroups()],
+            }
+            for attempt, action in (
+                ("open_kvm", lambda: os.close(os.open("/dev/kvm", os.O_RDWR))),
+                ("setuid_0", lambda: os.setuid(0)),
+                ("read_shadow", lambda: Path("/etc/shadow").read_bytes()),
+            ):
+                try:
+                    action()
+                    report[attempt] = "succeeded"
+                except PermissionError:
+                    report[attempt] = "refused"
+            os.write(write_end, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+@pytest.mark.root
+def test_a_dropped_vmm_keeps_nothing_of_root() -> None:
+    report = _dropped_child_report()
+    status = str(report["status"])
+    assert all(value == 0 for value in capabilities(status).values()), capabilities(status)
+    assert set(capabilities(status)) == set(CAPABILITY_FIELDS)
+    assert "NoNewPrivs:\t1" in status
+    uid = SANDBOX_UID
+    assert report["ids"] == [[uid, uid, uid], [uid, uid, uid], []]
+    assert report["open_kvm"] == report["setuid_0"] == report["read_shadow"] == "refused"
+
+
+def test_privileges_are_dropped_only_by_a_process_with_one_thread_and_never_to_root() -> None:
+    """Checked before anything changes: a thread made before the drop would keep the bounding
+    set and no_new_privs (both per thread)."""
+    before = os.getresuid(), os.getresgid()
+    stop = threading.Event()
+    helper = threading.Thread(target=stop.wait)
+    helper.start()
+    try:
+        with pytest.raises(RuntimeError, match="threads"):
+            drop_privileges(SANDBOX_UID)
+    finally:
+        stop.set()
+        helper.join()
+    if len(os.listdir("/proc/self/task")) == 1:
+        with pytest.raises(ValueError, match="uid 0"):
+            drop_privileges(0)
+    assert (os.getresuid(), os.getresgid()) == before  # nothing changed for this process
+
+
+@pytest.mark.root
+def test_a_snapshot_is_taken_over_as_regular_files_only(tmp_path: Path) -> None:
+    written = tmp_path / "sandbox" / "snapshot"
+    written.mkdir(parents=True)
+    (written / "state.json").write_text("{}")
+    os.chown(written, SANDBOX_UID, SANDBOX_UID)
+    os.chown(written / "state.json", SANDBOX_UID, SANDBOX_UID)
+    target = tmp_path / "store" / "taken"
+    target.parent.mkdir()
+    _take_over(written, target)
+    assert not written.exists()
+    assert (target / "state.json").read_text() == "{}"
+    for path in (target, target / "state.json"):
+        assert (path.stat().st_uid, path.stat().st_gid) == (0, 0)
+    assert target.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.root
+def test_a_link_planted_in_a_snapshot_is_refused_never_followed(tmp_path: Path) -> None:
+    """A VMM taken over by its guest plants a symlink (to a file of root's) in its snapshot,
+    or makes the snapshot itself a symlink: the service refuses it, changes nothing it points
+    at and keeps nothing of it."""
+    victim = tmp_path / "roots-file"
+    victim.write_text("root's")
+    os.chmod(victim, 0o600)
+    written = tmp_path / "sandbox" / "snapshot"
+    written.mkdir(parents=True)
+    (written / "memory").symlink_to(victim)
+    target = tmp_path / "taken"
+    with pytest.raises(GuestControlFailed, match="not a regular file"):
+        _take_over(written, target)
+    assert not target.exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.chown(elsewhere, SANDBOX_UID, SANDBOX_UID)
+    written.parent.joinpath("snapshot").symlink_to(elsewhere)
+    with pytest.raises(GuestControlFailed, match="not a directory"):
+        _take_over(written, target)
+    assert not target.exists() and not target.is_symlink()
+    assert elsewhere.stat().st_uid == SANDBOX_UID and elsewhere.stat().st_mode & 0o777 != 0o700
+    assert victim.read_text() == "root's" and victim.stat().st_uid == 0
