@@ -37,7 +37,7 @@ class Config:
     runtime: str = "auto"  # auto | uml | kvm
     default_template: str = "code-interpreter"
     default_timeout_s: int = 300
-    pool_size: int = -1  # warm instances per template; -1 = sized to memory
+    pool_size: int = -1  # warm instances per template; -1 = sized to memory and demand (cubelet/pools.py)
     memory_budget_mb: int = -1  # memory all sandboxes may use; -1 = 75 % of MemTotal
     uml_kernel: Path | None = None  # None = built kernel from cache_dir, else Debian's linux.uml
     kvm_guest_kernel: Path | None = None
@@ -78,6 +78,13 @@ class Config:
     node_url: str = ""  # where the other nodes reach this node's API; "" = http://<api_host>:<bound port>
     cluster_token_file: Path | None = None  # the secret every node of the cluster shares (mode 0600)
     node_lease_ttl_s: int = 10  # a node that stops renewing its lease leaves the cluster after this
+    # A secured etcd: the CA its https:// endpoints are verified by (None: the system's), a client
+    # certificate and key (etcd's --client-cert-auth), a user whose password is in a 0600 file.
+    etcd_ca_file: Path | None = None
+    etcd_cert_file: Path | None = None
+    etcd_key_file: Path | None = None
+    etcd_user: str = ""
+    etcd_password_file: Path | None = None
 
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -11,6 +11,13 @@
 #   --root DIR   install into / uninstall from DIR instead of / (packaging, tests). Host-wide steps
 #                (apt, kernel header links, systemd, service start, netns, bpf pins, nftables,
 #                cgroups) are skipped; it implies --no-start.
+#   A multi-node cluster (docs/CLUSTER.md; without these: a single node, unchanged):
+#   --cluster [--advertise ADDR]   a new cluster: this node hosts its etcd member (cube-etcd.service,
+#                data in /var/lib/cube/etcd) at ADDR (default: the default route's IPv4 address)
+#                and gets a new cluster token (/etc/cube/cluster-token: copy it to the other nodes)
+#   --join ENDPOINTS [--advertise ADDR]   join the cluster whose etcd client URLs these are
+#                (http://10.0.0.1:2379,...); the token from --token-file FILE or CUBE_CLUSTER_TOKEN
+#   --node-id ID (default: the host name)   --token-file FILE (copied to /etc/cube/cluster-token)
 #
 # Idempotent: every step checks before it acts, so running it twice is safe.
 # Big builds (UML kernel, default template) are cached under /var/cache/cube and
@@ -25,6 +32,12 @@ START=1
 BUILD=1
 KEEP_CACHE=0
 ROOT=
+CLUSTER=            # new | join
+ETCD_ENDPOINTS=
+ADVERTISE=
+NODE_ID=
+TOKEN_SOURCE=
+CLUSTER_OPTIONS=0
 
 while [ "$#" -gt 0 ]; do
   case "$1" in
@@ -36,12 +49,37 @@ while [ "$#" -gt 0 ]; do
     --keep-cache) KEEP_CACHE=1 ;;
     --root) shift; ROOT="$(realpath -m "${1:?--root needs a directory}")" ;;
     --root=*) ROOT="$(realpath -m "${1#--root=}")" ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --cluster) CLUSTER="${CLUSTER:+both}"; CLUSTER="${CLUSTER:-new}" ;;
+    # An option's value is the next argument; missing, it is empty (refused below).
+    --join) CLUSTER="${CLUSTER:+both}"; CLUSTER="${CLUSTER:-join}"; ETCD_ENDPOINTS="${2:-}"; shift $(($# > 1)) ;;
+    --advertise) ADVERTISE="${2:-}"; CLUSTER_OPTIONS=1; shift $(($# > 1)) ;;
+    --node-id) NODE_ID="${2:-}"; CLUSTER_OPTIONS=1; shift $(($# > 1)) ;;
+    --token-file) TOKEN_SOURCE="${2:-}"; CLUSTER_OPTIONS=1; shift $(($# > 1)) ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
 done
 [ "$ROOT" = / ] && ROOT=
+
+usage_error() { echo "install.sh: $*" >&2; exit 2; }
+case "$CLUSTER" in
+  new) ;;
+  both) usage_error "--cluster (a new cluster) and --join (an existing one) exclude each other" ;;
+  join) printf '%s\n' "$ETCD_ENDPOINTS" | grep -qE '^https?://[^,/ ]+:[0-9]+(,https?://[^,/ ]+:[0-9]+)*$' \
+          || usage_error "--join needs etcd client URLs: http://HOST:PORT[,http://HOST:PORT...]" ;;
+  "") if [ "$CLUSTER_OPTIONS" = 1 ]; then
+        usage_error "--advertise, --node-id and --token-file go with --cluster or --join"
+      fi ;;
+  *) usage_error "bad cluster mode $CLUSTER" ;;
+esac
+if [ -n "$TOKEN_SOURCE" ]; then
+  [ "$CLUSTER" = join ] || usage_error "--token-file goes with --join (a new cluster makes its own token)"
+  [ -f "$TOKEN_SOURCE" ] && [ -r "$TOKEN_SOURCE" ] || usage_error "--token-file $TOKEN_SOURCE: no such readable file"
+fi
+if [ -n "$ADVERTISE" ] && ! printf '%s\n' "$ADVERTISE" | grep -qE '^([0-9]{1,3}\.){3}[0-9]{1,3}$|:'; then
+  usage_error "--advertise needs this node's IP address"
+fi
 [ -n "$ROOT" ] && START=0
 
 PREFIX=$ROOT/opt/cube
@@ -52,6 +90,7 @@ CACHE=$ROOT/var/cache/cube
 LOGDIR=$ROOT/var/log/cube
 RUNDIR=$ROOT/run/cube
 UNIT=$ROOT/etc/systemd/system/cube.service
+ETCD_UNIT=$ROOT/etc/systemd/system/cube-etcd.service
 LOGROTATE=$ROOT/etc/logrotate.d/cube
 BINDIR=$ROOT/usr/local/bin
 HEADER_LINKS=$PREFIX/header-links  # kernel header links this installer made (removed by --uninstall)
@@ -147,6 +186,57 @@ stop_service() {
   fi
 }
 
+# A cluster's etcd member on this node (--cluster).
+
+lan_address() {
+  # The IPv4 address of the default route's interface (what the other nodes reach).
+  local dev
+  dev="$(ip -4 route show default 2>/dev/null | awk '{for (i = 1; i < NF; i++) if ($i == "dev") {print $(i + 1); exit}}')"
+  [ -n "$dev" ] && ip -4 -o addr show dev "$dev" scope global 2>/dev/null | awk '{split($4, a, "/"); print a[1]; exit}'
+}
+
+setup_cluster() {
+  local address="${ADVERTISE:-$(lan_address)}" args=()
+  [ -n "$address" ] || { echo "install.sh: no address for this node: give --advertise ADDR" >&2; exit 1; }
+  say "Setting this node up for the cluster ($([ "$CLUSTER" = new ] && echo "a new one, its etcd member here" || echo "joining $ETCD_ENDPOINTS"))"
+  if [ -n "$TOKEN_SOURCE" ]; then
+    install -m 600 "$TOKEN_SOURCE" "$ETC/cluster-token"  # never echoed
+  fi
+  if [ "$CLUSTER" = new ]; then args+=(--new "$address"); else args+=(--join "$ETCD_ENDPOINTS" --node-address "$address"); fi
+  [ -n "$NODE_ID" ] && args+=(--node-id "$NODE_ID")
+  "$VENV/bin/cube" --config "$ETC/appliance.toml" node setup "${args[@]}" \
+    --token-file "$ETC/cluster-token" --etcd-dir "$STATE/etcd" --etcd-config "$ETC/etcd.yaml" --etcd-unit "$ETCD_UNIT"
+}
+
+start_etcd() {
+  say "Starting this node's etcd member"
+  if have_systemd; then
+    systemctl daemon-reload
+    systemctl enable --now cube-etcd.service
+  else
+    stop_etcd_daemon
+    setsid /usr/bin/etcd --config-file "$ETC/etcd.yaml" >>"$LOGDIR/etcd.log" 2>&1 </dev/null &
+    echo $! > "$RUNDIR/etcd.pid"
+  fi
+  for _ in $(seq 1 300); do
+    curl -fsS "http://127.0.0.1:2379/health" 2>/dev/null | grep -q '"health":"true"' && return 0
+    sleep 0.2
+  done
+  echo "install.sh: etcd did not become healthy; see journalctl -u cube-etcd or $LOGDIR/etcd.log" >&2
+  exit 1
+}
+
+stop_etcd_daemon() {
+  # The etcd this installer started without systemd (its pid file).
+  [ -f "$RUNDIR/etcd.pid" ] || return 0
+  local pid; pid=$(cat "$RUNDIR/etcd.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid"
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$RUNDIR/etcd.pid"
+}
+
 # Uninstall.
 
 end_outliving_sandboxes() {
@@ -201,8 +291,12 @@ if [ "$MODE" = uninstall ]; then
   say "Stopping the service"
   stop_service
   end_outliving_sandboxes
-  if host_wide && have_systemd; then systemctl disable cube.service 2>/dev/null || true; fi
-  rm -f "$UNIT" "$LOGROTATE" "$BINDIR/cube" "$BINDIR/cubemastercli"
+  if host_wide && have_systemd; then
+    systemctl disable cube.service 2>/dev/null || true
+    [ -f "$ETCD_UNIT" ] && { systemctl disable --now cube-etcd.service 2>/dev/null || true; }
+  fi
+  stop_etcd_daemon
+  rm -f "$UNIT" "$ETCD_UNIT" "$LOGROTATE" "$BINDIR/cube" "$BINDIR/cubemastercli"
   if host_wide; then
     have_systemd && systemctl daemon-reload || true
     remove_host_wide_leftovers
@@ -230,7 +324,8 @@ APT_PACKAGES=(
 DEV_APT_PACKAGES=(skopeo docker-registry nodejs npm qemu-system-x86 ovmf busybox-static
   grub-pc-bin grub-efi-amd64-bin grub-common mtools squashfs-tools  # the last five: cube image build-iso; ovmf: tests/iso's UEFI boot
   # The code interpreter's languages, as the default template has them (tests/guest run the agent here)
-  r-base-core r-cran-irkernel openjdk-17-jdk-headless node-typescript node-acorn)
+  r-base-core r-cran-irkernel openjdk-17-jdk-headless node-typescript node-acorn
+  chromium)  # tests/dashboard drive the dashboard in it (Playwright, never a downloaded browser)
 
 if host_wide; then
   say "Installing Debian packages"
@@ -292,6 +387,7 @@ if [ ! -f "$ETC/appliance.toml" ]; then
 fi
 install -m 644 "$SRC/systemd/cube.service" "$UNIT"
 install -m 644 "$SRC/installer/logrotate.conf" "$LOGROTATE"
+[ -z "$CLUSTER" ] || setup_cluster
 
 if [ "$BUILD" = 1 ]; then
   say "Building the sandbox kernel (cached in $CACHE/kernels)"
@@ -314,6 +410,7 @@ fi
 KEY_FILE="$STATE/default-api-key"
 if [ "$START" = 1 ]; then
   stop_service
+  [ "$CLUSTER" != new ] || start_etcd
   say "Starting the service"
   if have_systemd; then
     systemctl daemon-reload

@@ -412,6 +412,14 @@ class ServiceHarness:
     def admin_token(self) -> str:
         return (self.config.state_dir / "admin-token").read_text().strip()
 
+    def key(self, name: str) -> str:
+        """A new API key (a team of its own) made through the admin API."""
+        response = httpx.post(
+            f"{self.url}/cube/keys", json={"name": name}, headers={"X-API-KEY": self.admin_token}
+        )
+        assert response.status_code == 201, response.text
+        return str(response.json()["key"])
+
     def start(self) -> ServiceHarness:
         self._thread.start()
         self._started.wait(timeout=30)
@@ -506,11 +514,7 @@ def service(service_config: Config, fake_runtime: FakeRuntime, start_service: An
 
 @pytest.fixture
 def api_key(service: ServiceHarness) -> str:
-    response = httpx.post(
-        f"{service.url}/cube/keys", json={"name": "test"}, headers={"X-API-KEY": service.admin_token}
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["key"])
+    return service.key("test")
 
 
 @pytest.fixture

@@ -19,6 +19,18 @@ status=0
 # The layering and no import cycles (pyproject.toml [tool.importlinter]).
 "$VENV/bin/lint-imports" --no-cache --no-logo || status=1
 
+# The tests' guest agents listen on fixed loopback ports (49783-49999; the E2B SDK's debug ports
+# 49983 and 49999 among them), inside the kernel's ephemeral range (32768-60999): any outgoing
+# connection of this host could take one as its source port, and an agent's bind then fails
+# with EADDRINUSE (seen once in a developer loop). Reserved from automatic assignment for the
+# run (an explicit bind still works), the previous reservation put back when it ends.
+RESERVED_PORTS=/proc/sys/net/ipv4/ip_local_reserved_ports
+if [ "$(id -u)" = 0 ] && [ -w "$RESERVED_PORTS" ]; then
+  reserved_before=$(cat "$RESERVED_PORTS")
+  trap 'echo "$reserved_before" > "$RESERVED_PORTS"' EXIT
+  echo "${reserved_before:+$reserved_before,}49700-49999" > "$RESERVED_PORTS"
+fi
+
 # The developer loop first (README "Developer loop"): the tests that need no root, UML, KVM
 # or package registry, run as an unprivileged user, so they stay green without a root install.
 # The second run below then takes only the rest (REST is DEV_LOOP's complement), so no test

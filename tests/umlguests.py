@@ -97,13 +97,14 @@ class UmlService:
     start_service: Callable[..., Any]  # tests/conftest.py's fixture
     monkeypatch: pytest.MonkeyPatch
     harness: Any = None  # the running ServiceHarness
+    runtime_factory: Any = None  # what run_service takes; None: `uml_runtime`
 
     @property
     def url(self) -> str:
         return str(self.harness.url)
 
     def start(self) -> Any:
-        self.harness = self.start_service(self.config, runtime_factory=uml_runtime)
+        self.harness = self.start_service(self.config, runtime_factory=self.runtime_factory or uml_runtime)
         for name in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_VOLUME_API_URL"):
             self.monkeypatch.setenv(name, self.url)
         return self.harness
@@ -123,10 +124,12 @@ def uml_service(
     monkeypatch: pytest.MonkeyPatch,
     template: TemplateManifest | None = None,
     memory_budget_mb: int = 4096,
+    runtime_factory: Any = None,
     **settings: Any,
 ) -> Iterator[UmlService]:
     """A started UmlService serving `template` (default: `default_template()`), stopped at the end;
-    `settings`: more Config fields (e.g. volume_max_mb)."""
+    `settings`: more Config fields (e.g. volume_max_mb); `runtime_factory`: instead of `uml_runtime`
+    (e.g. CubeVS with a test DNS upstream)."""
     template = template or default_template()
     monkeypatch.delenv("E2B_DOMAIN", raising=False)
     monkeypatch.delenv("E2B_DEBUG", raising=False)
@@ -136,7 +139,7 @@ def uml_service(
     ) as config:
         config.templates_dir.mkdir(parents=True)
         (config.templates_dir / template.template_id).symlink_to(template.directory)
-        service = UmlService(config, start_service, monkeypatch)
+        service = UmlService(config, start_service, monkeypatch, runtime_factory=runtime_factory)
         try:
             service.start()
             yield service

@@ -1,8 +1,9 @@
 """The E2B network settings of a request, parsed once here, at the edge, into typed values.
 
-Create (`allow_internet_access` + `network: {allowOut, denyOut, allowPublicTraffic}`) over the
-template's defaults, and `PUT /sandboxes/{id}/network` (`{allowOut, denyOut,
-allow_internet_access}`, which replaces the whole egress policy, as E2B's does). Everything
+Create (`allow_internet_access` + `network: {allowOut, denyOut, rules, allowPublicTraffic}`) over the
+template's defaults, and `PUT /sandboxes/{id}/network` (`{allowOut, denyOut, rules,
+allow_internet_access}`, which replaces the whole egress policy, as E2B's does). A rule naming a
+secret the caller's team does not have is a 400 here, not a surprise at the destination. Everything
 below the API (cubelet, CubeVS, runtimes) gets a `NetworkPolicy`, never the dict.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 
 from appliance.api import validation as v
 from appliance.api.errors import ApiError
+from appliance.api.secrets import check_secret_references
 from appliance.cubelet.cubelet import template_network_policy
 from appliance.net.policy import NetworkPolicy, PolicyError
 from appliance.records import TemplateManifest
@@ -27,9 +29,11 @@ class SandboxNetwork:
 
 def _policy(body: dict[str, Any]) -> NetworkPolicy:
     try:
-        return NetworkPolicy.from_e2b(body)
+        policy = NetworkPolicy.from_e2b(body)
     except PolicyError as exc:
         raise ApiError(400, f"invalid network policy: {exc}") from exc
+    check_secret_references(policy.secret_names())
+    return policy
 
 
 def create_network(data: dict[str, Any], template: TemplateManifest) -> SandboxNetwork:
@@ -43,6 +47,7 @@ def create_network(data: dict[str, Any], template: TemplateManifest) -> SandboxN
             "network": {
                 "allowOut": network["allowOut"] if "allowOut" in network else list(defaults.allow_out),
                 "denyOut": network["denyOut"] if "denyOut" in network else list(defaults.deny_out),
+                "rules": network.get("rules"),
             },
         }
     )

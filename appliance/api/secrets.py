@@ -5,15 +5,17 @@ Another team's secret is "not found", exactly as one that never existed.
 
 `${e2b.secrets.NAME}` placeholders: E2B resolves them at the sandbox's egress (its proxy
 rewrites matching HTTP requests, `network.rules[*].transform.headers`), so the value never
-sits in the sandbox. This appliance has no HTTP egress proxy, and resolving a placeholder
-anywhere else (env vars, a file) would put the value in the sandbox in clear: a create
-whose body carries a placeholder is refused (400), saying so (`refuse_placeholders`).
+sits in the sandbox. So does this appliance (net/egress_proxy.py): placeholders are taken in
+rule header values only, and each must name a secret of the caller's team (else 400, at
+create). Anywhere else in a create body (env vars, metadata...) resolving one would put the
+value in the sandbox in clear: refused (400), saying so (`refuse_placeholders`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import re
+from collections.abc import Iterable
 from typing import Any
 
 from quart import Response, request
@@ -25,11 +27,12 @@ from appliance.api.errors import ApiError
 from appliance.api.services import services
 from appliance.cubelet.cubelet import rfc3339
 from appliance.master.secrets import SECRET_ID_PREFIX, SecretNameTaken, SecretRecord, SecretStore
+from appliance.net.policy import SECRET_NAME
 from appliance.tenancy import current_principal
 
 blueprint = guarded("secrets", __name__, Access.KEY)
 
-_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+_NAME_RE = SECRET_NAME
 MAX_VALUE_BYTES = 64 * 1024
 MAX_METADATA_ENTRIES = 32
 PLACEHOLDER = "${e2b.secrets."
@@ -122,11 +125,27 @@ async def delete_secret(secret_id: str) -> Response:
 
 
 def refuse_placeholders(data: dict[str, Any]) -> None:
-    """A create body naming a secret (`${e2b.secrets.NAME}`) anywhere: refused, with the reason."""
-    if PLACEHOLDER in json.dumps(data):
+    """A create body naming a secret (`${e2b.secrets.NAME}`) anywhere but in a rule's header
+    values (`network.rules[host][i].transform.headers`): refused, with the reason."""
+    rest = copy.deepcopy(data)
+    network = rest.get("network")
+    if isinstance(network, dict):
+        network.pop("rules", None)
+    if PLACEHOLDER in json.dumps(rest):
         raise ApiError(
             400,
-            "secret placeholders (${e2b.secrets.NAME}) are resolved by an egress proxy that rewrites "
-            "the sandbox's outgoing HTTP requests; this appliance has none, and it will not put a "
-            "secret's value inside the sandbox instead",
+            "secret placeholders (${e2b.secrets.NAME}) are resolved only in network.rules header "
+            "values, by the egress proxy that rewrites the sandbox's outgoing HTTP requests; "
+            "anywhere else the secret's value would sit inside the sandbox",
         )
+
+
+def check_secret_references(names: Iterable[str]) -> None:
+    """Every secret a policy's rules name exists in the caller's team; else a 400 naming it."""
+    names = sorted(names)
+    if not names:
+        return
+    store, team_id = _store(), current_principal().team_id
+    missing = [name for name in names if store.value(team_id, name) is None]
+    if missing:
+        raise ApiError(400, f"network.rules name secrets that do not exist: {', '.join(missing)}")

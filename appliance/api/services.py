@@ -11,6 +11,7 @@ import trio
 from quart import current_app
 
 from appliance.api.auth import Authenticator
+from appliance.cluster.node import ClusterNode
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.master.secrets import SecretStore
@@ -33,6 +34,8 @@ class Services:
     volumes: VolumeStore | None = None  # None: a service without volumes (a test's)
     # The template build service, where it runs (always in `cube serve`; None in apps without one).
     builds: TemplateBuilds | None = None
+    # This node's part in a cluster (None: a single node); set once it watches the cluster.
+    cluster: ClusterNode | None = None
     # Signs the upload links of the E2B SDKs' template files (api/sdk_templates.py); one per run.
     upload_key: bytes = field(default_factory=lambda: token_bytes(32), repr=False)
     started_at: float = field(default_factory=time.time)

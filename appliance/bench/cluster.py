@@ -26,9 +26,9 @@ import httpx
 import trio
 
 from appliance.bench.report import Report, percentiles
-from appliance.cluster.etcd import EtcdClient
+from appliance.cluster.etcd import EtcdClient, EtcdSecurity
 from appliance.cluster.membership import ClusterView, SandboxOwner, read_view, sandbox_key
-from appliance.cluster.node import placement
+from appliance.cluster.node import ClusterConfigError, etcd_endpoints, etcd_security, placement
 from appliance.config import Config
 
 PLACEMENTS = 10_000
@@ -59,12 +59,18 @@ def placement_cost_us(view: ClusterView, here: str, template: str) -> float:
 
 
 async def run_cluster_bench(
-    endpoints: list[str], via: str, api_key: str, template: str, creates: int
+    endpoints: list[str],
+    via: str,
+    api_key: str,
+    template: str,
+    creates: int,
+    security: EtcdSecurity | None = None,
 ) -> Report:
+    security = security or EtcdSecurity()
     report = Report("cluster")
     async with (
-        EtcdClient(endpoints) as etcd,
-        httpx.AsyncClient(trust_env=False, timeout=CREATE_TIMEOUT_S) as client,
+        EtcdClient(endpoints, security=security) as etcd,
+        httpx.AsyncClient(trust_env=False, timeout=CREATE_TIMEOUT_S, verify=security.ssl_context()) as client,
     ):
         view = await read_view(etcd)
         entry = view.nodes.get(via)
@@ -133,13 +139,16 @@ def cluster_bench(
     api_key: str,
 ) -> None:
     """Create p50/p95 through the entry node, local vs forwarded; placement cost; etcd requests per create."""
-    endpoints = [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+    endpoints = etcd_endpoints(config)
     if not endpoints:
         raise click.ClickException("not a cluster: the config names no etcd_endpoints")
     entry = via or config.node_id or socket.gethostname()
-    report = trio.run(
-        run_cluster_bench, endpoints, entry, api_key, template or config.default_template, max(1, creates)
-    )
+    try:
+        security = etcd_security(config)
+    except ClusterConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    template = template or config.default_template
+    report = trio.run(run_cluster_bench, endpoints, entry, api_key, template, max(1, creates), security)
     if as_json:
         click.echo(json.dumps({k: v for k, v in asdict(report).items() if k != "samples"}, default=str))
     else:

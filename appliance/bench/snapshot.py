@@ -1,12 +1,16 @@
-"""`cube bench snapshot`: what a filesystem snapshot costs, through the unmodified E2B SDK.
+"""`cube bench snapshot`: what a snapshot and a fork cost, through the unmodified E2B SDK.
 
-One sandbox writes `--write-mb` MiB (so the snapshot has a disk to capture), then per round:
-- snapshot: `create_snapshot(mode="filesystem")` → its answer (sync, freeze, COW copy, thaw,
-  merge over a copy of the template image: master/snapshots.py);
-- create from it: `Sandbox.create(<snapshot id>)` → ready (a cold boot: snapshots are never
-  pooled), then a read of the written file to prove it is there;
+One sandbox writes `--write-mb` MiB (so the snapshot has a disk to capture) and holds a
+Python variable, then per round:
+- snapshot: `create_snapshot(mode=--mode)` → its answer (filesystem on uml: sync, freeze,
+  COW copy, thaw, merge over a copy of the template image, master/snapshots.py; on kvm a
+  checkpoint, cubelet/checkpoints.py: vCPUs stopped while RAM and the disk overlay are
+  written, the overlay folded into a copy of the template image; full keeps the memory);
+- create from it: `Sandbox.create(<snapshot id>)` → ready (filesystem: a cold boot; full:
+  a restore of the checkpoint), then a read of the written file to prove it is there;
 - delete: `Sandbox.delete_snapshot` (outside the timings above).
-Plus `fork(count=1)`: its answer (on uml, each fork's error, at once).
+Plus `fork(count=1)`: its answer (on uml, each fork's error, at once; on kvm a checkpoint
+and a sandbox restored from it, which is then killed and its checkpoint deleted, untimed).
 """
 
 from __future__ import annotations
@@ -24,14 +28,15 @@ from appliance.bench.report import Report, percentiles
 from appliance.config import Config
 
 MARKER = "/home/user/bench-snapshot.bin"
+MODES = ("filesystem", "full")
 
 
-def _one_round(source: Any, write_mb: int, samples: dict[str, list[float]]) -> None:
+def _one_round(source: Any, mode: str, write_mb: int, samples: dict[str, list[float]]) -> None:
     from e2b import Sandbox
 
     started = time.perf_counter()
-    snapshot_id = source.create_snapshot(mode="filesystem").snapshot_id
-    samples["create_snapshot"].append(time.perf_counter() - started)
+    snapshot_id = source.create_snapshot(mode=mode).snapshot_id
+    samples[f"create_snapshot ({mode})"].append(time.perf_counter() - started)
     try:
         started = time.perf_counter()
         created = Sandbox.create(snapshot_id, timeout=SANDBOX_TIMEOUT_S)
@@ -44,23 +49,38 @@ def _one_round(source: Any, write_mb: int, samples: dict[str, list[float]]) -> N
             created.kill()
     finally:
         Sandbox.delete_snapshot(snapshot_id)
-    samples["fork (count=1)"].append(timed(lambda: source.fork(count=1)))
+    forks: list[Any] = []
+    samples["fork (count=1)"].append(timed(lambda: forks.extend(source.fork(count=1))))
+    _discard_forks(source, forks)
 
 
-def _rounds(template: str, rounds: int, write_mb: int, report: Report) -> None:
+def _discard_forks(source: Any, forks: list[Any]) -> None:
+    """Kill the forks that started, then delete their checkpoint (a snapshot of the source)."""
+    from e2b import Sandbox
+
+    for fork in forks:
+        if not isinstance(fork, Exception):
+            fork.kill()
+    for checkpoint in Sandbox.list_snapshots(sandbox_id=source.sandbox_id).next_items():
+        Sandbox.delete_snapshot(checkpoint.snapshot_id)
+
+
+def _rounds(
+    template: str, mode: str, rounds: int, write_mb: int, report: Report, source_timeout_s: int
+) -> None:
     from e2b import Sandbox
 
     samples: dict[str, list[float]] = {
-        "create_snapshot": [],
+        f"create_snapshot ({mode})": [],
         "create from snapshot": [],
         "fork (count=1)": [],
     }
-    source = Sandbox.create(template=template, timeout=SANDBOX_TIMEOUT_S)
+    source = Sandbox.create(template=template, timeout=source_timeout_s)
     try:
         source.commands.run(f"head -c {write_mb << 20} /dev/urandom > {MARKER}", timeout=120)
-        with progress(rounds, "snapshot → create from it → delete") as bar:
+        with progress(rounds, "snapshot → create from it → delete, fork") as bar:
             for _ in range(rounds):
-                _one_round(source, write_mb, samples)
+                _one_round(source, mode, write_mb, samples)
                 bar.update(1)
     finally:
         source.kill()
@@ -69,20 +89,38 @@ def _rounds(template: str, rounds: int, write_mb: int, report: Report) -> None:
         report.add(metric=name, **percentiles(durations))
 
 
-def run_snapshot_bench(api: ApiClient, template: str, rounds: int, write_mb: int) -> Report:
+def run_snapshot_bench(
+    api: ApiClient,
+    template: str,
+    rounds: int,
+    write_mb: int,
+    mode: str = "filesystem",
+    source_timeout_s: int = SANDBOX_TIMEOUT_S,
+) -> Report:
+    """`source_timeout_s`: the source sandbox's E2B timeout (it lives through every round)."""
     report = Report("snapshot")
     with sdk_pointed_at(api):
-        _rounds(template, rounds, write_mb, report)
+        _rounds(template, mode, rounds, write_mb, report, source_timeout_s)
     report.notes.append(
         f"E2B Python SDK (sync) against {api.base_url}; the source sandbox wrote {write_mb} MiB first"
     )
-    report.notes.append("create from snapshot is a cold boot (snapshots are never pooled)")
+    if mode == "filesystem":
+        report.notes.append("create from snapshot is a cold boot (snapshots are never pooled)")
+    else:
+        report.notes.append("create from snapshot restores its memory checkpoint (kvm)")
     return report
 
 
 @click.command("snapshot")
 @click.option("--rounds", default=3, show_default=True, help="snapshot → create → delete rounds")
 @click.option("--write-mb", default=64, show_default=True, help="MiB the source sandbox writes first")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="filesystem",
+    show_default=True,
+    help="the snapshots' mode (full: memory too; kvm only)",
+)
 @template_option
 @json_dir_option("snapshot.json")
 @api_key_option
@@ -91,12 +129,13 @@ def snapshot_bench(
     config: Config,
     rounds: int,
     write_mb: int,
+    mode: str,
     template: str | None,
     json_dir: Path | None,
     api_key: str | None,
 ) -> None:
-    """Filesystem snapshot, create-from-snapshot and fork latency through the E2B SDK."""
+    """Snapshot, create-from-snapshot and fork latency through the E2B SDK."""
     report = run_snapshot_bench(
-        target(config, api_key), template or config.default_template, rounds, write_mb
+        target(config, api_key), template or config.default_template, rounds, write_mb, mode
     )
     report.show(json_dir)

@@ -31,16 +31,16 @@ from appliance.bench.floor import floor_command
 from appliance.bench.kvm import kvm_command
 from appliance.bench.net import net_bench
 from appliance.bench.restart import restart_bench
+from appliance.bench.rl import rl_bench
 from appliance.bench.snapshot import snapshot_bench
 from appliance.cli.common import api_key_option, emit, json_option, print_table
 from appliance.cli.node import node as node_commands
-from appliance.cli.templates import BUILD_COMMANDS
+from appliance.cli.templates import BUILD_COMMANDS, build_default
 from appliance.config import load_config
 from appliance.errors import first_leaf
 from appliance.master.upgrade import upgrade_command
 from appliance.runtime.kvm.kernel import build_kvm_kernel
 from appliance.runtime.uml.kernel import build_uml_kernel
-from appliance.templates.default import build_default
 
 
 @click.group()
@@ -394,4 +394,5 @@ bench.add_command(floor_command)
 bench.add_command(kvm_command)
 bench.add_command(net_bench)
 bench.add_command(restart_bench)
+bench.add_command(rl_bench)
 bench.add_command(snapshot_bench)

@@ -1,4 +1,4 @@
-"""`cube node list|info|drain|remove`: the cluster's nodes as etcd has them (docs/CLUSTER.md).
+"""`cube node list|info|drain|remove|setup`: the cluster's nodes as etcd has them (docs/CLUSTER.md).
 
 Reads etcd directly (the endpoints of the config's `etcd_endpoints`), so it answers while
 any node's API is down; a single node (no endpoints) has no cluster to show.
@@ -6,8 +6,9 @@ any node's API is down; a single node (no endpoints) has no cluster to show.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -16,43 +17,33 @@ import trio
 from appliance.cli.common import emit, json_option
 from appliance.cluster.etcd import EtcdClient, EtcdError
 from appliance.cluster.membership import (
-    ClusterView,
-    NodeRecord,
     live_sandboxes,
     read_view,
     remove_node,
     set_drained,
     undo_remove,
 )
-from appliance.config import Config
+from appliance.cluster.node import ClusterConfigError, etcd_endpoints, etcd_security
+from appliance.cluster.setup import ETCD_CLIENT_PORT, ETCD_PEER_PORT, ETCD_UNIT_NAME, SetupError, setup_node
+from appliance.config import DEFAULT_CONFIG_PATH, Config
 
 T = TypeVar("T")
 COLUMNS = ("node_id", "state", "api_url", "runtime", "cpus", "memory_free_mb", "free_pool_slots", "sandboxes")
 
 
 def _with_etcd(config: Config, call: Callable[[EtcdClient], Awaitable[T]]) -> T:
-    endpoints = [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+    endpoints = etcd_endpoints(config)
     if not endpoints:
         raise click.ClickException("this node is not in a cluster (the config names no etcd_endpoints)")
 
     async def run() -> T:
-        async with EtcdClient(endpoints) as etcd:
+        async with EtcdClient(endpoints, security=etcd_security(config)) as etcd:
             return await call(etcd)
 
     try:
         return trio.run(run)
-    except EtcdError as exc:
+    except (EtcdError, ClusterConfigError) as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-def _row(view: ClusterView, node: NodeRecord) -> dict[str, Any]:
-    owned = sum(1 for owner in view.owners.values() if owner.node_id == node.node_id)
-    return {
-        **asdict(node),
-        "state": "drained" if node.node_id in view.drained else "ready",
-        "memory_free_mb": node.memory_free_mb,
-        "sandboxes": owned,  # recorded on this node (ended ones too, until they are collected)
-    }
 
 
 @click.group()
@@ -66,7 +57,7 @@ def node() -> None:
 def node_list(config: Config, as_json: bool) -> None:
     """Every node whose lease is alive."""
     view = _with_etcd(config, read_view)
-    emit([_row(view, n) for n in sorted(view.nodes.values(), key=lambda n: n.node_id)], as_json, COLUMNS)
+    emit(view.node_rows(), as_json, COLUMNS)
 
 
 @node.command("info")
@@ -81,7 +72,7 @@ def node_info(config: Config, node_id: str, as_json: bool) -> None:
         raise click.ClickException(
             f"no node {node_id} in the cluster (its lease expired, or it never joined)"
         )
-    row = _row(view, found)
+    row = view.node_row(found)
     emit(row, as_json, COLUMNS)
     if not as_json:
         click.echo(f"templates: {', '.join(found.templates) or '(none)'}")
@@ -140,3 +131,55 @@ def node_remove(config: Config, node_id: str, force: bool, undo: bool) -> None:
         )
 
     click.echo(_with_etcd(config, remove))
+
+
+@node.command("setup")
+@click.option(
+    "--new",
+    "address",
+    metavar="ADDRESS",
+    help="Start a new cluster: this node hosts its etcd member at ADDRESS.",
+)
+@click.option(
+    "--join", "endpoints", metavar="ENDPOINTS", help="Join the cluster whose etcd client URLs these are."
+)
+@click.option("--node-id", help="This node's name in the cluster (default: the host name).")
+@click.option("--node-address", help="Where the other nodes reach this node (default: the --new ADDRESS).")
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    help="The cluster token's file (default: beside the config).",
+)
+@click.option(
+    "--etcd-dir", type=click.Path(path_type=Path), help="--new: etcd's data (default: <state_dir>/etcd)."
+)
+@click.option(
+    "--etcd-config",
+    type=click.Path(path_type=Path),
+    help="--new: etcd's config file (default: beside the config).",
+)
+@click.option(
+    "--etcd-unit",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/systemd/system") / ETCD_UNIT_NAME,
+    show_default=True,
+)
+@click.option("--etcd-client-port", type=int, default=ETCD_CLIENT_PORT, show_default=True)
+@click.option("--etcd-peer-port", type=int, default=ETCD_PEER_PORT, show_default=True)
+@click.pass_obj
+def node_setup(config: Config, address: str | None, endpoints: str | None, **options: Any) -> None:
+    """Write this node's cluster configuration (installer/install.sh --cluster / --join; the ISO's
+    first boot): the cluster keys in the config file, the token file (0600; a new one for --new,
+    else --token-file or CUBE_CLUSTER_TOKEN), and for --new etcd's config and systemd unit.
+    Starts nothing. The token is never printed."""
+    try:
+        written = setup_node(config, _config_path(), address, endpoints, **options)
+    except (SetupError, ClusterConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in written:
+        click.echo(line)
+
+
+def _config_path() -> Path:
+    given = click.get_current_context().find_root().params.get("config_path")
+    return Path(given or os.environ.get("CUBE_CONFIG") or DEFAULT_CONFIG_PATH)

@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+import trio
 
 from appliance.api.client import ApiClient
 from appliance.cli.common import api_key_option, emit, json_option
 from appliance.config import Config, load_config
+from appliance.progress import shown
+from appliance.templates import default
+from appliance.templates.browser import browser_recipe_template
 from appliance.templates.build_context import OUTSIDE_DOCKERFILE
+from appliance.templates.desktop import desktop_recipe_template
 from appliance.templates.dockerignore import IgnoreRules
 
 _POLL_INTERVAL_S = 0.5
@@ -249,3 +254,17 @@ def cache_prune(max_size: str | None, everything: bool, as_json: bool, api_key: 
 
 
 BUILD_COMMANDS = (create_from_image, watch, build, cache)
+
+
+@click.command("build-default")
+@click.option("--all", "build_all", is_flag=True, help="Also the `browser` and `desktop` templates.")
+@click.pass_obj
+def build_default(config: Config, build_all: bool) -> None:
+    """Build the default template `code-interpreter` (cached by recipe and agent hash)."""
+    specs = [default.default_recipe_template()]
+    if build_all:
+        specs += [browser_recipe_template(), desktop_recipe_template()]
+    for spec in specs:
+        with shown(spec.template_id) as progress:
+            manifest = trio.run(default.build_recipe_template, config, spec, progress)
+        click.echo(f"template {manifest.template_id} ready: {manifest.rootfs}")

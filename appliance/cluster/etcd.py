@@ -7,6 +7,11 @@ values are base64 on the wire and bytes here; 64-bit integers arrive as JSON str
 etcd started with flags serves the gateway on its client URLs; started from a config file it
 needs `enable-grpc-gateway: true`.
 
+A secured etcd (`EtcdSecurity`): https endpoints verified by a CA file, a client certificate for
+etcd's `--client-cert-auth`, and a user: the client authenticates at each endpoint
+(`/v3/auth/authenticate`), sends the token it gets on every call, and authenticates again when
+etcd says the token is no longer valid.
+
 Every call goes to the first endpoint that answers; an endpoint that cannot be reached (or
 that answers 5xx, e.g. a member without quorum) makes the call try the next one, and when none
 answers the call raises `EtcdUnavailable`, which the API turns into a 503.
@@ -17,8 +22,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -136,12 +143,67 @@ class Absent:
         return {"target": "CREATE", "result": "EQUAL", "key": _b64(self.key), "create_revision": "0"}
 
 
+@dataclass(frozen=True)
+class ModRevision:
+    """Compare: the key was last written at `revision` (no one changed it since it was read)."""
+
+    key: bytes
+    revision: int
+
+    def encode(self) -> dict[str, Any]:
+        return {"target": "MOD", "result": "EQUAL", "key": _b64(self.key), "mod_revision": str(self.revision)}
+
+
+@dataclass(frozen=True)
+class ValueIs:
+    """Compare: the key holds `value` (e.g. the leader key still names this node)."""
+
+    key: bytes
+    value: bytes
+
+    def encode(self) -> dict[str, Any]:
+        return {"target": "VALUE", "result": "EQUAL", "key": _b64(self.key), "value": _b64(self.value)}
+
+
+Compare = Absent | ModRevision | ValueIs
+
+
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """How to reach a secured etcd: a CA its https endpoints are verified by (else the system's),
+    a client certificate and key, a user and password (empty: no authentication)."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    user: str = ""
+    password: str = ""
+
+    def __repr__(self) -> str:  # never the password
+        return f"EtcdSecurity(ca_file={self.ca_file}, cert_file={self.cert_file}, user={self.user!r})"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        if self.cert_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
 class EtcdClient:
-    def __init__(self, endpoints: Sequence[str], client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        client: httpx.AsyncClient | None = None,
+        security: EtcdSecurity | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("etcd needs at least one endpoint")
         self.endpoints = [e.rstrip("/") for e in endpoints]
-        self._client = client or httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, trust_env=False)
+        self.security = security or EtcdSecurity()
+        self._client = client or httpx.AsyncClient(
+            timeout=REQUEST_TIMEOUT_S, trust_env=False, verify=self.security.ssl_context()
+        )
+        self._tokens: dict[str, str] = {}  # endpoint -> auth token (a simple token is per member)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -156,7 +218,7 @@ class EtcdClient:
         failures = []
         for endpoint in self.endpoints:
             try:
-                response = await self._client.post(endpoint + path, json=body)
+                response = await self._post(endpoint, path, body)
             except httpx.HTTPError as exc:
                 failures.append(f"{endpoint}: {exc!r}")
                 continue
@@ -169,6 +231,30 @@ class EtcdClient:
             assert isinstance(answer, dict)
             return answer
         raise EtcdUnavailable(f"no etcd endpoint answered {path}: " + "; ".join(failures))
+
+    async def _post(self, endpoint: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        """One call, authenticated if a user is set: again with a new token if etcd refused this
+        one (expired, or issued before a restart)."""
+        response = await self._client.post(endpoint + path, json=body, headers=await self._auth(endpoint))
+        if self.security.user and _token_refused(response):
+            self._tokens.pop(endpoint, None)
+            response = await self._client.post(endpoint + path, json=body, headers=await self._auth(endpoint))
+        return response
+
+    async def _auth(self, endpoint: str) -> dict[str, str]:
+        if not self.security.user:
+            return {}
+        if endpoint not in self._tokens:
+            response = await self._client.post(
+                endpoint + "/v3/auth/authenticate",
+                json={"name": self.security.user, "password": self.security.password},
+            )
+            answer = response.json()
+            if response.status_code != 200 or "token" not in answer:
+                refusal = answer.get("message", answer)
+                raise EtcdError(f"etcd refused the user {self.security.user!r}: {refusal}")
+            self._tokens[endpoint] = str(answer["token"])
+        return {"Authorization": self._tokens[endpoint]}
 
     # KV.
 
@@ -208,7 +294,7 @@ class EtcdClient:
         return int(answer.get("deleted", 0))
 
     async def txn(
-        self, compare: Sequence[Absent], success: Sequence[Operation], failure: Sequence[Operation] = ()
+        self, compare: Sequence[Compare], success: Sequence[Operation], failure: Sequence[Operation] = ()
     ) -> TxnResult:
         body = {
             "compare": [c.encode() for c in compare],
@@ -260,15 +346,25 @@ class EtcdClient:
         for endpoint in self.endpoints:
             try:
                 async with self._client.stream(
-                    "POST", endpoint + "/v3/watch", json=request, timeout=httpx.Timeout(5.0, read=None)
+                    "POST",
+                    endpoint + "/v3/watch",
+                    json=request,
+                    headers=await self._auth(endpoint),
+                    timeout=httpx.Timeout(5.0, read=None),
                 ) as response:
+                    if response.status_code == 401:
+                        self._tokens.pop(endpoint, None)
                     if response.status_code != 200:
                         failures.append(f"{endpoint}: {response.status_code}")
                         continue
                     async for line in response.aiter_lines():
                         if not line.strip():
                             continue
-                        batch = _watch_batch(json.loads(line))
+                        try:
+                            batch = _watch_batch(json.loads(line))
+                        except EtcdError:
+                            self._tokens.pop(endpoint, None)  # a refused token: a new one next time
+                            raise
                         if batch:
                             yield batch
             except httpx.HTTPError as exc:
@@ -276,6 +372,16 @@ class EtcdClient:
                 continue
             raise EtcdUnavailable(f"the watch on {endpoint} ended")
         raise EtcdUnavailable("no etcd endpoint answered /v3/watch: " + "; ".join(failures))
+
+
+def _token_refused(response: httpx.Response) -> bool:
+    if response.status_code == 401:
+        return True
+    try:
+        message = str(response.json().get("message", ""))
+    except ValueError:
+        return False
+    return "invalid auth token" in message or ("auth token" in message and "expired" in message)
 
 
 def _watch_batch(message: dict[str, Any]) -> list[WatchEvent]:

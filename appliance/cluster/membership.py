@@ -6,8 +6,11 @@ Keys (all under `/cube/`):
 - `/cube/drain/<node id>`: present while the node is drained (no new placements); any node or
   `cube node drain` writes it, and it outlives the node's lease.
 - `/cube/sandboxes/<sandbox id>`: a `SandboxOwner` (JSON), written once with a create-only
-  transaction by the node the sandbox was created on; rewritten as ended (when, why) by the
-  leader once that node has left, and deleted by it after the retention period (cluster/leader.py).
+  transaction by the node the sandbox was created on; rewritten as ended (when, why) by that node
+  once the sandbox ended there, or by the leader once that node has left, and deleted by the
+  leader after the retention period (cluster/leader.py). Each rewrite is a transaction compared
+  with the record's revision as last seen (and, the leader's, with the leader key still naming
+  it): a stale view or a leader that was replaced changes nothing.
 - `/cube/removed/<node id>`: present once `cube node remove` took the node out: it leaves and
   does not join again while the key is there (`cube node remove --undo` deletes it).
 - `/cube/leader`: the elected leader's node id, created only if absent, under that node's lease.
@@ -84,7 +87,7 @@ class NodeRecord:
 class SandboxOwner:
     node_id: str
     team_id: str
-    ended_at: float = 0.0  # set by the leader once the node left (0: not known to have ended)
+    ended_at: float = 0.0  # once it ended on its node, or its node left (0: not known to have ended)
     reason: str = ""
 
     def encode(self) -> bytes:
@@ -111,12 +114,28 @@ class ClusterView:
     owners: dict[str, SandboxOwner] = field(default_factory=dict)
     leader: str = ""  # the elected leader's node id ("" while there is none)
     revision: int = 0
+    # Each sandbox record's last write (its mod revision): a rewrite is compared with it.
+    record_revisions: dict[str, int] = field(default_factory=dict)
+
+    def node_row(self, node: NodeRecord) -> dict[str, object]:
+        """A node as `cube node list` and the dashboard show it: its record, state and sandboxes."""
+        return {
+            **asdict(node),
+            "state": "drained" if node.node_id in self.drained else "ready",
+            "memory_free_mb": node.memory_free_mb,
+            # recorded on this node (ended ones too, until they are collected)
+            "sandboxes": sum(1 for owner in self.owners.values() if owner.node_id == node.node_id),
+        }
+
+    def node_rows(self) -> list[dict[str, object]]:
+        return [self.node_row(n) for n in sorted(self.nodes.values(), key=lambda n: n.node_id)]
 
     def load(self, kvs: list[KeyValue], revision: int) -> None:
         self.nodes.clear()
         self.drained.clear()
         self.removed.clear()
         self.owners.clear()
+        self.record_revisions.clear()
         self.leader = ""
         for kv in kvs:
             self._apply(False, kv)
@@ -128,6 +147,12 @@ class ClusterView:
             self.revision = max(self.revision, event.kv.mod_revision)
 
     def _apply(self, deleted: bool, kv: KeyValue) -> None:
+        if kv.key.startswith(SANDBOXES):
+            name = kv.key[len(SANDBOXES) :].decode()
+            if deleted:
+                self.record_revisions.pop(name, None)
+            else:
+                self.record_revisions[name] = kv.mod_revision
         if kv.key == LEADER:
             self.leader = "" if deleted else kv.value.decode(errors="replace")
             return

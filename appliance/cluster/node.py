@@ -17,13 +17,13 @@ import socket
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
 
-from appliance.cluster.etcd import EtcdClient, EtcdError
-from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap
+from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdSecurity
+from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap, rewrite
 from appliance.cluster.membership import (
     ClusterView,
     NodeRecord,
@@ -36,6 +36,7 @@ from appliance.cluster.membership import (
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.records import TemplateManifest
+from appliance.templates.catalog import split_name_tag
 from appliance.tenancy import Principal
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class ClusterSettings:
     node_url: str  # "" = the API's bound URL, known once it listens
     token: str
     lease_ttl_s: int
+    security: EtcdSecurity = field(default_factory=EtcdSecurity)
 
     def __repr__(self) -> str:  # never the token
         return f"ClusterSettings(endpoints={self.endpoints}, node_id={self.node_id!r})"
@@ -66,7 +68,7 @@ class ClusterSettings:
     @classmethod
     def from_config(cls, config: Config) -> ClusterSettings | None:
         """None when the config names no etcd endpoints (a single node)."""
-        endpoints = [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+        endpoints = etcd_endpoints(config)
         if not endpoints:
             return None
         return cls(
@@ -75,23 +77,52 @@ class ClusterSettings:
             node_url=config.node_url.rstrip("/"),
             token=read_token(config.cluster_token_file),
             lease_ttl_s=config.node_lease_ttl_s,
+            security=etcd_security(config),
         )
+
+
+def etcd_endpoints(config: Config) -> list[str]:
+    return [e.strip() for e in config.etcd_endpoints.split(",") if e.strip()]
+
+
+def etcd_security(config: Config) -> EtcdSecurity:
+    """The config's TLS files and etcd user (its password read from its file, checked like the
+    cluster token's)."""
+    if config.etcd_key_file is not None and config.etcd_cert_file is None:
+        raise ClusterConfigError("etcd_key_file is set without etcd_cert_file")
+    password = ""
+    if config.etcd_user:
+        if config.etcd_password_file is None:
+            raise ClusterConfigError("etcd_user is set: etcd_password_file must name its password's file")
+        password = read_secret(config.etcd_password_file, "etcd password", 1)
+    return EtcdSecurity(
+        config.etcd_ca_file,
+        config.etcd_cert_file,
+        config.etcd_key_file or config.etcd_cert_file,
+        config.etcd_user,
+        password,
+    )
 
 
 def read_token(path: Path | None) -> str:
     """The cluster token: a file only its owner may read, at least 32 characters."""
     if path is None:
         raise ClusterConfigError("etcd_endpoints is set: cluster_token_file must name the cluster's token")
+    return read_secret(path, "cluster token", 32)
+
+
+def read_secret(path: Path, what: str, min_length: int) -> str:
+    """A secret from a file only its owner may read (0600), at least `min_length` characters."""
     try:
         mode = path.stat().st_mode
-        token = path.read_text().strip()
+        secret = path.read_text().strip()
     except OSError as exc:
-        raise ClusterConfigError(f"cannot read the cluster token file {path}: {exc.strerror}") from exc
+        raise ClusterConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ClusterConfigError(f"the cluster token file {path} must be readable by its owner only (0600)")
-    if len(token) < 32:
-        raise ClusterConfigError(f"the cluster token in {path} is too short (at least 32 characters)")
-    return token
+        raise ClusterConfigError(f"the {what} file {path} must be readable by its owner only (0600)")
+    if len(secret) < min_length:
+        raise ClusterConfigError(f"the {what} in {path} is too short (at least {min_length} characters)")
+    return secret
 
 
 def template_names(templates: dict[str, TemplateManifest]) -> list[str]:
@@ -103,14 +134,21 @@ def template_names(templates: dict[str, TemplateManifest]) -> list[str]:
 
 def placement(view: ClusterView, here: str, template: str) -> list[NodeRecord]:
     """Where a create for `template` arriving at node `here` should go, best first: nodes not
-    drained that have the template and free memory; the first is the best of K sampled by free
-    memory, the rest follow by free memory (tried in turn when a node refuses)."""
-    fitting = [
-        node
-        for node in view.nodes.values()
-        if node.node_id not in view.drained and template in node.templates and node.memory_free_mb > 0
-    ]
-    by_memory = sorted(fitting, key=lambda n: (-n.memory_free_mb, n.node_id != here, n.node_id))
+    drained with free memory, those that have the template before those that would pull it
+    (cluster/templates.py); in each group the first is the best of K sampled by free memory and
+    the rest follow by free memory (tried in turn when a node refuses). Empty when no node of
+    the cluster has the template (the create is then answered here: not found)."""
+    base = split_name_tag(template)[0]
+    if not any(template in n.templates or base in n.templates for n in view.nodes.values()):
+        return []
+    fitting = [n for n in view.nodes.values() if n.node_id not in view.drained and n.memory_free_mb > 0]
+    having = [n for n in fitting if template in n.templates or base in n.templates]
+    lacking = [n for n in fitting if n not in having]
+    return _best_of_k(having, here) + _best_of_k(lacking, here)
+
+
+def _best_of_k(nodes: list[NodeRecord], here: str) -> list[NodeRecord]:
+    by_memory = sorted(nodes, key=lambda n: (-n.memory_free_mb, n.node_id != here, n.node_id))
     if len(by_memory) <= 1:
         return by_memory
     sample = random.sample(by_memory, min(BEST_OF_K, len(by_memory)))
@@ -132,7 +170,7 @@ class ClusterNode:
         self.cubelet = cubelet
         self.templates = templates
         self.resolve = resolve  # a template name (alias, SDK default) as the caller means it
-        self.etcd = etcd or EtcdClient(settings.endpoints)
+        self.etcd = etcd or EtcdClient(settings.endpoints, security=settings.security)
         self.view = ClusterView()
         self.api_url = settings.node_url
         self.lease_id = 0
@@ -202,6 +240,18 @@ class ClusterNode:
             if owner.node_id == self.node_id and owner.ended_at and self.cubelet.live(sandbox_id) is not None:
                 await self.cubelet.kill(sandbox_id, reason=f"the cluster ended it: {owner.reason}")
 
+    async def _end_records_of_ended(self) -> None:
+        """The records of this node's sandboxes that ended here (killed, timed out, crashed) written
+        ended, with when and why as this node's store has it: every node then answers so, and
+        the leader collects them after the retention period."""
+        for sandbox_id, owner in list(self.view.owners.items()):
+            if owner.node_id != self.node_id or owner.ended_at or self.cubelet.live(sandbox_id) is not None:
+                continue
+            stored = self.cubelet.store.get_sandbox(sandbox_id)
+            ended_at = (stored.ended_at if stored is not None else 0.0) or time.time()
+            reason = (stored.end_reason if stored is not None else "") or f"it ended on node {self.node_id}"
+            await rewrite(self.etcd, self.view, sandbox_id, replace(owner, ended_at=ended_at, reason=reason))
+
     async def _keep_alive(self) -> None:
         """Renew the lease, and rewrite the record with the capacity of the moment, every third of
         the TTL; a lease etcd let expire (unreachable for a TTL) is granted anew."""
@@ -218,8 +268,9 @@ class ClusterNode:
                     await self._join()
                     continue
                 await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
+                await self._end_records_of_ended()
                 if await campaign(self.etcd, self.view, self.node_id, self.lease_id):
-                    await reap(self.etcd, self.view, time.time(), self.record_retention_s)
+                    await reap(self.etcd, self.view, self.node_id, time.time(), self.record_retention_s)
             except NodeRemoved as exc:
                 log.error("cluster: %s", exc)
                 self.joined = False

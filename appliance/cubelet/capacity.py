@@ -73,9 +73,11 @@ class BootCapacity:
     def refilling(self, template_id: str) -> int:
         return self._refills[template_id]
 
-    def refill_allowed(self) -> bool:
-        """A core is left for one more refill: cold boots go first, refills take what they leave."""
-        return self._refills.total() + self._cold_boots < self.refill_limit
+    def refill_allowed(self, parallelism: int | None = None) -> bool:
+        """A core is left for one more refill: cold boots go first, refills take what they leave
+        (at most `parallelism` refills at once, default every core)."""
+        limit = min(self.refill_limit, parallelism or self.refill_limit)
+        return self._refills.total() + self._cold_boots < limit
 
     def claims_quiet_in(self) -> float:
         """Seconds until the last burst of claims counts as answered; 0 when it does."""

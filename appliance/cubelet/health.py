@@ -3,7 +3,8 @@ does not answer HEALTH_FAILURES_BEFORE_KILL times in a row is killed.
 
 The probes go over the guest's own client (`GuestAgent`), so they also keep open the
 connection a warm guest's claim sends its `/init` on. Paused guests cannot answer
-and are not asked; a probe that was in flight when its guest paused does not count.
+and are not asked; a probe that was in flight when its guest paused, or while a pause,
+resume or snapshot held it stopped, does not count.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class HealthProber:
     async def probe(self, live: LiveSandbox) -> None:
         assert live.agent is not None, "the guest was not handed over yet"
         healthy = await live.agent.healthy(timeout=self.config.guest_agent_timeout_s * HEALTH_TIMEOUT_SHARE)
-        if healthy or live.state is SandboxState.PAUSED:
+        # Not counted either: a probe while a pause, resume or snapshot holds the guest stopped
+        # (`changing`: a memory checkpoint stops the vCPUs while it writes the guest's RAM).
+        if healthy or live.state is SandboxState.PAUSED or live.changing.locked():
             live.health_failures = 0
             return
         live.health_failures += 1

@@ -10,7 +10,8 @@ snapshot's memory copy-on-write and holds only the pages it wrote (about 22 MiB 
   memory_mb. A guest cannot hold more than that anyway: its RAM is that big (kvm: the VMM's
   mapping of memory_mb; uml: its cgroup's memory.max).
 - Memory its guests share (a template snapshot's page cache): once, the most any of them maps.
-- A guest its runtime cannot measure (uml): its memory_mb.
+- A guest its runtime cannot measure (None): its memory_mb. (uml guests are measured by what
+  their cgroup is charged, all of it private.)
 - A guest not measured yet (booting): what a fresh guest of its template was charged (the
   least charge of a fully ready guest of it seen so far), else its memory_mb.
 

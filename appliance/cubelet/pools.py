@@ -7,12 +7,27 @@ Python kernel answers, so a warm create never waits for one) and probes it once
 pool. A claim takes the oldest. The keeper tops every pool up to its target within
 the memory budget, as far as `BootCapacity` leaves cores, and is woken whenever a
 guest is claimed, ends or is gone, or a boot ends.
+
+Auto-sized pools (`pool_size = -1`, the default) follow memory and demand:
+- the default template's pool is where bursts land (an agent framework's N parallel
+  rollouts): its floor is AUTO_POOL_DEPTH_PER_CORE guests per core (56 on 2 cores), so a
+  burst of 50 creates at once is answered warm on a 2-core, 24 GiB host;
+- every other template keeps AUTO_POOL_FLOOR warm and grows to the peak number of its
+  creates in any DEMAND_WINDOW_S of the last DEMAND_HORIZON_S (plus a margin);
+- no pool outgrows the memory budget: at most budget // the charge of a fresh guest
+  (measured once one is ready: ~190 MiB for an idle uml guest, not its 512 MiB), and
+  pooled guests give their memory back to cold boots (`make_room`);
+- the per-core depth bounds the idle CPU of the pooled guests (each idle guest's
+  timer ticks: see docs/BENCHMARKS.md), and refills boot one at a time while nobody
+  creates (all cores while creates come, `refill_parallelism`), so a service that
+  just started does not take every core to fill its pools.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -34,9 +49,47 @@ from appliance.records import TemplateManifest
 log = logging.getLogger(__name__)
 
 POOL_RETRY_DELAY_S = 5.0
-# pool_size = -1 sizes each pool to the memory budget, but never above this: a pool deeper than
-# a burst of creates costs idle memory and boots the host's cores for nothing.
-AUTO_POOL_CAP = 16
+# Auto-sized pools (pool_size = -1): the module's docstring says why.
+AUTO_POOL_DEPTH_PER_CORE = 28
+AUTO_POOL_FLOOR = 1
+DEMAND_WINDOW_S = 60.0
+DEMAND_HORIZON_S = 3600.0
+DEMAND_MARGIN = 1.5
+DEMAND_SAMPLES = 4096  # creates remembered per template (a bound on memory, not a policy)
+
+
+def auto_pool_cap() -> int:
+    """The deepest an auto-sized pool gets on this host."""
+    return AUTO_POOL_DEPTH_PER_CORE * (os.cpu_count() or 1)
+
+
+class CreateDemand:
+    """When each template's creates came (warm or not): the peak of a burst, and whether
+    creates are coming now."""
+
+    def __init__(self) -> None:
+        self._times: dict[str, deque[float]] = {}
+
+    def record(self, template_id: str, now: float) -> None:
+        self._times.setdefault(template_id, deque(maxlen=DEMAND_SAMPLES)).append(now)
+
+    def peak(self, template_id: str, now: float) -> int:
+        """The most creates of the template in any DEMAND_WINDOW_S of the last DEMAND_HORIZON_S."""
+        times = self._times.get(template_id)
+        if not times:
+            return 0
+        while times and times[0] < now - DEMAND_HORIZON_S:
+            times.popleft()
+        best, first = 0, 0
+        for last, at in enumerate(times):
+            while times[first] < at - DEMAND_WINDOW_S:
+                first += 1
+            best = max(best, last - first + 1)
+        return best
+
+    def active(self, now: float) -> bool:
+        """Whether any template had a create in the last DEMAND_WINDOW_S."""
+        return any(times and times[-1] >= now - DEMAND_WINDOW_S for times in self._times.values())
 
 
 class WarmPools:
@@ -60,6 +113,7 @@ class WarmPools:
         self._pools: dict[str, deque[LiveSandbox]] = {}
         self._wakeup = trio.Event()
         self._retry_at: dict[str, float] = {}  # template → trio time after a failed refill
+        self.demand = CreateDemand()
 
     # Queries.
 
@@ -72,7 +126,23 @@ class WarmPools:
             return 0  # a snapshot is booted when asked for: pooling each one would hold memory idle
         if self.config.pool_size >= 0:
             return self.config.pool_size
-        return min(AUTO_POOL_CAP, self.memory_budget_mb // max(1, template.memory_mb))
+        memory_cap = self.memory_budget_mb // max(1, self.table.boot_charge_mb(template))
+        return min(memory_cap, auto_pool_cap(), max(self._floor(template), self._demanded(template)))
+
+    def _floor(self, template: TemplateManifest) -> int:
+        default = self.config.default_template
+        if template.template_id == default or default in template.aliases:
+            return auto_pool_cap()
+        return AUTO_POOL_FLOOR
+
+    def _demanded(self, template: TemplateManifest) -> int:
+        return math.ceil(self.demand.peak(template.template_id, trio.current_time()) * DEMAND_MARGIN)
+
+    def refill_parallelism(self) -> int:
+        """Boots the refills may run at once: every core the cold boots leave while creates
+        come (the pools must keep up), one while nobody creates (a service that just started
+        fills its pools without taking the host's cores)."""
+        return self.capacity.refill_limit if self.demand.active(trio.current_time()) else 1
 
     def state(self, template_id: str, template: TemplateManifest | None) -> dict[str, int]:
         """The warm pool of a template: its target size, guests ready to claim, refills booting."""
@@ -87,6 +157,7 @@ class WarmPools:
     def claim(self, template_id: str) -> LiveSandbox | None:
         """The oldest pooled guest of the template, out of its pool (the refill starts once the
         claims are answered: a boot competes with their /init), or None."""
+        self.demand.record(template_id, trio.current_time())
         pool = self._pools.get(template_id)
         return pool.popleft() if pool else None
 
@@ -153,7 +224,7 @@ class WarmPools:
         template_id = template.template_id
         pooled, target = len(self._pools[template_id]), self.target(template)
         return (
-            self.capacity.refill_allowed()
+            self.capacity.refill_allowed(self.refill_parallelism())
             # A burst of warm creates is answered first: a boot started meanwhile slows every
             # claim. Not past half the pool, though: steady creates must not starve the refills.
             and (self.capacity.claims_quiet_in() == 0 or pooled * 2 < target)

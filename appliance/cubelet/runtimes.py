@@ -79,6 +79,10 @@ class CubeVSPolicies:
     async def update_policy(self, sandbox_id: str, policy: NetworkPolicy) -> None:
         await self._cubevs.update_policy(sandbox_id, policy)
 
+    def resolve_secrets_with(self, values: Callable[[str, str], str | None]) -> None:
+        """What the egress proxy resolves `${e2b.secrets.NAME}` with: (sandbox id, name) → value."""
+        self._cubevs.secret_values = values
+
     def counters(self, sandbox_id: str) -> dict[str, int]:
         try:
             return dict(self._cubevs.counters(sandbox_id))

@@ -1,5 +1,5 @@
 """`python3 -m appliance.guest [--host H] [--envd-port P] [--interpreter-port P]
-[--default-user U] [--no-interpreter]`; the guest's init calls `start()` directly.
+[--default-user U] [--no-interpreter] [--lazy-default-kernel]`; the guest's init calls `start()` directly.
 
 The boot token is never an argument (argv is world-readable): the kernel command line, or
 CUBE_AGENT_TOKEN for an agent run as a host process (options.host_boot_token)."""
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--interpreter-port", type=int, default=49999)
     parser.add_argument("--default-user", default="user", help="user for calls that name none")
     parser.add_argument("--no-interpreter", action="store_true", help="serve envd only (no kernels)")
+    parser.add_argument(
+        "--lazy-default-kernel", action="store_true", help="start the default kernel at its first execution"
+    )
     args = parser.parse_args()
     start(
         AgentOptions(
@@ -45,6 +48,7 @@ def main() -> None:
             interpreter_port=args.interpreter_port,
             default_user=args.default_user,
             interpreter=not args.no_interpreter,
+            lazy_default_kernel=args.lazy_default_kernel,
             boot_token=host_boot_token(),
         )
     )

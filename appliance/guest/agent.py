@@ -121,7 +121,7 @@ async def run_agent(options: AgentOptions) -> None:
                 # Kernels running as the default user must reach their own (private) directories inside.
                 os.chmod(runtime_dir, 0o711)
                 started = interpreter.create(state, nursery, runtime_dir)
-                nursery.start_soon(_start_default_kernel, started)
+                nursery.start_soon(_start_default_kernel, started, options.lazy_default_kernel)
                 # Executions wait for it (default_ready).
                 await started.default_ready.wait()
             print(INTERPRETER_READY_LINE, flush=True)
@@ -146,11 +146,11 @@ async def _no_kernels(env_vars: dict[str, str]) -> None:
     """With --no-interpreter, /init has no kernels to update."""
 
 
-async def _start_default_kernel(interpreter: Interpreter) -> None:
+async def _start_default_kernel(interpreter: Interpreter, lazily: bool) -> None:
     from appliance.guest.interpreter import InterpreterError
 
     try:
-        await interpreter.start_default()
+        await interpreter.start_default(lazily=lazily)
     except (InterpreterError, UnknownUser) as exc:
         log(f"the default Python kernel did not start (the next execution retries): {exc}")
 

@@ -150,9 +150,10 @@ def start_agent() -> int:
         sys.argv = ["/usr/bin/python3 -m appliance.guest", "--default-user", AGENT_USER]
         sys.executable = "/usr/bin/python3"
         from appliance.guest.__main__ import start
-        from appliance.guest.options import AgentOptions, host_boot_token
+        from appliance.guest.options import AgentOptions, host_boot_token, lazy_default_kernel_wanted
 
-        start(AgentOptions(default_user=AGENT_USER, boot_token=host_boot_token()))
+        lazy = lazy_default_kernel_wanted()
+        start(AgentOptions(default_user=AGENT_USER, boot_token=host_boot_token(), lazy_default_kernel=lazy))
         status = 0
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 1

@@ -116,9 +116,10 @@ class Interpreter:
         # Set once the boot-time default Python kernel started, or failed to.
         self.default_ready = trio.Event()
 
-    async def start_default(self) -> None:
+    async def start_default(self, *, lazily: bool = False) -> None:
         """The default Python context, started at boot so the first run_code finds it warm, and the
-        default JavaScript one, listed but started on first use.
+        default JavaScript one, listed but started on first use. `lazily`: Python's too is started
+        by its first execution (templates that mostly run commands, see options.py).
 
         Raises InterpreterError when Python's cannot start; `default_ready` is set either way, and
         the next execution in it tries again.
@@ -126,7 +127,8 @@ class Interpreter:
         for language in LISTED_DEFAULTS:
             self._default_contexts[language] = self._new_context(language, None)
         try:
-            await self._ensure_kernel(self._default_contexts["python"])
+            if not lazily:
+                await self._ensure_kernel(self._default_contexts["python"])
         finally:
             self.default_ready.set()
 

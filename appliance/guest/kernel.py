@@ -13,6 +13,7 @@ from typing import Generic, TypeVar
 
 import trio
 
+from appliance.guest.spawn import identity_options
 from appliance.guest.users import User
 
 # One NDJSON object of the /execute stream (PROTOCOL.md §4.1).
@@ -79,10 +80,9 @@ async def spawn_kernel_process(argv: list[str], spec: KernelSpec, **streams: obj
         "stdout": subprocess.DEVNULL,
         **streams,
     }
-    if spec.user.needs_switch():
-        options.update(user=spec.user.uid, group=spec.user.gid, extra_groups=spec.user.groups())
+    spawn_argv, identity = identity_options(spec.user, argv)
     try:
-        return await trio.lowlevel.open_process(argv, **options)  # type: ignore[call-overload]
+        return await trio.lowlevel.open_process(spawn_argv, **options, **identity)  # type: ignore[call-overload]
     except OSError as exc:
         raise KernelStartError(f"cannot start {argv[0]}: {exc}") from exc
 

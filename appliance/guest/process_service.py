@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from appliance.guest.connect import CallContext, ConnectError, Message, Router, Send
+from appliance.guest.spawn import identity_options
 from appliance.guest.state import AgentState
 
 READ_SIZE = 64 * 1024
@@ -291,8 +292,7 @@ class ProcessService:
 
         env = self._state.environment(user, envs)
         options: dict[str, object] = {"env": env, "cwd": cwd, "start_new_session": True}
-        if user.needs_switch():
-            options.update(user=user.uid, group=user.gid, extra_groups=user.groups())
+        argv = [config["cmd"], *args]
         pty: trio.lowlevel.FdStream | None = None
         pty_fd: int | None = None
         try:
@@ -301,8 +301,11 @@ class ProcessService:
                 pty_fd, terminal_fd = os.openpty()
                 try:
                     _set_window_size(terminal_fd, pty_config.get("size") or {})
+                    # A preexec_fn forks anyway: CPython's own identity switch costs nothing more.
+                    if user.needs_switch():
+                        options.update(user=user.uid, group=user.gid, extra_groups=user.groups())
                     process = await trio.lowlevel.open_process(  # type: ignore[call-overload]
-                        [config["cmd"], *args],
+                        argv,
                         stdin=terminal_fd,
                         stdout=terminal_fd,
                         stderr=terminal_fd,
@@ -313,8 +316,10 @@ class ProcessService:
                     os.close(terminal_fd)
                 pty = trio.lowlevel.FdStream(pty_fd)
             else:
+                spawn_argv, identity = identity_options(user, argv)
                 process = await trio.lowlevel.open_process(  # type: ignore[call-overload]
-                    [config["cmd"], *args],
+                    spawn_argv,
+                    **identity,
                     stdin=subprocess.PIPE if stdin_enabled else subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,

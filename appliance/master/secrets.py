@@ -2,11 +2,10 @@
 
 They live in their own SQLite file (`<state_dir>/secrets.db`, mode 0600, root's), so a
 copy of the main store (`cube.db`, which `cube` commands and backups read) carries no
-secret value. Values go in through `create` and `update` and nothing reads them back:
-E2B resolves a secret's `${e2b.secrets.NAME}` placeholder at the sandbox's egress (HTTP
-requests rewritten on their way out, `network.rules`); this appliance has no such proxy
-yet, so the API refuses placeholders (`api/secrets.py`) rather than put a value inside a
-sandbox. The resolver, when there is one, reads the value here.
+secret value. Values go in through `create` and `update`; the API never reads them back.
+One reader: the egress proxy (net/egress_proxy.py), which resolves a secret's
+`${e2b.secrets.NAME}` placeholder at the sandbox's egress (the sandbox's HTTP requests to a
+host of its `network.rules`, rewritten on their way out), through `sandbox_secret_values`.
 
 Names are lower-cased and unique per team; another team's secret is as missing as one
 that never existed. Values are never logged: nothing here logs, and a `SecretRecord`
@@ -20,6 +19,7 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +91,13 @@ class SecretStore:
         ).fetchone()
         return None if row is None else _record(row)
 
+    def value(self, team_id: str, name: str) -> str | None:
+        """The current value of the team's secret named `name` (not by id): for the egress proxy."""
+        row = self._db.execute(
+            "SELECT value FROM secrets WHERE team_id = ? AND name = ?", (team_id, name.lower())
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def create(self, team_id: str, name: str, value: str, metadata: dict[str, str]) -> SecretRecord:
         now = time.time()
         secret_id = SECRET_ID_PREFIX + secrets.token_hex(10)
@@ -127,3 +134,16 @@ class SecretStore:
             return False
         self._db.execute("DELETE FROM secrets WHERE secret_id = ?", (current.secret_id,))
         return True
+
+
+def sandbox_secret_values(
+    store: SecretStore, team_of: Callable[[str], str | None]
+) -> Callable[[str, str], str | None]:
+    """(sandbox id, secret name) → the value of that secret of the sandbox's team (`team_of`:
+    a live sandbox's team, None if it has none); what the egress proxy resolves placeholders with."""
+
+    def value(sandbox_id: str, name: str) -> str | None:
+        team_id = team_of(sandbox_id)
+        return None if team_id is None else store.value(team_id, name)
+
+    return value

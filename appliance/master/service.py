@@ -48,11 +48,12 @@ from appliance.api.services import Services
 from appliance.cluster.node import ClusterNode, ClusterSettings
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
-from appliance.cubelet.runtimes import RuntimeFactory, open_runtime
+from appliance.cubelet.runtimes import CubeVSPolicies, RuntimeFactory, open_runtime
 from appliance.cubelet.template_sandboxes import CubeletTemplateSandboxes
+from appliance.dashboard import blueprints as dashboard_blueprints
 from appliance.master import sdnotify
 from appliance.master.carryover import restore_carried
-from appliance.master.secrets import SECRETS_DB, SecretStore
+from appliance.master.secrets import SECRETS_DB, SecretStore, sandbox_secret_values
 from appliance.master.store import SqliteStore
 from appliance.master.templates import TemplateRegistry
 from appliance.master.volumes import VolumeStore
@@ -202,11 +203,22 @@ async def _watch_cluster(
         return None
     cluster = ClusterNode(settings, cubelet, registry.all, registry.resolve)
     services.auth.cluster_token_check = cluster.verify_token
+    services.cluster = cluster
     await nursery.start(cluster.watch)
     return cluster
 
 
 BlueprintFactory = Callable[[Services], Blueprint]
+
+
+def _team_of(cubelet: Cubelet) -> Callable[[str], str | None]:
+    """A live user sandbox's team (None for any other id): whose secrets its egress may use."""
+
+    def team_of(sandbox_id: str) -> str | None:
+        live = cubelet.live(sandbox_id)
+        return None if live is None or live.record is None else live.record.team_id
+
+    return team_of
 
 
 async def run_service(
@@ -235,6 +247,8 @@ async def run_service(
         secret_store = SecretStore(config.state_dir / SECRETS_DB)
         async with runtime_factory(config) as bundle, trio.open_nursery() as nursery:
             cubelet = Cubelet(config, bundle.runtime, store, bundle.network, templates=registry.refresh)
+            if isinstance(bundle.network, CubeVSPolicies):
+                bundle.network.resolve_secrets_with(sandbox_secret_values(secret_store, _team_of(cubelet)))
             await nursery.start(cubelet.run)
             adopted, reported_dead, restored = await _take_over(cubelet, registry, store, config.state_dir)
             builds = TemplateBuilds(
@@ -253,7 +267,7 @@ async def run_service(
             )
             cluster = await _watch_cluster(cluster_settings, cubelet, registry, services, nursery)
             # Any key may build; what a build sees and makes is its team's (templates/api.py).
-            blueprints = [protect(create_build_blueprint(builds), Access.KEY)]
+            blueprints = [protect(create_build_blueprint(builds), Access.KEY), *dashboard_blueprints()]
             blueprints += [make_blueprint(services) for make_blueprint in blueprint_factories]
             control_plane = cast(ASGIApp, build_app(services, blueprints))
             router = SandboxRouter(control_plane, cubelet, config.domain)

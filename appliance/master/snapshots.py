@@ -18,13 +18,12 @@ pause or resume meanwhile):
 The image is crash-consistent at the freeze (ext4 replays its journal at the next
 boot). New sandboxes cold-boot from it: processes and memory are not kept.
 
-A memory ("full") snapshot needs a runtime that can checkpoint a guest's memory;
-`memory_checkpoints` is where one says so (uml cannot: see `MemoryCheckpointUnsupported`).
+A memory ("full") snapshot needs a runtime that can checkpoint a guest's memory
+(`memory_checkpoints`: kvm, `cubelet/checkpoints.py`; uml cannot).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -32,6 +31,14 @@ import httpx
 import trio
 
 from appliance.config import Config
+from appliance.cubelet.checkpoints import (
+    CheckpointFailed,
+    CheckpointRefused,
+    checkpointable,
+    checkpoints_memory,
+    snapshot_manifest,
+    take_memory_snapshot,
+)
 from appliance.cubelet.cubelet import LiveSandbox, SandboxNotFound
 from appliance.cubelet.envd_client import EnvdError
 from appliance.cubelet.state import SandboxState
@@ -47,7 +54,6 @@ from appliance.templates.catalog import (
     new_template_id,
     publish_template,
 )
-from appliance.templates.jobs import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +71,11 @@ class SnapshotFailed(Exception):
 
 
 def memory_checkpoints(runtime: Runtime) -> bool:
-    """Whether `runtime` can snapshot a running guest's memory (fork, mode="full").
-
-    The seam for kvm's snapshot/restore machinery: none of the runtimes offers it to
-    sandboxes yet, and UML cannot (a UML guest is a tree of host processes; there is
-    no checkpoint of its memory and host-side state to restore from).
-    """
-    return False
+    """Whether `runtime` can snapshot a running guest's memory (fork, mode="full"): kvm, from
+    its snapshot/restore machinery (`cubelet/checkpoints.py`). UML cannot (a UML guest is a
+    tree of host processes; there is no checkpoint of its memory and host-side state to
+    restore from)."""
+    return checkpoints_memory(runtime)
 
 
 def refusal(runtime: Runtime, what: str) -> str:
@@ -84,9 +88,33 @@ def refusal(runtime: Runtime, what: str) -> str:
     )
 
 
-def default_mode(runtime: Runtime) -> str:
-    """The mode of a snapshot whose request names none: E2B's default (full) where possible."""
-    return FULL if memory_checkpoints(runtime) else FILESYSTEM
+def default_mode(runtime: Runtime, live: LiveSandbox) -> str:
+    """The mode of a snapshot whose request names none: E2B's default (full) where `live`'s
+    memory can be checkpointed (a kvm sandbox), else filesystem (uml, and a kvm host's
+    sandboxes of templates that run on uml)."""
+    return FULL if memory_checkpoints(runtime) and checkpointable(runtime, live) else FILESYSTEM
+
+
+async def filesystem_snapshot(
+    config: Config, runtime: Runtime, live: LiveSandbox, team_id: str, name: str | None
+) -> TemplateManifest:
+    """A filesystem snapshot of `live` on its runtime: uml's COW file, or kvm's checkpoint
+    without its memory (`cubelet/checkpoints.py`: the disk overlay written while the vCPUs
+    are stopped, folded into a copy of the template image), after a `sync` in the guest
+    (a paused guest is crash-consistent as it is). Raises as `take_filesystem_snapshot`."""
+    if memory_checkpoints(runtime) and not (live.spec.sandbox_dir / VM_DIR / COW_FILE).is_file():
+        if live.state is SandboxState.RUNNING and live.instance is not None:
+            try:
+                await sync_guest(live.instance.endpoint(ENVD_PORT), live.envd_headers())
+            except (OSError, httpx.HTTPError, EnvdError) as exc:
+                raise SnapshotFailed(f"the guest did not sync its disk: {exc}") from exc
+        try:
+            return await take_memory_snapshot(config, runtime, live, team_id, name, memory=False)
+        except CheckpointRefused as exc:
+            raise SnapshotRefused(str(exc)) from exc
+        except CheckpointFailed as exc:
+            raise SnapshotFailed(str(exc)) from exc
+    return await take_filesystem_snapshot(config, live, team_id, name)
 
 
 async def take_filesystem_snapshot(
@@ -116,16 +144,7 @@ async def take_filesystem_snapshot(
         except (OSError, CowError) as exc:
             raise SnapshotFailed(f"merging the sandbox's disk failed: {exc}") from exc
         frozen.unlink()
-        manifest = dataclasses.replace(
-            live.template,
-            template_id=template_id,
-            directory=directory,
-            aliases=(name,) if name else (),
-            source=f"snapshot of sandbox {live.sandbox_id} (template {live.template.template_id})",
-            created_at=utc_now(),
-            owner=team_id,
-            snapshot_of=live.sandbox_id,
-        )
+        manifest = snapshot_manifest(live, directory, team_id, name, kind="snapshot")
         publish_template(config, manifest, name)
     except BaseException:
         discard_template(config, template_id)

@@ -23,10 +23,11 @@ import trio
 from pyroute2 import IPRoute
 
 from appliance.config import Config
-from appliance.net import host, links, netns
+from appliance.net import egress_proxy, host, links, netns
 from appliance.net.addressing import TAP_NAME, Addressing, Plan
 from appliance.net.dns import Answer, Resolver, Upstream, host_upstreams
 from appliance.net.ebpf import FLAG_INTERNET, PolicyProgram, pin_dir_of
+from appliance.net.egress_proxy import IPAddress, SandboxEgress, SecretValues
 from appliance.net.policy import MAX_ENTRIES_PER_LIST, CompiledList, Network, NetworkPolicy, PolicyError
 from appliance.net.sweep import Records, sweep
 from appliance.process_identity import ProcessIdentity
@@ -41,6 +42,8 @@ _LEARNED_GRACE_S = 60.0
 _EXPIRY_CHECK_S = 5.0
 _LISTS = ("allow", "deny")
 _ALL_IPV4 = ipaddress.ip_network("0.0.0.0/0")
+_NO_ADDRESS = ipaddress.ip_address("0.0.0.0")  # matching a rule by name alone
+MAX_RULED_NAMES = 1024  # names per sandbox whose answers the egress proxy checks against
 
 
 class NetworkUnenforced(RuntimeError):
@@ -78,6 +81,10 @@ class _Live:
     )
     installed: dict[str, set[Network]] = field(default_factory=lambda: {n: set() for n in _LISTS})
     detached: bool = False  # its guest runs on after this service: leave everything in place
+    # For the egress proxy: name → address → expiry, the resolver's answers for names its rules
+    # cover; and the proxy's scope while it runs (a policy with rules).
+    answers: dict[str, dict[IPAddress, float]] = field(default_factory=dict)
+    proxy: trio.CancelScope | None = None
 
     def lists(self, list_name: str) -> CompiledList:
         return self.allow if list_name == "allow" else self.deny
@@ -110,6 +117,10 @@ class CubeVS:
         self._opened = host.parse_open_networks(config.operator_open_networks, addressing)
         # Always-blocked destinations: set at start, refreshed when the host's addresses change.
         self._blocked = host.BlockedSet({})
+        # What the egress proxy resolves `${e2b.secrets.NAME}` with; set by the service that owns
+        # the secrets (master), None: rules naming secrets get 502s.
+        self.secret_values: SecretValues | None = None
+        self._nursery: trio.Nursery | None = None
 
     @property
     def enforced(self) -> bool:
@@ -151,6 +162,7 @@ class CubeVS:
                 if service._program is None:
                     log.warning("CubeVS: eBPF enforcement unavailable: %s", service.unenforced_reason)
                 async with trio.open_nursery() as nursery:
+                    service._nursery = nursery
                     resolver = Resolver(addressing.resolver_ip, upstreams, service._learn, service._may_ask)
                     await nursery.start(resolver.serve)
                     nursery.start_soon(service._expire_learned)
@@ -195,6 +207,7 @@ class CubeVS:
             self._by_host_ip[plan.host_ip] = live
             if self._program is not None:
                 await trio.to_thread.run_sync(self._enforce, live)
+            await self._start_proxy(live)
             yield SandboxNetwork(
                 sandbox_id=sandbox_id,
                 netns=plan.netns,
@@ -259,6 +272,8 @@ class CubeVS:
         if live is not None:
             self._live.pop(plan.sandbox_id, None)
             self._by_host_ip.pop(plan.host_ip, None)
+            if live.proxy is not None:
+                live.proxy.cancel()
         if live is not None and live.detached:
             self._detached += 1
             return
@@ -360,6 +375,11 @@ class CubeVS:
                 n: {a: (t, q) for a, (t, q) in old[3][n].items() if live.lists(n).matches_domain(q)}
                 for n in _LISTS
             }
+            try:
+                await self._start_proxy(live)
+            except (OSError, RuntimeError) as e:  # nft or the listener, in a netns going away
+                live.policy, live.allow, live.deny, live.learned = old
+                raise PolicyError(f"the egress proxy for the rules could not start: {e}") from e
             if self._program is None:
                 return
             try:
@@ -382,6 +402,62 @@ class CubeVS:
         program = self._require_program()
         await trio.to_thread.run_sync(program.attach if attached else program.detach, live.ifindex)
 
+    # --- the egress proxy (network.rules) ------------------------------------
+
+    async def _start_proxy(self, live: _Live) -> None:
+        """Once the policy has rules: the sandbox's HTTP goes through the egress proxy, which reads
+        the policy of the moment per request (a later policy without rules: it forwards untouched)."""
+        if live.proxy is not None or not live.policy.rules or self._nursery is None:
+            return
+        sandbox_id = live.plan.sandbox_id
+
+        def answered(name: str) -> frozenset[IPAddress]:
+            now = trio.current_time()
+            return frozenset(a for a, t in live.answers.get(name, {}).items() if t > now)
+
+        egress = SandboxEgress(
+            sandbox_id=sandbox_id,
+            netns_path=str(netns.netns_path(live.plan.netns)),
+            gateway_ip=live.plan.gateway_ip,
+            policy=lambda: live.policy,
+            answered=answered,
+            secret_values=lambda: self.secret_values,
+        )
+        live.proxy = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            assert live.proxy is not None
+            with live.proxy:
+                try:
+                    await egress_proxy.serve(egress, task_status=task_status)
+                except Exception:  # this sandbox's HTTP stops; CubeVS and the others go on
+                    log.exception("CubeVS: the egress proxy of sandbox %s failed", sandbox_id)
+                    if not task_status_started:
+                        raise
+
+        task_status_started = False
+        await self._nursery.start(run)
+        task_status_started = True
+
+    def _note_ruled_answer(self, live: _Live, answer: Answer) -> None:
+        """Remember what the resolver told the sandbox a ruled name is: only there may the proxy
+        send the rule's secrets."""
+        if not any(rule.matches(answer.qname, _NO_ADDRESS) for rule in live.policy.rules):
+            return
+        known = live.answers.setdefault(answer.qname, {})
+        now = trio.current_time()
+        for address, ttl in answer.addresses:
+            known[address] = max(
+                known.get(address, 0.0), now + max(float(ttl), _LEARNED_MIN_S) + _LEARNED_GRACE_S
+            )
+        for address in [a for a, t in known.items() if t <= now]:
+            del known[address]
+        # A wildcard rule matches endless names: the ones remembered longest ago go first.
+        while len(live.answers) > MAX_RULED_NAMES:
+            del live.answers[
+                min(live.answers, key=lambda name: max(live.answers[name].values(), default=0.0))
+            ]
+
     # --- DNS ----------------------------------------------------------------
 
     def _may_ask(self, client_ip: str, qname: str | None) -> bool:
@@ -400,6 +476,8 @@ class CubeVS:
 
     async def _learn(self, client_ip: str, answer: Answer) -> None:
         live = self._by_host_ip.get(client_ip)
+        if live is not None:
+            self._note_ruled_answer(live, answer)
         if live is None or self._program is None:
             return
         async with live.lock:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
+from appliance.cluster.forwarding import CLUSTER_HEADERS
 from appliance.guest.envd import file_signature
 from appliance.records import SandboxRecord
 from appliance.runtime.base import ENVD_PORT
@@ -52,8 +53,9 @@ SANDBOX_ID_HEADER = b"e2b-sandbox-id"
 SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
 ACCESS_TOKEN_HEADER = b"x-access-token"
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
-# The caller's control-plane credentials: a guest never sees them.
-CONTROL_PLANE_CREDENTIALS = frozenset({b"x-api-key"})
+# The caller's control-plane credentials, and the cluster's (a node forwarding sandbox traffic
+# adds its token): a guest never sees them.
+CONTROL_PLANE_CREDENTIALS = frozenset({b"x-api-key", *(h.encode() for h in CLUSTER_HEADERS)})
 
 
 class Refused(Exception):

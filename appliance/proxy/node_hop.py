@@ -6,37 +6,46 @@ Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 - `/sandboxes/<id>/...` calls for another node's sandbox go to it on the caller's behalf
   (authenticated here; the team travels with the cluster token, appliance/cluster/forwarding.py);
 - a create is placed (`ClusterNode.placement`) and, placed elsewhere, forwarded there; a node
-  that cannot be reached is skipped for the next;
-- a list merges every live node's own list.
+  that cannot be reached is skipped for the next; the node that runs it first pulls the template
+  from another node if it lacks it (cluster/templates.py, whose two endpoints it serves here);
+- a list merges every live node's own list; `/v2/sandboxes` page by page (cluster/pages.py).
 A request carrying the cluster token came from another node: it is handled here and never
 forwarded again (no loops, whatever the views say); a wrong token is a 401.
 A sandbox whose node left the cluster (its lease expired) is reported ended, naming the node.
-Streams are relayed chunk by chunk both ways. WebSockets are not forwarded yet.
+Streams are relayed chunk by chunk both ways, WebSockets message by message.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlencode
 
 import httpx
+import trio
 
 from appliance.cluster.etcd import EtcdError
-from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, principal_headers
+from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, forwarded_principal, principal_headers
 from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
 from appliance.cluster.node import ClusterNode
+from appliance.cluster.pages import EXHAUSTED, decode_cursors, encode_cursors, merge_pages
+from appliance.cluster.templates import BLOBS_PATH, CHUNK, RESOLVE_PATH, TemplatePullFailed, TemplateShare
 from appliance.proxy.access import HOP_BY_HOP, Refused, Scope, Target, not_found_message
-from appliance.proxy.router import Message, Receive, Send, _send_json_error
+from appliance.proxy.router import Message, Receive, Send, deny_websocket, relay_websocket, send_json_error
 from appliance.tenancy import Principal
 
 log = logging.getLogger(__name__)
 
 SANDBOX_CALL = re.compile(r"^/(?:v2/)?sandboxes/([^/]+)(?:/.*)?$")
 COLLECTION = frozenset({"/sandboxes", "/v2/sandboxes"})
-NOT_SANDBOX_IDS = frozenset({"metrics"})  # /sandboxes/metrics lists this node's
+SHARE_PREFIX = "/cube/cluster/"  # templates for the other nodes (cluster/templates.py)
+NOT_SANDBOX_IDS = frozenset({"metrics"})  # /sandboxes/metrics: every node's, merged (_metrics_many)
+METRICS_MANY = "/sandboxes/metrics"
 MAX_CREATE_BODY = 1024 * 1024
 CONNECT_TIMEOUT_S = 5.0
 # A forwarded API call (a create boots a guest: minutes on an emulated host) answers within this;
@@ -62,18 +71,23 @@ class NodeHop:
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=None), trust_env=False, follow_redirects=False
         )
+        self.share = TemplateShare(node.cubelet.config, node.token, self.client, node.templates, node.resolve)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = _headers(scope)
         presented = headers.get(TOKEN_HEADER)
         if presented is not None:
             if not self.node.verify_token(presented):
-                return await _send_json_error(send, 401, "invalid cluster token")
+                return await send_json_error(send, 401, "invalid cluster token")
+            if scope["path"].startswith(SHARE_PREFIX):
+                return await self._share(scope, send, headers)
             return await self._here(scope, receive, send, headers)
         try:
             target = self.target_of(scope)
@@ -81,11 +95,26 @@ class NodeHop:
             target = None
         if target is not None:
             return await self._to_owner(target.sandbox_id, None, scope, receive, send, headers)
-        path, method = scope["path"], scope["method"]
+        path = scope["path"]
         call = SANDBOX_CALL.match(path)
         principal = self.authenticate(headers) if call or path in COLLECTION else None
         if principal is None:
             return await self._here(scope, receive, send, headers)
+        return await self._for_caller(principal, call, scope, receive, send, headers)
+
+    async def _for_caller(
+        self,
+        principal: Principal,
+        call: re.Match[str] | None,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+    ) -> None:
+        """An API call with the caller's key: to its sandbox's node, across every node, or here."""
+        path, method = scope["path"], scope["method"]
+        if path == METRICS_MANY and method == "GET":
+            return await self._metrics_many(principal, scope, receive, send)
         if call and call.group(1) not in NOT_SANDBOX_IDS:
             return await self._to_owner(call.group(1), principal, scope, receive, send, headers)
         if path in COLLECTION and method == "POST":
@@ -101,13 +130,24 @@ class NodeHop:
         is answered (so the node that forwarded it, or the caller's next call anywhere, finds it)."""
         if not (scope["path"] in COLLECTION and scope["method"] == "POST"):
             return await self.app(scope, receive, send)
+        principal = self.authenticate(headers)
+        if principal is not None:  # a template another node has is brought here first
+            body = await _read_body(receive)
+            if body is None:
+                return await send_json_error(send, 413, "request body too large")
+            receive = _replaying(body, receive)
+            template = self._template_of(body)
+            sources = [n for n in self.node.view.nodes.values() if n.node_id != self.node.node_id]
+            try:
+                await self.share.ensure(template, principal, sources)
+            except TemplatePullFailed as exc:
+                return await send_json_error(send, 503, str(exc))
         held: list[Message] = []
 
         async def hold(message: Message) -> None:
             held.append(message)
 
         await self.app(scope, receive, hold)
-        principal = self.authenticate(headers)
         if held and held[0].get("status") == 201 and principal is not None:
             sandbox_id = json.loads(b"".join(m.get("body", b"") for m in held[1:]))["sandboxID"]
             try:
@@ -115,11 +155,51 @@ class NodeHop:
             except EtcdError as exc:  # unrecorded, no other node could find it: not kept
                 await self.node.cubelet.kill(sandbox_id, reason=f"the cluster could not record it: {exc}")
                 unavailable = f"the cluster's etcd is unavailable, retry later: {exc}"
-                return await _send_json_error(send, 503, unavailable)
+                return await send_json_error(send, 503, unavailable)
         for message in held:
             await send(message)
 
     # Elsewhere.
+
+    def _owning_node(self, scope: Scope) -> tuple[str, NodeRecord] | None:
+        """The live other node running the sandbox this sandbox traffic is for, if any."""
+        try:
+            target = self.target_of(scope)
+        except Refused:
+            return None
+        if target is None or self.node.cubelet.live(target.sandbox_id) is not None:
+            return None
+        owner = self.node.owner(target.sandbox_id)
+        if owner is None or owner.ended_at or owner.node_id == self.node.node_id:
+            return None
+        node = self.node.view.nodes.get(owner.node_id)
+        return None if node is None else (target.sandbox_id, node)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket to another node's sandbox goes to that node as it came (its Host, its access
+        token) plus the cluster token; one with the cluster token is this node's own."""
+        presented = _headers(scope).get(TOKEN_HEADER)
+        if presented is not None and not self.node.verify_token(presented):
+            if (await receive())["type"] == "websocket.connect":
+                await deny_websocket(send, 401, "invalid cluster token")
+            return
+        owning = None if presented is not None else self._owning_node(scope)
+        if owning is None:  # here, or nowhere: the router's own answer
+            return await self.app(scope, receive, send)
+        sandbox_id, node = owning
+        if (await receive())["type"] != "websocket.connect":
+            return
+        url = httpx.URL(node.api_url)
+        try:
+            stream = await trio.open_tcp_stream(url.host, url.port or 80)
+        except OSError:
+            unreachable = f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
+            return await deny_websocket(send, 502, unreachable)
+        async with stream:
+            headers = [(k, v) for k, v in self._headers(scope, None, with_body=False) if k.lower() != b"host"]
+            host = _headers(scope).get("host", url.netloc.decode())
+            refused = f"node {node.node_id} refused the WebSocket to sandbox {sandbox_id}"
+            await relay_websocket(scope, receive, send, stream, host, headers, refused)
 
     async def _to_owner(
         self,
@@ -134,18 +214,18 @@ class NodeHop:
         if owner is None or owner.node_id == self.node.node_id:
             return await self._here(scope, receive, send, headers)
         if principal is not None and not principal.owns(owner.team_id):
-            return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found")
+            return await send_json_error(send, 404, f"sandbox {sandbox_id} not found")
         # Ended: written so by the leader, or its node left and the leader has not yet written it.
         node = None if owner.ended_at else self.node.view.nodes.get(owner.node_id)
         if node is None and principal is None:  # sandbox traffic: the router's own answer
-            return await _send_json_error(send, 502, not_found_message(sandbox_id))
+            return await send_json_error(send, 502, not_found_message(sandbox_id))
         if node is None:
             gone = f"it ended: {owner.reason or left_reason(owner.node_id)}"
-            return await _send_json_error(send, 404, f"sandbox {sandbox_id} not found ({gone})")
+            return await send_json_error(send, 404, f"sandbox {sandbox_id} not found ({gone})")
         if principal is not None:  # an API call: small, answered whole
             body = await _read_body(receive)
             if body is None:
-                return await _send_json_error(send, 413, "request body too large")
+                return await send_json_error(send, 413, "request body too large")
             forwarded = await self._forward_whole(node, principal, scope, body, send)
         else:
             # A request without a body is sent without one, not as an empty chunked stream (which
@@ -153,7 +233,7 @@ class NodeHop:
             has_body = "content-length" in headers or "transfer-encoding" in headers
             forwarded = await self._forward(node, None, scope, _body(receive) if has_body else None, send)
         if not forwarded:
-            await _send_json_error(
+            await send_json_error(
                 send, 502, f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
             )
 
@@ -162,18 +242,12 @@ class NodeHop:
     ) -> None:
         body = await _read_body(receive)
         if body is None:
-            return await _send_json_error(send, 413, "request body too large")
-        template = self.node.cubelet.config.default_template
-        try:
-            data = json.loads(body or b"{}")
-            if isinstance(data, dict) and isinstance(data.get("templateID"), str):
-                template = data["templateID"]
-        except ValueError:
-            pass  # here, where the API answers it with its own 400
+            return await send_json_error(send, 413, "request body too large")
+        template = self._template_of(body)
         placement = self.node.placement_for(template, principal)
         if not placement and self.node.node_id in self.node.view.drained:
             message = f"no node of the cluster can take a sandbox of '{template}' now (this one is drained)"
-            return await _send_json_error(send, 503, message)
+            return await send_json_error(send, 503, message)
         for node in placement:
             if node.node_id == self.node.node_id:
                 break
@@ -182,45 +256,154 @@ class NodeHop:
             log.warning("cluster: node %s is unreachable; placing the create elsewhere", node.node_id)
         await self._here(scope, _replaying(body, receive), send, headers)
 
+    def _template_of(self, body: bytes) -> str:
+        """The template a create's body names (the default if none; a bad body is the API's 400)."""
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("templateID"), str):
+            return str(data["templateID"])
+        return self.node.cubelet.config.default_template
+
+    # Templates, for the other nodes (cluster token checked).
+
+    async def _share(self, scope: Scope, send: Send, headers: dict[str, str]) -> None:
+        path = scope["path"]
+        if scope["method"] == "GET" and path == RESOLVE_PATH:
+            principal = forwarded_principal(headers, self.node.verify_token)
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            name = (query.get("name") or [""])[0]
+            try:
+                described = await self.share.describe(name, principal) if principal and name else None
+            except OSError as exc:  # a symlink where the image should be: refused by O_NOFOLLOW
+                unreadable = f"template {name!r}: its image cannot be read: {exc.strerror}"
+                return await send_json_error(send, 500, unreadable)
+            if described is None:
+                return await send_json_error(send, 404, f"template {name!r} not found")
+            payload = json.dumps(described).encode()
+            return await send_whole(send, 200, [(b"content-type", b"application/json")], payload)
+        if scope["method"] == "GET" and path.startswith(BLOBS_PATH):
+            opened = await self.share.open_blob(path[len(BLOBS_PATH) :])
+            if opened is None:
+                return await send_json_error(send, 404, "no such blob")
+            return await _send_file(send, *opened)
+        await send_json_error(send, 404, f"no cluster endpoint {path}")
+
     async def _list(
         self, principal: Principal, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
     ) -> None:
-        """Every live node's own list, merged (pagination across nodes: not yet)."""
-        merged: list[Any] = []
-        for node in list(self.node.view.nodes.values()):
-            if node.node_id == self.node.node_id:
+        """Every live node's own list, merged; `/v2/sandboxes` page by page (`_list_pages`)."""
+        if scope["path"] == "/v2/sandboxes":
+            return await self._list_pages(principal, scope, receive, send)
+        refused, answers = await self._every_node(principal, scope, receive)
+        if refused is not None:
+            return await send_whole(send, refused.status, refused.headers, refused.body)
+        merged = [record for node_id, listed in answers for record in listed.records(node_id)]
+        await send_whole(send, 200, [(b"content-type", b"application/json")], json.dumps(merged).encode())
+
+    async def _metrics_many(self, principal: Principal, scope: Scope, receive: Receive, send: Send) -> None:
+        """`/sandboxes/metrics` for the caller's sandboxes on every live node: each node answers for
+        the ones it holds (it leaves out ids it does not know), the answers merged."""
+        refused, answers = await self._every_node(principal, scope, receive)
+        if refused is not None:
+            return await send_whole(send, refused.status, refused.headers, refused.body)
+        merged: dict[str, Any] = {}
+        for node_id, listed in answers:
+            merged.update(listed.metrics(node_id))
+        body = json.dumps({"sandboxes": merged}).encode()
+        await send_whole(send, 200, [(b"content-type", b"application/json")], body)
+
+    async def _every_node(
+        self, principal: Principal, scope: Scope, receive: Receive
+    ) -> tuple[_Listed | None, list[tuple[str, _Listed]]]:
+        """The caller's GET as every live node answers it (unreachable ones left out), or this
+        node's own answer first when it refused it (the request's own error, sent back as it is)."""
+        query = scope.get("query_string", b"").decode("latin-1")
+        answers: list[tuple[str, _Listed]] = []
+        for node_id, api_url in self._listing_nodes():
+            listed = await self._list_at(node_id, api_url, principal, scope, receive, query)
+            if listed is None:
                 continue
-            try:
-                response = await self.client.get(
-                    node.api_url + scope["path"],
-                    params=scope.get("query_string", b"").decode("latin-1") or None,
-                    headers=[
-                        (k.decode(), v.decode()) for k, v in principal_headers(self.node.token, principal)
-                    ],
-                )
-                if response.status_code == 200:
-                    merged.extend(response.json())
-                else:
-                    log.warning("cluster: node %s answered the list %d", node.node_id, response.status_code)
-            except (httpx.HTTPError, ValueError) as exc:
-                log.warning("cluster: node %s did not answer the list: %r", node.node_id, exc)
-        status, body, start = 0, bytearray(), cast(Message, {})
+            if node_id == self.node.node_id and listed.status != 200:
+                return listed, []
+            answers.append((node_id, listed))
+        return None, answers
 
-        async def collect(message: Message) -> None:
-            nonlocal status, start
-            if message["type"] == "http.response.start":
-                status, start = message["status"], message
-            elif message["type"] == "http.response.body":
-                body.extend(message.get("body", b""))
+    async def _list_pages(self, principal: Principal, scope: Scope, receive: Receive, send: Send) -> None:
+        """The SDKs' paginated list across nodes: each node's next page from its own cursor, merged,
+        the first `limit` shown, each node's cursor after what was shown in the next token."""
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        try:
+            cursors = decode_cursors((query.pop("nextToken", None) or [""])[0])
+        except ValueError:
+            return await send_json_error(send, 400, "'nextToken' is not a token this server issued")
+        limit_text = (query.get("limit") or [""])[0]
+        newest_first = (query.get("order") or ["desc"])[0] != "asc"
+        pages: dict[str, list[Any]] = {}
+        listed_at: dict[str, tuple[str, _Listed]] = {}
+        next_cursors: dict[str, str | None] = {}
+        for node_id, api_url in self._listing_nodes():
+            cursor = next_cursors[node_id] = cursors.get(node_id)
+            if cursor == EXHAUSTED:
+                continue
+            listed = await self._list_at(
+                node_id, api_url, principal, scope, receive, _page_query(query, cursor)
+            )
+            if listed is None:
+                continue
+            if node_id == self.node.node_id and listed.status != 200:  # the request's own error
+                return await send_whole(send, listed.status, listed.headers, listed.body)
+            pages[node_id] = listed.records(node_id)
+            listed_at[node_id] = (api_url, listed)
+        limit = int(limit_text) if limit_text.isdigit() else sum(len(p) for p in pages.values())
+        shown, taken = merge_pages(pages, newest_first, limit)
+        for node_id, (api_url, listed) in listed_at.items():
+            if taken[node_id] == len(pages[node_id]):
+                next_cursors[node_id] = listed.next_token or EXHAUSTED
+            elif taken[node_id]:  # part of its page shown: its own cursor after that part
+                part = _page_query({**query, "limit": [str(taken[node_id])]}, cursors.get(node_id))
+                again = await self._list_at(node_id, api_url, principal, scope, receive, part)
+                if again is not None and again.next_token:
+                    next_cursors[node_id] = again.next_token
+        token = encode_cursors(next_cursors)
+        headers = [(b"content-type", b"application/json")] + (
+            [(b"x-next-token", token.encode())] if token else []
+        )
+        await send_whole(send, 200, headers, json.dumps(shown).encode())
 
-        await self.app(scope, receive, collect)
-        if status != 200:
-            await send(start)
-            await send({"type": "http.response.body", "body": bytes(body)})
-            return
-        merged = json.loads(bytes(body)) + merged
-        payload = json.dumps(merged).encode()
-        await send_whole(send, 200, [(b"content-type", b"application/json")], payload)
+    def _listing_nodes(self) -> list[tuple[str, str]]:
+        """(node id, API URL) of this node, then every other live one."""
+        others = sorted(
+            (n.node_id, n.api_url) for n in self.node.view.nodes.values() if n.node_id != self.node.node_id
+        )
+        return [(self.node.node_id, ""), *others]
+
+    async def _list_at(
+        self, node_id: str, api_url: str, principal: Principal, scope: Scope, receive: Receive, query: str
+    ) -> _Listed | None:
+        """A list as node `node_id` answers it for the caller with `query`; None if unreachable."""
+        if node_id == self.node.node_id:
+            listed = _Listed(0, [], b"")
+
+            async def collect(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    listed.status, listed.headers = message["status"], list(message.get("headers", []))
+                elif message["type"] == "http.response.body":
+                    listed.body += message.get("body", b"")
+
+            await self.app({**scope, "query_string": query.encode()}, _replaying(b"", receive), collect)
+            return listed
+        try:
+            response = await self.client.get(
+                api_url + scope["path"],
+                params=query or None,
+                headers=[(k.decode(), v.decode()) for k, v in principal_headers(self.node.token, principal)],
+            )
+        except httpx.HTTPError as exc:
+            log.warning("cluster: node %s did not answer the list: %r", node_id, exc)
+            return None
+        return _Listed(response.status_code, list(response.headers.raw), response.content)
 
     async def _forward_whole(
         self, node: NodeRecord, principal: Principal, scope: Scope, body: bytes, send: Send
@@ -297,11 +480,68 @@ class NodeHop:
         return True
 
 
+@dataclass
+class _Listed:
+    """A node's answer to a list."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    @property
+    def next_token(self) -> str | None:
+        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == b"x-next-token"), None)
+
+    def _json(self) -> Any:
+        try:
+            return json.loads(self.body) if self.status == 200 else None
+        except ValueError:
+            return None
+
+    def records(self, node_id: str) -> list[Any]:
+        """Its sandboxes; none if it answered otherwise (logged)."""
+        records = self._json()
+        if not isinstance(records, list):
+            log.warning("cluster: node %s answered the list %d", node_id, self.status)
+            return []
+        return records
+
+    def metrics(self, node_id: str) -> dict[str, Any]:
+        """Its sandboxes' metrics by id (`/sandboxes/metrics`); none if it answered otherwise (logged)."""
+        answer = self._json()
+        found = answer.get("sandboxes") if isinstance(answer, dict) else None
+        if not isinstance(found, dict):
+            log.warning("cluster: node %s answered the metrics %d", node_id, self.status)
+            return {}
+        return found
+
+
+def _page_query(query: dict[str, list[str]], cursor: str | None) -> str:
+    """The list's query for one node: the caller's, with that node's own cursor."""
+    return urlencode({**query, **({"nextToken": [cursor]} if cursor else {})}, doseq=True)
+
+
 async def send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     kept = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() != b"content-length"]
     kept.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": kept})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _send_file(send: Send, fd: int, size: int) -> None:
+    """The `size` bytes of the open file `fd` (then closed), chunk by chunk."""
+    headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode())]
+    with os.fdopen(fd, "rb") as file:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if size == 0:
+            await send({"type": "http.response.body", "body": b""})
+        left = size
+        while left > 0:
+            chunk = await trio.to_thread.run_sync(file.read, min(CHUNK, left))
+            if not chunk:
+                raise OSError(f"the file ended {left} bytes early")  # the client sees a short body
+            left -= len(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": left > 0})
 
 
 async def _body(receive: Receive) -> AsyncIterator[bytes]:

@@ -61,6 +61,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CONNECT_TIMEOUT_S = 5.0
 WS_READ_SIZE = 65536
+# The largest message relayed from a guest (hypercorn's default limit for the other direction).
+WS_MAX_MESSAGE_BYTES = 16 << 20
+WS_MESSAGE_TOO_BIG = 1009
 WS_GOING_AWAY = 1001  # the close code a WebSocket gets when its sandbox ends
 AUTO_RESUME_TIMEOUT_S = 300
 # Idle connections to guests are reused for this long: under the 5 s idle timeout
@@ -117,9 +120,9 @@ class SandboxRouter:
             upstream = await self._upstream(scope, target)
         except Refused as refused:
             if scope["type"] == "http":
-                await _send_json_error(send, refused.status, refused.message)
+                await send_json_error(send, refused.status, refused.message)
             elif (await receive())["type"] == "websocket.connect":
-                await _deny_websocket(send, refused.status, refused.message)
+                await deny_websocket(send, refused.status, refused.message)
             return
         if scope["type"] == "http":
             await self._forward_http(scope, receive, send, upstream)
@@ -190,7 +193,7 @@ class SandboxRouter:
             except httpx.HTTPError as exc:
                 log.info("sandbox %s port %d unreachable: %r", sandbox_id, port, exc)
                 if not stopped.is_set():
-                    await _send_json_error(send, 502, port_not_open_message(sandbox_id))
+                    await send_json_error(send, 502, port_not_open_message(sandbox_id))
                     progress.finished = True
                 nursery.cancel_scope.cancel()
             else:
@@ -210,39 +213,57 @@ class SandboxRouter:
         try:
             stream = await trio.open_tcp_stream(*address)
         except OSError:
-            await _deny_websocket(send, 502, port_not_open_message(sandbox_id))
+            await deny_websocket(send, 502, port_not_open_message(sandbox_id))
             return
         async with stream:
-            guest = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-            path = (scope["raw_path"] or scope["path"].encode()).decode("latin-1")
-            query = scope.get("query_string", b"").decode("latin-1")
-            extra = [
-                (k, v)
-                for k, v in forwarded_headers(scope)
-                if not k.startswith(b"sec-websocket") and k != b"host"
-            ]
-            await stream.send_all(
-                guest.send(
-                    ws_events.Request(
-                        host=f"{address[0]}:{address[1]}",
-                        target=path + (f"?{query}" if query else ""),
-                        subprotocols=list(scope.get("subprotocols", [])),
-                        extra_headers=extra,
-                    )
-                )
+            headers = [(k, v) for k, v in forwarded_headers(scope) if k != b"host"]
+            refused = f"sandbox {sandbox_id} port {port} refused the WebSocket"
+            await relay_websocket(
+                scope, receive, send, stream, f"{address[0]}:{address[1]}", headers, refused, stopped
             )
-            accepted = await _read_handshake(stream, guest)
-            if not isinstance(accepted, ws_events.AcceptConnection):
-                status = accepted.status_code if isinstance(accepted, ws_events.RejectConnection) else 502
-                await _deny_websocket(send, status, f"sandbox {sandbox_id} port {port} refused the WebSocket")
-                return
-            await send({"type": "websocket.accept", "subprotocol": accepted.subprotocol})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_client_to_guest, receive, stream, guest, nursery.cancel_scope)
-                nursery.start_soon(_guest_to_client, send, stream, guest, nursery.cancel_scope)
-                nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
-            if stopped.is_set():
-                await send({"type": "websocket.close", "code": WS_GOING_AWAY})
+
+
+async def relay_websocket(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    stream: trio.SocketStream,
+    host: str,
+    headers: list[tuple[bytes, bytes]],
+    refused: str,
+    stopped: trio.Event | None = None,
+) -> None:
+    """The client's WebSocket (its websocket.connect received) opened on `stream` as `host` with
+    `headers` (no Sec-WebSocket ones: wsproto makes its own), then relayed both ways until either
+    side closes (or `stopped` is set: the client gets 1001). Refused there: the client is denied
+    with that status and `refused`."""
+    upstream = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    path = (scope["raw_path"] or scope["path"].encode()).decode("latin-1")
+    query = scope.get("query_string", b"").decode("latin-1")
+    extra = [(k, v) for k, v in headers if not k.lower().startswith(b"sec-websocket")]
+    await stream.send_all(
+        upstream.send(
+            ws_events.Request(
+                host=host,
+                target=path + (f"?{query}" if query else ""),
+                subprotocols=list(scope.get("subprotocols", [])),
+                extra_headers=extra,
+            )
+        )
+    )
+    accepted = await _read_handshake(stream, upstream)
+    if not isinstance(accepted, ws_events.AcceptConnection):
+        status = accepted.status_code if isinstance(accepted, ws_events.RejectConnection) else 502
+        await deny_websocket(send, status, refused)
+        return
+    await send({"type": "websocket.accept", "subprotocol": accepted.subprotocol})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_client_to_guest, receive, stream, upstream, nursery.cancel_scope)
+        nursery.start_soon(_guest_to_client, send, stream, upstream, nursery.cancel_scope)
+        if stopped is not None:
+            nursery.start_soon(_cancel_when_set, stopped, nursery.cancel_scope)
+    if stopped is not None and stopped.is_set():
+        await send({"type": "websocket.close", "code": WS_GOING_AWAY})
 
 
 class Upstream(NamedTuple):
@@ -292,7 +313,7 @@ async def _end_for_stopped(scope: Scope, send: Send, message: str, progress: _Pr
     """The sandbox ended or was paused while its request was in flight: say so if nothing was answered yet,
     else cut the answer off (HTTP/1.x: returning mid-body makes the server close the connection)."""
     if not progress.started:
-        await _send_json_error(send, 502, message)
+        await send_json_error(send, 502, message)
     elif scope.get("http_version") == "2":
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -325,7 +346,7 @@ async def _cancel_on_disconnect(receive: Receive, body_done: trio.Event, scope: 
             return
 
 
-async def _send_json_error(send: Send, status: int, message: str) -> None:
+async def send_json_error(send: Send, status: int, message: str) -> None:
     body = json.dumps({"code": status, "message": message}).encode()
     await send(
         {
@@ -337,7 +358,7 @@ async def _send_json_error(send: Send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _deny_websocket(send: Send, status: int, message: str) -> None:
+async def deny_websocket(send: Send, status: int, message: str) -> None:
     body = json.dumps({"code": status, "message": message}).encode()
     await send(
         {
@@ -376,17 +397,42 @@ async def _client_to_guest(
             await stream.send_all(guest.send(ws_events.TextMessage(data=message["text"])))
 
 
+_TOO_BIG: dict[str, Any] = {}
+
+
+def _whole_message(event: ws_events.Message[Any], pending: list[str | bytes]) -> dict[str, Any] | None:
+    """wsproto hands over a message in pieces as its frames arrive; the client gets it whole (a CDP
+    reply split in two would be two invalid JSON messages). None until the last piece; _TOO_BIG
+    past WS_MAX_MESSAGE_BYTES (a guest cannot make the router buffer without bound)."""
+    pending.append(event.data)
+    if sum(len(piece) for piece in pending) > WS_MAX_MESSAGE_BYTES:
+        return _TOO_BIG
+    if not event.message_finished:
+        return None
+    if isinstance(event, ws_events.TextMessage):
+        message: dict[str, Any] = {"type": "websocket.send", "text": "".join(str(p) for p in pending)}
+    else:
+        message = {"type": "websocket.send", "bytes": b"".join(p for p in pending if not isinstance(p, str))}
+    pending.clear()
+    return message
+
+
 async def _guest_to_client(
     send: Send, stream: trio.SocketStream, guest: wsproto.WSConnection, scope: trio.CancelScope
 ) -> None:
+    pending: list[str | bytes] = []
     while True:
         data = await stream.receive_some(WS_READ_SIZE)
         guest.receive_data(data or None)
         for event in guest.events():
-            if isinstance(event, ws_events.TextMessage):
-                await send({"type": "websocket.send", "text": event.data})
-            elif isinstance(event, ws_events.BytesMessage):
-                await send({"type": "websocket.send", "bytes": bytes(event.data)})
+            if isinstance(event, (ws_events.TextMessage, ws_events.BytesMessage)):
+                message = _whole_message(event, pending)
+                if message is _TOO_BIG:
+                    await send({"type": "websocket.close", "code": WS_MESSAGE_TOO_BIG})
+                    scope.cancel()
+                    return
+                if message is not None:
+                    await send(message)
             elif isinstance(event, ws_events.Ping):
                 await stream.send_all(guest.send(event.response()))
             elif isinstance(event, ws_events.CloseConnection):

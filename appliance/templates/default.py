@@ -17,15 +17,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import trio
 
 import appliance
 from appliance.config import IMAGE_DIR, Config
-from appliance.progress import Progress, shown
+from appliance.progress import Progress
 from appliance.records import TemplateManifest
 from appliance.templates import guest_setup
 from appliance.templates.catalog import BUILDING_MARKER, load_aliases, publish_template
@@ -71,6 +71,21 @@ ESSENTIAL_HOOKS = (
     # update-alternatives fails on the man page links it makes there.
     'mkdir -p "$1/usr/share/man/man1"',
 )
+
+
+def pip_install_hooks(*arguments: str) -> tuple[str, ...]:
+    """Customize hooks running `pip install --no-cache-dir ARGUMENTS` in the new root."""
+    return (
+        # pip in the root with the build host's CAs (an egress proxy's included), removed after; the
+        # host's own CA and pip settings in the environment name host paths, so they are overridden.
+        'cp /etc/ssl/certs/ca-certificates.crt "$1/tmp/cube-build-ca.crt"',
+        'chroot "$1" env PIP_CERT=/tmp/cube-build-ca.crt REQUESTS_CA_BUNDLE=/tmp/cube-build-ca.crt '
+        "SSL_CERT_FILE=/tmp/cube-build-ca.crt PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1 "
+        "python3 -m pip install --no-cache-dir " + " ".join(arguments),
+        'rm -f "$1/tmp/cube-build-ca.crt"',
+    )
+
+
 # Run inside the new root by mmdebstrap (`$1` is the root). Part of the recipe hash.
 CUSTOMIZE_HOOKS = (
     f'chroot "$1" useradd --create-home --uid {USER_UID} --user-group --shell /bin/bash {USER}',
@@ -79,13 +94,7 @@ CUSTOMIZE_HOOKS = (
     f'chmod 0440 "$1/etc/sudoers.d/{USER}"',
     # pip may install for users (into ~/.local) and for root: a sandbox is disposable.
     'rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
-    # pip in the root with the build host's CAs (an egress proxy's included), removed after; the
-    # host's own CA and pip settings in the environment name host paths, so they are overridden.
-    'cp /etc/ssl/certs/ca-certificates.crt "$1/tmp/cube-build-ca.crt"',
-    'chroot "$1" env PIP_CERT=/tmp/cube-build-ca.crt REQUESTS_CA_BUNDLE=/tmp/cube-build-ca.crt '
-    "SSL_CERT_FILE=/tmp/cube-build-ca.crt PIP_FIND_LINKS= PIP_DISABLE_PIP_VERSION_CHECK=1 "
-    "python3 -m pip install --no-cache-dir --no-deps " + " ".join(PYPI_PACKAGES),
-    'rm -f "$1/tmp/cube-build-ca.crt"',
+    *pip_install_hooks("--no-deps", *PYPI_PACKAGES),
     f'chroot "$1" python3 -c "{IMPORT_CHECK}"',
     f'printf "\\n# Cube: CJK text falls back to Noto Sans CJK\\n{MATPLOTLIB_FONTS}\\n" '
     '>> "$1/etc/matplotlibrc"',
@@ -119,7 +128,7 @@ class Recipe:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _package_list(path: Path) -> list[str]:
+def package_list(path: Path) -> list[str]:
     lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
     return [line for line in lines if line]
 
@@ -127,7 +136,7 @@ def _package_list(path: Path) -> list[str]:
 def load_recipe() -> Recipe:
     if not AGENT_PACKAGES.is_file():
         raise RuntimeError(f"{AGENT_PACKAGES} is missing: the guest agent's Debian packages are unknown")
-    packages = sorted(set(_package_list(RECIPE_DIR / "packages.txt") + _package_list(AGENT_PACKAGES)))
+    packages = sorted(set(package_list(RECIPE_DIR / "packages.txt") + package_list(AGENT_PACKAGES)))
     return Recipe(SUITE, MIRROR, tuple(packages), CUSTOMIZE_HOOKS, ESSENTIAL_HOOKS)
 
 
@@ -209,6 +218,21 @@ def inject_agent(root: Path) -> None:
     """The guest agent (its dependencies are Debian packages of the recipe here) and the recipe's init."""
     copy_agent(root, dependencies=())
     install_file(root, INIT_PATH, RECIPE_DIR / "cube-init", 0o755)
+    skip_id_in_login_profile(root)
+
+
+# Debian's /etc/profile asks `id` for the uid: a fork and an exec in every login shell, and
+# every E2B command is one (`/bin/bash -l -c`): ~25 ms of each under UML. Bash knows its
+# effective uid ($EUID); other shells (dash, no EUID) still ask `id`. Same value, same PATH.
+PROFILE_UID_TEST = '[ "$(id -u)" -eq 0 ]'
+PROFILE_UID_TEST_FAST = '[ "${EUID:-$(id -u)}" -eq 0 ]'
+
+
+def skip_id_in_login_profile(root: Path) -> None:
+    profile = root / "etc/profile"
+    if profile.is_file():
+        text = profile.read_text()
+        profile.write_text(text.replace(PROFILE_UID_TEST, PROFILE_UID_TEST_FAST))
 
 
 async def compile_java_kernel(root: Path) -> None:
@@ -236,23 +260,59 @@ def default_manifest(directory: Path, source: str) -> TemplateManifest:
     )
 
 
+@dataclass(frozen=True)
+class RecipeTemplate:
+    """A template built from a Debian recipe (this one, browser.py's): what differs between them."""
+
+    template_id: str
+    aliases: tuple[str, ...]
+    recipe: Recipe
+    assembly: str  # the digest of what `assemble` puts into the image
+    assemble: Callable[[Path], Awaitable[None]]  # agent, init... into the unpacked root
+    manifest: Callable[[Path, str], TemplateManifest]  # (directory, source) → its manifest
+
+
+async def assemble_default(tree: Path) -> None:
+    inject_agent(tree)
+    await finish_assembly(tree)
+
+
+async def finish_assembly(tree: Path) -> None:
+    """What every recipe's image gets after its agent: host CAs, agent and Java kernel compiled."""
+    await add_host_cas(tree)
+    await trio.run_process(compile_in_image_argv(tree), stdout=subprocess.DEVNULL)
+    await compile_java_kernel(tree)
+
+
+def default_recipe_template() -> RecipeTemplate:
+    return RecipeTemplate(
+        TEMPLATE_ID, ALIASES, load_recipe(), assembly_digest(), assemble_default, default_manifest
+    )
+
+
 async def build_default_template(config: Config, progress: Progress | None = None) -> TemplateManifest:
     """Build (or find cached) the default template; returns its published manifest."""
+    return await build_recipe_template(config, default_recipe_template(), progress)
+
+
+async def build_recipe_template(
+    config: Config, spec: RecipeTemplate, progress: Progress | None = None
+) -> TemplateManifest:
+    """Build (or find cached) the template `spec`; returns its published manifest."""
     report = progress or (lambda phase, fraction: None)
-    recipe = load_recipe()
-    source = f"recipe:{recipe.digest()}+assembly:{assembly_digest()}"
-    final = config.templates_dir / TEMPLATE_ID
+    source = f"recipe:{spec.recipe.digest()}+assembly:{spec.assembly}"
+    final = config.templates_dir / spec.template_id
     if (final / "template.json").is_file() and (final / "rootfs.ext4").is_file():
         existing = TemplateManifest.load(final)
         if existing.source == source:
             report("template cached", 1.0)
-            _publish_aliases(config, existing)
+            _publish_aliases(config, existing, spec.aliases)
             return existing
 
-    tarball = await bootstrap_tarball(recipe, config.cache_dir, report)
+    tarball = await bootstrap_tarball(spec.recipe, config.cache_dir, report)
     config.templates_dir.mkdir(parents=True, exist_ok=True)
     # Stage next to the final directory (same filesystem: the swap is a rename).
-    staging = Path(tempfile.mkdtemp(prefix=f".{TEMPLATE_ID}.", dir=config.templates_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.template_id}.", dir=config.templates_dir))
     staging.chmod(0o755)  # like every template directory (mkdtemp makes it 0700)
     # Marked unfinished until the swap: a build killed outright (no `finally`) leaves a
     # directory that the service's start-up sweep (catalog.remove_unfinished) removes.
@@ -263,12 +323,10 @@ async def build_default_template(config: Config, progress: Progress | None = Non
         report("unpacking root filesystem", None)
         # As root with numeric owners, device nodes and permissions, exactly as mmdebstrap made them.
         await trio.run_process(["tar", "-xpf", str(tarball), "--numeric-owner", "-C", str(tree)])
-        inject_agent(tree)
-        await add_host_cas(tree)
-        await trio.run_process(compile_in_image_argv(tree), stdout=subprocess.DEVNULL)
-        await compile_java_kernel(tree)
+        await spec.assemble(tree)
         report("writing rootfs.ext4", None)
-        await build_ext4(tree, staging / "rootfs.ext4", WRITABLE_LAYER_MB << 20)
+        manifest = spec.manifest(final, source)
+        await build_ext4(tree, staging / "rootfs.ext4", manifest.writable_layer_mb << 20)
         await trio.to_thread.run_sync(shutil.rmtree, tree)
         # Running sandboxes keep the old image open; new ones use the new one.
         if final.exists():
@@ -280,25 +338,15 @@ async def build_default_template(config: Config, progress: Progress | None = Non
         staging.rename(final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    manifest = default_manifest(final, source)
     manifest.save()
-    _publish_aliases(config, manifest)
+    _publish_aliases(config, manifest, spec.aliases)
     report("template ready", 1.0)
     return manifest
 
 
-def _publish_aliases(config: Config, manifest: TemplateManifest) -> None:
+def _publish_aliases(config: Config, manifest: TemplateManifest, names: tuple[str, ...]) -> None:
     aliases = load_aliases(config)
-    for alias in ALIASES:
+    for alias in names:
         entry = aliases.get(alias)
         if entry is None or entry["template_id"] != manifest.template_id:
             publish_template(config, manifest, alias)
-
-
-@click.command("build-default")
-@click.pass_obj
-def build_default(config: Config) -> None:
-    """Build the default template `code-interpreter` (cached by recipe and agent hash)."""
-    with shown(TEMPLATE_ID) as progress:
-        manifest = trio.run(build_default_template, config, progress)
-    click.echo(f"template {manifest.template_id} ready: {manifest.rootfs}")

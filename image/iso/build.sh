@@ -126,7 +126,7 @@ cp -a "$here/overlay/." "$app/"
 install -D -m 644 "$src/systemd/cube.service" "$app/etc/systemd/system/cube.service"
 wants="$app/etc/systemd/system/multi-user.target.wants"
 mkdir -p "$wants"
-for unit in cube.service cube-data.service cube-console.service; do ln -sfn "/etc/systemd/system/$unit" "$wants/$unit"; done
+for unit in cube.service cube-data.service cube-cluster.service cube-console.service; do ln -sfn "/etc/systemd/system/$unit" "$wants/$unit"; done
 git -C "$src" describe --always --dirty > "$app/opt/cube/VERSION" 2>/dev/null || echo unknown > "$app/opt/cube/VERSION"
 mksquashfs "$app" "$work/app.squashfs" -comp zstd -Xcompression-level 6 -noappend -quiet -no-progress -no-xattrs
 

@@ -129,6 +129,30 @@ def test_websocket_is_relayed(service: ServiceHarness, sandbox_id: str) -> None:
         sock.sendall(client.send(ws.CloseConnection(code=1000)))
 
 
+def test_a_large_websocket_message_arrives_whole(service: ServiceHarness, sandbox_id: str) -> None:
+    """The guest's reply (one 1 MiB message, read by the router in pieces) reaches the client as
+    one message: a CDP screenshot reply split in two would be two invalid JSON messages."""
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    payload = "x" * (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        extra = [(k.lower().encode(), v.encode()) for k, v in routed(sandbox_id).items()]
+        sock.sendall(client.send(ws.Request(host="localhost", target="/ws", extra_headers=extra)))
+        received, accepted = "", False
+        while True:
+            client.receive_data(sock.recv(65536))
+            events = list(client.events())
+            accepted = accepted or any(isinstance(e, ws.AcceptConnection) for e in events)
+            if any(isinstance(e, ws.AcceptConnection) for e in events):
+                sock.sendall(client.send(ws.TextMessage(data=payload)))
+            pieces = [e for e in events if isinstance(e, ws.TextMessage)]
+            received += "".join(e.data for e in pieces)
+            if any(e.message_finished for e in pieces):
+                break
+        assert accepted and len(received) == len(payload)
+        sock.sendall(client.send(ws.CloseConnection(code=1000)))
+
+
 def test_host_routing_over_tls_with_http2(service: ServiceHarness, sandbox_id: str) -> None:
     ca = ca_cert_path(service.config.state_dir)
     context = ssl.create_default_context(cafile=str(ca))

@@ -3,11 +3,14 @@
 - `etcd`: `etcd(members=1) -> EtcdCluster`, that many members of one etcd cluster (Debian's
   etcd-server), each with its own data directory, started and healthy; at teardown every member
   is stopped (SIGTERM, then SIGKILL) and its directory removed.
+- `etcd_of`: one member of its own; `two_nodes`: (node A, node B, a key of A's) in this process
+  over it (`start_service`, FakeRuntime guests), both in each other's view.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -16,10 +19,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from cluster_nodes import node_config, wait_for
 from freeports import free_ports
+
+from appliance.config import Config
+
+if TYPE_CHECKING:
+    from conftest import ServiceHarness
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 # Not the private services' range (20000-32000, tests/conftest.py), below the ephemeral one.
@@ -145,3 +155,25 @@ def etcd() -> Iterator[Callable[..., EtcdCluster]]:
         for member in cluster.members:
             member.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd_of(etcd: Callable[..., EtcdCluster]) -> EtcdCluster:
+    return etcd()
+
+
+@pytest.fixture
+def two_nodes(
+    etcd_of: EtcdCluster, start_service: Any, service_config: Config, tmp_path: Path
+) -> Iterator[tuple[ServiceHarness, ServiceHarness, str]]:
+    cluster = etcd_of
+    token_file = tmp_path / "cluster-token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    a = start_service(node_config(service_config, tmp_path, "a", cluster, token_file))
+    b = start_service(node_config(service_config, tmp_path, "b", cluster, token_file))
+    wait_for(a, lambda c: set(c.view.nodes) == {"a", "b"})
+    key = httpx.post(f"{a.url}/cube/keys", json={"name": "t"}, headers={"X-API-KEY": a.admin_token}).json()[
+        "key"
+    ]
+    yield a, b, key

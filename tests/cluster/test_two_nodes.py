@@ -7,97 +7,21 @@ The same with real `cube serve` processes and UML guests: test_processes.py."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import re
-import secrets
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-import pytest
 from click.testing import CliRunner
+from cluster_nodes import cluster_of, cube_node, wait_for
 
 from appliance.cli.main import main
 from appliance.cluster.forwarding import NAME_HEADER, TEAM_HEADER, TOKEN_HEADER
-from appliance.cluster.node import ClusterNode
-from appliance.config import Config
-from appliance.records import TemplateManifest
 
 if TYPE_CHECKING:
     from conftest import EtcdCluster, ServiceHarness
-
-VIEW_WAIT_S = 30.0  # a watch event on a loaded host
-
-
-def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token_file: Path) -> Config:
-    config = dataclasses.replace(
-        base,
-        state_dir=root / node_id / "state",
-        cache_dir=root / node_id / "cache",
-        run_dir=root / node_id / "run",
-        etcd_endpoints=",".join(etcd.endpoints),
-        node_id=node_id,
-        cluster_token_file=token_file,
-        node_lease_ttl_s=5,
-    )
-    TemplateManifest(
-        template_id="code-interpreter",
-        directory=config.templates_dir / "code-interpreter",
-        aliases=("ci",),
-        memory_mb=256,
-        created_at="2026-01-01T00:00:00Z",
-    ).save()
-    return config
-
-
-def cluster_of(node: ServiceHarness) -> ClusterNode:
-    assert node.running is not None and node.running.cluster is not None
-    return node.running.cluster
-
-
-def wait_for(node: ServiceHarness, seen: Callable[[ClusterNode], bool]) -> None:
-    deadline = time.monotonic() + VIEW_WAIT_S
-    while not node.run_sync_in_service(seen, cluster_of(node)):
-        assert time.monotonic() < deadline, f"{node.config.node_id}'s view: {cluster_of(node).view}"
-        time.sleep(0.05)
-
-
-def cube_node(node: ServiceHarness, *args: str, exit_code: int = 0) -> Any:
-    """`cube node ARGS` with this node's etcd endpoints (as its config would name them)."""
-    result = CliRunner().invoke(
-        main,
-        ["node", *args],
-        env={"CUBE_CONFIG": "/nonexistent", "CUBE_ETCD_ENDPOINTS": node.config.etcd_endpoints},
-        catch_exceptions=False,
-    )
-    assert result.exit_code == exit_code, result.output
-    return json.loads(result.output) if "--json" in args and exit_code == 0 else result.output
-
-
-@pytest.fixture
-def etcd_of(etcd: Callable[..., EtcdCluster]) -> EtcdCluster:
-    return etcd()
-
-
-@pytest.fixture
-def two_nodes(
-    etcd_of: EtcdCluster, start_service: Any, service_config: Config, tmp_path: Path
-) -> Iterator[tuple[ServiceHarness, ServiceHarness, str]]:
-    cluster = etcd_of
-    token_file = tmp_path / "cluster-token"
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
-    a = start_service(node_config(service_config, tmp_path, "a", cluster, token_file))
-    b = start_service(node_config(service_config, tmp_path, "b", cluster, token_file))
-    wait_for(a, lambda c: set(c.view.nodes) == {"a", "b"})
-    key = httpx.post(f"{a.url}/cube/keys", json={"name": "t"}, headers={"X-API-KEY": a.admin_token}).json()[
-        "key"
-    ]
-    yield a, b, key
 
 
 def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_through_it(
@@ -127,6 +51,10 @@ def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_throug
         assert api.get(f"/sandboxes/{sandbox_id}").json()["sandboxID"] == sandbox_id
         assert sandbox_id in [s["sandboxID"] for s in api.get("/sandboxes").json()]
         assert sandbox_id in [s["sandboxID"] for s in api.get("/v2/sandboxes").json()]
+        # The SDK's batch metrics (`Sandbox.get_metrics` of many) through A: B's sandbox is in it.
+        for params in ({"sandbox_ids": sandbox_id}, {}):
+            many = api.get("/sandboxes/metrics", params=params)
+            assert many.status_code == 200 and sandbox_id in many.json()["sandboxes"], many.text
 
         # Sandbox traffic for B's sandbox, sent to A: answered by the guest on B.
         echoed = api.post(
@@ -236,6 +164,33 @@ def test_a_sandbox_of_a_node_that_left_is_reported_ended(
     assert other_team.json() == {"code": 404, "message": f"sandbox {sandbox_id} not found"}
 
 
+def test_a_sandbox_that_ended_on_its_node_is_reported_ended_everywhere_then_collected(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str], etcd_of: EtcdCluster
+) -> None:
+    a, b, _key = two_nodes
+    as_a = {TOKEN_HEADER: cluster_of(a).token, TEAM_HEADER: "t"}  # what A sends when it forwards
+    created = httpx.post(f"{b.url}/sandboxes", json={}, headers=as_a)
+    assert created.status_code == 201, created.text
+    sandbox_id = created.json()["sandboxID"]
+    wait_for(a, lambda c: sandbox_id in c.view.owners)
+    assert httpx.delete(f"{b.url}/sandboxes/{sandbox_id}", headers=as_a).status_code == 204
+    # B writes its record ended, with its own store's reason; every node answers so.
+    wait_for(a, lambda c: bool(c.view.owners[sandbox_id].ended_at))
+    record = etcd_record(etcd_of, f"/cube/sandboxes/{sandbox_id}".encode())
+    assert (record["node_id"], record["reason"]) == ("b", "killed by request")
+    answer = httpx.get(
+        f"{a.url}/sandboxes/{sandbox_id}", headers={"X-API-KEY": a.admin_token}, trust_env=False
+    )
+    assert answer.json() == {
+        "code": 404,
+        "message": f"sandbox {sandbox_id} not found (it ended: killed by request)",
+    }
+    for node in (a, b):  # whichever leads collects it past the retention period
+        node.run_sync_in_service(lambda c: setattr(c, "record_retention_s", 0.0), cluster_of(node))
+    wait_for(a, lambda c: sandbox_id not in c.view.owners)
+    assert etcd_record(etcd_of, f"/cube/sandboxes/{sandbox_id}".encode()) is None
+
+
 def test_with_etcd_down_a_create_is_a_503_and_running_sandboxes_keep_answering(
     two_nodes: tuple[ServiceHarness, ServiceHarness, str], etcd_of: Any
 ) -> None:
@@ -303,3 +258,14 @@ def test_bench_cluster_measures_local_and_forwarded_creates(
         # The create-only sandbox record: at least one etcd transaction per create.
         txn = re.search(r"Txn ([0-9.]+)", report["notes"][0])
         assert txn is not None and float(txn.group(1)) >= 1.0, report["notes"]
+
+
+def test_the_dashboard_shows_the_admin_every_node(
+    two_nodes: tuple[ServiceHarness, ServiceHarness, str],
+) -> None:
+    a, b, key = two_nodes
+    for credential, shown in ((a.admin_token, [("a", "ready", a.url), ("b", "ready", b.url)]), (key, [])):
+        with httpx.Client(base_url=a.url, trust_env=False, timeout=30) as dashboard:
+            assert dashboard.post("/dashboard/login", data={"credential": credential}).status_code == 303
+            nodes = dashboard.get("/dashboard/api/overview").json()["nodes"]
+            assert [(n["node_id"], n["state"], n["api_url"]) for n in nodes] == shown

@@ -354,7 +354,7 @@ async def test_kill_answers_before_the_teardown_and_holds_the_slot_until_it_ends
         assert cubelet.live(second.sandbox_id) is not None
 
 
-async def test_auto_sized_pool_fills_to_the_memory_budget_with_parallel_boots(
+async def test_auto_sized_pool_fills_to_the_memory_budget_one_boot_at_a_time_until_creates_come(
     service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
@@ -366,19 +366,29 @@ async def test_auto_sized_pool_fills_to_the_memory_budget_with_parallel_boots(
     async with running_cubelet(config, runtime) as cubelet:  # type: ignore[arg-type]
         assert cubelet.pool_state("code-interpreter")["target"] == 7
         await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 7)
-        assert runtime.most_booting_at_once == 3  # refills run in parallel, as many as cores
+        assert runtime.most_booting_at_once == 1  # nobody creates yet: one refill at a time
         assert cubelet.pool_state("code-interpreter") == {"target": 7, "ready": 7, "booting": 0}
-        await cubelet.create(request_for(cubelet))
+        created = [await cubelet.create(request_for(cubelet)) for _ in range(3)]
         await trio.sleep(0.3)
-        assert cubelet.pool_state("code-interpreter") == {"target": 7, "ready": 6, "booting": 0}
+        assert cubelet.pool_state("code-interpreter") == {"target": 7, "ready": 4, "booting": 0}
         assert cubelet.memory_committed_mb() <= 1800
+        runtime.most_booting_at_once = 0
+        for sandbox in created:  # their memory comes back: the refills now run on every core
+            await cubelet.kill(sandbox.sandbox_id)
+        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == 7)
+        assert runtime.most_booting_at_once == 3
 
 
-async def test_auto_sized_pool_is_capped(service_config: Config, fake_runtime: FakeRuntime) -> None:
+async def test_auto_sized_pool_is_capped_per_core(
+    service_config: Config, fake_runtime: FakeRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
     config = dataclasses.replace(service_config, pool_size=-1, memory_budget_mb=1 << 20)
     async with running_cubelet(config, fake_runtime) as cubelet:
-        assert cubelet.pool_state("code-interpreter")["target"] == pools_module.AUTO_POOL_CAP
-        await wait_until(lambda: cubelet.pooled_count("code-interpreter") == pools_module.AUTO_POOL_CAP)
+        assert cubelet.pool_state("code-interpreter")["target"] == pools_module.AUTO_POOL_DEPTH_PER_CORE
+        await wait_until(
+            lambda: cubelet.pooled_count("code-interpreter") == pools_module.AUTO_POOL_DEPTH_PER_CORE
+        )
 
 
 async def test_a_claim_changes_the_network_policy_only_when_the_request_asks_for_another(

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2b import SandboxException
+from connect_wire import envelope, parse_envelopes
+from e2b import CommandExitException, SandboxException
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
@@ -213,3 +214,61 @@ def test_a_signed_url_cannot_be_raised_to_another_user(
     finally:
         own_name = pwd.getpwuid(os.geteuid()).pw_name
         assert agent.init({"defaultUser": own_name}, token=token_set).status_code == 204
+
+
+def _start_as(agent, user: str, argv: list[str]) -> tuple[list[dict[str, object]], dict[str, object]]:
+    """Start `argv` as `user` over raw Connect: its events, its end-of-stream message."""
+    request = envelope({"process": {"cmd": argv[0], "args": argv[1:]}, "stdin": False})
+    headers = {"Content-Type": "application/connect+json", "Connect-Protocol-Version": "1", **_basic(user)}
+    url = f"{agent.envd_url}/process.Process/Start"
+    response = httpx.post(url, content=request, headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+    messages = parse_envelopes(response.content)
+    return [message["event"] for flags, message in messages if flags == 0], messages[-1][1]  # type: ignore[misc]
+
+
+def _stdout(events: list[dict[str, object]]) -> str:
+    chunks = [event["data"].get("stdout", "") for event in events if "data" in event]  # type: ignore[attr-defined]
+    return b"".join(base64.b64decode(chunk) for chunk in chunks).decode()
+
+
+# What a process holds after the switch: every uid and gid, the groups, the capabilities.
+IDENTITY_SCRIPT = "grep -E '^(Uid|Gid|Groups|CapPrm|CapEff|CapAmb):' /proc/self/status; " + (
+    "python3 -c 'import os; os.setuid(0)'"
+)
+
+
+def _assert_holds_only(status_lines: str, account: pwd.struct_passwd) -> None:
+    fields = {
+        line.split(":")[0]: line.split(":")[1].split() for line in status_lines.splitlines() if ":" in line
+    }
+    assert fields["Uid"] == [str(account.pw_uid)] * 4 and fields["Gid"] == [str(account.pw_gid)] * 4
+    assert sorted(map(int, fields["Groups"])) == sorted(set(os.getgrouplist(account.pw_name, account.pw_gid)))
+    assert {fields[name][0] for name in ("CapPrm", "CapEff", "CapAmb")} == {"0000000000000000"}
+
+
+def test_a_users_command_cannot_take_root_back(sandbox, nobody) -> None:
+    """Commands of system binaries (the SDK's /bin/bash) start through setpriv, not CPython's
+    switch: real, effective, saved and filesystem ids all the user's, root's groups and
+    capabilities gone, so setuid(0) fails."""
+    with pytest.raises(CommandExitException) as failed:
+        sandbox.commands.run(IDENTITY_SCRIPT, user="nobody")
+    _assert_holds_only(failed.value.stdout, nobody)
+    assert "PermissionError" in failed.value.stderr
+
+
+def test_a_command_outside_the_system_dirs_switches_user_too(agent, nobody) -> None:
+    """A script in a scratch directory keeps CPython's own switch (fork): the same identity."""
+    script = agent.scratch / "whoami.sh"
+    script.write_text(f"#!/bin/sh\n{IDENTITY_SCRIPT}\n")
+    script.chmod(0o755)
+    events, _end = _start_as(agent, "nobody", [str(script)])
+    assert events[-1]["end"]["exitCode"] == 1  # type: ignore[index]
+    _assert_holds_only(_stdout(events), nobody)
+
+
+def test_a_missing_command_still_fails_its_start(agent, nobody) -> None:
+    """Exec failures stay errors of the call (not exit 127 of a wrapper), in and out of the system dirs."""
+    for command in ("/usr/bin/cube-no-such-command", str(agent.scratch / "no-such-script")):
+        events, end = _start_as(agent, "nobody", [command])
+        assert events == [] and end["error"]["code"] == "invalid_argument"  # type: ignore[index]

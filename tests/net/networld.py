@@ -33,7 +33,7 @@ import trio
 from appliance.net import netns
 from appliance.net.addressing import Addressing
 from appliance.net.dns import parse_answer
-from appliance.net.service import SandboxNetwork
+from appliance.net.service import CubeVS, SandboxNetwork
 
 UPSTREAM_RECORDS = {  # name → (address, TTL s)
     "svc.example.test": ("203.0.113.10", 300),
@@ -174,7 +174,14 @@ async def socket_in(
     return trio.socket.from_stdlib_socket(sock)
 
 
-async def connects(path: str, ip: str, port: int = SERVICE_PORT, timeout: float = 1.0) -> bool:
+# How long an arrival that is expected may take. Generous: a loaded host (2 cores, other
+# jobs) delays packets by seconds, and a lost SYN costs a 1 s retransmit; waits end at the
+# arrival, so this costs nothing when things go well. "Did not arrive" is never decided by
+# waiting (see `dropped`), and a short `timeout` only where a negative result is asserted.
+ARRIVAL_S = 30.0
+
+
+async def connects(path: str, ip: str, port: int = SERVICE_PORT, timeout: float = ARRIVAL_S) -> bool:
     """Does a TCP connect from netns `path` to ip:port complete within `timeout`?"""
     with await socket_in(path, family=_family(ip)) as sock, trio.move_on_after(timeout):
         try:
@@ -193,6 +200,51 @@ async def send_udp(path: str, ip: str, payload: bytes, port: int = SERVICE_PORT)
             pass  # unreachable is also "did not arrive"
 
 
+async def dropped(
+    vs: CubeVS, net: SandboxNetwork, path: str, ip: str, payload: bytes, port: int = SERVICE_PORT
+) -> bool:
+    """Send a TCP connect and the UDP datagram `payload` from the guest netns `path` of the
+    sandbox `net` to ip:port: True once its eBPF program has judged and dropped both (its drop
+    counters grew by two packets and at least the datagram's bytes), False if the connect
+    was answered (the SYN was let through).
+
+    The verdict is an event, not a quiet interval: no sleep that a loaded host outlasts.
+    Other dropped traffic (a fresh guest's MLD reports) can only end the wait early, never
+    make a drop look like an arrival; the bytes bound keeps it from ending much too early
+    (pass a payload of some hundreds of bytes, see `probe_payload`)."""
+    before = vs.counters(net.sandbox_id)
+    answered = False  # the connect completed or was refused: the SYN got through
+
+    async def connect() -> None:
+        nonlocal answered
+        with await socket_in(path, family=_family(ip)) as sock:
+            try:
+                await sock.connect((ip, port))
+            except OSError:
+                pass
+            answered = True
+
+    def judged() -> bool:
+        now = vs.counters(net.sandbox_id)
+        return now["dropped_packets"] >= before["dropped_packets"] + 2 and now["dropped_bytes"] >= before[
+            "dropped_bytes"
+        ] + len(payload)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connect)
+        await send_udp(path, ip, payload, port)
+        with trio.fail_after(ARRIVAL_S):
+            while not answered and not judged():
+                await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()
+    return not answered
+
+
+def probe_payload(tag: bytes) -> bytes:
+    """A datagram that stands out in the drop counters' bytes (see `dropped`)."""
+    return tag + b"." * (600 - len(tag))
+
+
 @dataclass
 class Server:
     """TCP and UDP on one port inside a netns; remembers who reached it."""
@@ -203,14 +255,14 @@ class Server:
     tcp_times: list[float] = field(default_factory=list)
     udp_times: list[float] = field(default_factory=list)
 
-    async def got_tcp(self, timeout: float = 1.0) -> bool:
+    async def got_tcp(self, timeout: float = ARRIVAL_S) -> bool:
         """Has a TCP connection arrived (waiting up to `timeout` for one)?"""
         with trio.move_on_after(timeout):
             while not self.tcp_peers:
                 await trio.sleep(0.005)
         return bool(self.tcp_peers)
 
-    async def got_udp(self, payload: bytes, timeout: float = 1.0) -> bool:
+    async def got_udp(self, payload: bytes, timeout: float = ARRIVAL_S) -> bool:
         with trio.move_on_after(timeout):
             while not any(p == payload for p, _ in self.udp_payloads):
                 await trio.sleep(0.005)

@@ -14,6 +14,8 @@ from networld import (
     World,
     connects,
     dns_response,
+    dropped,
+    probe_payload,
     serving,
     socket_in,
 )
@@ -64,17 +66,17 @@ async def test_domain_allow_list_learns_answers(vs: CubeVS, world: World, sandbo
         serving(world.hosts["inet"].path),
         serving(world.hosts["meta"].path),
     ):
-        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+        assert await dropped(vs, net, guest.netns_path, INTERNET_IP, probe_payload(b"dns1"))
         assert await resolve_udp(guest.netns_path, net.resolver_ip, "svc.example.test") == [INTERNET_IP]
         assert await connects(guest.netns_path, INTERNET_IP)
         # A name that resolves to the metadata service does not open it.
         assert await resolve_udp(guest.netns_path, net.resolver_ip, "metadata.example.test") == [
             "169.254.169.254"
         ]
-        assert not await connects(guest.netns_path, "169.254.169.254", timeout=0.5)
+        assert await dropped(vs, net, guest.netns_path, "169.254.169.254", probe_payload(b"dns2"))
         # Dropping the domain from the list drops what was learned for it.
         await vs.update_policy(net.sandbox_id, NetworkPolicy(allow_internet_access=False))
-        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+        assert await dropped(vs, net, guest.netns_path, INTERNET_IP, probe_payload(b"dns3"))
 
 
 async def test_tcp_queries_and_apex_is_not_a_wildcard_match(
@@ -84,7 +86,7 @@ async def test_tcp_queries_and_apex_is_not_a_wildcard_match(
     async with sandbox(policy) as (net, guest), serving(world.hosts["inet"].path):
         # Without egress, the apex is not even looked up (test_no_egress_means_no_dns_tunnel).
         assert await rcode_tcp(guest.netns_path, net.resolver_ip, "example.test") == RCODE_REFUSED
-        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+        assert await dropped(vs, net, guest.netns_path, INTERNET_IP, probe_payload(b"dns4"))
         assert await resolve_tcp(guest.netns_path, net.resolver_ip, "svc.example.test") == [INTERNET_IP]
         assert await connects(guest.netns_path, INTERNET_IP)
 
@@ -94,7 +96,7 @@ async def test_domain_deny_list(vs: CubeVS, world: World, sandbox: SandboxFactor
     async with sandbox(policy) as (net, guest), serving(world.hosts["inet"].path):
         assert await connects(guest.netns_path, INTERNET_IP)
         await resolve_udp(guest.netns_path, net.resolver_ip, "svc.example.test")
-        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+        assert await dropped(vs, net, guest.netns_path, INTERNET_IP, probe_payload(b"dns5"))
 
 
 async def test_learned_addresses_expire_with_their_ttl(
@@ -108,7 +110,7 @@ async def test_learned_addresses_expire_with_their_ttl(
         assert await resolve_udp(guest.netns_path, net.resolver_ip, "short.example.test") == [INTERNET_IP]
         assert await connects(guest.netns_path, INTERNET_IP)
         await trio.sleep(1.0 + service._EXPIRY_CHECK_S + 0.5)
-        assert not await connects(guest.netns_path, INTERNET_IP, timeout=0.5)
+        assert await dropped(vs, net, guest.netns_path, INTERNET_IP, probe_payload(b"dns6"))
 
 
 # --- DNS is not a tunnel out of a sandbox without egress (issue #14.16) -------------------

@@ -1,11 +1,12 @@
-"""Secrets through the unmodified E2B SDK: CRUD, values write-only, placeholders refused (the
-appliance has no egress proxy to resolve them), and the value found nowhere it could leak: no API
-response, no log record of the service, not the main store."""
+"""Secrets through the unmodified E2B SDK: CRUD, values write-only, placeholders taken only in
+`network.rules` header values and only for the team's own secrets, and the value found nowhere it
+could leak: no API response, no log record of the service, not the main store. (Resolution by
+the egress proxy on real guests: tests/secrets.)"""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -101,17 +102,58 @@ def test_bad_secret_requests_are_e2b_400s(sdk_env: ServiceHarness, api_key: str)
     assert Secret.list().next_items() == []
 
 
-def test_a_placeholder_is_refused_rather_than_resolved_into_the_sandbox(sdk_env: ServiceHarness) -> None:
+def _ruled(host: str, placeholder: str, header: str = "Authorization") -> dict[str, object]:
+    return {
+        "allow_out": [host],
+        "rules": {host: [{"transform": {"headers": {header: f"Bearer {placeholder}"}}}]},
+    }
+
+
+def test_rules_take_placeholders_and_show_them_never_the_value(sdk_env: ServiceHarness, api_key: str) -> None:
     Secret.create("openai-key", VALUE)
     placeholder = Secret.fill("openai-key")
     assert placeholder == "${e2b.secrets.openai-key}"
+    sandbox = Sandbox.create(network=_ruled("api.openai.com", "${e2b.secrets.OpenAI-Key}"))
+    rules = sandbox.get_info().network["rules"]  # type: ignore[index]
+    assert rules == {
+        "api.openai.com": [{"transform": {"headers": {"Authorization": "Bearer ${e2b.secrets.OpenAI-Key}"}}}]
+    }
+    # PUT network replaces the rules, checked as at create.
     with pytest.raises(SandboxException) as caught:
-        Sandbox.create(envs={"OPENAI_API_KEY": placeholder})
-    assert "egress proxy" in str(caught.value) and VALUE not in str(caught.value)
-    with pytest.raises(SandboxException):
-        Sandbox.create(
-            network={
-                "rules": {"api.openai.com": [{"transform": {"headers": {"Authorization": placeholder}}}]}
-            }
-        )
+        sandbox.update_network(_ruled("api.example.com", "${e2b.secrets.missing}"))  # type: ignore[arg-type]
+    assert "400" in str(caught.value) and "missing" in str(caught.value)
+    sandbox.update_network(_ruled("api.example.com", placeholder))  # type: ignore[arg-type]
+    assert list(sandbox.get_info().network["rules"]) == ["api.example.com"]  # type: ignore[index]
+    for response in (
+        httpx.get(f"{sdk_env.url}/sandboxes/{sandbox.sandbox_id}", headers={"X-API-KEY": api_key}),
+        httpx.get(f"{sdk_env.url}/v2/sandboxes", headers={"X-API-KEY": api_key}),
+    ):
+        assert response.status_code == 200 and VALUE not in response.text
+    sandbox.kill()
+
+
+def test_placeholders_outside_rules_unknown_or_foreign_secrets_are_400s(sdk_env: ServiceHarness) -> None:
+    """Attacks at create: a placeholder where the sandbox would read the value (env vars, metadata),
+    a secret that does not exist or is another team's, a placeholder kind that is not supported,
+    and rule headers that would re-aim or re-frame the request."""
+    Secret.create("openai-key", VALUE)
+    other = new_key(sdk_env, "other-team")
+    Secret.create("their-key", "theirs-do-not-leak", api_key=other)
+    placeholder = Secret.fill("openai-key")
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"envs": {"OPENAI_API_KEY": placeholder}}, "network.rules"),
+        ({"metadata": {"k": placeholder}}, "network.rules"),
+        ({"network": _ruled("api.openai.com", "${e2b.secrets.missing}")}, "missing"),
+        ({"network": _ruled("api.openai.com", "${e2b.secrets.their-key}")}, "their-key"),
+        ({"network": _ruled("api.openai.com", "${e2b.identity.tokens.aws}")}, "workload identity"),
+        ({"network": _ruled("api.openai.com", "${e2b.secrets.bad name}")}, "not a secret name"),
+        ({"network": _ruled("api.openai.com", placeholder, header="Host")}, "Host"),
+        ({"network": _ruled("api.openai.com", placeholder, header="Content-Length")}, "Content-Length"),
+        ({"network": _ruled("not a host", placeholder)}, "not a CIDR"),
+    ]
+    for kwargs, reason in refused:
+        with pytest.raises(SandboxException) as caught:
+            Sandbox.create(**kwargs)
+        assert "400" in str(caught.value) and reason in str(caught.value), (kwargs, str(caught.value))
+        assert VALUE not in str(caught.value)
     assert Sandbox.list().next_items() == []

@@ -189,14 +189,28 @@ class TemplateSnapshots:
         build = self._building[key] = SnapshotBuild(key, staging, trio.Event())
         return build
 
-    def publish(self, build: SnapshotBuild) -> Path:
-        """Stamp the staging directory with its key and move it into place (atomically); the
-        template's snapshots of other keys, and any record that an older version of it could
-        not be served, are deleted."""
-        (build.staging / KEY_FILE).write_text(json.dumps(asdict(build.key), sort_keys=True))
-        target = self.directory(build.key)
+    def staging_directory(self, template_id: str) -> Path:
+        """A fresh directory to write a snapshot of `template_id` into before `install` (deleted
+        with every other staging leftover when the next service starts)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f"{_STAGING_PREFIX}{template_id}-{os.getpid()}-{os.urandom(4).hex()}"
+        staging.mkdir(mode=0o700)  # a sandbox's memory: its secrets (tokens, env) are in it
+        return staging
+
+    def install(self, key: SnapshotKey, staging: Path) -> Path:
+        """Stamp `staging` (a complete snapshot) with its key and move it into place (atomically):
+        a template's first boot publishes its snapshot so, and a sandbox's memory snapshot, which
+        is a new template whose snapshot is taken from the running sandbox (cubelet/checkpoints.py)."""
+        (staging / KEY_FILE).write_text(json.dumps(asdict(key), sort_keys=True))
+        target = self.directory(key)
         shutil.rmtree(target, ignore_errors=True)  # refused (stale or partial) content of this key
-        os.replace(build.staging, target)
+        os.replace(staging, target)
+        return target
+
+    def publish(self, build: SnapshotBuild) -> Path:
+        """Install the build's snapshot; the template's snapshots of other keys, and any record
+        that an older version of it could not be served, are deleted."""
+        target = self.install(build.key, build.staging)
         of_template = re.compile(re.escape(build.key.template_id) + r"-[0-9a-f]{16}")
         for other in self.root.iterdir():
             if other != target and of_template.fullmatch(other.name):

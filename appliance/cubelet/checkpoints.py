@@ -1,0 +1,219 @@
+"""Memory checkpoints of a running kvm sandbox: full snapshots, and the checkpoint a fork starts from.
+
+A full snapshot is a new template of the caller's team, like a filesystem snapshot
+(`master/snapshots.py`: its own directory, manifest and optional alias, `snapshot_of`
+naming the source), whose kvm template snapshot (`runtime/kvm/template_snapshots.py`)
+is taken from the running sandbox instead of from the template's first boot. So
+`Sandbox.create(<snapshot id>)` is an ordinary create of a template: the kvm runtime
+finds the template's snapshot in its store and restores it (memory, vCPUs, devices,
+clock moved on), and the cubelet's `/init` gives the new sandbox its own access and
+traffic tokens, env and clock; its network (netns, tap, MAC) is its own slot's, as for
+every clone. Taking one:
+1. under the sandbox's `changing` lock (no pause or resume meanwhile), the vCPUs and
+   device I/O stop, the machine (all of RAM, vCPU, irqchip, clock and device state)
+   and the disk overlay are written into a staging directory of the store, and the
+   sandbox continues: the pause lasts as long as writing its RAM;
+2. outside the pause, the snapshot gets its own root image: a hard link to the source
+   template's (never written once published), restored with the saved overlay over it;
+   for a filesystem snapshot (no memory: new sandboxes cold-boot from the image) a copy
+   with the overlay folded in. Either way it depends on nothing of its source (it
+   survives the source's end, the source template's deletion and a service restart);
+3. the staging directory is installed in the store under the new template's key, then
+   the template is published.
+Everything is plain data under the state directory (`state.json`, `memory`, the
+image), deleted with the template (the store prunes snapshots of deleted templates).
+A snapshot whose key no longer matches (another VMM, kernel or host CPU) is never
+restored: its template then cold-boots from its image, without the memory and without
+what the sandbox wrote to its disk (kept in the snapshot's overlay, which only a restore
+reads).
+
+The agent of the snapshotted guest was initialised long ago: it accepts only the
+source's access token, which is therefore the snapshot's agent token (what the cubelet
+sends the clone's `/init` with; that `/init` replaces it with the clone's own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from appliance.config import Config
+from appliance.cubelet.sandboxes import LiveSandbox, SandboxNotFound
+from appliance.cubelet.state import SandboxState
+from appliance.records import ROOTFS_NAME, TemplateManifest
+from appliance.runtime.base import BootFailed, Runtime
+from appliance.templates.catalog import (
+    begin_template,
+    check_name_free,
+    discard_template,
+    new_template_id,
+    publish_template,
+)
+from appliance.templates.jobs import utc_now
+
+if TYPE_CHECKING:
+    from appliance.runtime.kvm.instance import KvmInstance
+    from appliance.runtime.kvm.runtime import KvmRuntime
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointRefused(Exception):
+    """This sandbox's memory cannot be checkpointed (it runs on a runtime without checkpoints)."""
+
+
+class CheckpointFailed(Exception):
+    """Taking the checkpoint failed (a disk error); nothing was kept."""
+
+
+def checkpoints_memory(runtime: Runtime) -> bool:
+    """Whether sandboxes of `runtime` can have their memory checkpointed: kvm's (its sandboxes of
+    templates it cannot serve run on uml, and are refused one by one)."""
+    return runtime.name == "kvm"
+
+
+def _kvm_runtime(runtime: Any) -> KvmRuntime | None:
+    """The kvm runtime behind `runtime` (itself, or the kvm side of kvm-with-uml-fallback)."""
+    if not checkpoints_memory(runtime):
+        return None
+    from appliance.runtime.kvm.runtime import KvmRuntime  # imports cffi_kvm: kvm hosts only
+
+    kvm = getattr(runtime, "kvm", runtime)
+    return kvm if isinstance(kvm, KvmRuntime) else None
+
+
+def _kvm_instance(live: LiveSandbox) -> KvmInstance | None:
+    from appliance.runtime.kvm.instance import KvmInstance
+
+    return live.instance if isinstance(live.instance, KvmInstance) else None
+
+
+def snapshot_manifest(
+    live: LiveSandbox, directory: Path, team_id: str, name: str | None, *, kind: str
+) -> TemplateManifest:
+    """The manifest of a snapshot of `live` (a new template of `team_id`'s in `directory`, under
+    `name` if given): its source template's settings, marked as a snapshot of `live`."""
+    return dataclasses.replace(
+        live.template,
+        template_id=directory.name,
+        directory=directory,
+        aliases=(name,) if name else (),
+        source=f"{kind} of sandbox {live.sandbox_id} (template {live.template.template_id})",
+        created_at=utc_now(),
+        owner=team_id,
+        snapshot_of=live.sandbox_id,
+    )
+
+
+def checkpointable(runtime: Runtime, live: LiveSandbox) -> bool:
+    """Whether `live` itself can be checkpointed: a sandbox of the kvm runtime."""
+    return _kvm_runtime(runtime) is not None and _kvm_instance(live) is not None
+
+
+async def take_memory_snapshot(
+    config: Config,
+    runtime: Runtime,
+    live: LiveSandbox,
+    team_id: str,
+    name: str | None,
+    *,
+    memory: bool = True,
+) -> TemplateManifest:
+    """A new template of `team_id`'s holding `live`'s memory, devices and disk, published under
+    `name` if given; without `memory`, only its disk (a filesystem snapshot: new sandboxes
+    cold-boot from it). Raises CheckpointRefused, NameTaken, SandboxNotFound (it ended
+    meanwhile) or CheckpointFailed."""
+    kvm, instance = _kvm_runtime(runtime), _kvm_instance(live)
+    if kvm is None or instance is None:  # checkpointable() is False
+        raise CheckpointRefused(f"sandbox {live.sandbox_id} does not run on the kvm runtime")
+    if name:
+        check_name_free(config, name, team_id)
+    try:
+        kernel = kvm.guest_kernel(live.sandbox_id)
+    except BootFailed as exc:
+        raise CheckpointFailed(exc.reason) from exc
+    template_id = new_template_id()
+    directory = begin_template(config, template_id)
+    staging = kvm.snapshots.staging_directory(template_id)
+    installed: Path | None = None
+    kind = "memory" if memory else "filesystem"
+    try:
+        paused_s = await _checkpoint(live, instance, staging)
+        token = live.agent.access_token if live.agent is not None else None
+        own_disk = functools.partial(_own_disk, fold=not memory)
+        await trio.to_thread.run_sync(own_disk, live.template.rootfs, staging, directory / ROOTFS_NAME, token)
+        manifest = snapshot_manifest(live, directory, team_id, name, kind=f"{kind} snapshot")
+        if memory:
+            from appliance.runtime.kvm.template_snapshots import SnapshotKey
+
+            key = await trio.to_thread.run_sync(
+                SnapshotKey.of, manifest, kernel, live.spec.memory_mb, live.spec.cpu_count
+            )
+            installed = kvm.snapshots.install(key, staging)
+        publish_template(config, manifest, name)
+    except BaseException:
+        discard_template(config, template_id)
+        shutil.rmtree(staging, ignore_errors=True)
+        if installed is not None:
+            shutil.rmtree(installed, ignore_errors=True)
+        raise
+    if not memory:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info(
+        "%s snapshot %s taken of sandbox %s (paused %.2f s)", kind, template_id, live.sandbox_id, paused_s
+    )
+    return manifest
+
+
+async def _checkpoint(live: LiveSandbox, instance: KvmInstance, staging: Path) -> float:
+    """The whole machine and its disk overlay written into `staging` while the vCPUs are stopped;
+    `live` is left as it was found, running or paused. Returns how long it was stopped."""
+    async with live.changing:
+        if live.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
+            raise SandboxNotFound(live.sandbox_id)
+        running = live.state is SandboxState.RUNNING
+        if not running:
+            await instance.resume()  # a paused clone's diff is on disk: its memory is whole again
+        stopped_at = trio.current_time()
+        try:
+            await instance.snapshot(staging)
+        except OSError as exc:
+            raise CheckpointFailed(f"writing the sandbox's memory and disk failed: {exc}") from exc
+        finally:
+            if not running:
+                with trio.CancelScope(shield=True):
+                    await instance.pause()
+        return trio.current_time() - stopped_at
+
+
+def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None, *, fold: bool) -> None:
+    """The snapshot's own root image and its agent token (the token the snapshotted agent accepts:
+    the source's access token). `fold` (a filesystem snapshot, which new sandboxes cold-boot
+    from): a copy of `base` with the overlay folded in. Otherwise (a memory snapshot, restored
+    over its overlay) a hard link to `base`: template images are never written once published
+    (a rebuild is a new file), so the link keeps exactly the base the overlay was written
+    over, and a snapshot or fork costs its overlay, not a copy of the image."""
+    from appliance.runtime.kvm.instance import copy_sparse, save_agent_token
+    from appliance.runtime.kvm.snapshot import fold_overlay
+    from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
+
+    try:
+        if fold:
+            copy_sparse(base, image)
+            fold_overlay(staging / OVERLAY_NAME, image)
+        else:
+            try:
+                os.link(base, image)
+            except OSError:  # another filesystem, or links refused: a copy is the same bytes
+                copy_sparse(base, image)
+        save_agent_token(staging, agent_token or "")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise CheckpointFailed(f"making the snapshot's disk failed: {exc}") from exc
