@@ -10,9 +10,23 @@ import threading
 from pathlib import Path
 
 import pytest
+import trio
+from kvm_guest import assemble
 
+from appliance.process_identity import ProcessIdentity
+from appliance.runtime.kvm.console import SerialConsole
+from appliance.runtime.kvm.instance import KvmInstance
+from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.sandbox import GuestControlFailed, _take_over
-from appliance.runtime.kvm.vmm import CAPABILITY_FIELDS, capabilities, drop_privileges
+from appliance.runtime.kvm.vmm import CAPABILITY_FIELDS, Built, Vmm, VmmSpec, capabilities, drop_privileges
+from appliance.runtime.kvm.x86 import enter_long_mode
+from appliance.runtime.supervisor.client import SupervisorClient
+from appliance.runtime.supervisor.control import open_listener
+from appliance.runtime.supervisor.protocol import CONTROL_SOCKET, RECORD_FILE, SupervisorRecord
+from appliance.runtime.uml.console import ConsoleLog
+from cffi_kvm import Kvm
+
+MIB = 1 << 20
 
 SANDBOX_UID = 2_000_000_000 - 7  # far from config.uid_base's range: nobody else's
 
@@ -121,3 +135,42 @@ def test_a_link_planted_in_a_snapshot_is_refused_never_followed(tmp_path: Path) 
     assert not target.exists() and not target.is_symlink()
     assert elsewhere.stat().st_uid == SANDBOX_UID and elsewhere.stat().st_mode & 0o777 != 0o700
     assert victim.read_text() == "root's" and victim.stat().st_uid == 0
+
+
+async def test_a_cold_boots_ready_lines_reach_the_vmms_watchers(kvm: Kvm, tmp_path: Path) -> None:
+    """The service hands out a cold-booted guest (and snapshots its template) once the VMM's
+    watch stream says its agent and its default kernel are ready: the console's ready lines
+    must reach the watchers as they come, not only with the next pause or the guest's end."""
+    machine = Machine.new(kvm, MachineConfig(memory_size=16 * MIB))
+    machine.memory.write(0x10000, assemble("again:\npause\njmp again", origin=0x10000))
+    enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=0x10000, rsp=0x8000)
+    control_dir = tmp_path / "sbx"
+    control_dir.mkdir()
+    serial = SerialConsole(ConsoleLog(tmp_path / "console.log"))
+    instance = KvmInstance(
+        "sbx", serial.console.path, "", machine, tmp_path / "overlay", console=serial.console
+    )
+    spec = VmmSpec("sbx", str(control_dir), str(tmp_path), 1, 16, 1, "t", "", "00", -1, [])
+    vmm = Vmm(spec, Built(instance, [], []), serial, os.open(tmp_path / "exit", os.O_WRONLY | os.O_CREAT))
+    me = ProcessIdentity.current()
+    record = SupervisorRecord("sbx", me.pid, me.start_time, "", 0.0)
+    (control_dir / RECORD_FILE).write_bytes(record.encode())
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vmm.run, open_listener(str(control_dir / CONTROL_SOCKET)))
+            async with SupervisorClient.attach(control_dir).watch() as states:
+                with trio.fail_after(30):
+                    first = await states.next()
+                    assert first is not None and not first.agent_ready
+                    serial.console.feed(b"booting\nCUBE-AGENT-READY\n")
+                    while (state := await states.next()) is not None and not state.agent_ready:
+                        pass
+                    assert state is not None and not state.interpreter_ready
+                    serial.console.feed(b"CUBE-INTERPRETER-READY\n")
+                    while (state := await states.next()) is not None and not state.interpreter_ready:
+                        pass
+                    assert state is not None and state.exit is None
+            vmm.kill_requested.set()
+    finally:
+        os.close(vmm.exit_fd)
+        machine.close()

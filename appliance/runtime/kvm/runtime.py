@@ -93,7 +93,7 @@ from appliance.runtime.supervisor.client import (
     supervisors_dir,
 )
 from appliance.runtime.supervisor.guest import first_of
-from appliance.runtime.supervisor.protocol import Op, ProtocolError
+from appliance.runtime.supervisor.kept import KEPT_FIELDS, find_kept, remove_orphan_directories
 from appliance.runtime.uml.cgroups import (
     SUPERVISOR_SUFFIX,
     SandboxCgroup,
@@ -138,7 +138,7 @@ VMM_START_TIMEOUT_S = 60.0
 # A VMM asked to stop answers once its vCPUs are joined; past this it is SIGKILLed.
 VMM_KILL_TIMEOUT_S = 30.0
 # What a VMM's record says of its guest (SupervisorRecord.guest): KeptGuest's fields.
-_KEPT_FIELDS = {"slot": int, "template_id": str, "memory_mb": int, "cpu_count": int, "shared_key": str}
+_KEPT_FIELDS = {**KEPT_FIELDS, "shared_key": str}
 
 
 def host_memory_available_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -508,74 +508,24 @@ class KvmRuntime:
         """The guests whose VMMs run on (each attached: to be `adopt`ed), and why each other
         sandbox a previous service had is gone; everything of those is removed here: leaves,
         directories, kept networks (but those of `also_kept`). Call once, before any boot."""
-        kept: list[KeptGuest] = []
-        gone: dict[str, str] = {}
-
-        async def attach(control_dir: Path) -> None:
-            sandbox_id = control_dir.name
-            try:
-                guest, vmm = await self._attach(control_dir)
-            except SupervisorGone as exc:
-                gone[sandbox_id] = str(exc)
-                await trio.to_thread.run_sync(self._remove_leftovers, sandbox_id)
-                return
-            self._kept[sandbox_id] = vmm
-            kept.append(guest)
-
-        async with trio.open_nursery() as nursery:
-            for control_dir in control_dirs(self.config.run_dir, VMMS_DIR):
-                nursery.start_soon(attach, control_dir)
-        kept.sort(key=lambda guest: guest.sandbox_id)
+        dirs = control_dirs(self.config.run_dir, VMMS_DIR)
+        found = await find_kept(dirs, _KEPT_FIELDS, self._remove_leftovers)
+        self._kept.update(found.supervisors)
         keep = set(self._kept) | self.also_kept
-        await trio.to_thread.run_sync(self._remove_orphan_directories, keep)
+        await trio.to_thread.run_sync(remove_orphan_directories, self.config.sandboxes_dir, keep, "kvm")
         released = await self.cubevs.release_kept(keep)
         if released:
             log.info("kvm runtime: removed the networks of %d guests that are gone", len(released))
-        return kept, gone
+        return found.guests, found.gone
 
     def kept_ids(self) -> set[str]:
         return set(self._kept)
-
-    async def _attach(self, control_dir: Path) -> tuple[KeptGuest, SupervisorClient]:
-        vmm = SupervisorClient.attach(control_dir)
-        try:
-            values = vmm.record.guest
-            if any(not isinstance(values.get(k), t) for k, t in _KEPT_FIELDS.items()):
-                raise SupervisorGone(f"its VMM's record says too little of its guest: {values}")
-            reply = await vmm.request(Op.STATE)
-            state = reply.state
-            if state is None or state.exit is not None:
-                raise SupervisorGone(
-                    f"its guest has ended: {state.exit.reason if state and state.exit else '?'}"
-                )
-        except (SupervisorGone, ProtocolError) as exc:
-            vmm.kill_hard()
-            await vmm.end(VMM_KILL_TIMEOUT_S)
-            raise SupervisorGone(str(exc)) from exc
-        guest = KeptGuest(
-            sandbox_id=control_dir.name,
-            slot=int(values["slot"]),
-            template_id=str(values["template_id"]),
-            memory_mb=int(values["memory_mb"]),
-            cpu_count=int(values["cpu_count"]),
-            paused=state.paused,
-            fully_ready=state.interpreter_ready,
-        )
-        return guest, vmm
 
     def _remove_leftovers(self, sandbox_id: str) -> None:
         """Everything of a sandbox whose VMM is gone but its network (released with the others)."""
         open_cgroup(sandbox_id + SUPERVISOR_SUFFIX).remove()
         shutil.rmtree(self._vmms / sandbox_id, ignore_errors=True)
         shutil.rmtree(self.config.sandboxes_dir / sandbox_id, ignore_errors=True)
-
-    def _remove_orphan_directories(self, keep: set[str]) -> None:
-        """Sandbox directories no live VMM owns (a previous run's, even from before a reboot)."""
-        if self.config.sandboxes_dir.is_dir():
-            for directory in self.config.sandboxes_dir.iterdir():
-                if directory.name not in keep:
-                    log.info("kvm runtime: removing %s (no guest owns it)", directory)
-                    shutil.rmtree(directory, ignore_errors=True)
 
     async def adopt(
         self,

@@ -441,6 +441,8 @@ class Vmm(ControlServer):
             nursery.start_soon(self._kill_on_sigterm)
             async with trio.open_nursery() as machine:
                 self._start_machine(machine, stopped, exited)
+                # A cold boot's ready lines: what the service waits on to hand the guest out.
+                machine.start_soon(self.announce_console, self.console, exited)
                 await first_of(exited, self.kill_requested)
                 machine.cancel_scope.cancel()  # joins the vCPU threads, stops the devices
             reason = stopped[0] if stopped else self.kill_reason

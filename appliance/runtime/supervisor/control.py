@@ -16,10 +16,13 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from appliance.runtime.supervisor.framing import LineBuffer, receive_line, send_all
+from appliance.runtime.supervisor.guest import first_of
 from appliance.runtime.supervisor.protocol import (
     MAX_REQUEST_BYTES,
     GuestState,
@@ -28,6 +31,9 @@ from appliance.runtime.supervisor.protocol import (
     Reply,
     Request,
 )
+
+if TYPE_CHECKING:
+    from appliance.runtime.uml.console import ConsoleLog
 
 log = logging.getLogger("cube.supervisor")
 
@@ -71,6 +77,20 @@ class ControlServer:
         return Reply.failed("this guest cannot be snapshotted")
 
     # What the owner calls.
+
+    async def announce_console(
+        self, console: ConsoleLog, ended: trio.Event, on_first_output: Callable[[], None] | None = None
+    ) -> None:
+        """Tell watchers as the guest shows signs of life (its console's first output and ready
+        lines: what the service waits on to probe and hand out a cold-booted guest), until
+        `ended`. `on_first_output`: called once its kernel runs."""
+        for event in (console.first_output, console.ready, console.interpreter_ready):
+            await first_of(event, ended)
+            if ended.is_set():
+                return
+            if event is console.first_output and on_first_output is not None:
+                on_first_output()
+            self._notify()
 
     def _notify(self) -> None:
         self._changed.set()

@@ -26,6 +26,7 @@ no service ran), which waits for this process to be gone first.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -112,7 +113,9 @@ class Supervisor(ControlServer):
             nursery.start_soon(self.console.pump, process.console)
             nursery.start_soon(watch_exit)
             nursery.start_soon(balloon.serve, self.spec.sandbox_id)
-            nursery.start_soon(self._follow_console, process, exited)
+            # The kernel runs once it prints: bwrap has forked its init, whose pidfd is taken.
+            watch_init = functools.partial(self.guest_init.watch, process.pid)
+            nursery.start_soon(self.announce_console, self.console, exited, watch_init)
             nursery.start_soon(self.serve_control, listener)
             nursery.start_soon(self._kill_on_sigterm)
             nursery.start_soon(self._kill_on_panic)
@@ -131,16 +134,6 @@ class Supervisor(ControlServer):
             await self.drain_connections()
             nursery.cancel_scope.cancel()
         await process.console.aclose()
-
-    async def _follow_console(self, process: SpawnedProcess, exited: trio.Event) -> None:
-        """Tell watchers as the guest shows signs of life; take the pidfd of its init once it runs."""
-        for event in (self.console.first_output, self.console.ready, self.console.interpreter_ready):
-            await first_of(event, exited)
-            if exited.is_set():
-                return
-            if event is self.console.first_output:
-                self.guest_init.watch(process.pid)  # the kernel runs: bwrap has forked its init
-            self._notify()
 
     async def _kill_on_panic(self) -> None:
         """A panicked UML kernel prints why and stops, without exiting: that is its end."""
