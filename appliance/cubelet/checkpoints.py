@@ -41,7 +41,6 @@ import functools
 import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,19 +207,19 @@ def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None, *
     over its overlay) a hard link to `base`: template images are never written once published
     (a rebuild is a new file), so the link keeps exactly the base the overlay was written
     over, and a snapshot or fork costs its overlay, not a copy of the image."""
-    from appliance.runtime.kvm.instance import copy_sparse, save_agent_token
-    from appliance.runtime.kvm.snapshot import fold_overlay
+    from appliance.runtime.kvm.instance import save_agent_token
     from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
+    from appliance.runtime.sparse import fold_overlay, sparse_copy
 
     try:
         if fold:
-            copy_sparse(base, image)
+            sparse_copy(base, image)
             fold_overlay(staging / OVERLAY_NAME, image)
         else:
             try:
                 os.link(base, image)
             except OSError:  # another filesystem, or links refused: a copy is the same bytes
-                copy_sparse(base, image)
+                sparse_copy(base, image)
         save_agent_token(staging, agent_token or "")
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except OSError as exc:
         raise CheckpointFailed(f"making the snapshot's disk failed: {exc}") from exc

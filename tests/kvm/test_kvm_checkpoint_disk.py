@@ -7,8 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.runtime.kvm.instance import copy_sparse
-from appliance.runtime.kvm.snapshot import fold_overlay
+from appliance.runtime.sparse import fold_overlay, sparse_copy
 from appliance.runtime.virtio.blk.disk import BLOCK, CowDisk
 
 MIB = 1 << 20
@@ -29,7 +28,7 @@ def test_a_folded_overlay_reads_as_the_disk_did(tmp_path: Path) -> None:
     expected = disk.read(0, 4 * MIB)
     disk.close()
     image = tmp_path / "snapshot.ext4"
-    copy_sparse(base, image)
+    sparse_copy(base, image)
     written = fold_overlay(tmp_path / "overlay", image)
     assert image.read_bytes() == expected
     assert written == 4 * BLOCK  # only the written blocks, not the whole disk
@@ -41,6 +40,6 @@ def test_an_empty_overlay_leaves_the_image_as_its_base(tmp_path: Path) -> None:
     base.write_bytes(os.urandom(2 * MIB))
     CowDisk(tmp_path / "overlay", base=base).close()
     image = tmp_path / "snapshot.ext4"
-    copy_sparse(base, image)
+    sparse_copy(base, image)
     assert fold_overlay(tmp_path / "overlay", image) == 0
     assert image.read_bytes() == base.read_bytes()

@@ -40,7 +40,6 @@ import resource
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -55,10 +54,11 @@ from appliance.guest.options import BOOT_TOKEN_PARAMETER
 from appliance.process_identity import ProcessIdentity
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
 from appliance.runtime.kvm.console import SerialConsole
-from appliance.runtime.kvm.instance import KvmInstance, copy_sparse
+from appliance.runtime.kvm.instance import KvmInstance
 from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
 from appliance.runtime.kvm.vcpu import VcpuExit, VcpuFault
+from appliance.runtime.sparse import sparse_copy
 from appliance.runtime.supervisor.control import ControlServer, open_listener
 from appliance.runtime.supervisor.guest import first_of
 from appliance.runtime.supervisor.protocol import (
@@ -237,8 +237,8 @@ def build_machine(
     sandbox_dir = serial.console.path.parent
     overlay = sandbox_dir / OVERLAY_NAME
     snapshot = Path(spec.snapshot) if spec.snapshot else None
-    if snapshot is not None:  # cp runs as root: the real path (its /proc/self is its own)
-        copy_sparse(snapshot / OVERLAY_NAME, Path(spec.sandbox_dir) / OVERLAY_NAME)
+    if snapshot is not None:  # still root: the real path
+        sparse_copy(snapshot / OVERLAY_NAME, Path(spec.sandbox_dir) / OVERLAY_NAME)
     disk = resources.enter_context(contextlib.closing(CowDisk(overlay, base=Path(spec.rootfs))))
     os.chown(overlay, spec.uid, spec.uid)  # a snapshot copies it (as the sandbox uid)
     parts = SandboxDeviceParts(
@@ -417,7 +417,7 @@ class Vmm(ControlServer):
             await trio.to_thread.run_sync(shutil.rmtree, directory, True)
             try:
                 await self.instance.snapshot(directory)
-            except (OSError, subprocess.CalledProcessError) as exc:
+            except OSError as exc:
                 log.exception("snapshot failed")
                 return Reply(ok=False, error=f"snapshot: {exc!r}", state=self.state())
             return Reply(ok=True, state=self.state())
