@@ -4,6 +4,7 @@ takes of what it wrote (a snapshot: regular files only, never a link it planted)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -18,7 +19,15 @@ from appliance.runtime.kvm.console import SerialConsole
 from appliance.runtime.kvm.instance import KvmInstance
 from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.sandbox import GuestControlFailed, _take_over
-from appliance.runtime.kvm.vmm import CAPABILITY_FIELDS, Built, Vmm, VmmSpec, capabilities, drop_privileges
+from appliance.runtime.kvm.vmm import (
+    CAPABILITY_FIELDS,
+    Built,
+    Vmm,
+    VmmSpec,
+    boot_cmdline,
+    capabilities,
+    drop_privileges,
+)
 from appliance.runtime.kvm.x86 import enter_long_mode
 from appliance.runtime.supervisor.client import SupervisorClient
 from appliance.runtime.supervisor.control import open_listener
@@ -174,3 +183,12 @@ async def test_a_cold_boots_ready_lines_reach_the_vmms_watchers(kvm: Kvm, tmp_pa
     finally:
         os.close(vmm.exit_fd)
         machine.close()
+
+
+def test_a_cold_boot_hands_the_guest_the_egress_ca_word_only_when_there_is_one() -> None:
+    """The egress proxy's CA certificate reaches a cold-booted guest's agent on its kernel
+    command line (net/egress_tls.py), as on uml; a host without one adds nothing."""
+    spec = VmmSpec("sbx", "/c", "/s", 1, 16, 1, "t", "", "00", -1, [], resolver_ip="169.254.0.1")
+    with_ca = dataclasses.replace(spec, egress_ca_argument="cube.egress_ca=QUJD")
+    assert "cube.egress_ca=QUJD" in boot_cmdline(with_ca, []).split()
+    assert "cube.egress_ca" not in boot_cmdline(spec, [])

@@ -346,6 +346,7 @@ class KvmRuntime:
     ) -> SupervisorClient:
         """The sandbox's VMM, started with /dev/kvm and its tap handed over."""
         assert sandbox.cgroup is not None
+        egress = getattr(self.cubevs, "egress_tls", None)  # the egress proxy's CA, where there is one
         vmm_spec = VmmSpec(
             sandbox_id=spec.sandbox_id,
             control_dir=str(sandbox.control_dir),
@@ -361,6 +362,7 @@ class KvmRuntime:
             snapshot=str(source.snapshot or ""),
             kernel=str(kernel),
             resolver_ip=net.resolver_ip,
+            egress_ca_argument=egress.kernel_word() if egress is not None else "",
             agent_token=spec.agent_token,
             guest={
                 "slot": spec.slot,

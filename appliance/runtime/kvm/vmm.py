@@ -125,6 +125,9 @@ class VmmSpec:
     snapshot: str = ""  # a template snapshot to restore; "" for a cold boot of `kernel`
     kernel: str = ""
     resolver_ip: str = ""  # cold boot: the guest's DNS resolver, on its command line
+    # Cold boot: `cube.egress_ca=<base64 DER>`, the egress CA's certificate the guest agent
+    # installs into the guest's trust stores (net/egress_tls.py), on its command line; "" for none.
+    egress_ca_argument: str = ""
     agent_token: str = field(default="", repr=False)  # see Instance.agent_token
     guest: dict[str, Any] = field(default_factory=dict)  # the runtime's, handed back in the record
     protocol: int = PROTOCOL_VERSION
@@ -216,6 +219,7 @@ def boot_cmdline(spec: VmmSpec, transports: list[MmioTransport]) -> str:
         f"cube_hostname={GUEST_HOSTNAME}",
         f"cube_resolver={spec.resolver_ip}",
         f"{BOOT_TOKEN_PARAMETER}={spec.agent_token}",
+        *([spec.egress_ca_argument] if spec.egress_ca_argument else []),
     ]
     return " ".join([KERNEL_CMDLINE, *identity, *(cmdline_device(t.base, t.irq) for t in transports)])
 
