@@ -238,10 +238,23 @@ echo "dirs $(ls /var/lib/cube/sandboxes | wc -l)"
     return {key: int(value) for key, value in (line.split() for line in out.splitlines())}
 
 
+def _settled_vmm_state(kvm_host: EmulatedHost) -> dict[str, object]:
+    """`_vmm_state` once no sandbox is being torn down (a kill answers before its teardown has
+    removed everything: an earlier test's kill may still be running): one VMM, netns and
+    directory for each sandbox the API lists."""
+    deadline = time.monotonic() + 300
+    while True:
+        live = len(Sandbox.list().next_items())
+        state = _vmm_state(kvm_host)
+        if state["vmms"] == state["netns"] == state["dirs"] == live or time.monotonic() > deadline:
+            return state
+        time.sleep(5)
+
+
 def test_kill_leaves_nothing_behind(kvm_host_sdk: EmulatedHost) -> None:
     """Each kvm sandbox's machine is its VMM process's: the service holds no thread or KVM fd
     of it; after a kill no VMM, netns or directory of it is left."""
-    before = _vmm_state(kvm_host_sdk)
+    before = _settled_vmm_state(kvm_host_sdk)
     sandbox = create()
     run_code(sandbox, "print(1)")
     during = _vmm_state(kvm_host_sdk)
