@@ -26,14 +26,31 @@ def data_extents(fd: int) -> Iterator[tuple[int, int]]:
         offset = end
 
 
+# copy_file_range refuses files on two filesystems of different kinds (EXDEV: a template
+# image on the boot medium's squashfs, its copy on the data disk) or a filesystem without it.
+_NO_KERNEL_COPY = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+_CHUNK = 1 << 20
+
+
 def copy_extents(source: int, target: int) -> int:
-    """Write every data extent of `source` at the same offsets of `target` (in the kernel; a
-    filesystem that can shares the blocks); returns the bytes written."""
+    """Write every data extent of `source` at the same offsets of `target` (in the kernel where
+    it can: a filesystem that can shares the blocks); returns the bytes written."""
     written = 0
+    in_kernel = True
     for start, end in data_extents(source):
         position = start
         while position < end:
-            copied = os.copy_file_range(source, target, end - position, position, position)
+            if in_kernel:
+                try:
+                    copied = os.copy_file_range(source, target, end - position, position, position)
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    in_kernel = False
+                    continue
+            else:
+                chunk = os.pread(source, min(_CHUNK, end - position), position)
+                copied = os.pwrite(target, chunk, position) if chunk else 0
             if copied == 0:
                 raise OSError(errno.EIO, f"short copy at byte {position}")
             position += copied
