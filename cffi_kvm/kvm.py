@@ -67,12 +67,17 @@ def host_cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
 class Kvm:
     """The /dev/kvm system file descriptor."""
 
-    def __init__(self, path: str = "/dev/kvm") -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    def __init__(self, path: str = "/dev/kvm", *, fd: int | None = None) -> None:
+        """/dev/kvm opened here, or the descriptor `fd` of it (taken over: closed with this)."""
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC) if fd is None else fd
         version = _ioctl_int(self.fd, "KVM_GET_API_VERSION")
         if version != lib.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmError(errno_codes.EINVAL, f"KVM_GET_API_VERSION (got {version})")
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Kvm:
+        return cls(fd=fd)
 
     def close(self) -> None:
         if self.fd >= 0:

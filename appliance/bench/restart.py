@@ -169,6 +169,11 @@ def run_restart_bench(
             p50 = percentiles(to_all)["p50_ms"]
             met = "met" if p50 <= 2000 else "not met"
             report.notes.append(f"target ≤ 2 s for 20: {p50 / 1000:.2f} s (p50), {met}")
+    # The host kind is in the report's header (bench/report.host_kind); which runtime's guests
+    # were taken over (uml supervisors or kvm VMM processes) is said here too, beside the times.
+    report.notes.append(
+        f"sandboxes on the {report.host.get('runtime', '?')} runtime ({report.host.get('kvm', '?')})"
+    )
     report.notes.append(
         "start = the new `cube serve` process is started (SIGKILL/SIGTERM of the old one before it); "
         "API ready includes taking the guests over (done before the API serves)"

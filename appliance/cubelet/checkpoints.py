@@ -9,10 +9,12 @@ finds the template's snapshot in its store and restores it (memory, vCPUs, devic
 clock moved on), and the cubelet's `/init` gives the new sandbox its own access and
 traffic tokens, env and clock; its network (netns, tap, MAC) is its own slot's, as for
 every clone. Taking one:
-1. under the sandbox's `changing` lock (no pause or resume meanwhile), the vCPUs and
-   device I/O stop, the machine (all of RAM, vCPU, irqchip, clock and device state)
-   and the disk overlay are written into a staging directory of the store, and the
-   sandbox continues: the pause lasts as long as writing its RAM;
+1. under the sandbox's `changing` lock (no pause or resume meanwhile), its VMM process
+   (runtime/kvm/vmm.py, which holds the machine) stops the vCPUs and device I/O, writes
+   the machine (all of RAM, vCPU, irqchip, clock and device state) and the disk overlay
+   into the sandbox's directory, and the sandbox continues: the pause lasts as long as
+   writing its RAM; the service then moves what the VMM wrote into a staging directory
+   of the store, root's, checked file by file (`KvmSandbox.snapshot`);
 2. outside the pause, the snapshot gets its own root image: a hard link to the source
    template's (never written once published), restored with the saved overlay over it;
    for a filesystem snapshot (no memory: new sandboxes cold-boot from the image) a copy
@@ -39,7 +41,6 @@ import functools
 import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,8 +61,8 @@ from appliance.templates.catalog import (
 from appliance.templates.jobs import utc_now
 
 if TYPE_CHECKING:
-    from appliance.runtime.kvm.instance import KvmInstance
     from appliance.runtime.kvm.runtime import KvmRuntime
+    from appliance.runtime.kvm.sandbox import KvmSandbox
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,12 @@ def _kvm_runtime(runtime: Any) -> KvmRuntime | None:
     return kvm if isinstance(kvm, KvmRuntime) else None
 
 
-def _kvm_instance(live: LiveSandbox) -> KvmInstance | None:
-    from appliance.runtime.kvm.instance import KvmInstance
+def _kvm_instance(live: LiveSandbox) -> KvmSandbox | None:
+    """`live`'s kvm sandbox: its machine is in its VMM process (runtime/kvm/vmm.py), which
+    writes the checkpoint on request (`KvmSandbox.snapshot`)."""
+    from appliance.runtime.kvm.sandbox import KvmSandbox
 
-    return live.instance if isinstance(live.instance, KvmInstance) else None
+    return live.instance if isinstance(live.instance, KvmSandbox) else None
 
 
 def snapshot_manifest(
@@ -173,24 +176,27 @@ async def take_memory_snapshot(
     return manifest
 
 
-async def _checkpoint(live: LiveSandbox, instance: KvmInstance, staging: Path) -> float:
+async def _checkpoint(live: LiveSandbox, instance: KvmSandbox, staging: Path) -> float:
     """The whole machine and its disk overlay written into `staging` while the vCPUs are stopped;
     `live` is left as it was found, running or paused. Returns how long it was stopped."""
+    from appliance.runtime.kvm.sandbox import GuestControlFailed
+
     async with live.changing:
         if live.state not in (SandboxState.RUNNING, SandboxState.PAUSED):
             raise SandboxNotFound(live.sandbox_id)
         running = live.state is SandboxState.RUNNING
-        if not running:
-            await instance.resume()  # a paused clone's diff is on disk: its memory is whole again
-        stopped_at = trio.current_time()
         try:
-            await instance.snapshot(staging)
-        except OSError as exc:
-            raise CheckpointFailed(f"writing the sandbox's memory and disk failed: {exc}") from exc
-        finally:
             if not running:
-                with trio.CancelScope(shield=True):
-                    await instance.pause()
+                await instance.resume()  # a paused clone's diff is on disk: its memory is whole again
+            stopped_at = trio.current_time()
+            try:
+                await instance.snapshot(staging)
+            finally:
+                if not running:
+                    with trio.CancelScope(shield=True):
+                        await instance.pause()
+        except (OSError, GuestControlFailed) as exc:  # the host's disk, or the VMM ended meanwhile
+            raise CheckpointFailed(f"writing the sandbox's memory and disk failed: {exc}") from exc
         return trio.current_time() - stopped_at
 
 
@@ -201,19 +207,19 @@ def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None, *
     over its overlay) a hard link to `base`: template images are never written once published
     (a rebuild is a new file), so the link keeps exactly the base the overlay was written
     over, and a snapshot or fork costs its overlay, not a copy of the image."""
-    from appliance.runtime.kvm.instance import copy_sparse, save_agent_token
-    from appliance.runtime.kvm.snapshot import fold_overlay
+    from appliance.runtime.kvm.instance import save_agent_token
     from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
+    from appliance.runtime.sparse import fold_overlay, sparse_copy
 
     try:
         if fold:
-            copy_sparse(base, image)
+            sparse_copy(base, image)
             fold_overlay(staging / OVERLAY_NAME, image)
         else:
             try:
                 os.link(base, image)
             except OSError:  # another filesystem, or links refused: a copy is the same bytes
-                copy_sparse(base, image)
+                sparse_copy(base, image)
         save_agent_token(staging, agent_token or "")
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except OSError as exc:
         raise CheckpointFailed(f"making the snapshot's disk failed: {exc}") from exc

@@ -26,10 +26,10 @@ from appliance.config import Config
 from appliance.cubelet.cubelet import NetworkPolicyService
 from appliance.net.policy import NetworkPolicy
 from appliance.records import TemplateManifest
-from appliance.runtime.base import BootFailed, BootSpec, Instance, Runtime
+from appliance.runtime.base import AdoptingRuntime, BootFailed, BootSpec, Instance, KeptGuest, Runtime
 
 if TYPE_CHECKING:
-    from appliance.runtime.kvm.runtime import KvmInstance, KvmRuntime
+    from appliance.runtime.kvm.runtime import KvmRuntime, KvmSandbox
     from appliance.runtime.uml.instance import UmlInstance
     from appliance.runtime.uml.runtime import UmlRuntime
 
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
         kvm: KvmRuntime,
         fallback: KvmWithUmlFallback,
         uml_guest: UmlInstance,
-        kvm_guest: KvmInstance,
-    ) -> tuple[Runtime, Runtime, Runtime, Instance, Instance]:
+        kvm_guest: KvmSandbox,
+    ) -> tuple[AdoptingRuntime, AdoptingRuntime, AdoptingRuntime, Instance, Instance]:
         """Never called: mypy checks here that the runtimes offer all the cubelet calls."""
         return uml, kvm, fallback, uml_guest, kvm_guest
 
@@ -125,6 +125,7 @@ class KvmWithUmlFallback:
         self.kvm = kvm
         self.uml = uml
         self._told: set[str] = set()
+        self._kept_by: dict[str, AdoptingRuntime] = {}  # a kept guest's runtime, until adopted
         unservable = importlib.import_module("appliance.runtime.kvm.template_snapshots").TemplateUnservable
         self._unservable: type[BootFailed] = unservable  # a BootFailed: its `reason` says why
 
@@ -139,6 +140,35 @@ class KvmWithUmlFallback:
             self._told.add(spec.template.template_id)
             log.warning("template %s runs on uml: %s", spec.template.template_id, reason)
         await self.uml.run(spec, task_status=task_status)
+
+    async def kept_guests(self) -> tuple[list[KeptGuest], dict[str, str]]:
+        """Both runtimes' kept guests. Each sweeps what no guest of its own owns (directories,
+        networks) but what the other may keep: the sandboxes with a control directory of the other."""
+        runtimes = [r for r in (self.kvm, self.uml) if isinstance(r, AdoptingRuntime)]
+        if len(runtimes) == 2:
+            control_dirs = importlib.import_module("appliance.runtime.supervisor.client").control_dirs
+            run_dir = self.kvm.config.run_dir  # type: ignore[attr-defined]
+            vmms = importlib.import_module("appliance.runtime.kvm.runtime").VMMS_DIR
+            self.kvm.also_kept = {d.name for d in control_dirs(run_dir)}  # type: ignore[attr-defined]
+            self.uml.also_kept = {d.name for d in control_dirs(run_dir, vmms)}  # type: ignore[attr-defined]
+        kept: list[KeptGuest] = []
+        gone: dict[str, str] = {}
+        for runtime in runtimes:
+            its_kept, its_gone = await runtime.kept_guests()
+            kept += its_kept
+            gone.update(its_gone)
+            self._kept_by.update((guest.sandbox_id, runtime) for guest in its_kept)
+        return kept, gone
+
+    async def adopt(
+        self,
+        sandbox_id: str,
+        spec: BootSpec,
+        *,
+        task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        await self._kept_by.pop(sandbox_id).adopt(sandbox_id, spec, task_status=task_status)
+        raise AssertionError("adopt returned")
 
     async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
         """A build's probe guest is kvm's (builds never fall back): kvm's finalize."""

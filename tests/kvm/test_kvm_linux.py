@@ -37,7 +37,7 @@ from appliance.runtime.base import ENVD_PORT, BootSpec
 from appliance.runtime.detect import detect_host, find_guest_kernel
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
 from appliance.runtime.kvm.machine import Machine, MachineConfig
-from appliance.runtime.kvm.runtime import KERNEL_CMDLINE, OVERLAY_NAME, KvmInstance, KvmRuntime
+from appliance.runtime.kvm.runtime import KERNEL_CMDLINE, OVERLAY_NAME, KvmRuntime, KvmSandbox
 from appliance.runtime.kvm.snapshot import MEMORY_FILE
 from appliance.runtime.kvm.template_snapshots import SnapshotKey
 from appliance.runtime.kvm.vcpu import VcpuExit
@@ -133,7 +133,7 @@ def _spec(config: Config, template: TemplateManifest, slot: int) -> BootSpec:
     return BootSpec.for_template(config, template, f"cubetest-kvm-{slot}-{secrets.token_hex(3)}", slot)
 
 
-async def _init(instance: KvmInstance, template: TemplateManifest, env: dict[str, str]) -> None:
+async def _init(instance: KvmSandbox, template: TemplateManifest, env: dict[str, str]) -> None:
     """What the cubelet's create sends a guest restored from the template (cubelet._init_guest)."""
     host, port = instance.endpoint(ENVD_PORT)
     body = {
@@ -152,7 +152,7 @@ async def _init(instance: KvmInstance, template: TemplateManifest, env: dict[str
     assert response.status_code == 204, response.text
 
 
-async def _run(instance: KvmInstance, code: str) -> CommandResult:
+async def _run(instance: KvmSandbox, code: str) -> CommandResult:
     host, _port = instance.endpoint(ENVD_PORT)
     timeout = max(60, 6 * load_config().guest_agent_timeout_s)
     return await run_command(host, f"python3 -c {shlex.quote(code)}", timeout=timeout)
@@ -209,8 +209,8 @@ async def _build_snapshot_and_clone(runtime: KvmRuntime, config: Config, templat
     assert kernel is not None
     async with trio.open_nursery() as nursery:
         builder = await nursery.start(runtime.run, _spec(config, template, 0))
-        assert isinstance(builder, KvmInstance)
-        assert not builder.restored and builder.fully_ready()
+        assert isinstance(builder, KvmSandbox)
+        assert not builder.shared_key and builder.fully_ready()  # booted, not restored
         assert b"Linux version" in builder.console_log.read_bytes()
         nursery.cancel_scope.cancel()
     snapshot = runtime.snapshots.valid(
@@ -220,14 +220,14 @@ async def _build_snapshot_and_clone(runtime: KvmRuntime, config: Config, templat
     memory_before = _sha256(snapshot / MEMORY_FILE)
     overlay_before = _sha256(snapshot / OVERLAY_NAME)
 
-    # Two creates: each restores the snapshot (the first from a pooled shell or a new
-    # one), gets its own env, clock and RNG seed through /init, and runs code.
+    # Two creates: each restores the snapshot in its own VMM, gets its own env, clock and
+    # RNG seed through /init, and runs code.
     async with trio.open_nursery() as nursery:
-        clones: dict[str, KvmInstance] = {}
+        clones: dict[str, KvmSandbox] = {}
         for slot, name in ((1, "a"), (2, "b")):
             clone = await nursery.start(runtime.run, _spec(config, template, slot))
-            assert isinstance(clone, KvmInstance)
-            assert clone.restored and clone.machine.memory.backing_file == snapshot / MEMORY_FILE
+            assert isinstance(clone, KvmSandbox)
+            assert clone.shared_key == str(snapshot / MEMORY_FILE)  # restored from the snapshot
             await _init(clone, template, {"CUBE_CLONE": name})
             clones[name] = clone
         first = {name: await _run(clone, REPORT_AND_MARK) for name, clone in clones.items()}

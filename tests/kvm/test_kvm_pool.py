@@ -4,15 +4,13 @@ eventfds made ahead, and a re-taken snapshot gets a new pool in the runtime."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from test_kvm_snapshot import Counter, run_to, snapshot_after
 
-from appliance.config import Config
 from appliance.runtime.kvm.machine import Machine
 from appliance.runtime.kvm.pool import ShellPool
-from appliance.runtime.kvm.runtime import DEVICE_SLOTS, KvmRuntime, device_slot, wire_device_slots
+from appliance.runtime.kvm.runtime import DEVICE_SLOTS, device_slot, wire_device_slots
 from appliance.runtime.virtio.mmio import QUEUE_NOTIFY
 from cffi_kvm import Kvm
 
@@ -44,24 +42,6 @@ async def test_clones_from_pooled_and_new_shells_continue_where_the_snapshot_sto
     assert pool.ready == 0
 
 
-async def test_runtime_replaces_the_pool_of_a_retaken_snapshot(kvm: Kvm, tmp_path: Path) -> None:
-    snapshot = tmp_path / "template" / "kvm-snapshot"
-    await snapshot_after(kvm, snapshot, 5)
-    runtime = KvmRuntime(
-        Config(state_dir=tmp_path / "state", cache_dir=tmp_path / "cache", run_dir=tmp_path / "run"),
-        cubevs=None,
-    )
-    try:
-        first = runtime.pool_for(snapshot)
-        assert runtime.pool_for(snapshot) is first
-        await snapshot_after(kvm, snapshot, 7)
-        os.utime(snapshot / "state.json", ns=(1, first.version + 1))  # a later mtime, whatever the fs
-        second = runtime.pool_for(snapshot)
-        assert second is not first and second.state.vcpus[0].regs != first.state.vcpus[0].regs
-    finally:
-        runtime.close()
-
-
 async def test_shells_carry_the_runtime_device_eventfds_a_restore_binds(kvm: Kvm, tmp_path: Path) -> None:
     await snapshot_after(kvm, tmp_path / "snap", 10)
     made: dict[str, object] = {}
@@ -79,7 +59,7 @@ async def test_shells_carry_the_runtime_device_eventfds_a_restore_binds(kvm: Kvm
 
         def add_devices(machine: Machine) -> None:
             clone_counter.attach(machine)
-            bound["fds"] = _device_eventfds(machine)  # what KvmRuntime._attach asks for
+            bound["fds"] = _device_eventfds(machine)  # what the VMM's attach_device asks for
 
         clone = await pool.restore(add_devices=add_devices, console=bytearray().extend)
         try:

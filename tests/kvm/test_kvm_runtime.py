@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from test_kvm_snapshot import (
 from appliance.config import Config
 from appliance.net.service import CubeVS
 from appliance.records import TemplateManifest
-from appliance.runtime.base import BootFailed, BootSpec
+from appliance.runtime.base import BootFailed, BootSpec, GuestExited
 from appliance.runtime.detect import detect_host
 from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.runtime import (
@@ -43,15 +44,23 @@ from appliance.runtime.kvm.runtime import (
     GATEWAY_MAC,
     OVERLAY_NAME,
     PAUSED_SNAPSHOT_DIR,
+    VMMS_DIR,
     KvmInstance,
     KvmRuntime,
+    KvmSandbox,
     SandboxDeviceParts,
+    attach_device,
     guest_mac,
     open_sandbox_tap,
 )
+from appliance.runtime.kvm.sandbox import _take_over
 from appliance.runtime.kvm.snapshot import read_state
 from appliance.runtime.kvm.template_snapshots import KEY_FILE, SnapshotBuild, SnapshotKey, TemplateUnservable
+from appliance.runtime.kvm.vmm import SNAPSHOT_OUT
 from appliance.runtime.kvm.x86 import enter_long_mode
+from appliance.runtime.supervisor.client import SupervisorClient
+from appliance.runtime.supervisor.protocol import RECORD_FILE, Op
+from appliance.runtime.uml.cgroups import SUPERVISOR_SUFFIX, open_cgroup
 from appliance.runtime.virtio.blk.disk import CowDisk
 from appliance.runtime.virtio.net.device import VirtioNet
 from cffi_kvm import Kvm
@@ -207,7 +216,7 @@ def _template_snapshot(
     try:
         parts = SandboxDeviceParts(disk, "cube", -1, guest_mac(0), work / "unused.sock")
         for index, slot in enumerate(DEVICE_SLOTS):
-            KvmRuntime._attach(machine, index, slot.name, slot.build(parts))
+            attach_device(machine, index, slot.name, slot.build(parts))
         machine.memory.write(0x10000, assemble(MAGIC_TO_SERIAL, origin=0x10000))
         enter_long_mode(machine.memory, machine.vcpus[0].vcpu, rip=0x10000, rsp=0x8000)
         key = SnapshotKey.of(template, kernel, SNAPSHOT_MEMORY_MB, 1)
@@ -270,8 +279,9 @@ async def kvm_runtime_with_a_snapshot(
             runtime.close()
 
 
-def _spec(config: Config, template: TemplateManifest, name: str) -> BootSpec:
-    return BootSpec.for_template(config, template, f"cubetest-{name}-{secrets.token_hex(2)}", 1, memory_mb=16)
+def _spec(config: Config, template: TemplateManifest, name: str, slot: int = 1) -> BootSpec:
+    sandbox_id = f"cubetest-{name}-{secrets.token_hex(2)}"
+    return BootSpec.for_template(config, template, sandbox_id, slot, memory_mb=16)
 
 
 async def _until_console_has(spec: BootSpec, text: bytes) -> None:
@@ -281,12 +291,32 @@ async def _until_console_has(spec: BootSpec, text: bytes) -> None:
             await trio.sleep(0.05)
 
 
-def test_a_create_restores_the_template_snapshot_into_the_sandbox_machine(kvm: Kvm) -> None:
+def _vmm_pid(config: Config, spec: BootSpec) -> int:
+    record = json.loads((config.run_dir / VMMS_DIR / spec.sandbox_id / RECORD_FILE).read_text())
+    return int(record["pid"])
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {name: value.strip() for name, _, value in (line.partition(":") for line in lines)}
+
+
+def _fds_of(pid: int) -> list[str]:
+    fds = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return fds
+
+
+def test_a_create_restores_the_template_snapshot_in_its_own_unprivileged_vmm(kvm: Kvm) -> None:
     """KvmRuntime.run on a template with a snapshot: network, tap, the snapshot's overlay
-    copied, a pooled shell restored with the sandbox's devices, vCPU running. The payload
+    copied, a VMM process restoring it with the sandbox's devices, vCPU running. The payload
     stands in for Linux (which cannot boot on PVM): its serial output in the sandbox's
-    console log shows the restored guest running on the runtime's MMIO bus. Readiness (the
-    guest agent) is the Linux test's; this one cancels the create once the guest ran."""
+    console log shows the restored guest running on the VMM's MMIO bus. The VMM runs as the
+    sandbox's uid with no capability in any set and no_new_privs, /dev/kvm and the tap
+    handed to it as descriptors. Readiness (the guest agent) is the Linux test's; this one
+    cancels the create once the guest ran."""
     with kvm_runtime_on_this_host() as (work, config, template):
 
         async def main() -> None:
@@ -297,16 +327,36 @@ def test_a_create_restores_the_template_snapshot_into_the_sandbox_machine(kvm: K
                     await _until_console_has(spec, b"virt")
                     overlay = (spec.sandbox_dir / OVERLAY_NAME).read_bytes()
                     assert overlay == (snapshot / OVERLAY_NAME).read_bytes()
-                    # The create started a refill for the template's next sandbox beside it;
-                    # on a loaded host the shell may still be in the making.
-                    pool = runtime.pool_for(snapshot)
-                    with trio.fail_after(30):
-                        while pool.ready < 1:
-                            await trio.sleep(0.05)
+                    pid = _vmm_pid(config, spec)
+                    status = _status(pid)
+                    uid = str(config.uid_base + spec.slot)
+                    assert status["Uid"].split() == [uid] * 4 and status["Gid"].split() == [uid] * 4
+                    assert status["Groups"] == ""
+                    for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                        assert int(status[capabilities], 16) == 0, (capabilities, status[capabilities])
+                    assert status["NoNewPrivs"] == "1"
+                    fds = _fds_of(pid)
+                    assert "/dev/kvm" in fds and "/dev/net/tun" in fds, fds
+                    assert any(fd.endswith("kvm-vcpu:0") for fd in fds), fds
+                    # A snapshot (what a template's first boot takes): written by the VMM into the
+                    # sandbox's directory, taken over by the service as root's regular files.
+                    vmm = SupervisorClient.attach(config.run_dir / VMMS_DIR / spec.sandbox_id)
+                    try:
+                        reply = await vmm.request(Op.SNAPSHOT, timeout=120)
+                    finally:
+                        vmm.close()
+                    assert reply.ok, reply.error
+                    taken = work / "taken"
+                    await trio.to_thread.run_sync(_take_over, spec.sandbox_dir / SNAPSHOT_OUT, taken)
+                    assert {p.name for p in taken.iterdir()} >= {"state.json", "memory", OVERLAY_NAME}
+                    assert all(p.stat().st_uid == 0 for p in taken.iterdir())
+                    assert read_state(taken).memory_size == SNAPSHOT_MEMORY_MB * MIB
                     nursery.cancel_scope.cancel()
                 # Gone with the cancelled create, before the runtime closes.
+                assert not Path(f"/proc/{pid}").exists()
                 assert not Path(f"/run/netns/cube-{spec.sandbox_id}").exists()
                 assert not spec.sandbox_dir.exists()
+                assert not (config.run_dir / VMMS_DIR / spec.sandbox_id).exists()
 
         trio.run(main)
 
@@ -339,36 +389,171 @@ async def _until_cubevs_is_idle() -> None:
             await trio.sleep(0.05)
 
 
-def test_killing_a_sandbox_leaves_no_thread_fd_netns_or_file(kvm: Kvm) -> None:
-    """The sandbox's nursery owns its vCPU threads and device handlers; cancelling `run` (the
-    kill) joins them and closes every fd (VM, vCPUs, eventfds, tap, disk), removes the netns
-    and its tap, and deletes the sandbox directory. Counted in this very process."""
+def test_killing_a_sandbox_leaves_no_process_thread_fd_netns_or_file(kvm: Kvm) -> None:
+    """The machine is its VMM's: the service holds no vCPU thread or KVM fd of it. Cancelling
+    `run` (the kill) ends the VMM, removes the netns and its tap, the VMM's cgroup leaf and
+    control directory and the sandbox directory; the service is left as it was."""
     with kvm_runtime_on_this_host() as (work, config, template):
 
         async def main() -> None:
-            async with kvm_runtime_with_a_snapshot(kvm, work, config, template) as (runtime, snapshot):
-                pool = runtime.pool_for(snapshot)
-                await pool.refill()  # the shells a create takes and leaves: not the sandbox's
+            async with kvm_runtime_with_a_snapshot(kvm, work, config, template) as (runtime, _snapshot):
                 await _until_cubevs_is_idle()
                 before = _busy_threads_fds_netns()
                 spec = _spec(config, template, "kill")
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(runtime.run, spec)
                     await _until_console_has(spec, b"virt")
-                    with trio.fail_after(30):
-                        while pool.ready < pool.size:  # the refill the create started
-                            await trio.sleep(0.05)
+                    pid = _vmm_pid(config, spec)
                     during = _busy_threads_fds_netns()
                     nursery.cancel_scope.cancel()
                 await _until_cubevs_is_idle()
                 after = _busy_threads_fds_netns()
-            assert any("run_loop" in name for name in during[0] - before[0]), during[0]
-            assert any(fd.endswith("kvm-vcpu:0") for fd in during[1] - before[1]), during[1] - before[1]
+            assert not any("kvm-vcpu" in fd or "kvm-vm" in fd for fd in during[1]), during[1]
             assert f"cube-{spec.sandbox_id}" in during[2] - before[2]
+            assert not Path(f"/proc/{pid}").exists()
             assert after[0] == before[0], after[0] ^ before[0]
             assert after[1] == before[1], (after[1] - before[1], before[1] - after[1])
             assert after[2] == before[2], after[2] ^ before[2]
             assert not spec.sandbox_dir.exists()
+            assert not (config.run_dir / VMMS_DIR / spec.sandbox_id).exists()
+            assert not any(
+                leaf.exists() for leaf in open_cgroup(spec.sandbox_id + SUPERVISOR_SUFFIX).leaves.values()
+            )
+
+        trio.run(main)
+
+
+# A service in a process of its own: CubeVS and the kvm runtime creating one sandbox (argv:
+# state dir, run dir, cache dir, kernel, template dir, sandbox id), until it is killed.
+SERVICE = """
+import sys, trio
+from pathlib import Path
+from appliance.config import Config
+from appliance.net.service import CubeVS
+from appliance.records import TemplateManifest
+from appliance.runtime.base import BootSpec
+from appliance.runtime.kvm.runtime import KvmRuntime
+state, run, cache, kernel, template_dir, sandbox_id, network, dns = sys.argv[1:]
+config = Config(state_dir=Path(state), run_dir=Path(run), cache_dir=Path(cache),
+                kvm_guest_kernel=Path(kernel), host_network=network, allow_unenforced_network=True)
+template = TemplateManifest.load(Path(template_dir))
+async def main():
+    async with CubeVS.start(config, dns_upstreams=[dns]) as cubevs:
+        spec = BootSpec.for_template(config, template, sandbox_id, 1, memory_mb=16)
+        await KvmRuntime(config, cubevs).run(spec)
+trio.run(main)
+"""
+
+
+def test_a_sandbox_outlives_a_killed_service_and_the_next_one_adopts_it(kvm: Kvm) -> None:
+    """kill -9 of the process running CubeVS and the kvm runtime while a sandbox runs: its VMM
+    runs on, with its network. A new CubeVS and runtime find it (`kept_guests`: its slot and
+    template from the VMM's record), take it over (`adopt`: handed over at once) and control
+    it (pause, resume: the same VMM process). Then kill -9 of that VMM: the adopted sandbox
+    ends with the reason, and nothing of it is left."""
+    with kvm_runtime_on_this_host() as (work, config, template):
+
+        async def make_snapshot() -> None:
+            async with kvm_runtime_with_a_snapshot(kvm, work, config, template):
+                pass
+
+        trio.run(make_snapshot)
+        spec = _spec(config, template, "adopt")
+        argv = [
+            config.state_dir,
+            config.run_dir,
+            config.cache_dir,
+            config.kvm_guest_kernel,
+            template.directory,
+        ]
+        service = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                SERVICE,
+                *map(str, argv),
+                spec.sandbox_id,
+                TEST_HOST_NETWORK,
+                DEAD_DNS_UPSTREAM,
+            ]
+        )
+        try:
+            trio.run(_until_console_has, spec, b"virt")
+            pid = _vmm_pid(config, spec)
+        finally:
+            service.kill()
+            service.wait()
+        assert Path(f"/proc/{pid}").exists() and Path(f"/run/netns/cube-{spec.sandbox_id}").exists()
+
+        async def restart() -> None:
+            async with CubeVS.start(config, dns_upstreams=[DEAD_DNS_UPSTREAM]) as cubevs:
+                runtime = KvmRuntime(config, cubevs)
+                try:
+                    kept, gone = await runtime.kept_guests()
+                    assert [(k.sandbox_id, k.slot, k.template_id) for k in kept] == [
+                        (spec.sandbox_id, spec.slot, template.template_id)
+                    ]
+                    assert gone == {}
+                    ended: list[GuestExited] = []
+
+                    async def adopt(*, task_status: trio.TaskStatus[KvmSandbox]) -> None:
+                        try:
+                            await runtime.adopt(spec.sandbox_id, spec, task_status=task_status)
+                        except GuestExited as exc:
+                            ended.append(exc)
+
+                    async with trio.open_nursery() as nursery:
+                        adopted = await nursery.start(adopt)
+                        assert isinstance(adopted, KvmSandbox)
+                        await adopted.pause()
+                        state = (await adopted.vmm.request(Op.STATE)).state
+                        assert state is not None and state.paused
+                        await adopted.resume()
+                        assert _vmm_pid(config, spec) == pid
+                        os.kill(pid, signal.SIGKILL)
+                    (exit,) = ended
+                    assert f"pid {pid}" in exit.reason and "is gone" in exit.reason, exit.reason
+                finally:
+                    runtime.close()
+
+        trio.run(restart)
+        assert not Path(f"/run/netns/cube-{spec.sandbox_id}").exists()
+        assert not spec.sandbox_dir.exists()
+        assert not (config.run_dir / VMMS_DIR / spec.sandbox_id).exists()
+
+
+def test_kill_9_of_one_vmm_ends_that_sandbox_only(kvm: Kvm) -> None:
+    """Two sandboxes; one's VMM is SIGKILLed: that create's task ends (the runtime saw its VMM
+    go), everything of it is removed, and the other's VMM runs on and answers."""
+    with kvm_runtime_on_this_host() as (work, config, template):
+
+        async def main() -> None:
+            async with kvm_runtime_with_a_snapshot(kvm, work, config, template) as (runtime, _snapshot):
+                victim, bystander = _spec(config, template, "victim", 1), _spec(config, template, "other", 2)
+                async with trio.open_nursery() as nursery:
+                    ended = trio.Event()
+
+                    async def run_victim() -> None:
+                        with pytest.raises(TemplateUnservable, match="is gone"):
+                            await runtime.run(victim)
+                        ended.set()
+
+                    nursery.start_soon(run_victim)
+                    nursery.start_soon(runtime.run, bystander)
+                    await _until_console_has(victim, b"virt")
+                    await _until_console_has(bystander, b"virt")
+                    os.kill(_vmm_pid(config, victim), signal.SIGKILL)
+                    with trio.fail_after(60):
+                        await ended.wait()
+                    assert not victim.sandbox_dir.exists()
+                    assert not Path(f"/run/netns/cube-{victim.sandbox_id}").exists()
+                    other = SupervisorClient.attach(config.run_dir / VMMS_DIR / bystander.sandbox_id)
+                    try:
+                        reply = await other.request(Op.STATE)
+                        assert reply.ok and reply.state is not None and reply.state.exit is None
+                    finally:
+                        other.close()
+                    nursery.cancel_scope.cancel()
 
         trio.run(main)
 

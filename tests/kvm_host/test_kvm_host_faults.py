@@ -2,12 +2,14 @@
 is reported dead with the reason (and its console tail in the service log) while the
 others carry on; a guest that stops answering is killed as unresponsive; a template
 snapshot made by another VMM is refused and rebuilt; a host out of memory answers 503
-and kills nothing."""
+and kills nothing; kill -9 of the service leaves every sandbox running with its state
+(the next start adopts their VMMs), kill -9 of one VMM ends that sandbox only."""
 
 from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 from e2b import ServiceBusyException
 from e2b_code_interpreter import Sandbox
@@ -131,3 +133,58 @@ def test_a_host_out_of_memory_answers_503_and_kills_nothing(kvm_host_sdk: Emulat
         again.kill()
     finally:
         running.kill()
+
+
+def _until_the_api_answers(kvm_host: EmulatedHost, bound_s: float) -> None:
+    deadline = time.monotonic() + bound_s
+    while True:
+        try:
+            if httpx.get(f"{kvm_host.url}/health", timeout=30, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the service did not come back"
+        time.sleep(5)
+
+
+def _vmm_pid(kvm_host: EmulatedHost, sandbox_id: str) -> int:
+    record = f"/run/cube/vmms/{sandbox_id}/supervisor.json"
+    return int(
+        kvm_host.run(f"python3 -c \"import json; print(json.load(open('{record}'))['pid'])\"").check().stdout
+    )
+
+
+KEEP_STATE = "kept = 'x' * 3 + str(41 + 1)\nopen('/home/user/kept.txt', 'w').write('on disk')"
+SHOW_STATE = "print(kept, open('/home/user/kept.txt').read())"
+
+
+def test_sandboxes_outlive_a_killed_service_and_one_killed_vmm_ends_only_its_own(
+    kvm_host_sdk: EmulatedHost,
+) -> None:
+    kept, victim = create(), create()
+    try:
+        for sandbox in (kept, victim):
+            run_code(sandbox, KEEP_STATE)
+        end_at = kept.get_info(request_timeout=REQUEST_TIMEOUT_S).end_at
+        vmms = {s.sandbox_id: _vmm_pid(kvm_host_sdk, s.sandbox_id) for s in (kept, victim)}
+        service = kvm_host_sdk.run("systemctl show -p MainPID --value cube.service").check().stdout.strip()
+        kvm_host_sdk.run(f"kill -9 {service}").check()  # systemd starts it again (Restart=on-failure)
+        _until_the_api_answers(kvm_host_sdk, 900)
+        log = journal(kvm_host_sdk)
+        assert "sandboxes run on from the previous start" in log
+        for sandbox in (kept, victim):
+            # The same VMM process, the kernel's variable and the file as they were.
+            assert _vmm_pid(kvm_host_sdk, sandbox.sandbox_id) == vmms[sandbox.sandbox_id]
+            assert run_code(sandbox, SHOW_STATE) == "xxx42 on disk\n"
+        assert kept.get_info(request_timeout=REQUEST_TIMEOUT_S).end_at == end_at  # its deadline kept
+        kvm_host_sdk.run(f"kill -9 {vmms[victim.sandbox_id]}").check()
+        wait_gone(victim, 600)
+        assert (
+            f"sandbox {victim.sandbox_id} is dead: its supervisor (pid {vmms[victim.sandbox_id]}) is gone"
+            in (journal(kvm_host_sdk))
+        )
+        assert run_code(kept, SHOW_STATE) == "xxx42 on disk\n"
+    finally:
+        for sandbox in (kept, victim):
+            if sandbox.is_running():
+                sandbox.kill()

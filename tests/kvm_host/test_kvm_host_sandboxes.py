@@ -223,12 +223,14 @@ def test_lifecycle_timeout_and_kill(kvm_host_sdk: EmulatedHost) -> None:
 
 
 def _vmm_state(kvm_host: EmulatedHost) -> dict[str, object]:
-    """What the service process holds: threads running a vCPU or device (named by trio's
-    to_thread after the function), open fds by kind, sandbox netns, sandbox directories."""
+    """Sandbox VMM processes (by their control directories), what of a machine the service
+    process itself holds (KVM fds, vCPU or device threads: none, the VMMs hold them),
+    sandbox netns, sandbox directories."""
     script = r"""
 pid=$(systemctl show -p MainPID --value cube.service)
+echo "vmms $(ls /run/cube/vmms 2>/dev/null | wc -l)"
 echo "threads $(grep -l -E 'run_loop|run_io' /proc/$pid/task/*/comm 2>/dev/null | wc -l)"
-echo "fds $(ls -l /proc/$pid/fd | grep -c -E 'kvm|eventfd|tun')"
+echo "fds $(ls -l /proc/$pid/fd | grep -c -E 'kvm|tun')"
 echo "netns $(ls /run/netns 2>/dev/null | grep -c '^cube-')"
 echo "dirs $(ls /var/lib/cube/sandboxes | wc -l)"
 """
@@ -236,14 +238,28 @@ echo "dirs $(ls /var/lib/cube/sandboxes | wc -l)"
     return {key: int(value) for key, value in (line.split() for line in out.splitlines())}
 
 
+def _settled_vmm_state(kvm_host: EmulatedHost) -> dict[str, object]:
+    """`_vmm_state` once no sandbox is being torn down (a kill answers before its teardown has
+    removed everything: an earlier test's kill may still be running): one VMM, netns and
+    directory for each sandbox the API lists."""
+    deadline = time.monotonic() + 300
+    while True:
+        live = len(Sandbox.list().next_items())
+        state = _vmm_state(kvm_host)
+        if state["vmms"] == state["netns"] == state["dirs"] == live or time.monotonic() > deadline:
+            return state
+        time.sleep(5)
+
+
 def test_kill_leaves_nothing_behind(kvm_host_sdk: EmulatedHost) -> None:
-    """Each kvm sandbox's nursery owns its vCPU threads and device handlers: after a kill the
-    service holds no thread, fd (VM, vCPU, eventfd, tap), netns or directory of it."""
-    before = _vmm_state(kvm_host_sdk)
+    """Each kvm sandbox's machine is its VMM process's: the service holds no thread or KVM fd
+    of it; after a kill no VMM, netns or directory of it is left."""
+    before = _settled_vmm_state(kvm_host_sdk)
     sandbox = create()
     run_code(sandbox, "print(1)")
     during = _vmm_state(kvm_host_sdk)
-    assert during["threads"] > before["threads"] and during["fds"] > before["fds"], (before, during)
+    assert during["vmms"] == before["vmms"] + 1, (before, during)
+    assert during["threads"] == before["threads"] and during["fds"] == before["fds"], (before, during)
     assert during["netns"] == before["netns"] + 1 and during["dirs"] == before["dirs"] + 1
     assert sandbox.kill()
     deadline = time.monotonic() + 300  # the teardown runs on after the kill answered

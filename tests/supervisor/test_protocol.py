@@ -116,3 +116,40 @@ def test_framing_refuses_a_line_over_its_limit_whole_or_not(data: bytes) -> None
     with pytest.raises(protocol.ProtocolError, match="over 64 bytes"):
         while lines.next_line() is not None:
             pass
+
+
+def test_vmm_specs_round_trip_and_malformed_ones_are_refused() -> None:
+    from appliance.runtime.kvm.vmm import VmmSpec
+
+    spec = VmmSpec(
+        sandbox_id="sb1",
+        control_dir="/run/cube/vmms/sb1",
+        sandbox_dir="/var/lib/cube/sandboxes/sb1",
+        uid=200001,
+        memory_mb=512,
+        cpu_count=1,
+        disk_id="base",
+        rootfs="/var/lib/cube/templates/base/rootfs.img",
+        mac="02cbe0000001",
+        handover_fd=5,
+        supervisor_cgroup=["/sys/fs/cgroup/cube/sb1.supervisor/cgroup.procs"],
+        agent_token="secret",
+        guest={"slot": 1},
+    )
+    assert VmmSpec.decode(spec.encode()) == spec
+    assert "secret" not in repr(spec)  # the boot token is never logged
+    for bad, why in (
+        ({"uid": "0"}, "uid"),
+        ({"supervisor_cgroup": "x"}, "list"),
+        ({"handover_fd": None}, "fd"),
+    ):
+        data = {**json.loads(spec.encode()), **bad}
+        with pytest.raises(protocol.ProtocolError, match=why):
+            VmmSpec.decode(json.dumps(data).encode())
+
+
+def test_capability_sets_are_read_from_proc_status() -> None:
+    from appliance.runtime.kvm.vmm import capabilities
+
+    status = "Name:\tpython3\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\nCapEff:\t0\nUid:\t0\n"
+    assert capabilities(status) == {"CapInh": 0, "CapPrm": 0x1FFFFFFFFFF, "CapEff": 0}

@@ -17,6 +17,7 @@ import trio
 
 from appliance.process_identity import ProcessIdentity
 from appliance.runtime.supervisor.client import SupervisorClient, SupervisorGone
+from appliance.runtime.supervisor.control import MAX_CONNECTIONS, REQUEST_READ_TIMEOUT_S
 from appliance.runtime.supervisor.protocol import (
     CONTROL_SOCKET,
     EXIT_FILE,
@@ -28,7 +29,6 @@ from appliance.runtime.supervisor.protocol import (
     SupervisorRecord,
     decode_exit,
 )
-from appliance.runtime.supervisor.server import MAX_CONNECTIONS, REQUEST_READ_TIMEOUT_S
 
 if TYPE_CHECKING:
     from conftest import FakeGuest

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from appliance.runtime.kvm.machine import Machine
 from appliance.runtime.kvm.snapshot import MEMORY_FILE
 from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
 from appliance.runtime.kvm.vcpu import VcpuExit
+from appliance.runtime.sparse import sparse_copy
 from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.virtio.device import VirtioDevice
 
@@ -23,11 +23,6 @@ from appliance.runtime.virtio.device import VirtioDevice
 PAUSED_SNAPSHOT_DIR = "kvm-paused"
 # Beside a template snapshot: the boot token its guest's agent holds, and so every clone's.
 AGENT_TOKEN_FILE = "agent-token"
-
-
-def copy_sparse(source: Path, target: Path) -> None:
-    """Copy keeping holes (and sharing blocks where the filesystem can reflink)."""
-    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(target)], check=True)
 
 
 def save_agent_token(directory: Path, token: str) -> None:
@@ -127,7 +122,7 @@ class KvmInstance:
         await self._stop_vcpus()
         try:
             await trio.to_thread.run_sync(self.machine.snapshot, directory)  # flushes the disk
-            await trio.to_thread.run_sync(copy_sparse, self.disk_overlay, directory / OVERLAY_NAME)
+            await trio.to_thread.run_sync(sparse_copy, self.disk_overlay, directory / OVERLAY_NAME)
             save_agent_token(directory, self.agent_token)
         finally:
             self._continue_vcpus()

@@ -1,22 +1,25 @@
 """`KvmRuntime`: one microVM per sandbox, behind runtime.base's Runtime interface.
 
-Per sandbox, `run()` owns (and tears down in reverse, however it ends): the sandbox
-directory; CubeVS's netns with tap0 → virtio-net; the template's rootfs as a
-copy-on-write virtio-blk; virtio-vsock (host side `<sandbox_dir>/vsock.sock`);
-virtio-rng; the machine (VM, memory, vCPUs); and the sandbox's nursery, which owns
-the vCPU threads (`Machine.run`), every device's handlers and the console pump. The
-nursery's cancel scope is the sandbox's lifetime: the cubelet cancels `run()` to kill
-it (its E2B deadline is the cubelet's scope around this task), and nothing of the
-sandbox outlives `run()`: no thread, fd, tap, netns or file.
+Each sandbox's machine runs in its own VMM process (vmm.py): the service opens /dev/kvm and
+the sandbox's tap (in CubeVS's netns) and hands both over; the VMM builds the machine as
+root and drops to the sandbox's uid before the guest runs. The VMM is the sandbox's
+supervisor: its own session and cgroup leaf, its control socket in
+`<run_dir>/vmms/<sandbox_id>/` (runtime/supervisor's protocol and client), so the guest
+outlives the service. Per sandbox, `run()` owns (and tears down in reverse, however it
+ends): the sandbox directory (the sandbox uid's), the network (netns, tap → virtio-net),
+the VMM's cgroup leaf, the VMM and its control directory. The cubelet cancels `run()` to
+kill the sandbox (the VMM is asked to stop and exits); after `KvmSandbox.detach()` the
+cancel leaves all of it running for the next service, which finds it (`kept_guests`) and
+takes it over (`adopt`).
 
 Where the guest comes from:
-- a template snapshot (template_snapshots.py), the normal case: a pooled VM shell
-  gets the snapshot's state, the guest clock moves on, and the cubelet's /init
-  hands over env, a fresh access token, time and an RNG seed;
+- a template snapshot (template_snapshots.py), the normal case: the VMM restores the
+  snapshot's state, the guest clock moves on, and the cubelet's /init hands over env, a
+  fresh access token, time and an RNG seed;
 - a cold boot of the microVM kernel, for the first sandbox of a template (or a
   template version, kernel or VMM) without a valid snapshot: once its agent's
-  default kernel answers, it is snapshotted into the store, then handed out; other
-  creates of the template wait for that snapshot and restore it;
+  default kernel answers, the VMM snapshots it and the service publishes it into the
+  store; other creates of the template wait for that snapshot and restore it;
 - a cold boot without a snapshot: throwaway guests of template builds (Dockerfile
   RUN) and sandboxes carried over a restart on their kept disk (`spec.disk`).
 A clone's pause writes only what it changed since the template (a diff) and gives
@@ -29,29 +32,34 @@ guest kernel configured (`detect_host` says which, and why not).
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import logging
 import os
-import re
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
 from appliance.config import Config
-from appliance.guest.options import BOOT_TOKEN_PARAMETER
 from appliance.net.netns import entered
-from appliance.runtime.base import ENVD_PORT, BootFailed, BootSpec, GuestExited, HostBusy, Instance
+from appliance.runtime.base import (
+    ENVD_PORT,
+    BootFailed,
+    BootSpec,
+    GuestExited,
+    GuestFailure,
+    HostBusy,
+    Instance,
+    KeptGuest,
+    read_console_tail,
+)
 from appliance.runtime.detect import detect_host, find_guest_kernel
-from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
-from appliance.runtime.kvm.console import SerialConsole
-from appliance.runtime.kvm.instance import PAUSED_SNAPSHOT_DIR, KvmInstance, copy_sparse, snapshot_agent_token
-from appliance.runtime.kvm.machine import Machine, MachineConfig
-from appliance.runtime.kvm.pool import ShellPool
-from appliance.runtime.kvm.snapshot import STATE_FILE
+from appliance.runtime.kvm.instance import PAUSED_SNAPSHOT_DIR, KvmInstance, snapshot_agent_token
+from appliance.runtime.kvm.sandbox import GuestControlFailed, KvmSandbox
+from appliance.runtime.kvm.snapshot import MEMORY_FILE
 from appliance.runtime.kvm.template_snapshots import (
     OVERLAY_NAME,
     SNAPSHOT_STORE,
@@ -60,73 +68,77 @@ from appliance.runtime.kvm.template_snapshots import (
     TemplateSnapshots,
     TemplateUnservable,
 )
-from appliance.runtime.kvm.vcpu import VcpuExit, VcpuFault
+from appliance.runtime.kvm.vmm import (
+    CONSOLE_LOG,
+    DEVICE_SLOTS,
+    KERNEL_CMDLINE,
+    VMM_MODULE,
+    SandboxDeviceParts,
+    VmmSpec,
+    attach_device,
+    device_slot,
+    exit_reason,
+    guest_mac,
+    wire_device_slots,
+)
 from appliance.runtime.readiness import ReadinessProbe
-from appliance.runtime.uml.console import ConsoleLog
-from appliance.runtime.virtio.blk.device import VirtioBlock
-from appliance.runtime.virtio.blk.disk import CowDisk
-from appliance.runtime.virtio.device import VirtioDevice
-from appliance.runtime.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, MmioTransport, cmdline_device
-from appliance.runtime.virtio.net.device import VirtioNet
+from appliance.runtime.supervisor.client import (
+    GuestEvents,
+    SupervisorClient,
+    SupervisorGone,
+    control_dirs,
+    follow,
+    log_tail,
+    start,
+    supervisors_dir,
+)
+from appliance.runtime.supervisor.guest import first_of
+from appliance.runtime.supervisor.kept import KEPT_FIELDS, find_kept, remove_orphan_directories
+from appliance.runtime.uml.cgroups import (
+    SUPERVISOR_SUFFIX,
+    SandboxCgroup,
+    create_supervisor_cgroup,
+    open_cgroup,
+)
 from appliance.runtime.virtio.net.tap import open_tap, set_tap_mac
-from appliance.runtime.virtio.rng.device import VirtioRng
-from appliance.runtime.virtio.vsock.device import VirtioVsock
-from cffi_kvm import Kvm
 
-__all__ = ["OVERLAY_NAME", "PAUSED_SNAPSHOT_DIR", "KvmInstance", "KvmRuntime", "TemplateUnservable"]
+__all__ = [
+    "DEVICE_SLOTS",
+    "KERNEL_CMDLINE",
+    "OVERLAY_NAME",
+    "PAUSED_SNAPSHOT_DIR",
+    "KvmInstance",
+    "KvmRuntime",
+    "KvmSandbox",
+    "SandboxDeviceParts",
+    "TemplateUnservable",
+    "attach_device",
+    "device_slot",
+    "exit_reason",
+    "guest_mac",
+    "wire_device_slots",
+]
 
 if TYPE_CHECKING:
+    from appliance.net.service import SandboxNetwork
     from appliance.records import TemplateManifest
 
 log = logging.getLogger(__name__)
 
-MIB = 1 << 20
-VIRTIO_MMIO_BASE = 0xD000_0000
-VIRTIO_IRQS = (5, 6, 7, 9, 10, 11)  # ISA lines Linux leaves free (4 is the serial port)
-GUEST_CID = 3
+VMMS_DIR = "vmms"  # in run_dir: the VMM processes' control directories
 # The host side of every sandbox's tap: a guest restored from a template snapshot has
 # the template guest's ARP entry for its gateway, which must still be right in its own netns.
 GATEWAY_MAC = bytes.fromhex("06cbe0000001")
-KERNEL_CMDLINE = (
-    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.dumbkbd "
-    "root=/dev/vda rw init=/sbin/cube-init"
-)
-GUEST_HOSTNAME = "sandbox"
-
-
-@dataclass(frozen=True)
-class SandboxDeviceParts:
-    """What a sandbox's devices are made of: host resources the runtime opened for it."""
-
-    disk: CowDisk
-    disk_id: str
-    tap_fd: int
-    mac: bytes
-    vsock_path: Path
-
-
-@dataclass(frozen=True)
-class DeviceSlot:
-    name: str  # keys the device's state in a snapshot
-    device_class: type[VirtioDevice]  # its queues: a pooled shell wires them before it exists
-    build: Callable[[SandboxDeviceParts], VirtioDevice]
-
-
-# The one device table: every sandbox's devices in virtio-mmio slot order, built from it;
-# a pooled shell has their interrupt and queue-notify eventfds made ahead from it.
-DEVICE_SLOTS: tuple[DeviceSlot, ...] = (
-    DeviceSlot("virtio-blk", VirtioBlock, lambda parts: VirtioBlock(parts.disk, disk_id=parts.disk_id)),
-    DeviceSlot("virtio-net", VirtioNet, lambda parts: VirtioNet(parts.tap_fd, parts.mac)),
-    DeviceSlot("virtio-vsock", VirtioVsock, lambda parts: VirtioVsock(GUEST_CID, parts.vsock_path)),
-    DeviceSlot("virtio-rng", VirtioRng, lambda _parts: VirtioRng()),
-)
-
-
-CONSOLE_LOG = "console.log"
 PROBE_INTERVAL_S = 0.05
 # Host memory kept free beside a new guest's RAM (the service, page cache the clones share).
 HOST_RESERVE_MB = 256
-_PANIC = re.compile(r"Kernel panic - not syncing: ([^\r\n]*)")
+# A VMM is up (its machine built, root dropped) in well under a second; a cold boot's kernel
+# load or a restore's memory mapping on a host too busy for the boot limits takes longer.
+VMM_START_TIMEOUT_S = 60.0
+# A VMM asked to stop answers once its vCPUs are joined; past this it is SIGKILLed.
+VMM_KILL_TIMEOUT_S = 30.0
+# What a VMM's record says of its guest (SupervisorRecord.guest): KeptGuest's fields.
+_KEPT_FIELDS = {**KEPT_FIELDS, "shared_key": str}
 
 
 def host_memory_available_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
@@ -135,11 +147,6 @@ def host_memory_available_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) // 1024
     return 0
-
-
-def guest_mac(slot: int) -> bytes:
-    """Locally administered, unique per slot (the guest IP is the same everywhere, the MAC need not be)."""
-    return bytes([0x02, 0xCB, 0xE0, (slot >> 16) & 0xFF, (slot >> 8) & 0xFF, slot & 0xFF])
 
 
 def open_sandbox_tap(netns_path: str, tap_name: str) -> int:
@@ -154,37 +161,17 @@ def open_sandbox_tap(netns_path: str, tap_name: str) -> int:
     return fd
 
 
-def device_slot(index: int) -> tuple[int, int]:
-    """MMIO base and interrupt line of the `index`th virtio device."""
-    return VIRTIO_MMIO_BASE + index * MMIO_SIZE, VIRTIO_IRQS[index]
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
-def wire_device_slots(machine: Machine) -> None:
-    """Make the interrupt and queue-notify eventfds of every DEVICE_SLOTS device in
-    `machine`: a pooled shell's `prepare`, so a restore only binds the devices to them."""
-    for index, slot in enumerate(DEVICE_SLOTS):
-        base, irq = device_slot(index)
-        machine.irq_eventfd(irq)
-        machine.notify_eventfds(base + QUEUE_NOTIFY, len(slot.device_class.queue_max_sizes))
-
-
-def exit_reason(outcome: VcpuExit | str, console_tail: str) -> str:
-    """Why a guest stopped, in words: its kernel's panic message when it printed one."""
-    panic = _PANIC.search(console_tail)
-    if panic:
-        return f"guest kernel panic: {panic.group(1).strip()}"
-    if outcome is VcpuExit.SHUTDOWN:
-        return "the guest shut down (triple fault or shutdown request)"
-    if outcome is VcpuExit.RESET:
-        return "the guest reset itself (reboot)"
-    if outcome is VcpuExit.POWEROFF:
-        return "the guest powered off"
-    return str(outcome.value if isinstance(outcome, VcpuExit) else outcome)
-
-
-def _prepare_sandbox_dir(sandbox_dir: Path, disk: Path | None) -> None:
+def _prepare_sandbox_dir(sandbox_dir: Path, disk: Path | None, uid: int) -> None:
+    """The sandbox directory, the sandbox uid's (its VMM writes the console log, the pause's
+    diff and its snapshots there)."""
     shutil.rmtree(sandbox_dir, ignore_errors=True)  # a crashed service's leftovers
     sandbox_dir.mkdir(parents=True, mode=0o700)
+    os.chown(sandbox_dir, uid, uid)
     if disk is not None:  # a sandbox carried over a restart: its kept disk is the overlay
         os.replace(disk, sandbox_dir / OVERLAY_NAME)
 
@@ -212,6 +199,25 @@ class Handover:
         self._task_status.started(instance)
 
 
+@dataclass(eq=False)
+class _Sandbox:
+    """What the service holds of one sandbox's VMM, for its teardown."""
+
+    sandbox_id: str
+    sandbox_dir: Path
+    control_dir: Path
+    cgroup: SandboxCgroup | None = None
+    vmm: SupervisorClient | None = None
+    instance: KvmSandbox | None = None
+    torn_down: bool = False
+    agent_token: str = field(default="", repr=False)
+    shared_key: str = ""
+
+    @property
+    def detached(self) -> bool:
+        return self.instance is not None and self.instance.detached
+
+
 class KvmRuntime:
     name = "kvm"
     snapshots_templates = True  # into the snapshot store, at a published template's first boot
@@ -222,23 +228,16 @@ class KvmRuntime:
         self.snapshots = TemplateSnapshots(config.state_dir / SNAPSHOT_STORE)
         if removed := self.snapshots.prune(config.templates_dir):
             log.info("kvm: removed the snapshots of templates that are gone: %s", ", ".join(removed))
-        self._pools: dict[Path, ShellPool] = {}  # by template snapshot directory
-
-    def pool_for(self, snapshot_dir: Path) -> ShellPool:
-        """The template snapshot's shell pool; a re-taken snapshot replaces it."""
-        pool = self._pools.get(snapshot_dir)
-        if pool is not None and pool.version != (snapshot_dir / STATE_FILE).stat().st_mtime_ns:
-            pool.close()
-            pool = None
-        if pool is None:
-            pool = self._pools[snapshot_dir] = ShellPool(snapshot_dir, prepare=wire_device_slots)
-        return pool
+        self._vmms = supervisors_dir(config.run_dir, VMMS_DIR)
+        self._kept: dict[str, SupervisorClient] = {}  # found at start, until adopted
+        # Sandboxes another runtime of this service keeps (the uml fallback's): not swept here.
+        self.also_kept: set[str] = set()
 
     def close(self) -> None:
-        """Release the pooled shells (file descriptors and mappings; no threads)."""
-        for pool in self._pools.values():
-            pool.close()
-        self._pools.clear()
+        """Let go of the kept VMMs not adopted (nothing else is kept between sandboxes)."""
+        for vmm in self._kept.values():
+            vmm.close()
+        self._kept.clear()
 
     def guest_kernel(self, sandbox_id: str) -> Path:
         """The kernel to boot; BootFailed with the detector's reason where none can run."""
@@ -270,6 +269,8 @@ class KvmRuntime:
         boot (its first create, or the service's start-up warm-up) is what gets snapshotted,
         into the store keyed by kernel, template, VMM and size (template_snapshots.py)."""
 
+    # A new guest.
+
     async def run(
         self, spec: BootSpec, *, task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED
     ) -> NoReturn:
@@ -277,9 +278,11 @@ class KvmRuntime:
         self.check_memory(spec)
         source = await self._source(spec, kernel)
         handover = Handover(task_status)
+        sandbox = _Sandbox(spec.sandbox_id, spec.sandbox_dir, self._vmms / spec.sandbox_id)
         try:
-            await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, spec.disk)
-            await self._run_sandbox(spec, kernel, source, handover)
+            uid = self.config.uid_base + spec.slot
+            await trio.to_thread.run_sync(_prepare_sandbox_dir, spec.sandbox_dir, spec.disk, uid)
+            await self._run_sandbox(spec, kernel, source, handover, sandbox)
             raise AssertionError("_run_sandbox returned")  # it raises GuestExited when the guest stops
         except Exception as exc:
             if handover.done or source.key is None:
@@ -290,8 +293,9 @@ class KvmRuntime:
                 self.snapshots.abandon(source.build, None)  # cancelled: the next create tries again
             raise
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(shutil.rmtree, spec.sandbox_dir, True)
+            if not sandbox.detached:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(shutil.rmtree, spec.sandbox_dir, True)
 
     def _unservable(self, spec: BootSpec, source: GuestSource, exc: Exception) -> TemplateUnservable:
         """A template whose first boot, or whose snapshot's restore, failed: this create and
@@ -303,10 +307,6 @@ class KvmRuntime:
             self.snapshots.abandon(source.build, reason)
         else:
             reason = f"its snapshot did not restore: {reason}"
-            assert source.snapshot is not None
-            pool = self._pools.pop(source.snapshot, None)
-            if pool is not None:
-                pool.close()
             self.snapshots.refuse(source.key, reason)
         tail = getattr(exc, "console_tail", "")
         return TemplateUnservable(spec.sandbox_id, spec.template.template_id, reason, tail)
@@ -323,195 +323,238 @@ class KvmRuntime:
         return GuestSource(key, build=found)
 
     async def _run_sandbox(
-        self, spec: BootSpec, kernel: Path, source: GuestSource, handover: Handover
+        self, spec: BootSpec, kernel: Path, source: GuestSource, handover: Handover, sandbox: _Sandbox
     ) -> None:
         policy = spec.network_policy
-        pool = self.pool_for(source.snapshot) if source.snapshot is not None else None
-        async with contextlib.AsyncExitStack() as resources:
-            async with trio.open_nursery() as setting_up:
-                if pool is not None:
-                    # A shell for this clone is made (if none is ready) while the network is
-                    # set up, so the restore below takes a ready one.
-                    setting_up.start_soon(pool.refill, 1)
-                net = await resources.enter_async_context(
-                    self.cubevs.sandbox_network(spec.sandbox_id, spec.slot, os.geteuid(), policy)
-                )
-            tap_fd = await trio.to_thread.run_sync(open_sandbox_tap, net.netns_path, net.tap)
-            resources.callback(os.close, tap_fd)
-            kvm = resources.enter_context(Kvm())
-            console = ConsoleLog(spec.sandbox_dir / CONSOLE_LOG)
-            serial = SerialConsole(console)
-            overlay = spec.sandbox_dir / OVERLAY_NAME
-            if source.snapshot is not None:
-                # The guest's page cache matches the template's disk as it was at the snapshot.
-                await trio.to_thread.run_sync(copy_sparse, source.snapshot / OVERLAY_NAME, overlay)
-            disk = resources.enter_context(contextlib.closing(CowDisk(overlay, base=spec.template.rootfs)))
-            parts = SandboxDeviceParts(
-                disk, spec.template.template_id, tap_fd, guest_mac(spec.slot), spec.sandbox_dir / "vsock.sock"
-            )
-            devices: list[tuple[str, VirtioDevice]] = []
-            for slot in DEVICE_SLOTS:
-                device = slot.build(parts)
-                resources.callback(device.close)  # at once: a later slot's failure closes it
-                devices.append((slot.name, device))
-            transports: list[MmioTransport] = []
+        async with self.cubevs.sandbox_network(spec.sandbox_id, spec.slot, os.geteuid(), policy) as net:
+            try:
+                sandbox.cgroup = await trio.to_thread.run_sync(create_supervisor_cgroup, spec.sandbox_id)
+                if source.snapshot is not None:
+                    # A clone's agent holds the boot token of the guest its template was snapshotted from.
+                    sandbox.agent_token = snapshot_agent_token(source.snapshot)
+                    sandbox.shared_key = str(source.snapshot / MEMORY_FILE)
+                else:
+                    sandbox.agent_token = spec.agent_token
+                sandbox.vmm = await self._launch(spec, kernel, source, net, sandbox)
+                await self.cubevs.set_owner(spec.sandbox_id, sandbox.vmm.record.identity)
+                await self._own(spec, sandbox, net, handover, source)
+            finally:
+                await self._tear_down(sandbox)
 
-            def attach_devices(machine: Machine) -> None:
-                for index, (name, device) in enumerate(devices):
-                    transports.append(self._attach(machine, index, name, device))
+    async def _launch(
+        self, spec: BootSpec, kernel: Path, source: GuestSource, net: SandboxNetwork, sandbox: _Sandbox
+    ) -> SupervisorClient:
+        """The sandbox's VMM, started with /dev/kvm and its tap handed over."""
+        assert sandbox.cgroup is not None
+        egress = getattr(self.cubevs, "egress_tls", None)  # the egress proxy's CA, where there is one
+        vmm_spec = VmmSpec(
+            sandbox_id=spec.sandbox_id,
+            control_dir=str(sandbox.control_dir),
+            sandbox_dir=str(spec.sandbox_dir),
+            uid=self.config.uid_base + spec.slot,
+            memory_mb=spec.memory_mb,
+            cpu_count=spec.cpu_count,
+            disk_id=spec.template.template_id,
+            rootfs=str(spec.template.rootfs),
+            mac=guest_mac(spec.slot).hex(),
+            handover_fd=-1,
+            supervisor_cgroup=[str(p) for p in sandbox.cgroup.procs_files()],
+            snapshot=str(source.snapshot or ""),
+            kernel=str(kernel),
+            resolver_ip=net.resolver_ip,
+            egress_ca_argument=egress.kernel_word() if egress is not None else "",
+            agent_token=spec.agent_token,
+            guest={
+                "slot": spec.slot,
+                "template_id": spec.template.template_id,
+                "memory_mb": spec.memory_mb,
+                "cpu_count": spec.cpu_count,
+                "shared_key": sandbox.shared_key,
+            },
+        )
+        tap_fd = await trio.to_thread.run_sync(open_sandbox_tap, net.netns_path, net.tap)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            kvm_fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                socket.send_fds(ours, [b"fds"], [kvm_fd, tap_fd])
+            finally:
+                os.close(kvm_fd)
+            data = dataclasses.replace(vmm_spec, handover_fd=theirs.fileno()).encode()
+            return await start(sandbox.control_dir, VMM_MODULE, data, theirs.fileno(), VMM_START_TIMEOUT_S)
+        except SupervisorGone as exc:
+            raise BootFailed(spec.sandbox_id, str(exc), log_tail(sandbox.control_dir)) from exc
+        finally:
+            ours.close()
+            theirs.close()
+            os.close(tap_fd)
 
-            if pool is not None:
-                machine = await pool.restore(add_devices=attach_devices, console=serial.write)
-            else:
-                machine = Machine.new(
-                    kvm, MachineConfig(spec.memory_mb * MIB, spec.cpu_count), console=serial.write
-                )
-                attach_devices(machine)
+    # Either way: the guest's life, then its end.
 
-            serial.on_power_down = functools.partial(machine.request_stop, VcpuExit.POWEROFF)
-
-            async def close_machine() -> None:
-                with trio.CancelScope(shield=True):  # runs while the sandbox is being cancelled
-                    await machine.aclose()
-
-            resources.push_async_callback(close_machine)
-            for transport in transports:
-                resources.callback(transport.close)
-            if pool is None:
-                egress = getattr(self.cubevs, "egress_tls", None)
-                ca_word = egress.kernel_word() if egress is not None else ""
-                await self._load_kernel(machine, kernel, transports, net.resolver_ip, spec, ca_word)
-            # A clone's agent holds the boot token of the guest its template was snapshotted from.
-            assert source.snapshot is None or pool is not None
-            agent_token = snapshot_agent_token(source.snapshot) if source.snapshot else spec.agent_token
-            instance = KvmInstance(
-                spec.sandbox_id,
-                console.path,
-                net.host_ip,
-                machine,
-                overlay,
-                console=console,
-                restored=pool is not None,
-                devices=[device for _name, device in devices],
-                agent_token=agent_token,
-            )
-            await self._serve(spec, instance, serial, devices, transports, source, handover)
-
-    @staticmethod
-    async def _load_kernel(
-        machine: Machine,
-        kernel: Path,
-        transports: list[MmioTransport],
-        resolver_ip: str,
-        spec: BootSpec,
-        egress_ca_argument: str = "",
-    ) -> None:
-        # The default template's init reads cube_* words (the kernel hands them to it as
-        # environment), the agent its boot token; a template snapshot keeps what its boot got.
-        identity = [
-            f"cube_hostname={GUEST_HOSTNAME}",
-            f"cube_resolver={resolver_ip}",
-            f"{BOOT_TOKEN_PARAMETER}={spec.agent_token}",
-            # The egress CA's certificate, for the agent to trust (net/egress_tls.py).
-            *([egress_ca_argument] if egress_ca_argument else []),
-        ]
-        cmdline = " ".join([KERNEL_CMDLINE, *identity, *(cmdline_device(t.base, t.irq) for t in transports)])
-        entry = await trio.to_thread.run_sync(load_linux, machine.memory, kernel, cmdline)
-        prepare_boot_vcpu(machine.memory, machine.vcpus[0].vcpu, entry, spec.cpu_count)
-
-    async def _serve(
+    async def _own(
         self,
         spec: BootSpec,
-        instance: KvmInstance,
-        serial: SerialConsole,
-        devices: list[tuple[str, VirtioDevice]],
-        transports: list[MmioTransport],
-        source: GuestSource,
-        handover: Handover,
-    ) -> None:
-        """The sandbox's nursery: vCPU threads, device handlers, console; hands the instance
-        over once ready and returns only when the guest stopped by itself (then raises)."""
-        machine = instance.machine
-        stopped: list[str] = []
+        sandbox: _Sandbox,
+        net: SandboxNetwork,
+        handover: Handover | trio.TaskStatus[Instance],
+        source: GuestSource | None,
+    ) -> NoReturn:
+        """Follow the guest through its VMM: its boot (None: it was adopted and runs already), the
+        template snapshot a first boot takes, the hand-over, its end."""
+        vmm = sandbox.vmm
+        assert vmm is not None
+        console_log = spec.sandbox_dir / CONSOLE_LOG
+        events = GuestEvents()
+        failure: GuestFailure | None = None
         async with trio.open_nursery() as nursery:
-            if source.snapshot is not None:
-                nursery.start_soon(self.pool_for(source.snapshot).refill)  # the template's next shell
-            for _name, device in devices:
-                nursery.start_soon(device.run_io)
-            for transport in transports:
-                nursery.start_soon(transport.serve_throttled)
-                notify_fds = machine.notify_eventfds(transport.base + QUEUE_NOTIFY, len(transport.queues))
-                nursery.start_soon(transport.serve_notifications, notify_fds)
-            nursery.start_soon(self._run_guest, instance, serial, stopped, nursery.cancel_scope.cancel)
-            await self._wait_ready(spec, instance, stopped)
-            if source.build is not None:
-                await self._snapshot_template(spec, instance, source.build, stopped)
-            handover.started(instance)
-        # Reached only when the guest stopped by itself (cancelling `run` is the kill).
-        assert instance.console is not None
-        raise GuestExited(spec.sandbox_id, stopped[0] if stopped else "stopped", instance.console.tail())
-
-    @staticmethod
-    def _attach(machine: Machine, index: int, name: str, device: VirtioDevice) -> MmioTransport:
-        base, irq = device_slot(index)
-        irq_fd = machine.irq_eventfd(irq)
-        transport = MmioTransport(
-            device, machine.memory, lambda: os.eventfd_write(irq_fd, 1), base=base, irq=irq
-        )
-        machine.add_mmio_device(name, transport, base, MMIO_SIZE)
-        return transport
-
-    @staticmethod
-    async def _run_guest(
-        instance: KvmInstance, serial: SerialConsole, stopped: list[str], stop_all: Callable[[], None]
-    ) -> None:
-        """Run the vCPUs until the guest stops by itself; record why, then end the sandbox."""
-        try:
-            outcome: VcpuExit | str = await instance.run_until_exit()
-        except VcpuFault as exc:
-            outcome = f"KVM could not run the guest: {exc}"
-        serial.drain()  # the guest's last words (a panic message) into the log
-        assert instance.console is not None
-        stopped.append(exit_reason(outcome, instance.console.tail()))
-        stop_all()
+            try:
+                await nursery.start(follow, vmm, events, lambda: read_console_tail(console_log))
+                instance = KvmSandbox(
+                    spec.sandbox_id,
+                    console_log,
+                    sandbox.agent_token,
+                    net.host_ip,
+                    spec.sandbox_dir,
+                    vmm,
+                    events,
+                    shared_key=sandbox.shared_key,
+                )
+                if source is not None:
+                    failure = await self._wait_ready(spec, net.host_ip, events)
+                    if failure is None and source.build is not None:
+                        failure = await self._snapshot_template(spec, instance, source.build, events)
+                elif events.exit is not None:
+                    failure = BootFailed(spec.sandbox_id, f"its guest has ended: {events.exit.reason}")
+                if failure is None:
+                    sandbox.instance = instance
+                    nursery.start_soon(instance.follow_metrics)
+                    handover.started(instance)
+                    await events.exited.wait()
+                    assert events.exit is not None
+                    failure = GuestExited(spec.sandbox_id, events.exit.reason, events.exit.console_tail)
+            finally:
+                nursery.cancel_scope.cancel()
+        raise failure
 
     def _boot_timeout(self) -> float:
         return float(self.config.kvm_boot_timeout_s)
 
-    async def _wait_ready(self, spec: BootSpec, instance: KvmInstance, stopped: list[str]) -> None:
+    async def _wait_ready(self, spec: BootSpec, host_ip: str, events: GuestEvents) -> GuestFailure | None:
         """Until the guest agent accepts connections on the template's probe port (a cold
         boot prints its ready line first); BootFailed with the console tail otherwise."""
-        assert instance.console is not None
         port = spec.template.probe_port or ENVD_PORT
         timeout = self._boot_timeout()
-        probe = ReadinessProbe((instance.host_ip, port), None, attempt_timeout_s=timeout)
+        probe = ReadinessProbe((host_ip, port), None, attempt_timeout_s=timeout)
+        ready = False
         with trio.move_on_after(timeout):
-            if not instance.restored:
-                await instance.console.ready.wait()
-            if await probe.wait(PROBE_INTERVAL_S, gave_up=lambda: bool(stopped)):
-                return
+            async with trio.open_nursery() as nursery:  # cancelled if the guest ends meanwhile
+                nursery.start_soon(_cancel_when, events.exited, nursery.cancel_scope)
+                await events.ready.wait()
+                ready = await probe.wait(PROBE_INTERVAL_S, gave_up=events.exited.is_set)
+                nursery.cancel_scope.cancel()
+        if ready:
+            return None
         why = (
-            f"guest stopped: {stopped[0]}"
-            if stopped
+            f"guest stopped: {events.exit.reason}"
+            if events.exit is not None
             else f"no answer on port {port} in {timeout:.0f} s ({probe.last_error})"
         )
-        raise BootFailed(spec.sandbox_id, why, instance.console.tail())
+        tail = events.exit.console_tail if events.exit else read_console_tail(spec.sandbox_dir / CONSOLE_LOG)
+        return BootFailed(spec.sandbox_id, why, tail)
 
     async def _snapshot_template(
-        self, spec: BootSpec, instance: KvmInstance, build: SnapshotBuild, stopped: list[str]
-    ) -> None:
+        self, spec: BootSpec, instance: KvmSandbox, build: SnapshotBuild, events: GuestEvents
+    ) -> GuestFailure | None:
         """Once the default kernel answers, save the guest as the template's snapshot."""
-        assert instance.console is not None
         timeout = self._boot_timeout()
         with trio.move_on_after(timeout):
-            await instance.console.interpreter_ready.wait()
-        if not instance.console.interpreter_ready.is_set() or stopped:
+            await first_of(events.interpreter_ready, events.exited)
+        if not events.interpreter_ready.is_set() or events.exit is not None:
             why = (
-                f"guest stopped: {stopped[0]}"
-                if stopped
+                f"guest stopped: {events.exit.reason}"
+                if events.exit is not None
                 else f"its default kernel was not up in {timeout:.0f} s"
             )
-            raise BootFailed(spec.sandbox_id, why, instance.console.tail())
-        await instance.snapshot(build.staging)
+            return BootFailed(spec.sandbox_id, why, read_console_tail(spec.sandbox_dir / CONSOLE_LOG))
+        try:
+            await instance.snapshot(build.staging)
+        except (GuestControlFailed, OSError) as exc:
+            return BootFailed(spec.sandbox_id, f"its snapshot failed: {exc}")
         directory = await trio.to_thread.run_sync(self.snapshots.publish, build)
         log.info("kvm: template %s snapshotted into %s", spec.template.template_id, directory)
+        return None
+
+    async def _tear_down(self, sandbox: _Sandbox) -> None:
+        """Unless the sandbox is detached: stop its VMM (its machine goes with it), then remove its
+        cgroup leaf and control directory. Its network is the `sandbox_network` context's."""
+        if sandbox.torn_down:
+            return
+        sandbox.torn_down = True
+        if sandbox.detached:
+            self.cubevs.detach(sandbox.sandbox_id)
+            if sandbox.vmm is not None:
+                sandbox.vmm.close()
+            return
+        with trio.CancelScope(shield=True):
+            if sandbox.vmm is not None:
+                await sandbox.vmm.end(VMM_KILL_TIMEOUT_S)
+            if said := log_tail(sandbox.control_dir).strip():  # nothing unless it failed
+                log.warning("sandbox %s: its VMM logged: %s", sandbox.sandbox_id, said)
+            if sandbox.cgroup is not None:
+                await trio.to_thread.run_sync(sandbox.cgroup.remove)
+            await trio.to_thread.run_sync(shutil.rmtree, sandbox.control_dir, True)
+
+    # A guest a previous service left running.
+
+    async def kept_guests(self) -> tuple[list[KeptGuest], dict[str, str]]:
+        """The guests whose VMMs run on (each attached: to be `adopt`ed), and why each other
+        sandbox a previous service had is gone; everything of those is removed here: leaves,
+        directories, kept networks (but those of `also_kept`). Call once, before any boot."""
+        dirs = control_dirs(self.config.run_dir, VMMS_DIR)
+        found = await find_kept(dirs, _KEPT_FIELDS, self._remove_leftovers)
+        self._kept.update(found.supervisors)
+        keep = set(self._kept) | self.also_kept
+        await trio.to_thread.run_sync(remove_orphan_directories, self.config.sandboxes_dir, keep, "kvm")
+        released = await self.cubevs.release_kept(keep)
+        if released:
+            log.info("kvm runtime: removed the networks of %d guests that are gone", len(released))
+        return found.guests, found.gone
+
+    def kept_ids(self) -> set[str]:
+        return set(self._kept)
+
+    def _remove_leftovers(self, sandbox_id: str) -> None:
+        """Everything of a sandbox whose VMM is gone but its network (released with the others)."""
+        open_cgroup(sandbox_id + SUPERVISOR_SUFFIX).remove()
+        shutil.rmtree(self._vmms / sandbox_id, ignore_errors=True)
+        shutil.rmtree(self.config.sandboxes_dir / sandbox_id, ignore_errors=True)
+
+    async def adopt(
+        self,
+        sandbox_id: str,
+        spec: BootSpec,
+        *,
+        task_status: trio.TaskStatus[Instance] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        vmm = self._kept.pop(sandbox_id)
+        sandbox = _Sandbox(sandbox_id, spec.sandbox_dir, vmm.control_dir, vmm=vmm)
+        sandbox.cgroup = open_cgroup(sandbox_id + SUPERVISOR_SUFFIX)
+        sandbox.shared_key = str(vmm.record.guest.get("shared_key", ""))
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                network = self.cubevs.sandbox_network(
+                    sandbox_id, spec.slot, os.geteuid(), spec.network_policy, adopt=True
+                )
+                try:
+                    net = await stack.enter_async_context(network)
+                except KeyError as exc:
+                    raise BootFailed(sandbox_id, f"its network did not survive: {exc}") from exc
+                try:
+                    await self._own(spec, sandbox, net, task_status, None)
+                finally:
+                    await self._tear_down(sandbox)
+        finally:
+            await self._tear_down(sandbox)  # when its network could not be taken over
+            if not sandbox.detached:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(shutil.rmtree, spec.sandbox_dir, True)

@@ -8,9 +8,7 @@ base64-encoded; `format_version` guards against reading a different layout.
 from __future__ import annotations
 
 import base64
-import errno
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,43 +87,3 @@ def read_state(directory: Path) -> MachineState:
     ]
     raw["diff_runs"] = [tuple(run) for run in raw.get("diff_runs", [])]
     return MachineState(**raw)
-
-
-def fold_overlay(overlay: Path, image: Path) -> int:
-    """Write the data extents of a copy-on-write overlay (`virtio/blk/disk.py`: a sparse file
-    whose allocated blocks are the disk's written ones) into `image`, the copy of its base:
-    `image` then reads as the disk did. Returns the bytes written."""
-    written = 0
-    flags = os.O_NOFOLLOW | os.O_CLOEXEC
-    source = os.open(overlay, os.O_RDONLY | flags)
-    try:
-        target = os.open(image, os.O_WRONLY | flags)
-        try:
-            size = os.fstat(source).st_size
-            offset = 0
-            while offset < size:
-                try:
-                    start = os.lseek(source, offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # only a hole is left
-                        break
-                    raise
-                end = os.lseek(source, start, os.SEEK_HOLE)
-                written += _copy_range(source, target, start, end)
-                offset = end
-            os.fsync(target)
-        finally:
-            os.close(target)
-    finally:
-        os.close(source)
-    return written
-
-
-def _copy_range(source: int, target: int, start: int, end: int) -> int:
-    position = start
-    while position < end:
-        copied = os.copy_file_range(source, target, end - position, position, position)
-        if copied == 0:
-            raise OSError(errno.EIO, f"short copy at byte {position}")
-        position += copied
-    return end - start

@@ -52,6 +52,7 @@ from appliance.runtime.uml.process import spawn
 log = logging.getLogger(__name__)
 
 SUPERVISORS_DIR = "supervisors"  # in run_dir
+SUPERVISOR_MODULE = "appliance.runtime.supervisor"
 LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 REQUEST_TIMEOUT_S = 10.0
 HANDSHAKE_LIMIT_BYTES = 16 << 10
@@ -62,16 +63,16 @@ class SupervisorGone(Exception):
     """No live supervisor answers for this control directory; the message says why."""
 
 
-def supervisors_dir(run_dir: Path) -> Path:
-    """Where every supervisor's control directory lives; root's and 0700."""
-    root = run_dir / SUPERVISORS_DIR
+def supervisors_dir(run_dir: Path, name: str = SUPERVISORS_DIR) -> Path:
+    """Where every supervisor's control directory lives (a runtime's own `name`); root's and 0700."""
+    root = run_dir / name
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(root, 0o700)
     return root
 
 
-def control_dirs(run_dir: Path) -> list[Path]:
-    root = run_dir / SUPERVISORS_DIR
+def control_dirs(run_dir: Path, name: str = SUPERVISORS_DIR) -> list[Path]:
+    root = run_dir / name
     return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
@@ -90,14 +91,14 @@ def log_tail(control_dir: Path, max_bytes: int = 2000) -> str:
         return ""
 
 
-def supervisor_command() -> tuple[list[str], dict[str, str]]:
+def supervisor_command(module: str = SUPERVISOR_MODULE) -> tuple[list[str], dict[str, str]]:
     """How to start a supervisor running this very code: the interpreter of this service's venv
     by its real path (a venv link swapped by `cube upgrade` does not change what an older
     supervisor imports), with this package on its path."""
     prefix = Path(sys.prefix).resolve()
     python = prefix / "bin" / "python3" if sys.prefix != sys.base_prefix else Path(sys.executable)
     package_root = Path(appliance.__file__).resolve().parents[1]
-    return [str(python), "-m", "appliance.runtime.supervisor"], {
+    return [str(python), "-m", module], {
         "PATH": LAUNCH_PATH,
         "PYTHONPATH": str(package_root),
     }
@@ -252,16 +253,23 @@ class Watch:
 async def launch(spec: LaunchSpec, timeout: float) -> SupervisorClient:
     """Start the supervisor for `spec` (its control directory made here) and return once it
     runs its guest's launcher; SupervisorGone with what it said if it does not get there."""
-    control_dir = Path(spec.control_dir)
+    return await start(Path(spec.control_dir), SUPERVISOR_MODULE, spec.encode(), spec.seccomp_fd, timeout)
+
+
+async def start(
+    control_dir: Path, module: str, spec: bytes, pass_fd: int, timeout: float
+) -> SupervisorClient:
+    """Start `python -m module` as the supervisor of `control_dir` (made here), `spec` on its
+    stdin and `pass_fd` inherited, and return once it said who it is (its last line on stdout
+    before it logs to its file); SupervisorGone with what it said if it does not get there."""
     control_dir.mkdir(mode=0o700)
-    data = spec.encode()
-    assert len(data) <= MAX_SPEC_BYTES
+    assert len(spec) <= MAX_SPEC_BYTES
     stdin = os.memfd_create("cube-launch-spec", os.MFD_CLOEXEC)
     try:
-        os.write(stdin, data)
+        os.write(stdin, spec)
         os.lseek(stdin, 0, os.SEEK_SET)
-        argv, env = supervisor_command()
-        process = spawn(argv, env, spec.seccomp_fd, stdin=stdin)
+        argv, env = supervisor_command(module)
+        process = spawn(argv, env, pass_fd, stdin=stdin)
     finally:
         os.close(stdin)
     said = bytearray()

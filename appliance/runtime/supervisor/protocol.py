@@ -53,11 +53,14 @@ class ProtocolError(ValueError):
 class Op(enum.StrEnum):
     STATE = "state"  # the guest's state now
     WATCH = "watch"  # the state now, then after every change, until the guest has ended
-    PAUSE = "pause"  # freeze the guest kernel (mconsole `stop`); answers the new state
-    RESUME = "resume"  # mconsole `go`
+    PAUSE = "pause"  # freeze the guest (uml: mconsole `stop`; kvm: the vCPUs); answers the new state
+    RESUME = "resume"  # uml: mconsole `go`; kvm: the vCPUs run again
     KILL = "kill"  # kill the guest; answered once all of it is reaped (the state with its exit)
     CONSOLE = "console"  # the console's last `max_bytes` (at most CONSOLE_TAIL_MAX_BYTES)
     METRICS = "metrics"  # memory charged, balloon, console bytes, uptime
+    # Write the whole machine into the guest's own snapshot directory (kvm only; the owner
+    # chooses where, never the request): answered once written, the guest running again.
+    SNAPSHOT = "snapshot"
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,16 @@ class SupervisorRecord:
     @classmethod
     def decode(cls, data: bytes) -> SupervisorRecord:
         return load(cls, _parse(data, MAX_SPEC_BYTES))
+
+
+def encode_message(message: Any, limit: int = MAX_SPEC_BYTES) -> bytes:
+    """A dataclass as one JSON line (ProtocolError if over `limit`)."""
+    return _line(dataclasses.asdict(message), limit)
+
+
+def decode_message(cls: type[T], data: bytes, limit: int = MAX_SPEC_BYTES) -> T:
+    """A dataclass from one JSON line, every field's type checked (ProtocolError otherwise)."""
+    return load(cls, _parse(data, limit))
 
 
 def encode_exit(exit: GuestExit) -> bytes:

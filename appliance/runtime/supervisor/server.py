@@ -26,12 +26,11 @@ no service ran), which waits for this process to be gone first.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import signal
-import socket
-import struct
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 import trio
 
 from appliance.process_identity import ProcessIdentity
-from appliance.runtime.supervisor.framing import LineBuffer, receive_line, send_all
+from appliance.runtime.supervisor.control import ControlServer, open_listener
 from appliance.runtime.supervisor.guest import (
     GuestInit,
     become_subreaper,
@@ -51,16 +50,12 @@ from appliance.runtime.supervisor.protocol import (
     CONTROL_SOCKET,
     EXIT_FILE,
     LOG_FILE,
-    MAX_REQUEST_BYTES,
     MAX_SPEC_BYTES,
     RECORD_FILE,
     GuestExit,
     GuestState,
     LaunchSpec,
-    Op,
-    ProtocolError,
     Reply,
-    Request,
     SupervisorRecord,
     encode_exit,
 )
@@ -72,24 +67,13 @@ from appliance.runtime.uml.process import SpawnedProcess, spawn
 
 log = logging.getLogger("cube.supervisor")
 
-MAX_CONNECTIONS = 8  # at once; the service holds one (its watch) plus short requests
-# How long a connection over MAX_CONNECTIONS waits for a slot before it is refused: a watcher
-# that just went away (a service restarting) frees its slot a moment after its close.
-SLOT_WAIT_S = 2.0
-# Connections waiting to be accepted. Above MAX_CONNECTIONS so that a burst waits for a slot
-# (or its refusal) instead of finding the backlog full: a non-blocking unix connect then fails
-# with EAGAIN, which trio takes for a connect in progress, handing back a socket that never
-# connected (SO_PEERCRED pid 0: the client would think the supervisor gone).
-LISTEN_BACKLOG = 128
-REQUEST_READ_TIMEOUT_S = 5.0
-CONNECTIONS_DRAIN_S = 2.0  # after the guest ended: for watchers to read its exit, kills their answer
 CONSOLE_DRAIN_S = 0.5
 PANIC_LINE_WAIT_S = 0.2
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class Supervisor:
+class Supervisor(ControlServer):
     def __init__(self, spec: LaunchSpec) -> None:
+        super().__init__()
         self.spec = spec
         self.control_dir = Path(spec.control_dir)
         self.console = ConsoleLog(Path(spec.console_log), spec.console_limit)
@@ -100,11 +84,6 @@ class Supervisor:
         self.paused = False
         self.exit: GuestExit | None = None
         self.started = time.monotonic()
-        self.kill_requested = trio.Event()
-        self.kill_reason = "killed by its owner"
-        self.ended = trio.Event()  # the guest is reaped and `exit` set
-        self._changed = trio.Event()
-        self._slots = trio.Semaphore(MAX_CONNECTIONS)
         self._pausing = trio.Lock()
 
     # The guest's state.
@@ -118,10 +97,6 @@ class Supervisor:
             paused=self.paused,
             exit=self.exit,
         )
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     # The whole life.
 
@@ -138,8 +113,10 @@ class Supervisor:
             nursery.start_soon(self.console.pump, process.console)
             nursery.start_soon(watch_exit)
             nursery.start_soon(balloon.serve, self.spec.sandbox_id)
-            nursery.start_soon(self._follow_console, process, exited)
-            nursery.start_soon(self._serve_control, listener)
+            # The kernel runs once it prints: bwrap has forked its init, whose pidfd is taken.
+            watch_init = functools.partial(self.guest_init.watch, process.pid)
+            nursery.start_soon(self.announce_console, self.console, exited, watch_init)
+            nursery.start_soon(self.serve_control, listener)
             nursery.start_soon(self._kill_on_sigterm)
             nursery.start_soon(self._kill_on_panic)
             await first_of(exited, self.kill_requested)
@@ -151,26 +128,12 @@ class Supervisor:
                     await self.console.finished.wait()
             reason = self.kill_reason if killed else f"UML exited with status {process.returncode}"
             self.exit = GuestExit(process.returncode, reason, self.console.tail())
-            _write_atomically(self.control_dir / EXIT_FILE, encode_exit(self.exit))
+            write_atomically(self.control_dir / EXIT_FILE, encode_exit(self.exit))
             self.ended.set()
             self._notify()
-            # Watchers read the exit, a `kill` gets its answer; a connection that says nothing
-            # is not waited for long.
-            with trio.move_on_after(CONNECTIONS_DRAIN_S):
-                while self._slots.value < MAX_CONNECTIONS:
-                    await trio.sleep(0.01)
+            await self.drain_connections()
             nursery.cancel_scope.cancel()
         await process.console.aclose()
-
-    async def _follow_console(self, process: SpawnedProcess, exited: trio.Event) -> None:
-        """Tell watchers as the guest shows signs of life; take the pidfd of its init once it runs."""
-        for event in (self.console.first_output, self.console.ready, self.console.interpreter_ready):
-            await first_of(event, exited)
-            if exited.is_set():
-                return
-            if event is self.console.first_output:
-                self.guest_init.watch(process.pid)  # the kernel runs: bwrap has forked its init
-            self._notify()
 
     async def _kill_on_panic(self) -> None:
         """A panicked UML kernel prints why and stops, without exiting: that is its end."""
@@ -186,101 +149,10 @@ class Supervisor:
                 log.warning("SIGTERM: killing the guest")
                 self.kill_requested.set()
 
-    # The control socket.
+    def console_tail(self, max_bytes: int) -> str:
+        return self.console.tail(max_bytes)
 
-    async def _serve_control(self, listener: trio.socket.SocketType) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                connection, _ = await listener.accept()
-                nursery.start_soon(self._admit, connection)
-
-    async def _admit(self, connection: trio.socket.SocketType) -> None:
-        """Serve the connection once a slot is free; refuse it if none frees up in time."""
-        admitted = False
-        with trio.move_on_after(SLOT_WAIT_S):
-            await self._slots.acquire()
-            admitted = True
-        if not admitted:
-            with connection, trio.move_on_after(1):
-                try:
-                    await connection.send(Reply.failed("too many connections").encode())
-                except OSError:
-                    pass  # it did not wait for the answer; nothing here may end the supervisor
-            return
-        try:
-            await self._serve_connection(connection)
-        finally:
-            self._slots.release()
-
-    async def _serve_connection(self, connection: trio.socket.SocketType) -> None:
-        try:
-            with connection:
-                _pid, uid, _gid = _PEERCRED.unpack(
-                    connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-                )
-                if uid != 0:
-                    log.warning("refused a connection from uid %d", uid)
-                    await connection.send(Reply.failed("permission denied: root only").encode())
-                    return
-                try:
-                    with trio.fail_after(REQUEST_READ_TIMEOUT_S):
-                        request = await _read_request(connection)
-                except (ProtocolError, trio.TooSlowError) as exc:
-                    await connection.send(Reply.failed(f"bad request: {str(exc) or 'too slow'}").encode())
-                    return
-                await self._answer(connection, request)
-        except OSError:
-            pass  # the client went away
-
-    async def _answer(self, connection: trio.socket.SocketType, request: Request) -> None:
-        op = request.op
-        if op is Op.WATCH:
-            await self._watch(connection)
-            return
-        if op is Op.KILL:
-            self.kill_requested.set()
-            await self.ended.wait()
-            reply = Reply(ok=True, state=self.state())
-        elif op in (Op.PAUSE, Op.RESUME):
-            reply = await self._pause_or_resume(op is Op.PAUSE)
-        elif op is Op.CONSOLE:
-            reply = Reply(ok=True, console=self.console.tail(request.max_bytes))
-        elif op is Op.METRICS:
-            reply = Reply(ok=True, metrics=self.metrics())
-        else:
-            reply = Reply(ok=True, state=self.state())
-        await send_all(connection, reply.encode())
-
-    async def _watch(self, connection: trio.socket.SocketType) -> None:
-        """Send the state now and after every change until the guest has ended, or until the
-        watcher goes away (a service that died: its connection must not hold a slot)."""
-        async with trio.open_nursery() as nursery:
-
-            async def until_the_watcher_leaves() -> None:
-                try:
-                    while await connection.recv(MAX_REQUEST_BYTES):
-                        pass  # a watcher has nothing more to say
-                except OSError:
-                    pass  # reset: it left with states unread (a service that died)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(until_the_watcher_leaves)
-            # OSErrors are caught here, inside the nursery: out of it they come as an
-            # ExceptionGroup, which _serve_connection's `except OSError` does not catch, and that
-            # would end the supervisor (and its guest) for one watcher that went away.
-            try:
-                while True:
-                    changed = self._changed
-                    state = self.state()
-                    await send_all(connection, Reply(ok=True, state=state).encode())
-                    if state.exit is not None:
-                        break
-                    await changed.wait()
-            except OSError:
-                pass  # the watcher went away
-            nursery.cancel_scope.cancel()
-
-    async def _pause_or_resume(self, pause: bool) -> Reply:
+    async def pause_or_resume(self, pause: bool) -> Reply:
         async with self._pausing:
             if self.exit is not None or self.kill_requested.is_set():
                 return Reply(ok=False, error="the guest has ended", state=self.state())
@@ -305,14 +177,7 @@ class Supervisor:
         }
 
 
-async def _read_request(connection: trio.socket.SocketType) -> Request:
-    line = await receive_line(connection, LineBuffer(MAX_REQUEST_BYTES))
-    if line is None:
-        raise ProtocolError("the request ended before its newline")
-    return Request.decode(line)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -320,26 +185,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.rename(tmp, path)
 
 
-async def _open_listener(path: Path) -> trio.socket.SocketType:
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    path.unlink(missing_ok=True)
-    old = os.umask(0o177)  # 0600 from its first moment
-    try:
-        await listener.bind(str(path))
-    finally:
-        os.umask(old)
-    listener.listen(LISTEN_BACKLOG)
-    return listener
-
-
-def _join_cgroup(procs_files: list[str]) -> None:
+def join_cgroup(procs_files: list[str]) -> None:
     for procs in procs_files:
         Path(procs).write_text(str(os.getpid()))
 
 
-def _log_from_now_on(control_dir: Path) -> None:
-    """stdout and stderr into supervisor.log (the service's pipe is closed by that)."""
-    fd = os.open(control_dir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+def open_log(control_dir: Path) -> int:
+    return os.open(control_dir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def log_from_now_on(fd: int) -> None:
+    """stdout and stderr into the log `fd` (the service's pipe is closed by that)."""
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -347,7 +203,7 @@ def _log_from_now_on(control_dir: Path) -> None:
 
 async def supervise(spec: LaunchSpec) -> None:
     control_dir = Path(spec.control_dir)
-    listener = await _open_listener(control_dir / CONTROL_SOCKET)
+    listener = open_listener(str(control_dir / CONTROL_SOCKET))
     supervisor = Supervisor(spec)
     with listener, SandboxBalloon.open(Path(spec.vm_dir), spec.uid, spec.balloon) as balloon:
         try:
@@ -363,10 +219,10 @@ async def supervise(spec: LaunchSpec) -> None:
             started_unix=time.time(),
             guest=spec.guest,
         )
-        _write_atomically(control_dir / RECORD_FILE, record.encode())
+        write_atomically(control_dir / RECORD_FILE, record.encode())
         sys.stdout.write(json.dumps(me.to_json()) + "\n")
         sys.stdout.flush()
-        _log_from_now_on(control_dir)
+        log_from_now_on(open_log(control_dir))
         await supervisor.run(process, balloon, listener)
     (control_dir / CONTROL_SOCKET).unlink(missing_ok=True)
 
@@ -377,6 +233,6 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    _join_cgroup(spec.supervisor_cgroup)  # before anything is spawned: every child is charged there
+    join_cgroup(spec.supervisor_cgroup)  # before anything is spawned: every child is charged there
     become_subreaper()
     trio.run(supervise, spec)

@@ -302,6 +302,11 @@ def create_cgroup(
 
 def create_supervisor_cgroup(sandbox_id: str, root: Path = CGROUP_ROOT) -> SandboxCgroup:
     """The leaves of the sandbox's supervisor (blocking): processes limited, nothing else."""
+    v2 = _v2_root(root)
+    if v2 is not None:  # pids enabled on the way down (a kvm VMM's leaf may be the first one made)
+        (v2 / PARENT).mkdir(exist_ok=True)
+        for directory in (v2, v2 / PARENT):
+            (directory / "cgroup.subtree_control").write_text("+pids")
     cgroup = open_cgroup(sandbox_id + SUPERVISOR_SUFFIX, root)
     try:
         cgroup.make()

@@ -15,12 +15,13 @@ files, so the snapshot must be whole to be a template other sandboxes boot from.
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from appliance.runtime.sparse import sparse_copy
 
 COW_MAGIC = 0x4F4F4F4D
 COW_VERSION = 3
@@ -121,34 +122,6 @@ def apply_cow(cow: Path, image: Path) -> int:
     finally:
         os.close(cow_fd)
     return laid
-
-
-def sparse_copy(source: Path, target: Path) -> None:
-    """`source` copied to a new file `target`, holes kept (a COW file or disk image is mostly
-    holes). Neither path may be a symlink: a sandbox's own directory is its uid's to change."""
-    flags = os.O_NOFOLLOW | os.O_CLOEXEC
-    src = os.open(source, os.O_RDONLY | flags)
-    try:
-        size = os.fstat(src).st_size
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flags, 0o644)
-        try:
-            os.ftruncate(dst, size)
-            offset = 0
-            while offset < size:
-                try:
-                    data = os.lseek(src, offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # only a hole is left
-                        break
-                    raise
-                hole = os.lseek(src, data, os.SEEK_HOLE)
-                _copy_range(src, dst, data, data, hole - data)
-                offset = hole
-            os.fsync(dst)
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
 
 
 def merge_into_image(cow: Path, base: Path, image: Path) -> int:

@@ -60,7 +60,8 @@ from appliance.runtime.supervisor.client import (
     supervisors_dir,
 )
 from appliance.runtime.supervisor.guest import first_of
-from appliance.runtime.supervisor.protocol import LaunchSpec, Op, ProtocolError
+from appliance.runtime.supervisor.kept import KEPT_FIELDS, find_kept, remove_orphan_directories
+from appliance.runtime.supervisor.protocol import LaunchSpec
 from appliance.runtime.uml.balloon import kernel_argument, kernel_has_balloon
 from appliance.runtime.uml.cgroups import (
     SUPERVISOR_SUFFIX,
@@ -117,7 +118,6 @@ COW_FILE = "disk.cow"  # in VM_DIR: LaunchPlan.cow_file
 STAGE_DIR = "stage"
 REPLY_DIR = "reply"  # LaunchPlan.reply_dir
 # What a supervisor's record says of its guest (SupervisorRecord.guest): KeptGuest's fields.
-_KEPT_FIELDS = {"slot": int, "template_id": str, "memory_mb": int, "cpu_count": int}
 
 
 @dataclass(eq=False)
@@ -148,13 +148,6 @@ class _BootLimits:
     background: bool
 
 
-@dataclass
-class _Kept:
-    guest: KeptGuest
-    supervisor: SupervisorClient
-    fields: dict[str, object] = field(default_factory=dict)
-
-
 class UmlRuntime:
     name = "uml"
     snapshots_templates = False  # a template's fast start is the cubelet's warm pool
@@ -176,6 +169,8 @@ class UmlRuntime:
         self._seccomp = compile_filter()
         self._supervisors = supervisors_dir(config.run_dir)
         self._kept: dict[str, SupervisorClient] = {}  # found at start, until adopted
+        # Sandboxes another runtime of this service keeps (the kvm runtime's): not swept here.
+        self.also_kept: set[str] = set()
         # A sandbox this service had still has its directory (removed at a clean teardown).
         if swept := sweep_empty_leaves(lambda sandbox_id: (config.sandboxes_dir / sandbox_id).is_dir()):
             log.info("uml runtime: removed %d stale cgroup leaves: %s", len(swept), ", ".join(swept))
@@ -293,57 +288,14 @@ class UmlRuntime:
         """The guests whose supervisors run on (each attached: to be `adopt`ed), and why each other
         sandbox a previous service had is gone; everything of those is removed here: leaves,
         directories, kept networks. Call once, before any boot."""
-        kept: list[KeptGuest] = []
-        gone: dict[str, str] = {}
-
-        async def attach(control_dir: Path) -> None:
-            sandbox_id = control_dir.name
-            try:
-                found = await self._attach(control_dir)
-            except SupervisorGone as exc:
-                gone[sandbox_id] = str(exc)
-                await trio.to_thread.run_sync(self._remove_leftovers, sandbox_id)
-                return
-            self._kept[sandbox_id] = found.supervisor
-            kept.append(found.guest)
-
-        # All at once: each is a round trip to another process, on the way of every sandbox.
-        async with trio.open_nursery() as nursery:
-            for control_dir in control_dirs(self.config.run_dir):
-                nursery.start_soon(attach, control_dir)
-        kept.sort(key=lambda guest: guest.sandbox_id)
-        await trio.to_thread.run_sync(self._remove_orphan_directories, set(self._kept))
-        released = await self._cubevs.release_kept(set(self._kept))
+        found = await find_kept(control_dirs(self.config.run_dir), KEPT_FIELDS, self._remove_leftovers)
+        self._kept.update(found.supervisors)
+        keep = set(self._kept) | self.also_kept
+        await trio.to_thread.run_sync(remove_orphan_directories, self.config.sandboxes_dir, keep, "uml")
+        released = await self._cubevs.release_kept(keep)
         if released:
             log.info("uml runtime: removed the networks of %d guests that are gone", len(released))
-        return kept, gone
-
-    async def _attach(self, control_dir: Path) -> _Kept:
-        supervisor = SupervisorClient.attach(control_dir)
-        try:
-            values = supervisor.record.guest
-            if any(not isinstance(values.get(k), t) for k, t in _KEPT_FIELDS.items()):
-                raise SupervisorGone(f"its supervisor's record says too little of its guest: {values}")
-            reply = await supervisor.request(Op.STATE)
-            state = reply.state
-            if state is None or state.exit is not None:
-                raise SupervisorGone(
-                    f"its guest has ended: {state.exit.reason if state and state.exit else '?'}"
-                )
-        except (SupervisorGone, ProtocolError) as exc:
-            supervisor.kill_hard()  # whatever it still runs ends
-            await supervisor.end(SUPERVISOR_KILL_TIMEOUT_S)
-            raise SupervisorGone(str(exc)) from exc
-        guest = KeptGuest(
-            sandbox_id=control_dir.name,
-            slot=int(values["slot"]),
-            template_id=str(values["template_id"]),
-            memory_mb=int(values["memory_mb"]),
-            cpu_count=int(values["cpu_count"]),
-            paused=state.paused,
-            fully_ready=state.interpreter_ready,
-        )
-        return _Kept(guest, supervisor)
+        return found.guests, found.gone
 
     def _remove_leftovers(self, sandbox_id: str) -> None:
         """Everything of a sandbox whose supervisor is gone but its network (CubeVS swept it)."""
@@ -351,14 +303,6 @@ class UmlRuntime:
             open_cgroup(name).remove()
         shutil.rmtree(self._supervisors / sandbox_id, ignore_errors=True)
         shutil.rmtree(self.config.sandboxes_dir / sandbox_id, ignore_errors=True)
-
-    def _remove_orphan_directories(self, keep: set[str]) -> None:
-        """Sandbox directories no live supervisor owns (a previous run's, even from before a reboot)."""
-        if self.config.sandboxes_dir.is_dir():
-            for directory in self.config.sandboxes_dir.iterdir():
-                if directory.name not in keep:
-                    log.info("uml runtime: removing %s (no guest owns it)", directory)
-                    shutil.rmtree(directory, ignore_errors=True)
 
     async def adopt(
         self,
