@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from appliance.net.policy import NetworkPolicy
-from appliance.tenancy import SYSTEM_TEAM
+from appliance.tenancy import SYSTEM_TEAM, key_prefix, new_team_id
 
 MANIFEST_NAME = "template.json"
 ROOTFS_NAME = "rootfs.ext4"
@@ -150,6 +151,19 @@ class ApiKeyRecord:
     revoked_at: float | None
     last_used_at: float | None
     team_id: str
+
+    @classmethod
+    def new(cls, key: str, key_id: str, name: str, team_id: str | None) -> ApiKeyRecord:
+        """The record of a key made now, in `team_id`, else in a team of its own."""
+        return cls(
+            key_id=key_id,
+            name=name,
+            prefix=key_prefix(key),
+            created_at=time.time(),
+            revoked_at=None,
+            last_used_at=None,
+            team_id=team_id or new_team_id(),
+        )
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import time
 from appliance.cluster.etcd import EtcdClient, EtcdError, ModRevision, Put
 from appliance.cluster.membership import KEYS, ClusterView, decode_api_key, encode_api_key
 from appliance.records import ApiKeyRecord
-from appliance.tenancy import SYSTEM_TEAM, hash_api_key, key_prefix, new_api_key, new_key_id, new_team_id
+from appliance.tenancy import SYSTEM_TEAM, hash_api_key, new_api_key, new_key_id
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,7 @@ class ClusterKeys:
         key_id = new_key_id()
         while key_id in taken:  # the id revokes it: unique in the cluster, not only on this node
             key_id = new_key_id()
-        record = ApiKeyRecord(
-            key_id=key_id,
-            name=name,
-            prefix=key_prefix(key),
-            created_at=time.time(),
-            revoked_at=None,
-            last_used_at=None,
-            team_id=team_id or new_team_id(),
-        )
+        record = ApiKeyRecord.new(key, key_id, name, team_id)
         key_hash = hash_api_key(key)
         if await self.etcd.create(api_key_key(key_hash), encode_api_key(record)) is not None:
             raise EtcdError("a key with the new key's hash exists already")  # 2^-160: never

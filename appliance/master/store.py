@@ -23,7 +23,7 @@ from appliance.records import (
     SandboxRecord,
     TemplateManifest,
 )
-from appliance.tenancy import SYSTEM_TEAM, hash_api_key, key_prefix, new_api_key, new_key_id, new_team_id
+from appliance.tenancy import SYSTEM_TEAM, hash_api_key, new_api_key, new_key_id
 
 _KEY_COLUMNS = "key_id, name, prefix, created_at, revoked_at, last_used_at, team_id"  # ApiKeyRecord's order
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -258,15 +258,7 @@ class SqliteStore:
     def create_api_key(self, name: str, team_id: str | None = None) -> tuple[ApiKeyRecord, str]:
         """A new key in `team_id` (an existing team: the caller checks), else in a team of its own."""
         key = new_api_key()
-        record = ApiKeyRecord(
-            key_id=new_key_id(),
-            name=name,
-            prefix=key_prefix(key),
-            created_at=time.time(),
-            revoked_at=None,
-            last_used_at=None,
-            team_id=team_id or new_team_id(),
-        )
+        record = ApiKeyRecord.new(key, new_key_id(), name, team_id)
         self._db.execute(
             "INSERT INTO api_keys(key_id, name, prefix, key_hash, created_at, team_id)"
             " VALUES (?, ?, ?, ?, ?, ?)",
