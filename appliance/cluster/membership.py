@@ -65,7 +65,7 @@ def left_reason(node_id: str) -> str:
 @dataclass(frozen=True)
 class NodeRecord:
     node_id: str
-    api_url: str  # where the other nodes reach this node's API (and its sandboxes' traffic)
+    api_url: str  # this node's API as its callers reach it (shown by `cube node list`)
     runtime: str
     cpus: int
     memory_budget_mb: int
@@ -73,6 +73,9 @@ class NodeRecord:
     free_pool_slots: int  # warm guests ready to be claimed, over every template
     templates: list[str] = field(default_factory=list)  # template ids and aliases present here
     started_at: float = 0.0
+    # Where the other nodes reach it: its cluster listener, TLS with the cluster CA's certificates
+    # (cluster/tls.py). "" (a node of a release before it) cannot be reached: never plain HTTP.
+    cluster_url: str = ""
 
     @property
     def memory_free_mb(self) -> int:

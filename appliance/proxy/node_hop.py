@@ -51,6 +51,7 @@ METRICS_MANY = "/sandboxes/metrics"
 ADMIN_SANDBOX = re.compile(r"^/cube/sandboxes/([^/]+)$")
 ADMIN_LISTS = {"/cube/sandboxes": "startedAt", "/cube/events": "at"}  # each merged by its time
 MAX_CREATE_BODY = 1024 * 1024
+FROM_NODE = "cube.from_node"  # scope key: the request came in on the cluster listener
 CONNECT_TIMEOUT_S = 5.0
 # A forwarded API call (a create boots a guest: minutes on an emulated host) answers within this;
 # sandbox traffic has no limit (its streams live as long as the caller wants).
@@ -72,13 +73,29 @@ class NodeHop:
         self.target_of = target_of
         self.node = node
         self.authenticate = authenticate
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=None), trust_env=False, follow_redirects=False
-        )
+        self.client = node.node_client(httpx.Timeout(CONNECT_TIMEOUT_S, read=None))
         self.share = TemplateShare(node.cubelet.config, node.token, self.client, node.templates, node.resolve)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def peers(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The cluster listener's app (cluster/tls.py): its TLS handshake verified the caller's
+        certificate against the cluster CA, so the caller is a node; marked so for `__call__`.
+        An answer given before the request's body ended waits for that end (`_BodyFirst`)."""
+        if scope["type"] != "http":
+            return await self({**scope, FROM_NODE: True}, receive, send)
+        body_first = _BodyFirst(receive, send)
+        await self({**scope, FROM_NODE: True}, body_first.receive, body_first.send)
+
+    def _token_refusal(self, scope: Scope, presented: str | None) -> str | None:
+        """Why a request carrying the cluster token is refused: not on the cluster listener (a
+        plaintext hop, or the public ports), or a wrong token; None if it is a node's."""
+        if presented is None:
+            return None
+        if not scope.get(FROM_NODE):
+            return "the cluster token is taken only on the cluster's TLS listener"
+        return None if self.node.verify_token(presented) else "invalid cluster token"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -88,8 +105,9 @@ class NodeHop:
         headers = _headers(scope)
         presented = headers.get(TOKEN_HEADER)
         if presented is not None:
-            if not self.node.verify_token(presented):
-                return await send_json_error(send, 401, "invalid cluster token")
+            refusal = self._token_refusal(scope, presented)
+            if refusal is not None:
+                return await send_json_error(send, 401, refusal)
             if scope["path"].startswith(SHARE_PREFIX):
                 return await self._share(scope, send, headers)
             return await self._here(scope, receive, send, headers)
@@ -189,9 +207,10 @@ class NodeHop:
         """A WebSocket to another node's sandbox goes to that node as it came (its Host, its access
         token) plus the cluster token; one with the cluster token is this node's own."""
         presented = _headers(scope).get(TOKEN_HEADER)
-        if presented is not None and not self.node.verify_token(presented):
+        refusal = self._token_refusal(scope, presented)
+        if refusal is not None:
             if (await receive())["type"] == "websocket.connect":
-                await deny_websocket(send, 401, "invalid cluster token")
+                await deny_websocket(send, 401, refusal)
             return
         owning = None if presented is not None else self._owning_node(scope)
         if owning is None:  # here, or nowhere: the router's own answer
@@ -199,10 +218,9 @@ class NodeHop:
         sandbox_id, node = owning
         if (await receive())["type"] != "websocket.connect":
             return
-        url = httpx.URL(node.api_url)
-        try:
-            stream = await trio.open_tcp_stream(url.host, url.port or 80)
-        except OSError:
+        url = httpx.URL(node.cluster_url)
+        stream = await self._open_tls(url)
+        if stream is None:
             unreachable = f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
             return await deny_websocket(send, 502, unreachable)
         async with stream:
@@ -210,6 +228,24 @@ class NodeHop:
             host = _headers(scope).get("host", url.netloc.decode())
             refused = f"node {node.node_id} refused the WebSocket to sandbox {sandbox_id}"
             await relay_websocket(scope, receive, send, stream, host, headers, refused)
+
+    async def _open_tls(self, url: httpx.URL) -> trio.SSLStream[trio.SocketStream] | None:
+        """A TLS connection to another node's cluster listener, its certificate verified (the
+        cluster CA's, for the address dialled); None if it cannot be reached or is no node."""
+        try:
+            tcp = await trio.open_tcp_stream(url.host, url.port or 443)
+        except OSError:
+            return None
+        stream = trio.SSLStream(
+            tcp, self.node.tls.client_context(), server_hostname=url.host, https_compatible=True
+        )
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            log.warning("cluster: no TLS with the node at %s: %r", url, exc.__cause__ or exc)
+            await trio.aclose_forcefully(stream)
+            return None
+        return stream
 
     async def _to_owner(
         self,
@@ -371,8 +407,8 @@ class NodeHop:
         node's own answer first when it refused it (the request's own error, sent back as it is)."""
         query = scope.get("query_string", b"").decode("latin-1")
         answers: list[tuple[str, NodeAnswer]] = []
-        for node_id, api_url in self._listing_nodes():
-            listed = await self._list_at(node_id, api_url, principal, scope, receive, query)
+        for node_id, cluster_url in self._listing_nodes():
+            listed = await self._list_at(node_id, cluster_url, principal, scope, receive, query)
             if listed is None:
                 continue
             if node_id == self.node.node_id and listed.status != 200:
@@ -393,27 +429,27 @@ class NodeHop:
         pages: dict[str, list[Any]] = {}
         listed_at: dict[str, tuple[str, NodeAnswer]] = {}
         next_cursors: dict[str, str | None] = {}
-        for node_id, api_url in self._listing_nodes():
+        for node_id, cluster_url in self._listing_nodes():
             cursor = next_cursors[node_id] = cursors.get(node_id)
             if cursor == EXHAUSTED:
                 continue
             listed = await self._list_at(
-                node_id, api_url, principal, scope, receive, _page_query(query, cursor)
+                node_id, cluster_url, principal, scope, receive, _page_query(query, cursor)
             )
             if listed is None:
                 continue
             if node_id == self.node.node_id and listed.status != 200:  # the request's own error
                 return await send_whole(send, listed.status, listed.headers, listed.body)
             pages[node_id] = listed.records(node_id)
-            listed_at[node_id] = (api_url, listed)
+            listed_at[node_id] = (cluster_url, listed)
         limit = int(limit_text) if limit_text.isdigit() else sum(len(p) for p in pages.values())
         shown, taken = merge_pages(pages, newest_first, limit)
-        for node_id, (api_url, listed) in listed_at.items():
+        for node_id, (cluster_url, listed) in listed_at.items():
             if taken[node_id] == len(pages[node_id]):
                 next_cursors[node_id] = listed.next_token or EXHAUSTED
             elif taken[node_id]:  # part of its page shown: its own cursor after that part
                 part = _page_query({**query, "limit": [str(taken[node_id])]}, cursors.get(node_id))
-                again = await self._list_at(node_id, api_url, principal, scope, receive, part)
+                again = await self._list_at(node_id, cluster_url, principal, scope, receive, part)
                 if again is not None and again.next_token:
                     next_cursors[node_id] = again.next_token
         token = encode_cursors(next_cursors)
@@ -423,14 +459,16 @@ class NodeHop:
         await send_whole(send, 200, headers, json.dumps(shown).encode())
 
     def _listing_nodes(self) -> list[tuple[str, str]]:
-        """(node id, API URL) of this node, then every other live one."""
+        """(node id, cluster URL) of this node, then every other live one."""
         others = sorted(
-            (n.node_id, n.api_url) for n in self.node.view.nodes.values() if n.node_id != self.node.node_id
+            (n.node_id, n.cluster_url)
+            for n in self.node.view.nodes.values()
+            if n.node_id != self.node.node_id
         )
         return [(self.node.node_id, ""), *others]
 
     async def _list_at(
-        self, node_id: str, api_url: str, principal: Principal, scope: Scope, receive: Receive, query: str
+        self, node_id: str, cluster_url: str, principal: Principal, scope: Scope, receive: Receive, query: str
     ) -> NodeAnswer | None:
         """A list as node `node_id` answers it for the caller with `query`; None if unreachable."""
         if node_id == self.node.node_id:
@@ -444,7 +482,9 @@ class NodeHop:
 
             await self.app({**scope, "query_string": query.encode()}, _replaying(b"", receive), collect)
             return listed
-        return await ask_node(self.client, self.node.token, node_id, api_url, scope["path"], query, principal)
+        return await ask_node(
+            self.client, self.node.token, node_id, cluster_url, scope["path"], query, principal
+        )
 
     async def _forward_whole(
         self, node: NodeRecord, principal: Principal, scope: Scope, body: bytes, send: Send
@@ -452,7 +492,7 @@ class NodeHop:
         """An API call for the caller to `node`, answered whole (they are small); False if `node`
         could not be reached. A create's new sandbox goes into this node's view at once (its watch
         follows)."""
-        url = node.api_url + scope["raw_path"].decode("latin-1")
+        url = node.cluster_url + scope["raw_path"].decode("latin-1")
         try:
             response = await self.client.request(
                 timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=API_CALL_TIMEOUT_S),
@@ -497,7 +537,7 @@ class NodeHop:
         """Relay the request to `node` and its answer back; False if the node could not be reached
         (nothing was sent back yet)."""
         headers = self._headers(scope, principal, with_body=body is not None)
-        url = httpx.URL(node.api_url + scope["raw_path"].decode("latin-1"))
+        url = httpx.URL(node.cluster_url + scope["raw_path"].decode("latin-1"))
         if scope.get("query_string"):
             url = url.copy_with(query=scope["query_string"])
         request = self.client.build_request(scope["method"], url, headers=headers, content=body)
@@ -519,6 +559,41 @@ class NodeHop:
         finally:
             await response.aclose()
         return True
+
+
+class _BodyFirst:
+    """A request's body read to its end before its answer starts, on the cluster listener.
+
+    A node relaying a caller's upload writes the whole body before it reads the answer (httpx).
+    When the answer comes first (a refused upload) the server closes the connection with the
+    body's rest unread; over TLS the relaying node's next write then breaks its TLS stream, the
+    answer waiting in it is lost, and the caller would get "node unreachable" for the other
+    node's refusal. So the rest is read (and dropped) first. Whoever reads the last part, the
+    app's own reader (quart reads bodies in a task of its own) or this, ends the wait."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._ended = trio.Event()
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            self._ended.set()
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and not self._ended.is_set():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_rest, nursery.cancel_scope)
+                await self._ended.wait()
+                nursery.cancel_scope.cancel()
+        await self._send(message)
+
+    async def _read_rest(self, done: trio.CancelScope) -> None:
+        while not self._ended.is_set():
+            await self.receive()
+        done.cancel()
 
 
 def _page_query(query: dict[str, list[str]], cursor: str | None) -> str:

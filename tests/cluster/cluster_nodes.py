@@ -15,6 +15,7 @@ import httpx
 from click.testing import CliRunner
 
 from appliance.cli.main import main
+from appliance.cluster.forwarding import TEAM_HEADER, TOKEN_HEADER
 from appliance.cluster.node import ClusterNode
 from appliance.config import Config
 from appliance.records import ROOTFS_NAME, TemplateManifest
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 VIEW_WAIT_S = 30.0  # a watch event on a loaded host
 MIB = 1 << 20
+PLAINTEXT_REFUSED = "the cluster token is taken only on the cluster's TLS listener"
 
 
 def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token_file: Path) -> Config:
@@ -36,6 +38,7 @@ def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token
         node_id=node_id,
         cluster_token_file=token_file,
         node_lease_ttl_s=5,
+        cluster_port=0,
     )
     TemplateManifest(
         template_id="code-interpreter",
@@ -50,6 +53,18 @@ def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token
 def cluster_of(node: ServiceHarness) -> ClusterNode:
     assert node.running is not None and node.running.cluster is not None
     return node.running.cluster
+
+
+def as_node(sender: ServiceHarness, receiver: ServiceHarness, team: str | None = None) -> httpx.Client:
+    """A client calling `receiver` as node `sender` forwards: at its cluster listener, with
+    `sender`'s certificate (mutual TLS, cluster/tls.py), the cluster token and `team` if given."""
+    headers = {TOKEN_HEADER: cluster_of(sender).token, **({TEAM_HEADER: team} if team else {})}
+    return httpx.Client(
+        base_url=cluster_of(receiver).cluster_url,
+        verify=cluster_of(sender).tls.client_context(),
+        headers=headers,
+        trust_env=False,
+    )
 
 
 def wait_for(node: ServiceHarness, seen: Callable[[ClusterNode], bool]) -> None:

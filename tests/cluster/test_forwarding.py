@@ -68,6 +68,9 @@ def test_websockets_reach_b_through_a_and_the_guest_never_sees_the_cluster_token
     assert isinstance(refused, ws.RejectConnection) and refused.status_code == 502  # B's router's answer
     forged = websocket_echo(b.url, {**routed, TOKEN_HEADER: "x" * 64}, "x")
     assert isinstance(forged, ws.RejectConnection) and forged.status_code == 401
+    # The right token in plain HTTP is refused too: node to node is the cluster listener's TLS.
+    plaintext = websocket_echo(b.url, {**routed, TOKEN_HEADER: cluster_of(a).token}, "x")
+    assert isinstance(plaintext, ws.RejectConnection) and plaintext.status_code == 401
 
     # A adds the cluster token to what it forwards; B's router drops it before the guest.
     seen = httpx.get(f"{a.url}/headers", headers=routed, trust_env=False)
