@@ -232,6 +232,8 @@ class NodeHop:
     async def _open_tls(self, url: httpx.URL) -> trio.SSLStream[trio.SocketStream] | None:
         """A TLS connection to another node's cluster listener, its certificate verified (the
         cluster CA's, for the address dialled); None if it cannot be reached or is no node."""
+        if url.scheme != "https":  # a plain URL written into etcd: not dialled at all
+            return None
         try:
             tcp = await trio.open_tcp_stream(url.host, url.port or 443)
         except OSError:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import wsproto
+import wsproto.events as ws
 from click.testing import CliRunner
 
 from appliance.cli.main import main
@@ -118,3 +121,27 @@ def publish_templates(node: ServiceHarness) -> None:
     next membership tick puts them into its record)."""
     listed = httpx.get(f"{node.url}/templates", headers={"X-API-KEY": node.admin_token}, trust_env=False)
     assert listed.status_code == 200, listed.text
+
+
+def websocket_echo(url: str, headers: dict[str, str], text: str) -> ws.Event:
+    """Open /ws at `url` with `headers`, send `text`; the first event after the handshake's, or
+    the handshake's refusal."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        sock.sendall(client.send(ws.Request(host="localhost", target="/ws", extra_headers=extra)))
+
+        def next_event() -> ws.Event:
+            while True:
+                for event in client.events():
+                    return event
+                client.receive_data(sock.recv(65536) or None)
+
+        opened = next_event()
+        if not isinstance(opened, ws.AcceptConnection):
+            return opened
+        sock.sendall(client.send(ws.TextMessage(data=text)))
+        echoed = next_event()
+        sock.sendall(client.send(ws.CloseConnection(code=1000)))
+        return echoed
