@@ -26,6 +26,7 @@ import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdSecurity
 from appliance.cluster.fanout import NodeAnswer, ask_node
+from appliance.cluster.idempotency import ClusterIdempotency
 from appliance.cluster.keys import ClusterKeys
 from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap, rewrite
 from appliance.cluster.membership import (
@@ -179,6 +180,7 @@ class ClusterNode:
         self.etcd = etcd or EtcdClient(settings.endpoints, security=settings.security)
         self.view = ClusterView()
         self.keys = ClusterKeys(self.etcd, self.view)  # the API keys of every node
+        self.idempotency = ClusterIdempotency(self.etcd, self.node_id)  # creates' Idempotency-Keys
         # This node's certificate from the cluster CA, for the address it advertises
         # (cluster/tls.py): every call to another node and the cluster listener use it.
         self.tls = NodeTls.issue(cubelet.config.state_dir, settings.token, self.node_id, self.advertised_host)
@@ -307,6 +309,7 @@ class ClusterNode:
                     continue
                 await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
                 await self._end_records_of_ended()
+                await self.keys.flush_use()
                 if await campaign(self.etcd, self.view, self.node_id, self.lease_id):
                     await reap(self.etcd, self.view, self.node_id, time.time(), self.record_retention_s)
             except NodeRemoved as exc:

@@ -33,7 +33,8 @@ import trio
 from appliance.cluster.etcd import EtcdError
 from appliance.cluster.fanout import NodeAnswer, ask_node, latest_first
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, forwarded_principal, principal_headers
-from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
+from appliance.cluster.idempotency import IdempotencyBusy
+from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason, sandbox_key
 from appliance.cluster.node import ClusterNode
 from appliance.cluster.pages import EXHAUSTED, decode_cursors, encode_cursors, merge_pages
 from appliance.cluster.templates import BLOBS_PATH, CHUNK, RESOLVE_PATH, TemplatePullFailed, TemplateShare
@@ -291,6 +292,70 @@ class NodeHop:
         body = await _read_body(receive)
         if body is None:
             return await send_json_error(send, 413, "request body too large")
+        key = headers.get("idempotency-key", "").strip()
+        if not key:
+            return await self._place(principal, scope, _replaying(body, receive), send, headers, body)
+        try:
+            first = await self.node.idempotency.claim(principal.team_id, key, self.node.lease_id)
+        except IdempotencyBusy as exc:
+            return await send_json_error(send, 409, str(exc))
+        except EtcdError as exc:
+            return await send_json_error(send, 503, f"the cluster's etcd is unavailable, retry later: {exc}")
+        if first is not None:
+            return await self._create_again(
+                first, principal, scope, _replaying(body, receive), send, headers, body
+            )
+        answer = _CreateAnswer(send)
+        try:
+            await self._place(principal, scope, _replaying(body, receive), answer.send, headers, body)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.node.idempotency.settle(principal.team_id, key, answer.sandbox_id)
+                except EtcdError as exc:
+                    log.warning("cluster: an Idempotency-Key's create was not recorded: %s", exc)
+
+    async def _create_again(
+        self,
+        sandbox_id: str,
+        principal: Principal,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> None:
+        """A create retried with an Idempotency-Key another create used, through any node: to the
+        node of the first one's sandbox, whose own store answers with that sandbox."""
+        owner = self.node.owner(sandbox_id)
+        if owner is None:  # recorded before the first was answered; this node's watch may lag
+            try:
+                found = await self.node.etcd.get(sandbox_key(sandbox_id))
+            except EtcdError as exc:
+                return await send_json_error(
+                    send, 503, f"the cluster's etcd is unavailable, retry later: {exc}"
+                )
+            owner = SandboxOwner.decode(found.value) if found is not None else None
+        node = None if owner is None or owner.ended_at else self.node.view.nodes.get(owner.node_id)
+        if node is None:
+            ended = f"Idempotency-Key was used for sandbox {sandbox_id}, which has ended"
+            return await send_json_error(send, 409, ended)
+        if node.node_id == self.node.node_id:
+            return await self._here(scope, receive, send, headers)
+        if not await self._forward_whole(node, principal, scope, body, send):
+            unreachable = f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
+            await send_json_error(send, 502, unreachable)
+
+    async def _place(
+        self,
+        principal: Principal,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> None:
+        """A create on the node placement picks (here if none other takes it)."""
         template = self._template_of(body)
         placement = self.node.placement_for(template, principal)
         if not placement and self.node.node_id in self.node.view.drained:
@@ -302,7 +367,7 @@ class NodeHop:
             if await self._forward_whole(node, principal, scope, body, send):
                 return
             log.warning("cluster: node %s is unreachable; placing the create elsewhere", node.node_id)
-        await self._here(scope, _replaying(body, receive), send, headers)
+        await self._here(scope, receive, send, headers)
 
     def _template_of(self, body: bytes) -> str:
         """The template a create's body names (the default if none; a bad body is the API's 400)."""
@@ -561,6 +626,31 @@ class NodeHop:
         finally:
             await response.aclose()
         return True
+
+
+class _CreateAnswer:
+    """A create's answer passed on, and the new sandbox's id kept if it was made (201)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._status = 0
+        self._body = bytearray()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+        elif message["type"] == "http.response.body" and self._status == 201:
+            self._body += message.get("body", b"")
+        await self._send(message)
+
+    @property
+    def sandbox_id(self) -> str | None:
+        if self._status != 201:
+            return None
+        try:
+            return str(json.loads(self._body)["sandboxID"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 class _BodyFirst:
