@@ -2,7 +2,7 @@
 
 Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 - sandbox traffic (envd, the interpreter, user ports) for a sandbox another node runs goes to
-  that node's API port as it came (its Host, its access token), plus the cluster token;
+  that node's cluster listener as it came (its Host, its access token), plus the cluster token;
 - `/sandboxes/<id>/...` calls for another node's sandbox go to it on the caller's behalf
   (authenticated here; the team travels with the cluster token, appliance/cluster/forwarding.py);
 - a create is placed (`ClusterNode.placement`) and, placed elsewhere, forwarded there; a node
@@ -11,8 +11,12 @@ Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 - a list merges every live node's own list; `/v2/sandboxes` page by page (cluster/pages.py);
   so do the admin's `/cube/sandboxes` and `/cube/events`, and `/cube/sandboxes/<id>` goes to the
   sandbox's node.
-A request carrying the cluster token came from another node: it is handled here and never
-forwarded again (no loops, whatever the views say); a wrong token is a 401.
+Every call to another node goes to its cluster listener over mutual TLS (cluster/tls.py), which
+serves `peers`. A request carrying the cluster token came from another node: it is taken only
+there (anywhere else: a 401, so the token never travels in clear), handled here and never
+forwarded again (no loops, whatever the views say); a wrong token is a 401. A create with an
+Idempotency-Key is claimed in etcd first (cluster/idempotency.py): retried through any node, it
+goes to the first create's sandbox's node.
 A sandbox whose node left the cluster (its lease expired) is reported ended, naming the node.
 Streams are relayed chunk by chunk both ways, WebSockets message by message.
 """
