@@ -187,8 +187,7 @@ class NodeHop:
                 await self.node.record_sandbox(sandbox_id, principal.team_id)
             except EtcdError as exc:  # unrecorded, no other node could find it: not kept
                 await self.node.cubelet.kill(sandbox_id, reason=f"the cluster could not record it: {exc}")
-                unavailable = f"the cluster's etcd is unavailable, retry later: {exc}"
-                return await send_json_error(send, 503, unavailable)
+                return await _etcd_unavailable(send, exc)
         for message in held:
             await send(message)
 
@@ -304,7 +303,7 @@ class NodeHop:
         except IdempotencyBusy as exc:
             return await send_json_error(send, 409, str(exc))
         except EtcdError as exc:
-            return await send_json_error(send, 503, f"the cluster's etcd is unavailable, retry later: {exc}")
+            return await _etcd_unavailable(send, exc)
         if first is not None:
             return await self._create_again(
                 first, principal, scope, _replaying(body, receive), send, headers, body
@@ -336,9 +335,7 @@ class NodeHop:
             try:
                 found = await self.node.etcd.get(sandbox_key(sandbox_id))
             except EtcdError as exc:
-                return await send_json_error(
-                    send, 503, f"the cluster's etcd is unavailable, retry later: {exc}"
-                )
+                return await _etcd_unavailable(send, exc)
             owner = SandboxOwner.decode(found.value) if found is not None else None
         node = None if owner is None or owner.ended_at else self.node.view.nodes.get(owner.node_id)
         if node is None:
@@ -695,6 +692,10 @@ class _BodyFirst:
 def _page_query(query: dict[str, list[str]], cursor: str | None) -> str:
     """The list's query for one node: the caller's, with that node's own cursor."""
     return urlencode({**query, **({"nextToken": [cursor]} if cursor else {})}, doseq=True)
+
+
+async def _etcd_unavailable(send: Send, exc: EtcdError) -> None:
+    await send_json_error(send, 503, f"the cluster's etcd is unavailable, retry later: {exc}")
 
 
 async def send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
