@@ -184,6 +184,7 @@ class ClusterNode:
         # This node's certificate from the cluster CA, for the address it advertises
         # (cluster/tls.py): every call to another node and the cluster listener use it.
         self.tls = NodeTls.issue(cubelet.config.state_dir, settings.token, self.node_id, self.advertised_host)
+        self.client_ssl = self.tls.client_context()  # one for every call to another node
         # Lists asked of the other nodes for this node's own pages (the dashboard's); closed
         # with the etcd client when the watch ends.
         self.client = self.node_client(ASK_TIMEOUT_S)
@@ -205,7 +206,7 @@ class ClusterNode:
             timeout=timeout,
             trust_env=False,
             follow_redirects=False,
-            verify=self.tls.client_context(),
+            verify=self.client_ssl,
             mounts={"http://": PlaintextRefused()},
         )
 

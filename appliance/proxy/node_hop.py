@@ -242,9 +242,7 @@ class NodeHop:
             tcp = await trio.open_tcp_stream(url.host, url.port or 443)
         except OSError:
             return None
-        stream = trio.SSLStream(
-            tcp, self.node.tls.client_context(), server_hostname=url.host, https_compatible=True
-        )
+        stream = trio.SSLStream(tcp, self.node.client_ssl, server_hostname=url.host, https_compatible=True)
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
