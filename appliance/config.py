@@ -80,6 +80,9 @@ class Config:
     node_id: str = ""  # this node's name in the cluster; "" = the host's name
     node_url: str = ""  # where the other nodes reach this node's API; "" = http://<api_host>:<bound port>
     cluster_token_file: Path | None = None  # the secret every node of the cluster shares (mode 0600)
+    # The other nodes call this node here only: mutual TLS, certificates from the CA every node
+    # derives from the cluster token (cluster/tls.py); on api_host. 0 = any free port.
+    cluster_port: int = 3444
     node_lease_ttl_s: int = 10  # a node that stops renewing its lease leaves the cluster after this
     # A secured etcd: the CA its https:// endpoints are verified by (None: the system's), a client
     # certificate and key (etcd's --client-cert-auth), a user whose password is in a 0600 file.

@@ -20,6 +20,8 @@
 #   --node-id ID (default: the host name)   --token-file FILE (copied to /etc/cube/cluster-token)
 #   --join ... --etcd-member INITIAL_CLUSTER   also host a new member of the cluster's etcd (HA),
 #                after `etcdctl member add ID --peer-urls=http://ADDR:2380` (what it printed)
+#   The nodes call each other on port 3444 (cluster_port: TLS with certificates every node derives
+#   from the cluster token), etcd on 2379/2380: open these between the nodes only.
 #
 # Idempotent: every step checks before it acts, so running it twice is safe.
 # Big builds (UML kernel, default template) are cached under /var/cache/cube and

@@ -10,6 +10,11 @@ node that publishes its own keys again at its next start (`publish`, create-only
 it back. A team is the set of keys that share its id; a key whose record names the admin's
 system team (or none) is refused, so a write into etcd cannot make an admin.
 
+A key's last use (`lastUsedAt`) is noted in memory when it authenticates (no I/O per request) and
+written to `/cube/key-use/<hash>` by the node's membership tick, only when the cluster's last
+use of it (the watched view) is older than a minute: at most one write per key and minute, apart
+from the key's record (a revoke, a transaction on the record, never races it).
+
 A single node keeps its keys in its SQLite (api/auth.py `LocalKeys`); a node joining a cluster
 publishes its SQLite's keys into etcd, each only if that key is not there yet.
 """
@@ -21,11 +26,13 @@ import logging
 import time
 
 from appliance.cluster.etcd import EtcdClient, EtcdError, ModRevision, Put
-from appliance.cluster.membership import KEYS, ClusterView, decode_api_key, encode_api_key
+from appliance.cluster.membership import KEY_USE, KEYS, ClusterView, decode_api_key, encode_api_key
 from appliance.records import ApiKeyRecord
 from appliance.tenancy import SYSTEM_TEAM, hash_api_key, new_api_key, new_key_id
 
 log = logging.getLogger(__name__)
+
+KEY_USE_RESOLUTION_S = 60.0  # a key's last use is written at most this often (as a node's SQLite)
 
 
 def api_key_key(key_hash: str) -> bytes:
@@ -48,10 +55,32 @@ class ClusterKeys:
     def __init__(self, etcd: EtcdClient, view: ClusterView) -> None:
         self.etcd = etcd
         self.view = view
+        self.used: dict[str, float] = {}  # keys used here since the last flush, by hash
 
     def check_api_key(self, key: str) -> ApiKeyRecord | None:
-        record = self.view.api_keys.get(hash_api_key(key))
-        return record if usable(record) else None
+        key_hash = hash_api_key(key)
+        record = self.view.api_keys.get(key_hash)
+        if record is None or not usable(record):
+            return None
+        self.used[key_hash] = time.time()
+        return record
+
+    def _with_last_use(self, key_hash: str, record: ApiKeyRecord) -> ApiKeyRecord:
+        last = max(self.view.key_use.get(key_hash, 0.0), self.used.get(key_hash, 0.0))
+        return dataclasses.replace(record, last_used_at=last or None)
+
+    async def flush_use(self) -> int:
+        """Write the last use of the keys used here whose last use in the cluster is older than
+        KEY_USE_RESOLUTION_S; how many were written."""
+        written = 0
+        for key_hash, at in list(self.used.items()):
+            if at - self.view.key_use.get(key_hash, 0.0) >= KEY_USE_RESOLUTION_S:
+                await self.etcd.put(KEY_USE + key_hash.encode(), repr(at).encode())
+                self.view.key_use[key_hash] = at  # the watch brings it too
+                written += 1
+            if self.used.get(key_hash) == at:  # not used again meanwhile
+                del self.used[key_hash]
+        return written
 
     def active_key(self, key_id: str) -> ApiKeyRecord | None:
         """The key with this id, unless revoked (a dashboard session names its key by id)."""
@@ -72,11 +101,12 @@ class ClusterKeys:
         return record, key
 
     async def _records(self) -> list[tuple[bytes, int, ApiKeyRecord]]:
-        """(etcd key, mod revision, record) of every key as etcd has it now."""
+        """(etcd key, mod revision, record with its last use) of every key as etcd has it now."""
         found = []
         for kv in await self.etcd.prefix(KEYS):
             try:
-                found.append((kv.key, kv.mod_revision, decode_api_key(kv.value)))
+                record = self._with_last_use(kv.key[len(KEYS) :].decode(), decode_api_key(kv.value))
+                found.append((kv.key, kv.mod_revision, record))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("ignoring the unreadable cluster key %r: %s", kv.key, exc)
         return found

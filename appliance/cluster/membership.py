@@ -16,6 +16,9 @@ Keys (all under `/cube/`):
 - `/cube/leader`: the elected leader's node id, created only if absent, under that node's lease.
 - `/cube/keys/<SHA-256 of an API key>`: the key's record (cluster/keys.py): its id, name, team,
   prefix, when it was made and revoked; never the key itself.
+- `/cube/key-use/<SHA-256 of an API key>`: when the key was last used (epoch seconds), written at
+  most once a minute per key (cluster/keys.py); apart from the record, so it never races a revoke.
+- `/cube/idempotency/<SHA-256 of team and key>`: a create's Idempotency-Key (cluster/idempotency.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ SANDBOXES = b"/cube/sandboxes/"
 REMOVED = b"/cube/removed/"
 LEADER = b"/cube/leader"
 KEYS = b"/cube/keys/"
+KEY_USE = b"/cube/key-use/"
 WATCH_RETRY_S = 1.0
 
 
@@ -65,7 +69,7 @@ def left_reason(node_id: str) -> str:
 @dataclass(frozen=True)
 class NodeRecord:
     node_id: str
-    api_url: str  # where the other nodes reach this node's API (and its sandboxes' traffic)
+    api_url: str  # this node's API as its callers reach it (shown by `cube node list`)
     runtime: str
     cpus: int
     memory_budget_mb: int
@@ -73,6 +77,9 @@ class NodeRecord:
     free_pool_slots: int  # warm guests ready to be claimed, over every template
     templates: list[str] = field(default_factory=list)  # template ids and aliases present here
     started_at: float = 0.0
+    # Where the other nodes reach it: its cluster listener, TLS with the cluster CA's certificates
+    # (cluster/tls.py). "" (a node of a release before it) cannot be reached: never plain HTTP.
+    cluster_url: str = ""
 
     @property
     def memory_free_mb(self) -> int:
@@ -143,6 +150,7 @@ class ClusterView:
     # Each sandbox record's last write (its mod revision): a rewrite is compared with it.
     record_revisions: dict[str, int] = field(default_factory=dict)
     api_keys: dict[str, ApiKeyRecord] = field(default_factory=dict)  # by the key's SHA-256
+    key_use: dict[str, float] = field(default_factory=dict)  # a key's last use, by its SHA-256
 
     def node_row(self, node: NodeRecord) -> dict[str, object]:
         """A node as `cube node list` and the dashboard show it: its record, state and sandboxes."""
@@ -164,6 +172,7 @@ class ClusterView:
         self.owners.clear()
         self.record_revisions.clear()
         self.api_keys.clear()
+        self.key_use.clear()
         self.leader = ""
         for kv in kvs:
             self._apply(False, kv)
@@ -184,11 +193,18 @@ class ClusterView:
         if kv.key == LEADER:
             self.leader = "" if deleted else kv.value.decode(errors="replace")
             return
-        table: dict[str, NodeRecord] | dict[str, SandboxOwner] | dict[str, ApiKeyRecord] | set[str]
+        table: (
+            dict[str, NodeRecord]
+            | dict[str, SandboxOwner]
+            | dict[str, ApiKeyRecord]
+            | dict[str, float]
+            | set[str]
+        )
         for prefix, table, decode in (
             (NODES, self.nodes, NodeRecord.decode),
             (SANDBOXES, self.owners, SandboxOwner.decode),
             (KEYS, self.api_keys, decode_api_key),
+            (KEY_USE, self.key_use, float),
             (DRAIN, self.drained, None),
             (REMOVED, self.removed, None),
         ):

@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 from appliance.cluster.etcd import EtcdClient, EtcdError, EtcdSecurity
 from appliance.cluster.fanout import NodeAnswer, ask_node
+from appliance.cluster.idempotency import ClusterIdempotency
 from appliance.cluster.keys import ClusterKeys
 from appliance.cluster.leader import RECORD_RETENTION_S, campaign, reap, rewrite
 from appliance.cluster.membership import (
@@ -36,6 +38,7 @@ from appliance.cluster.membership import (
     sandbox_key,
     watch_view,
 )
+from appliance.cluster.tls import NodeTls, PlaintextRefused
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.records import TemplateManifest
@@ -177,14 +180,42 @@ class ClusterNode:
         self.etcd = etcd or EtcdClient(settings.endpoints, security=settings.security)
         self.view = ClusterView()
         self.keys = ClusterKeys(self.etcd, self.view)  # the API keys of every node
+        self.idempotency = ClusterIdempotency(self.etcd, self.node_id)  # creates' Idempotency-Keys
+        # This node's certificate from the cluster CA, for the address it advertises
+        # (cluster/tls.py): every call to another node and the cluster listener use it.
+        self.tls = NodeTls.issue(cubelet.config.state_dir, settings.token, self.node_id, self.advertised_host)
+        self.client_ssl = self.tls.client_context()  # one for every call to another node
         # Lists asked of the other nodes for this node's own pages (the dashboard's); closed
         # with the etcd client when the watch ends.
-        self.client = httpx.AsyncClient(timeout=ASK_TIMEOUT_S, trust_env=False, follow_redirects=False)
+        self.client = self.node_client(ASK_TIMEOUT_S)
         self.api_url = settings.node_url
+        self.cluster_url = ""  # this node's cluster listener, once it listens
         self.lease_id = 0
         self.started_at = time.time()
         self.record_retention_s = RECORD_RETENTION_S
         self.joined = False  # this node's record is published under its lease
+
+    @property
+    def advertised_host(self) -> str:
+        """The host the other nodes dial: `node_url`'s, else the API's bound address."""
+        return urlsplit(self.settings.node_url).hostname or self.cubelet.config.api_host
+
+    def node_client(self, timeout: float | httpx.Timeout) -> httpx.AsyncClient:
+        """An HTTP client for the other nodes' cluster listeners: mutual TLS with the cluster CA."""
+        return httpx.AsyncClient(
+            timeout=timeout,
+            trust_env=False,
+            follow_redirects=False,
+            verify=self.client_ssl,
+            mounts={"http://": PlaintextRefused()},
+        )
+
+    def listening(self, bound_url: str) -> None:
+        """The cluster listener is bound (`https://host:port`): the other nodes reach it at this
+        node's advertised host on that port."""
+        port = urlsplit(bound_url).port
+        host = self.advertised_host
+        self.cluster_url = f"https://{f'[{host}]' if ':' in host else host}:{port}"
 
     def verify_token(self, presented: str) -> bool:
         return hmac.compare_digest(presented.encode(), self.settings.token.encode())
@@ -200,6 +231,7 @@ class ClusterNode:
         return NodeRecord(
             node_id=self.node_id,
             api_url=self.api_url,
+            cluster_url=self.cluster_url,
             runtime=self.cubelet.runtime.name,
             cpus=os.cpu_count() or 1,
             memory_budget_mb=self.cubelet.memory_budget_mb,
@@ -226,7 +258,7 @@ class ClusterNode:
         otherwise) and keep the lease and record current until cancelled."""
         self.api_url = self.settings.node_url or api_url
         await self._join()
-        log.info("cluster: node %s joined at %s", self.node_id, self.api_url)
+        log.info("cluster: node %s joined at %s (nodes: %s)", self.node_id, self.api_url, self.cluster_url)
         task_status.started()
         await self._keep_alive()
 
@@ -278,6 +310,7 @@ class ClusterNode:
                     continue
                 await self.etcd.put(node_key(self.node_id), self.record().encode(), lease=self.lease_id)
                 await self._end_records_of_ended()
+                await self.keys.flush_use()
                 if await campaign(self.etcd, self.view, self.node_id, self.lease_id):
                     await reap(self.etcd, self.view, self.node_id, time.time(), self.record_retention_s)
             except NodeRemoved as exc:
@@ -330,7 +363,7 @@ class ClusterNode:
             if node.node_id == self.node_id:
                 continue
             answer = await ask_node(
-                self.client, self.token, node.node_id, node.api_url, path, query, principal
+                self.client, self.token, node.node_id, node.cluster_url, path, query, principal
             )
             if answer is not None:
                 answers.append((node.node_id, answer))

@@ -9,7 +9,8 @@ without systemd.
   `--etcd-member INITIAL_CLUSTER` (what `etcdctl member add` printed) this node also hosts a new
   member of the existing etcd cluster (HA: three members), its config and unit as for a new one,
   `initial-cluster-state: existing`;
-- both: the cluster keys in appliance.toml, in a block of their own that a later setup replaces
+- both: the cluster keys in appliance.toml (`cluster_port`, where the other nodes call this one
+  over TLS, among them), in a block of their own that a later setup replaces
   (an earlier assignment of the same key is commented out: TOML refuses a key twice).
 The token is written to a file only its owner can read and is never printed.
 """
@@ -169,7 +170,7 @@ WantedBy=multi-user.target
 """
 
 
-def with_cluster_config(text: str, values: dict[str, str]) -> str:
+def with_cluster_config(text: str, values: dict[str, str | int]) -> str:
     """appliance.toml's `text` with `values` in the cluster block (replacing an earlier block; an
     assignment of one of those keys outside it commented out), before the first table."""
     kept: list[str] = []
@@ -293,16 +294,20 @@ def setup_node(
         etcd = Path(shutil.which("etcd") or "/usr/bin/etcd")
         write_public(etcd_unit, etcd_unit_text(etcd, config_file, data_dir))
         written += [f"etcd config: {config_file} (data in {data_dir})", f"etcd unit: {etcd_unit}"]
-    values = {
+    values: dict[str, str | int] = {
         "api_host": "::" if ":" in reached_at else "0.0.0.0",  # the other nodes call this one
         "etcd_endpoints": ",".join(endpoint_list),
         "node_id": name,
         "node_url": f"http://{_host(reached_at)}:{config.api_port}",
+        # The other nodes call this one here only, over TLS (cluster/tls.py).
+        "cluster_port": config.cluster_port,
         "cluster_token_file": str(token_file),
     }
     text = config_path.read_text() if config_path.exists() else ""
     write_public(config_path, with_cluster_config(text, values))
     written.append(
-        f"config: {config_path} (node {name} at {values['node_url']}, etcd {values['etcd_endpoints']})"
+        f"config: {config_path} (node {name} at {values['node_url']}, etcd {values['etcd_endpoints']};"
+        f" the other nodes reach it at https://{_host(reached_at)}:{config.cluster_port}: open that port"
+        " to them)"
     )
     return written

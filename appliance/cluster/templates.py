@@ -297,7 +297,7 @@ class TemplateShare:
                 continue
             try:
                 answer = await self.client.get(
-                    node.api_url + RESOLVE_PATH,
+                    node.cluster_url + RESOLVE_PATH,
                     params={"name": name},
                     headers=self._headers(principal),
                 )
@@ -345,7 +345,7 @@ class TemplateShare:
             receiver = await trio.to_thread.run_sync(_Receiver, directory, artifact)
             try:
                 async with self.client.stream(
-                    "GET", node.api_url + BLOBS_PATH + artifact.sha256, headers=self._headers(None)
+                    "GET", node.cluster_url + BLOBS_PATH + artifact.sha256, headers=self._headers(None)
                 ) as response:
                     if response.status_code != 200:
                         await response.aread()

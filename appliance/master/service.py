@@ -47,6 +47,7 @@ from appliance.api.app import build_app
 from appliance.api.auth import Access, Authenticator, check_local_dev_allowed, ensure_admin_token, protect
 from appliance.api.services import Services
 from appliance.cluster.node import ClusterNode, ClusterSettings
+from appliance.cluster.tls import ListenerConfig
 from appliance.config import Config
 from appliance.cubelet.cubelet import Cubelet
 from appliance.cubelet.runtimes import CubeVSPolicies, RuntimeFactory, open_runtime
@@ -121,6 +122,20 @@ async def _serve(
     return next(b for b in binds if b.startswith("http://")), next(
         b for b in binds if b.startswith("https://")
     )
+
+
+async def _serve_nodes(nursery: trio.Nursery, hop: NodeHop, config: Config, stop: trio.Event) -> None:
+    """The cluster listener (cluster/tls.py): the other nodes' calls, over mutual TLS, until `stop`."""
+    hconfig = ListenerConfig(hop.node.tls, _hostport(config.api_host, config.cluster_port))
+    hconfig.graceful_timeout = GRACEFUL_TIMEOUT_S
+    hconfig.accesslog = None
+    hconfig.keep_alive_timeout = 75
+    binds = await nursery.start(
+        partial(
+            hypercorn.trio.serve, cast(Any, CompleteClose(hop.peers)), hconfig, shutdown_trigger=stop.wait
+        )
+    )
+    hop.node.listening(binds[0])
 
 
 def _write_pid_file(run_dir: Path) -> Path:
@@ -286,8 +301,9 @@ async def run_service(
             )
             stop = trio.Event()
             api_url, tls_url = await _serve(nursery, front, _hypercorn_config(config, tls), stop)
-            if cluster is not None:
-                await nursery.start(cluster.publish, api_url)
+            if isinstance(front, NodeHop):
+                await _serve_nodes(nursery, front, config, stop)
+                await nursery.start(front.node.publish, api_url)
             running = RunningService(
                 api_url,
                 tls_url,

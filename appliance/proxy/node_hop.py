@@ -2,7 +2,7 @@
 
 Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 - sandbox traffic (envd, the interpreter, user ports) for a sandbox another node runs goes to
-  that node's API port as it came (its Host, its access token), plus the cluster token;
+  that node's cluster listener as it came (its Host, its access token), plus the cluster token;
 - `/sandboxes/<id>/...` calls for another node's sandbox go to it on the caller's behalf
   (authenticated here; the team travels with the cluster token, appliance/cluster/forwarding.py);
 - a create is placed (`ClusterNode.placement`) and, placed elsewhere, forwarded there; a node
@@ -11,8 +11,12 @@ Any node answers for every sandbox of the cluster (docs/CLUSTER.md):
 - a list merges every live node's own list; `/v2/sandboxes` page by page (cluster/pages.py);
   so do the admin's `/cube/sandboxes` and `/cube/events`, and `/cube/sandboxes/<id>` goes to the
   sandbox's node.
-A request carrying the cluster token came from another node: it is handled here and never
-forwarded again (no loops, whatever the views say); a wrong token is a 401.
+Every call to another node goes to its cluster listener over mutual TLS (cluster/tls.py), which
+serves `peers`. A request carrying the cluster token came from another node: it is taken only
+there (anywhere else: a 401, so the token never travels in clear), handled here and never
+forwarded again (no loops, whatever the views say); a wrong token is a 401. A create with an
+Idempotency-Key is claimed in etcd first (cluster/idempotency.py): retried through any node, it
+goes to the first create's sandbox's node.
 A sandbox whose node left the cluster (its lease expired) is reported ended, naming the node.
 Streams are relayed chunk by chunk both ways, WebSockets message by message.
 """
@@ -33,7 +37,8 @@ import trio
 from appliance.cluster.etcd import EtcdError
 from appliance.cluster.fanout import NodeAnswer, ask_node, latest_first
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER, forwarded_principal, principal_headers
-from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason
+from appliance.cluster.idempotency import IdempotencyBusy
+from appliance.cluster.membership import NodeRecord, SandboxOwner, left_reason, sandbox_key
 from appliance.cluster.node import ClusterNode
 from appliance.cluster.pages import EXHAUSTED, decode_cursors, encode_cursors, merge_pages
 from appliance.cluster.templates import BLOBS_PATH, CHUNK, RESOLVE_PATH, TemplatePullFailed, TemplateShare
@@ -51,6 +56,7 @@ METRICS_MANY = "/sandboxes/metrics"
 ADMIN_SANDBOX = re.compile(r"^/cube/sandboxes/([^/]+)$")
 ADMIN_LISTS = {"/cube/sandboxes": "startedAt", "/cube/events": "at"}  # each merged by its time
 MAX_CREATE_BODY = 1024 * 1024
+FROM_NODE = "cube.from_node"  # scope key: the request came in on the cluster listener
 CONNECT_TIMEOUT_S = 5.0
 # A forwarded API call (a create boots a guest: minutes on an emulated host) answers within this;
 # sandbox traffic has no limit (its streams live as long as the caller wants).
@@ -72,13 +78,29 @@ class NodeHop:
         self.target_of = target_of
         self.node = node
         self.authenticate = authenticate
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=None), trust_env=False, follow_redirects=False
-        )
+        self.client = node.node_client(httpx.Timeout(CONNECT_TIMEOUT_S, read=None))
         self.share = TemplateShare(node.cubelet.config, node.token, self.client, node.templates, node.resolve)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def peers(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The cluster listener's app (cluster/tls.py): its TLS handshake verified the caller's
+        certificate against the cluster CA, so the caller is a node; marked so for `__call__`.
+        An answer given before the request's body ended waits for that end (`_BodyFirst`)."""
+        if scope["type"] != "http":
+            return await self({**scope, FROM_NODE: True}, receive, send)
+        body_first = _BodyFirst(receive, send)
+        await self({**scope, FROM_NODE: True}, body_first.receive, body_first.send)
+
+    def _token_refusal(self, scope: Scope, presented: str | None) -> str | None:
+        """Why a request carrying the cluster token is refused: not on the cluster listener (a
+        plaintext hop, or the public ports), or a wrong token; None if it is a node's."""
+        if presented is None:
+            return None
+        if not scope.get(FROM_NODE):
+            return "the cluster token is taken only on the cluster's TLS listener"
+        return None if self.node.verify_token(presented) else "invalid cluster token"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -88,8 +110,9 @@ class NodeHop:
         headers = _headers(scope)
         presented = headers.get(TOKEN_HEADER)
         if presented is not None:
-            if not self.node.verify_token(presented):
-                return await send_json_error(send, 401, "invalid cluster token")
+            refusal = self._token_refusal(scope, presented)
+            if refusal is not None:
+                return await send_json_error(send, 401, refusal)
             if scope["path"].startswith(SHARE_PREFIX):
                 return await self._share(scope, send, headers)
             return await self._here(scope, receive, send, headers)
@@ -164,8 +187,7 @@ class NodeHop:
                 await self.node.record_sandbox(sandbox_id, principal.team_id)
             except EtcdError as exc:  # unrecorded, no other node could find it: not kept
                 await self.node.cubelet.kill(sandbox_id, reason=f"the cluster could not record it: {exc}")
-                unavailable = f"the cluster's etcd is unavailable, retry later: {exc}"
-                return await send_json_error(send, 503, unavailable)
+                return await _etcd_unavailable(send, exc)
         for message in held:
             await send(message)
 
@@ -189,9 +211,10 @@ class NodeHop:
         """A WebSocket to another node's sandbox goes to that node as it came (its Host, its access
         token) plus the cluster token; one with the cluster token is this node's own."""
         presented = _headers(scope).get(TOKEN_HEADER)
-        if presented is not None and not self.node.verify_token(presented):
+        refusal = self._token_refusal(scope, presented)
+        if refusal is not None:
             if (await receive())["type"] == "websocket.connect":
-                await deny_websocket(send, 401, "invalid cluster token")
+                await deny_websocket(send, 401, refusal)
             return
         owning = None if presented is not None else self._owning_node(scope)
         if owning is None:  # here, or nowhere: the router's own answer
@@ -199,10 +222,9 @@ class NodeHop:
         sandbox_id, node = owning
         if (await receive())["type"] != "websocket.connect":
             return
-        url = httpx.URL(node.api_url)
-        try:
-            stream = await trio.open_tcp_stream(url.host, url.port or 80)
-        except OSError:
+        url = httpx.URL(node.cluster_url)
+        stream = await self._open_tls(url)
+        if stream is None:
             unreachable = f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
             return await deny_websocket(send, 502, unreachable)
         async with stream:
@@ -210,6 +232,24 @@ class NodeHop:
             host = _headers(scope).get("host", url.netloc.decode())
             refused = f"node {node.node_id} refused the WebSocket to sandbox {sandbox_id}"
             await relay_websocket(scope, receive, send, stream, host, headers, refused)
+
+    async def _open_tls(self, url: httpx.URL) -> trio.SSLStream[trio.SocketStream] | None:
+        """A TLS connection to another node's cluster listener, its certificate verified (the
+        cluster CA's, for the address dialled); None if it cannot be reached or is no node."""
+        if url.scheme != "https":  # a plain URL written into etcd: not dialled at all
+            return None
+        try:
+            tcp = await trio.open_tcp_stream(url.host, url.port or 443)
+        except OSError:
+            return None
+        stream = trio.SSLStream(tcp, self.node.client_ssl, server_hostname=url.host, https_compatible=True)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            log.warning("cluster: no TLS with the node at %s: %r", url, exc.__cause__ or exc)
+            await trio.aclose_forcefully(stream)
+            return None
+        return stream
 
     async def _to_owner(
         self,
@@ -253,6 +293,68 @@ class NodeHop:
         body = await _read_body(receive)
         if body is None:
             return await send_json_error(send, 413, "request body too large")
+        key = headers.get("idempotency-key", "").strip()
+        if not key:
+            return await self._place(principal, scope, _replaying(body, receive), send, headers, body)
+        try:
+            first = await self.node.idempotency.claim(principal.team_id, key, self.node.lease_id)
+        except IdempotencyBusy as exc:
+            return await send_json_error(send, 409, str(exc))
+        except EtcdError as exc:
+            return await _etcd_unavailable(send, exc)
+        if first is not None:
+            return await self._create_again(
+                first, principal, scope, _replaying(body, receive), send, headers, body
+            )
+        answer = _CreateAnswer(send)
+        try:
+            await self._place(principal, scope, _replaying(body, receive), answer.send, headers, body)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.node.idempotency.settle(principal.team_id, key, answer.sandbox_id)
+                except EtcdError as exc:
+                    log.warning("cluster: an Idempotency-Key's create was not recorded: %s", exc)
+
+    async def _create_again(
+        self,
+        sandbox_id: str,
+        principal: Principal,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> None:
+        """A create retried with an Idempotency-Key another create used, through any node: to the
+        node of the first one's sandbox, whose own store answers with that sandbox."""
+        owner = self.node.owner(sandbox_id)
+        if owner is None:  # recorded before the first was answered; this node's watch may lag
+            try:
+                found = await self.node.etcd.get(sandbox_key(sandbox_id))
+            except EtcdError as exc:
+                return await _etcd_unavailable(send, exc)
+            owner = SandboxOwner.decode(found.value) if found is not None else None
+        node = None if owner is None or owner.ended_at else self.node.view.nodes.get(owner.node_id)
+        if node is None:
+            ended = f"Idempotency-Key was used for sandbox {sandbox_id}, which has ended"
+            return await send_json_error(send, 409, ended)
+        if node.node_id == self.node.node_id:
+            return await self._here(scope, receive, send, headers)
+        if not await self._forward_whole(node, principal, scope, body, send):
+            unreachable = f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable"
+            await send_json_error(send, 502, unreachable)
+
+    async def _place(
+        self,
+        principal: Principal,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> None:
+        """A create on the node placement picks (here if none other takes it)."""
         template = self._template_of(body)
         placement = self.node.placement_for(template, principal)
         if not placement and self.node.node_id in self.node.view.drained:
@@ -264,7 +366,7 @@ class NodeHop:
             if await self._forward_whole(node, principal, scope, body, send):
                 return
             log.warning("cluster: node %s is unreachable; placing the create elsewhere", node.node_id)
-        await self._here(scope, _replaying(body, receive), send, headers)
+        await self._here(scope, receive, send, headers)
 
     def _template_of(self, body: bytes) -> str:
         """The template a create's body names (the default if none; a bad body is the API's 400)."""
@@ -371,8 +473,8 @@ class NodeHop:
         node's own answer first when it refused it (the request's own error, sent back as it is)."""
         query = scope.get("query_string", b"").decode("latin-1")
         answers: list[tuple[str, NodeAnswer]] = []
-        for node_id, api_url in self._listing_nodes():
-            listed = await self._list_at(node_id, api_url, principal, scope, receive, query)
+        for node_id, cluster_url in self._listing_nodes():
+            listed = await self._list_at(node_id, cluster_url, principal, scope, receive, query)
             if listed is None:
                 continue
             if node_id == self.node.node_id and listed.status != 200:
@@ -393,27 +495,27 @@ class NodeHop:
         pages: dict[str, list[Any]] = {}
         listed_at: dict[str, tuple[str, NodeAnswer]] = {}
         next_cursors: dict[str, str | None] = {}
-        for node_id, api_url in self._listing_nodes():
+        for node_id, cluster_url in self._listing_nodes():
             cursor = next_cursors[node_id] = cursors.get(node_id)
             if cursor == EXHAUSTED:
                 continue
             listed = await self._list_at(
-                node_id, api_url, principal, scope, receive, _page_query(query, cursor)
+                node_id, cluster_url, principal, scope, receive, _page_query(query, cursor)
             )
             if listed is None:
                 continue
             if node_id == self.node.node_id and listed.status != 200:  # the request's own error
                 return await send_whole(send, listed.status, listed.headers, listed.body)
             pages[node_id] = listed.records(node_id)
-            listed_at[node_id] = (api_url, listed)
+            listed_at[node_id] = (cluster_url, listed)
         limit = int(limit_text) if limit_text.isdigit() else sum(len(p) for p in pages.values())
         shown, taken = merge_pages(pages, newest_first, limit)
-        for node_id, (api_url, listed) in listed_at.items():
+        for node_id, (cluster_url, listed) in listed_at.items():
             if taken[node_id] == len(pages[node_id]):
                 next_cursors[node_id] = listed.next_token or EXHAUSTED
             elif taken[node_id]:  # part of its page shown: its own cursor after that part
                 part = _page_query({**query, "limit": [str(taken[node_id])]}, cursors.get(node_id))
-                again = await self._list_at(node_id, api_url, principal, scope, receive, part)
+                again = await self._list_at(node_id, cluster_url, principal, scope, receive, part)
                 if again is not None and again.next_token:
                     next_cursors[node_id] = again.next_token
         token = encode_cursors(next_cursors)
@@ -423,14 +525,16 @@ class NodeHop:
         await send_whole(send, 200, headers, json.dumps(shown).encode())
 
     def _listing_nodes(self) -> list[tuple[str, str]]:
-        """(node id, API URL) of this node, then every other live one."""
+        """(node id, cluster URL) of this node, then every other live one."""
         others = sorted(
-            (n.node_id, n.api_url) for n in self.node.view.nodes.values() if n.node_id != self.node.node_id
+            (n.node_id, n.cluster_url)
+            for n in self.node.view.nodes.values()
+            if n.node_id != self.node.node_id
         )
         return [(self.node.node_id, ""), *others]
 
     async def _list_at(
-        self, node_id: str, api_url: str, principal: Principal, scope: Scope, receive: Receive, query: str
+        self, node_id: str, cluster_url: str, principal: Principal, scope: Scope, receive: Receive, query: str
     ) -> NodeAnswer | None:
         """A list as node `node_id` answers it for the caller with `query`; None if unreachable."""
         if node_id == self.node.node_id:
@@ -444,7 +548,9 @@ class NodeHop:
 
             await self.app({**scope, "query_string": query.encode()}, _replaying(b"", receive), collect)
             return listed
-        return await ask_node(self.client, self.node.token, node_id, api_url, scope["path"], query, principal)
+        return await ask_node(
+            self.client, self.node.token, node_id, cluster_url, scope["path"], query, principal
+        )
 
     async def _forward_whole(
         self, node: NodeRecord, principal: Principal, scope: Scope, body: bytes, send: Send
@@ -452,7 +558,7 @@ class NodeHop:
         """An API call for the caller to `node`, answered whole (they are small); False if `node`
         could not be reached. A create's new sandbox goes into this node's view at once (its watch
         follows)."""
-        url = node.api_url + scope["raw_path"].decode("latin-1")
+        url = node.cluster_url + scope["raw_path"].decode("latin-1")
         try:
             response = await self.client.request(
                 timeout=httpx.Timeout(CONNECT_TIMEOUT_S, read=API_CALL_TIMEOUT_S),
@@ -497,7 +603,7 @@ class NodeHop:
         """Relay the request to `node` and its answer back; False if the node could not be reached
         (nothing was sent back yet)."""
         headers = self._headers(scope, principal, with_body=body is not None)
-        url = httpx.URL(node.api_url + scope["raw_path"].decode("latin-1"))
+        url = httpx.URL(node.cluster_url + scope["raw_path"].decode("latin-1"))
         if scope.get("query_string"):
             url = url.copy_with(query=scope["query_string"])
         request = self.client.build_request(scope["method"], url, headers=headers, content=body)
@@ -521,9 +627,73 @@ class NodeHop:
         return True
 
 
+class _CreateAnswer:
+    """A create's answer passed on, and the new sandbox's id kept if it was made (201)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._status = 0
+        self._body = bytearray()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+        elif message["type"] == "http.response.body" and self._status == 201:
+            self._body += message.get("body", b"")
+        await self._send(message)
+
+    @property
+    def sandbox_id(self) -> str | None:
+        if self._status != 201:
+            return None
+        try:
+            return str(json.loads(self._body)["sandboxID"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+class _BodyFirst:
+    """A request's body read to its end before its answer starts, on the cluster listener.
+
+    A node relaying a caller's upload writes the whole body before it reads the answer (httpx).
+    When the answer comes first (a refused upload) the server closes the connection with the
+    body's rest unread; over TLS the relaying node's next write then breaks its TLS stream, the
+    answer waiting in it is lost, and the caller would get "node unreachable" for the other
+    node's refusal. So the rest is read (and dropped) first. Whoever reads the last part, the
+    app's own reader (quart reads bodies in a task of its own) or this, ends the wait."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._ended = trio.Event()
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            self._ended.set()
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and not self._ended.is_set():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_rest, nursery.cancel_scope)
+                await self._ended.wait()
+                nursery.cancel_scope.cancel()
+        await self._send(message)
+
+    async def _read_rest(self, done: trio.CancelScope) -> None:
+        while not self._ended.is_set():
+            await self.receive()
+        done.cancel()
+
+
 def _page_query(query: dict[str, list[str]], cursor: str | None) -> str:
     """The list's query for one node: the caller's, with that node's own cursor."""
     return urlencode({**query, **({"nextToken": [cursor]} if cursor else {})}, doseq=True)
+
+
+async def _etcd_unavailable(send: Send, exc: EtcdError) -> None:
+    await send_json_error(send, 503, f"the cluster's etcd is unavailable, retry later: {exc}")
 
 
 async def send_whole(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:

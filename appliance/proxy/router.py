@@ -227,7 +227,7 @@ async def relay_websocket(
     scope: Scope,
     receive: Receive,
     send: Send,
-    stream: trio.SocketStream,
+    stream: trio.abc.Stream,
     host: str,
     headers: list[tuple[bytes, bytes]],
     refused: str,
@@ -370,10 +370,10 @@ async def deny_websocket(send: Send, status: int, message: str) -> None:
     await send({"type": "websocket.http.response.body", "body": body, "more_body": False})
 
 
-async def _read_handshake(stream: trio.SocketStream, guest: wsproto.WSConnection) -> ws_events.Event | None:
+async def _read_handshake(stream: trio.abc.Stream, guest: wsproto.WSConnection) -> ws_events.Event | None:
     while True:
         data = await stream.receive_some(WS_READ_SIZE)
-        guest.receive_data(data or None)
+        guest.receive_data(bytes(data) or None)
         for event in guest.events():
             if isinstance(event, ws_events.AcceptConnection | ws_events.RejectConnection):
                 return event
@@ -382,7 +382,7 @@ async def _read_handshake(stream: trio.SocketStream, guest: wsproto.WSConnection
 
 
 async def _client_to_guest(
-    receive: Receive, stream: trio.SocketStream, guest: wsproto.WSConnection, scope: trio.CancelScope
+    receive: Receive, stream: trio.abc.Stream, guest: wsproto.WSConnection, scope: trio.CancelScope
 ) -> None:
     while True:
         message = await receive()
@@ -418,12 +418,12 @@ def _whole_message(event: ws_events.Message[Any], pending: list[str | bytes]) ->
 
 
 async def _guest_to_client(
-    send: Send, stream: trio.SocketStream, guest: wsproto.WSConnection, scope: trio.CancelScope
+    send: Send, stream: trio.abc.Stream, guest: wsproto.WSConnection, scope: trio.CancelScope
 ) -> None:
     pending: list[str | bytes] = []
     while True:
         data = await stream.receive_some(WS_READ_SIZE)
-        guest.receive_data(data or None)
+        guest.receive_data(bytes(data) or None)
         for event in guest.events():
             if isinstance(event, (ws_events.TextMessage, ws_events.BytesMessage)):
                 message = _whole_message(event, pending)

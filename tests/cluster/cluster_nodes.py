@@ -6,15 +6,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import wsproto
+import wsproto.events as ws
 from click.testing import CliRunner
 
 from appliance.cli.main import main
+from appliance.cluster.forwarding import TEAM_HEADER, TOKEN_HEADER
 from appliance.cluster.node import ClusterNode
 from appliance.config import Config
 from appliance.records import ROOTFS_NAME, TemplateManifest
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 
 VIEW_WAIT_S = 30.0  # a watch event on a loaded host
 MIB = 1 << 20
+PLAINTEXT_REFUSED = "the cluster token is taken only on the cluster's TLS listener"
 
 
 def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token_file: Path) -> Config:
@@ -36,6 +41,7 @@ def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token
         node_id=node_id,
         cluster_token_file=token_file,
         node_lease_ttl_s=5,
+        cluster_port=0,
     )
     TemplateManifest(
         template_id="code-interpreter",
@@ -50,6 +56,18 @@ def node_config(base: Config, root: Path, node_id: str, etcd: EtcdCluster, token
 def cluster_of(node: ServiceHarness) -> ClusterNode:
     assert node.running is not None and node.running.cluster is not None
     return node.running.cluster
+
+
+def as_node(sender: ServiceHarness, receiver: ServiceHarness, team: str | None = None) -> httpx.Client:
+    """A client calling `receiver` as node `sender` forwards: at its cluster listener, with
+    `sender`'s certificate (mutual TLS, cluster/tls.py), the cluster token and `team` if given."""
+    headers = {TOKEN_HEADER: cluster_of(sender).token, **({TEAM_HEADER: team} if team else {})}
+    return httpx.Client(
+        base_url=cluster_of(receiver).cluster_url,
+        verify=cluster_of(sender).tls.client_context(),
+        headers=headers,
+        trust_env=False,
+    )
 
 
 def wait_for(node: ServiceHarness, seen: Callable[[ClusterNode], bool]) -> None:
@@ -103,3 +121,27 @@ def publish_templates(node: ServiceHarness) -> None:
     next membership tick puts them into its record)."""
     listed = httpx.get(f"{node.url}/templates", headers={"X-API-KEY": node.admin_token}, trust_env=False)
     assert listed.status_code == 200, listed.text
+
+
+def websocket_echo(url: str, headers: dict[str, str], text: str) -> ws.Event:
+    """Open /ws at `url` with `headers`, send `text`; the first event after the handshake's, or
+    the handshake's refusal."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        sock.sendall(client.send(ws.Request(host="localhost", target="/ws", extra_headers=extra)))
+
+        def next_event() -> ws.Event:
+            while True:
+                for event in client.events():
+                    return event
+                client.receive_data(sock.recv(65536) or None)
+
+        opened = next_event()
+        if not isinstance(opened, ws.AcceptConnection):
+            return opened
+        sock.sendall(client.send(ws.TextMessage(data=text)))
+        echoed = next_event()
+        sock.sendall(client.send(ws.CloseConnection(code=1000)))
+        return echoed

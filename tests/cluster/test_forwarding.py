@@ -5,14 +5,12 @@ walking every node's sandboxes exactly once."""
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-import wsproto
 import wsproto.events as ws
-from cluster_nodes import cluster_of, cube_node, wait_for
+from cluster_nodes import cluster_of, cube_node, wait_for, websocket_echo
 
 from appliance.cluster.forwarding import CLUSTER_HEADERS, TOKEN_HEADER
 
@@ -24,30 +22,6 @@ def create_on(api: httpx.Client, metadata: dict[str, str] | None = None) -> dict
     created = api.post("/sandboxes", json={"metadata": metadata or {}})
     assert created.status_code == 201, created.text
     return dict(created.json())
-
-
-def websocket_echo(url: str, headers: dict[str, str], text: str) -> ws.Event:
-    """Open /ws at `url` with `headers`, send `text`; the first event after the handshake's, or
-    the handshake's refusal."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        client = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        sock.sendall(client.send(ws.Request(host="localhost", target="/ws", extra_headers=extra)))
-
-        def next_event() -> ws.Event:
-            while True:
-                for event in client.events():
-                    return event
-                client.receive_data(sock.recv(65536) or None)
-
-        opened = next_event()
-        if not isinstance(opened, ws.AcceptConnection):
-            return opened
-        sock.sendall(client.send(ws.TextMessage(data=text)))
-        echoed = next_event()
-        sock.sendall(client.send(ws.CloseConnection(code=1000)))
-        return echoed
 
 
 def test_websockets_reach_b_through_a_and_the_guest_never_sees_the_cluster_token(
@@ -68,6 +42,9 @@ def test_websockets_reach_b_through_a_and_the_guest_never_sees_the_cluster_token
     assert isinstance(refused, ws.RejectConnection) and refused.status_code == 502  # B's router's answer
     forged = websocket_echo(b.url, {**routed, TOKEN_HEADER: "x" * 64}, "x")
     assert isinstance(forged, ws.RejectConnection) and forged.status_code == 401
+    # The right token in plain HTTP is refused too: node to node is the cluster listener's TLS.
+    plaintext = websocket_echo(b.url, {**routed, TOKEN_HEADER: cluster_of(a).token}, "x")
+    assert isinstance(plaintext, ws.RejectConnection) and plaintext.status_code == 401
 
     # A adds the cluster token to what it forwards; B's router drops it before the guest.
     seen = httpx.get(f"{a.url}/headers", headers=routed, trust_env=False)

@@ -14,9 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from cluster_nodes import cluster_of, make_template, new_key, node_config, publish_templates, wait_for
+from cluster_nodes import (
+    as_node,
+    make_template,
+    new_key,
+    node_config,
+    publish_templates,
+    wait_for,
+)
 
-from appliance.cluster.forwarding import TEAM_HEADER, TOKEN_HEADER
 from appliance.master.store import SqliteStore
 
 if TYPE_CHECKING:
@@ -217,12 +223,7 @@ def test_a_nodes_own_keys_join_the_cluster_and_a_revoked_one_stays_revoked(
 
 def sandbox_on(node: ServiceHarness, team: str) -> str:
     """A sandbox of `team` created at `node` itself, as another node forwards a create (recorded)."""
-    created = httpx.post(
-        f"{node.url}/sandboxes",
-        json={},
-        headers={TOKEN_HEADER: cluster_of(node).token, TEAM_HEADER: team},
-        trust_env=False,
-    )
+    created = as_node(node, node, team).post("/sandboxes", json={})
     assert created.status_code == 201, created.text
     return str(created.json()["sandboxID"])
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 from click.testing import CliRunner
+from freeports import free_ports
 
 from appliance.bench.private import PrivateService
 from appliance.cli.main import main
@@ -44,6 +45,7 @@ NODES = {
     "c": ("10.226.8.0/24", 582_000),  # CUBE_CLUSTER_FULL=1 only
 }
 VIEW_WAIT_S = 60.0
+NODE_PORTS = range(20_000, 32_000)  # the private services' range (tests/conftest.py)
 
 
 def wait_until(what: str, done: Callable[[], bool], timeout: float) -> float:
@@ -87,6 +89,7 @@ def make_nodes(
                 "CUBE_NODE_ID": node_id,
                 "CUBE_CLUSTER_TOKEN_FILE": str(token_file),
                 "CUBE_NODE_LEASE_TTL_S": str(LEASE_TTL_S),
+                "CUBE_CLUSTER_PORT": str(free_ports(1, NODE_PORTS)[0]),  # node to node: TLS
             },
         )
     return nodes

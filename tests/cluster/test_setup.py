@@ -98,6 +98,7 @@ def test_a_new_cluster_s_config_etcd_file_and_unit(tmp_path: Path) -> None:
         token,
     )
     assert (loaded.api_host, loaded.node_url) == ("0.0.0.0", "http://127.0.0.1:3000")
+    assert loaded.cluster_port == 3444 and "https://127.0.0.1:3444: open that port" in output
     text = config.read_text()
     assert '# api_host = "127.0.0.1"  (set in the cluster block)' in text
     assert stat.S_IMODE(paths["--etcd-dir"].stat().st_mode) == 0o700

@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
-from cluster_nodes import cluster_of, cube_node, make_template, new_key, publish_templates, wait_for
+from cluster_nodes import (
+    as_node,
+    cluster_of,
+    cube_node,
+    make_template,
+    new_key,
+    publish_templates,
+    wait_for,
+)
 
-from appliance.cluster.forwarding import TEAM_HEADER, TOKEN_HEADER
+from appliance.cluster.forwarding import TOKEN_HEADER
 from appliance.cluster.templates import BLOBS_PATH, DIGEST_SIDECAR, RESOLVE_PATH
 from appliance.records import ROOTFS_NAME, TemplateManifest
 
@@ -68,17 +76,25 @@ def test_a_template_made_on_a_is_pulled_by_b_for_a_create_through_b(
         assert pulled.stat().st_ino == inode  # used as it is, not pulled again
         assert api.delete(f"/sandboxes/{sandbox_id}").status_code == 204
 
-    # B now has it: it serves it on, to a node with the cluster token only.
-    token = cluster_of(a).token
-    blob = f"{b.url}{BLOBS_PATH}{digest}"
-    served = httpx.get(blob, headers={TOKEN_HEADER: token}, trust_env=False)
-    assert served.status_code == 200 and served.content == image.read_bytes()
-    assert httpx.get(blob, trust_env=False).status_code in (401, 404)  # no token: the API's own answer
-    wrong = httpx.get(blob, headers={TOKEN_HEADER: "x" * 64}, trust_env=False)
-    assert wrong.json() == {"code": 401, "message": "invalid cluster token"}
-    for name in ("../tpl-small/rootfs.ext4", "0" * 64, digest.upper()):
-        stray = httpx.get(f"{b.url}{BLOBS_PATH}{name}", headers={TOKEN_HEADER: token}, trust_env=False)
-        assert stray.status_code == 404, (name, stray.text)
+    # B now has it: it serves it on, to a node (its cluster listener, the cluster token) only.
+    blob = f"{BLOBS_PATH}{digest}"
+    with as_node(a, b) as from_a:
+        served = from_a.get(blob)
+        assert served.status_code == 200 and served.content == image.read_bytes()
+        wrong = from_a.get(blob, headers={TOKEN_HEADER: "x" * 64})
+        assert wrong.json() == {"code": 401, "message": "invalid cluster token"}
+        for name in ("../tpl-small/rootfs.ext4", "0" * 64, digest.upper()):
+            stray = from_a.get(f"{BLOBS_PATH}{name}")
+            assert stray.status_code == 404, (name, stray.text)
+    assert httpx.get(b.url + blob, trust_env=False).status_code in (
+        401,
+        404,
+    )  # no token: the API's own answer
+    plain = httpx.get(b.url + blob, headers={TOKEN_HEADER: cluster_of(a).token}, trust_env=False)
+    assert plain.json() == {
+        "code": 401,
+        "message": "the cluster token is taken only on the cluster's TLS listener",
+    }
 
 
 def test_an_image_that_does_not_match_its_digest_or_is_a_symlink_is_not_pulled(
@@ -86,15 +102,10 @@ def test_an_image_that_does_not_match_its_digest_or_is_a_symlink_is_not_pulled(
 ) -> None:
     a, b, _key = two_nodes
     owner = new_key(b, "owner")
-    token = cluster_of(a).token
     changed = make_template(a, "tpl-changed", "changed", owner["team"])
     # A computes (and keeps) the digest when it first describes the template...
-    described = httpx.get(
-        f"{a.url}{RESOLVE_PATH}",
-        params={"name": "changed"},
-        headers={TOKEN_HEADER: token, TEAM_HEADER: owner["team"]},
-        trust_env=False,
-    )
+    with as_node(b, a, owner["team"]) as from_b:
+        described = from_b.get(RESOLVE_PATH, params={"name": "changed"})
     assert described.status_code == 200, described.text
     # ...then the image changes under it with its size and times kept: A describes and serves
     # what it no longer has, and B must not keep it.

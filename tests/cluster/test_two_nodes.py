@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from click.testing import CliRunner
-from cluster_nodes import cluster_of, cube_node, wait_for
+from cluster_nodes import PLAINTEXT_REFUSED, as_node, cluster_of, cube_node, wait_for
 
 from appliance.cli.main import main
 from appliance.cluster.forwarding import NAME_HEADER, TEAM_HEADER, TOKEN_HEADER
@@ -100,11 +100,19 @@ def test_a_create_through_a_drained_node_runs_on_the_other_and_is_reached_throug
 
 def test_node_to_node_auth_cannot_be_forged(two_nodes: tuple[ServiceHarness, ServiceHarness, str]) -> None:
     a, b, key = two_nodes
-    for node in (a, b):
-        forged = {TOKEN_HEADER: "x" * 64, TEAM_HEADER: "system", NAME_HEADER: "attacker"}
-        wrong_token = httpx.get(f"{node.url}/sandboxes", headers=forged, trust_env=False)
+    forged = {TOKEN_HEADER: "x" * 64, TEAM_HEADER: "system", NAME_HEADER: "attacker"}
+    for sender, node in ((b, a), (a, b)):
+        # At the cluster listener (a node's certificate), a wrong token is refused...
+        with as_node(sender, node) as from_node:
+            wrong_token = from_node.get("/sandboxes", headers=forged)
         assert wrong_token.status_code == 401, wrong_token.text
         assert wrong_token.json() == {"code": 401, "message": "invalid cluster token"}
+        # ...and any token, the right one too, in plain HTTP at the API port (node_tls.py).
+        for token in ("x" * 64, cluster_of(a).token):
+            plain = httpx.get(
+                f"{node.url}/sandboxes", headers={**forged, TOKEN_HEADER: token}, trust_env=False
+            )
+            assert plain.json() == {"code": 401, "message": PLAINTEXT_REFUSED}
         # A team without the token is no one: the request is authenticated as any other.
         no_token = httpx.get(f"{node.url}/cube/keys", headers={TEAM_HEADER: "system"}, trust_env=False)
         assert no_token.status_code == 401, no_token.text
@@ -129,9 +137,7 @@ def test_a_sandbox_of_a_node_that_left_is_reported_ended(
 ) -> None:
     a, b, key = two_nodes
     headers = {"X-API-KEY": key}
-    created = httpx.post(
-        f"{b.url}/sandboxes", json={}, headers={TOKEN_HEADER: cluster_of(a).token, TEAM_HEADER: "t"}
-    )
+    created = as_node(a, b, "t").post("/sandboxes", json={})
     assert created.status_code == 201, created.text  # as A forwards: B's own create, recorded by B
     sandbox_id = created.json()["sandboxID"]
     wait_for(a, lambda c: sandbox_id in c.view.owners)
@@ -170,12 +176,12 @@ def test_a_sandbox_that_ended_on_its_node_is_reported_ended_everywhere_then_coll
     two_nodes: tuple[ServiceHarness, ServiceHarness, str], etcd_of: EtcdCluster
 ) -> None:
     a, b, _key = two_nodes
-    as_a = {TOKEN_HEADER: cluster_of(a).token, TEAM_HEADER: "t"}  # what A sends when it forwards
-    created = httpx.post(f"{b.url}/sandboxes", json={}, headers=as_a)
+    as_a = as_node(a, b, "t")  # what A sends when it forwards
+    created = as_a.post("/sandboxes", json={})
     assert created.status_code == 201, created.text
     sandbox_id = created.json()["sandboxID"]
     wait_for(a, lambda c: sandbox_id in c.view.owners)
-    assert httpx.delete(f"{b.url}/sandboxes/{sandbox_id}", headers=as_a).status_code == 204
+    assert as_a.delete(f"/sandboxes/{sandbox_id}").status_code == 204
     # B writes its record ended, with its own store's reason; every node answers so.
     wait_for(a, lambda c: bool(c.view.owners[sandbox_id].ended_at))
     record = etcd_record(etcd_of, f"/cube/sandboxes/{sandbox_id}".encode())
@@ -226,9 +232,7 @@ def test_node_remove_refuses_a_live_node_unless_drained_and_empty_or_forced(
 ) -> None:
     a, b, _key = two_nodes
     assert "live and not drained" in cube_node(a, "remove", "b", exit_code=1)
-    created = httpx.post(
-        f"{b.url}/sandboxes", json={}, headers={TOKEN_HEADER: cluster_of(a).token, TEAM_HEADER: "t"}
-    )
+    created = as_node(a, b, "t").post("/sandboxes", json={})
     assert created.status_code == 201, created.text
     sandbox_id = created.json()["sandboxID"]
     cube_node(a, "drain", "b")
