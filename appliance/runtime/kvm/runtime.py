@@ -418,6 +418,7 @@ class KvmRuntime:
                     vmm,
                     events,
                     shared_key=sandbox.shared_key,
+                    uid=self.config.uid_base + spec.slot,
                 )
                 if source is not None:
                     failure = await self._wait_ready(spec, net.host_ip, events)
