@@ -40,7 +40,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -54,6 +53,7 @@ from appliance.cubelet.sandboxes import LiveSandbox, SandboxNotFound
 from appliance.cubelet.state import SandboxState
 from appliance.records import ROOTFS_NAME, TemplateManifest
 from appliance.runtime.base import BootFailed, Runtime
+from appliance.runtime.kvm.base_images import BASE_IMAGES_DIR, link_base, remove_unused
 from appliance.templates.catalog import (
     begin_template,
     check_name_free,
@@ -164,7 +164,7 @@ async def take_memory_snapshot(
     try:
         paused_s = await _checkpoint(live, instance, staging)
         token = live.agent.access_token if live.agent is not None else None
-        own_disk = functools.partial(_own_disk, fold=not memory)
+        own_disk = functools.partial(_own_disk, fold=not memory, shared=config.state_dir / BASE_IMAGES_DIR)
         await trio.to_thread.run_sync(own_disk, live.template.rootfs, staging, directory / ROOTFS_NAME, token)
         manifest = snapshot_manifest(live, directory, team_id, name, kind=f"{kind} snapshot")
         if memory:
@@ -230,13 +230,17 @@ async def _checkpoint(live: LiveSandbox, instance: KvmSandbox, staging: Path) ->
         return trio.current_time() - stopped_at
 
 
-def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None, *, fold: bool) -> None:
+def _own_disk(
+    base: Path, staging: Path, image: Path, agent_token: str | None, *, fold: bool, shared: Path
+) -> None:
     """The snapshot's own root image and its agent token (the token the snapshotted agent accepts:
     the source's access token). `fold` (a filesystem snapshot, which new sandboxes cold-boot
     from): a copy of `base` with the overlay folded in. Otherwise (a memory snapshot, restored
     over its overlay) a hard link to `base`: template images are never written once published
     (a rebuild is a new file), so the link keeps exactly the base the overlay was written
-    over, and a snapshot or fork costs its overlay, not a copy of the image."""
+    over, and a snapshot or fork costs its overlay, not a copy of the image; where `base` is
+    on another filesystem (the appliance ISO's squashfs), a link to the one copy of it in
+    `shared` (runtime/kvm/base_images.py)."""
     from appliance.runtime.kvm.instance import save_agent_token
     from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
     from appliance.runtime.sparse import fold_overlay, sparse_copy
@@ -246,10 +250,7 @@ def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None, *
             sparse_copy(base, image)
             fold_overlay(staging / OVERLAY_NAME, image)
         else:
-            try:
-                os.link(base, image)
-            except OSError:  # another filesystem, or links refused: a copy is the same bytes
-                sparse_copy(base, image)
+            link_base(base, image, shared)
         save_agent_token(staging, agent_token or "")
     except OSError as exc:
         raise CheckpointFailed(f"making the snapshot's disk failed: {exc}") from exc
@@ -266,10 +267,11 @@ class ForkCheckpoints:
     checkpoint's. So the checkpoint is deleted (template directory, then its memory in the kvm
     store) by `sweep` once its fork request is over (`taken`, in memory: no create from it is
     under way) and no sandbox of this node is of it: when the request ends, when a sandbox of
-    it ends (is killed: a fork's VMM keeps the files it opened until it stops), and at start, once the previous service's sandboxes are adopted. The marker and the
-    sandboxes are on disk, so a restart deletes what a crash left (a checkpoint whose request
-    died with the service, its forks never made or gone) and keeps what adopted forks use.
-    Until then it is listed like any snapshot, and `DELETE` of it is refused while forks live.
+    it ends (is killed: a fork's VMM keeps the files it opened until it stops), and at start,
+    once the previous service's sandboxes are adopted. The marker and the sandboxes are on
+    disk, so a restart deletes what a crash left (a checkpoint whose request died with the
+    service, its forks never made or gone) and keeps what adopted forks use. Until then it
+    is listed like any snapshot, and `DELETE` of it is refused while forks live.
     """
 
     def __init__(
@@ -318,5 +320,8 @@ class ForkCheckpoints:
                 kvm.snapshots.remove(template_id)
             deleted.append(template_id)
         if deleted:
+            store = self.config.state_dir / BASE_IMAGES_DIR
+            if store.is_dir():  # a base image's copy their images were the last links to
+                remove_unused(store)
             log.info("fork checkpoints no fork needs any more, deleted: %s", ", ".join(deleted))
         return deleted

@@ -71,11 +71,19 @@ def test_a_fork_into_three_keeps_the_python_variable_in_each(kvm_host_sdk: Emula
         assert after.sandbox_id == source.sandbox_id and after.state == SandboxState.RUNNING
         assert after.end_at == before.end_at
         assert run_code(source, CHECK) == expected
-        # The checkpoint is a snapshot of the caller's, of the source: listed, deleted like any.
+        # The checkpoint is a snapshot of the caller's, of the source: listed while forks live.
         checkpoints = list(source.list_snapshots().next_items())
         assert len(checkpoints) == 1 and {f.get_info().template_id for f in forks} == {
             checkpoints[0].snapshot_id
         }
+        # Deleted (template and memory) with the last fork, not before.
+        forks.pop().kill()
+        assert [c.snapshot_id for c in source.list_snapshots().next_items()] == [checkpoints[0].snapshot_id]
+        while forks:
+            forks.pop().kill()
+        assert list(source.list_snapshots().next_items()) == []
+        store = kvm_host_sdk.run("ls /var/lib/cube/kvm-snapshots").check().stdout
+        assert checkpoints[0].snapshot_id not in store
     finally:
         for sandbox in (*forks, source):
             sandbox.kill()
