@@ -42,7 +42,7 @@ def link_base(base: Path, image: Path, store: Path) -> None:
         return
     except OSError:
         pass  # another filesystem, or links refused
-    store.mkdir(mode=0o700, exist_ok=True)
+    store.mkdir(mode=0o700, parents=True, exist_ok=True)
     shared = store / f"{identity(base)}{SUFFIX}"
     try:
         os.link(shared, image)
