@@ -215,7 +215,7 @@ class VolumeMounts:
         """Mount `mounts` in the guest (before it becomes the user's sandbox). VolumeMountError:
         refused or failed (the caller ends the guest); nothing stays claimed then."""
         if not isinstance(instance, DiskHotplug) or agent is None:
-            raise VolumeMountError(400, "volume mounts need the uml or kvm runtime on this appliance")
+            raise VolumeMountError(400, "volume mounts need the kvm or uml runtime on this appliance")
         claimed: list[VolumeMount] = []
         try:
             for mount in mounts:
