@@ -6,13 +6,15 @@ the SDK's `delete_snapshot` calls). Another team's sandbox or snapshot is not fo
 exactly as one that never existed.
 
 A full (memory) snapshot and a fork need a memory checkpoint (`master.snapshots.
-memory_checkpoints`: kvm; `cubelet/checkpoints.py`). A fork is one checkpoint (a snapshot
-of the caller's team, listed by `/snapshots` and deleted like any) and `count` sandboxes
-created from it at once, each with the source's metadata and network policy and its own
-tokens; each fork's success or error is its own entry, as the SDKs parse it. The source
-keeps its id and deadline (it is paused only while its memory is written). Where the
-runtime has no checkpoints, the request succeeds (201) and each requested fork carries
-the error saying why and what works, as E2B reports a fork that failed to start.
+memory_checkpoints`: kvm; `cubelet/checkpoints.py`). A fork is one checkpoint (a snapshot of
+the caller's team, listed by `/snapshots` while it lives, deleted once no fork needs it: its
+request is over and its forks have ended) and `count` sandboxes created from it at once,
+each with the source's metadata and network policy and its own tokens; each fork's success
+or error is its own entry, as the SDKs parse it. The source keeps its id and deadline (it is
+paused only while its memory is written). Where the runtime has no checkpoints, the request
+succeeds (201) and each requested fork carries the error saying why and what works, as E2B
+reports a fork that failed to start. A sandbox holding a volume is not forked (a volume has
+one writer at a time): each fork carries that error.
 """
 
 from __future__ import annotations
@@ -165,19 +167,21 @@ async def fork(sandbox_id: str) -> Response:
         error = {"code": 409, "message": refusal(runtime, "forking a sandbox")}
         return json_response([{"error": error} for _ in range(count)], status=201)
     live = s.cubelet.require(sandbox_id)
+    results: list[dict[str, object]] = [{} for _ in range(count)]
     try:
-        checkpoint = await take_memory_snapshot(s.config, runtime, live, principal.team_id, None)
+        # The checkpoint is deleted once no fork needs it (cubelet/checkpoints.ForkCheckpoints).
+        async with s.cubelet.fork_checkpoints.taken(live, principal.team_id) as checkpoint:
+            s.templates.refresh()
+            request_ = fork_request(record, checkpoint, timeout_s)
+            async with trio.open_nursery() as nursery:
+                for index in range(count):
+                    nursery.start_soon(_start_fork, request_, results, index)
     except CheckpointRefused as exc:
         error = {"code": 409, "message": f"{exc}: its memory cannot be checkpointed, so it cannot be forked"}
         return json_response([{"error": error} for _ in range(count)], status=201)
     except CheckpointFailed as exc:
         raise ApiError(500, f"the fork's checkpoint failed: {exc}") from exc
     s.templates.refresh()
-    request_ = fork_request(record, checkpoint, timeout_s)
-    results: list[dict[str, object]] = [{} for _ in range(count)]
-    async with trio.open_nursery() as nursery:
-        for index in range(count):
-            nursery.start_soon(_start_fork, request_, results, index)
     return json_response(results, status=201)
 
 

@@ -36,21 +36,24 @@ sends the clone's `/init` with; that `/init` replaces it with the clone's own).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
-import os
 import shutil
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from appliance.config import Config
+from appliance.cubelet import volume_mounts
 from appliance.cubelet.sandboxes import LiveSandbox, SandboxNotFound
 from appliance.cubelet.state import SandboxState
 from appliance.records import ROOTFS_NAME, TemplateManifest
 from appliance.runtime.base import BootFailed, Runtime
+from appliance.runtime.kvm.base_images import BASE_IMAGES_DIR, link_base, remove_unused
 from appliance.templates.catalog import (
     begin_template,
     check_name_free,
@@ -65,6 +68,11 @@ if TYPE_CHECKING:
     from appliance.runtime.kvm.sandbox import KvmSandbox
 
 log = logging.getLogger(__name__)
+
+FORK_MARK = "fork-checkpoint"  # in a fork's checkpoint's template directory (ForkCheckpoints)
+# The states of a sandbox that needs its template no more: over for its users (its teardown,
+# running on, holds the files it opened), or gone. DETACHED and ADOPTING ones live on.
+_GONE = (SandboxState.ENDING, SandboxState.ENDED, SandboxState.FAILED)
 
 
 class CheckpointRefused(Exception):
@@ -129,21 +137,26 @@ async def take_memory_snapshot(
     name: str | None,
     *,
     memory: bool = True,
+    template_id: str | None = None,
+    fork: bool = False,
 ) -> TemplateManifest:
-    """A new template of `team_id`'s holding `live`'s memory, devices and disk, published under
-    `name` if given; without `memory`, only its disk (a filesystem snapshot: new sandboxes
-    cold-boot from it). Raises CheckpointRefused, NameTaken, SandboxNotFound (it ended
-    meanwhile) or CheckpointFailed."""
+    """A new template of `team_id`'s (`template_id`, else a new id) holding `live`'s memory, devices
+    and disk, published under `name` if given; without `memory`, only its disk (a filesystem
+    snapshot: new sandboxes cold-boot from it). `fork`: marked as a fork's checkpoint (deleted once
+    no fork needs it: `ForkCheckpoints`). Raises CheckpointRefused, NameTaken, SandboxNotFound (it
+    ended meanwhile) or CheckpointFailed."""
     kvm, instance = _kvm_runtime(runtime), _kvm_instance(live)
     if kvm is None or instance is None:  # checkpointable() is False
         raise CheckpointRefused(f"sandbox {live.sandbox_id} does not run on the kvm runtime")
+    if memory:
+        refuse_with_volumes(config, live.sandbox_id)
     if name:
         check_name_free(config, name, team_id)
     try:
         kernel = kvm.guest_kernel(live.sandbox_id)
     except BootFailed as exc:
         raise CheckpointFailed(exc.reason) from exc
-    template_id = new_template_id()
+    template_id = template_id or new_template_id()
     directory = begin_template(config, template_id)
     staging = kvm.snapshots.staging_directory(template_id)
     installed: Path | None = None
@@ -151,7 +164,7 @@ async def take_memory_snapshot(
     try:
         paused_s = await _checkpoint(live, instance, staging)
         token = live.agent.access_token if live.agent is not None else None
-        own_disk = functools.partial(_own_disk, fold=not memory)
+        own_disk = functools.partial(_own_disk, fold=not memory, shared=config.state_dir / BASE_IMAGES_DIR)
         await trio.to_thread.run_sync(own_disk, live.template.rootfs, staging, directory / ROOTFS_NAME, token)
         manifest = snapshot_manifest(live, directory, team_id, name, kind=f"{kind} snapshot")
         if memory:
@@ -161,6 +174,8 @@ async def take_memory_snapshot(
                 SnapshotKey.of, manifest, kernel, live.spec.memory_mb, live.spec.cpu_count
             )
             installed = kvm.snapshots.install(key, staging)
+        if fork:
+            (directory / FORK_MARK).touch()
         publish_template(config, manifest, name)
     except BaseException:
         discard_template(config, template_id)
@@ -174,6 +189,21 @@ async def take_memory_snapshot(
         "%s snapshot %s taken of sandbox %s (paused %.2f s)", kind, template_id, live.sandbox_id, paused_s
     )
     return manifest
+
+
+def refuse_with_volumes(config: Config, sandbox_id: str) -> None:
+    """CheckpointRefused if `sandbox_id` holds a volume. A volume has one sandbox writing it at a
+    time (cubelet/volume_mounts.py); a memory checkpoint holds the guest's mounted filesystem
+    (its page cache, its journal's state) but not the volume's disk, so each sandbox made from it
+    would be a second writer of the volume, or one whose mount has no disk. E2B documents nothing
+    for volumes in forks or snapshots: refused, saying what works (a filesystem snapshot)."""
+    held = volume_mounts.held_by(config.state_dir, sandbox_id)
+    if held:
+        where = ", ".join(f"{volume_id} at {record.path}" for volume_id, record in held)
+        raise CheckpointRefused(
+            f"sandbox {sandbox_id} has volumes mounted ({where}), and a volume is written by one "
+            "sandbox at a time"
+        )
 
 
 async def _checkpoint(live: LiveSandbox, instance: KvmSandbox, staging: Path) -> float:
@@ -200,13 +230,17 @@ async def _checkpoint(live: LiveSandbox, instance: KvmSandbox, staging: Path) ->
         return trio.current_time() - stopped_at
 
 
-def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None, *, fold: bool) -> None:
+def _own_disk(
+    base: Path, staging: Path, image: Path, agent_token: str | None, *, fold: bool, shared: Path
+) -> None:
     """The snapshot's own root image and its agent token (the token the snapshotted agent accepts:
     the source's access token). `fold` (a filesystem snapshot, which new sandboxes cold-boot
     from): a copy of `base` with the overlay folded in. Otherwise (a memory snapshot, restored
     over its overlay) a hard link to `base`: template images are never written once published
     (a rebuild is a new file), so the link keeps exactly the base the overlay was written
-    over, and a snapshot or fork costs its overlay, not a copy of the image."""
+    over, and a snapshot or fork costs its overlay, not a copy of the image; where `base` is
+    on another filesystem (the appliance ISO's squashfs), a link to the one copy of it in
+    `shared` (runtime/kvm/base_images.py)."""
     from appliance.runtime.kvm.instance import save_agent_token
     from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
     from appliance.runtime.sparse import fold_overlay, sparse_copy
@@ -216,10 +250,78 @@ def _own_disk(base: Path, staging: Path, image: Path, agent_token: str | None, *
             sparse_copy(base, image)
             fold_overlay(staging / OVERLAY_NAME, image)
         else:
-            try:
-                os.link(base, image)
-            except OSError:  # another filesystem, or links refused: a copy is the same bytes
-                sparse_copy(base, image)
+            link_base(base, image, shared)
         save_agent_token(staging, agent_token or "")
     except OSError as exc:
         raise CheckpointFailed(f"making the snapshot's disk failed: {exc}") from exc
+
+
+class ForkCheckpoints:
+    """The checkpoints forks start from, each deleted once no fork needs it any more.
+
+    A fork's checkpoint is a team snapshot (`take_memory_snapshot(fork=True)`, marked by
+    FORK_MARK in its template directory) that the fork request creates its sandboxes from. A
+    fork needs it for as long as it lives, not only for its restore: it is the fork's template
+    (a service restart adopts a sandbox only with its template, and a snapshot or fork of the
+    fork starts from the template's image), and a paused fork's memory is a diff over the
+    checkpoint's. So the checkpoint is deleted (template directory, then its memory in the kvm
+    store) by `sweep` once its fork request is over (`taken`, in memory: no create from it is
+    under way) and no sandbox of this node is of it: when the request ends, when a sandbox of
+    it ends (is killed: a fork's VMM keeps the files it opened until it stops), and at start,
+    once the previous service's sandboxes are adopted. The marker and the sandboxes are on
+    disk, so a restart deletes what a crash left (a checkpoint whose request died with the
+    service, its forks never made or gone) and keeps what adopted forks use. Until then it
+    is listed like any snapshot, and `DELETE` of it is refused while forks live.
+    """
+
+    def __init__(
+        self, config: Config, runtime: Runtime, live_templates: Callable[[], Iterable[LiveSandbox]]
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self._sandboxes = live_templates
+        self._requests: set[str] = set()  # checkpoints whose fork request is under way
+
+    @contextlib.asynccontextmanager
+    async def taken(self, live: LiveSandbox, team_id: str) -> AsyncIterator[TemplateManifest]:
+        """A checkpoint of `live` for one fork request (which creates its forks inside); it is
+        swept when the request is over. Raises as `take_memory_snapshot`."""
+        template_id = new_template_id()
+        self._requests.add(template_id)
+        try:
+            yield await take_memory_snapshot(
+                self.config, self.runtime, live, team_id, None, template_id=template_id, fork=True
+            )
+        finally:
+            self._requests.discard(template_id)
+            self.sweep()
+
+    def guest_changed(self, live: LiveSandbox, _old: SandboxState) -> None:
+        """A sandbox's transition (the cubelet's hook): one of a checkpoint that ended may free it."""
+        if live.state in _GONE and (live.template.directory / FORK_MARK).exists():
+            self.sweep()
+
+    def sweep(self) -> list[str]:
+        """Delete every fork checkpoint no request and no sandbox of this node needs; their ids."""
+        root = self.config.templates_dir
+        if not root.is_dir():
+            return []
+        needed = self._requests | {
+            live.template.template_id for live in self._sandboxes() if live.state not in _GONE
+        }
+        deleted = []
+        kvm = _kvm_runtime(self.runtime)
+        for mark in sorted(root.glob(f"*/{FORK_MARK}")):
+            template_id = mark.parent.name
+            if template_id in needed:
+                continue
+            discard_template(self.config, template_id)  # first: a crash then leaves a store entry
+            if kvm is not None:  # of no template, which the next start prunes
+                kvm.snapshots.remove(template_id)
+            deleted.append(template_id)
+        if deleted:
+            store = self.config.state_dir / BASE_IMAGES_DIR
+            if store.is_dir():  # a base image's copy their images were the last links to
+                remove_unused(store)
+            log.info("fork checkpoints no fork needs any more, deleted: %s", ", ".join(deleted))
+        return deleted

@@ -37,6 +37,7 @@ import trio
 from appliance.config import Config
 from appliance.cubelet.adoption import Adopter, Adoption
 from appliance.cubelet.capacity import BootCapacity
+from appliance.cubelet.checkpoints import ForkCheckpoints
 from appliance.cubelet.envd_client import EnvdError
 from appliance.cubelet.health import HealthProber
 from appliance.cubelet.lifecycle import GuestLifecycle, trio_deadline_for
@@ -119,9 +120,8 @@ class Cubelet:
         self.network = network
         self._templates = templates or (lambda: {t.template_id: t for t in store.list_templates()})
         self.memory_budget_mb = memory_budget_mb(config)
-        self.sandboxes = SandboxTable(
-            config, store, on_change=lambda live, old: self.pools.guest_changed(live, old)
-        )
+        self.sandboxes = SandboxTable(config, store, on_change=self._guest_changed)
+        self.fork_checkpoints = ForkCheckpoints(config, runtime, lambda: self.sandboxes)
         self.capacity = BootCapacity(os.cpu_count(), on_release=self.wake_pools)
         self.lifecycle = GuestLifecycle(
             config, runtime, self.sandboxes, self.capacity, make_room=lambda t: self.pools.make_room(t)
@@ -154,6 +154,7 @@ class Cubelet:
                 if isinstance(self.runtime, AdoptingRuntime):
                     adopter = Adopter(self.store, self.sandboxes, self.lifecycle, self._templates)
                     self.adoption = await adopter.adopt(self.runtime)
+                self.fork_checkpoints.sweep()  # what a fork request the last service died in left
                 nursery.start_soon(self.pools.keep)
                 nursery.start_soon(self.health.run)
                 nursery.start_soon(self.metrics_history.run)
@@ -161,6 +162,10 @@ class Cubelet:
                 await trio.sleep_forever()
         finally:
             self.lifecycle.nursery = None
+
+    def _guest_changed(self, live: LiveSandbox, old: SandboxState) -> None:
+        self.pools.guest_changed(live, old)
+        self.fork_checkpoints.guest_changed(live, old)
 
     async def shutdown(self, reason: str, *, detach: bool = False) -> list[str]:
         """End every guest (recording `reason`) and wait until they are gone; with `detach`, users'

@@ -8,8 +8,9 @@ guest without 9p, NFS or FUSE can only share it as a block device, so at the cla
    directory (a second mount while the holder lives is refused: `VolumeBusy`, 409; a holder that
    is no sandbox of this node any more, after a crash of the service, is stale and replaced);
 2. an ext4 image of the tree (`mke2fs -d`, sized by the volume's cap) is hot-plugged into the
-   guest (the runtime's `attach_disk`: uml's mconsole) and mounted at the path as root by the
-   guest agent, its root owned by the sandbox's user.
+   guest (the runtime's `attach_disk`: uml's mconsole `config ubdN=`; kvm's empty virtio-blk
+   volume slot, given the image and a config-change interrupt, runtime/kvm/volumes.py) and
+   mounted at the path as root by the guest agent, its root owned by the sandbox's user.
 
 When the sandbox ends (kill, timeout, health), before its guest is stopped, the guest agent
 streams a tar of the mount point (frozen with fsfreeze, so no writer changes it meanwhile) to
@@ -50,12 +51,14 @@ IMAGE_OVERHEAD_BYTES = 4 << 20
 STREAM_SLACK_BYTES = 16 << 20
 ROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 
-# Run as root in the guest: wait (bounded) for the hot-plugged device, mount it, give its root
-# to the sandbox's user. $1 device, $2 mount point, $3 user.
+# Run as root in the guest: wait (bounded) for the hot-plugged device to be there with its size
+# (a kvm volume slot is there from the boot, 0 bytes until its driver read the new capacity),
+# mount it, give its root to the sandbox's user. $1 device, $2 mount point, $3 user.
 MOUNT_SCRIPT = """
 set -e
 i=0
-while [ ! -b "$1" ]; do
+size=/sys/class/block/${1##*/}/size
+until [ -b "$1" ] && [ "$(cat "$size" 2>/dev/null || echo 0)" != 0 ]; do
   i=$((i+1)); [ "$i" -le 200 ] || { echo "device $1 did not appear" >&2; exit 3; }
   sleep 0.05
 done
@@ -92,7 +95,8 @@ class VolumeBusy(VolumeMountError):
 
 @runtime_checkable
 class DiskHotplug(Protocol):
-    """An instance that takes a new disk while it runs (uml's `UmlInstance.attach_disk`)."""
+    """An instance that takes a new disk while it runs (`UmlInstance.attach_disk`,
+    `KvmSandbox.attach_disk`). ValueError: no such slot (more volumes than the runtime takes)."""
 
     async def attach_disk(
         self, slot: int, size_bytes: int, fill: Callable[[int], Awaitable[None]]
@@ -112,6 +116,29 @@ class MountRecord:
     sandbox_id: str
     path: str
     mounted: bool = False
+
+
+def _read_record(directory: Path) -> MountRecord | None:
+    """The volume's `mount.json`: None if it has none, an empty (stale) record if unreadable."""
+    try:
+        return MountRecord(**json.loads((directory / MOUNT_FILE).read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError):
+        return MountRecord(sandbox_id="", path="")
+
+
+def held_by(state_dir: Path, sandbox_id: str) -> list[tuple[str, MountRecord]]:
+    """The volumes `sandbox_id` holds, by volume id (from the volumes' own files under `state_dir`)."""
+    root = state_dir / VOLUMES_DIR
+    if not root.is_dir():
+        return []
+    held = []
+    for entry in sorted(root.iterdir()):
+        record = _read_record(entry)
+        if record is not None and record.sandbox_id == sandbox_id:
+            held.append((entry.name, record))
+    return held
 
 
 class VolumeMounts:
@@ -136,12 +163,7 @@ class VolumeMounts:
         return self.root / volume_id
 
     def _read(self, volume_id: str) -> MountRecord | None:
-        try:
-            return MountRecord(**json.loads((self._dir(volume_id) / MOUNT_FILE).read_text()))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, TypeError):
-            return MountRecord(sandbox_id="", path="")  # unreadable: stale
+        return _read_record(self._dir(volume_id))
 
     def _write(self, volume_id: str, record: MountRecord, *, exclusive: bool) -> None:
         path = self._dir(volume_id) / MOUNT_FILE
@@ -158,14 +180,7 @@ class VolumeMounts:
 
     def held_by(self, sandbox_id: str) -> list[tuple[str, MountRecord]]:
         """The volumes `sandbox_id` holds (found in the volumes' own files: they outlive a restart)."""
-        if not self.root.is_dir():
-            return []
-        held = []
-        for entry in sorted(self.root.iterdir()):
-            record = self._read(entry.name)
-            if record is not None and record.sandbox_id == sandbox_id:
-                held.append((entry.name, record))
-        return held
+        return held_by(self.root.parent, sandbox_id)
 
     def _claim(self, mount: VolumeMount, sandbox_id: str) -> None:
         for _ in range(2):
@@ -200,7 +215,7 @@ class VolumeMounts:
         """Mount `mounts` in the guest (before it becomes the user's sandbox). VolumeMountError:
         refused or failed (the caller ends the guest); nothing stays claimed then."""
         if not isinstance(instance, DiskHotplug) or agent is None:
-            raise VolumeMountError(400, "volume mounts need the uml runtime on this appliance")
+            raise VolumeMountError(400, "volume mounts need the kvm or uml runtime on this appliance")
         claimed: list[VolumeMount] = []
         try:
             for mount in mounts:
@@ -232,6 +247,8 @@ class VolumeMounts:
                 code = await agent.run(argv, "root", ROOT_ENV, "/")
         except VolumeMountError:
             raise
+        except ValueError as exc:
+            raise VolumeMountError(400, f"cannot mount volume {mount.volume_id}: {exc}") from exc
         except Exception as exc:
             raise VolumeMountError(500, f"cannot mount volume {mount.volume_id}: {exc}") from exc
         if code != 0:

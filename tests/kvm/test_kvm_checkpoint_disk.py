@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from appliance.runtime.kvm.base_images import BASE_IMAGES_DIR, link_base, remove_unused
 from appliance.runtime.sparse import fold_overlay, sparse_copy
 from appliance.runtime.virtio.blk.disk import BLOCK, CowDisk
 
@@ -73,3 +74,46 @@ def test_an_image_on_another_kind_of_filesystem_is_copied_hole_for_hole(
         sparse_copy(base, image)
         assert image.read_bytes() == base.read_bytes()
         assert os.stat(image).st_blocks * 512 < 2 * MIB  # the hole stayed a hole
+
+
+def test_snapshots_of_an_image_on_another_filesystem_share_one_copy(tmp_path: Path) -> None:
+    """The appliance ISO's template image is on its squashfs, the snapshots on the data disk: no
+    hard link can be made (EXDEV), so N memory snapshots of one template link one copy of its
+    image (runtime/kvm/base_images.py), not N; the copy goes once no snapshot links it."""
+    store = tmp_path / "state" / BASE_IMAGES_DIR
+    with tempfile.NamedTemporaryFile(dir="/dev/shm") as other_filesystem:  # tmpfs: another kind
+        base = Path(other_filesystem.name)
+        with open(base, "wb") as f:
+            f.write(os.urandom(MIB))
+            f.truncate(8 * MIB)
+        with pytest.raises(OSError):
+            os.link(base, tmp_path / "probe")  # the case under test: no link across them
+        images = [tmp_path / f"snapshot-{n}" / "rootfs.ext4" for n in range(3)]
+        for image in images:
+            image.parent.mkdir()
+            link_base(base, image, store)
+        copies = [p for p in store.iterdir()]
+        assert len(copies) == 1 and copies[0].stat().st_nlink == 4  # its name and 3 snapshots
+        assert {os.stat(image).st_ino for image in images} == {copies[0].stat().st_ino}
+        assert images[0].read_bytes() == base.read_bytes()
+        assert os.stat(images[0]).st_blocks * 512 < 2 * MIB  # one sparse copy
+        # A rebuilt template image is another file: its own copy.
+        os.utime(base, ns=(0, 0))
+        rebuilt = tmp_path / "after-rebuild.ext4"
+        link_base(base, rebuilt, store)
+        assert len(list(store.iterdir())) == 2
+    # Snapshots deleted: a copy linked by none goes, the other stays.
+    for image in images:
+        image.unlink()
+    assert remove_unused(store) == [copies[0].name]
+    (left,) = store.iterdir()
+    assert left.stat().st_ino == os.stat(rebuilt).st_ino
+
+
+def test_an_image_on_the_same_filesystem_is_linked_not_copied(tmp_path: Path) -> None:
+    base = tmp_path / "template.ext4"
+    base.write_bytes(os.urandom(MIB))
+    image = tmp_path / "snapshot.ext4"
+    link_base(base, image, tmp_path / BASE_IMAGES_DIR)
+    assert os.stat(image).st_ino == base.stat().st_ino
+    assert not (tmp_path / BASE_IMAGES_DIR).exists()

@@ -71,11 +71,19 @@ def test_a_fork_into_three_keeps_the_python_variable_in_each(kvm_host_sdk: Emula
         assert after.sandbox_id == source.sandbox_id and after.state == SandboxState.RUNNING
         assert after.end_at == before.end_at
         assert run_code(source, CHECK) == expected
-        # The checkpoint is a snapshot of the caller's, of the source: listed, deleted like any.
+        # The checkpoint is a snapshot of the caller's, of the source: listed while forks live.
         checkpoints = list(source.list_snapshots().next_items())
         assert len(checkpoints) == 1 and {f.get_info().template_id for f in forks} == {
             checkpoints[0].snapshot_id
         }
+        # Deleted (template and memory) with the last fork, not before.
+        forks.pop().kill()
+        assert [c.snapshot_id for c in source.list_snapshots().next_items()] == [checkpoints[0].snapshot_id]
+        while forks:
+            forks.pop().kill()
+        assert list(source.list_snapshots().next_items()) == []
+        store = kvm_host_sdk.run("ls /var/lib/cube/kvm-snapshots").check().stdout
+        assert checkpoints[0].snapshot_id not in store
     finally:
         for sandbox in (*forks, source):
             sandbox.kill()
@@ -149,3 +157,36 @@ def test_snapshot_bench_in_full_mode_completes(
     }
     assert all(len(samples) == BENCH_ROUNDS for samples in report.samples.values()), report.samples
     assert list(Sandbox.list().next_items()) == []
+
+
+def test_a_fork_checkpoint_outlives_a_restart_while_its_fork_does(kvm_host_sdk: EmulatedHost) -> None:
+    """The checkpoint a fork starts from is kept across a service restart while the (adopted)
+    fork lives, and deleted with it; full snapshots of the ISO's template (its image on the boot
+    medium's squashfs: no hard link to the data disk) share one copy of that image."""
+    source = create()
+    snapshots: list[str] = []
+    forks: list[Sandbox] = []
+    try:
+        marker = run_code(source, SETUP).strip()
+        for _ in range(2):
+            snapshots.append(
+                source.create_snapshot(mode="full", request_timeout=REQUEST_TIMEOUT_S).snapshot_id
+            )
+        links = kvm_host_sdk.run("stat -c '%h %n' /var/lib/cube/kvm-base-images/*.img").check().stdout
+        assert len(links.splitlines()) == 1 and links.split()[0] == "3", links  # its name, 2 snapshots
+        results = source.fork(count=1, timeout=3600, request_timeout=REQUEST_TIMEOUT_S)
+        forks = [result for result in results if isinstance(result, Sandbox)]
+        assert len(forks) == 1, results
+        (checkpoint,) = {s.snapshot_id for s in source.list_snapshots().next_items()} - set(snapshots)
+        restart_service(kvm_host_sdk)
+        # Adopted with its template: the checkpoint is still there, the fork runs on.
+        assert checkpoint in {s.snapshot_id for s in source.list_snapshots().next_items()}
+        assert run_code(forks[0], CHECK) == f"{marker} 332833500 written before: {marker}\n"
+        forks.pop().kill()
+        assert {s.snapshot_id for s in source.list_snapshots().next_items()} == set(snapshots)
+        assert checkpoint not in kvm_host_sdk.run("ls /var/lib/cube/kvm-snapshots").check().stdout
+    finally:
+        for sandbox in (*forks, source):
+            sandbox.kill()
+        for snapshot_id in snapshots:
+            Sandbox.delete_snapshot(snapshot_id)

@@ -14,6 +14,8 @@
 - template_snapshots.py  one snapshot per template, keyed by kernel/template/VMM/host; refused when stale
 - console.py   serial output to the sandbox's console log, a line at a time
 - instance.py  KvmInstance: a running sandbox (pause/resume with a diff, snapshot, memory)
+- volumes.py   volume slots: empty virtio-blk devices a volume's image is plugged into at the claim
+- base_images.py  one copy per template image a memory snapshot cannot hard-link (another filesystem)
 - runtime.py   KvmRuntime, runtime.base's Runtime over all of the above
 - kernel.py    `cube image build-kvm-kernel` (image/kernel/build.py)
 Virtio devices live in runtime/virtio and reach a guest through virtio/mmio.py.

@@ -57,6 +57,7 @@ from appliance.runtime.base import (
     read_console_tail,
 )
 from appliance.runtime.detect import detect_host, find_guest_kernel
+from appliance.runtime.kvm.base_images import BASE_IMAGES_DIR, remove_unused
 from appliance.runtime.kvm.instance import PAUSED_SNAPSHOT_DIR, KvmInstance, snapshot_agent_token
 from appliance.runtime.kvm.sandbox import GuestControlFailed, KvmSandbox
 from appliance.runtime.kvm.snapshot import MEMORY_FILE
@@ -228,6 +229,8 @@ class KvmRuntime:
         self.snapshots = TemplateSnapshots(config.state_dir / SNAPSHOT_STORE)
         if removed := self.snapshots.prune(config.templates_dir):
             log.info("kvm: removed the snapshots of templates that are gone: %s", ", ".join(removed))
+        if (config.state_dir / BASE_IMAGES_DIR).is_dir():
+            remove_unused(config.state_dir / BASE_IMAGES_DIR)  # of snapshots deleted meanwhile
         self._vmms = supervisors_dir(config.run_dir, VMMS_DIR)
         self._kept: dict[str, SupervisorClient] = {}  # found at start, until adopted
         # Sandboxes another runtime of this service keeps (the uml fallback's): not swept here.
@@ -418,6 +421,7 @@ class KvmRuntime:
                     vmm,
                     events,
                     shared_key=sandbox.shared_key,
+                    uid=self.config.uid_base + spec.slot,
                 )
                 if source is not None:
                     failure = await self._wait_ready(spec, net.host_ip, events)

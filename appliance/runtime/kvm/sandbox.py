@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import trio
 
 from appliance.runtime.base import MemoryFootprint
 from appliance.runtime.kvm.vmm import SNAPSHOT_OUT
+from appliance.runtime.kvm.volumes import guest_device, make_image
 from appliance.runtime.supervisor.client import GuestEvents, SupervisorClient, SupervisorGone
 from appliance.runtime.supervisor.protocol import Op, ProtocolError
 
@@ -35,6 +37,7 @@ class KvmSandbox:
     events: GuestEvents
     # A clone's template snapshot memory file (its page cache is shared by every clone), or "".
     shared_key: str = ""
+    uid: int = 0  # the sandbox's (its VMM's and its directory's)
     detached: bool = False  # set by `detach`: the task's cancel leaves the guest running
     _metrics: dict[str, float] = field(default_factory=dict)
 
@@ -64,9 +67,17 @@ class KvmSandbox:
         await self._control(Op.SNAPSHOT)
         await trio.to_thread.run_sync(_take_over, self.sandbox_dir / SNAPSHOT_OUT, directory)
 
-    async def _control(self, op: Op) -> None:
+    async def attach_disk(self, slot: int, size_bytes: int, fill: Callable[[int], Awaitable[None]]) -> str:
+        """A new disk image of `size_bytes` in volume slot `slot` (`fill(fd)` writes its
+        filesystem), plugged into the running guest (runtime/kvm/volumes.py); the guest's device
+        path. ValueError (no such slot), OSError or GuestControlFailed (the VMM refused it)."""
+        await make_image(self.sandbox_dir, self.uid, slot, size_bytes, fill)
+        await self._control(Op.ATTACH_DISK, slot=slot)
+        return guest_device(slot)
+
+    async def _control(self, op: Op, *, slot: int = 0) -> None:
         try:
-            reply = await self.vmm.request(op, timeout=CONTROL_TIMEOUT_S)
+            reply = await self.vmm.request(op, slot=slot, timeout=CONTROL_TIMEOUT_S)
         except SupervisorGone as exc:
             raise GuestControlFailed(f"{op}: {exc}") from exc
         if not reply.ok:

@@ -18,6 +18,7 @@ Only one guest builds a key's snapshot; other creates of the template wait for i
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -138,6 +139,13 @@ class TemplateSnapshots:
             for leftover in root.glob(_STAGING_PREFIX + "*"):
                 shutil.rmtree(leftover, ignore_errors=True)
         shutil.rmtree(root / UNSERVABLE_DIR, ignore_errors=True)  # the last service's verdicts
+
+    def remove(self, template_id: str) -> None:
+        """Delete the snapshots of `template_id` (a template deleted while the service runs)."""
+        if self.root.is_dir():
+            for directory in self.root.glob(f"{glob.escape(template_id)}-*"):
+                if re.fullmatch(re.escape(template_id) + r"-[0-9a-f]{16}", directory.name):
+                    shutil.rmtree(directory, ignore_errors=True)
 
     def prune(self, templates_dir: Path) -> list[str]:
         """Delete the snapshots of templates that no longer exist (or never got published)."""

@@ -58,6 +58,7 @@ from appliance.runtime.kvm.instance import KvmInstance
 from appliance.runtime.kvm.machine import Machine, MachineConfig
 from appliance.runtime.kvm.template_snapshots import OVERLAY_NAME
 from appliance.runtime.kvm.vcpu import VcpuExit, VcpuFault
+from appliance.runtime.kvm.volumes import FIRST_SLOT, VOLUME_SLOTS, open_image, slot_name
 from appliance.runtime.sparse import sparse_copy
 from appliance.runtime.supervisor.control import ControlServer, open_listener
 from appliance.runtime.supervisor.guest import first_of
@@ -78,7 +79,7 @@ from appliance.runtime.supervisor.protocol import (
 from appliance.runtime.supervisor.server import join_cgroup, log_from_now_on, open_log, write_atomically
 from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.virtio.blk.device import VirtioBlock
-from appliance.runtime.virtio.blk.disk import CowDisk
+from appliance.runtime.virtio.blk.disk import CowDisk, RawDisk
 from appliance.runtime.virtio.device import VirtioDevice
 from appliance.runtime.virtio.mmio import MMIO_SIZE, QUEUE_NOTIFY, MmioTransport, cmdline_device
 from appliance.runtime.virtio.net.device import VirtioNet
@@ -161,6 +162,10 @@ class DeviceSlot:
     build: Callable[[SandboxDeviceParts], VirtioDevice]
 
 
+def _empty_volume_slot(name: str, _parts: SandboxDeviceParts) -> VirtioDevice:
+    return VirtioBlock(RawDisk.empty(), disk_id=f"cube-{name}")
+
+
 # The one device table: every sandbox's devices in virtio-mmio slot order, built from it;
 # a restore shell has their interrupt and queue-notify eventfds made ahead from it.
 DEVICE_SLOTS: tuple[DeviceSlot, ...] = (
@@ -168,6 +173,11 @@ DEVICE_SLOTS: tuple[DeviceSlot, ...] = (
     DeviceSlot("virtio-net", VirtioNet, lambda parts: VirtioNet(parts.tap_fd, parts.mac)),
     DeviceSlot("virtio-vsock", VirtioVsock, lambda parts: VirtioVsock(GUEST_CID, parts.vsock_path)),
     DeviceSlot("virtio-rng", VirtioRng, lambda _parts: VirtioRng()),
+    # Empty until a volume is plugged in at the claim (volumes.py): vdb, vdc.
+    *(
+        DeviceSlot(slot_name(slot), VirtioBlock, functools.partial(_empty_volume_slot, slot_name(slot)))
+        for slot in range(FIRST_SLOT, FIRST_SLOT + VOLUME_SLOTS)
+    ),
 )
 
 
@@ -424,6 +434,27 @@ class Vmm(ControlServer):
             except OSError as exc:
                 log.exception("snapshot failed")
                 return Reply(ok=False, error=f"snapshot: {exc!r}", state=self.state())
+            return Reply(ok=True, state=self.state())
+
+    async def attach_disk(self, slot: int) -> Reply:
+        """Plug the image of volume slot `slot`, in the sandbox's directory, into that slot's
+        empty virtio-blk device and tell the guest's driver (volumes.py)."""
+        async with self._pausing:
+            if self.exit is not None:
+                return Reply(ok=False, error="the guest has ended", state=self.state())
+            names = [device_slot.name for device_slot in DEVICE_SLOTS]
+            try:
+                disk = open_image(self.console.path.parent, slot)
+            except (OSError, ValueError) as exc:
+                return Reply(ok=False, error=f"attach_disk: {exc}", state=self.state())
+            index = names.index(slot_name(slot))
+            device, transport = self.built.devices[index], self.built.transports[index]
+            assert isinstance(device, VirtioBlock)
+            try:
+                transport.change_config(functools.partial(device.plug, disk))
+            except ValueError as exc:
+                disk.close()
+                return Reply(ok=False, error=f"attach_disk: {exc}", state=self.state())
             return Reply(ok=True, state=self.state())
 
     def metrics(self) -> dict[str, float]:

@@ -195,10 +195,10 @@ class SupervisorClient:
         return sock
 
     async def request(
-        self, op: Op, *, max_bytes: int | None = None, timeout: float = REQUEST_TIMEOUT_S
+        self, op: Op, *, max_bytes: int | None = None, slot: int = 0, timeout: float = REQUEST_TIMEOUT_S
     ) -> Reply:
         """One request, one reply; SupervisorGone if it cannot be asked (it is gone)."""
-        request = Request(op) if max_bytes is None else Request(op, max_bytes)
+        request = Request(op, slot=slot) if max_bytes is None else Request(op, max_bytes, slot)
         try:
             with trio.fail_after(timeout):
                 sock = await self._connect()

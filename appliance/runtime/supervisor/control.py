@@ -76,6 +76,9 @@ class ControlServer:
     async def snapshot(self) -> Reply:
         return Reply.failed("this guest cannot be snapshotted")
 
+    async def attach_disk(self, slot: int) -> Reply:
+        return Reply.failed("this guest takes no disk through its supervisor")
+
     # What the owner calls.
 
     async def announce_console(
@@ -162,6 +165,8 @@ class ControlServer:
             reply = await self.pause_or_resume(op is Op.PAUSE)
         elif op is Op.SNAPSHOT:
             reply = await self.snapshot()
+        elif op is Op.ATTACH_DISK:
+            reply = await self.attach_disk(request.slot)
         elif op is Op.CONSOLE:
             reply = Reply(ok=True, console=self.console_tail(request.max_bytes))
         elif op is Op.METRICS:

@@ -61,15 +61,22 @@ class Op(enum.StrEnum):
     # Write the whole machine into the guest's own snapshot directory (kvm only; the owner
     # chooses where, never the request): answered once written, the guest running again.
     SNAPSHOT = "snapshot"
+    # Plug the volume image the owner made in the guest's own directory into volume slot `slot`
+    # (kvm only: runtime/kvm/volumes.py; the request names a slot, never a path).
+    ATTACH_DISK = "attach_disk"
 
 
 @dataclass(frozen=True)
 class Request:
     op: Op
     max_bytes: int = CONSOLE_TAIL_MAX_BYTES
+    slot: int = 0  # attach_disk's; sent only with it (an older supervisor knows no such field)
 
     def encode(self) -> bytes:
-        return _line({"op": self.op.value, "max_bytes": self.max_bytes}, MAX_REQUEST_BYTES)
+        data: dict[str, Any] = {"op": self.op.value, "max_bytes": self.max_bytes}
+        if self.op is Op.ATTACH_DISK:
+            data["slot"] = self.slot
+        return _line(data, MAX_REQUEST_BYTES)
 
     @classmethod
     def decode(cls, line: bytes) -> Request:
@@ -80,10 +87,13 @@ class Request:
         max_bytes = data.get("max_bytes", CONSOLE_TAIL_MAX_BYTES)
         if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
             raise ProtocolError(f"max_bytes must be a non-negative integer, not {max_bytes!r}")
-        unknown = set(data) - {"op", "max_bytes"}
+        slot = data.get("slot", 0)
+        if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
+            raise ProtocolError(f"slot must be a non-negative integer, not {slot!r}")
+        unknown = set(data) - {"op", "max_bytes", "slot"}
         if unknown:
             raise ProtocolError(f"unknown request fields {sorted(unknown)}")
-        return cls(Op(op), min(max_bytes, CONSOLE_TAIL_MAX_BYTES))
+        return cls(Op(op), min(max_bytes, CONSOLE_TAIL_MAX_BYTES), slot)
 
 
 @dataclass(frozen=True)

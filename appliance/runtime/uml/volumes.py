@@ -7,10 +7,8 @@ cold one the same way). The file is made in the guest's vm directory, which the 
 process sees at the same path; the host never mounts it, never reads it back
 (cubelet/volume_mounts.py brings the files back through the guest agent).
 
-The vm directory belongs to the guest's uid, so the image is created through that
-directory's fd, without following a link and only if nothing is there, and is filled
-through its own fd (`/proc/self/fd/N` to the filler): a link the guest planted cannot
-make the host write a file of its own.
+The vm directory belongs to the guest's uid, so the image is made as runtime/guest_images.py
+says (no link followed, filled through its own fd: `/proc/self/fd/N` to the filler).
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from appliance.runtime.guest_images import new_image
 from appliance.runtime.uml.mconsole import Mconsole
 
 FIRST_SLOT = 1  # ubd0 is the guest's root disk
@@ -29,31 +28,6 @@ IMAGE_PREFIX = "volume-"
 def guest_device(slot: int) -> str:
     """The guest's name of ubd device `slot` (`ubd1` is /dev/ubdb)."""
     return "/dev/ubd" + chr(ord("a") + slot)
-
-
-def _new_image(vm_dir: Path, name: str, size_bytes: int, uid: int) -> int:
-    """A new sparse file `name` in `vm_dir` of `size_bytes`, owned by the guest's uid; its fd."""
-    directory = os.open(vm_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        try:
-            os.unlink(name, dir_fd=directory)  # whatever the guest's uid left there (never followed)
-        except FileNotFoundError:
-            pass
-        fd = os.open(
-            name,
-            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=directory,
-        )
-    finally:
-        os.close(directory)
-    try:
-        os.ftruncate(fd, size_bytes)
-        os.fchown(fd, uid, uid)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 async def hotplug_image(
@@ -69,7 +43,7 @@ async def hotplug_image(
     if not FIRST_SLOT <= slot < FIRST_SLOT + MAX_SLOTS:
         raise ValueError(f"ubd slot {slot} is not one for volumes")
     name = f"{IMAGE_PREFIX}{slot}.img"
-    fd = _new_image(vm_dir, name, size_bytes, uid)
+    fd = new_image(vm_dir, name, size_bytes, uid)
     try:
         await fill(fd)
     finally:

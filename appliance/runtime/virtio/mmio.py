@@ -53,6 +53,7 @@ CONFIG = 0x100
 STATUS_DRIVER_OK = 4
 STATUS_FEATURES_OK = 8
 INTERRUPT_USED_RING = 1
+INTERRUPT_CONFIG_CHANGE = 2
 
 
 def cmdline_device(base: int, irq: int, size: int = MMIO_SIZE) -> str:
@@ -153,6 +154,16 @@ class MmioTransport:
     def _signal_used(self, queue_index: int) -> None:
         self.interrupt_status |= INTERRUPT_USED_RING
         self._raise_irq()
+
+    def change_config(self, change: Callable[[], None]) -> None:
+        """Run `change` (to the device's config space), then tell the driver: a new config
+        generation and the config-change interrupt (virtio 1.x §4.2.2.1), as for a disk that grew.
+        Under the register lock: the driver never reads a half-changed config."""
+        with self._lock:
+            change()
+            self.config_generation += 1
+            self.interrupt_status |= INTERRUPT_CONFIG_CHANGE
+            self._raise_irq()
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:

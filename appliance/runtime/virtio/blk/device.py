@@ -6,7 +6,7 @@ import struct
 from dataclasses import asdict, astuple, dataclass
 from typing import Any
 
-from appliance.runtime.virtio.blk.disk import CowDisk
+from appliance.runtime.virtio.blk.disk import Disk
 from appliance.runtime.virtio.blk.metrics import BlockMetrics
 from appliance.runtime.virtio.device import (
     DEVICE_ID_BLOCK,
@@ -88,7 +88,7 @@ class VirtioBlock(VirtioDevice):
 
     def __init__(
         self,
-        disk: CowDisk,
+        disk: Disk,
         *,
         read_only: bool = False,
         disk_id: str = "cube",
@@ -100,6 +100,20 @@ class VirtioBlock(VirtioDevice):
         self.disk_id = disk_id.encode()[:ID_BYTES]
         self.rate_limiter = rate_limiter
         self.metrics = BlockMetrics()
+        self._plugged: Disk | None = None  # a disk plugged in later is the device's to close
+
+    def plug(self, disk: Disk) -> None:
+        """Serve `disk` from now on in place of the empty one the slot was made with (a volume,
+        runtime/kvm/volumes.py); the transport then tells the driver its config changed. Only
+        into an empty slot: a disk the guest has seen is never swapped under it."""
+        if self.disk.size != 0:
+            raise ValueError("this slot holds a disk already")
+        self.disk, self._plugged = disk, disk
+
+    def close(self) -> None:
+        if self._plugged is not None:
+            self._plugged.close()
+            self._plugged = None
 
     def available_features(self) -> int:
         features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH

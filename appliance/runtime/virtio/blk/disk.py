@@ -1,4 +1,5 @@
-"""Copy-on-write disk: a read-only base image and a sparse overlay file of the same size.
+"""The disks behind virtio-blk: `CowDisk`, a read-only base image and a sparse overlay file of
+the same size (a sandbox's root disk), and `RawDisk`, one plain file (a volume's image).
 
 Which blocks the sandbox has written is the overlay's own allocation map
 (SEEK_DATA/SEEK_HOLE), so there is no side table to keep consistent: a block
@@ -12,10 +13,69 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Protocol
 
 from appliance.runtime.virtio.memory import punch_hole
 
 BLOCK = 4096
+
+
+class Disk(Protocol):
+    """What virtio-blk serves: `size` bytes, read and written at byte offsets."""
+
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+    def write(self, offset: int, data: bytes | memoryview) -> None: ...
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+    def discard(self, offset: int, length: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class RawDisk:
+    """One plain file, read and written as it is (`fd` is the disk's: `close` closes it). With no
+    file (`RawDisk.empty()`), a disk of 0 bytes: an empty volume slot (runtime/kvm/volumes.py)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self.size = size
+
+    @classmethod
+    def empty(cls) -> RawDisk:
+        return cls(-1, 0)
+
+    def read(self, offset: int, length: int) -> bytes:
+        _check(offset, length, self.size)
+        return os.pread(self._fd, length, offset).ljust(length, b"\0")
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        _check(offset, len(data), self.size)
+        os.pwrite(self._fd, data, offset)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.write(offset, bytes(length))
+
+    def discard(self, offset: int, length: int) -> None:
+        _check(offset, length, self.size)
+        start = (offset + BLOCK - 1) // BLOCK * BLOCK
+        stop = (offset + length) // BLOCK * BLOCK
+        if stop > start:
+            punch_hole(self._fd, start, stop - start)
+
+    def flush(self) -> None:
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+
+def _check(offset: int, length: int, size: int) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"I/O at {offset}+{length} beyond the disk's {size} bytes")
 
 
 class CowDisk:
@@ -109,5 +169,4 @@ class CowDisk:
         return os.fstat(self._fd).st_blocks * 512
 
     def _check(self, offset: int, length: int) -> None:
-        if offset < 0 or offset + length > self.size:
-            raise ValueError(f"I/O at {offset}+{length} beyond the disk's {self.size} bytes")
+        _check(offset, length, self.size)
