@@ -8,8 +8,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import httpx
+import pytest
+from browser import open_browser, screenshot, sign_in
 from cluster_nodes import cube_node, wait_for
 from dashboard_session import signed_in
+from playwright.sync_api import expect
 
 from appliance.cluster.forwarding import NAME_HEADER, TEAM_HEADER, TOKEN_HEADER
 
@@ -115,3 +118,26 @@ def test_the_node_to_node_door_of_the_dashboard_opens_to_the_cluster_token_for_r
         killed = client.post(f"/dashboard/api/sandboxes/{on_b}/kill", headers=as_node)
         assert killed.status_code == 401, killed.text
     assert live_on(b, on_b)
+
+
+@pytest.mark.slow
+def test_the_cluster_pages_in_a_browser(two_nodes: tuple[ServiceHarness, ServiceHarness, str]) -> None:
+    """The same pages in headless Chromium at A: each node in the overview's table, the events page
+    naming B, B's sandbox's page naming B, and its kill button ending it on B."""
+    a, b, key = two_nodes
+    on_b = create_on("b", a, key)
+    with open_browser() as browser:
+        page = sign_in(browser, a.url, key)
+        expect(page.locator("#per-node tr[data-node=b] td").nth(1)).to_have_text("1", timeout=10_000)
+        expect(page.locator("#per-node tr[data-node=a] td").nth(1)).to_have_text("0")
+        expect(page.locator("#running-count")).to_have_text("1")
+        screenshot(page, "cluster-overview")
+        page.goto(f"{a.url}/dashboard/events")
+        expect(page.locator("#event-list tr[data-node=b]", has_text=on_b).first).to_be_visible(timeout=10_000)
+        page.goto(f"{a.url}/dashboard/sandboxes/{on_b}")
+        expect(page.locator("#node")).to_have_text("b", timeout=10_000)
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.locator("#action-kill").click()
+        expect(page.locator("#state")).not_to_have_text("running", timeout=10_000)
+        page.context.close()
+    assert not live_on(b, on_b)
