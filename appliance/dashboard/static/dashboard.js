@@ -102,6 +102,7 @@ function chart(points, id) {
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("id", id || "latency-chart");
+  svg.setAttribute("class", "latency-chart");
   svg.setAttribute("role", "img");
   const max = Math.max(1, ...points.map((p) => p.p95Ms));
   const first = points.length ? points[0].at : 0, last = points.length ? points[points.length - 1].at : 1;
