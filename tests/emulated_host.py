@@ -42,6 +42,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -217,6 +218,12 @@ class EmulatedHost:
     # Directories of this machine shown read-only inside, at /mnt/<tag> (9p).
     shares: dict[str, Path] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    # More for the appliance: kernel command-line words (cube.cluster=new), fw_cfg entries
+    # (name under opt/cube/ -> file), options of the user-mode network (guestfwd, net=...).
+    cmdline: tuple[str, ...] = ()
+    fw_cfg: dict[str, Path] = field(default_factory=dict)
+    nic_options: str = ""
+    memory_mb: int = MEMORY_MB
     process: subprocess.Popen[bytes] | None = None
     _control: socket.socket | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -253,12 +260,14 @@ class EmulatedHost:
                 "systemd.unit=multi-user.target systemd.wants=kernel-command-line.service",
                 "systemd.run_success_action=none systemd.run_failure_action=none",
                 f'"systemd.run={run_agent}"',
+                *self.cmdline,
             ]
         )
+        api_forward = f"hostfwd=tcp:127.0.0.1:{self.port}-:3000"
         argv = [
             "nice", "-n", "10", "qemu-system-x86_64",
             "-machine", "q35", "-accel", "tcg,thread=multi",
-            "-cpu", self.cpu, "-smp", str(CPUS), "-m", str(MEMORY_MB),
+            "-cpu", self.cpu, "-smp", str(CPUS), "-m", str(self.memory_mb),
             "-display", "none", "-vga", "none", "-no-reboot",
             "-serial", f"file:{self.serial_log}",
             "-monitor", f"unix:{self.workdir / 'monitor.sock'},server=on,wait=off",
@@ -266,13 +275,15 @@ class EmulatedHost:
             "-device", "virtio-rng-pci",
             "-drive", f"file={self.artifacts.iso},if=virtio,format=raw,readonly=on",
             "-drive", f"file={disk},if=virtio,format=raw",
-            "-nic", f"user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:{self.port}-:3000",
+            "-nic", f"user,model=virtio-net-pci,restrict=on,{api_forward}{self.nic_options}",
             "-fw_cfg", f"name=opt/cube/appliance.toml,file={seed}",
             "-fw_cfg", f"name=opt/cube-test/control.py,file={CONTROL_AGENT}",
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=control,path={self.workdir / 'control.sock'},server=on,wait=off",
             "-device", f"virtserialport,chardev=control,name={CONTROL_PORT}",
         ]  # fmt: skip
+        for name, path in self.fw_cfg.items():
+            argv += ["-fw_cfg", f"name=opt/cube/{name},file={path}"]
         for tag, path in self.shares.items():
             argv += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,readonly=on"]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -368,13 +379,16 @@ class EmulatedHost:
 
 @contextlib.contextmanager
 def emulated_host(
-    shares: dict[str, Path] | None = None, cpu: str = SVM_CPU, seed_config: str = SEED_CONFIG
+    shares: dict[str, Path] | None = None,
+    cpu: str = SVM_CPU,
+    seed_config: str = SEED_CONFIG,
+    **options: Any,
 ) -> Iterator[EmulatedHost]:
     """A booted appliance (its API answering), stopped and deleted afterwards: an emulated
-    KVM host unless `cpu` says otherwise."""
+    KVM host unless `cpu` says otherwise; `options`: EmulatedHost's (cmdline, fw_cfg, ...)."""
     artifacts = appliance_iso()
     workdir = Path(tempfile.mkdtemp(prefix="cube-kvm-host-", dir=os.environ.get("CUBE_KVM_HOST_WORKDIR")))
-    host = EmulatedHost(artifacts, workdir, cpu=cpu, seed_config=seed_config, shares=shares or {})
+    host = EmulatedHost(artifacts, workdir, cpu=cpu, seed_config=seed_config, shares=shares or {}, **options)
     started = time.monotonic()
     try:
         host.start()

@@ -6,12 +6,20 @@ are that handler's, not a second copy. The handler's blueprint's access rule is 
 here as its before_request would have (an admin-only call stays the admin's). Only what
 the API has no call for is here: a team's list of its API keys, a team's events, a sandbox's
 record once it ended.
+
+In a cluster the pages show every node: the sandbox list and metrics merge every node's, the
+overview adds up every node's figures and shows each node's, the events merge every node's (each
+naming its node), and a sandbox's page, its log and its buttons go to the node that runs it, as
+`/sandboxes/<id>` does through the node hop (`node_running`). Another node asks this one for its
+own figures with the cluster token (guard.NODE_ENDPOINTS): answered with this node's only.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
+from urllib.parse import quote
 
+import httpx
 from quart import Blueprint, Response, current_app, request
 
 from appliance.api import validation as v
@@ -19,15 +27,21 @@ from appliance.api.admin import key_body
 from appliance.api.auth import Access, access_of
 from appliance.api.bodies import admin_sandbox_body, event_body, json_response, network_body
 from appliance.api.errors import ApiError
-from appliance.api.sandboxes import owned_record
+from appliance.api.sandboxes import not_found, owned_record
 from appliance.api.services import services
-from appliance.cluster.fanout import NodeAnswer
+from appliance.cluster.fanout import NodeAnswer, call_node, latest_first
+from appliance.cluster.membership import NodeRecord, left_reason
+from appliance.cluster.node import ClusterNode
 from appliance.cluster.pages import merge_pages
+from appliance.dashboard import guard
 from appliance.dashboard.pages import blueprint
-from appliance.dashboard.stats import overview
+from appliance.dashboard.stats import overview, per_node_total
 from appliance.templates.api import Refused
 from appliance.templates.api import error as build_error
 from appliance.tenancy import current_principal
+
+# A pause or resume another node runs for a button here: as long as the API's forwarded calls.
+ACTION_TIMEOUT = httpx.Timeout(5.0, read=600.0)
 
 
 @blueprint.errorhandler(Refused)
@@ -51,7 +65,80 @@ async def call_api(endpoint: str, **arguments: str) -> Response:
 
 @blueprint.get("/api/overview")
 async def overview_data() -> Response:
-    return json_response(overview(services(), current_principal()))
+    """This node's figures; for a signed-in caller also every node's (`perNode`, this one first)
+    and the cluster's totals of sandboxes and creates."""
+    here = {**overview(services(), current_principal()), "nodeID": this_node_id()}
+    if guard.from_other_node():
+        return json_response(here)
+    figures = [here]
+    cluster = cluster_wide()
+    if cluster is not None:
+        asked = await cluster.ask_others(current_principal(), "/dashboard/api/overview", "")
+        figures += [found for node_id, answer in asked if (found := answer.fields(node_id))]
+    return json_response({**here, **per_node_total(figures)})
+
+
+# The cluster.
+
+
+def this_node_id() -> str | None:
+    cluster = services().cluster
+    return None if cluster is None else cluster.node_id
+
+
+def cluster_wide() -> ClusterNode | None:
+    """This node's cluster when the request speaks for the whole cluster: None on a single node,
+    and for a request another node sent (it gets this node's own)."""
+    cluster = services().cluster
+    return None if cluster is None or guard.from_other_node() else cluster
+
+
+def node_running(sandbox_id: str) -> tuple[ClusterNode, NodeRecord] | None:
+    """The other live node that runs (or ran) the caller's sandbox; None for this node's own or
+    one the cluster does not know (answered here); a 404 saying why when its node left."""
+    cluster = cluster_wide()
+    if cluster is None or cluster.cubelet.live(sandbox_id) is not None:
+        return None
+    owner = cluster.owner(sandbox_id)
+    if owner is None or owner.node_id == cluster.node_id:
+        return None
+    if not current_principal().owns(owner.team_id):
+        raise not_found(sandbox_id)
+    node = cluster.view.nodes.get(owner.node_id)
+    if node is None:
+        gone = owner.reason or left_reason(owner.node_id)
+        raise ApiError(404, f"sandbox {sandbox_id} not found (it ended: {gone})")
+    return cluster, node
+
+
+async def on_node(
+    running: tuple[ClusterNode, NodeRecord],
+    method: str,
+    path: str,
+    sandbox_id: str,
+    timeout: httpx.Timeout | None = None,
+) -> Response:
+    """This request (its query and body) as `path` at the node that runs `sandbox_id`, for the
+    signed-in caller; its answer as it is."""
+    cluster, node = running
+    body = cast(bytes, await request.get_data(as_text=False)) if method != "GET" else b""
+    answer = await call_node(
+        cluster.client,
+        cluster.token,
+        node.node_id,
+        node.api_url,
+        method,
+        path,
+        current_principal(),
+        query=request.query_string.decode("latin-1"),
+        body=body,
+        content_type=request.content_type if body else None,
+        timeout=timeout,
+    )
+    if answer is None:
+        raise ApiError(502, f"node {node.node_id}, which runs sandbox {sandbox_id}, is unreachable")
+    kind = next((v.decode("latin-1") for k, v in answer.headers if k.lower() == b"content-type"), None)
+    return Response(answer.body, status=answer.status, content_type=kind or "application/json")
 
 
 # Sandboxes.
@@ -99,6 +186,11 @@ async def sandboxes_metrics() -> Response:
 
 @blueprint.get("/api/sandboxes/<sandbox_id>")
 async def sandbox(sandbox_id: str) -> Response:
+    """The caller's sandbox, live or ended, with its network and events, from its node."""
+    if (running := node_running(sandbox_id)) is not None:
+        return await on_node(
+            running, "GET", f"/dashboard/api/sandboxes/{quote(sandbox_id, safe='')}", sandbox_id
+        )
     record = owned_record(sandbox_id)  # live or ended, the caller's team's
     body = admin_sandbox_body(record)
     body.pop("consoleLog")  # a host path
@@ -106,27 +198,34 @@ async def sandbox(sandbox_id: str) -> Response:
     body["allowInternetAccess"] = record.allow_internet_access
     body["lifecycle"] = {"autoResume": record.auto_resume, "onTimeout": record.on_timeout}
     body["events"] = [event_body(e) for e in services().store.events(sandbox_id, limit=v.MAX_LIST_LIMIT)]
+    body["nodeID"] = this_node_id()
     return json_response(body)
 
 
 @blueprint.get("/api/sandboxes/<sandbox_id>/logs")
 async def sandbox_logs(sandbox_id: str) -> Response:
+    if (running := node_running(sandbox_id)) is not None:
+        return await on_node(running, "GET", f"/v2/sandboxes/{quote(sandbox_id, safe='')}/logs", sandbox_id)
     return await call_api("sandbox_info.logs_v2", sandbox_id=sandbox_id)
 
 
+# Each action: the API's handler here, and its method and path at another node (the API's own route).
 SANDBOX_ACTIONS = {
-    "kill": "sandboxes.kill",
-    "pause": "sandboxes.pause",
-    "resume": "sandboxes.resume",
-    "timeout": "sandboxes.set_timeout",  # body {"timeout": seconds from now}
+    "kill": ("sandboxes.kill", "DELETE", ""),
+    "pause": ("sandboxes.pause", "POST", "/pause"),
+    "resume": ("sandboxes.resume", "POST", "/resume"),
+    "timeout": ("sandboxes.set_timeout", "POST", "/timeout"),  # body {"timeout": seconds from now}
 }
 
 
 @blueprint.post("/api/sandboxes/<sandbox_id>/<action>")
 async def sandbox_action(sandbox_id: str, action: str) -> Response:
-    endpoint = SANDBOX_ACTIONS.get(action)
-    if endpoint is None:
+    if action not in SANDBOX_ACTIONS:
         raise ApiError(404, f"no sandbox action {action!r}")
+    endpoint, method, suffix = SANDBOX_ACTIONS[action]
+    if (running := node_running(sandbox_id)) is not None:
+        path = f"/sandboxes/{quote(sandbox_id, safe='')}{suffix}"
+        return await on_node(running, method, path, sandbox_id, ACTION_TIMEOUT)
     return await call_api(endpoint, sandbox_id=sandbox_id)
 
 
@@ -189,11 +288,25 @@ async def revoke_key(key_id: str) -> Response:
 
 @blueprint.get("/api/events")
 async def events() -> Response:
-    """The newest events (`?limit=`), the caller's team's; `?sandbox=` one sandbox's."""
+    """The newest events (`?limit=`), the caller's team's, each naming its node; in a cluster
+    every node's, merged newest first; `?sandbox=` one sandbox's, from its node."""
     sandbox_id = request.args.get("sandbox") or None
+    limit = v.parse_limit(request.args.get("limit"))
     if sandbox_id is not None:
+        if (running := node_running(sandbox_id)) is not None:
+            return await on_node(running, "GET", "/dashboard/api/events", sandbox_id)
         owned_record(sandbox_id)
-    found = services().store.events(
-        sandbox_id, limit=v.parse_limit(request.args.get("limit")), team_id=current_principal().scope
-    )
-    return json_response([event_body(e) for e in found])
+    found = services().store.events(sandbox_id, limit=limit, team_id=current_principal().scope)
+    here = [{**event_body(e), "nodeID": this_node_id()} for e in found]
+    cluster = cluster_wide()
+    if cluster is None or sandbox_id is not None:
+        return json_response(here)
+    query = request.query_string.decode("latin-1")
+    asked = await cluster.ask_others(current_principal(), "/dashboard/api/events", query)
+    merged: list[dict[str, Any]] = here + [
+        {**item, "nodeID": node_id}
+        for node_id, answer in asked
+        for item in answer.records(node_id)
+        if isinstance(item, dict)
+    ]
+    return json_response(latest_first(merged, "at", limit))

@@ -5,6 +5,10 @@ The API keys' check (`auth.Access`) does not apply to the dashboard: a browser h
 header, it has the session cookie (session.py). A request without a valid session gets a
 401 (JSON calls) or is sent to the sign-in page (pages); the principal it signed in as is
 put where the API's own handlers read it (`g.principal`), so tenancy is theirs.
+
+In a cluster another node asks for a few of this node's own figures (the overview, events, a
+sandbox it runs: `NODE_ENDPOINTS`, GETs only) for its signed-in caller: with the cluster token
+and that caller's team (cluster/forwarding.py), as the API's forwarded calls come; no session.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from quart import Response, current_app, g, request
 
 from appliance.api.errors import ApiError
 from appliance.api.services import services
+from appliance.cluster.forwarding import forwarded_principal
 from appliance.dashboard.session import COOKIE_NAME, COOKIE_PATH, Session, Sessions, session_key
 
 SESSIONS = "cube.dashboard.sessions"  # its key in app.extensions
@@ -40,6 +45,9 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 OPEN_ENDPOINTS = ("dashboard.static", "dashboard.login_page", "dashboard.login")
+# What another node of the cluster may ask for its caller (data.py answers them with this node's own).
+NODE_ENDPOINTS = ("dashboard.overview_data", "dashboard.events", "dashboard.sandbox")
+FROM_NODE = "dashboard_from_node"  # g's flag: the request came from another node for its caller
 
 
 def sessions() -> Sessions:
@@ -87,6 +95,14 @@ async def check_request() -> Response | None:
         check_same_origin()
     if request.endpoint in OPEN_ENDPOINTS:
         return None
+    if request.method in ("GET", "HEAD") and request.endpoint in NODE_ENDPOINTS:
+        check = services().auth.cluster_token_check
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        forwarded = None if check is None else forwarded_principal(headers, check)
+        if forwarded is not None:
+            g.principal = forwarded
+            setattr(g, FROM_NODE, True)
+            return None
     session = current_session()
     if session is None:
         if request.path.startswith(API_PREFIX) or request.method not in ("GET", "HEAD"):
@@ -97,6 +113,12 @@ async def check_request() -> Response | None:
     g.principal = session.principal
     g.dashboard_session = session
     return None
+
+
+def from_other_node() -> bool:
+    """The request came from another node of the cluster for its caller (answered with this
+    node's own figures, never asked of the other nodes again)."""
+    return bool(g.get(FROM_NODE, False))
 
 
 def see_other(location: str) -> Response:

@@ -11,6 +11,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from quart import Response, current_app, g, request
 
@@ -108,6 +109,27 @@ def pool_fill(s: Services, principal: Principal) -> dict[str, dict[str, int]]:
     """Per template the caller sees: its warm pool's target, ready and booting guests."""
     return {
         t.template_id: s.cubelet.pool_state(t.template_id, t) for t in s.templates.visible(principal).values()
+    }
+
+
+# A node's part of the overview, as every node's is shown side by side.
+NODE_FIGURES = ("nodeID", "sandboxes", "createsLastMinute", "creates", "host", "pools")
+
+
+def per_node_total(figures: list[dict[str, Any]]) -> dict[str, object]:
+    """Several nodes' overviews (this node's first): the live sandboxes and recent creates of them
+    all, and each node's own figures (`perNode`). A node whose answer lacks a figure is left out."""
+    shown = [
+        {name: node[name] for name in NODE_FIGURES}
+        for node in figures
+        if all(name in node for name in NODE_FIGURES) and isinstance(node["sandboxes"], dict)
+    ]
+    return {
+        "sandboxes": {
+            state: sum(int(node["sandboxes"].get(state, 0)) for node in shown) for state in (RUNNING, PAUSED)
+        },
+        "createsLastMinute": sum(int(node["createsLastMinute"]) for node in shown),
+        "perNode": shown,
     }
 
 

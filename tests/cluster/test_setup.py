@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -305,16 +306,21 @@ def test_the_iso_first_boot_choice_single_new_or_join(tmp_path: Path) -> None:
     assert stat.S_IMODE((new / "cluster-token").stat().st_mode) == 0o600 and token.strip() not in ran.stdout
     loaded = load_config(new / "appliance.toml", environ={})
     assert (loaded.etcd_endpoints, loaded.node_url) == ("http://10.0.0.7:2379", "http://10.0.0.7:3000")
+    # Every ISO's host name is `cube`: each node gets a name of its own, chosen once.
+    assert re.fullmatch(r"cube-[0-9a-f]{6}", loaded.node_id), loaded.node_id
     assert "enable-grpc-gateway: true" in (new / "etcd.yaml").read_text()
     assert f"--config-file {new / 'etcd.yaml'}" in (new / "cube-etcd.service").read_text()
     again = first_boot(new, "boot=live components")  # the next boot: the choice is kept
     assert again.returncode == 0, again.stdout + again.stderr
     assert (new / "cluster-token").read_text() == token and "a new cluster" in again.stdout
+    assert load_config(new / "appliance.toml", environ={}).node_id == loaded.node_id
 
     joining = iso_state(tmp_path, "join")
     seed = tmp_path / "fw_cfg"
     (seed / "cluster").mkdir(parents=True)
-    (seed / "cluster" / "raw").write_text("mode=join\netcd=http://10.0.0.1:2379,http://10.0.0.2:2379\n")
+    (seed / "cluster" / "raw").write_text(
+        "mode=join\nnode=rack2-b\netcd=http://10.0.0.1:2379,http://10.0.0.2:2379\n"
+    )
     (seed / "cluster-token").mkdir()
     (seed / "cluster-token" / "raw").write_text("s" * 48 + "\n")
     ran = first_boot(joining, "boot=live components", seed)
@@ -323,12 +329,19 @@ def test_the_iso_first_boot_choice_single_new_or_join(tmp_path: Path) -> None:
     assert stat.S_IMODE((joining / "cluster-token").stat().st_mode) == 0o600
     loaded = load_config(joining / "appliance.toml", environ={})
     assert loaded.etcd_endpoints == "http://10.0.0.1:2379,http://10.0.0.2:2379"
+    assert loaded.node_id == "rack2-b"
     assert not (joining / "etcd.yaml").exists()
 
     # Join named on the command line without endpoints: a single node for now, asked again next boot.
     unnamed = iso_state(tmp_path, "unnamed")
     ran = first_boot(unnamed, "boot=live cube.cluster=join")
     assert ran.returncode == 0 and "joining needs cube.etcd=ENDPOINTS" in ran.stdout
+
+    # A node name that is no plain name is refused before anything is written.
+    odd = iso_state(tmp_path, "odd")
+    ran = first_boot(odd, "boot=live cube.cluster=new cube.node=../etc")
+    assert ran.returncode == 0 and "bad node name ../etc" in ran.stdout, ran.stdout + ran.stderr
+    assert not (odd / "cluster-mode").exists() and not (odd / "cluster-token").exists()
     assert not (unnamed / "cluster-mode").exists()
 
 

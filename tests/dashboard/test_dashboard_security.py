@@ -9,28 +9,16 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+from dashboard_session import signed_in
 
 from appliance.dashboard.session import COOKIE_NAME, SESSION_LIFETIME_S, Sessions
 
 if TYPE_CHECKING:
     from conftest import ServiceHarness
-
-
-@contextmanager
-def signed_in(url: str, credential: str) -> Iterator[httpx.Client]:
-    """A client holding a dashboard session, and the page's CSRF token as `client.csrf`."""
-    with httpx.Client(base_url=url, trust_env=False, timeout=30) as client:
-        response = client.post("/dashboard/login", data={"credential": credential})
-        assert response.status_code == 303, response.text
-        page = client.get("/dashboard/")
-        assert page.status_code == 200
-        client.csrf = page.text.split('name="csrf-token" content="')[1].split('"')[0]  # type: ignore[attr-defined]
-        yield client
 
 
 def create_sandbox(service: ServiceHarness, key: str, metadata: dict[str, str] | None = None) -> str:

@@ -33,6 +33,8 @@ import httpx
 import pytest
 from freeports import free_port
 
+from appliance.tenancy import KEY_PREFIX
+
 # Bounds, not expectations: a TCG boot to /health took ~3 min on a quiet 2-core host,
 # 17-28 min at load 10-24 with qemu at nice 10.
 BOOT_TIMEOUT_S = 45 * 60
@@ -58,9 +60,10 @@ uml_boot_timeout_s = {SANDBOX_TIMEOUT_S}
 guest_agent_timeout_s = {GUEST_AGENT_TIMEOUT_S}
 """
 # The serial console never shows the key (a serial line is often logged or shared): this
-# line stands in for it there, and no key (cube_ and 32 hex digits) may appear at all.
+# line stands in for it there, and no key (ANY_KEY_RE) may appear at all.
 SERIAL_KEY_LINE = "API key:         (shown on the local console, tty1)"
-ANY_KEY_RE = re.compile(r"cube_[0-9a-f]{32}")
+# An API key as made now (KEY_PREFIX and 40 hex digits), or as before (cube_ and 32).
+ANY_KEY_RE = re.compile(rf"{KEY_PREFIX}[0-9a-f]{{40}}|cube_[0-9a-f]{{32}}")
 ADDRESS_RE = re.compile(r"^Address:\s+(\S+)\s*$", re.MULTILINE)
 # The kernel's first EFI line: the firmware booted it through UEFI.
 EFI_RE = re.compile(r"\befi: EFI v\d")

@@ -96,12 +96,13 @@ function metadataText(metadata) {
 
 // Overview.
 
-function chart(points) {
+function chart(points, id) {
   const NS = "http://www.w3.org/2000/svg";
   const width = 600, height = 160, pad = 30;
   const svg = document.createElementNS(NS, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
-  svg.setAttribute("id", "latency-chart");
+  svg.setAttribute("id", id || "latency-chart");
+  svg.setAttribute("class", "latency-chart");
   svg.setAttribute("role", "img");
   const max = Math.max(1, ...points.map((p) => p.p95Ms));
   const first = points.length ? points[0].at : 0, last = points.length ? points[points.length - 1].at : 1;
@@ -129,26 +130,38 @@ function chart(points) {
   return svg;
 }
 
+// In a cluster (`perNode` names its nodes) the cards add up every node; each node's own figures
+// follow in a table, its create latency and its warm pools under its name.
 function overviewPage() {
   poll(async () => {
     const data = await api("overview");
     const host = data.host;
+    const cluster = data.perNode.length > 1 || data.nodeID !== null;
+    const here = cluster ? ` on ${data.nodeID}` : "";
     const cards = el("div", { class: "cards", id: "cards" },
       el("div", { class: "card" }, el("b", { id: "running-count" }, data.sandboxes.running), " running"),
       el("div", { class: "card" }, el("b", {}, data.sandboxes.paused), " paused"),
       el("div", { class: "card" }, el("b", { id: "creates-per-minute" }, data.createsLastMinute), " creates in the last minute"),
-      el("div", { class: "card" }, el("b", {}, mib(host.memTotal - host.memAvailable)), " of ", mib(host.memTotal), " host memory used"),
-      el("div", { class: "card" }, el("b", {}, host.load1.toFixed(2)), ` load (${host.cpuCount} CPUs)`),
-      el("div", { class: "card" }, el("b", {}, host.memoryCommittedMB + " MiB"), ` of ${host.memoryBudgetMB} MiB sandbox budget`));
-    const latency = el("section", { id: "latency" },
-      el("h2", {}, "Create latency (p50 ", el("span", { class: "p50" }, "—"), ", p95 ", el("span", { class: "p95" }, "—"), ") per minute"),
-      data.creates.length ? chart(data.creates) : el("p", {}, "No sandbox created in the last hour."));
-    const pools = el("section", { id: "pools" }, el("h2", {}, "Warm pools"),
-      table(["Template", "Target", "Ready", "Booting"], Object.entries(data.pools).map(([id, p]) =>
-        el("tr", {}, el("td", {}, id), el("td", {}, p.target), el("td", {}, p.ready), el("td", {}, p.booting)))));
+      el("div", { class: "card" }, el("b", {}, mib(host.memTotal - host.memAvailable)), " of ", mib(host.memTotal), " host memory used" + here),
+      el("div", { class: "card" }, el("b", {}, host.load1.toFixed(2)), ` load (${host.cpuCount} CPUs)` + here),
+      el("div", { class: "card" }, el("b", {}, host.memoryCommittedMB + " MiB"), ` of ${host.memoryBudgetMB} MiB sandbox budget` + here));
     replace(cards, "cards");
-    replace(latency, "latency");
-    replace(pools, "pools");
+    replace(cluster ? el("section", { id: "per-node" }, el("h2", {}, "Per node"),
+      table(["Node", "Running", "Paused", "Creates (last minute)", "Host memory used", "Load", "Sandbox budget"], data.perNode.map((n) =>
+        el("tr", { "data-node": n.nodeID }, el("td", {}, n.nodeID), el("td", {}, n.sandboxes.running), el("td", {}, n.sandboxes.paused),
+          el("td", {}, n.createsLastMinute), el("td", {}, mib(n.host.memTotal - n.host.memAvailable) + " of " + mib(n.host.memTotal)),
+          el("td", {}, n.host.load1.toFixed(2)), el("td", {}, `${n.host.memoryCommittedMB} of ${n.host.memoryBudgetMB} MiB`))))) :
+      el("div", { id: "per-node" }), "per-node");
+    const charts = cluster
+      ? data.perNode.filter((n) => n.creates.length).map((n) => el("div", { "data-node": n.nodeID }, el("h3", {}, n.nodeID), chart(n.creates, "latency-chart-" + n.nodeID)))
+      : (data.creates.length ? [chart(data.creates)] : []);
+    replace(el("section", { id: "latency" },
+      el("h2", {}, "Create latency (p50 ", el("span", { class: "p50" }, "—"), ", p95 ", el("span", { class: "p95" }, "—"), ") per minute"),
+      charts.length ? charts : el("p", {}, "No sandbox created in the last hour.")), "latency");
+    const pools = data.perNode.flatMap((n) => Object.entries(n.pools).map(([id, p]) =>
+      el("tr", { "data-node": n.nodeID || "" }, cluster ? el("td", {}, n.nodeID) : null, el("td", {}, id), el("td", {}, p.target), el("td", {}, p.ready), el("td", {}, p.booting))));
+    replace(el("section", { id: "pools" }, el("h2", {}, "Warm pools"),
+      table([...(cluster ? ["Node"] : []), "Template", "Target", "Ready", "Booting"], pools)), "pools");
     replace(data.nodes.length ? el("section", { id: "nodes" }, el("h2", {}, "Nodes"),
       table(["Node", "State", "API", "Runtime", "CPUs", "Free memory", "Warm guests", "Sandboxes"], data.nodes.map((n) =>
         el("tr", { "data-node": n.node_id }, el("td", {}, n.node_id), el("td", {}, n.state), el("td", {}, n.api_url),
@@ -231,6 +244,7 @@ function sandboxPage(id) {
         el("dt", {}, "State"), el("dd", { id: "state" }, s.state + (s.endReason ? ` (${s.endReason})` : "")),
         el("dt", {}, "Template"), el("dd", {}, s.alias || s.templateID),
         el("dt", {}, "Team"), el("dd", {}, s.teamID),
+        s.nodeID ? el("dt", {}, "Node") : null, s.nodeID ? el("dd", { id: "node" }, s.nodeID) : null,
         el("dt", {}, "Metadata"), el("dd", { id: "metadata" }, metadataText(s.metadata)),
         el("dt", {}, "Started"), el("dd", {}, s.startedAt),
         el("dt", {}, live ? "Times out" : "Ended"), el("dd", {}, live ? s.endAt : s.endedAt),
@@ -367,9 +381,10 @@ function eventsPage() {
   poll(async () => {
     const events = await api("events?limit=500");
     const text = filter.value.trim().toLowerCase();
-    const shown = events.reverse().filter((e) => !text || [e.sandboxID, e.kind, e.message].join(" ").toLowerCase().includes(text));
-    replace(table(["At", "Sandbox", "Kind", "Message"], shown.map((e) => el("tr", {},
-      el("td", {}, e.at),
+    const shown = events.reverse().filter((e) => !text || [e.sandboxID, e.kind, e.message, e.nodeID || ""].join(" ").toLowerCase().includes(text));
+    const cluster = events.some((e) => e.nodeID);
+    replace(table(["At", ...(cluster ? ["Node"] : []), "Sandbox", "Kind", "Message"], shown.map((e) => el("tr", { "data-node": e.nodeID || "" },
+      el("td", {}, e.at), cluster ? el("td", {}, e.nodeID) : null,
       el("td", {}, e.sandboxID ? el("a", { href: "/dashboard/sandboxes/" + encodeURIComponent(e.sandboxID) }, e.sandboxID) : "—"),
       el("td", {}, e.kind), el("td", {}, e.message))), "event-list"), "event-list");
   });
