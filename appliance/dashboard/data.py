@@ -126,7 +126,7 @@ async def on_node(
         cluster.client,
         cluster.token,
         node.node_id,
-        node.api_url,
+        node.cluster_url,
         method,
         path,
         current_principal(),

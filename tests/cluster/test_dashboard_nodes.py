@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 from browser import open_browser, screenshot, sign_in
-from cluster_nodes import cube_node, wait_for
+from cluster_nodes import as_node, cube_node, wait_for
 from dashboard_session import signed_in
 from playwright.sync_api import expect
 
@@ -100,23 +100,28 @@ def test_the_node_to_node_door_of_the_dashboard_opens_to_the_cluster_token_for_r
     listed = httpx.get(f"{b.url}/cube/keys", headers={"X-API-KEY": b.admin_token}, timeout=30).json()
     (team,) = {k["team"] for k in listed if k["name"] == "t"}  # the key of two_nodes
     token = b.run_sync_in_service(lambda: b.running.cluster.token)  # type: ignore[union-attr]
-    as_node = {TOKEN_HEADER: token, TEAM_HEADER: team, NAME_HEADER: "t"}
-    with httpx.Client(base_url=b.url, trust_env=False, timeout=30) as client:
+    with as_node(a, b, team) as from_a:  # A's certificate at B's cluster listener, with the token
+        from_a.headers[NAME_HEADER] = "t"
         # With the token: B's own figures only (never asked of the other nodes again).
-        mine = client.get("/dashboard/api/overview", headers=as_node)
+        mine = from_a.get("/dashboard/api/overview", timeout=30)
         assert mine.status_code == 200 and mine.json()["nodeID"] == "b" and "perNode" not in mine.json()
-        assert client.get(f"/dashboard/api/sandboxes/{on_b}", headers=as_node).json()["nodeID"] == "b"
-        # A forged team without the token, or with a wrong one: no way in.
-        for headers in ({TEAM_HEADER: team}, {**as_node, TOKEN_HEADER: "x" * 64}):
+        assert from_a.get(f"/dashboard/api/sandboxes/{on_b}", timeout=30).json()["nodeID"] == "b"
+        # A wrong token: no way in.
+        wrong = {TOKEN_HEADER: "x" * 64}
+        assert from_a.get("/dashboard/api/overview", headers=wrong, timeout=30).status_code == 401
+        # The token opens the three reads only: no key list, no page, no action.
+        assert from_a.get("/dashboard/api/keys", timeout=30).status_code == 401
+        assert from_a.get("/dashboard/api/sandboxes", timeout=30).status_code == 401
+        assert from_a.get("/dashboard/", follow_redirects=False, timeout=30).status_code == 303
+        killed = from_a.post(f"/dashboard/api/sandboxes/{on_b}/kill", timeout=30)
+        assert killed.status_code == 401, killed.text
+    as_node_headers = {TOKEN_HEADER: token, TEAM_HEADER: team, NAME_HEADER: "t"}
+    with httpx.Client(base_url=b.url, trust_env=False, timeout=30) as client:
+        # On the public port the token itself is refused, and a forged team alone gets nothing.
+        for headers in (as_node_headers, {TEAM_HEADER: team}):
             refused = client.get("/dashboard/api/overview", headers=headers)
             assert refused.status_code == 401, refused.text
             assert client.get(f"/dashboard/api/sandboxes/{on_b}", headers=headers).status_code == 401
-        # The token opens the three reads only: no key list, no page, no action.
-        assert client.get("/dashboard/api/keys", headers=as_node).status_code == 401
-        assert client.get("/dashboard/api/sandboxes", headers=as_node).status_code == 401
-        assert client.get("/dashboard/", headers=as_node, follow_redirects=False).status_code == 303
-        killed = client.post(f"/dashboard/api/sandboxes/{on_b}/kill", headers=as_node)
-        assert killed.status_code == 401, killed.text
     assert live_on(b, on_b)
 
 
