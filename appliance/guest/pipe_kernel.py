@@ -33,6 +33,11 @@ from appliance.guest.kernel import (
 Reply = dict[str, object]  # one JSON line of the kernel
 
 
+def json_line(request: dict[str, object]) -> bytes:
+    """A request as the kernel reads it: one line of JSON."""
+    return (json.dumps(request) + "\n").encode()
+
+
 class PipeKernel(Kernel[Reply]):
     def __init__(self, spec: KernelSpec) -> None:
         super().__init__(spec)
@@ -41,6 +46,7 @@ class PipeKernel(Kernel[Reply]):
         self._input_lock = trio.Lock()
         self._ready = trio.Event()
         self._pending_env: dict[str, str] = {}  # sandbox env vars that came while it started
+        self._process: trio.Process | None = None
 
     # What a kernel provides.
 
@@ -63,6 +69,33 @@ class PipeKernel(Kernel[Reply]):
         """Env vars to send once the kernel is ready (its process environment has the rest)."""
         return {}
 
+    def startup_request(self) -> bytes | None:
+        """A request to send once the kernel is ready, before any execution."""
+        return None
+
+    def kernel_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The kernel process's environment (the spec's, by default)."""
+        return env
+
+    def reply_event(self, kind: str, message: dict[str, object]) -> dict[str, object]:
+        """The /execute event of a `result` or `error` reply."""
+        return {"type": kind, **message}
+
+    async def interrupt(self, receive_channel: trio.MemoryReceiveChannel[Reply | None]) -> bool:
+        """Stop the running cell, keeping the kernel's state; False if it did not end in time
+        (or the kernel cannot interrupt): then it is restarted."""
+        request = self.interrupt_request()
+        if request is None or not self.alive:
+            return False
+        await self._send(request)
+        return await self._wind_down(receive_channel)
+
+    async def _wind_down(self, receive_channel: trio.MemoryReceiveChannel[Reply | None]) -> bool:
+        with trio.move_on_after(INTERRUPT_GRACE_S):
+            await self._relay(receive_channel, discard_event)
+            return True
+        return False
+
     # The protocol.
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -76,8 +109,12 @@ class PipeKernel(Kernel[Reply]):
         try:
             with self.cancel_scope:
                 try:
-                    env = {**self.spec.env, "CUBE_REPLY_FD": str(write_fd), "CUBE_LANGUAGE": self.language}
-                    process = await spawn_kernel_process(
+                    env = {
+                        **self.kernel_env(dict(self.spec.env)),
+                        "CUBE_REPLY_FD": str(write_fd),
+                        "CUBE_LANGUAGE": self.language,
+                    }
+                    self._process = process = await spawn_kernel_process(
                         argv,
                         dataclasses.replace(self.spec, env=env),
                         stdin=subprocess.PIPE,
@@ -95,6 +132,8 @@ class PipeKernel(Kernel[Reply]):
                     if not self._ready.is_set():
                         raise KernelStartError(f"the {self.language} kernel did not start")
                     self.alive = True
+                    if startup := self.startup_request():
+                        self._send_now(startup)
                     if env_vars := {**self.startup_env(), **self._pending_env}:
                         self._pending_env.clear()
                         self.update_env(env_vars)
@@ -113,7 +152,10 @@ class PipeKernel(Kernel[Reply]):
             if not chunk:
                 if not self._ready.is_set():
                     raise KernelStartError(f"the {self.language} kernel exited while starting")
-                self._notify_died()  # the pipe closed: the kernel is gone
+                # The pipe closed: the kernel is gone (the next execution must not pick it, even
+                # before `run` has reaped its process).
+                self.alive = False
+                self._notify_died()
                 return
             *lines, buffer = (buffer + chunk).split(b"\n")
             for line in lines:
@@ -134,11 +176,14 @@ class PipeKernel(Kernel[Reply]):
         if not self.alive:
             self._pending_env.update(env_vars)  # sent once the kernel is ready
             return
-        # A write of one short line to a pipe does not block; ordering matters, so no task.
+        self._send_now(self.env_request(env_vars))
+
+    def _send_now(self, request: bytes) -> None:
+        """A short request, in order: a write of one short line to a pipe does not block, so no task."""
         stdin = self._stdin
         assert isinstance(stdin, trio.lowlevel.FdStream)  # trio's pipes on Linux
         try:
-            os.write(stdin.fileno(), self.env_request(env_vars))
+            os.write(stdin.fileno(), request)
         except OSError:
             pass  # the kernel died: the reply router reports it
 
@@ -160,13 +205,8 @@ class PipeKernel(Kernel[Reply]):
         """The client is gone: stop its cell, keeping the kernel's state if the cell ends in time;
         otherwise (a kernel that cannot interrupt, or a cell deaf to it) restart the kernel rather
         than leave the context blocked behind it."""
-        request = self.interrupt_request()
-        if request is not None and self.alive:
-            await self._send(request)
-            with trio.move_on_after(INTERRUPT_GRACE_S):
-                await self._relay(receive_channel, discard_event)
-                return
-        self.stop()
+        if not await self.interrupt(receive_channel):
+            self.stop()
 
     async def _relay(self, receive_channel: trio.MemoryReceiveChannel[Reply | None], emit: Emit) -> None:
         """Turn the kernel's replies for one execution into /execute events, up to its `done`."""
@@ -183,4 +223,4 @@ class PipeKernel(Kernel[Reply]):
                 await emit({"type": "number_of_executions", **message})
                 return
             else:
-                await emit({"type": kind, **message})
+                await emit(self.reply_event(str(kind), message))
