@@ -116,11 +116,14 @@ class OutputStream(io.TextIOBase):
             self._engine.flush_soon()
         return len(text)
 
-    def flush(self) -> None:
+    def take(self) -> str:
+        """The text written since the last take."""
         with self._lock:
             text, self._parts = "".join(self._parts), []
-        if text:
-            self._engine.send_for_execution({"type": self.name, "text": text})
+        return text
+
+    def flush(self) -> None:
+        self._engine.flush_streams()
 
 
 class FdCapture:
@@ -177,6 +180,7 @@ class Engine:
         self.execution_id: str | None = None  # replies of output go to the running execution
         self.executing = False
         self._wake = threading.Event()
+        self._flush_lock = threading.Lock()
         self._main = threading.get_ident()
         self.stdout = OutputStream("stdout", self, 1)
         self.stderr = OutputStream("stderr", self, 2)
@@ -194,8 +198,12 @@ class Engine:
         self._wake.set()
 
     def flush_streams(self) -> None:
-        self.stdout.flush()
-        self.stderr.flush()
+        # One flush at a time, taking and sending together: text the flusher thread took is out
+        # before the main thread's flush returns, so nothing follows an execution's `done`.
+        with self._flush_lock:
+            for stream in (self.stdout, self.stderr):
+                if text := stream.take():
+                    self.send_for_execution({"type": stream.name, "text": text})
 
     def flush_output(self) -> None:
         """Everything written so far, by Python or to the descriptors, sent before what follows."""
