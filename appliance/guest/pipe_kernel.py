@@ -131,9 +131,9 @@ class PipeKernel(Kernel[Reply]):
                         await self._ready.wait()
                     if not self._ready.is_set():
                         raise KernelStartError(f"the {self.language} kernel did not start")
-                    self.alive = True
                     if startup := self.startup_request():
-                        self._send_now(startup)
+                        await self._send(startup)  # may be long: sent whole before anything else
+                    self.alive = True
                     if env_vars := {**self.startup_env(), **self._pending_env}:
                         self._pending_env.clear()
                         self.update_env(env_vars)
@@ -171,10 +171,15 @@ class PipeKernel(Kernel[Reply]):
                 await self._stdin.send_all(request)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the kernel died: the reply router reports it
+        if self.alive and self._pending_env:
+            env_vars, self._pending_env = self._pending_env, {}
+            self.update_env(env_vars)
 
     def update_env(self, env_vars: dict[str, str]) -> None:
-        if not self.alive:
-            self._pending_env.update(env_vars)  # sent once the kernel is ready
+        if not self.alive or self._input_lock.locked():
+            # Sent once the kernel is ready, or after the request being written (a long cell
+            # may take several writes: a line of ours must not land inside it).
+            self._pending_env.update(env_vars)
             return
         self._send_now(self.env_request(env_vars))
 

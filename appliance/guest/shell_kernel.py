@@ -68,6 +68,7 @@ class ShellKernel(PipeKernel):
     def __init__(self, spec: KernelSpec) -> None:
         super().__init__(spec)
         self._directory = ""
+        self._reseed_pending = False
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._directory = tempfile.mkdtemp(prefix="shell-", dir=self.spec.runtime_dir)
@@ -87,14 +88,15 @@ class ShellKernel(PipeKernel):
         return json_line({"type": "silent", "code": RESTORE_SKIPPED_MODULES + display_setup_code()})
 
     def execute_request(self, request_id: str, code: str, env_vars: dict[str, str]) -> bytes:
-        return json_line({"type": "execute", "id": request_id, "code": code, "env": env_vars})
+        reseed = json_line({"type": "silent", "code": RESEED_CODE}) if self._reseed_pending else b""
+        self._reseed_pending = False
+        return reseed + json_line({"type": "execute", "id": request_id, "code": code, "env": env_vars})
 
     def env_request(self, env_vars: dict[str, str]) -> bytes:
         return json_line({"type": "env", "vars": env_vars})
 
     def reseed(self) -> None:
-        if self.alive:
-            self._send_now(json_line({"type": "silent", "code": RESEED_CODE}))
+        self._reseed_pending = True  # with the next execution, which the interpreter sends next
 
     def reply_event(self, kind: str, message: dict[str, object]) -> dict[str, object]:
         data = message.get("data")
