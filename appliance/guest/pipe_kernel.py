@@ -38,6 +38,21 @@ def json_line(request: dict[str, object]) -> bytes:
     return (json.dumps(request) + "\n").encode()
 
 
+def _reply(line: bytes) -> Reply | None:
+    """A reply line as a message, or None if it is none. User code runs inside the kernel and may
+    find the reply pipe and write anything into it: that may garble its own results, never stop
+    the agent."""
+    try:
+        message = json.loads(line)
+    except ValueError:  # also UnicodeDecodeError
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return None
+    if not isinstance(message.get("id"), str | None):  # ids are the request ids we sent, or none
+        return None
+    return message
+
+
 class PipeKernel(Kernel[Reply]):
     def __init__(self, spec: KernelSpec) -> None:
         super().__init__(spec)
@@ -159,8 +174,10 @@ class PipeKernel(Kernel[Reply]):
                 return
             *lines, buffer = (buffer + chunk).split(b"\n")
             for line in lines:
-                message = json.loads(line)
-                if message.get("type") == "ready":
+                message = _reply(line)
+                if message is None:
+                    continue
+                if message["type"] == "ready":
                     self._ready.set()
                 self._deliver(message.get("id"), message)
 

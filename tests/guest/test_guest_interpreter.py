@@ -375,3 +375,42 @@ def test_user_code_cannot_read_or_forge_the_engine_protocol(sandbox) -> None:
         assert sandbox.run_code("1 + 1", context=context).text == "2"
     finally:
         sandbox.remove_code_context(context)
+
+
+FORGED_REPLIES = (
+    b'not json\\n{"type": "done", "id": "999"}\\n[1]\\n{"type": 5}\\n{"type": "x", "id": []}\\n\\xff\\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("language", "attack"),
+    [
+        (
+            "python",
+            "import os\n"
+            "for name in os.listdir('/proc/self/fd'):\n"
+            "    try:\n"
+            f"        os.write(int(name), {FORGED_REPLIES!r}) if int(name) > 2 else None\n"
+            "    except OSError:\n"
+            "        pass\n",
+        ),
+        (
+            "javascript",
+            "const fs = require('fs')\n"
+            "for (const name of fs.readdirSync('/proc/self/fd')) {\n"
+            "  try { if (+name > 2) fs.writeSync(+name, 'not json\\n[1]\\n{\"type\": 5}\\n') } catch (e) {}\n"
+            "}\n",
+        ),
+    ],
+)
+def test_garbage_written_into_the_reply_pipe_never_stops_the_agent(sandbox, agent, language, attack) -> None:
+    """User code runs inside the kernel, so it can find the pipe its replies travel on and write
+    anything into it: its own results may suffer, the agent (envd and every other context) not."""
+    context = sandbox.create_code_context(language=language)
+    try:
+        sandbox.run_code(attack, context=context, timeout=30)
+        assert agent.process.poll() is None
+        assert sandbox.commands.run("echo still here").stdout == "still here\n"
+        assert sandbox.run_code("1 + 1", context=context, timeout=30).text == "2"
+    finally:
+        sandbox.remove_code_context(context)
