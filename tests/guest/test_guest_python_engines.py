@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from freeports import free_ports
 
 from appliance.guest import INTERPRETER_READY_LINE, READY_LINE
 from appliance.guest.launcher import running_agent
-from tests.freeports import free_ports
 
 CELLS = (
     "print('out')\nimport sys\nprint('err', file=sys.stderr)\n{'k': [1, 2]}",
