@@ -23,7 +23,11 @@ from appliance.guest.state import AgentState
 
 
 def _python(spec: KernelSpec) -> Kernel:
-    from appliance.guest.python_kernel import PythonKernel  # each lazily: start-up time
+    from appliance.guest.shell_kernel import ShellKernel, shell_wanted  # each lazily: start-up time
+
+    if shell_wanted():
+        return ShellKernel(spec)
+    from appliance.guest.python_kernel import PythonKernel
 
     return PythonKernel(spec)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from appliance.guest.kernel import KernelStartError
-from appliance.guest.pipe_kernel import PipeKernel
+from appliance.guest.pipe_kernel import PipeKernel, json_line
 
 SCRIPT = Path(__file__).with_name("node_kernel.js")
 
@@ -25,17 +24,13 @@ class NodeKernel(PipeKernel):
         return [node, str(SCRIPT)]
 
     def execute_request(self, request_id: str, code: str, env_vars: dict[str, str]) -> bytes:
-        return _line({"type": "execute", "id": request_id, "code": code, "env": env_vars})
+        return json_line({"type": "execute", "id": request_id, "code": code, "env": env_vars})
 
     def env_request(self, env_vars: dict[str, str]) -> bytes:
-        return _line({"type": "env", "vars": env_vars})
+        return json_line({"type": "env", "vars": env_vars})
 
 
 class TypeScriptKernel(NodeKernel):
     """The same kernel; node_kernel.js strips each cell's types first."""
 
     language = "typescript"
-
-
-def _line(request: dict[str, object]) -> bytes:
-    return (json.dumps(request) + "\n").encode()

@@ -33,6 +33,26 @@ from appliance.guest.kernel import (
 Reply = dict[str, object]  # one JSON line of the kernel
 
 
+def json_line(request: dict[str, object]) -> bytes:
+    """A request as the kernel reads it: one line of JSON."""
+    return (json.dumps(request) + "\n").encode()
+
+
+def _reply(line: bytes) -> Reply | None:
+    """A reply line as a message, or None if it is none. User code runs inside the kernel and may
+    find the reply pipe and write anything into it: that may garble its own results, never stop
+    the agent."""
+    try:
+        message = json.loads(line)
+    except ValueError:  # also UnicodeDecodeError
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return None
+    if not isinstance(message.get("id"), str | None):  # ids are the request ids we sent, or none
+        return None
+    return message
+
+
 class PipeKernel(Kernel[Reply]):
     def __init__(self, spec: KernelSpec) -> None:
         super().__init__(spec)
@@ -41,6 +61,7 @@ class PipeKernel(Kernel[Reply]):
         self._input_lock = trio.Lock()
         self._ready = trio.Event()
         self._pending_env: dict[str, str] = {}  # sandbox env vars that came while it started
+        self._process: trio.Process | None = None
 
     # What a kernel provides.
 
@@ -63,6 +84,33 @@ class PipeKernel(Kernel[Reply]):
         """Env vars to send once the kernel is ready (its process environment has the rest)."""
         return {}
 
+    def startup_request(self) -> bytes | None:
+        """A request to send once the kernel is ready, before any execution."""
+        return None
+
+    def kernel_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The kernel process's environment (the spec's, by default)."""
+        return env
+
+    def reply_event(self, kind: str, message: dict[str, object]) -> dict[str, object]:
+        """The /execute event of a `result` or `error` reply."""
+        return {"type": kind, **message}
+
+    async def interrupt(self, receive_channel: trio.MemoryReceiveChannel[Reply | None]) -> bool:
+        """Stop the running cell, keeping the kernel's state; False if it did not end in time
+        (or the kernel cannot interrupt): then it is restarted."""
+        request = self.interrupt_request()
+        if request is None or not self.alive:
+            return False
+        await self._send(request)
+        return await self._wind_down(receive_channel)
+
+    async def _wind_down(self, receive_channel: trio.MemoryReceiveChannel[Reply | None]) -> bool:
+        with trio.move_on_after(INTERRUPT_GRACE_S):
+            await self._relay(receive_channel, discard_event)
+            return True
+        return False
+
     # The protocol.
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -76,8 +124,12 @@ class PipeKernel(Kernel[Reply]):
         try:
             with self.cancel_scope:
                 try:
-                    env = {**self.spec.env, "CUBE_REPLY_FD": str(write_fd), "CUBE_LANGUAGE": self.language}
-                    process = await spawn_kernel_process(
+                    env = {
+                        **self.kernel_env(dict(self.spec.env)),
+                        "CUBE_REPLY_FD": str(write_fd),
+                        "CUBE_LANGUAGE": self.language,
+                    }
+                    self._process = process = await spawn_kernel_process(
                         argv,
                         dataclasses.replace(self.spec, env=env),
                         stdin=subprocess.PIPE,
@@ -94,6 +146,8 @@ class PipeKernel(Kernel[Reply]):
                         await self._ready.wait()
                     if not self._ready.is_set():
                         raise KernelStartError(f"the {self.language} kernel did not start")
+                    if startup := self.startup_request():
+                        await self._send(startup)  # may be long: sent whole before anything else
                     self.alive = True
                     if env_vars := {**self.startup_env(), **self._pending_env}:
                         self._pending_env.clear()
@@ -113,12 +167,17 @@ class PipeKernel(Kernel[Reply]):
             if not chunk:
                 if not self._ready.is_set():
                     raise KernelStartError(f"the {self.language} kernel exited while starting")
-                self._notify_died()  # the pipe closed: the kernel is gone
+                # The pipe closed: the kernel is gone (the next execution must not pick it, even
+                # before `run` has reaped its process).
+                self.alive = False
+                self._notify_died()
                 return
             *lines, buffer = (buffer + chunk).split(b"\n")
             for line in lines:
-                message = json.loads(line)
-                if message.get("type") == "ready":
+                message = _reply(line)
+                if message is None:
+                    continue
+                if message["type"] == "ready":
                     self._ready.set()
                 self._deliver(message.get("id"), message)
 
@@ -129,16 +188,24 @@ class PipeKernel(Kernel[Reply]):
                 await self._stdin.send_all(request)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the kernel died: the reply router reports it
+        if self.alive and self._pending_env:
+            env_vars, self._pending_env = self._pending_env, {}
+            self.update_env(env_vars)
 
     def update_env(self, env_vars: dict[str, str]) -> None:
-        if not self.alive:
-            self._pending_env.update(env_vars)  # sent once the kernel is ready
+        if not self.alive or self._input_lock.locked():
+            # Sent once the kernel is ready, or after the request being written (a long cell
+            # may take several writes: a line of ours must not land inside it).
+            self._pending_env.update(env_vars)
             return
-        # A write of one short line to a pipe does not block; ordering matters, so no task.
+        self._send_now(self.env_request(env_vars))
+
+    def _send_now(self, request: bytes) -> None:
+        """A short request, in order: a write of one short line to a pipe does not block, so no task."""
         stdin = self._stdin
         assert isinstance(stdin, trio.lowlevel.FdStream)  # trio's pipes on Linux
         try:
-            os.write(stdin.fileno(), self.env_request(env_vars))
+            os.write(stdin.fileno(), request)
         except OSError:
             pass  # the kernel died: the reply router reports it
 
@@ -160,13 +227,8 @@ class PipeKernel(Kernel[Reply]):
         """The client is gone: stop its cell, keeping the kernel's state if the cell ends in time;
         otherwise (a kernel that cannot interrupt, or a cell deaf to it) restart the kernel rather
         than leave the context blocked behind it."""
-        request = self.interrupt_request()
-        if request is not None and self.alive:
-            await self._send(request)
-            with trio.move_on_after(INTERRUPT_GRACE_S):
-                await self._relay(receive_channel, discard_event)
-                return
-        self.stop()
+        if not await self.interrupt(receive_channel):
+            self.stop()
 
     async def _relay(self, receive_channel: trio.MemoryReceiveChannel[Reply | None], emit: Emit) -> None:
         """Turn the kernel's replies for one execution into /execute events, up to its `done`."""
@@ -183,4 +245,4 @@ class PipeKernel(Kernel[Reply]):
                 await emit({"type": "number_of_executions", **message})
                 return
             else:
-                await emit({"type": kind, **message})
+                await emit(self.reply_event(str(kind), message))

@@ -15,6 +15,7 @@ import sys
 
 from appliance.guest import kernel_charts, kernel_display
 from appliance.guest.jupyter_kernel import MIME_FIELDS, JupyterKernel
+from appliance.guest.kernel import KernelSpec
 from appliance.guest.kernel_display import CHART_MIME, CHARTS_MODULE_NAME, DATA_MIME, KERNEL_MODULE_NAME
 
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -81,6 +82,17 @@ RESEED_CODE = (
 )
 
 
+def python_kernel_env(spec: KernelSpec, env: dict[str, str], directory: str) -> dict[str, str]:
+    """A Python context's process environment; `directory` is its private one, removed with it."""
+    if not spec.user.can_write(env.get("HOME", spec.user.home)):
+        # IPython and matplotlib would each make a fresh directory in /tmp (and never remove
+        # it) for want of ~/.ipython and ~/.config/matplotlib: theirs go with the kernel's.
+        env.setdefault("IPYTHONDIR", os.path.join(directory, "ipython"))
+        env.setdefault("MPLCONFIGDIR", os.path.join(directory, "matplotlib"))
+    env.setdefault("MPLBACKEND", INLINE_BACKEND)
+    return env
+
+
 class PythonKernel(JupyterKernel):
     language = "python"
     mime_fields = PYTHON_MIME_FIELDS
@@ -89,12 +101,7 @@ class PythonKernel(JupyterKernel):
         return [sys.executable, "-c", KERNEL_BOOTSTRAP, "-f", connection_file, *KERNEL_OPTIONS]
 
     def kernel_env(self, env: dict[str, str], directory: str) -> dict[str, str]:
-        if not self.spec.user.can_write(env.get("HOME", self.spec.user.home)):
-            # IPython and matplotlib would each make a fresh directory in /tmp (and never remove
-            # it) for want of ~/.ipython and ~/.config/matplotlib: theirs go with the kernel's.
-            env.setdefault("IPYTHONDIR", os.path.join(directory, "ipython"))
-            env.setdefault("MPLCONFIGDIR", os.path.join(directory, "matplotlib"))
-        env.setdefault("MPLBACKEND", INLINE_BACKEND)
+        env = python_kernel_env(self.spec, env, directory)
         # ipykernel imports debugpy, which otherwise warns about frozen modules on every start.
         env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
         return env

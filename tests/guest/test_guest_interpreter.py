@@ -327,3 +327,90 @@ def test_javascript_esm_imports_and_typescript(sandbox) -> None:
     assert sandbox.run_code(generic, language="typescript").text == "7"
     broken = sandbox.run_code("const x: = 1", language="ts")
     assert broken.error.name == "SyntaxError" and "expected" in broken.error.value
+
+
+def test_output_of_subprocesses_and_c_code_is_captured_in_order(sandbox) -> None:
+    """Descriptor-level writes (os.system, subprocesses, C extensions) come back as stdout/stderr,
+    as ipykernel captures them, and before the cell's value."""
+    execution = sandbox.run_code(
+        "import os, subprocess, sys\n"
+        "print('python', flush=True)\n"
+        "os.system('echo shell')\n"
+        "subprocess.run(['sh', '-c', 'echo child-err >&2'])\n"
+        "os.write(1, b'raw\\n')\n"
+        "'value'"
+    )
+    assert "".join(execution.logs.stdout) == "python\nshell\nraw\n"
+    assert "".join(execution.logs.stderr) == "child-err\n"
+    assert execution.text == "value"
+
+
+def test_stdout_arrives_while_the_cell_still_runs(sandbox) -> None:
+    arrivals: list[float] = []
+    sandbox.run_code(
+        "import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')",
+        on_stdout=lambda message: arrivals.append(time.monotonic()),
+    )
+    ended = time.monotonic()
+    assert len(arrivals) == 2
+    assert ended - arrivals[0] > 1.5  # the first line came seconds before the end, not with it
+
+
+def test_user_code_cannot_read_or_forge_the_engine_protocol(sandbox) -> None:
+    """stdin is not the request pipe (input() raises as ipykernel's does), and the reply pipe is
+    neither in the environment nor inherited by subprocesses."""
+    context = sandbox.create_code_context()
+    try:
+        refused = sandbox.run_code("input('?')", context=context)
+        assert refused.error is not None and refused.error.name == "StdinNotImplementedError"
+        assert sandbox.run_code("import sys; sys.stdin.read()", context=context).text == ""
+        assert sandbox.run_code("import os; 'CUBE_REPLY_FD' in os.environ", context=context).text == "False"
+        inherited = sandbox.run_code("import os; os.system('ls /proc/self/fd')", context=context)
+        assert sorted("".join(inherited.logs.stdout).split()) == [
+            "0",
+            "1",
+            "2",
+            "3",
+        ]  # 3: ls reading the directory
+        assert sandbox.run_code("1 + 1", context=context).text == "2"
+    finally:
+        sandbox.remove_code_context(context)
+
+
+FORGED_REPLIES = (
+    b'not json\\n{"type": "done", "id": "999"}\\n[1]\\n{"type": 5}\\n{"type": "x", "id": []}\\n\\xff\\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("language", "attack"),
+    [
+        (
+            "python",
+            "import os\n"
+            "for name in os.listdir('/proc/self/fd'):\n"
+            "    try:\n"
+            f"        os.write(int(name), {FORGED_REPLIES!r}) if int(name) > 2 else None\n"
+            "    except OSError:\n"
+            "        pass\n",
+        ),
+        (
+            "javascript",
+            "const fs = require('fs')\n"
+            "for (const name of fs.readdirSync('/proc/self/fd')) {\n"
+            "  try { if (+name > 2) fs.writeSync(+name, 'not json\\n[1]\\n{\"type\": 5}\\n') } catch (e) {}\n"
+            "}\n",
+        ),
+    ],
+)
+def test_garbage_written_into_the_reply_pipe_never_stops_the_agent(sandbox, agent, language, attack) -> None:
+    """User code runs inside the kernel, so it can find the pipe its replies travel on and write
+    anything into it: its own results may suffer, the agent (envd and every other context) not."""
+    context = sandbox.create_code_context(language=language)
+    try:
+        sandbox.run_code(attack, context=context, timeout=30)
+        assert agent.process.poll() is None
+        assert sandbox.commands.run("echo still here").stdout == "still here\n"
+        assert sandbox.run_code("1 + 1", context=context, timeout=30).text == "2"
+    finally:
+        sandbox.remove_code_context(context)

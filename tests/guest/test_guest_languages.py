@@ -188,7 +188,7 @@ def test_other_languages_start_only_on_first_use() -> None:
         assert started.claim(envd_port) == 204  # left open, as the SDK's debug mode has it
         started.wait_for_line(INTERPRETER_READY_LINE)
         kernels = _kernel_processes(started.process.pid)
-        assert len(kernels) == 1 and "ipykernel" in kernels[0], kernels
+        assert len(kernels) == 1 and "python_shell.py" in kernels[0], kernels  # shell_kernel.py's
         listed = httpx.get(f"{url}/contexts").json()
         assert sorted(context["language"] for context in listed) == ["javascript", "python"]
         assert len(_kernel_processes(started.process.pid)) == 1  # listed, not started
