@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -161,3 +162,43 @@ async def execute_code(host: str, code: str, timeout: float = 60.0) -> list[dict
         response = await client.post(f"http://{host}:{CODE_INTERPRETER_PORT}/execute", json={"code": code})
     response.raise_for_status()
     return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+@contextmanager
+def routed_world(name: str, addresses: tuple[str, ...], table: int, link_net: str) -> Iterator[str]:
+    """A network namespace `name` holding `addresses` (on its loopback), reached from the
+    `uml_service` sandbox network only, through the policy-routing table `table` that knows nothing
+    else; `link_net`: the first address of a free /30 for the veth between host and world (host .1,
+    world .2). Yields the namespace's name; everything is removed afterwards. Run its users under
+    the shared lock (the table and the rule are the host's)."""
+    prefix = link_net.rsplit(".", 1)[0]
+    last = int(link_net.rsplit(".", 1)[1])
+    host_side, world_side = f"{prefix}.{last + 1}", f"{prefix}.{last + 2}"
+    link, network = f"ct{name[-10:]}", SERVICE_NETWORK
+    commands = [
+        f"ip netns add {name}",
+        f"ip link add {link} type veth peer name w0 netns {name}",
+        f"ip addr add {host_side}/30 dev {link}",
+        f"ip link set {link} up",
+        f"ip -n {name} link set lo up",
+        *(f"ip -n {name} addr add {address}/32 dev lo" for address in addresses),
+        f"ip -n {name} addr add {world_side}/30 dev w0",
+        f"ip -n {name} link set w0 up",
+        f"ip -n {name} route add default via {host_side}",
+        *(f"ip route add {address}/32 via {world_side} table {table}" for address in addresses),
+        f"ip route add throw {network} table {table}",
+        f"ip route add unreachable default table {table}",
+        f"ip rule add from {network} lookup {table} priority {table}",
+    ]
+    try:
+        for command in commands:
+            subprocess.run(command.split(), check=True, capture_output=True, text=True)
+        yield name
+    finally:
+        for command in (
+            f"ip rule del from {network} lookup {table} priority {table}",
+            f"ip route flush table {table}",
+            f"ip link del {link}",
+            f"ip netns del {name}",
+        ):
+            subprocess.run(command.split(), check=False, capture_output=True)
