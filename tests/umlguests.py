@@ -18,6 +18,9 @@
 - `execute_code(host, code)`: Python in a guest's default kernel, as the E2B SDKs run it,
   over raw HTTP: the code interpreter's `POST /execute` (its NDJSON events). Commands go
   through envd with `appliance.cubelet.envd_client.run_command`.
+- `routed_world(name, addresses, table, link_net, ...)`: a network namespace of the test's
+  holding servers' addresses (IPv4, optionally IPv6), reached from the `uml_service` sandbox
+  network only (tests/secrets, tests/browser).
 """
 
 from __future__ import annotations
