@@ -319,9 +319,13 @@ class FakeRuntime:
         self.fail_init = False  # guests booted from now on answer /init with 500
         self.answer_delay_s = 0.0  # guests booted from now on answer /health and /init this late
         self.service_up = True  # guests booted from now on answer /service (a template's probe path)
+        self.forgotten: list[str] = []  # the templates deleted (forget_template)
 
     async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
         """Nothing to keep: fake guests start fast anyway."""
+
+    def forget_template(self, template_id: str) -> None:
+        self.forgotten.append(template_id)
 
     def close(self) -> None:
         """Nothing is kept between sandboxes."""

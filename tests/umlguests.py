@@ -18,13 +18,18 @@
 - `execute_code(host, code)`: Python in a guest's default kernel, as the E2B SDKs run it,
   over raw HTTP: the code interpreter's `POST /execute` (its NDJSON events). Commands go
   through envd with `appliance.cubelet.envd_client.run_command`.
+- `routed_world(name, addresses, table, link_net, ...)`: a network namespace of the test's
+  holding servers' addresses (IPv4, optionally IPv6), reached from the `uml_service` sandbox
+  network only (tests/secrets, tests/browser).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -38,6 +43,7 @@ import trio
 
 from appliance.config import Config, load_config
 from appliance.cubelet.runtimes import RuntimeBundle
+from appliance.net.addressing import Addressing
 from appliance.records import TemplateManifest
 from appliance.runtime.base import CODE_INTERPRETER_PORT, ENVD_PORT, Instance
 
@@ -161,3 +167,65 @@ async def execute_code(host: str, code: str, timeout: float = 60.0) -> list[dict
         response = await client.post(f"http://{host}:{CODE_INTERPRETER_PORT}/execute", json={"code": code})
     response.raise_for_status()
     return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+@contextmanager
+def routed_world(
+    name: str,
+    addresses: tuple[str, ...],
+    table: int,
+    link_net: str,
+    addresses6: tuple[str, ...] = (),
+    link_net6: str = "",
+) -> Iterator[str]:
+    """A network namespace `name` holding `addresses` (on its loopback), reached from the
+    `uml_service` sandbox network only, through the policy-routing table `table` that knows nothing
+    else; `link_net`: the first address of a free /30 for the veth between host and world (host
+    +1, world +2). With `addresses6`, the same over IPv6 from the network's IPv6 range, `link_net6`
+    the first address of a free /126. Yields the namespace's name; everything is removed
+    afterwards. Run its users under the shared lock (the tables and the rules are the host's)."""
+    host_side, world_side = (ipaddress.ip_address(link_net) + n for n in (1, 2))
+    link, network = f"ct{name[-10:]}", SERVICE_NETWORK
+    commands = [
+        f"ip netns add {name}",
+        f"ip link add {link} type veth peer name w0 netns {name}",
+        f"ip addr add {host_side}/30 dev {link}",
+        f"ip link set {link} up",
+        f"ip -n {name} link set lo up",
+        *(f"ip -n {name} addr add {address}/32 dev lo" for address in addresses),
+        f"ip -n {name} addr add {world_side}/30 dev w0",
+        f"ip -n {name} link set w0 up",
+        f"ip -n {name} route add default via {host_side}",
+        *(f"ip route add {address}/32 via {world_side} table {table}" for address in addresses),
+        f"ip route add throw {network} table {table}",
+        f"ip route add unreachable default table {table}",
+        f"ip rule add from {network} lookup {table} priority {table}",
+    ]
+    network6 = Addressing(network).network6
+    if addresses6:
+        host6, world6 = (ipaddress.ip_address(link_net6) + n for n in (1, 2))
+        commands += [
+            f"ip addr add {host6}/126 dev {link} nodad",
+            *(f"ip -n {name} addr add {address}/128 dev lo" for address in addresses6),
+            f"ip -n {name} addr add {world6}/126 dev w0 nodad",
+            f"ip -n {name} -6 route add default via {host6}",
+            *(f"ip -6 route add {address}/128 via {world6} table {table}" for address in addresses6),
+            f"ip -6 route add throw {network6} table {table}",
+            f"ip -6 route add unreachable default table {table}",
+            f"ip -6 rule add from {network6} lookup {table} priority {table}",
+        ]
+    try:
+        for command in commands:
+            subprocess.run(command.split(), check=True, capture_output=True, text=True)
+        yield name
+    finally:
+        rule6 = f"from {network6} lookup {table} priority {table}"
+        undo6 = [f"ip -6 rule del {rule6}", f"ip -6 route flush table {table}"]
+        for command in (
+            f"ip rule del from {network} lookup {table} priority {table}",
+            f"ip route flush table {table}",
+            *(undo6 if addresses6 else ()),
+            f"ip link del {link}",
+            f"ip netns del {name}",
+        ):
+            subprocess.run(command.split(), check=False, capture_output=True)

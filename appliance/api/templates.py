@@ -66,5 +66,6 @@ async def delete_template(template_id: str) -> Response:
         delete_alias(s.config, template_id)
     for template in ids:
         s.templates.delete(template)
+        await s.cubelet.forget_template(template)
     s.cubelet.wake_pools()
     return no_content()

@@ -210,6 +210,12 @@ class Cubelet:
     def wake_pools(self) -> None:
         self.pools.wake()
 
+    async def forget_template(self, template_id: str) -> None:
+        """A deleted template (no sandbox runs from it): its warm pool drained now, what the
+        runtime keeps to start it deleted."""
+        self.pools.drop(template_id)
+        await trio.to_thread.run_sync(self.runtime.forget_template, template_id)
+
     # Lifecycle.
 
     async def create(self, request: SandboxRequest) -> SandboxRecord:

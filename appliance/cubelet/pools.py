@@ -87,6 +87,9 @@ class CreateDemand:
             best = max(best, last - first + 1)
         return best
 
+    def forget(self, template_id: str) -> None:
+        self._times.pop(template_id, None)
+
     def active(self, now: float) -> bool:
         """Whether any template had a create in the last DEMAND_WINDOW_S."""
         return any(times and times[-1] >= now - DEMAND_WINDOW_S for times in self._times.values())
@@ -164,6 +167,14 @@ class WarmPools:
     def wake(self) -> None:
         self._wakeup.set()
 
+    def drop(self, template_id: str) -> None:
+        """A deleted template: its pooled guests end now, and nothing of its pool is kept (a refill
+        still booting ends in a pool the keeper drops next)."""
+        for live in self._pools.pop(template_id, ()):
+            self.lifecycle.terminate(live, "template removed")
+        self._retry_at.pop(template_id, None)
+        self.demand.forget(template_id)
+
     async def make_room(self, template: TemplateManifest) -> None:
         """Room in the memory budget for one more guest of `template`, for a cold boot that adds it
         right after (no checkpoint in between): pooled guests give theirs back first (idle, and
@@ -215,10 +226,8 @@ class WarmPools:
                     await self._wakeup.wait()
 
     def _drop_removed(self, templates: dict[str, TemplateManifest]) -> None:
-        for template_id, pool in list(self._pools.items()):
-            if template_id not in templates:
-                for live in list(pool):
-                    self.lifecycle.terminate(live, "template removed")
+        for template_id in [t for t in self._pools if t not in templates]:
+            self.drop(template_id)
 
     def _wants_refill(self, template: TemplateManifest) -> bool:
         template_id = template.template_id

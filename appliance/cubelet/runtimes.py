@@ -174,6 +174,11 @@ class KvmWithUmlFallback:
         """A build's probe guest is kvm's (builds never fall back): kvm's finalize."""
         await self.kvm.finalize_template(template, instance)
 
+    def forget_template(self, template_id: str) -> None:
+        self.kvm.forget_template(template_id)
+        self.uml.forget_template(template_id)
+        self._told.discard(template_id)
+
     def close(self) -> None:
         self.kvm.close()
         self.uml.close()

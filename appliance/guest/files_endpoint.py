@@ -90,9 +90,13 @@ async def download(request: Request, response: Response, user: User) -> None:
             ("Content-Type", "application/octet-stream"),
             ("Content-Disposition", f'inline; filename="{os.path.basename(path)}"'),
         ]
+        # A file that says it is empty may not be (procfs, sysfs: /proc/sys/kernel/random/boot_id):
+        # sent to its end, chunked. A Content-Length of 0 that its content then overran left the
+        # connection broken for the client's next request on it (reset once the agent closed it).
+        sized = not compress and info.st_size > 0
         if compress:
             headers.append(("Content-Encoding", "gzip"))
-        else:
+        elif sized:
             headers.append(("Content-Length", str(info.st_size)))
         await response.start(200, headers)
         compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if compress else None
@@ -103,7 +107,7 @@ async def download(request: Request, response: Response, user: User) -> None:
                 break
             sent += len(chunk)
             await response.write(compressor.compress(chunk) if compressor else chunk)
-            if not compressor and sent >= info.st_size:
+            if sized and sent >= info.st_size:
                 break  # Content-Length promised exactly this much, even if the file grows
         if compressor:
             await response.write(compressor.flush())

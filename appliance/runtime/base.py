@@ -225,6 +225,11 @@ class Runtime(Protocol):
         the snapshot into the template's directory, or nothing."""
         ...
 
+    def forget_template(self, template_id: str) -> None:
+        """A template was deleted (no sandbox runs from it): delete what the runtime keeps to
+        start it (kvm: its snapshots, a full snapshot's memory among them). Blocking file work."""
+        ...
+
     def close(self) -> None:
         """Release what the runtime keeps between sandboxes (after the last one is gone)."""
         ...

@@ -3,14 +3,12 @@ the sandbox, another sandbox, the service and the CDP front live on), reach an a
 sandbox's egress policy does not allow (Chromium is a process like any other in the guest).
 
 The egress world: one network namespace of the test's with an HTTP server on two addresses,
-reached only by the service's sandbox network through a policy-routing table that knows nothing
-else (tests/secrets/test_egress_secrets_uml.py builds the same). Opt-in: conftest.py.
+reached only by the service's sandbox network (umlguests.routed_world). Opt-in: conftest.py.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -72,18 +70,13 @@ def test_a_page_that_exhausts_memory_kills_only_its_tab(browser_service: umlgues
 ALLOWED_IP = "203.0.113.30"
 DENIED_IP = "203.0.113.31"
 TABLE = 26918  # policy routing of the uml_service network (its users hold the shared lock)
-LINK_NET = "198.51.100.8"  # a /30: .9 the host's side, .10 the world's
+LINK_NET = "198.51.100.8"  # a /30 for the veth to the world
 
 
 @dataclass
 class World:
     netns: str
     seen: list[str] = field(default_factory=list)  # the address each request arrived at
-
-
-def _sh(*commands: str, check: bool = True) -> None:
-    for command in commands:
-        subprocess.run(command, shell=True, check=check, capture_output=True, text=True)
 
 
 def _server(world: World) -> ThreadingHTTPServer:
@@ -107,27 +100,9 @@ def _server(world: World) -> ThreadingHTTPServer:
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    tag = f"{os.getpid() % 0x10000:04x}"
-    world, link, network = World(f"cubetest-brw-{tag}"), f"ctbrw{tag}", umlguests.SERVICE_NETWORK
-    host_side, world_side = LINK_NET[:-1] + "9", LINK_NET[:-1] + "10"
-    try:
-        _sh(
-            f"ip netns add {world.netns}",
-            f"ip link add {link} type veth peer name w0 netns {world.netns}",
-            f"ip addr add {host_side}/30 dev {link}",
-            f"ip link set {link} up",
-            f"ip -n {world.netns} link set lo up",
-            f"ip -n {world.netns} addr add {ALLOWED_IP}/32 dev lo",
-            f"ip -n {world.netns} addr add {DENIED_IP}/32 dev lo",
-            f"ip -n {world.netns} addr add {world_side}/30 dev w0",
-            f"ip -n {world.netns} link set w0 up",
-            f"ip -n {world.netns} route add default via {host_side}",
-            f"ip route add {ALLOWED_IP}/32 via {world_side} table {TABLE}",
-            f"ip route add {DENIED_IP}/32 via {world_side} table {TABLE}",
-            f"ip route add throw {network} table {TABLE}",
-            f"ip route add unreachable default table {TABLE}",
-            f"ip rule add from {network} lookup {TABLE} priority {TABLE}",
-        )
+    name = f"cubetest-brw-{os.getpid() % 0x10000:04x}"
+    with umlguests.routed_world(name, (ALLOWED_IP, DENIED_IP), TABLE, LINK_NET):
+        world = World(name)
         server = _server(world)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()
@@ -137,14 +112,6 @@ def world() -> Iterator[World]:
             server.shutdown()
             server.server_close()
             thread.join()
-    finally:
-        _sh(
-            f"ip rule del from {network} lookup {TABLE} priority {TABLE}",
-            f"ip route flush table {TABLE}",
-            f"ip link del {link}",
-            f"ip netns del {world.netns}",
-            check=False,
-        )
 
 
 BLOCKED_WAIT_MS = 20_000  # how long the blocked load is given to (not) arrive

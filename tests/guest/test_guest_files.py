@@ -37,6 +37,21 @@ def test_octet_stream_and_gzip_upload_and_download(sandbox, agent) -> None:
     assert raw.headers["content-encoding"] == "gzip"
 
 
+def test_a_file_that_reports_no_size_is_read_to_its_end_on_a_kept_connection(sandbox, agent) -> None:
+    """procfs says 0 bytes and holds more: the whole content comes back, and the keep-alive
+    connection it came on answers the next requests (a Content-Length of 0 overrun by the body
+    broke it: E2B's test_keep_memory_none_defaults_to_full_memory read boot_id so, then got a reset)."""
+    path = "/proc/sys/kernel/random/boot_id"
+    with open(path) as f:
+        boot_id = f.read()
+    assert len(boot_id) > 30 and sandbox.files.read(path) == boot_id
+    with httpx.Client() as client:
+        for _ in range(3):
+            response = client.get(f"{agent.envd_url}/files", params={"path": path})
+            assert response.status_code == 200 and response.text == boot_id
+            assert "content-length" not in response.headers
+
+
 def test_streamed_upload_from_a_file_object(sandbox, agent) -> None:
     source = agent.scratch / "source.bin"
     source.write_bytes(b"x" * 200_000)

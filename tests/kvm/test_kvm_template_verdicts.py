@@ -62,3 +62,23 @@ def test_records_that_are_not_ours_are_ignored(tmp_path: Path) -> None:
     (records / "torn.json").write_text('{"template_id": "x"')
     (records / "odd.json").write_text("[]")
     assert unservable_templates(tmp_path) == {}
+
+
+async def test_a_deleted_templates_snapshots_and_records_go_at_once(tmp_path: Path) -> None:
+    """`forget` (a template deleted while the service runs): every snapshot of it (each key's, a
+    sandbox's memory among them) and its records go now, another template's with a similar name stay."""
+    store = TemplateSnapshots(tmp_path / SNAPSHOT_STORE)
+    for of in (key("snap", "v1"), key("snap", "v2"), key("snap-2", "v1")):
+        build = await claim(store, of)
+        build.staging.mkdir(parents=True)
+        (build.staging / "memory").write_bytes(b"a sandbox's memory")
+        store.install(of, build.staging)
+        store.abandon(build, None)
+    store.refuse(key("snap", "v3"), "its snapshot did not restore")
+    removed = store.forget("snap")
+    assert sorted(removed) == sorted(store.directory(key("snap", v)).name for v in ("v1", "v2"))
+    assert [d.name for d in store.root.iterdir() if d.name != "unservable"] == [
+        store.directory(key("snap-2", "v1")).name
+    ]
+    assert unservable_templates(tmp_path) == {} and store.unservable == {}
+    assert store.forget("snap") == []

@@ -3,15 +3,21 @@ the request checks, the error shapes the SDK parses, tenancy. Real snapshots: te
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from e2b import Sandbox
 from e2b.exceptions import InvalidArgumentException, NotFoundException, SandboxException
 
+from appliance.config import Config
+from appliance.cubelet.state import SandboxState
+from appliance.records import TemplateManifest
+
 if TYPE_CHECKING:
-    from conftest import ServiceHarness
+    from conftest import FakeRuntime, ServiceHarness
 
 
 def new_key(service: ServiceHarness, name: str) -> str:
@@ -103,3 +109,47 @@ def test_another_team_cannot_snapshot_or_fork_a_sandbox(sdk_env: ServiceHarness)
     with pytest.raises(NotFoundException):
         Sandbox.fork(sandbox.sandbox_id, count=2, api_key=other)
     assert sandbox.is_running()
+
+
+def test_deleting_a_snapshot_or_template_drains_its_pool_and_the_runtimes_artefacts(
+    service_config: Config, fake_runtime: FakeRuntime, start_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deleted template keeps nothing warm: its pooled guests end at once (not at the keeper's
+    next round), its pool is forgotten, and the runtime is told to delete what it keeps to start
+    it (kvm: its snapshots, a full snapshot's memory among them); creating from it is E2B's 404."""
+    service = start_service(dataclasses.replace(service_config, pool_size=1), fake_runtime)
+    made = httpx.post(
+        f"{service.url}/cube/keys", json={"name": "snapper"}, headers={"X-API-KEY": service.admin_token}
+    )
+    key, owner = made.json()["key"], made.json()["team"]
+    monkeypatch.setenv("E2B_API_URL", service.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", service.url)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    templates = service.config.templates_dir
+    TemplateManifest("tpl-pooled", templates / "tpl-pooled", memory_mb=256, owner=owner).save()
+    TemplateManifest("snap-1", templates / "snap-1", memory_mb=256, owner=owner, snapshot_of="isb").save()
+    Sandbox.create("snap-1", api_key=key).kill()
+    cubelet = service.running.cubelet
+
+    def pool_of(template_id: str) -> dict[str, int]:
+        return dict(cubelet.pool_state(template_id))
+
+    deadline = time.monotonic() + 60
+    while service.run_sync_in_service(pool_of, "tpl-pooled")["ready"] < 1:  # the pool fills
+        assert time.monotonic() < deadline, "the template's pool did not fill"
+        time.sleep(0.05)
+    [warm] = service.run_sync_in_service(cubelet.pools.ready, "tpl-pooled")
+    assert service.run_sync_in_service(pool_of, "snap-1") == {"target": 0, "ready": 0, "booting": 0}
+
+    for template_id in ("snap-1", "tpl-pooled"):
+        response = httpx.delete(f"{service.url}/templates/{template_id}", headers={"X-API-KEY": key})
+        assert response.status_code == 204, response.text
+        assert fake_runtime.forgotten[-1] == template_id
+        assert not (templates / template_id).exists()
+        with pytest.raises(SandboxException) as caught:
+            Sandbox.create(template_id, api_key=key)
+        assert str(caught.value).startswith("404:") and "not found" in str(caught.value)
+    # Ended by the delete itself (the keeper, woken meanwhile, finds no pool of it to drop).
+    assert service.run_sync_in_service(lambda: warm.state) in (SandboxState.ENDING, SandboxState.ENDED)
+    assert service.run_sync_in_service(pool_of, "tpl-pooled") == {"target": 0, "ready": 0, "booting": 0}
+    assert "tpl-pooled" not in service.run_sync_in_service(lambda: list(cubelet.pools._pools))

@@ -3,7 +3,8 @@ template this host's installer built, read-only through a symlink, as tests/gues
 
 A `cube serve` of the test's own (uml runtime, guest DNS going nowhere): a sandbox writes a file,
 is snapshotted, writes another, is killed; the service restarts; a sandbox created from the
-snapshot has the first file and not the second. Another team sees and reaches none of it.
+snapshot has the first file and not the second. Another team sees and reaches none of it. A
+deleted snapshot leaves no pool, no guest and no files, and creating from it is E2B's 404.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ pytestmark = [
 
 @pytest.fixture
 def uml_service(start_service: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[umlguests.UmlService]:
-    with umlguests.uml_service(start_service, monkeypatch) as service:
+    with umlguests.uml_service(start_service, monkeypatch, pool_size=1) as service:
         yield service
 
 
@@ -86,3 +87,13 @@ def test_a_filesystem_snapshot_outlives_its_sandbox_and_a_restart(uml_service: u
     assert Sandbox.delete_snapshot(snapshot.snapshot_id, api_key=alice) is True
     assert Sandbox.list_snapshots(api_key=alice).next_items() == []
     assert not (uml_service.config.templates_dir / snapshot.snapshot_id).exists()
+    # Nothing is kept warm or cached for a snapshot nobody can create from (a pool of one per
+    # template here: none ever formed for a snapshot, and none is left).
+    cubelet, in_service = uml_service.harness.running.cubelet, uml_service.harness.run_sync_in_service
+    for deleted in (snapshot.snapshot_id, paused.snapshot_id, "alice-snap"):
+        with pytest.raises(SandboxException) as caught:
+            Sandbox.create(deleted, api_key=alice)
+        assert str(caught.value).startswith("404:") and "not found" in str(caught.value)
+        assert in_service(cubelet.pool_state, deleted) == {"target": 0, "ready": 0, "booting": 0}
+        assert deleted not in in_service(lambda: list(cubelet.pools._pools))
+        assert in_service(cubelet.live_count, deleted) == 0

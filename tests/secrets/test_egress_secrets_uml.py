@@ -2,8 +2,8 @@
 
 The test's world: one network namespace holding an HTTP server on 203.0.113.10 (what the test DNS
 upstream answers for svc.example.test and example.test) and 203.0.113.11 (a server of the
-sandbox's own choosing, an attacker's), reached only by the service's sandbox network through a
-policy-routing table that knows nothing else. The server records what arrives and echoes nothing.
+sandbox's own choosing, an attacker's), reached only by the service's sandbox network
+(umlguests.routed_world). The server records what arrives and echoes nothing.
 
 What a user relies on: the ruled host gets the secret's value in the rule's header, over HTTP and
 HTTPS (the server there holds a certificate of the test's own CA, which the service's upstream
@@ -47,7 +47,7 @@ from net.networld import dns_upstream_server
 from appliance.config import Config
 from appliance.cubelet.runtimes import CubeVSPolicies, RuntimeBundle
 from appliance.net import netns
-from appliance.net.addressing import GATEWAY_IP6, GUEST_IP6, GUEST_PREFIX6, Addressing
+from appliance.net.addressing import GATEWAY_IP6, GUEST_IP6, GUEST_PREFIX6
 
 pytestmark = [
     pytest.mark.uml,
@@ -63,7 +63,7 @@ SERVER_IP = "203.0.113.10"
 ATTACKER_IP = "203.0.113.11"
 SERVER_IP6 = "2001:db8:5ec::10"  # the world's server over IPv6 (no name resolves to it)
 TABLE = 26917  # policy routing of the uml_service network (its users hold the shared lock)
-LINK_NET = "198.51.100"  # .1 host side, .2 the world's
+LINK_NET = "198.51.100.0"  # a /30 for the veth to the world
 LINK_NET6 = "2001:db8:5ec:ff::"  # likewise, a /126
 
 
@@ -82,11 +82,6 @@ class HttpWorld:
 
     def at(self, path: str) -> list[Seen]:
         return [s for s in self.seen if s.path == path]
-
-
-def _sh(*commands: str, check: bool = True) -> None:
-    for command in commands:
-        subprocess.run(command, shell=True, check=check, capture_output=True, text=True)
 
 
 def _issue(
@@ -171,36 +166,10 @@ def _server(world: HttpWorld, tls: ssl.SSLContext | None = None, ipv6: bool = Fa
 
 @pytest.fixture
 def http_world(tmp_path: Path) -> Iterator[HttpWorld]:
-    tag = f"{os.getpid() % 0x10000:04x}"
-    world = HttpWorld(f"cubetest-sec-{tag}", tmp_path / "upstream-ca.pem")
-    link, network = f"ctsec{tag}", umlguests.SERVICE_NETWORK
-    network6 = Addressing(network).network6
-    try:
-        _sh(
-            f"ip netns add {world.netns}",
-            f"ip link add {link} type veth peer name w0 netns {world.netns}",
-            f"ip addr add {LINK_NET}.1/30 dev {link}",
-            f"ip link set {link} up",
-            f"ip -n {world.netns} link set lo up",
-            f"ip -n {world.netns} addr add {SERVER_IP}/32 dev lo",
-            f"ip -n {world.netns} addr add {ATTACKER_IP}/32 dev lo",
-            f"ip -n {world.netns} addr add {LINK_NET}.2/30 dev w0",
-            f"ip -n {world.netns} link set w0 up",
-            f"ip -n {world.netns} route add default via {LINK_NET}.1",
-            f"ip route add {SERVER_IP}/32 via {LINK_NET}.2 table {TABLE}",
-            f"ip route add {ATTACKER_IP}/32 via {LINK_NET}.2 table {TABLE}",
-            f"ip route add throw {network} table {TABLE}",
-            f"ip route add unreachable default table {TABLE}",
-            f"ip rule add from {network} lookup {TABLE} priority {TABLE}",
-            f"ip addr add {LINK_NET6}1/126 dev {link} nodad",
-            f"ip -n {world.netns} addr add {SERVER_IP6}/128 dev lo",
-            f"ip -n {world.netns} addr add {LINK_NET6}2/126 dev w0 nodad",
-            f"ip -n {world.netns} -6 route add default via {LINK_NET6}1",
-            f"ip -6 route add {SERVER_IP6}/128 via {LINK_NET6}2 table {TABLE}",
-            f"ip -6 route add throw {network6} table {TABLE}",
-            f"ip -6 route add unreachable default table {TABLE}",
-            f"ip -6 rule add from {network6} lookup {TABLE} priority {TABLE}",
-        )
+    name = f"cubetest-sec-{os.getpid() % 0x10000:04x}"
+    addresses, addresses6 = (SERVER_IP, ATTACKER_IP), (SERVER_IP6,)
+    with umlguests.routed_world(name, addresses, TABLE, LINK_NET, addresses6, LINK_NET6):
+        world = HttpWorld(name, tmp_path / "upstream-ca.pem")
         servers = [_server(world), _server(world, _tls_context(tmp_path)), _server(world, ipv6=True)]
         threads = [threading.Thread(target=server.serve_forever, daemon=True) for server in servers]
         for thread in threads:
@@ -212,16 +181,6 @@ def http_world(tmp_path: Path) -> Iterator[HttpWorld]:
                 server.shutdown()
                 server.server_close()
                 thread.join()
-    finally:
-        _sh(
-            f"ip rule del from {network} lookup {TABLE} priority {TABLE}",
-            f"ip route flush table {TABLE}",
-            f"ip -6 rule del from {network6} lookup {TABLE} priority {TABLE}",
-            f"ip -6 route flush table {TABLE}",
-            f"ip link del {link}",
-            f"ip netns del {world.netns}",
-            check=False,
-        )
 
 
 @asynccontextmanager
@@ -432,8 +391,18 @@ def send(target, sni, host, path, verify, headers):
 print(json.dumps([send(**p) for p in json.loads(sys.argv[1])]))
 """
 
+# A Java HTTPS client (the JDK's default trust: its cacerts keystore), run as a source file.
+JAVA_GET = """
+public class Get {
+    public static void main(String[] args) throws Exception {
+        var connection = (javax.net.ssl.HttpsURLConnection) new java.net.URL(args[0]).openConnection();
+        System.out.println(connection.getResponseCode());
+    }
+}
+"""
+
 # Other clients, with their own trust stores: curl (the system bundle), Node (its own store plus
-# NODE_EXTRA_CA_CERTS), requests (certifi, or REQUESTS_CA_BUNDLE).
+# NODE_EXTRA_CA_CERTS), requests (certifi, or REQUESTS_CA_BUNDLE), Java (its cacerts keystore).
 OTHER_CLIENTS = {
     "curl": f"curl -sS --max-time 60 https://{RULED}/tls-curl",
     "node": "node -e \"require('https').get('https://"
@@ -441,6 +410,7 @@ OTHER_CLIENTS = {
     + "/tls-node', r => { r.resume(); r.on('end', () => console.log(r.statusCode)) })"
     + ".on('error', e => { console.error(e.message); process.exit(1) })\"",
     "requests": f"python3 -c \"import requests; print(requests.get('https://{RULED}/tls-requests').text)\"",
+    "java": f"java -XX:+UseSerialGC -XX:TieredStopAtLevel=1 /tmp/Get.java https://{RULED}/tls-java",
 }
 
 
@@ -497,8 +467,9 @@ def test_https_to_the_ruled_host_gets_the_secret_and_nothing_else_does(
             [other] = http_world.at(path)
             assert other.local_ip == address and VALUE not in json.dumps(other.headers), path
 
+        sandbox.files.write("/tmp/Get.java", JAVA_GET)
         for client, command in OTHER_CLIENTS.items():
-            result = sandbox.commands.run(command, timeout=120)
+            result = sandbox.commands.run(command, timeout=300)
             assert result.exit_code == 0, (client, result.stderr)
             [seen] = http_world.at(f"/tls-{client}")
             assert ("Authorization", f"Bearer {VALUE}") in seen.headers, client

@@ -1,11 +1,14 @@
 """The egress proxy's TLS pieces without a guest: the egress CA (made once, its key private), the
 leaves it signs (valid for their name only), the SNI read from real ClientHellos, and the guest
-side that trusts the CA (the certificate off the kernel command line into the bundle and env)."""
+side that trusts the CA (the certificate off the kernel command line into the bundle and env, and
+into Java's JKS cacerts, checked by the JDK's own keytool)."""
 
 from __future__ import annotations
 
+import shutil
 import ssl
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -105,8 +108,9 @@ def test_the_guest_trusts_the_ca_from_the_command_line(tmp_path: Path) -> None:
     bundle, ca_file = tmp_path / "certs" / "bundle.crt", tmp_path / "local" / "cube.crt"
     bundle.parent.mkdir()
     bundle.write_text("-----BEGIN CERTIFICATE-----\nother\n-----END CERTIFICATE-----\n")
-    env = egress_ca.install(pem, str(ca_file), str(bundle))
-    egress_ca.install(pem, str(ca_file), str(bundle))  # a second boot of the same disk: once only
+    no_java = str(tmp_path / "no-java" / "cacerts")
+    env = egress_ca.install(pem, str(ca_file), str(bundle), no_java)
+    egress_ca.install(pem, str(ca_file), str(bundle), no_java)  # a second boot of the same disk: once only
     assert bundle.read_text().count(ca_pem) == 1 and bundle.read_text().startswith("-----BEGIN")
     assert ca_file.read_text() == ca_pem
     assert env == {
@@ -116,3 +120,39 @@ def test_the_guest_trusts_the_ca_from_the_command_line(tmp_path: Path) -> None:
     }
     assert egress_ca.ca_from_cmdline("cube.egress_ca=not*base64 quiet") is None
     assert egress_ca.ca_from_cmdline("root=/dev/ubda quiet") is None
+
+
+def keytool(*args: str) -> subprocess.CompletedProcess[str]:
+    found = shutil.which("keytool")
+    assert found is not None, "the JDK (openjdk-17-jdk-headless, installer/install.sh) is not installed"
+    return subprocess.run([found, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_java_trusts_the_ca_through_its_cacerts(tmp_path: Path) -> None:
+    """The CA joins a JKS keystore made by keytool, once, and keytool (which checks the store's
+    integrity digest with the password) lists it as a trusted certificate beside the one already
+    there; a keystore of another password is left untouched."""
+    other = EgressTls.load(tmp_path / "other")
+    other_pem = tmp_path / "other.pem"
+    other_pem.write_bytes(other.ca_cert.public_bytes(serialization.Encoding.PEM))
+    cacerts, foreign = tmp_path / "cacerts", tmp_path / "foreign"
+    for store, password in ((cacerts, egress_ca.JKS_PASSWORD), (foreign, "not-the-default")):
+        made = keytool(
+            "-importcert", "-noprompt", "-storetype", "JKS", "-keystore", str(store),
+            "-storepass", password, "-alias", "debian:other.pem", "-file", str(other_pem),
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+    pem = egress_ca.ca_from_cmdline(EgressTls.load(tmp_path / "ours").kernel_word())
+    assert pem is not None
+    foreign_before = foreign.read_bytes()
+    egress_ca.trust_in_java(pem, str(cacerts))
+    once = cacerts.read_bytes()
+    egress_ca.trust_in_java(pem, str(cacerts))  # a second boot of the same disk: unchanged
+    egress_ca.trust_in_java(pem, str(foreign))
+    assert cacerts.read_bytes() == once and foreign.read_bytes() == foreign_before
+    listed = keytool("-list", "-keystore", str(cacerts), "-storepass", egress_ca.JKS_PASSWORD, "-rfc")
+    assert listed.returncode == 0, listed.stderr
+    assert "Your keystore contains 2 entries" in listed.stdout
+    for alias in (egress_ca.JAVA_ALIAS, "debian:other.pem"):
+        assert f"Alias name: {alias}" in listed.stdout
+    assert pem.strip() in listed.stdout and "trustedCertEntry" in listed.stdout

@@ -272,6 +272,12 @@ class KvmRuntime:
         boot (its first create, or the service's start-up warm-up) is what gets snapshotted,
         into the store keyed by kernel, template, VMM and size (template_snapshots.py)."""
 
+    def forget_template(self, template_id: str) -> None:
+        """The deleted template's snapshots go now (not at the next start's prune): a snapshot
+        of a sandbox (a full snapshot, a fork's checkpoint) holds that sandbox's memory."""
+        if removed := self.snapshots.forget(template_id):
+            log.info("kvm: removed the snapshots of deleted template %s: %s", template_id, ", ".join(removed))
+
     # A new guest.
 
     async def run(

@@ -219,15 +219,29 @@ class TemplateSnapshots:
         """Install the build's snapshot; the template's snapshots of other keys, and any record
         that an older version of it could not be served, are deleted."""
         target = self.install(build.key, build.staging)
-        of_template = re.compile(re.escape(build.key.template_id) + r"-[0-9a-f]{16}")
-        for other in self.root.iterdir():
-            if other != target and of_template.fullmatch(other.name):
+        self._delete_of(build.key.template_id, keep=target)
+        self._finish(build)
+        return target
+
+    def forget(self, template_id: str) -> list[str]:
+        """A deleted template: its snapshots (every key) and the records of its versions kvm could
+        not serve are deleted; returns the snapshot directories removed."""
+        for key in [key for key in self.unservable if key.template_id == template_id]:
+            del self.unservable[key]
+        return self._delete_of(template_id)
+
+    def _delete_of(self, template_id: str, keep: Path | None = None) -> list[str]:
+        """Delete the snapshots of `template_id` but `keep`, and its unservable records."""
+        of_template = re.compile(re.escape(template_id) + r"-[0-9a-f]{16}")
+        removed = []
+        for other in self.root.iterdir() if self.root.is_dir() else ():
+            if other != keep and of_template.fullmatch(other.name):
                 shutil.rmtree(other, ignore_errors=True)
+                removed.append(other.name)
         for record in (self.root / UNSERVABLE_DIR).glob("*.json"):  # an older version's verdict
             if of_template.fullmatch(record.stem):
                 record.unlink(missing_ok=True)
-        self._finish(build)
-        return target
+        return removed
 
     def abandon(self, build: SnapshotBuild, reason: str | None) -> None:
         """The build ended without a snapshot; `reason` marks the template unservable (None: the

@@ -178,6 +178,9 @@ class UmlRuntime:
     async def finalize_template(self, template: TemplateManifest, instance: Instance) -> None:
         """Nothing to keep of the build's guest: the warm pool boots fresh ones."""
 
+    def forget_template(self, template_id: str) -> None:
+        """Nothing: uml keeps nothing per template (its warm pool is the cubelet's)."""
+
     def close(self) -> None:
         """Nothing is kept between sandboxes (their supervisors keep the guests that run on)."""
         for supervisor in self._kept.values():
