@@ -228,11 +228,18 @@ async def supervise(spec: LaunchSpec) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """`python -m appliance.runtime.supervisor`: the spec on stdin, the handshake on stdout."""
     spec = LaunchSpec.decode(sys.stdin.buffer.read(MAX_SPEC_BYTES + 1))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    run(spec)
+
+
+def run(spec: LaunchSpec) -> None:
+    """The supervisor's whole life, once stdin is /dev/null and stdout+stderr the service's pipe
+    (an exec'd supervisor's, or one forked by the zygote: zygote.py)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     join_cgroup(spec.supervisor_cgroup)  # before anything is spawned: every child is charged there
     become_subreaper()
     trio.run(supervise, spec)

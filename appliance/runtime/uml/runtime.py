@@ -53,6 +53,7 @@ from appliance.runtime.supervisor.client import (
     GuestEvents,
     SupervisorClient,
     SupervisorGone,
+    Zygote,
     control_dirs,
     follow,
     launch,
@@ -169,6 +170,7 @@ class UmlRuntime:
         self._seccomp = compile_filter()
         self._supervisors = supervisors_dir(config.run_dir)
         self._kept: dict[str, SupervisorClient] = {}  # found at start, until adopted
+        self._zygote: Zygote | None = None  # started at the first boot
         # Sandboxes another runtime of this service keeps (the kvm runtime's): not swept here.
         self.also_kept: set[str] = set()
         # A sandbox this service had still has its directory (removed at a clean teardown).
@@ -183,6 +185,22 @@ class UmlRuntime:
         for supervisor in self._kept.values():
             supervisor.close()
         self._kept.clear()
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
+
+    def _supervisor_zygote(self) -> Zygote | None:
+        """What supervisors are forked from: started at the first boot, and again once it is gone
+        (None if it cannot be: they are exec'd then)."""
+        if self._zygote is not None and not self._zygote.running:
+            self._zygote.close()
+            self._zygote = None
+        if self._zygote is None:
+            try:
+                self._zygote = Zygote.start()
+            except OSError as exc:
+                log.warning("uml runtime: no supervisor zygote, supervisors are exec'd: %s", exc)
+        return self._zygote
 
     # A new guest.
 
@@ -276,7 +294,7 @@ class UmlRuntime:
                 },
             )
             try:
-                return await launch(launch_spec, timeout=SUPERVISOR_START_TIMEOUT_S)
+                return await launch(launch_spec, SUPERVISOR_START_TIMEOUT_S, self._supervisor_zygote())
             except SupervisorGone as exc:
                 raise BootFailed(spec.sandbox_id, str(exc), log_tail(guest.control_dir)) from exc
         finally:
