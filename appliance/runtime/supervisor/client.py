@@ -18,11 +18,12 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +53,7 @@ from appliance.runtime.supervisor.protocol import (
     SupervisorRecord,
     decode_exit,
 )
+from appliance.runtime.uml.cgroups import SandboxCgroup
 from appliance.runtime.uml.process import SpawnedProcess, spawn
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,28 @@ def log_tail(control_dir: Path, max_bytes: int = 2000) -> str:
         return (control_dir / LOG_FILE).read_bytes()[-max_bytes:].decode(errors="replace")
     except OSError:
         return ""
+
+
+async def tear_down(
+    supervisor: SupervisorClient | None,
+    cgroups: Iterable[SandboxCgroup | None],
+    control_dir: Path,
+    kill_timeout: float,
+    log_tail_as: str | None = None,
+) -> None:
+    """A guest's end, shielded, for every runtime with supervisors: end its supervisor (which kills
+    and reaps the guest), then remove its cgroup leaves (killing anything left) and its control
+    directory. `log_tail_as` ("its VMM"): log what the supervisor wrote to its log (nothing
+    unless it failed) under that name first."""
+    with trio.CancelScope(shield=True):
+        if supervisor is not None:
+            await supervisor.end(kill_timeout)
+        if log_tail_as is not None and (said := log_tail(control_dir).strip()):
+            log.warning("sandbox %s: %s logged: %s", control_dir.name, log_tail_as, said)
+        for cgroup in cgroups:
+            if cgroup is not None:
+                await trio.to_thread.run_sync(cgroup.remove)
+        await trio.to_thread.run_sync(shutil.rmtree, control_dir, True)
 
 
 def supervisor_command(module: str = SUPERVISOR_MODULE) -> tuple[list[str], dict[str, str]]:

@@ -59,6 +59,7 @@ from appliance.runtime.supervisor.client import (
     launch,
     log_tail,
     supervisors_dir,
+    tear_down,
 )
 from appliance.runtime.supervisor.guest import first_of
 from appliance.runtime.supervisor.kept import KEPT_FIELDS, find_kept, remove_orphan_directories
@@ -454,13 +455,8 @@ class UmlRuntime:
             if guest.supervisor is not None:
                 guest.supervisor.close()
             return
-        with trio.CancelScope(shield=True):
-            if guest.supervisor is not None:
-                await guest.supervisor.end(SUPERVISOR_KILL_TIMEOUT_S)
-            for cgroup in (guest.cgroup, guest.supervisor_cgroup):
-                if cgroup is not None:
-                    await trio.to_thread.run_sync(cgroup.remove)
-            await trio.to_thread.run_sync(shutil.rmtree, guest.control_dir, True)
+        cgroups = (guest.cgroup, guest.supervisor_cgroup)
+        await tear_down(guest.supervisor, cgroups, guest.control_dir, SUPERVISOR_KILL_TIMEOUT_S)
 
 
 def _adopt_disk(disk: Path, sandbox_dir: Path, uid: int) -> None:
