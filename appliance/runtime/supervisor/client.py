@@ -127,11 +127,13 @@ async def tear_down(
 def supervisor_command(module: str = SUPERVISOR_MODULE) -> tuple[list[str], dict[str, str]]:
     """How to start a supervisor running this very code: the interpreter of this service's venv
     by its real path (a venv link swapped by `cube upgrade` does not change what an older
-    supervisor imports), with this package on its path."""
+    supervisor imports), with this package on its path, and only there: `-P`, or `-m` would put
+    the service's working directory first on the path (another checkout's `appliance` there,
+    or anyone's who can write to that directory, would run as root in every supervisor)."""
     prefix = Path(sys.prefix).resolve()
     python = prefix / "bin" / "python3" if sys.prefix != sys.base_prefix else Path(sys.executable)
     package_root = Path(appliance.__file__).resolve().parents[1]
-    return [str(python), "-m", module], {
+    return [str(python), "-P", "-m", module], {
         "PATH": LAUNCH_PATH,
         "PYTHONPATH": str(package_root),
     }
