@@ -20,6 +20,8 @@ from appliance.runtime.supervisor.protocol import Op
 if TYPE_CHECKING:
     from conftest import LaunchFakeGuest
 
+pytestmark = [pytest.mark.root]  # real supervisor processes, cgroup leaves
+
 READY = "echo CUBE-AGENT-READY; echo CUBE-INTERPRETER-READY; exec sleep 600"
 
 
@@ -106,8 +108,3 @@ async def test_a_malformed_request_is_refused_and_the_zygote_serves_on(
             assert parent_of(supervisor.record.pid) == zygote.pid
     finally:
         zygote.close()
-
-
-@pytest.fixture(autouse=True)
-def _root_only(short_dir: Path) -> None:
-    """(short_dir skips without root.)"""
