@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from hostprocs import parent_of
 
 from appliance.runtime.supervisor.client import SupervisorClient, Zygote, launch, supervisors_dir
 from appliance.runtime.supervisor.protocol import LaunchSpec
@@ -118,7 +119,3 @@ def zygote_if(wanted: bool) -> Iterator[Zygote | None]:
         yield zygote
     finally:
         zygote.close()
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

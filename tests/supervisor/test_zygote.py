@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+from hostprocs import parent_of
 
 from appliance.runtime.supervisor.client import Zygote
 from appliance.runtime.supervisor.protocol import Op
@@ -39,10 +40,6 @@ def open_files(pid: int) -> set[str]:
 def shared_channels(a: int, b: int) -> set[str]:
     """The sockets and pipes both processes hold (one open file, not one path)."""
     return {t for t in open_files(a) & open_files(b) if t.startswith(("socket:", "pipe:"))}
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def status_of(pid: int) -> dict[str, str]:
