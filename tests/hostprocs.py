@@ -26,6 +26,11 @@ def processes_of_uid_range(first: int, count: int) -> list[str]:
     return found
 
 
+def parent_of(pid: int) -> int:
+    """The parent pid of a live process."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def descendants(pid: int) -> list[tuple[int, str, str]]:
     """(pid, start time, command line) of every live process below `pid` (zombies left out): the
     start time tells a process from a later one that got its pid."""

@@ -24,7 +24,7 @@ from appliance.api.volumes import volume_mounts
 from appliance.cubelet.cubelet import OutOfMemoryBudget, SandboxRequest, SandboxStartFailed
 from appliance.cubelet.volume_mounts import VolumeMountError
 from appliance.net.policy import PolicyError
-from appliance.records import DEAD, LIVE_STATES, PAUSED, SandboxQuery, SandboxRecord
+from appliance.records import DEAD, LIVE_STATES, PAUSED, SandboxRecord
 from appliance.templates.built_in import template_not_found_message
 from appliance.tenancy import Principal, current_principal
 
@@ -100,8 +100,7 @@ def check_team_cap(s: Services, principal: Principal) -> None:
     cap = s.config.max_sandboxes_per_team
     if principal.is_admin or cap <= 0:
         return
-    query = SandboxQuery(states=LIVE_STATES, team_id=principal.team_id, limit=cap)
-    if len(s.store.query_sandboxes(query)) + s.creating[principal.team_id] >= cap:
+    if s.store.count_sandboxes(LIVE_STATES, principal.team_id) + s.creating[principal.team_id] >= cap:
         raise ApiError(
             429, f"your team has reached its limit of {cap} live sandboxes; kill one to start another"
         )

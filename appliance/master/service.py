@@ -56,7 +56,7 @@ from appliance.dashboard import blueprints as dashboard_blueprints
 from appliance.master import sdnotify
 from appliance.master.carryover import restore_carried
 from appliance.master.secrets import SECRETS_DB, SecretStore, sandbox_secret_values
-from appliance.master.store import SqliteStore
+from appliance.master.store import SqliteStore, checkpoint_wal
 from appliance.master.templates import TemplateRegistry
 from appliance.master.volumes import VolumeStore
 from appliance.proxy.complete_close import CompleteClose
@@ -273,6 +273,7 @@ async def run_service(
             if isinstance(bundle.network, CubeVSPolicies):
                 bundle.network.resolve_secrets_with(sandbox_secret_values(secret_store, _team_of(cubelet)))
             await nursery.start(cubelet.run)
+            nursery.start_soon(checkpoint_wal, store)
             adopted, reported_dead, restored = await _take_over(cubelet, registry, store, config.state_dir)
             builds = TemplateBuilds(
                 config, CubeletTemplateSandboxes(config, cubelet, on_published=registry.refresh)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 from appliance.config import Config
 from appliance.records import MANIFEST_NAME, Store, TemplateManifest
@@ -29,25 +30,49 @@ class TemplateRegistry:
         self.config = config
         self.store = store
         self._by_id: dict[str, TemplateManifest] = {}
+        # Each manifest as last read, by its file's identity: every create resolves its template
+        # (a rescan), and reading and parsing every manifest, then comparing each with the store's
+        # copy, cost more than the rest of the rescan. A build or an edit writes the file anew
+        # (another inode, mtime or size), so it is read again.
+        self._read: dict[Path, tuple[tuple[int, int, int], TemplateManifest]] = {}
+        self._mirrored = False  # the store's copy matched the files once (a previous run's may not)
 
     def refresh(self) -> dict[str, TemplateManifest]:
         found: dict[str, TemplateManifest] = {}
+        read = self._read
+        self._read = {}
         if self.config.templates_dir.is_dir():
             for manifest_path in sorted(self.config.templates_dir.glob(f"*/{MANIFEST_NAME}")):
-                try:
-                    manifest = TemplateManifest.load(manifest_path.parent)
-                except (OSError, ValueError, TypeError, KeyError) as exc:
-                    log.warning("skipping unreadable template manifest %s: %s", manifest_path, exc)
-                    continue
-                found[manifest.template_id] = manifest
-        mirrored = {t.template_id: t for t in self.store.list_templates()}
-        for template_id in mirrored.keys() - found.keys():
-            self.store.delete_template(template_id)
-        for template_id, manifest in found.items():
-            if mirrored.get(template_id) != manifest:
-                self.store.put_template(manifest)
+                manifest = self._manifest(manifest_path, read.get(manifest_path))
+                if manifest is not None:
+                    found[manifest.template_id] = manifest
+        if not self._mirrored or self._read != read:  # one read anew, or gone: mirror the change
+            mirrored = {t.template_id: t for t in self.store.list_templates()}
+            for template_id in mirrored.keys() - found.keys():
+                self.store.delete_template(template_id)
+            for template_id, manifest in found.items():
+                if mirrored.get(template_id) != manifest:
+                    self.store.put_template(manifest)
+            self._mirrored = True
         self._by_id = found
         return dict(found)
+
+    def _manifest(
+        self, path: Path, before: tuple[tuple[int, int, int], TemplateManifest] | None
+    ) -> TemplateManifest | None:
+        """The manifest at `path`, read again only if its file changed; None if unreadable."""
+        try:
+            stat = path.stat()
+            identity = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if before is not None and before[0] == identity:
+                manifest = before[1]
+            else:
+                manifest = TemplateManifest.load(path.parent)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.warning("skipping unreadable template manifest %s: %s", path, exc)
+            return None
+        self._read[path] = (identity, manifest)
+        return manifest
 
     def all(self) -> dict[str, TemplateManifest]:
         return dict(self._by_id)

@@ -1,7 +1,8 @@
 """Fixtures for the supervisor's tests (root only).
 
 - `fake_guest`: `async with fake_guest(script) as supervisor:` a real supervisor process
-  (started through the runtime's `launch`) whose guest is `sh -c script` instead of a UML
+  (started through the runtime's `launch`, once exec'd and once forked by a zygote of its
+  own: each test runs with both) whose guest is `sh -c script` instead of a UML
   kernel, shaped like one: a launcher whose one child is the guest's "init" (as bwrap's is
   the kernel), in a cgroup leaf of its own as a guest would be; its console log and control
   directory under a short private directory. At exit the supervisor is ended the way the
@@ -17,17 +18,19 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import pytest
 import trio
+from hostprocs import parent_of
 
-from appliance.runtime.supervisor.client import SupervisorClient, launch, supervisors_dir
+from appliance.runtime.supervisor.client import SupervisorClient, Zygote, launch, supervisors_dir
 from appliance.runtime.supervisor.protocol import LaunchSpec
 from appliance.runtime.uml.cgroups import SUPERVISOR_SUFFIX, create_cgroup, create_supervisor_cgroup
 
 FakeGuest = Callable[..., AbstractAsyncContextManager[SupervisorClient]]
+LaunchFakeGuest = Callable[[str, "Zygote | None"], AbstractAsyncContextManager[SupervisorClient]]
 FAKE_GUEST_UID = 65534  # what the fake guest's launcher would run as (it stays root: no setpriv)
 
 
@@ -42,10 +45,25 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.fixture
-def fake_guest(short_dir: Path) -> FakeGuest:
+@pytest.fixture(params=["exec", "zygote"])
+def fake_guest(launch_fake_guest: LaunchFakeGuest, request: pytest.FixtureRequest) -> FakeGuest:
     @asynccontextmanager
     async def started(script: str) -> AsyncIterator[SupervisorClient]:
+        with zygote_if(request.param == "zygote") as zygote:
+            async with launch_fake_guest(script, zygote) as supervisor:
+                if zygote is not None:  # forked by it, not exec'd after all
+                    assert parent_of(supervisor.record.pid) == zygote.pid
+                yield supervisor
+
+    return started
+
+
+@pytest.fixture
+def launch_fake_guest(short_dir: Path) -> LaunchFakeGuest:
+    """`fake_guest`'s launch, by `zygote` if one is given."""
+
+    @asynccontextmanager
+    async def launched(script: str, zygote: Zygote | None) -> AsyncIterator[SupervisorClient]:
         sandbox_id = "cubetest-sup-" + secrets.token_hex(4)
         guest_cgroup = create_cgroup(sandbox_id, 256 << 20, 1)
         supervisor_cgroup = create_supervisor_cgroup(sandbox_id)
@@ -71,7 +89,7 @@ def fake_guest(short_dir: Path) -> FakeGuest:
                 supervisor_cgroup=[str(p) for p in supervisor_cgroup.procs_files()],
                 guest={"slot": 0, "template_id": "none", "memory_mb": 1, "cpu_count": 1},
             )
-            supervisor = await launch(spec, timeout=60)
+            supervisor = await launch(spec, 60, zygote)
         finally:
             os.close(placeholder_fd)
         try:
@@ -88,4 +106,16 @@ def fake_guest(short_dir: Path) -> FakeGuest:
             assert leftovers == set(), f"processes left in {sandbox_id}{SUPERVISOR_SUFFIX}'s leaves"
             assert not Path(f"/proc/{pid}").exists(), "the supervisor is still there (or a zombie)"
 
-    return started
+    return launched
+
+
+@contextmanager
+def zygote_if(wanted: bool) -> Iterator[Zygote | None]:
+    if not wanted:
+        yield None
+        return
+    zygote = Zygote.start()
+    try:
+        yield zygote
+    finally:
+        zygote.close()

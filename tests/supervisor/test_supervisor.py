@@ -308,3 +308,19 @@ async def test_a_panicked_kernel_is_ended_with_its_panic_line(fake_guest: FakeGu
             await supervisor.wait_exited()
         ended = decode_exit((supervisor.control_dir / EXIT_FILE).read_bytes())
         assert ended.reason == "Kernel panic - not syncing: Attempted to kill init!"
+
+
+async def test_a_package_in_the_service_s_working_directory_is_never_imported(
+    fake_guest: FakeGuest, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m` puts the working directory first on the path: an `appliance` package planted
+    where the service runs (its checkout, or a directory others can write) must not become the
+    root supervisor's code."""
+    planted = short_dir / "cwd" / "appliance"
+    planted.mkdir(parents=True)
+    marker = short_dir / "planted-code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(9)\n")
+    monkeypatch.chdir(planted.parent)
+    async with fake_guest(READY + "exec sleep 600") as supervisor:
+        await until_ready(supervisor)
+    assert not marker.exists()

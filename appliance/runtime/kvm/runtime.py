@@ -92,6 +92,7 @@ from appliance.runtime.supervisor.client import (
     log_tail,
     start,
     supervisors_dir,
+    tear_down,
 )
 from appliance.runtime.supervisor.guest import first_of
 from appliance.runtime.supervisor.kept import KEPT_FIELDS, find_kept, remove_orphan_directories
@@ -505,14 +506,7 @@ class KvmRuntime:
             if sandbox.vmm is not None:
                 sandbox.vmm.close()
             return
-        with trio.CancelScope(shield=True):
-            if sandbox.vmm is not None:
-                await sandbox.vmm.end(VMM_KILL_TIMEOUT_S)
-            if said := log_tail(sandbox.control_dir).strip():  # nothing unless it failed
-                log.warning("sandbox %s: its VMM logged: %s", sandbox.sandbox_id, said)
-            if sandbox.cgroup is not None:
-                await trio.to_thread.run_sync(sandbox.cgroup.remove)
-            await trio.to_thread.run_sync(shutil.rmtree, sandbox.control_dir, True)
+        await tear_down(sandbox.vmm, (sandbox.cgroup,), sandbox.control_dir, VMM_KILL_TIMEOUT_S, "its VMM")
 
     # A guest a previous service left running.
 

@@ -51,7 +51,6 @@ from typing import Any
 import trio
 
 from appliance.guest.options import BOOT_TOKEN_PARAMETER
-from appliance.process_identity import ProcessIdentity
 from appliance.runtime.kvm.boot import load_linux, prepare_boot_vcpu
 from appliance.runtime.kvm.console import SerialConsole
 from appliance.runtime.kvm.instance import KvmInstance
@@ -67,16 +66,19 @@ from appliance.runtime.supervisor.protocol import (
     EXIT_FILE,
     MAX_SPEC_BYTES,
     PROTOCOL_VERSION,
-    RECORD_FILE,
     GuestExit,
     GuestState,
     Reply,
-    SupervisorRecord,
     decode_message,
     encode_exit,
     encode_message,
 )
-from appliance.runtime.supervisor.server import join_cgroup, log_from_now_on, open_log, write_atomically
+from appliance.runtime.supervisor.server import (
+    join_cgroup,
+    log_from_now_on,
+    open_log,
+    write_supervisor_record,
+)
 from appliance.runtime.uml.console import ConsoleLog
 from appliance.runtime.virtio.blk.device import VirtioBlock
 from appliance.runtime.virtio.blk.disk import CowDisk, RawDisk
@@ -528,16 +530,7 @@ async def serve(spec: VmmSpec, kvm_fd: int, tap_fd: int) -> None:
         kvm = resources.enter_context(Kvm.from_fd(kvm_fd))
         resources.callback(os.close, tap_fd)
         built = build_machine(spec, kvm, tap_fd, serial, resources)
-        me = ProcessIdentity.current()
-        record = SupervisorRecord(
-            sandbox_id=spec.sandbox_id,
-            pid=me.pid,
-            start_time=me.start_time,
-            venv=sys.prefix,
-            started_unix=time.time(),
-            guest=spec.guest,
-        )
-        write_atomically(control_dir / RECORD_FILE, record.encode())
+        me = write_supervisor_record(control_dir, spec.sandbox_id, spec.guest)
         log_fd = open_log(control_dir)
         drop_privileges(spec.uid)
         sys.stdout.write(json.dumps(me.to_json()) + "\n")

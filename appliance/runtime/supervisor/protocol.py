@@ -37,6 +37,10 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST_BYTES = 1024
 MAX_REPLY_BYTES = 64 << 10
 MAX_SPEC_BYTES = 1 << 20
+# The supervisor zygote (zygote.py): its argument, and the one request it takes (with three fds).
+ZYGOTE_ARGUMENT = "zygote"
+FORK_REQUEST = b"fork"
+MAX_FORK_REQUEST_BYTES = 64
 CONSOLE_TAIL_MAX_BYTES = 8192  # what `console` answers at most (the console pump keeps as much)
 
 # In a supervisor's control directory (root's, 0700).

@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -185,6 +186,22 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.rename(tmp, path)
 
 
+def write_supervisor_record(control_dir: Path, sandbox_id: str, guest: dict[str, Any]) -> ProcessIdentity:
+    """This process's record (`supervisor.json`: who it is, for a later service to trust it), and
+    its identity (what it then says on stdout)."""
+    me = ProcessIdentity.current()
+    record = SupervisorRecord(
+        sandbox_id=sandbox_id,
+        pid=me.pid,
+        start_time=me.start_time,
+        venv=sys.prefix,
+        started_unix=time.time(),
+        guest=guest,
+    )
+    write_atomically(control_dir / RECORD_FILE, record.encode())
+    return me
+
+
 def join_cgroup(procs_files: list[str]) -> None:
     for procs in procs_files:
         Path(procs).write_text(str(os.getpid()))
@@ -210,16 +227,7 @@ async def supervise(spec: LaunchSpec) -> None:
             process = spawn(spec.argv, spec.env, spec.seccomp_fd)
         finally:
             os.close(spec.seccomp_fd)
-        me = ProcessIdentity.current()
-        record = SupervisorRecord(
-            sandbox_id=spec.sandbox_id,
-            pid=me.pid,
-            start_time=me.start_time,
-            venv=sys.prefix,
-            started_unix=time.time(),
-            guest=spec.guest,
-        )
-        write_atomically(control_dir / RECORD_FILE, record.encode())
+        me = write_supervisor_record(control_dir, spec.sandbox_id, spec.guest)
         sys.stdout.write(json.dumps(me.to_json()) + "\n")
         sys.stdout.flush()
         log_from_now_on(open_log(control_dir))
@@ -228,11 +236,18 @@ async def supervise(spec: LaunchSpec) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """`python -m appliance.runtime.supervisor`: the spec on stdin, the handshake on stdout."""
     spec = LaunchSpec.decode(sys.stdin.buffer.read(MAX_SPEC_BYTES + 1))
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    run(spec)
+
+
+def run(spec: LaunchSpec) -> None:
+    """The supervisor's whole life, once stdin is /dev/null and stdout+stderr the service's pipe
+    (an exec'd supervisor's, or one forked by the zygote: zygote.py)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     join_cgroup(spec.supervisor_cgroup)  # before anything is spawned: every child is charged there
     become_subreaper()
     trio.run(supervise, spec)

@@ -12,6 +12,8 @@ which lives as long as the service, the parent.
 from __future__ import annotations
 
 import os
+import select
+import signal
 
 import trio
 
@@ -35,6 +37,17 @@ class SpawnedProcess:
                 self.returncode = os.waitstatus_to_exitcode(status)
                 os.close(self._pidfd)
         return self.returncode
+
+    def end(self, timeout: float) -> None:
+        """Blocking, for a process told to exit: wait at most `timeout` for it, SIGKILL it past
+        that, reap it, close its console."""
+        if self.returncode is None:
+            if not select.select([self._pidfd], [], [], timeout)[0]:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self._pidfd)
+        self.console.close()
 
     def release(self) -> None:
         """Stop watching a process that runs on (its new owner reaps it: runtime/supervisor)."""

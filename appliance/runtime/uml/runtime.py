@@ -53,11 +53,13 @@ from appliance.runtime.supervisor.client import (
     GuestEvents,
     SupervisorClient,
     SupervisorGone,
+    Zygote,
     control_dirs,
     follow,
     launch,
     log_tail,
     supervisors_dir,
+    tear_down,
 )
 from appliance.runtime.supervisor.guest import first_of
 from appliance.runtime.supervisor.kept import KEPT_FIELDS, find_kept, remove_orphan_directories
@@ -169,6 +171,7 @@ class UmlRuntime:
         self._seccomp = compile_filter()
         self._supervisors = supervisors_dir(config.run_dir)
         self._kept: dict[str, SupervisorClient] = {}  # found at start, until adopted
+        self._zygote: Zygote | None = None  # started at the first boot
         # Sandboxes another runtime of this service keeps (the kvm runtime's): not swept here.
         self.also_kept: set[str] = set()
         # A sandbox this service had still has its directory (removed at a clean teardown).
@@ -186,6 +189,22 @@ class UmlRuntime:
         for supervisor in self._kept.values():
             supervisor.close()
         self._kept.clear()
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
+
+    def _supervisor_zygote(self) -> Zygote | None:
+        """What supervisors are forked from: started at the first boot, and again once it is gone
+        (None if it cannot be: they are exec'd then)."""
+        if self._zygote is not None and not self._zygote.running:
+            self._zygote.close()
+            self._zygote = None
+        if self._zygote is None:
+            try:
+                self._zygote = Zygote.start()
+            except OSError as exc:
+                log.warning("uml runtime: no supervisor zygote, supervisors are exec'd: %s", exc)
+        return self._zygote
 
     # A new guest.
 
@@ -279,7 +298,7 @@ class UmlRuntime:
                 },
             )
             try:
-                return await launch(launch_spec, timeout=SUPERVISOR_START_TIMEOUT_S)
+                return await launch(launch_spec, SUPERVISOR_START_TIMEOUT_S, self._supervisor_zygote())
             except SupervisorGone as exc:
                 raise BootFailed(spec.sandbox_id, str(exc), log_tail(guest.control_dir)) from exc
         finally:
@@ -439,13 +458,8 @@ class UmlRuntime:
             if guest.supervisor is not None:
                 guest.supervisor.close()
             return
-        with trio.CancelScope(shield=True):
-            if guest.supervisor is not None:
-                await guest.supervisor.end(SUPERVISOR_KILL_TIMEOUT_S)
-            for cgroup in (guest.cgroup, guest.supervisor_cgroup):
-                if cgroup is not None:
-                    await trio.to_thread.run_sync(cgroup.remove)
-            await trio.to_thread.run_sync(shutil.rmtree, guest.control_dir, True)
+        cgroups = (guest.cgroup, guest.supervisor_cgroup)
+        await tear_down(guest.supervisor, cgroups, guest.control_dir, SUPERVISOR_KILL_TIMEOUT_S)
 
 
 def _adopt_disk(disk: Path, sandbox_dir: Path, uid: int) -> None:
